@@ -1,0 +1,133 @@
+"""make_plain: derive the shortcut-free twin of any timm model instance.
+
+Li et al., "Residual Distillation: Towards Portable Deep Neural Networks without Shortcuts", NeurIPS 2020.
+The twin keeps the teacher's stage layout, widths and parameter names; it loses the shortcut additions and the
+projection modules that only fed them. One walk over the modules applies the rule registered for each block
+class (see :mod:`jointrd_timm.twins.rules` and the per-family modules), then makes the plain blocks trainable.
+"""
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+from torch import nn
+from timm.layers import DropPath, LayerScale, LayerScale2d
+
+from . import families  # noqa: F401  (registers the rules)
+from .rules import get_rule
+from .verify import find_unhandled_residual_blocks, shortcut_additions
+
+__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError']
+
+
+class NotResidualError(ValueError):
+    """The model has no residual block that any rule knows: there is nothing to make plain."""
+
+
+class UnsupportedBlockError(ValueError):
+    """A block adds a shortcut but no rule handles its class (strict mode)."""
+
+
+@dataclass
+class PlainReport:
+    """What make_plain did, kept on the twin as ``model.plain_report``."""
+    blocks_by_rule: Counter = field(default_factory=Counter)
+    shortcuts_removed: int = 0
+    removed_modules: List[str] = field(default_factory=list)
+    kept_projections: List[str] = field(default_factory=list)
+    reinitialised: List[str] = field(default_factory=list)
+    rule_descriptions: Dict[str, str] = field(default_factory=dict)
+    unhandled: List[str] = field(default_factory=list)
+
+
+_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)
+
+
+def _make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
+    """Undo the initialisations that only make sense beside a shortcut, and stochastic depth.
+
+    Only values still at their residual-friendly init are touched (a zero BN gamma, a zero conv, a layer scale
+    below 1e-3 everywhere), so the weights of a trained model are never changed."""
+    for child_name, child in list(block.named_children()):
+        if isinstance(child, DropPath):
+            setattr(block, child_name, nn.Identity())
+    for sub_name, module in block.named_modules():
+        path = f'{name}.{sub_name}' if sub_name else name
+        if isinstance(module, _NORMS) and module.weight is not None and _all_zero(module.weight):
+            nn.init.ones_(module.weight)
+            report.reinitialised.append(f'{path}.weight (zero-init norm -> 1)')
+        elif isinstance(module, nn.Conv2d) and _all_zero(module.weight):
+            nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+            report.reinitialised.append(f'{path}.weight (zero-init conv -> kaiming)')
+        elif isinstance(module, nn.Conv2d) and isinstance(getattr(module, 'gain', None), nn.Parameter) \
+                and _all_zero(module.gain):  # NF-Net's scaled weight-standardised conv
+            nn.init.ones_(module.gain)
+            report.reinitialised.append(f'{path}.gain (zero-init gain -> 1)')
+        elif isinstance(module, (LayerScale, LayerScale2d)) and _tiny(module.gamma):
+            nn.init.ones_(module.gamma)
+            report.reinitialised.append(f'{path}.gamma (layer scale -> 1)')
+    for param_name in ('gamma', 'skipinit_gain'):
+        param = getattr(block, param_name, None)
+        if isinstance(param, nn.Parameter) and _tiny(param):
+            nn.init.ones_(param)
+            report.reinitialised.append(f'{name}.{param_name} (-> 1)')
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    return t.device.type != 'meta' and not bool(t.detach().any())
+
+
+def _tiny(t: torch.Tensor) -> bool:
+    return t.device.type != 'meta' and bool((t.detach().abs() < 1e-3).all())
+
+
+def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, strict: bool = True) -> nn.Module:
+    """Turn ``model`` (a timm model instance) into its shortcut-free twin, in place, and return it.
+
+    Args:
+        model: any timm model (or a module built from timm blocks, e.g. a ``features_only`` net).
+        keep_projection_shortcuts: keep the stride/width-changing projection shortcuts (the paper's plain-CNN
+            variant, which keeps 3 of ResNet-50's 16); by default every shortcut goes.
+        strict: raise :class:`UnsupportedBlockError` if a block still adds a shortcut after the rules ran
+            (a residual block class no rule knows). With ``strict=False`` such blocks are left as they are and
+            listed in ``model.plain_report``.
+
+    Returns:
+        The same object, now plain, with ``model.plain_report`` (:class:`PlainReport`).
+    """
+    model_name = type(model).__name__
+    report = PlainReport()
+    for name, module in list(model.named_modules()):
+        rule = get_rule(module)
+        if rule is None:
+            continue
+        if type(module) is not rule.block_class:
+            raise ValueError(
+                f'{model_name} is already plain (block {name} is a {type(module).__name__}); '
+                'make_plain runs once per model.')
+        before = {n for n, _ in module.named_children()}
+        additions_before = shortcut_additions(module) or 0
+        kept = rule.apply(module, keep_projection_shortcuts)
+        report.shortcuts_removed += additions_before - (shortcut_additions(module) or 0)
+        after = {n for n, c in module.named_children() if c is not None}
+        report.removed_modules.extend(f'{name}.{n}' for n in sorted(before - after))
+        if kept:
+            report.kept_projections.append(name)
+        report.blocks_by_rule[rule.name] += 1
+        report.rule_descriptions[rule.name] = rule.description
+        _make_trainable(name, module, report)
+    if not report.blocks_by_rule:
+        raise NotResidualError(
+            f'{model_name} has no residual block that jointrd_timm knows, so it has no shortcut-free twin. '
+            f'Pass a residual model (e.g. resnet50, regnety_016, efficientnet_b0, convnext_tiny); '
+            f'`jointrd derive --list` shows every supported architecture.')
+    unhandled = find_unhandled_residual_blocks(model)
+    if unhandled and strict:
+        classes = sorted({f'{type(m).__module__}.{type(m).__qualname__}' for _, m in unhandled})
+        raise UnsupportedBlockError(
+            f'{model_name}: {len(unhandled)} block(s) still add a shortcut and no rule handles their class: '
+            f'{", ".join(classes)} (first at `{unhandled[0][0]}`). Add a rule for the class in '
+            f'jointrd_timm/twins/families/, or call make_plain(..., strict=False) to leave them residual.')
+    report.unhandled = [n for n, _ in unhandled]
+    model.plain_report = report
+    return model

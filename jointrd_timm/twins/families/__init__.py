@@ -1,0 +1,5 @@
+"""One module per timm family; importing this package registers every rule."""
+from . import byobnet, convnext, cspnet, dla, efficientnet, nfnet, regnet, res2net, resnest, resnet, resnetv2, senet, sknet
+
+FAMILIES = ('resnet', 'resnetv2', 'regnet', 'efficientnet', 'convnext', 'byobnet', 'cspnet', 'res2net', 'resnest',
+            'sknet', 'nfnet', 'dla', 'senet')

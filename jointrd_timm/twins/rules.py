@@ -1,0 +1,101 @@
+"""The rule registry: how each residual block class of timm loses its shortcut.
+
+A rule is looked up by the exact class of a block (subclasses need their own rule, because a subclass may
+change ``forward``). Applying a rule edits the block in place and reports whether it kept a projection
+shortcut. Two kinds cover every family:
+
+* :func:`switch_rule` for blocks timm already lets go of their shortcut through an attribute
+  (``has_skip``, ``shortcut``, ``downsample``, ``identity``): the attribute is set to its "off" value.
+* :func:`swap_rule` for blocks whose ``forward`` always adds the shortcut: the instance's class is swapped for
+  a plain subclass whose ``forward`` adds the shortcut only when its projection module is still present.
+  Swapping the class (never patching ``forward`` on the instance) keeps TorchScript working.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Type
+
+from torch import nn
+
+__all__ = ['ShortcutRule', 'register_rule', 'get_rule', 'rules', 'swap_rule', 'switch_rule', 'is_projection']
+
+
+@dataclass(frozen=True)
+class ShortcutRule:
+    """How to make one block class shortcut-free.
+
+    Args:
+        block_class: the timm class the rule applies to (matched exactly).
+        apply: ``apply(block, keep_projection) -> bool`` edits the block in place and returns True when it
+            kept a projection shortcut (only possible with ``keep_projection=True``).
+        description: one line shown by ``jointrd derive``.
+    """
+    block_class: Type[nn.Module]
+    apply: Callable[[nn.Module, bool], bool]
+    description: str
+
+    @property
+    def name(self) -> str:
+        return f'{self.block_class.__module__.split(".")[-1]}.{self.block_class.__qualname__}'
+
+
+_RULES: Dict[Type[nn.Module], ShortcutRule] = {}
+# plain classes created by swap rules map back to their rule, so an already plain model is recognised
+_PLAIN_CLASSES: Dict[Type[nn.Module], ShortcutRule] = {}
+
+
+def register_rule(rule: ShortcutRule) -> ShortcutRule:
+    if rule.block_class in _RULES:
+        raise ValueError(f'A shortcut rule for {rule.name} is already registered.')
+    _RULES[rule.block_class] = rule
+    return rule
+
+
+def get_rule(block: nn.Module) -> Optional[ShortcutRule]:
+    """The rule for this block's exact class, or for the residual class a plain block was made from."""
+    cls = type(block)
+    return _RULES.get(cls) or _PLAIN_CLASSES.get(cls)
+
+
+def rules() -> Dict[Type[nn.Module], ShortcutRule]:
+    return dict(_RULES)
+
+
+def is_projection(module: Optional[nn.Module]) -> bool:
+    """A shortcut module that changes the tensor (stride or width): anything but None / nn.Identity."""
+    return module is not None and not isinstance(module, nn.Identity)
+
+
+def swap_rule(block_class: Type[nn.Module], plain_class: Type[nn.Module], projection_attr: str) -> ShortcutRule:
+    """Rule that swaps ``block_class`` for ``plain_class``; ``projection_attr`` names the projection module
+    (None or nn.Identity when the shortcut is an identity). ``plain_class.forward`` must add
+    ``self.<projection_attr>(input)`` only when that attribute is not None."""
+
+    def apply(block: nn.Module, keep_projection: bool) -> bool:
+        keep = keep_projection and is_projection(getattr(block, projection_attr, None))
+        if not keep:
+            setattr(block, projection_attr, None)
+        block.__class__ = plain_class
+        return keep
+
+    rule = register_rule(ShortcutRule(
+        block_class, apply, f'class swapped to {plain_class.__name__}; `{projection_attr}` removed'
+        ' (kept if a projection and keep_projection_shortcuts)'))
+    _PLAIN_CLASSES[plain_class] = rule
+    return rule
+
+
+def switch_rule(
+        block_class: Type[nn.Module],
+        attr: str,
+        off_value=None,
+        projection_attr: Optional[str] = None,
+) -> ShortcutRule:
+    """Rule for blocks with a built-in off switch: ``block.<attr> = off_value``. When ``projection_attr`` is
+    given and that module is a projection, ``keep_projection`` leaves the block untouched."""
+
+    def apply(block: nn.Module, keep_projection: bool) -> bool:
+        if keep_projection and projection_attr is not None and is_projection(getattr(block, projection_attr, None)):
+            return True
+        setattr(block, attr, off_value)
+        return False
+
+    return register_rule(ShortcutRule(block_class, apply, f'`{attr}` set to {off_value!r} (timm\'s own switch)'))
