@@ -1,0 +1,215 @@
+"""CIFAR-sized residual teachers, registered in timm (their twins come from the same rules as every ResNet).
+
+* ``resnet20/32/44/56/110_cifar``: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, sec. 4.2:
+  3x3 stem of 16 channels, three stages of 16/32/64 channels with n BasicBlocks each (depth 6n+2).
+  DECISION: the width-changing shortcuts are 1x1 conv + BN projections (the paper's option B, timm's
+  ``downsample``), not zero-padded identities (option A), so one rule set serves these and ImageNet ResNets.
+* ``resnet18/34/50_cifar``: the ImageNet ResNets with a 3x3 stride-1 stem and no max-pool, as in the JointRD
+  CIFAR experiments (Li et al., NeurIPS 2020).
+
+The blocks are timm's own (timm.models.resnet.BasicBlock / Bottleneck), built by timm's ``make_blocks``.
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from timm.layers import SelectAdaptivePool2d
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._registry import generate_default_cfgs
+from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
+
+__all__ = ['CifarResNet']
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: 3x3 stride-1 stem, no max-pool, ``len(channels)`` stages of timm blocks."""
+
+    def __init__(
+            self,
+            block: Union[type, str] = 'basic',
+            layers: Tuple[int, ...] = (9, 9, 9),
+            channels: Tuple[int, ...] = (16, 32, 64),
+            stem_width: int = 16,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+    ):
+        super().__init__()
+        block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[block] if isinstance(block, str) else block
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.act1 = nn.ReLU(inplace=True)
+        stages, stage_info = make_blocks(
+            (block_cls,) * len(channels), channels, layers, stem_width, drop_path_rate=drop_path_rate)
+        self.stage_names = [name for name, _ in stages]
+        for name, stage in stages:
+            self.add_module(name, stage)
+        # make_blocks counts from an ImageNet stem (stride 4); this stem has stride 1
+        self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')] + [
+            dict(info, reduction=info['reduction'] // 4) for info in stage_info]
+        self.num_features = self.head_hidden_size = channels[-1] * block_cls.expansion
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        if zero_init_last:
+            for m in self.modules():
+                if hasattr(m, 'zero_init_last'):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = 'avg'):
+        self.num_classes = num_classes
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stages(self) -> List[nn.Module]:
+        return [getattr(self, name) for name in self.stage_names]
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ):
+        """Stem and stage outputs (indices into ``feature_info``), as timm's ResNet returns them."""
+        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self._stages()
+        if stop_early:
+            stages = stages[:max_index]
+        for idx, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        for stage in self._stages():
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
+    n_stages = len(kwargs['layers'])
+    return build_model_with_cfg(
+        CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=tuple(range(n_stages + 1))), **kwargs)
+
+
+def _cfg(pool: int, **kwargs):
+    return dict(
+        url='', num_classes=10, input_size=(3, 32, 32), pool_size=(pool, pool), crop_pct=1.0, interpolation='bilinear',
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), first_conv='conv1', classifier='fc',
+        license='apache-2.0', **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    **{f'resnet{depth}_cifar': _cfg(8) for depth in (20, 32, 44, 56, 110)},
+    **{f'resnet{depth}_cifar': _cfg(4) for depth in (18, 34, 50)},
+})
+
+
+def _he_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> CifarResNet:
+    n = (depth - 2) // 6
+    args = dict(block='basic', layers=(n, n, n), channels=(16, 32, 64), stem_width=16)
+    return _create(variant, pretrained, **dict(args, **kwargs))
+
+
+def _imagenet_layout(variant: str, block: str, layers, pretrained: bool, **kwargs) -> CifarResNet:
+    args = dict(block=block, layers=layers, channels=(64, 128, 256, 512), stem_width=64)
+    return _create(variant, pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def resnet20_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-20 for CIFAR (He et al. 2016): 3 x 3 BasicBlocks, 16/32/64 channels."""
+    return _he_cifar('resnet20_cifar', 20, pretrained, **kwargs)
+
+
+@register_model
+def resnet32_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-32 for CIFAR (He et al. 2016): 3 x 5 BasicBlocks."""
+    return _he_cifar('resnet32_cifar', 32, pretrained, **kwargs)
+
+
+@register_model
+def resnet44_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-44 for CIFAR (He et al. 2016): 3 x 7 BasicBlocks."""
+    return _he_cifar('resnet44_cifar', 44, pretrained, **kwargs)
+
+
+@register_model
+def resnet56_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-56 for CIFAR (He et al. 2016): 3 x 9 BasicBlocks."""
+    return _he_cifar('resnet56_cifar', 56, pretrained, **kwargs)
+
+
+@register_model
+def resnet110_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-110 for CIFAR (He et al. 2016): 3 x 18 BasicBlocks."""
+    return _he_cifar('resnet110_cifar', 110, pretrained, **kwargs)
+
+
+@register_model
+def resnet18_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (JointRD's CIFAR ResNet-18)."""
+    return _imagenet_layout('resnet18_cifar', 'basic', (2, 2, 2, 2), pretrained, **kwargs)
+
+
+@register_model
+def resnet34_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-34 with a 3x3 stride-1 stem and no max-pool."""
+    return _imagenet_layout('resnet34_cifar', 'basic', (3, 4, 6, 3), pretrained, **kwargs)
+
+
+@register_model
+def resnet50_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """ResNet-50 with a 3x3 stride-1 stem and no max-pool."""
+    return _imagenet_layout('resnet50_cifar', 'bottleneck', (3, 4, 6, 3), pretrained, **kwargs)

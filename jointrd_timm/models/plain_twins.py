@@ -1,0 +1,112 @@
+"""``plain_<arch>``: the shortcut-free twin of every residual timm architecture, as a timm model.
+
+Registration is cheap: one small entrypoint per teacher architecture and a pretrained cfg copied from the
+teacher's (input size, mean/std, classifier...) without its weight source; no model is built at import. The twin
+is derived when created: ``timm.create_model('plain_resnet50')`` builds ``resnet50`` (no weights) and runs
+:func:`jointrd_timm.make_plain` on it. Everything else (num_classes, drop_rate, in_chans, pretrained cfgs and
+tags, ``features_only``, ``pretrained_cfg_overlay=dict(file=...)``) goes through timm's own builder.
+
+Extra kwargs of every ``plain_*`` model:
+    keep_projection_shortcuts (bool, default False): the paper's plain-CNN variant.
+    dirac (bool, default False): Dirac-parametrised convs (see :mod:`jointrd_timm.twins.dirac`).
+"""
+import json
+from pathlib import Path
+from typing import Dict
+
+import timm
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._registry import _model_to_module, generate_default_cfgs, get_pretrained_cfg
+
+from ..twins import make_plain
+from ..twins.dirac import apply_dirac
+
+__all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name']
+
+PREFIX = 'plain_'
+# timm modules whose architectures are built from blocks that a rule in jointrd_timm.twins.families knows
+TWIN_MODULES = (
+    'resnet', 'cifar_resnet', 'resnetv2', 'regnet', 'efficientnet', 'mobilenetv3', 'hardcorenas', 'convnext',
+    'byobnet', 'byoanet', 'cspnet', 'res2net', 'resnest', 'sknet', 'nfnet', 'dla', 'senet', 'hrnet',
+)
+# architectures of those modules whose twin does not derive, with the reason (kept by the coverage benchmark)
+_EXCLUDED: Dict[str, str] = json.loads((Path(__file__).parent / 'underivable.json').read_text())
+
+_WEIGHT_SOURCES = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'file', 'state_dict',
+                   'tag', 'architecture', 'source', 'origin_url', 'paper_ids', 'paper_name', 'notes')
+
+
+def twin_name(teacher: str) -> str:
+    return PREFIX + teacher
+
+
+def teacher_of(twin: str) -> str:
+    if not twin.startswith(PREFIX):
+        raise ValueError(f'{twin!r} is not a twin name (twins are named {PREFIX}<teacher architecture>).')
+    return twin[len(PREFIX):]
+
+
+def _copy_weights_into_feature_net(full, features) -> None:
+    """timm's feature wrappers rename modules (``stages.0`` -> ``stages_0``); match by the dotted path."""
+    source = {key.replace('_', '.'): value for key, value in full.state_dict().items()}
+    target = features.state_dict()
+    missing = [key for key in target if key.replace('_', '.') not in source]
+    if missing:
+        raise RuntimeError(f'Cannot map pretrained twin weights onto the feature extractor: {missing[:5]}')
+    features.load_state_dict({key: source[key.replace('_', '.')] for key in target})
+
+
+def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
+    """Build ``variant`` (a ``plain_*`` name) from its ``teacher`` architecture through timm's builder."""
+    keep_projection_shortcuts = kwargs.pop('keep_projection_shortcuts', False)
+    dirac = kwargs.pop('dirac', False)
+
+    def build_twin(**model_kwargs):
+        model = timm.create_model(teacher, pretrained=False, **model_kwargs)
+        make_plain(model, keep_projection_shortcuts=keep_projection_shortcuts)
+        if dirac:
+            apply_dirac(model)
+        return model
+
+    twin_args = dict(keep_projection_shortcuts=keep_projection_shortcuts, dirac=dirac)
+    if kwargs.get('features_only', False):
+        # the teacher's entrypoint knows its feature wrapper settings, so it builds the wrapper
+        pretrained_cfg = kwargs.pop('pretrained_cfg', None)
+        overlay = kwargs.pop('pretrained_cfg_overlay', None)
+        features = build_twin(**kwargs)
+        if pretrained:
+            model_kwargs = {k: v for k, v in kwargs.items() if k not in ('features_only', 'out_indices',
+                                                                        'feature_cls', 'output_stride')}
+            full = create_twin(teacher, variant, True, pretrained_cfg=pretrained_cfg,
+                               pretrained_cfg_overlay=overlay, **twin_args, **model_kwargs)
+            _copy_weights_into_feature_net(full, features)
+            features.pretrained_cfg = pretrained_cfg_for_features(full.pretrained_cfg)
+        return features
+    model = build_model_with_cfg(build_twin, variant, pretrained, **kwargs)
+    model.pretrained_model_args = twin_args
+    return model
+
+
+def _entrypoint(teacher: str):
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return create_twin(teacher, twin_name(teacher), pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = twin_name(teacher)
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f'Shortcut-free twin of timm `{teacher}` (see jointrd_timm.make_plain).'
+    return entrypoint
+
+
+def _teacher_cfg(teacher: str) -> dict:
+    cfg = get_pretrained_cfg(teacher)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    return {key: value for key, value in cfg.items() if key not in _WEIGHT_SOURCES}
+
+
+_TEACHERS = sorted(name for name, module in _model_to_module.items()
+                   if module in TWIN_MODULES and name not in _EXCLUDED and not name.startswith(PREFIX))
+default_cfgs = generate_default_cfgs({twin_name(teacher): _teacher_cfg(teacher) for teacher in _TEACHERS})
+for _teacher in _TEACHERS:
+    register_model(_entrypoint(_teacher))

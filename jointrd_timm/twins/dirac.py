@@ -1,0 +1,86 @@
+"""Dirac parametrisation of a twin's convolutions, and its exact fold back to plain convs.
+
+Zagoruyko & Komodakis, "DiracNets: Training Very Deep Neural Networks Without Skip-Connections", 2017, as used by
+the JointRD reference for its ImageNet students: ``W_eff = alpha * delta + beta * W`` with ``delta`` the identity
+kernel (centre tap 1 from output channel o to input channel o, within each group, for the first min(in, out)
+channels), ``alpha`` per output channel initialised to 1 and ``beta`` (per output channel) to 0.1. A conv at init
+is thus close to an identity map: the shortcut lives inside the weights, and folding it leaves a plain conv.
+
+Implemented with torch.nn.utils.parametrize: ``fold_dirac`` is ``remove_parametrizations(leave_parametrized=True)``.
+``alpha`` and ``beta`` should not get weight decay; :func:`no_weight_decay_names` lists them.
+"""
+from typing import List
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .rules import get_rule
+
+__all__ = ['DiracWeight', 'apply_dirac', 'fold_dirac', 'has_dirac', 'no_weight_decay_names']
+
+
+def dirac_delta(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    out_channels, in_per_group, kh, kw = weight.shape
+    out_per_group = out_channels // groups
+    delta = torch.zeros_like(weight)
+    for o in range(out_channels):
+        i = o % out_per_group
+        if i < in_per_group:
+            delta[o, i, kh // 2, kw // 2] = 1.0
+    return delta
+
+
+class DiracWeight(nn.Module):
+    """The parametrisation ``W -> alpha * delta + beta * W`` of one conv's weight."""
+
+    def __init__(self, weight: torch.Tensor, groups: int, alpha_init: float = 1.0, beta_init: float = 0.1):
+        super().__init__()
+        out_channels = weight.shape[0]
+        self.register_buffer('delta', dirac_delta(weight.detach(), groups), persistent=False)
+        self.alpha = nn.Parameter(torch.full((out_channels, 1, 1, 1), alpha_init, dtype=weight.dtype))
+        self.beta = nn.Parameter(torch.full((out_channels, 1, 1, 1), beta_init, dtype=weight.dtype))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.delta + self.beta * weight
+
+
+def _block_convs(model: nn.Module):
+    """The plain Conv2d layers inside blocks that a rule handled (stem and head convs stay as they are)."""
+    seen = set()
+    for _, block in model.named_modules():
+        if get_rule(block) is None:
+            continue
+        for name, conv in block.named_modules():
+            if type(conv) is nn.Conv2d and id(conv) not in seen and conv.kernel_size[0] == conv.kernel_size[1]:
+                seen.add(id(conv))
+                yield conv
+
+
+def apply_dirac(model: nn.Module, alpha_init: float = 1.0, beta_init: float = 0.1) -> nn.Module:
+    """Dirac-parametrise every square ``nn.Conv2d`` inside the model's (plain) blocks, in place."""
+    convs = list(_block_convs(model))
+    if not convs:
+        raise ValueError(f'{type(model).__name__} has no nn.Conv2d inside a known block to Dirac-parametrise.')
+    for conv in convs:
+        parametrize.register_parametrization(conv, 'weight', DiracWeight(conv.weight, conv.groups, alpha_init, beta_init))
+    return model
+
+
+def has_dirac(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m, 'weight') and isinstance(m.parametrizations.weight[0], DiracWeight)
+               for m in model.modules())
+
+
+def fold_dirac(model: nn.Module) -> nn.Module:
+    """Replace every Dirac-parametrised weight by its effective value: a plain conv, same outputs."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, 'weight') and \
+                any(isinstance(p, DiracWeight) for p in module.parametrizations.weight):
+            parametrize.remove_parametrizations(module, 'weight', leave_parametrized=True)
+    return model
+
+
+def no_weight_decay_names(model: nn.Module) -> List[str]:
+    return [name for name, _ in model.named_parameters()
+            if name.endswith(('weight.0.alpha', 'weight.0.beta'))]

@@ -1,0 +1,78 @@
+"""Teacher -> twin weight transfer: strict about everything except the shortcut branches the twin dropped."""
+import logging
+from typing import Dict, List, Mapping, Union
+
+import torch
+from torch import nn
+
+from .dirac import DiracWeight
+
+__all__ = ['load_teacher_weights']
+
+_logger = logging.getLogger(__name__)
+_DIRAC_ORIGINAL = '.parametrizations.weight.original'
+
+
+def _dirac_parametrisations(twin: nn.Module) -> Dict[str, DiracWeight]:
+    found = {}
+    for name, module in twin.named_modules():
+        params = getattr(getattr(module, 'parametrizations', None), 'weight', None)
+        if params is not None and isinstance(params[0], DiracWeight):
+            found[f'{name}{_DIRAC_ORIGINAL}'] = params[0]
+    return found
+
+
+def load_teacher_weights(twin: nn.Module, teacher_state_dict: Union[Mapping[str, torch.Tensor], nn.Module]) -> List[str]:
+    """Copy a residual teacher's weights into its twin (made by :func:`make_plain`).
+
+    Every twin tensor must come from the teacher with the same shape; the only teacher tensors left over may be
+    those of the shortcut modules that make_plain removed. For a Dirac-parametrised twin the stored weight is set so
+    that the effective conv equals the teacher's (``W = (W_T - alpha * delta) / beta``).
+
+    Returns:
+        The teacher keys that were dropped (all belong to removed shortcut branches); they are also logged.
+
+    Raises:
+        ValueError: naming the missing, unexpected or mis-shaped keys, when the state dict is not this twin's teacher.
+    """
+    if isinstance(teacher_state_dict, nn.Module):
+        teacher_state_dict = teacher_state_dict.state_dict()
+    report = getattr(twin, 'plain_report', None)
+    if report is None:
+        raise ValueError(f'{type(twin).__name__} is not a twin: build it with make_plain() or timm.create_model("plain_...").')
+    removed_prefixes = tuple(f'{name}.' for name in report.removed_modules)
+    dirac = _dirac_parametrisations(twin)
+    twin_state = twin.state_dict()
+    source_of = {key: key.replace(_DIRAC_ORIGINAL, '.weight') for key in twin_state
+                 if not key.endswith(('.weight.0.alpha', '.weight.0.beta'))}
+    missing = [key for key, source in source_of.items() if source not in teacher_state_dict]
+    used = set(source_of.values())
+    leftover = [key for key in teacher_state_dict if key not in used]
+    unexpected = [key for key in leftover if not key.startswith(removed_prefixes)]
+    mismatched = [f'{key}: twin {tuple(twin_state[key].shape)} vs teacher {tuple(teacher_state_dict[src].shape)}'
+                  for key, src in source_of.items()
+                  if src in teacher_state_dict and twin_state[key].shape != teacher_state_dict[src].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f'{len(missing)} twin tensors have no teacher tensor (e.g. {missing[:3]})')
+        if unexpected:
+            problems.append(f'{len(unexpected)} teacher tensors match nothing in the twin and are not removed '
+                            f'shortcut branches (e.g. {unexpected[:3]})')
+        if mismatched:
+            problems.append(f'{len(mismatched)} shapes differ (e.g. {mismatched[:3]})')
+        raise ValueError(
+            f'This state dict is not the teacher of {type(twin).__name__}: ' + '; '.join(problems) +
+            '. Load the weights of the architecture the twin was derived from (same depth, widths, num_classes).')
+    new_state = {}
+    for key, src in source_of.items():
+        value = teacher_state_dict[src]
+        if key in dirac:
+            param = dirac[key]
+            value = (value.to(param.delta.dtype) - param.alpha.detach() * param.delta) / param.beta.detach()
+        new_state[key] = value
+    twin.load_state_dict(new_state, strict=False)
+    if leftover:
+        _logger.info('load_teacher_weights: dropped %d teacher tensors of removed shortcut branches: %s',
+                     len(leftover), ', '.join(leftover))
+    return leftover
