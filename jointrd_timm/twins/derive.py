@@ -40,6 +40,12 @@ class PlainReport:
     unhandled: List[str] = field(default_factory=list)
 
 
+
+def _looks_like_transformer(block: nn.Module) -> bool:
+    """A block with an attention child and an MLP child: a (vision) transformer block."""
+    names = {type(child).__name__.lower() for child in block.children()}
+    return any('attention' in n or 'attn' in n for n in names) and any('mlp' in n for n in names)
+
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)
 
 
@@ -116,18 +122,22 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
         report.blocks_by_rule[rule.name] += 1
         report.rule_descriptions[rule.name] = rule.description
         _make_trainable(name, module, report)
-    if not report.blocks_by_rule:
-        raise NotResidualError(
-            f'{model_name} has no residual block that jointrd_timm knows, so it has no shortcut-free twin. '
-            f'Pass a residual model (e.g. resnet50, regnety_016, efficientnet_b0, convnext_tiny); '
-            f'`jointrd derive --list` shows every supported architecture.')
     unhandled = find_unhandled_residual_blocks(model)
-    if unhandled and strict:
-        classes = sorted({f'{type(m).__module__}.{type(m).__qualname__}' for _, m in unhandled})
+    classes = sorted({f'{type(m).__module__}.{type(m).__qualname__}' for _, m in unhandled})
+    if not report.blocks_by_rule and not unhandled:
+        raise NotResidualError(
+            f'{model_name} has no shortcut addition anywhere, so it has no shortcut-free twin (it is plain '
+            f'already). Pass a residual model (e.g. resnet50, regnety_016, efficientnet_b0, convnext_tiny); '
+            f'`jointrd derive --list` shows every supported architecture.')
+    if unhandled and (strict or not report.blocks_by_rule):
+        transformer = any(_looks_like_transformer(m) for _, m in unhandled)
+        why = (' Transformer blocks are refused by design: their shortcuts carry the token stream, and a '
+               'transformer without them does not train.' if transformer else
+               ' Add a rule for the class in jointrd_timm/twins/families/, or call '
+               'make_plain(..., strict=False) to leave those blocks residual.')
         raise UnsupportedBlockError(
-            f'{model_name}: {len(unhandled)} block(s) still add a shortcut and no rule handles their class: '
-            f'{", ".join(classes)} (first at `{unhandled[0][0]}`). Add a rule for the class in '
-            f'jointrd_timm/twins/families/, or call make_plain(..., strict=False) to leave them residual.')
+            f'{model_name}: {len(unhandled)} block(s) add a shortcut and no rule handles their class: '
+            f'{", ".join(classes)} (first at `{unhandled[0][0]}`).' + why)
     report.unhandled = [n for n, _ in unhandled]
     model.plain_report = report
     return model

@@ -1,0 +1,143 @@
+"""Which timm architectures get a shortcut-free twin, and why not when they do not.
+
+Every architecture in ``timm.list_models()`` is built on the meta device (no memory, no weights) and handed to
+``make_plain(strict=True)``; a twin counts as derived when no shortcut addition is left (torch.fx count). Twins of
+architectures up to ``--real-max-params`` parameters are then built for real (``timm.create_model('plain_...')``)
+and must run forward and give every parameter a non-zero gradient at init.
+
+Writes benchmarks/results/twin_coverage.{json,md} and jointrd_timm/models/underivable.json (the architectures
+of the twin modules that must not be registered as plain_*).
+
+    python benchmarks/twin_coverage.py            # about 30-40 minutes on 2 CPU cores
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+import timm
+from timm.models._registry import _model_to_module
+
+import jointrd_timm
+from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
+from jointrd_timm.twins import NotResidualError, UnsupportedBlockError, count_shortcut_additions, make_plain
+from jointrd_timm.twins.verify import find_unhandled_residual_blocks, shortcut_additions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def classify(name: str) -> dict:
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(name)
+    except Exception as e:  # noqa: BLE001 - recorded as the reason
+        return dict(status='build failed', reason=f'{type(e).__name__}: {e}'[:200])
+    before = sum(shortcut_additions(m) or 0 for _, m in model.named_modules())
+    try:
+        make_plain(model, strict=True)
+    except NotResidualError:
+        return dict(status='not residual', reason='no shortcut addition found')
+    except UnsupportedBlockError as e:
+        transformer = 'Transformer blocks are refused' in str(e)
+        return dict(status='transformer (refused)' if transformer else 'no rule', reason=str(e).split(': ', 1)[1][:300])
+    left = count_shortcut_additions(model) + len(find_unhandled_residual_blocks(model))
+    if left:
+        return dict(status='no rule', reason=f'{left} shortcut additions left after the rules')
+    params = sum(p.numel() for p in model.parameters())
+    return dict(status='derived', shortcuts_removed=model.plain_report.shortcuts_removed, additions_found=before,
+                params=params, rules=sorted(model.plain_report.blocks_by_rule))
+
+
+def real_check(name: str) -> dict:
+    """Build plain_<name> for real; forward + backward at a small input; every gradient non-zero."""
+    torch.manual_seed(0)
+    model = timm.create_model(PREFIX + name, num_classes=10)
+    cfg = model.pretrained_cfg
+    size = cfg['input_size'][1:] if cfg.get('fixed_input_size') else (max(64, cfg.get('min_input_size', (3, 64, 64))[1]),) * 2
+    x = torch.randn(2, cfg['input_size'][0], *size)
+    model.train()
+    y = model(x)
+    y.square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    return dict(forward_ok=bool(torch.isfinite(y).all()), dead_params=len(dead), dead_examples=dead[:3])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--filter', default='*')
+    parser.add_argument('--real-max-params', type=float, default=30e6)
+    parser.add_argument('--out', default=str(ROOT / 'benchmarks/results'))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    names = [n for n in timm.list_models(args.filter) if not n.startswith(PREFIX)]
+    results = {}
+    start = time.time()
+    for i, name in enumerate(names):
+        res = classify(name)
+        res['module'] = _model_to_module.get(name, '?')
+        if res['status'] == 'derived' and res['params'] <= args.real_max_params and res['module'] in TWIN_MODULES:
+            try:
+                res.update(real_check(name))
+            except Exception as e:  # noqa: BLE001
+                res.update(forward_ok=False, real_error=f'{type(e).__name__}: {e}'[:200])
+        results[name] = res
+        if i % 50 == 0:
+            print(f'[{time.time() - start:6.0f}s] {i}/{len(names)} {name}: {res["status"]}', flush=True)
+    out = Path(args.out)
+    meta = dict(command='python benchmarks/twin_coverage.py', timm=timm.__version__, torch=torch.__version__,
+                jointrd_timm=jointrd_timm.__version__, machine=f'{platform.machine()} {platform.processor()}'.strip(),
+                python=sys.version.split()[0], seconds=round(time.time() - start))
+    (out / 'twin_coverage.json').write_text(json.dumps(dict(meta=meta, models=results), indent=1))
+    write_markdown(results, meta, out / 'twin_coverage.md')
+    underivable = {n: r.get('reason', r.get('real_error', 'dead gradients')) for n, r in results.items()
+                   if r['module'] in TWIN_MODULES and not (r['status'] == 'derived' and r.get('forward_ok', True)
+                                                           and not r.get('dead_params'))}
+    (ROOT / 'jointrd_timm/models/underivable.json').write_text(json.dumps(underivable, indent=1, sort_keys=True))
+
+
+def write_markdown(results, meta, path):
+    by_module = defaultdict(Counter)
+    for r in results.values():
+        by_module[r['module']][r['status']] += 1
+    residual_cnn = {n: r for n, r in results.items() if r['status'] in ('derived', 'no rule')}
+    derived = [n for n, r in residual_cnn.items() if r['status'] == 'derived']
+    real = [r for r in residual_cnn.values() if 'forward_ok' in r]
+    real_ok = [r for r in real if r['forward_ok'] and not r.get('dead_params')]
+    lines = [
+        '# Twin coverage: every architecture in timm.list_models()', '',
+        f'timm {meta["timm"]}, torch {meta["torch"]}, jointrd_timm {meta["jointrd_timm"]}; '
+        f'command `{meta["command"]}` ({meta["seconds"]} s on {meta["machine"]}, 2 CPU threads).', '',
+        f'**Residual CNN architectures: {len(derived)} of {len(residual_cnn)} derived '
+        f'({100 * len(derived) / max(1, len(residual_cnn)):.1f} %).** '
+        f'Built for real and trained one step (forward finite, every parameter a non-zero gradient): '
+        f'{len(real_ok)} of {len(real)} checked (twins up to 30 M parameters).', '',
+        'A residual CNN is an architecture whose modules contain a shortcut addition (torch.fx, see '
+        '`jointrd_timm/twins/verify.py`) and that is not a transformer. Transformer blocks are refused by design; '
+        '"not residual" means no shortcut addition was found (plain already).', '',
+        '## By timm module', '', '| module | derived | no rule | transformer (refused) | not residual | build failed |',
+        '|---|---|---|---|---|---|']
+    for module in sorted(by_module, key=lambda m: (-by_module[m]['derived'], m)):
+        c = by_module[module]
+        lines.append(f'| {module} | {c["derived"]} | {c["no rule"]} | {c["transformer (refused)"]} | '
+                     f'{c["not residual"]} | {c["build failed"]} |')
+    lines += ['', '## Residual CNN architectures not derived, and why', '']
+    for name, r in sorted(residual_cnn.items()):
+        if r['status'] != 'derived':
+            lines.append(f'- `{name}` ({r["module"]}): {r["reason"]}')
+    failed_real = [(n, r) for n, r in residual_cnn.items() if 'forward_ok' in r and not (r['forward_ok'] and not r.get('dead_params'))]
+    lines += ['', '## Derived but failing the real check', '']
+    for name, r in failed_real:
+        why = r.get('real_error') or f'{r["dead_params"]} parameters with zero gradient, e.g. {r["dead_examples"]}'
+        lines.append(f'- `{name}`: {why}')
+    if not failed_real:
+        lines.append('- none')
+    lines += ['', '## Derived architectures', '', ', '.join(f'`{n}`' for n in sorted(derived))]
+    path.write_text('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+    main()

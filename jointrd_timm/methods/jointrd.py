@@ -1,0 +1,286 @@
+"""JointRD: Residual Distillation (Li, Zhang, Wang, Huang, Xu, Zhang; "Residual Distillation: Towards Portable
+Deep Neural Networks without Shortcuts", NeurIPS 2020), in plain PyTorch.
+
+A residual teacher T and its shortcut-free twin S are cut into the same n stages. Per batch (x, y):
+
+    with no grad:  z_T, f_T = T(x)                             (frozen teacher, eval mode)
+    h_1..h_n, z_S, f_S = S(x)
+    for k in 1..n-1:  z_k, f_k = head_T(T_{k+1..n}(h_k))     (gradients reach h_k through T's shortcuts)
+    L_cls  = 1/n [ CE(z_S, y) + eta(e) * sum_k CE(z_k, y) ]
+    L_feat = 1/n [ D(C_S(f_S), f_T) + eta(e) * sum_k D(C_k(f_k), f_T) ]
+    L      = L_cls + lambda * L_feat  (+ kd_weight * Hinton KD(z_S, z_T), an optional extra)
+
+eta fades from 1 to eta_min (``schedules.eta_schedule``); C_* are 1x1 conv + BN connectors; D is the margin loss
+of Heo et al. on pre-activation features, or MSE where the family exposes none (``feature_losses``).
+Only S and the connectors are updated in ``frozen`` mode (the default). In ``joint`` mode the teacher also learns
+from its own CE in the same step (DECISION: one simultaneous update; the hybrid paths see the teacher's weights
+detached, so the student's loss never moves the teacher), the reference's JOINT branch up to step order.
+
+Every decision of ``../shared/docs/jointrd-method.md`` is a field of :class:`JointRDConfig`.
+"""
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
+from .schedules import eta_schedule
+from .stages import StageLayoutError, StageSplit, final_preactivation
+
+__all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss']
+
+
+@dataclass
+class JointRDConfig:
+    """JointRD's settings; defaults are the reference CIFAR values (jointrd-method.md).
+
+    Args:
+        eta_min: floor of the hybrid-term weight (CIFAR 0.5, ImageNet 5e-3).
+        eta_horizon: E, in epochs, over which eta fades from 1 to eta_min (reference 60).
+        eta_horizon_fraction: if set, E = fraction * total epochs instead (overrides eta_horizon).
+        eta_per_step: anneal eta every step (fractional epochs) rather than once per epoch.
+        feature_loss_weight: lambda (CIFAR reference 0, ImageNet 1e-4, 1e-3 suggested for 32x32).
+        feature_loss: 'margin' (Heo et al.; MSE where the family has no pre-activation feature) or 'mse'.
+        teacher_mode: 'frozen' (pretrained teacher, eval mode, never updated) or 'joint'.
+        hybrid_paths: number of hybrid paths sampled per step (None: all n-1). Sampled terms are scaled by
+            (n-1)/hybrid_paths so the loss stays an unbiased estimate of the full one.
+        kd_weight, kd_temperature: optional Hinton KD on the student's logits (0: off, as in the paper).
+    """
+    eta_min: float = 0.5
+    eta_horizon: float = 60.0
+    eta_horizon_fraction: Optional[float] = None
+    eta_per_step: bool = True
+    feature_loss_weight: float = 0.0
+    feature_loss: str = 'margin'
+    teacher_mode: str = 'frozen'
+    hybrid_paths: Optional[int] = None
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.eta_min <= 1.0:
+            raise ValueError(f'eta_min must be in [0, 1], got {self.eta_min}.')
+        if self.feature_loss not in ('margin', 'mse'):
+            raise ValueError(f"feature_loss must be 'margin' or 'mse', got {self.feature_loss!r}.")
+        if self.teacher_mode not in ('frozen', 'joint'):
+            raise ValueError(f"teacher_mode must be 'frozen' or 'joint', got {self.teacher_mode!r}.")
+        if self.hybrid_paths is not None and self.hybrid_paths < 1:
+            raise ValueError(f'hybrid_paths must be >= 1 or None (all paths), got {self.hybrid_paths}.')
+        if self.eta_horizon_fraction is not None and not 0 < self.eta_horizon_fraction <= 1:
+            raise ValueError(f'eta_horizon_fraction must be in (0, 1], got {self.eta_horizon_fraction}.')
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> 'JointRDConfig':
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f'Unknown JointRD setting(s) {unknown}; valid keys: {sorted(known)}.')
+        return cls(**values)
+
+
+class _InputCapture:
+    """Forward pre-hook keeping a copy of a module's input (the pre-activation before an in-place ReLU)."""
+
+    def __init__(self, module: nn.Module):
+        self.values: List[torch.Tensor] = []
+        self.enabled = False
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if self.enabled:
+            self.values.append(args[0].clone())
+
+    def pop(self) -> torch.Tensor:
+        return self.values.pop()
+
+
+class JointRD(nn.Module):
+    """Teacher + twin trained together; in eval mode it is just the twin (``forward`` returns its logits).
+
+    In train mode ``forward(x)`` returns a dict with everything :func:`jointrd_loss` needs:
+    ``logits`` z_S, ``teacher_logits`` z_T, ``hybrid_logits`` [z_k], ``paths`` [k], ``path_scale``,
+    ``student_feature``/``teacher_feature``/``hybrid_features`` (after connectors for the student side), ``eta``.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: Optional[JointRDConfig] = None,
+                 probe: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.config = config or JointRDConfig()
+        self.student = student
+        self.teacher = teacher
+        if probe is None:
+            probe = _probe_for(student)
+        self.student_stages = StageSplit(student, probe)
+        self.teacher_stages = StageSplit(teacher, probe)
+        self._check_layouts()
+        self.num_stages = self.student_stages.num_stages
+        if self.config.teacher_mode == 'frozen':
+            teacher.requires_grad_(False)
+        self._setup_features(probe)
+        for name in ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs'):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self.train(student.training)
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _check_layouts(self) -> None:
+        s, t = self.student_stages, self.teacher_stages
+        if (s.num_stages, s.stage_channels, s.stage_reductions) != (t.num_stages, t.stage_channels, t.stage_reductions):
+            raise StageLayoutError(
+                f'Teacher {t.model_name} has {t.num_stages} stages with channels {t.stage_channels} at reductions '
+                f'{t.stage_reductions}, student {s.model_name} has {s.num_stages} with {s.stage_channels} at '
+                f'{s.stage_reductions}. JointRD runs student stage outputs through the teacher\'s later stages, so '
+                f'the layouts must match: use the twin of the teacher (timm.create_model("plain_<teacher>")).')
+
+    def _setup_features(self, probe: torch.Tensor) -> None:
+        """Where the final feature is read, which loss compares it, and the connectors (only if lambda > 0)."""
+        self.teacher_act, teacher_bn = final_preactivation(self.teacher)
+        student_act, _ = final_preactivation(self.student)
+        use_margin = self.config.feature_loss == 'margin' and self.teacher_act is not None and \
+            student_act is not None and teacher_bn is not None
+        self.uses_margin = use_margin
+        self._teacher_tap = _InputCapture(self.teacher_act) if use_margin else None
+        self._student_tap = _InputCapture(student_act) if use_margin else None
+        self.connectors = nn.ModuleList()
+        self.feature_loss = None
+        if self.config.feature_loss_weight <= 0:
+            return
+        with torch.no_grad():
+            was_training = self.teacher.training
+            self.teacher.eval()
+            channels = self._teacher_forward(probe)[1].shape[1]
+            self.teacher.train(was_training)
+        self.feature_loss = MarginFeatureLoss(bn_margin(teacher_bn)) if use_margin else MSEFeatureLoss()
+        self.connectors = nn.ModuleList(make_connector(channels) for _ in range(self.num_stages))
+
+    # -- modes and progress ---------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> 'JointRD':
+        super().train(mode)
+        if self.config.teacher_mode == 'frozen':
+            self.teacher.eval()  # a frozen teacher's BN statistics never move
+        return self
+
+    def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
+        """Called at the start of every epoch by the runner / torchdistill pre-epoch process."""
+        self.epoch.fill_(epoch)
+        self.step_in_epoch.zero_()
+        self.steps_per_epoch.fill_(steps_per_epoch)
+        self.num_epochs.fill_(num_epochs)
+
+    @property
+    def progress(self) -> float:
+        """Epochs elapsed, fractional when annealing per step."""
+        progress = float(self.epoch)
+        if self.config.eta_per_step and int(self.steps_per_epoch) > 0:
+            progress += float(self.step_in_epoch) / float(self.steps_per_epoch)
+        return progress
+
+    @property
+    def eta(self) -> float:
+        horizon = self.config.eta_horizon
+        if self.config.eta_horizon_fraction is not None:
+            if int(self.num_epochs) <= 0:
+                raise RuntimeError('eta_horizon_fraction needs the total number of epochs: call set_epoch(epoch, '
+                                   'steps_per_epoch, num_epochs) before training.')
+            horizon = self.config.eta_horizon_fraction * int(self.num_epochs)
+        return eta_schedule(self.progress, self.config.eta_min, horizon)
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _captured(tap: Optional[_InputCapture], fn):
+        """Run ``fn`` with ``tap`` recording; returns fn's (logits, neck) with the feature the loss reads."""
+        if tap is None:
+            return fn()
+        tap.enabled = True
+        try:
+            logits, _ = fn()
+        finally:
+            tap.enabled = False
+        return logits, tap.pop()
+
+    def _teacher_forward(self, x: torch.Tensor):
+        return self._captured(self._teacher_tap, lambda: self.teacher_stages(x, 0))
+
+    def _teacher_tail(self, h: torch.Tensor, after: int):
+        if self.config.teacher_mode == 'joint':  # gradients reach h only, never the teacher's weights
+            detached = {n: p.detach() for n, p in self.teacher_stages.named_parameters()}
+            return self._captured(self._teacher_tap,
+                                  lambda: functional_call(self.teacher_stages, detached, (h, after)))
+        return self._captured(self._teacher_tap, lambda: self.teacher_stages(h, after))
+
+    def forward(self, x: torch.Tensor):
+        if not self.training:
+            return self.student(x)
+        with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
+            teacher_logits, teacher_feature = self._teacher_forward(x)
+        hs = []
+
+        def run_student():
+            hs.extend(self.student_stages.features(x))
+            return self.student_stages(hs[-1], self.num_stages)
+        logits, student_feature = self._captured(self._student_tap, run_student)
+
+        paths = self._sample_paths()
+        hybrid_logits, hybrid_features = [], []
+        for k in paths:
+            z_k, f_k = self._teacher_tail(hs[k - 1], k)
+            hybrid_logits.append(z_k)
+            hybrid_features.append(f_k)
+        if len(self.connectors):
+            student_feature = self.connectors[0](student_feature)
+            hybrid_features = [self.connectors[k](f) for k, f in zip(paths, hybrid_features)]
+        if self.config.eta_per_step:
+            self.step_in_epoch += 1
+        return dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
+                    path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
+                    teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=self.eta)
+
+    def _sample_paths(self) -> List[int]:
+        all_paths = list(range(1, self.num_stages))
+        m = self.config.hybrid_paths
+        if m is None or m >= len(all_paths):
+            return all_paths
+        chosen = torch.randperm(len(all_paths))[:m].sort().values
+        return [all_paths[i] for i in chosen.tolist()]
+
+    def loss(self, outputs: Dict, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return jointrd_loss(outputs, targets, self.num_stages, self.config, self.feature_loss)
+
+
+def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: JointRDConfig,
+                 feature_loss: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """The JointRD objective on :class:`JointRD` outputs. Returns ``loss`` and its parts (for logging)."""
+    eta, scale, n = outputs['eta'], outputs['path_scale'], num_stages
+    ce_student = F.cross_entropy(outputs['logits'], targets)
+    ce_hybrid = sum((F.cross_entropy(z, targets) for z in outputs['hybrid_logits']), torch.zeros_like(ce_student))
+    parts = dict(ce_student=ce_student.detach(), ce_hybrid=ce_hybrid.detach())
+    loss = (ce_student + eta * scale * ce_hybrid) / n
+    if feature_loss is not None and config.feature_loss_weight > 0:
+        target = outputs['teacher_feature']
+        feat = feature_loss(outputs['student_feature'], target) + eta * scale * sum(
+            (feature_loss(f, target) for f in outputs['hybrid_features']), torch.zeros_like(ce_student))
+        parts['feature'] = (feat / n).detach()
+        loss = loss + config.feature_loss_weight * feat / n
+    if config.kd_weight > 0:
+        t = config.kd_temperature
+        kd = F.kl_div(F.log_softmax(outputs['logits'] / t, 1), F.softmax(outputs['teacher_logits'].detach() / t, 1),
+                      reduction='batchmean') * t * t
+        parts['kd'] = kd.detach()
+        loss = loss + config.kd_weight * kd
+    if config.teacher_mode == 'joint':
+        ce_teacher = F.cross_entropy(outputs['teacher_logits'], targets)
+        parts['ce_teacher'] = ce_teacher.detach()
+        loss = loss + ce_teacher
+    parts['loss'] = loss
+    return parts
+
+
+def _probe_for(model: nn.Module) -> torch.Tensor:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    chans, h, w = cfg.get('input_size', (3, 64, 64))
+    if not cfg.get('fixed_input_size', False):
+        h, w = min(h, 64), min(w, 64)
+    device = next(model.parameters()).device
+    return torch.randn(2, chans, h, w, device=device)

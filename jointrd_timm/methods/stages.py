@@ -1,0 +1,150 @@
+"""Cutting any timm model into stages at its ``feature_info`` taps, for JointRD's teacher tails.
+
+A timm model's ``forward_features`` applies its children in order (ResNet: conv1, bn1, act1, maxpool,
+layer1..4; EfficientNet: conv_stem, bn1, blocks.0..6, conv_head, bn2; ConvNeXt: stem, stages.0..3, norm_pre).
+The split walks the children in that order, descending into the containers that hold a tap, and cuts after
+each tap; a segment without any residual (or plain) block is merged into the next one, so a ResNet gives
+stem+layer1, layer2, layer3, layer4. Modules after the last tap and before the head ("neck") belong to the head.
+The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..twins.rules import get_rule
+
+__all__ = ['StageSplit', 'StageLayoutError', 'final_preactivation']
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+class StageLayoutError(ValueError):
+    """Teacher and student cannot be paired stage by stage, or a model cannot be cut into stages."""
+
+
+def _tap_names(model: nn.Module) -> List[str]:
+    info = model.feature_info
+    return [i['module'] for i in info] if isinstance(info, list) else list(info.module_name())
+
+
+def _tap_channels(model: nn.Module) -> List[Tuple[str, int, int]]:
+    info = model.feature_info
+    items = info if isinstance(info, list) else info.info
+    return [(i['module'], i['num_chs'], i['reduction']) for i in items]
+
+
+def _flatten(module: nn.Module, prefix: str, taps: Sequence[str]) -> List[Tuple[str, nn.Module]]:
+    out = []
+    for name, child in module.named_children():
+        path = f'{prefix}{name}'
+        if path in taps or not any(t.startswith(path + '.') for t in taps):
+            out.append((path, child))
+        elif isinstance(child, nn.Sequential):
+            out.extend(_flatten(child, path + '.', taps))
+        else:
+            raise StageLayoutError(
+                f'{type(module).__name__}: feature tap inside `{path}` ({type(child).__name__}), which is not a '
+                'sequential container, so the model cannot be cut there into stages for JointRD.')
+    return out
+
+
+def _has_block(modules: Sequence[nn.Module]) -> bool:
+    return any(get_rule(m) is not None for top in modules for m in top.modules())
+
+
+class StageSplit(nn.Module):
+    """Stages of ``model`` as module lists, plus its head. ``stages[k]`` maps stage k-1's output to stage k's.
+
+    Holds references to the model's own submodules (no copies): running ``stages[k:]`` and then ``head`` on a
+    stage output is the model's "tail" from stage k on.
+    """
+
+    def __init__(self, model: nn.Module, probe: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+        taps = _tap_names(model)
+        chain = _flatten(model, '', taps)
+        names = [n for n, _ in chain]
+        missing = [t for t in taps if t not in names]
+        if missing:
+            raise StageLayoutError(f'{self.model_name}: feature taps {missing} are not in its module chain.')
+        last_tap = max(names.index(t) for t in taps)
+        segments, current, boundaries = [], [], []
+        for index, (name, module) in enumerate(chain[:last_tap + 1]):
+            current.append(module)
+            if name in taps and _has_block(current):
+                segments.append(nn.Sequential(*current))
+                boundaries.append(name)
+                current = []
+        self.stages = nn.ModuleList(segments)
+        self.boundaries = boundaries
+        tap_info = {name: (chs, red) for name, chs, red in _tap_channels(model)}
+        self.stage_channels = [tap_info[b][0] for b in boundaries]
+        self.stage_reductions = [tap_info[b][1] for b in boundaries]
+        self.neck = nn.Sequential(*[m for _, m in chain[last_tap + 1:] if not _is_head(model, m)])
+        self._forward_head = model.forward_head
+        self.head_modules = nn.ModuleList([m for _, m in chain[last_tap + 1:] if _is_head(model, m)])
+        if len(self.stages) < 2:
+            raise StageLayoutError(f'{self.model_name} has {len(self.stages)} stage(s) with residual blocks; '
+                                   'JointRD needs at least 2.')
+        if probe is not None:
+            self.check(model, probe)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Outputs h_1..h_n of every stage."""
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, h: torch.Tensor, after: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run the model from the output of stage ``after`` (1-based; 0: ``h`` is the input image) through its
+        later stages and head. Returns (logits, final feature map fed to the head)."""
+        for stage in self.stages[after:]:
+            h = stage(h)
+        neck = self.neck(h)
+        return self._forward_head(neck), neck
+
+    @torch.no_grad()
+    def check(self, model: nn.Module, probe: torch.Tensor) -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            expected = model(probe)
+            got = self(self.features(probe)[0], 1)[0]
+        finally:
+            model.train(was_training)
+        if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-4, rtol=1e-3):
+            raise StageLayoutError(
+                f'{self.model_name}: running its stages in order does not reproduce model(x), so its forward is '
+                'not a chain of its children and JointRD cannot route student features through it.')
+
+
+def _is_head(model: nn.Module, module: nn.Module) -> bool:
+    """Children that forward_head uses (pooling, classifier, head containers)."""
+    head_names = ('global_pool', 'fc', 'classifier', 'head', 'head_drop', 'head_hidden_size', 'pre_logits')
+    return any(getattr(model, n, None) is module for n in head_names)
+
+
+def final_preactivation(model: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.BatchNorm2d]]:
+    """The activation module that ends the model's last residual/plain block and that block's last BN.
+
+    Its input is the pre-activation final feature of Heo et al. (None, None) when the family has no such
+    activation (e.g. ConvNeXt, EfficientNet's fused BN-act): the feature loss then falls back to MSE."""
+    last_block = None
+    for module in model.modules():
+        if get_rule(module) is not None:
+            last_block = module
+    if last_block is None:
+        return None, None
+    acts = [c for c in last_block.children() if isinstance(c, _ACTIVATIONS)]
+    bns = [m for m in last_block.modules() if type(m) is nn.BatchNorm2d]
+    if not acts or not bns:
+        return None, None
+    return acts[-1], bns[-1]
