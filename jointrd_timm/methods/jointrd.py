@@ -210,7 +210,9 @@ class JointRD(nn.Module):
                                   lambda: functional_call(self.teacher_stages, detached, (h, after)))
         return self._captured(self._teacher_tap, lambda: self.teacher_stages(h, after))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """Eval mode: the twin's logits. Train mode: the outputs dict, with ``loss`` and its parts when
+        ``targets`` are given."""
         if not self.training:
             return self.student(x)
         with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
@@ -231,11 +233,14 @@ class JointRD(nn.Module):
         if len(self.connectors):
             student_feature = self.connectors[0](student_feature)
             hybrid_features = [self.connectors[k](f) for k, f in zip(paths, hybrid_features)]
+        outputs = dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
+                       path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
+                       teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=self.eta)
         if self.config.eta_per_step:
             self.step_in_epoch += 1
-        return dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
-                    path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
-                    teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=self.eta)
+        if targets is not None:
+            outputs.update(self.loss(outputs, targets))
+        return outputs
 
     def _sample_paths(self) -> List[int]:
         all_paths = list(range(1, self.num_stages))
@@ -279,7 +284,9 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
 
 def _probe_for(model: nn.Module) -> torch.Tensor:
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    chans, h, w = cfg.get('input_size', (3, 64, 64))
+    _, h, w = cfg.get('input_size', (3, 64, 64))
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    chans = first_conv.in_channels
     if not cfg.get('fixed_input_size', False):
         h, w = min(h, 64), min(w, 64)
     device = next(model.parameters()).device

@@ -1,0 +1,119 @@
+"""jointrd_timm in torchdistill's registries, so a YAML with ``dependencies: [{name: jointrd_timm}]`` selects it.
+
+Registered here:
+* models ``timm_model`` (any timm or plain_* model, optional safetensors checkpoint) and ``jointrd_model``
+  (teacher + twin as one :class:`~jointrd_timm.methods.JointRD` module);
+* the mid-level loss ``JointRDLoss`` (reads the loss JointRD computed in its forward);
+* the pre-epoch process ``jointrd_pre_epoch_process`` (tells JointRD the epoch, for eta).
+
+Why JointRD is a *model* in the student slot of a TrainingBox rather than a student wrapper in a DistillationBox:
+its loss runs the student's stage outputs through the teacher's later stages, with gradients, and torchdistill's
+student wrappers never see the teacher. The teacher therefore lives inside the JointRD module (frozen, eval mode).
+
+``accelerator_for_boxes`` works around torchdistill 1.1.5 reading ``accelerator.state.use_fp16`` (gone from
+accelerate) when a DistillationBox has a frozen teacher.
+"""
+from typing import Dict, Optional
+
+import timm
+import torch
+from torch import nn
+from torchdistill.core.interfaces.pre_epoch_proc import default_pre_epoch_process_without_teacher
+from torchdistill.core.interfaces.registry import register_pre_epoch_proc_func
+from torchdistill.losses.registry import register_mid_level_loss
+from torchdistill.models.registry import register_model
+
+from ..methods.jointrd import JointRD, JointRDConfig
+from ..twins.transfer import load_teacher_weights
+from ..training.checkpoint import load_weights
+
+__all__ = ['timm_model', 'jointrd_model', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
+           'unwrap']
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, 'module'):
+        model = model.module
+    return model
+
+
+@register_model
+def timm_model(model_name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+    """``timm.create_model(model_name, **kwargs)``, then the weights of ``checkpoint`` (a .safetensors file or a
+    runner output folder) loaded strictly. ``model_name`` may be ``hf-hub:``/``local-dir:`` or a plain_* twin."""
+    model = timm.create_model(model_name, **kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
+@register_model
+def jointrd_model(teacher: Dict, student: Optional[Dict] = None, jointrd: Optional[Dict] = None,
+                  init_student_from_teacher: bool = False) -> JointRD:
+    """Teacher + twin for JointRD.
+
+    Args:
+        teacher: kwargs of :func:`timm_model` for the residual teacher (give ``checkpoint`` for a trained one).
+        student: kwargs of :func:`timm_model` for the twin; default ``plain_<teacher model_name>`` with the
+            teacher's ``num_classes``/``in_chans``.
+        jointrd: fields of :class:`JointRDConfig`.
+        init_student_from_teacher: start the twin from the teacher's weights (load_teacher_weights).
+    """
+    teacher_model = timm_model(**teacher)
+    if student is None:
+        student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
+        student['model_name'] = 'plain_' + teacher['model_name']
+    student_model = timm_model(**student)
+    if init_student_from_teacher:
+        load_teacher_weights(student_model, teacher_model)
+    return JointRD(student_model, teacher_model, JointRDConfig.from_dict(jointrd or {}))
+
+
+@register_mid_level_loss
+class JointRDLoss(nn.Module):
+    """The JointRD objective (Li et al., NeurIPS 2020) computed by :class:`JointRD` in its forward
+    (use ``forward_proc: forward_batch_target`` so the model receives the targets)."""
+
+    def __init__(self, module_path: str = '.', **kwargs):
+        super().__init__()
+        self.module_path = module_path
+
+    def forward(self, student_io_dict, teacher_io_dict, targets=None, *args, **kwargs):
+        outputs = student_io_dict[self.module_path]['output']
+        if not isinstance(outputs, dict) or 'loss' not in outputs:
+            raise ValueError('JointRDLoss reads the loss that a jointrd_model computes in train mode; the student '
+                             'must be a `jointrd_model` and train.model.forward_proc must be forward_batch_target.')
+        return outputs['loss']
+
+
+@register_pre_epoch_proc_func
+def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
+    """torchdistill's default pre-epoch process, then the epoch and run length handed to JointRD for eta."""
+    default_pre_epoch_process_without_teacher(self, epoch=epoch, **kwargs)
+    model = unwrap(self.model)
+    if isinstance(model, JointRD):
+        model.set_epoch(epoch or 0, len(self.train_data_loader), self.num_epochs)
+
+
+class _StateWithFp16:
+    def __init__(self, state):
+        self._state = state
+
+    @property
+    def use_fp16(self) -> bool:
+        return self._state.mixed_precision == 'fp16'
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+
+class accelerator_for_boxes:  # noqa: N801 - a thin proxy, named for what it is used for
+    """An accelerate.Accelerator as torchdistill 1.1.5's boxes expect it (``state.use_fp16``); everything else is
+    the real accelerator. Remove once torchdistill stops reading ``use_fp16`` (tests/test_torchdistill.py checks)."""
+
+    def __init__(self, accelerator):
+        self._accelerator = accelerator
+        self.state = _StateWithFp16(accelerator.state)
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)

@@ -1,0 +1,1 @@
+"""Training: Hugging Face datasets loading, safetensors checkpoints, the accelerate runner."""

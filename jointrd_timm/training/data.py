@@ -1,0 +1,151 @@
+"""Image classification data through Hugging Face ``datasets``: a Hub id, a local Hub-layout folder (parquet),
+an image folder (class subfolders), or the demo's embedded ``sklearn:digits``; with the CIFAR and ImageNet recipes
+of the JointRD spec as torchvision / timm transforms.
+
+Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.load_image_dataset, init: {kwargs: ...}}``.
+"""
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+__all__ = ['load_image_dataset', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'RECIPES']
+
+RECIPES = ('cifar', 'imagenet', 'tensor')
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DatasetColumnError(KeyError):
+    def __str__(self):  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def make_transform(recipe: str, train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]):
+    """``cifar``: random crop with 4-pixel padding + flip (train); ``imagenet``: timm's random-resized-crop +
+    flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation."""
+    if recipe not in RECIPES:
+        raise ValueError(f'Unknown transform recipe {recipe!r}; choose one of {RECIPES}.')
+    if recipe == 'imagenet':
+        from timm.data import create_transform
+        return create_transform(input_size, is_training=train, mean=mean, std=std, crop_pct=0.875,
+                                interpolation='bilinear', hflip=0.5 if train else 0.0)
+    steps = [T.Resize(input_size)] if recipe == 'tensor' else []
+    if recipe == 'cifar' and train:
+        steps += [T.RandomCrop(input_size, padding=4), T.RandomHorizontalFlip()]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class HFImageDataset(Dataset):
+    """(image tensor, label) pairs from a ``datasets.Dataset``; decoding and transforms happen per item."""
+
+    def __init__(self, hf_dataset, transform, image_column: str, label_column: str, mode: str):
+        self.data = hf_dataset
+        self.transform = transform
+        self.image_column, self.label_column, self.mode = image_column, label_column, mode
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        row = self.data[int(index)]
+        return self.transform(row[self.image_column].convert(self.mode)), int(row[self.label_column])
+
+    @property
+    def num_classes(self) -> int:
+        feature = self.data.features[self.label_column]
+        return feature.num_classes if hasattr(feature, 'num_classes') else len(set(self.data[self.label_column]))
+
+
+def _digits(split: str):
+    """scikit-learn's 8x8 digits (1797 images, shipped inside the package): a fixed 80/20 train/test split."""
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = [Image.fromarray((img * (255 / 16)).astype(np.uint8), mode='L') for img in digits.images]
+    order = np.random.RandomState(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    chosen = order[:cut] if split == 'train' else order[cut:]
+    features = datasets.Features({'img': datasets.Image(), 'label': datasets.ClassLabel(num_classes=10)})
+    return datasets.Dataset.from_dict(
+        {'img': [images[i] for i in chosen], 'label': [int(digits.target[i]) for i in chosen]}, features=features)
+
+
+def _load(source: str, split: str, config_name: Optional[str]):
+    import datasets
+    if source == 'sklearn:digits':
+        if split not in ('train', 'test'):
+            raise ValueError(f'sklearn:digits has splits train and test, not {split!r}.')
+        return _digits(split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        has_data_files = any(path.glob('**/*.parquet')) or any(path.glob('**/*.arrow')) or (path / 'README.md').is_file()
+        if not has_data_files:  # class subfolders of images
+            return datasets.load_dataset('imagefolder', data_dir=str(path), split=split)
+        return datasets.load_dataset(str(path), config_name, split=split)
+    if path.suffix or source.startswith(('.', '/', '~')):
+        raise FileNotFoundError(f'Dataset folder {source} does not exist.')
+    return datasets.load_dataset(source, config_name, split=split)  # a Hub id
+
+
+def load_image_dataset(
+        source: str,
+        split: str = 'train',
+        recipe: str = 'cifar',
+        train: Optional[bool] = None,
+        input_size: int = 32,
+        image_column: str = 'img',
+        label_column: str = 'label',
+        channels: int = 3,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        validation_fraction: float = 0.0,
+        part: str = 'all',
+        limit: Optional[int] = None,
+        seed: int = 0,
+        config_name: Optional[str] = None,
+) -> HFImageDataset:
+    """An image classification dataset as a torch Dataset of (tensor, label).
+
+    Args:
+        source: Hub id (``uoft-cs/cifar10``), local Hub-layout folder, image folder, or ``sklearn:digits``.
+        split: the dataset split to read (``train``/``test``/...).
+        recipe: transform recipe, see :func:`make_transform`; ``train`` (default: split == 'train') switches
+            augmentation on.
+        image_column, label_column: column names (CIFAR-10 on the Hub: ``img``/``label``; imagefolder:
+            ``image``/``label``).
+        channels: 3 (RGB) or 1 (grayscale).
+        mean, std: normalisation (default: CIFAR statistics for ``cifar``, ImageNet's otherwise, 0.5 for 1 channel).
+        validation_fraction, part: carve a held-out validation set from the split: ``part='train'`` gives the rest,
+            ``part='val'`` the held-out fraction (seeded, the same for both calls), ``'all'`` the whole split.
+        limit: keep only the first ``limit`` examples (after a seeded shuffle), for quick runs.
+    """
+    if part not in ('all', 'train', 'val'):
+        raise ValueError(f"part must be 'all', 'train' or 'val', got {part!r}.")
+    if part != 'all' and not 0 < validation_fraction < 1:
+        raise ValueError(f'part={part!r} needs 0 < validation_fraction < 1 (got {validation_fraction}).')
+    if channels not in (1, 3):
+        raise ValueError(f'channels must be 1 or 3, got {channels}.')
+    data = _load(source, split, config_name)
+    for role, column in (('image_column', image_column), ('label_column', label_column)):
+        if column not in data.column_names:
+            raise DatasetColumnError(
+                f'Dataset {source!r} (split {split!r}) has no column {column!r}; its columns are {data.column_names}. '
+                f'Set {role} to the right one (in a YAML: datasets.<id>.init.kwargs.{role}).')
+    if part != 'all':
+        halves = data.train_test_split(test_size=validation_fraction, seed=seed)
+        data = halves['train' if part == 'train' else 'test']
+    if limit is not None and limit < len(data):
+        data = data.shuffle(seed=seed).select(range(limit))
+    if mean is None or std is None:
+        if channels == 1:
+            mean, std = (0.5,), (0.5,)
+        else:
+            mean, std = (CIFAR_MEAN, CIFAR_STD) if recipe == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
+    transform = make_transform(recipe, split == 'train' if train is None else train, input_size, mean, std)
+    return HFImageDataset(data, transform, image_column, label_column, 'RGB' if channels == 3 else 'L')
