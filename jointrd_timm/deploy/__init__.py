@@ -1,0 +1,1 @@
+"""Deployment: folding, export, activation memory, latency."""

@@ -1,0 +1,34 @@
+"""Latency of several models measured side by side: interleaved runs, warm-up, medians.
+
+Timings on a shared machine drift; interleaving (model A, B, C, A, B, C, ... in a rotating order) exposes every
+model to the same drift, and the median of many repeats resists outliers. Report ratios from one call.
+"""
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+__all__ = ['compare_latency']
+
+
+def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 5) -> Dict[str, Dict]:
+    """``runners``: name -> a no-argument callable doing one inference. Returns name -> dict(median_ms, iqr_ms,
+    samples)."""
+    names = list(runners)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                runners[name]()
+        samples = {name: [] for name in names}
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                runners[name]()
+                samples[name].append(1e3 * (time.perf_counter() - start))
+    result = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=4) if len(values) >= 4 else [min(values), 0, max(values)]
+        result[name] = dict(median_ms=statistics.median(values), iqr_ms=q[2] - q[0], samples=len(values))
+    return result
