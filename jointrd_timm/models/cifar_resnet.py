@@ -8,12 +8,14 @@
   CIFAR experiments (Li et al., NeurIPS 2020).
 
 The blocks are timm's own (timm.models.resnet.BasicBlock / Bottleneck), built by timm's ``make_blocks``.
+``norm_layer`` takes timm's norm names ('batchnorm2d' default, 'groupnorm1', ...): a BatchNorm-free variant
+makes multi-process CPU runs comparable with one process (SyncBatchNorm needs CUDA).
 """
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, get_norm_layer
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
@@ -38,17 +40,20 @@ class CifarResNet(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = True,
+            norm_layer: str = 'batchnorm2d',
     ):
         super().__init__()
+        norm = get_norm_layer(norm_layer)
         block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[block] if isinstance(block, str) else block
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.bn1 = norm(stem_width)
         self.act1 = nn.ReLU(inplace=True)
         stages, stage_info = make_blocks(
-            (block_cls,) * len(channels), channels, layers, stem_width, drop_path_rate=drop_path_rate)
+            (block_cls,) * len(channels), channels, layers, stem_width, drop_path_rate=drop_path_rate,
+            norm_layer=norm)
         self.stage_names = [name for name, _ in stages]
         for name, stage in stages:
             self.add_module(name, stage)

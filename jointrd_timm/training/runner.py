@@ -12,7 +12,8 @@ train, test) plus an optional ``runner`` section that torchdistill's own example
       eval_every: 1                # epochs between evaluations on train.val_data_loader (never used to select)
 
 DECISION: the YAML's ``batch_size`` is the GLOBAL batch; with N processes each gets batch_size / N of it
-(accelerate ``split_batches``), so a run's optimisation does not depend on the process count. Gradient
+(accelerate ``split_batches``), and the shuffle order depends only on (seed, epoch) (accelerate's seedable
+sampler), so a run's optimisation does not depend on the process count, and a resumed run repeats its epochs. Gradient
 accumulation is torchdistill's ``optimizer.grad_accum_step``.
 
 Per epoch: a progress bar (loss, accuracy, lr, and eta for JointRD), one JSON line in ``metrics.jsonl`` and a
@@ -146,7 +147,7 @@ def _make_accelerator(runner: Dict, device: Optional[str]):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     return Accelerator(
         cpu=device == 'cpu', mixed_precision=runner['mixed_precision'],
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=runner['find_unused_parameters'])])
 
 
@@ -168,10 +169,14 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
     teacher = _build_model(models['teacher_model']) if 'teacher_model' in models else None
     student_config = models.get('student_model') or models['model']
     student = _build_model(student_config)
+    if runner['sync_batchnorm'] and accelerator.device.type != 'cuda':
+        raise ConfigError('runner.sync_batchnorm needs CUDA devices (torch.nn.SyncBatchNorm does not run on CPU); '
+                          'on CPU use a BatchNorm-free model (e.g. norm_layer: groupnorm1) or sync_batchnorm: false.')
     if runner['sync_batchnorm']:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     train_config = config['train']
-    distributed = accelerator.num_processes > 1
+    # accelerate owns the processes (sharded loaders, DDP): the boxes must not add samplers or wrappers themselves
+    distributed = False
     box_accelerator = accelerator_for_boxes(accelerator)
     if teacher is None:
         box = get_training_box(student, config['datasets'], train_config, accelerator.device, None, distributed, 1,
@@ -204,6 +209,8 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
     for epoch in range(start_epoch, num_epochs):
         start = time.time()
         box.pre_epoch_process(epoch=epoch)
+        if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
+            box.train_data_loader.set_epoch(epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(box.train_data_loader, desc=f'epoch {epoch + 1}/{num_epochs}',
                    disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
