@@ -54,9 +54,13 @@ class CifarResNet(nn.Module):
         stages, stage_info = make_blocks(
             (block_cls,) * len(channels), channels, layers, stem_width, drop_path_rate=drop_path_rate,
             norm_layer=norm)
+        if len(stages) not in (3, 4):
+            raise ValueError(f'CifarResNet has 3 or 4 stages, got {len(stages)} (layers={layers}).')
         self.stage_names = [name for name, _ in stages]
         for name, stage in stages:
             self.add_module(name, stage)
+        if len(stages) == 3:
+            self.layer4 = None  # explicit, so forward_features stays TorchScript-able
         # make_blocks counts from an ImageNet stem (stride 4); this stem has stride 1
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')] + [
             dict(info, reduction=info['reduction'] // 4) for info in stage_info]
@@ -128,8 +132,11 @@ class CifarResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        for stage in self._stages():
-            x = stage(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        if self.layer4 is not None:
+            x = self.layer4(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -105,8 +105,9 @@ def _teacher_cfg(teacher: str) -> dict:
     return {key: value for key, value in cfg.items() if key not in _WEIGHT_SOURCES}
 
 
-_TEACHERS = sorted(name for name, module in _model_to_module.items()
-                   if module in TWIN_MODULES and name not in _EXCLUDED and not name.startswith(PREFIX))
+_TEACHERS = sorted(name for name in timm.list_models()  # list_models leaves out deprecated aliases
+                   if _model_to_module.get(name) in TWIN_MODULES and name not in _EXCLUDED
+                   and not name.startswith(PREFIX))
 default_cfgs = generate_default_cfgs({twin_name(teacher): _teacher_cfg(teacher) for teacher in _TEACHERS})
 for _teacher in _TEACHERS:
     register_model(_entrypoint(_teacher))

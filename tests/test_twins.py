@@ -1,0 +1,257 @@
+"""The shortcut-free twins, in timm's test style: parametrised over registered plain_* models."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import jointrd_timm
+from jointrd_timm import count_shortcut_additions, load_teacher_weights, make_plain
+from jointrd_timm.models.plain_twins import TWIN_MODULES
+from jointrd_timm.twins import NotResidualError, UnsupportedBlockError
+from jointrd_timm.twins.dirac import apply_dirac, fold_dirac, has_dirac
+
+# One or two small architectures for every family and every rule (the coverage benchmark covers all of them).
+SAMPLE = [
+    'resnet20_cifar', 'resnet56_cifar', 'resnet18_cifar', 'resnet50_cifar',  # CIFAR teachers (all in the suite)
+    'resnet18', 'resnet10t', 'resnet26d', 'seresnext26t_32x4d', 'ecaresnet26t', 'resnetrs50',  # resnet.py
+    'resnetv2_18', 'resnetv2_50',  # pre-activation
+    'regnetx_002', 'regnety_002',  # regnet
+    'efficientnet_b0', 'mobilenetv3_small_050', 'mobilenetv2_050', 'efficientnet_em', 'mobilenetv4_conv_small',
+    'hardcorenas_a',  # efficientnet blocks (DS, IR, Edge, UIR)
+    'convnext_atto',  # convnext
+    'repvgg_a0', 'mobileone_s0', 'gernet_s', 'resnet32ts',  # byobnet
+    'cspresnet50', 'cs3darknet_s',  # cspnet
+    'res2net50_26w_4s', 'resnest14d', 'skresnet18', 'nf_resnet26', 'dla34', 'legacy_seresnet18', 'hrnet_w18_small',
+]
+INPUT = 64
+
+
+def _input(model, batch=2):
+    cfg = model.pretrained_cfg
+    size = cfg['input_size'][1:] if cfg.get('fixed_input_size') else (min(INPUT, cfg['input_size'][1]),) * 2
+    return torch.randn(batch, cfg['input_size'][0], *size)
+
+
+@pytest.mark.parametrize('teacher', SAMPLE)
+def test_twin_forward_backward_every_gradient_nonzero(teacher):
+    torch.manual_seed(0)
+    model = timm.create_model(f'plain_{teacher}', num_classes=7)
+    assert model.pretrained_cfg['architecture'] == f'plain_{teacher}'
+    x = _input(model)
+    y = model(x)
+    assert y.shape == (2, 7)
+    assert torch.isfinite(y).all()
+    y.square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert dead == [], f'plain_{teacher}: parameters with an all-zero gradient at init: {dead[:5]}'
+
+
+@pytest.mark.parametrize('teacher', SAMPLE)
+def test_no_shortcut_addition_left(teacher):
+    residual = timm.create_model(teacher)
+    twin = timm.create_model(f'plain_{teacher}')
+    assert count_shortcut_additions(residual) > 0
+    assert count_shortcut_additions(twin) == 0
+    assert twin.plain_report.shortcuts_removed == count_shortcut_additions(residual)
+    # the plain twin has no projection branches left, hence no unused parameters
+    assert all(not name.split('.')[-2].startswith(('downsample', 'project')) for name, _ in twin.named_parameters()
+               if '.' in name and teacher not in ('regnetx_002', 'regnety_002'))
+
+
+@pytest.mark.parametrize('teacher', ['resnet50', 'resnet56_cifar', 'regnetx_002', 'convnext_atto', 'resnetv2_50',
+                                     'cspresnet50'])
+def test_paper_variant_keeps_exactly_the_projections(teacher):
+    residual = timm.create_model(teacher)
+    twin = timm.create_model(f'plain_{teacher}', keep_projection_shortcuts=True)
+    kept = twin.plain_report.kept_projections
+    assert count_shortcut_additions(twin) == len(kept)
+    assert count_shortcut_additions(residual) - len(kept) == twin.plain_report.shortcuts_removed
+    if teacher == 'resnet50':  # layer1.0 (width 64 -> 256) and the stride-2 first blocks of layers 2-4
+        assert kept == ['layer1.0', 'layer2.0', 'layer3.0', 'layer4.0']
+    if teacher == 'resnet56_cifar':  # the paper's plain-CNN keeps the stride-2 projections of stages 2 and 3
+        assert kept == ['layer2.0', 'layer3.0']
+
+
+def test_paper_variant_dla_keeps_tree_projections():
+    # DLA hands the projected shortcut from the tree to its first child block, so the per-module FX count cannot
+    # see it; check the kept projection modules instead.
+    twin = timm.create_model('plain_dla34', keep_projection_shortcuts=True)
+    kept = twin.plain_report.kept_projections
+    assert kept and all(twin.get_submodule(name).project is not None for name in kept)
+    plain = timm.create_model('plain_dla34')
+    assert all(plain.get_submodule(name).project is None for name in kept)
+
+
+@pytest.mark.parametrize('teacher', ['resnet20_cifar', 'resnet18', 'regnetx_002', 'efficientnet_b0', 'convnext_atto'])
+def test_features_only_channels_match_feature_info(teacher):
+    features = timm.create_model(f'plain_{teacher}', features_only=True)
+    outs = features(_input(features, 1) if hasattr(features, 'pretrained_cfg') else torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == features.feature_info.channels()
+    assert count_shortcut_additions(features) == 0
+
+
+@pytest.mark.parametrize('teacher', ['resnet20_cifar', 'resnet18', 'efficientnet_b0', 'convnext_atto'])
+def test_forward_intermediates_match_forward_features(teacher):
+    model = timm.create_model(f'plain_{teacher}').eval()
+    x = _input(model, 1)
+    final, intermediates = model.forward_intermediates(x)
+    assert torch.allclose(final, model.forward_features(x), atol=1e-5)
+    assert len(intermediates) == len(model.feature_info)
+
+
+@pytest.mark.parametrize('teacher', ['resnet20_cifar', 'resnet18', 'regnetx_002', 'mobilenetv3_small_050',
+                                     'repvgg_a0', 'dla34', 'res2net50_26w_4s'])
+def test_torchscript_where_timm_scripts_the_teacher(teacher):
+    try:
+        torch.jit.script(timm.create_model(teacher))
+    except Exception:
+        pytest.skip(f'timm does not script {teacher} either')
+    twin = timm.create_model(f'plain_{teacher}').eval()
+    scripted = torch.jit.script(twin)
+    x = _input(twin, 1)
+    assert torch.allclose(scripted(x), twin(x), atol=1e-5)
+
+
+def test_usual_timm_kwargs_and_reset_classifier():
+    model = timm.create_model('plain_resnet18', num_classes=5, drop_rate=0.2, in_chans=1)
+    assert model.num_classes == 5 and model.drop_rate == 0.2 and model.conv1.in_channels == 1
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+    assert model.get_classifier().out_features == 3
+    drop_path = timm.create_model('plain_resnet18', drop_path_rate=0.5)  # stochastic depth has no place in a plain net
+    assert not any(type(m).__name__ == 'DropPath' for m in drop_path.modules())
+
+
+def test_every_registered_twin_has_a_cfg_and_never_overwrites_timm():
+    twins = timm.list_models('plain_*')
+    assert len(twins) > 400
+    teachers = set(timm.list_models()) - set(twins)
+    for name in twins:
+        assert name[len('plain_'):] in teachers
+        assert timm.get_pretrained_cfg(name) is not None
+        assert timm.models._registry.model_entrypoint(name).__module__ == 'jointrd_timm.models.plain_twins'
+    assert timm.models._registry.model_entrypoint('resnet50').__module__ == 'timm.models.resnet'
+    assert {'resnet56_cifar', 'plain_resnet56_cifar'} <= set(timm.list_models('*resnet56*'))
+
+
+def test_import_is_cheap():
+    code = ('import time, timm; t = time.perf_counter(); import jointrd_timm; '
+            'print(time.perf_counter() - t)')
+    seconds = float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)
+    assert seconds < 1.0, f'import jointrd_timm took {seconds:.2f} s after import timm'
+
+
+@pytest.mark.parametrize('teacher', ['resnet20_cifar', 'resnet18', 'regnetx_002', 'efficientnet_b0', 'dla34'])
+def test_teacher_weights_transfer(teacher):
+    residual = timm.create_model(teacher)
+    twin = timm.create_model(f'plain_{teacher}')
+    dropped = load_teacher_weights(twin, residual.state_dict())
+    removed = tuple(twin.plain_report.removed_modules)
+    assert all(key.startswith(removed) for key in dropped)
+    teacher_state = residual.state_dict()
+    for key, value in twin.state_dict().items():
+        assert torch.equal(value, teacher_state[key]), key
+
+
+def test_teacher_weights_transfer_into_dirac_twin_gives_teacher_convs():
+    residual = timm.create_model('resnet20_cifar')
+    twin = timm.create_model('plain_resnet20_cifar', dirac=True)
+    load_teacher_weights(twin, residual)
+    fold_dirac(twin)
+    assert torch.allclose(twin.layer1[0].conv1.weight, residual.layer1[0].conv1.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize('teacher', ['resnet20_cifar', 'resnet50_cifar', 'regnetx_002', 'mobilenetv2_050'])
+def test_dirac_fold_is_exact(teacher):
+    torch.manual_seed(0)
+    twin = timm.create_model(f'plain_{teacher}', dirac=True)
+    assert has_dirac(twin)
+    with torch.no_grad():  # move alpha/beta away from their init so the fold has something to fold
+        for name, p in twin.named_parameters():
+            if name.endswith(('weight.0.alpha', 'weight.0.beta')):
+                p.uniform_(0.5, 1.5)
+    twin.eval()
+    x = _input(twin)
+    before = twin(x)
+    fold_dirac(twin)
+    assert not has_dirac(twin)
+    after = twin(x)
+    err = (before - after).abs().max().item()
+    print(f'{teacher}: Dirac fold max abs error {err:.2e}')
+    assert err < 1e-4 * max(1.0, before.abs().max().item())
+    assert not any('parametrizations' in k for k in twin.state_dict())
+
+
+def test_dirac_delta_is_identity_at_alpha_one_beta_zero():
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    model = nn.Sequential(conv)
+    from jointrd_timm.twins.dirac import DiracWeight
+    from torch.nn.utils import parametrize
+    parametrize.register_parametrization(conv, 'weight', DiracWeight(conv.weight, 1, 1.0, 0.0))
+    x = torch.randn(1, 4, 5, 5)
+    y = model(x)
+    assert torch.allclose(y[:, :4], x) and torch.all(y[:, 4:] == 0)
+
+
+# -- bad input -------------------------------------------------------------------------------------------------------
+def test_unknown_model_name():
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        timm.create_model('plain_not_a_model')
+    from jointrd_timm.twins.summary import describe_twin
+    with pytest.raises(ValueError, match="Unknown timm model 'resnet5000'"):
+        describe_twin('resnet5000')
+
+
+def test_non_residual_model_is_refused():
+    with pytest.raises(NotResidualError, match='no shortcut addition anywhere'):
+        make_plain(timm.create_model('vgg11'))
+
+
+def test_unsupported_block_in_strict_mode_names_the_class():
+    model = timm.create_model('dpn68')
+    with pytest.raises(UnsupportedBlockError, match=r'timm\.models\.dpn\.DualPathBlock'):
+        make_plain(model)
+
+
+def test_transformer_is_refused_by_design():
+    with pytest.raises(UnsupportedBlockError, match='Transformer blocks are refused by design'):
+        make_plain(timm.create_model('vit_tiny_patch16_224'))
+
+
+def test_non_strict_leaves_unknown_blocks_and_reports_them():
+    from jointrd_timm.twins.families.resnet import PlainBasicBlock
+    model = timm.create_model('resnet18')
+    model.layer1[0].__class__ = type('MyBlock', (type(model.layer1[0]),), {})  # a residual class with no rule
+    with pytest.raises(UnsupportedBlockError, match='MyBlock'):
+        make_plain(model)
+    model = timm.create_model('resnet18')
+    model.layer1[0].__class__ = type('MyBlock', (type(model.layer1[0]),), {})
+    make_plain(model, strict=False)
+    assert model.plain_report.unhandled == ['layer1.0']
+    assert isinstance(model.layer1[1], PlainBasicBlock)
+
+
+def test_make_plain_twice_is_an_error():
+    twin = timm.create_model('plain_resnet18')
+    with pytest.raises(ValueError, match='already plain'):
+        make_plain(twin)
+
+
+def test_state_dict_of_another_architecture_is_refused():
+    twin = timm.create_model('plain_resnet34')
+    with pytest.raises(ValueError, match='not the teacher of'):
+        load_teacher_weights(twin, timm.create_model('resnet18').state_dict())
+    with pytest.raises(ValueError, match='shapes differ'):
+        load_teacher_weights(timm.create_model('plain_resnet18', num_classes=10), timm.create_model('resnet18'))
+
+
+def test_derive_command_prints_summary(capsys):
+    from jointrd_timm.cli import main
+    assert main(['derive', 'resnet20_cifar']) == 0
+    out = capsys.readouterr().out
+    assert 'shortcut additions: 9 -> 0 (9 removed' in out
+    assert 'resnet.BasicBlock x9' in out and 'FLOPs at 32x32' in out
+    assert main(['derive', 'vgg11']) == 1
