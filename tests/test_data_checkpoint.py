@@ -1,0 +1,109 @@
+"""Data through HF datasets (image folder, Hub-layout parquet folder, held-out split) and safetensors checkpoints."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jointrd_timm.training.checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_weights,
+                                              save_checkpoint)
+from jointrd_timm.training.data import load_image_dataset
+
+
+def _images(n, size=8):
+    rng = np.random.RandomState(0)
+    return [Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_image_folder(tmp_path):
+    for c in range(3):
+        (tmp_path / f'c{c}').mkdir()
+        for i, img in enumerate(_images(2)):
+            img.save(tmp_path / f'c{c}' / f'{i}.png')
+    ds = load_image_dataset(str(tmp_path), 'train', recipe='tensor', input_size=8, image_column='image')
+    assert len(ds) == 6 and ds.num_classes == 3
+    x, y = ds[0]
+    assert x.shape == (3, 8, 8) and y in (0, 1, 2)
+
+
+def test_hub_layout_parquet_folder_and_heldout_split(tmp_path):
+    import datasets
+    features = datasets.Features({'picture': datasets.Image(), 'cls': datasets.ClassLabel(num_classes=4)})
+    for split, n in (('train', 40), ('test', 8)):
+        data = datasets.Dataset.from_dict({'picture': _images(n), 'cls': [i % 4 for i in range(n)]}, features=features)
+        (tmp_path / 'data').mkdir(exist_ok=True)
+        data.to_parquet(str(tmp_path / 'data' / f'{split}-00000-of-00001.parquet'))
+    kwargs = dict(recipe='cifar', input_size=8, image_column='picture', label_column='cls')
+    test = load_image_dataset(str(tmp_path), 'test', **kwargs)
+    assert len(test) == 8 and test[0][0].shape == (3, 8, 8)
+    train = load_image_dataset(str(tmp_path), 'train', validation_fraction=0.25, part='train', **kwargs)
+    val = load_image_dataset(str(tmp_path), 'train', validation_fraction=0.25, part='val', **kwargs)
+    assert (len(train), len(val)) == (30, 10)
+    as_bytes = lambda d: {d.data[i]['picture'].tobytes() for i in range(len(d))}  # noqa: E731
+    assert not as_bytes(train) & as_bytes(val)  # disjoint
+    again = load_image_dataset(str(tmp_path), 'train', validation_fraction=0.25, part='val', **kwargs)
+    assert as_bytes(again) == as_bytes(val)  # deterministic
+    with pytest.raises(ValueError, match='needs 0 < validation_fraction < 1'):
+        load_image_dataset(str(tmp_path), 'train', part='val', **kwargs)
+    with pytest.raises(KeyError, match=r"no column 'img'"):
+        load_image_dataset(str(tmp_path), 'train', recipe='cifar')
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_image_dataset(str(tmp_path / 'nope'), 'train')
+
+
+def test_checkpoint_roundtrip_restores_optimizer_scheduler_rng(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    path = save_checkpoint(tmp_path / 'c.safetensors', model, epoch=2, optimizers={'model': opt},
+                           schedulers={'model': sched}, extra={'note': 'x'})
+    expected_next = torch.rand(3)
+    model2 = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=[2], gamma=0.1)
+    state = load_checkpoint(path, model2, {'model': opt2}, {'model': sched2})
+    assert state == dict(epoch=2, extra={'note': 'x'})
+    assert torch.equal(torch.rand(3), expected_next)  # RNG restored to the save point
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt2.param_groups[0]['lr'] == pytest.approx(0.01) and sched2.last_epoch == 3
+    for p, q in zip(opt.state.values(), opt2.state.values()):
+        assert torch.equal(p['momentum_buffer'], q['momentum_buffer'])
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / 'w.safetensors'
+    target.write_bytes(b'old')
+
+    def fails(tmp):
+        tmp.write_bytes(b'partial')
+        raise OSError('disk full')
+    with pytest.raises(OSError):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b'old' and list(tmp_path.iterdir()) == [target]
+
+
+def test_weights_errors(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    (tmp_path / 'w.bin').write_bytes(b'pickle')
+    with pytest.raises(CheckpointError, match='pickle'):
+        load_weights(model, tmp_path / 'w.bin')
+    with pytest.raises(CheckpointError, match='No checkpoint at'):
+        load_weights(model, tmp_path / 'missing.safetensors')
+    from safetensors.torch import save_file
+    save_file({'weight': torch.zeros(3, 4), 'bias': torch.zeros(3)}, str(tmp_path / 'ok.safetensors'))
+    data = (tmp_path / 'ok.safetensors').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        load_weights(model, tmp_path / 'cut.safetensors')
+    with pytest.raises(CheckpointError, match=r'does not match Linear: .*mis-shaped'):
+        load_weights(torch.nn.Linear(5, 3), tmp_path / 'ok.safetensors')
+    load_weights(model, tmp_path / 'ok.safetensors')
+    assert not model.weight.any()

@@ -1,0 +1,168 @@
+"""JointRD in plain PyTorch: eta, the loss by hand, gradient routes, frozen teacher, sampling, layout errors."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import jointrd_timm  # noqa: F401
+from jointrd_timm.methods import JointRD, JointRDConfig, eta_schedule
+from jointrd_timm.methods.feature_losses import MarginFeatureLoss, bn_margin
+from jointrd_timm.methods.stages import StageLayoutError, StageSplit
+
+
+def pair(config=None, arch='resnet20_cifar', **kwargs):
+    torch.manual_seed(0)
+    teacher = timm.create_model(arch, num_classes=10, **kwargs)
+    twin = timm.create_model(f'plain_{arch}', num_classes=10, **kwargs)
+    return JointRD(twin, teacher, config or JointRDConfig())
+
+
+@pytest.mark.parametrize('progress, expected', [(0, 1.0), (30, 0.75), (60, 0.5), (90, 0.5), (15, 0.5 + 0.5 * (1 + math.cos(math.pi / 4)) / 2)])
+def test_eta_schedule_values(progress, expected):
+    assert eta_schedule(progress, eta_min=0.5, horizon=60) == pytest.approx(expected)
+
+
+def test_eta_follows_epochs_steps_and_horizon_fraction():
+    model = pair(JointRDConfig(eta_min=5e-3, eta_horizon_fraction=0.5))
+    model.set_epoch(3, steps_per_epoch=4, num_epochs=12)  # horizon 6 epochs
+    assert model.eta == pytest.approx(eta_schedule(3.0, 5e-3, 6.0))
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    assert model.eta == pytest.approx(eta_schedule(3.25, 5e-3, 6.0))
+    with pytest.raises(RuntimeError, match='needs the total number of epochs'):
+        pair(JointRDConfig(eta_horizon_fraction=0.5)).eta
+
+
+def test_stage_split_reproduces_the_model():
+    for arch in ('resnet20_cifar', 'resnet18', 'efficientnet_b0', 'convnext_atto', 'regnetx_002'):
+        model = timm.create_model(arch).eval()
+        x = torch.randn(2, 3, 64, 64)
+        split = StageSplit(model, x)
+        assert torch.allclose(split(x, 0)[0], model(x), atol=1e-5)
+    assert StageSplit(timm.create_model('resnet18')).boundaries == ['layer1', 'layer2', 'layer3', 'layer4']
+
+
+def test_loss_equals_hand_computation():
+    model = pair(JointRDConfig(eta_min=0.5, eta_horizon=10, feature_loss_weight=1e-3, kd_weight=0.5))
+    model.set_epoch(5, 0, 10)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    out = model(x, y)
+    eta = 0.5 + 0.5 * (1 + math.cos(math.pi * 5 / 10)) / 2
+    assert out['eta'] == pytest.approx(eta)
+
+    # by hand, from the modules themselves
+    teacher, twin = model.teacher, model.student
+    pre = {}
+    hook_t = teacher.layer3[-1].act2.register_forward_pre_hook(lambda m, a: pre.setdefault('t', []).append(a[0].clone()))
+    hook_s = twin.layer3[-1].act2.register_forward_pre_hook(lambda m, a: pre.setdefault('s', []).append(a[0].clone()))
+    with torch.no_grad():
+        z_t = teacher(x)
+    stem = lambda m, v: m.layer1(m.act1(m.bn1(m.conv1(v))))  # noqa: E731
+    h1 = stem(twin, x)
+    h2 = twin.layer2(h1)
+    z_s = twin.fc(twin.global_pool(twin.layer3(h2)))
+    z_1 = teacher.fc(teacher.global_pool(teacher.layer3(teacher.layer2(h1))))
+    z_2 = teacher.fc(teacher.global_pool(teacher.layer3(h2)))
+    hook_t.remove(), hook_s.remove()
+    f_t, f_1, f_2 = pre['t']
+    f_s = pre['s'][0]
+    n = 3
+    margin_loss = MarginFeatureLoss(bn_margin(teacher.layer3[-1].bn2))
+    c = model.connectors
+    ce = (F.cross_entropy(z_s, y) + eta * (F.cross_entropy(z_1, y) + F.cross_entropy(z_2, y))) / n
+    feat = (margin_loss(c[0](f_s), f_t) + eta * (margin_loss(c[1](f_1), f_t) + margin_loss(c[2](f_2), f_t))) / n
+    kd = F.kl_div(F.log_softmax(z_s / 4, 1), F.softmax(z_t / 4, 1), reduction='batchmean') * 16
+    expected = ce + 1e-3 * feat + 0.5 * kd
+    assert out['loss'].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert torch.allclose(out['teacher_logits'], z_t, atol=1e-5)
+
+
+def test_margin_formula():
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.1]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    m = bn_margin(bn)
+    phi = lambda v: math.exp(-v * v / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    Phi = lambda v: 0.5 * math.erfc(-v / math.sqrt(2))  # noqa: E731
+    assert m[0].item() == pytest.approx(0 - 1 * phi(0) / Phi(0), rel=1e-5)
+    assert m[1].item() == pytest.approx(-1 - 2 * phi(-0.5) / Phi(0.5), rel=1e-5)
+    assert m[2].item() == pytest.approx(-0.3)  # Phi(-10) < 1e-3: -3s
+
+
+def test_gradients_reach_first_stage_through_teacher_tails_and_teacher_stays_frozen():
+    model = pair()
+    model.train()
+    teacher_state = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    assert not model.teacher.training
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    out = model(x, y)
+    # the hybrid CE terms alone give the student's first stage a gradient (it flows through the teacher's tails)
+    hybrid = sum(F.cross_entropy(z, y) for z in out['hybrid_logits'])
+    grad = torch.autograd.grad(hybrid, model.student.layer1[0].conv1.weight, retain_graph=True)[0]
+    assert grad.abs().sum() > 0
+    out['loss'].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    optimizer.step()
+    for key, value in model.teacher.state_dict().items():  # weights AND BN running statistics
+        assert torch.equal(value, teacher_state[key]), key
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_joint_mode_updates_teacher_only_through_its_own_loss():
+    model = pair(JointRDConfig(teacher_mode='joint'))
+    model.train()
+    assert model.teacher.training
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = model(x, y)
+    hybrid = sum(F.cross_entropy(z, y) for z in out['hybrid_logits'])
+    teacher_params = [p for p in model.teacher.parameters()]
+    grads = torch.autograd.grad(hybrid, teacher_params, allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in grads)  # the student's loss never moves the teacher
+    out['loss'].backward()
+    assert model.teacher.fc.weight.grad.abs().sum() > 0  # its own CE does
+
+
+def test_eval_mode_is_the_twin():
+    model = pair().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model.student(x))
+
+
+def test_path_sampling_statistics_and_scale():
+    model = pair(JointRDConfig(hybrid_paths=1), arch='resnet18_cifar')
+    assert model.num_stages == 4
+    torch.manual_seed(1)
+    counts = torch.zeros(4)
+    for _ in range(600):
+        paths = model._sample_paths()
+        assert len(paths) == 1
+        counts[paths[0]] += 1
+    assert counts[0] == 0
+    freq = counts[1:] / 600
+    assert torch.all((freq - 1 / 3).abs() < 0.06), freq
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert out['path_scale'] == pytest.approx(3.0) and len(out['hybrid_logits']) == 1
+
+
+def test_margin_falls_back_to_mse_where_no_preactivation():
+    model = pair(JointRDConfig(feature_loss_weight=1e-3), arch='efficientnet_b0')
+    assert not model.uses_margin and type(model.feature_loss).__name__ == 'MSEFeatureLoss'
+    assert pair(JointRDConfig(feature_loss_weight=1e-3)).uses_margin
+
+
+def test_stage_layout_mismatch_is_a_clear_error():
+    with pytest.raises(StageLayoutError, match=r'resnet20_cifar has 3 stages.*plain_resnet18_cifar has 4'):
+        JointRD(timm.create_model('plain_resnet18_cifar'), timm.create_model('resnet20_cifar'))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"Unknown JointRD setting\(s\) \['etamin'\]"):
+        JointRDConfig.from_dict({'etamin': 0.5})
+    with pytest.raises(ValueError, match="teacher_mode must be 'frozen' or 'joint'"):
+        JointRDConfig(teacher_mode='both')

@@ -1,0 +1,135 @@
+"""The accelerate runner: one epoch, resume after a kill, 2-process DDP == 1 process, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_yaml
+from jointrd_timm.cli import main
+from jointrd_timm.training.runner import ConfigError, load_config, train
+
+ENV = dict(os.environ, PYTHONWARNINGS='ignore', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
+
+
+def weights(folder: Path):
+    return load_file(str(folder / 'model' / 'model.safetensors'))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_train_one_epoch_writes_metrics_checkpoint_and_hub_folder(tmp_path):
+    config = tiny_yaml(tmp_path, epochs=1)
+    assert main(['train', '--config', str(config), '--device', 'cpu']) == 0
+    out = tmp_path / 'out'
+    lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert len(lines) == 1 and {'train_loss', 'train_acc', 'val_acc', 'lr', 'eta'} <= set(lines[0])
+    assert 0.0 < lines[0]['eta'] <= 1.0
+    final = json.loads((out / 'final.json').read_text())
+    assert 0 <= final['test_acc'] <= 100
+    cfg = json.loads((out / 'model' / 'config.json').read_text())
+    assert cfg['architecture'] == 'plain_resnet20_cifar'  # JointRD deploys the twin, not the pair
+    assert not any(k.startswith('teacher.') for k in weights(out))
+    assert (out / 'last.safetensors').is_file()
+
+
+def test_overrides_and_ce_method(tmp_path):
+    config = load_config(tiny_yaml(tmp_path, method='ce'), ['train.num_epochs=1', 'runner.seed=3'])
+    assert config['train']['num_epochs'] == 1 and config['runner']['seed'] == 3
+    final = train(config, device='cpu')
+    assert final['epochs'] == 1
+
+
+def _run(args, **kwargs):
+    return subprocess.Popen([sys.executable, '-m', 'jointrd_timm.cli', 'train', *args], env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_kill_during_epoch_two_then_resume_equals_uninterrupted(tmp_path):
+    config = tiny_yaml(tmp_path, epochs=3, limit=384, batch_size=16)
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    proc = _run(['--config', str(config), '--device', 'cpu', '--output-dir', str(full)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    proc = _run(['--config', str(config), '--device', 'cpu', '--output-dir', str(killed)])
+    metrics = killed / 'metrics.jsonl'
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count('\n') >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into epoch 2 (an epoch takes several seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert metrics.read_text().count('\n') == 1, 'the kill should land in epoch 2'
+    assert not list(killed.glob('.*tmp*')), 'no half-written checkpoint may be left'
+    proc = _run(['--config', str(config), '--device', 'cpu', '--output-dir', str(killed), '--resume'])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert max_diff(weights(full), weights(killed)) < 1e-5
+    full_lines = [json.loads(x) for x in (full / 'metrics.jsonl').read_text().splitlines()]
+    resumed = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r['epoch'] for r in resumed] == [1, 2, 3]
+    assert resumed[-1]['train_loss'] == pytest.approx(full_lines[-1]['train_loss'], rel=1e-5)
+
+
+def test_two_process_cpu_ddp_equals_one_process(tmp_path):
+    config = tiny_yaml(tmp_path, epochs=2, limit=128, batch_size=16, norm_layer='groupnorm1')
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    proc = _run(['--config', str(config), '--device', 'cpu', '--output-dir', str(one)])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'jointrd_timm.cli', 'train',
+           '--config', str(config), '--device', 'cpu', '--output-dir', str(two)]
+    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(weights(one), weights(two)) < 1e-5
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    config = tiny_yaml(tmp_path, epochs=1)
+    assert main(['train', '--config', str(config), '--device', 'cpu', '--resume']) == 1
+    assert 'no checkpoint at' in capsys.readouterr().err
+
+
+def test_bad_yaml_keys(tmp_path):
+    path = tiny_yaml(tmp_path)
+    text = path.read_text()
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(text.replace('num_epochs:', 'num_epoch:'))
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['num_epoch'\] in .*train"):
+        load_config(bad)
+    bad.write_text(text + '\nrunnr:\n  seed: 1\n')
+    with pytest.raises(ConfigError, match=r"\['runnr'\]"):
+        load_config(bad)
+    bad.write_text(text.replace('eta_min: 0.5', 'eta_mn: 0.5'))
+    with pytest.raises(ValueError, match=r"Unknown JointRD setting\(s\) \['eta_mn'\]"):
+        train(load_config(bad), device='cpu')
+    with pytest.raises(ConfigError, match='not of the form'):
+        load_config(path, ['train.num_epochs'])
+
+
+def test_missing_dataset_column_is_a_clear_error(tmp_path):
+    path = tiny_yaml(tmp_path)
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(path.read_text().replace("channels: 1, limit: 64", "channels: 1, limit: 64, image_column: 'image'"))
+    with pytest.raises(KeyError, match=r"has no column 'image'; its columns are \['img', 'label'\]"):
+        load_config(bad)
+
+
+def test_teacher_with_other_stages_is_a_clear_error(tmp_path):
+    path = tiny_yaml(tmp_path)
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(path.read_text().replace("model_name: 'plain_resnet20_cifar'", "model_name: 'plain_resnet18_cifar'"))
+    with pytest.raises(ValueError, match='layouts must match'):
+        train(load_config(bad), device='cpu')
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
+    config = load_config(tiny_yaml(tmp_path), ['runner.sync_batchnorm=true'])
+    with pytest.raises(ConfigError, match='sync_batchnorm needs CUDA'):
+        train(config, device='cpu')
