@@ -25,7 +25,23 @@ def tiny_yaml(tmp_path: Path, method: str = 'jointrd', epochs: int = 2, limit: i
     """
     model_args = f"num_classes: 10, in_chans: 1, norm_layer: '{norm_layer}'"
     ckpt = f", checkpoint: '{teacher_checkpoint}'" if teacher_checkpoint else ''
-    if method == 'jointrd':
+    if method in ('cakd', 'aps', 'jointrd-adv'):
+        key = {'cakd': 'cakd_model', 'aps': 'aps_model', 'jointrd-adv': 'jointrd_model'}[method]
+        extra = ("jointrd: {eta_min: 0.5, eta_horizon: 2, adversarial_weight: 1.0, discriminator: {milestones: [1]}}"
+                 if method == 'jointrd-adv' else 'discriminator: {lr: 0.01, milestones: [1]}')
+        models = f"""
+    models:
+      model:
+        key: '{key}'
+        kwargs:
+          teacher: {{model_name: 'resnet20_cifar', {model_args}{ckpt}}}
+          student: {{model_name: 'plain_resnet20_cifar', {model_args}}}
+          {extra}
+        dst_ckpt: '{tmp_path}/td.pt'
+    """
+        model_section = "pre_epoch_process: 'jointrd_pre_epoch_process'\n      model: {forward_proc: 'forward_batch_target'}"
+        criterion = "method: {criterion: {key: 'MethodLoss', kwargs: {module_path: '.'}}, weight: 1.0}"
+    elif method == 'jointrd':
         models = f"""
     models:
       model:

@@ -92,9 +92,10 @@ def test_yaml_trains_two_steps_through_torchdistill_api(yaml_path, tmp_path, tmp
             break
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, 'two optimisation steps changed nothing'
-    if teacher is not None or 'jointrd' in yaml_path.name:
-        frozen = teacher if teacher is not None else trained.teacher
-        assert not any(p.requires_grad for p in frozen.parameters()) or 'joint' in yaml_path.name
+    frozen = teacher if teacher is not None else getattr(trained, 'teacher', None)
+    if frozen is not None:  # the teacher never changes: no gradients, and (for in-module teachers) same tensors
+        assert not any(p.requires_grad for p in frozen.parameters())
+        assert not any(k.startswith('teacher.') and k in changed for k in before)
 
 
 def test_yamls_exist_for_every_required_setting():
@@ -106,6 +107,12 @@ def test_yamls_exist_for_every_required_setting():
     for arch in ('resnet18', 'resnet34', 'resnet50'):
         for method in ('jointrd', 'ce', 'plain'):
             assert f'imagenet/{method}-{arch}.yaml' in names
+    for dataset in ('cifar10', 'cifar100'):
+        for method in ('kd', 'fitnets', 'cakd', 'aps', 'jointrd-adv'):
+            assert f'{dataset}/{method}-resnet56.yaml' in names
+        for method in ('ce-wrn40_10', 'ce-wrn10_4', 'kd-wrn40_10-to-wrn10_4', 'cakd-wrn40_10-to-wrn10_4',
+                       'aps-wrn40_10-to-wrn10_4'):
+            assert f'{dataset}/xu2017-{method}.yaml' in names
 
 
 def test_accelerate_shim_is_still_needed():

@@ -1,10 +1,12 @@
 """jointrd_timm in torchdistill's registries, so a YAML with ``dependencies: [{name: jointrd_timm}]`` selects it.
 
 Registered here:
-* models ``timm_model`` (any timm or plain_* model, optional safetensors checkpoint) and ``jointrd_model``
-  (teacher + twin as one :class:`~jointrd_timm.methods.JointRD` module);
-* the mid-level loss ``JointRDLoss`` (reads the loss JointRD computed in its forward);
-* the pre-epoch process ``jointrd_pre_epoch_process`` (tells JointRD the epoch, for eta).
+* models ``timm_model`` (any timm or plain_* model, optional safetensors checkpoint), ``jointrd_model``
+  (teacher + twin as one :class:`~jointrd_timm.methods.JointRD` module), ``cakd_model`` (conditional adversarial
+  KD, Xu et al. 2017) and ``aps_model`` (adversarial portable students, Wang et al. 2018);
+* the mid-level loss ``MethodLoss`` (alias ``JointRDLoss``): reads the loss these modules compute in their forward;
+* the pre-epoch process ``jointrd_pre_epoch_process``: torchdistill's default, then ``set_epoch`` on the module
+  (eta for JointRD, the discriminator's schedule for the adversarial methods).
 
 Why JointRD is a *model* in the student slot of a TrainingBox rather than a student wrapper in a DistillationBox:
 its loss runs the student's stage outputs through the teacher's later stages, with gradients, and torchdistill's
@@ -23,11 +25,12 @@ from torchdistill.core.interfaces.registry import register_pre_epoch_proc_func
 from torchdistill.losses.registry import register_mid_level_loss
 from torchdistill.models.registry import register_model
 
+from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..twins.transfer import load_teacher_weights
 from ..training.checkpoint import load_weights
 
-__all__ = ['timm_model', 'jointrd_model', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
+__all__ = ['timm_model', 'jointrd_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
            'unwrap']
 
 
@@ -59,19 +62,40 @@ def jointrd_model(teacher: Dict, student: Optional[Dict] = None, jointrd: Option
         jointrd: fields of :class:`JointRDConfig`.
         init_student_from_teacher: start the twin from the teacher's weights (load_teacher_weights).
     """
-    teacher_model = timm_model(**teacher)
-    if student is None:
-        student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
-        student['model_name'] = 'plain_' + teacher['model_name']
-    student_model = timm_model(**student)
+    teacher_model, student_model = _teacher_and_student(teacher, student)
     if init_student_from_teacher:
         load_teacher_weights(student_model, teacher_model)
     return JointRD(student_model, teacher_model, JointRDConfig.from_dict(jointrd or {}))
 
 
+def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
+    teacher_model = timm_model(**teacher)
+    if student is None:
+        student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
+        student['model_name'] = 'plain_' + teacher['model_name']
+    return teacher_model, timm_model(**student)
+
+
+@register_model
+def cakd_model(teacher: Dict, student: Optional[Dict] = None, **kwargs) -> ConditionalAdversarialKD:
+    """Conditional adversarial KD (Xu et al. 2017). ``teacher``/``student``: :func:`timm_model` kwargs (student
+    default: the teacher's twin); ``kwargs``: :class:`ConditionalAdversarialKD` fields (discriminator_depth,
+    dropout, non_saturating, discriminator: {lr, momentum, weight_decay, milestones, gamma, cosine_epochs})."""
+    teacher_model, student_model = _teacher_and_student(teacher, student)
+    return ConditionalAdversarialKD(student_model, teacher_model, student_model.get_classifier().out_features, **kwargs)
+
+
+@register_model
+def aps_model(teacher: Dict, student: Optional[Dict] = None, **kwargs) -> AdversarialPortableStudent:
+    """Adversarial learning of portable students (Wang et al. 2018, our reading). ``kwargs``:
+    :class:`AdversarialPortableStudent` fields."""
+    teacher_model, student_model = _teacher_and_student(teacher, student)
+    return AdversarialPortableStudent(student_model, teacher_model, **kwargs)
+
+
 @register_mid_level_loss
-class JointRDLoss(nn.Module):
-    """The JointRD objective (Li et al., NeurIPS 2020) computed by :class:`JointRD` in its forward
+class MethodLoss(nn.Module):
+    """The objective that a jointrd_model / cakd_model / aps_model computes in its train-mode forward
     (use ``forward_proc: forward_batch_target`` so the model receives the targets)."""
 
     def __init__(self, module_path: str = '.', **kwargs):
@@ -81,9 +105,14 @@ class JointRDLoss(nn.Module):
     def forward(self, student_io_dict, teacher_io_dict, targets=None, *args, **kwargs):
         outputs = student_io_dict[self.module_path]['output']
         if not isinstance(outputs, dict) or 'loss' not in outputs:
-            raise ValueError('JointRDLoss reads the loss that a jointrd_model computes in train mode; the student '
-                             'must be a `jointrd_model` and train.model.forward_proc must be forward_batch_target.')
+            raise ValueError('MethodLoss/JointRDLoss reads the loss that a jointrd_model (or cakd_model, aps_model) '
+                             'computes in train mode; the student must be a `jointrd_model` and '
+                             'train.model.forward_proc must be forward_batch_target.')
         return outputs['loss']
+
+
+register_mid_level_loss(key='JointRDLoss')(MethodLoss)
+JointRDLoss = MethodLoss
 
 
 @register_pre_epoch_proc_func
@@ -91,7 +120,7 @@ def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
     """torchdistill's default pre-epoch process, then the epoch and run length handed to JointRD for eta."""
     default_pre_epoch_process_without_teacher(self, epoch=epoch, **kwargs)
     model = unwrap(self.model)
-    if isinstance(model, JointRD):
+    if hasattr(model, 'set_epoch'):
         model.set_epoch(epoch or 0, len(self.train_data_loader), self.num_epochs)
 
 

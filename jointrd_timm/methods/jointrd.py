@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
+                          conditional_gan_term)
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from .schedules import eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
@@ -48,6 +50,8 @@ class JointRDConfig:
         hybrid_paths: number of hybrid paths sampled per step (None: all n-1). Sampled terms are scaled by
             (n-1)/hybrid_paths so the loss stays an unbiased estimate of the full one.
         kd_weight, kd_temperature: optional Hinton KD on the student's logits (0: off, as in the paper).
+        adversarial_weight, discriminator, adversarial_non_saturating: our "beyond": add Xu et al.'s conditional
+            adversarial term on the twin's logits (a LogitDiscriminator trained alternately, D first; 0: off).
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -59,6 +63,9 @@ class JointRDConfig:
     hybrid_paths: Optional[int] = None
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
+    adversarial_weight: float = 0.0
+    discriminator: Optional[Dict] = None
+    adversarial_non_saturating: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.eta_min <= 1.0:
@@ -120,6 +127,11 @@ class JointRD(nn.Module):
         if self.config.teacher_mode == 'frozen':
             teacher.requires_grad_(False)
         self._setup_features(probe)
+        self.adversarial = None
+        if self.config.adversarial_weight > 0:
+            num_classes = student.get_classifier().out_features
+            self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes),
+                                               DiscriminatorConfig.from_dict(self.config.discriminator))
         for name in ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs'):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self.train(student.training)
@@ -165,6 +177,8 @@ class JointRD(nn.Module):
     def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
         """Called at the start of every epoch by the runner / torchdistill pre-epoch process."""
         self.epoch.fill_(epoch)
+        if self.adversarial is not None:
+            self.adversarial.set_epoch(epoch)
         self.step_in_epoch.zero_()
         self.steps_per_epoch.fill_(steps_per_epoch)
         self.num_epochs.fill_(num_epochs)
@@ -240,7 +254,22 @@ class JointRD(nn.Module):
             self.step_in_epoch += 1
         if targets is not None:
             outputs.update(self.loss(outputs, targets))
+            if self.adversarial is not None:
+                d = self.adversarial.discriminator
+                teacher_logits = outputs['teacher_logits'].detach()
+                outputs['discriminator_loss'] = self.adversarial.step(lambda: conditional_discriminator_loss(
+                    d(teacher_logits), d(logits.detach()), targets))
+                gan = conditional_gan_term(d(teacher_logits), d(logits), targets,
+                                           self.config.adversarial_non_saturating)
+                outputs['gan'] = gan.detach()
+                outputs['loss'] = outputs['loss'] + self.config.adversarial_weight * gan
         return outputs
+
+    def extra_optimizers(self) -> Dict:
+        return {'discriminator': self.adversarial.optimizer} if self.adversarial is not None else {}
+
+    def extra_schedulers(self) -> Dict:
+        return {'discriminator': self.adversarial.scheduler} if self.adversarial is not None else {}
 
     def _sample_paths(self) -> List[int]:
         all_paths = list(range(1, self.num_stages))

@@ -6,6 +6,9 @@
   ``downsample``), not zero-padded identities (option A), so one rule set serves these and ImageNet ResNets.
 * ``resnet18/34/50_cifar``: the ImageNet ResNets with a 3x3 stride-1 stem and no max-pool, as in the JointRD
   CIFAR experiments (Li et al., NeurIPS 2020).
+* ``wide_resnet{depth}_{k}_cifar``: Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016: widths 16k/32k/64k,
+  (depth - 4) / 6 blocks per stage; the pairs of Xu et al. 2017 (teacher WRN-40-10, student WRN-10-4).
+  DECISION: timm's post-activation BasicBlocks (one block family for every CIFAR net here), not WRN's pre-activation.
 
 The blocks are timm's own (timm.models.resnet.BasicBlock / Bottleneck), built by timm's ``make_blocks``.
 ``norm_layer`` takes timm's norm names ('batchnorm2d' default, 'groupnorm1', ...): a BatchNorm-free variant
@@ -162,8 +165,11 @@ def _cfg(pool: int, **kwargs):
         license='apache-2.0', **kwargs)
 
 
+WIDE = {'wide_resnet40_10_cifar': (40, 10), 'wide_resnet16_4_cifar': (16, 4), 'wide_resnet10_4_cifar': (10, 4)}
+
 default_cfgs = generate_default_cfgs({
     **{f'resnet{depth}_cifar': _cfg(8) for depth in (20, 32, 44, 56, 110)},
+    **{name: _cfg(8) for name in WIDE},
     **{f'resnet{depth}_cifar': _cfg(4) for depth in (18, 34, 50)},
 })
 
@@ -225,3 +231,28 @@ def resnet34_cifar(pretrained=False, **kwargs) -> CifarResNet:
 def resnet50_cifar(pretrained=False, **kwargs) -> CifarResNet:
     """ResNet-50 with a 3x3 stride-1 stem and no max-pool."""
     return _imagenet_layout('resnet50_cifar', 'bottleneck', (3, 4, 6, 3), pretrained, **kwargs)
+
+
+def _wide(variant: str, pretrained: bool, **kwargs) -> CifarResNet:
+    depth, k = WIDE[variant]
+    n = (depth - 4) // 6
+    args = dict(block='basic', layers=(n, n, n), channels=(16 * k, 32 * k, 64 * k), stem_width=16)
+    return _create(variant, pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def wide_resnet40_10_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """WRN-40-10 for CIFAR (Xu et al. 2017's teacher): 3 x 6 BasicBlocks, 160/320/640 channels."""
+    return _wide('wide_resnet40_10_cifar', pretrained, **kwargs)
+
+
+@register_model
+def wide_resnet16_4_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """WRN-16-4 for CIFAR: 3 x 2 BasicBlocks, 64/128/256 channels."""
+    return _wide('wide_resnet16_4_cifar', pretrained, **kwargs)
+
+
+@register_model
+def wide_resnet10_4_cifar(pretrained=False, **kwargs) -> CifarResNet:
+    """WRN-10-4 for CIFAR (Xu et al. 2017's student): 3 x 1 BasicBlocks, 64/128/256 channels."""
+    return _wide('wide_resnet10_4_cifar', pretrained, **kwargs)

@@ -1,0 +1,126 @@
+"""The adversarial KD methods: discriminator semantics, losses by hand, alternating updates, resume, runner."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+import jointrd_timm  # noqa: F401
+from conftest import tiny_yaml
+from jointrd_timm.methods.adversarial import (FAKE, REAL, AdversarialPortableStudent, ConditionalAdversarialKD,
+                                              LogitDiscriminator, conditional_discriminator_loss,
+                                              conditional_student_loss)
+from jointrd_timm.training.checkpoint import load_checkpoint
+from jointrd_timm.training.runner import load_config, train
+
+
+def test_logit_discriminator_shapes_and_structure():
+    d = LogitDiscriminator(10, depth=3, dropout=0.3)
+    cls, adv = d(torch.randn(5, 10))
+    assert cls.shape == (5, 10) and adv.shape == (5, 2)
+    assert len(d.blocks) == 3 and d.head.out_features == 12
+    block = d.blocks[0].body
+    assert [type(m).__name__ for m in block] == ['BatchNorm1d', 'ReLU', 'Linear', 'Dropout'] and block[3].p == 0.3
+    d.eval()
+    x = torch.randn(3, 10)
+    # identity skip: with the residual body zeroed, the blocks pass the normalised input through unchanged
+    for b in d.blocks:
+        torch.nn.init.zeros_(b.body[2].weight), torch.nn.init.zeros_(b.body[2].bias)
+    assert torch.allclose(d.blocks(d.input_norm(x)), d.input_norm(x))
+
+
+def _fixed():
+    torch.manual_seed(0)
+    cls_t, adv_t, cls_s, adv_s = (torch.randn(4, 3), torch.randn(4, 2), torch.randn(4, 3), torch.randn(4, 2))
+    y = torch.tensor([0, 1, 2, 1])
+    return (cls_t, adv_t), (cls_s, adv_s), y
+
+
+def _log_softmax_at(logits, index):
+    return torch.log_softmax(logits, 1)[torch.arange(len(index)), index]
+
+
+def test_discriminator_loss_by_hand():
+    (cls_t, adv_t), (cls_s, adv_s), y = _fixed()
+    real, fake = torch.full_like(y, REAL), torch.full_like(y, FAKE)
+    l_a = (_log_softmax_at(adv_t, real) + _log_softmax_at(adv_s, fake)).mean()
+    l_ds = (_log_softmax_at(cls_t, y) + _log_softmax_at(cls_s, y)).mean()
+    assert conditional_discriminator_loss((cls_t, adv_t), (cls_s, adv_s), y).item() == pytest.approx(
+        (-0.5 * (l_a + l_ds)).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize('non_saturating', [False, True])
+def test_student_loss_by_hand(non_saturating):
+    (cls_t, adv_t), (cls_s, adv_s), y = _fixed()
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    real, fake = torch.full_like(y, REAL), torch.full_like(y, FAKE)
+    l_s = -_log_softmax_at(s, y).mean()
+    l_l1 = sum(abs(s[i, j] - t[i, j]) for i in range(4) for j in range(3)) / 4
+    fake_term = -_log_softmax_at(adv_s, real) if non_saturating else _log_softmax_at(adv_s, fake)
+    l_a = (_log_softmax_at(adv_t, real) + fake_term).mean()
+    l_ds = (_log_softmax_at(cls_t, y) + _log_softmax_at(cls_s, y)).mean()
+    expected = l_s + l_l1 + 0.5 * (l_a - l_ds)
+    got = conditional_student_loss(s, t, (cls_t, adv_t), (cls_s, adv_s), y, non_saturating)
+    assert got['loss'].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+
+
+@pytest.mark.parametrize('method', ['cakd', 'aps'])
+def test_alternating_step_updates_each_side_only_in_its_own_step(method):
+    torch.manual_seed(0)
+    teacher, student = timm.create_model('resnet20_cifar', num_classes=10), timm.create_model('plain_resnet20_cifar', num_classes=10)
+    model = ConditionalAdversarialKD(student, teacher, 10) if method == 'cakd' else \
+        AdversarialPortableStudent(student, teacher, label_head=True)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert not any(p.requires_grad for p in model.adversarial.parameters())  # D never in the student's optimizer
+    d, t, s = (_snapshot(m) for m in (model.adversarial, model.teacher, model.student))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    out = model(x, y)  # the discriminator's step happens here
+    d_params = [k for k in _changed(d, model.adversarial) if 'running' not in k and 'num_batches' not in k]
+    assert d_params, 'D did not move in its step'
+    assert [k for k in _changed(s, model.student) if 'running' not in k and 'num_batches' not in k] == []
+    d = _snapshot(model.adversarial)
+    s_bn = _snapshot(model.student)
+    out['loss'].backward()
+    optimizer.step()
+    assert _changed(d, model.adversarial) == []  # the student's step never moves D
+    assert _changed(s_bn, model.student), 'the student did not move in its step'
+    assert _changed(t, model.teacher) == []  # and the teacher never changes
+
+
+@pytest.mark.parametrize('method', ['cakd', 'aps', 'jointrd-adv'])
+def test_runner_trains_and_resume_restores_both_optimizers(method, tmp_path):
+    config = tiny_yaml(tmp_path, method=method, epochs=1, limit=32)
+    train(load_config(config), device='cpu')
+    ckpt = tmp_path / 'out' / 'last.safetensors'
+    with safe_open(str(ckpt), 'pt') as f:
+        keys = list(f.keys())
+    assert any(k.startswith('optimizer.discriminator.') for k in keys)
+    assert any(k.startswith('optimizer.model.') for k in keys)
+    # a fresh model and fresh optimizers get exactly the saved state back
+    from jointrd_timm.training.runner import _build_model
+    cfg = load_config(config)
+    model = _build_model(cfg['models']['model'])
+    student_opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    model.adversarial.set_epoch(2)  # move the fresh schedule away from the saved one (epoch 0 of 1)
+    base_lr = 0.01 if method != 'jointrd-adv' else 0.001
+    assert model.adversarial.optimizer.param_groups[0]['lr'] == pytest.approx(base_lr * 0.1)
+    state = load_checkpoint(ckpt, model, {'model': student_opt, **model.extra_optimizers()},
+                            model.extra_schedulers())
+    assert state['epoch'] == 0
+    with safe_open(str(ckpt), 'pt') as f:
+        for index, p in enumerate(model.adversarial.discriminator.parameters()):
+            saved = f.get_tensor(f'optimizer.discriminator.{index}.momentum_buffer')
+            assert torch.equal(model.adversarial.optimizer.state[p]['momentum_buffer'], saved)
+    assert model.adversarial.scheduler.last_epoch == 0  # restored to the end of epoch 0
+    assert model.adversarial.optimizer.param_groups[0]['lr'] == pytest.approx(base_lr)
