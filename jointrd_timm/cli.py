@@ -2,6 +2,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _derive(args) -> int:
@@ -32,6 +33,54 @@ def _demo(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .deploy.export import export_model
+    from .integrations.hub import load_model
+    model = load_model(args.model)
+    name = args.name or Path(args.model.rstrip('/')).name.replace(':', '_')
+    report = export_model(model, args.output_dir, name, input_size=args.input_size, atol=args.atol)
+    print(json.dumps({'fold': report['fold'], **{k: v for k, v in report['files'].items()}}, indent=1))
+    return 0
+
+
+def _memory(args) -> int:
+    import timm
+    import torch
+    import jointrd_timm  # noqa: F401
+    from .deploy.fold import fold_for_deployment
+    from .deploy.memory import analyze_activation_memory
+    teacher = args.model[len('plain_'):] if args.model.startswith('plain_') else args.model
+    size = args.input_size or timm.get_pretrained_cfg(teacher).input_size[-1]
+    x = torch.randn(args.batch, 3, size, size)
+    rows = {}
+    for name in (teacher, f'plain_{teacher}'):
+        model = timm.create_model(name)
+        rows[name] = analyze_activation_memory(fold_for_deployment(model)[0] if args.fold else model, x)
+    print(f'activation memory of one inference, batch {args.batch}, {size}x{size}, '
+          f'{"folded" if args.fold else "eager"} model (tensors freed as soon as dead):')
+    for name, r in rows.items():
+        print(f'  {name}: peak {r.peak_bytes / 2**20:.2f} MB, held only by shortcuts at the peak '
+              f'{r.shortcut_only_bytes_at_peak / 2**20:.2f} MB ({100 * r.shortcut_share:.0f} %), '
+              f'{r.shortcut_additions} shortcut additions')
+    a, b = rows.values()
+    print(f'  ratio residual / twin: {a.peak_bytes / b.peak_bytes:.2f}x')
+    return 0
+
+
+def _bench(args) -> int:
+    from .deploy.bench import markdown, run_bench
+    report = run_bench(args.models or None, tuple(args.batches), args.repeats, args.threads,
+                       onnx=not args.no_onnx, measure_memory=not args.no_measure)
+    text = markdown(report)
+    print(text)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix('.json').write_text(json.dumps(report, indent=1))
+        out.with_suffix('.md').write_text(text + '\n')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='jointrd', description='Shortcut-free twins of timm models, trained by '
                                      'Residual Distillation (JointRD, NeurIPS 2020).')
@@ -58,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=None, help='epochs per run (default: fits 5 minutes on 2 cores)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser('export', help='fold (BN, Dirac) and export to ONNX + TorchScript, checked against eager')
+    p.add_argument('model', help='plain_* name[.tag], hf-hub:org/name, local-dir:path, or a runner output folder')
+    p.add_argument('--output-dir', default='exports')
+    p.add_argument('--name', default=None)
+    p.add_argument('--input-size', type=int, default=None)
+    p.add_argument('--atol', type=float, default=1e-3)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
+    p.add_argument('model')
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--input-size', type=int, default=None)
+    p.add_argument('--no-fold', dest='fold', action='store_false', help='analyse the eager model, BN unfolded')
+    p.set_defaults(func=_memory)
+
+    p = sub.add_parser('bench', help='latency and memory of residual models vs twins, side by side')
+    p.add_argument('models', nargs='*', help='residual architectures (default: the deployment benchmark set)')
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 16])
+    p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--no-onnx', action='store_true')
+    p.add_argument('--no-measure', action='store_true', help='skip the measured (subprocess RSS) memory')
+    p.add_argument('--output', default=None, help='write <output>.json and <output>.md')
+    p.set_defaults(func=_bench)
     return parser
 
 

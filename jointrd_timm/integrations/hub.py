@@ -14,7 +14,7 @@ from torch import nn
 from ..training.checkpoint import atomic_write
 from ..twins.dirac import fold_dirac, has_dirac
 
-__all__ = ['save_trained_model']
+__all__ = ['save_trained_model', 'load_model']
 
 
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None) -> Path:
@@ -54,3 +54,19 @@ def _replace_folder(tmp: Path, folder: Path) -> None:
     tmp.rename(folder)
     if old.exists():
         shutil.rmtree(old)
+
+
+def load_model(spec: str, **kwargs) -> nn.Module:
+    """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
+    ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``)."""
+    import timm
+    import jointrd_timm  # noqa: F401  (plain_* names)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
+        if not (folder / 'config.json').is_file():
+            raise FileNotFoundError(f'{spec} holds no config.json (nor model/config.json): not a Hub-format folder '
+                                    'or a runner output folder.')
+        return timm.create_model(f'local-dir:{folder}', pretrained=True, **kwargs)
+    pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
+    return timm.create_model(spec, pretrained=pretrained, **kwargs)

@@ -1,0 +1,113 @@
+"""``jointrd bench``: residual model vs its twin, side by side in one run.
+
+For each pair and batch size: latency of the folded eager model (channels_last) and of ONNX Runtime, interleaved
+with warm-up, medians of repeats, threads stated; activation memory analysed (deploy.memory) on the folded graph
+and measured (peak RSS of a fresh process). Ratios are residual / twin (> 1: the twin is better).
+"""
+import platform
+import time
+from typing import Dict, List, Optional, Sequence
+
+import timm
+import torch
+
+from .fold import fold_for_deployment
+from .latency import compare_latency
+from .memory import analyze_activation_memory, measure_peak_rss
+
+__all__ = ['bench_pair', 'run_bench', 'DEFAULT_PAIRS']
+
+DEFAULT_PAIRS = ['resnet18', 'resnet34', 'resnet50', 'resnet56_cifar', 'regnetx_002', 'mobilenetv2_050',
+                 'efficientnet_b0', 'convnext_atto']
+
+
+def _input_size(name: str) -> int:
+    return 32 if name.endswith('_cifar') else 224
+
+
+def _onnx_runner(model, x):
+    import io
+    import onnxruntime as ort
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, input_names=['input'], output_names=['logits'], opset_version=17,
+                      dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=['CPUExecutionProvider'])
+    feed = {'input': x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20, onnx: bool = True,
+               measure_memory: bool = True) -> Dict:
+    size = _input_size(teacher)
+    models = {'residual': teacher, 'twin': f'plain_{teacher}'}
+    built = {k: fold_for_deployment(timm.create_model(v))[0] for k, v in models.items()}
+    result = dict(teacher=teacher, input_size=size, params={k: sum(p.numel() for p in m.parameters())
+                                                             for k, m in built.items()}, batches={})
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        runners = {}
+        for kind, model in built.items():
+            cl = model.to(memory_format=torch.channels_last)
+            runners[f'{kind}/eager'] = (lambda m=cl: m(x_cl))
+            if onnx:
+                runners[f'{kind}/onnxruntime'] = _onnx_runner(model, x)
+        timed = compare_latency(runners, repeats=repeats, warmup=3)
+        row = {name: round(t['median_ms'], 3) for name, t in timed.items()}
+        for backend in ('eager', 'onnxruntime') if onnx else ('eager',):
+            row[f'speedup/{backend}'] = row[f'residual/{backend}'] / row[f'twin/{backend}']
+        memory = {kind: analyze_activation_memory(model, x) for kind, model in built.items()}
+        row['memory_analysed_bytes'] = {k: m.peak_bytes for k, m in memory.items()}
+        row['memory_ratio_analysed'] = memory['residual'].peak_bytes / memory['twin'].peak_bytes
+        row['shortcut_share_analysed'] = memory['residual'].shortcut_share
+        if measure_memory:
+            measured = {kind: measure_peak_rss(name, batch, size, torch.get_num_threads())
+                        for kind, name in models.items()}
+            row['memory_measured_bytes'] = measured
+            row['memory_ratio_measured'] = measured['residual'] / max(1, measured['twin'])
+        result['batches'][batch] = row
+    return result
+
+
+def run_bench(pairs: Optional[List[str]] = None, batches: Sequence[int] = (1, 16), repeats: int = 20,
+              threads: int = 2, onnx: bool = True, measure_memory: bool = True, log=print) -> Dict:
+    torch.set_num_threads(threads)
+    results = []
+    for teacher in pairs or DEFAULT_PAIRS:
+        start = time.time()
+        results.append(bench_pair(teacher, batches, repeats, onnx, measure_memory))
+        log(f'{teacher}: {time.time() - start:.0f} s')
+    meta = dict(threads=threads, repeats=repeats, machine=f'{platform.machine()} {platform.processor()}'.strip(),
+                torch=torch.__version__, timm=timm.__version__, date=time.strftime('%Y-%m-%d'))
+    try:
+        import onnxruntime
+        meta['onnxruntime'] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return dict(meta=meta, results=results)
+
+
+def markdown(report: Dict) -> str:
+    meta = report['meta']
+    lines = [f'Machine: {meta["machine"]}, {meta["threads"]} threads; torch {meta["torch"]}, timm {meta["timm"]}'
+             f'{", onnxruntime " + meta["onnxruntime"] if "onnxruntime" in meta else ""}; medians of '
+             f'{meta["repeats"]} interleaved runs after warm-up; models folded (BN, Dirac), eager in channels_last.',
+             '', '| residual model | batch | eager ms residual / twin | speedup eager | ORT ms residual / twin | '
+             'speedup ORT | act. memory analysed MB residual / twin | ratio | measured peak RSS MB residual / twin | '
+             'ratio | shortcut share at peak |', '|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in report['results']:
+        for batch, row in r['batches'].items():
+            ort_ms = (f'{row["residual/onnxruntime"]:.2f} / {row["twin/onnxruntime"]:.2f}', f'{row["speedup/onnxruntime"]:.2f}x') \
+                if 'speedup/onnxruntime' in row else ('-', '-')
+            mem = row['memory_analysed_bytes']
+            measured = row.get('memory_measured_bytes')
+            meas = (f'{measured["residual"] / 2**20:.1f} / {measured["twin"] / 2**20:.1f}',
+                    f'{row["memory_ratio_measured"]:.2f}x') if measured else ('-', '-')
+            lines.append(
+                f'| {r["teacher"]} ({r["input_size"]} px) | {batch} | {row["residual/eager"]:.2f} / {row["twin/eager"]:.2f} | '
+                f'{row["speedup/eager"]:.2f}x | {ort_ms[0]} | {ort_ms[1]} | {mem["residual"] / 2**20:.2f} / '
+                f'{mem["twin"] / 2**20:.2f} | {row["memory_ratio_analysed"]:.2f}x | {meas[0]} | {meas[1]} | '
+                f'{100 * row["shortcut_share_analysed"]:.0f} % |')
+    return '\n'.join(lines)

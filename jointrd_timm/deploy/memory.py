@@ -1,0 +1,196 @@
+"""Activation memory of one inference: analysed from the graph, and measured.
+
+Analysis (``analyze_activation_memory``): the model is traced with torch.fx and shapes are propagated on a real
+input. Every activation (the input included, parameters excluded) lives from the op that creates it to its last
+use; in-place ops (ReLU(inplace=True), ``+=``) reuse their input's storage. Walking the ops in execution order and
+freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph (an addition
+whose two operands fork from a common tensor, one through at most 3 ops, the other through more); a tensor is
+"held alive only by shortcuts" at a moment when its only remaining uses are shortcut uses. The report gives the
+share of the peak that such tensors hold, and the peak the model would have without those uses.
+
+Measurement (``measure_peak_rss``): a fresh subprocess builds the model, resets the kernel's peak-RSS mark
+(/proc/self/clear_refs), runs one inference and reports VmHWM - VmRSS before: the real peak including the
+allocator's and the kernels' workspaces.
+"""
+import json
+import operator
+import subprocess
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss']
+
+SHORT_BRANCH = 3
+_INPLACE_FUNCTIONS = {operator.iadd, operator.imul, torch.relu_}
+_INPLACE_METHODS = {'add_', 'mul_', 'relu_', 'clamp_', 'sigmoid_'}
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class MemoryReport:
+    peak_bytes: int
+    shortcut_only_bytes_at_peak: int
+    peak_without_shortcut_uses_bytes: int
+    shortcut_additions: int
+    num_activations: int
+
+    @property
+    def shortcut_share(self) -> float:
+        return self.shortcut_only_bytes_at_peak / self.peak_bytes if self.peak_bytes else 0.0
+
+    def to_dict(self) -> Dict:
+        return dict(asdict(self), shortcut_share=self.shortcut_share)
+
+
+def _bytes(meta) -> int:
+    if meta is None:
+        return 0
+    if hasattr(meta, 'shape') and hasattr(meta, 'dtype'):  # TensorMetadata (itself a namedtuple)
+        n = 1
+        for d in meta.shape:
+            n *= int(d)
+        return n * torch.empty((), dtype=meta.dtype).element_size()
+    if isinstance(meta, (tuple, list)):
+        return sum(_bytes(m) for m in meta)
+    if isinstance(meta, dict):
+        return sum(_bytes(m) for m in meta.values())
+    return 0
+
+
+def _is_inplace(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == 'call_module':
+        return bool(getattr(modules[node.target], 'inplace', False))
+    if node.op == 'call_function':
+        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get('inplace', False))
+    return node.op == 'call_method' and node.target in _INPLACE_METHODS
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == 'call_function' and node.target in _ADDS) or \
+        (node.op == 'call_method' and node.target in ('add', 'add_'))
+
+
+def _ancestors(node: fx.Node) -> Dict[fx.Node, int]:
+    """Every ancestor with its shortest distance (in ops) from ``node``."""
+    dist = {node: 0}
+    queue = deque([node])
+    while queue:
+        current = queue.popleft()
+        for parent in current.all_input_nodes:
+            if parent not in dist:
+                dist[parent] = dist[current] + 1
+                queue.append(parent)
+    return dist
+
+
+def _shortcut_uses(graph: fx.Graph):
+    """(shortcut additions, set of (tensor, user) edges that exist only to feed a shortcut, shortcut-branch nodes)."""
+    additions, edges, branch_nodes = 0, set(), set()
+    for node in graph.nodes:
+        if not _is_add(node) or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        da, db = _ancestors(a), _ancestors(b)
+        common = [n for n in da if n in db]
+        if not common:
+            continue
+        fork = min(common, key=lambda n: (max(da[n], db[n]), da[n] + db[n]))
+        (short, d_short), (_, d_long) = sorted(((a, da[fork]), (b, db[fork])), key=lambda t: t[1])
+        if d_short > SHORT_BRANCH or d_long <= d_short:
+            continue
+        additions += 1
+        # walk the short branch back to the fork: its nodes are shortcut-only tensors
+        current, user = short, node
+        while current is not fork:
+            branch_nodes.add(current)
+            parents = [p for p in current.all_input_nodes if p is fork or fork in _ancestors(p)]
+            user, current = current, parents[0]
+        edges.add((fork, user))
+    return additions, edges, branch_nodes
+
+
+def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport:
+    """Peak activation memory of ``model(x)`` and the part held alive only by shortcuts (see module docstring)."""
+    model = model.eval()
+    graph_module = fx.symbolic_trace(model)
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(x)
+    modules = dict(graph_module.named_modules())
+    nodes = list(graph_module.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    storage: Dict[fx.Node, fx.Node] = {}
+    size: Dict[fx.Node, int] = {}
+    for node in nodes:
+        if node.op in ('placeholder', 'call_module', 'call_function', 'call_method'):
+            first = node.all_input_nodes[0] if node.all_input_nodes else None
+            if first is not None and _is_inplace(node, modules) and first in storage:
+                storage[node] = storage[first]
+            elif node.op == 'call_function' and node.target is operator.getitem:
+                storage[node] = node  # a view/element of a tuple: counted where it was produced
+                size[node] = 0
+                continue
+            else:
+                storage[node] = node
+                size[node] = _bytes(node.meta.get('tensor_meta'))
+    additions, shortcut_edges, branch_nodes = _shortcut_uses(graph_module.graph)
+    last_use: Dict[fx.Node, int] = {}
+    last_main_use: Dict[fx.Node, int] = {}
+    for node in nodes:
+        for parent in node.all_input_nodes:
+            if parent not in storage:
+                continue
+            s = storage[parent]
+            i = len(nodes) if node.op == 'output' else index[node]
+            last_use[s] = max(last_use.get(s, index[s]), i)
+            if (parent, node) not in shortcut_edges and node not in branch_nodes:
+                last_main_use[s] = max(last_main_use.get(s, index[s]), i)
+    created = {s: index[s] for s in size}
+
+    def live_at(i, until):
+        return [s for s in size if created[s] <= i <= until.get(s, created[s])]
+
+    profile = [sum(size[s] for s in live_at(i, last_use)) for i in range(len(nodes))]
+    peak_index = max(range(len(nodes)), key=profile.__getitem__)
+    shortcut_only = sum(size[s] for s in live_at(peak_index, last_use)
+                        if s in branch_nodes or peak_index > last_main_use.get(s, created[s]))
+    without = max(sum(size[s] for s in live_at(i, last_main_use) if s not in branch_nodes) for i in range(len(nodes)))
+    return MemoryReport(peak_bytes=profile[peak_index], shortcut_only_bytes_at_peak=shortcut_only,
+                        peak_without_shortcut_uses_bytes=without, shortcut_additions=additions,
+                        num_activations=len(size))
+
+
+_MEASURE = r'''
+import json, sys, torch, timm, jointrd_timm
+from jointrd_timm.deploy.fold import fold_for_deployment
+torch.set_num_threads(int(sys.argv[4]))
+name, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = timm.create_model(name).eval()
+if sys.argv[5] == 'fold':
+    model = fold_for_deployment(model)[0]
+x = torch.randn(batch, 3, size, size)
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with torch.inference_mode():
+    open('/proc/self/clear_refs', 'w').write('5')
+    before = status('VmRSS')
+    model(x)
+    print(json.dumps(dict(peak_delta_bytes=status('VmHWM') - before)))
+'''
+
+
+def measure_peak_rss(model_name: str, batch: int, size: int, threads: int = 2, fold: bool = True) -> int:
+    """Peak RSS increase (bytes) of one inference of ``model_name`` in a fresh process (see module docstring)."""
+    out = subprocess.run([sys.executable, '-c', _MEASURE, model_name, str(batch), str(size), str(threads),
+                          'fold' if fold else 'eager'], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])['peak_delta_bytes']

@@ -1,0 +1,96 @@
+"""Deployment: folding and exports equal the eager model; the memory analyzer against a hand computation."""
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import jointrd_timm  # noqa: F401
+from jointrd_timm.deploy.export import export_model
+from jointrd_timm.deploy.fold import count_batchnorms, fold_for_deployment
+from jointrd_timm.deploy.latency import compare_latency
+from jointrd_timm.deploy.memory import analyze_activation_memory
+
+
+@pytest.mark.parametrize('name', ['plain_resnet20_cifar', 'plain_efficientnet_b0', 'plain_repvgg_a0', 'plain_regnetx_002'])
+def test_fold_and_exports_match_eager(name, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, dirac=name.endswith('cifar'))
+    with torch.no_grad():  # non-trivial BN statistics and Dirac scales, so folding has real work
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    report = export_model(model, tmp_path, 'twin', input_size=32 if name.endswith('cifar') else 64, atol=1e-4)
+    assert report['fold']['traced'] and report['fold']['batchnorms_after'] == 0
+    for fmt in ('onnx', 'torchscript'):
+        assert report['files'][fmt]['max_abs_error'] < 1e-4
+    assert json.loads((tmp_path / 'twin.export.json').read_text())['files'].keys() == {'onnx', 'torchscript'}
+    assert not list(tmp_path.glob('.*tmp*'))
+
+
+def test_fold_removes_every_batchnorm_of_a_resnet():
+    model = timm.create_model('plain_resnet18').eval()
+    folded, report = fold_for_deployment(model)
+    assert count_batchnorms(model) == 17 and report["batchnorms_after"] == 0  # 1 stem + 2 x 8 blocks
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+class TinyResidual(nn.Module):
+    """x -> conv1 -> relu (in place) -> conv2 -> + x -> relu (in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act2(self.conv2(self.act1(self.conv1(x))) + x)
+
+
+class TinyPlain(TinyResidual):
+    def forward(self, x):
+        return self.act2(self.conv2(self.act1(self.conv1(x))))
+
+
+def test_memory_analyzer_equals_hand_computation():
+    x = torch.randn(1, 4, 8, 8)
+    s4, s8 = 4 * 64 * 4, 8 * 64 * 4  # bytes of a 4- and an 8-channel 8x8 fp32 map
+    # residual: while conv2 runs, x (held for the shortcut), conv1's output (relu in place) and conv2's output live;
+    # at the addition x, conv2's output and the sum live. Peak = x + conv1 out + conv2 out.
+    report = analyze_activation_memory(TinyResidual(), x)
+    assert report.peak_bytes == s4 + s8 + s4
+    assert report.shortcut_additions == 1
+    assert report.shortcut_only_bytes_at_peak == s4  # x is alive at the peak only for the shortcut
+    assert report.shortcut_share == pytest.approx(s4 / (2 * s4 + s8))
+    # plain: x dies once conv1 has read it. Peak = x + conv1 out while conv1 runs (= conv1 out + conv2 out later).
+    plain = analyze_activation_memory(TinyPlain(), x)
+    assert plain.peak_bytes == s4 + s8 and plain.shortcut_additions == 0 and plain.shortcut_only_bytes_at_peak == 0
+    assert report.peak_without_shortcut_uses_bytes == plain.peak_bytes
+
+
+def test_memory_analyzer_sees_resnet50_shortcuts():
+    x = torch.randn(1, 3, 224, 224)
+    residual = analyze_activation_memory(fold_for_deployment(timm.create_model('resnet50'))[0], x)
+    twin = analyze_activation_memory(fold_for_deployment(timm.create_model('plain_resnet50'))[0], x)
+    assert residual.shortcut_additions == 16 and twin.shortcut_additions == 0
+    assert residual.peak_bytes / twin.peak_bytes >= 1.25
+
+
+def test_compare_latency_interleaves_and_reports_medians():
+    calls = []
+    result = compare_latency({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=6, warmup=1)
+    assert set(result) == {'a', 'b'} and result['a']['samples'] == 6
+    assert calls[2:6] == ['a', 'b', 'b', 'a']  # rotating order after the warm-up
+
+
+def test_memory_and_export_commands(tmp_path, capsys):
+    from jointrd_timm.cli import main
+    assert main(['memory', 'resnet20_cifar', '--batch', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'plain_resnet20_cifar' in out and 'peak' in out
+    assert main(['export', 'plain_resnet20_cifar', '--output-dir', str(tmp_path)]) == 0
+    assert (tmp_path / 'plain_resnet20_cifar.onnx').is_file()
