@@ -81,6 +81,45 @@ def _bench(args) -> int:
     return 0
 
 
+def _card_for(args):
+    from .integrations.hub import model_card
+    from .models.catalogue import entry
+    return model_card(entry(args.entry)) if args.entry else None
+
+
+def _save(args) -> int:
+    from .integrations.hub import load_model, save_trained_model
+    folder = save_trained_model(load_model(args.source), args.output_dir, model_card=_card_for(args))
+    print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
+    return 0
+
+
+def _push(args) -> int:
+    from .integrations.hub import load_model, push_model
+    info = push_model(load_model(args.source), args.repo_id, _card_for(args), private=args.private,
+                      revision=args.revision)
+    print(f'pushed to {args.repo_id}: {info}')
+    return 0
+
+
+def _eval(args) -> int:
+    from .integrations.hub import evaluate_model, load_model
+    channels = 1 if args.dataset == 'sklearn:digits' else 3
+    kwargs = dict(recipe='tensor', input_size=8, channels=1) if channels == 1 else dict(recipe=args.recipe)
+    if args.image_column:
+        kwargs['image_column'] = args.image_column
+    result = evaluate_model(load_model(args.model), args.dataset, args.split, **kwargs)
+    line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {args.split})'
+    try:
+        from .models.catalogue import entry
+        recorded = entry(args.model)['metrics']['top1_test']
+        line += f'; registry records {recorded:.2f} % (difference {result["top1"] - recorded:+.2f})'
+    except KeyError:
+        pass
+    print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='jointrd', description='Shortcut-free twins of timm models, trained by '
                                      'Residual Distillation (JointRD, NeurIPS 2020).')
@@ -132,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-measure', action='store_true', help='skip the measured (subprocess RSS) memory')
     p.add_argument('--output', default=None, help='write <output>.json and <output>.md')
     p.set_defaults(func=_bench)
+
+    for command, helptext in (('save', 'a trained model to a folder in timm\'s Hub format (safetensors + card)'),
+                              ('push', 'a trained model to the Hugging Face Hub in timm\'s format')):
+        p = sub.add_parser(command, help=helptext)
+        p.add_argument('source', help='runner output folder, Hub-format folder, hf-hub:..., or model name.tag')
+        if command == 'save':
+            p.add_argument('output_dir')
+        else:
+            p.add_argument('repo_id')
+            p.add_argument('--private', action='store_true')
+            p.add_argument('--revision', default=None)
+        p.add_argument('--entry', default=None, help='registry entry (name) to generate the model card from')
+        p.set_defaults(func=_save if command == 'save' else _push)
+
+    p = sub.add_parser('eval', help='top-1 accuracy of a (published) model on a dataset')
+    p.add_argument('model', help='registry tag, hf-hub:..., local-dir:..., or a folder')
+    p.add_argument('--dataset', required=True, help='Hub id, local Hub-layout folder, image folder, sklearn:digits')
+    p.add_argument('--split', default='test')
+    p.add_argument('--recipe', default='cifar', choices=('cifar', 'imagenet', 'tensor'))
+    p.add_argument('--image-column', default=None)
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 from torch import nn
 
 from ..training.checkpoint import atomic_write
 from ..twins.dirac import fold_dirac, has_dirac
 
-__all__ = ['save_trained_model', 'load_model']
+__all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model', 'evaluate_model']
 
 
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None) -> Path:
@@ -56,17 +57,88 @@ def _replace_folder(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old)
 
 
+def _check_folder(folder: Path) -> None:
+    """A Hub-format folder we load: config.json + a readable model.safetensors (pickles are refused)."""
+    from ..training.checkpoint import PICKLE_SUFFIXES, read_state_dict
+    if not (folder / 'config.json').is_file():
+        raise FileNotFoundError(f'{folder} holds no config.json: not a Hub-format folder (nor a runner output folder '
+                                'with model/).')
+    if not (folder / 'model.safetensors').is_file():
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        raise FileNotFoundError(f'{folder} has no model.safetensors' + (
+            f'; its {pickles} are pickle files, which jointrd_timm refuses to load (they can run arbitrary code).'
+            if pickles else '.'))
+    read_state_dict(folder / 'model.safetensors')  # truncated / corrupt files fail here with a clear message
+
+
 def load_model(spec: str, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
-    ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``)."""
+    ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
+    ``num_classes`` different from the weights' drops the classifier, as timm does."""
     import timm
     import jointrd_timm  # noqa: F401  (plain_* names)
-    path = Path(spec).expanduser()
+    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
     if path.is_dir():
         folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
-        if not (folder / 'config.json').is_file():
-            raise FileNotFoundError(f'{spec} holds no config.json (nor model/config.json): not a Hub-format folder '
-                                    'or a runner output folder.')
-        return timm.create_model(f'local-dir:{folder}', pretrained=True, **kwargs)
+        _check_folder(folder)
+        spec = f'local-dir:{folder}'
     pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
-    return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if 'state_dict' in str(e) or 'size mismatch' in str(e):
+            raise ValueError(f'The weights of {spec} do not fit the architecture its config names: {str(e)[:300]}') from e
+        raise
+
+
+def model_card(entry: Dict) -> str:
+    """README.md for the Hub, from a registry entry (method, data, recipe, measured results)."""
+    metrics = entry['metrics']
+    lines = [
+        '---', 'library_name: timm', f'license: {entry["license"]}',
+        'tags: [image-classification, timm, jointrd-timm, residual-distillation]',
+        f'datasets: [{entry.get("hf_dataset", "uoft-cs/cifar10")}]', '---', '',
+        f'# {entry["name"]}', '',
+        f'{entry.get("description", "")}', '',
+        f'- **Architecture**: `{entry["architecture"]}` (timm, registered by `import jointrd_timm`)',
+        f'- **Method**: {entry["method"]}',
+        f'- **Teacher**: `{entry["teacher"]}`',
+        f'- **Data**: {entry["dataset"]}',
+        f'- **Training**: {entry["training"].get("budget", "")}; command `{entry["training"].get("command", "")}`'
+        + (f'; config `{entry["training"]["yaml"]}`' if entry['training'].get('yaml') else ''),
+        '', '## Results (measured, recorded in the jointrd-timm repository)', '', '| metric | value |', '|---|---|']
+    lines += [f'| {k} | {v} |' for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    lines += ['', '## Use', '', '```python', 'import timm, jointrd_timm',
+              f"model = timm.create_model('hf-hub:{entry['hf_hub_id']}', pretrained=True)", '```', '',
+              f'Evaluate: `jointrd eval hf-hub:{entry["hf_hub_id"]} --dataset uoft-cs/cifar10`.', '']
+    return '\n'.join(lines)
+
+
+def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, private: bool = False,
+               revision: Optional[str] = None, token: Optional[str] = None, commit_message: str = 'Add model'):
+    """Upload ``model`` in timm's Hub format (safetensors only, never pickle) with ``card`` as README.md.
+    The token comes from the usual Hugging Face places (HF_TOKEN, ``hf auth login``) unless given."""
+    import tempfile
+    from huggingface_hub import HfApi
+    api = HfApi(token=token, library_name='jointrd-timm')
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_trained_model(model, Path(tmp) / 'model', model_card=card)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                 commit_message=commit_message)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> Dict:
+    """Top-1 accuracy (%) of ``model`` on a dataset the runner takes (CIFAR recipe by default)."""
+    from torch.utils.data import DataLoader
+    from ..training.data import load_image_dataset
+    data = load_image_dataset(dataset, split, train=False, **data_kwargs)
+    model.eval()
+    correct = total = 0
+    for images, targets in DataLoader(data, batch_size=batch_size):
+        correct += int((model(images).argmax(1) == targets).sum())
+        total += len(targets)
+    return dict(top1=100.0 * correct / total, samples=total, dataset=dataset, split=split)

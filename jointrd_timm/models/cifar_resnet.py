@@ -25,6 +25,8 @@ from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 
+from .catalogue import tag_cfgs
+
 __all__ = ['CifarResNet']
 
 
@@ -167,11 +169,11 @@ def _cfg(pool: int, **kwargs):
 
 WIDE = {'wide_resnet40_10_cifar': (40, 10), 'wide_resnet16_4_cifar': (16, 4), 'wide_resnet10_4_cifar': (10, 4)}
 
-default_cfgs = generate_default_cfgs({
-    **{f'resnet{depth}_cifar': _cfg(8) for depth in (20, 32, 44, 56, 110)},
-    **{name: _cfg(8) for name in WIDE},
-    **{f'resnet{depth}_cifar': _cfg(4) for depth in (18, 34, 50)},
-})
+_BASE = {**{f'resnet{depth}_cifar': _cfg(8) for depth in (20, 32, 44, 56, 110)}, **{name: _cfg(8) for name in WIDE},
+         **{f'resnet{depth}_cifar': _cfg(4) for depth in (18, 34, 50)}}
+# published weights (registry/) first: timm makes the first tag the default of pretrained=True
+default_cfgs = generate_default_cfgs(
+    {name: cfg for arch, base in _BASE.items() for name, cfg in {**tag_cfgs(arch, base), arch: base}.items()})
 
 
 def _he_cifar(variant: str, depth: int, pretrained: bool, **kwargs) -> CifarResNet:

@@ -21,6 +21,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from timm.models._registry import _model_to_module, generate_default_cfgs, get_pretrained_cfg
 
 from ..twins import make_plain
+from .catalogue import tag_cfgs
 from ..twins.dirac import apply_dirac
 
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name']
@@ -108,6 +109,12 @@ def _teacher_cfg(teacher: str) -> dict:
 _TEACHERS = sorted(name for name in timm.list_models()  # list_models leaves out deprecated aliases
                    if _model_to_module.get(name) in TWIN_MODULES and name not in _EXCLUDED
                    and not name.startswith(PREFIX))
-default_cfgs = generate_default_cfgs({twin_name(teacher): _teacher_cfg(teacher) for teacher in _TEACHERS})
+def _cfgs(teacher: str) -> Dict[str, dict]:
+    base = _teacher_cfg(teacher)
+    # published weights first: timm makes the first tag the default of pretrained=True
+    return {**tag_cfgs(twin_name(teacher), base), twin_name(teacher): base}
+
+
+default_cfgs = generate_default_cfgs({name: cfg for teacher in _TEACHERS for name, cfg in _cfgs(teacher).items()})
 for _teacher in _TEACHERS:
     register_model(_entrypoint(_teacher))

@@ -6,7 +6,7 @@ kernel (centre tap 1 from output channel o to input channel o, within each group
 channels), ``alpha`` per output channel initialised to 1 and ``beta`` (per output channel) to 0.1. A conv at init
 is thus close to an identity map: the shortcut lives inside the weights, and folding it leaves a plain conv.
 
-Implemented with torch.nn.utils.parametrize: ``fold_dirac`` is ``remove_parametrizations(leave_parametrized=True)``.
+Implemented with torch.nn.utils.parametrize; ``fold_dirac`` writes the effective weights back into plain convs.
 ``alpha`` and ``beta`` should not get weight decay; :func:`no_weight_decay_names` lists them.
 """
 from typing import List
@@ -73,11 +73,20 @@ def has_dirac(model: nn.Module) -> bool:
 
 
 def fold_dirac(model: nn.Module) -> nn.Module:
-    """Replace every Dirac-parametrised weight by its effective value: a plain conv, same outputs."""
+    """Replace every Dirac-parametrised weight by its effective value: a plain conv, same outputs.
+
+    Not ``parametrize.remove_parametrizations``: that deletes the ``weight`` property from the generated
+    ``ParametrizedConv2d`` class, which deep copies of the model share, so folding a copy would break the original.
+    Here each module gets its original class back and a plain ``weight`` parameter."""
     for module in model.modules():
         if parametrize.is_parametrized(module, 'weight') and \
                 any(isinstance(p, DiracWeight) for p in module.parametrizations.weight):
-            parametrize.remove_parametrizations(module, 'weight', leave_parametrized=True)
+            with torch.no_grad():
+                effective = module.weight.detach().clone()
+            original_class = type(module).__bases__[0]
+            del module._modules['parametrizations']
+            module.__class__ = original_class
+            module.register_parameter('weight', nn.Parameter(effective))
     return model
 
 

@@ -1,0 +1,66 @@
+"""The catalogue of published twins (``registry/*.json`` at the repository root) as timm pretrained tags.
+
+Each entry becomes the tag ``<architecture>.<tag>`` of a registered model, so ``timm.list_pretrained('plain_*')``
+shows it and ``timm.create_model('plain_resnet56_cifar.jointrd_cifar10', pretrained=True)`` loads it: from the
+entry's local weights folder when it is present (a source checkout), else from its ``hf_hub_id``.
+``JOINTRD_REGISTRY`` points at another catalogue folder.
+"""
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List
+
+__all__ = ['registry_dir', 'entries', 'entry', 'tag_cfgs']
+
+REQUIRED = ('name', 'architecture', 'tag', 'teacher', 'method', 'dataset', 'training', 'metrics', 'hf_hub_id',
+            'license', 'weights', 'num_classes')
+
+
+def registry_dir() -> Path:
+    return Path(os.environ.get('JOINTRD_REGISTRY', Path(__file__).resolve().parents[2] / 'registry'))
+
+
+@lru_cache(maxsize=None)
+def _load(folder: str) -> tuple:
+    found = []
+    for path in sorted(Path(folder).glob('*.json')):
+        data = json.loads(path.read_text())
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise ValueError(f'Registry entry {path} lacks {missing}.')
+        if data['name'] != f'{data["architecture"]}.{data["tag"]}':
+            raise ValueError(f'Registry entry {path}: name must be <architecture>.<tag>, got {data["name"]!r}.')
+        data['_path'] = str(path)
+        found.append(data)
+    return tuple(found)
+
+
+def entries() -> List[Dict]:
+    folder = registry_dir()
+    return list(_load(str(folder))) if folder.is_dir() else []
+
+
+def entry(name: str) -> Dict:
+    for e in entries():
+        if e['name'] == name:
+            return e
+    raise KeyError(f'{name!r} is not in the registry ({registry_dir()}); known: {[e["name"] for e in entries()]}.')
+
+
+def weights_folder(e: Dict) -> Path:
+    return (registry_dir() / e['weights']).resolve()  # relative to the registry folder
+
+
+def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
+    """``{'<architecture>.<tag>': cfg}`` for the catalogue entries of ``architecture``."""
+    cfgs = {}
+    for e in entries():
+        if e['architecture'] != architecture:
+            continue
+        cfg = dict(base_cfg, num_classes=e['num_classes'], license=e['license'], hf_hub_id=e['hf_hub_id'])
+        local = weights_folder(e) / 'model.safetensors'
+        if local.is_file():
+            cfg['file'] = str(local)
+        cfgs[e['name']] = cfg
+    return cfgs

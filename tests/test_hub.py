@@ -1,0 +1,162 @@
+"""Sharing: timm's Hub format, loading through hf-hub: (offline cache), local-dir:, registry tags; model cards;
+pickles refused; clear errors for missing/truncated/mismatched weights; push against a stubbed client."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import jointrd_timm  # noqa: F401
+from conftest import ROOT
+from jointrd_timm.integrations.hub import load_model, model_card, push_model, save_trained_model
+from jointrd_timm.training.checkpoint import CheckpointError
+
+ENTRY = dict(name='plain_resnet20_cifar.jointrd_test', architecture='plain_resnet20_cifar', tag='jointrd_test',
+             teacher='resnet20_cifar', method='JointRD (Li et al., NeurIPS 2020)', dataset='CIFAR-10 test fixture',
+             training=dict(command='pytest', budget='none'), metrics=dict(top1_test=12.34), num_classes=10,
+             hf_hub_id='jointrd-timm/plain_resnet20_cifar.jointrd_test', license='apache-2.0',
+             weights='weights/plain_resnet20_cifar.jointrd_test')
+
+
+def _twin(tmp_path, dirac=False):
+    torch.manual_seed(0)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=10, dirac=dirac).eval()
+    folder = save_trained_model(model, tmp_path / 'hub', metrics=dict(top1_test=1.0), model_card=model_card(ENTRY))
+    return model, folder
+
+
+def _run(code: str, **env):
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONWARNINGS='ignore', **env))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_saved_folder_is_timm_hub_format_without_pickle(tmp_path):
+    model, folder = _twin(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'metrics.json', 'model.safetensors']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'plain_resnet20_cifar' and config['num_classes'] == 10
+    saved = load_file(str(folder / 'model.safetensors'))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_dirac_twin_is_saved_folded(tmp_path):
+    model, folder = _twin(tmp_path, dirac=True)
+    loaded = load_model(str(folder)).eval()
+    assert not any('parametrizations' in k for k in loaded.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_local_dir_loads_bit_exact(tmp_path):
+    model, folder = _twin(tmp_path)
+    for spec in (str(folder), f'local-dir:{folder}'):
+        loaded = load_model(spec)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_hf_hub_offline_cache_loads_bit_exact(tmp_path):
+    model, folder = _twin(tmp_path)
+    snapshot = tmp_path / 'cache' / 'models--jointrd-timm--plain_resnet20_cifar.test' / 'snapshots' / ('a' * 40)
+    snapshot.mkdir(parents=True)
+    for name in ('config.json', 'model.safetensors'):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('a' * 40)
+    torch.save(model.state_dict(), tmp_path / 'expected.pt')
+    out = _run(f"""
+import torch, timm, jointrd_timm
+m = timm.create_model('hf-hub:jointrd-timm/plain_resnet20_cifar.test', pretrained=True)
+expected = torch.load('{tmp_path / 'expected.pt'}')
+print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()), type(m.layer1[0]).__name__)
+""", HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'))
+    assert out.split() == ['True', 'PlainBasicBlock']
+
+
+def test_registry_tag_lists_and_loads(tmp_path):
+    model, folder = _twin(tmp_path)
+    registry = tmp_path / 'registry'
+    (registry / 'weights').mkdir(parents=True)
+    folder.rename(registry / 'weights' / 'plain_resnet20_cifar.jointrd_test')
+    (registry / 'entry.json').write_text(json.dumps(ENTRY))
+    torch.save(model.state_dict(), tmp_path / 'expected.pt')
+    out = _run(f"""
+import torch, timm, jointrd_timm
+print('plain_resnet20_cifar.jointrd_test' in timm.list_pretrained('plain_*'))
+m = timm.create_model('plain_resnet20_cifar.jointrd_test', pretrained=True)
+expected = torch.load('{tmp_path / 'expected.pt'}')
+print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()))
+""", JOINTRD_REGISTRY=str(registry))
+    assert out.split() == ['True', 'True']
+
+
+def test_model_card_names_method_data_results():
+    card = model_card(ENTRY)
+    assert 'library_name: timm' in card and 'JointRD (Li et al., NeurIPS 2020)' in card
+    assert 'CIFAR-10 test fixture' in card and '| top1_test | 12.34 |' in card
+    assert "timm.create_model('hf-hub:jointrd-timm/plain_resnet20_cifar.jointrd_test'" in card
+
+
+def test_num_classes_change_drops_classifier(tmp_path):
+    model, folder = _twin(tmp_path)
+    loaded = load_model(str(folder), num_classes=5)
+    assert loaded.fc.out_features == 5
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight)
+
+
+def test_pickles_missing_truncated_and_mismatched_weights(tmp_path):
+    _, folder = _twin(tmp_path)
+    weights = folder / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        load_model(str(folder))
+    weights.unlink()
+    (folder / 'pytorch_model.bin').write_bytes(b'pickle')
+    with pytest.raises(FileNotFoundError, match='pickle files, which jointrd_timm refuses'):
+        load_model(str(folder))
+    with pytest.raises(FileNotFoundError, match='no config.json'):
+        load_model(str(tmp_path))
+    other = save_trained_model(timm.create_model('plain_resnet32_cifar', num_classes=10), tmp_path / 'other')
+    config = json.loads((other / 'config.json').read_text())
+    config['architecture'] = 'plain_resnet20_cifar'
+    (other / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match='do not fit the architecture'):
+        load_model(str(other))
+
+
+def test_push_uploads_safetensors_and_card_only(tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = {}
+
+    class RepoUrl:
+        repo_id = 'me/plain_resnet20_cifar.jointrd_test'
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kw):
+        calls['create'] = dict(repo_id=repo_id, private=private)
+        return RepoUrl()
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None, **kw):
+        calls['upload'] = dict(repo_id=repo_id, revision=revision, files=sorted(p.name for p in Path(folder_path).iterdir()),
+                               card=(Path(folder_path) / 'README.md').read_text())
+        return 'commit-url'
+
+    def create_branch(self, repo_id, branch, exist_ok=False, **kw):
+        calls['branch'] = branch
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_branch', create_branch)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=10)
+    assert push_model(model, 'me/plain_resnet20_cifar.jointrd_test', model_card(ENTRY), private=True,
+                      revision='v1', token='hf_test') == 'commit-url'
+    assert calls['create'] == dict(repo_id='me/plain_resnet20_cifar.jointrd_test', private=True)
+    assert calls['branch'] == 'v1' and calls['upload']['revision'] == 'v1'
+    assert calls['upload']['files'] == ['README.md', 'config.json', 'model.safetensors']
+    assert 'JointRD' in calls['upload']['card']
