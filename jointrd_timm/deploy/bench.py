@@ -38,13 +38,14 @@ def _onnx_runner(model, x):
     return lambda: session.run(None, feed)
 
 
-def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20, onnx: bool = True,
-               measure_memory: bool = True) -> Dict:
-    size = _input_size(teacher)
-    models = {'residual': teacher, 'twin': f'plain_{teacher}'}
-    built = {k: fold_for_deployment(timm.create_model(v))[0] for k, v in models.items()}
-    result = dict(teacher=teacher, input_size=size, params={k: sum(p.numel() for p in m.parameters())
-                                                             for k, m in built.items()}, batches={})
+def bench_models(built: Dict[str, torch.nn.Module], size: int, batches: Sequence[int] = (1, 16), repeats: int = 20,
+                 onnx: bool = True, measure: Optional[Dict[str, str]] = None) -> Dict:
+    """Latency (eager channels_last, ONNX Runtime) and activation memory of already folded models, side by side.
+    ``measure``: label -> timm name for the measured (fresh-process) peak RSS. Ratios are first / second model."""
+    labels = list(built)
+    first, second = labels[0], labels[1]
+    result = dict(input_size=size, params={k: sum(p.numel() for p in m.parameters()) for k, m in built.items()},
+                  batches={})
     for batch in batches:
         x = torch.randn(batch, 3, size, size)
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -57,18 +58,28 @@ def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20
         timed = compare_latency(runners, repeats=repeats, warmup=3)
         row = {name: round(t['median_ms'], 3) for name, t in timed.items()}
         for backend in ('eager', 'onnxruntime') if onnx else ('eager',):
-            row[f'speedup/{backend}'] = row[f'residual/{backend}'] / row[f'twin/{backend}']
+            row[f'speedup/{backend}'] = row[f'{first}/{backend}'] / row[f'{second}/{backend}']
         memory = {kind: analyze_activation_memory(model, x) for kind, model in built.items()}
         row['memory_analysed_bytes'] = {k: m.peak_bytes for k, m in memory.items()}
-        row['memory_ratio_analysed'] = memory['residual'].peak_bytes / memory['twin'].peak_bytes
-        row['shortcut_share_analysed'] = memory['residual'].shortcut_share
-        if measure_memory:
+        row['memory_ratio_analysed'] = memory[first].peak_bytes / memory[second].peak_bytes
+        row['shortcut_share_analysed'] = memory[first].shortcut_share
+        if measure:
             measured = {kind: measure_peak_rss(name, batch, size, torch.get_num_threads())
-                        for kind, name in models.items()}
+                        for kind, name in measure.items()}
             row['memory_measured_bytes'] = measured
-            row['memory_ratio_measured'] = measured['residual'] / max(1, measured['twin'])
+            if first in measured and second in measured:
+                row['memory_ratio_measured'] = measured[first] / max(1, measured[second])
         result['batches'][batch] = row
     return result
+
+
+def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20, onnx: bool = True,
+               measure_memory: bool = True) -> Dict:
+    """The residual ``teacher`` vs ``plain_<teacher>`` (both folded)."""
+    names = {'residual': teacher, 'twin': f'plain_{teacher}'}
+    built = {k: fold_for_deployment(timm.create_model(v))[0] for k, v in names.items()}
+    result = bench_models(built, _input_size(teacher), batches, repeats, onnx, names if measure_memory else None)
+    return dict(teacher=teacher, **result)
 
 
 def run_bench(pairs: Optional[List[str]] = None, batches: Sequence[int] = (1, 16), repeats: int = 20,
