@@ -8,10 +8,8 @@ Writes benchmarks/results/training_cost.{json,md,png}.
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -80,8 +78,9 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from jointrd_timm.deploy.latency import compare_latency
     steps = {m: make_step(m, args.arch, args.batch, args.size) for m in METHODS}
-    timed = _timed(steps, args.repeats)
+    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False)
     peaks = {}
     for m in METHODS:
         out = subprocess.run([sys.executable, '-c', _PEAK, m, args.arch, str(args.batch), str(args.threads),
@@ -106,25 +105,6 @@ def main():
     (out / 'training_cost.md').write_text('\n'.join(lines) + '\n')
     _plot(rows, out / 'training_cost.png')
     print('\n'.join(lines))
-
-
-def _timed(steps, repeats):
-    """Interleaved medians like deploy.latency.compare_latency, but with autograd on (that one runs under
-    inference_mode)."""
-    names = list(steps)
-    for name in names:
-        steps[name]()
-    samples = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            samples[name].append(1e3 * (time.perf_counter() - start))
-    out = {}
-    for name, values in samples.items():
-        q = statistics.quantiles(values, n=4)
-        out[name] = dict(median_ms=statistics.median(values), iqr_ms=q[2] - q[0])
-    return out
 
 
 def _plot(rows, path):

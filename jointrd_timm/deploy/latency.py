@@ -3,6 +3,7 @@
 Timings on a shared machine drift; interleaving (model A, B, C, A, B, C, ... in a rotating order) exposes every
 model to the same drift, and the median of many repeats resists outliers. Report ratios from one call.
 """
+import contextlib
 import statistics
 import time
 from typing import Callable, Dict
@@ -12,11 +13,12 @@ import torch
 __all__ = ['compare_latency']
 
 
-def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 5) -> Dict[str, Dict]:
-    """``runners``: name -> a no-argument callable doing one inference. Returns name -> dict(median_ms, iqr_ms,
-    samples)."""
+def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 5,
+                    inference: bool = True) -> Dict[str, Dict]:
+    """``runners``: name -> a no-argument callable doing one inference (or, with ``inference=False``, one training
+    step: autograd stays on). Returns name -> dict(median_ms, iqr_ms, samples)."""
     names = list(runners)
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
             for name in names:
                 runners[name]()
