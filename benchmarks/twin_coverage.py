@@ -42,7 +42,7 @@ def classify(name: str) -> dict:
     except NotResidualError:
         return dict(status='not residual', reason='no shortcut addition found')
     except UnsupportedBlockError as e:
-        transformer = 'Transformer blocks are refused' in str(e)
+        transformer = 'refused by design' in str(e)
         return dict(status='transformer (refused)' if transformer else 'no rule', reason=str(e).split(': ', 1)[1][:300])
     left = count_shortcut_additions(model) + len(find_unhandled_residual_blocks(model))
     if left:
@@ -71,26 +71,48 @@ def main():
     parser.add_argument('--filter', default='*')
     parser.add_argument('--real-max-params', type=float, default=30e6)
     parser.add_argument('--out', default=str(ROOT / 'benchmarks/results'))
+    parser.add_argument('--reclassify', action='store_true',
+                        help="re-run only the 'no rule' rows of the recorded JSON (after a rule or classifier change)")
     args = parser.parse_args()
+    if args.reclassify:
+        return reclassify(Path(args.out), args.real_max_params)
     torch.set_num_threads(2)
     names = [n for n in timm.list_models(args.filter) if not n.startswith(PREFIX)]
     results = {}
     start = time.time()
     for i, name in enumerate(names):
-        res = classify(name)
-        res['module'] = _model_to_module.get(name, '?')
-        if res['status'] == 'derived' and res['params'] <= args.real_max_params and res['module'] in TWIN_MODULES:
-            try:
-                res.update(real_check(name))
-            except Exception as e:  # noqa: BLE001
-                res.update(forward_ok=False, real_error=f'{type(e).__name__}: {e}'[:200])
+        res = _checked(name, dict(classify(name), module=_model_to_module.get(name, '?')), args.real_max_params)
         results[name] = res
         if i % 50 == 0:
             print(f'[{time.time() - start:6.0f}s] {i}/{len(names)} {name}: {res["status"]}', flush=True)
-    out = Path(args.out)
     meta = dict(command='python benchmarks/twin_coverage.py', timm=timm.__version__, torch=torch.__version__,
                 jointrd_timm=jointrd_timm.__version__, machine=f'{platform.machine()} {platform.processor()}'.strip(),
                 python=sys.version.split()[0], seconds=round(time.time() - start))
+    _write(Path(args.out), results, meta)
+
+
+def _checked(name: str, res: dict, real_max_params: float) -> dict:
+    if res['status'] == 'derived' and res['params'] <= real_max_params and res['module'] in TWIN_MODULES:
+        try:
+            res.update(real_check(name))
+        except Exception as e:  # noqa: BLE001
+            res.update(forward_ok=False, real_error=f'{type(e).__name__}: {e}'[:200])
+    return res
+
+
+def reclassify(out: Path, real_max_params: float) -> None:
+    recorded = json.loads((out / 'twin_coverage.json').read_text())
+    results, meta = recorded['models'], recorded['meta']
+    start = time.time()
+    for name, res in results.items():
+        if res['status'] == 'no rule':
+            results[name] = _checked(name, dict(classify(name), module=res['module']), real_max_params)
+    meta['reclassified_seconds'] = round(time.time() - start)
+    meta['command'] += ' (then --reclassify)'
+    _write(out, results, meta)
+
+
+def _write(out: Path, results: dict, meta: dict) -> None:
     (out / 'twin_coverage.json').write_text(json.dumps(dict(meta=meta, models=results), indent=1))
     write_markdown(results, meta, out / 'twin_coverage.md')
     underivable = {n: r.get('reason', r.get('real_error', 'dead gradients')) for n, r in results.items()

@@ -217,8 +217,13 @@ def test_unsupported_block_in_strict_mode_names_the_class():
 
 
 def test_transformer_is_refused_by_design():
-    with pytest.raises(UnsupportedBlockError, match='Transformer blocks are refused by design'):
+    with pytest.raises(UnsupportedBlockError, match=r'Transformer \(and MLP-Mixer\) blocks are refused by design'):
         make_plain(timm.create_model('vit_tiny_patch16_224'))
+
+
+def test_mlp_mixer_is_refused_like_a_transformer():
+    with pytest.raises(UnsupportedBlockError, match='refused by design'):
+        make_plain(timm.create_model('mixer_s32_224'))
 
 
 def test_non_strict_leaves_unknown_blocks_and_reports_them():

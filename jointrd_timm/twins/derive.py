@@ -42,9 +42,11 @@ class PlainReport:
 
 
 def _looks_like_transformer(block: nn.Module) -> bool:
-    """A block with an attention child and an MLP child: a (vision) transformer block."""
-    names = {type(child).__name__.lower() for child in block.children()}
-    return any('attention' in n or 'attn' in n for n in names) and any('mlp' in n for n in names)
+    """A token-mixing block: an attention child and an MLP child (transformers), or two MLP children (MLP-Mixer,
+    ResMLP, gMLP style). Convolutional blocks with one MLP (ConvNeXt-like) are not."""
+    names = [type(child).__name__.lower() for child in block.children()]
+    mlps = sum('mlp' in n for n in names)
+    return mlps >= 2 or (mlps >= 1 and any('attention' in n or 'attn' in n for n in names))
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)
 
@@ -131,8 +133,8 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             f'`jointrd derive --list` shows every supported architecture.')
     if unhandled and (strict or not report.blocks_by_rule):
         transformer = any(_looks_like_transformer(m) for _, m in unhandled)
-        why = (' Transformer blocks are refused by design: their shortcuts carry the token stream, and a '
-               'transformer without them does not train.' if transformer else
+        why = (' Transformer (and MLP-Mixer) blocks are refused by design: their shortcuts carry the token stream, '
+               'and such a network without them does not train.' if transformer else
                ' Add a rule for the class in jointrd_timm/twins/families/, or call '
                'make_plain(..., strict=False) to leave those blocks residual.')
         raise UnsupportedBlockError(
