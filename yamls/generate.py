@@ -242,17 +242,7 @@ def _box_sections(method: str, teacher: str, student: str, r: dict, ckpt: str, o
               reduction: 'batchmean'
           weight: 1.0"""
         else:
-            criterion = """        ce:
-          criterion:
-            key: 'CrossEntropyLoss'
-            kwargs:
-              reduction: 'mean'
-          criterion_wrapper:
-            key: 'SimpleLossWrapper'
-            kwargs:
-              input: {is_from_teacher: False, module_path: '.', io: 'output'}
-              target: {uses_label: True}
-          weight: 1.0
+            criterion = CE_CRITERION + """
         hint:
           criterion:
             key: 'MSELoss'
