@@ -58,7 +58,7 @@ def real_check(name: str) -> dict:
     model = timm.create_model(PREFIX + name, num_classes=10)
     cfg = model.pretrained_cfg
     size = cfg['input_size'][1:] if cfg.get('fixed_input_size') else (max(64, cfg.get('min_input_size', (3, 64, 64))[1]),) * 2
-    x = torch.randn(2, cfg['input_size'][0], *size)
+    x = torch.randn(4, cfg['input_size'][0], *size)
     model.train()
     y = model(x)
     y.square().mean().backward()
@@ -72,7 +72,8 @@ def main():
     parser.add_argument('--real-max-params', type=float, default=30e6)
     parser.add_argument('--out', default=str(ROOT / 'benchmarks/results'))
     parser.add_argument('--reclassify', action='store_true',
-                        help="re-run only the 'no rule' rows of the recorded JSON (after a rule or classifier change)")
+                        help="re-run the recorded rows that did not derive or failed the real check, and add "
+                             "architectures registered since (after a rule or classifier change)")
     args = parser.parse_args()
     if args.reclassify:
         return reclassify(Path(args.out), args.real_max_params)
@@ -104,9 +105,11 @@ def reclassify(out: Path, real_max_params: float) -> None:
     recorded = json.loads((out / 'twin_coverage.json').read_text())
     results, meta = recorded['models'], recorded['meta']
     start = time.time()
-    for name, res in results.items():
-        if res['status'] == 'no rule':
-            results[name] = _checked(name, dict(classify(name), module=res['module']), real_max_params)
+    stale = [n for n, r in results.items() if r['status'] == 'no rule' or r.get('forward_ok') is False
+             or r.get('dead_params')]
+    new = [n for n in timm.list_models() if n not in results and not n.startswith(PREFIX)]
+    for name in stale + new:
+        results[name] = _checked(name, dict(classify(name), module=_model_to_module.get(name, '?')), real_max_params)
     meta['reclassified_seconds'] = round(time.time() - start)
     meta['command'] += ' (then --reclassify)'
     _write(out, results, meta)

@@ -25,10 +25,17 @@ SHORT_PATH = 3
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {'add', 'add_'}
 
-# Attention modules whose addition broadcasts a pooled context onto the feature map (no spatial shortcut);
-# they live inside residual blocks and stay in the twin. Keyed by qualified class name.
+# Modules whose additions are part of one layer's definition, not a shortcut around a block: attention that
+# broadcasts a pooled context onto the map (GCNet), and normalisation layers with an additive term (ConvNeXt-V2's
+# GRN adds its input back by definition; EvoNorm / FRN). They stay in the twin. Keyed by qualified class name.
 NOT_SHORTCUT_CLASSES = {
     'timm.layers.global_context.GlobalContext',
+    'timm.layers.grn.GlobalResponseNorm',
+    'timm.layers.evo_norm.EvoNorm2dB0', 'timm.layers.evo_norm.EvoNorm2dB1', 'timm.layers.evo_norm.EvoNorm2dB2',
+    'timm.layers.evo_norm.EvoNorm2dS0', 'timm.layers.evo_norm.EvoNorm2dS0a', 'timm.layers.evo_norm.EvoNorm2dS1',
+    'timm.layers.evo_norm.EvoNorm2dS1a', 'timm.layers.evo_norm.EvoNorm2dS2', 'timm.layers.evo_norm.EvoNorm2dS2a',
+    'timm.layers.filter_response_norm.FilterResponseNormTlu2d',
+    'timm.layers.filter_response_norm.FilterResponseNormAct2d',
 }
 
 

@@ -1,6 +1,9 @@
 """timm.models.nfnet (Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization",
-ICML 2021; NF-ResNets/RegNets). The residual branch keeps its ``alpha`` scale; ``skipinit_gain`` (zero at
-init) is reset to one by make_plain, or the plain net would start dead."""
+ICML 2021; NF-ResNets/RegNets). DECISION: the plain block drops ``alpha`` and ``beta``: they are the signal-
+propagation scales of a residual SUM (beta = 1 / expected std of the accumulated stream, alpha = branch weight);
+without the sum, the scaled weight-standardised convs keep unit variance on their own, and alpha = 0.2 per
+block would shrink the signal geometrically (dead gradients in deep NF-RegNets). ``skipinit_gain`` (zero at init)
+is reset to one by make_plain."""
 import torch
 from timm.models.nfnet import NormFreeBlock
 
@@ -9,7 +12,7 @@ from ..rules import swap_rule
 
 class PlainNormFreeBlock(NormFreeBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(x) * self.beta
+        out = self.act1(x)
         shortcut = out
         out = self.conv1(out)
         out = self.conv2(self.act2(out))
@@ -22,7 +25,6 @@ class PlainNormFreeBlock(NormFreeBlock):
             out = self.attn_gain * self.attn_last(out)
         if self.skipinit_gain is not None:
             out = out * self.skipinit_gain
-        out = out * self.alpha
         if self.downsample is not None:
             out = out + self.downsample(shortcut)
         return out
