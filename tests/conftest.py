@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_yaml(tmp_path: Path, method: str = 'jointrd', epochs: int = 2, limit: int = 64, batch_size: int = 16,
               norm_layer: str = 'batchnorm2d', extra_jointrd: str = '', teacher_checkpoint: str = '') -> Path:
     """A torchdistill YAML on sklearn's digits (8x8, 1 channel) with resnet20_cifar / its twin."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     dataset = f"""
     datasets:
       &train digits/train: !import_call

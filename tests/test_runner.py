@@ -133,3 +133,26 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
     config = load_config(tiny_yaml(tmp_path), ['runner.sync_batchnorm=true'])
     with pytest.raises(ConfigError, match='sync_batchnorm needs CUDA'):
         train(config, device='cpu')
+
+
+def test_gradient_accumulation_and_bf16_from_the_yaml(tmp_path):
+    config = load_config(tiny_yaml(tmp_path, epochs=1, limit=64, batch_size=16),
+                         ['train.optimizer.grad_accum_step=2', 'runner.mixed_precision=bf16'])
+    final = train(config, device='cpu')
+    assert final['epochs'] == 1
+    lines = (tmp_path / 'out' / 'metrics.jsonl').read_text().splitlines()
+    assert len(lines) == 1
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """4 steps of batch 16 accumulated 2 by 2 == 2 steps of batch 32 (BN-free model, no shuffling difference)."""
+    small = load_config(tiny_yaml(tmp_path / 'a', method='ce', epochs=1, limit=64, batch_size=16,
+                                  norm_layer='groupnorm1'), ['train.optimizer.grad_accum_step=2'])
+    large = load_config(tiny_yaml(tmp_path / 'b', method='ce', epochs=1, limit=64, batch_size=32,
+                                  norm_layer='groupnorm1'))
+    for config in (small, large):
+        config['train']['train_data_loader']['sampler']['class_or_func'] = torch.utils.data.SequentialSampler
+        config['train']['scheduler'] = {}
+    train(small, device='cpu')
+    train(large, device='cpu')
+    assert max_diff(weights(tmp_path / 'a' / 'out'), weights(tmp_path / 'b' / 'out')) < 1e-5

@@ -145,6 +145,10 @@ def evaluate(model: nn.Module, data_loader, accelerator) -> float:
 
 def _make_accelerator(runner: Dict, device: Optional[str]):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+    # accelerate keeps one AcceleratorState per process; successive runs in one process (the demo, benchmarks)
+    # may differ in mixed precision, so start each from a fresh state (the process group is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=device == 'cpu', mixed_precision=runner['mixed_precision'],
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
