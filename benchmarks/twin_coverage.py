@@ -53,9 +53,10 @@ def classify(name: str) -> dict:
 
 
 def real_check(name: str) -> dict:
-    """Build plain_<name> for real; forward + backward at a small input; every gradient non-zero."""
+    """Build the twin of <name> for real (what plain_<name> builds, also before it is registered); forward +
+    backward at a small input; every gradient non-zero."""
     torch.manual_seed(0)
-    model = timm.create_model(PREFIX + name, num_classes=10)
+    model = make_plain(timm.create_model(name, num_classes=10))
     cfg = model.pretrained_cfg
     size = cfg['input_size'][1:] if cfg.get('fixed_input_size') else (max(64, cfg.get('min_input_size', (3, 64, 64))[1]),) * 2
     x = torch.randn(4, cfg['input_size'][0], *size)
@@ -71,12 +72,13 @@ def main():
     parser.add_argument('--filter', default='*')
     parser.add_argument('--real-max-params', type=float, default=30e6)
     parser.add_argument('--out', default=str(ROOT / 'benchmarks/results'))
+    parser.add_argument('--names', nargs='*', default=None, help='with --reclassify: re-run exactly these rows')
     parser.add_argument('--reclassify', action='store_true',
                         help="re-run the recorded rows that did not derive or failed the real check, and add "
                              "architectures registered since (after a rule or classifier change)")
     args = parser.parse_args()
     if args.reclassify:
-        return reclassify(Path(args.out), args.real_max_params)
+        return reclassify(Path(args.out), args.real_max_params, args.names)
     torch.set_num_threads(2)
     names = [n for n in timm.list_models(args.filter) if not n.startswith(PREFIX)]
     results = {}
@@ -101,17 +103,21 @@ def _checked(name: str, res: dict, real_max_params: float) -> dict:
     return res
 
 
-def reclassify(out: Path, real_max_params: float) -> None:
+def reclassify(out: Path, real_max_params: float, names=None) -> None:
     recorded = json.loads((out / 'twin_coverage.json').read_text())
     results, meta = recorded['models'], recorded['meta']
     start = time.time()
     stale = [n for n, r in results.items() if r['status'] == 'no rule' or r.get('forward_ok') is False
              or r.get('dead_params')]
     new = [n for n in timm.list_models() if n not in results and not n.startswith(PREFIX)]
+    if names:
+        stale, new = list(names), []
+        meta['command'] += f' (then --reclassify --names {" ".join(names)})'
     for name in stale + new:
         results[name] = _checked(name, dict(classify(name), module=_model_to_module.get(name, '?')), real_max_params)
-    meta['reclassified_seconds'] = round(time.time() - start)
-    meta['command'] += ' (then --reclassify)'
+    meta['reclassified_seconds'] = meta.get('reclassified_seconds', 0) + round(time.time() - start)
+    if not names:
+        meta['command'] += ' (then --reclassify)'
     _write(out, results, meta)
 
 
