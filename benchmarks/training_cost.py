@@ -1,12 +1,13 @@
 """Training cost per step of plain training, Hinton KD and JointRD (all hybrid paths, one sampled path), on the same
 pair and batch: median step time (interleaved, after warm-up) and peak memory of one step (fresh process per
-method, peak RSS above the state before the step). The figure we track: JointRD step time / KD step time (<= 1.5).
+method, peak RSS above the state before the step, with glibc returning large blocks to the OS). The figure we track: JointRD step time / KD step time (<= 1.5).
 
     python benchmarks/training_cost.py            # resnet56_cifar pair, batch 128, about 5 minutes
 Writes benchmarks/results/training_cost.{json,md,png}.
 """
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -83,8 +84,11 @@ def main():
     timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False)
     peaks = {}
     for m in METHODS:
+        # large blocks through mmap: freed tensors go back to the OS, so RSS follows live memory step by step
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
         out = subprocess.run([sys.executable, '-c', _PEAK, m, args.arch, str(args.batch), str(args.threads),
-                              str(Path(__file__).parent), str(args.size)], capture_output=True, text=True, check=True)
+                              str(Path(__file__).parent), str(args.size)], capture_output=True, text=True, check=True,
+                             env=env)
         peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])['peak']
     kd = timed['Hinton KD']['median_ms']
     rows = {m: dict(step_ms=timed[m]['median_ms'], iqr_ms=timed[m]['iqr_ms'], peak_mb=peaks[m] / 2**20,
