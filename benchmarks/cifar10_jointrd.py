@@ -38,6 +38,9 @@ def main():
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--name', default='cifar10_jointrd')
+    parser.add_argument('--add-sampled-row', action='store_true',
+                        help='add the row "twin + JointRD (1 sampled path)" to the recorded results, reusing the '
+                             'recorded teacher (same data, recipe and budget)')
     parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
     args = parser.parse_args()
 
@@ -57,7 +60,8 @@ def main():
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
                   num_workers=args.workers, val_set=val_set)
     common = dict(num_classes=10)
-    rows = {}
+    out = ROOT / 'benchmarks/results'
+    rows = json.loads((out / f'{args.name}.json').read_text())['rows'] if args.add_sampled_row else {}
 
     def run(label, model, method):
         start = time.time()
@@ -68,20 +72,27 @@ def main():
                            seconds_per_epoch=round(sum(c['seconds'] for c in curve) / len(curve), 1))
         print(label, rows[label], flush=True)
 
-    run('teacher', dict(key='timm_model', kwargs=dict(model_name=args.arch, **common)), 'ce')
-    run('twin alone', dict(key='timm_model', kwargs=dict(model_name=f'plain_{args.arch}', **common)), 'ce')
-    run('twin + JointRD', dict(key='jointrd_model', kwargs=dict(
-        teacher=dict(model_name=args.arch, checkpoint=str(work / 'teacher' / 'model'), **common),
-        student=dict(model_name=f'plain_{args.arch}', **common),
-        jointrd=dict(eta_min=args.eta_min, eta_horizon_fraction=args.eta_horizon_fraction,
-                     feature_loss_weight=args.feature_loss_weight))), 'jointrd')
+    def jointrd(**extra):
+        return dict(key='jointrd_model', kwargs=dict(
+            teacher=dict(model_name=args.arch, checkpoint=str(work / 'teacher' / 'model'), **common),
+            student=dict(model_name=f'plain_{args.arch}', **common),
+            jointrd=dict(eta_min=args.eta_min, eta_horizon_fraction=args.eta_horizon_fraction,
+                         feature_loss_weight=args.feature_loss_weight, **extra)))
+
+    if args.add_sampled_row:
+        run('twin + JointRD (1 sampled path)', jointrd(hybrid_paths=1), 'jointrd')
+    else:
+        run('teacher', dict(key='timm_model', kwargs=dict(model_name=args.arch, **common)), 'ce')
+        run('twin alone', dict(key='timm_model', kwargs=dict(model_name=f'plain_{args.arch}', **common)), 'ce')
+        run('twin + JointRD', jointrd(), 'jointrd')
 
     meta = dict(command='python benchmarks/cifar10_jointrd.py ' + ' '.join(
                     f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if k not in ('data', 'work_dir')),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
                 date=time.strftime('%Y-%m-%d'))
-    out = ROOT / 'benchmarks/results'
+    if args.add_sampled_row:
+        meta['command'] += ' (then --add-sampled-row)'
     (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args)), indent=1))
     gap_alone = rows['teacher']['test_acc'] - rows['twin alone']['test_acc']
     gap_jointrd = rows['teacher']['test_acc'] - rows['twin + JointRD']['test_acc']
@@ -110,7 +121,9 @@ def plot(rows, path, title):
     ax1.set_xlabel('epoch')
     ax1.set_ylabel('held-out validation accuracy (%)')
     ax1.legend()
-    ax2.bar(list(rows), [r['test_acc'] for r in rows.values()], color=['#4c72b0', '#dd8452', '#55a868'])
+    ax2.bar([label.replace(' (', '\n(') for label in rows], [r['test_acc'] for r in rows.values()],
+            color=['#4c72b0', '#dd8452', '#55a868', '#8172b2'][:len(rows)])
+    ax2.tick_params(axis='x', labelsize=7)
     ax2.set_ylabel('last-epoch test accuracy (%)')
     lo = min(r['test_acc'] for r in rows.values())
     ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))

@@ -94,3 +94,15 @@ def test_memory_and_export_commands(tmp_path, capsys):
     assert 'plain_resnet20_cifar' in out and 'peak' in out
     assert main(['export', 'plain_resnet20_cifar', '--output-dir', str(tmp_path)]) == 0
     assert (tmp_path / 'plain_resnet20_cifar.onnx').is_file()
+
+
+def test_bench_command_on_a_tiny_pair(tmp_path, capsys):
+    from jointrd_timm.cli import main
+    out = tmp_path / 'bench'
+    assert main(['bench', 'resnet20_cifar', '--batches', '1', '--repeats', '3', '--no-measure',
+                 '--output', str(out)]) == 0
+    report = json.loads(out.with_suffix('.json').read_text())
+    row = report['results'][0]['batches']['1']
+    assert row['memory_ratio_analysed'] > 1.0  # the shortcuts hold activations the twin frees
+    assert {'residual/eager', 'twin/eager', 'residual/onnxruntime', 'twin/onnxruntime'} <= set(row)
+    assert '| resnet20_cifar (32 px) | 1 |' in out.with_suffix('.md').read_text()
