@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -155,9 +155,10 @@ def _make_accelerator(runner: Dict, device: Optional[str]):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=runner['find_unused_parameters'])])
 
 
-def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, device: Optional[str] = None,
-          extra_optimizers: Optional[Dict[str, Any]] = None) -> Dict:
-    """Train as the YAML says; returns the final metrics (also written to ``<output_dir>/final.json``)."""
+def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, device: Optional[str] = None) -> Dict:
+    """Train as the YAML says; returns the final metrics (also written to ``<output_dir>/final.json``).
+    Modules with their own optimizers (the adversarial discriminators) expose ``extra_optimizers()`` /
+    ``extra_schedulers()``; they are checkpointed and restored with the main ones."""
     from accelerate.utils import set_seed
     from torchdistill.core.distillation import get_distillation_box
     from torchdistill.core.training import get_training_box
@@ -191,10 +192,9 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
                                    distributed, 1, accelerator=box_accelerator)
         trained = box.student_model
     tap = _OutputTap(unwrap(trained))
-    optimizers = dict(model=box.optimizer, **(extra_optimizers or {}))
-    schedulers = dict(model=box.lr_scheduler)
-    schedulers.update(getattr(unwrap(trained), 'extra_schedulers', lambda: {})())
-    optimizers.update(getattr(unwrap(trained), 'extra_optimizers', lambda: {})())
+    module = unwrap(trained)
+    optimizers = dict(model=box.optimizer, **getattr(module, 'extra_optimizers', dict)())
+    schedulers = dict(model=box.lr_scheduler, **getattr(module, 'extra_schedulers', dict)())
     ckpt_path = out / 'last.safetensors'
     start_epoch = 0
     if resume:
