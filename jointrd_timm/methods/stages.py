@@ -128,7 +128,7 @@ class StageSplit(nn.Module):
 
 def _is_head(model: nn.Module, module: nn.Module) -> bool:
     """Children that forward_head uses (pooling, classifier, head containers)."""
-    head_names = ('global_pool', 'fc', 'classifier', 'head', 'head_drop', 'head_hidden_size', 'pre_logits')
+    head_names = ('global_pool', 'fc', 'classifier', 'head', 'head_drop', 'pre_logits')
     return any(getattr(model, n, None) is module for n in head_names)
 
 

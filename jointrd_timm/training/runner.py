@@ -191,8 +191,8 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         box = get_distillation_box(teacher, student, config['datasets'], train_config, accelerator.device, None,
                                    distributed, 1, accelerator=box_accelerator)
         trained = box.student_model
-    tap = _OutputTap(unwrap(trained))
     module = unwrap(trained)
+    tap = _OutputTap(module)
     optimizers = dict(model=box.optimizer, **getattr(module, 'extra_optimizers', dict)())
     schedulers = dict(model=box.lr_scheduler, **getattr(module, 'extra_schedulers', dict)())
     ckpt_path = out / 'last.safetensors'
@@ -200,7 +200,7 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f'--resume: no checkpoint at {ckpt_path}; run without --resume to start.')
-        state = load_checkpoint(ckpt_path, unwrap(trained), optimizers, schedulers)
+        state = load_checkpoint(ckpt_path, module, optimizers, schedulers)
         start_epoch = state['epoch'] + 1
         accelerator.print(f'Resumed from {ckpt_path} (epoch {state["epoch"]} done).')
     if accelerator.is_main_process:
@@ -231,14 +231,14 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
                 correct += int((tap.logits.argmax(1) == targets).sum())
             postfix = dict(loss=f'{loss_sum / seen:.3f}', acc=f'{100 * correct / seen:.1f}',
                            lr=f'{box.optimizer.param_groups[0]["lr"]:.3g}')
-            eta = getattr(unwrap(trained), 'eta', None)
+            eta = getattr(module, 'eta', None)
             if isinstance(eta, float):
                 postfix['eta'] = f'{eta:.3f}'
             bar.set_postfix(postfix)
         box.post_epoch_process()
         record = dict(epoch=epoch + 1, train_loss=loss_sum / max(1, seen), train_acc=100 * correct / max(1, seen),
                       lr=box.optimizer.param_groups[0]['lr'], seconds=round(time.time() - start, 2))
-        eta = getattr(unwrap(trained), 'eta', None)
+        eta = getattr(module, 'eta', None)
         if isinstance(eta, float):
             record['eta'] = eta
         if box.val_data_loader is not None and ((epoch + 1) % runner['eval_every'] == 0 or epoch + 1 == num_epochs):
@@ -248,7 +248,7 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         if accelerator.is_main_process:
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            save_checkpoint(ckpt_path, unwrap(trained), epoch, optimizers, schedulers)
+            save_checkpoint(ckpt_path, module, epoch, optimizers, schedulers)
             accelerator.print(json.dumps(record))
         accelerator.wait_for_everyone()
     final = dict(epochs=num_epochs, val_acc=val_accuracy)
@@ -257,8 +257,7 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
         final['test_acc'] = evaluate(trained, accelerator.prepare(loader), accelerator)
     if accelerator.is_main_process:
-        deployed = unwrap(trained)
-        deployed = getattr(deployed, 'student', deployed)  # JointRD deploys its twin
+        deployed = getattr(module, 'student', module)  # JointRD deploys its twin
         save_trained_model(deployed, out / 'model', metrics=final)
         (out / 'final.json').write_text(json.dumps(final, indent=1))
         accelerator.print(json.dumps(final))

@@ -53,15 +53,16 @@ def _concrete_args(module: nn.Module) -> Dict[str, None]:
 
 def shortcut_additions(module: nn.Module) -> Optional[int]:
     """Number of shortcut additions in ``module.forward`` (None if torch.fx cannot trace it)."""
+    concrete = _concrete_args(module)
     try:
-        graph = _ShallowTracer().trace(module, concrete_args=_concrete_args(module))
+        graph = _ShallowTracer().trace(module, concrete_args=concrete)
     except Exception:  # data-dependent control flow etc.: this module cannot be checked this way
         return None
     depth: Dict[fx.Node, int] = {}
     count = 0
     for node in graph.nodes:
         if node.op == 'placeholder':
-            if node.name in _concrete_args(module):
+            if node.name in concrete:
                 continue
             depth[node] = 0
             continue
