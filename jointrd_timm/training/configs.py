@@ -3,11 +3,17 @@ same structure written out). ``method`` picks the box and the loss:
 
 * ``ce``: TrainingBox, cross-entropy (teacher pre-training, twin trained alone);
 * ``jointrd``: TrainingBox with a ``jointrd_model`` and JointRDLoss;
-* ``kd``: DistillationBox, torchdistill's KDLoss (Hinton et al. 2015) with a frozen teacher.
+* ``kd``: DistillationBox, torchdistill's KDLoss (Hinton et al. 2015) with a frozen teacher;
+* ``fitnets``: DistillationBox, cross-entropy + a FitNets-style hint (MSE between the ``hint_layer`` outputs of
+  student and teacher, weight ``hint_weight``; the layers must have equal shapes, as for a twin);
+* ``cakd`` / ``aps``: TrainingBox with a ``cakd_model`` / ``aps_model`` and MethodLoss (the module computes its
+  loss and steps its own discriminator), like ``jointrd``.
 """
 from typing import Dict, Optional
 
-__all__ = ['make_config']
+__all__ = ['make_config', 'METHODS']
+
+METHODS = ('ce', 'jointrd', 'kd', 'fitnets', 'cakd', 'aps')
 
 
 def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: bool = False) -> Dict:
@@ -20,16 +26,17 @@ def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, s
 def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: Optional[Dict] = None,
                 epochs: int = 10, batch_size: int = 64, lr: float = 0.1, weight_decay: float = 5e-4,
                 schedule: str = 'cosine', seed: int = 0, output_dir: Optional[str] = None, num_workers: int = 0,
-                val_set=None, kd_temperature: float = 4.0, kd_alpha: float = 0.9) -> Dict:
+                val_set=None, kd_temperature: float = 4.0, kd_alpha: float = 0.9, hint_layer: str = 'layer2',
+                hint_weight: float = 1.0) -> Dict:
     """A config dict for :func:`jointrd_timm.training.runner.train`.
 
     ``model``/``teacher`` are torchdistill model configs (``dict(key='timm_model', kwargs=...)``). ``val_set``
     (default: the test set) is evaluated after each epoch, for the record only.
     """
-    if method not in ('ce', 'jointrd', 'kd'):
-        raise ValueError(f"method must be 'ce', 'jointrd' or 'kd', got {method!r}.")
-    if method == 'kd' and teacher is None:
-        raise ValueError("method 'kd' needs a teacher model config.")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+    if method in ('kd', 'fitnets') and teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher model config.")
     datasets = {'train': train_set, 'test': test_set, 'val': val_set if val_set is not None else test_set}
     scheduler = dict(key='CosineAnnealingLR', kwargs=dict(T_max=epochs)) if schedule == 'cosine' else \
         dict(key='MultiStepLR', kwargs=dict(milestones=[epochs // 2, 3 * epochs // 4], gamma=0.1))
@@ -48,12 +55,24 @@ def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: O
         models['model'] = model
         train['model'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True)
         train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(ce=ce)))
-    elif method == 'jointrd':
+    elif method in ('jointrd', 'cakd', 'aps'):
         models['model'] = model
         train['pre_epoch_process'] = 'jointrd_pre_epoch_process'
         train['model'] = dict(forward_proc='forward_batch_target', sequential=[], requires_grad=True)
         train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(
             jointrd=dict(criterion=dict(key='JointRDLoss', kwargs=dict(module_path='.')), weight=1.0))))
+    elif method == 'fitnets':
+        models['teacher_model'] = teacher
+        models['student_model'] = model
+        hook = dict(input=[], output=[hint_layer])
+        train['teacher'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=False, forward_hook=hook)
+        train['student'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True, forward_hook=hook)
+        hint = dict(criterion=dict(key='MSELoss', kwargs=dict(reduction='mean')),
+                    criterion_wrapper=dict(key='SimpleLossWrapper', kwargs=dict(
+                        input=dict(is_from_teacher=False, module_path=hint_layer, io='output'),
+                        target=dict(is_from_teacher=True, module_path=hint_layer, io='output'))),
+                    weight=hint_weight)
+        train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(ce=ce, hint=hint)))
     else:
         models['teacher_model'] = teacher
         models['student_model'] = model

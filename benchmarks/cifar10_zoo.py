@@ -1,0 +1,158 @@
+"""The distillation zoo on one pair: which method trains the shortcut-free twin best? CIFAR-10 at CPU scale.
+
+Every row trains the same deployable student, plain_resnet56_cifar (the teacher's shortcut-free twin), from the
+same residual teacher (resnet56_cifar, trained once by cross-entropy), with the same data, recipe and budget:
+the twin alone (cross-entropy), Hinton KD (torchdistill's KDLoss, T 4, alpha 0.9), a FitNets-style hint (MSE on
+layer2 outputs + CE), conditional adversarial KD (Xu et al. 2017), adversarial portable students (Wang et al.
+2018, our reading), and JointRD. Last-epoch accuracy on the full CIFAR-10 test set (10,000 images).
+
+Rows whose run folder already holds a finished run (final.json) are read back instead of retrained, so the
+script resumes after an interruption and shares the teacher, twin-alone and JointRD runs of
+cifar10_jointrd.py (same work folder, same recipe). Writes benchmarks/results/<name>.{json,md,png}.
+
+    python benchmarks/cifar10_zoo.py            # ~55 min from nothing on 2 cores; ~30 min when the
+                                                # cifar10_jointrd.py runs exist
+
+Budget (default, = cifar10_jointrd.py): 8,000 training images (seeded subset), 5 epochs, batch 128, SGD Nesterov
+lr 0.1 cosine to 0, wd 5e-4, random crop + flip. Discriminators: SGD lr 1e-3, momentum 0.9, wd 0, cosine on the
+student's schedule.
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Xu et al. 2017, Table 1 (error %, median of 5 runs; WRN-40-10 teacher, WRN-10-4 student, full CIFAR, ~200 epochs)
+XU2017_CIFAR10_ERROR = {'student alone': 7.46, 'best KD': 6.94, 'conditional adversarial KD': 6.09, 'teacher': 4.19}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
+    parser.add_argument('--arch', default='resnet56_cifar')
+    parser.add_argument('--train-size', type=int, default=8000)
+    parser.add_argument('--val-size', type=int, default=2000)
+    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--name', default='cifar10_zoo')
+    parser.add_argument('--work-name', default='cifar10_jointrd',
+                        help='run folder under --work-dir (shared with cifar10_jointrd.py: same rows are reused)')
+    parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
+    args = parser.parse_args()
+
+    from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
+    from jointrd_timm.training.configs import make_config
+    from jointrd_timm.training.data import load_image_dataset
+    from jointrd_timm.training.runner import train
+
+    torch.set_num_threads(2)
+    fraction = args.val_size / 50000
+    train_set = load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
+                                   limit=args.train_size, seed=args.seed)
+    val_set = load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
+                                 part='val', seed=args.seed)
+    test_set = load_image_dataset(args.data, 'test', recipe='cifar')
+    work = Path(args.work_dir) / args.work_name
+    recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
+                  num_workers=args.workers, val_set=val_set)
+    common = dict(num_classes=10)
+    teacher_ckpt = str(work / 'teacher' / 'model')
+    teacher = dict(key='timm_model', kwargs=dict(model_name=args.arch, checkpoint=teacher_ckpt, **common))
+    teacher_kwargs = dict(model_name=args.arch, checkpoint=teacher_ckpt, **common)
+    twin = dict(model_name=f'plain_{args.arch}', **common)
+    discriminator = dict(lr=1e-3, momentum=0.9, weight_decay=0.0, cosine_epochs=args.epochs)
+    rows = {}
+
+    def run(label, model, method, **extra):
+        folder = work / label
+        if (folder / 'final.json').is_file():
+            print(f'{label}: finished run found in {folder}, read back', flush=True)
+        else:
+            train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe, **extra))
+        final = json.loads((folder / 'final.json').read_text())
+        curve = [json.loads(x) for x in (folder / 'metrics.jsonl').read_text().splitlines()]
+        rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
+                           train_loss=[c['train_loss'] for c in curve],
+                           seconds_per_epoch=round(sum(c['seconds'] for c in curve) / len(curve), 1))
+        print(label, rows[label], flush=True)
+
+    run('teacher', dict(key='timm_model', kwargs=dict(model_name=args.arch, **common)), 'ce')
+    run('twin alone', dict(key='timm_model', kwargs=twin), 'ce')
+    run('twin + KD', dict(key='timm_model', kwargs=twin), 'kd', teacher=teacher)
+    run('twin + FitNets', dict(key='timm_model', kwargs=twin), 'fitnets', teacher=teacher)
+    run('twin + CAKD', dict(key='cakd_model', kwargs=dict(
+        teacher=teacher_kwargs, student=twin, discriminator_depth=3, dropout=0.3, non_saturating=False,
+        discriminator=discriminator)), 'cakd')
+    run('twin + APS', dict(key='aps_model', kwargs=dict(
+        teacher=teacher_kwargs, student=twin, adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0,
+        hidden=256, label_head=False, discriminator=discriminator)), 'aps')
+    run('twin + JointRD', dict(key='jointrd_model', kwargs=dict(
+        teacher=teacher_kwargs, student=twin,
+        jointrd=dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))), 'jointrd')
+
+    meta = dict(command='python benchmarks/cifar10_zoo.py ' + ' '.join(
+                    f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if k not in ('data', 'work_dir')),
+                machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
+                budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
+                date=time.strftime('%Y-%m-%d'))
+    out = ROOT / 'benchmarks/results'
+    (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args),
+                                                           xu2017_cifar10_error=XU2017_CIFAR10_ERROR), indent=1))
+    write_markdown(rows, meta, args, out / f'{args.name}.md')
+    plot(rows, out / f'{args.name}.png', f'CIFAR-10, student plain_{args.arch}: {meta["budget"]}')
+    print((out / f'{args.name}.md').read_text())
+
+
+def write_markdown(rows, meta, args, path):
+    alone, teacher = rows['twin alone']['test_acc'], rows['teacher']['test_acc']
+    lines = [f'# CIFAR-10 distillation zoo: every method trains the shortcut-free twin plain_{args.arch}', '',
+             f'Budget: {meta["budget"]}; same for every row. Teacher: {args.arch} (cross-entropy, same budget). '
+             f'Machine: {meta["machine"]}, {meta["date"]}. Command: `{meta["command"]}`. One seed per row.', '',
+             '| row | test acc % (last epoch, 10k test) | vs twin alone (points) | share of the gap closed | s / epoch |',
+             '|---|---|---|---|---|']
+    for label, r in rows.items():
+        gain = r['test_acc'] - alone
+        share = f'{100 * gain / (teacher - alone):.0f} %' if label not in ('teacher', 'twin alone') else ''
+        lines.append(f'| {label} | {r["test_acc"]:.2f} | {gain:+.2f} | {share} | {r["seconds_per_epoch"]} |')
+    xu = XU2017_CIFAR10_ERROR
+    lines += ['', 'For reference, Xu et al. 2017 (CIFAR-10, WRN-40-10 teacher -> WRN-10-4 student, full training set, '
+                  'about 200 epochs on GPUs, median of 5 runs; a residual student, not a plain one). A different '
+                  'scale entirely: compare the ordering of the methods, not the numbers.', '',
+              '| Xu et al. row | error % | accuracy % |', '|---|---|---|']
+    lines += [f'| {k} | {v:.2f} | {100 - v:.2f} |' for k, v in xu.items()]
+    path.write_text('\n'.join(lines) + '\n')
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in rows.items():
+        ax1.plot(range(1, len(r['val_curve']) + 1), r['val_curve'], marker='o', label=label)
+    ax1.set_xlabel('epoch')
+    ax1.set_ylabel('held-out validation accuracy (%)')
+    ax1.legend(fontsize=7)
+    labels = list(rows)
+    ax2.bar([label.replace('twin + ', '+') for label in labels], [rows[k]['test_acc'] for k in labels],
+            color=['#4c72b0' if k == 'teacher' else '#dd8452' if k == 'twin alone' else '#55a868' for k in labels])
+    ax2.tick_params(axis='x', labelsize=7)
+    ax2.set_ylabel('last-epoch test accuracy (%)')
+    lo = min(r['test_acc'] for r in rows.values())
+    ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    main()
