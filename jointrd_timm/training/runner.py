@@ -143,6 +143,23 @@ def evaluate(model: nn.Module, data_loader, accelerator) -> float:
     return 100.0 * correct / max(1, total)
 
 
+def replica_divergence(module: nn.Module) -> float:
+    """Largest |difference| between any parameter on this process and on process 0 (0.0 when single-process).
+    DDP keeps the student in step; the discriminators' own optimizers stay in step only because their gradients
+    are all-reduced, so this is checked at the end of every multi-process run."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    worst = torch.zeros(())
+    for p in module.parameters():
+        reference = p.detach().clone()
+        dist.broadcast(reference, 0)
+        worst = torch.maximum(worst, (p.detach() - reference).abs().max().float().cpu())
+    worst = worst.to(next(module.parameters()).device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
 def _make_accelerator(runner: Dict, device: Optional[str]):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
@@ -252,6 +269,11 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
             accelerator.print(json.dumps(record))
         accelerator.wait_for_everyone()
     final = dict(epochs=num_epochs, val_acc=val_accuracy)
+    if accelerator.num_processes > 1:
+        final['replica_max_abs_diff'] = replica_divergence(module)
+        if final['replica_max_abs_diff'] > 1e-4:
+            _logger.warning('Processes ended with different weights (max |diff| %.3g): a module trains parameters '
+                           'outside DDP without all-reducing their gradients.', final['replica_max_abs_diff'])
     test_config = config['test'].get('test_data_loader')
     if test_config:
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
