@@ -20,6 +20,7 @@ Per epoch: a progress bar (loss, accuracy, lr, and eta for JointRD), one JSON li
 checkpoint written atomically (model, optimizer(s), scheduler(s), epoch, RNG). ``--resume`` continues from it
 exactly. After the last epoch the test split is evaluated once and the final model is saved in timm's Hub format.
 """
+import copy
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..twins.dirac import fold_dirac, has_dirac
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 
 __all__ = ['train', 'evaluate', 'load_config', 'ConfigError', 'RUNNER_DEFAULTS']
@@ -277,7 +279,11 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
     test_config = config['test'].get('test_data_loader')
     if test_config:
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
-        final['test_acc'] = evaluate(trained, accelerator.prepare(loader), accelerator)
+        loader = accelerator.prepare(loader)
+        final['test_acc'] = evaluate(trained, loader, accelerator)
+        deployed = getattr(module, 'student', module)
+        if has_dirac(deployed):  # what is saved and deployed: the parametrisation folded into plain convs
+            final['test_acc_folded'] = evaluate(fold_dirac(copy.deepcopy(deployed)), loader, accelerator)
     if accelerator.is_main_process:
         deployed = getattr(module, 'student', module)  # JointRD deploys its twin
         save_trained_model(deployed, out / 'model', metrics=final)

@@ -1,0 +1,198 @@
+"""Which recipe brings the shortcut-free twin closest to its teacher? An ablation on CIFAR-10 at CPU scale.
+
+Teacher resnet56_cifar (cross-entropy, trained once and reused), student its fully plain twin
+plain_resnet56_cifar; every row the same data, recipe and budget as cifar10_jointrd.py / cifar10_zoo.py (their runs
+are shared: same work folder). Each row changes one or two config fields; every row is a torchdistill config
+built by ``jointrd_timm.training.configs.make_config`` and run by the project's runner. Last-epoch accuracy on
+the full CIFAR-10 test set; Dirac rows are evaluated after folding the parametrisation into plain convs (the
+runner records both, and they agree).
+
+Rows run in the order given (most informative first) and seeds inside a row; finished runs (final.json) are read
+back, so the script resumes and can be stopped at any time: results are rewritten after every run.
+
+    python benchmarks/recipe_ablation.py                     # every row, seeds 0 and 1 (~3 h on 2 cores)
+    python benchmarks/recipe_ablation.py --rows "twin alone + Dirac" "JointRD + Dirac" --seeds 0 1
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
+
+
+def rows_spec():
+    """label -> (method, student kwargs, jointrd fields, jointrd_model extras). Order = run order."""
+    ref = JOINTRD_REFERENCE
+    return {
+        'twin alone': ('ce', {}, None, {}),
+        'JointRD (reference loss)': ('jointrd', {}, ref, {}),
+        'twin alone + Dirac': ('ce', dict(dirac=True), None, {}),
+        'JointRD + Dirac': ('jointrd', dict(dirac=True), ref, {}),
+        'JointRD + Dirac + KD': ('jointrd', dict(dirac=True), dict(ref, kd_weight=1.0, kd_temperature=4.0), {}),
+        'JointRD + Dirac + teacher init': ('jointrd', dict(dirac=True), ref, dict(init_student_from_teacher=True)),
+        'JointRD + teacher init': ('jointrd', {}, ref, dict(init_student_from_teacher=True)),
+        'JointRD + Dirac + margin (lambda 1e-3)': ('jointrd', dict(dirac=True), dict(ref, feature_loss_weight=1e-3), {}),
+        'JointRD + Dirac, eta to 0 over 60 %': ('jointrd', dict(dirac=True),
+                                                 dict(ref, eta_min=0.0, eta_horizon_fraction=0.6), {}),
+        'JointRD + Dirac, 1 sampled path': ('jointrd', dict(dirac=True), dict(ref, hybrid_paths=1), {}),
+        'JointRD, projections kept (paper variant)': ('jointrd', dict(keep_projection_shortcuts=True), ref, {}),
+    }
+
+
+# runs recorded by cifar10_jointrd.py with exactly these settings (seed 0): reused, not retrained
+SHARED_FOLDERS = {('twin alone', 0): 'twin alone', ('JointRD (reference loss)', 0): 'twin + JointRD'}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
+    parser.add_argument('--arch', default='resnet56_cifar')
+    parser.add_argument('--train-size', type=int, default=8000)
+    parser.add_argument('--val-size', type=int, default=2000)
+    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--rows', nargs='+', default=None, help='row labels to run (default: all, in order)')
+    parser.add_argument('--seed-major', action='store_true',
+                        help='run every row with the first seed before any second seed')
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--name', default='recipe_ablation')
+    parser.add_argument('--work-name', default='cifar10_jointrd')
+    parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
+    args = parser.parse_args()
+
+    from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
+    from jointrd_timm.training.configs import make_config
+    from jointrd_timm.training.data import load_image_dataset
+    from jointrd_timm.training.runner import train
+
+    torch.set_num_threads(2)
+    spec = rows_spec()
+    labels = args.rows or list(spec)
+    unknown = [x for x in labels if x not in spec]
+    if unknown:
+        parser.error(f'unknown row(s) {unknown}; rows: {list(spec)}')
+    fraction = args.val_size / 50000
+    work = Path(args.work_dir) / args.work_name
+    out = ROOT / 'benchmarks/results'
+    teacher_ckpt = work / 'teacher' / 'model'
+    if not (teacher_ckpt / 'model.safetensors').is_file():
+        parser.error(f'no trained teacher at {teacher_ckpt}: run benchmarks/cifar10_jointrd.py (or cifar10_zoo.py) '
+                     'first, it trains the teacher with this budget.')
+    teacher_final = json.loads((work / 'teacher' / 'final.json').read_text())
+    common = dict(num_classes=10)
+    results_path = out / f'{args.name}.json'
+    runs = json.loads(results_path.read_text())['runs'] if results_path.is_file() else {}
+    data_cache = {}
+
+    def datasets(seed):
+        if seed not in data_cache:
+            data_cache.clear()
+            data_cache[seed] = (
+                load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
+                                   limit=args.train_size, seed=seed),
+                load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
+                                   part='val', seed=seed),
+                load_image_dataset(args.data, 'test', recipe='cifar'))
+        return data_cache[seed]
+
+    order = [(label, seed) for seed in args.seeds for label in labels] if args.seed_major else \
+        [(label, seed) for label in labels for seed in args.seeds]
+    for label, seed in order:
+        method, student_extra, jointrd, extras = spec[label]
+        folder = work / SHARED_FOLDERS.get((label, seed), f'ablation/{label} s{seed}')
+        if not (folder / 'final.json').is_file():
+            train_set, val_set, test_set = datasets(seed)
+            student = dict(model_name=f'plain_{args.arch}', **common, **student_extra)
+            if method == 'ce':
+                model = dict(key='timm_model', kwargs=student)
+            else:
+                model = dict(key='jointrd_model', kwargs=dict(
+                    teacher=dict(model_name=args.arch, checkpoint=str(teacher_ckpt), **common), student=student,
+                    jointrd=jointrd, **extras))
+            start = time.time()
+            train(make_config(train_set, test_set, model, method, epochs=args.epochs, batch_size=args.batch_size,
+                              lr=args.lr, weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
+                              output_dir=str(folder)))
+            print(f'{label} seed {seed}: {time.time() - start:.0f} s', flush=True)
+        final = json.loads((folder / 'final.json').read_text())
+        curve = [json.loads(x) for x in (folder / 'metrics.jsonl').read_text().splitlines()]
+        runs[f'{label} s{seed}'] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),
+                                        test_acc_unfolded=final['test_acc'],
+                                        test_acc_folded=final.get('test_acc_folded'),
+                                        val_curve=[c.get('val_acc') for c in curve],
+                                        seconds_per_epoch=round(statistics.median(c['seconds'] for c in curve), 1))
+        print(label, seed, runs[f'{label} s{seed}'], flush=True)
+        write(runs, spec, teacher_final, args, out)
+
+
+def summarise(runs, spec):
+    table = {}
+    for label in spec:
+        accs = [r['test_acc'] for r in runs.values() if r['label'] == label]
+        if accs:
+            secs = [r['seconds_per_epoch'] for r in runs.values() if r['label'] == label]
+            table[label] = dict(mean=statistics.mean(accs), spread=(max(accs) - min(accs)) / 2, n=len(accs),
+                                accs=accs, seconds_per_epoch=statistics.median(secs))
+    return table
+
+
+def write(runs, spec, teacher_final, args, out):
+    table = summarise(runs, spec)
+    meta = dict(command='python benchmarks/recipe_ablation.py ' + ' '.join(
+                    f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
+                    for k, v in vars(args).items() if k not in ('data', 'work_dir', 'rows') and v is not None),
+                machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
+                budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr '
+                       f'{args.lr}', date=time.strftime('%Y-%m-%d'))
+    teacher = teacher_final['test_acc']
+    (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, teacher_test_acc=teacher, runs=runs,
+                                                           table=table), indent=1))
+    alone = table.get('twin alone', {}).get('mean')
+    lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
+             f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
+             f'{meta["date"]}. Command: `{meta["command"]}`. Teacher ({args.arch}, cross-entropy, same budget, '
+             f'seed 0): **{teacher:.2f} %** test accuracy.', '',
+             'Accuracy: last epoch, full 10k test set, mean over seeds with half the range (n = seeds). '
+             'Dirac rows: evaluated with the parametrisation folded into plain convs.', '',
+             '| row | test acc % | ± | n | gap to teacher (points) | vs twin alone | s / epoch (median) |',
+             '|---|---|---|---|---|---|---|']
+    for label, r in table.items():
+        vs = f'{r["mean"] - alone:+.2f}' if alone is not None else ''
+        lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {r["n"]} | {teacher - r["mean"]:+.2f} | '
+                     f'{vs} | {r["seconds_per_epoch"]} |')
+    (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
+    plot(table, teacher, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
+
+
+def plot(table, teacher, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    labels = list(table)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
+    y = range(len(labels))
+    ax.barh(y, [table[k]['mean'] for k in labels], xerr=[table[k]['spread'] for k in labels], color='#55a868')
+    for i, k in enumerate(labels):
+        ax.plot(table[k]['accs'], [i] * len(table[k]['accs']), 'k.', ms=4)
+    ax.axvline(teacher, color='#4c72b0', ls='--', label=f'teacher {teacher:.2f} %')
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel('last-epoch test accuracy (%)')
+    ax.legend(fontsize=8, loc='lower right')
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    main()
