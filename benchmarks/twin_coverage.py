@@ -3,7 +3,8 @@
 Every architecture in ``timm.list_models()`` is built on the meta device (no memory, no weights) and handed to
 ``make_plain(strict=True)``; a twin counts as derived when no shortcut addition is left (torch.fx count). Twins of
 architectures up to ``--real-max-params`` parameters are then built for real (``timm.create_model('plain_...')``)
-and must run forward and give every parameter a non-zero gradient at init.
+and must run forward and give every parameter a non-zero gradient at init (in train mode, or in eval
+mode for a bias that a following BatchNorm cancels in train mode: see ``verify.dead_parameters``).
 
 Writes benchmarks/results/twin_coverage.{json,md} and jointrd_timm/models/underivable.json (the architectures
 of the twin modules that must not be registered as plain_*).
@@ -25,7 +26,7 @@ from timm.models._registry import _model_to_module
 import jointrd_timm
 from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
 from jointrd_timm.twins import NotResidualError, UnsupportedBlockError, count_shortcut_additions, make_plain
-from jointrd_timm.twins.verify import find_unhandled_residual_blocks, shortcut_additions
+from jointrd_timm.twins.verify import dead_parameters, find_unhandled_residual_blocks, shortcut_additions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,7 @@ def real_check(name: str) -> dict:
     x = torch.randn(4, cfg['input_size'][0], *size)
     model.train()
     y = model(x)
-    y.square().mean().backward()
-    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    dead = dead_parameters(model, x)
     return dict(forward_ok=bool(torch.isfinite(y).all()), dead_params=len(dead), dead_examples=dead[:3])
 
 
@@ -107,8 +107,8 @@ def reclassify(out: Path, real_max_params: float, names=None) -> None:
     recorded = json.loads((out / 'twin_coverage.json').read_text())
     results, meta = recorded['models'], recorded['meta']
     start = time.time()
-    stale = [n for n, r in results.items() if r['status'] == 'no rule' or r.get('forward_ok') is False
-             or r.get('dead_params')]
+    stale = [n for n, r in results.items() if r['status'] in ('no rule', 'transformer (refused)')
+             or r.get('forward_ok') is False or r.get('dead_params')]
     new = [n for n in timm.list_models() if n not in results and not n.startswith(PREFIX)]
     if names:
         stale, new = list(names), []
@@ -135,9 +135,11 @@ def write_markdown(results, meta, path):
     for r in results.values():
         by_module[r['module']][r['status']] += 1
     residual_cnn = {n: r for n, r in results.items() if r['status'] in ('derived', 'no rule')}
-    derived = [n for n, r in residual_cnn.items() if r['status'] == 'derived']
     real = [r for r in residual_cnn.values() if 'forward_ok' in r]
     real_ok = [r for r in real if r['forward_ok'] and not r.get('dead_params')]
+    # derived = the rules leave no shortcut AND, where built for real, the twin trains
+    derived = [n for n, r in residual_cnn.items() if r['status'] == 'derived'
+               and ('forward_ok' not in r or (r['forward_ok'] and not r.get('dead_params')))]
     lines = [
         '# Twin coverage: every architecture in timm.list_models()', '',
         f'timm {meta["timm"]}, torch {meta["torch"]}, jointrd_timm {meta["jointrd_timm"]}; '
@@ -147,8 +149,11 @@ def write_markdown(results, meta, path):
         f'Built for real and trained one step (forward finite, every parameter a non-zero gradient): '
         f'{len(real_ok)} of {len(real)} checked (twins up to 30 M parameters).', '',
         'A residual CNN is an architecture whose modules contain a shortcut addition (torch.fx, see '
-        '`jointrd_timm/twins/verify.py`) and that is not a transformer. Transformer blocks are refused by design; '
-        '"not residual" means no shortcut addition was found (plain already).', '',
+        '`jointrd_timm/twins/verify.py`) and that has no token mixer. Networks that mix tokens (self-attention '
+        'and its variants, focal modulation, recurrent / state-space mixers, MLP-Mixer token MLPs; see '
+        '`jointrd_timm.twins.derive.token_mixers`) are transformers or hybrids and refused by design, their '
+        'mixers named in the reason; "not residual" means no shortcut addition was found (plain already). '
+        '"Derived" counts a twin only if no shortcut is left and, where it was built for real, it trains.', '',
         '## By timm module', '', '| module | derived | no rule | transformer (refused) | not residual | build failed |',
         '|---|---|---|---|---|---|']
     for module in sorted(by_module, key=lambda m: (-by_module[m]['derived'], m)):
@@ -166,6 +171,15 @@ def write_markdown(results, meta, path):
         lines.append(f'- `{name}`: {why}')
     if not failed_real:
         lines.append('- none')
+    refused = defaultdict(Counter)
+    for r in results.values():
+        if r['status'] == 'transformer (refused)':
+            mixers = r['reason'].split('mixes tokens with ')[1].split(';')[0] if 'mixes tokens with ' in r['reason'] \
+                else 'transformer blocks'
+            refused[r['module']][mixers] += 1
+    lines += ['', '## Refused by design (token mixers), by module', '']
+    for module in sorted(refused):
+        lines.append(f'- {module}: ' + '; '.join(f'{m} ({c})' for m, c in refused[module].most_common()))
     lines += ['', '## Derived architectures', '', ', '.join(f'`{n}`' for n in sorted(derived))]
     path.write_text('\n'.join(lines) + '\n')
 

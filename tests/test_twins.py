@@ -12,6 +12,7 @@ from jointrd_timm import count_shortcut_additions, load_teacher_weights, make_pl
 from jointrd_timm.models.plain_twins import TWIN_MODULES
 from jointrd_timm.twins import NotResidualError, UnsupportedBlockError
 from jointrd_timm.twins.dirac import apply_dirac, fold_dirac, has_dirac
+from jointrd_timm.twins.verify import dead_parameters
 
 # One or two small architectures for every family and every rule (the coverage benchmark covers all of them).
 SAMPLE = [
@@ -25,6 +26,9 @@ SAMPLE = [
     'repvgg_a0', 'mobileone_s0', 'gernet_s', 'resnet32ts',  # byobnet
     'cspresnet50', 'cs3darknet_s',  # cspnet
     'res2net50_26w_4s', 'resnest14d', 'skresnet18', 'nf_resnet26', 'dla34', 'legacy_seresnet18', 'hrnet_w18_small',
+    # graph rules (families/graph.py)
+    'dpn48b', 'ghostnet_050', 'repvit_m0_9', 'cspnext_tiny', 'lcnetv2_small', 'starnet_s050', 'legacy_xception',
+    'poolformerv2_s12',
 ]
 INPUT = 64
 
@@ -44,8 +48,7 @@ def test_twin_forward_backward_every_gradient_nonzero(teacher):
     y = model(x)
     assert y.shape == (2, 7)
     assert torch.isfinite(y).all()
-    y.square().mean().backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    dead = dead_parameters(model, x)
     assert dead == [], f'plain_{teacher}: parameters with an all-zero gradient at init: {dead[:5]}'
 
 
@@ -210,10 +213,46 @@ def test_non_residual_model_is_refused():
         make_plain(timm.create_model('vgg11'))
 
 
+class _HomeMadeResidual(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
 def test_unsupported_block_in_strict_mode_names_the_class():
-    model = timm.create_model('dpn68')
-    with pytest.raises(UnsupportedBlockError, match=r'timm\.models\.dpn\.DualPathBlock'):
+    model = timm.create_model('resnet18')
+    model.layer2.append(_HomeMadeResidual(128))
+    with pytest.raises(UnsupportedBlockError, match=r'test_twins\._HomeMadeResidual \(first at `layer2\.2`\)'):
         make_plain(model)
+
+
+def test_attention_inside_a_graph_rule_block_is_refused():
+    """MetaFormerBlock has a graph rule for PoolFormer / ConvFormer; CAFormer's attention blocks are refused."""
+    with torch.device('meta'):
+        model = timm.create_model('caformer_s18')
+    with pytest.raises(UnsupportedBlockError, match='refused by design: MetaFormer mixes tokens with Attention'):
+        make_plain(model)
+
+
+def test_dead_parameters_tells_a_bias_under_batchnorm_from_an_unused_parameter():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net().train()
+    net(torch.randn(2, 3, 4, 4)).square().mean().backward()
+    assert net.body[0].bias.grad.abs().max() < 1e-6  # cancelled by the batch mean in train mode ...
+    dead = dead_parameters(net, torch.randn(2, 3, 4, 4))
+    assert dead == ['unused.bias', 'unused.weight']  # ... but alive in eval mode, so not dead
 
 
 def test_transformer_is_refused_by_design():

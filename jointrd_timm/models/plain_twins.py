@@ -31,6 +31,10 @@ PREFIX = 'plain_'
 TWIN_MODULES = (
     'resnet', 'cifar_resnet', 'resnetv2', 'regnet', 'efficientnet', 'mobilenetv3', 'hardcorenas', 'convnext',
     'byobnet', 'byoanet', 'cspnet', 'res2net', 'resnest', 'sknet', 'nfnet', 'dla', 'senet', 'hrnet',
+    # families made plain by graph rules (jointrd_timm/twins/families/graph.py)
+    'convmixer', 'cpubone', 'cspnext', 'dpn', 'fasternet', 'fastvit', 'ghostnet', 'hgnet', 'inception_next',
+    'inception_resnet_v2', 'lcnetv2', 'mambaout', 'metaformer', 'nasnet', 'pnasnet', 'repghost', 'repvit', 'rexnet',
+    'starnet', 'tresnet', 'vovnet', 'xception', 'xception_aligned',
 )
 # architectures of those modules whose twin does not derive, with the reason (kept by the coverage benchmark)
 _EXCLUDED: Dict[str, str] = json.loads((Path(__file__).parent / 'underivable.json').read_text())

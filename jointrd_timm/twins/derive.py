@@ -5,6 +5,7 @@ The twin keeps the teacher's stage layout, widths and parameter names; it loses 
 projection modules that only fed them. One walk over the modules applies the rule registered for each block
 class (see :mod:`jointrd_timm.twins.rules` and the per-family modules), then makes the plain blocks trainable.
 """
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -17,7 +18,7 @@ from . import families  # noqa: F401  (registers the rules)
 from .rules import get_rule
 from .verify import find_unhandled_residual_blocks, shortcut_additions
 
-__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError']
+__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers']
 
 
 class NotResidualError(ValueError):
@@ -41,12 +42,31 @@ class PlainReport:
 
 
 
-def _looks_like_transformer(block: nn.Module) -> bool:
-    """A token-mixing block: an attention child and an MLP child (transformers), or two MLP children (MLP-Mixer,
-    ResMLP, gMLP style). Convolutional blocks with one MLP (ConvNeXt-like) are not."""
-    names = [type(child).__name__.lower() for child in block.children()]
-    mlps = sum('mlp' in n for n in names)
-    return mlps >= 2 or (mlps >= 1 and any('attention' in n or 'attn' in n for n in names))
+# Token mixers: self-attention (and its linear / multi-query / cascaded / single-head variants), attention
+# replacements that mix tokens multiplicatively (focal modulation), recurrent and state-space mixers, MLP token
+# mixing. A network built on them is a transformer (or a hybrid) whatever its stem: its shortcuts carry the token
+# stream, and it is refused by design. Matched on class names, plus timm modules that are MLP-Mixers throughout.
+_TOKEN_MIXER = re.compile(r'attention|attn|gpsa|mhsa|shsa|shma|lstm|ssd|ssm|spatialgating|rotary|litemla|'
+                          r'modulation|parallelscaling', re.IGNORECASE)
+_TOKEN_MIXER_MODULES = ('timm.models.mlp_mixer',)
+# attention inside CNN blocks (squeeze-excite relatives, selective-kernel / split attention, non-local and the
+# self-attention bottlenecks of byoanet, whose blocks have their own rules): not token mixers of a transformer
+_CNN_ATTENTION = {'SelectiveKernelAttn', 'SplitAttn', 'BatNonLocalAttn', 'BilinearAttnTransform', 'NonLocalAttn',
+                  'BottleneckAttn', 'HaloAttn', 'SelfAttnBlock', 'CbamModule', 'LightCbamModule', 'ChannelAttn',
+                  'SpatialAttn', 'LightChannelAttn', 'LightSpatialAttn', 'CoordAttn'}
+
+
+def token_mixers(module: nn.Module) -> List[str]:
+    """Class names of the token-mixing modules in ``module`` (itself included); empty for a CNN."""
+    found = set()
+    for sub in module.modules():
+        cls = type(sub)
+        if cls.__name__ in _CNN_ATTENTION or cls.__module__.startswith('torch.'):
+            continue
+        if _TOKEN_MIXER.search(cls.__name__) or cls.__module__.startswith(_TOKEN_MIXER_MODULES):
+            found.add(cls.__name__)
+    return sorted(found)
+
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)
 
@@ -74,6 +94,13 @@ def _make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
         elif isinstance(module, (LayerScale, LayerScale2d)) and _tiny(module.gamma):
             nn.init.ones_(module.gamma)
             report.reinitialised.append(f'{path}.gamma (layer scale -> 1)')
+        else:  # the families' own layer scales: Scale / LayerScale2d modules, gamma_1-style parameters
+            scale_module = 'scale' in type(module).__name__.lower()
+            for param_name, param in module.named_parameters(recurse=False):
+                if (param_name.startswith('gamma') or (scale_module and param_name in ('scale', 'weight'))) \
+                        and _tiny(param):
+                    nn.init.ones_(param)
+                    report.reinitialised.append(f'{path}.{param_name} (layer scale -> 1)')
     for param_name in ('gamma', 'skipinit_gain'):
         param = getattr(block, param_name, None)
         if isinstance(param, nn.Parameter) and _tiny(param):
@@ -105,6 +132,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
     """
     model_name = type(model).__name__
     report = PlainReport()
+    refused = []
     for name, module in list(model.named_modules()):
         rule = get_rule(module)
         if rule is None:
@@ -113,9 +141,19 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             raise ValueError(
                 f'{model_name} is already plain (block {name} is a {type(module).__name__}); '
                 'make_plain runs once per model.')
+        if rule.replaces and token_mixers(module):  # e.g. MetaFormerBlock with attention (CAFormer)
+            refused.append((name, module))
+            continue
         before = {n for n, _ in module.named_children()}
         additions_before = shortcut_additions(module) or 0
-        kept = rule.apply(module, keep_projection_shortcuts)
+        if rule.replaces:
+            if not name:
+                raise ValueError(f'{model_name} is itself a {rule.name} block; make_plain needs the model around it.')
+            module, kept = rule.apply(module, keep_projection_shortcuts)
+            parent_name, _, child_name = name.rpartition('.')
+            setattr(model.get_submodule(parent_name), child_name, module)
+        else:
+            kept = rule.apply(module, keep_projection_shortcuts)
         report.shortcuts_removed += additions_before - (shortcut_additions(module) or 0)
         after = {n for n, c in module.named_children() if c is not None}
         report.removed_modules.extend(f'{name}.{n}' for n in sorted(before - after))
@@ -124,7 +162,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
         report.blocks_by_rule[rule.name] += 1
         report.rule_descriptions[rule.name] = rule.description
         _make_trainable(name, module, report)
-    unhandled = find_unhandled_residual_blocks(model)
+    unhandled = refused + find_unhandled_residual_blocks(model)
     classes = sorted({f'{type(m).__module__}.{type(m).__qualname__}' for _, m in unhandled})
     if not report.blocks_by_rule and not unhandled:
         raise NotResidualError(
@@ -132,9 +170,10 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             f'already). Pass a residual model (e.g. resnet50, regnety_016, efficientnet_b0, convnext_tiny); '
             f'`jointrd derive --list` shows every supported architecture.')
     if unhandled and (strict or not report.blocks_by_rule):
-        transformer = any(_looks_like_transformer(m) for _, m in unhandled)
-        why = (' Transformer (and MLP-Mixer) blocks are refused by design: their shortcuts carry the token stream, '
-               'and such a network without them does not train.' if transformer else
+        mixers = token_mixers(model)
+        why = (f' Transformer (and MLP-Mixer) blocks are refused by design: {model_name} mixes tokens with '
+               f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it '
+               'does not train.' if mixers else
                ' Add a rule for the class in jointrd_timm/twins/families/, or call '
                'make_plain(..., strict=False) to leave those blocks residual.')
         raise UnsupportedBlockError(

@@ -25,12 +25,15 @@ class ShortcutRule:
     Args:
         block_class: the timm class the rule applies to (matched exactly).
         apply: ``apply(block, keep_projection) -> bool`` edits the block in place and returns True when it
-            kept a projection shortcut (only possible with ``keep_projection=True``).
+            kept a projection shortcut (only possible with ``keep_projection=True``). With ``replaces=True`` it
+            returns ``(new_block, kept)`` instead, and make_plain puts ``new_block`` in the block's place.
         description: one line shown by ``jointrd derive``.
+        replaces: see ``apply`` (the graph rules of :mod:`jointrd_timm.twins.graph_rule`).
     """
     block_class: Type[nn.Module]
-    apply: Callable[[nn.Module, bool], bool]
+    apply: Callable
     description: str
+    replaces: bool = False
 
     @property
     def name(self) -> str:
@@ -52,7 +55,7 @@ def register_rule(rule: ShortcutRule) -> ShortcutRule:
 def get_rule(block: nn.Module) -> Optional[ShortcutRule]:
     """The rule for this block's exact class, or for the residual class a plain block was made from."""
     cls = type(block)
-    return _RULES.get(cls) or _PLAIN_CLASSES.get(cls)
+    return _RULES.get(cls) or _PLAIN_CLASSES.get(cls) or getattr(cls, 'jointrd_plain_rule', None)
 
 
 def rules() -> Dict[Type[nn.Module], ShortcutRule]:

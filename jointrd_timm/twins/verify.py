@@ -18,7 +18,7 @@ from torch import nn
 
 from .rules import get_rule
 
-__all__ = ['shortcut_additions', 'count_shortcut_additions', 'find_unhandled_residual_blocks',
+__all__ = ['dead_parameters', 'shortcut_additions', 'trace_block', 'find_shortcut_additions', 'count_shortcut_additions', 'find_unhandled_residual_blocks',
            'NOT_SHORTCUT_CLASSES']
 
 SHORT_PATH = 3
@@ -51,20 +51,39 @@ def _concrete_args(module: nn.Module) -> Dict[str, None]:
     return {p.name: None for p in params if p.default is None}
 
 
-def shortcut_additions(module: nn.Module) -> Optional[int]:
-    """Number of shortcut additions in ``module.forward`` (None if torch.fx cannot trace it)."""
+def trace_block(module: nn.Module) -> Optional[Tuple[fx.Graph, Dict[str, None]]]:
+    """``module``'s own forward as an fx graph (submodules opaque), or None if torch.fx cannot trace it."""
     concrete = _concrete_args(module)
     try:
-        graph = _ShallowTracer().trace(module, concrete_args=concrete)
+        return _ShallowTracer().trace(module, concrete_args=concrete), concrete
     except Exception:  # data-dependent control flow etc.: this module cannot be checked this way
         return None
+
+
+def _cost(node: fx.Node, root: Optional[nn.Module]) -> int:
+    """How much computation a node stands for: a submodule call costs 1 plus 2 per convolution / linear layer
+    inside it (an opaque ``self.rep(x)`` holding six convs outweighs ``self.skipbn(self.skip(x))``), else 1."""
+    if node.op != 'call_module' or root is None:
+        return 1
+    module = root.get_submodule(node.target)
+    return 1 + 2 * sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
+
+
+def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
+                            root: Optional[nn.Module] = None) -> List[Tuple[fx.Node, fx.Node, fx.Node]]:
+    """Every shortcut addition of a traced block (``root``) as ``(add node, shortcut operand, branch operand)``.
+
+    An addition counts when one operand is at most ``SHORT_PATH`` operations from the input and the other is
+    more. Of the two, the shortcut is the one with less computation on its path (convs weigh more than norms and
+    identities), so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
     depth: Dict[fx.Node, int] = {}
-    count = 0
+    cost: Dict[fx.Node, int] = {}
+    found = []
     for node in graph.nodes:
         if node.op == 'placeholder':
             if node.name in concrete:
                 continue
-            depth[node] = 0
+            depth[node] = cost[node] = 0
             continue
         inputs = [a for a in node.all_input_nodes if a in depth]
         if not inputs:
@@ -74,11 +93,19 @@ def shortcut_additions(module: nn.Module) -> Optional[int]:
         # additions and indexing do not transform a tensor, so they do not deepen a path
         free = is_add or node.op == 'get_attr' or (node.op == 'call_function' and node.target is operator.getitem)
         depth[node] = max(depth[a] for a in inputs) + (0 if free else 1)
+        cost[node] = max(cost[a] for a in inputs) + (0 if free else _cost(node, root))
         if is_add and len(node.args) >= 2 and all(isinstance(a, fx.Node) and a in depth for a in node.args[:2]):
-            shallow, deep = sorted(depth[a] for a in node.args[:2])
-            if shallow <= SHORT_PATH and deep > shallow:
-                count += 1
-    return count
+            a, b = node.args[:2]
+            if min(depth[a], depth[b]) <= SHORT_PATH and depth[a] != depth[b]:
+                shortcut, branch = sorted((a, b), key=lambda n: (cost[n], depth[n]))
+                found.append((node, shortcut, branch))
+    return found
+
+
+def shortcut_additions(module: nn.Module) -> Optional[int]:
+    """Number of shortcut additions in ``module.forward`` (None if torch.fx cannot trace it)."""
+    traced = trace_block(module)
+    return None if traced is None else len(find_shortcut_additions(*traced, root=module))
 
 
 def count_shortcut_additions(model: nn.Module) -> int:
@@ -105,3 +132,24 @@ def find_unhandled_residual_blocks(model: nn.Module) -> List[Tuple[str, nn.Modul
         if shortcut_additions(module):
             found.append((name, module))
     return found
+
+
+def dead_parameters(model: nn.Module, x: torch.Tensor) -> List[str]:
+    """Parameters that get an all-zero gradient from ``model(x).square().mean()`` in train mode AND in eval mode.
+
+    A bias followed by a BatchNorm gets a zero gradient in train mode (the batch mean cancels it) whatever the
+    network; in eval mode, with running statistics, it moves the output, so it is not dead. A parameter that
+    stays at zero gradient in both modes is unused or cut off: the twin would not train it."""
+    was_training = model.training
+    dead = None
+    for mode in (True, False):
+        model.train(mode)
+        model.zero_grad(set_to_none=True)
+        model(x).float().square().mean().backward()
+        zero = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())}
+        dead = zero if dead is None else dead & zero
+        if not dead:
+            break
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    return sorted(dead)

@@ -1,0 +1,100 @@
+"""Rules written once for every block whose shortcut is a plain addition in its forward: :func:`graph_rule`.
+
+Many timm blocks end in ``x = shortcut + branch`` (or ``branch + self.shortcut(x)``) with nothing in the class
+to switch it off. Instead of a hand-copied forward per class, the block's own forward is traced with torch.fx
+(its submodules kept as opaque calls, so they stay the very same module objects), each *shortcut addition*
+(see :mod:`jointrd_timm.twins.verify`) is replaced by its branch operand, and the code that only fed the
+shortcut is removed with the projection modules it used. The block becomes a ``torch.fx.GraphModule``
+(class ``PlainGraph<Block>``) under the same name in its parent: same parameter names minus the removed
+branch, TorchScript-able, deep-copyable.
+
+A class is registered only after checking that tracing it is faithful: a block that inspects its input's
+Python type or shape would be traced down one branch only. ``tests/test_graph_rules.py`` runs every
+registered class on real inputs captured from a model of its family and requires the traced (still residual)
+graph to reproduce the block exactly before the shortcut is cut.
+"""
+import copy
+from functools import lru_cache
+from typing import Tuple, Type
+
+import torch.fx as fx
+from torch import nn
+
+from .rules import ShortcutRule, register_rule
+from .verify import find_shortcut_additions, trace_block
+
+__all__ = ['graph_rule', 'PlainGraphBlock', 'plain_graph_module', 'faithful_trace']
+
+_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
+               '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
+# what a shortcut path may contain and still be an identity (not a stride/width-changing projection)
+_IDENTITY_LIKE = (nn.Identity,)
+
+
+class PlainGraphBlock(fx.GraphModule):
+    """Base class of the blocks made plain by a graph rule; ``jointrd_plain_rule`` names the rule."""
+    jointrd_plain_rule = None
+
+
+@lru_cache(maxsize=None)
+def _plain_class(block_class: Type[nn.Module]) -> type:
+    return type(f'PlainGraph{block_class.__name__}', (PlainGraphBlock,), {})
+
+
+def _is_projection(node: fx.Node, root: nn.Module) -> bool:
+    """The shortcut operand changes the tensor: some op other than an identity module lies on its path."""
+    while node.op != 'placeholder':
+        if node.op == 'call_module':
+            module = root.get_submodule(node.target)
+            if not isinstance(module, _IDENTITY_LIKE) and any(True for _ in module.parameters()) or \
+                    isinstance(module, (nn.AvgPool2d, nn.MaxPool2d, nn.Conv2d, nn.Linear)):
+                return True
+        elif node.op == 'call_function' and getattr(node.target, '__name__', '') in ('avg_pool2d', 'max_pool2d',
+                                                                                     'interpolate', 'conv2d'):
+            return True
+        inputs = node.all_input_nodes
+        if not inputs:
+            return False
+        node = inputs[0]
+    return False
+
+
+def plain_graph_module(block: nn.Module, keep_projection: bool = False) -> Tuple[nn.Module, bool]:
+    """The shortcut-free version of ``block`` as a GraphModule, and whether a projection shortcut was kept."""
+    traced = trace_block(block)
+    if traced is None:
+        raise ValueError(f'{type(block).__qualname__} cannot be traced by torch.fx, so no graph rule applies to it.')
+    graph, concrete = traced
+    kept = False
+    for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
+        if keep_projection and _is_projection(shortcut, block):
+            kept = True
+            continue
+        add.replace_all_uses_with(branch)
+        graph.erase_node(add)
+    plain = _plain_class(type(block))(block, graph, class_name=f'PlainGraph{type(block).__name__}')
+    for hooks in _HOOK_DICTS:  # hooks on the block (e.g. timm's FeatureHookNet taps) stay with it
+        if getattr(block, hooks, None):
+            setattr(plain, hooks, copy.copy(getattr(block, hooks)))
+    plain.graph.eliminate_dead_code()
+    plain.delete_all_unused_submodules()
+    plain.recompile()
+    return plain, kept
+
+
+def faithful_trace(block: nn.Module) -> fx.GraphModule:
+    """The block's traced forward, unchanged (for checking that tracing reproduces the block)."""
+    traced = trace_block(block)
+    if traced is None:
+        raise ValueError(f'{type(block).__qualname__} cannot be traced by torch.fx.')
+    return fx.GraphModule(block, traced[0])
+
+
+def graph_rule(block_class: Type[nn.Module], why: str = '') -> ShortcutRule:
+    """Register the graph rule for ``block_class`` (see the module docstring)."""
+    rule = register_rule(ShortcutRule(
+        block_class, plain_graph_module,
+        'forward traced with torch.fx; each shortcut addition replaced by its branch, the projection removed '
+        '(kept if a projection and keep_projection_shortcuts)' + (f'; {why}' if why else ''), replaces=True))
+    _plain_class(block_class).jointrd_plain_rule = rule
+    return rule
