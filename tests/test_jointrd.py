@@ -166,3 +166,22 @@ def test_config_errors():
         JointRDConfig.from_dict({'etamin': 0.5})
     with pytest.raises(ValueError, match="teacher_mode must be 'frozen' or 'joint'"):
         JointRDConfig(teacher_mode='both')
+
+
+@pytest.mark.parametrize('dirac', [False, True])
+def test_twin_initialised_from_the_teacher(dirac):
+    """jointrd_model(init_student_from_teacher=True): every twin weight that the teacher has starts equal to it
+    (through the Dirac parametrisation: the effective conv equals the teacher's conv), nothing else changes."""
+    from jointrd_timm.integrations.torchdistill import jointrd_model
+    torch.manual_seed(0)
+    model = jointrd_model(teacher=dict(model_name='resnet20_cifar', num_classes=10),
+                          student=dict(model_name='plain_resnet20_cifar', num_classes=10, dirac=dirac),
+                          init_student_from_teacher=True)
+    teacher = dict(model.teacher.named_parameters())
+    compared = 0
+    for name, module in model.student.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and f'{name}.weight' in teacher:
+            torch.testing.assert_close(module.weight, teacher[f'{name}.weight'])  # effective weight under Dirac
+            compared += 1
+    assert compared == 19  # stem + 18 block convs of resnet20 (projections are gone from the twin)
+    torch.testing.assert_close(model.student.fc.weight, teacher['fc.weight'])

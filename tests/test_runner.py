@@ -156,3 +156,17 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     train(small, device='cpu')
     train(large, device='cpu')
     assert max_diff(weights(tmp_path / 'a' / 'out'), weights(tmp_path / 'b' / 'out')) < 1e-5
+
+
+def test_dirac_twin_is_evaluated_folded_and_saved_plain(tmp_path):
+    """A Dirac-parametrised twin trains with alpha/beta; the runner also evaluates it folded into plain convs
+    (what is saved and deployed): same accuracy, and the saved weights are those of a plain twin."""
+    import timm
+    from jointrd_timm.training.checkpoint import load_weights
+    config = load_config(tiny_yaml(tmp_path, method='ce', epochs=1, limit=64), ['models.model.kwargs.dirac=true'])
+    final = train(config, output_dir=str(tmp_path / 'run'), device='cpu')
+    assert final['test_acc_folded'] == final['test_acc']
+    saved = weights(tmp_path / 'run')
+    assert not any('parametrizations' in k or k.endswith(('alpha', 'beta')) for k in saved)
+    plain = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'run' / 'model')
+    assert plain.layer1[0].conv1.weight.shape == saved['layer1.0.conv1.weight'].shape
