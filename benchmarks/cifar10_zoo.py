@@ -122,6 +122,16 @@ def write_markdown(rows, meta, args, path):
         gain = r['test_acc'] - alone
         share = f'{100 * gain / (teacher - alone):.0f} %' if label not in ('teacher', 'twin alone') else ''
         lines.append(f'| {label} | {r["test_acc"]:.2f} | {gain:+.2f} | {share} | {r["seconds_per_epoch"]} |')
+    methods = {k: v['test_acc'] for k, v in rows.items() if k not in ('teacher', 'twin alone')}
+    best = max(methods, key=methods.get)
+    worse = [k for k, v in methods.items() if v < alone]
+    lines += ['', f'Best method here: {best} ({methods[best] - alone:+.2f} points over the twin alone, closing '
+                  f'{100 * (methods[best] - alone) / (teacher - alone):.0f} % of the gap to the teacher). '
+                  f'Below the twin alone: {", ".join(worse) or "none"}. One seed per row: differences of about a '
+                  f'point are within seed noise at this budget (recipe_ablation.md measures the spread).']
+    lines += ['', 's / epoch is the wall time of each run as recorded; the rows ran at different times and some '
+                  'shared the 2 cores with other jobs, so it is not a cost comparison (side-by-side step costs: '
+                  '`training_cost.md`).']
     xu = XU2017_CIFAR10_ERROR
     lines += ['', 'For reference, Xu et al. 2017 (CIFAR-10, WRN-40-10 teacher -> WRN-10-4 student, full training set, '
                   'about 200 epochs on GPUs, median of 5 runs; a residual student, not a plain one). A different '

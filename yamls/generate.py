@@ -13,15 +13,15 @@ RECIPES = {
     'cifar10': dict(root='../shared/datasets/cifar10', image_column='img', label_column='label', num_classes=10,
                     test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                     milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                    feature_loss_weight=0.0, dirac=False, workers=2),
+                    feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=False, workers=2),
     'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
                      test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                      milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                     feature_loss_weight=0.0, dirac=False, workers=2),
+                     feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=False, workers=2),
     'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
                      test_split='validation', recipe='imagenet', input_size=224, epochs=120, batch=512, lr=0.2,
                      milestones='[30, 60, 90]', step_size=30, weight_decay=1e-4, eta_min=0.005, eta_horizon=60,
-                     feature_loss_weight=1e-4, dirac=True, workers=8),
+                     feature_loss_weight=1e-4, dirac=True, kd_weight=0.0, init_from_teacher=False, workers=8),
 }
 ARCHS = {'cifar10': ['resnet18_cifar', 'resnet34_cifar', 'resnet50_cifar', 'resnet56_cifar', 'resnet110_cifar'],
          'imagenet': ['resnet18', 'resnet34', 'resnet50']}
@@ -88,8 +88,8 @@ def render(dataset: str, arch: str, method: str) -> str:
         feature_loss: 'margin'
         teacher_mode: 'frozen'
         hybrid_paths:
-        kd_weight: 0.0
-      init_student_from_teacher: False
+        kd_weight: {r['kd_weight']}
+      init_student_from_teacher: {r['init_from_teacher']}
     dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
         proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_target'"
         criterion = """        jointrd:
