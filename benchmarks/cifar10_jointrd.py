@@ -12,7 +12,6 @@ Budget (default): 8,000 training images (seeded subset), 5 epochs, batch 128, SG
 wd 5e-4, random crop + flip. JointRD: eta from 1 to 0.5 over the first 30 % of the run (the reference's 60 of 200
 epochs), lambda 0 (reference CIFAR setting).
 """
-import argparse
 import json
 import platform
 import time
@@ -20,42 +19,26 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
-    parser.add_argument('--arch', default='resnet56_cifar')
-    parser.add_argument('--train-size', type=int, default=8000)
-    parser.add_argument('--val-size', type=int, default=2000)
-    parser.add_argument('--epochs', type=int, default=5)
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--lr', type=float, default=0.1)
+    parser = budget_parser(__doc__, 'cifar10_jointrd')
     parser.add_argument('--eta-min', type=float, default=0.5)
     parser.add_argument('--eta-horizon-fraction', type=float, default=0.3)
     parser.add_argument('--feature-loss-weight', type=float, default=0.0)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--name', default='cifar10_jointrd')
     parser.add_argument('--add-sampled-row', action='store_true',
                         help='add the row "twin + JointRD (1 sampled path)" to the recorded results, reusing the '
                              'recorded teacher (same data, recipe and budget)')
-    parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
     args = parser.parse_args()
 
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
-    from jointrd_timm.training.data import load_image_dataset
     from jointrd_timm.training.runner import train
 
     torch.set_num_threads(2)
-    fraction = args.val_size / 50000
-    train_set = load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
-                                   limit=args.train_size, seed=args.seed)
-    val_set = load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
-                                 part='val', seed=args.seed)
-    test_set = load_image_dataset(args.data, 'test', recipe='cifar')
+    train_set, val_set, test_set = cifar_splits(args, args.seed)
     work = Path(args.work_dir) / args.name
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
                   num_workers=args.workers, val_set=val_set)
@@ -86,8 +69,7 @@ def main():
         run('twin alone', dict(key='timm_model', kwargs=dict(model_name=f'plain_{args.arch}', **common)), 'ce')
         run('twin + JointRD', jointrd(), 'jointrd')
 
-    meta = dict(command='python benchmarks/cifar10_jointrd.py ' + ' '.join(
-                    f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if k not in ('data', 'work_dir')),
+    meta = dict(command=command_line('cifar10_jointrd.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
                 date=time.strftime('%Y-%m-%d'))

@@ -17,7 +17,6 @@ Budget (default, = cifar10_jointrd.py): 8,000 training images (seeded subset), 5
 lr 0.1 cosine to 0, wd 5e-4, random crop + flip. Discriminators: SGD lr 1e-3, momentum 0.9, wd 0, cosine on the
 student's schedule.
 """
-import argparse
 import json
 import platform
 import time
@@ -25,41 +24,25 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line
 
 # Xu et al. 2017, Table 1 (error %, median of 5 runs; WRN-40-10 teacher, WRN-10-4 student, full CIFAR, ~200 epochs)
 XU2017_CIFAR10_ERROR = {'student alone': 7.46, 'best KD': 6.94, 'conditional adversarial KD': 6.09, 'teacher': 4.19}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
-    parser.add_argument('--arch', default='resnet56_cifar')
-    parser.add_argument('--train-size', type=int, default=8000)
-    parser.add_argument('--val-size', type=int, default=2000)
-    parser.add_argument('--epochs', type=int, default=5)
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--lr', type=float, default=0.1)
+    parser = budget_parser(__doc__, 'cifar10_zoo')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--name', default='cifar10_zoo')
     parser.add_argument('--work-name', default='cifar10_jointrd',
                         help='run folder under --work-dir (shared with cifar10_jointrd.py: same rows are reused)')
-    parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
     args = parser.parse_args()
 
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
-    from jointrd_timm.training.data import load_image_dataset
     from jointrd_timm.training.runner import train
 
     torch.set_num_threads(2)
-    fraction = args.val_size / 50000
-    train_set = load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
-                                   limit=args.train_size, seed=args.seed)
-    val_set = load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
-                                 part='val', seed=args.seed)
-    test_set = load_image_dataset(args.data, 'test', recipe='cifar')
+    train_set, val_set, test_set = cifar_splits(args, args.seed)
     work = Path(args.work_dir) / args.work_name
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
                   num_workers=args.workers, val_set=val_set)
@@ -98,8 +81,7 @@ def main():
         teacher=teacher_kwargs, student=twin,
         jointrd=dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))), 'jointrd')
 
-    meta = dict(command='python benchmarks/cifar10_zoo.py ' + ' '.join(
-                    f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items() if k not in ('data', 'work_dir')),
+    meta = dict(command=command_line('cifar10_zoo.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
                 date=time.strftime('%Y-%m-%d'))

@@ -13,7 +13,6 @@ back, so the script resumes and can be stopped at any time: results are rewritte
     python benchmarks/recipe_ablation.py                     # every row, seeds 0 and 1 (~3 h on 2 cores)
     python benchmarks/recipe_ablation.py --rows "twin alone + Dirac" "JointRD + Dirac" --seeds 0 1
 """
-import argparse
 import json
 import platform
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line
 
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
 
@@ -51,27 +50,16 @@ SHARED_FOLDERS = {('twin alone', 0): 'twin alone', ('JointRD (reference loss)', 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
-    parser.add_argument('--arch', default='resnet56_cifar')
-    parser.add_argument('--train-size', type=int, default=8000)
-    parser.add_argument('--val-size', type=int, default=2000)
-    parser.add_argument('--epochs', type=int, default=5)
-    parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--lr', type=float, default=0.1)
+    parser = budget_parser(__doc__, 'recipe_ablation')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     parser.add_argument('--rows', nargs='+', default=None, help='row labels to run (default: all, in order)')
     parser.add_argument('--seed-major', action='store_true',
                         help='run every row with the first seed before any second seed')
-    parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--name', default='recipe_ablation')
     parser.add_argument('--work-name', default='cifar10_jointrd')
-    parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
     args = parser.parse_args()
 
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
-    from jointrd_timm.training.data import load_image_dataset
     from jointrd_timm.training.runner import train
 
     torch.set_num_threads(2)
@@ -80,7 +68,6 @@ def main():
     unknown = [x for x in labels if x not in spec]
     if unknown:
         parser.error(f'unknown row(s) {unknown}; rows: {list(spec)}')
-    fraction = args.val_size / 50000
     work = Path(args.work_dir) / args.work_name
     out = ROOT / 'benchmarks/results'
     teacher_ckpt = work / 'teacher' / 'model'
@@ -96,12 +83,7 @@ def main():
     def datasets(seed):
         if seed not in data_cache:
             data_cache.clear()
-            data_cache[seed] = (
-                load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
-                                   limit=args.train_size, seed=seed),
-                load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
-                                   part='val', seed=seed),
-                load_image_dataset(args.data, 'test', recipe='cifar'))
+            data_cache[seed] = cifar_splits(args, seed)
         return data_cache[seed]
 
     order = [(label, seed) for seed in args.seeds for label in labels] if args.seed_major else \
@@ -147,9 +129,7 @@ def summarise(runs, spec):
 
 def write(runs, spec, teacher_final, args, out):
     table = summarise(runs, spec)
-    meta = dict(command='python benchmarks/recipe_ablation.py ' + ' '.join(
-                    f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
-                    for k, v in vars(args).items() if k not in ('data', 'work_dir', 'rows') and v is not None),
+    meta = dict(command=command_line('recipe_ablation.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr '
                        f'{args.lr}', date=time.strftime('%Y-%m-%d'))

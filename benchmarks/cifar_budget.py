@@ -1,0 +1,47 @@
+"""What the CIFAR-10 benchmarks share: the CPU budget's arguments, the data splits, the command line recorded.
+
+cifar10_jointrd.py, cifar10_zoo.py and recipe_ablation.py train on the same seeded subset with the same recipe
+and share one work folder, so a run finished by one of them is read back by the others.
+"""
+import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def budget_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The arguments every CIFAR-10 benchmark takes (data, pair, budget, output names)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
+    parser.add_argument('--arch', default='resnet56_cifar')
+    parser.add_argument('--train-size', type=int, default=8000)
+    parser.add_argument('--val-size', type=int, default=2000)
+    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--name', default=name, help='results file name under benchmarks/results/')
+    parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
+    return parser
+
+
+def cifar_splits(args, seed: int):
+    """(train subset, held-out validation split of train, full test set), seeded."""
+    from jointrd_timm.training.data import load_image_dataset
+    fraction = args.val_size / 50000
+    train_set = load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
+                                   limit=args.train_size, seed=seed)
+    val_set = load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
+                                 part='val', seed=seed)
+    return train_set, val_set, load_image_dataset(args.data, 'test', recipe='cifar')
+
+
+def command_line(script: str, args) -> str:
+    """The command that reproduces a run (machine-specific paths left out)."""
+    parts = []
+    for key, value in vars(args).items():
+        if key in ('data', 'work_dir') or value is None:
+            continue
+        value = ' '.join(f'"{v}"' if ' ' in str(v) else str(v) for v in value) if isinstance(value, list) else value
+        parts.append(f'--{key.replace("_", "-")} {value}')
+    return f'python benchmarks/{script} ' + ' '.join(parts)
