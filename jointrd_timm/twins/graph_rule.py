@@ -27,10 +27,6 @@ __all__ = ['graph_rule', 'PlainGraphBlock', 'plain_graph_module', 'faithful_trac
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
                '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
-# what a shortcut path may contain and still be an identity (not a stride/width-changing projection)
-_IDENTITY_LIKE = (nn.Identity,)
-
-
 class PlainGraphBlock(fx.GraphModule):
     """Base class of the blocks made plain by a graph rule; ``jointrd_plain_rule`` names the rule."""
     jointrd_plain_rule = None
@@ -41,16 +37,18 @@ def _plain_class(block_class: Type[nn.Module]) -> type:
     return type(f'PlainGraph{block_class.__name__}', (PlainGraphBlock,), {})
 
 
+_RESAMPLING = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.MaxPool2d)
+
+
 def _is_projection(node: fx.Node, root: nn.Module) -> bool:
-    """The shortcut operand changes the tensor: some op other than an identity module lies on its path."""
+    """The shortcut operand changes stride or width: a conv, linear or pooling lies on its path (a norm alone, as
+    in a re-parameterisable block's identity-BN branch, does not make a projection)."""
     while node.op != 'placeholder':
         if node.op == 'call_module':
-            module = root.get_submodule(node.target)
-            if not isinstance(module, _IDENTITY_LIKE) and any(True for _ in module.parameters()) or \
-                    isinstance(module, (nn.AvgPool2d, nn.MaxPool2d, nn.Conv2d, nn.Linear)):
+            if any(isinstance(m, _RESAMPLING) for m in root.get_submodule(node.target).modules()):
                 return True
-        elif node.op == 'call_function' and getattr(node.target, '__name__', '') in ('avg_pool2d', 'max_pool2d',
-                                                                                     'interpolate', 'conv2d'):
+        elif node.op == 'call_function' and getattr(node.target, '__name__', '') in (
+                'avg_pool2d', 'max_pool2d', 'adaptive_avg_pool2d', 'interpolate', 'conv2d', 'linear'):
             return True
         inputs = node.all_input_nodes
         if not inputs:
