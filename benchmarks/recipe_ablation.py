@@ -40,13 +40,15 @@ def rows_spec():
         'JointRD + Dirac + margin (lambda 1e-3)': ('jointrd', dict(dirac=True), dict(ref, feature_loss_weight=1e-3), {}),
         'JointRD + Dirac, eta to 0 over 60 %': ('jointrd', dict(dirac=True),
                                                  dict(ref, eta_min=0.0, eta_horizon_fraction=0.6), {}),
+        'JointRD, 1 sampled path': ('jointrd', {}, dict(ref, hybrid_paths=1), {}),
         'JointRD + Dirac, 1 sampled path': ('jointrd', dict(dirac=True), dict(ref, hybrid_paths=1), {}),
         'JointRD, projections kept (paper variant)': ('jointrd', dict(keep_projection_shortcuts=True), ref, {}),
     }
 
 
 # runs recorded by cifar10_jointrd.py with exactly these settings (seed 0): reused, not retrained
-SHARED_FOLDERS = {('twin alone', 0): 'twin alone', ('JointRD (reference loss)', 0): 'twin + JointRD'}
+SHARED_FOLDERS = {('twin alone', 0): 'twin alone', ('JointRD (reference loss)', 0): 'twin + JointRD',
+                  ('JointRD, 1 sampled path', 0): 'twin + JointRD (1 sampled path)'}
 
 
 def main():
