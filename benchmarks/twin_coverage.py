@@ -174,8 +174,11 @@ def write_markdown(results, meta, path):
     refused = defaultdict(Counter)
     for r in results.values():
         if r['status'] == 'transformer (refused)':
-            mixers = r['reason'].split('mixes tokens with ')[1].split(';')[0] if 'mixes tokens with ' in r['reason'] \
-                else 'transformer blocks'
+            mixers = 'transformer blocks'
+            if 'mixes tokens with ' in r['reason']:
+                text = r['reason'].split('mixes tokens with ')[1]
+                # the recorded reason is cut at 300 characters: keep only the mixer names that are whole
+                mixers = text.split(';')[0] if ';' in text else (', '.join(text.split(', ')[:-1]) or text) + ' ...'
             refused[r['module']][mixers] += 1
     lines += ['', '## Refused by design (token mixers), by module', '']
     for module in sorted(refused):

@@ -33,7 +33,7 @@ TWIN_MODULES = (
     'byobnet', 'byoanet', 'cspnet', 'res2net', 'resnest', 'sknet', 'nfnet', 'dla', 'senet', 'hrnet',
     # families made plain by graph rules (jointrd_timm/twins/families/graph.py)
     'convmixer', 'cpubone', 'cspnext', 'dpn', 'fasternet', 'fastvit', 'ghostnet', 'hgnet', 'inception_next',
-    'inception_resnet_v2', 'lcnetv2', 'mambaout', 'metaformer', 'nasnet', 'pnasnet', 'repghost', 'repvit', 'rexnet',
+    'inception_resnet_v2', 'lcnetv2', 'lowformer', 'mambaout', 'metaformer', 'nasnet', 'pnasnet', 'repghost', 'repvit', 'rexnet',
     'starnet', 'tresnet', 'vovnet', 'xception', 'xception_aligned',
 )
 # architectures of those modules whose twin does not derive, with the reason (kept by the coverage benchmark)

@@ -81,7 +81,8 @@ def _make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
             setattr(block, child_name, nn.Identity())
     for sub_name, module in block.named_modules():
         path = f'{name}.{sub_name}' if sub_name else name
-        if isinstance(module, _NORMS) and module.weight is not None and _all_zero(module.weight):
+        is_norm = isinstance(module, _NORMS) or 'norm' in type(module).__name__.lower()  # EvoNorm, FRN, ...
+        if is_norm and isinstance(getattr(module, 'weight', None), nn.Parameter) and _all_zero(module.weight):
             nn.init.ones_(module.weight)
             report.reinitialised.append(f'{path}.weight (zero-init norm -> 1)')
         elif isinstance(module, nn.Conv2d) and _all_zero(module.weight):

@@ -38,6 +38,7 @@ GRAPH_RULE_CLASSES = {
     'timm.models.inception_next': ['MetaNeXtBlock'],
     'timm.models.inception_resnet_v2': ['Block35', 'Block17', 'Block8'],
     'timm.models.lcnetv2': ['RepDepthwiseSeparable'],
+    'timm.models.lowformer': ['ResidualBlock'],  # LowFormer-E (no attention); the other LowFormers are refused
     'timm.models.mambaout': ['GatedConvBlock'],
     'timm.models.metaformer': ['MetaFormerBlock'],
     'timm.models.nasnet': ['CellStem0', 'CellStem1', 'FirstCell', 'NormalCell', 'ReductionCell0', 'ReductionCell1'],
