@@ -27,6 +27,8 @@ __all__ = ['graph_rule', 'PlainGraphBlock', 'plain_graph_module', 'faithful_trac
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
                '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
+
+
 class PlainGraphBlock(fx.GraphModule):
     """Base class of the blocks made plain by a graph rule; ``jointrd_plain_rule`` names the rule."""
     jointrd_plain_rule = None
