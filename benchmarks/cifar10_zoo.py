@@ -109,8 +109,7 @@ def write_markdown(rows, meta, args, path):
     worse = [k for k, v in methods.items() if v < alone]
     lines += ['', f'Best method here: {best} ({methods[best] - alone:+.2f} points over the twin alone, closing '
                   f'{100 * (methods[best] - alone) / (teacher - alone):.0f} % of the gap to the teacher). '
-                  f'Below the twin alone: {", ".join(worse) or "none"}. One seed per row: differences of about a '
-                  f'point are within seed noise at this budget (recipe_ablation.md measures the spread).']
+                  f'Below the twin alone: {", ".join(worse) or "none"}. {_seed_noise()}']
     lines += ['', 's / epoch is the wall time of each run as recorded; the rows ran at different times and some '
                   'shared the 2 cores with other jobs, so it is not a cost comparison (side-by-side step costs: '
                   '`training_cost.md`).']
@@ -121,6 +120,18 @@ def write_markdown(rows, meta, args, path):
               '| Xu et al. row | error % | accuracy % |', '|---|---|---|']
     lines += [f'| {k} | {v:.2f} | {100 - v:.2f} |' for k, v in xu.items()]
     path.write_text('\n'.join(lines) + '\n')
+
+
+def _seed_noise() -> str:
+    """What two seeds of the same row differ by, from recipe_ablation.py's runs on the same budget."""
+    path = ROOT / 'benchmarks/results/recipe_ablation.json'
+    runs = json.loads(path.read_text())['runs'] if path.is_file() else {}
+    alone = sorted(r['test_acc'] for r in runs.values() if r['label'] == 'twin alone')
+    if len(alone) < 2:
+        return 'One seed per row: small differences may be seed noise (recipe_ablation.md measures the spread).'
+    return (f'One seed per row, and seed noise is large at this budget: the twin alone scores '
+            f'{" / ".join(f"{a:.2f}" for a in alone)} % over {len(alone)} seeds (recipe_ablation.md, range '
+            f'{alone[-1] - alone[0]:.2f} points), so only differences well beyond that are findings.')
 
 
 def plot(rows, path, title):
