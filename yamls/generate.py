@@ -2,8 +2,11 @@
 
     python yamls/generate.py
 
-Methods: ``ce`` (residual teacher, cross-entropy), ``plain`` (the twin alone, same recipe), ``jointrd`` (the twin
-with JointRD from the ``ce`` run's teacher). Hyperparameters are the JointRD reference's (jointrd-method.md).
+Methods: ``ce`` (residual teacher, cross-entropy), ``plain`` (the twin alone, same recipe and ingredients),
+``jointrd`` (the twin with JointRD from the ``ce`` run's teacher). Hyperparameters are the JointRD reference's
+(jointrd-method.md), plus our default from benchmarks/results/recipe_ablation.md: the twin's convs are
+Dirac-parametrised while training on CIFAR too (folded into plain convs when saved); ``dirac: False`` gives the
+reference recipe.
 """
 from pathlib import Path
 
@@ -13,11 +16,11 @@ RECIPES = {
     'cifar10': dict(root='../shared/datasets/cifar10', image_column='img', label_column='label', num_classes=10,
                     test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                     milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                    feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=False, workers=2),
+                    feature_loss_weight=0.0, dirac=True, kd_weight=0.0, init_from_teacher=False, workers=2),
     'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
                      test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                      milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                     feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=False, workers=2),
+                     feature_loss_weight=0.0, dirac=True, kd_weight=0.0, init_from_teacher=False, workers=2),
     'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
                      test_split='validation', recipe='imagenet', input_size=224, epochs=120, batch=512, lr=0.2,
                      milestones='[30, 60, 90]', step_size=30, weight_decay=1e-4, eta_min=0.005, eta_horizon=60,
