@@ -137,12 +137,15 @@ def write(runs, spec, teacher_final, args, out):
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr '
                        f'{args.lr}', date=time.strftime('%Y-%m-%d'))
     teacher = teacher_final['test_acc']
-    (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, teacher_test_acc=teacher, runs=runs,
-                                                           table=table), indent=1))
+    path = out / f'{args.name}.json'
+    commands = json.loads(path.read_text())['meta'].get('commands', []) if path.is_file() else []
+    meta['commands'] = commands + [meta['command']] if meta['command'] not in commands else commands
+    path.write_text(json.dumps(dict(meta=meta, teacher_test_acc=teacher, runs=runs, table=table), indent=1))
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
-             f'{meta["date"]}. Command: `{meta["command"]}`. Teacher ({args.arch}, cross-entropy, same budget, '
+             f'{meta["date"]}. Commands (every run recorded here; finished runs are read back): '
+             + '; '.join(f'`{c}`' for c in meta['commands']) + f'. Teacher ({args.arch}, cross-entropy, same budget, '
              f'seed 0): **{teacher:.2f} %** test accuracy.', '',
              'Accuracy: last epoch, full 10k test set, mean over seeds with half the range (n = seeds). '
              'Dirac rows: evaluated with the parametrisation folded into plain convs.', '',
