@@ -9,6 +9,7 @@ import timm
 import torch
 
 from conftest import ROOT, tiny_yaml
+import jointrd_timm.integrations.torchdistill  # noqa: F401,E402  (registers the models, also when this file runs alone)
 
 YAMLS = sorted((ROOT / 'yamls').rglob('*.yaml'))
 
