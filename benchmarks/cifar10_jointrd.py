@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, read_run
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
     def run(label, model, method):
         start = time.time()
         final = train(make_config(train_set, test_set, model, method, output_dir=str(work / label), **recipe))
-        curve = [json.loads(x) for x in (work / label / 'metrics.jsonl').read_text().splitlines()]
+        curve = read_run(work / label)[1]
         rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
                            train_loss=[c['train_loss'] for c in curve], seconds=round(time.time() - start),
                            seconds_per_epoch=round(sum(c['seconds'] for c in curve) / len(curve), 1))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
 
 # Xu et al. 2017, Table 1 (error %, median of 5 runs; WRN-40-10 teacher, WRN-10-4 student, full CIFAR, ~200 epochs)
 XU2017_CIFAR10_ERROR = {'student alone': 7.46, 'best KD': 6.94, 'conditional adversarial KD': 6.09, 'teacher': 4.19}
@@ -56,12 +56,11 @@ def main():
 
     def run(label, model, method, **extra):
         folder = work / label
-        if (folder / 'final.json').is_file():
+        if finished(folder):
             print(f'{label}: finished run found in {folder}, read back', flush=True)
         else:
             train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe, **extra))
-        final = json.loads((folder / 'final.json').read_text())
-        curve = [json.loads(x) for x in (folder / 'metrics.jsonl').read_text().splitlines()]
+        final, curve = read_run(folder)
         rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
                            train_loss=[c['train_loss'] for c in curve],
                            seconds_per_epoch=round(sum(c['seconds'] for c in curve) / len(curve), 1))

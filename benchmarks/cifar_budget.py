@@ -4,6 +4,7 @@ cifar10_jointrd.py, cifar10_zoo.py and recipe_ablation.py train on the same seed
 and share one work folder, so a run finished by one of them is read back by the others.
 """
 import argparse
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +46,16 @@ def command_line(script: str, args) -> str:
         value = ' '.join(f'"{v}"' if ' ' in str(v) else str(v) for v in value) if isinstance(value, list) else value
         parts.append(f'--{key.replace("_", "-")} {value}')
     return f'python benchmarks/{script} ' + ' '.join(parts)
+
+
+def finished(folder: Path) -> bool:
+    """A runner output folder holds a finished run (its final.json is written last)."""
+    return (Path(folder) / 'final.json').is_file()
+
+
+def read_run(folder: Path):
+    """A finished run's final metrics and its per-epoch records (metrics.jsonl)."""
+    folder = Path(folder)
+    final = json.loads((folder / 'final.json').read_text())
+    curve = [json.loads(x) for x in (folder / 'metrics.jsonl').read_text().splitlines()]
+    return final, curve

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
 
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
 
@@ -93,7 +93,7 @@ def main():
     for label, seed in order:
         method, student_extra, jointrd, extras = spec[label]
         folder = work / SHARED_FOLDERS.get((label, seed), f'ablation/{label} s{seed}')
-        if not (folder / 'final.json').is_file():
+        if not finished(folder):
             train_set, val_set, test_set = datasets(seed)
             student = dict(model_name=f'plain_{args.arch}', **common, **student_extra)
             if method == 'ce':
@@ -107,8 +107,7 @@ def main():
                               lr=args.lr, weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
                               output_dir=str(folder)))
             print(f'{label} seed {seed}: {time.time() - start:.0f} s', flush=True)
-        final = json.loads((folder / 'final.json').read_text())
-        curve = [json.loads(x) for x in (folder / 'metrics.jsonl').read_text().splitlines()]
+        final, curve = read_run(folder)
         runs[f'{label} s{seed}'] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),
                                         test_acc_unfolded=final['test_acc'],
                                         test_acc_folded=final.get('test_acc_folded'),
