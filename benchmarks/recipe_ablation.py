@@ -43,6 +43,16 @@ def rows_spec():
         'JointRD, 1 sampled path': ('jointrd', {}, dict(ref, hybrid_paths=1), {}),
         'JointRD + Dirac, 1 sampled path': ('jointrd', dict(dirac=True), dict(ref, hybrid_paths=1), {}),
         'JointRD, projections kept (paper variant)': ('jointrd', dict(keep_projection_shortcuts=True), ref, {}),
+        # shortcut fading (Monti et al. 2018): the twin starts as the teacher (its weights, shortcuts scaled by s = 1)
+        # and s fades to 0 over the first half of the run; deployed with the shortcuts removed
+        'JointRD + fade + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5),
+                                          dict(init_student_from_teacher=True)),
+        'twin alone + fade + teacher init': ('ce', {}, None, dict(shortcut_fade=0.5, teacher_init=True)),
+        'JointRD + Dirac + fade + teacher init': ('jointrd', dict(dirac=True, shortcut_fade=True),
+                                                  dict(ref, shortcut_fade=0.5), dict(init_student_from_teacher=True)),
+        'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
+        # control: the residual teacher itself trained for the same extra budget from its own weights
+        'control: teacher + same budget again (residual)': ('ce', {}, None, dict(continue_teacher=True)),
     }
 
 
@@ -96,7 +106,13 @@ def main():
         if not finished(folder):
             train_set, val_set, test_set = datasets(seed)
             student = dict(model_name=f'plain_{args.arch}', **common, **student_extra)
-            if method == 'ce':
+            if extras.get('continue_teacher'):
+                model = dict(key='timm_model', kwargs=dict(model_name=args.arch, checkpoint=str(teacher_ckpt), **common))
+            elif 'shortcut_fade' in extras:
+                model = dict(key='fading_model', kwargs=dict(
+                    student=student, shortcut_fade=extras['shortcut_fade'],
+                    teacher_checkpoint=str(teacher_ckpt) if extras.get('teacher_init') else None))
+            elif method == 'ce':
                 model = dict(key='timm_model', kwargs=student)
             else:
                 model = dict(key='jointrd_model', kwargs=dict(

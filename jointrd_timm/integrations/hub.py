@@ -3,7 +3,6 @@
 Saving folds what only exists for training (Dirac parametrisation) so the files hold a plain, deployable twin
 that ``timm.create_model('local-dir:<folder>', pretrained=True)`` or ``'hf-hub:org/name'`` loads back.
 """
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from ..training.checkpoint import atomic_write
-from ..twins.dirac import fold_dirac, has_dirac
+from ..twins.fade import deployable
 
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model', 'evaluate_model']
 
@@ -22,11 +21,11 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder."""
     from timm.models import save_for_hf
     folder = Path(folder)
-    if has_dirac(model):
-        model = fold_dirac(copy.deepcopy(model))
+    model = deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
     model_args = dict(getattr(model, 'pretrained_model_args', None) or {})
-    if 'dirac' in model_args:
-        model_args['dirac'] = False  # folded: plain convs now
+    for folded in ('dirac', 'shortcut_fade'):
+        if folded in model_args:
+            model_args[folded] = False
     model_args['num_classes'] = getattr(model, 'num_classes', None)
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if hasattr(model, 'pretrained_cfg') else 3
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)

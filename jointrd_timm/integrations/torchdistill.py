@@ -2,7 +2,8 @@
 
 Registered here:
 * models ``timm_model`` (any timm or plain_* model, optional safetensors checkpoint), ``jointrd_model``
-  (teacher + twin as one :class:`~jointrd_timm.methods.JointRD` module), ``cakd_model`` (conditional adversarial
+  (teacher + twin as one :class:`~jointrd_timm.methods.JointRD` module), ``fading_model`` (a twin whose
+  shortcuts fade out, trained alone), ``cakd_model`` (conditional adversarial
   KD, Xu et al. 2017) and ``aps_model`` (adversarial portable students, Wang et al. 2018);
 * the mid-level loss ``MethodLoss`` (alias ``JointRDLoss``): reads the loss these modules compute in their forward;
 * the pre-epoch process ``jointrd_pre_epoch_process``: torchdistill's default, then ``set_epoch`` on the module
@@ -27,10 +28,12 @@ from torchdistill.models.registry import register_model
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
 from ..methods.jointrd import JointRD, JointRDConfig
+from ..models.plain_twins import teacher_of
+from ..twins.fade import FadingStudent
 from ..twins.transfer import load_teacher_weights
 from ..training.checkpoint import load_weights
 
-__all__ = ['timm_model', 'jointrd_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
+__all__ = ['timm_model', 'jointrd_model', 'fading_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
            'unwrap']
 
 
@@ -74,6 +77,24 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
         student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
         student['model_name'] = 'plain_' + teacher['model_name']
     return teacher_model, timm_model(**student)
+
+
+@register_model
+def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None) -> FadingStudent:
+    """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.twins.fade.FadingStudent`).
+
+    Args:
+        student: kwargs of :func:`timm_model` for the twin; ``shortcut_fade=True`` is implied.
+        shortcut_fade: fraction of the run over which the shortcut scale goes from 1 to 0.
+        teacher_checkpoint: start from these teacher weights (a .safetensors file or a runner output folder).
+    """
+    model = timm_model(**dict(student, shortcut_fade=True))
+    if teacher_checkpoint:
+        teacher = timm.create_model(teacher_of(student['model_name']),
+                                    **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
+        load_weights(teacher, teacher_checkpoint)
+        load_teacher_weights(model, teacher)
+    return FadingStudent(model, shortcut_fade)
 
 
 @register_model

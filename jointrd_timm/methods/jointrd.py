@@ -31,6 +31,7 @@ from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminat
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from .schedules import eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
+from ..twins.fade import is_fading, scheduled_scale, set_shortcut_scale
 
 __all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss']
 
@@ -52,6 +53,9 @@ class JointRDConfig:
         kd_weight, kd_temperature: optional Hinton KD on the student's logits (0: off, as in the paper).
         adversarial_weight, discriminator, adversarial_non_saturating: our "beyond": add Xu et al.'s conditional
             adversarial term on the twin's logits (a LogitDiscriminator trained alternately, D first; 0: off).
+        shortcut_fade: fraction of the run over which a *fading* twin's shortcut scale s goes from 1 to 0 (cosine,
+            per step; None: off). The student must be built with ``shortcut_fade=True``
+            (:mod:`jointrd_timm.twins.fade`, Monti et al. 2018); it is deployed with the shortcuts removed.
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -66,6 +70,7 @@ class JointRDConfig:
     adversarial_weight: float = 0.0
     discriminator: Optional[Dict] = None
     adversarial_non_saturating: bool = True
+    shortcut_fade: Optional[float] = None
 
     def __post_init__(self):
         if not 0.0 <= self.eta_min <= 1.0:
@@ -78,6 +83,8 @@ class JointRDConfig:
             raise ValueError(f'hybrid_paths must be >= 1 or None (all paths), got {self.hybrid_paths}.')
         if self.eta_horizon_fraction is not None and not 0 < self.eta_horizon_fraction <= 1:
             raise ValueError(f'eta_horizon_fraction must be in (0, 1], got {self.eta_horizon_fraction}.')
+        if self.shortcut_fade is not None and not 0 < self.shortcut_fade <= 1:
+            raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run) or None, got {self.shortcut_fade}.')
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'JointRDConfig':
@@ -123,6 +130,13 @@ class JointRD(nn.Module):
         self.student_stages = StageSplit(student, probe)
         self.teacher_stages = StageSplit(teacher, probe)
         self._check_layouts()
+        fading = is_fading(student)
+        if fading != (self.config.shortcut_fade is not None):
+            raise ValueError(
+                'The student has fading shortcuts but JointRDConfig.shortcut_fade is not set (give the fraction of the '
+                'run over which they fade, e.g. 0.5)' if fading else
+                f'JointRDConfig.shortcut_fade={self.config.shortcut_fade} needs a fading student: build it with '
+                "timm.create_model('plain_<arch>', shortcut_fade=True).")
         self.num_stages = self.student_stages.num_stages
         if self.config.teacher_mode == 'frozen':
             teacher.requires_grad_(False)
@@ -182,6 +196,15 @@ class JointRD(nn.Module):
         self.step_in_epoch.zero_()
         self.steps_per_epoch.fill_(steps_per_epoch)
         self.num_epochs.fill_(num_epochs)
+        if self.config.shortcut_fade is not None:
+            set_shortcut_scale(self.student, self.shortcut_scale)
+
+    @property
+    def shortcut_scale(self) -> Optional[float]:
+        """The fading twin's shortcut scale s at this point of training (None without a fade)."""
+        if self.config.shortcut_fade is None:
+            return None
+        return scheduled_scale(self, self.config.shortcut_fade)
 
     @property
     def progress(self) -> float:
@@ -229,6 +252,8 @@ class JointRD(nn.Module):
         ``targets`` are given."""
         if not self.training:
             return self.student(x)
+        if self.config.shortcut_fade is not None:
+            set_shortcut_scale(self.student, self.shortcut_scale)
         with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
             teacher_logits, teacher_feature = self._teacher_forward(x)
         hs = []

@@ -9,6 +9,9 @@ tags, ``features_only``, ``pretrained_cfg_overlay=dict(file=...)``) goes through
 Extra kwargs of every ``plain_*`` model:
     keep_projection_shortcuts (bool, default False): the paper's plain-CNN variant.
     dirac (bool, default False): Dirac-parametrised convs (see :mod:`jointrd_timm.twins.dirac`).
+    shortcut_fade (bool, default False): a *fading* twin for training: the residual net with every shortcut the
+        twin drops scaled by ``s`` (1 at creation), removed by ``finish_fade`` once ``s`` reached 0 (see
+        :mod:`jointrd_timm.twins.fade`).
 """
 import json
 from pathlib import Path
@@ -23,6 +26,7 @@ from timm.models._registry import _model_to_module, generate_default_cfgs, get_p
 from ..twins import make_plain
 from .catalogue import tag_cfgs
 from ..twins.dirac import apply_dirac
+from ..twins.fade import make_fading
 
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name']
 
@@ -67,15 +71,19 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
     """Build ``variant`` (a ``plain_*`` name) from its ``teacher`` architecture through timm's builder."""
     keep_projection_shortcuts = kwargs.pop('keep_projection_shortcuts', False)
     dirac = kwargs.pop('dirac', False)
+    shortcut_fade = kwargs.pop('shortcut_fade', False)
 
     def build_twin(**model_kwargs):
         model = timm.create_model(teacher, pretrained=False, **model_kwargs)
-        make_plain(model, keep_projection_shortcuts=keep_projection_shortcuts)
+        derive = make_fading if shortcut_fade else make_plain
+        derive(model, keep_projection_shortcuts=keep_projection_shortcuts)
         if dirac:
             apply_dirac(model)
         return model
 
     twin_args = dict(keep_projection_shortcuts=keep_projection_shortcuts, dirac=dirac)
+    if shortcut_fade:
+        twin_args['shortcut_fade'] = True
     if kwargs.get('features_only', False):
         # the teacher's entrypoint knows its feature wrapper settings, so it builds the wrapper
         pretrained_cfg = kwargs.pop('pretrained_cfg', None)

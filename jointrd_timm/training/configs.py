@@ -1,7 +1,7 @@
 """torchdistill-format configs built in Python, for the demo and the benchmarks (the YAMLs in yamls/ are the
 same structure written out). ``method`` picks the box and the loss:
 
-* ``ce``: TrainingBox, cross-entropy (teacher pre-training, twin trained alone);
+* ``ce``: TrainingBox, cross-entropy (teacher pre-training, twin trained alone, a ``fading_model``);
 * ``jointrd``: TrainingBox with a ``jointrd_model`` and JointRDLoss;
 * ``kd``: DistillationBox, torchdistill's KDLoss (Hinton et al. 2015) with a frozen teacher;
 * ``fitnets``: DistillationBox, cross-entropy + a FitNets-style hint (MSE between the ``hint_layer`` outputs of
@@ -53,6 +53,7 @@ def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: O
     models = {}
     if method == 'ce':
         models['model'] = model
+        train['pre_epoch_process'] = 'jointrd_pre_epoch_process'  # progress for a fading_model's shortcut scale
         train['model'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True)
         train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(ce=ce)))
     elif method in ('jointrd', 'cakd', 'aps'):

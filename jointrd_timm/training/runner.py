@@ -20,7 +20,6 @@ Per epoch: a progress bar (loss, accuracy, lr, and eta for JointRD), one JSON li
 checkpoint written atomically (model, optimizer(s), scheduler(s), epoch, RNG). ``--resume`` continues from it
 exactly. After the last epoch the test split is evaluated once and the final model is saved in timm's Hub format.
 """
-import copy
 import json
 import logging
 import time
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..twins.dirac import fold_dirac, has_dirac
+from ..twins.dirac import has_dirac
+from ..twins.fade import deployable, is_fading
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 
 __all__ = ['train', 'evaluate', 'load_config', 'ConfigError', 'RUNNER_DEFAULTS']
@@ -257,9 +257,10 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         box.post_epoch_process()
         record = dict(epoch=epoch + 1, train_loss=loss_sum / max(1, seen), train_acc=100 * correct / max(1, seen),
                       lr=box.optimizer.param_groups[0]['lr'], seconds=round(time.time() - start, 2))
-        eta = getattr(module, 'eta', None)
-        if isinstance(eta, float):
-            record['eta'] = eta
+        for key in ('eta', 'shortcut_scale'):  # JointRD's hybrid weight, a fading twin's shortcut scale
+            value = getattr(module, key, None)
+            if isinstance(value, float):
+                record[key] = value
         if box.val_data_loader is not None and ((epoch + 1) % runner['eval_every'] == 0 or epoch + 1 == num_epochs):
             val_accuracy = evaluate(trained, box.val_data_loader, accelerator)
             record['val_acc'] = val_accuracy
@@ -282,8 +283,9 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         loader = accelerator.prepare(loader)
         final['test_acc'] = evaluate(trained, loader, accelerator)
         deployed = getattr(module, 'student', module)
-        if has_dirac(deployed):  # what is saved and deployed: the parametrisation folded into plain convs
-            final['test_acc_folded'] = evaluate(fold_dirac(copy.deepcopy(deployed)), loader, accelerator)
+        if has_dirac(deployed) or is_fading(deployed):
+            # what is saved and deployed: Dirac folded into plain convs, faded shortcuts removed
+            final['test_acc_folded'] = evaluate(deployable(deployed), loader, accelerator)
     if accelerator.is_main_process:
         deployed = getattr(module, 'student', module)  # JointRD deploys its twin
         save_trained_model(deployed, out / 'model', metrics=final)

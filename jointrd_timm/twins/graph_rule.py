@@ -23,7 +23,7 @@ from torch import nn
 from .rules import ShortcutRule, register_rule
 from .verify import find_shortcut_additions, trace_block
 
-__all__ = ['graph_rule', 'PlainGraphBlock', 'plain_graph_module', 'faithful_trace']
+__all__ = ['graph_rule', 'graph_block', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace']
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
                '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
@@ -35,7 +35,7 @@ class PlainGraphBlock(fx.GraphModule):
 
 
 @lru_cache(maxsize=None)
-def _plain_class(block_class: Type[nn.Module]) -> type:
+def plain_class(block_class: Type[nn.Module]) -> type:
     return type(f'PlainGraph{block_class.__name__}', (PlainGraphBlock,), {})
 
 
@@ -72,14 +72,20 @@ def plain_graph_module(block: nn.Module, keep_projection: bool = False) -> Tuple
             continue
         add.replace_all_uses_with(branch)
         graph.erase_node(add)
-    plain = _plain_class(type(block))(block, graph, class_name=f'PlainGraph{type(block).__name__}')
-    for hooks in _HOOK_DICTS:  # hooks on the block (e.g. timm's FeatureHookNet taps) stay with it
+    return graph_block(plain_class(type(block)), block, graph), kept
+
+
+def graph_block(cls: type, block: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``graph`` (edited from ``block``'s trace) as a GraphModule of class ``cls``: the hooks on the block (e.g.
+    timm's FeatureHookNet taps) stay with it, dead code and the submodules it alone used are dropped."""
+    module = cls(block, graph, class_name=cls.__name__)
+    for hooks in _HOOK_DICTS:
         if getattr(block, hooks, None):
-            setattr(plain, hooks, copy.copy(getattr(block, hooks)))
-    plain.graph.eliminate_dead_code()
-    plain.delete_all_unused_submodules()
-    plain.recompile()
-    return plain, kept
+            setattr(module, hooks, copy.copy(getattr(block, hooks)))
+    module.graph.eliminate_dead_code()
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return module
 
 
 def faithful_trace(block: nn.Module) -> fx.GraphModule:
@@ -96,5 +102,5 @@ def graph_rule(block_class: Type[nn.Module], why: str = '') -> ShortcutRule:
         block_class, plain_graph_module,
         'forward traced with torch.fx; each shortcut addition replaced by its branch, the projection removed '
         '(kept if a projection and keep_projection_shortcuts)' + (f'; {why}' if why else ''), replaces=True))
-    _plain_class(block_class).jointrd_plain_rule = rule
+    plain_class(block_class).jointrd_plain_rule = rule
     return rule

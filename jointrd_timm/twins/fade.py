@@ -1,0 +1,259 @@
+"""Shortcut fading: train the twin as its teacher's residual net whose shortcuts fade out, then remove them.
+
+Monti, Tootoonian & Cao, "Avoiding Degradation in Deep Feed-Forward Networks by Phasing Out Skip-Connections"
+(ICANN 2018): a residual net whose skip connections are phased out during training ends as a plain net that
+trains as well as the residual one. Here every shortcut addition that :func:`make_plain` removes becomes
+
+    y = branch + s * shortcut
+
+with one scale ``s`` shared by all blocks (a non-persistent buffer, so the state dict is the teacher's). ``s = 1``
+is the residual network exactly (a teacher's weights load strictly and give its outputs bit for bit); ``s = 0`` is
+the shortcut-free twin exactly. Training lowers ``s`` from 1 to 0 (:func:`fade_scale`, cosine, like eta); then
+:func:`finish_fade` deletes the scaled shortcuts and the projection modules that fed only them, and the model is
+the twin: the same parameter names as ``timm.create_model('plain_<arch>')``, whose weights it loads strictly.
+
+Built on the same torch.fx analysis as the graph rules (:mod:`jointrd_timm.twins.graph_rule`): each rule-known
+block's own forward is traced and its shortcut additions rewritten, so every family whose blocks trace works,
+whatever kind of rule makes its twin.
+
+``timm.create_model('plain_<arch>', shortcut_fade=True)`` builds a fading twin; ``JointRDConfig.shortcut_fade``
+(or :class:`FadingStudent` for the twin trained alone) drives ``s``; the runner and ``save_trained_model`` deploy
+:func:`deployable` (fade finished, Dirac folded).
+"""
+import copy
+import math
+import operator
+from functools import lru_cache
+from typing import Optional, Type
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .derive import PlainReport, UnsupportedBlockError, _make_trainable, token_mixers
+from .dirac import fold_dirac, has_dirac
+from .graph_rule import _is_projection, graph_block, plain_class
+from .rules import get_rule, rules
+from .verify import find_shortcut_additions, find_unhandled_residual_blocks, trace_block
+
+__all__ = ['FadingGraphBlock', 'FadingStudent', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale',
+           'shortcut_scale', 'fade_scale', 'deployable']
+
+SCALE = 'jointrd_shortcut_scale'
+
+
+class FadingGraphBlock(fx.GraphModule):
+    """Base class of blocks whose shortcuts are scaled by the buffer ``jointrd_shortcut_scale``."""
+    jointrd_plain_rule = None
+    jointrd_block_class: Optional[Type[nn.Module]] = None
+
+
+@lru_cache(maxsize=None)
+def _fading_class(block_class: Type[nn.Module]) -> type:
+    return type(f'FadingGraph{block_class.__name__}', (FadingGraphBlock,),
+                dict(jointrd_plain_rule=rules().get(block_class), jointrd_block_class=block_class))
+
+
+def _fading_block(block: nn.Module, keep_projection: bool):
+    """``block`` with each shortcut addition ``a + shortcut`` rewritten to ``a + s * shortcut``; returns the
+    fading block, the number of shortcuts scaled and whether a projection shortcut was left as it is."""
+    traced = trace_block(block)
+    if traced is None:
+        raise UnsupportedBlockError(
+            f'{type(block).__qualname__} cannot be traced by torch.fx, so its shortcuts cannot fade; train its twin '
+            'without shortcut_fade.')
+    graph, concrete = traced
+    scale, scaled, kept = None, 0, False
+    for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
+        if keep_projection and _is_projection(shortcut, block):
+            kept = True
+            continue
+        if scale is None:
+            with graph.inserting_after(next(iter(graph.nodes))):
+                scale = graph.get_attr(SCALE)
+        with graph.inserting_before(add):
+            faded = graph.call_function(operator.mul, (shortcut, scale))
+            new_add = graph.call_function(operator.add, (branch, faded))
+        add.replace_all_uses_with(new_add)
+        graph.erase_node(add)
+        scaled += 1
+    block.register_buffer(SCALE, torch.ones((), dtype=torch.float32), persistent=False)
+    fading = graph_block(_fading_class(type(block)), block, graph)
+    delattr(block, SCALE)
+    return fading, scaled, kept
+
+
+def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) -> nn.Module:
+    """Make ``model`` (a residual timm model) a fading twin, in place: every block that a shortcut rule knows gets
+    its shortcut additions scaled by ``s`` (start value 1: the model computes exactly what it did).
+
+    The blocks are made trainable as :func:`make_plain` does (stochastic depth removed, zero-initialised last
+    norms / layer scales reset), so a fading twin built from scratch ends as a trainable plain net.
+
+    Raises:
+        UnsupportedBlockError: a block adds a shortcut no rule knows, a token-mixer block, or an untraceable one.
+    """
+    report = PlainReport()
+    for name, module in list(model.named_modules()):
+        rule = get_rule(module)
+        if rule is None or not name:
+            continue
+        if type(module) is not rule.block_class:
+            raise ValueError(f'{type(model).__name__} is already plain or fading (block {name} is a '
+                             f'{type(module).__name__}); build the fading twin from the residual model.')
+        if token_mixers(module):
+            raise UnsupportedBlockError(f'{name} ({type(module).__name__}) mixes tokens with '
+                                        f'{", ".join(token_mixers(module))}: transformer blocks are refused by design.')
+        fading, scaled, kept = _fading_block(module, keep_projection_shortcuts)
+        if scaled:  # blocks without a shortcut to fade (e.g. a strided block with timm's skip off) stay as they are
+            parent_name, _, child_name = name.rpartition('.')
+            setattr(model.get_submodule(parent_name), child_name, fading)
+        else:
+            fading = module
+        report.shortcuts_removed += scaled
+        if kept:
+            report.kept_projections.append(name)
+        report.blocks_by_rule[rule.name] += 1
+        report.rule_descriptions[rule.name] = rule.description
+        _make_trainable(name, fading, report)
+    unhandled = [n for n, m in find_unhandled_residual_blocks(model) if not isinstance(m, FadingGraphBlock)]
+    if not report.blocks_by_rule or unhandled:
+        raise UnsupportedBlockError(
+            f'{type(model).__name__}: shortcuts can fade only in blocks that a shortcut rule knows; '
+            + (f'these add a shortcut and no rule knows them: {unhandled[:5]}.' if unhandled else 'none found.'))
+    model.plain_report = report  # load_teacher_weights reads it: nothing removed yet, every teacher key is used
+    return model
+
+
+def is_fading(model: nn.Module) -> bool:
+    return any(isinstance(m, FadingGraphBlock) for m in model.modules())
+
+
+def set_shortcut_scale(model: nn.Module, value: float) -> None:
+    """Set ``s`` in every fading block of ``model``."""
+    for module in model.modules():
+        if isinstance(module, FadingGraphBlock):
+            getattr(module, SCALE).fill_(float(value))
+
+
+def shortcut_scale(model: nn.Module) -> Optional[float]:
+    """The current ``s`` (None for a model without fading blocks)."""
+    for module in model.modules():
+        if isinstance(module, FadingGraphBlock):
+            return float(getattr(module, SCALE))
+    return None
+
+
+def fade_scale(progress: float, horizon: float) -> float:
+    """``s`` after ``progress`` epochs: cosine from 1 to 0 over ``horizon`` epochs, then 0 (DECISION: the eta
+    schedule's shape, ``methods.schedules.eta_schedule`` with eta_min 0; Monti et al. lower it by their own
+    rule, not a fixed schedule)."""
+    if horizon <= 0 or progress >= horizon:
+        return 0.0
+    return float((1.0 + math.cos(math.pi * max(progress, 0.0) / horizon)) / 2.0)
+
+
+def _is_fade(node: fx.Node) -> bool:
+    """``branch + shortcut * s`` as written by :func:`_fading_block`."""
+    if node.op != 'call_function' or node.target is not operator.add or len(node.args) != 2:
+        return False
+    faded = node.args[1]
+    return isinstance(faded, fx.Node) and faded.op == 'call_function' and faded.target is operator.mul and \
+        isinstance(faded.args[1], fx.Node) and faded.args[1].op == 'get_attr' and faded.args[1].target == SCALE
+
+
+def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:
+    """Remove the faded shortcuts, in place: each fading block becomes a ``PlainGraph<Block>`` without the
+    shortcut code and the projection modules only it used. The model is then its shortcut-free twin.
+
+    Raises:
+        ValueError: ``s`` is not 0 (removing the shortcuts would change the outputs), unless ``force``.
+    """
+    s = shortcut_scale(model)
+    if s is None:
+        return model
+    if s != 0.0 and not force:
+        raise ValueError(f'The shortcuts have not faded out (scale s = {s:.4g}, not 0): removing them would change '
+                         'the outputs. Train until the fade ends (JointRDConfig.shortcut_fade <= 1) or pass force=True.')
+    report = getattr(model, 'plain_report', None) or PlainReport()
+    for name, block in list(model.named_modules()):
+        if not isinstance(block, FadingGraphBlock):
+            continue
+        graph = block.graph
+        for node in list(graph.nodes):
+            if _is_fade(node):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        before = {n for n, _ in block.named_children()}
+        cls = plain_class(block.jointrd_block_class)
+        cls.jointrd_plain_rule = cls.jointrd_plain_rule or block.jointrd_plain_rule
+        plain = graph_block(cls, block, graph)
+        if SCALE in plain._buffers:
+            del plain._buffers[SCALE]
+        report.removed_modules.extend(f'{name}.{n}' for n in sorted(before - {n for n, _ in plain.named_children()}))
+        parent_name, _, child_name = name.rpartition('.')
+        setattr(model.get_submodule(parent_name), child_name, plain)
+    model.plain_report = report
+    args = getattr(model, 'pretrained_model_args', None)
+    if isinstance(args, dict) and args.get('shortcut_fade'):
+        model.pretrained_model_args = dict(args, shortcut_fade=False)
+    return model
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """What is deployed and saved: a copy with the fade finished and the Dirac parametrisation folded (the
+    model itself when there is neither)."""
+    if not is_fading(model) and not has_dirac(model):
+        return model
+    model = copy.deepcopy(model)
+    return fold_dirac(finish_fade(model))
+
+
+class FadingStudent(nn.Module):
+    """A fading twin trained alone (cross-entropy): ``forward`` is the twin's, with ``s`` set from the training
+    progress first (per step). ``student`` is what gets deployed (the runner reads it).
+
+    Args:
+        student: a fading twin (``timm.create_model('plain_<arch>', shortcut_fade=True)``).
+        shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0.
+    """
+
+    def __init__(self, student: nn.Module, shortcut_fade: float):
+        super().__init__()
+        if not is_fading(student):
+            raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
+                             "timm.create_model('plain_<arch>', shortcut_fade=True).")
+        if not 0 < shortcut_fade <= 1:
+            raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run), got {shortcut_fade}.')
+        self.student = student
+        self.fraction = shortcut_fade
+        for name in ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs'):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+
+    def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
+        self.epoch.fill_(epoch)
+        self.step_in_epoch.zero_()
+        self.steps_per_epoch.fill_(steps_per_epoch)
+        self.num_epochs.fill_(num_epochs)
+        set_shortcut_scale(self.student, self.shortcut_scale)
+
+    @property
+    def shortcut_scale(self) -> float:
+        return scheduled_scale(self, self.fraction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            set_shortcut_scale(self.student, self.shortcut_scale)
+            self.step_in_epoch += 1
+        return self.student(x)
+
+
+def scheduled_scale(module: nn.Module, fraction: float) -> float:
+    """``s`` for a module with JointRD's progress buffers (epoch, step_in_epoch, steps_per_epoch, num_epochs)."""
+    if int(module.num_epochs) <= 0:
+        raise RuntimeError('The shortcut fade needs the run length: call set_epoch(epoch, steps_per_epoch, '
+                           'num_epochs) before training (the runner\'s jointrd_pre_epoch_process does).')
+    progress = float(module.epoch)
+    if int(module.steps_per_epoch) > 0:
+        progress += float(module.step_in_epoch) / float(module.steps_per_epoch)
+    return fade_scale(progress, fraction * int(module.num_epochs))

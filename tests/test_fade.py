@@ -1,0 +1,177 @@
+"""Shortcut fading (jointrd_timm.twins.fade): s = 1 is the teacher, s = 0 the twin, finish_fade removes exactly
+the shortcuts; schedules, JointRD / FadingStudent / runner wiring, deployment and errors."""
+import json
+
+import pytest
+import timm
+import torch
+
+import jointrd_timm  # noqa: F401
+from conftest import tiny_yaml
+from jointrd_timm.methods import JointRD, JointRDConfig
+from jointrd_timm.training.runner import load_config, train
+from jointrd_timm.twins import count_shortcut_additions
+from jointrd_timm.twins.fade import (FadingStudent, deployable, fade_scale, finish_fade, is_fading, make_fading,
+                                     set_shortcut_scale, shortcut_scale)
+from jointrd_timm.twins.transfer import load_teacher_weights
+
+# one architecture per kind of rule: swap (CIFAR + timm ResNet), timm's own switch, graph rule
+ARCHS = [('resnet20_cifar', 32), ('resnet18', 64), ('mobilenetv3_small_050', 64), ('ghostnet_050', 64)]
+
+
+def _pair(arch, **kwargs):
+    torch.manual_seed(0)
+    teacher = timm.create_model(arch, num_classes=10, **kwargs).eval()
+    fading = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True, **kwargs).eval()
+    return teacher, fading
+
+
+@pytest.mark.parametrize('arch,size', ARCHS)
+def test_scale_one_is_the_teacher_and_scale_zero_is_the_twin(arch, size):
+    teacher, fading = _pair(arch)
+    fading.load_state_dict(teacher.state_dict())  # same keys: the scale buffer is not persistent
+    x = torch.randn(2, 3, size, size)
+    assert torch.equal(fading(x), teacher(x))
+    assert fading.plain_report.shortcuts_removed == count_shortcut_additions(teacher) > 0  # all of them scaled
+    set_shortcut_scale(fading, 0.0)
+    at_zero = fading(x)
+    finish_fade(fading)
+    twin = timm.create_model(f'plain_{arch}', num_classes=10).eval()
+    twin.load_state_dict(fading.state_dict())  # strict: exactly the twin's parameters, projections gone
+    assert torch.equal(twin(x), at_zero) and torch.equal(fading(x), at_zero)
+    assert count_shortcut_additions(fading) == 0 and not is_fading(fading)
+    assert fading.plain_report.removed_modules == twin.plain_report.removed_modules
+
+
+def test_intermediate_scale_matches_a_hand_computed_block():
+    _, fading = _pair('resnet20_cifar')
+    block = fading.layer1[0]
+    set_shortcut_scale(fading, 0.3)
+    x = torch.randn(2, 16, 8, 8)
+    h = block.act1(block.bn1(block.conv1(x)))
+    expected = torch.relu(block.bn2(block.conv2(h)) + 0.3 * x)
+    torch.testing.assert_close(block(x), expected)
+    projection = fading.layer2[0]  # stride-2 block: its projection shortcut is scaled as well
+    x2 = torch.randn(2, 16, 8, 8)
+    h2 = projection.act1(projection.bn1(projection.conv1(x2)))
+    expected2 = torch.relu(projection.bn2(projection.conv2(h2)) + 0.3 * projection.downsample(x2))
+    torch.testing.assert_close(projection(x2), expected2)
+    assert shortcut_scale(fading) == pytest.approx(0.3)
+
+
+def test_gradients_reach_every_parameter_while_fading():
+    _, fading = _pair('resnet20_cifar')
+    fading.train()
+    set_shortcut_scale(fading, 0.5)
+    fading(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
+    dead = [n for n, p in fading.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert dead == []
+
+
+def test_paper_variant_keeps_the_projection_shortcuts():
+    torch.manual_seed(0)
+    fading = timm.create_model('plain_resnet20_cifar', num_classes=10, shortcut_fade=True,
+                               keep_projection_shortcuts=True)
+    assert fading.plain_report.kept_projections == ['layer2.0', 'layer3.0']
+    set_shortcut_scale(fading, 0.0)
+    finish_fade(fading)
+    assert count_shortcut_additions(fading) == 2  # only the two projections remain
+    twin = timm.create_model('plain_resnet20_cifar', num_classes=10, keep_projection_shortcuts=True).eval()
+    twin.load_state_dict(fading.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(twin(x), fading.eval()(x))
+
+
+def test_finish_refuses_before_the_fade_ends_and_deployable_leaves_the_original():
+    _, fading = _pair('resnet20_cifar')
+    set_shortcut_scale(fading, 0.25)
+    with pytest.raises(ValueError, match=r'scale s = 0.25.*force=True'):
+        finish_fade(fading)
+    with pytest.raises(ValueError, match='already plain or fading'):
+        make_fading(fading)
+    set_shortcut_scale(fading, 0.0)
+    deployed = deployable(fading)
+    assert is_fading(fading) and not is_fading(deployed)
+    assert deployed.pretrained_model_args['shortcut_fade'] is False
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(deployed(x), fading(x))
+
+
+def test_teacher_init_through_dirac_and_fade_is_the_teacher():
+    teacher, _ = _pair('resnet20_cifar')
+    fading = timm.create_model('plain_resnet20_cifar', num_classes=10, shortcut_fade=True, dirac=True).eval()
+    dropped = load_teacher_weights(fading, teacher)
+    assert dropped == []  # nothing removed yet: every teacher tensor has its place
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fading(x), teacher(x), rtol=1e-4, atol=1e-4)
+    set_shortcut_scale(fading, 0.0)
+    deployed = deployable(fading)  # fade finished and Dirac folded
+    assert not any('parametrizations' in k for k in deployed.state_dict())
+    torch.testing.assert_close(deployed(x), fading(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fade_schedule():
+    assert fade_scale(0, 10) == 1.0
+    assert fade_scale(5, 10) == pytest.approx(0.5)
+    assert fade_scale(2.5, 10) == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert fade_scale(10, 10) == 0.0 and fade_scale(12, 10) == 0.0
+    values = [fade_scale(e / 10, 10) for e in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_jointrd_drives_the_scale_and_checks_its_student():
+    teacher, fading = _pair('resnet20_cifar')
+    with pytest.raises(ValueError, match='shortcut_fade is not set'):
+        JointRD(fading, teacher)
+    plain = timm.create_model('plain_resnet20_cifar', num_classes=10)
+    with pytest.raises(ValueError, match='needs a fading student'):
+        JointRD(plain, teacher, JointRDConfig(shortcut_fade=0.5))
+    with pytest.raises(ValueError, match=r'shortcut_fade must be in \(0, 1\]'):
+        JointRDConfig(shortcut_fade=1.5)
+    model = JointRD(fading, teacher, JointRDConfig(shortcut_fade=0.5)).train()
+    with pytest.raises(RuntimeError, match='run length'):
+        model(torch.randn(2, 3, 32, 32))
+    model.set_epoch(0, steps_per_epoch=4, num_epochs=2)  # fade over the first epoch
+    scales = []
+    for _ in range(4):
+        model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))['loss'].backward()
+        scales.append(shortcut_scale(fading))
+    assert scales == pytest.approx([1.0, fade_scale(0.25, 1), fade_scale(0.5, 1), fade_scale(0.75, 1)])
+    model.set_epoch(1, steps_per_epoch=4, num_epochs=2)
+    assert shortcut_scale(fading) == 0.0 and model.shortcut_scale == 0.0
+
+
+def test_fading_student_drives_the_scale():
+    _, fading = _pair('resnet20_cifar')
+    with pytest.raises(ValueError, match='no fading shortcuts'):
+        FadingStudent(timm.create_model('plain_resnet20_cifar'), 0.5)
+    model = FadingStudent(fading, 1.0).train()
+    model.set_epoch(1, steps_per_epoch=2, num_epochs=4)
+    assert shortcut_scale(fading) == pytest.approx(fade_scale(1, 4))
+    model(torch.randn(2, 3, 32, 32))
+    model(torch.randn(2, 3, 32, 32))
+    assert shortcut_scale(fading) == pytest.approx(fade_scale(1.5, 4))
+
+
+@pytest.mark.parametrize('method', ['jointrd', 'ce'])
+def test_runner_fades_then_deploys_the_plain_twin(tmp_path, method):
+    """Through the runner: the scale is logged per epoch and reaches 0, the deployed (fade finished) accuracy equals
+    the last-epoch one, and the saved model is the plain twin's (loads strictly into plain_resnet20_cifar)."""
+    from jointrd_timm.training.checkpoint import load_weights
+    if method == 'jointrd':
+        overrides = ['models.model.kwargs.student.shortcut_fade=true', 'models.model.kwargs.jointrd.shortcut_fade=0.5',
+                     'models.model.kwargs.init_student_from_teacher=true']
+    else:
+        overrides = ['models.model.key=fading_model', 'models.model.kwargs={student: {model_name: '
+                     'plain_resnet20_cifar, num_classes: 10, in_chans: 1}, shortcut_fade: 0.5}',
+                     'train.pre_epoch_process=jointrd_pre_epoch_process']
+    config = load_config(tiny_yaml(tmp_path, method=method, epochs=2, limit=64), overrides)
+    final = train(config, output_dir=str(tmp_path / 'run'), device='cpu')
+    records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['shortcut_scale'] for r in records] == [0.0, 0.0]  # faded within the first of 2 epochs
+    assert final['test_acc_folded'] == final['test_acc']
+    saved = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
+    assert saved['architecture'] == 'plain_resnet20_cifar' and saved['model_args']['shortcut_fade'] is False
+    twin = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1),
+                        tmp_path / 'run' / 'model')
+    assert count_shortcut_additions(twin) == 0
