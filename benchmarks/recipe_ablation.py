@@ -51,6 +51,14 @@ def rows_spec():
         'JointRD + Dirac + fade + teacher init': ('jointrd', dict(dirac=True, shortcut_fade=True),
                                                   dict(ref, shortcut_fade=0.5), dict(init_student_from_teacher=True)),
         'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
+        'JointRD + fade over 80 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.8),
+                                                    dict(init_student_from_teacher=True)),
+        'JointRD + fade + teacher init + KD': ('jointrd', dict(shortcut_fade=True),
+                                               dict(ref, shortcut_fade=0.5, kd_weight=1.0, kd_temperature=4.0),
+                                               dict(init_student_from_teacher=True)),
+        # fine-tuning learning rate: the teacher-initialised twin starts trained, so lr 0.1 first undoes much of it
+        'JointRD + fade + teacher init, lr 0.02': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5),
+                                                   dict(init_student_from_teacher=True, lr=0.02)),
         # control: the residual teacher itself trained for the same extra budget from its own weights
         'control: teacher + same budget again (residual)': ('ce', {}, None, dict(continue_teacher=True)),
     }
@@ -117,10 +125,10 @@ def main():
             else:
                 model = dict(key='jointrd_model', kwargs=dict(
                     teacher=dict(model_name=args.arch, checkpoint=str(teacher_ckpt), **common), student=student,
-                    jointrd=jointrd, **extras))
+                    jointrd=jointrd, **{k: v for k, v in extras.items() if k != 'lr'}))
             start = time.time()
             train(make_config(train_set, test_set, model, method, epochs=args.epochs, batch_size=args.batch_size,
-                              lr=args.lr, weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
+                              lr=extras.get('lr', args.lr), weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
                               output_dir=str(folder)))
             print(f'{label} seed {seed}: {time.time() - start:.0f} s', flush=True)
         final, curve = read_run(folder)
