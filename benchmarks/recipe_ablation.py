@@ -53,6 +53,7 @@ def rows_spec():
         'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
         'JointRD + fade over 80 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.8),
                                                     dict(init_student_from_teacher=True)),
+        'twin alone + fade over 80 % + teacher init': ('ce', {}, None, dict(shortcut_fade=0.8, teacher_init=True)),
         'JointRD + fade + teacher init + KD': ('jointrd', dict(shortcut_fade=True),
                                                dict(ref, shortcut_fade=0.5, kd_weight=1.0, kd_temperature=4.0),
                                                dict(init_student_from_teacher=True)),
@@ -76,6 +77,8 @@ def main():
     parser.add_argument('--seed-major', action='store_true',
                         help='run every row with the first seed before any second seed')
     parser.add_argument('--work-name', default='cifar10_jointrd')
+    parser.add_argument('--rerun', action='store_true',
+                        help='retrain recorded runs whose work folder is gone (default: keep the recorded result)')
     args = parser.parse_args()
 
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
@@ -91,13 +94,10 @@ def main():
     work = Path(args.work_dir) / args.work_name
     out = ROOT / 'benchmarks/results'
     teacher_ckpt = work / 'teacher' / 'model'
-    if not (teacher_ckpt / 'model.safetensors').is_file():
-        parser.error(f'no trained teacher at {teacher_ckpt}: run benchmarks/cifar10_jointrd.py (or cifar10_zoo.py) '
-                     'first, it trains the teacher with this budget.')
-    teacher_final = json.loads((work / 'teacher' / 'final.json').read_text())
     common = dict(num_classes=10)
     results_path = out / f'{args.name}.json'
-    runs = json.loads(results_path.read_text())['runs'] if results_path.is_file() else {}
+    recorded = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    runs = recorded.get('runs', {})
     data_cache = {}
 
     def datasets(seed):
@@ -106,11 +106,26 @@ def main():
             data_cache[seed] = cifar_splits(args, seed)
         return data_cache[seed]
 
+    if not finished(work / 'teacher'):
+        # the same run as cifar10_jointrd.py's teacher row (seed 0, same budget): trained once, reused by every row
+        train_set, val_set, test_set = datasets(0)
+        train(make_config(train_set, test_set, dict(key='timm_model', kwargs=dict(model_name=args.arch, **common)),
+                          'ce', epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
+                          seed=0, num_workers=args.workers, val_set=val_set, output_dir=str(work / 'teacher')))
+    teacher_final = json.loads((work / 'teacher' / 'final.json').read_text())
+    if 'teacher_test_acc' in recorded and abs(recorded['teacher_test_acc'] - teacher_final['test_acc']) > 1e-6:
+        print(f'WARNING: this teacher ({teacher_final["test_acc"]:.2f} %) differs from the one the recorded runs '
+              f'used ({recorded["teacher_test_acc"]:.2f} %)', flush=True)
+
     order = [(label, seed) for seed in args.seeds for label in labels] if args.seed_major else \
         [(label, seed) for label in labels for seed in args.seeds]
     for label, seed in order:
         method, student_extra, jointrd, extras = spec[label]
         folder = work / SHARED_FOLDERS.get((label, seed), f'ablation/{label} s{seed}')
+        if f'{label} s{seed}' in runs and not finished(folder) and not args.rerun:
+            # recorded by an earlier invocation whose work folder is gone: the record stands (--rerun retrains)
+            print(label, seed, 'recorded:', runs[f'{label} s{seed}'], flush=True)
+            continue
         if not finished(folder):
             train_set, val_set, test_set = datasets(seed)
             student = dict(model_name=f'plain_{args.arch}', **common, **student_extra)

@@ -30,7 +30,7 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from .training.demo import run_demo
     run_demo(dataset=args.dataset, output_dir=args.output_dir, epochs=args.epochs, device=args.device,
-             dirac=not args.no_dirac)
+             recipe=args.recipe, limit=args.limit)
     return 0
 
 
@@ -144,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('demo', help='teacher, twin alone, twin with JointRD on an embedded dataset; table + plot')
     p.add_argument('--dataset', default='sklearn:digits', help='any dataset the runner takes (default: sklearn:digits)')
     p.add_argument('--output-dir', default='runs/demo')
-    p.add_argument('--no-dirac', action='store_true', help='train the twin as plain convs (reference JointRD recipe)')
+    p.add_argument('--recipe', choices=('fade', 'dirac', 'reference'), default='fade',
+                   help='twin recipe: fade (default: start from the teacher, fade its shortcuts out), dirac '
+                        '(Dirac-parametrised convs from scratch), reference (JointRD reference, plain convs)')
     p.add_argument('--epochs', type=int, default=None, help='epochs per run (default: fits 5 minutes on 2 cores)')
+    p.add_argument('--limit', type=int, default=None, help='train images per run (a quick smoke run; default all)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)
     p.set_defaults(func=_demo)
 

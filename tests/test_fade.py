@@ -12,7 +12,7 @@ from jointrd_timm.methods import JointRD, JointRDConfig
 from jointrd_timm.training.runner import load_config, train
 from jointrd_timm.twins import count_shortcut_additions
 from jointrd_timm.twins.fade import (FadingStudent, deployable, fade_scale, finish_fade, is_fading, make_fading,
-                                     set_shortcut_scale, shortcut_scale)
+                                     scheduled_scale, set_shortcut_scale, shortcut_scale)
 from jointrd_timm.twins.transfer import load_teacher_weights
 
 # one architecture per kind of rule: swap (CIFAR + timm ResNet), timm's own switch, graph rule
@@ -119,6 +119,23 @@ def test_fade_schedule():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+@pytest.mark.parametrize('fraction, steps, epochs', [(1.0, 4, 1), (0.8, 4, 1), (0.8, 63, 5), (0.5, 1, 2)])
+def test_fade_always_ends_by_the_last_step(fraction, steps, epochs):
+    """The last training step runs at s = 0 (the twin can be deployed), and s never rises."""
+    fading = timm.create_model('plain_resnet20_cifar', num_classes=10, shortcut_fade=True)
+    student = FadingStudent(fading, fraction)
+    scales = []
+    for epoch in range(epochs):
+        student.set_epoch(epoch, steps, epochs)
+        for step in range(steps):
+            student.step_in_epoch.fill_(step)
+            scales.append(scheduled_scale(student, fraction))
+    assert scales[0] == 1.0 and scales[-1] == 0.0
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+    if steps * epochs > 10:  # long runs: the fade ends where the fraction says, not earlier
+        assert scales[int(fraction * steps * epochs) - 1] > 0.0
+
+
 def test_jointrd_drives_the_scale_and_checks_its_student():
     teacher, fading = _pair('resnet20_cifar')
     with pytest.raises(ValueError, match='shortcut_fade is not set'):
@@ -147,10 +164,11 @@ def test_fading_student_drives_the_scale():
         FadingStudent(timm.create_model('plain_resnet20_cifar'), 0.5)
     model = FadingStudent(fading, 1.0).train()
     model.set_epoch(1, steps_per_epoch=2, num_epochs=4)
-    assert shortcut_scale(fading) == pytest.approx(fade_scale(1, 4))
+    # fraction 1.0 of 4 epochs, capped so that the last step (progress 3.5) runs at s = 0
+    assert shortcut_scale(fading) == pytest.approx(fade_scale(1, 3.5))
     model(torch.randn(2, 3, 32, 32))
     model(torch.randn(2, 3, 32, 32))
-    assert shortcut_scale(fading) == pytest.approx(fade_scale(1.5, 4))
+    assert shortcut_scale(fading) == pytest.approx(fade_scale(1.5, 3.5))
 
 
 @pytest.mark.parametrize('method', ['jointrd', 'ce'])

@@ -50,6 +50,8 @@ def _tiny_version(yaml_path: Path, tmp_path: Path, tmp_path_factory) -> Path:
     text = re.sub(r"(label_column): '\w+'", r"\1: 'label'", text)
     for match in set(re.findall(r"checkpoint: '([^']*)'", text)):
         model_name = re.search(r"model_name: '([^']*)',?\s*\n?\s*num_classes: (\d+)\s*\n\s*checkpoint: '" + re.escape(match), text)
+        if model_name is None:  # a fading_model's teacher_checkpoint: the teacher of its plain_<arch> student
+            model_name = re.search(r"model_name: 'plain_([^']*)'\s*\n\s*num_classes: (\d+)", text)
         teacher = timm.create_model(model_name.group(1), num_classes=int(model_name.group(2)))
         target = tmp_path / 'teacher.safetensors'
         atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp)))

@@ -4,9 +4,13 @@
 
 Methods: ``ce`` (residual teacher, cross-entropy), ``plain`` (the twin alone, same recipe and ingredients),
 ``jointrd`` (the twin with JointRD from the ``ce`` run's teacher). Hyperparameters are the JointRD reference's
-(jointrd-method.md), plus our default from benchmarks/results/recipe_ablation.md: the twin's convs are
-Dirac-parametrised while training on CIFAR too (folded into plain convs when saved); ``dirac: False`` gives the
-reference recipe.
+(jointrd-method.md), plus our default recipe from benchmarks/results/recipe_ablation.md: the twin starts from the
+teacher's weights as a *fading* twin (every shortcut it drops scaled by s, s = 1 -> 0 over the first 80 % of the run,
+Monti et al. 2018) and is saved with the shortcuts removed. The ``plain`` baseline gets the same ingredients
+(fading_model from the same teacher) so that the ``jointrd`` - ``plain`` difference is what JointRD itself adds.
+``shortcut_fade: None`` and ``init_from_teacher: False`` give the reference recipe (``dirac: True`` its Dirac
+variant, our earlier default; do not combine it with teacher initialisation: the identity it adds to every conv
+makes the initialised twin differ from the teacher, and the run collapsed, see the ablation).
 """
 from pathlib import Path
 
@@ -16,15 +20,18 @@ RECIPES = {
     'cifar10': dict(root='../shared/datasets/cifar10', image_column='img', label_column='label', num_classes=10,
                     test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                     milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                    feature_loss_weight=0.0, dirac=True, kd_weight=0.0, init_from_teacher=False, workers=2),
+                    feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
+                    shortcut_fade=0.8, workers=2),
     'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
                      test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                      milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                     feature_loss_weight=0.0, dirac=True, kd_weight=0.0, init_from_teacher=False, workers=2),
+                     feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
+                    shortcut_fade=0.8, workers=2),
     'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
                      test_split='validation', recipe='imagenet', input_size=224, epochs=120, batch=512, lr=0.2,
                      milestones='[30, 60, 90]', step_size=30, weight_decay=1e-4, eta_min=0.005, eta_horizon=60,
-                     feature_loss_weight=1e-4, dirac=True, kd_weight=0.0, init_from_teacher=False, workers=8),
+                     feature_loss_weight=1e-4, dirac=False, kd_weight=0.0, init_from_teacher=True,
+                    shortcut_fade=0.8, workers=8),
 }
 ARCHS = {'cifar10': ['resnet18_cifar', 'resnet34_cifar', 'resnet50_cifar', 'resnet56_cifar', 'resnet110_cifar'],
          'imagenet': ['resnet18', 'resnet34', 'resnet50']}
@@ -44,8 +51,10 @@ ZOO_DESCRIPTION = {
 }
 DESCRIPTION = {
     'ce': 'the residual teacher {arch}, cross-entropy',
-    'plain': 'the shortcut-free twin plain_{arch} trained ALONE (baseline), same recipe as its teacher',
-    'jointrd': 'plain_{arch} trained with JointRD from its residual teacher {arch} (Li et al., NeurIPS 2020)',
+    'plain': 'the shortcut-free twin plain_{arch} trained ALONE (baseline): same recipe and ingredients as the '
+             'JointRD run (started from the teacher, shortcuts faded out), no teacher in the loss',
+    'jointrd': 'plain_{arch} trained with JointRD from its residual teacher {arch} (Li et al., NeurIPS 2020), '
+               'started from the teacher with its shortcuts faded out over the first 80 % of the run',
 }
 
 
@@ -83,6 +92,7 @@ def render(dataset: str, arch: str, method: str) -> str:
         model_name: 'plain_{arch}'
         num_classes: {r['num_classes']}
         dirac: {r['dirac']}
+        shortcut_fade: {r['shortcut_fade'] is not None}
       jointrd:
         eta_min: {r['eta_min']}
         eta_horizon: {r['eta_horizon']}
@@ -92,6 +102,7 @@ def render(dataset: str, arch: str, method: str) -> str:
         teacher_mode: 'frozen'
         hybrid_paths:
         kd_weight: {r['kd_weight']}
+        shortcut_fade: {'' if r['shortcut_fade'] is None else r['shortcut_fade']}
       init_student_from_teacher: {r['init_from_teacher']}
     dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
         proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_target'"
@@ -101,6 +112,20 @@ def render(dataset: str, arch: str, method: str) -> str:
             kwargs:
               module_path: '.'
           weight: 1.0"""
+    elif method == 'plain' and r['shortcut_fade'] is not None:
+        # the twin alone with the default recipe's ingredients: fading shortcuts, started from the same teacher
+        init = f"\n      teacher_checkpoint: '{teacher_ckpt}'" if r['init_from_teacher'] else ''
+        model = f"""  model:
+    key: 'fading_model'
+    kwargs:
+      student:
+        model_name: 'plain_{arch}'
+        num_classes: {r['num_classes']}
+        dirac: {r['dirac']}
+      shortcut_fade: {r['shortcut_fade']}{init}
+    dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
+        proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_only'"
+        criterion = CE_CRITERION
     else:
         name = arch if method == 'ce' else f'plain_{arch}'
         dirac = f"\n      dirac: {r['dirac']}" if method == 'plain' else ''

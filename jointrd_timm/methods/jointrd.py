@@ -275,8 +275,7 @@ class JointRD(nn.Module):
         outputs = dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
                        path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
                        teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=self.eta)
-        if self.config.eta_per_step:
-            self.step_in_epoch += 1
+        self.step_in_epoch += 1  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
         if targets is not None:
             outputs.update(self.loss(outputs, targets))
             if self.adversarial is not None:

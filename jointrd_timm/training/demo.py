@@ -1,12 +1,16 @@
 """``jointrd demo``: the whole story in a few minutes on an embedded real dataset.
 
 1. a residual teacher (CIFAR-style ResNet) trained with cross-entropy;
-2. its shortcut-free twin trained alone, same recipe and budget;
-3. the twin trained with JointRD from the teacher, same recipe and budget;
-the twin's convs Dirac-parametrised while training in 2 and 3 (the default recipe of recipe_ablation.md; folded
-into plain convs before evaluation and saving; ``dirac=False`` for the reference JointRD recipe);
+2. its shortcut-free twin trained alone, same recipe, budget and ingredients;
+3. the twin trained with JointRD from the teacher, same recipe, budget and ingredients;
 then a table (test accuracy, parameters, latency of twin vs teacher at batch 1 and 16, measured side by side)
 and a plot. Default data: scikit-learn's 8x8 digits (shipped inside scikit-learn, 1437 train / 360 test).
+
+Twin recipes (``recipe``), the default measured best in benchmarks/results/recipe_ablation.md:
+- ``fade`` (default): the twin starts from the teacher's weights with every shortcut it drops scaled by s, and s
+  fades from 1 to 0 over the first 80 % of the run (twins.fade); it is evaluated and saved without shortcuts;
+- ``dirac``: Dirac-parametrised convs from scratch (folded into plain convs before evaluation and saving);
+- ``reference``: the JointRD reference recipe, plain convs from scratch.
 """
 import json
 import platform
@@ -19,20 +23,46 @@ import torch
 __all__ = ['run_demo']
 
 DEMO_ARCH = 'resnet32_cifar'
+RECIPES = {'fade': 'started from the teacher, shortcuts faded out over the first 80 % of the run',
+           'dirac': 'Dirac-parametrised convs from scratch (folded before evaluation)',
+           'reference': 'plain convs from scratch (JointRD reference recipe)'}
+FADE_FRACTION = 0.8
 
 
-def _datasets(dataset: str):
+def _twin_runs(recipe: str, arch: str, common: dict, teacher_ckpt: str):
+    """(twin alone, twin + JointRD) model configs of a recipe: both get the same ingredients."""
+    if recipe not in RECIPES:
+        raise ValueError(f'unknown demo recipe {recipe!r}; choose one of {sorted(RECIPES)}.')
+    student = dict(model_name=f'plain_{arch}', **common)
+    jointrd = dict(eta_min=0.5, eta_horizon_fraction=0.3)
+    teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
+    if recipe == 'fade':
+        alone = dict(key='fading_model', kwargs=dict(student=student, shortcut_fade=FADE_FRACTION,
+                                                     teacher_checkpoint=teacher_ckpt))
+        pair = dict(key='jointrd_model', kwargs=dict(
+            teacher=teacher, student=dict(student, shortcut_fade=True),
+            jointrd=dict(jointrd, shortcut_fade=FADE_FRACTION), init_student_from_teacher=True))
+        return alone, pair
+    student = dict(student, dirac=recipe == 'dirac')
+    return (dict(key='timm_model', kwargs=student),
+            dict(key='jointrd_model', kwargs=dict(teacher=teacher, student=student, jointrd=jointrd)))
+
+
+def _datasets(dataset: str, limit: Optional[int] = None):
     from .data import load_image_dataset
     if dataset == 'sklearn:digits':
         kwargs = dict(recipe='tensor', input_size=8, channels=1)
     else:
         kwargs = dict(recipe='cifar', input_size=32, channels=3)
-    return (load_image_dataset(dataset, 'train', **kwargs), load_image_dataset(dataset, 'test', **kwargs),
+    return (load_image_dataset(dataset, 'train', limit=limit, **kwargs), load_image_dataset(dataset, 'test', **kwargs),
             kwargs['channels'], kwargs['input_size'])
 
 
 def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epochs: Optional[int] = None,
-             device: Optional[str] = None, arch: str = DEMO_ARCH, dirac: bool = True) -> dict:
+             device: Optional[str] = None, arch: str = DEMO_ARCH, recipe: str = 'fade',
+             limit: Optional[int] = None) -> dict:
+    """Runs the three trainings into ``output_dir`` and writes summary.{json,md,png}; ``limit``: train images per
+    run (a quick smoke run; default all)."""
     import timm
     from ..integrations import torchdistill as _registers  # noqa: F401
     from ..deploy.latency import compare_latency
@@ -41,28 +71,24 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     from .runner import train
 
     out = Path(output_dir)
-    train_set, test_set, channels, size = _datasets(dataset)
+    train_set, test_set, channels, size = _datasets(dataset, limit)
     num_classes = train_set.num_classes
     epochs = epochs or (12 if dataset == 'sklearn:digits' else 5)
     common = dict(in_chans=channels, num_classes=num_classes)
     teacher = dict(key='timm_model', kwargs=dict(model_name=arch, **common))
-    twin = dict(key='timm_model', kwargs=dict(model_name=f'plain_{arch}', dirac=dirac, **common))
-    recipe = dict(epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4)
+    twin_alone, pair = _twin_runs(recipe, arch, common, str(out / 'teacher' / 'model'))
+    budget = dict(epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4)
     start = time.time()
     results = {}
     print(f'[1/3] teacher {arch}: cross-entropy, {epochs} epochs')
     results['teacher'] = train(make_config(train_set, test_set, teacher, 'ce', output_dir=str(out / 'teacher'),
-                                           **recipe), device=device)
+                                           **budget), device=device)
     print(f'[2/3] twin plain_{arch} alone: cross-entropy, {epochs} epochs')
-    results['twin alone'] = train(make_config(train_set, test_set, twin, 'ce', output_dir=str(out / 'twin-alone'),
-                                              **recipe), device=device)
+    results['twin alone'] = train(make_config(train_set, test_set, twin_alone, 'ce', output_dir=str(out / 'twin-alone'),
+                                              **budget), device=device)
     print(f'[3/3] twin plain_{arch} with JointRD from the teacher, {epochs} epochs')
-    pair = dict(key='jointrd_model', kwargs=dict(
-        teacher=dict(model_name=arch, checkpoint=str(out / 'teacher' / 'model'), **common),
-        student=dict(model_name=f'plain_{arch}', dirac=dirac, **common),
-        jointrd=dict(eta_min=0.5, eta_horizon_fraction=0.3)))
     results['twin + JointRD'] = train(make_config(train_set, test_set, pair, 'jointrd',
-                                                  output_dir=str(out / 'twin-jointrd'), **recipe), device=device)
+                                                  output_dir=str(out / 'twin-jointrd'), **budget), device=device)
     train_seconds = time.time() - start
 
     models = {'teacher': load_weights(timm.create_model(arch, **common), out / 'teacher' / 'model').eval(),
@@ -74,12 +100,12 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
         timed = compare_latency({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats=50, warmup=5)
         latency[batch] = {name: timed[name]['median_ms'] for name in models}
 
-    deployed = {k: r.get('test_acc_folded', r['test_acc']) for k, r in results.items()}  # Dirac folded
+    deployed = {k: r.get('test_acc_folded', r['test_acc']) for k, r in results.items()}  # deployed form
     rows = [('teacher (residual)', deployed['teacher'], params['teacher'], 'teacher'),
             ('twin alone (plain)', deployed['twin alone'], params['twin'], 'twin'),
             ('twin + JointRD (plain)', deployed['twin + JointRD'], params['twin'], 'twin')]
     lines = [f'# jointrd demo: {arch} on {dataset}, {epochs} epochs per run, last-epoch test accuracy', '',
-             f'Twin trained {"with Dirac-parametrised convs (folded before evaluation)" if dirac else "as plain convs"}.',
+             f'Twin recipe `{recipe}`: {RECIPES[recipe]}; accuracy of the deployed (shortcut-free, folded) twin.',
              '',
              '| model | test acc % | params | latency b1 ms | latency b16 ms |', '|---|---|---|---|---|']
     for label, acc, n, kind in rows:
@@ -89,7 +115,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
                   f'interleaved runs): {speedup[1]:.2f}x at batch 1, {speedup[16]:.2f}x at batch 16. '
                   f'Training took {train_seconds:.0f} s on {platform.processor() or platform.machine()}.']
     table = '\n'.join(lines)
-    summary = dict(dataset=dataset, arch=arch, epochs=epochs, dirac=dirac, results=results, params=params,
+    summary = dict(dataset=dataset, arch=arch, epochs=epochs, recipe=recipe, results=results, params=params,
                    latency_ms=latency, speedup=speedup, train_seconds=train_seconds)
     (out / 'summary.json').write_text(json.dumps(summary, indent=1))
     (out / 'summary.md').write_text(table + '\n')

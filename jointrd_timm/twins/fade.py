@@ -249,11 +249,17 @@ class FadingStudent(nn.Module):
 
 
 def scheduled_scale(module: nn.Module, fraction: float) -> float:
-    """``s`` for a module with JointRD's progress buffers (epoch, step_in_epoch, steps_per_epoch, num_epochs)."""
+    """``s`` for a module with JointRD's progress buffers (epoch, step_in_epoch, steps_per_epoch, num_epochs).
+
+    DECISION: the fade ends at the last training step at the latest (horizon capped at the last step's progress),
+    so that a run always finishes at ``s = 0`` and its twin can be deployed, whatever the fraction (1.0 included)
+    and however few steps an epoch has."""
     if int(module.num_epochs) <= 0:
         raise RuntimeError('The shortcut fade needs the run length: call set_epoch(epoch, steps_per_epoch, '
                            'num_epochs) before training (the runner\'s jointrd_pre_epoch_process does).')
     progress = float(module.epoch)
+    horizon = fraction * int(module.num_epochs)
     if int(module.steps_per_epoch) > 0:
         progress += float(module.step_in_epoch) / float(module.steps_per_epoch)
-    return fade_scale(progress, fraction * int(module.num_epochs))
+        horizon = min(horizon, int(module.num_epochs) - 1.0 / float(module.steps_per_epoch))
+    return fade_scale(progress, horizon)

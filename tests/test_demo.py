@@ -1,0 +1,37 @@
+"""`jointrd demo`'s default recipe end to end, one epoch per run on scikit-learn's embedded digits."""
+import json
+
+import pytest
+import timm
+import torch
+
+from jointrd_timm.training.checkpoint import load_weights
+from jointrd_timm.training.demo import run_demo
+
+
+def test_demo_default_recipe_trains_fading_twins_and_deploys_them_without_shortcuts(tmp_path):
+    torch.manual_seed(0)
+    summary = run_demo(dataset='sklearn:digits', output_dir=str(tmp_path), epochs=1, device='cpu',
+                       arch='resnet20_cifar', limit=256)
+    assert summary['recipe'] == 'fade'
+    assert set(summary['results']) == {'teacher', 'twin alone', 'twin + JointRD'}
+    for name in ('summary.json', 'summary.md', 'summary.png'):
+        assert (tmp_path / name).stat().st_size > 0
+    assert 'Twin recipe `fade`' in (tmp_path / 'summary.md').read_text()
+    assert json.loads((tmp_path / 'summary.json').read_text())['recipe'] == 'fade'
+    for run in ('twin-alone', 'twin-jointrd'):
+        # both twins got the same ingredients: shortcuts faded to 0 during the run, saved without them
+        scales = [json.loads(line)['shortcut_scale'] for line in (tmp_path / run / 'metrics.jsonl').read_text().splitlines()]
+        assert scales[-1] == 0.0, run
+        twin = load_weights(timm.create_model('plain_resnet20_cifar', in_chans=1, num_classes=10), tmp_path / run / 'model')
+        assert not any('downsample' in k or 'shortcut' in k for k in twin.state_dict())
+        assert twin(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # the deployed twin's accuracy is what the table reports (test_acc_folded: fade finished)
+    for key in ('twin alone', 'twin + JointRD'):
+        assert summary['results'][key]['test_acc_folded'] == pytest.approx(summary['results'][key]['test_acc'], abs=1e-6)
+
+
+def test_demo_refuses_an_unknown_recipe_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown demo recipe 'fast'.*'dirac', 'fade', 'reference'"):
+        run_demo(dataset='sklearn:digits', output_dir=str(tmp_path / 'demo'), epochs=1, recipe='fast')
+    assert not (tmp_path / 'demo' / 'teacher').exists()
