@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from jointrd_timm.training.checkpoint import atomic_write
 from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
 
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
@@ -65,6 +66,26 @@ def rows_spec():
     }
 
 
+DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # the recipe of yamls/ and `jointrd demo`
+
+# what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
+PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
+         'JointRD + fade + teacher init': 'twin alone + fade + teacher init',
+         'JointRD + fade over 80 % + teacher init': 'twin alone + fade over 80 % + teacher init'}
+
+
+def paired(runs):
+    """{jointrd row: [(seed, teacher, jointrd acc, alone acc)]} over runs matched by seed and teacher."""
+    out = {}
+    for with_rd, alone in PAIRS.items():
+        by = {(r['seed'], r['teacher_test_acc']): r['test_acc'] for r in runs.values() if r['label'] == alone}
+        matched = [(r['seed'], r['teacher_test_acc'], r['test_acc'], by[(r['seed'], r['teacher_test_acc'])])
+                   for r in runs.values() if r['label'] == with_rd and (r['seed'], r['teacher_test_acc']) in by]
+        if matched:
+            out[with_rd] = sorted(matched)
+    return out
+
+
 # runs recorded by cifar10_jointrd.py with exactly these settings (seed 0): reused, not retrained
 SHARED_FOLDERS = {('twin alone', 0): 'twin alone', ('JointRD (reference loss)', 0): 'twin + JointRD',
                   ('JointRD, 1 sampled path', 0): 'twin + JointRD (1 sampled path)'}
@@ -77,6 +98,8 @@ def main():
     parser.add_argument('--seed-major', action='store_true',
                         help='run every row with the first seed before any second seed')
     parser.add_argument('--work-name', default='cifar10_jointrd')
+    parser.add_argument('--report-only', action='store_true',
+                        help='rewrite the results (JSON, table, plot) from the recorded runs; train nothing')
     parser.add_argument('--rerun', action='store_true',
                         help='retrain recorded runs whose work folder is gone (default: keep the recorded result)')
     args = parser.parse_args()
@@ -99,6 +122,11 @@ def main():
     recorded = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = recorded.get('runs', {})
     data_cache = {}
+    if args.report_only:
+        if not runs:
+            parser.error(f'--report-only: no recorded runs in {results_path}')
+        write(runs, spec, args, out, record_command=False)
+        return
 
     def datasets(seed):
         if seed not in data_cache:
@@ -113,18 +141,20 @@ def main():
                           'ce', epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
                           seed=0, num_workers=args.workers, val_set=val_set, output_dir=str(work / 'teacher')))
     teacher_final = json.loads((work / 'teacher' / 'final.json').read_text())
-    if 'teacher_test_acc' in recorded and abs(recorded['teacher_test_acc'] - teacher_final['test_acc']) > 1e-6:
-        print(f'WARNING: this teacher ({teacher_final["test_acc"]:.2f} %) differs from the one the recorded runs '
-              f'used ({recorded["teacher_test_acc"]:.2f} %)', flush=True)
+    teacher_acc = teacher_final['test_acc']
+    # every run records the accuracy of the teacher it was trained from (a retrained teacher is another teacher:
+    # CPU training is not bit-reproducible across code versions), and rows are compared by the gap to their teacher
+    print(f'teacher {args.arch}: {teacher_acc:.2f} %', flush=True)
 
     order = [(label, seed) for seed in args.seeds for label in labels] if args.seed_major else \
         [(label, seed) for label in labels for seed in args.seeds]
     for label, seed in order:
         method, student_extra, jointrd, extras = spec[label]
         folder = work / SHARED_FOLDERS.get((label, seed), f'ablation/{label} s{seed}')
-        if f'{label} s{seed}' in runs and not finished(folder) and not args.rerun:
+        key = run_key(label, seed, teacher_acc)
+        if key in runs and not finished(folder) and not args.rerun:
             # recorded by an earlier invocation whose work folder is gone: the record stands (--rerun retrains)
-            print(label, seed, 'recorded:', runs[f'{label} s{seed}'], flush=True)
+            print(key, 'recorded:', runs[key], flush=True)
             continue
         if not finished(folder):
             train_set, val_set, test_set = datasets(seed)
@@ -147,13 +177,16 @@ def main():
                               output_dir=str(folder)))
             print(f'{label} seed {seed}: {time.time() - start:.0f} s', flush=True)
         final, curve = read_run(folder)
-        runs[f'{label} s{seed}'] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),
-                                        test_acc_unfolded=final['test_acc'],
-                                        test_acc_folded=final.get('test_acc_folded'),
-                                        val_curve=[c.get('val_acc') for c in curve],
-                                        seconds_per_epoch=round(statistics.median(c['seconds'] for c in curve), 1))
-        print(label, seed, runs[f'{label} s{seed}'], flush=True)
-        write(runs, spec, teacher_final, args, out)
+        runs[key] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),
+                         test_acc_unfolded=final['test_acc'], test_acc_folded=final.get('test_acc_folded'),
+                         teacher_test_acc=teacher_acc, val_curve=[c.get('val_acc') for c in curve],
+                         seconds_per_epoch=round(statistics.median(c['seconds'] for c in curve), 1))
+        print(key, runs[key], flush=True)
+        write(runs, spec, args, out)
+
+
+def run_key(label: str, seed: int, teacher_acc: float) -> str:
+    return f'{label} s{seed} (teacher {teacher_acc:.2f})'
 
 
 def summarise(runs, spec):
@@ -163,58 +196,84 @@ def summarise(runs, spec):
         if accs:
             secs = [r['seconds_per_epoch'] for r in runs.values() if r['label'] == label]
             # the least disturbed run's median epoch: runs that shared the 2 cores with other jobs are slower
+            gaps = [r['teacher_test_acc'] - r['test_acc'] for r in runs.values() if r['label'] == label]
+            teachers = sorted({r['teacher_test_acc'] for r in runs.values() if r['label'] == label})
             table[label] = dict(mean=statistics.mean(accs), spread=(max(accs) - min(accs)) / 2, n=len(accs),
-                                accs=accs, seconds_per_epoch=min(secs))
+                                accs=accs, gap=statistics.mean(gaps), teachers=teachers, seconds_per_epoch=min(secs))
     return table
 
 
-def write(runs, spec, teacher_final, args, out):
+def write(runs, spec, args, out, record_command: bool = True):
     table = summarise(runs, spec)
     meta = dict(command=command_line('recipe_ablation.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr '
                        f'{args.lr}', date=time.strftime('%Y-%m-%d'))
-    teacher = teacher_final['test_acc']
+    teachers = sorted({r['teacher_test_acc'] for r in runs.values()})
     path = out / f'{args.name}.json'
-    commands = json.loads(path.read_text())['meta'].get('commands', []) if path.is_file() else []
-    meta['commands'] = commands + [meta['command']] if meta['command'] not in commands else commands
-    path.write_text(json.dumps(dict(meta=meta, teacher_test_acc=teacher, runs=runs, table=table), indent=1))
+    previous = json.loads(path.read_text())['meta'] if path.is_file() else {}
+    commands = previous.get('commands', [])
+    meta['commands'] = commands + [meta['command']] if record_command and meta['command'] not in commands else commands
+    if not record_command:  # a report rewrite: the budget and date stay those of the runs
+        meta.update({k: previous[k] for k in ('command', 'budget', 'date', 'machine') if k in previous})
+    pairs = paired(runs)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
+                                                                         table=table, paired=pairs), indent=1)))
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
              f'{meta["date"]}. Commands (every run recorded here; finished runs are read back): '
              + '; '.join(f'`{c}`' for c in meta['commands']) + f'. Teacher ({args.arch}, cross-entropy, same budget, '
-             f'seed 0): **{teacher:.2f} %** test accuracy.', '',
-             'Accuracy: last epoch, full 10k test set, mean over seeds with half the range (n = seeds). '
+             f'seed 0) test accuracy: ' + ', '.join(f'**{t:.2f} %**' for t in teachers) + '.', '']
+    if len(teachers) > 1:
+        lines += ['Runs come from more than one teacher: a work folder was lost between sessions and the teacher '
+                  'retrained with the same command (CPU training here is not bit-reproducible across code '
+                  'versions). Every run records its teacher; "gap to its teacher" is the mean over the row\'s runs '
+                  'of (its teacher - twin), which is what rows are compared by.', '']
+    lines += [
+             'Accuracy: last epoch, full 10k test set, mean over runs with half the range (n = runs; a seed '
+             'sets the data subset, split and init). Gap = teacher - twin (negative: the twin is above its teacher). '
              'Dirac rows: evaluated with the parametrisation folded into plain convs.', '',
              's / epoch: median epoch of the least disturbed run of the row (some runs shared the 2 cores with '
              'other jobs; training_cost.md has clean side-by-side step costs).', '',
-             '| row | test acc % | ± | n | gap to teacher (points) | vs twin alone | s / epoch |',
-             '|---|---|---|---|---|---|---|']
+             '| row | test acc % | ± | n | teacher(s) % | gap to its teacher (points) | vs twin alone | s / epoch |',
+             '|---|---|---|---|---|---|---|---|']
     for label, r in table.items():
         vs = f'{r["mean"] - alone:+.2f}' if alone is not None else ''
-        lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {r["n"]} | {teacher - r["mean"]:+.2f} | '
-                     f'{vs} | {r["seconds_per_epoch"]} |')
+        lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {r["n"]} | '
+                     f'{", ".join(f"{t:.2f}" for t in r["teachers"])} | {r["gap"]:+.2f} | {vs} | '
+                     f'{r["seconds_per_epoch"]} |')
+    if pairs:
+        lines += ['', '## What JointRD adds over the twin alone with the same ingredients', '',
+                  'Runs matched by seed and teacher (the twin alone never sees the teacher in its loss; with '
+                  '"teacher init" it starts from the same teacher weights).', '',
+                  '| JointRD row | matched runs (seed, teacher %: JointRD vs alone) | mean difference (points) |',
+                  '|---|---|---|']
+        for label, matched in pairs.items():
+            cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
+            lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
     (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
-    plot(table, teacher, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
+    plot(table, teachers, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
 
 
-def plot(table, teacher, path, title):
+def plot(table, teachers, path, title):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     labels = list(table)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
     y = range(len(labels))
-    ax.barh(y, [table[k]['mean'] for k in labels], xerr=[table[k]['spread'] for k in labels], color='#55a868')
+    ax.barh(y, [table[k]['mean'] for k in labels], xerr=[table[k]['spread'] for k in labels],
+            color=['#c44e52' if k == DEFAULT_ROW else '#55a868' for k in labels])
     for i, k in enumerate(labels):
         ax.plot(table[k]['accs'], [i] * len(table[k]['accs']), 'k.', ms=4)
-    ax.axvline(teacher, color='#4c72b0', ls='--', label=f'teacher {teacher:.2f} %')
+    for teacher, style in zip(teachers, ('--', ':', '-.')):
+        ax.axvline(teacher, color='#4c72b0', ls=style, label=f'teacher {teacher:.2f} %')
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel('last-epoch test accuracy (%)')
     ax.legend(fontsize=8, loc='lower right')
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title.replace(': ', ':\n', 1) + f'\n(red: the default recipe, {DEFAULT_ROW})', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
