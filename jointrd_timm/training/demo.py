@@ -60,9 +60,9 @@ def _datasets(dataset: str, limit: Optional[int] = None):
 
 def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epochs: Optional[int] = None,
              device: Optional[str] = None, arch: str = DEMO_ARCH, recipe: str = 'fade',
-             limit: Optional[int] = None) -> dict:
+             limit: Optional[int] = None, latency_repeats: int = 50) -> dict:
     """Runs the three trainings into ``output_dir`` and writes summary.{json,md,png}; ``limit``: train images per
-    run (a quick smoke run; default all)."""
+    run (a quick smoke run; default all); ``latency_repeats``: interleaved timed runs per model and batch size."""
     import timm
     from ..integrations import torchdistill as _registers  # noqa: F401
     from ..deploy.latency import compare_latency
@@ -97,7 +97,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     latency = {}
     for batch in (1, 16):
         x = torch.randn(batch, channels, size, size)
-        timed = compare_latency({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats=50, warmup=5)
+        timed = compare_latency({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats=latency_repeats,
+                                warmup=5)
         latency[batch] = {name: timed[name]['median_ms'] for name in models}
 
     deployed = {k: r.get('test_acc_folded', r['test_acc']) for k, r in results.items()}  # deployed form
@@ -111,7 +112,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     for label, acc, n, kind in rows:
         lines.append(f'| {label} | {acc:.2f} | {n / 1e6:.3f} M | {latency[1][kind]:.2f} | {latency[16][kind]:.2f} |')
     speedup = {b: latency[b]['teacher'] / latency[b]['twin'] for b in latency}
-    lines += ['', f'Twin vs teacher latency (eager PyTorch, {torch.get_num_threads()} threads, medians of 50 '
+    lines += ['', f'Twin vs teacher latency (eager PyTorch, {torch.get_num_threads()} threads, medians of '
+                  f'{latency_repeats} '
                   f'interleaved runs): {speedup[1]:.2f}x at batch 1, {speedup[16]:.2f}x at batch 16. '
                   f'Training took {train_seconds:.0f} s on {platform.processor() or platform.machine()}.']
     table = '\n'.join(lines)
