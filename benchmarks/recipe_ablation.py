@@ -8,10 +8,19 @@ the full CIFAR-10 test set; Dirac rows are evaluated after folding the parametri
 runner records both, and they agree).
 
 Rows run in the order given (most informative first) and seeds inside a row; finished runs (final.json) are read
-back, so the script resumes and can be stopped at any time: results are rewritten after every run.
+back, so the script resumes and can be stopped at any time: results are rewritten after every run. A missing
+teacher is trained first (seed 0, same budget). Every run records the teacher it learned from, and rows are
+compared by the gap to that teacher; runs already recorded in the results JSON for the current teacher are kept
+even when their work folder is gone (--rerun retrains them). The default recipe (DEFAULT_ROW) is the one of
+yamls/ and `jointrd demo`; PAIRS match each JointRD row with the twin alone given the same ingredients.
 
-    python benchmarks/recipe_ablation.py                     # every row, seeds 0 and 1 (~3 h on 2 cores)
-    python benchmarks/recipe_ablation.py --rows "twin alone + Dirac" "JointRD + Dirac" --seeds 0 1
+    python benchmarks/recipe_ablation.py                     # every row, seeds 0 and 1 (~4 h on 2 cores)
+    python benchmarks/recipe_ablation.py --rows "JointRD + fade over 80 % + teacher init" \
+        "twin alone + fade over 80 % + teacher init" --seeds 0 1          # the default recipe and its baseline
+    python benchmarks/recipe_ablation.py --arch resnet110_cifar --name recipe_ablation_resnet110 \
+        --work-name cifar10_resnet110 --seeds 0 --rows "JointRD + fade over 80 % + teacher init" \
+        "twin alone + fade over 80 % + teacher init" "twin alone"         # depth 110 (own teacher)
+    python benchmarks/recipe_ablation.py --report-only                # rewrite outputs from the record
 """
 import json
 import platform
