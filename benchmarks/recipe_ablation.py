@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from jointrd_timm.training.checkpoint import atomic_write
+from jointrd_timm.twins.fade import DEFAULT_SHORTCUT_FADE
 from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
 
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
@@ -61,9 +62,12 @@ def rows_spec():
         'JointRD + Dirac + fade + teacher init': ('jointrd', dict(dirac=True, shortcut_fade=True),
                                                   dict(ref, shortcut_fade=0.5), dict(init_student_from_teacher=True)),
         'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
-        'JointRD + fade over 80 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.8),
+        # the default recipe (DEFAULT_SHORTCUT_FADE = 0.8) and its baseline
+        'JointRD + fade over 80 % + teacher init': ('jointrd', dict(shortcut_fade=True),
+                                                    dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE),
                                                     dict(init_student_from_teacher=True)),
-        'twin alone + fade over 80 % + teacher init': ('ce', {}, None, dict(shortcut_fade=0.8, teacher_init=True)),
+        'twin alone + fade over 80 % + teacher init': ('ce', {}, None, dict(shortcut_fade=DEFAULT_SHORTCUT_FADE,
+                                                                            teacher_init=True)),
         'JointRD + fade + teacher init + KD': ('jointrd', dict(shortcut_fade=True),
                                                dict(ref, shortcut_fade=0.5, kd_weight=1.0, kd_temperature=4.0),
                                                dict(init_student_from_teacher=True)),

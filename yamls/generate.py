@@ -14,6 +14,8 @@ makes the initialised twin differ from the teacher, and the run collapsed, see t
 """
 from pathlib import Path
 
+from jointrd_timm.twins.fade import DEFAULT_SHORTCUT_FADE
+
 HERE = Path(__file__).parent
 
 RECIPES = {
@@ -21,17 +23,17 @@ RECIPES = {
                     test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                     milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
                     feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=0.8, workers=2),
+                    shortcut_fade=DEFAULT_SHORTCUT_FADE, workers=2),
     'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
                      test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                      milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
                      feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=0.8, workers=2),
+                    shortcut_fade=DEFAULT_SHORTCUT_FADE, workers=2),
     'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
                      test_split='validation', recipe='imagenet', input_size=224, epochs=120, batch=512, lr=0.2,
                      milestones='[30, 60, 90]', step_size=30, weight_decay=1e-4, eta_min=0.005, eta_horizon=60,
                      feature_loss_weight=1e-4, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=0.8, workers=8),
+                    shortcut_fade=DEFAULT_SHORTCUT_FADE, workers=8),
 }
 ARCHS = {'cifar10': ['resnet18_cifar', 'resnet34_cifar', 'resnet50_cifar', 'resnet56_cifar', 'resnet110_cifar'],
          'imagenet': ['resnet18', 'resnet34', 'resnet50']}

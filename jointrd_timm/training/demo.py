@@ -20,13 +20,14 @@ from typing import Optional
 
 import torch
 
+from ..twins.fade import DEFAULT_SHORTCUT_FADE
+
 __all__ = ['run_demo']
 
 DEMO_ARCH = 'resnet32_cifar'
 RECIPES = {'fade': 'started from the teacher, shortcuts faded out over the first 80 % of the run',
            'dirac': 'Dirac-parametrised convs from scratch (folded before evaluation)',
            'reference': 'plain convs from scratch (JointRD reference recipe)'}
-FADE_FRACTION = 0.8
 
 
 def _twin_runs(recipe: str, arch: str, common: dict, teacher_ckpt: str):
@@ -37,11 +38,11 @@ def _twin_runs(recipe: str, arch: str, common: dict, teacher_ckpt: str):
     jointrd = dict(eta_min=0.5, eta_horizon_fraction=0.3)
     teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
     if recipe == 'fade':
-        alone = dict(key='fading_model', kwargs=dict(student=student, shortcut_fade=FADE_FRACTION,
+        alone = dict(key='fading_model', kwargs=dict(student=student, shortcut_fade=DEFAULT_SHORTCUT_FADE,
                                                      teacher_checkpoint=teacher_ckpt))
         pair = dict(key='jointrd_model', kwargs=dict(
             teacher=teacher, student=dict(student, shortcut_fade=True),
-            jointrd=dict(jointrd, shortcut_fade=FADE_FRACTION), init_student_from_teacher=True))
+            jointrd=dict(jointrd, shortcut_fade=DEFAULT_SHORTCUT_FADE), init_student_from_teacher=True))
         return alone, pair
     student = dict(student, dirac=recipe == 'dirac')
     return (dict(key='timm_model', kwargs=student),

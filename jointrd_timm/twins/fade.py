@@ -40,6 +40,9 @@ __all__ = ['FadingGraphBlock', 'FadingStudent', 'make_fading', 'finish_fade', 'i
            'shortcut_scale', 'fade_scale', 'deployable']
 
 SCALE = 'jointrd_shortcut_scale'
+# the fraction of the run over which the default recipe fades the shortcuts out (benchmarks/recipe_ablation.md:
+# 80 % beat 50 %); the JointRD YAMLs, `jointrd demo` and the ablation's default row all use it
+DEFAULT_SHORTCUT_FADE = 0.8
 
 
 class FadingGraphBlock(fx.GraphModule):
