@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, read_run
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, ensure_teacher, read_run
 
 
 def main():
@@ -48,7 +48,10 @@ def main():
 
     def run(label, model, method):
         start = time.time()
-        final = train(make_config(train_set, test_set, model, method, output_dir=str(work / label), **recipe))
+        if label == 'teacher':  # reused when finished (recipe_ablation.py and cifar10_zoo.py share it)
+            final = ensure_teacher(args, work, args.seed, (train_set, val_set, test_set))
+        else:
+            final = train(make_config(train_set, test_set, model, method, output_dir=str(work / label), **recipe))
         curve = read_run(work / label)[1]
         rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
                            train_loss=[c['train_loss'] for c in curve], seconds=round(time.time() - start),

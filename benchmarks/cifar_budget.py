@@ -48,6 +48,21 @@ def command_line(script: str, args) -> str:
     return f'python benchmarks/{script} ' + ' '.join(parts)
 
 
+def ensure_teacher(args, work: Path, seed: int = 0, splits=None) -> dict:
+    """The residual teacher ``args.arch`` of the run folder ``work``: trained with cross-entropy at the budget unless
+    ``work/teacher`` already holds a finished run (then reused as it is). Returns its final metrics."""
+    folder = Path(work) / 'teacher'
+    if not finished(folder):
+        from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
+        from jointrd_timm.training.configs import make_config
+        from jointrd_timm.training.runner import train
+        train_set, val_set, test_set = splits or cifar_splits(args, seed)
+        train(make_config(train_set, test_set, dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)),
+                          'ce', epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
+                          seed=seed, num_workers=args.workers, val_set=val_set, output_dir=str(folder)))
+    return read_run(folder)[0]
+
+
 def finished(folder: Path) -> bool:
     """A runner output folder holds a finished run (its final.json is written last)."""
     return (Path(folder) / 'final.json').is_file()

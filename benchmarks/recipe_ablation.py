@@ -32,8 +32,9 @@ import torch
 
 from jointrd_timm.training.checkpoint import atomic_write
 from jointrd_timm.twins.fade import DEFAULT_SHORTCUT_FADE
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
+from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, ensure_teacher, finished, read_run
 
+DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # the recipe of yamls/ and `jointrd demo`
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
 
 
@@ -71,6 +72,24 @@ def rows_spec():
         'JointRD + fade + teacher init + KD': ('jointrd', dict(shortcut_fade=True),
                                                dict(ref, shortcut_fade=0.5, kd_weight=1.0, kd_temperature=4.0),
                                                dict(init_student_from_teacher=True)),
+        # the default recipe with one more field changed: the margin feature loss, eta faded to 0 or held at 1 (the
+        # hybrid paths' weight for the whole run), a slower fade
+        # (the s = 0 phase shrinks to the last step), the paper's variant that keeps the projection shortcuts
+        f'{DEFAULT_ROW} + margin (lambda 1e-3)': ('jointrd', dict(shortcut_fade=True),
+                                                  dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, feature_loss_weight=1e-3),
+                                                  dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, eta to 0 over 60 %': ('jointrd', dict(shortcut_fade=True),
+                                               dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=0.0,
+                                                    eta_horizon_fraction=0.6),
+                                               dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, eta held at 1': ('jointrd', dict(shortcut_fade=True),
+                                          dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0),
+                                          dict(init_student_from_teacher=True)),
+        'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
+                                                     dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, projections kept (paper variant)': (
+            'jointrd', dict(shortcut_fade=True, keep_projection_shortcuts=True),
+            dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE), dict(init_student_from_teacher=True)),
         # fine-tuning learning rate: the teacher-initialised twin starts trained, so lr 0.1 first undoes much of it
         'JointRD + fade + teacher init, lr 0.02': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5),
                                                    dict(init_student_from_teacher=True, lr=0.02)),
@@ -78,8 +97,6 @@ def rows_spec():
         'control: teacher + same budget again (residual)': ('ce', {}, None, dict(continue_teacher=True)),
     }
 
-
-DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # the recipe of yamls/ and `jointrd demo`
 
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
@@ -147,13 +164,8 @@ def main():
             data_cache[seed] = cifar_splits(args, seed)
         return data_cache[seed]
 
-    if not finished(work / 'teacher'):
-        # the same run as cifar10_jointrd.py's teacher row (seed 0, same budget): trained once, reused by every row
-        train_set, val_set, test_set = datasets(0)
-        train(make_config(train_set, test_set, dict(key='timm_model', kwargs=dict(model_name=args.arch, **common)),
-                          'ce', epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
-                          seed=0, num_workers=args.workers, val_set=val_set, output_dir=str(work / 'teacher')))
-    teacher_final = json.loads((work / 'teacher' / 'final.json').read_text())
+    # trained once (seed 0, same budget, the same run as cifar10_jointrd.py's teacher row) and reused by every row
+    teacher_final = ensure_teacher(args, work, seed=0, splits=datasets(0))
     teacher_acc = teacher_final['test_acc']
     # every run records the accuracy of the teacher it was trained from (a retrained teacher is another teacher:
     # CPU training is not bit-reproducible across code versions), and rows are compared by the gap to their teacher
@@ -163,7 +175,8 @@ def main():
         [(label, seed) for label in labels for seed in args.seeds]
     for label, seed in order:
         method, student_extra, jointrd, extras = spec[label]
-        folder = work / SHARED_FOLDERS.get((label, seed), f'ablation/{label} s{seed}')
+        # the folder names its teacher, so a run made with an earlier teacher is never read back as this teacher's
+        folder = work / SHARED_FOLDERS.get((label, seed), f'ablation/{label} s{seed} t{teacher_acc:.2f}')
         key = run_key(label, seed, teacher_acc)
         if key in runs and not finished(folder) and not args.rerun:
             # recorded by an earlier invocation whose work folder is gone: the record stands (--rerun retrains)
