@@ -87,6 +87,12 @@ def rows_spec():
                                           dict(init_student_from_teacher=True)),
         'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
                                                      dict(init_student_from_teacher=True)),
+        # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
+        # another, first block first, each over 30 % of the fade, instead of all together
+        'JointRD + staggered fade over 80 % (window 0.3) + teacher init': (
+            'jointrd', dict(shortcut_fade=True),
+            dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, shortcut_fade_window=0.3),
+            dict(init_student_from_teacher=True)),
         f'{DEFAULT_ROW}, projections kept (paper variant)': (
             'jointrd', dict(shortcut_fade=True, keep_projection_shortcuts=True),
             dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE), dict(init_student_from_teacher=True)),
@@ -101,13 +107,25 @@ def rows_spec():
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
          'JointRD + fade + teacher init': 'twin alone + fade + teacher init',
-         'JointRD + fade over 80 % + teacher init': 'twin alone + fade over 80 % + teacher init'}
+         'JointRD + fade over 80 % + teacher init': 'twin alone + fade over 80 % + teacher init',
+         **{f'{DEFAULT_ROW}{variant}': 'twin alone + fade over 80 % + teacher init'
+            for variant in (' + margin (lambda 1e-3)', ', eta to 0 over 60 %', ', eta held at 1')}}
 
 
-def paired(runs):
-    """{jointrd row: [(seed, teacher, jointrd acc, alone acc)]} over runs matched by seed and teacher."""
+
+
+def variants_of_default(spec):
+    """Rows that change one field of the default recipe, each compared with the default (same seed and teacher)."""
+    return {label: DEFAULT_ROW for label in spec
+            if label != DEFAULT_ROW and (label.startswith(DEFAULT_ROW) or label.startswith('JointRD + fade over')
+                                         or label.startswith('JointRD + staggered fade over 80 %'))}
+
+
+def paired(runs, pairs=None):
+    """{row: [(seed, teacher, row acc, baseline acc)]} over runs matched by seed and teacher (default: PAIRS, each
+    JointRD row against the twin alone with the same ingredients)."""
     out = {}
-    for with_rd, alone in PAIRS.items():
+    for with_rd, alone in (pairs or PAIRS).items():
         by = {(r['seed'], r['teacher_test_acc']): r['test_acc'] for r in runs.values() if r['label'] == alone}
         matched = [(r['seed'], r['teacher_test_acc'], r['test_acc'], by[(r['seed'], r['teacher_test_acc'])])
                    for r in runs.values() if r['label'] == with_rd and (r['seed'], r['teacher_test_acc']) in by]
@@ -190,6 +208,7 @@ def main():
             elif 'shortcut_fade' in extras:
                 model = dict(key='fading_model', kwargs=dict(
                     student=student, shortcut_fade=extras['shortcut_fade'],
+                    shortcut_fade_window=extras.get('shortcut_fade_window', 1.0),
                     teacher_checkpoint=str(teacher_ckpt) if extras.get('teacher_init') else None))
             elif method == 'ce':
                 model = dict(key='timm_model', kwargs=student)
@@ -243,8 +262,10 @@ def write(runs, spec, args, out, record_command: bool = True):
     if not record_command:  # a report rewrite: the budget and date stay those of the runs
         meta.update({k: previous[k] for k in ('command', 'budget', 'date', 'machine') if k in previous})
     pairs = paired(runs)
+    variants = paired(runs, variants_of_default(spec))
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
-                                                                         table=table, paired=pairs), indent=1)))
+                                                                         table=table, paired=pairs,
+                                                                         vs_default=variants), indent=1)))
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
@@ -276,6 +297,14 @@ def write(runs, spec, args, out, record_command: bool = True):
                   '| JointRD row | matched runs (seed, teacher %: JointRD vs alone) | mean difference (points) |',
                   '|---|---|---|']
         for label, matched in pairs.items():
+            cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
+            lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
+    if variants:
+        lines += ['', f'## One field of the default recipe changed ({DEFAULT_ROW})', '',
+                  'Runs matched by seed and teacher with the default recipe\'s run.', '',
+                  '| row | matched runs (seed, teacher %: variant vs default) | mean difference (points) |',
+                  '|---|---|---|']
+        for label, matched in variants.items():
             cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
             lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
     (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')

@@ -11,8 +11,9 @@ from conftest import tiny_yaml
 from jointrd_timm.methods import JointRD, JointRDConfig
 from jointrd_timm.training.runner import load_config, train
 from jointrd_timm.twins import count_shortcut_additions
-from jointrd_timm.twins.fade import (FadingStudent, deployable, fade_scale, finish_fade, is_fading, make_fading,
-                                     scheduled_scale, set_shortcut_scale, shortcut_scale)
+from jointrd_timm.twins.fade import (SCALE, FadingGraphBlock, FadingStudent, block_scales, deployable, fade_scale,
+                                     finish_fade, is_fading, make_fading, scheduled_scale, set_shortcut_scale,
+                                     shortcut_scale)
 from jointrd_timm.twins.transfer import load_teacher_weights
 
 # one architecture per kind of rule: swap (CIFAR + timm ResNet), timm's own switch, graph rule
@@ -193,3 +194,65 @@ def test_runner_fades_then_deploys_the_plain_twin(tmp_path, method):
     twin = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1),
                         tmp_path / 'run' / 'model')
     assert count_shortcut_additions(twin) == 0
+
+
+def _block_scales(model):
+    return [float(getattr(m, SCALE)) for m in model.modules() if isinstance(m, FadingGraphBlock)]
+
+
+def test_staggered_fade_block_scales():
+    # window 1: every block follows the run's scale
+    assert block_scales(0.3, 4) == [0.3] * 4
+    # window 0.5 over 3 blocks: block i fades while t = 1 - s runs over [0.25 i, 0.25 i + 0.5]
+    assert block_scales(1.0, 3, 0.5) == [1.0, 1.0, 1.0]
+    assert block_scales(0.75, 3, 0.5) == pytest.approx([0.5, 1.0, 1.0])
+    assert block_scales(0.5, 3, 0.5) == pytest.approx([0.0, 0.5, 1.0])
+    assert block_scales(0.0, 3, 0.5) == [0.0, 0.0, 0.0]
+    for value in (0.1, 0.4, 0.9):  # first block first
+        scales = block_scales(value, 9, 0.3)
+        assert scales == sorted(scales) and scales[0] < value < scales[-1]
+    with pytest.raises(ValueError, match=r'fade window must be in \(0, 1\]'):
+        block_scales(0.5, 3, 0.0)
+    with pytest.raises(ValueError, match='shortcut_fade_window must be in'):
+        JointRDConfig(shortcut_fade=0.5, shortcut_fade_window=1.5)
+
+
+def test_staggered_fade_sets_each_block_and_deploys_only_at_the_end():
+    teacher, fading = _pair('resnet20_cifar')
+    set_shortcut_scale(fading, 0.5, window=0.2)
+    scales = _block_scales(fading)
+    assert len(scales) == 9 and scales[0] == 0.0 and scales[-1] == 1.0 and scales == sorted(scales)
+    assert shortcut_scale(fading) == pytest.approx(sum(scales) / 9)
+    # one block still has its shortcut: finishing the fade would change the outputs
+    set_shortcut_scale(fading, 0.01, window=0.2)
+    assert max(_block_scales(fading)) > 0
+    with pytest.raises(ValueError, match='have not faded out'):
+        finish_fade(fading)
+    # staggered through JointRD: the first blocks fade before the last ones, and the run still ends at s = 0
+    model = JointRD(fading, teacher, JointRDConfig(shortcut_fade=1.0, shortcut_fade_window=0.3)).train()
+    model.set_epoch(0, steps_per_epoch=4, num_epochs=2)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    model(x, y)
+    model(x, y)
+    early = _block_scales(fading)
+    assert early[0] < 1.0 and early[-1] == 1.0
+    model.set_epoch(1, steps_per_epoch=4, num_epochs=2)
+    for _ in range(4):
+        model(x, y)
+    assert _block_scales(fading) == [0.0] * 9
+    deployed = deployable(fading).eval()
+    assert torch.equal(deployed(x), fading.eval()(x))
+
+
+def test_fading_model_passes_the_window(tmp_path):
+    from jointrd_timm.integrations.torchdistill import fading_model
+    model = fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=0.25)
+    assert model.window == 0.25
+    model.set_epoch(0, steps_per_epoch=10, num_epochs=2)
+    model.train()(torch.randn(2, 3, 32, 32))
+    for _ in range(4):
+        model(torch.randn(2, 3, 32, 32))
+    scales = _block_scales(model.student)
+    assert scales[0] < scales[-1] == 1.0
+    with pytest.raises(ValueError, match='fade window'):
+        fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=2)

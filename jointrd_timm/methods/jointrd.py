@@ -56,6 +56,8 @@ class JointRDConfig:
         shortcut_fade: fraction of the run over which a *fading* twin's shortcut scale s goes from 1 to 0 (cosine,
             per step; None: off). The student must be built with ``shortcut_fade=True``
             (:mod:`jointrd_timm.twins.fade`, Monti et al. 2018); it is deployed with the shortcuts removed.
+        shortcut_fade_window: 1 (default): every block's shortcut fades together; < 1: a staggered fade, each block
+            over this share of the fade, first block first (``twins.fade.block_scales``).
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -71,6 +73,7 @@ class JointRDConfig:
     discriminator: Optional[Dict] = None
     adversarial_non_saturating: bool = True
     shortcut_fade: Optional[float] = None
+    shortcut_fade_window: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.eta_min <= 1.0:
@@ -85,6 +88,9 @@ class JointRDConfig:
             raise ValueError(f'eta_horizon_fraction must be in (0, 1], got {self.eta_horizon_fraction}.')
         if self.shortcut_fade is not None and not 0 < self.shortcut_fade <= 1:
             raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run) or None, got {self.shortcut_fade}.')
+        if not 0 < self.shortcut_fade_window <= 1:
+            raise ValueError('shortcut_fade_window must be in (0, 1] (1: all blocks fade together), got '
+                             f'{self.shortcut_fade_window}.')
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'JointRDConfig':
@@ -197,7 +203,7 @@ class JointRD(nn.Module):
         self.steps_per_epoch.fill_(steps_per_epoch)
         self.num_epochs.fill_(num_epochs)
         if self.config.shortcut_fade is not None:
-            set_shortcut_scale(self.student, self.shortcut_scale)
+            set_shortcut_scale(self.student, self.shortcut_scale, self.config.shortcut_fade_window)
 
     @property
     def shortcut_scale(self) -> Optional[float]:
@@ -253,7 +259,7 @@ class JointRD(nn.Module):
         if not self.training:
             return self.student(x)
         if self.config.shortcut_fade is not None:
-            set_shortcut_scale(self.student, self.shortcut_scale)
+            set_shortcut_scale(self.student, self.shortcut_scale, self.config.shortcut_fade_window)
         with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
             teacher_logits, teacher_feature = self._teacher_forward(x)
         hs = []
