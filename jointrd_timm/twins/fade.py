@@ -37,8 +37,7 @@ from .rules import get_rule, rules
 from .verify import find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'FadingStudent', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale',
-           'block_scales',
-           'shortcut_scale', 'fade_scale', 'deployable']
+           'block_scales', 'shortcut_scale', 'fade_scale', 'deployable']
 
 SCALE = 'jointrd_shortcut_scale'
 # the fraction of the run over which the default recipe fades the shortcuts out (benchmarks/recipe_ablation.md:
