@@ -73,8 +73,8 @@ def rows_spec():
                                                dict(ref, shortcut_fade=0.5, kd_weight=1.0, kd_temperature=4.0),
                                                dict(init_student_from_teacher=True)),
         # the default recipe with one more field changed: the margin feature loss, eta faded to 0 or held at 1 (the
-        # hybrid paths' weight for the whole run), a slower fade
-        # (the s = 0 phase shrinks to the last step), the paper's variant that keeps the projection shortcuts
+        # hybrid paths' weight for the whole run), a slower fade (the s = 0 phase shrinks to the last step), the
+        # paper's variant that keeps the projection shortcuts
         f'{DEFAULT_ROW} + margin (lambda 1e-3)': ('jointrd', dict(shortcut_fade=True),
                                                   dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, feature_loss_weight=1e-3),
                                                   dict(init_student_from_teacher=True)),
@@ -104,21 +104,17 @@ def rows_spec():
     }
 
 
+# rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
+DEFAULT_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
+                    f'{DEFAULT_ROW}, eta held at 1', 'JointRD + fade over 100 % + teacher init',
+                    'JointRD + staggered fade over 80 % (window 0.3) + teacher init',
+                    f'{DEFAULT_ROW}, projections kept (paper variant)']
+
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
          'JointRD + fade + teacher init': 'twin alone + fade + teacher init',
-         'JointRD + fade over 80 % + teacher init': 'twin alone + fade over 80 % + teacher init',
-         **{f'{DEFAULT_ROW}{variant}': 'twin alone + fade over 80 % + teacher init'
-            for variant in (' + margin (lambda 1e-3)', ', eta to 0 over 60 %', ', eta held at 1')}}
-
-
-
-
-def variants_of_default(spec):
-    """Rows that change one field of the default recipe, each compared with the default (same seed and teacher)."""
-    return {label: DEFAULT_ROW for label in spec
-            if label != DEFAULT_ROW and (label.startswith(DEFAULT_ROW) or label.startswith('JointRD + fade over')
-                                         or label.startswith('JointRD + staggered fade over 80 %'))}
+         DEFAULT_ROW: 'twin alone + fade over 80 % + teacher init',
+         **{variant: 'twin alone + fade over 80 % + teacher init' for variant in DEFAULT_VARIANTS[:3]}}
 
 
 def paired(runs, pairs=None):
@@ -262,7 +258,7 @@ def write(runs, spec, args, out, record_command: bool = True):
     if not record_command:  # a report rewrite: the budget and date stay those of the runs
         meta.update({k: previous[k] for k in ('command', 'budget', 'date', 'machine') if k in previous})
     pairs = paired(runs)
-    variants = paired(runs, variants_of_default(spec))
+    variants = paired(runs, dict.fromkeys(DEFAULT_VARIANTS, DEFAULT_ROW))
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
                                                                          table=table, paired=pairs,
                                                                          vs_default=variants), indent=1)))
@@ -290,25 +286,25 @@ def write(runs, spec, args, out, record_command: bool = True):
         lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {r["n"]} | '
                      f'{", ".join(f"{t:.2f}" for t in r["teachers"])} | {r["gap"]:+.2f} | {vs} | '
                      f'{r["seconds_per_epoch"]} |')
-    if pairs:
-        lines += ['', '## What JointRD adds over the twin alone with the same ingredients', '',
-                  'Runs matched by seed and teacher (the twin alone never sees the teacher in its loss; with '
-                  '"teacher init" it starts from the same teacher weights).', '',
-                  '| JointRD row | matched runs (seed, teacher %: JointRD vs alone) | mean difference (points) |',
-                  '|---|---|---|']
-        for label, matched in pairs.items():
-            cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
-            lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
-    if variants:
-        lines += ['', f'## One field of the default recipe changed ({DEFAULT_ROW})', '',
-                  'Runs matched by seed and teacher with the default recipe\'s run.', '',
-                  '| row | matched runs (seed, teacher %: variant vs default) | mean difference (points) |',
-                  '|---|---|---|']
-        for label, matched in variants.items():
-            cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
-            lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
+    lines += matched_table(pairs, '## What JointRD adds over the twin alone with the same ingredients',
+                           'Runs matched by seed and teacher (the twin alone never sees the teacher in its loss; with '
+                           '"teacher init" it starts from the same teacher weights).', 'JointRD row', 'JointRD vs alone')
+    lines += matched_table(variants, f'## One field of the default recipe changed ({DEFAULT_ROW})',
+                           "Runs matched by seed and teacher with the default recipe's run.", 'row', 'variant vs default')
     (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
     plot(table, teachers, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
+
+
+def matched_table(matched_rows, title: str, intro: str, row_header: str, versus: str) -> list:
+    """Markdown lines of a table of runs matched by seed and teacher (:func:`paired`); none when nothing matched."""
+    if not matched_rows:
+        return []
+    lines = ['', title, '', intro, '',
+             f'| {row_header} | matched runs (seed, teacher %: {versus}) | mean difference (points) |', '|---|---|---|']
+    for label, matched in matched_rows.items():
+        cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
+        lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
+    return lines
 
 
 def plot(table, teachers, path, title):
