@@ -93,6 +93,11 @@ def rows_spec():
             'jointrd', dict(shortcut_fade=True),
             dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, shortcut_fade_window=0.3),
             dict(init_student_from_teacher=True)),
+        # depth-matched fade (twins.fade.fade_scale): s = cosine ** 0.5 gives resnet110 (18 blocks per stage) the
+        # shortcut-path weights s ** N that resnet56 (9 per stage) has under the default fade
+        f'{DEFAULT_ROW}, fade power 0.5': ('jointrd', dict(shortcut_fade=True),
+                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, shortcut_fade_power=0.5),
+                                           dict(init_student_from_teacher=True)),
         f'{DEFAULT_ROW}, projections kept (paper variant)': (
             'jointrd', dict(shortcut_fade=True, keep_projection_shortcuts=True),
             dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE), dict(init_student_from_teacher=True)),
@@ -107,7 +112,7 @@ def rows_spec():
 # rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
 DEFAULT_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
                     f'{DEFAULT_ROW}, eta held at 1', 'JointRD + fade over 100 % + teacher init',
-                    'JointRD + staggered fade over 80 % (window 0.3) + teacher init',
+                    'JointRD + staggered fade over 80 % (window 0.3) + teacher init', f'{DEFAULT_ROW}, fade power 0.5',
                     f'{DEFAULT_ROW}, projections kept (paper variant)']
 
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
@@ -205,6 +210,7 @@ def main():
                 model = dict(key='fading_model', kwargs=dict(
                     student=student, shortcut_fade=extras['shortcut_fade'],
                     shortcut_fade_window=extras.get('shortcut_fade_window', 1.0),
+                    shortcut_fade_power=extras.get('shortcut_fade_power', 1.0),
                     teacher_checkpoint=str(teacher_ckpt) if extras.get('teacher_init') else None))
             elif method == 'ce':
                 model = dict(key='timm_model', kwargs=student)

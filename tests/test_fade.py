@@ -256,3 +256,43 @@ def test_fading_model_passes_the_window(tmp_path):
     assert scales[0] < scales[-1] == 1.0
     with pytest.raises(ValueError, match='fade window'):
         fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=2)
+
+
+def test_fade_power_matches_shortcut_path_weights_across_depth():
+    # power 0.5: s is the square root of the cosine fade, still 1 at the start and 0 from the horizon on
+    assert fade_scale(0, 10, 0.5) == 1.0 and fade_scale(10, 10, 0.5) == 0.0
+    assert fade_scale(5, 10, 0.5) == pytest.approx(0.5 ** 0.5)
+    for progress in (1.0, 2.5, 7.5, 9.9):
+        # 18 blocks per stage at power 0.5 carry a stage's shortcut path with the weight 9 blocks have at power 1
+        assert fade_scale(progress, 10, 0.5) ** 18 == pytest.approx(fade_scale(progress, 10) ** 9)
+        assert fade_scale(progress, 10, 0.5) > fade_scale(progress, 10) > fade_scale(progress, 10, 2.0)
+    for bad in (0, -1.0, float('nan'), float('inf'), '0.5', True):
+        with pytest.raises(ValueError, match='shortcut_fade_power must be a finite number > 0'):
+            fade_scale(1, 10, bad)
+    with pytest.raises(ValueError, match='shortcut_fade_power must be'):
+        JointRDConfig(shortcut_fade=0.5, shortcut_fade_power=0.0)
+
+
+def test_fade_power_drives_jointrd_and_the_fading_model():
+    from jointrd_timm.integrations.torchdistill import fading_model
+    teacher, fading = _pair('resnet20_cifar')
+    model = JointRD(fading, teacher, JointRDConfig(shortcut_fade=1.0, shortcut_fade_power=0.5)).train()
+    model.set_epoch(0, steps_per_epoch=4, num_epochs=2)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    seen = []
+    for _ in range(8):
+        model(x, y)
+        seen.append(shortcut_scale(fading))
+        if len(seen) == 4:
+            model.set_epoch(1, steps_per_epoch=4, num_epochs=2)
+    # horizon capped at the last step (1.75 epochs): after step k (progress k / 4) s = cosine(k / 7) ** 0.5
+    expected = [fade_scale(k / 4, 1.75) ** 0.5 for k in range(8)]
+    assert seen == pytest.approx(expected) and seen[-1] == 0.0
+    assert 0.5 ** 0.5 < seen[3] < 1.0
+    alone = fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 1.0, shortcut_fade_power=0.5)
+    alone.set_epoch(0, steps_per_epoch=4, num_epochs=2)
+    alone.train()(x)
+    alone(x)
+    assert alone.power == 0.5 and shortcut_scale(alone.student) == pytest.approx(fade_scale(0.25, 1.75) ** 0.5)
+    with pytest.raises(ValueError, match='shortcut_fade_power'):
+        fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_power=-2)

@@ -81,7 +81,7 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
 
 @register_model
 def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None,
-                 shortcut_fade_window: float = 1.0) -> FadingStudent:
+                 shortcut_fade_window: float = 1.0, shortcut_fade_power: float = 1.0) -> FadingStudent:
     """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.twins.fade.FadingStudent`).
 
     Args:
@@ -89,6 +89,7 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
         shortcut_fade: fraction of the run over which the shortcut scale goes from 1 to 0.
         teacher_checkpoint: start from these teacher weights (a .safetensors file or a runner output folder).
         shortcut_fade_window: 1: all blocks fade together; < 1: staggered (``twins.fade.block_scales``).
+        shortcut_fade_power: the cosine fade raised to this power (``twins.fade.fade_scale``).
     """
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
@@ -96,7 +97,7 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
                                     **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
         load_weights(teacher, teacher_checkpoint)
         load_teacher_weights(model, teacher)
-    return FadingStudent(model, shortcut_fade, shortcut_fade_window)
+    return FadingStudent(model, shortcut_fade, shortcut_fade_window, shortcut_fade_power)
 
 
 @register_model

@@ -31,7 +31,7 @@ from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminat
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from .schedules import eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
-from ..twins.fade import is_fading, scheduled_scale, set_shortcut_scale
+from ..twins.fade import check_fade_power, is_fading, scheduled_scale, set_shortcut_scale
 
 __all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss']
 
@@ -58,6 +58,8 @@ class JointRDConfig:
             (:mod:`jointrd_timm.twins.fade`, Monti et al. 2018); it is deployed with the shortcuts removed.
         shortcut_fade_window: 1 (default): every block's shortcut fades together; < 1: a staggered fade, each block
             over this share of the fade, first block first (``twins.fade.block_scales``).
+        shortcut_fade_power: the cosine fade raised to this power (``twins.fade.fade_scale``; 1: the cosine; 0.5
+            keeps a twin twice as deep as resnet56, e.g. resnet110, on resnet56's shortcut-path weights).
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -74,6 +76,7 @@ class JointRDConfig:
     adversarial_non_saturating: bool = True
     shortcut_fade: Optional[float] = None
     shortcut_fade_window: float = 1.0
+    shortcut_fade_power: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.eta_min <= 1.0:
@@ -91,6 +94,7 @@ class JointRDConfig:
         if not 0 < self.shortcut_fade_window <= 1:
             raise ValueError('shortcut_fade_window must be in (0, 1] (1: all blocks fade together), got '
                              f'{self.shortcut_fade_window}.')
+        check_fade_power(self.shortcut_fade_power)
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'JointRDConfig':
@@ -210,7 +214,7 @@ class JointRD(nn.Module):
         """The fading twin's shortcut scale s at this point of training (None without a fade)."""
         if self.config.shortcut_fade is None:
             return None
-        return scheduled_scale(self, self.config.shortcut_fade)
+        return scheduled_scale(self, self.config.shortcut_fade, self.config.shortcut_fade_power)
 
     @property
     def progress(self) -> float:

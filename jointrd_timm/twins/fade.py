@@ -37,7 +37,7 @@ from .rules import get_rule, rules
 from .verify import find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'FadingStudent', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale',
-           'block_scales', 'shortcut_scale', 'fade_scale', 'deployable']
+           'block_scales', 'shortcut_scale', 'fade_scale', 'check_fade_power', 'deployable']
 
 SCALE = 'jointrd_shortcut_scale'
 # the fraction of the run over which the default recipe fades the shortcuts out (benchmarks/recipe_ablation.md:
@@ -171,13 +171,27 @@ def shortcut_scale(model: nn.Module) -> Optional[float]:
     return sum(float(getattr(b, SCALE)) for b in blocks) / len(blocks)
 
 
-def fade_scale(progress: float, horizon: float) -> float:
+def check_fade_power(power: float) -> float:
+    if not (isinstance(power, (int, float)) and not isinstance(power, bool) and math.isfinite(power) and power > 0):
+        raise ValueError(f'shortcut_fade_power must be a finite number > 0 (1: the cosine fade itself; 0.5: its '
+                         f'square root, for a twin twice as deep as the one the fade was tuned on), got {power!r}.')
+    return float(power)
+
+
+def fade_scale(progress: float, horizon: float, power: float = 1.0) -> float:
     """``s`` after ``progress`` epochs: cosine from 1 to 0 over ``horizon`` epochs, then 0 (DECISION: the eta
     schedule's shape, ``methods.schedules.eta_schedule`` with eta_min 0; Monti et al. lower it by their own
-    rule, not a fixed schedule)."""
+    rule, not a fixed schedule), raised to ``power``.
+
+    ``power`` (DECISION, depth matching): a stage of N blocks passes its input along its shortcut path scaled by
+    ``s ** N``, so the same ``s`` removes that path much sooner in a deeper twin (0.85 ** 9 = 0.23 at resnet56,
+    0.85 ** 18 = 0.05 at resnet110). ``power = N_ref / N`` gives a twin with N blocks per stage the shortcut-path
+    weights of the depth the schedule was tuned at (resnet56: 9 blocks per stage; 0.5 for resnet110). Any power
+    keeps s = 1 at the start and s = 0 from the horizon on."""
+    power = check_fade_power(power)
     if horizon <= 0 or progress >= horizon:
         return 0.0
-    return float((1.0 + math.cos(math.pi * max(progress, 0.0) / horizon)) / 2.0)
+    return float((1.0 + math.cos(math.pi * max(progress, 0.0) / horizon)) / 2.0) ** power
 
 
 def _is_fade(node: fx.Node) -> bool:
@@ -245,9 +259,10 @@ class FadingStudent(nn.Module):
         shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0.
         window: 1 (default): all blocks fade together; < 1: staggered, each block over this share of the fade
             (:func:`block_scales`).
+        power: the cosine fade raised to this power (:func:`fade_scale`; 1: the cosine itself).
     """
 
-    def __init__(self, student: nn.Module, shortcut_fade: float, window: float = 1.0):
+    def __init__(self, student: nn.Module, shortcut_fade: float, window: float = 1.0, power: float = 1.0):
         super().__init__()
         if not is_fading(student):
             raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
@@ -258,6 +273,7 @@ class FadingStudent(nn.Module):
         self.student = student
         self.fraction = shortcut_fade
         self.window = window
+        self.power = check_fade_power(power)
         for name in ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs'):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
 
@@ -270,7 +286,7 @@ class FadingStudent(nn.Module):
 
     @property
     def shortcut_scale(self) -> float:
-        return scheduled_scale(self, self.fraction)
+        return scheduled_scale(self, self.fraction, self.power)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -279,7 +295,7 @@ class FadingStudent(nn.Module):
         return self.student(x)
 
 
-def scheduled_scale(module: nn.Module, fraction: float) -> float:
+def scheduled_scale(module: nn.Module, fraction: float, power: float = 1.0) -> float:
     """``s`` for a module with JointRD's progress buffers (epoch, step_in_epoch, steps_per_epoch, num_epochs).
 
     DECISION: the fade ends at the last training step at the latest (horizon capped at the last step's progress),
@@ -293,4 +309,4 @@ def scheduled_scale(module: nn.Module, fraction: float) -> float:
     if int(module.steps_per_epoch) > 0:
         progress += float(module.step_in_epoch) / float(module.steps_per_epoch)
         horizon = min(horizon, int(module.num_epochs) - 1.0 / float(module.steps_per_epoch))
-    return fade_scale(progress, horizon)
+    return fade_scale(progress, horizon, power)
