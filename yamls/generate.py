@@ -77,6 +77,15 @@ CE_CRITERION = """        ce:
           weight: 1.0"""
 
 
+def _student_block(arch: str, r: dict, fade_flag: bool) -> str:
+    """The twin's ``student:`` kwargs (jointrd_model and fading_model); ``fade_flag``: say whether it fades."""
+    block = f"""      student:
+        model_name: 'plain_{arch}'
+        num_classes: {r['num_classes']}
+        dirac: {r['dirac']}"""
+    return block + (f"\n        shortcut_fade: {r['shortcut_fade'] is not None}" if fade_flag else '')
+
+
 def render(dataset: str, arch: str, method: str) -> str:
     r = RECIPES[dataset]
     short = _short(arch)
@@ -90,11 +99,7 @@ def render(dataset: str, arch: str, method: str) -> str:
         model_name: '{arch}'
         num_classes: {r['num_classes']}
         checkpoint: '{teacher_ckpt}'
-      student:
-        model_name: 'plain_{arch}'
-        num_classes: {r['num_classes']}
-        dirac: {r['dirac']}
-        shortcut_fade: {r['shortcut_fade'] is not None}
+{_student_block(arch, r, fade_flag=True)}
       jointrd:
         eta_min: {r['eta_min']}
         eta_horizon: {r['eta_horizon']}
@@ -120,10 +125,7 @@ def render(dataset: str, arch: str, method: str) -> str:
         model = f"""  model:
     key: 'fading_model'
     kwargs:
-      student:
-        model_name: 'plain_{arch}'
-        num_classes: {r['num_classes']}
-        dirac: {r['dirac']}
+{_student_block(arch, r, fade_flag=False)}
       shortcut_fade: {r['shortcut_fade']}{init}
     dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
         proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_only'"
