@@ -85,6 +85,8 @@ def rows_spec():
         f'{DEFAULT_ROW}, eta held at 1': ('jointrd', dict(shortcut_fade=True),
                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0),
                                           dict(init_student_from_teacher=True)),
+        'JointRD + fade over 30 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.3),
+                                                    dict(init_student_from_teacher=True)),
         'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
                                                      dict(init_student_from_teacher=True)),
         # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
@@ -111,7 +113,8 @@ def rows_spec():
 
 # rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
 DEFAULT_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
-                    f'{DEFAULT_ROW}, eta held at 1', 'JointRD + fade over 100 % + teacher init',
+                    f'{DEFAULT_ROW}, eta held at 1', 'JointRD + fade over 30 % + teacher init',
+                    'JointRD + fade + teacher init', 'JointRD + fade over 100 % + teacher init',
                     'JointRD + staggered fade over 80 % (window 0.3) + teacher init', f'{DEFAULT_ROW}, fade power 0.5',
                     f'{DEFAULT_ROW}, projections kept (paper variant)']
 
@@ -119,7 +122,10 @@ DEFAULT_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, et
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
          'JointRD + fade + teacher init': 'twin alone + fade + teacher init',
          DEFAULT_ROW: 'twin alone + fade over 80 % + teacher init',
-         **{variant: 'twin alone + fade over 80 % + teacher init' for variant in DEFAULT_VARIANTS[:3]}}
+         # variants that change only the loss: the twin alone with the default's ingredients is their baseline too
+         **{variant: 'twin alone + fade over 80 % + teacher init' for variant in (
+             f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
+             f'{DEFAULT_ROW}, eta held at 1')}}
 
 
 def paired(runs, pairs=None):
@@ -187,7 +193,8 @@ def main():
     teacher_final = ensure_teacher(args, work, seed=0, splits=datasets(0))
     teacher_acc = teacher_final['test_acc']
     # every run records the accuracy of the teacher it was trained from (a retrained teacher is another teacher:
-    # CPU training is not bit-reproducible across code versions), and rows are compared by the gap to their teacher
+    # CPU training is not bit-reproducible across machines and code versions), and rows are compared by the gap to
+    # their teacher
     print(f'teacher {args.arch}: {teacher_acc:.2f} %', flush=True)
 
     order = [(label, seed) for seed in args.seeds for label in labels] if args.seed_major else \
@@ -276,8 +283,8 @@ def write(runs, spec, args, out, record_command: bool = True):
              f'seed 0) test accuracy: ' + ', '.join(f'**{t:.2f} %**' for t in teachers) + '.', '']
     if len(teachers) > 1:
         lines += ['Runs come from more than one teacher: a work folder was lost between sessions and the teacher '
-                  'retrained with the same command (CPU training here is not bit-reproducible across code '
-                  'versions). Every run records its teacher; "gap to its teacher" is the mean over the row\'s runs '
+                  'retrained with the same command (CPU training here is not bit-reproducible across machines and '
+                  'code versions). Every run records its teacher; "gap to its teacher" is the mean over the row\'s runs '
                   'of (its teacher - twin), which is what rows are compared by.', '']
     lines += [
              'Accuracy: last epoch, full 10k test set, mean over runs with half the range (n = runs; a seed '
