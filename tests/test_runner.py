@@ -64,10 +64,12 @@ def test_kill_during_epoch_two_then_resume_equals_uninterrupted(tmp_path):
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().count('\n') >= 1) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # well into epoch 2 (an epoch takes several seconds)
+    time.sleep(0.1)  # into epoch 2 (an epoch takes 0.5 s on a fast machine, several seconds on a busy one)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert metrics.read_text().count('\n') == 1, 'the kill should land in epoch 2'
+    done = metrics.read_text().count('\n')
+    # interrupted mid-run: in epoch 2, or in epoch 3 where the machine is fast; the resume must match either way
+    assert done in (1, 2) and not (killed / 'final.json').exists(), f'the kill landed after {done} epochs'
     assert not list(killed.glob('.*tmp*')), 'no half-written checkpoint may be left'
     proc = _run(['--config', str(config), '--device', 'cpu', '--output-dir', str(killed), '--resume'])
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
