@@ -46,13 +46,13 @@ def main():
     out = ROOT / 'benchmarks/results'
     rows = json.loads((out / f'{args.name}.json').read_text())['rows'] if args.add_sampled_row else {}
 
-    def trained(label, model, method):
-        return lambda: train(make_config(train_set, test_set, model, method, output_dir=str(work / label), **recipe))
+    def trained(model, method):
+        return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe))
 
     def run(label, train_row):
-        """Train one row (``train_row()`` returns its final.json record, from the folder ``work / label``)."""
+        """Train one row in ``work / label`` (``train_row(folder)`` returns its final.json record)."""
         start = time.time()
-        final = train_row()
+        final = train_row(work / label)
         curve = read_run(work / label)[1]
         rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
                            train_loss=[c['train_loss'] for c in curve], seconds=round(time.time() - start),
@@ -67,14 +67,12 @@ def main():
                          feature_loss_weight=args.feature_loss_weight, **extra)))
 
     if args.add_sampled_row:
-        label = 'twin + JointRD (1 sampled path)'
-        run(label, trained(label, jointrd(hybrid_paths=1), 'jointrd'))
+        run('twin + JointRD (1 sampled path)', trained(jointrd(hybrid_paths=1), 'jointrd'))
     else:
-        # the teacher is reused when finished (recipe_ablation.py and cifar10_zoo.py share it)
-        run('teacher', lambda: ensure_teacher(args, work, args.seed, (train_set, val_set, test_set)))
-        run('twin alone', trained('twin alone', dict(key='timm_model', kwargs=dict(model_name=f'plain_{args.arch}',
-                                                                                     **common)), 'ce'))
-        run('twin + JointRD', trained('twin + JointRD', jointrd(), 'jointrd'))
+        # the teacher (in work / 'teacher') is reused when finished (recipe_ablation.py and cifar10_zoo.py share it)
+        run('teacher', lambda folder: ensure_teacher(args, work, args.seed, (train_set, val_set, test_set)))
+        run('twin alone', trained(dict(key='timm_model', kwargs=dict(model_name=f'plain_{args.arch}', **common)), 'ce'))
+        run('twin + JointRD', trained(jointrd(), 'jointrd'))
 
     meta = dict(command=command_line('cifar10_jointrd.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,

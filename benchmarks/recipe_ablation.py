@@ -109,9 +109,11 @@ def rows_spec():
     }
 
 
+# variants of the default that change only the loss: the twin alone with the default's ingredients is their baseline
+LOSS_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
+                 f'{DEFAULT_ROW}, eta held at 1']
 # rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
-DEFAULT_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
-                    f'{DEFAULT_ROW}, eta held at 1', 'JointRD + fade + teacher init',
+DEFAULT_VARIANTS = [*LOSS_VARIANTS, 'JointRD + fade + teacher init',
                     'JointRD + fade over 100 % + teacher init',
                     'JointRD + staggered fade over 80 % (window 0.3) + teacher init', f'{DEFAULT_ROW}, fade power 0.5',
                     f'{DEFAULT_ROW}, projections kept (paper variant)']
@@ -120,10 +122,7 @@ DEFAULT_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, et
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
          'JointRD + fade + teacher init': 'twin alone + fade + teacher init',
          DEFAULT_ROW: 'twin alone + fade over 80 % + teacher init',
-         # variants that change only the loss: the twin alone with the default's ingredients is their baseline too
-         **{variant: 'twin alone + fade over 80 % + teacher init' for variant in (
-             f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
-             f'{DEFAULT_ROW}, eta held at 1')}}
+         **dict.fromkeys(LOSS_VARIANTS, 'twin alone + fade over 80 % + teacher init')}
 
 
 def paired(runs, pairs=None):
