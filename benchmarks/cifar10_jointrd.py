@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, ensure_teacher, read_run
+from jointrd_timm.training.checkpoint import atomic_write
+from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
+                          read_run)
 
 
 def main():
@@ -44,7 +46,14 @@ def main():
                   num_workers=args.workers, val_set=val_set)
     common = dict(num_classes=10)
     out = ROOT / 'benchmarks/results'
-    rows = json.loads((out / f'{args.name}.json').read_text())['rows'] if args.add_sampled_row else {}
+    rows = {}
+    if args.add_sampled_row:
+        path = out / f'{args.name}.json'
+        if not path.is_file():
+            parser.error(f'--add-sampled-row: no recorded results in {path}; run without it first')
+        recorded = json.loads(path.read_text())
+        check_record(parser, args, recorded['meta'], path)
+        rows = recorded['rows']
 
     def trained(model, method):
         return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe))
@@ -77,10 +86,11 @@ def main():
     meta = dict(command=command_line('cifar10_jointrd.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
-                date=time.strftime('%Y-%m-%d'))
+                date=time.strftime('%Y-%m-%d'), settings=budget_settings(args))
     if args.add_sampled_row:
         meta['command'] += ' (then --add-sampled-row)'
-    (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args)), indent=1))
+    atomic_write(out / f'{args.name}.json',
+                 lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args)), indent=1)))
     gap_alone = rows['teacher']['test_acc'] - rows['twin alone']['test_acc']
     gap_jointrd = rows['teacher']['test_acc'] - rows['twin + JointRD']['test_acc']
     lines = [f'# CIFAR-10, {args.arch} and its shortcut-free twin: JointRD at CPU scale', '',

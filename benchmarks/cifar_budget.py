@@ -5,6 +5,7 @@ and share one work folder, so a run finished by one of them is read back by the 
 """
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,51 @@ def budget_parser(description: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument('--name', default=name, help='results file name under benchmarks/results/')
     parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
     return parser
+
+
+# what a results record is measured at: runs at other values never join it (their numbers would not compare)
+BUDGET_SETTINGS = dict(arch=str, train_size=int, val_size=int, epochs=int, batch_size=int, lr=float)
+
+
+def budget_settings(args) -> dict:
+    """The pair and budget of this invocation (``BUDGET_SETTINGS`` read from the parsed arguments)."""
+    return {key: getattr(args, key) for key in BUDGET_SETTINGS}
+
+
+def recorded_settings(meta: dict, parser: argparse.ArgumentParser) -> dict:
+    """The pair and budget a results record was measured at: ``meta['settings']``, or, for records written before
+    it was stored, read back from the recorded command line (a flag it does not give had the parser's default)."""
+    if 'settings' in meta:
+        return {key: kind(meta['settings'][key]) for key, kind in BUDGET_SETTINGS.items()}
+    tokens = shlex.split(meta.get('command', ''))
+    settings = {}
+    for key, kind in BUDGET_SETTINGS.items():
+        flag = '--' + key.replace('_', '-')
+        given = tokens.index(flag) + 1 if flag in tokens else None
+        settings[key] = kind(tokens[given]) if given is not None and given < len(tokens) else parser.get_default(key)
+    return settings
+
+
+def check_record(parser: argparse.ArgumentParser, args, meta: dict, path, report_only: bool = False) -> None:
+    """Keep one results record at one pair and budget. A command whose ``BUDGET_SETTINGS`` differ from those the
+    record at ``path`` was measured at is refused (``parser.error`` names the recorded values), so e.g. resnet56
+    runs never join the resnet110 record; a report rewrite (``report_only``) adopts the recorded values instead, as
+    the report describes the runs, not the command line."""
+    if not meta:
+        return
+    recorded, asked = recorded_settings(meta, parser), budget_settings(args)
+    differ = {key: value for key, value in recorded.items() if asked[key] != value}
+    if not differ:
+        return
+    flags = ' '.join(f'--{key.replace("_", "-")} {value}' for key, value in differ.items())
+    if report_only:
+        print(f'{path}: runs recorded at {flags}; the report uses these', flush=True)
+        for key, value in differ.items():
+            setattr(args, key, value)
+        return
+    asked_flags = ' '.join(f'--{key.replace("_", "-")} {asked[key]}' for key in differ)
+    parser.error(f'{path} records runs made with {flags}, but this command asks for {asked_flags}: pass {flags} '
+                 f'to add runs to that record, or --name NEW for a record of its own')
 
 
 def cifar_splits(args, seed: int):

@@ -20,7 +20,8 @@ yamls/ and `jointrd demo`; PAIRS match each JointRD row with the twin alone give
     python benchmarks/recipe_ablation.py --arch resnet110_cifar --name recipe_ablation_resnet110 \
         --work-name cifar10_resnet110 --seeds 0 --rows "JointRD + fade over 80 % + teacher init" \
         "twin alone + fade over 80 % + teacher init" "twin alone"         # depth 110 (own teacher)
-    python benchmarks/recipe_ablation.py --report-only                # rewrite outputs from the record
+    python benchmarks/recipe_ablation.py --report-only                # rewrite outputs from the record (at the
+                                                                      # pair and budget the record was measured at)
 """
 import json
 import platform
@@ -32,7 +33,8 @@ import torch
 
 from jointrd_timm.training.checkpoint import atomic_write
 from jointrd_timm.twins.fade import DEFAULT_SHORTCUT_FADE
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, ensure_teacher, finished, read_run
+from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
+                          finished, read_run)
 
 DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # the recipe of yamls/ and `jointrd demo`
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
@@ -173,6 +175,7 @@ def main():
     results_path = out / f'{args.name}.json'
     recorded = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = recorded.get('runs', {})
+    check_record(parser, args, recorded.get('meta'), results_path, report_only=args.report_only)
     data_cache = {}
     if args.report_only:
         if not runs:
@@ -259,7 +262,7 @@ def write(runs, spec, args, out, record_command: bool = True):
     meta = dict(command=command_line('recipe_ablation.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr '
-                       f'{args.lr}', date=time.strftime('%Y-%m-%d'))
+                       f'{args.lr}', date=time.strftime('%Y-%m-%d'), settings=budget_settings(args))
     teachers = sorted({r['teacher_test_acc'] for r in runs.values()})
     path = out / f'{args.name}.json'
     previous = json.loads(path.read_text())['meta'] if path.is_file() else {}

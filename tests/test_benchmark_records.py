@@ -1,0 +1,56 @@
+"""A benchmark results record stays at one pair and budget: runs made at other settings are refused, and a report
+rewrite describes the recorded runs whatever the command line says (benchmarks/cifar_budget.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from cifar_budget import budget_parser, budget_settings, check_record, recorded_settings  # noqa: E402
+
+# the shape of a record written before settings were stored: only its command line says what it was measured at
+OLD_META = dict(command='python benchmarks/recipe_ablation.py --arch resnet110_cifar --train-size 8000 '
+                        '--val-size 2000 --epochs 10 --batch-size 128 --lr 0.1 --workers 0 --name x '
+                        '--seeds 1 --rows "JointRD + fade over 80 % + teacher init" --seed-major False')
+
+
+def parser():
+    return budget_parser('test', 'x')
+
+
+def test_recorded_settings_from_old_command_and_from_stored_settings():
+    p = parser()
+    assert recorded_settings(OLD_META, p) == dict(arch='resnet110_cifar', train_size=8000, val_size=2000, epochs=10,
+                                                  batch_size=128, lr=0.1)
+    # flags the command did not give had the parser's defaults
+    assert recorded_settings(dict(command='python benchmarks/recipe_ablation.py --rows "twin alone" --seeds 0 1 '
+                                          '(stopped after twin alone seed 1)'), p) == budget_settings(p.parse_args([]))
+    stored = dict(OLD_META, settings=dict(arch='resnet56_cifar', train_size=4000, val_size=1000, epochs=3,
+                                          batch_size=64, lr=0.05))
+    assert recorded_settings(stored, p) == stored['settings']  # stored settings win over the command
+
+
+def test_mismatch_is_refused_naming_the_recorded_values(capsys):
+    p = parser()
+    args = p.parse_args(['--epochs', '10'])  # resnet56_cifar by default: not the record's pair
+    with pytest.raises(SystemExit):
+        check_record(p, args, OLD_META, 'results/x.json')
+    err = capsys.readouterr().err.splitlines()[-1]  # the error line (usage comes first)
+    assert 'results/x.json records runs made with --arch resnet110_cifar' in err
+    assert 'asks for --arch resnet56_cifar' in err and '--name NEW' in err
+    assert '--epochs' not in err  # only what differs is named
+
+
+def test_matching_command_and_new_record_pass():
+    p = parser()
+    args = p.parse_args(['--arch', 'resnet110_cifar', '--epochs', '10'])
+    check_record(p, args, OLD_META, 'x.json')
+    check_record(p, p.parse_args([]), None, 'x.json')  # no record yet
+    assert args.arch == 'resnet110_cifar'
+
+
+def test_report_only_adopts_the_recorded_settings():
+    p = parser()
+    args = p.parse_args(['--lr', '0.5'])
+    check_record(p, args, OLD_META, 'x.json', report_only=True)
+    assert budget_settings(args) == recorded_settings(OLD_META, p)
