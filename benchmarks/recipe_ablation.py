@@ -120,6 +120,12 @@ DEFAULT_VARIANTS = [*LOSS_VARIANTS, 'JointRD + fade + teacher init',
                     'JointRD + staggered fade over 80 % (window 0.3) + teacher init', f'{DEFAULT_ROW}, fade power 0.5',
                     f'{DEFAULT_ROW}, projections kept (paper variant)']
 
+# rows measured on the earlier recipe (fade over 50 %, before the default moved to 80 %) that change one field of it:
+# each compared with that recipe's run (same seed and teacher)
+FADE50_ROW = 'JointRD + fade + teacher init'
+FADE50_VARIANTS = ['JointRD + fade + teacher init + KD', 'JointRD + fade + teacher init, lr 0.02',
+                   'JointRD + Dirac + fade + teacher init']
+
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
          'JointRD + fade + teacher init': 'twin alone + fade + teacher init',
@@ -272,9 +278,11 @@ def write(runs, spec, args, out, record_command: bool = True):
         meta.update({k: previous[k] for k in ('command', 'budget', 'date', 'machine') if k in previous})
     pairs = paired(runs)
     variants = paired(runs, dict.fromkeys(DEFAULT_VARIANTS, DEFAULT_ROW))
+    fade50 = paired(runs, dict.fromkeys(FADE50_VARIANTS, FADE50_ROW))
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
                                                                          table=table, paired=pairs,
-                                                                         vs_default=variants), indent=1)))
+                                                                         vs_default=variants, vs_fade50=fade50),
+                                                                    indent=1)))
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
@@ -304,6 +312,9 @@ def write(runs, spec, args, out, record_command: bool = True):
                            '"teacher init" it starts from the same teacher weights).', 'JointRD row', 'JointRD vs alone')
     lines += matched_table(variants, f'## One field of the default recipe changed ({DEFAULT_ROW})',
                            "Runs matched by seed and teacher with the default recipe's run.", 'row', 'variant vs default')
+    lines += matched_table(fade50, f'## One field of the earlier recipe changed ({FADE50_ROW}: fade over 50 %)',
+                           'Rows measured before the default moved to a fade over 80 %; runs matched by seed and teacher '
+                           "with that recipe's run.", 'row', 'variant vs fade over 50 %')
     (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
     plot(table, teachers, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
 
@@ -331,7 +342,7 @@ def plot(table, teachers, path, title):
             color=['#c44e52' if k == DEFAULT_ROW else '#55a868' for k in labels])
     for i, k in enumerate(labels):
         ax.plot(table[k]['accs'], [i] * len(table[k]['accs']), 'k.', ms=4)
-    for teacher, style in zip(teachers, ('--', ':', '-.')):
+    for teacher, style in zip(teachers, ('--', ':', '-.', (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1, 1, 1)))):
         ax.axvline(teacher, color='#4c72b0', ls=style, label=f'teacher {teacher:.2f} %')
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
