@@ -34,6 +34,15 @@ def main():
                         help='add the row "twin + JointRD (1 sampled path)" to the recorded results, reusing the '
                              'recorded teacher (same data, recipe and budget)')
     args = parser.parse_args()
+    out = ROOT / 'benchmarks/results'
+    rows = {}
+    if args.add_sampled_row:
+        path = out / f'{args.name}.json'
+        if not path.is_file():
+            parser.error(f'--add-sampled-row: no recorded results in {path}; run without it first')
+        recorded = json.loads(path.read_text())
+        check_record(parser, args, recorded['meta'], path)
+        rows = recorded['rows']
 
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
@@ -45,15 +54,6 @@ def main():
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
                   num_workers=args.workers, val_set=val_set)
     common = dict(num_classes=10)
-    out = ROOT / 'benchmarks/results'
-    rows = {}
-    if args.add_sampled_row:
-        path = out / f'{args.name}.json'
-        if not path.is_file():
-            parser.error(f'--add-sampled-row: no recorded results in {path}; run without it first')
-        recorded = json.loads(path.read_text())
-        check_record(parser, args, recorded['meta'], path)
-        rows = recorded['rows']
 
     def trained(model, method):
         return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe))
