@@ -24,6 +24,7 @@ yamls/ and `jointrd demo`; PAIRS match each JointRD row with the twin alone give
                                                                       # pair and budget the record was measured at)
 """
 import json
+import math
 import platform
 import statistics
 import time
@@ -259,7 +260,7 @@ def summarise(runs, spec):
             gaps = [r['teacher_test_acc'] - r['test_acc'] for r in runs.values() if r['label'] == label]
             teachers = sorted({r['teacher_test_acc'] for r in runs.values() if r['label'] == label})
             table[label] = dict(mean=statistics.mean(accs), spread=(max(accs) - min(accs)) / 2, n=len(accs),
-                                accs=accs, gap=statistics.mean(gaps), teachers=teachers, seconds_per_epoch=min(secs))
+                                sd=statistics.stdev(accs) if len(accs) > 1 else None, accs=accs, gap=statistics.mean(gaps), teachers=teachers, seconds_per_epoch=min(secs))
     return table
 
 
@@ -295,16 +296,17 @@ def write(runs, spec, args, out, record_command: bool = True):
                   'code versions). Every run records its teacher; "gap to its teacher" is the mean over the row\'s runs '
                   'of (its teacher - twin), which is what rows are compared by.', '']
     lines += [
-             'Accuracy: last epoch, full 10k test set, mean over runs with half the range (n = runs; a seed '
-             'sets the data subset, split and init). Gap = teacher - twin (negative: the twin is above its teacher). '
+             'Accuracy: last epoch, full 10k test set, mean over runs with half the range (±) and the sample '
+             'standard deviation (sd) (n = runs; a seed sets the data subset, split and init). Gap = teacher - twin (negative: the twin is above its teacher). '
              'Dirac rows: evaluated with the parametrisation folded into plain convs.', '',
              's / epoch: median epoch of the least disturbed run of the row (some runs shared the 2 cores with '
              'other jobs; training_cost.md has clean side-by-side step costs).', '',
-             '| row | test acc % | ± | n | teacher(s) % | gap to its teacher (points) | vs twin alone | s / epoch |',
-             '|---|---|---|---|---|---|---|---|']
+             '| row | test acc % | ± | sd | n | teacher(s) % | gap to its teacher (points) | vs twin alone | s / epoch |',
+             '|---|---|---|---|---|---|---|---|---|']
     for label, r in table.items():
         vs = f'{r["mean"] - alone:+.2f}' if alone is not None else ''
-        lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {r["n"]} | '
+        sd = '' if r.get('sd') is None else f'{r["sd"]:.2f}'
+        lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {sd} | {r["n"]} | '
                      f'{", ".join(f"{t:.2f}" for t in r["teachers"])} | {r["gap"]:+.2f} | {vs} | '
                      f'{r["seconds_per_epoch"]} |')
     lines += matched_table(pairs, '## What JointRD adds over the twin alone with the same ingredients',
@@ -323,12 +325,28 @@ def matched_table(matched_rows, title: str, intro: str, row_header: str, versus:
     """Markdown lines of a table of runs matched by seed and teacher (:func:`paired`); none when nothing matched."""
     if not matched_rows:
         return []
-    lines = ['', title, '', intro, '',
-             f'| {row_header} | matched runs (seed, teacher %: {versus}) | mean difference (points) |', '|---|---|---|']
+    lines = ['', title, '', intro + ' SE: standard error of the mean difference (sd / sqrt(n)); t = mean / SE '
+             '(about 2 or more with 6+ pairs before a difference is read as an effect).', '',
+             f'| {row_header} | matched runs (seed, teacher %: {versus}) | mean difference (points) | n | sd | SE | t '
+             '| positive |', '|---|---|---|---|---|---|---|---|']
     for label, matched in matched_rows.items():
         cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
-        lines.append(f'| {label} | {cells} | {statistics.mean(a - b for _, _, a, b in matched):+.2f} |')
+        d = difference_stats([a - b for _, _, a, b in matched])
+        spread = ' | '.join('' if d[k] is None else f'{d[k]:.2f}' for k in ('sd', 'se', 't'))
+        lines.append(f'| {label} | {cells} | {d["mean"]:+.2f} | {d["n"]} | {spread} | {d["positive"]} of {d["n"]} |')
     return lines
+
+
+def difference_stats(diffs) -> dict:
+    """Mean, sample sd, standard error, t = mean / SE and the count of positive values of matched differences
+    (sd, SE and t are None below 2 differences, t also when they are all equal)."""
+    diffs = list(diffs)
+    if not diffs:
+        raise ValueError('difference_stats needs at least one matched difference')
+    n, mean = len(diffs), statistics.mean(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else None
+    se = sd / math.sqrt(n) if sd is not None else None
+    return dict(n=n, mean=mean, sd=sd, se=se, t=mean / se if se else None, positive=sum(x > 0 for x in diffs))
 
 
 def plot(table, teachers, path, title):

@@ -54,3 +54,22 @@ def test_report_only_adopts_the_recorded_settings():
     args = p.parse_args(['--lr', '0.5'])
     check_record(p, args, OLD_META, 'x.json', report_only=True)
     assert budget_settings(args) == recorded_settings(OLD_META, p)
+
+
+def test_matched_differences_report_standard_error_and_t():
+    import math
+
+    from recipe_ablation import difference_stats, matched_table
+    d = difference_stats([2.0, 4.0, -1.0, 3.0])
+    assert d['n'] == 4 and d['positive'] == 3 and d['mean'] == pytest.approx(2.0)
+    assert d['sd'] == pytest.approx(math.sqrt(14 / 3))  # deviations 0, 2, -3, 1
+    assert d['se'] == pytest.approx(d['sd'] / 2) and d['t'] == pytest.approx(2.0 / d['se'])
+    one = difference_stats([1.5])
+    assert one['sd'] is None and one['se'] is None and one['t'] is None
+    assert difference_stats([1.0, 1.0])['t'] is None  # no spread: t undefined, not infinite
+    with pytest.raises(ValueError, match='at least one matched difference'):
+        difference_stats([])
+    lines = matched_table({'row A': [(0, 47.94, 50.0, 48.0), (1, 47.94, 46.0, 47.0)]}, '## t', 'intro.', 'row', 'A vs B')
+    row = lines[-1].split(' | ')
+    assert row[0] == '| row A' and row[2:5] == ['+0.50', '2', '2.12'] and row[-1] == '1 of 2 |'
+    assert matched_table({}, '## t', 'intro', 'row', 'v') == []
