@@ -41,6 +41,12 @@ RECIPES = {
 # matched, recipe_ablation.md)
 # arch -> (the fields changed, the record that measured them; CIFAR-10, carried to CIFAR-100 like the default recipe)
 ARCH_RECIPES = {'resnet110_cifar': (dict(eta_min=1.0), 'benchmarks/results/recipe_ablation_resnet110.md')}
+# measurements that speak against the dataset's recipe for an architecture without (yet) changing it: stated in the
+# header of its JointRD YAMLs
+ARCH_NOTES = {'resnet18_cifar': (
+    'Measured on this pair with CIFAR-10 at the CPU budget (benchmarks/results/recipe_ablation_resnet18.md, one seed): '
+    'this recipe 50.66 %, the twin alone with the same ingredients (plain-resnet18.yaml) 56.92 %, teacher 48.60 %. '
+    'Prefer plain-resnet18.yaml until more seeds say otherwise.')}
 
 
 def recipe(dataset: str, arch: str) -> dict:
@@ -158,6 +164,8 @@ def render(dataset: str, arch: str, method: str) -> str:
         fields, record = ARCH_RECIPES[arch]
         changed = ', '.join(f'{k} {v}' for k, v in fields.items())
         header += f"\n# For this depth: {changed} instead of the dataset's recipe ({record})."
+    if method == 'jointrd' and arch in ARCH_NOTES:
+        header += f"\n# {ARCH_NOTES[arch]}"
     return document(dataset, f'{method}-{short}', header, model, proc, criterion, out_dir, r['weight_decay'])
 
 
