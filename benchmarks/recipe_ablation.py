@@ -260,7 +260,8 @@ def summarise(runs, spec):
             gaps = [r['teacher_test_acc'] - r['test_acc'] for r in runs.values() if r['label'] == label]
             teachers = sorted({r['teacher_test_acc'] for r in runs.values() if r['label'] == label})
             table[label] = dict(mean=statistics.mean(accs), spread=(max(accs) - min(accs)) / 2, n=len(accs),
-                                sd=statistics.stdev(accs) if len(accs) > 1 else None, accs=accs, gap=statistics.mean(gaps), teachers=teachers, seconds_per_epoch=min(secs))
+                                sd=statistics.stdev(accs) if len(accs) > 1 else None, accs=accs,
+                                gap=statistics.mean(gaps), teachers=teachers, seconds_per_epoch=min(secs))
     return table
 
 
@@ -297,7 +298,8 @@ def write(runs, spec, args, out, record_command: bool = True):
                   'of (its teacher - twin), which is what rows are compared by.', '']
     lines += [
              'Accuracy: last epoch, full 10k test set, mean over runs with half the range (±) and the sample '
-             'standard deviation (sd) (n = runs; a seed sets the data subset, split and init). Gap = teacher - twin (negative: the twin is above its teacher). '
+             'standard deviation (sd) (n = runs; a seed sets the data subset, split and init). Gap = teacher - twin '
+             '(negative: the twin is above its teacher). '
              'Dirac rows: evaluated with the parametrisation folded into plain convs.', '',
              's / epoch: median epoch of the least disturbed run of the row (some runs shared the 2 cores with '
              'other jobs; training_cost.md has clean side-by-side step costs).', '',
@@ -326,7 +328,8 @@ def matched_table(matched_rows, title: str, intro: str, row_header: str, versus:
     if not matched_rows:
         return []
     lines = ['', title, '', intro + ' SE: standard error of the mean difference (sd / sqrt(n)); t = mean / SE '
-             '(about 2 or more with 6+ pairs before a difference is read as an effect).', '',
+             'against Student\'s t with n - 1 degrees of freedom (5 % two-sided: 12.7 at n = 2, 2.57 at n = 6, '
+             '2.26 at n = 10).', '',
              f'| {row_header} | matched runs (seed, teacher %: {versus}) | mean difference (points) | n | sd | SE | t '
              '| positive |', '|---|---|---|---|---|---|---|---|']
     for label, matched in matched_rows.items():
