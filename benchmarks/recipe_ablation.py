@@ -327,7 +327,7 @@ def matched_table(matched_rows, title: str, intro: str, row_header: str, versus:
     """Markdown lines of a table of runs matched by seed and teacher (:func:`paired`); none when nothing matched."""
     if not matched_rows:
         return []
-    lines = ['', title, '', intro + ' SE: standard error of the mean difference (sd / sqrt(n)); t = mean / SE '
+    lines = ['', title, '', intro + ' SE: standard error of the mean difference (sd / sqrt(n)); t = mean / SE, read '
              'against Student\'s t with n - 1 degrees of freedom (5 % two-sided: 12.7 at n = 2, 2.57 at n = 6, '
              '2.26 at n = 10).', '',
              f'| {row_header} | matched runs (seed, teacher %: {versus}) | mean difference (points) | n | sd | SE | t '
