@@ -307,7 +307,7 @@ def write(runs, spec, args, out, record_command: bool = True):
              '|---|---|---|---|---|---|---|---|---|']
     for label, r in table.items():
         vs = f'{r["mean"] - alone:+.2f}' if alone is not None else ''
-        sd = '' if r.get('sd') is None else f'{r["sd"]:.2f}'
+        sd = '' if r['sd'] is None else f'{r["sd"]:.2f}'
         lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {sd} | {r["n"]} | '
                      f'{", ".join(f"{t:.2f}" for t in r["teachers"])} | {r["gap"]:+.2f} | {vs} | '
                      f'{r["seconds_per_epoch"]} |')
@@ -333,10 +333,10 @@ def matched_table(matched_rows, title: str, intro: str, row_header: str, versus:
              f'| {row_header} | matched runs (seed, teacher %: {versus}) | mean difference (points) | n | sd | SE | t '
              '| positive |', '|---|---|---|---|---|---|---|---|']
     for label, matched in matched_rows.items():
-        cells = '; '.join(f's{sd}, {t:.2f}: {a:.2f} vs {b:.2f}' for sd, t, a, b in matched)
+        cells = '; '.join(f's{seed}, {teacher:.2f}: {a:.2f} vs {b:.2f}' for seed, teacher, a, b in matched)
         d = difference_stats([a - b for _, _, a, b in matched])
-        spread = ' | '.join('' if d[k] is None else f'{d[k]:.2f}' for k in ('sd', 'se', 't'))
-        lines.append(f'| {label} | {cells} | {d["mean"]:+.2f} | {d["n"]} | {spread} | {d["positive"]} of {d["n"]} |')
+        sd_se_t = ' | '.join('' if d[k] is None else f'{d[k]:.2f}' for k in ('sd', 'se', 't'))
+        lines.append(f'| {label} | {cells} | {d["mean"]:+.2f} | {d["n"]} | {sd_se_t} | {d["positive"]} of {d["n"]} |')
     return lines
 
 
