@@ -88,6 +88,11 @@ def rows_spec():
         f'{DEFAULT_ROW}, eta held at 1': ('jointrd', dict(shortcut_fade=True),
                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0),
                                           dict(init_student_from_teacher=True)),
+        # the reference code's JOINT branch: the teacher keeps training on its own cross-entropy during the run (the
+        # hybrid paths still never move it), so the twin's stage outputs are read by later stages that keep improving
+        f'{DEFAULT_ROW}, joint teacher': ('jointrd', dict(shortcut_fade=True),
+                                          dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, teacher_mode='joint'),
+                                          dict(init_student_from_teacher=True)),
         'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
                                                      dict(init_student_from_teacher=True)),
         # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
@@ -114,7 +119,7 @@ def rows_spec():
 
 # variants of the default that change only the loss: the twin alone with the default's ingredients is their baseline
 LOSS_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
-                 f'{DEFAULT_ROW}, eta held at 1']
+                 f'{DEFAULT_ROW}, eta held at 1', f'{DEFAULT_ROW}, joint teacher']
 # rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
 DEFAULT_VARIANTS = [*LOSS_VARIANTS, 'JointRD + fade + teacher init',
                     'JointRD + fade over 100 % + teacher init',
@@ -242,8 +247,38 @@ def main():
                          test_acc_unfolded=final['test_acc'], test_acc_folded=final.get('test_acc_folded'),
                          teacher_test_acc=teacher_acc, val_curve=[c.get('val_acc') for c in curve],
                          seconds_per_epoch=round(statistics.median(c['seconds'] for c in curve), 1))
+        if jointrd and jointrd.get('teacher_mode') == 'joint' and 'joint_teacher_test_acc' not in runs[key]:
+            # the teacher trained along: what the twin is compared with is still the teacher it started from
+            runs[key]['joint_teacher_test_acc'] = round(joint_teacher_accuracy(folder, args.arch, datasets(seed)[2]), 2)
         print(key, runs[key], flush=True)
         write(runs, spec, args, out)
+
+
+def load_joint_teacher(folder: Path, arch: str) -> torch.nn.Module:
+    """The teacher at the end of a joint-teacher run, read from the run's last checkpoint (the JointRD module's
+    ``teacher.*`` tensors), in eval mode."""
+    import timm
+    from safetensors.torch import load_file
+    prefix = 'model.teacher.'
+    state = {k[len(prefix):]: v for k, v in load_file(str(Path(folder) / 'last.safetensors')).items()
+             if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f'{folder}/last.safetensors holds no teacher tensors ({prefix}*): not a JointRD run')
+    teacher = timm.create_model(arch, num_classes=10)
+    teacher.load_state_dict(state)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def joint_teacher_accuracy(folder: Path, arch: str, test_set, batch_size: int = 256) -> float:
+    """Test accuracy (%) of the teacher at the end of a joint-teacher run."""
+    from torch.utils.data import DataLoader
+    teacher = load_joint_teacher(folder, arch)
+    correct = total = 0
+    for images, targets in DataLoader(test_set, batch_size=batch_size):
+        correct += int((teacher(images).argmax(1) == targets).sum())
+        total += len(targets)
+    return 100.0 * correct / total
 
 
 def run_key(label: str, seed: int, teacher_acc: float) -> str:
@@ -311,6 +346,12 @@ def write(runs, spec, args, out, record_command: bool = True):
         lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {sd} | {r["n"]} | '
                      f'{", ".join(f"{t:.2f}" for t in r["teachers"])} | {r["gap"]:+.2f} | {vs} | '
                      f'{r["seconds_per_epoch"]} |')
+    joint = [r for r in runs.values() if r.get('joint_teacher_test_acc') is not None]
+    if joint:
+        lines += ['', 'Joint-teacher runs: the teacher keeps training on its own cross-entropy during the run; the twin '
+                  'is still compared with the teacher it started from. The teacher trained along reached: '
+                  + '; '.join(f'{r["label"]} s{r["seed"]}: {r["teacher_test_acc"]:.2f} -> '
+                              f'{r["joint_teacher_test_acc"]:.2f} %' for r in joint) + '.']
     lines += matched_table(pairs, '## What JointRD adds over the twin alone with the same ingredients',
                            'Runs matched by seed and teacher (the twin alone never sees the teacher in its loss; with '
                            '"teacher init" it starts from the same teacher weights).', 'JointRD row', 'JointRD vs alone')

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from cifar_budget import budget_parser, budget_settings, check_record, recorded_settings  # noqa: E402
@@ -73,3 +74,40 @@ def test_matched_differences_report_standard_error_and_t():
     row = lines[-1].split(' | ')
     assert row[0] == '| row A' and row[2:5] == ['+0.50', '2', '2.12'] and row[-1] == '1 of 2 |'
     assert matched_table({}, '## t', 'intro', 'row', 'v') == []
+
+
+def test_joint_teacher_accuracy_reads_the_trained_teacher_from_the_checkpoint(tmp_path):
+    import timm
+    from torch.utils.data import TensorDataset
+
+    import jointrd_timm  # noqa: F401
+    from jointrd_timm.methods import JointRD, JointRDConfig
+    from jointrd_timm.training.checkpoint import save_checkpoint
+    from recipe_ablation import joint_teacher_accuracy, load_joint_teacher
+    torch.manual_seed(0)
+    teacher = timm.create_model('resnet20_cifar', num_classes=10)
+    model = JointRD(timm.create_model('plain_resnet20_cifar', num_classes=10), teacher,
+                    JointRDConfig(teacher_mode='joint'))
+    model.train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x, y)['loss'].backward()
+    optimizer.step()  # the joint teacher moved (weights and BN statistics)
+    assert any(not torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    save_checkpoint(tmp_path / 'last.safetensors', model, epoch=1)
+    loaded = load_joint_teacher(tmp_path, 'resnet20_cifar')
+    assert not loaded.training
+    for key, value in teacher.state_dict().items():  # the trained teacher, not the one it started as
+        assert torch.equal(loaded.state_dict()[key], value), key
+    images = torch.randn(40, 3, 32, 32)
+    teacher.eval()
+    with torch.no_grad():
+        labels = teacher(images).argmax(1)
+    assert joint_teacher_accuracy(tmp_path, 'resnet20_cifar', TensorDataset(images, labels), batch_size=16) == 100.0
+    data = TensorDataset(images, (labels + 1) % 10)
+    assert joint_teacher_accuracy(tmp_path, 'resnet20_cifar', data, batch_size=16) == 0.0
+    # a checkpoint without a teacher (a run of the twin alone) is refused by name
+    save_checkpoint(tmp_path / 'last.safetensors', teacher, epoch=1)
+    with pytest.raises(ValueError, match='holds no teacher tensors'):
+        joint_teacher_accuracy(tmp_path, 'resnet20_cifar', data)
