@@ -1,4 +1,5 @@
 """JointRD in plain PyTorch: eta, the loss by hand, gradient routes, frozen teacher, sampling, layout errors."""
+import copy
 import math
 
 import pytest
@@ -117,8 +118,15 @@ def test_joint_mode_updates_teacher_only_through_its_own_loss():
     model = pair(JointRDConfig(teacher_mode='joint'))
     model.train()
     assert model.teacher.training
+    alone = copy.deepcopy(model.teacher)  # the same teacher, fed only its own batch
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     out = model(x, y)
+    alone(x)
+    # the hybrid paths ran student features through the teacher in train mode, but its BN running statistics saw
+    # only its own batch
+    for key, value in alone.state_dict().items():
+        assert torch.equal(model.teacher.state_dict()[key], value), key
+    assert not torch.equal(model.teacher.bn1.running_mean, pair().teacher.bn1.running_mean)  # they did update
     hybrid = sum(F.cross_entropy(z, y) for z in out['hybrid_logits'])
     teacher_params = [p for p in model.teacher.parameters()]
     grads = torch.autograd.grad(hybrid, teacher_params, allow_unused=True, retain_graph=True)

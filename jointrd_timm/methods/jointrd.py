@@ -252,10 +252,14 @@ class JointRD(nn.Module):
         return self._captured(self._teacher_tap, lambda: self.teacher_stages(x, 0))
 
     def _teacher_tail(self, h: torch.Tensor, after: int):
-        if self.config.teacher_mode == 'joint':  # gradients reach h only, never the teacher's weights
-            detached = {n: p.detach() for n, p in self.teacher_stages.named_parameters()}
+        if self.config.teacher_mode == 'joint':
+            # gradients reach h only, never the teacher's weights; the teacher (in train mode) normalises h with h's
+            # batch statistics, and its BN running statistics are updated on copies that are dropped, so they keep
+            # describing the teacher's own features (what it is evaluated and checkpointed with)
+            state = {n: p.detach() for n, p in self.teacher_stages.named_parameters()}
+            state.update((n, b.clone()) for n, b in self.teacher_stages.named_buffers())
             return self._captured(self._teacher_tap,
-                                  lambda: functional_call(self.teacher_stages, detached, (h, after)))
+                                  lambda: functional_call(self.teacher_stages, state, (h, after)))
         return self._captured(self._teacher_tap, lambda: self.teacher_stages(h, after))
 
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
