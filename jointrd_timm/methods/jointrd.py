@@ -14,7 +14,8 @@ eta fades from 1 to eta_min (``schedules.eta_schedule``); C_* are 1x1 conv + BN 
 of Heo et al. on pre-activation features, or MSE where the family exposes none (``feature_losses``).
 Only S and the connectors are updated in ``frozen`` mode (the default). In ``joint`` mode the teacher also learns
 from its own CE in the same step (DECISION: one simultaneous update; the hybrid paths see the teacher's weights
-detached, so the student's loss never moves the teacher), the reference's JOINT branch up to step order.
+detached and run on copies of its BN buffers, so the student's loss never moves the teacher's weights or running
+statistics), the reference's JOINT branch up to step order.
 
 Every decision of ``../shared/docs/jointrd-method.md`` is a field of :class:`JointRDConfig`.
 """
