@@ -258,9 +258,9 @@ def load_joint_teacher(folder: Path, arch: str) -> torch.nn.Module:
     """The teacher at the end of a joint-teacher run, read from the run's last checkpoint (the JointRD module's
     ``teacher.*`` tensors), in eval mode."""
     import timm
-    from safetensors.torch import load_file
-    prefix = 'model.teacher.'
-    state = {k[len(prefix):]: v for k, v in load_file(str(Path(folder) / 'last.safetensors')).items()
+    from jointrd_timm.training.checkpoint import read_state_dict
+    prefix = 'teacher.'
+    state = {k[len(prefix):]: v for k, v in read_state_dict(Path(folder) / 'last.safetensors').items()
              if k.startswith(prefix)}
     if not state:
         raise ValueError(f'{folder}/last.safetensors holds no teacher tensors ({prefix}*): not a JointRD run')
