@@ -258,27 +258,14 @@ def load_joint_teacher(folder: Path, arch: str) -> torch.nn.Module:
     """The teacher at the end of a joint-teacher run, read from the run's last checkpoint (the JointRD module's
     ``teacher.*`` tensors), in eval mode."""
     import timm
-    from jointrd_timm.training.checkpoint import read_state_dict
-    prefix = 'teacher.'
-    state = {k[len(prefix):]: v for k, v in read_state_dict(Path(folder) / 'last.safetensors').items()
-             if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f'{folder}/last.safetensors holds no teacher tensors ({prefix}*): not a JointRD run')
-    teacher = timm.create_model(arch, num_classes=10)
-    teacher.load_state_dict(state)
-    return teacher.eval()
+    from jointrd_timm.training.checkpoint import load_weights
+    return load_weights(timm.create_model(arch, num_classes=10), Path(folder) / 'last.safetensors', part='teacher').eval()
 
 
-@torch.no_grad()
 def joint_teacher_accuracy(folder: Path, arch: str, test_set, batch_size: int = 256) -> float:
     """Test accuracy (%) of the teacher at the end of a joint-teacher run."""
-    from torch.utils.data import DataLoader
-    teacher = load_joint_teacher(folder, arch)
-    correct = total = 0
-    for images, targets in DataLoader(test_set, batch_size=batch_size):
-        correct += int((teacher(images).argmax(1) == targets).sum())
-        total += len(targets)
-    return 100.0 * correct / total
+    from jointrd_timm.integrations.hub import top1_accuracy
+    return top1_accuracy(load_joint_teacher(folder, arch), test_set, batch_size)
 
 
 def run_key(label: str, seed: int, teacher_acc: float) -> str:

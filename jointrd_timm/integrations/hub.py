@@ -130,14 +130,19 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> Dict:
-    """Top-1 accuracy (%) of ``model`` on a dataset the runner takes (CIFAR recipe by default)."""
+def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) of ``model`` (put in eval mode) over a dataset of (image, label) pairs."""
     from torch.utils.data import DataLoader
-    from ..training.data import load_image_dataset
-    data = load_image_dataset(dataset, split, train=False, **data_kwargs)
     model.eval()
     correct = total = 0
     for images, targets in DataLoader(data, batch_size=batch_size):
         correct += int((model(images).argmax(1) == targets).sum())
         total += len(targets)
-    return dict(top1=100.0 * correct / total, samples=total, dataset=dataset, split=split)
+    return 100.0 * correct / total
+
+
+def evaluate_model(model: nn.Module, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> Dict:
+    """Top-1 accuracy (%) of ``model`` on a dataset the runner takes (CIFAR recipe by default)."""
+    from ..training.data import load_image_dataset
+    data = load_image_dataset(dataset, split, train=False, **data_kwargs)
+    return dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)

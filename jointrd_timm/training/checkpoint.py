@@ -166,12 +166,17 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(model: nn.Module, path) -> nn.Module:
+def load_weights(model: nn.Module, path, part: Optional[str] = None) -> nn.Module:
     """Load weights strictly from :func:`read_state_dict`'s sources. A training checkpoint of a JointRD run holds
-    ``student.*`` and ``teacher.*``: loading it into a bare model takes the ``student.`` part."""
+    ``student.*`` and ``teacher.*``: loading it into a bare model takes the ``student.`` part, or the one named by
+    ``part`` (e.g. ``'teacher'``, the teacher a joint-mode run trained along)."""
     state = read_state_dict(path)
-    own = model.state_dict()
-    if not any(k in own for k in state) and any(k.startswith('student.') for k in state):
+    if part is not None:
+        prefix = f'{part}.'
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f'{path} holds no {part} tensors ({prefix}*): not a JointRD run')
+    elif not any(k in model.state_dict() for k in state) and any(k.startswith('student.') for k in state):
         state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
     _load_strict(model, state, path)
     return model
