@@ -93,6 +93,17 @@ def rows_spec():
         f'{DEFAULT_ROW}, joint teacher': ('jointrd', dict(shortcut_fade=True),
                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, teacher_mode='joint'),
                                           dict(init_student_from_teacher=True)),
+        # the loss normalisation (JointRDConfig.loss_normalization): the reference divides the sums by n stages, so
+        # the twin's own CE has weight 1/n; 'none' keeps it at 1 (the twin alone's objective, hybrid terms added),
+        # 'weights' divides by 1 + eta (n - 1) (a weighted mean of the terms)
+        f'{DEFAULT_ROW}, loss not divided by n': ('jointrd', dict(shortcut_fade=True),
+                                                  dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE,
+                                                       loss_normalization='none'),
+                                                  dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, loss divided by its weights': ('jointrd', dict(shortcut_fade=True),
+                                                        dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE,
+                                                             loss_normalization='weights'),
+                                                        dict(init_student_from_teacher=True)),
         'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
                                                      dict(init_student_from_teacher=True)),
         # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
@@ -119,7 +130,8 @@ def rows_spec():
 
 # variants of the default that change only the loss: the twin alone with the default's ingredients is their baseline
 LOSS_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
-                 f'{DEFAULT_ROW}, eta held at 1', f'{DEFAULT_ROW}, joint teacher']
+                 f'{DEFAULT_ROW}, eta held at 1', f'{DEFAULT_ROW}, joint teacher',
+                 f'{DEFAULT_ROW}, loss not divided by n', f'{DEFAULT_ROW}, loss divided by its weights']
 # rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
 DEFAULT_VARIANTS = [*LOSS_VARIANTS, 'JointRD + fade + teacher init',
                     'JointRD + fade over 100 % + teacher init',

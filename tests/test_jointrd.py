@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import jointrd_timm  # noqa: F401
 from jointrd_timm.methods import JointRD, JointRDConfig, eta_schedule
+from jointrd_timm.methods.jointrd import jointrd_loss
 from jointrd_timm.methods.feature_losses import MarginFeatureLoss, bn_margin
 from jointrd_timm.methods.stages import StageLayoutError, StageSplit
 
@@ -79,6 +80,45 @@ def test_loss_equals_hand_computation():
     expected = ce + 1e-3 * feat + 0.5 * kd
     assert out['loss'].item() == pytest.approx(expected.item(), rel=1e-4)
     assert torch.allclose(out['teacher_logits'], z_t, atol=1e-5)
+
+
+@pytest.mark.parametrize('hybrid_paths', [None, 1])
+def test_loss_normalizations_divide_the_same_sums(hybrid_paths):
+    config = JointRDConfig(eta_min=0.5, eta_horizon=10, feature_loss_weight=1e-3, hybrid_paths=hybrid_paths)
+    model = pair(config, arch='resnet18_cifar')
+    model.set_epoch(5, 0, 10)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(3)
+    out = model(x, y)
+    eta, n = out['eta'], 4
+    losses = {kind: jointrd_loss(out, y, n, JointRDConfig(**{**vars(config), 'loss_normalization': kind}),
+                                 model.feature_loss) for kind in ('stages', 'none', 'weights')}
+    total = losses['none']['loss'].item()
+    assert losses['stages']['loss'].item() == pytest.approx(total / n, rel=1e-5)
+    assert losses['weights']['loss'].item() == pytest.approx(total / (1 + eta * (n - 1)), rel=1e-5)
+    assert losses['none']['feature'].item() == pytest.approx(n * losses['stages']['feature'].item(), rel=1e-5)
+    # 'none' is the twin alone's objective plus the hybrid terms: CE(z_S) + eta * (n-1)/m * sum of m sampled CEs
+    ce = F.cross_entropy(out['logits'], y) + eta * out['path_scale'] * sum(
+        F.cross_entropy(z, y) for z in out['hybrid_logits'])
+    assert losses['none']['loss'].item() - ce.item() == pytest.approx(1e-3 * losses['none']['feature'].item(),
+                                                                      rel=1e-4)
+
+
+def test_weights_normalization_at_eta_zero_trains_the_twin_as_if_alone():
+    config = JointRDConfig(eta_min=0.0, eta_horizon=2, loss_normalization='weights')
+    model = pair(config)
+    model.set_epoch(3, 0, 4)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    out = model(x, y)
+    assert out['eta'] == 0
+    model.loss(out, y)['loss'].backward()
+    twin = copy.deepcopy(model.student)
+    twin.zero_grad()
+    F.cross_entropy(twin(x), y).backward()
+    for (name, p), q in zip(model.student.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
 def test_margin_formula():
@@ -174,6 +214,8 @@ def test_config_errors():
         JointRDConfig.from_dict({'etamin': 0.5})
     with pytest.raises(ValueError, match="teacher_mode must be 'frozen' or 'joint'"):
         JointRDConfig(teacher_mode='both')
+    with pytest.raises(ValueError, match=r"loss_normalization must be one of \['stages', 'none', 'weights'\].*got 'mean'"):
+        JointRDConfig(loss_normalization='mean')
 
 
 @pytest.mark.parametrize('dirac', [False, True])

@@ -23,17 +23,17 @@ RECIPES = {
                     test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                     milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
                     feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=DEFAULT_SHORTCUT_FADE, workers=2),
+                    shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='stages', workers=2),
     'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
                      test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
                      milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
                      feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=DEFAULT_SHORTCUT_FADE, workers=2),
+                    shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='stages', workers=2),
     'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
                      test_split='validation', recipe='imagenet', input_size=224, epochs=120, batch=512, lr=0.2,
                      milestones='[30, 60, 90]', step_size=30, weight_decay=1e-4, eta_min=0.005, eta_horizon=60,
                      feature_loss_weight=1e-4, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=DEFAULT_SHORTCUT_FADE, workers=8),
+                    shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='stages', workers=8),
 }
 # per-architecture changes to the dataset's recipe, each measured (benchmarks/results/recipe_ablation_resnet110.md):
 # at depth 110 the hybrid paths at full weight all run (eta_min 1: 40.93 %, 3 runs) beat the reference eta 1 -> 0.5
@@ -127,6 +127,7 @@ def render(dataset: str, arch: str, method: str) -> str:
         teacher_mode: 'frozen'
         hybrid_paths:
         kd_weight: {r['kd_weight']}
+        loss_normalization: '{r['loss_normalization']}'
         shortcut_fade: {'' if r['shortcut_fade'] is None else r['shortcut_fade']}
       init_student_from_teacher: {r['init_from_teacher']}
     dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""

@@ -10,6 +10,8 @@ A residual teacher T and its shortcut-free twin S are cut into the same n stages
     L_feat = 1/n [ D(C_S(f_S), f_T) + eta(e) * sum_k D(C_k(f_k), f_T) ]
     L      = L_cls + lambda * L_feat  (+ kd_weight * Hinton KD(z_S, z_T), an optional extra)
 
+The 1/n is the reference's; ``loss_normalization`` can replace it (DECISION below, in :class:`JointRDConfig`).
+
 eta fades from 1 to eta_min (``schedules.eta_schedule``); C_* are 1x1 conv + BN connectors; D is the margin loss
 of Heo et al. on pre-activation features, or MSE where the family exposes none (``feature_losses``).
 Only S and the connectors are updated in ``frozen`` mode (the default). In ``joint`` mode the teacher also learns
@@ -35,6 +37,8 @@ from .stages import StageLayoutError, StageSplit, final_preactivation
 from ..twins.fade import check_fade_power, is_fading, scheduled_scale, set_shortcut_scale
 
 __all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss']
+
+LOSS_NORMALIZATIONS = ('stages', 'none', 'weights')
 
 
 @dataclass
@@ -62,6 +66,12 @@ class JointRDConfig:
         shortcut_fade_power: the cosine fade raised to this power (``twins.fade.fade_scale``; 1: the cosine; 0.5
             keeps a twin twice as deep as resnet56, e.g. resnet110, on resnet56's shortcut-path weights; measured
             worse than 1 at resnet110).
+        loss_normalization: what L_cls and L_feat are divided by. 'stages' (the reference): n, so the twin's own
+            CE always has weight 1/n (1/4 at ResNet-18) and, once eta is small, it trains as if alone at about a
+            1/n learning rate with n times the relative weight decay. 'none': nothing; the twin's own terms keep
+            weight 1 (the objective of the twin trained alone) and the hybrid terms are added on top, eta each.
+            'weights' (DECISION): the sum of the weights, 1 + eta * (n - 1), so the loss is a weighted mean of
+            the n terms, reference at eta = 1 and the twin alone's objective at eta = 0.
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -79,6 +89,7 @@ class JointRDConfig:
     shortcut_fade: Optional[float] = None
     shortcut_fade_window: float = 1.0
     shortcut_fade_power: float = 1.0
+    loss_normalization: str = 'stages'
 
     def __post_init__(self):
         if not 0.0 <= self.eta_min <= 1.0:
@@ -97,6 +108,9 @@ class JointRDConfig:
             raise ValueError('shortcut_fade_window must be in (0, 1] (1: all blocks fade together), got '
                              f'{self.shortcut_fade_window}.')
         check_fade_power(self.shortcut_fade_power)
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZATIONS)} (the reference: '
+                             f"'stages'), got {self.loss_normalization!r}.")
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'JointRDConfig':
@@ -323,6 +337,12 @@ class JointRD(nn.Module):
         return jointrd_loss(outputs, targets, self.num_stages, self.config, self.feature_loss)
 
 
+def loss_normalizer(kind: str, num_stages: int, eta: float) -> float:
+    """What the JointRD sums are divided by (``JointRDConfig.loss_normalization``, checked there). Sampled hybrid
+    terms carry the scale (n-1)/m, so their weights always add up to eta * (n - 1)."""
+    return {'stages': float(num_stages), 'none': 1.0, 'weights': 1.0 + eta * (num_stages - 1)}[kind]
+
+
 def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: JointRDConfig,
                  feature_loss: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
     """The JointRD objective on :class:`JointRD` outputs. Returns ``loss`` and its parts (for logging)."""
@@ -330,13 +350,14 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
     ce_student = F.cross_entropy(outputs['logits'], targets)
     ce_hybrid = sum((F.cross_entropy(z, targets) for z in outputs['hybrid_logits']), torch.zeros_like(ce_student))
     parts = dict(ce_student=ce_student.detach(), ce_hybrid=ce_hybrid.detach())
-    loss = (ce_student + eta * scale * ce_hybrid) / n
+    norm = loss_normalizer(config.loss_normalization, n, eta)
+    loss = (ce_student + eta * scale * ce_hybrid) / norm
     if feature_loss is not None and config.feature_loss_weight > 0:
         target = outputs['teacher_feature']
         feat = feature_loss(outputs['student_feature'], target) + eta * scale * sum(
             (feature_loss(f, target) for f in outputs['hybrid_features']), torch.zeros_like(ce_student))
-        parts['feature'] = (feat / n).detach()
-        loss = loss + config.feature_loss_weight * feat / n
+        parts['feature'] = (feat / norm).detach()
+        loss = loss + config.feature_loss_weight * feat / norm
     if config.kd_weight > 0:
         t = config.kd_temperature
         kd = F.kl_div(F.log_softmax(outputs['logits'] / t, 1), F.softmax(outputs['teacher_logits'].detach() / t, 1),
