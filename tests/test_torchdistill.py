@@ -135,3 +135,30 @@ def test_jointrd_loss_refuses_a_model_that_is_not_jointrd():
     from jointrd_timm.integrations.torchdistill import JointRDLoss
     with pytest.raises(ValueError, match='must be a `jointrd_model`'):
         JointRDLoss()({'.': {'output': torch.zeros(2, 10)}}, {}, None)
+
+
+def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_path):
+    import importlib.util
+    import yaml
+    from jointrd_timm.methods import JointRDConfig
+    spec = importlib.util.spec_from_file_location('yaml_generate', ROOT / 'yamls' / 'generate.py')
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    generate.main(tmp_path)
+    written = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob('*.yaml')}
+    committed = {str(p.relative_to(ROOT / 'yamls')): p.read_text() for p in YAMLS}
+    assert written.keys() == committed.keys()
+    stale = [name for name in written if written[name] != committed[name]]
+    assert not stale, f'{stale} differ from yamls/generate.py: run python yamls/generate.py'
+
+    class Loader(yaml.SafeLoader):  # torchdistill's !import_call tags would load the dataset: read them as None
+        pass
+    Loader.add_multi_constructor('!', lambda loader, suffix, node: None)
+
+    def jointrd(name):
+        fields = yaml.load(committed[name], Loader)['models']['model']['kwargs']['jointrd']
+        return JointRDConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+    for dataset in ('cifar10', 'cifar100'):
+        assert jointrd(f'{dataset}/jointrd-resnet18.yaml').loss_normalization == 'none'
+        assert jointrd(f'{dataset}/jointrd-resnet110.yaml').eta_min == 1.0
+        assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == JointRDConfig(shortcut_fade=0.8)
