@@ -1,5 +1,6 @@
 """JointRD in plain PyTorch: eta, the loss by hand, gradient routes, frozen teacher, sampling, layout errors."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -92,7 +93,7 @@ def test_loss_normalizations_divide_the_same_sums(hybrid_paths):
     torch.manual_seed(3)
     out = model(x, y)
     eta, n = out['eta'], 4
-    losses = {kind: jointrd_loss(out, y, n, JointRDConfig(**{**vars(config), 'loss_normalization': kind}),
+    losses = {kind: jointrd_loss(out, y, n, dataclasses.replace(config, loss_normalization=kind),
                                  model.feature_loss) for kind in ('stages', 'none', 'weights')}
     total = losses['none']['loss'].item()
     assert losses['stages']['loss'].item() == pytest.approx(total / n, rel=1e-5)

@@ -38,7 +38,10 @@ from ..twins.fade import check_fade_power, is_fading, scheduled_scale, set_short
 
 __all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss']
 
-LOSS_NORMALIZATIONS = ('stages', 'none', 'weights')
+# JointRDConfig.loss_normalization -> what the JointRD sums are divided by, from (n stages, eta). Sampled hybrid terms
+# carry the scale (n-1)/m, so their weights always add up to eta * (n - 1).
+LOSS_NORMALIZERS = {'stages': lambda n, eta: float(n), 'none': lambda n, eta: 1.0,
+                    'weights': lambda n, eta: 1.0 + eta * (n - 1)}
 
 
 @dataclass
@@ -110,8 +113,8 @@ class JointRDConfig:
             raise ValueError('shortcut_fade_window must be in (0, 1] (1: all blocks fade together), got '
                              f'{self.shortcut_fade_window}.')
         check_fade_power(self.shortcut_fade_power)
-        if self.loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZATIONS)} (the reference: '
+        if self.loss_normalization not in LOSS_NORMALIZERS:
+            raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZERS)} (the reference: '
                              f"'stages'), got {self.loss_normalization!r}.")
 
     @classmethod
@@ -339,12 +342,6 @@ class JointRD(nn.Module):
         return jointrd_loss(outputs, targets, self.num_stages, self.config, self.feature_loss)
 
 
-def loss_normalizer(kind: str, num_stages: int, eta: float) -> float:
-    """What the JointRD sums are divided by (``JointRDConfig.loss_normalization``, checked there). Sampled hybrid
-    terms carry the scale (n-1)/m, so their weights always add up to eta * (n - 1)."""
-    return {'stages': float(num_stages), 'none': 1.0, 'weights': 1.0 + eta * (num_stages - 1)}[kind]
-
-
 def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: JointRDConfig,
                  feature_loss: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
     """The JointRD objective on :class:`JointRD` outputs. Returns ``loss`` and its parts (for logging)."""
@@ -352,7 +349,7 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
     ce_student = F.cross_entropy(outputs['logits'], targets)
     ce_hybrid = sum((F.cross_entropy(z, targets) for z in outputs['hybrid_logits']), torch.zeros_like(ce_student))
     parts = dict(ce_student=ce_student.detach(), ce_hybrid=ce_hybrid.detach())
-    norm = loss_normalizer(config.loss_normalization, n, eta)
+    norm = LOSS_NORMALIZERS[config.loss_normalization](n, eta)
     loss = (ce_student + eta * scale * ce_hybrid) / norm
     if feature_loss is not None and config.feature_loss_weight > 0:
         target = outputs['teacher_feature']
