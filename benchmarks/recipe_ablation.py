@@ -93,6 +93,11 @@ def rows_spec():
         f'{DEFAULT_ROW}, joint teacher': ('jointrd', dict(shortcut_fade=True),
                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, teacher_mode='joint'),
                                           dict(init_student_from_teacher=True)),
+        # depth 110's best recipe (eta held at 1) with the joint teacher as well
+        f'{DEFAULT_ROW}, eta held at 1, joint teacher': ('jointrd', dict(shortcut_fade=True),
+                                                         dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0,
+                                                              teacher_mode='joint'),
+                                                         dict(init_student_from_teacher=True)),
         # the loss normalisation (JointRDConfig.loss_normalization): the reference divides the sums by n stages, so
         # the twin's own CE has weight 1/n; 'none' keeps it at 1 (the twin alone's objective, hybrid terms added),
         # 'weights' divides by 1 + eta (n - 1) (a weighted mean of the terms)
@@ -104,6 +109,15 @@ def rows_spec():
                                                         dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE,
                                                              loss_normalization='weights'),
                                                         dict(init_student_from_teacher=True)),
+        # per stage (DECISION, JointRDConfig): nothing divided; stage j's gradient divided by 1 + eta (n - j), the
+        # weight of the terms reaching it (the last stage at the twin alone's rate, the first at 'weights')
+        f'{DEFAULT_ROW}, loss per stage': ('jointrd', dict(shortcut_fade=True),
+                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='per_stage'),
+                                           dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, eta held at 1, loss per stage': ('jointrd', dict(shortcut_fade=True),
+                                                          dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0,
+                                                               loss_normalization='per_stage'),
+                                                          dict(init_student_from_teacher=True)),
         'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
                                                      dict(init_student_from_teacher=True)),
         # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
@@ -131,7 +145,8 @@ def rows_spec():
 # variants of the default that change only the loss: the twin alone with the default's ingredients is their baseline
 LOSS_VARIANTS = [f'{DEFAULT_ROW} + margin (lambda 1e-3)', f'{DEFAULT_ROW}, eta to 0 over 60 %',
                  f'{DEFAULT_ROW}, eta held at 1', f'{DEFAULT_ROW}, joint teacher',
-                 f'{DEFAULT_ROW}, loss not divided by n', f'{DEFAULT_ROW}, loss divided by its weights']
+                 f'{DEFAULT_ROW}, loss not divided by n', f'{DEFAULT_ROW}, loss divided by its weights',
+                 f'{DEFAULT_ROW}, loss per stage']
 # rows that change one field of the default recipe: each compared with the default's run (same seed and teacher)
 DEFAULT_VARIANTS = [*LOSS_VARIANTS, 'JointRD + fade + teacher init',
                     'JointRD + fade over 100 % + teacher init',
@@ -143,6 +158,10 @@ DEFAULT_VARIANTS = [*LOSS_VARIANTS, 'JointRD + fade + teacher init',
 FADE50_ROW = 'JointRD + fade + teacher init'
 FADE50_VARIANTS = ['JointRD + fade + teacher init + KD', 'JointRD + fade + teacher init, lr 0.02',
                    'JointRD + Dirac + fade + teacher init']
+
+# rows that change one field of the default with eta held at 1 (depth 110's best): compared with that row's run
+ETA1_ROW = f'{DEFAULT_ROW}, eta held at 1'
+ETA1_VARIANTS = [f'{DEFAULT_ROW}, eta held at 1, joint teacher', f'{DEFAULT_ROW}, eta held at 1, loss per stage']
 
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
@@ -315,9 +334,11 @@ def write(runs, spec, args, out, record_command: bool = True):
     pairs = paired(runs)
     variants = paired(runs, dict.fromkeys(DEFAULT_VARIANTS, DEFAULT_ROW))
     fade50 = paired(runs, dict.fromkeys(FADE50_VARIANTS, FADE50_ROW))
+    eta1 = paired(runs, dict.fromkeys(ETA1_VARIANTS, ETA1_ROW))
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
                                                                          table=table, paired=pairs,
-                                                                         vs_default=variants, vs_fade50=fade50),
+                                                                         vs_default=variants, vs_fade50=fade50,
+                                                                         vs_eta1=eta1),
                                                                     indent=1)))
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
@@ -359,6 +380,8 @@ def write(runs, spec, args, out, record_command: bool = True):
     lines += matched_table(fade50, f'## One field of the earlier recipe changed ({FADE50_ROW}: fade over 50 %)',
                            'Rows measured before the default moved to a fade over 80 %; runs matched by seed and teacher '
                            "with that recipe's run.", 'row', 'variant vs fade over 50 %')
+    lines += matched_table(eta1, f'## One more field changed on {ETA1_ROW}',
+                           "Runs matched by seed and teacher with that row's run.", 'row', 'variant vs eta held at 1')
     (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
     plot(table, teachers, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
 

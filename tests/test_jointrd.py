@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import jointrd_timm  # noqa: F401
 from jointrd_timm.methods import JointRD, JointRDConfig, eta_schedule
-from jointrd_timm.methods.jointrd import jointrd_loss
+from jointrd_timm.methods.jointrd import jointrd_loss, scale_grad, stage_weights
 from jointrd_timm.methods.feature_losses import MarginFeatureLoss, bn_margin
 from jointrd_timm.methods.stages import StageLayoutError, StageSplit
 
@@ -94,8 +94,10 @@ def test_loss_normalizations_divide_the_same_sums(hybrid_paths):
     out = model(x, y)
     eta, n = out['eta'], 4
     losses = {kind: jointrd_loss(out, y, n, dataclasses.replace(config, loss_normalization=kind),
-                                 model.feature_loss) for kind in ('stages', 'none', 'weights')}
+                                 model.feature_loss) for kind in ('stages', 'none', 'weights', 'per_stage')}
     total = losses['none']['loss'].item()
+    # per_stage divides gradients in the forward, not the loss
+    assert losses['per_stage']['loss'].item() == total
     assert losses['stages']['loss'].item() == pytest.approx(total / n, rel=1e-5)
     assert losses['weights']['loss'].item() == pytest.approx(total / (1 + eta * (n - 1)), rel=1e-5)
     assert losses['none']['feature'].item() == pytest.approx(n * losses['stages']['feature'].item(), rel=1e-5)
@@ -104,6 +106,50 @@ def test_loss_normalizations_divide_the_same_sums(hybrid_paths):
         F.cross_entropy(z, y) for z in out['hybrid_logits'])
     assert losses['none']['loss'].item() - ce.item() == pytest.approx(1e-3 * losses['none']['feature'].item(),
                                                                       rel=1e-4)
+
+
+@pytest.mark.parametrize('hybrid_paths', [None, 2])
+def test_per_stage_normalization_divides_each_stage_gradient_by_its_weights(hybrid_paths):
+    config = JointRDConfig(eta_min=0.5, eta_horizon=10, feature_loss_weight=1e-3, hybrid_paths=hybrid_paths,
+                           kd_weight=0.5, loss_normalization='none')
+    ref = pair(config, arch='resnet18_cifar')
+    per_stage = copy.deepcopy(ref)
+    per_stage.config = dataclasses.replace(config, loss_normalization='per_stage')
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    outs = {}
+    for name, model in (('none', ref), ('per_stage', per_stage)):
+        model.set_epoch(3, 0, 10)
+        model.train()
+        torch.manual_seed(5)  # the same sampled paths
+        outs[name] = model(x, y)
+        outs[name]['loss'].backward()
+    eta, n = outs['none']['eta'], 4
+    assert 0.5 < eta < 1 and outs['none']['paths'] == outs['per_stage']['paths']
+    # the forward is unchanged: same logits, same (undivided) loss
+    assert torch.equal(outs['none']['logits'], outs['per_stage']['logits'])
+    assert outs['per_stage']['loss'].item() == pytest.approx(outs['none']['loss'].item(), rel=1e-6)
+    weights = stage_weights(n, eta)
+    assert weights == pytest.approx([1 + 3 * eta, 1 + 2 * eta, 1 + eta, 1])
+    stage_of = {id(p): j for j, stage in enumerate(per_stage.student_stages.stages) for p in stage.parameters()}
+    checked = set()
+    for (name, p), q in zip(per_stage.student.named_parameters(), ref.student.parameters()):
+        # the head (after stage n) gets the twin's own terms only: weight 1, like stage n
+        w = weights[stage_of.get(id(p), n - 1)]
+        assert (p.grad - q.grad / w).abs().max() <= 1e-4 * (q.grad / w).abs().max(), name
+        checked.add(stage_of.get(id(p), 'head'))
+    assert checked == {0, 1, 2, 3, 'head'}
+    # the gradients really differ from 'none' where W > 1
+    first = next(per_stage.student_stages.stages[0].parameters())
+    assert not torch.allclose(first.grad, next(ref.student_stages.stages[0].parameters()).grad)
+
+
+def test_scale_grad_is_identity_forward_and_scales_backward():
+    x = torch.randn(3, requires_grad=True)
+    y = scale_grad(x, 0.25)
+    assert torch.equal(y, x)
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([0.25, 0.5, 0.75]))
+    assert scale_grad(x, 1.0) is x
 
 
 def test_weights_normalization_at_eta_zero_trains_the_twin_as_if_alone():
@@ -215,7 +261,7 @@ def test_config_errors():
         JointRDConfig.from_dict({'etamin': 0.5})
     with pytest.raises(ValueError, match="teacher_mode must be 'frozen' or 'joint'"):
         JointRDConfig(teacher_mode='both')
-    with pytest.raises(ValueError, match=r"loss_normalization must be one of \['stages', 'none', 'weights'\].*got 'mean'"):
+    with pytest.raises(ValueError, match=r"loss_normalization must be one of \['stages', 'none', 'weights', 'per_stage'\].*got 'mean'"):
         JointRDConfig(loss_normalization='mean')
 
 

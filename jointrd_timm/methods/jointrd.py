@@ -36,12 +36,38 @@ from .schedules import eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
 from ..twins.fade import check_fade_power, is_fading, scheduled_scale, set_shortcut_scale
 
-__all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss']
+__all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss', 'scale_grad', 'stage_weights']
 
 # JointRDConfig.loss_normalization -> what the JointRD sums are divided by, from (n stages, eta). Sampled hybrid terms
 # carry the scale (n-1)/m, so their weights always add up to eta * (n - 1).
+# 'per_stage' divides nothing here: JointRD.forward scales each stage's gradient instead (stage_weights).
 LOSS_NORMALIZERS = {'stages': lambda n, eta: float(n), 'none': lambda n, eta: 1.0,
-                    'weights': lambda n, eta: 1.0 + eta * (n - 1)}
+                    'weights': lambda n, eta: 1.0 + eta * (n - 1), 'per_stage': lambda n, eta: 1.0}
+
+
+def stage_weights(n: int, eta: float) -> List[float]:
+    """W_1..W_n: the summed weight of the loss terms whose gradient reaches student stage j: the twin's own CE
+    (weight 1, through every stage) and the hybrid terms of paths k >= j (eta each; in expectation when paths are
+    sampled). Stage n and the head get the twin's CE only (W_n = 1); stage 1 (and the stem) everything."""
+    return [1.0 + eta * (n - j) for j in range(1, n + 1)]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``factor`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``factor`` (no node when factor is 1)."""
+    return x if factor == 1.0 else _ScaleGrad.apply(x, factor)
 
 
 @dataclass
@@ -76,7 +102,12 @@ class JointRDConfig:
             'weights' (DECISION): the sum of the weights, 1 + eta * (n - 1), so the loss is a weighted mean of
             the n terms, reference at eta = 1 and the twin alone's objective at eta = 0. Measured at the CPU
             budget (benchmarks/results/recipe_ablation*.md): 'none' +4.36 over 'stages' at ResNet-18-CIFAR and
-            -8.87 at resnet56; 'weights' -0.13 at resnet56 (2 seeds each).
+            -8.87 at resnet56; 'weights' -0.13 at resnet56 (2 seeds each). 'per_stage' (DECISION): the sums are
+            not divided; instead the gradient reaching student stage j is divided by W_j = 1 + eta (n - j), the
+            weight of the terms that reach it (``stage_weights``), so every stage (stem with stage 1, head with
+            stage n) gets a weighted mean of its terms: the last stage trains at the twin alone's rate, the first
+            at the 'weights' rate, and at eta = 0 it is the twin alone. Extras on z_S (KD, adversarial) are scaled
+            with the twin's CE.
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -293,15 +324,22 @@ class JointRD(nn.Module):
             teacher_logits, teacher_feature = self._teacher_forward(x)
         hs = []
 
+        eta = self.eta
+        # per_stage: stage j's gradient is divided by W_j. The hybrid branch at h_k carries 1/W_k, and the twin's own
+        # continuation from h_j into stage j+1 carries W_{j+1}/W_j (what arrives there already carries 1/W_{j+1})
+        weights = stage_weights(self.num_stages, eta) if self.config.loss_normalization == 'per_stage' else None
+
         def run_student():
-            hs.extend(self.student_stages.features(x))
+            carry = None if weights is None else lambda j, h: scale_grad(h, weights[j] / weights[j - 1])
+            hs.extend(self.student_stages.features(x, carry))
             return self.student_stages(hs[-1], self.num_stages)
         logits, student_feature = self._captured(self._student_tap, run_student)
 
         paths = self._sample_paths()
         hybrid_logits, hybrid_features = [], []
         for k in paths:
-            z_k, f_k = self._teacher_tail(hs[k - 1], k)
+            h = hs[k - 1] if weights is None else scale_grad(hs[k - 1], 1.0 / weights[k - 1])
+            z_k, f_k = self._teacher_tail(h, k)
             hybrid_logits.append(z_k)
             hybrid_features.append(f_k)
         if len(self.connectors):
@@ -309,7 +347,7 @@ class JointRD(nn.Module):
             hybrid_features = [self.connectors[k](f) for k, f in zip(paths, hybrid_features)]
         outputs = dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
                        path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
-                       teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=self.eta)
+                       teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=eta)
         self.step_in_epoch += 1  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
         if targets is not None:
             outputs.update(self.loss(outputs, targets))

@@ -7,7 +7,7 @@ each tap; a segment without any residual (or plain) block is merged into the nex
 stem+layer1, layer2, layer3, layer4. Modules after the last tap and before the head ("neck") belong to the head.
 The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -95,10 +95,14 @@ class StageSplit(nn.Module):
     def num_stages(self) -> int:
         return len(self.stages)
 
-    def features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Outputs h_1..h_n of every stage."""
+    def features(self, x: torch.Tensor,
+                 carry: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Outputs h_1..h_n of every stage. ``carry(j, h_j)``, if given, is what enters stage j+1 instead of h_j
+        (1-based j < n; e.g. a gradient scaling); the returned outputs are the h_j themselves."""
         outs = []
-        for stage in self.stages:
+        for j, stage in enumerate(self.stages):
+            if outs and carry is not None:
+                x = carry(j, outs[-1])
             x = stage(x)
             outs.append(x)
         return outs
