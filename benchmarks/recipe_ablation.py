@@ -41,6 +41,13 @@ DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # the recipe of yamls/ 
 JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
 
 
+def default_with(**fields):
+    """The default recipe's row (JointRD, fading twin started from the teacher, fade over 80 %) with ``fields`` of
+    JointRDConfig changed."""
+    return ('jointrd', dict(shortcut_fade=True), dict(JOINTRD_REFERENCE, shortcut_fade=DEFAULT_SHORTCUT_FADE, **fields),
+            dict(init_student_from_teacher=True))
+
+
 def rows_spec():
     """label -> (method, student kwargs, jointrd fields, jointrd_model extras). Order = run order."""
     ref = JOINTRD_REFERENCE
@@ -67,9 +74,7 @@ def rows_spec():
                                                   dict(ref, shortcut_fade=0.5), dict(init_student_from_teacher=True)),
         'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
         # the default recipe (DEFAULT_SHORTCUT_FADE = 0.8) and its baseline
-        'JointRD + fade over 80 % + teacher init': ('jointrd', dict(shortcut_fade=True),
-                                                    dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE),
-                                                    dict(init_student_from_teacher=True)),
+        'JointRD + fade over 80 % + teacher init': default_with(),
         'twin alone + fade over 80 % + teacher init': ('ce', {}, None, dict(shortcut_fade=DEFAULT_SHORTCUT_FADE,
                                                                             teacher_init=True)),
         'JointRD + fade + teacher init + KD': ('jointrd', dict(shortcut_fade=True),
@@ -78,59 +83,31 @@ def rows_spec():
         # the default recipe with one more field changed: the margin feature loss, eta faded to 0 or held at 1 (the
         # hybrid paths' weight for the whole run), a slower fade (the s = 0 phase shrinks to the last step), the
         # paper's variant that keeps the projection shortcuts
-        f'{DEFAULT_ROW} + margin (lambda 1e-3)': ('jointrd', dict(shortcut_fade=True),
-                                                  dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, feature_loss_weight=1e-3),
-                                                  dict(init_student_from_teacher=True)),
-        f'{DEFAULT_ROW}, eta to 0 over 60 %': ('jointrd', dict(shortcut_fade=True),
-                                               dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=0.0,
-                                                    eta_horizon_fraction=0.6),
-                                               dict(init_student_from_teacher=True)),
-        f'{DEFAULT_ROW}, eta held at 1': ('jointrd', dict(shortcut_fade=True),
-                                          dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0),
-                                          dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW} + margin (lambda 1e-3)': default_with(feature_loss_weight=1e-3),
+        f'{DEFAULT_ROW}, eta to 0 over 60 %': default_with(eta_min=0.0, eta_horizon_fraction=0.6),
+        f'{DEFAULT_ROW}, eta held at 1': default_with(eta_min=1.0),
         # the reference code's JOINT branch: the teacher keeps training on its own cross-entropy during the run (the
         # hybrid paths still never move it), so the twin's stage outputs are read by later stages that keep improving
-        f'{DEFAULT_ROW}, joint teacher': ('jointrd', dict(shortcut_fade=True),
-                                          dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, teacher_mode='joint'),
-                                          dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, joint teacher': default_with(teacher_mode='joint'),
         # depth 110's best recipe (eta held at 1) with the joint teacher as well
-        f'{DEFAULT_ROW}, eta held at 1, joint teacher': ('jointrd', dict(shortcut_fade=True),
-                                                         dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0,
-                                                              teacher_mode='joint'),
-                                                         dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, eta held at 1, joint teacher': default_with(eta_min=1.0, teacher_mode='joint'),
         # the loss normalisation (JointRDConfig.loss_normalization): the reference divides the sums by n stages, so
         # the twin's own CE has weight 1/n; 'none' keeps it at 1 (the twin alone's objective, hybrid terms added),
         # 'weights' divides by 1 + eta (n - 1) (a weighted mean of the terms)
-        f'{DEFAULT_ROW}, loss not divided by n': ('jointrd', dict(shortcut_fade=True),
-                                                  dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE,
-                                                       loss_normalization='none'),
-                                                  dict(init_student_from_teacher=True)),
-        f'{DEFAULT_ROW}, loss divided by its weights': ('jointrd', dict(shortcut_fade=True),
-                                                        dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE,
-                                                             loss_normalization='weights'),
-                                                        dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, loss not divided by n': default_with(loss_normalization='none'),
+        f'{DEFAULT_ROW}, loss divided by its weights': default_with(loss_normalization='weights'),
         # per stage (DECISION, JointRDConfig): nothing divided; stage j's gradient divided by 1 + eta (n - j), the
         # weight of the terms reaching it (the last stage at the twin alone's rate, the first at 'weights')
-        f'{DEFAULT_ROW}, loss per stage': ('jointrd', dict(shortcut_fade=True),
-                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='per_stage'),
-                                           dict(init_student_from_teacher=True)),
-        f'{DEFAULT_ROW}, eta held at 1, loss per stage': ('jointrd', dict(shortcut_fade=True),
-                                                          dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, eta_min=1.0,
-                                                               loss_normalization='per_stage'),
-                                                          dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, loss per stage': default_with(loss_normalization='per_stage'),
+        f'{DEFAULT_ROW}, eta held at 1, loss per stage': default_with(eta_min=1.0, loss_normalization='per_stage'),
         'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
                                                      dict(init_student_from_teacher=True)),
         # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
         # another, first block first, each over 30 % of the fade, instead of all together
-        'JointRD + staggered fade over 80 % (window 0.3) + teacher init': (
-            'jointrd', dict(shortcut_fade=True),
-            dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, shortcut_fade_window=0.3),
-            dict(init_student_from_teacher=True)),
+        'JointRD + staggered fade over 80 % (window 0.3) + teacher init': default_with(shortcut_fade_window=0.3),
         # depth-matched fade (twins.fade.fade_scale): s = cosine ** 0.5 gives resnet110 (18 blocks per stage) the
         # shortcut-path weights s ** N that resnet56 (9 per stage) has under the default fade
-        f'{DEFAULT_ROW}, fade power 0.5': ('jointrd', dict(shortcut_fade=True),
-                                           dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE, shortcut_fade_power=0.5),
-                                           dict(init_student_from_teacher=True)),
+        f'{DEFAULT_ROW}, fade power 0.5': default_with(shortcut_fade_power=0.5),
         f'{DEFAULT_ROW}, projections kept (paper variant)': (
             'jointrd', dict(shortcut_fade=True, keep_projection_shortcuts=True),
             dict(ref, shortcut_fade=DEFAULT_SHORTCUT_FADE), dict(init_student_from_teacher=True)),
