@@ -160,5 +160,6 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
         return JointRDConfig.from_dict({k: v for k, v in fields.items() if v is not None})
     for dataset in ('cifar10', 'cifar100'):
         assert jointrd(f'{dataset}/jointrd-resnet18.yaml').loss_normalization == 'none'
-        assert jointrd(f'{dataset}/jointrd-resnet110.yaml').eta_min == 1.0
+        deep = jointrd(f'{dataset}/jointrd-resnet110.yaml')
+        assert (deep.eta_min, deep.teacher_mode) == (1.0, 'joint')
         assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == JointRDConfig(shortcut_fade=0.8)
