@@ -43,8 +43,8 @@ JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_wei
 
 def default_with(**fields):
     """The default recipe's row (JointRD, fading twin started from the teacher, fade over 80 %) with ``fields`` of
-    JointRDConfig changed."""
-    return ('jointrd', dict(shortcut_fade=True), dict(JOINTRD_REFERENCE, shortcut_fade=DEFAULT_SHORTCUT_FADE, **fields),
+    JointRDConfig changed (``shortcut_fade`` included)."""
+    return ('jointrd', dict(shortcut_fade=True), {**JOINTRD_REFERENCE, 'shortcut_fade': DEFAULT_SHORTCUT_FADE, **fields},
             dict(init_student_from_teacher=True))
 
 
@@ -100,8 +100,7 @@ def rows_spec():
         # weight of the terms reaching it (the last stage at the twin alone's rate, the first at 'weights')
         f'{DEFAULT_ROW}, loss per stage': default_with(loss_normalization='per_stage'),
         f'{DEFAULT_ROW}, eta held at 1, loss per stage': default_with(eta_min=1.0, loss_normalization='per_stage'),
-        'JointRD + fade over 100 % + teacher init': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=1.0),
-                                                     dict(init_student_from_teacher=True)),
+        'JointRD + fade over 100 % + teacher init': default_with(shortcut_fade=1.0),
         # staggered fade (DECISION in twins.fade.block_scales): the blocks drop their shortcuts one group after
         # another, first block first, each over 30 % of the fade, instead of all together
         'JointRD + staggered fade over 80 % (window 0.3) + teacher init': default_with(shortcut_fade_window=0.3),
@@ -138,7 +137,7 @@ FADE50_VARIANTS = ['JointRD + fade + teacher init + KD', 'JointRD + fade + teach
 
 # rows that change one field of the default with eta held at 1 (depth 110's best): compared with that row's run
 ETA1_ROW = f'{DEFAULT_ROW}, eta held at 1'
-ETA1_VARIANTS = [f'{DEFAULT_ROW}, eta held at 1, joint teacher', f'{DEFAULT_ROW}, eta held at 1, loss per stage']
+ETA1_VARIANTS = [f'{ETA1_ROW}, joint teacher', f'{ETA1_ROW}, loss per stage']
 
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',

@@ -95,13 +95,13 @@ def test_yaml_trains_two_steps_through_torchdistill_api(yaml_path, tmp_path, tmp
             break
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, 'two optimisation steps changed nothing'
-    frozen = teacher if teacher is not None else getattr(trained, 'teacher', None)
+    teacher_net = teacher if teacher is not None else getattr(trained, 'teacher', None)
     if getattr(getattr(trained, 'config', None), 'teacher_mode', None) == 'joint':
         # a joint teacher (resnet110 recipe) trains on its own CE in the same steps
-        assert all(p.requires_grad for p in frozen.parameters())
+        assert all(p.requires_grad for p in teacher_net.parameters())
         assert any(k.startswith('teacher.') and k in changed for k in before)
-    elif frozen is not None:  # the teacher never changes: no gradients, and (for in-module teachers) same tensors
-        assert not any(p.requires_grad for p in frozen.parameters())
+    elif teacher_net is not None:  # the teacher never changes: no gradients, and (for in-module teachers) same tensors
+        assert not any(p.requires_grad for p in teacher_net.parameters())
         assert not any(k.startswith('teacher.') and k in changed for k in before)
 
 
