@@ -87,7 +87,7 @@ def test_joint_teacher_accuracy_reads_the_trained_teacher_from_the_checkpoint(tm
     torch.manual_seed(0)
     teacher = timm.create_model('resnet20_cifar', num_classes=10)
     model = JointRD(timm.create_model('plain_resnet20_cifar', num_classes=10), teacher,
-                    JointRDConfig(teacher_mode='joint'))
+                    JointRDConfig(teacher_mode='joint'), num_epochs=1, steps_per_epoch=1)
     model.train()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

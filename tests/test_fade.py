@@ -11,9 +11,10 @@ from conftest import tiny_yaml
 from jointrd_timm.methods import JointRD, JointRDConfig
 from jointrd_timm.training.runner import load_config, train
 from jointrd_timm.twins import count_shortcut_additions
-from jointrd_timm.twins.fade import (SCALE, FadingGraphBlock, FadingStudent, block_scales, deployable, fade_scale,
-                                     finish_fade, is_fading, make_fading, scheduled_scale, set_shortcut_scale,
-                                     shortcut_scale)
+from jointrd_timm.methods.fading import FadingStudent
+from jointrd_timm.methods.schedules import block_scales, fade_scale
+from jointrd_timm.twins.fade import (SCALE, FadingGraphBlock, deployable, finish_fade, is_fading, make_fading,
+                                     set_shortcut_scale, shortcut_scale)
 from jointrd_timm.twins.transfer import load_teacher_weights
 
 # one architecture per kind of rule: swap (CIFAR + timm ResNet), timm's own switch, graph rule
@@ -130,7 +131,7 @@ def test_fade_always_ends_by_the_last_step(fraction, steps, epochs):
         student.set_epoch(epoch, steps, epochs)
         for step in range(steps):
             student.step_in_epoch.fill_(step)
-            scales.append(scheduled_scale(student, fraction))
+            scales.append(student.shortcut_scale)
     assert scales[0] == 1.0 and scales[-1] == 0.0
     assert all(a >= b for a, b in zip(scales, scales[1:]))
     if steps * epochs > 10:  # long runs: the fade ends where the fraction says, not earlier
@@ -157,6 +158,28 @@ def test_jointrd_drives_the_scale_and_checks_its_student():
     assert scales == pytest.approx([1.0, fade_scale(0.25, 1), fade_scale(0.5, 1), fade_scale(0.75, 1)])
     model.set_epoch(1, steps_per_epoch=4, num_epochs=2)
     assert shortcut_scale(fading) == 0.0 and model.shortcut_scale == 0.0
+
+
+@pytest.mark.parametrize('method', ['jointrd', 'alone'])
+def test_loading_a_checkpoint_restores_the_fade(method):
+    """The shortcut scale is recomputed from the saved progress on load_state_dict (torchdistill's own -test_only
+    reload does exactly that): a checkpoint saved after the fade evaluates as the twin, not as the residual net."""
+    def build():
+        teacher, fading = _pair('resnet20_cifar')
+        if method == 'jointrd':
+            return JointRD(fading, teacher, JointRDConfig(shortcut_fade=0.5)), fading
+        return FadingStudent(fading, 0.5), fading
+    trained, fading = build()
+    trained.set_epoch(1, steps_per_epoch=4, num_epochs=2)  # past the fade: s = 0
+    assert shortcut_scale(fading) == 0.0
+    x = torch.randn(2, 3, 32, 32)
+    expected = trained.eval()(x)
+    fresh, fresh_fading = build()
+    assert shortcut_scale(fresh_fading) == 1.0
+    fresh.load_state_dict(trained.state_dict())
+    assert shortcut_scale(fresh_fading) == 0.0
+    assert torch.equal(fresh.eval()(x), expected)
+    deployable(fresh_fading)  # s = 0: the shortcuts can be removed
 
 
 def test_fading_student_drives_the_scale():
@@ -219,12 +242,12 @@ def test_staggered_fade_block_scales():
 
 def test_staggered_fade_sets_each_block_and_deploys_only_at_the_end():
     teacher, fading = _pair('resnet20_cifar')
-    set_shortcut_scale(fading, 0.5, window=0.2)
+    set_shortcut_scale(fading, block_scales(0.5, 9, 0.2))
     scales = _block_scales(fading)
     assert len(scales) == 9 and scales[0] == 0.0 and scales[-1] == 1.0 and scales == sorted(scales)
     assert shortcut_scale(fading) == pytest.approx(sum(scales) / 9)
     # one block still has its shortcut: finishing the fade would change the outputs
-    set_shortcut_scale(fading, 0.01, window=0.2)
+    set_shortcut_scale(fading, block_scales(0.01, 9, 0.2))
     assert max(_block_scales(fading)) > 0
     with pytest.raises(ValueError, match='have not faded out'):
         finish_fade(fading)

@@ -15,11 +15,12 @@ from jointrd_timm.methods.feature_losses import MarginFeatureLoss, bn_margin
 from jointrd_timm.methods.stages import StageLayoutError, StageSplit
 
 
-def pair(config=None, arch='resnet20_cifar', **kwargs):
+def pair(config=None, arch='resnet20_cifar', run_length=(10, 100), **kwargs):
+    """A JointRD pair; ``run_length`` (epochs, steps per epoch) given at construction, as a plain loop would."""
     torch.manual_seed(0)
     teacher = timm.create_model(arch, num_classes=10, **kwargs)
     twin = timm.create_model(f'plain_{arch}', num_classes=10, **kwargs)
-    return JointRD(twin, teacher, config or JointRDConfig())
+    return JointRD(twin, teacher, config or JointRDConfig(), num_epochs=run_length[0], steps_per_epoch=run_length[1])
 
 
 @pytest.mark.parametrize('progress, expected', [(0, 1.0), (30, 0.75), (60, 0.5), (90, 0.5), (15, 0.5 + 0.5 * (1 + math.cos(math.pi / 4)) / 2)])
@@ -34,8 +35,25 @@ def test_eta_follows_epochs_steps_and_horizon_fraction():
     model.train()
     model(torch.randn(2, 3, 32, 32))
     assert model.eta == pytest.approx(eta_schedule(3.25, 5e-3, 6.0))
-    with pytest.raises(RuntimeError, match='needs the total number of epochs'):
-        pair(JointRDConfig(eta_horizon_fraction=0.5)).eta
+    with pytest.raises(RuntimeError, match='run length must be known'):
+        pair(JointRDConfig(eta_horizon_fraction=0.5), run_length=(0, 0)).eta
+
+
+def test_a_plain_loop_advances_eta_without_set_epoch():
+    """Given the run length at construction, every train-mode forward is a step: eta follows the schedule per step
+    and epochs roll over by themselves; without it, the first train-mode forward refuses instead of keeping eta at 1."""
+    model = pair(JointRDConfig(eta_min=0.5, eta_horizon=1), run_length=(2, 3)).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    etas = [model(x, y)['eta'] for _ in range(4)]
+    assert etas == pytest.approx([eta_schedule(k / 3, 0.5, 1) for k in range(4)])
+    assert (int(model.epoch), int(model.step_in_epoch)) == (1, 1)
+    bare = pair(JointRDConfig(eta_min=0.5), run_length=(0, 0)).train()
+    with pytest.raises(RuntimeError, match='run length must be known'):
+        bare(x, y)
+    held = pair(JointRDConfig(eta_min=1.0), run_length=(0, 0)).train()  # eta held at 1: nothing to schedule
+    assert held(x, y)['eta'] == 1.0
+    with pytest.raises(ValueError, match='num_epochs must be a positive integer'):
+        pair(run_length=(0, 5))
 
 
 def test_stage_split_reproduces_the_model():

@@ -27,9 +27,10 @@ from torchdistill.losses.registry import register_mid_level_loss
 from torchdistill.models.registry import register_model
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
+from ..methods.base import start_epoch
+from ..methods.fading import FadingStudent
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..models.plain_twins import teacher_of
-from ..twins.fade import FadingStudent
 from ..twins.transfer import load_teacher_weights
 from ..training.checkpoint import load_weights
 
@@ -82,14 +83,14 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
 @register_model
 def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None,
                  shortcut_fade_window: float = 1.0, shortcut_fade_power: float = 1.0) -> FadingStudent:
-    """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.twins.fade.FadingStudent`).
+    """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.methods.fading.FadingStudent`).
 
     Args:
         student: kwargs of :func:`timm_model` for the twin; ``shortcut_fade=True`` is implied.
         shortcut_fade: fraction of the run over which the shortcut scale goes from 1 to 0.
         teacher_checkpoint: start from these teacher weights (a .safetensors file or a runner output folder).
-        shortcut_fade_window: 1: all blocks fade together; < 1: staggered (``twins.fade.block_scales``).
-        shortcut_fade_power: the cosine fade raised to this power (``twins.fade.fade_scale``).
+        shortcut_fade_window: 1: all blocks fade together; < 1: staggered (``methods.schedules.block_scales``).
+        shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``).
     """
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
@@ -141,11 +142,10 @@ JointRDLoss = MethodLoss
 
 @register_pre_epoch_proc_func
 def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
-    """torchdistill's default pre-epoch process, then the epoch and run length handed to JointRD for eta."""
+    """torchdistill's default pre-epoch process, then the epoch and run length handed to the method module
+    (``methods.base.start_epoch``: eta, the shortcut fade, the discriminator's schedule)."""
     default_pre_epoch_process_without_teacher(self, epoch=epoch, **kwargs)
-    model = unwrap(self.model)
-    if hasattr(model, 'set_epoch'):
-        model.set_epoch(epoch or 0, len(self.train_data_loader), self.num_epochs)
+    start_epoch(unwrap(self.model), epoch or 0, len(self.train_data_loader), self.num_epochs)
 
 
 class _StateWithFp16:

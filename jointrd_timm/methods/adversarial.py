@@ -18,8 +18,9 @@
    Defaults: kd_weight 1, T 4, adversarial_weight 0.1, hidden 256, no label head.
 
 Both alternate every iteration, D first, then the student. The discriminator's update happens inside the
-module's train-mode ``forward`` (with D's own optimizer, never the student's), so any torchdistill box and the
-runner train these modules unchanged; the student's loss is then computed against the updated D and returned.
+module's train-mode ``forward`` (with D's own optimizer, never the student's; DECISION, the reason is in
+:mod:`jointrd_timm.methods.base`), so any torchdistill box and the runner train these modules unchanged; the
+student's loss is then computed against the updated D and returned.
 D's parameters have ``requires_grad=False`` outside its own step, so the student's optimizer never holds them.
 Across processes D's gradients are averaged explicitly (DDP does not see them). D's optimizer and scheduler are
 exposed through ``extra_optimizers()`` / ``extra_schedulers()`` so checkpoints save and restore them.
@@ -31,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .base import TrainingMethod
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
            'conditional_discriminator_loss', 'conditional_gan_term', 'conditional_student_loss', 'ConditionalAdversarialKD',
@@ -173,21 +176,41 @@ def _kd(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
                     reduction='batchmean') * t * t
 
 
-class _TeacherStudent(nn.Module):
-    """A frozen teacher (eval mode, no gradients) beside a student; eval mode is just the student."""
+class _TeacherStudent(TrainingMethod):
+    """A frozen teacher (eval mode, no gradients) beside a student; eval mode is just the student. Progress (the
+    discriminator's schedule, in epochs) follows :class:`~jointrd_timm.methods.base.TrainingMethod`."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module, num_epochs: int = 0, steps_per_epoch: int = 0):
         super().__init__()
         self.student = student
         self.teacher = teacher.requires_grad_(False)
+        self._run_length = (num_epochs, steps_per_epoch)
+
+    def _start(self) -> None:
+        """After the subclass built ``self.adversarial``: apply a run length given at construction."""
+        if any(self._run_length):
+            self.set_run_length(*self._run_length)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
-        self.adversarial.set_epoch(epoch)
+    def apply_progress(self) -> None:
+        if hasattr(self, 'adversarial'):
+            self.adversarial.set_epoch(int(self.epoch))
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """Eval mode: the student's logits. Train mode: one step of the method (:meth:`step`), counted."""
+        if not self.training:
+            return self.student(x)
+        d = self.adversarial.config
+        if (d.milestones or d.cosine_epochs) and int(self.steps_per_epoch) <= 0:
+            self.require_run_length('the discriminator schedule (in epochs)')
+        self.apply_progress()
+        out = self.step(x, targets)
+        self.count_step()
+        return out
 
     def extra_optimizers(self) -> Dict:
         return {'discriminator': self.adversarial.optimizer}
@@ -200,15 +223,15 @@ class ConditionalAdversarialKD(_TeacherStudent):
     """Xu et al. 2017 (see the module docstring). ``forward(x, y)`` in train mode: D step, then the student loss."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, num_classes: int, discriminator_depth: int = 3,
-                 dropout: float = 0.3, non_saturating: bool = False, discriminator: Optional[Dict] = None):
-        super().__init__(student, teacher)
+                 dropout: float = 0.3, non_saturating: bool = False, discriminator: Optional[Dict] = None,
+                 num_epochs: int = 0, steps_per_epoch: int = 0):
+        super().__init__(student, teacher, num_epochs, steps_per_epoch)
         self.non_saturating = non_saturating
         self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes, discriminator_depth, dropout),
                                            DiscriminatorConfig.from_dict(discriminator))
+        self._start()
 
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        if not self.training:
-            return self.student(x)
+    def step(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         logits = self.student(x)
@@ -228,23 +251,22 @@ class AdversarialPortableStudent(_TeacherStudent):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, adversarial_weight: float = 0.1,
                  kd_weight: float = 1.0, kd_temperature: float = 4.0, hidden: int = 256, label_head: bool = False,
-                 discriminator: Optional[Dict] = None):
-        super().__init__(student, teacher)
+                 discriminator: Optional[Dict] = None, num_epochs: int = 0, steps_per_epoch: int = 0):
+        super().__init__(student, teacher, num_epochs, steps_per_epoch)
         s_dim, t_dim = student.num_features, teacher.num_features
         self.adapter = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
         self.adversarial_weight, self.kd_weight, self.kd_temperature = adversarial_weight, kd_weight, kd_temperature
         num_classes = getattr(teacher, 'num_classes', 0) if label_head else 0
         self.adversarial = AdversarialTerm(FeatureDiscriminator(t_dim, hidden, num_classes),
                                            DiscriminatorConfig.from_dict(discriminator))
+        self._start()
 
     @staticmethod
     def _pooled(model: nn.Module, x: torch.Tensor):
         features = model.forward_head(model.forward_features(x), pre_logits=True)
         return features, model.get_classifier()(features)
 
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        if not self.training:
-            return self.student(x)
+    def step(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         with torch.no_grad():
             teacher_features, teacher_logits = self._pooled(self.teacher, x)
         student_features, logits = self._pooled(self.student, x)

@@ -31,10 +31,12 @@ from torch.func import functional_call
 
 from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
                           conditional_gan_term)
+from .base import TrainingMethod
+from .fading import ShortcutFade
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
-from .schedules import eta_schedule
+from .schedules import check_fade_power, eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
-from ..twins.fade import check_fade_power, is_fading, scheduled_scale, set_shortcut_scale
+from ..twins.fade import is_fading
 
 __all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss', 'scale_grad', 'stage_weights']
 
@@ -91,8 +93,8 @@ class JointRDConfig:
             per step; None: off). The student must be built with ``shortcut_fade=True``
             (:mod:`jointrd_timm.twins.fade`, Monti et al. 2018); it is deployed with the shortcuts removed.
         shortcut_fade_window: 1 (default): every block's shortcut fades together; < 1: a staggered fade, each block
-            over this share of the fade, first block first (``twins.fade.block_scales``).
-        shortcut_fade_power: the cosine fade raised to this power (``twins.fade.fade_scale``; 1: the cosine; 0.5
+            over this share of the fade, first block first (``methods.schedules.block_scales``).
+        shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``; 1: the cosine; 0.5
             keeps a twin twice as deep as resnet56, e.g. resnet110, on resnet56's shortcut-path weights; measured
             worse than 1 at resnet110).
         loss_normalization: what L_cls and L_feat are divided by. 'stages' (the reference): n, so the twin's own
@@ -173,16 +175,21 @@ class _InputCapture:
         return self.values.pop()
 
 
-class JointRD(nn.Module):
+class JointRD(TrainingMethod):
     """Teacher + twin trained together; in eval mode it is just the twin (``forward`` returns its logits).
 
     In train mode ``forward(x)`` returns a dict with everything :func:`jointrd_loss` needs:
     ``logits`` z_S, ``teacher_logits`` z_T, ``hybrid_logits`` [z_k], ``paths`` [k], ``path_scale``,
     ``student_feature``/``teacher_feature``/``hybrid_features`` (after connectors for the student side), ``eta``.
+
+    Progress (eta, the fade) follows :class:`~jointrd_timm.methods.base.TrainingMethod`: give the run length
+    (``num_epochs``, ``steps_per_epoch``) here and every train-mode forward counts as a step, or call
+    ``set_epoch(epoch, steps_per_epoch, num_epochs)`` at each epoch; a schedule that cannot advance raises at the
+    first train-mode forward instead of staying at its start value.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, config: Optional[JointRDConfig] = None,
-                 probe: Optional[torch.Tensor] = None):
+                 probe: Optional[torch.Tensor] = None, num_epochs: int = 0, steps_per_epoch: int = 0):
         super().__init__()
         self.config = config or JointRDConfig()
         self.student = student
@@ -199,6 +206,9 @@ class JointRD(nn.Module):
                 'run over which they fade, e.g. 0.5)' if fading else
                 f'JointRDConfig.shortcut_fade={self.config.shortcut_fade} needs a fading student: build it with '
                 "timm.create_model('plain_<arch>', shortcut_fade=True).")
+        c = self.config
+        self.fade = None if c.shortcut_fade is None else \
+            ShortcutFade(c.shortcut_fade, c.shortcut_fade_window, c.shortcut_fade_power)
         self.num_stages = self.student_stages.num_stages
         if self.config.teacher_mode == 'frozen':
             teacher.requires_grad_(False)
@@ -208,8 +218,8 @@ class JointRD(nn.Module):
             num_classes = student.get_classifier().out_features
             self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes),
                                                DiscriminatorConfig.from_dict(self.config.discriminator))
-        for name in ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs'):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        if num_epochs or steps_per_epoch:
+            self.set_run_length(num_epochs, steps_per_epoch)
         self.train(student.training)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -250,41 +260,45 @@ class JointRD(nn.Module):
             self.teacher.eval()  # a frozen teacher's BN statistics never move
         return self
 
-    def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
-        """Called at the start of every epoch by the runner / torchdistill pre-epoch process."""
-        self.epoch.fill_(epoch)
+    def _needs_progress(self) -> bool:
+        """Whether the forward depends on the progress (a changing eta, a fade, a scheduled discriminator)."""
+        d = self.adversarial.config if self.adversarial is not None else None
+        return self.config.eta_min < 1.0 or self.fade is not None or \
+            (d is not None and bool(d.milestones or d.cosine_epochs))
+
+    def _check_progress(self) -> None:
+        if self.fade is not None or self.config.eta_horizon_fraction is not None:
+            self.require_run_length('the shortcut fade' if self.fade is not None else 'eta_horizon_fraction')
+        elif self._needs_progress() and int(self.steps_per_epoch) <= 0:
+            self.require_run_length('the eta schedule (whose progress is counted in steps)')
+
+    def apply_progress(self) -> None:
         if self.adversarial is not None:
-            self.adversarial.set_epoch(epoch)
-        self.step_in_epoch.zero_()
-        self.steps_per_epoch.fill_(steps_per_epoch)
-        self.num_epochs.fill_(num_epochs)
-        if self.config.shortcut_fade is not None:
-            set_shortcut_scale(self.student, self.shortcut_scale, self.config.shortcut_fade_window)
+            self.adversarial.set_epoch(int(self.epoch))
+        if self.fade is not None and self.knows_run_length:
+            self.fade.apply(self, self.student)
 
     @property
     def shortcut_scale(self) -> Optional[float]:
         """The fading twin's shortcut scale s at this point of training (None without a fade)."""
-        if self.config.shortcut_fade is None:
-            return None
-        return scheduled_scale(self, self.config.shortcut_fade, self.config.shortcut_fade_power)
-
-    @property
-    def progress(self) -> float:
-        """Epochs elapsed, fractional when annealing per step."""
-        progress = float(self.epoch)
-        if self.config.eta_per_step and int(self.steps_per_epoch) > 0:
-            progress += float(self.step_in_epoch) / float(self.steps_per_epoch)
-        return progress
+        return None if self.fade is None else self.fade.scale(self)
 
     @property
     def eta(self) -> float:
         horizon = self.config.eta_horizon
         if self.config.eta_horizon_fraction is not None:
-            if int(self.num_epochs) <= 0:
-                raise RuntimeError('eta_horizon_fraction needs the total number of epochs: call set_epoch(epoch, '
-                                   'steps_per_epoch, num_epochs) before training.')
+            self.require_run_length('eta_horizon_fraction')
             horizon = self.config.eta_horizon_fraction * int(self.num_epochs)
-        return eta_schedule(self.progress, self.config.eta_min, horizon)
+        progress = self.progress if self.config.eta_per_step else float(self.epoch)
+        return eta_schedule(progress, self.config.eta_min, horizon)
+
+    def epoch_metrics(self) -> Dict[str, float]:
+        metrics = {}
+        if self.config.eta_horizon_fraction is None or self.knows_run_length:
+            metrics['eta'] = self.eta
+        if self.fade is not None and self.knows_run_length:
+            metrics['shortcut_scale'] = self.shortcut_scale
+        return metrics
 
     # -- forward ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -318,8 +332,8 @@ class JointRD(nn.Module):
         ``targets`` are given."""
         if not self.training:
             return self.student(x)
-        if self.config.shortcut_fade is not None:
-            set_shortcut_scale(self.student, self.shortcut_scale, self.config.shortcut_fade_window)
+        self._check_progress()
+        self.apply_progress()
         with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
             teacher_logits, teacher_feature = self._teacher_forward(x)
         hs = []
@@ -348,7 +362,7 @@ class JointRD(nn.Module):
         outputs = dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
                        path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
                        teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=eta)
-        self.step_in_epoch += 1  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
+        self.count_step()  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
         if targets is not None:
             outputs.update(self.loss(outputs, targets))
             if self.adversarial is not None:

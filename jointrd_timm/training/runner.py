@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..methods import base as method_api
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -212,8 +213,8 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         trained = box.student_model
     module = unwrap(trained)
     tap = _OutputTap(module)
-    optimizers = dict(model=box.optimizer, **getattr(module, 'extra_optimizers', dict)())
-    schedulers = dict(model=box.lr_scheduler, **getattr(module, 'extra_schedulers', dict)())
+    optimizers = dict(model=box.optimizer, **method_api.extra_optimizers(module))
+    schedulers = dict(model=box.lr_scheduler, **method_api.extra_schedulers(module))
     ckpt_path = out / 'last.safetensors'
     start_epoch = 0
     if resume:
@@ -250,17 +251,12 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
                 correct += int((tap.logits.argmax(1) == targets).sum())
             postfix = dict(loss=f'{loss_sum / seen:.3f}', acc=f'{100 * correct / seen:.1f}',
                            lr=f'{box.optimizer.param_groups[0]["lr"]:.3g}')
-            eta = getattr(module, 'eta', None)
-            if isinstance(eta, float):
-                postfix['eta'] = f'{eta:.3f}'
+            postfix.update((k, f'{v:.3f}') for k, v in method_api.epoch_metrics(module).items())
             bar.set_postfix(postfix)
         box.post_epoch_process()
         record = dict(epoch=epoch + 1, train_loss=loss_sum / max(1, seen), train_acc=100 * correct / max(1, seen),
                       lr=box.optimizer.param_groups[0]['lr'], seconds=round(time.time() - start, 2))
-        for key in ('eta', 'shortcut_scale'):  # JointRD's hybrid weight, a fading twin's shortcut scale
-            value = getattr(module, key, None)
-            if isinstance(value, float):
-                record[key] = value
+        record.update(method_api.epoch_metrics(module))  # e.g. JointRD's eta, a fading twin's shortcut scale
         if box.val_data_loader is not None and ((epoch + 1) % runner['eval_every'] == 0 or epoch + 1 == num_epochs):
             val_accuracy = evaluate(trained, box.val_data_loader, accelerator)
             record['val_acc'] = val_accuracy
@@ -282,12 +278,12 @@ def train(config: Dict, output_dir: Optional[str] = None, resume: bool = False, 
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
         loader = accelerator.prepare(loader)
         final['test_acc'] = evaluate(trained, loader, accelerator)
-        deployed = getattr(module, 'student', module)
+        deployed = method_api.deploy_module(module)
         if has_dirac(deployed) or is_fading(deployed):
             # what is saved and deployed: Dirac folded into plain convs, faded shortcuts removed
             final['test_acc_folded'] = evaluate(deployable(deployed), loader, accelerator)
     if accelerator.is_main_process:
-        deployed = getattr(module, 'student', module)  # JointRD deploys its twin
+        deployed = method_api.deploy_module(module)  # JointRD deploys its twin
         save_trained_model(deployed, out / 'model', metrics=final)
         (out / 'final.json').write_text(json.dumps(final, indent=1))
         accelerator.print(json.dumps(final))

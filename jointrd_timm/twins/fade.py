@@ -8,7 +8,7 @@ trains as well as the residual one. Here every shortcut addition that :func:`mak
 
 with one scale ``s`` shared by all blocks (a non-persistent buffer, so the state dict is the teacher's). ``s = 1``
 is the residual network exactly (a teacher's weights load strictly and give its outputs bit for bit); ``s = 0`` is
-the shortcut-free twin exactly. Training lowers ``s`` from 1 to 0 (:func:`fade_scale`, cosine, like eta); then
+the shortcut-free twin exactly. Training lowers ``s`` from 1 to 0 (the schedule lives with eta's: :mod:`jointrd_timm.methods.fading`); then
 :func:`finish_fade` deletes the scaled shortcuts and the projection modules that fed only them, and the model is
 the twin: the same parameter names as ``timm.create_model('plain_<arch>')``, whose weights it loads strictly.
 
@@ -17,14 +17,14 @@ block's own forward is traced and its shortcut additions rewritten, so every fam
 whatever kind of rule makes its twin.
 
 ``timm.create_model('plain_<arch>', shortcut_fade=True)`` builds a fading twin; ``JointRDConfig.shortcut_fade``
-(or :class:`FadingStudent` for the twin trained alone) drives ``s``; the runner and ``save_trained_model`` deploy
-:func:`deployable` (fade finished, Dirac folded).
+(or ``methods.FadingStudent`` for the twin trained alone) drives ``s``; the runner and ``save_trained_model``
+deploy :func:`deployable` (fade finished, Dirac folded). This module is model surgery only: it sets and reads
+``s``, never decides it.
 """
 import copy
-import math
 import operator
 from functools import lru_cache
-from typing import Optional, Type
+from typing import Optional, Sequence, Type, Union
 
 import torch
 import torch.fx as fx
@@ -36,13 +36,10 @@ from .graph_rule import _is_projection, graph_block, plain_class
 from .rules import get_rule, rules
 from .verify import find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
-__all__ = ['FadingGraphBlock', 'FadingStudent', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale',
-           'block_scales', 'shortcut_scale', 'fade_scale', 'check_fade_power', 'deployable']
+__all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
+           'fading_block_count', 'deployable']
 
 SCALE = 'jointrd_shortcut_scale'
-# the fraction of the run over which the default recipe fades the shortcuts out (benchmarks/recipe_ablation.md:
-# 80 % beat 50 %); the JointRD YAMLs, `jointrd demo` and the ablation's default row all use it
-DEFAULT_SHORTCUT_FADE = 0.8
 
 
 class FadingGraphBlock(fx.GraphModule):
@@ -132,33 +129,23 @@ def is_fading(model: nn.Module) -> bool:
     return any(isinstance(m, FadingGraphBlock) for m in model.modules())
 
 
-def block_scales(value: float, blocks: int, window: float = 1.0) -> list:
-    """Each fading block's own ``s`` when the run's scale is ``value``, blocks in forward order.
-
-    ``window = 1``: every block gets ``value`` (one fade shared by all blocks). ``window < 1``: a *staggered* fade;
-    with fade progress ``t = 1 - value``, block ``i`` of ``n`` fades over its own stretch of length ``window`` that
-    starts at ``(1 - window) * i / (n - 1)``: the first block fades first, the last one last, and at ``value = 0``
-    every block is at 0. DECISION (not in Monti et al., who fade all skips together): in a deep net one shared
-    ``s < 1`` shrinks the shortcut path through N blocks by ``s ** N`` (0.9 ** 54 = 0.004 at depth 110), so the deep
-    twin changes abruptly even early in the fade; staggering lets the blocks drop their shortcuts one group at a
-    time. (The blocks' mean scale is ``value`` only midway; the logged scale is the run's ``value``.)"""
-    if not 0 < window <= 1:
-        raise ValueError(f'the fade window must be in (0, 1] (1: all blocks fade together), got {window}.')
-    if window >= 1 or blocks <= 1:
-        return [float(value)] * blocks
-    t = 1.0 - float(value)
-    return [1.0 - min(max((t - (1.0 - window) * i / (blocks - 1)) / window, 0.0), 1.0) for i in range(blocks)]
-
-
 def _fading_blocks(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FadingGraphBlock)]
 
 
-def set_shortcut_scale(model: nn.Module, value: float, window: float = 1.0) -> None:
-    """Set ``s`` in every fading block of ``model``: ``value`` in each (``window = 1``) or staggered over the
-    blocks (:func:`block_scales`)."""
+def fading_block_count(model: nn.Module) -> int:
+    """How many fading blocks ``model`` has (what a per-block scale list must hold)."""
+    return len(_fading_blocks(model))
+
+
+def set_shortcut_scale(model: nn.Module, value: Union[float, Sequence[float]]) -> None:
+    """Set ``s`` in the fading blocks of ``model``: one ``value`` for every block, or one per block in forward
+    order (a staggered fade, ``methods.schedules.block_scales``)."""
     blocks = _fading_blocks(model)
-    for block, scale in zip(blocks, block_scales(value, len(blocks), window)):
+    values = [float(value)] * len(blocks) if isinstance(value, (int, float)) else list(value)
+    if len(values) != len(blocks):
+        raise ValueError(f'{len(values)} shortcut scales given for {len(blocks)} fading blocks.')
+    for block, scale in zip(blocks, values):
         getattr(block, SCALE).fill_(scale)
 
 
@@ -169,31 +156,6 @@ def shortcut_scale(model: nn.Module) -> Optional[float]:
     if not blocks:
         return None
     return sum(float(getattr(b, SCALE)) for b in blocks) / len(blocks)
-
-
-def check_fade_power(power: float) -> float:
-    """``power`` as a float, or a ValueError saying what a fade power must be."""
-    if not (isinstance(power, (int, float)) and not isinstance(power, bool) and math.isfinite(power) and power > 0):
-        raise ValueError(f'shortcut_fade_power must be a finite number > 0 (1: the cosine fade itself; 0.5: its '
-                         f'square root, for a twin twice as deep as the one the fade was tuned on), got {power!r}.')
-    return float(power)
-
-
-def fade_scale(progress: float, horizon: float, power: float = 1.0) -> float:
-    """``s`` after ``progress`` epochs: cosine from 1 to 0 over ``horizon`` epochs, then 0 (DECISION: the eta
-    schedule's shape, ``methods.schedules.eta_schedule`` with eta_min 0; Monti et al. lower it by their own
-    rule, not a fixed schedule), raised to ``power``.
-
-    ``power`` (DECISION, depth matching): a stage of N blocks passes its input along its shortcut path scaled by
-    ``s ** N``, so the same ``s`` removes that path much sooner in a deeper twin (0.85 ** 9 = 0.23 at resnet56,
-    0.85 ** 18 = 0.05 at resnet110). ``power = N_ref / N`` gives a twin with N blocks per stage the shortcut-path
-    weights of the depth the schedule was tuned at (resnet56: 9 blocks per stage; 0.5 for resnet110). Any power
-    keeps s = 1 at the start and s = 0 from the horizon on. Measured at resnet110 (benchmarks/results/
-    recipe_ablation_resnet110.md): 0.5 was worse than 1 (the shortcuts go late, when the lr is low)."""
-    power = check_fade_power(power)
-    if horizon <= 0 or progress >= horizon:
-        return 0.0
-    return float((1.0 + math.cos(math.pi * max(progress, 0.0) / horizon)) / 2.0) ** power
 
 
 def _is_fade(node: fx.Node) -> bool:
@@ -250,65 +212,3 @@ def deployable(model: nn.Module) -> nn.Module:
         return model
     model = copy.deepcopy(model)
     return fold_dirac(finish_fade(model))
-
-
-class FadingStudent(nn.Module):
-    """A fading twin trained alone (cross-entropy): ``forward`` is the twin's, with ``s`` set from the training
-    progress first (per step). ``student`` is what gets deployed (the runner reads it).
-
-    Args:
-        student: a fading twin (``timm.create_model('plain_<arch>', shortcut_fade=True)``).
-        shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0.
-        window: 1 (default): all blocks fade together; < 1: staggered, each block over this share of the fade
-            (:func:`block_scales`).
-        power: the cosine fade raised to this power (:func:`fade_scale`; 1: the cosine itself).
-    """
-
-    def __init__(self, student: nn.Module, shortcut_fade: float, window: float = 1.0, power: float = 1.0):
-        super().__init__()
-        if not is_fading(student):
-            raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
-                             "timm.create_model('plain_<arch>', shortcut_fade=True).")
-        if not 0 < shortcut_fade <= 1:
-            raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run), got {shortcut_fade}.')
-        block_scales(1.0, 1, window)  # validates the window
-        self.student = student
-        self.fraction = shortcut_fade
-        self.window = window
-        self.power = check_fade_power(power)
-        for name in ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs'):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
-
-    def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
-        self.epoch.fill_(epoch)
-        self.step_in_epoch.zero_()
-        self.steps_per_epoch.fill_(steps_per_epoch)
-        self.num_epochs.fill_(num_epochs)
-        set_shortcut_scale(self.student, self.shortcut_scale, self.window)
-
-    @property
-    def shortcut_scale(self) -> float:
-        return scheduled_scale(self, self.fraction, self.power)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            set_shortcut_scale(self.student, self.shortcut_scale, self.window)
-            self.step_in_epoch += 1
-        return self.student(x)
-
-
-def scheduled_scale(module: nn.Module, fraction: float, power: float = 1.0) -> float:
-    """``s`` for a module with JointRD's progress buffers (epoch, step_in_epoch, steps_per_epoch, num_epochs).
-
-    DECISION: the fade ends at the last training step at the latest (horizon capped at the last step's progress),
-    so that a run always finishes at ``s = 0`` and its twin can be deployed, whatever the fraction (1.0 included)
-    and however few steps an epoch has."""
-    if int(module.num_epochs) <= 0:
-        raise RuntimeError('The shortcut fade needs the run length: call set_epoch(epoch, steps_per_epoch, '
-                           'num_epochs) before training (the runner\'s jointrd_pre_epoch_process does).')
-    progress = float(module.epoch)
-    horizon = fraction * int(module.num_epochs)
-    if int(module.steps_per_epoch) > 0:
-        progress += float(module.step_in_epoch) / float(module.steps_per_epoch)
-        horizon = min(horizon, int(module.num_epochs) - 1.0 / float(module.steps_per_epoch))
-    return fade_scale(progress, horizon, power)

@@ -1,0 +1,159 @@
+"""The training interface: what a runner may rely on in a method module, implemented once.
+
+Every method module (:class:`~jointrd_timm.methods.JointRD`, :class:`~jointrd_timm.methods.FadingStudent`, the
+adversarial methods) is a :class:`TrainingMethod`. A runner (ours, torchdistill's boxes through
+``jointrd_pre_epoch_process``, or a plain PyTorch loop) relies on exactly this:
+
+* **progress**: ``set_epoch(epoch, steps_per_epoch, num_epochs)`` at the start of each epoch, or the run length
+  given once (``set_run_length`` / the ``num_epochs`` and ``steps_per_epoch`` arguments of the method), after
+  which the module counts its own training steps: every train-mode forward is one step, and an epoch ends after
+  ``steps_per_epoch`` of them. A method whose schedule needs the run length (a fraction of the run) raises a clear
+  error at its first train-mode forward when it was never given; a schedule never silently stays constant.
+  ``progress`` is in epochs (fractional). The counters are persistent buffers, so a checkpoint (``state_dict``)
+  holds them, and whatever they decide in the forward (the fade scale) is recomputed on ``load_state_dict``.
+* ``deploy_module()``: the module that is evaluated, saved and exported at the end (the twin).
+* ``extra_optimizers()`` / ``extra_schedulers()``: optimisers the module steps itself (a discriminator's), by name,
+  so a runner checkpoints and restores them with its own.
+* ``epoch_metrics()``: floats worth logging once per epoch (eta, the shortcut scale).
+
+Plain modules (a timm model trained with cross-entropy) are trained too: the functions at the bottom give their
+defaults (:func:`deploy_module` of a plain module is the module itself, no extra optimisers, no metrics).
+
+DECISION (the adversarial methods): the discriminator's step stays inside the train-mode ``forward`` (D first, then
+the student's loss against the updated D), so any torchdistill box, torchdistill's own example script and a plain
+loop train these modules with one ``loss.backward(); optimizer.step()`` and no extra call; its optimiser is
+declared through ``extra_optimizers()`` so that checkpoints hold it.
+"""
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+__all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
+           'epoch_metrics', 'start_epoch']
+
+PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
+
+
+class RunLengthError(RuntimeError):
+    """A schedule that is a fraction of the run was asked for before the run length was known."""
+
+
+class TrainingMethod(nn.Module):
+    """Base of the method modules: progress counters, the module to deploy, extra optimisers, epoch metrics.
+
+    Subclasses call ``super().__init__(num_epochs, steps_per_epoch)`` and override :meth:`apply_progress` when
+    progress decides something in their forward (called after every progress change and after a state-dict load).
+    """
+
+    def __init__(self, num_epochs: int = 0, steps_per_epoch: int = 0):
+        super().__init__()
+        for name in PROGRESS_BUFFERS:
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        if num_epochs or steps_per_epoch:
+            self.set_run_length(num_epochs, steps_per_epoch)
+        self.register_load_state_dict_post_hook(_reapply_progress)
+
+    # -- progress ---------------------------------------------------------------------------------------------------
+    def set_run_length(self, num_epochs: int, steps_per_epoch: int) -> None:
+        """The run's length: ``num_epochs`` epochs of ``steps_per_epoch`` training steps (forwards in train mode)."""
+        for name, value in (('num_epochs', num_epochs), ('steps_per_epoch', steps_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{type(self).__name__}: {name} must be a positive integer, got {value!r}.')
+        self.num_epochs.fill_(num_epochs)
+        self.steps_per_epoch.fill_(steps_per_epoch)
+        self.apply_progress()
+
+    def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
+        """Start of epoch ``epoch`` (0-based); the runner also passes the run length (0: keep the one given)."""
+        self.epoch.fill_(epoch)
+        self.step_in_epoch.zero_()
+        if steps_per_epoch:
+            self.steps_per_epoch.fill_(steps_per_epoch)
+        if num_epochs:
+            self.num_epochs.fill_(num_epochs)
+        self.apply_progress()
+
+    @property
+    def knows_run_length(self) -> bool:
+        return int(self.num_epochs) > 0
+
+    @property
+    def progress(self) -> float:
+        """Epochs elapsed, fractional within an epoch when the steps per epoch are known."""
+        progress = float(self.epoch)
+        if int(self.steps_per_epoch) > 0:
+            progress += float(self.step_in_epoch) / float(self.steps_per_epoch)
+        return progress
+
+    def count_step(self) -> None:
+        """One training step done (called at the end of the train-mode forward, which applies the progress at its
+        start); rolls over to the next epoch after ``steps_per_epoch`` steps, so a loop that never calls
+        :meth:`set_epoch` still advances."""
+        self.step_in_epoch += 1
+        steps = int(self.steps_per_epoch)
+        if steps > 0 and int(self.step_in_epoch) >= steps:
+            self.epoch += 1
+            self.step_in_epoch.zero_()
+
+    def require_run_length(self, what: str) -> None:
+        """Raise :class:`RunLengthError` naming ``what`` needs it, unless the run length is known."""
+        if not self.knows_run_length:
+            raise RunLengthError(
+                f'{type(self).__name__}: {what} is a fraction of the run, so the run length must be known before '
+                'training: pass num_epochs and steps_per_epoch when building the module (or call '
+                'set_run_length(num_epochs, steps_per_epoch)), or call set_epoch(epoch, steps_per_epoch, '
+                'num_epochs) at the start of every epoch (the runner and jointrd_pre_epoch_process do).')
+
+    def apply_progress(self) -> None:
+        """Set whatever the progress decides in the forward (no-op here)."""
+
+    # -- what the runner reads --------------------------------------------------------------------------------------
+    def deploy_module(self) -> nn.Module:
+        """The module to evaluate, save and export at the end: the twin (``self.student``)."""
+        return self.student
+
+    def extra_optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def extra_schedulers(self) -> Dict[str, object]:
+        return {}
+
+    def epoch_metrics(self) -> Dict[str, float]:
+        return {}
+
+
+def _reapply_progress(module: TrainingMethod, incompatible_keys) -> None:
+    module.apply_progress()
+
+
+def _method(module: nn.Module) -> Optional[TrainingMethod]:
+    return module if isinstance(module, TrainingMethod) else None
+
+
+def deploy_module(module: nn.Module) -> nn.Module:
+    """What a runner evaluates and saves for ``module``: a method's twin, or the plain module itself."""
+    method = _method(module)
+    return method.deploy_module() if method is not None else module
+
+
+def extra_optimizers(module: nn.Module) -> Dict[str, torch.optim.Optimizer]:
+    method = _method(module)
+    return method.extra_optimizers() if method is not None else {}
+
+
+def extra_schedulers(module: nn.Module) -> Dict[str, object]:
+    method = _method(module)
+    return method.extra_schedulers() if method is not None else {}
+
+
+def epoch_metrics(module: nn.Module) -> Dict[str, float]:
+    method = _method(module)
+    return method.epoch_metrics() if method is not None else {}
+
+
+def start_epoch(module: nn.Module, epoch: int, steps_per_epoch: int, num_epochs: int) -> None:
+    """Tell ``module`` an epoch starts (a no-op for plain modules)."""
+    method = _method(module)
+    if method is not None:
+        method.set_epoch(epoch, steps_per_epoch, num_epochs)

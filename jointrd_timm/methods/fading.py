@@ -1,0 +1,95 @@
+"""Shortcut fading as a training schedule (Monti, Tootoonian & Cao, ICANN 2018): the scale ``s`` of a fading
+twin's shortcuts (:mod:`jointrd_timm.twins.fade`, the model surgery) follows the run's progress, and
+:class:`FadingStudent` trains such a twin alone with cross-entropy. JointRD fades its student with the same
+:class:`ShortcutFade`."""
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .base import TrainingMethod
+from .schedules import block_scales, capped_fade_horizon, check_fade_power, fade_scale
+from ..twins.fade import fading_block_count, is_fading, set_shortcut_scale
+
+__all__ = ['ShortcutFade', 'FadingStudent']
+
+
+class ShortcutFade:
+    """The fade of one run: ``s`` from 1 to 0 over ``fraction`` of it (:func:`~.schedules.fade_scale`, horizon capped
+    at the last step), each block staggered by ``window`` (:func:`~.schedules.block_scales`), raised to ``power``."""
+
+    def __init__(self, fraction: float, window: float = 1.0, power: float = 1.0):
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run over which the shortcuts fade), '
+                             f'got {fraction!r}.')
+        block_scales(1.0, 1, window)  # validates the window
+        self.fraction, self.window, self.power = float(fraction), float(window), check_fade_power(power)
+
+    def scale(self, method: TrainingMethod) -> float:
+        """``s`` at ``method``'s progress."""
+        method.require_run_length('the shortcut fade')
+        horizon = capped_fade_horizon(self.fraction, int(method.num_epochs), int(method.steps_per_epoch))
+        return fade_scale(method.progress, horizon, self.power)
+
+    def apply(self, method: TrainingMethod, model: nn.Module) -> float:
+        """Set ``s`` (staggered per block) in ``model``'s fading blocks; returns the run's ``s``."""
+        value = self.scale(method)
+        set_shortcut_scale(model, block_scales(value, fading_block_count(model), self.window))
+        return value
+
+
+class FadingStudent(TrainingMethod):
+    """A fading twin trained alone (cross-entropy): ``forward`` is the twin's, with ``s`` set from the training
+    progress first (per step). ``student`` is what gets deployed.
+
+    Args:
+        student: a fading twin (``timm.create_model('plain_<arch>', shortcut_fade=True)``).
+        shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0.
+        window: 1 (default): all blocks fade together; < 1: staggered, each block over this share of the fade.
+        power: the cosine fade raised to this power (1: the cosine itself).
+        num_epochs, steps_per_epoch: the run length, for a loop that does not call ``set_epoch`` (see
+            :mod:`~jointrd_timm.methods.base`).
+    """
+
+    def __init__(self, student: nn.Module, shortcut_fade: float, window: float = 1.0, power: float = 1.0,
+                 num_epochs: int = 0, steps_per_epoch: int = 0):
+        if not is_fading(student):
+            raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
+                             "timm.create_model('plain_<arch>', shortcut_fade=True).")
+        fade = ShortcutFade(shortcut_fade, window, power)
+        super().__init__()
+        self.student = student
+        self.fade = fade
+        if num_epochs or steps_per_epoch:
+            self.set_run_length(num_epochs, steps_per_epoch)
+
+    @property
+    def fraction(self) -> float:
+        return self.fade.fraction
+
+    @property
+    def window(self) -> float:
+        return self.fade.window
+
+    @property
+    def power(self) -> float:
+        return self.fade.power
+
+    @property
+    def shortcut_scale(self) -> float:
+        return self.fade.scale(self)
+
+    def apply_progress(self) -> None:
+        if self.knows_run_length:
+            self.fade.apply(self, self.student)
+
+    def epoch_metrics(self) -> Dict[str, float]:
+        return dict(shortcut_scale=self.shortcut_scale) if self.knows_run_length else {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.fade.apply(self, self.student)
+            out = self.student(x)
+            self.count_step()
+            return out
+        return self.student(x)
