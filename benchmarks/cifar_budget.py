@@ -76,11 +76,11 @@ def cifar_splits(args, seed: int):
     """(train subset, held-out validation split of train, full test set), seeded."""
     from jointrd_timm.training.data import load_image_dataset
     fraction = args.val_size / 50000
-    train_set = load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
+    train_set = load_image_dataset(args.data, 'train', transform='cifar', validation_fraction=fraction, part='train',
                                    limit=args.train_size, seed=seed)
-    val_set = load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
+    val_set = load_image_dataset(args.data, 'train', transform='cifar', train=False, validation_fraction=fraction,
                                  part='val', seed=seed)
-    return train_set, val_set, load_image_dataset(args.data, 'test', recipe='cifar')
+    return train_set, val_set, load_image_dataset(args.data, 'test', transform='cifar')
 
 
 def command_line(script: str, args) -> str:

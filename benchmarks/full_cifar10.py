@@ -19,13 +19,14 @@ Outputs: ``benchmarks/results/<name>.{json,md,png}``, the command recorded.
 """
 import argparse
 import json
-import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, finished
+from cifar_budget import ROOT, finished, read_run
+from report import pyplot, write_report
 
 ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control')
 
@@ -52,11 +53,11 @@ def splits(args):
     """(train: 50,000 less the held-out validation split, validation split, the 10,000 test images), seeded."""
     from jointrd_timm.training.data import load_image_dataset
     fraction = args.val_size / 50000
-    train = load_image_dataset(args.data, 'train', recipe='cifar', validation_fraction=fraction, part='train',
+    train = load_image_dataset(args.data, 'train', transform='cifar', validation_fraction=fraction, part='train',
                                seed=args.seed)
-    val = load_image_dataset(args.data, 'train', recipe='cifar', train=False, validation_fraction=fraction,
+    val = load_image_dataset(args.data, 'train', transform='cifar', train=False, validation_fraction=fraction,
                              part='val', seed=args.seed)
-    return train, val, load_image_dataset(args.data, 'test', recipe='cifar')
+    return train, val, load_image_dataset(args.data, 'test', transform='cifar')
 
 
 def run(folder: Path, config: dict) -> None:
@@ -71,20 +72,104 @@ def run(folder: Path, config: dict) -> None:
     train(config, output_dir=str(folder), resume=resume)
 
 
+def twin_epochs(args, fraction: float) -> int:
+    return max(1, round(fraction * args.teacher_epochs))
+
+
+def run_specs(args, work: Path):
+    """(row, epochs, folder, method, torchdistill model config) of every run, in run order: the teacher, then for
+    each fraction the twin with JointRD, the twin alone and the control."""
+    from jointrd_timm.recipes import recipe_for
+    recipe = recipe_for(args.arch)
+    teacher_ckpt = str(work / 'teacher' / 'model')
+    specs = [('teacher', args.teacher_epochs, work / 'teacher', 'ce',
+              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)))]
+    for fraction in args.fractions:
+        epochs = twin_epochs(args, fraction)
+        specs += [
+            ('twin + JointRD', epochs, work / f'twin-jointrd-e{epochs}', 'jointrd',
+             recipe.jointrd_model(args.arch, teacher_ckpt, num_classes=10)),
+            ('twin alone', epochs, work / f'twin-alone-e{epochs}', 'ce',
+             recipe.twin_alone_model(args.arch, teacher_ckpt, num_classes=10)),
+            ('control', epochs, work / f'control-e{epochs}', 'ce',
+             dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt))),
+        ]
+    return recipe, specs
+
+
 def main():
     args = parser().parse_args()
     torch.set_num_threads(args.threads)
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
     work = Path(args.work_dir) / args.arch
-    data = splits(args)
-    common = dict(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
-                  seed=args.seed, val_set=data[1])
-    if 'teacher' in args.rows:
-        model = dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10))
-        start = time.time()
-        run(work / 'teacher', make_config(data[0], data[2], model, 'ce', **common))
-        print(f'teacher: {time.time() - start:.0f} s', flush=True)
+    recipe, specs = run_specs(args, work)
+    if not args.report_only:
+        data = splits(args)
+        for row, epochs, folder, method, model in specs:
+            if row not in args.rows:
+                continue
+            if row != 'teacher' and not finished(work / 'teacher'):
+                print(f'{row}: waits for the teacher ({work / "teacher"} has not finished)', flush=True)
+                continue
+            start = time.time()
+            run(folder, make_config(data[0], data[2], model, method, epochs=epochs, batch_size=args.batch_size,
+                                    lr=args.lr, weight_decay=5e-4, seed=args.seed, val_set=data[1]))
+            print(f'{row}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
+    report(args, recipe, specs)
+
+
+def report(args, recipe, specs) -> None:
+    """The record, page and plot from every finished run (an unfinished one is listed with its epochs done)."""
+    runs = []
+    for row, epochs, folder, method, _ in specs:
+        entry = dict(row=row, epochs=epochs, folder=folder.name)
+        curve_path = folder / 'metrics.jsonl'
+        curve = [json.loads(x) for x in curve_path.read_text().splitlines()] if curve_path.is_file() else []
+        entry['epochs_done'] = len({c['epoch'] for c in curve})
+        entry['resumes'] = int((folder / 'resumes.txt').read_text()) if (folder / 'resumes.txt').is_file() else 0
+        if curve:
+            entry['seconds_per_epoch'] = round(statistics.median(c['seconds'] for c in curve), 1)
+        if finished(folder):
+            final, _ = read_run(folder)
+            entry['test_acc'] = final.get('test_acc_folded', final['test_acc'])
+            entry['val_acc'] = final.get('val_acc')
+        runs.append(entry)
+    teacher = runs[0].get('test_acc')
+    record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs,
+                            fractions=args.fractions, data='CIFAR-10: 50,000 training images less a held-out '
+                            f'validation split of {args.val_size} (seed {args.seed}); the 10,000 test images',
+                            budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run, '
+                                   'weight decay 5e-4'), runs=runs)
+    lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
+             f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
+             'model (nothing selected on test). The teacher trains first; every other run starts from its weights '
+             '(the twins through their recipe: teacher init + shortcut fade; the control is the residual teacher '
+             'trained again for the same epochs, equal compute).', '',
+             '| run | epochs | test acc % | vs teacher | s / epoch (median) | epochs done | resumed |',
+             '|---|---|---|---|---|---|---|']
+    for r in runs:
+        acc = f'{r["test_acc"]:.2f}' if 'test_acc' in r else 'not finished'
+        vs = f'{r["test_acc"] - teacher:+.2f}' if 'test_acc' in r and teacher is not None and r['row'] != 'teacher' \
+            else ''
+        lines.append(f'| {r["row"]} | {r["epochs"]} | {acc} | {vs} | {r.get("seconds_per_epoch", "")} | '
+                     f'{r["epochs_done"]} of {r["epochs"]} | {r["resumes"]} |')
+
+    def plot(path):
+        plt = pyplot()
+        done = [r for r in runs if 'test_acc' in r]
+        fig, ax = plt.subplots(figsize=(7, 0.5 * max(1, len(done)) + 1.5))
+        ax.barh([f'{r["row"]} ({r["epochs"]} ep)' for r in done], [r['test_acc'] for r in done], color='#55a868')
+        if teacher is not None:
+            ax.axvline(teacher, color='#4c72b0', ls='--', label=f'teacher {teacher:.2f} %')
+            ax.legend(fontsize=8, loc='lower right')
+        ax.invert_yaxis()
+        ax.set_xlabel('last-epoch test accuracy (%)')
+        ax.set_title(f'{args.arch} -> plain_{args.arch}, full CIFAR-10', fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120, format='png')
+        plt.close(fig)
+    write_report(f'{args.name}_{args.arch}', record, lines, plot)
 
 
 if __name__ == '__main__':

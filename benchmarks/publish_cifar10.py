@@ -24,7 +24,7 @@ def main():
     work = ROOT / 'benchmarks/work' / args.name
     common = dict(dataset='CIFAR-10 (Krizhevsky 2009; uoft-cs/cifar10 layout)', hf_dataset='uoft-cs/cifar10',
                   num_classes=10, license='apache-2.0',
-                  eval=dict(dataset='uoft-cs/cifar10 or ../shared/datasets/cifar10', split='test', recipe='cifar'))
+                  eval=dict(dataset='uoft-cs/cifar10 or ../shared/datasets/cifar10', split='test', transform='cifar'))
     training = dict(command=recorded['meta']['command'], budget=recorded['meta']['budget'],
                     source=f'benchmarks/results/{args.name}.json')
     entries = [

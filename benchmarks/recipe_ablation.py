@@ -32,20 +32,21 @@ from pathlib import Path
 
 import torch
 
+from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD
 from jointrd_timm.training.checkpoint import atomic_write
-from jointrd_timm.twins.fade import DEFAULT_SHORTCUT_FADE
 from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
                           finished, read_run)
 
-DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # the recipe of yamls/ and `jointrd demo`
-JOINTRD_REFERENCE = dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0)
+DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'  # jointrd_timm.recipes.DEFAULT_RECIPE
+JOINTRD_REFERENCE = dict(REFERENCE_JOINTRD)
+DEFAULT_SHORTCUT_FADE = DEFAULT_RECIPE.shortcut_fade
 
 
 def default_with(**fields):
-    """The default recipe's row (JointRD, fading twin started from the teacher, fade over 80 %) with ``fields`` of
-    JointRDConfig changed (``shortcut_fade`` included)."""
-    return ('jointrd', dict(shortcut_fade=True), {**JOINTRD_REFERENCE, 'shortcut_fade': DEFAULT_SHORTCUT_FADE, **fields},
-            dict(init_student_from_teacher=True))
+    """The row of ``DEFAULT_RECIPE.replace(**fields)`` (recipe or JointRDConfig fields): JointRD, the fading twin
+    started from the teacher."""
+    recipe = DEFAULT_RECIPE.replace(**fields)
+    return ('jointrd', recipe.twin_kwargs(), recipe.jointrd_fields(), dict(init_student_from_teacher=True))
 
 
 def rows_spec():

@@ -106,7 +106,7 @@ def _push(args) -> int:
 def _eval(args) -> int:
     from .integrations.hub import evaluate_model, load_model
     channels = 1 if args.dataset == 'sklearn:digits' else 3
-    kwargs = dict(recipe='tensor', input_size=8, channels=1) if channels == 1 else dict(recipe=args.recipe)
+    kwargs = dict(transform='tensor', input_size=8, channels=1) if channels == 1 else dict(transform=args.transform)
     if args.image_column:
         kwargs['image_column'] = args.image_column
     result = evaluate_model(load_model(args.model), args.dataset, args.split, **kwargs)
@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('demo', help='teacher, twin alone, twin with JointRD on an embedded dataset; table + plot')
     p.add_argument('--dataset', default='sklearn:digits', help='any dataset the runner takes (default: sklearn:digits)')
     p.add_argument('--output-dir', default='runs/demo')
-    p.add_argument('--recipe', choices=('fade', 'dirac', 'reference'), default='fade',
-                   help='twin recipe: fade (default: start from the teacher, fade its shortcuts out), dirac '
-                        '(Dirac-parametrised convs from scratch), reference (JointRD reference, plain convs)')
+    p.add_argument('--recipe', default='default',
+                   help='twin recipe (jointrd_timm.recipes.RECIPES): default (start from the teacher, fade its '
+                        'shortcuts out), dirac (Dirac-parametrised convs from scratch), reference (JointRD reference, '
+                        'plain convs)')
     p.add_argument('--epochs', type=int, default=None, help='epochs per run (default: fits 5 minutes on 2 cores)')
     p.add_argument('--limit', type=int, default=None, help='train images per run (a quick smoke run; default all)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)
@@ -194,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', help='registry tag, hf-hub:..., local-dir:..., or a folder')
     p.add_argument('--dataset', required=True, help='Hub id, local Hub-layout folder, image folder, sklearn:digits')
     p.add_argument('--split', default='test')
-    p.add_argument('--recipe', default='cifar', choices=('cifar', 'imagenet', 'tensor'))
+    p.add_argument('--transform', '--recipe', dest='transform', default='cifar', choices=('cifar', 'imagenet', 'tensor'),
+                   help='evaluation transform (--recipe: its former name)')
     p.add_argument('--image-column', default=None)
     p.set_defaults(func=_eval)
     return parser

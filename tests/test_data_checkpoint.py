@@ -19,7 +19,7 @@ def test_image_folder(tmp_path):
         (tmp_path / f'c{c}').mkdir()
         for i, img in enumerate(_images(2)):
             img.save(tmp_path / f'c{c}' / f'{i}.png')
-    ds = load_image_dataset(str(tmp_path), 'train', recipe='tensor', input_size=8, image_column='image')
+    ds = load_image_dataset(str(tmp_path), 'train', transform='tensor', input_size=8, image_column='image')
     assert len(ds) == 6 and ds.num_classes == 3
     x, y = ds[0]
     assert x.shape == (3, 8, 8) and y in (0, 1, 2)
@@ -32,7 +32,7 @@ def test_hub_layout_parquet_folder_and_heldout_split(tmp_path):
         data = datasets.Dataset.from_dict({'picture': _images(n), 'cls': [i % 4 for i in range(n)]}, features=features)
         (tmp_path / 'data').mkdir(exist_ok=True)
         data.to_parquet(str(tmp_path / 'data' / f'{split}-00000-of-00001.parquet'))
-    kwargs = dict(recipe='cifar', input_size=8, image_column='picture', label_column='cls')
+    kwargs = dict(transform='cifar', input_size=8, image_column='picture', label_column='cls')
     test = load_image_dataset(str(tmp_path), 'test', **kwargs)
     assert len(test) == 8 and test[0][0].shape == (3, 8, 8)
     train = load_image_dataset(str(tmp_path), 'train', validation_fraction=0.25, part='train', **kwargs)

@@ -13,12 +13,12 @@ def test_demo_default_recipe_trains_fading_twins_and_deploys_them_without_shortc
     torch.manual_seed(0)
     summary = run_demo(dataset='sklearn:digits', output_dir=str(tmp_path), epochs=1, device='cpu',
                        arch='resnet20_cifar', limit=256, latency_repeats=5)
-    assert summary['recipe'] == 'fade'
+    assert summary['recipe'] == 'default'
     assert set(summary['results']) == {'teacher', 'twin alone', 'twin + JointRD'}
     for name in ('summary.json', 'summary.md', 'summary.png'):
         assert (tmp_path / name).stat().st_size > 0
-    assert 'Twin recipe `fade`' in (tmp_path / 'summary.md').read_text()
-    assert json.loads((tmp_path / 'summary.json').read_text())['recipe'] == 'fade'
+    assert 'Twin recipe `default`' in (tmp_path / 'summary.md').read_text()
+    assert json.loads((tmp_path / 'summary.json').read_text())['recipe'] == 'default'
     for run in ('twin-alone', 'twin-jointrd'):
         # both twins got the same ingredients: shortcuts faded to 0 during the run, saved without them
         records = (tmp_path / run / 'metrics.jsonl').read_text().splitlines()
@@ -35,6 +35,6 @@ def test_demo_default_recipe_trains_fading_twins_and_deploys_them_without_shortc
 
 
 def test_demo_refuses_an_unknown_recipe_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown demo recipe 'fast'.*'dirac', 'fade', 'reference'"):
+    with pytest.raises(ValueError, match=r"Unknown recipe 'fast'; recipes: .*'default'.*'dirac'.*'reference'"):
         run_demo(dataset='sklearn:digits', output_dir=str(tmp_path / 'demo'), epochs=1, recipe='fast')
     assert not (tmp_path / 'demo' / 'teacher').exists()

@@ -162,8 +162,14 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
     def jointrd(name):
         fields = yaml.load(committed[name], Loader)['models']['model']['kwargs']['jointrd']
         return JointRDConfig.from_dict({k: v for k, v in fields.items() if v is not None})
-    for dataset in ('cifar10', 'cifar100'):
+    from jointrd_timm.recipes import DEFAULT_RECIPE, SCHEDULES, recipe_for
+    for dataset, schedule in (('cifar10', 'cifar'), ('cifar100', 'cifar'), ('imagenet', 'imagenet')):
+        for arch in generate.ARCHS[dataset]:
+            # every JointRD YAML runs its architecture's recommended recipe on its dataset's reference schedule
+            expected = recipe_for(arch).jointrd_config(SCHEDULES[schedule].jointrd)
+            assert jointrd(f'{dataset}/jointrd-{arch.replace("_cifar", "")}.yaml') == expected, (dataset, arch)
+    for dataset in ('cifar10', 'cifar100'):  # the measured per-architecture choices
         assert jointrd(f'{dataset}/jointrd-resnet18.yaml').loss_normalization == 'none'
         deep = jointrd(f'{dataset}/jointrd-resnet110.yaml')
         assert (deep.eta_min, deep.teacher_mode) == (1.0, 'joint')
-        assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == JointRDConfig(shortcut_fade=0.8)
+        assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == DEFAULT_RECIPE.jointrd_config()

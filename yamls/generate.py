@@ -3,66 +3,43 @@
     python yamls/generate.py
 
 Methods: ``ce`` (residual teacher, cross-entropy), ``plain`` (the twin alone, same recipe and ingredients),
-``jointrd`` (the twin with JointRD from the ``ce`` run's teacher). Hyperparameters are the JointRD reference's
-(jointrd-method.md), plus our default recipe from benchmarks/results/recipe_ablation.md: the twin starts from the
-teacher's weights as a *fading* twin (every shortcut it drops scaled by s, s = 1 -> 0 over the first 80 % of the run,
-Monti et al. 2018) and is saved with the shortcuts removed. The ``plain`` baseline gets the same ingredients
-(fading_model from the same teacher) so that the ``jointrd`` - ``plain`` difference is what JointRD itself adds.
-``shortcut_fade: None`` and ``init_from_teacher: False`` give the reference recipe (``dirac: True`` its Dirac
-variant, our earlier default; do not combine it with teacher initialisation: the identity it adds to every conv
-makes the initialised twin differ from the teacher, and the run collapsed, see the ablation).
+``jointrd`` (the twin with JointRD from the ``ce`` run's teacher). Everything about training comes from
+:mod:`jointrd_timm.recipes`: the schedule of the dataset (``SCHEDULES``: the JointRD reference's hyperparameters
+and eta) and the recommended recipe of the architecture (``recipe_for``: the default, or the per-architecture choice
+that was measured better). This file only knows where the data is (``DATASETS``) and how a YAML is laid out.
 """
 from pathlib import Path
 
-from jointrd_timm.twins.fade import DEFAULT_SHORTCUT_FADE
+from jointrd_timm.recipes import SCHEDULES, recipe_for
 
 HERE = Path(__file__).parent
 
-RECIPES = {
+# where each dataset is and how it is read; ``schedule`` names its training hyperparameters in jointrd_timm.recipes
+DATASETS = {
     'cifar10': dict(root='../shared/datasets/cifar10', image_column='img', label_column='label', num_classes=10,
-                    test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
-                    milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                    feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                    shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='stages', teacher_mode='frozen',
-                    workers=2),
+                    test_split='test', transform='cifar', input_size=32, workers=2, schedule='cifar'),
     'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
-                     test_split='test', recipe='cifar', input_size=32, epochs=200, batch=128, lr=0.1,
-                     milestones='[100, 150]', step_size=None, weight_decay=5e-4, eta_min=0.5, eta_horizon=60,
-                     feature_loss_weight=0.0, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                     shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='stages', teacher_mode='frozen',
-                     workers=2),
+                     test_split='test', transform='cifar', input_size=32, workers=2, schedule='cifar'),
     'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
-                     test_split='validation', recipe='imagenet', input_size=224, epochs=120, batch=512, lr=0.2,
-                     milestones='[30, 60, 90]', step_size=30, weight_decay=1e-4, eta_min=0.005, eta_horizon=60,
-                     feature_loss_weight=1e-4, dirac=False, kd_weight=0.0, init_from_teacher=True,
-                     shortcut_fade=DEFAULT_SHORTCUT_FADE, loss_normalization='stages', teacher_mode='frozen',
-                     workers=8),
+                     test_split='validation', transform='imagenet', input_size=224, workers=8, schedule='imagenet'),
 }
-# per-architecture changes to the dataset's recipe, each measured:
-# - at depth 110 the hybrid paths at full weight all run (eta_min 1: 41.08 %, 4 runs) beat the reference eta 1 -> 0.5
-#   (37.31 %, 3 runs; +6.47 and +1.42 matched) at the CPU budget, while at depth 56 they did not (-4.96 and +0.49
-#   matched, recipe_ablation.md; benchmarks/results/recipe_ablation_resnet110.md); with them, a teacher that keeps
-#   training on its own CE (teacher_mode joint: 43.73 %, 2 runs) beat the frozen one (+1.98 and +5.04 matched), at
-#   1.9x the cost per epoch
-# - at ResNet-18-CIFAR the loss not divided by the n = 4 stages (the twin's own CE at weight 1: 55.91 %) beat the
-#   reference 1/n (51.55 %; +6.06 and +2.66 matched), while at depth 56 it lost 8.87 points (-8.35 and -9.38
-#   matched, recipe_ablation.md; benchmarks/results/recipe_ablation_resnet18.md)
-# arch -> (the fields changed, the record that measured them; CIFAR-10, carried to CIFAR-100 like the default recipe)
-ARCH_RECIPES = {'resnet110_cifar': (dict(eta_min=1.0, teacher_mode='joint'), 'benchmarks/results/recipe_ablation_resnet110.md'),
-                'resnet18_cifar': (dict(loss_normalization='none'), 'benchmarks/results/recipe_ablation_resnet18.md')}
-# measurements that speak against the dataset's recipe for an architecture: stated in the header of its JointRD YAMLs
-ARCH_NOTES = {'resnet110_cifar': (
-    'Measured on this pair with CIFAR-10 at the CPU budget (benchmarks/results/recipe_ablation_resnet110.md): this '
-    'recipe 43.73 % (43.52, 43.94), 8.37 points below its teacher (52.10 %, which reached 64.0 % training along); the '
-    'frozen teacher with eta_min 1.0: 41.08 % (4 runs). The joint teacher costs 1.9x per epoch (253 vs 132 s).'),
-    'resnet18_cifar': (
-    'Measured on this pair with CIFAR-10 at the CPU budget (benchmarks/results/recipe_ablation_resnet18.md, 2 seeds): '
-    'this recipe 55.91 % (56.72, 55.10), the twin alone with the same ingredients (plain-resnet18.yaml) 57.31 % '
-    '(56.92, 57.70), teacher 48.60 %. The twin alone is 1.40 points better here; prefer plain-resnet18.yaml.')}
 
 
-def recipe(dataset: str, arch: str) -> dict:
-    return dict(RECIPES[dataset], **ARCH_RECIPES.get(arch, ({}, None))[0])
+def settings(dataset: str, arch: str = '') -> dict:
+    """Everything a YAML of ``dataset`` states: the data, the schedule, and ``arch``'s recipe (the default when
+    ``arch`` is not given)."""
+    data = DATASETS[dataset]
+    schedule = SCHEDULES[data['schedule']]
+    twin = recipe_for(arch)
+    jointrd = twin.jointrd_fields(schedule.jointrd)
+    return dict(data, epochs=schedule.epochs, batch=schedule.batch_size, lr=schedule.lr,
+                milestones=list(schedule.milestones), step_size=schedule.step_size if schedule.decay == 'step' else None,
+                weight_decay=schedule.weight_decay, eta_min=jointrd['eta_min'],
+                eta_horizon_fraction=jointrd['eta_horizon_fraction'],
+                feature_loss_weight=jointrd['feature_loss_weight'], dirac=twin.dirac,
+                kd_weight=jointrd.get('kd_weight', 0.0), init_from_teacher=twin.init_from_teacher,
+                shortcut_fade=twin.shortcut_fade, loss_normalization=jointrd.get('loss_normalization', 'stages'),
+                teacher_mode=jointrd.get('teacher_mode', 'frozen'), recipe=twin)
 
 
 ARCHS = {'cifar10': ['resnet18_cifar', 'resnet34_cifar', 'resnet50_cifar', 'resnet56_cifar', 'resnet110_cifar'],
@@ -86,7 +63,7 @@ DESCRIPTION = {
     'plain': 'the shortcut-free twin plain_{arch} trained ALONE (baseline): same recipe and ingredients as the '
              'JointRD run (started from the teacher, shortcuts faded out), no teacher in the loss',
     'jointrd': 'plain_{arch} trained with JointRD from its residual teacher {arch} (Li et al., NeurIPS 2020), '
-               'started from the teacher with its shortcuts faded out over the first 80 % of the run',
+               'recipe `{recipe}`: {description}',
 }
 
 
@@ -117,7 +94,7 @@ def _student_block(arch: str, r: dict, fade_flag: bool) -> str:
 
 
 def render(dataset: str, arch: str, method: str) -> str:
-    r = recipe(dataset, arch)
+    r = settings(dataset, arch)
     short = _short(arch)
     out_dir = f'runs/{dataset}/{method}-{short}'
     teacher_ckpt = f'runs/{dataset}/ce-{short}/model'
@@ -132,7 +109,7 @@ def render(dataset: str, arch: str, method: str) -> str:
 {_student_block(arch, r, fade_flag=True)}
       jointrd:
         eta_min: {r['eta_min']}
-        eta_horizon: {r['eta_horizon']}
+        eta_horizon_fraction: {r['eta_horizon_fraction']}
         eta_per_step: True
         feature_loss_weight: {r['feature_loss_weight']}
         feature_loss: 'margin'
@@ -172,29 +149,27 @@ def render(dataset: str, arch: str, method: str) -> str:
     dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
         proc = "  model:\n    forward_proc: 'forward_batch_only'"
         criterion = CE_CRITERION
-    header = f"# {dataset}: {DESCRIPTION[method].format(arch=arch)}."
-    if method == 'jointrd' and arch in ARCH_RECIPES:
-        fields, record = ARCH_RECIPES[arch]
-        changed = ', '.join(f'{k} {v}' for k, v in fields.items())
-        header += f"\n# For this depth: {changed} instead of the dataset's recipe ({record})."
-    if method == 'jointrd' and arch in ARCH_NOTES:
-        header += f"\n# {ARCH_NOTES[arch]}"
+    twin = r['recipe']
+    header = f"# {dataset}: {DESCRIPTION[method].format(arch=arch, recipe=twin.id, description=twin.description)}."
+    if method != 'ce':
+        header += f"\n# The recipe and what it was measured against: {twin.record}"
     return document(dataset, f'{method}-{short}', header, model, proc, criterion, out_dir, r['weight_decay'])
 
 
 def document(dataset, name, header, model, proc, criterion, out_dir, weight_decay):
-    r = RECIPES[dataset]
+    r = settings(dataset)
     scheduler = (f"    key: 'StepLR'\n    kwargs:\n      step_size: {r['step_size']}\n      gamma: 0.1"
                  if r['step_size'] else
                  f"    key: 'MultiStepLR'\n    kwargs:\n      milestones: {r['milestones']}\n      gamma: 0.1")
     dataset_kwargs = lambda split: f"""        source: *root_dir
         split: '{split}'
-        recipe: '{r['recipe']}'
+        transform: '{r['transform']}'
         input_size: {r['input_size']}
         image_column: '{r['image_column']}'
         label_column: '{r['label_column']}'"""  # noqa: E731
     return f"""{header}
-# Generated by yamls/generate.py (edit the template there). Reference recipe: jointrd-method.md.
+# Generated by yamls/generate.py from jointrd_timm/recipes.py (edit them there). Reference recipe: jointrd-method.md.
+# A YAML is code: torchdistill runs its !import_call tags when it loads. Run only YAMLs you trust.
 # Run: jointrd train --config yamls/{dataset}/{name}.yaml
 #  or, unchanged, torchdistill's examples/torchvision/image_classification.py --config <this> --device cpu
 # Evaluation is on the test split after every epoch for the record; nothing is selected on it.
@@ -337,7 +312,7 @@ def _box_sections(method: str, teacher: str, student: str, r: dict, ckpt: str, o
         'cakd': "      discriminator_depth: 3\n      dropout: 0.3\n      non_saturating: False",
         'aps': "      adversarial_weight: 0.1\n      kd_weight: 1.0\n      kd_temperature: 4.0\n      hidden: 256\n"
                "      label_head: False",
-        'jointrd-adv': f"      jointrd:\n        eta_min: {r['eta_min']}\n        eta_horizon: {r['eta_horizon']}\n"
+        'jointrd-adv': f"      jointrd:\n        eta_min: {r['eta_min']}\n        eta_horizon_fraction: {r['eta_horizon_fraction']}\n"
                        "        adversarial_weight: 1.0\n        adversarial_non_saturating: True\n"
                        f"        discriminator:\n          lr: 0.001\n          momentum: 0.9\n          weight_decay: 0.0\n"
                        f"          milestones: {r['milestones']}",
@@ -369,7 +344,7 @@ def _box_sections(method: str, teacher: str, student: str, r: dict, ckpt: str, o
 
 def render_zoo(dataset: str, method: str, teacher: str, student: str, label: str, teacher_run: str,
                weight_decay: float, xu: bool = False) -> str:
-    r = RECIPES[dataset]
+    r = settings(dataset)
     name = f'{"xu2017-" if xu else ""}{method}-{label}'
     out_dir = f'runs/{dataset}/{name}'
     models, proc, criterion = _box_sections(method, teacher, student, r, f'runs/{dataset}/{teacher_run}/model', out_dir)
@@ -389,7 +364,7 @@ def documents():
         for teacher, student, label in pairs:
             for method in ('kd', 'fitnets', 'cakd', 'aps', 'jointrd-adv'):
                 yield f'{dataset}/{method}-{label}.yaml', render_zoo(dataset, method, teacher, student, label,
-                                                                    f'ce-{label}', RECIPES[dataset]['weight_decay'])
+                                                                    f'ce-{label}', settings(dataset)['weight_decay'])
     for dataset, (teacher, student) in XU2017.items():
         wrn = {arch: _short(arch).replace('wide_resnet', 'wrn') for arch in (teacher, student)}
         for arch in (teacher, student):

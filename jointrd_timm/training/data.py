@@ -1,6 +1,6 @@
 """Image classification data through Hugging Face ``datasets``: a Hub id, a local Hub-layout folder (parquet),
-an image folder (class subfolders), or the demo's embedded ``sklearn:digits``; with the CIFAR and ImageNet recipes
-of the JointRD spec as torchvision / timm transforms.
+an image folder (class subfolders), or the demo's embedded ``sklearn:digits``; with the CIFAR and ImageNet
+transforms of the JointRD spec (torchvision / timm; ``transform``).
 
 Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.load_image_dataset, init: {kwargs: ...}}``.
 """
@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['load_image_dataset', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'RECIPES']
+__all__ = ['load_image_dataset', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS']
 
-RECIPES = ('cifar', 'imagenet', 'tensor')
+TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -24,17 +24,17 @@ class DatasetColumnError(KeyError):
         return str(self.args[0])
 
 
-def make_transform(recipe: str, train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]):
+def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]):
     """``cifar``: random crop with 4-pixel padding + flip (train); ``imagenet``: timm's random-resized-crop +
     flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation."""
-    if recipe not in RECIPES:
-        raise ValueError(f'Unknown transform recipe {recipe!r}; choose one of {RECIPES}.')
-    if recipe == 'imagenet':
+    if name not in TRANSFORMS:
+        raise ValueError(f'Unknown transform {name!r}; choose one of {TRANSFORMS}.')
+    if name == 'imagenet':
         from timm.data import create_transform
         return create_transform(input_size, is_training=train, mean=mean, std=std, crop_pct=0.875,
                                 interpolation='bilinear', hflip=0.5 if train else 0.0)
-    steps = [T.Resize(input_size)] if recipe == 'tensor' else []
-    if recipe == 'cifar' and train:
+    steps = [T.Resize(input_size)] if name == 'tensor' else []
+    if name == 'cifar' and train:
         steps += [T.RandomCrop(input_size, padding=4), T.RandomHorizontalFlip()]
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
@@ -96,7 +96,7 @@ def _load(source: str, split: str, config_name: Optional[str]):
 def load_image_dataset(
         source: str,
         split: str = 'train',
-        recipe: str = 'cifar',
+        transform: str = 'cifar',
         train: Optional[bool] = None,
         input_size: int = 32,
         image_column: str = 'img',
@@ -109,14 +109,15 @@ def load_image_dataset(
         limit: Optional[int] = None,
         seed: int = 0,
         config_name: Optional[str] = None,
+        recipe: Optional[str] = None,
 ) -> HFImageDataset:
     """An image classification dataset as a torch Dataset of (tensor, label).
 
     Args:
         source: Hub id (``uoft-cs/cifar10``), local Hub-layout folder, image folder, or ``sklearn:digits``.
         split: the dataset split to read (``train``/``test``/...).
-        recipe: transform recipe, see :func:`make_transform`; ``train`` (default: split == 'train') switches
-            augmentation on.
+        transform: ``cifar``, ``imagenet`` or ``tensor`` (:func:`make_transform`); ``train`` (default: split ==
+            'train') switches augmentation on. ``recipe`` is its former name, still accepted.
         image_column, label_column: column names (CIFAR-10 on the Hub: ``img``/``label``; imagefolder:
             ``image``/``label``).
         channels: 3 (RGB) or 1 (grayscale).
@@ -125,6 +126,8 @@ def load_image_dataset(
             ``part='val'`` the held-out fraction (seeded, the same for both calls), ``'all'`` the whole split.
         limit: keep only the first ``limit`` examples (after a seeded shuffle), for quick runs.
     """
+    if recipe is not None:
+        transform = recipe
     if part not in ('all', 'train', 'val'):
         raise ValueError(f"part must be 'all', 'train' or 'val', got {part!r}.")
     if part != 'all' and not 0 < validation_fraction < 1:
@@ -146,6 +149,6 @@ def load_image_dataset(
         if channels == 1:
             mean, std = (0.5,), (0.5,)
         else:
-            mean, std = (CIFAR_MEAN, CIFAR_STD) if recipe == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
-    transform = make_transform(recipe, split == 'train' if train is None else train, input_size, mean, std)
-    return HFImageDataset(data, transform, image_column, label_column, 'RGB' if channels == 3 else 'L')
+            mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
+    transforms = make_transform(transform, split == 'train' if train is None else train, input_size, mean, std)
+    return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L')

@@ -6,11 +6,8 @@
 then a table (test accuracy, parameters, latency of twin vs teacher at batch 1 and 16, measured side by side)
 and a plot. Default data: scikit-learn's 8x8 digits (shipped inside scikit-learn, 1437 train / 360 test).
 
-Twin recipes (``recipe``), the default measured best in benchmarks/results/recipe_ablation.md:
-- ``fade`` (default): the twin starts from the teacher's weights with every shortcut it drops scaled by s, and s
-  fades from 1 to 0 over the first 80 % of the run (twins.fade); it is evaluated and saved without shortcuts;
-- ``dirac``: Dirac-parametrised convs from scratch (folded into plain convs before evaluation and saving);
-- ``reference``: the JointRD reference recipe, plain convs from scratch.
+The twins are trained with a recipe of :mod:`jointrd_timm.recipes` (``recipe``: ``default``, ``reference``,
+``dirac``, ...); both get the same ingredients, so their difference is what JointRD adds.
 """
 import json
 import platform
@@ -20,47 +17,25 @@ from typing import Optional
 
 import torch
 
-from ..twins.fade import DEFAULT_SHORTCUT_FADE
+from ..recipes import SCHEDULES, get_recipe
 
 __all__ = ['run_demo']
 
 DEMO_ARCH = 'resnet32_cifar'
-RECIPES = {'fade': 'started from the teacher, shortcuts faded out over the first 80 % of the run',
-           'dirac': 'Dirac-parametrised convs from scratch (folded before evaluation)',
-           'reference': 'plain convs from scratch (JointRD reference recipe)'}
-
-
-def _twin_runs(recipe: str, arch: str, common: dict, teacher_ckpt: str):
-    """(twin alone, twin + JointRD) model configs of a recipe: both get the same ingredients."""
-    if recipe not in RECIPES:
-        raise ValueError(f'unknown demo recipe {recipe!r}; choose one of {sorted(RECIPES)}.')
-    student = dict(model_name=f'plain_{arch}', **common)
-    jointrd = dict(eta_min=0.5, eta_horizon_fraction=0.3)
-    teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
-    if recipe == 'fade':
-        alone = dict(key='fading_model', kwargs=dict(student=student, shortcut_fade=DEFAULT_SHORTCUT_FADE,
-                                                     teacher_checkpoint=teacher_ckpt))
-        pair = dict(key='jointrd_model', kwargs=dict(
-            teacher=teacher, student=dict(student, shortcut_fade=True),
-            jointrd=dict(jointrd, shortcut_fade=DEFAULT_SHORTCUT_FADE), init_student_from_teacher=True))
-        return alone, pair
-    student = dict(student, dirac=recipe == 'dirac')
-    return (dict(key='timm_model', kwargs=student),
-            dict(key='jointrd_model', kwargs=dict(teacher=teacher, student=student, jointrd=jointrd)))
 
 
 def _datasets(dataset: str, limit: Optional[int] = None):
     from .data import load_image_dataset
     if dataset == 'sklearn:digits':
-        kwargs = dict(recipe='tensor', input_size=8, channels=1)
+        kwargs = dict(transform='tensor', input_size=8, channels=1)
     else:
-        kwargs = dict(recipe='cifar', input_size=32, channels=3)
+        kwargs = dict(transform='cifar', input_size=32, channels=3)
     return (load_image_dataset(dataset, 'train', limit=limit, **kwargs), load_image_dataset(dataset, 'test', **kwargs),
             kwargs['channels'], kwargs['input_size'])
 
 
 def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epochs: Optional[int] = None,
-             device: Optional[str] = None, arch: str = DEMO_ARCH, recipe: str = 'fade',
+             device: Optional[str] = None, arch: str = DEMO_ARCH, recipe: str = 'default',
              limit: Optional[int] = None, latency_repeats: int = 50) -> dict:
     """Runs the three trainings into ``output_dir`` and writes summary.{json,md,png}; ``limit``: train images per
     run (a quick smoke run; default all); ``latency_repeats``: interleaved timed runs per model and batch size."""
@@ -74,11 +49,15 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     out = Path(output_dir)
     train_set, test_set, channels, size = _datasets(dataset, limit)
     num_classes = train_set.num_classes
-    epochs = epochs or (12 if dataset == 'sklearn:digits' else 5)
+    twin_recipe = get_recipe(recipe)
+    schedule = SCHEDULES['demo']
+    epochs = epochs or (schedule.epochs if dataset == 'sklearn:digits' else 5)
     common = dict(in_chans=channels, num_classes=num_classes)
     teacher = dict(key='timm_model', kwargs=dict(model_name=arch, **common))
-    twin_alone, pair = _twin_runs(recipe, arch, common, str(out / 'teacher' / 'model'))
-    budget = dict(epochs=epochs, batch_size=64, lr=0.05, weight_decay=5e-4)
+    teacher_ckpt = str(out / 'teacher' / 'model')
+    twin_alone = twin_recipe.twin_alone_model(arch, teacher_ckpt, **common)
+    pair = twin_recipe.jointrd_model(arch, teacher_ckpt, **common)
+    budget = dict(epochs=epochs, batch_size=schedule.batch_size, lr=schedule.lr, weight_decay=schedule.weight_decay)
     start = time.time()
     results = {}
     print(f'[1/3] teacher {arch}: cross-entropy, {epochs} epochs')
@@ -107,7 +86,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
             ('twin alone (plain)', deployed['twin alone'], params['twin'], 'twin'),
             ('twin + JointRD (plain)', deployed['twin + JointRD'], params['twin'], 'twin')]
     lines = [f'# jointrd demo: {arch} on {dataset}, {epochs} epochs per run, last-epoch test accuracy', '',
-             f'Twin recipe `{recipe}`: {RECIPES[recipe]}; accuracy of the deployed (shortcut-free, folded) twin.',
+             f'Twin recipe `{twin_recipe.id}`: {twin_recipe.description}; accuracy of the deployed (shortcut-free, '
+             'folded) twin.',
              '',
              '| model | test acc % | params | latency b1 ms | latency b16 ms |', '|---|---|---|---|---|']
     for label, acc, n, kind in rows:

@@ -1,0 +1,232 @@
+"""Recipes: how a shortcut-free twin is trained from its residual teacher, in one place.
+
+A :class:`Recipe` is named and frozen. It holds the twin's ingredients (start from the teacher's weights or not,
+shortcut fading, Dirac convs, which shortcuts go) and the JointRD settings that differ from the dataset's
+reference (:class:`Schedule`). From it come the :class:`~jointrd_timm.methods.JointRDConfig`, the twin's
+``timm.create_model`` kwargs and the torchdistill model configs of both runs of a comparison: the twin with
+JointRD and the twin alone with the same ingredients. The YAML generator, ``jointrd demo``, ``jointrd distill``, the
+benchmarks and the tests all build from here; an ablation row is ``recipe.replace(field=value)``, whose ``id``
+names the fields it changed.
+
+A :class:`Schedule` holds the training hyperparameters of a setting (the JointRD reference's CIFAR and ImageNet
+runs, and the CPU budgets of the benchmarks): epochs, batch, learning rate and its decay, weight decay, and the
+reference eta schedule and feature-loss weight of that setting.
+
+Which recipe is the default, and the per-architecture choices, were measured: the pages under
+benchmarks/results/ (``recipe_ablation*.md``) hold the numbers, each recipe's ``record`` names its page.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Dict, Mapping, Optional, Sequence
+
+from .methods.jointrd import JointRDConfig
+
+__all__ = ['Recipe', 'Schedule', 'RECIPES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe', 'recipe_for',
+           'ARCH_RECIPES', 'REFERENCE_JOINTRD']
+
+# The JointRD reference's CIFAR settings (jointrd-method.md): eta from 1 to 0.5 over the first 60 of 200 epochs,
+# no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
+REFERENCE_JOINTRD = MappingProxyType(dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))
+_IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
+
+_RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power', 'dirac',
+                  'keep_projection_shortcuts')
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Training hyperparameters of a setting: SGD with Nesterov momentum 0.9.
+
+    Args:
+        epochs, batch_size, lr, weight_decay: as usual (batch_size is the global batch).
+        decay: 'cosine' (over the run), 'multistep' (x ``gamma`` at ``milestones``) or 'step' (every ``step_size``).
+        jointrd: the reference JointRD settings of this setting (eta and the feature-loss weight).
+    """
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    decay: str = 'cosine'
+    milestones: Sequence[int] = ()
+    step_size: Optional[int] = None
+    gamma: float = 0.1
+    jointrd: Mapping = field(default_factory=lambda: REFERENCE_JOINTRD)
+
+    def __post_init__(self):
+        if self.decay not in ('cosine', 'multistep', 'step'):
+            raise ValueError(f"Schedule.decay must be 'cosine', 'multistep' or 'step', got {self.decay!r}.")
+
+    def replace(self, **fields) -> 'Schedule':
+        return dataclasses.replace(self, **fields)
+
+    def scheduler(self, epochs: Optional[int] = None) -> Dict:
+        """The torchdistill scheduler config for ``epochs`` (default: the schedule's own)."""
+        epochs = epochs or self.epochs
+        if self.decay == 'cosine':
+            return dict(key='CosineAnnealingLR', kwargs=dict(T_max=epochs))
+        if self.decay == 'step':
+            return dict(key='StepLR', kwargs=dict(step_size=self.step_size, gamma=self.gamma))
+        return dict(key='MultiStepLR', kwargs=dict(milestones=list(self.milestones), gamma=self.gamma))
+
+
+SCHEDULES = {s.name: s for s in (
+    # the reference runs (jointrd-method.md)
+    Schedule('cifar', epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, decay='multistep',
+             milestones=(100, 150)),
+    Schedule('imagenet', epochs=120, batch_size=512, lr=0.2, weight_decay=1e-4, decay='step', step_size=30,
+             milestones=(30, 60, 90), jointrd=_IMAGENET_JOINTRD),
+    # the CPU budget of benchmarks/recipe_ablation.py (8,000 CIFAR-10 images, 5 epochs per run)
+    Schedule('cpu-budget', epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4),
+    # `jointrd demo` on the 8x8 digits
+    Schedule('demo', epochs=12, batch_size=64, lr=0.05, weight_decay=5e-4),
+)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a twin is trained from its teacher (the JointRD run and, with the same ingredients, the twin alone).
+
+    Args:
+        name: the recipe's name (``RECIPES``); ``id`` adds the fields a ``replace`` changed.
+        description: one line for tables and model cards.
+        init_from_teacher: start the twin from the teacher's weights (``load_teacher_weights``).
+        shortcut_fade: fraction of the run over which the twin's shortcuts fade from 1 to 0 (None: a plain twin
+            from the start). With teacher init, the twin starts as the teacher exactly.
+        shortcut_fade_window, shortcut_fade_power: the staggered / powered fade (``methods.schedules``).
+        dirac: Dirac-parametrised convs (folded before deployment).
+        keep_projection_shortcuts: the paper's plain-CNN variant, which keeps the projection shortcuts.
+        jointrd: :class:`JointRDConfig` fields that differ from the schedule's reference settings.
+        record: the results page that measured the recipe.
+    """
+    name: str
+    description: str
+    init_from_teacher: bool = True
+    shortcut_fade: Optional[float] = 0.8
+    shortcut_fade_window: float = 1.0
+    shortcut_fade_power: float = 1.0
+    dirac: bool = False
+    keep_projection_shortcuts: bool = False
+    jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
+    record: str = 'benchmarks/results/recipe_ablation.md'
+    changed: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, 'jointrd', MappingProxyType(dict(self.jointrd)))
+        self.jointrd_config(REFERENCE_JOINTRD)  # validates the JointRD fields now, not at training time
+
+    @property
+    def id(self) -> str:
+        """A stable identifier: the name, plus ``field=value`` for each field a :meth:`replace` changed."""
+        return self.name + ''.join(f',{k}={v}' for k, v in self.changed)
+
+    def replace(self, **fields) -> 'Recipe':
+        """This recipe with recipe fields or JointRDConfig fields changed (``id`` records them)."""
+        recipe_fields = {k: v for k, v in fields.items() if k in _RECIPE_FIELDS or k in ('description', 'record')}
+        jointrd = {k: v for k, v in fields.items() if k not in recipe_fields}
+        unknown = sorted(set(jointrd) - {f.name for f in dataclasses.fields(JointRDConfig)})
+        if unknown:
+            raise ValueError(f'Unknown recipe field(s) {unknown}; recipe fields: {list(_RECIPE_FIELDS)}, plus any '
+                             'JointRDConfig field.')
+        changed = dict(self.changed)
+        changed.update((k, v) for k, v in fields.items() if k not in ('description', 'record'))
+        return dataclasses.replace(self, **recipe_fields, jointrd={**self.jointrd, **jointrd},
+                                   changed=tuple(sorted(changed.items())))
+
+    # -- what the recipe produces ---------------------------------------------------------------------------------
+    def jointrd_fields(self, reference: Mapping = REFERENCE_JOINTRD) -> Dict:
+        """The JointRDConfig fields of a run on a schedule whose reference settings are ``reference``."""
+        fields = {**reference, **self.jointrd}
+        if self.shortcut_fade is not None:
+            fields['shortcut_fade'] = self.shortcut_fade
+            # stated only when they differ from JointRDConfig's (1: every block together, the cosine itself)
+            if self.shortcut_fade_window != 1.0:
+                fields['shortcut_fade_window'] = self.shortcut_fade_window
+            if self.shortcut_fade_power != 1.0:
+                fields['shortcut_fade_power'] = self.shortcut_fade_power
+        return fields
+
+    def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD) -> JointRDConfig:
+        return JointRDConfig.from_dict(self.jointrd_fields(reference))
+
+    def twin_kwargs(self) -> Dict:
+        """``timm.create_model('plain_<arch>', **kwargs)`` for the JointRD run's twin (only what is not default)."""
+        kwargs = {}
+        if self.dirac:
+            kwargs['dirac'] = True
+        if self.keep_projection_shortcuts:
+            kwargs['keep_projection_shortcuts'] = True
+        if self.shortcut_fade is not None:
+            kwargs['shortcut_fade'] = True
+        return kwargs
+
+    def jointrd_model(self, arch: str, teacher_checkpoint: Optional[str], schedule: Optional[Schedule] = None,
+                      teacher_model: Optional[str] = None, **common) -> Dict:
+        """torchdistill model config (``jointrd_model``) of the twin with JointRD. ``common``: timm kwargs of both
+        models (num_classes, in_chans); ``teacher_model``: the teacher's timm name when it is not ``arch`` (e.g.
+        ``hf-hub:org/name``)."""
+        teacher = dict(model_name=teacher_model or arch, **common)
+        if teacher_checkpoint:
+            teacher['checkpoint'] = str(teacher_checkpoint)
+        kwargs = dict(teacher=teacher, student=dict(model_name=f'plain_{arch}', **common, **self.twin_kwargs()),
+                      jointrd=self.jointrd_fields((schedule or SCHEDULES['cifar']).jointrd))
+        if self.init_from_teacher:
+            kwargs['init_student_from_teacher'] = True
+        return dict(key='jointrd_model', kwargs=kwargs)
+
+    def twin_alone_model(self, arch: str, teacher_checkpoint: Optional[str], **common) -> Dict:
+        """torchdistill model config of the twin trained alone (cross-entropy) with the same ingredients."""
+        student = dict(model_name=f'plain_{arch}', **common)
+        if self.dirac:
+            student['dirac'] = True
+        if self.keep_projection_shortcuts:
+            student['keep_projection_shortcuts'] = True
+        if self.shortcut_fade is None:
+            if self.init_from_teacher:
+                raise ValueError(f'Recipe {self.id!r}: the twin alone starts from the teacher only through the fade '
+                                 '(fading_model); give shortcut_fade.')
+            return dict(key='timm_model', kwargs=student)
+        kwargs = dict(student=student, shortcut_fade=self.shortcut_fade)
+        if self.shortcut_fade_window != 1.0:
+            kwargs['shortcut_fade_window'] = self.shortcut_fade_window
+        if self.shortcut_fade_power != 1.0:
+            kwargs['shortcut_fade_power'] = self.shortcut_fade_power
+        if self.init_from_teacher and teacher_checkpoint:
+            kwargs['teacher_checkpoint'] = str(teacher_checkpoint)
+        return dict(key='fading_model', kwargs=kwargs)
+
+
+DEFAULT_RECIPE = Recipe(
+    'default', 'started from the teacher, shortcuts faded out over the first 80 % of the run, JointRD with the '
+    'reference eta')
+RECIPES = {r.id: r for r in (
+    DEFAULT_RECIPE,
+    Recipe('reference', 'plain convs from scratch (the JointRD reference recipe)', init_from_teacher=False,
+           shortcut_fade=None),
+    Recipe('dirac', 'Dirac-parametrised convs from scratch (folded before evaluation)', init_from_teacher=False,
+           shortcut_fade=None, dirac=True),
+    # per-architecture choices, each measured on its pair (the record names the page)
+    DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint').replace(
+        description='the default with the hybrid paths at full weight all run and the teacher trained along',
+        record='benchmarks/results/recipe_ablation_resnet110.md'),
+    DEFAULT_RECIPE.replace(loss_normalization='none').replace(
+        description="the default with the twin's own loss not divided by the number of stages",
+        record='benchmarks/results/recipe_ablation_resnet18.md'),
+)}
+# recipes are registered under their id: a per-architecture one is 'default,<field>=<value>,...'
+ARCH_RECIPES = {'resnet110_cifar': 'default,eta_min=1.0,teacher_mode=joint',
+                'resnet18_cifar': 'default,loss_normalization=none'}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name`` (a key of ``RECIPES``)."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f'Unknown recipe {name!r}; recipes: {sorted(RECIPES)}.') from None
+
+
+def recipe_for(arch: str) -> Recipe:
+    """The recommended recipe for the teacher architecture ``arch`` (the default unless one was measured better)."""
+    return RECIPES[ARCH_RECIPES[arch]] if arch in ARCH_RECIPES else DEFAULT_RECIPE
