@@ -14,6 +14,7 @@ import torch
 from .fold import fold_for_deployment
 from .latency import compare_latency
 from .memory import analyze_activation_memory, measure_peak_rss
+from ..extras import require
 
 __all__ = ['bench_pair', 'run_bench', 'DEFAULT_PAIRS']
 
@@ -27,7 +28,7 @@ def _input_size(name: str) -> int:
 
 def _onnx_runner(model, x):
     import io
-    import onnxruntime as ort
+    ort = require('onnxruntime', 'the onnxruntime latency backend')
     buffer = io.BytesIO()
     torch.onnx.export(model, (x,), buffer, input_names=['input'], output_names=['logits'], opset_version=17,
                       dynamo=False)

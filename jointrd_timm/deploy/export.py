@@ -13,6 +13,7 @@ from torch import nn
 
 from ..training.checkpoint import atomic_write
 from .fold import fold_for_deployment
+from ..extras import require
 
 __all__ = ['export_model', 'ExportError']
 
@@ -42,8 +43,9 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         fold_error = (folded(x) - reference).abs().max().item()
     report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={})
     if 'onnx' in formats:
-        import onnx
-        import onnxruntime as ort
+        onnx = require('onnx', 'ONNX export')
+        ort = require('onnxruntime', 'checking the ONNX export')
+        require('onnxscript', 'ONNX export (torch.onnx)')
         path = out_dir / f'{name}.onnx'
 
         def write_onnx(tmp):

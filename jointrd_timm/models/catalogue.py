@@ -1,9 +1,10 @@
-"""The catalogue of published twins (``registry/*.json`` at the repository root) as timm pretrained tags.
+"""The catalogue of published twins as timm pretrained tags.
 
-Each entry becomes the tag ``<architecture>.<tag>`` of a registered model, so ``timm.list_pretrained('plain_*')``
-shows it and ``timm.create_model('plain_resnet56_cifar.jointrd_cifar10', pretrained=True)`` loads it: from the
-entry's local weights folder when it is present (a source checkout), else from its ``hf_hub_id``.
-``JOINTRD_REGISTRY`` points at another catalogue folder.
+The catalogue is ``registry/`` at the repository root, shipped inside the package as ``jointrd_timm.registry``
+(pyproject.toml maps it), so a wheel install lists and loads the same entries as a source checkout. Each entry
+becomes the tag ``<architecture>.<tag>`` of a registered model, so ``timm.list_pretrained('plain_*')`` shows it and
+``timm.create_model('plain_resnet56_cifar.jointrd_cifar10', pretrained=True)`` loads it: from the entry's weights
+folder when it is present, else from its ``hf_hub_id``. ``JOINTRD_REGISTRY`` points at another catalogue folder.
 """
 import json
 import os
@@ -18,7 +19,16 @@ REQUIRED = ('name', 'architecture', 'tag', 'teacher', 'method', 'dataset', 'trai
 
 
 def registry_dir() -> Path:
-    return Path(os.environ.get('JOINTRD_REGISTRY', Path(__file__).resolve().parents[2] / 'registry'))
+    """``JOINTRD_REGISTRY``, else the installed ``jointrd_timm.registry``, else ``registry/`` beside the package (a
+    source tree used without installing it)."""
+    if 'JOINTRD_REGISTRY' in os.environ:
+        return Path(os.environ['JOINTRD_REGISTRY'])
+    try:
+        from .. import registry
+        return Path(registry.__file__).resolve().parent
+    except ImportError:
+        return Path(__file__).resolve().parents[2] / 'registry'
+
 
 
 @lru_cache(maxsize=None)

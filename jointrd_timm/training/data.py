@@ -65,7 +65,8 @@ def _digits(split: str):
     """scikit-learn's 8x8 digits (1797 images, shipped inside the package): a fixed 80/20 train/test split."""
     import datasets
     from PIL import Image
-    from sklearn.datasets import load_digits
+    from ..extras import require
+    load_digits = require('sklearn.datasets', 'sklearn:digits (the embedded demo data)').load_digits
     digits = load_digits()
     images = [Image.fromarray((img * (255 / 16)).astype(np.uint8), mode='L') for img in digits.images]
     order = np.random.RandomState(0).permutation(len(images))

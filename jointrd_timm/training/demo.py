@@ -109,8 +109,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
 
 
 def _plot(rows, speedup, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
+    from ..extras import require
+    require('matplotlib', 'the demo plot').use('Agg')
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax1.bar([r[0].split(' (')[0] for r in rows], [r[1] for r in rows], color=['#4c72b0', '#dd8452', '#55a868'])
