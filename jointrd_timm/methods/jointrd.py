@@ -96,20 +96,18 @@ class JointRDConfig:
             over this share of the fade, first block first (``methods.schedules.block_scales``).
         shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``; 1: the cosine; 0.5
             keeps a twin twice as deep as resnet56, e.g. resnet110, on resnet56's shortcut-path weights; measured
-            worse than 1 at resnet110).
+            in benchmarks/results/recipe_ablation_resnet110.md).
         loss_normalization: what L_cls and L_feat are divided by. 'stages' (the reference): n, so the twin's own
             CE always has weight 1/n (1/4 at ResNet-18) and, once eta is small, it trains as if alone at about a
             1/n learning rate with n times the relative weight decay. 'none': nothing; the twin's own terms keep
             weight 1 (the objective of the twin trained alone) and the hybrid terms are added on top, eta each.
             'weights' (DECISION): the sum of the weights, 1 + eta * (n - 1), so the loss is a weighted mean of
-            the n terms, reference at eta = 1 and the twin alone's objective at eta = 0. Measured at the CPU
-            budget (benchmarks/results/recipe_ablation*.md): 'none' +4.36 over 'stages' at ResNet-18-CIFAR and
-            -8.87 at resnet56; 'weights' -0.13 at resnet56 (2 seeds each). 'per_stage' (DECISION): the sums are
+            the n terms, reference at eta = 1 and the twin alone's objective at eta = 0. 'per_stage' (DECISION): the sums are
             not divided; instead the gradient reaching student stage j is divided by W_j = 1 + eta (n - j), the
             weight of the terms that reach it (``stage_weights``), so every stage (stem with stage 1, head with
             stage n) gets a weighted mean of its terms: the last stage trains at the twin alone's rate, the first
             at the 'weights' rate, and at eta = 0 it is the twin alone. Extras on z_S (KD, adversarial) are scaled
-            with the twin's CE. Measured -0.33 vs 'stages' at resnet56 (-4.52 and +3.85, 2 seeds).
+            with the twin's CE. Each is measured against 'stages' in benchmarks/results/recipe_ablation*.md.
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
