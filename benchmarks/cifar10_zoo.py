@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
+from jointrd_timm.recipes import REFERENCE_JOINTRD
+from report import pyplot, write_report
 
 # Xu et al. 2017, Table 1 (error %, median of 5 runs; WRN-40-10 teacher, WRN-10-4 student, full CIFAR, ~200 epochs)
 XU2017_CIFAR10_ERROR = {'student alone': 7.46, 'best KD': 6.94, 'conditional adversarial KD': 6.09, 'teacher': 4.19}
@@ -78,21 +80,21 @@ def main():
         hidden=256, label_head=False, discriminator=discriminator)), 'aps')
     run('twin + JointRD', dict(key='jointrd_model', kwargs=dict(
         teacher=teacher_kwargs, student=twin,
-        jointrd=dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))), 'jointrd')
+        jointrd=dict(REFERENCE_JOINTRD))), 'jointrd')
 
     meta = dict(command=command_line('cifar10_zoo.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
                 date=time.strftime('%Y-%m-%d'))
     out = ROOT / 'benchmarks/results'
-    (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args),
-                                                           xu2017_cifar10_error=XU2017_CIFAR10_ERROR), indent=1))
-    write_markdown(rows, meta, args, out / f'{args.name}.md')
-    plot(rows, out / f'{args.name}.png', f'CIFAR-10, student plain_{args.arch}: {meta["budget"]}')
-    print((out / f'{args.name}.md').read_text())
+    record = dict(meta=meta, rows=rows, args=vars(args), xu2017_cifar10_error=XU2017_CIFAR10_ERROR)
+    lines = markdown(rows, meta, args)
+    write_report(args.name, record, lines,
+                 lambda path: plot(rows, path, f'CIFAR-10, student plain_{args.arch}: {meta["budget"]}'), out)
+    print('\n'.join(lines))
 
 
-def write_markdown(rows, meta, args, path):
+def markdown(rows, meta, args) -> list:
     alone, teacher = rows['twin alone']['test_acc'], rows['teacher']['test_acc']
     lines = [f'# CIFAR-10 distillation zoo: every method trains the shortcut-free twin plain_{args.arch}', '',
              f'Budget: {meta["budget"]}; same for every row. Teacher: {args.arch} (cross-entropy, same budget). '
@@ -118,7 +120,7 @@ def write_markdown(rows, meta, args, path):
                   'scale entirely: compare the ordering of the methods, not the numbers.', '',
               '| Xu et al. row | error % | accuracy % |', '|---|---|---|']
     lines += [f'| {k} | {v:.2f} | {100 - v:.2f} |' for k, v in xu.items()]
-    path.write_text('\n'.join(lines) + '\n')
+    return lines
 
 
 def _seed_noise() -> str:
@@ -134,9 +136,7 @@ def _seed_noise() -> str:
 
 
 def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in rows.items():
         ax1.plot(range(1, len(r['val_curve']) + 1), r['val_curve'], marker='o', label=label)
@@ -152,7 +152,7 @@ def plot(rows, path, title):
     ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format='png')
     plt.close(fig)
 
 

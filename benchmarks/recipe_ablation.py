@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD
-from jointrd_timm.training.checkpoint import atomic_write
+from report import pyplot, write_report
 from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
                           finished, read_run)
 
@@ -312,11 +312,8 @@ def write(runs, spec, args, out, record_command: bool = True):
     variants = paired(runs, dict.fromkeys(DEFAULT_VARIANTS, DEFAULT_ROW))
     fade50 = paired(runs, dict.fromkeys(FADE50_VARIANTS, FADE50_ROW))
     eta1 = paired(runs, dict.fromkeys(ETA1_VARIANTS, ETA1_ROW))
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
-                                                                         table=table, paired=pairs,
-                                                                         vs_default=variants, vs_fade50=fade50,
-                                                                         vs_eta1=eta1),
-                                                                    indent=1)))
+    record = dict(meta=meta, teachers=teachers, runs=runs, table=table, paired=pairs, vs_default=variants,
+                  vs_fade50=fade50, vs_eta1=eta1)
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
@@ -359,8 +356,9 @@ def write(runs, spec, args, out, record_command: bool = True):
                            "with that recipe's run.", 'row', 'variant vs fade over 50 %')
     lines += matched_table(eta1, f'## One more field changed on {ETA1_ROW}',
                            "Runs matched by seed and teacher with that row's run.", 'row', 'variant vs eta held at 1')
-    (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
-    plot(table, teachers, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
+    write_report(args.name, record, lines,
+                 lambda png: plot(table, teachers, png, f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}'),
+                 out)
 
 
 def matched_table(matched_rows, title: str, intro: str, row_header: str, versus: str) -> list:
@@ -393,9 +391,7 @@ def difference_stats(diffs) -> dict:
 
 
 def plot(table, teachers, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     labels = list(table)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
     y = range(len(labels))
@@ -411,7 +407,7 @@ def plot(table, teachers, path, title):
     ax.legend(fontsize=8, loc='lower right')
     ax.set_title(title.replace(': ', ':\n', 1) + f'\n(red: the default recipe, {DEFAULT_ROW})', fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format='png')
     plt.close(fig)
 
 
