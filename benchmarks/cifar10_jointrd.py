@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from jointrd_timm.recipes import REFERENCE_JOINTRD
-from report import pyplot, write_report
+from report import curves_and_bars, write_report
 from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
                           read_run)
 
@@ -107,24 +107,8 @@ def main():
 
 
 def plot(rows, path, title):
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, r in rows.items():
-        epochs = range(1, len(r['val_curve']) + 1)
-        ax1.plot(epochs, r['val_curve'], marker='o', label=label)
-    ax1.set_xlabel('epoch')
-    ax1.set_ylabel('held-out validation accuracy (%)')
-    ax1.legend()
-    ax2.bar([label.replace(' (', '\n(') for label in rows], [r['test_acc'] for r in rows.values()],
-            color=['#4c72b0', '#dd8452', '#55a868', '#8172b2'][:len(rows)])
-    ax2.tick_params(axis='x', labelsize=7)
-    ax2.set_ylabel('last-epoch test accuracy (%)')
-    lo = min(r['test_acc'] for r in rows.values())
-    ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format='png')
-    plt.close(fig)
+    curves_and_bars(rows, path, title, short=lambda label: label.replace(' (', '\n('),
+                    colors=['#4c72b0', '#dd8452', '#55a868', '#8172b2'][:len(rows)])
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ import torch
 
 from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
 from jointrd_timm.recipes import REFERENCE_JOINTRD
-from report import pyplot, write_report
+from report import curves_and_bars, write_report
 
 # Xu et al. 2017, Table 1 (error %, median of 5 runs; WRN-40-10 teacher, WRN-10-4 student, full CIFAR, ~200 epochs)
 XU2017_CIFAR10_ERROR = {'student alone': 7.46, 'best KD': 6.94, 'conditional adversarial KD': 6.09, 'teacher': 4.19}
@@ -136,24 +136,9 @@ def _seed_noise() -> str:
 
 
 def plot(rows, path, title):
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, r in rows.items():
-        ax1.plot(range(1, len(r['val_curve']) + 1), r['val_curve'], marker='o', label=label)
-    ax1.set_xlabel('epoch')
-    ax1.set_ylabel('held-out validation accuracy (%)')
-    ax1.legend(fontsize=7)
-    labels = list(rows)
-    ax2.bar([label.replace('twin + ', '+') for label in labels], [rows[k]['test_acc'] for k in labels],
-            color=['#4c72b0' if k == 'teacher' else '#dd8452' if k == 'twin alone' else '#55a868' for k in labels])
-    ax2.tick_params(axis='x', labelsize=7)
-    ax2.set_ylabel('last-epoch test accuracy (%)')
-    lo = min(r['test_acc'] for r in rows.values())
-    ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format='png')
-    plt.close(fig)
+    curves_and_bars(rows, path, title, short=lambda label: label.replace('twin + ', '+'),
+                    colors=['#4c72b0' if k == 'teacher' else '#dd8452' if k == 'twin alone' else '#55a868'
+                            for k in rows])
 
 
 if __name__ == '__main__':
