@@ -121,6 +121,7 @@ def test_kill_at_each_point_then_resume_is_bit_identical(campaign, tmp_path, fau
 def test_two_concurrent_runs_into_one_folder(campaign, tmp_path):
     config, reference = campaign
     folder = tmp_path / 'shared'
+    loaded = load_config(config)  # before the first run starts: its claim must follow the lock at once
     first = subprocess.Popen([sys.executable, '-m', 'jointrd_timm.cli', 'train', '--config', str(config), '--device',
                               'cpu', '--output-dir', str(folder)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -128,12 +129,16 @@ def test_two_concurrent_runs_into_one_folder(campaign, tmp_path):
     deadline = time.time() + 120
     while not (folder / LOCK_NAME).exists() and time.time() < deadline:
         time.sleep(0.05)
-    second = _cli(['--config', str(config), '--device', 'cpu', '--output-dir', str(folder)])
+    # the second run in this process: its claim comes within a second of the first one's lock, while the first
+    # still builds its model (a second interpreter would start too late on a fast machine)
+    with pytest.raises(RunFolderError) as refused:
+        train(loaded, output_dir=str(folder), device='cpu')
+    still_running = first.poll() is None
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert second.returncode == 1 and 'is in use by another run (pid' in second.stderr
+    assert still_running and 'is in use by another run (pid' in str(refused.value)
     _assert_same_run(reference, folder)  # the first run is untouched by the second
     FAULT_ROWS['two concurrent runs'] = ('a second `jointrd train` into the folder of a running one',
-                                         f'green: refused, "{second.stderr.strip()[:160]}..."; the first run equals '
+                                         f'green: refused, "{str(refused.value)[:160]}..."; the first run equals '
                                          'the reference')
 
 
@@ -325,3 +330,27 @@ def test_bad_inputs_give_clear_messages(tmp_path, capsys):
             failures.append((name, message))
     assert not failures, failures
     assert not marker.exists(), 'a !import_call ran although the YAML keys were wrong'
+
+
+def test_torchdistill_checkpoint_reload_restores_the_fade(tmp_path):
+    """torchdistill's own save_ckpt / load_ckpt (its example script's -test_only path) of a fading twin past its fade:
+    the reloaded model evaluates as the twin (s = 0), not as the residual network (issue 22, item 5)."""
+    import argparse
+    from torchdistill.common.main_util import load_ckpt, save_ckpt
+    from jointrd_timm.integrations.torchdistill import fading_model
+    from jointrd_timm.twins.fade import shortcut_scale
+
+    def build():
+        torch.manual_seed(0)
+        return fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10, in_chans=1), shortcut_fade=0.5)
+    trained = build()
+    trained.set_epoch(1, steps_per_epoch=4, num_epochs=2)
+    assert shortcut_scale(trained.student) == 0.0
+    x = torch.randn(2, 1, 8, 8)
+    expected = trained.eval()(x)
+    path = tmp_path / 'td.pt'
+    save_ckpt(trained, torch.optim.SGD(trained.parameters(), lr=0.1), None, 0.0, argparse.Namespace(), str(path))
+    fresh = build()
+    assert shortcut_scale(fresh.student) == 1.0
+    load_ckpt(str(path), model=fresh)
+    assert shortcut_scale(fresh.student) == 0.0 and torch.equal(fresh.eval()(x), expected)

@@ -16,9 +16,13 @@ DECISION: the YAML's ``batch_size`` is the GLOBAL batch; with N processes each g
 sampler), so a run's optimisation does not depend on the process count, and a resumed run repeats its epochs. Gradient
 accumulation is torchdistill's ``optimizer.grad_accum_step``.
 
-Per epoch: a progress bar (loss, accuracy, lr, and eta for JointRD), one JSON line in ``metrics.jsonl`` and a
-checkpoint written atomically (model, optimizer(s), scheduler(s), epoch, RNG). ``--resume`` continues from it
-exactly. After the last epoch the test split is evaluated once and the final model is saved in timm's Hub format.
+``train`` reads like accelerate's examples: :func:`setup` (numbers checked, output folder claimed, models, boxes,
+checkpoint when resuming), :func:`train_one_epoch` per epoch, :func:`finish`. Per epoch: a progress bar (loss,
+accuracy, lr, and eta for JointRD), a checkpoint written atomically (model, optimizer(s), scheduler(s), epoch, RNG,
+the metrics history), then one JSON line in ``metrics.jsonl``. ``--resume`` continues from the checkpoint exactly.
+After the last epoch the test split is evaluated once, the final model is saved in timm's Hub format, and
+``final.json`` is written last. The output folder belongs to the run (``run_folder``: writability, lock, no silent
+replacement; docs/reliability.md).
 """
 import json
 import logging
