@@ -57,7 +57,8 @@ def main():
     common = dict(num_classes=10)
 
     def trained(model, method):
-        return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe))
+        return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe),
+                                    resume=(folder / 'last.safetensors').is_file())  # interrupted: continue
 
     def run(label, train_row):
         """Train one row in ``work / label`` (``train_row(folder)`` returns its final.json record)."""

@@ -61,7 +61,8 @@ def main():
         if finished(folder):
             print(f'{label}: finished run found in {folder}, read back', flush=True)
         else:
-            train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe, **extra))
+            train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe, **extra),
+                  resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
         final, curve = read_run(folder)
         rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
                            train_loss=[c['train_loss'] for c in curve],

@@ -248,7 +248,8 @@ def main():
             start = time.time()
             train(make_config(train_set, test_set, model, method, epochs=args.epochs, batch_size=args.batch_size,
                               lr=extras.get('lr', args.lr), weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
-                              output_dir=str(folder)))
+                              output_dir=str(folder)),
+                  resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
             print(f'{label} seed {seed}: {time.time() - start:.0f} s', flush=True)
         final, curve = read_run(folder)
         runs[key] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),

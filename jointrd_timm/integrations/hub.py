@@ -70,10 +70,11 @@ def _check_folder(folder: Path) -> None:
     read_state_dict(folder / 'model.safetensors')  # truncated / corrupt files fail here with a clear message
 
 
-def load_model(spec: str, **kwargs) -> nn.Module:
+def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
     ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
-    ``num_classes`` different from the weights' drops the classifier, as timm does."""
+    ``num_classes`` different from the weights' drops the classifier, as timm does. ``require_weights``: refuse a
+    bare architecture name (randomly initialised weights), for commands whose output would then mean nothing."""
     import timm
     import jointrd_timm  # noqa: F401  (plain_* names)
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
@@ -82,6 +83,10 @@ def load_model(spec: str, **kwargs) -> nn.Module:
         _check_folder(folder)
         spec = f'local-dir:{folder}'
     pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
+    if require_weights and not pretrained:
+        raise ValueError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
+                         'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '
+                         'name.tag, hf-hub:org/name), or --random-weights to use random weights on purpose.')
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:

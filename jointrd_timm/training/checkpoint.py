@@ -3,7 +3,11 @@
 A training checkpoint is ONE .safetensors file: the model's tensors under ``model.``, every optimizer's tensors
 under ``optimizer.<name>.``, the torch RNG state under ``rng.torch``, and the rest (epoch, optimizer structure,
 scheduler state, Python/NumPy RNG, user extras) as JSON in the safetensors metadata. It is written to a temporary
-file beside the target and moved into place with ``os.replace``, so a crash never leaves a half-written file.
+file beside the target and moved into place with ``os.replace``, so a crash never leaves a half-written file (the
+temporary file a kill leaves behind is removed by the next run into the folder, see ``run_folder``).
+
+Pickles are refused everywhere except :func:`convert_checkpoint`, which reads one with ``torch.load(...,
+weights_only=True)`` (tensors and plain containers only, no code) to turn a torchdistill checkpoint into safetensors.
 """
 import json
 import os
@@ -17,26 +21,32 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from .faults import fault_point
+
 __all__ = ['atomic_write', 'save_checkpoint', 'load_checkpoint', 'load_weights', 'read_state_dict',
-           'CheckpointError', 'FORMAT']
+           'convert_checkpoint', 'CheckpointError', 'FORMAT', 'TMP_MARK']
 
 FORMAT = 'jointrd-checkpoint/1'
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
+TMP_MARK = '.tmp-'  # in the name of every temporary file of atomic_write: .<name>.tmp-<pid>
 
 
 class CheckpointError(ValueError):
     """A weights or checkpoint file is missing, truncated, pickled, or does not match the model."""
 
 
-def atomic_write(path: Union[str, Path], write) -> Path:
-    """Call ``write(tmp_path)`` then move tmp_path onto ``path`` atomically."""
+def atomic_write(path: Union[str, Path], write, point: Optional[str] = None) -> Path:
+    """Call ``write(tmp_path)`` then move tmp_path onto ``path`` atomically (``point``: a test-only fault point
+    between the two, see ``faults``). A failed write (disk full) leaves the previous ``path`` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp = path.with_name(f'.{path.name}{TMP_MARK}{os.getpid()}')
     try:
         write(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
+        if point:
+            fault_point(point)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -85,7 +95,7 @@ def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dic
                     schedulers=json.dumps(sched_meta), extra=json.dumps(extra or {}),
                     rng_python=json.dumps(random.getstate()),
                     rng_numpy=json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]))
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), point='checkpoint_write')
 
 
 def _open(path: Path):
@@ -93,7 +103,9 @@ def _open(path: Path):
         raise CheckpointError(f'No checkpoint at {path}.')
     if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f'{path} is a pickle file ({path.suffix}); only .safetensors is loaded (pickles can '
-                              'run arbitrary code). Convert it with safetensors.torch.save_file first.')
+                              'run arbitrary code). If you trust it (e.g. a checkpoint of torchdistill\'s example '
+                              f'script), convert its weights: jointrd convert-checkpoint {path} '
+                              f'{path.with_suffix(".safetensors")}')
     try:
         with safe_open(str(path), 'pt') as f:
             metadata = f.metadata() or {}
@@ -166,10 +178,11 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(model: nn.Module, path, part: Optional[str] = None) -> nn.Module:
+def load_weights(model: nn.Module, path, part: Optional[str] = None, skip: Optional[str] = None) -> nn.Module:
     """Load weights strictly from :func:`read_state_dict`'s sources. A training checkpoint of a JointRD run holds
     ``student.*`` and ``teacher.*``: loading it into a bare model takes the ``student.`` part, or the one named by
-    ``part`` (e.g. ``'teacher'``, the teacher a joint-mode run trained along)."""
+    ``part`` (e.g. ``'teacher'``, the teacher a joint-mode run trained along). ``skip``: a module name (e.g. the
+    classifier ``'fc'``) whose tensors are neither loaded nor required; the model keeps its own."""
     state = read_state_dict(path)
     if part is not None:
         prefix = f'{part}.'
@@ -178,5 +191,35 @@ def load_weights(model: nn.Module, path, part: Optional[str] = None) -> nn.Modul
             raise CheckpointError(f'{path} holds no {part} tensors ({prefix}*): not a JointRD run')
     elif not any(k in model.state_dict() for k in state) and any(k.startswith('student.') for k in state):
         state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+    if skip:
+        state = {k: v for k, v in state.items() if not k.startswith(skip + '.')}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(skip + '.')})
     _load_strict(model, state, path)
     return model
+
+
+def convert_checkpoint(src, dst, entry: str = 'model') -> Path:
+    """Write the weights of a pickled checkpoint (torchdistill's ``save_ckpt`` file: a dict whose ``model`` entry is
+    the state dict, or a bare state dict) to ``dst`` as safetensors. Read with ``torch.load(weights_only=True)``:
+    tensors, plain containers and argparse.Namespace (torchdistill stores its arguments) only; anything else is
+    refused by torch without being run. A DDP ``module.`` prefix is removed."""
+    import argparse
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise CheckpointError(f'No checkpoint at {src}.')
+    if dst.suffix != '.safetensors':
+        raise CheckpointError(f'The output {dst} must end in .safetensors.')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(src), map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
+        raise CheckpointError(f'{src} cannot be read as a weights-only pickle (torch.load weights_only=True): '
+                              f'{str(e).splitlines()[0][:300]}') from e
+    state = obj.get(entry) if isinstance(obj, dict) and isinstance(obj.get(entry), dict) else obj
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f'{src} holds no state dict of tensors under {entry!r} (found {keys}).')
+    if all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    tensors = _tensors(state, '')
+    return atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=dict(source=src.name)))
