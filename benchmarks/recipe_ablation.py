@@ -74,7 +74,7 @@ def rows_spec():
         'JointRD + Dirac + fade + teacher init': ('jointrd', dict(dirac=True, shortcut_fade=True),
                                                   dict(ref, shortcut_fade=0.5), dict(init_student_from_teacher=True)),
         'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
-        # the default recipe (DEFAULT_SHORTCUT_FADE = 0.8) and its baseline
+        # the default recipe (jointrd_timm.recipes.DEFAULT_RECIPE) and its baseline
         'JointRD + fade over 80 % + teacher init': default_with(),
         'twin alone + fade over 80 % + teacher init': ('ce', {}, None, dict(shortcut_fade=DEFAULT_SHORTCUT_FADE,
                                                                             teacher_init=True)),
@@ -273,7 +273,7 @@ def load_joint_teacher(folder: Path, arch: str) -> torch.nn.Module:
 
 def joint_teacher_accuracy(folder: Path, arch: str, test_set, batch_size: int = 256) -> float:
     """Test accuracy (%) of the teacher at the end of a joint-teacher run."""
-    from jointrd_timm.integrations.hub import top1_accuracy
+    from jointrd_timm.io import top1_accuracy
     return top1_accuracy(load_joint_teacher(folder, arch), test_set, batch_size)
 
 

@@ -40,7 +40,7 @@ def write_report(name: str, record: Dict, lines: List[str], plot: Optional[Calla
                  out: Path = RESULTS) -> Dict[str, Path]:
     """Write ``<out>/<name>.json`` (``record``, atomically), ``<name>.md`` (``lines``, with a footer naming the
     record, the machine and the command) and ``<name>.png`` (``plot(path)``, if given). Returns the paths."""
-    from jointrd_timm.training.checkpoint import atomic_write
+    from jointrd_timm.io import atomic_write
     meta = record.setdefault('meta', {})
     meta.setdefault('command', this_command())
     meta.setdefault('machine', machine())

@@ -115,7 +115,8 @@ def _push(args) -> int:
 
 
 def _eval(args) -> int:
-    from .integrations.hub import evaluate_model, load_model
+    from .integrations.hub import load_model
+    from .training.data import evaluate_model
     channels = 1 if args.dataset == 'sklearn:digits' else 3
     kwargs = dict(transform='tensor', input_size=8, channels=1) if channels == 1 else dict(transform=args.transform)
     if args.image_column:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_yaml
 from jointrd_timm.cli import main
-from jointrd_timm.training import faults
+from jointrd_timm import faults
 from jointrd_timm.training.checkpoint import CheckpointError, load_checkpoint, load_weights
 from jointrd_timm.training.run_folder import LOCK_NAME, RunFolderError
 from jointrd_timm.training.runner import ConfigError, load_config, train

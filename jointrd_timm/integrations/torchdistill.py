@@ -32,16 +32,9 @@ from ..methods.fading import FadingStudent
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..models.plain_twins import teacher_of
 from ..twins.transfer import load_teacher_weights
-from ..training.checkpoint import load_weights
+from ..io import load_weights, unwrap
 
-__all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
-           'unwrap']
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, 'module'):
-        model = model.module
-    return model
+__all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
 
 
 @register_model

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import TMP_MARK
-from .faults import fault_point
+from ..faults import fault_point
 
 __all__ = ['RunFolder', 'RunFolderError', 'check_writable', 'RUN_FILES', 'LOCK_NAME']
 

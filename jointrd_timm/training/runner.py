@@ -41,7 +41,7 @@ from ..methods import base as method_api
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, load_weights, save_checkpoint
-from .faults import fault_point
+from ..faults import fault_point
 from .run_folder import RunFolder, RunFolderError, checkpoint_epochs
 
 __all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'load_config', 'validate', 'ConfigError',
@@ -318,7 +318,8 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
     from accelerate.utils import set_seed
     from torchdistill.core.distillation import get_distillation_box
     from torchdistill.core.training import get_training_box
-    from ..integrations.torchdistill import accelerator_for_boxes, check_pair, unwrap
+    from ..integrations.torchdistill import accelerator_for_boxes, check_pair
+    from ..io import unwrap
 
     validate(config)
     runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))
