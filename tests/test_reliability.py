@@ -357,3 +357,18 @@ def test_torchdistill_checkpoint_reload_restores_the_fade(tmp_path):
     assert shortcut_scale(fresh.student) == 1.0
     load_ckpt(str(path), model=fresh)
     assert shortcut_scale(fresh.student) == 0.0 and torch.equal(fresh.eval()(x), expected)
+
+
+def test_resume_from_a_checkpoint_without_history_keeps_the_metrics_file(tmp_path):
+    """Checkpoints written before they carried the metrics history: --resume keeps the file's records of the epochs
+    the checkpoint holds (the last readable one per epoch), instead of emptying metrics.jsonl."""
+    import json as _json
+    from jointrd_timm.training.runner import _metrics_on_file
+    path = tmp_path / 'metrics.jsonl'
+    lines = [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=20.0), dict(epoch=2, val_acc=21.0),
+             dict(epoch=3, val_acc=30.0)]
+    path.write_text(''.join(_json.dumps(r) + '\n' for r in lines) + '{"epoch": 4, "val_')
+    assert _metrics_on_file(path, 2) == [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0)]
+    assert _metrics_on_file(path, 5) == [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0),
+                                         dict(epoch=3, val_acc=30.0)]
+    assert _metrics_on_file(tmp_path / 'none.jsonl', 3) == []

@@ -400,7 +400,9 @@ def _resume(run: _Run) -> None:
         raise ConfigError(f'{run.folder.checkpoint} holds {done} epochs, more than train.num_epochs='
                           f'{run.box.num_epochs}; resume with train.num_epochs={done} or more.')
     run.start_epoch = done
-    run.history = list(state['extra'].get('history', []))
+    history = state['extra'].get('history')
+    # a checkpoint written before checkpoints carried the history: keep the file's records of the epochs it holds
+    run.history = list(history) if history is not None else _metrics_on_file(run.out / 'metrics.jsonl', done)
     run.val_accuracy = next((r['val_acc'] for r in reversed(run.history) if 'val_acc' in r), None)
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
@@ -408,6 +410,19 @@ def _resume(run: _Run) -> None:
     then = f'continuing with epoch {done + 1}' if done < run.box.num_epochs else 'finishing (test, final save)'
     run.accelerator.print(f'Resumed from {run.folder.checkpoint}: {done} of {run.box.num_epochs} epoch(s) done, '
                           f'{then}.')
+
+
+def _metrics_on_file(path: Path, epochs: int) -> List[Dict]:
+    """The last readable record of each epoch 1..``epochs`` in a metrics file (a torn last line is skipped)."""
+    records = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get('epoch'), int) and 1 <= record['epoch'] <= epochs:
+            records[record['epoch']] = record
+    return [records[e] for e in sorted(records)]
 
 
 def _rewrite_metrics(path: Path, history: List[Dict]) -> None:
