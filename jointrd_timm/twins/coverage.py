@@ -32,6 +32,8 @@ def classify(name: str) -> dict:
     except UnsupportedBlockError as e:
         transformer = 'refused by design' in str(e)
         return dict(status='transformer (refused)' if transformer else 'no rule', reason=str(e).split(': ', 1)[1][:300])
+    if not before and not model.plain_report.shortcuts_removed:  # rule-known blocks, none of them residual here
+        return dict(status='not residual', reason='no shortcut addition found')
     left = count_shortcut_additions(model) + len(find_unhandled_residual_blocks(model))
     if left:
         return dict(status='no rule', reason=f'{left} shortcut additions left after the rules')
