@@ -40,6 +40,7 @@ class PlainReport:
     rule_descriptions: Dict[str, str] = field(default_factory=dict)
     unhandled: List[str] = field(default_factory=list)
     keep_projection_shortcuts: bool = False
+    teacher_keys_dropped: List[str] = field(default_factory=list)  # by a pretrained teacher tag's load
 
 
 
