@@ -301,3 +301,13 @@ def test_twin_initialised_from_the_teacher(dirac):
             compared += 1
     assert compared == 19  # stem + 18 block convs of resnet20 (projections are gone from the twin)
     torch.testing.assert_close(model.student.fc.weight, teacher['fc.weight'])
+
+
+def test_a_shared_activation_leaves_nothing_on_the_feature_tap():
+    # SE-ResNet blocks apply one ReLU module several times: only the last call is the feature, the others must not
+    # stay on the hook (they would hold the graph, and deployable() could not deep-copy the twin)
+    jointrd = pair(arch='legacy_seresnet18')
+    jointrd.set_epoch(0, 1, 1)
+    jointrd.train()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))['loss'].backward()
+    assert jointrd._student_tap.values == [] and jointrd._teacher_tap.values == []
+    copy.deepcopy(jointrd.student)

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .derive import PlainReport, UnsupportedBlockError, _make_trainable, token_mixers
+from .derive import NotResidualError, PlainReport, UnsupportedBlockError, _make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import _is_projection, graph_block, plain_class
 from .rules import get_rule, rules
@@ -157,6 +157,7 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
 
     Raises:
         UnsupportedBlockError: a block adds a shortcut no rule knows, a token-mixer block, or an untraceable one.
+        NotResidualError: no block adds a shortcut (nothing to fade).
     """
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     for name, module in list(model.named_modules()):
@@ -182,6 +183,11 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
         report.rule_descriptions[rule.name] = rule.description
         _make_trainable(name, fading, report)
     unhandled = [n for n, m in find_unhandled_residual_blocks(model) if not isinstance(m, FadingGraphBlock)]
+    if report.blocks_by_rule and not report.shortcuts_removed and not unhandled:
+        # e.g. LCNet, or an EfficientNet whose every block changes width: rule-known blocks, all with the skip off
+        raise NotResidualError(
+            f'{type(model).__name__} has no shortcut addition to fade (its blocks run with their skip off), so its '
+            'twin is the model itself: build plain_<arch> without shortcut_fade.')
     if not report.blocks_by_rule or unhandled:
         raise UnsupportedBlockError(
             f'{type(model).__name__}: shortcuts can fade only in blocks that a shortcut rule knows; '
