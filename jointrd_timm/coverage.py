@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .deploy.export import UnsupportedExportError
 from .methods import JointRD, JointRDConfig
 from .methods.stages import StageLayoutError
 from .twins import count_shortcut_additions
@@ -35,7 +36,8 @@ __all__ = ['check_recipe_path', 'STEPS', 'REFUSALS', 'input_size_for']
 
 STEPS = ('fade', 'jointrd', 'deploy', 'export')
 # errors that refuse a step by design, each with its reason in the message
-REFUSALS = (StageLayoutError, UnsupportedBlockError, NotResidualError)
+# (UnsupportedExportError: the ONNX exporter cannot translate one of the family's operators)
+REFUSALS = (StageLayoutError, UnsupportedBlockError, NotResidualError, UnsupportedExportError)
 # s = 1 reproduces the teacher exactly up to float reassociation inside re-traced blocks; tolerances are relative to
 # the largest output, because some random-init nets (MobileOne: every block sums three branches) reach 1e11 and more
 FADE_ATOL = 1e-4
@@ -124,7 +126,7 @@ def _deploy_step(arch: str, fading: nn.Module, x: torch.Tensor) -> Tuple[Dict, n
 
 
 def _export_step(deployed: nn.Module, size: int) -> Dict:
-    from .deploy.export import export_model
+    from .deploy.export import export_model  # onnx / onnxruntime load only when exporting
     deployed.eval()
     with torch.no_grad():
         atol = _tolerance(EXPORT_ATOL, deployed(torch.randn(2, *input_size_for(deployed, size))))

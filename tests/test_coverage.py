@@ -43,3 +43,11 @@ def test_a_refused_step_is_counted_with_its_reason():
     assert results['fade'] == dict(status='refused', error='NotResidualError', reason=results['fade']['reason'])
     assert 'no shortcut addition to fade' in results['fade']['reason']
     assert all(results[s]['status'] == 'skipped' for s in ('jointrd', 'deploy', 'export'))
+
+
+@pytest.mark.slow
+def test_an_operator_the_onnx_exporter_lacks_is_a_named_refusal():
+    # halo attention unfolds with sizes the ONNX exporter cannot read: the export step is refused with the reason
+    results = check_recipe_path('halonet_h1')
+    assert [results[s]['status'] for s in STEPS] == ['pass', 'pass', 'pass', 'refused']
+    assert results['export']['error'] == 'UnsupportedExportError' and 'Unfold' in results['export']['reason']
