@@ -91,7 +91,22 @@ def main():
     meta = dict(command='python benchmarks/twin_coverage.py', timm=timm.__version__, torch=torch.__version__,
                 jointrd_timm=jointrd_timm.__version__, machine=f'{platform.machine()} {platform.processor()}'.strip(),
                 python=sys.version.split()[0], seconds=round(time.time() - start))
+    _keep_recipe_results(Path(args.out), results, meta)
     _write(Path(args.out), results, meta)
+
+
+def _keep_recipe_results(out: Path, results: dict, meta: dict) -> None:
+    """A new classification keeps the recipe columns that benchmarks/recipe_coverage.py recorded (re-run it with
+    --redo after a change that may affect them)."""
+    path = out / 'twin_coverage.json'
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    for name, row in old['models'].items():
+        if 'recipe' in row and name in results:
+            results[name]['recipe'] = row['recipe']
+    if 'recipe' in old['meta']:
+        meta['recipe'] = old['meta']['recipe']
 
 
 def _checked(name: str, res: dict, real_max_params: float) -> dict:
@@ -184,7 +199,76 @@ def write_markdown(results, meta, path):
     for module in sorted(refused):
         lines.append(f'- {module}: ' + '; '.join(f'{m} ({c})' for m, c in refused[module].most_common()))
     lines += ['', '## Derived architectures', '', ', '.join(f'`{n}`' for n in sorted(derived))]
+    lines += recipe_markdown(results, meta)
     path.write_text('\n'.join(lines) + '\n')
+
+
+RECIPE_STEPS = ('fade', 'jointrd', 'deploy', 'export')
+RECIPE_MAX_PARAMS = 30e6
+
+
+def recipe_candidates(results: dict) -> list:
+    """The architectures whose recipe path is checked: derived twins (of a registered plain_* module) that passed
+    the real check, up to 30 M parameters, smallest first."""
+    ok = [(r['params'], n) for n, r in results.items() if r['status'] == 'derived' and r['module'] in TWIN_MODULES
+          and r.get('params', 0) <= RECIPE_MAX_PARAMS and r.get('forward_ok') and not r.get('dead_params')]
+    return [n for _, n in sorted(ok)]
+
+
+def _cell(step: dict) -> str:
+    status = step['status']
+    if status == 'pass':
+        if 'max_abs_diff' in step:
+            return f'pass ({step["max_abs_diff"]:.1e})'
+        if 'onnx_max_abs_error' in step:
+            return f'pass ({step["onnx_max_abs_error"]:.1e}, BN {step["batchnorms_before"]}->{step["batchnorms_after"]})'
+        return 'pass'
+    return f'**{status}**' + (f' ({step.get("error", "")})' if step.get('error') else '')
+
+
+def recipe_markdown(results: dict, meta: dict) -> list:
+    """The recipe-path section (benchmarks/recipe_coverage.py): one column per step of jointrd_timm.coverage."""
+    candidates = recipe_candidates(results)
+    checked = [n for n in candidates if 'recipe' in results[n]]
+    if not checked:
+        return []
+    rmeta = meta.get('recipe', {})
+    all_pass = [n for n in checked if all(results[n]['recipe'][s]['status'] == 'pass' for s in RECIPE_STEPS)]
+    refused = [n for n in checked if n not in all_pass and
+               all(results[n]['recipe'][s]['status'] in ('pass', 'refused', 'skipped') for s in RECIPE_STEPS)]
+    partial = len(checked) < len(candidates)
+    lines = ['', '## Recipe path: teacher -> fading twin -> JointRD -> deployed twin', '',
+             (f'**PARTIAL: {len(checked)} of {len(candidates)} architectures checked** (the sweep did not finish; '
+              'the smallest architectures first). ' if partial else '') +
+             f'Derivable architectures up to 30 M parameters: {len(candidates)}; checked {len(checked)}; '
+             f'**every step passed: {len(all_pass)} ({100 * len(all_pass) / len(checked):.1f} %)**, refused by design '
+             f'at a step: {len(refused)}, failed or crashed: {len(checked) - len(all_pass) - len(refused)}.', '',
+             f'Command `{rmeta.get("command", "python benchmarks/recipe_coverage.py")}` '
+             f'({rmeta.get("seconds", "?")} s, 1 thread; input {rmeta.get("size", 64)} px square unless the model '
+             'fixes its input size, batch 2, num_classes 10, random init). The checks are '
+             '`jointrd_timm.coverage.check_recipe_path`: **fade**: `plain_<arch>` with `shortcut_fade=True` and the '
+             "teacher's weights (`load_teacher_weights`) equals the teacher at s = 1 in eval mode (max abs diff); "
+             '**jointrd**: the stage split builds and one JointRD train step gives a finite loss and a gradient to '
+             'every twin parameter the twin-alone step reaches; **deploy**: at s = 0 `deployable()` has no shortcut '
+             'addition left, loads strictly into `plain_<arch>` and gives the same outputs (max abs diff); '
+             '**export**: BN / Dirac folding and ONNX export checked by onnxruntime (max abs error, BatchNorms '
+             'before -> after folding).', '',
+             '| step | pass | fail | refused | crash | skipped |', '|---|---|---|---|---|---|']
+    for step in RECIPE_STEPS:
+        c = Counter(results[n]['recipe'][step]['status'] for n in checked)
+        lines.append(f'| {step} | {c["pass"]} | {c["fail"]} | {c["refused"]} | {c["crash"]} | {c["skipped"]} |')
+    problems = [(n, s, results[n]['recipe'][s]) for n in checked for s in RECIPE_STEPS
+                if results[n]['recipe'][s]['status'] not in ('pass', 'skipped')]
+    lines += ['', '### Steps that did not pass, and why', '']
+    lines += [f'- `{n}` {s}: {st["status"]}: {st.get("error", "")} {st.get("reason", "")}'.rstrip()
+              for n, s, st in problems] or ['- none']
+    lines += ['', '### By architecture', '', '| architecture | module | params (M) | ' + ' | '.join(RECIPE_STEPS) + ' |',
+              '|---|---|---|' + '---|' * len(RECIPE_STEPS)]
+    for n in checked:
+        r = results[n]
+        lines.append(f'| `{n}` | {r["module"]} | {r["params"] / 1e6:.2f} | '
+                     + ' | '.join(_cell(r['recipe'][s]) for s in RECIPE_STEPS) + ' |')
+    return lines
 
 
 if __name__ == '__main__':

@@ -10,15 +10,17 @@ import jointrd_timm  # noqa: F401
 from conftest import tiny_yaml
 from jointrd_timm.methods import JointRD, JointRDConfig
 from jointrd_timm.training.runner import load_config, train
-from jointrd_timm.twins import count_shortcut_additions
+from jointrd_timm.twins import NotResidualError, count_shortcut_additions
 from jointrd_timm.methods.fading import FadingStudent
 from jointrd_timm.methods.schedules import block_scales, fade_scale
 from jointrd_timm.twins.fade import (SCALE, FadingGraphBlock, deployable, finish_fade, is_fading, make_fading,
                                      set_shortcut_scale, shortcut_scale)
 from jointrd_timm.twins.transfer import load_teacher_weights
 
-# one architecture per kind of rule: swap (CIFAR + timm ResNet), timm's own switch, graph rule
-ARCHS = [('resnet20_cifar', 32), ('resnet18', 64), ('mobilenetv3_small_050', 64), ('ghostnet_050', 64)]
+# one architecture per kind of rule: swap (CIFAR + timm ResNet), timm's own switch, graph rule; DLA hands its blocks
+# their shortcut as an argument
+ARCHS = [('resnet20_cifar', 32), ('resnet18', 64), ('mobilenetv3_small_050', 64), ('ghostnet_050', 64),
+         ('dla46_c', 64)]
 
 
 def _pair(arch, **kwargs):
@@ -42,7 +44,13 @@ def test_scale_one_is_the_teacher_and_scale_zero_is_the_twin(arch, size):
     twin.load_state_dict(fading.state_dict())  # strict: exactly the twin's parameters, projections gone
     assert torch.equal(twin(x), at_zero) and torch.equal(fading(x), at_zero)
     assert count_shortcut_additions(fading) == 0 and not is_fading(fading)
-    assert fading.plain_report.removed_modules == twin.plain_report.removed_modules
+    assert sorted(fading.plain_report.removed_modules) == sorted(twin.plain_report.removed_modules)
+
+
+def test_fading_a_model_without_shortcuts_is_refused_at_once():
+    # LCNet's blocks are rule-known but all run with timm's skip off: nothing to fade, so no fading twin
+    with pytest.raises(NotResidualError, match='no shortcut addition to fade .* without shortcut_fade'):
+        timm.create_model('plain_lcnet_035', shortcut_fade=True)
 
 
 def test_intermediate_scale_matches_a_hand_computed_block():

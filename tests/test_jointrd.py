@@ -65,6 +65,25 @@ def test_stage_split_reproduces_the_model():
     assert StageSplit(timm.create_model('resnet18')).boundaries == ['layer1', 'layer2', 'layer3', 'layer4']
 
 
+@pytest.mark.parametrize('arch', ['mobilenetv3_small_050', 'ghostnet_050'])
+def test_head_convs_after_pooling_stay_in_the_head(arch):
+    # their conv_head runs in forward_head on the pooled map; in the neck it ran twice (conv2d on a [1, 1] input)
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    split = StageSplit(model, x)
+    assert model.conv_head in list(split.head_modules) and model.conv_head not in list(split.neck)
+    logits, feature = split(x, 0)
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(feature, model.forward_features(x))
+    jointrd = pair(arch=arch)
+    jointrd.set_epoch(0, 1, 1)
+    out = jointrd.train()(x, torch.tensor([1, 2]))
+    assert torch.isfinite(out['loss'])
+    out['loss'].backward()
+    assert jointrd.student.conv_head.weight.grad.abs().sum() > 0
+
+
 def test_loss_equals_hand_computation():
     model = pair(JointRDConfig(eta_min=0.5, eta_horizon=10, feature_loss_weight=1e-3, kd_weight=0.5))
     model.set_epoch(5, 0, 10)
@@ -300,3 +319,13 @@ def test_twin_initialised_from_the_teacher(dirac):
             compared += 1
     assert compared == 19  # stem + 18 block convs of resnet20 (projections are gone from the twin)
     torch.testing.assert_close(model.student.fc.weight, teacher['fc.weight'])
+
+
+def test_a_shared_activation_leaves_nothing_on_the_feature_tap():
+    # SE-ResNet blocks apply one ReLU module several times: only the last call is the feature, the others must not
+    # stay on the hook (they would hold the graph, and deployable() could not deep-copy the twin)
+    jointrd = pair(arch='legacy_seresnet18')
+    jointrd.set_epoch(0, 1, 1)
+    jointrd.train()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))['loss'].backward()
+    assert jointrd._student_tap.values == [] and jointrd._teacher_tap.values == []
+    copy.deepcopy(jointrd.student)

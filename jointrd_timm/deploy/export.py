@@ -15,11 +15,15 @@ from ..io import atomic_write
 from .fold import fold_for_deployment
 from ..extras import require
 
-__all__ = ['export_model', 'ExportError']
+__all__ = ['export_model', 'ExportError', 'UnsupportedExportError']
 
 
 class ExportError(RuntimeError):
     """An exported file does not reproduce the eager model within tolerance."""
+
+
+class UnsupportedExportError(RuntimeError):
+    """The exporter has no translation for an operator of the model (e.g. halo attention's Unfold in ONNX)."""
 
 
 def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Tensor:
@@ -49,9 +53,14 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         path = out_dir / f'{name}.onnx'
 
         def write_onnx(tmp):
-            torch.onnx.export(folded, (x,), str(tmp), input_names=['input'], output_names=['logits'],
-                              dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}}, opset_version=opset,
-                              dynamo=False)
+            try:
+                torch.onnx.export(folded, (x,), str(tmp), input_names=['input'], output_names=['logits'],
+                                  dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}}, opset_version=opset,
+                                  dynamo=False)
+            except torch.onnx.errors.OnnxExporterError as e:
+                raise UnsupportedExportError(
+                    f'torch.onnx cannot export {type(model).__name__}: {str(e).splitlines()[0][:200]} Export it as '
+                    "TorchScript only (formats=('torchscript',)).") from e
             onnx.checker.check_model(str(tmp))
         atomic_write(path, write_onnx)
         session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])

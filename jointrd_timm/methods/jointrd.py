@@ -309,7 +309,12 @@ class JointRD(TrainingMethod):
             logits, _ = fn()
         finally:
             tap.enabled = False
-        return logits, tap.pop()
+        feature = tap.pop()
+        # a shared activation module (SE-ResNet's, GhostNet's) runs more than once per forward: the last call is the
+        # final feature, and the earlier ones must not stay on the hook (they hold the graph, leak memory, and make
+        # the model impossible to deep-copy for deployment)
+        tap.values.clear()
+        return logits, feature
 
     def _teacher_forward(self, x: torch.Tensor):
         return self._captured(self._teacher_tap, lambda: self.teacher_stages(x, 0))

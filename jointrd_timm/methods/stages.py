@@ -4,7 +4,8 @@ A timm model's ``forward_features`` applies its children in order (ResNet: conv1
 layer1..4; EfficientNet: conv_stem, bn1, blocks.0..6, conv_head, bn2; ConvNeXt: stem, stages.0..3, norm_pre).
 The split walks the children in that order, descending into the containers that hold a tap, and cuts after
 each tap; a segment without any residual (or plain) block is merged into the next one, so a ResNet gives
-stem+layer1, layer2, layer3, layer4. Modules after the last tap and before the head ("neck") belong to the head.
+stem+layer1, layer2, layer3, layer4. Modules after the last tap that ``forward_features`` applies form the "neck"
+(EfficientNet's ``conv_head``); the others are ``forward_head``'s (MobileNetV3's ``conv_head``, after pooling).
 The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -77,14 +78,19 @@ class StageSplit(nn.Module):
                 segments.append(nn.Sequential(*current))
                 boundaries.append(name)
                 current = []
+        if current and segments:  # the last tap ends in modules without a block (e.g. a final 1x1 conv): merge them
+            segments[-1] = nn.Sequential(*segments[-1], *current)
+            boundaries[-1] = names[last_tap]
         self.stages = nn.ModuleList(segments)
         self.boundaries = boundaries
         tap_info = {name: (chs, red) for name, chs, red in _tap_channels(model)}
         self.stage_channels = [tap_info[b][0] for b in boundaries]
         self.stage_reductions = [tap_info[b][1] for b in boundaries]
-        self.neck = nn.Sequential(*[m for _, m in chain[last_tap + 1:] if not _is_head(model, m)])
+        after = [m for _, m in chain[last_tap + 1:]]
+        in_features = _run_by_forward_features(model, after, probe)
+        self.neck = nn.Sequential(*[m for m in after if in_features(m)])
         self._forward_head = model.forward_head
-        self.head_modules = nn.ModuleList([m for _, m in chain[last_tap + 1:] if _is_head(model, m)])
+        self.head_modules = nn.ModuleList([m for m in after if not in_features(m)])
         if len(self.stages) < 2:
             raise StageLayoutError(f'{self.model_name} has {len(self.stages)} stage(s) with residual blocks; '
                                    'JointRD needs at least 2.')
@@ -128,6 +134,28 @@ class StageSplit(nn.Module):
             raise StageLayoutError(
                 f'{self.model_name}: running its stages in order does not reproduce model(x), so its forward is '
                 'not a chain of its children and JointRD cannot route student features through it.')
+
+
+def _run_by_forward_features(model: nn.Module, modules: Sequence[nn.Module],
+                             probe: Optional[torch.Tensor]) -> Callable[[nn.Module], bool]:
+    """Which of ``modules`` (the children after the last tap) ``forward_features`` applies: those form the neck,
+    the others belong to ``forward_head``. Observed with forward hooks on one probe forward, because a child's
+    name does not tell (MobileNetV3's and GhostNet's ``conv_head`` run in ``forward_head``, after the pooling;
+    EfficientNet's in ``forward_features``). Without a probe, the head's usual names decide."""
+    if probe is None or not modules:
+        return lambda m: not _is_head(model, m)
+    ran = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.add(id(m))) for m in modules]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model.forward_features(probe)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return lambda m: id(m) in ran
 
 
 def _is_head(model: nn.Module, module: nn.Module) -> bool:

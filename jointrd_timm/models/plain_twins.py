@@ -12,21 +12,29 @@ Extra kwargs of every ``plain_*`` model:
     shortcut_fade (bool, default False): a *fading* twin for training: the residual net with every shortcut the
         twin drops scaled by ``s`` (1 at creation), removed by ``finish_fade`` once ``s`` reached 0 (see
         :mod:`jointrd_timm.twins.fade`).
+
+Pretrained tags: the published twins of ``registry/`` first, then every pretrained tag of the teacher
+(``plain_resnet50.a1_in1k``): those load the teacher's weights through timm's own machinery (hf-hub, url, a
+``pretrained_cfg_overlay=dict(file=...)``) and :func:`~jointrd_timm.twins.transfer.pretrained_teacher_filter`
+(strict but for the removed shortcut branches); with ``shortcut_fade=True`` the twin starts as the pretrained
+teacher itself (s = 1), the recipe's start point.
 """
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import timm
 from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._builder import pretrained_cfg_for_features
+from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, resolve_pretrained_cfg
 from timm.models._registry import _model_to_module, generate_default_cfgs, get_pretrained_cfg
 
 from ..twins import make_plain
 from .catalogue import tag_cfgs
 from ..twins.dirac import apply_dirac
 from ..twins.fade import make_fading
+from ..twins.transfer import pretrained_teacher_filter
 
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name']
 
@@ -97,9 +105,33 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
             _copy_weights_into_feature_net(full, features)
             features.pretrained_cfg = pretrained_cfg_for_features(full.pretrained_cfg)
         return features
-    model = build_model_with_cfg(build_twin, variant, pretrained, **kwargs)
+    try:
+        model = build_model_with_cfg(build_twin, variant, pretrained, pretrained_filter_fn=pretrained_teacher_filter,
+                                     **kwargs)
+    except Exception as e:
+        if pretrained:
+            note = _teacher_weights_note(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+            if note:
+                e.add_note(note)  # timm's own error stays as it is, with one line naming the teacher file
+        raise
     model.pretrained_model_args = twin_args
     return model
+
+
+def _teacher_weights_note(variant: str, pretrained_cfg, overlay) -> Optional[str]:
+    """One line naming the teacher weights a teacher tag wanted (None for other tags)."""
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    except Exception:  # noqa: BLE001 - the note is a courtesy; timm's error is what the user gets
+        return None
+    teacher = _TEACHER_TAGS.get(f'{variant}.{cfg.tag}')
+    if teacher is None:
+        return None
+    wanted = ([f'file {cfg.file}'] if cfg.file else []) + \
+        ([f'Hub {cfg.hf_hub_id}' + (f' ({cfg.hf_hub_filename})' if cfg.hf_hub_filename else '')]
+         if cfg.hf_hub_id else []) + ([f'url {cfg.url}'] if cfg.url else [])
+    return (f'jointrd_timm: {variant}.{cfg.tag} loads the weights of its teacher {teacher}, wanted from '
+            f'{" or ".join(wanted) or "nowhere (no source)"}.')
 
 
 def _entrypoint(teacher: str):
@@ -121,10 +153,28 @@ def _teacher_cfg(teacher: str) -> dict:
 _TEACHERS = sorted(name for name in timm.list_models()  # list_models leaves out deprecated aliases
                    if _model_to_module.get(name) in TWIN_MODULES and name not in _EXCLUDED
                    and not name.startswith(PREFIX))
+# twin tag -> the teacher tag whose weights it loads ('plain_resnet50.a1_in1k' -> 'resnet50.a1_in1k')
+_TEACHER_TAGS: Dict[str, str] = {}
+
+
+def _teacher_tag_cfgs(teacher: str) -> Dict[str, PretrainedCfg]:
+    """``plain_<teacher>.<tag>`` for each pretrained tag of the teacher: the teacher's cfg with its weight
+    source; :func:`pretrained_teacher_filter` maps the teacher's weights onto the twin when they load."""
+    cfgs = {}
+    for name, cfg in get_arch_pretrained_cfgs(teacher).items():
+        if not cfg.has_weights or not cfg.tag:
+            continue
+        twin_tag = f'{twin_name(teacher)}.{cfg.tag}'
+        cfgs[twin_tag] = cfg  # a copy; register_model sets its architecture and tag to the twin's
+        _TEACHER_TAGS[twin_tag] = name
+    return cfgs
+
+
 def _cfgs(teacher: str) -> Dict[str, dict]:
     base = _teacher_cfg(teacher)
-    # published weights first: timm makes the first tag the default of pretrained=True
-    return {**tag_cfgs(twin_name(teacher), base), twin_name(teacher): base}
+    # published twins first, then the teacher's tags: timm makes the first tag with weights the default of
+    # pretrained=True (a published twin, else the teacher's own default weights) and list_pretrained keeps this order
+    return {**tag_cfgs(twin_name(teacher), base), **_teacher_tag_cfgs(teacher), twin_name(teacher): base}
 
 
 default_cfgs = generate_default_cfgs({name: cfg for teacher in _TEACHERS for name, cfg in _cfgs(teacher).items()})

@@ -39,6 +39,8 @@ class PlainReport:
     reinitialised: List[str] = field(default_factory=list)
     rule_descriptions: Dict[str, str] = field(default_factory=dict)
     unhandled: List[str] = field(default_factory=list)
+    keep_projection_shortcuts: bool = False
+    teacher_keys_dropped: List[str] = field(default_factory=list)  # by a pretrained teacher tag's load
 
 
 
@@ -132,7 +134,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
         The same object, now plain, with ``model.plain_report`` (:class:`PlainReport`).
     """
     model_name = type(model).__name__
-    report = PlainReport()
+    report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     refused = []
     for name, module in list(model.named_modules()):
         rule = get_rule(module)

@@ -22,6 +22,8 @@ deploy :func:`deployable` (fade finished, Dirac folded). This module is model su
 ``s``, never decides it.
 """
 import copy
+import inspect
+import math
 import operator
 from functools import lru_cache
 from typing import Optional, Sequence, Type, Union
@@ -30,11 +32,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .derive import PlainReport, UnsupportedBlockError, make_trainable, token_mixers
+from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import is_projection, graph_block, plain_class
 from .rules import get_rule, rules
-from .verify import find_shortcut_additions, find_unhandled_residual_blocks, trace_block
+from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
            'fading_block_count', 'deployable']
@@ -54,6 +56,67 @@ def _fading_class(block_class: Type[nn.Module]) -> type:
                 dict(jointrd_plain_rule=rules().get(block_class), jointrd_block_class=block_class))
 
 
+def given_or(given: Optional[torch.Tensor], default: torch.Tensor) -> torch.Tensor:
+    """The shortcut a caller handed the block, else the block's own default shortcut."""
+    return default if given is None else given
+
+
+def _module_calls(graph: fx.Graph) -> list:
+    return [n.target for n in graph.nodes if n.op == 'call_module']
+
+
+def _copy_operand(node: fx.Node, into: fx.Graph, before: fx.Node, inputs: dict) -> fx.Node:
+    """Copy ``node`` and what it is computed from (down to the placeholders, mapped by ``inputs``) into
+    ``into``, before ``before``."""
+    needed, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in needed or n in inputs:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    copies = dict(inputs)
+    with into.inserting_before(before):
+        for n in node.graph.nodes:  # graph order is a topological order
+            if n in needed:
+                copies[n] = into.node_copy(n, lambda a: copies[a])
+    return copies[node]
+
+
+def _with_given_shortcuts(block: nn.Module, graph: fx.Graph, concrete: dict):
+    """The block's trace, extended to shortcuts that a caller may hand it as an optional argument.
+
+    :func:`trace_block` specialises every argument that defaults to None to None. Some blocks take their
+    shortcut that way (DLA: ``tree1(x, shortcut)`` passes the tree's projection, ``tree2(x1)`` none, and the block
+    falls back to its input). Traced with that argument given, such a block adds the argument itself; the merged
+    graph adds ``given_or(argument, default)`` instead, where ``default`` is what the None trace adds, so one graph
+    serves both calls. Only merged when both traces call the same modules in the same order (the argument changes
+    the shortcut, nothing else) and the argument is added as it is; otherwise the None trace is kept."""
+    names = [p for p in inspect.signature(block.forward).parameters]
+    for name in [n for n in names if n in concrete]:
+        given_concrete = {k: v for k, v in concrete.items() if k != name}
+        try:
+            given = _ShallowTracer().trace(block, concrete_args=given_concrete)
+        except Exception:  # the argument is not traceable as a tensor (e.g. a list): nothing to merge
+            continue
+        given_inputs = [n for n in given.nodes if n.op == 'placeholder']
+        argument = given_inputs[names.index(name)]
+        found = find_shortcut_additions(given, given_concrete, root=block)
+        found_before = find_shortcut_additions(graph, concrete, root=block)
+        if not any(shortcut is argument for _, shortcut, _ in found) or len(found) != len(found_before) \
+                or _module_calls(given) != _module_calls(graph):
+            continue
+        inputs = dict(zip([n for n in graph.nodes if n.op == 'placeholder'], given_inputs))
+        for (add, shortcut, _), (_, default, _) in zip(found, found_before):
+            if shortcut is argument:
+                default = _copy_operand(default, given, add, inputs)
+                with given.inserting_before(add):
+                    chosen = given.call_function(given_or, (argument, default))
+                add.replace_input_with(argument, chosen)
+        graph, concrete = given, given_concrete
+    return graph, concrete
+
+
 def _fading_block(block: nn.Module, keep_projection: bool):
     """``block`` with each shortcut addition ``a + shortcut`` rewritten to ``a + s * shortcut``; returns the
     fading block, the number of shortcuts scaled and whether a projection shortcut was left as it is."""
@@ -62,7 +125,7 @@ def _fading_block(block: nn.Module, keep_projection: bool):
         raise UnsupportedBlockError(
             f'{type(block).__qualname__} cannot be traced by torch.fx, so its shortcuts cannot fade; train its twin '
             'without shortcut_fade.')
-    graph, concrete = traced
+    graph, concrete = _with_given_shortcuts(block, *traced)
     scale, scaled, kept = None, 0, False
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
         if keep_projection and is_projection(shortcut, block):
@@ -92,8 +155,9 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
 
     Raises:
         UnsupportedBlockError: a block adds a shortcut no rule knows, a token-mixer block, or an untraceable one.
+        NotResidualError: no block adds a shortcut (nothing to fade).
     """
-    report = PlainReport()
+    report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     for name, module in list(model.named_modules()):
         rule = get_rule(module)
         if rule is None or not name:
@@ -117,6 +181,11 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
         report.rule_descriptions[rule.name] = rule.description
         make_trainable(name, fading, report)
     unhandled = [n for n, m in find_unhandled_residual_blocks(model) if not isinstance(m, FadingGraphBlock)]
+    if report.blocks_by_rule and not report.shortcuts_removed and not unhandled:
+        # e.g. LCNet, or an EfficientNet whose every block changes width: rule-known blocks, all with the skip off
+        raise NotResidualError(
+            f'{type(model).__name__} has no shortcut addition to fade (its blocks run with their skip off), so its '
+            'twin is the model itself: build plain_<arch> without shortcut_fade.')
     if not report.blocks_by_rule or unhandled:
         raise UnsupportedBlockError(
             f'{type(model).__name__}: shortcuts can fade only in blocks that a shortcut rule knows; '
@@ -198,11 +267,32 @@ def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:
         report.removed_modules.extend(f'{name}.{n}' for n in sorted(before - {n for n, _ in plain.named_children()}))
         parent_name, _, child_name = name.rpartition('.')
         setattr(model.get_submodule(parent_name), child_name, plain)
+    _finish_unfaded_blocks(model, report)
     model.plain_report = report
     args = getattr(model, 'pretrained_model_args', None)
     if isinstance(args, dict) and args.get('shortcut_fade'):
         model.pretrained_model_args = dict(args, shortcut_fade=False)
     return model
+
+
+def _finish_unfaded_blocks(model: nn.Module, report: PlainReport) -> None:
+    """Apply the plain twin's rule to the rule-known blocks that had no shortcut addition of their own to fade
+    but still hold shortcut modules: a block that computes a projection and hands it to a child as its shortcut
+    (DLA's tree: ``tree1(x, project(bottom))``). The child's faded shortcut no longer reads it (s = 0), so the
+    rule drops only dead code, and the model gets exactly the plain twin's modules and parameter names."""
+    for name, module in list(model.named_modules()):
+        rule = get_rule(module)
+        if rule is None or not name or type(module) is not rule.block_class:
+            continue
+        before = {n for n, c in module.named_children() if c is not None}
+        if rule.replaces:
+            module, _ = rule.apply(module, report.keep_projection_shortcuts)
+            parent_name, _, child_name = name.rpartition('.')
+            setattr(model.get_submodule(parent_name), child_name, module)
+        else:
+            rule.apply(module, report.keep_projection_shortcuts)
+        after = {n for n, c in module.named_children() if c is not None}
+        report.removed_modules.extend(f'{name}.{n}' for n in sorted(before - after))
 
 
 def deployable(model: nn.Module) -> nn.Module:

@@ -1,13 +1,13 @@
 """Teacher -> twin weight transfer: strict about everything except the shortcut branches the twin dropped."""
 import logging
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .dirac import DiracWeight
 
-__all__ = ['load_teacher_weights']
+__all__ = ['load_teacher_weights', 'teacher_state_for_twin', 'pretrained_teacher_filter']
 
 _logger = logging.getLogger(__name__)
 _DIRAC_ORIGINAL = '.parametrizations.weight.original'
@@ -20,6 +20,51 @@ def _dirac_parametrisations(twin: nn.Module) -> Dict[str, DiracWeight]:
         if params is not None and isinstance(params[0], DiracWeight):
             found[f'{name}{_DIRAC_ORIGINAL}'] = params[0]
     return found
+
+
+def teacher_state_for_twin(twin: nn.Module, teacher_state_dict: Mapping[str, torch.Tensor],
+                           keep_shapes: Sequence[str] = ()) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The twin's state dict made from a residual teacher's (see :func:`load_teacher_weights`), and the teacher
+    keys left over (all of removed shortcut branches).
+
+    ``keep_shapes``: keys whose teacher tensor is passed on unchanged even if its shape differs from the twin's
+    (timm's pretrained loader adapts the first conv to ``in_chans`` and drops a classifier of another width after
+    this mapping)."""
+    report = getattr(twin, 'plain_report', None)
+    if report is None:
+        raise ValueError(f'{type(twin).__name__} is not a twin: build it with make_plain() or timm.create_model("plain_...").')
+    removed_prefixes = tuple(f'{name}.' for name in report.removed_modules)
+    dirac = _dirac_parametrisations(twin)
+    twin_state = twin.state_dict()
+    source_of = {key: key.replace(_DIRAC_ORIGINAL, '.weight') for key in twin_state
+                 if not key.endswith(('.weight.0.alpha', '.weight.0.beta'))}
+    missing = [key for key, source in source_of.items() if source not in teacher_state_dict]
+    used = set(source_of.values())
+    leftover = [key for key in teacher_state_dict if key not in used]
+    unexpected = [key for key in leftover if not key.startswith(removed_prefixes)]
+    mismatched = [f'{key}: twin {tuple(twin_state[key].shape)} vs teacher {tuple(teacher_state_dict[src].shape)}'
+                  for key, src in source_of.items() if src in teacher_state_dict and src not in keep_shapes
+                  and twin_state[key].shape != teacher_state_dict[src].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f'{len(missing)} twin tensors have no teacher tensor (e.g. {missing[:3]})')
+        if unexpected:
+            problems.append(f'{len(unexpected)} teacher tensors match nothing in the twin and are not removed '
+                            f'shortcut branches (e.g. {unexpected[:3]})')
+        if mismatched:
+            problems.append(f'{len(mismatched)} shapes differ (e.g. {mismatched[:3]})')
+        raise ValueError(
+            f'This state dict is not the teacher of {type(twin).__name__}: ' + '; '.join(problems) +
+            '. Load the weights of the architecture the twin was derived from (same depth, widths, num_classes).')
+    new_state = {}
+    for key, src in source_of.items():
+        value = teacher_state_dict[src]
+        if key in dirac and value.shape == twin_state[key].shape:
+            param = dirac[key]
+            value = (value.to(param.delta.dtype) - param.alpha.detach() * param.delta) / param.beta.detach()
+        new_state[key] = value
+    return new_state, leftover
 
 
 def load_teacher_weights(twin: nn.Module, teacher_state_dict: Union[Mapping[str, torch.Tensor], nn.Module]) -> List[str]:
@@ -37,42 +82,38 @@ def load_teacher_weights(twin: nn.Module, teacher_state_dict: Union[Mapping[str,
     """
     if isinstance(teacher_state_dict, nn.Module):
         teacher_state_dict = teacher_state_dict.state_dict()
-    report = getattr(twin, 'plain_report', None)
-    if report is None:
-        raise ValueError(f'{type(twin).__name__} is not a twin: build it with make_plain() or timm.create_model("plain_...").')
-    removed_prefixes = tuple(f'{name}.' for name in report.removed_modules)
-    dirac = _dirac_parametrisations(twin)
-    twin_state = twin.state_dict()
-    source_of = {key: key.replace(_DIRAC_ORIGINAL, '.weight') for key in twin_state
-                 if not key.endswith(('.weight.0.alpha', '.weight.0.beta'))}
-    missing = [key for key, source in source_of.items() if source not in teacher_state_dict]
-    used = set(source_of.values())
-    leftover = [key for key in teacher_state_dict if key not in used]
-    unexpected = [key for key in leftover if not key.startswith(removed_prefixes)]
-    mismatched = [f'{key}: twin {tuple(twin_state[key].shape)} vs teacher {tuple(teacher_state_dict[src].shape)}'
-                  for key, src in source_of.items()
-                  if src in teacher_state_dict and twin_state[key].shape != teacher_state_dict[src].shape]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f'{len(missing)} twin tensors have no teacher tensor (e.g. {missing[:3]})')
-        if unexpected:
-            problems.append(f'{len(unexpected)} teacher tensors match nothing in the twin and are not removed '
-                            f'shortcut branches (e.g. {unexpected[:3]})')
-        if mismatched:
-            problems.append(f'{len(mismatched)} shapes differ (e.g. {mismatched[:3]})')
-        raise ValueError(
-            f'This state dict is not the teacher of {type(twin).__name__}: ' + '; '.join(problems) +
-            '. Load the weights of the architecture the twin was derived from (same depth, widths, num_classes).')
-    new_state = {}
-    for key, src in source_of.items():
-        value = teacher_state_dict[src]
-        if key in dirac:
-            param = dirac[key]
-            value = (value.to(param.delta.dtype) - param.alpha.detach() * param.delta) / param.beta.detach()
-        new_state[key] = value
+    new_state, leftover = teacher_state_for_twin(twin, teacher_state_dict)
     twin.load_state_dict(new_state, strict=False)
+    _log_dropped(leftover)
+    return leftover
+
+
+def _log_dropped(leftover: List[str]) -> None:
     if leftover:
         _logger.info('load_teacher_weights: dropped %d teacher tensors of removed shortcut branches: %s',
                      len(leftover), ', '.join(leftover))
-    return leftover
+
+
+def _names(value) -> Tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def pretrained_teacher_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn`` of every ``plain_*`` model: a state dict with exactly the twin's keys (a
+    published twin, or a fading twin's teacher) passes unchanged; a residual teacher's goes through
+    :func:`teacher_state_for_twin` (strict but for the removed shortcut branches), and the keys dropped are kept
+    on ``model.plain_report.teacher_keys_dropped`` and logged. timm then adapts the first conv and classifier and
+    loads the result strictly (a state dict that is neither passes unchanged, so timm's own error names the
+    keys that do not fit)."""
+    if set(state_dict) == set(model.state_dict()):
+        return state_dict
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    keep = [f'{name}.{p}' for name in _names(cfg.get('first_conv')) + _names(cfg.get('classifier'))
+            for p in ('weight', 'bias')]
+    try:
+        new_state, leftover = teacher_state_for_twin(model, state_dict, keep_shapes=keep)
+    except ValueError:  # neither the twin's nor its teacher's weights: timm's strict load says what does not fit
+        return state_dict
+    model.plain_report.teacher_keys_dropped = leftover
+    _log_dropped(leftover)
+    return new_state
