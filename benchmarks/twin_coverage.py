@@ -6,8 +6,9 @@ architectures up to ``--real-max-params`` parameters are then built for real (``
 and must run forward and give every parameter a non-zero gradient at init (in train mode, or in eval
 mode for a bias that a following BatchNorm cancels in train mode: see ``verify.dead_parameters``).
 
-Writes benchmarks/results/twin_coverage.{json,md} and jointrd_timm/models/underivable.json (the architectures
-of the twin modules that must not be registered as plain_*).
+Writes benchmarks/results/twin_coverage.{json,md}. (Which architectures are registered as plain_* is decided by
+jointrd_timm/models/underivable.json, written by ``python -m jointrd_timm.models.underivable`` with the same
+classifier, jointrd_timm.twins.coverage.classify.)
 
     python benchmarks/twin_coverage.py            # about 30-40 minutes on 2 CPU cores
 """
@@ -21,36 +22,16 @@ from pathlib import Path
 
 import torch
 import timm
-from timm.models._registry import _model_to_module
 
 import jointrd_timm
 from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
-from jointrd_timm.twins import NotResidualError, UnsupportedBlockError, count_shortcut_additions, make_plain
+from jointrd_timm.twins import make_plain
+from jointrd_timm.twins.coverage import classify
 from jointrd_timm.twins.verify import dead_parameters, find_unhandled_residual_blocks, shortcut_additions
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def classify(name: str) -> dict:
-    try:
-        with torch.device('meta'):
-            model = timm.create_model(name)
-    except Exception as e:  # noqa: BLE001 - recorded as the reason
-        return dict(status='build failed', reason=f'{type(e).__name__}: {e}'[:200])
-    before = sum(shortcut_additions(m) or 0 for _, m in model.named_modules())
-    try:
-        make_plain(model, strict=True)
-    except NotResidualError:
-        return dict(status='not residual', reason='no shortcut addition found')
-    except UnsupportedBlockError as e:
-        transformer = 'refused by design' in str(e)
-        return dict(status='transformer (refused)' if transformer else 'no rule', reason=str(e).split(': ', 1)[1][:300])
-    left = count_shortcut_additions(model) + len(find_unhandled_residual_blocks(model))
-    if left:
-        return dict(status='no rule', reason=f'{left} shortcut additions left after the rules')
-    params = sum(p.numel() for p in model.parameters())
-    return dict(status='derived', shortcuts_removed=model.plain_report.shortcuts_removed, additions_found=before,
-                params=params, rules=sorted(model.plain_report.blocks_by_rule))
+# architecture -> the timm module that registers it (timm's public module index)
+MODULE_OF = {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
 
 
 def real_check(name: str) -> dict:
@@ -84,7 +65,7 @@ def main():
     results = {}
     start = time.time()
     for i, name in enumerate(names):
-        res = _checked(name, dict(classify(name), module=_model_to_module.get(name, '?')), args.real_max_params)
+        res = _checked(name, dict(classify(name), module=MODULE_OF.get(name, '?')), args.real_max_params)
         results[name] = res
         if i % 50 == 0:
             print(f'[{time.time() - start:6.0f}s] {i}/{len(names)} {name}: {res["status"]}', flush=True)
@@ -129,7 +110,7 @@ def reclassify(out: Path, real_max_params: float, names=None) -> None:
         stale, new = list(names), []
         meta['command'] += f' (then --reclassify --names {" ".join(names)})'
     for name in stale + new:
-        results[name] = _checked(name, dict(classify(name), module=_model_to_module.get(name, '?')), real_max_params)
+        results[name] = _checked(name, dict(classify(name), module=MODULE_OF.get(name, '?')), real_max_params)
     meta['reclassified_seconds'] = meta.get('reclassified_seconds', 0) + round(time.time() - start)
     if not names:
         meta['command'] += ' (then --reclassify)'
@@ -139,10 +120,6 @@ def reclassify(out: Path, real_max_params: float, names=None) -> None:
 def _write(out: Path, results: dict, meta: dict) -> None:
     (out / 'twin_coverage.json').write_text(json.dumps(dict(meta=meta, models=results), indent=1))
     write_markdown(results, meta, out / 'twin_coverage.md')
-    underivable = {n: r.get('reason', r.get('real_error', 'dead gradients')) for n, r in results.items()
-                   if r['module'] in TWIN_MODULES and not (r['status'] == 'derived' and r.get('forward_ok', True)
-                                                           and not r.get('dead_params'))}
-    (ROOT / 'jointrd_timm/models/underivable.json').write_text(json.dumps(underivable, indent=1, sort_keys=True))
 
 
 def write_markdown(results, meta, path):

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deploy.export import UnsupportedExportError
-from .methods import JointRD, JointRDConfig
+from .methods import JointRD
 from .methods.stages import StageLayoutError
 from .twins import count_shortcut_additions
 from .twins.derive import NotResidualError, UnsupportedBlockError
-from .twins.fade import DEFAULT_SHORTCUT_FADE, deployable, set_shortcut_scale
+from .recipes import DEFAULT_RECIPE
+from .twins.fade import deployable, set_shortcut_scale
 from .twins.transfer import load_teacher_weights
 from .twins.verify import find_unhandled_residual_blocks
 
@@ -91,8 +92,8 @@ def _jointrd_step(teacher: nn.Module, fading: nn.Module, x: torch.Tensor) -> Dic
     F.cross_entropy(fading(x), y).backward()  # the twin alone, at the same s = 1
     alone = _reached(fading, noise=True)
     fading.zero_grad(set_to_none=True)
-    method = JointRD(fading, teacher, JointRDConfig(shortcut_fade=DEFAULT_SHORTCUT_FADE), probe=x)
-    method.set_epoch(0, steps_per_epoch=2, num_epochs=1)
+    # the recommended recipe's JointRD, one step of a two-step run
+    method = JointRD(fading, teacher, DEFAULT_RECIPE.jointrd_config(), probe=x, num_epochs=1, steps_per_epoch=2)
     method.train()
     out = method(x, y)
     loss = out['loss']

@@ -28,7 +28,7 @@ from timm.models import register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, resolve_pretrained_cfg
-from timm.models._registry import _model_to_module, generate_default_cfgs, get_pretrained_cfg
+from timm.models import generate_default_cfgs, get_pretrained_cfg
 
 from ..twins import make_plain
 from .catalogue import tag_cfgs
@@ -150,9 +150,8 @@ def _teacher_cfg(teacher: str) -> dict:
     return {key: value for key, value in cfg.items() if key not in _WEIGHT_SOURCES}
 
 
-_TEACHERS = sorted(name for name in timm.list_models()  # list_models leaves out deprecated aliases
-                   if _model_to_module.get(name) in TWIN_MODULES and name not in _EXCLUDED
-                   and not name.startswith(PREFIX))
+_TEACHERS = sorted(name for module in TWIN_MODULES for name in timm.list_models(module=module)
+                   if name not in _EXCLUDED and not name.startswith(PREFIX))
 # twin tag -> the teacher tag whose weights it loads ('plain_resnet50.a1_in1k' -> 'resnet50.a1_in1k')
 _TEACHER_TAGS: Dict[str, str] = {}
 
