@@ -10,7 +10,6 @@
 Writes benchmarks/results/deploy_bench.{json,md,png}.
 """
 import argparse
-import json
 from pathlib import Path
 
 import timm

@@ -27,7 +27,7 @@ import jointrd_timm
 from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
 from jointrd_timm.twins import make_plain
 from jointrd_timm.twins.coverage import classify
-from jointrd_timm.twins.verify import dead_parameters, find_unhandled_residual_blocks, shortcut_additions
+from jointrd_timm.twins.verify import dead_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 # architecture -> the timm module that registers it (timm's public module index)

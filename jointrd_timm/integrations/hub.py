@@ -8,10 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
 from torch import nn
 
-from ..io import atomic_write
 from ..twins.fade import deployable
 
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']

@@ -2,7 +2,7 @@
 twin's shortcuts (:mod:`jointrd_timm.twins.fade`, the model surgery) follows the run's progress, and
 :class:`FadingStudent` trains such a twin alone with cross-entropy. JointRD fades its student with the same
 :class:`ShortcutFade`."""
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn

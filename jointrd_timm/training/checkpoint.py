@@ -11,10 +11,9 @@ Pickles are refused everywhere except :func:`convert_checkpoint`, which reads on
 weights_only=True)`` (tensors and plain containers only, no code) to turn a torchdistill checkpoint into safetensors.
 """
 import json
-import os
 import random
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -24,7 +23,9 @@ from torch import nn
 from ..io import (FORMAT, TMP_MARK, CheckpointError, atomic_write, load_weights, open_safetensors,  # noqa: F401
                   read_state_dict, strict_load)
 
-__all__ = ['save_checkpoint', 'load_checkpoint', 'convert_checkpoint']
+# re-exported: what a training checkpoint is read with
+__all__ = ['save_checkpoint', 'load_checkpoint', 'convert_checkpoint', 'load_weights', 'read_state_dict', 'CheckpointError',
+           'FORMAT', 'TMP_MARK', 'atomic_write']
 
 
 

@@ -23,7 +23,6 @@ deploy :func:`deployable` (fade finished, Dirac folded). This module is model su
 """
 import copy
 import inspect
-import math
 import operator
 from functools import lru_cache
 from typing import Optional, Sequence, Type, Union
