@@ -245,3 +245,21 @@ def test_joint_mode_config_errors():
         JointRDConfig(teacher_mode='joint', joint_step_order='teacher_first', teacher_optimizer=dict(lr=0.1, lrate=1))
     with pytest.raises(ValueError, match='teacher_optimizer is used only with'):
         JointRDConfig(teacher_mode='joint', teacher_optimizer=TEACHER_SGD)
+
+
+def test_runner_trains_a_teacher_first_joint_teacher_and_checkpoints_its_optimizer(tmp_path):
+    """Through the runner and torchdistill: the teacher's own optimizer is checkpointed beside the main one, which
+    holds the twin only (and lean memory trains through the same path)."""
+    from conftest import tiny_yaml
+    from safetensors import safe_open
+    from jointrd_timm.training.runner import load_config, train
+    config = tiny_yaml(tmp_path, epochs=1, limit=32, extra_jointrd=", teacher_mode: 'joint', joint_step_order: "
+                       "'teacher_first', teacher_optimizer: {lr: 0.01, milestones: [1]}, lean_memory: true")
+    train(load_config(config), device='cpu')
+    with safe_open(str(tmp_path / 'out' / 'last.safetensors'), 'pt') as f:
+        keys = list(f.keys())
+    teacher_buffers = [k for k in keys if k.startswith('optimizer.teacher.') and k.endswith('momentum_buffer')]
+    twin = timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1)
+    assert len(teacher_buffers) == len(list(timm.create_model('resnet20_cifar').parameters()))
+    model_buffers = [k for k in keys if k.startswith('optimizer.model.') and k.endswith('momentum_buffer')]
+    assert len(model_buffers) == len(list(twin.parameters()))
