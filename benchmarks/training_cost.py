@@ -34,6 +34,7 @@ METHODS = {
     'JointRD + fade, lean memory': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=True)),
     'JointRD + fade, joint teacher': ('jointrd', dict(DEFAULT_RECIPE, teacher_mode='joint', lean_memory=False)),
 }
+NOTES = '## Reading'  # the results page's hand-written part, kept when the tables are rewritten
 # (what, method, reference method, at most this ratio, 'time' or 'memory')
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
@@ -126,12 +127,19 @@ def measure(arch: str, args) -> dict:
                     memory_vs_kd=peaks[m] / peaks['Hinton KD']) for m in METHODS}
 
 
+# a step-time median whose interquartile range exceeds this share of it is not a measurement (a loaded machine)
+MAX_RELATIVE_IQR = 0.25
+
+
 def goal_rows(rows: dict) -> list:
     out = []
     for what, method, reference, limit, kind in GOALS:
         key = 'step_ms' if kind == 'time' else 'peak_mb'
         ratio = rows[method][key] / rows[reference][key]
-        out.append(dict(goal=what, method=method, reference=reference, limit=limit, ratio=ratio, met=ratio <= limit))
+        noisy = kind == 'time' and any(rows[m]['iqr_ms'] > MAX_RELATIVE_IQR * rows[m]['step_ms']
+                                       for m in (method, reference))
+        met = 'unmeasured (IQR > 25 % of the median)' if noisy else ('yes' if ratio <= limit else '**no**')
+        out.append(dict(goal=what, method=method, reference=reference, limit=limit, ratio=ratio, met=met))
     return out
 
 
@@ -144,14 +152,26 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='models and batch in channels_last')
     parser.add_argument('--name', default='training_cost', help='results file stem under benchmarks/results')
+    parser.add_argument('--report-only', action='store_true', help='rewrite the report from the recorded JSON')
     args = parser.parse_args()
+    if args.report_only:
+        recorded = json.loads((ROOT / f'benchmarks/results/{args.name}.json').read_text())
+        write({a: r['rows'] for a, r in recorded['archs'].items()}, args, recorded['meta']['load_before'], None,
+              recorded['meta'])
+        return
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     start = time.time()
-    results = {arch: measure(arch, args) for arch in args.arch}
-    meta = dict(command='python benchmarks/training_cost.py ' + ' '.join(
+    results = {}
+    for arch in args.arch:  # the report is rewritten after each architecture: a long run keeps what it measured
+        results[arch] = measure(arch, args)
+        write(results, args, load_before, start)
+
+
+def write(results, args, load_before, start, meta=None):
+    meta = meta or dict(command='python benchmarks/training_cost.py ' + ' '.join(
                     f'--{k.replace("_", "-")} {" ".join(v) if isinstance(v, list) else v}'
-                    for k, v in vars(args).items() if k not in ('channels_last', 'name'))
+                    for k, v in vars(args).items() if k not in ('channels_last', 'name', 'report_only'))
                 + (' --channels-last' if args.channels_last else '') + f' --name {args.name}',
                 machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads',
                 torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(),
@@ -176,11 +196,15 @@ def main():
         lines += ['', '| goal | measured | limit | met |', '|---|---|---|---|']
         for g in goal_rows(r):
             lines.append(f'| {g["goal"]} ({g["method"]} / {g["reference"]}) | {g["ratio"]:.2f}x | '
-                         f'{g["limit"]:.2f}x | {"yes" if g["met"] else "**no**"} |')
+                         f'{g["limit"]:.2f}x | {g["met"]} |')
         lines.append('')
-    (out / f'{args.name}.md').write_text('\n'.join(lines))
+    path = out / f'{args.name}.md'
+    previous = path.read_text() if path.is_file() else ''
+    if NOTES in previous:  # the hand-written reading of the numbers stays (update it when they change)
+        lines += ['', previous[previous.index(NOTES):].rstrip('\n')]
+    path.write_text('\n'.join(lines) + '\n')
     _plot(results, out / f'{args.name}.png')
-    print('\n'.join(lines))
+    print('\n'.join(lines), flush=True)
 
 
 def _plot(results, path):

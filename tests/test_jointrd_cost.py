@@ -263,3 +263,14 @@ def test_runner_trains_a_teacher_first_joint_teacher_and_checkpoints_its_optimiz
     assert len(teacher_buffers) == len(list(timm.create_model('resnet20_cifar').parameters()))
     model_buffers = [k for k in keys if k.startswith('optimizer.model.') and k.endswith('momentum_buffer')]
     assert len(model_buffers) == len(list(twin.parameters()))
+
+
+def test_lean_memory_keeps_the_paths_under_fp16_autocast():
+    """Gradients taken inside the forward would miss the GradScaler's loss scale: fp16 runs the usual way."""
+    model = pair(lean_memory=True)
+    with torch.autocast('cpu', dtype=torch.float16):
+        fp16 = model(X, Y)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = model(X, Y)
+    assert all(z.grad_fn is not None for z in fp16['hybrid_logits'])
+    assert all(z.grad_fn is None for z in bf16['hybrid_logits'])

@@ -126,8 +126,9 @@ class JointRDConfig:
             loss, nothing is accumulated before the caller's backward (gradient accumulation, DDP's reducer and
             ``zero_grad`` placement behave as before) and the optimizer sees one gradient. Needs the targets in the
             forward (the runner passes them); without them the paths are kept for the caller's backward as usual.
-            Under fp16 autocast the per-path gradients are computed unscaled (no GradScaler inside the forward):
-            prefer bf16. DECISION default: see ``DEFAULT_LEAN_MEMORY``.
+            Under fp16 autocast the paths are kept for the caller's backward too: gradients taken inside the forward
+            would miss the GradScaler's loss scale and underflow (bf16 and fp32 run lean). DECISION default: see
+            ``DEFAULT_LEAN_MEMORY``.
         joint_step_order: joint teacher only. 'simultaneous' (DECISION default, the measured joint recipe): one
             update of twin and teacher from one loss, the hybrid paths reading the teacher's pre-update weights.
             'teacher_first' (the reference's JOINT branch): the teacher takes its own SGD step on its CE first
@@ -536,7 +537,7 @@ class JointRD(nn.Module):
 
         paths = self._sample_paths()
         path_scale = (self.num_stages - 1) / max(1, len(paths))
-        lean = self.config.lean_memory and targets is not None
+        lean = self.config.lean_memory and targets is not None and not _fp16_autocast(x)
         norm = LOSS_NORMALIZERS[self.config.loss_normalization](self.num_stages, eta)
         hybrid_logits, hybrid_features, early = [], [], []
         for k in paths:
@@ -642,6 +643,10 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
         parts['ce_teacher'] = ce_teacher.detach()
     parts['loss'] = loss
     return parts
+
+
+def _fp16_autocast(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
 
 
 def _deliver(pairs) -> torch.Tensor:
