@@ -274,3 +274,22 @@ def test_lean_memory_keeps_the_paths_under_fp16_autocast():
         bf16 = model(X, Y)
     assert all(z.grad_fn is not None for z in fp16['hybrid_logits'])
     assert all(z.grad_fn is None for z in bf16['hybrid_logits'])
+
+
+def test_folded_tails_save_a_fraction_of_the_unfolded_tails_tensors():
+    """BN folded, convs saving nothing (input gradient only), ReLUs a bool mask: the tail's saved tensors shrink."""
+    model = pair()
+    h = model.student_stages.features(X)[0].detach().requires_grad_()
+
+    def saved_bytes(fold):
+        model.config.fold_teacher_bn = fold
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            z, _ = model._teacher_tail(h, 1)
+        grad, = torch.autograd.grad(z.sum(), h)
+        return sum(sizes), grad
+    folded, grad_folded = saved_bytes(True)
+    unfolded, grad_unfolded = saved_bytes(False)
+    assert folded < 0.2 * unfolded
+    assert torch.allclose(grad_folded, grad_unfolded, atol=1e-6 * grad_unfolded.abs().max().item() + 1e-9)

@@ -43,7 +43,8 @@ from ..twins.fade import check_fade_power, is_fading, scheduled_scale, set_short
 __all__ = ['JointRD', 'JointRDConfig', 'TeacherOptimizerConfig', 'hybrid_term', 'jointrd_loss', 'scale_grad',
            'stage_weights']
 
-# JointRDConfig.lean_memory's default (DECISION): benchmarks/results/training_cost.md has the measurement it rests on
+# JointRDConfig.lean_memory's default (DECISION): off. With the frozen tails saving almost nothing (fold_teacher_bn)
+# lean mode lowers the peak little (benchmarks/results/training_cost.md), and it detaches the returned hybrid logits
 DEFAULT_LEAN_MEMORY = False
 
 # JointRDConfig.loss_normalization -> what the JointRD sums are divided by, from (n stages, eta). Sampled hybrid terms
@@ -141,8 +142,10 @@ class JointRDConfig:
             statistics (train-mode BN, running statistics untouched). 'running' (the reference): the tails run
             the teacher in eval mode, with the running statistics of its own features.
         fold_teacher_bn: a frozen teacher's tails run with each BN folded into the conv before it (eval-mode BN is
-            an affine map: the same function within float rounding, without the BN's compute and saved activations).
-            A copy of the teacher's stages, refolded when its weights change; the teacher itself is untouched.
+            an affine map: the same function within float rounding, without the BN's compute and saved activations),
+            its convs saving nothing for the backward (only the input gradient is needed, and it needs only the
+            weight) and its ReLUs a bool mask instead of their output. A copy of the teacher's stages, refolded when
+            its weights change; the teacher itself is untouched.
         margin_refresh: the feature loss's margin (Heo et al., from the teacher's last BN). 'once' (DECISION
             default): computed at construction, as a frozen teacher's never changes. 'epoch' (the reference's
             JOINT branch): recomputed from the teacher's BN at the first step of every epoch, for a teacher that
@@ -275,6 +278,69 @@ class _TeacherStep:
         finally:
             self.teacher.requires_grad_(False)
         return [loss.detach()] + [r.detach() for r in rest]
+
+
+class _InputGradConv(torch.autograd.Function):
+    """A frozen conv: its backward returns the input gradient only, which needs the weight, not the input, so
+    nothing is saved (aten's convolution saves the input whenever the input needs a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        ctx.conv, ctx.input_shape = conv, x.shape
+        return conv._conv_forward(x, conv.weight, conv.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        c = ctx.conv
+        return torch.nn.grad.conv2d_input(ctx.input_shape, c.weight, grad, c.stride, c.padding, c.dilation,
+                                          c.groups), None
+
+
+class _MaskReLUFn(torch.autograd.Function):
+    """ReLU saving a bool mask (a quarter of the float output it would save) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x)
+        ctx.save_for_backward(y > 0)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask, = ctx.saved_tensors
+        return grad.masked_fill(~mask, 0.0)
+
+
+class _FrozenConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return self.conv(x)
+        return _InputGradConv.apply(x, self.conv)
+
+
+class _MaskReLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MaskReLUFn.apply(x) if x.requires_grad else torch.relu(x)
+
+
+def _lean_frozen(stage: nn.Module) -> nn.Module:
+    """``stage`` (a folded copy of frozen teacher modules) with its plain convs and ReLUs replaced by the
+    variants above, which compute the same and save less for an input-gradient backward."""
+    for name, module in list(stage.named_modules()):
+        if isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and module.padding_mode == 'zeros' and \
+                not isinstance(module.padding, str) and not module.weight.requires_grad:
+            replacement = _FrozenConv(module)
+        elif type(module) is nn.ReLU:
+            replacement = _MaskReLU()
+        else:
+            continue
+        parent, _, child = name.rpartition('.')
+        setattr(stage.get_submodule(parent) if parent else stage, child, replacement)
+    return stage
 
 
 class _InputCapture:
@@ -468,7 +534,7 @@ class JointRD(nn.Module):
         cached = self.__dict__.get('_fold_cache')  # a plain attribute: not in the state dict, never trained
         if cached is None or cached[0] != key:
             try:
-                folded = [fx_fuse(stage) for stage in stages]
+                folded = [_lean_frozen(fx_fuse(stage)) for stage in stages]
             except Exception:  # noqa: BLE001 (torch.fx raises many kinds); such a stage runs as it is, unfolded
                 folded = None
             cached = self.__dict__['_fold_cache'] = (key, folded)
