@@ -42,6 +42,16 @@ JOINTRD_REFERENCE = dict(REFERENCE_JOINTRD)
 DEFAULT_SHORTCUT_FADE = DEFAULT_RECIPE.shortcut_fade
 
 
+# suffix of the joint-teacher row -> the JointRDConfig fields that make it the reference's (see JOINT_ROW)
+JOINT_VARIANT_FIELDS = {
+    ' as the reference (teacher step first, running BN, margin per epoch)': dict(
+        joint_step_order='teacher_first', hybrid_teacher_bn='running', margin_refresh='epoch'),
+    ', teacher step first': dict(joint_step_order='teacher_first'),
+    ', tails on running BN statistics': dict(hybrid_teacher_bn='running'),
+}
+JOINT_ROW = f'{DEFAULT_ROW}, eta held at 1, joint teacher'
+
+
 def default_with(**fields):
     """The row of ``DEFAULT_RECIPE.replace(**fields)`` (recipe or JointRDConfig fields): JointRD, the fading twin
     started from the teacher."""
@@ -92,6 +102,12 @@ def rows_spec():
         f'{DEFAULT_ROW}, joint teacher': default_with(teacher_mode='joint'),
         # depth 110's best recipe (eta held at 1) with the joint teacher as well
         f'{DEFAULT_ROW}, eta held at 1, joint teacher': default_with(eta_min=1.0, teacher_mode='joint'),
+        # that joint teacher as the reference's JOINT branch runs it (issue 23): the teacher's own SGD step first
+        # (its optimizer the twin's, filled in at run time: JOINT_TEACHER_OPTIMIZER), then the hybrid paths through
+        # the updated teacher in eval mode (running BN statistics), the margin refreshed every epoch (no effect at
+        # lambda 0); and each of the first two fields alone
+        **{f'{JOINT_ROW}{suffix}': default_with(eta_min=1.0, teacher_mode='joint', **fields)
+           for suffix, fields in JOINT_VARIANT_FIELDS.items()},
         # the loss normalisation (JointRDConfig.loss_normalization): the reference divides the sums by n stages, so
         # the twin's own CE has weight 1/n; 'none' keeps it at 1 (the twin alone's objective, hybrid terms added),
         # 'weights' divides by 1 + eta (n - 1) (a weighted mean of the terms)
@@ -139,6 +155,22 @@ FADE50_VARIANTS = ['JointRD + fade + teacher init + KD', 'JointRD + fade + teach
 # rows that change one field of the default with eta held at 1 (depth 110's best): compared with that row's run
 ETA1_ROW = f'{DEFAULT_ROW}, eta held at 1'
 ETA1_VARIANTS = [f'{ETA1_ROW}, joint teacher', f'{ETA1_ROW}, loss per stage']
+
+# the joint teacher of depth 110's recipe: ours (one simultaneous update, tails on batch statistics) against the
+# reference's JOINT branch (JointRDConfig.joint_step_order / hybrid_teacher_bn / margin_refresh), matched by seed:
+#   python benchmarks/recipe_ablation.py --arch resnet110_cifar --name recipe_ablation_resnet110 \
+#       --work-name cifar10_resnet110 --seeds 0 1 --rows \
+#       "JointRD + fade over 80 % + teacher init, eta held at 1, joint teacher" \
+#       "JointRD + fade over 80 % + teacher init, eta held at 1, joint teacher as the reference (teacher step first, \
+#       running BN, margin per epoch)"                     (about 2 hours of 2-core CPU per seed pair; not run yet)
+JOINT_VARIANTS = [f'{JOINT_ROW}{suffix}' for suffix in JOINT_VARIANT_FIELDS]
+
+
+def joint_teacher_optimizer(args, lr: float) -> dict:
+    """A 'teacher_first' joint teacher's own SGD: the twin's (make_config: SGD, momentum 0.9, Nesterov, weight decay
+    5e-4, cosine over the run)."""
+    return dict(lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, cosine_epochs=args.epochs)
+
 
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)
 PAIRS = {'JointRD (reference loss)': 'twin alone', 'JointRD + Dirac': 'twin alone + Dirac',
@@ -242,6 +274,8 @@ def main():
             elif method == 'ce':
                 model = dict(key='timm_model', kwargs=student)
             else:
+                if jointrd.get('joint_step_order') == 'teacher_first':
+                    jointrd = dict(jointrd, teacher_optimizer=joint_teacher_optimizer(args, extras.get('lr', args.lr)))
                 model = dict(key='jointrd_model', kwargs=dict(
                     teacher=dict(model_name=args.arch, checkpoint=str(teacher_ckpt), **common), student=student,
                     jointrd=jointrd, **{k: v for k, v in extras.items() if k != 'lr'}))
@@ -313,8 +347,9 @@ def write(runs, spec, args, out, record_command: bool = True):
     variants = paired(runs, dict.fromkeys(DEFAULT_VARIANTS, DEFAULT_ROW))
     fade50 = paired(runs, dict.fromkeys(FADE50_VARIANTS, FADE50_ROW))
     eta1 = paired(runs, dict.fromkeys(ETA1_VARIANTS, ETA1_ROW))
+    joint_ref = paired(runs, dict.fromkeys(JOINT_VARIANTS, JOINT_ROW))
     record = dict(meta=meta, teachers=teachers, runs=runs, table=table, paired=pairs, vs_default=variants,
-                  vs_fade50=fade50, vs_eta1=eta1)
+                  vs_fade50=fade50, vs_eta1=eta1, vs_joint=joint_ref)
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
@@ -357,6 +392,10 @@ def write(runs, spec, args, out, record_command: bool = True):
                            "with that recipe's run.", 'row', 'variant vs fade over 50 %')
     lines += matched_table(eta1, f'## One more field changed on {ETA1_ROW}',
                            "Runs matched by seed and teacher with that row's run.", 'row', 'variant vs eta held at 1')
+    lines += matched_table(joint_ref, f'## The joint teacher as the reference runs it, against ours ({JOINT_ROW})',
+                           'Ours: one simultaneous update, the hybrid paths on the pre-update teacher with batch BN '
+                           "statistics. Runs matched by seed and teacher with that row's run.", 'row',
+                           'variant vs ours')
     write_report(args.name, record, lines,
                  lambda png: plot(table, teachers, png, f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}'),
                  out)

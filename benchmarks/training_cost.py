@@ -1,8 +1,11 @@
-"""Training cost per step of plain training, Hinton KD and JointRD (all hybrid paths, one sampled path), on the same
-pair and batch: median step time (interleaved, after warm-up) and peak memory of one step (fresh process per
-method, peak RSS above the state before the step, with glibc returning large blocks to the OS). The figure we track: JointRD step time / KD step time (<= 1.5).
+"""Training cost per step of the twin trained alone, Hinton KD and JointRD's variants on the same pair and batch:
+median step time (methods interleaved, after warm-up) and peak memory of one step (a fresh process per method, peak
+RSS above the state before the step, with glibc returning large blocks to the OS), at one or more architectures.
 
-    python benchmarks/training_cost.py            # resnet56_cifar pair, batch 128, about 5 minutes
+The goals it checks (issue 23): the default recipe's step <= 1.25x KD's, one sampled path <= 1.05x KD, the fading
+twin alone <= 1.05x the plain twin's step, the lean memory mode's peak <= 1.15x KD's.
+
+    python benchmarks/training_cost.py --arch resnet56_cifar resnet18_cifar --repeats 6
 Writes benchmarks/results/training_cost.{json,md,png}.
 """
 import argparse
@@ -11,35 +14,68 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ('plain CE', 'Hinton KD', 'JointRD (all paths)', 'JointRD (1 sampled path)')
+# label -> (kind, JointRDConfig fields). 'JointRD + fade' is the default recipe's loss (benchmarks/recipe_ablation.py
+# DEFAULT_ROW: eta to 0.5 over 30 %, lambda 0, fading twin over 80 %); the cost does not depend on where eta is
+DEFAULT_RECIPE = dict(eta_min=0.5, eta_horizon_fraction=0.3, shortcut_fade=0.8)
+METHODS = {
+    'plain CE (twin alone)': ('ce', None),
+    'Hinton KD': ('kd', None),
+    'fading twin alone': ('fade', None),
+    'JointRD (all paths)': ('jointrd', dict(lean_memory=False)),
+    'JointRD (1 sampled path)': ('jointrd', dict(hybrid_paths=1, lean_memory=False)),
+    'JointRD (all paths, lean memory)': ('jointrd', dict(lean_memory=True)),
+    'JointRD + fade (default recipe)': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=False)),
+    'JointRD + fade, lean memory': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=True)),
+    'JointRD + fade, joint teacher': ('jointrd', dict(DEFAULT_RECIPE, teacher_mode='joint', lean_memory=False)),
+}
+NOTES = '## Reading'  # the results page's hand-written part, kept when the tables are rewritten
+# (what, method, reference method, at most this ratio, 'time' or 'memory')
+GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
+         ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
+         ('fading twin alone step', 'fading twin alone', 'plain CE (twin alone)', 1.05, 'time'),
+         ('lean mode peak memory (all paths)', 'JointRD (all paths, lean memory)', 'Hinton KD', 1.15, 'memory'),
+         ('lean mode peak memory (default recipe)', 'JointRD + fade, lean memory', 'Hinton KD', 1.15, 'memory')]
 
 
-def make_step(method: str, arch: str, batch: int, size: int):
+def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool = False):
     """A no-argument callable doing one full training step (forward, backward, SGD step) of ``method``."""
     import timm
     import torch.nn.functional as F
     import jointrd_timm  # noqa: F401
     from jointrd_timm.methods import JointRD, JointRDConfig
+    from jointrd_timm.twins.fade import FadingStudent
+    kind, fields = METHODS[method]
     torch.manual_seed(0)
     teacher = timm.create_model(arch, num_classes=10).eval().requires_grad_(False)
-    twin = timm.create_model(f'plain_{arch}', num_classes=10).train()
+    fading = kind == 'fade' or (kind == 'jointrd' and 'shortcut_fade' in fields)
+    twin = timm.create_model(f'plain_{arch}', num_classes=10, **(dict(shortcut_fade=True) if fading else {})).train()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    if method.startswith('JointRD'):
-        model = JointRD(twin, teacher, JointRDConfig(hybrid_paths=1 if 'sampled' in method else None)).train()
+    if kind == 'jointrd':
+        model = JointRD(twin, teacher, JointRDConfig(**fields)).train()
+    elif kind == 'fade':
+        model = FadingStudent(twin, 0.8).train()
     else:
         model = twin
+    if hasattr(model, 'set_epoch'):
+        model.set_epoch(5, 100, 20)  # mid-fade (0 < s < 1): the fading blocks' scale multiply runs
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        if method.startswith('JointRD'):
+        if kind == 'jointrd':
             loss = model(x, y)['loss']
-        elif method == 'Hinton KD':
+            model.step_in_epoch.fill_(0)  # stay mid-run however many steps are timed
+        elif kind == 'kd':
             with torch.no_grad():
                 t = teacher(x)
             s = model(x)
@@ -47,6 +83,8 @@ def make_step(method: str, arch: str, batch: int, size: int):
                                                                      reduction='batchmean')
         else:
             loss = F.cross_entropy(model(x), y)
+            if kind == 'fade':
+                model.step_in_epoch.fill_(0)
         loss.backward()
         optimizer.step()
     return step
@@ -57,7 +95,7 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[5])
 from training_cost import make_step
 torch.set_num_threads(int(sys.argv[4]))
-step = make_step(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[6]))
+step = make_step(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[6]), sys.argv[7] == '1')
 step(); step()
 def status(key):
     for line in open('/proc/self/status'):
@@ -70,61 +108,123 @@ print(json.dumps(dict(peak=status('VmHWM') - before)))
 '''
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='resnet56_cifar')
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--size', type=int, default=32)
-    parser.add_argument('--repeats', type=int, default=10)
-    parser.add_argument('--threads', type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(arch: str, args) -> dict:
     from jointrd_timm.deploy.latency import compare_latency
-    steps = {m: make_step(m, args.arch, args.batch, args.size) for m in METHODS}
+    steps = {m: make_step(m, arch, args.batch, args.size, args.channels_last) for m in METHODS}
     timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False)
+    del steps
     peaks = {}
     for m in METHODS:
         # large blocks through mmap: freed tensors go back to the OS, so RSS follows live memory step by step
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-        out = subprocess.run([sys.executable, '-c', _PEAK, m, args.arch, str(args.batch), str(args.threads),
-                              str(Path(__file__).parent), str(args.size)], capture_output=True, text=True, check=True,
-                             env=env)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, '-c', _PEAK, m, arch, str(args.batch), str(args.threads),
+                              str(Path(__file__).parent), str(args.size), str(int(args.channels_last))],
+                             capture_output=True, text=True, check=True, env=env)
         peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])['peak']
-    kd = timed['Hinton KD']['median_ms']
-    rows = {m: dict(step_ms=timed[m]['median_ms'], iqr_ms=timed[m]['iqr_ms'], peak_mb=peaks[m] / 2**20,
-                    time_vs_kd=timed[m]['median_ms'] / kd, memory_vs_kd=peaks[m] / peaks['Hinton KD'])
-            for m in METHODS}
-    meta = dict(command='python benchmarks/training_cost.py ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()),
-                machine=f'{platform.machine()}, {args.threads} threads', torch=torch.__version__)
+    kd, plain = timed['Hinton KD']['median_ms'], timed['plain CE (twin alone)']['median_ms']
+    return {m: dict(step_ms=timed[m]['median_ms'], iqr_ms=timed[m]['iqr_ms'], peak_mb=peaks[m] / 2**20,
+                    time_vs_kd=timed[m]['median_ms'] / kd, time_vs_plain=timed[m]['median_ms'] / plain,
+                    memory_vs_kd=peaks[m] / peaks['Hinton KD']) for m in METHODS}
+
+
+# a step-time median whose interquartile range exceeds this share of it is not a measurement (a loaded machine)
+MAX_RELATIVE_IQR = 0.25
+
+
+def goal_rows(rows: dict) -> list:
+    out = []
+    for what, method, reference, limit, kind in GOALS:
+        key = 'step_ms' if kind == 'time' else 'peak_mb'
+        ratio = rows[method][key] / rows[reference][key]
+        noisy = kind == 'time' and any(rows[m]['iqr_ms'] > MAX_RELATIVE_IQR * rows[m]['step_ms']
+                                       for m in (method, reference))
+        met = 'unmeasured (IQR > 25 % of the median)' if noisy else ('yes' if ratio <= limit else '**no**')
+        out.append(dict(goal=what, method=method, reference=reference, limit=limit, ratio=ratio, met=met))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', nargs='+', default=['resnet56_cifar', 'resnet18_cifar'])
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--size', type=int, default=32)
+    parser.add_argument('--repeats', type=int, default=6)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--channels-last', action='store_true', help='models and batch in channels_last')
+    parser.add_argument('--name', default='training_cost', help='results file stem under benchmarks/results')
+    parser.add_argument('--report-only', action='store_true', help='rewrite the report from the recorded JSON')
+    args = parser.parse_args()
+    if args.report_only:
+        recorded = json.loads((ROOT / f'benchmarks/results/{args.name}.json').read_text())
+        write({a: r['rows'] for a, r in recorded['archs'].items()}, args, recorded['meta']['load_before'], None,
+              recorded['meta'])
+        return
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    start = time.time()
+    results = {}
+    for arch in args.arch:  # the report is rewritten after each architecture: a long run keeps what it measured
+        results[arch] = measure(arch, args)
+        write(results, args, load_before, start)
+
+
+def write(results, args, load_before, start, meta=None):
+    meta = meta or dict(command='python benchmarks/training_cost.py ' + ' '.join(
+                    f'--{k.replace("_", "-")} {" ".join(v) if isinstance(v, list) else v}'
+                    for k, v in vars(args).items() if k not in ('channels_last', 'name', 'report_only'))
+                + (' --channels-last' if args.channels_last else '') + f' --name {args.name}',
+                machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads',
+                torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(),
+                minutes=round((time.time() - start) / 60, 1))
     out = ROOT / 'benchmarks/results'
-    (out / 'training_cost.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f'# Training cost per step: {args.arch} pair, batch {args.batch}, {args.size} px', '',
-             f'Machine: {meta["machine"]}; torch {meta["torch"]}; median of {args.repeats} interleaved steps after '
-             f'warm-up; peak memory = peak RSS of one step above the state before it, fresh process per method. '
-             f'Command: `{meta["command"]}`.', '',
-             '| method | step ms (median) | IQR ms | / KD | peak memory of a step MB | / KD |', '|---|---|---|---|---|---|']
-    for m, r in rows.items():
-        lines.append(f'| {m} | {r["step_ms"]:.0f} | {r["iqr_ms"]:.0f} | {r["time_vs_kd"]:.2f}x | {r["peak_mb"]:.0f} | '
-                     f'{r["memory_vs_kd"]:.2f}x |')
-    (out / 'training_cost.md').write_text('\n'.join(lines) + '\n')
-    _plot(rows, out / 'training_cost.png')
-    print('\n'.join(lines))
+    payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r)) for a, r in results.items()})
+    (out / f'{args.name}.json').write_text(json.dumps(payload, indent=1))
+    lines = [f'# Training cost per step: batch {args.batch}, {args.size} px'
+             + (', channels_last' if args.channels_last else ''), '',
+             f'Machine: {meta["machine"]}; torch {meta["torch"]}; load average (1, 5, 15 min) '
+             f'{", ".join(f"{v:.1f}" for v in load_before)} before, {", ".join(f"{v:.1f}" for v in meta["load_after"])}'
+             f' after ({meta["minutes"]} min). Median of {args.repeats} steps per method, methods interleaved, after '
+             'one warm-up round; peak memory = peak RSS of one step above the state before it, fresh process per '
+             f'method. Command: `{meta["command"]}`.', '']
+    for arch, r in results.items():
+        lines += [f'## {arch} pair', '',
+                  '| method | step ms (median) | IQR ms | / KD | / twin alone | peak memory of a step MB | / KD |',
+                  '|---|---|---|---|---|---|---|']
+        for m, row in r.items():
+            lines.append(f'| {m} | {row["step_ms"]:.0f} | {row["iqr_ms"]:.0f} | {row["time_vs_kd"]:.2f}x | '
+                         f'{row["time_vs_plain"]:.2f}x | {row["peak_mb"]:.0f} | {row["memory_vs_kd"]:.2f}x |')
+        lines += ['', '| goal | measured | limit | met |', '|---|---|---|---|']
+        for g in goal_rows(r):
+            lines.append(f'| {g["goal"]} ({g["method"]} / {g["reference"]}) | {g["ratio"]:.2f}x | '
+                         f'{g["limit"]:.2f}x | {g["met"]} |')
+        lines.append('')
+    path = out / f'{args.name}.md'
+    previous = path.read_text() if path.is_file() else ''
+    if NOTES in previous:  # the hand-written reading of the numbers stays (update it when they change)
+        lines += ['', previous[previous.index(NOTES):].rstrip('\n')]
+    path.write_text('\n'.join(lines) + '\n')
+    _plot(results, out / f'{args.name}.png')
+    print('\n'.join(lines), flush=True)
 
 
-def _plot(rows, path):
+def _plot(results, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    labels = list(rows)
-    a.bar(labels, [r['step_ms'] for r in rows.values()])
-    a.set_ylabel('step time (ms, median)')
-    b.bar(labels, [r['peak_mb'] for r in rows.values()], color='#dd8452')
-    b.set_ylabel('peak memory of a step (MB)')
-    for ax in (a, b):
-        ax.tick_params(axis='x', labelsize=7, rotation=20)
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4 * len(results)), squeeze=False)
+    for (arch, rows), (a, b) in zip(results.items(), axes):
+        labels = list(rows)
+        a.barh(labels, [r['time_vs_kd'] for r in rows.values()])
+        a.axvline(1.0, color='k', lw=0.8)
+        a.set_xlabel(f'{arch}: step time / KD (median)')
+        b.barh(labels, [r['memory_vs_kd'] for r in rows.values()], color='#dd8452')
+        b.axvline(1.0, color='k', lw=0.8)
+        b.set_xlabel(f'{arch}: peak memory of a step / KD')
+        for ax in (a, b):
+            ax.tick_params(axis='y', labelsize=7)
+            ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -3,7 +3,7 @@ Deep Neural Networks without Shortcuts", NeurIPS 2020), in plain PyTorch.
 
 A residual teacher T and its shortcut-free twin S are cut into the same n stages. Per batch (x, y):
 
-    with no grad:  z_T, f_T = T(x)                             (frozen teacher, eval mode)
+    with no grad:  z_T, f_T = T(x)          (frozen teacher, eval mode; only where a term reads them: KD, lambda > 0)
     h_1..h_n, z_S, f_S = S(x)
     for k in 1..n-1:  z_k, f_k = head_T(T_{k+1..n}(h_k))     (gradients reach h_k through T's shortcuts)
     L_cls  = 1/n [ CE(z_S, y) + eta(e) * sum_k CE(z_k, y) ]
@@ -15,19 +15,23 @@ The 1/n is the reference's; ``loss_normalization`` can replace it (DECISION belo
 eta fades from 1 to eta_min (``schedules.eta_schedule``); C_* are 1x1 conv + BN connectors; D is the margin loss
 of Heo et al. on pre-activation features, or MSE where the family exposes none (``feature_losses``).
 Only S and the connectors are updated in ``frozen`` mode (the default). In ``joint`` mode the teacher also learns
-from its own CE in the same step (DECISION: one simultaneous update; the hybrid paths see the teacher's weights
-detached and run on copies of its BN buffers, so the student's loss never moves the teacher's weights or running
-statistics), the reference's JOINT branch up to step order.
+from its own CE (DECISIONs, fields of :class:`JointRDConfig`: by default one simultaneous update, the hybrid paths
+seeing the teacher's weights detached and normalising with batch statistics on copies of its BN buffers, so the
+student's loss never moves the teacher's weights or running statistics; ``joint_step_order``, ``hybrid_teacher_bn``
+and ``margin_refresh`` give the reference's JOINT branch: teacher step first, tails in eval mode, margin per epoch).
+``lean_memory`` backpropagates each hybrid path inside the forward (peak memory of about one path).
 
 Every decision of ``../shared/docs/jointrd-method.md`` is a field of :class:`JointRDConfig`.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
                           conditional_gan_term)
@@ -38,7 +42,12 @@ from .schedules import check_fade_power, eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
 from ..twins.fade import is_fading
 
-__all__ = ['JointRD', 'JointRDConfig', 'jointrd_loss', 'scale_grad', 'stage_weights']
+__all__ = ['JointRD', 'JointRDConfig', 'TeacherOptimizerConfig', 'hybrid_term', 'jointrd_loss', 'scale_grad',
+           'stage_weights']
+
+# JointRDConfig.lean_memory's default (DECISION): off. With the frozen tails saving almost nothing (fold_teacher_bn)
+# lean mode lowers the peak little (benchmarks/results/training_cost.md), and it detaches the returned hybrid logits
+DEFAULT_LEAN_MEMORY = False
 
 # JointRDConfig.loss_normalization -> what the JointRD sums are divided by, from (n stages, eta). Sampled hybrid terms
 # carry the scale (n-1)/m, so their weights always add up to eta * (n - 1).
@@ -108,6 +117,39 @@ class JointRDConfig:
             stage n) gets a weighted mean of its terms: the last stage trains at the twin alone's rate, the first
             at the 'weights' rate, and at eta = 0 it is the twin alone. Extras on z_S (KD, adversarial) are scaled
             with the twin's CE. Each is measured against 'stages' in benchmarks/results/recipe_ablation*.md.
+        lean_memory: backpropagate each hybrid path as soon as it is computed, so that only one teacher tail's
+            activations are alive at a time (peak memory near the twin alone's step; same gradients, summed in
+            another order). How it composes with the caller's single ``loss.backward()``: the forward takes the
+            gradient of each path's terms with respect to the stage output h_k it starts from (and to its
+            connector's weights) with ``torch.autograd.grad``, which writes no ``.grad``; the returned loss is the
+            full loss (the hybrid terms' values added as constants) plus ``<h_k, g_k> - <h_k, g_k>.detach()``
+            (value exactly 0), whose backward delivers g_k into the twin's graph. So the logged value is the full
+            loss, nothing is accumulated before the caller's backward (gradient accumulation, DDP's reducer and
+            ``zero_grad`` placement behave as before) and the optimizer sees one gradient. Needs the targets in the
+            forward (the runner passes them); without them the paths are kept for the caller's backward as usual.
+            Under fp16 autocast the paths are kept for the caller's backward too: gradients taken inside the forward
+            would miss the GradScaler's loss scale and underflow (bf16 and fp32 run lean). DECISION default: see
+            ``DEFAULT_LEAN_MEMORY``.
+        joint_step_order: joint teacher only. 'simultaneous' (DECISION default, the measured joint recipe): one
+            update of twin and teacher from one loss, the hybrid paths reading the teacher's pre-update weights.
+            'teacher_first' (the reference's JOINT branch): the teacher takes its own SGD step on its CE first
+            (its optimizer: ``teacher_optimizer``, exposed by ``extra_optimizers()`` for checkpoints), then the
+            hybrid paths run through the updated teacher; its CE is then logged, not part of the returned loss.
+        teacher_optimizer: the teacher's SGD for 'teacher_first' (fields of :class:`TeacherOptimizerConfig`; give
+            the twin's lr, momentum, weight decay and schedule to train both alike).
+        hybrid_teacher_bn: joint teacher only (a frozen teacher is always in eval mode). 'batch' (DECISION
+            default, the measured joint recipe): the tails normalise the twin's features with their own batch
+            statistics (train-mode BN, running statistics untouched). 'running' (the reference): the tails run
+            the teacher in eval mode, with the running statistics of its own features.
+        fold_teacher_bn: a frozen teacher's tails run with each BN folded into the conv before it (eval-mode BN is
+            an affine map: the same function within float rounding, without the BN's compute and saved activations),
+            its convs saving nothing for the backward (only the input gradient is needed, and it needs only the
+            weight) and its ReLUs a bool mask instead of their output. A copy of the teacher's stages, refolded when
+            its weights change; the teacher itself is untouched.
+        margin_refresh: the feature loss's margin (Heo et al., from the teacher's last BN). 'once' (DECISION
+            default): computed at construction, as a frozen teacher's never changes. 'epoch' (the reference's
+            JOINT branch): recomputed from the teacher's BN at the first step of every epoch, for a teacher that
+            trains along.
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -126,6 +168,12 @@ class JointRDConfig:
     shortcut_fade_window: float = 1.0
     shortcut_fade_power: float = 1.0
     loss_normalization: str = 'stages'
+    lean_memory: bool = None  # DEFAULT_LEAN_MEMORY, set in __post_init__
+    joint_step_order: str = 'simultaneous'
+    teacher_optimizer: Optional[Dict] = None
+    hybrid_teacher_bn: str = 'batch'
+    margin_refresh: str = 'once'
+    fold_teacher_bn: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.eta_min <= 1.0:
@@ -147,6 +195,23 @@ class JointRDConfig:
         if self.loss_normalization not in LOSS_NORMALIZERS:
             raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZERS)} (the reference: '
                              f"'stages'), got {self.loss_normalization!r}.")
+        if self.lean_memory is None:
+            self.lean_memory = DEFAULT_LEAN_MEMORY
+        for name, allowed in (('joint_step_order', ('simultaneous', 'teacher_first')),
+                              ('hybrid_teacher_bn', ('batch', 'running')), ('margin_refresh', ('once', 'epoch'))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f'{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.')
+        if self.joint_step_order == 'teacher_first':
+            if self.teacher_mode != 'joint':
+                raise ValueError("joint_step_order='teacher_first' updates the teacher: it needs teacher_mode='joint'.")
+            if self.teacher_optimizer is None:
+                raise ValueError("joint_step_order='teacher_first' needs teacher_optimizer, the teacher's own SGD "
+                                 "(e.g. {'lr': 0.1, 'momentum': 0.9, 'weight_decay': 5e-4, 'cosine_epochs': <epochs>}, "
+                                 "the twin's settings).")
+            TeacherOptimizerConfig.from_dict(self.teacher_optimizer)
+        elif self.teacher_optimizer is not None:
+            raise ValueError("teacher_optimizer is used only with joint_step_order='teacher_first' (in 'simultaneous' "
+                             "the teacher is updated by the main optimizer); remove it or set the step order.")
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'JointRDConfig':
@@ -155,6 +220,127 @@ class JointRDConfig:
         if unknown:
             raise ValueError(f'Unknown JointRD setting(s) {unknown}; valid keys: {sorted(known)}.')
         return cls(**values)
+
+
+@dataclass
+class TeacherOptimizerConfig:
+    """The joint teacher's own SGD and schedule (``JointRDConfig.joint_step_order='teacher_first'``): ``lr`` is
+    required; ``cosine_epochs`` (CosineAnnealingLR over that many epochs) or ``milestones`` with ``gamma``."""
+    lr: float
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    cosine_epochs: Optional[int] = None
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> 'TeacherOptimizerConfig':
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f'Unknown teacher_optimizer setting(s) {unknown}; valid keys: {sorted(known)}.')
+        if 'lr' not in values:
+            raise ValueError("teacher_optimizer needs 'lr' (the teacher's learning rate, e.g. the twin's).")
+        return cls(**values)
+
+
+class _TeacherStep:
+    """The joint teacher's optimizer and scheduler (not a module: the teacher's weights are checkpointed once, as
+    ``teacher.*``; the optimizer and scheduler through ``extra_optimizers()`` / ``extra_schedulers()``)."""
+
+    def __init__(self, teacher: nn.Module, config: TeacherOptimizerConfig):
+        self.teacher = teacher
+        self.optimizer = torch.optim.SGD(teacher.parameters(), lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+        if config.cosine_epochs:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.cosine_epochs)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.milestones, config.gamma)
+
+    def step(self, epoch: int, loss_fn):
+        """One SGD step of the teacher on ``loss_fn()`` (run with the teacher's weights trainable, which they are
+        not outside this step, so the main optimizer never holds them); returns what loss_fn returned, detached."""
+        while self.scheduler.last_epoch < epoch:  # per-epoch schedule, also right after a resume
+            self.scheduler.step()
+        self.teacher.requires_grad_(True)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, *rest = loss_fn()
+            loss.backward()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for p in self.teacher.parameters():  # DDP does not see this backward
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= dist.get_world_size()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.teacher.requires_grad_(False)
+        return [loss.detach()] + [r.detach() for r in rest]
+
+
+class _InputGradConv(torch.autograd.Function):
+    """A frozen conv: its backward returns the input gradient only, which needs the weight, not the input, so
+    nothing is saved (aten's convolution saves the input whenever the input needs a gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        ctx.conv, ctx.input_shape = conv, x.shape
+        return conv._conv_forward(x, conv.weight, conv.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        c = ctx.conv
+        return torch.nn.grad.conv2d_input(ctx.input_shape, c.weight, grad, c.stride, c.padding, c.dilation,
+                                          c.groups), None
+
+
+class _MaskReLUFn(torch.autograd.Function):
+    """ReLU saving a bool mask (a quarter of the float output it would save) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x)
+        ctx.save_for_backward(y > 0)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask, = ctx.saved_tensors
+        return grad.masked_fill(~mask, 0.0)
+
+
+class _FrozenConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return self.conv(x)
+        return _InputGradConv.apply(x, self.conv)
+
+
+class _MaskReLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MaskReLUFn.apply(x) if x.requires_grad else torch.relu(x)
+
+
+def _lean_frozen(stage: nn.Module) -> nn.Module:
+    """``stage`` (a folded copy of frozen teacher modules) with its plain convs and ReLUs replaced by the
+    variants above, which compute the same and save less for an input-gradient backward."""
+    for name, module in list(stage.named_modules()):
+        if isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d and module.padding_mode == 'zeros' and \
+                not isinstance(module.padding, str) and not module.weight.requires_grad:
+            replacement = _FrozenConv(module)
+        elif type(module) is nn.ReLU:
+            replacement = _MaskReLU()
+        else:
+            continue
+        parent, _, child = name.rpartition('.')
+        setattr(stage.get_submodule(parent) if parent else stage, child, replacement)
+    return stage
 
 
 class _InputCapture:
@@ -210,6 +396,11 @@ class JointRD(TrainingMethod):
         self.num_stages = self.student_stages.num_stages
         if self.config.teacher_mode == 'frozen':
             teacher.requires_grad_(False)
+        self._teacher_update = None
+        if self.config.joint_step_order == 'teacher_first':
+            optimizer = TeacherOptimizerConfig.from_dict(self.config.teacher_optimizer)
+            self._teacher_update = _TeacherStep(teacher, optimizer)
+            teacher.requires_grad_(False)  # trainable only inside its own step
         self._setup_features(probe)
         self.adversarial = None
         if self.config.adversarial_weight > 0:
@@ -237,8 +428,10 @@ class JointRD(TrainingMethod):
         use_margin = self.config.feature_loss == 'margin' and self.teacher_act is not None and \
             student_act is not None and teacher_bn is not None
         self.uses_margin = use_margin
-        self._teacher_tap = _InputCapture(self.teacher_act) if use_margin else None
-        self._student_tap = _InputCapture(student_act) if use_margin else None
+        # the taps copy the pre-activation on every forward: only when the feature loss reads it
+        tapped = use_margin and self.config.feature_loss_weight > 0
+        self._teacher_tap = _InputCapture(self.teacher_act) if tapped else None
+        self._student_tap = _InputCapture(student_act) if tapped else None
         self.connectors = nn.ModuleList()
         self.feature_loss = None
         if self.config.feature_loss_weight <= 0:
@@ -321,24 +514,97 @@ class JointRD(TrainingMethod):
 
     def _teacher_tail(self, h: torch.Tensor, after: int):
         if self.config.teacher_mode == 'joint':
-            # gradients reach h only, never the teacher's weights; the teacher (in train mode) normalises h with h's
-            # batch statistics, and its BN running statistics are updated on copies that are dropped, so they keep
-            # describing the teacher's own features (what it is evaluated and checkpointed with)
+            # gradients reach h only, never the teacher's weights
             state = {n: p.detach() for n, p in self.teacher_stages.named_parameters()}
+            if self.config.hybrid_teacher_bn == 'running':
+                # the reference: the teacher in eval mode (its running statistics, which stay untouched)
+                was_training = self.teacher_stages.training
+                self.teacher_stages.eval()
+                try:
+                    return self._captured(self._teacher_tap,
+                                          lambda: functional_call(self.teacher_stages, state, (h, after)))
+                finally:
+                    self.teacher_stages.train(was_training)
+            # the teacher (in train mode) normalises h with h's batch statistics, and its BN running statistics are
+            # updated on copies that are dropped, so they keep describing the teacher's own features (what it is
+            # evaluated and checkpointed with)
             state.update((n, b.clone()) for n, b in self.teacher_stages.named_buffers())
             return self._captured(self._teacher_tap,
                                   lambda: functional_call(self.teacher_stages, state, (h, after)))
-        return self._captured(self._teacher_tap, lambda: self.teacher_stages(h, after))
+        folded = self._folded_teacher_stages()
+        if folded is None:
+            return self._captured(self._teacher_tap, lambda: self.teacher_stages(h, after))
+        for stage in folded[after:]:
+            h = stage(h)
+        neck = self.teacher_stages.neck(h)
+        return self.teacher_stages._forward_head(neck), neck
+
+    def _folded_teacher_stages(self) -> Optional[List[nn.Module]]:
+        """The frozen teacher's stages with every BN folded into the conv before it (``fold_teacher_bn``), kept
+        in sync with the teacher's weights: refolded whenever one of them was written (a load_state_dict, a move to
+        another device). None where nothing is folded: a joint teacher, a feature tap inside the tails, a stage
+        torch.fx cannot trace."""
+        if not self.config.fold_teacher_bn or self.config.teacher_mode != 'frozen' or self._teacher_tap is not None:
+            return None
+        stages = self.teacher_stages.stages
+        key = tuple((t.data_ptr(), t._version) for t in (*stages.parameters(), *stages.buffers()))
+        cached = self.__dict__.get('_fold_cache')  # a plain attribute: not in the state dict, never trained
+        if cached is None or cached[0] != key:
+            try:
+                folded = [_lean_frozen(fx_fuse(stage)) for stage in stages]
+            except Exception:  # noqa: BLE001 (torch.fx raises many kinds); such a stage runs as it is, unfolded
+                folded = None
+            cached = self.__dict__['_fold_cache'] = (key, folded)
+        return cached[1]
+
+    def _needs_teacher_forward(self) -> bool:
+        """Whether a loss term reads the teacher's own outputs z_T / f_T: a joint teacher's CE, KD, the adversarial
+        term, the feature loss. The default (frozen teacher, CE terms only) reads neither, so its forward is skipped:
+        the hybrid paths run only the teacher's later stages, on the twin's features."""
+        c = self.config
+        return c.teacher_mode == 'joint' or c.kd_weight > 0 or c.adversarial_weight > 0 or self.feature_loss is not None
+
+    def _refresh_margin(self) -> None:
+        """``margin_refresh='epoch'``: the margin recomputed from the teacher's last BN once per epoch (at its first
+        step, before the teacher's update of that step)."""
+        if self.config.margin_refresh != 'epoch' or not isinstance(self.feature_loss, MarginFeatureLoss):
+            return
+        epoch = int(self.epoch)
+        if getattr(self, '_margin_epoch', None) != epoch:
+            _, bn = final_preactivation(self.teacher)
+            self.feature_loss.margin.copy_(bn_margin(bn).reshape(self.feature_loss.margin.shape))
+            self._margin_epoch = epoch
+
+    def _teacher_outputs(self, x: torch.Tensor, targets: Optional[torch.Tensor]):
+        """(z_T, f_T, parts): the teacher's forward where a term reads it (None, None otherwise); with
+        'teacher_first', its own SGD step on its CE too (logged as ``ce_teacher``)."""
+        if self._teacher_update is not None:
+            if targets is None:
+                raise ValueError("joint_step_order='teacher_first' trains the teacher inside the forward: call the "
+                                 'JointRD module with the targets, model(x, y) (forward_proc: forward_batch_target).')
+
+            def teacher_loss():
+                logits, feature = self._teacher_forward(x)
+                return F.cross_entropy(logits, targets), logits, feature
+            ce_teacher, logits, feature = self._teacher_update.step(int(self.epoch), teacher_loss)
+            return logits, feature, dict(ce_teacher=ce_teacher)
+        if not self._needs_teacher_forward():
+            return None, None, {}
+        with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
+            logits, feature = self._teacher_forward(x)
+        return logits, feature, {}
 
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """Eval mode: the twin's logits. Train mode: the outputs dict, with ``loss`` and its parts when
-        ``targets`` are given."""
+        ``targets`` are given (``teacher_logits`` / ``teacher_feature`` are None where no term reads them)."""
         if not self.training:
             return self.student(x)
         self._check_progress()
         self.apply_progress()
-        with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
-            teacher_logits, teacher_feature = self._teacher_forward(x)
+        self._refresh_margin()
+        teacher_logits, teacher_feature, teacher_parts = self._teacher_outputs(x, targets)
+        if teacher_feature is not None:
+            teacher_feature = teacher_feature.detach()
         hs = []
 
         eta = self.eta
@@ -353,21 +619,37 @@ class JointRD(TrainingMethod):
         logits, student_feature = self._captured(self._student_tap, run_student)
 
         paths = self._sample_paths()
-        hybrid_logits, hybrid_features = [], []
+        path_scale = (self.num_stages - 1) / max(1, len(paths))
+        lean = self.config.lean_memory and targets is not None and not _fp16_autocast(x)
+        norm = LOSS_NORMALIZERS[self.config.loss_normalization](self.num_stages, eta)
+        hybrid_logits, hybrid_features, early = [], [], []
         for k in paths:
-            h = hs[k - 1] if weights is None else scale_grad(hs[k - 1], 1.0 / weights[k - 1])
-            z_k, f_k = self._teacher_tail(h, k)
+            h = hs[k - 1].detach().requires_grad_() if lean else hs[k - 1]
+            z_k, f_k = self._teacher_tail(h if weights is None else scale_grad(h, 1.0 / weights[k - 1]), k)
+            if len(self.connectors):
+                f_k = self.connectors[k](f_k)
+            if lean:
+                # this path's terms backpropagated now, down to h_k (and its connector): its activations are freed
+                # before the next path runs; the gradients reach the twin through the returned loss (see lean_memory)
+                term = hybrid_term(z_k, f_k, targets, teacher_feature, eta * path_scale / norm, self.config,
+                                   self.feature_loss)
+                inputs = [h, *self.connectors[k].parameters()] if len(self.connectors) else [h]
+                grads = torch.autograd.grad(term, inputs)
+                early.extend(zip([hs[k - 1], *inputs[1:]], grads))
+                z_k, f_k = z_k.detach(), f_k.detach()
             hybrid_logits.append(z_k)
             hybrid_features.append(f_k)
         if len(self.connectors):
             student_feature = self.connectors[0](student_feature)
-            hybrid_features = [self.connectors[k](f) for k, f in zip(paths, hybrid_features)]
         outputs = dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
-                       path_scale=(self.num_stages - 1) / max(1, len(paths)), student_feature=student_feature,
-                       teacher_feature=teacher_feature.detach(), hybrid_features=hybrid_features, eta=eta)
+                       path_scale=path_scale, student_feature=student_feature, teacher_feature=teacher_feature,
+                       hybrid_features=hybrid_features, eta=eta, **teacher_parts)
         self.count_step()  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
         if targets is not None:
             outputs.update(self.loss(outputs, targets))
+            if early:
+                # value exactly 0; its backward hands each early gradient to the tensor it was taken for
+                outputs['loss'] = outputs['loss'] + _deliver(early)
             if self.adversarial is not None:
                 d = self.adversarial.discriminator
                 teacher_logits = outputs['teacher_logits'].detach()
@@ -380,10 +662,16 @@ class JointRD(TrainingMethod):
         return outputs
 
     def extra_optimizers(self) -> Dict:
-        return {'discriminator': self.adversarial.optimizer} if self.adversarial is not None else {}
+        extra = {'discriminator': self.adversarial.optimizer} if self.adversarial is not None else {}
+        if self._teacher_update is not None:
+            extra['teacher'] = self._teacher_update.optimizer
+        return extra
 
     def extra_schedulers(self) -> Dict:
-        return {'discriminator': self.adversarial.scheduler} if self.adversarial is not None else {}
+        extra = {'discriminator': self.adversarial.scheduler} if self.adversarial is not None else {}
+        if self._teacher_update is not None:
+            extra['teacher'] = self._teacher_update.scheduler
+        return extra
 
     def _sample_paths(self) -> List[int]:
         all_paths = list(range(1, self.num_stages))
@@ -395,6 +683,17 @@ class JointRD(TrainingMethod):
 
     def loss(self, outputs: Dict, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         return jointrd_loss(outputs, targets, self.num_stages, self.config, self.feature_loss)
+
+
+def hybrid_term(logits: torch.Tensor, feature: torch.Tensor, targets: torch.Tensor,
+                teacher_feature: Optional[torch.Tensor], weight: float, config: JointRDConfig,
+                feature_loss: Optional[nn.Module] = None) -> torch.Tensor:
+    """One hybrid path's share of the loss: ``weight`` (eta * path scale / normaliser) times its CE plus lambda
+    times its feature loss (``lean_memory`` backpropagates it alone; :func:`jointrd_loss` sums the same terms)."""
+    term = F.cross_entropy(logits, targets)
+    if feature_loss is not None and config.feature_loss_weight > 0:
+        term = term + config.feature_loss_weight * feature_loss(feature, teacher_feature)
+    return weight * term
 
 
 def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: JointRDConfig,
@@ -419,11 +718,24 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
         parts['kd'] = kd.detach()
         loss = loss + config.kd_weight * kd
     if config.teacher_mode == 'joint':
-        ce_teacher = F.cross_entropy(outputs['teacher_logits'], targets)
+        if config.joint_step_order == 'simultaneous':
+            ce_teacher = F.cross_entropy(outputs['teacher_logits'], targets)
+            loss = loss + ce_teacher
+        else:  # 'teacher_first': the teacher took its step in the forward; logged only
+            ce_teacher = outputs['ce_teacher']
         parts['ce_teacher'] = ce_teacher.detach()
-        loss = loss + ce_teacher
     parts['loss'] = loss
     return parts
+
+
+def _fp16_autocast(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
+
+
+def _deliver(pairs) -> torch.Tensor:
+    """sum <t, g> - sum <t, g>.detach(): a zero whose gradient with respect to each tensor t is its g."""
+    dot = sum((t * g).sum() for t, g in pairs)
+    return dot - dot.detach()
 
 
 def _probe_for(model: nn.Module) -> torch.Tensor:
