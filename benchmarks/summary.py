@@ -100,9 +100,15 @@ def cost_lines() -> list:
     record = _load('training_cost')
     if record is not None:
         lines += ['', '## Training cost per step ([training_cost.md](training_cost.md))', '',
-                  '| method | step time vs KD | peak memory vs KD |', '|---|---|---|']
-        lines += [f'| {label} | {r["time_vs_kd"]:.2f}x | {r["memory_vs_kd"]:.2f}x |' for label, r in record['rows'].items()
-                  if 'time_vs_kd' in r and 'memory_vs_kd' in r]
+                  'Step times whose interquartile range exceeds a quarter of their median are not shown (measured '
+                  'on a loaded machine).', '',
+                  '| pair | method | step time vs KD | peak memory vs KD |', '|---|---|---|---|']
+        archs = record['archs'] if 'archs' in record else {record['meta'].get('arch', ''): record}
+        for arch, measured in archs.items():
+            for label, r in measured['rows'].items():
+                noisy = r.get('iqr_ms', 0) > 0.25 * r.get('step_ms', 0)
+                time = 'unmeasured' if noisy else f'{r["time_vs_kd"]:.2f}x'
+                lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
     record = _load('deploy_bench')
     if record is not None:
         lines += ['', '## Deployment: residual model vs twin ([deploy_bench.md](deploy_bench.md))', '',
