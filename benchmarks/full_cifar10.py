@@ -7,15 +7,16 @@ split, cosine lr) is trained once; from it, for each fraction in ``--fractions``
 * ``twin alone``: the same twin, same ingredients (teacher init + shortcut fade), no JointRD terms;
 * ``control``: the residual teacher itself trained for the same extra epochs from its own weights (equal compute).
 
-Every run is a runner output folder under ``--work-dir``; an unfinished one is resumed exactly (the runner's
-``--resume``), a finished one (``final.json``) read back, so the script can be stopped and rerun at any time, also
-in another session (``--work-dir`` may point at a folder kept between sessions). Each run records how it was
+Every run is a runner output folder under ``--work-dir`` (default ``benchmarks/runs/full_cifar10``, kept in the
+repository: a resnet20 checkpoint is about 2 MB, and a run that needs more hours than a session has continues from
+it); an unfinished one is resumed exactly (the runner's ``--resume``), a finished one (``final.json``) read back, so
+the script can be stopped and rerun at any time. Each run records how it was
 split (``metrics.jsonl`` keeps one line per epoch with its seconds; ``resumes`` in the record counts restarts).
 Outputs: ``benchmarks/results/<name>.{json,md,png}``, the command recorded.
 
-    python benchmarks/full_cifar10.py --arch resnet20_cifar --teacher-epochs 32 --rows teacher
+    python benchmarks/full_cifar10.py --arch resnet20_cifar --teacher-epochs 32 --threads 1 --rows teacher
     python benchmarks/full_cifar10.py --arch resnet20_cifar --teacher-epochs 32      # every row
-    python benchmarks/full_cifar10.py --report-only
+    python benchmarks/full_cifar10.py --arch resnet20_cifar --report-only
 """
 import argparse
 import json
@@ -43,7 +44,7 @@ def parser():
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=ROWS)
-    p.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work/full_cifar10'))
+    p.add_argument('--work-dir', default=str(ROOT / 'benchmarks/runs/full_cifar10'))
     p.add_argument('--name', default='full_cifar10')
     p.add_argument('--report-only', action='store_true')
     return p
