@@ -26,7 +26,7 @@ def measure_models(models: Dict[str, nn.Module], input_chw: Tuple[int, int, int]
     for batch in batches:
         x = torch.randn(batch, *input_chw)
         timed = compare_latency({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats=latency_repeats,
-                                warmup=5)
+                                warmup=min(5, latency_repeats))
         latency[batch] = {name: timed[name]['median_ms'] for name in models}
     x = torch.randn(1, *input_chw)
     memory = {name: analyze_activation_memory(fold_for_deployment(m)[0], x).peak_bytes / 2 ** 20
