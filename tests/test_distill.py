@@ -172,3 +172,46 @@ def test_cli_reports_a_refusal_as_one_error_line(tmp_path, capsys):
     assert main(['distill', 'resnet20_cifarr', '--data', 'sklearn:digits', '--output', str(tmp_path / 'o')]) == 1
     err = capsys.readouterr().err
     assert err.startswith("jointrd distill: error: Unknown teacher 'resnet20_cifarr'") and err.count('\n') == 1
+
+
+def test_pretrained_tag_teacher_loads_offline_through_timm_with_its_head_reinitialised(tmp_path):
+    """A timm tag goes through timm's own pretrained loading: offline, from a Hub cache built here by hand."""
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    from conftest import ROOT
+    teacher = timm.create_model('regnetx_002')
+    snapshot = tmp_path / 'cache' / 'models--timm--regnetx_002.pycls_in1k' / 'snapshots' / ('b' * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(snapshot / 'model.safetensors'))
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('b' * 40)
+    code = f"""
+import torch
+from jointrd_timm.training.distill import DistillError, build_configs, plan_distill, _build
+from safetensors.torch import load_file
+try:
+    plan_distill('regnetx_002.pycls_in1k', 'sklearn:digits', '{tmp_path / 'out'}', epochs=1, limit=64)
+except DistillError as e:
+    print('refused:', e)
+plan = plan_distill('regnetx_002.pycls_in1k', 'sklearn:digits', '{tmp_path / 'out'}', epochs=1, limit=64,
+                    num_classes=10)
+kwargs = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
+print(kwargs)
+model = _build(kwargs)
+saved = load_file('{snapshot / 'model.safetensors'}')
+state = model.state_dict()
+print(all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith('head.')),
+      model.get_classifier().out_features)
+"""
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'),
+                                     PYTHONWARNINGS='ignore'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith('refused: Teacher regnetx_002.pycls_in1k predicts 1000 classes, but the data '
+                               'sklearn:digits has 10 labels. Pass --num-classes 10')
+    assert lines[1] == str(dict(model_name='regnetx_002.pycls_in1k', pretrained=True, num_classes=10, in_chans=3))
+    assert lines[2] == 'True 10'
+    assert not (tmp_path / 'out').exists()

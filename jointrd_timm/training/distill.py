@@ -173,9 +173,7 @@ def check_pair(pair: Dict, input_chw, num_classes: int) -> None:
     """Build the JointRD teacher / twin pair (random weights) and take one training step on a data-shaped batch,
     so that an architecture whose stage split or fading twin fails is refused before any training."""
     from ..integrations.torchdistill import jointrd_model
-    kwargs = copy.deepcopy(pair['kwargs'])
-    kwargs['teacher'] = {k: v for k, v in kwargs['teacher'].items() if k not in ('checkpoint', 'pretrained')}
-    kwargs['teacher']['model_name'] = kwargs['teacher']['model_name'].partition('.')[0]
+    kwargs = pair['kwargs']  # no weights named yet: the architectures only
     try:
         method = jointrd_model(**kwargs)
         method.set_run_length(1, 1)
@@ -277,7 +275,7 @@ def write_config(path: Path, config: Dict, datasets: Dict[str, Dict], header: st
 
 
 # -- running --------------------------------------------------------------------------------------------------------
-def _train_from(yaml_path: Path, resume: bool, overwrite: bool, device: Optional[str]) -> Dict:
+def _train_from(yaml_path: Path, resume: bool, device: Optional[str]) -> Dict:
     """Train from the written YAML; resuming, a finished run is kept and a started one continues."""
     from .runner import load_config, train
     config = load_config(yaml_path)
@@ -285,8 +283,11 @@ def _train_from(yaml_path: Path, resume: bool, overwrite: bool, device: Optional
     if resume and (out / 'final.json').is_file():
         print(f'{out}: finished already, kept')
         return dict(json.loads((out / 'final.json').read_text()), config=config)
-    kwargs = dict(overwrite=overwrite) if 'overwrite' in inspect.signature(train).parameters else {}
-    final = train(config, resume=resume and (out / 'last.safetensors').is_file(), device=device, **kwargs)
+    resume = resume and (out / 'last.safetensors').is_file()
+    # a fresh start writes into a folder that is distill's own (check_output refused any other), so a runner that
+    # guards its output folder is told it may replace what a run that never checkpointed left there
+    kwargs = dict(overwrite=not resume) if 'overwrite' in inspect.signature(train).parameters else {}
+    final = train(config, resume=resume, device=device, **kwargs)
     return dict(final, config=config)
 
 
@@ -406,13 +407,12 @@ def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = Fal
         else:
             print(f'twin plain_{teacher.arch}: JointRD from the teacher, recipe `{plan.recipe.id}`, {plan.epochs} '
                   'epochs')
-        final = _train_from(path, resume, overwrite, device)
+        final = _train_from(path, resume, device)
     return final
 
 
 def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency_repeats: int = 30) -> Dict:
     """Evaluate teacher and deployed twin on the same test split; write model/ (with its card) and comparison.*."""
-    import timm
     from ..integrations.hub import load_model, model_card, save_trained_model, top1_accuracy
     from .compare import measure_models, plot_comparison
     out, arch = plan.out, plan.teacher.arch
