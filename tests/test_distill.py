@@ -163,8 +163,16 @@ def test_pair_that_does_not_build_for_jointrd_is_refused_with_the_reason(tmp_pat
 
     monkeypatch.setattr(registry, 'jointrd_model', refuse)
     with pytest.raises(DistillError, match=r'resnet20_cifar: the teacher / twin pair does not train with JointRD on '
-                                           r'\(1, 8, 8\) inputs \(StageLayoutError: conv_head is applied twice\)'):
+                                           r'\(1, 8, 8\) inputs \(StageLayoutError: conv_head is applied twice\)\.$'):
         run_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), **TOY)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_inputs_too_small_for_the_architecture_are_refused_with_the_fix(tmp_path):
+    # convnext's stride-4 stem and 2x2 downsampling leave nothing of an 8x8 digit
+    with pytest.raises(DistillError, match=r'convnext_atto: the teacher / twin pair does not train with JointRD on '
+                                           r'\(1, 8, 8\) inputs .* give a larger --input-size'):
+        run_distill('convnext_atto', 'sklearn:digits', str(tmp_path / 'out'), **TOY)
     assert not (tmp_path / 'out').exists()
 
 

@@ -180,8 +180,10 @@ def check_pair(pair: Dict, input_chw, num_classes: int) -> None:
         method.train()
         method(torch.randn(2, *input_chw), torch.arange(2) % num_classes)['loss'].backward()
     except (ValueError, RuntimeError, TypeError, StopIteration) as e:
+        small = ' The images are too small for this architecture: give a larger --input-size.' \
+            if 'input size' in str(e) else ''
         raise DistillError(f'{kwargs["teacher"]["model_name"]}: the teacher / twin pair does not train with JointRD '
-                           f'on {tuple(input_chw)} inputs ({type(e).__name__}: {e})') from e
+                           f'on {tuple(input_chw)} inputs ({type(e).__name__}: {e}).{small}') from e
 
 
 def check_classes(teacher: Teacher, data_classes: int, num_classes: Optional[int], source: str) -> bool:
