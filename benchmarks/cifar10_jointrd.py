@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from jointrd_timm.training.checkpoint import atomic_write
+from jointrd_timm.recipes import REFERENCE_JOINTRD
+from report import curves_and_bars, write_report
 from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
                           read_run)
 
 
 def main():
     parser = budget_parser(__doc__, 'cifar10_jointrd')
-    parser.add_argument('--eta-min', type=float, default=0.5)
-    parser.add_argument('--eta-horizon-fraction', type=float, default=0.3)
+    parser.add_argument('--eta-min', type=float, default=REFERENCE_JOINTRD['eta_min'])
+    parser.add_argument('--eta-horizon-fraction', type=float, default=REFERENCE_JOINTRD['eta_horizon_fraction'])
     parser.add_argument('--feature-loss-weight', type=float, default=0.0)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--add-sampled-row', action='store_true',
@@ -56,7 +57,8 @@ def main():
     common = dict(num_classes=10)
 
     def trained(model, method):
-        return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe))
+        return lambda folder: train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe),
+                                    resume=(folder / 'last.safetensors').is_file())  # interrupted: continue
 
     def run(label, train_row):
         """Train one row in ``work / label`` (``train_row(folder)`` returns its final.json record)."""
@@ -89,8 +91,6 @@ def main():
                 date=time.strftime('%Y-%m-%d'), settings=budget_settings(args))
     if args.add_sampled_row:
         meta['command'] += ' (then --add-sampled-row)'
-    atomic_write(out / f'{args.name}.json',
-                 lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args)), indent=1)))
     gap_alone = rows['teacher']['test_acc'] - rows['twin alone']['test_acc']
     gap_jointrd = rows['teacher']['test_acc'] - rows['twin + JointRD']['test_acc']
     lines = [f'# CIFAR-10, {args.arch} and its shortcut-free twin: JointRD at CPU scale', '',
@@ -102,32 +102,14 @@ def main():
     closed = 100 * (gap_alone - gap_jointrd) / gap_alone if gap_alone > 0 else float('nan')
     lines += ['', f'JointRD closes {closed:.0f} % of the gap between the twin alone and the teacher '
                   f'({gap_alone:.2f} -> {gap_jointrd:.2f} points), one seed, this budget.']
-    (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
-    plot(rows, out / f'{args.name}.png', f'CIFAR-10 {args.arch}: {meta["budget"]}')
+    write_report(args.name, dict(meta=meta, rows=rows, args=vars(args)), lines,
+                 lambda path: plot(rows, path, f'CIFAR-10 {args.arch}: {meta["budget"]}'), out)
     print('\n'.join(lines))
 
 
 def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, r in rows.items():
-        epochs = range(1, len(r['val_curve']) + 1)
-        ax1.plot(epochs, r['val_curve'], marker='o', label=label)
-    ax1.set_xlabel('epoch')
-    ax1.set_ylabel('held-out validation accuracy (%)')
-    ax1.legend()
-    ax2.bar([label.replace(' (', '\n(') for label in rows], [r['test_acc'] for r in rows.values()],
-            color=['#4c72b0', '#dd8452', '#55a868', '#8172b2'][:len(rows)])
-    ax2.tick_params(axis='x', labelsize=7)
-    ax2.set_ylabel('last-epoch test accuracy (%)')
-    lo = min(r['test_acc'] for r in rows.values())
-    ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves_and_bars(rows, path, title, short=lambda label: label.replace(' (', '\n('),
+                    colors=['#4c72b0', '#dd8452', '#55a868', '#8172b2'][:len(rows)])
 
 
 if __name__ == '__main__':

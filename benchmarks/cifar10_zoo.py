@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
+from jointrd_timm.recipes import REFERENCE_JOINTRD
+from report import curves_and_bars, write_report
 
 # Xu et al. 2017, Table 1 (error %, median of 5 runs; WRN-40-10 teacher, WRN-10-4 student, full CIFAR, ~200 epochs)
 XU2017_CIFAR10_ERROR = {'student alone': 7.46, 'best KD': 6.94, 'conditional adversarial KD': 6.09, 'teacher': 4.19}
@@ -59,7 +61,8 @@ def main():
         if finished(folder):
             print(f'{label}: finished run found in {folder}, read back', flush=True)
         else:
-            train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe, **extra))
+            train(make_config(train_set, test_set, model, method, output_dir=str(folder), **recipe, **extra),
+                  resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
         final, curve = read_run(folder)
         rows[label] = dict(test_acc=final['test_acc'], val_curve=[c.get('val_acc') for c in curve],
                            train_loss=[c['train_loss'] for c in curve],
@@ -78,21 +81,21 @@ def main():
         hidden=256, label_head=False, discriminator=discriminator)), 'aps')
     run('twin + JointRD', dict(key='jointrd_model', kwargs=dict(
         teacher=teacher_kwargs, student=twin,
-        jointrd=dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))), 'jointrd')
+        jointrd=dict(REFERENCE_JOINTRD))), 'jointrd')
 
     meta = dict(command=command_line('cifar10_zoo.py', args),
                 machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
                 budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr {args.lr}',
                 date=time.strftime('%Y-%m-%d'))
     out = ROOT / 'benchmarks/results'
-    (out / f'{args.name}.json').write_text(json.dumps(dict(meta=meta, rows=rows, args=vars(args),
-                                                           xu2017_cifar10_error=XU2017_CIFAR10_ERROR), indent=1))
-    write_markdown(rows, meta, args, out / f'{args.name}.md')
-    plot(rows, out / f'{args.name}.png', f'CIFAR-10, student plain_{args.arch}: {meta["budget"]}')
-    print((out / f'{args.name}.md').read_text())
+    record = dict(meta=meta, rows=rows, args=vars(args), xu2017_cifar10_error=XU2017_CIFAR10_ERROR)
+    lines = markdown(rows, meta, args)
+    write_report(args.name, record, lines,
+                 lambda path: plot(rows, path, f'CIFAR-10, student plain_{args.arch}: {meta["budget"]}'), out)
+    print('\n'.join(lines))
 
 
-def write_markdown(rows, meta, args, path):
+def markdown(rows, meta, args) -> list:
     alone, teacher = rows['twin alone']['test_acc'], rows['teacher']['test_acc']
     lines = [f'# CIFAR-10 distillation zoo: every method trains the shortcut-free twin plain_{args.arch}', '',
              f'Budget: {meta["budget"]}; same for every row. Teacher: {args.arch} (cross-entropy, same budget). '
@@ -118,7 +121,7 @@ def write_markdown(rows, meta, args, path):
                   'scale entirely: compare the ordering of the methods, not the numbers.', '',
               '| Xu et al. row | error % | accuracy % |', '|---|---|---|']
     lines += [f'| {k} | {v:.2f} | {100 - v:.2f} |' for k, v in xu.items()]
-    path.write_text('\n'.join(lines) + '\n')
+    return lines
 
 
 def _seed_noise() -> str:
@@ -134,26 +137,9 @@ def _seed_noise() -> str:
 
 
 def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, r in rows.items():
-        ax1.plot(range(1, len(r['val_curve']) + 1), r['val_curve'], marker='o', label=label)
-    ax1.set_xlabel('epoch')
-    ax1.set_ylabel('held-out validation accuracy (%)')
-    ax1.legend(fontsize=7)
-    labels = list(rows)
-    ax2.bar([label.replace('twin + ', '+') for label in labels], [rows[k]['test_acc'] for k in labels],
-            color=['#4c72b0' if k == 'teacher' else '#dd8452' if k == 'twin alone' else '#55a868' for k in labels])
-    ax2.tick_params(axis='x', labelsize=7)
-    ax2.set_ylabel('last-epoch test accuracy (%)')
-    lo = min(r['test_acc'] for r in rows.values())
-    ax2.set_ylim(max(0, lo - 10), min(100, max(r['test_acc'] for r in rows.values()) + 5))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves_and_bars(rows, path, title, short=lambda label: label.replace('twin + ', '+'),
+                    colors=['#4c72b0' if k == 'teacher' else '#dd8452' if k == 'twin alone' else '#55a868'
+                            for k in rows])
 
 
 if __name__ == '__main__':

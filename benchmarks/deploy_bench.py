@@ -20,6 +20,7 @@ import jointrd_timm  # noqa: F401
 from jointrd_timm.deploy.bench import DEFAULT_PAIRS, bench_models, markdown, run_bench
 from jointrd_timm.deploy.fold import fold_for_deployment
 from jointrd_timm.twins.summary import count_flops
+from report import pyplot, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,6 @@ def main():
     report['pruned_baseline'] = dict(pruning_ratio=ratio, flops=flops, twin_flops=twin_flops, **row)
     report['meta']['command'] = 'python benchmarks/deploy_bench.py'
     out = ROOT / 'benchmarks/results'
-    (out / 'deploy_bench.json').write_text(json.dumps(report, indent=1))
     lines = ['# Residual model vs shortcut-free twin: latency and activation memory (CPU)', '',
              'Ratios are residual / twin (> 1: the twin is faster / lighter). Command: `python benchmarks/deploy_bench.py`.',
              '', markdown(report), '', '## Channel-pruned ResNet-50 vs plain_resnet50 (matched FLOPs)', '',
@@ -70,15 +70,12 @@ def main():
         lines.append(f'| {batch} | {r["pruned/eager"]:.2f} / {r["twin/eager"]:.2f} | {r["speedup/eager"]:.2f}x | '
                      f'{r["pruned/onnxruntime"]:.2f} / {r["twin/onnxruntime"]:.2f} | {r["speedup/onnxruntime"]:.2f}x | '
                      f'{m["pruned"] / 2**20:.2f} / {m["twin"] / 2**20:.2f} | {r["memory_ratio_analysed"]:.2f}x |')
-    (out / 'deploy_bench.md').write_text('\n'.join(lines) + '\n')
-    plot(report, out / 'deploy_bench.png')
+    write_report('deploy_bench', report, lines, lambda path: plot(report, path), out)
     print('\n'.join(lines))
 
 
 def plot(report, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = [r['teacher'] for r in report['results']]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (key, title) in zip(axes, (('speedup/eager', 'latency ratio, eager'), ('speedup/onnxruntime', 'latency ratio, ONNX Runtime'),
@@ -91,7 +88,7 @@ def plot(report, path):
         ax.set_title(f'{title}: residual / twin', fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format='png')
     plt.close(fig)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD
-from jointrd_timm.training.checkpoint import atomic_write
+from report import pyplot, write_report
 from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
                           finished, read_run)
 
@@ -74,7 +74,7 @@ def rows_spec():
         'JointRD + Dirac + fade + teacher init': ('jointrd', dict(dirac=True, shortcut_fade=True),
                                                   dict(ref, shortcut_fade=0.5), dict(init_student_from_teacher=True)),
         'JointRD + fade (from scratch)': ('jointrd', dict(shortcut_fade=True), dict(ref, shortcut_fade=0.5), {}),
-        # the default recipe (DEFAULT_SHORTCUT_FADE = 0.8) and its baseline
+        # the default recipe (jointrd_timm.recipes.DEFAULT_RECIPE) and its baseline
         'JointRD + fade over 80 % + teacher init': default_with(),
         'twin alone + fade over 80 % + teacher init': ('ce', {}, None, dict(shortcut_fade=DEFAULT_SHORTCUT_FADE,
                                                                             teacher_init=True)),
@@ -248,7 +248,8 @@ def main():
             start = time.time()
             train(make_config(train_set, test_set, model, method, epochs=args.epochs, batch_size=args.batch_size,
                               lr=extras.get('lr', args.lr), weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
-                              output_dir=str(folder)))
+                              output_dir=str(folder)),
+                  resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
             print(f'{label} seed {seed}: {time.time() - start:.0f} s', flush=True)
         final, curve = read_run(folder)
         runs[key] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),
@@ -272,7 +273,7 @@ def load_joint_teacher(folder: Path, arch: str) -> torch.nn.Module:
 
 def joint_teacher_accuracy(folder: Path, arch: str, test_set, batch_size: int = 256) -> float:
     """Test accuracy (%) of the teacher at the end of a joint-teacher run."""
-    from jointrd_timm.integrations.hub import top1_accuracy
+    from jointrd_timm.io import top1_accuracy
     return top1_accuracy(load_joint_teacher(folder, arch), test_set, batch_size)
 
 
@@ -312,11 +313,8 @@ def write(runs, spec, args, out, record_command: bool = True):
     variants = paired(runs, dict.fromkeys(DEFAULT_VARIANTS, DEFAULT_ROW))
     fade50 = paired(runs, dict.fromkeys(FADE50_VARIANTS, FADE50_ROW))
     eta1 = paired(runs, dict.fromkeys(ETA1_VARIANTS, ETA1_ROW))
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(dict(meta=meta, teachers=teachers, runs=runs,
-                                                                         table=table, paired=pairs,
-                                                                         vs_default=variants, vs_fade50=fade50,
-                                                                         vs_eta1=eta1),
-                                                                    indent=1)))
+    record = dict(meta=meta, teachers=teachers, runs=runs, table=table, paired=pairs, vs_default=variants,
+                  vs_fade50=fade50, vs_eta1=eta1)
     alone = table.get('twin alone', {}).get('mean')
     lines = [f'# Recipe ablation: plain_{args.arch} trained from its teacher {args.arch}, CIFAR-10 at CPU scale', '',
              f'Budget per row: {meta["budget"]} (same for every row and for the teacher). Machine: {meta["machine"]}, '
@@ -359,8 +357,9 @@ def write(runs, spec, args, out, record_command: bool = True):
                            "with that recipe's run.", 'row', 'variant vs fade over 50 %')
     lines += matched_table(eta1, f'## One more field changed on {ETA1_ROW}',
                            "Runs matched by seed and teacher with that row's run.", 'row', 'variant vs eta held at 1')
-    (out / f'{args.name}.md').write_text('\n'.join(lines) + '\n')
-    plot(table, teachers, out / f'{args.name}.png', f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}')
+    write_report(args.name, record, lines,
+                 lambda png: plot(table, teachers, png, f'plain_{args.arch} <- {args.arch}, CIFAR-10: {meta["budget"]}'),
+                 out)
 
 
 def matched_table(matched_rows, title: str, intro: str, row_header: str, versus: str) -> list:
@@ -393,9 +392,7 @@ def difference_stats(diffs) -> dict:
 
 
 def plot(table, teachers, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     labels = list(table)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
     y = range(len(labels))
@@ -411,7 +408,7 @@ def plot(table, teachers, path, title):
     ax.legend(fontsize=8, loc='lower right')
     ax.set_title(title.replace(': ', ':\n', 1) + f'\n(red: the default recipe, {DEFAULT_ROW})', fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format='png')
     plt.close(fig)
 
 

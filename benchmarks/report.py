@@ -40,7 +40,7 @@ def write_report(name: str, record: Dict, lines: List[str], plot: Optional[Calla
                  out: Path = RESULTS) -> Dict[str, Path]:
     """Write ``<out>/<name>.json`` (``record``, atomically), ``<name>.md`` (``lines``, with a footer naming the
     record, the machine and the command) and ``<name>.png`` (``plot(path)``, if given). Returns the paths."""
-    from jointrd_timm.training.checkpoint import atomic_write
+    from jointrd_timm.io import atomic_write
     meta = record.setdefault('meta', {})
     meta.setdefault('command', this_command())
     meta.setdefault('machine', machine())
@@ -66,3 +66,24 @@ def pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def curves_and_bars(rows: Dict[str, Dict], path: Path, title: str, short=lambda label: label, colors=None) -> None:
+    """The CIFAR benchmarks' plot: each row's validation curve (``val_curve``) beside its last-epoch test accuracy
+    (``test_acc``). ``short`` shortens the bar labels; ``colors`` gives one colour per row."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in rows.items():
+        ax1.plot(range(1, len(r['val_curve']) + 1), r['val_curve'], marker='o', label=label)
+    ax1.set_xlabel('epoch')
+    ax1.set_ylabel('held-out validation accuracy (%)')
+    ax1.legend(fontsize=7)
+    accs = [r['test_acc'] for r in rows.values()]
+    ax2.bar([short(label) for label in rows], accs, color=colors)
+    ax2.tick_params(axis='x', labelsize=7)
+    ax2.set_ylabel('last-epoch test accuracy (%)')
+    ax2.set_ylim(max(0, min(accs) - 10), min(100, max(accs) + 5))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format='png')
+    plt.close(fig)

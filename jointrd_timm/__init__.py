@@ -9,6 +9,7 @@ import sys
 
 from .twins import count_shortcut_additions, make_plain
 from .twins.dirac import apply_dirac, fold_dirac
+from .twins.fade import deployable
 from .twins.transfer import load_teacher_weights
 from . import models  # noqa: F401  (timm registration)
 
@@ -16,4 +17,4 @@ if 'torchdistill' in sys.modules:
     from .integrations import torchdistill as _torchdistill  # noqa: F401
 
 __version__ = '0.1.0'
-__all__ = ['make_plain', 'load_teacher_weights', 'apply_dirac', 'fold_dirac', 'count_shortcut_additions']
+__all__ = ['make_plain', 'load_teacher_weights', 'apply_dirac', 'fold_dirac', 'count_shortcut_additions', 'deployable']

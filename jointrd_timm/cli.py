@@ -15,6 +15,10 @@ def _derive(args) -> int:
     if not args.model:
         print('jointrd derive: give a MODEL (e.g. resnet50) or --list', file=sys.stderr)
         return 2
+    residual = args.model[len('plain_'):] if args.model.startswith('plain_') else args.model
+    if residual != args.model and residual not in timm.list_models():
+        raise ValueError(f'Unknown model {args.model!r}: a twin is named plain_<timm model>, and {residual!r} is not '
+                         'a timm model (jointrd derive --list lists the models with a twin).')
     print(describe_twin(args.model, keep_projection_shortcuts=args.keep_projection_shortcuts,
                         input_size=args.input_size))
     return 0
@@ -23,7 +27,14 @@ def _derive(args) -> int:
 def _train(args) -> int:
     from .training.runner import load_config, train
     config = load_config(args.config, args.overrides)
-    train(config, output_dir=args.output_dir, resume=args.resume, device=args.device)
+    train(config, output_dir=args.output_dir, resume=args.resume, device=args.device, overwrite=args.overwrite)
+    return 0
+
+
+def _convert(args) -> int:
+    from .training.checkpoint import convert_checkpoint
+    path = convert_checkpoint(args.source, args.output, entry=args.entry)
+    print(f'wrote {path} (the {args.entry!r} weights of {args.source}, read with torch.load(weights_only=True))')
     return 0
 
 
@@ -37,7 +48,7 @@ def _demo(args) -> int:
 def _export(args) -> int:
     from .deploy.export import export_model
     from .integrations.hub import load_model
-    model = load_model(args.model)
+    model = load_model(args.model, require_weights=not args.random_weights)
     name = args.name or Path(args.model.rstrip('/')).name.replace(':', '_')
     report = export_model(model, args.output_dir, name, input_size=args.input_size, atol=args.atol)
     print(json.dumps({'fold': report['fold'], **{k: v for k, v in report['files'].items()}}, indent=1))
@@ -104,12 +115,13 @@ def _push(args) -> int:
 
 
 def _eval(args) -> int:
-    from .integrations.hub import evaluate_model, load_model
+    from .integrations.hub import load_model
+    from .training.data import evaluate_model
     channels = 1 if args.dataset == 'sklearn:digits' else 3
     kwargs = dict(transform='tensor', input_size=8, channels=1) if channels == 1 else dict(transform=args.transform)
     if args.image_column:
         kwargs['image_column'] = args.image_column
-    result = evaluate_model(load_model(args.model), args.dataset, args.split, **kwargs)
+    result = evaluate_model(load_model(args.model, require_weights=not args.random_weights), args.dataset, args.split, **kwargs)
     line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {args.split})'
     try:
         from .models.catalogue import entry
@@ -128,6 +140,18 @@ def _distill(args) -> int:
     return 0
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of every subcommand that trains into an output folder (train; others that run the runner)."""
+    p.add_argument('--output-dir', default=None, help='default: runner.output_dir of the YAML')
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument('--resume', action='store_true', help='continue the run in the output folder exactly, from '
+                      'its last.safetensors')
+    runs.add_argument('--overwrite', action='store_true', help='replace the run in the output folder (deleted only '
+                      'once this run has saved its first epoch); without --resume or --overwrite a folder holding a '
+                      'run is refused')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default=None, help='default: cuda if available')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='jointrd', description='Shortcut-free twins of timm models, trained by '
                                      'Residual Distillation (JointRD, NeurIPS 2020).')
@@ -140,17 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--input-size', type=int, default=None, help='input size for FLOPs (default: the model cfg)')
     p.set_defaults(func=_derive)
 
-    p = sub.add_parser('train', help='train from a torchdistill YAML with accelerate')
-    p.add_argument('--config', required=True, help='torchdistill-format YAML (see yamls/)')
+    p = sub.add_parser('train', help='train from a torchdistill YAML with accelerate',
+                       description='Train from a torchdistill YAML. A YAML is code: its !import_call tags import and '
+                                   'call Python while it loads (that is how it builds datasets), so run only YAMLs '
+                                   'you trust. Its keys and numbers are checked with a safe loader before the tags '
+                                   'run.')
+    p.add_argument('--config', required=True, help='torchdistill-format YAML (see yamls/); runs code: trusted only')
     p.add_argument('overrides', nargs='*', help='key.path=value overrides, e.g. train.num_epochs=1')
-    p.add_argument('--output-dir', default=None, help='default: runner.output_dir of the YAML')
-    p.add_argument('--resume', action='store_true', help='continue from <output-dir>/last.safetensors')
-    p.add_argument('--device', choices=('cpu', 'cuda'), default=None, help='default: cuda if available')
+    add_run_arguments(p)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser('convert-checkpoint', help="a pickled checkpoint's weights (e.g. torchdistill's) to safetensors",
+                       description='Reads a pickled checkpoint with torch.load(weights_only=True): tensors and plain '
+                                   'containers only, no code is run; convert only files you trust all the same. The '
+                                   'state dict under ENTRY (torchdistill: model) is written as .safetensors, which '
+                                   'every other command takes.')
+    p.add_argument('source', help='a .pt/.pth checkpoint, e.g. one written by torchdistill\'s example script')
+    p.add_argument('output', help='the .safetensors file to write')
+    p.add_argument('--entry', default='model', help="the checkpoint's entry holding the state dict (default: model)")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser('demo', help='teacher, twin alone, twin with JointRD on an embedded dataset; table + plot')
     p.add_argument('--dataset', default='sklearn:digits', help='any dataset the runner takes (default: sklearn:digits)')
-    p.add_argument('--output-dir', default='runs/demo')
+    p.add_argument('--output-dir', default='runs/demo', help='default: runs/demo; a rerun replaces its three runs')
     p.add_argument('--recipe', default='default',
                    help='twin recipe (jointrd_timm.recipes.RECIPES): default (start from the teacher, fade its '
                         'shortcuts out), dirac (Dirac-parametrised convs from scratch), reference (JointRD reference, '
@@ -204,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--name', default=None)
     p.add_argument('--input-size', type=int, default=None)
     p.add_argument('--atol', type=float, default=1e-3)
+    p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
     p.set_defaults(func=_export)
 
     p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
@@ -243,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--transform', '--recipe', dest='transform', default='cifar', choices=('cifar', 'imagenet', 'tensor'),
                    help='evaluation transform (--recipe: its former name)')
     p.add_argument('--image-column', default=None)
+    p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
     p.set_defaults(func=_eval)
     return parser
 
@@ -251,7 +289,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # user mistakes and their environment: one line
         print(f'jointrd {args.command}: error: {e}', file=sys.stderr)
         return 1
 

@@ -111,3 +111,12 @@ def test_joint_teacher_accuracy_reads_the_trained_teacher_from_the_checkpoint(tm
     save_checkpoint(tmp_path / 'last.safetensors', teacher, epoch=1)
     with pytest.raises(ValueError, match='holds no teacher tensors'):
         joint_teacher_accuracy(tmp_path, 'resnet20_cifar', data)
+
+
+def test_results_summary_page_is_generated_from_the_records():
+    """benchmarks/results/README.md holds only numbers read from the records: it is what summary.py writes now."""
+    import summary
+    committed = (summary.RESULTS / 'README.md').read_text()
+    assert committed == summary.render(), 'stale: run python benchmarks/summary.py'
+    record = summary._load('recipe_ablation')
+    assert f'{record["table"][summary.DEFAULT_ROW]["mean"]:.2f} %' in committed

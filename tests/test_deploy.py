@@ -92,7 +92,10 @@ def test_memory_and_export_commands(tmp_path, capsys):
     assert main(['memory', 'resnet20_cifar', '--batch', '1']) == 0
     out = capsys.readouterr().out
     assert 'plain_resnet20_cifar' in out and 'peak' in out
-    assert main(['export', 'plain_resnet20_cifar', '--output-dir', str(tmp_path)]) == 0
+    assert main(['export', 'plain_resnet20_cifar', '--output-dir', str(tmp_path)]) == 1  # no weights: refused
+    assert 'names an architecture without weights' in capsys.readouterr().err
+    assert not (tmp_path / 'plain_resnet20_cifar.onnx').exists()
+    assert main(['export', 'plain_resnet20_cifar', '--output-dir', str(tmp_path), '--random-weights']) == 0
     assert (tmp_path / 'plain_resnet20_cifar.onnx').is_file()
 
 

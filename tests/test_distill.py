@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import jointrd_timm  # noqa: F401
 from jointrd_timm.cli import main
-from jointrd_timm.integrations.hub import save_trained_model, top1_accuracy
+from jointrd_timm.integrations.hub import save_trained_model
+from jointrd_timm.io import top1_accuracy
 from jointrd_timm.methods.stages import StageLayoutError
 from jointrd_timm.training import distill
 from jointrd_timm.training.distill import (DistillError, build_configs, plan_distill, report_distill,

@@ -92,6 +92,18 @@ def test_two_process_cpu_ddp_equals_one_process(tmp_path):
     assert max_diff(weights(one), weights(two)) < 1e-5
 
 
+def test_two_process_batchnorm_keeps_identical_replicas(tmp_path):
+    """With BatchNorm each process normalises with its own half-batch statistics (SyncBN is CUDA-only), so the
+    weights are not those of 1 process; what holds is that both replicas end identical (DDP all-reduces the
+    gradients and broadcasts the buffers from process 0)."""
+    config = tiny_yaml(tmp_path, method='ce', epochs=1, limit=64, batch_size=16, norm_layer='batchnorm2d')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'jointrd_timm.cli', 'train',
+           '--config', str(config), '--device', 'cpu', '--output-dir', str(tmp_path / 'two')]
+    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / 'two' / 'final.json').read_text())['replica_max_abs_diff'] == 0.0
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     config = tiny_yaml(tmp_path, epochs=1)
     assert main(['train', '--config', str(config), '--device', 'cpu', '--resume']) == 1

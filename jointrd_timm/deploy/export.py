@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..training.checkpoint import atomic_write
+from ..io import atomic_write
 from .fold import fold_for_deployment
 from ..extras import require
 

@@ -11,10 +11,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..training.checkpoint import atomic_write
+from ..io import atomic_write
 from ..twins.fade import deployable
 
-__all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model', 'evaluate_model']
+__all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']
 
 
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None) -> Path:
@@ -58,7 +58,7 @@ def _replace_folder(tmp: Path, folder: Path) -> None:
 
 def _check_folder(folder: Path) -> None:
     """A Hub-format folder we load: config.json + a readable model.safetensors (pickles are refused)."""
-    from ..training.checkpoint import PICKLE_SUFFIXES, read_state_dict
+    from ..io import PICKLE_SUFFIXES, read_state_dict
     if not (folder / 'config.json').is_file():
         raise FileNotFoundError(f'{folder} holds no config.json: not a Hub-format folder (nor a runner output folder '
                                 'with model/).')
@@ -70,10 +70,11 @@ def _check_folder(folder: Path) -> None:
     read_state_dict(folder / 'model.safetensors')  # truncated / corrupt files fail here with a clear message
 
 
-def load_model(spec: str, **kwargs) -> nn.Module:
+def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
     ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
-    ``num_classes`` different from the weights' drops the classifier, as timm does."""
+    ``num_classes`` different from the weights' drops the classifier, as timm does. ``require_weights``: refuse a
+    bare architecture name (randomly initialised weights), for commands whose output would then mean nothing."""
     import timm
     import jointrd_timm  # noqa: F401  (plain_* names)
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
@@ -82,6 +83,10 @@ def load_model(spec: str, **kwargs) -> nn.Module:
         _check_folder(folder)
         spec = f'local-dir:{folder}'
     pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
+    if require_weights and not pretrained:
+        raise ValueError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
+                         'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '
+                         'name.tag, hf-hub:org/name), or --random-weights to use random weights on purpose.')
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
@@ -132,22 +137,3 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
         folder = save_trained_model(model, Path(tmp) / 'model', model_card=card)
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                  commit_message=commit_message)
-
-
-@torch.no_grad()
-def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
-    """Top-1 accuracy (%) of ``model`` (put in eval mode) over a dataset of (image, label) pairs."""
-    from torch.utils.data import DataLoader
-    model.eval()
-    correct = total = 0
-    for images, targets in DataLoader(data, batch_size=batch_size):
-        correct += int((model(images).argmax(1) == targets).sum())
-        total += len(targets)
-    return 100.0 * correct / total
-
-
-def evaluate_model(model: nn.Module, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> Dict:
-    """Top-1 accuracy (%) of ``model`` on a dataset the runner takes (CIFAR recipe by default)."""
-    from ..training.data import load_image_dataset
-    data = load_image_dataset(dataset, split, train=False, **data_kwargs)
-    return dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)

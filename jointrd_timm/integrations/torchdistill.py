@@ -32,26 +32,53 @@ from ..methods.fading import FadingStudent
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..models.plain_twins import teacher_of
 from ..twins.transfer import load_teacher_weights
-from ..training.checkpoint import load_weights
+from ..io import load_weights, unwrap
 
-__all__ = ['timm_model', 'jointrd_model', 'fading_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes',
-           'unwrap']
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, 'module'):
-        model = model.module
-    return model
+__all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
 
 
 @register_model
-def timm_model(model_name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+def timm_model(model_name: str, checkpoint: Optional[str] = None, reset_head: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(model_name, **kwargs)``, then the weights of ``checkpoint`` (a .safetensors file or a
-    runner output folder) loaded strictly. ``model_name`` may be ``hf-hub:``/``local-dir:`` or a plain_* twin."""
+    runner output folder) loaded strictly. ``model_name`` may be ``hf-hub:``/``local-dir:`` or a plain_* twin.
+    ``reset_head``: load everything but the classifier, which keeps its fresh initialisation for ``num_classes``
+    classes (a model trained on another label set, to be fine-tuned on this one)."""
     model = timm.create_model(model_name, **kwargs)
     if checkpoint:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, skip=_classifier_name(model) if reset_head else None)
+    elif reset_head:
+        raise ValueError(f'timm_model {model_name}: reset_head needs a checkpoint whose head to reset.')
     return model
+
+
+def _classifier_name(model: nn.Module) -> str:
+    head = model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def _classes_and_channels(model: nn.Module):
+    model = getattr(model, 'student', model)  # a method module: its twin
+    classes = getattr(model, 'num_classes', None)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return classes, first_conv.in_channels if first_conv is not None else None
+
+
+def check_pair(teacher: nn.Module, student: nn.Module, where: str) -> None:
+    """A teacher and a twin (student) must predict the same classes from the same input channels: a 100-class
+    teacher's logits against 10-class targets train without an error, and teach nothing."""
+    (t_classes, t_chans), (s_classes, s_chans) = _classes_and_channels(teacher), _classes_and_channels(student)
+    t_name = getattr(teacher, 'default_cfg', {}).get('architecture', type(teacher).__name__)
+    s_name = getattr(student, 'default_cfg', {}).get('architecture', type(student).__name__)
+    if t_classes is not None and s_classes is not None and t_classes != s_classes:
+        raise ValueError(
+            f'{where}: the teacher {t_name} predicts {t_classes} classes but the student {s_name} predicts '
+            f'{s_classes}. Give both the num_classes of the data (YAML kwargs `num_classes`, e.g. the override '
+            f'models.model.kwargs.student.num_classes={t_classes}); for a teacher trained on another label set, '
+            'fine-tune it on this one first, its classifier re-initialised: timm_model with `checkpoint: ...`, '
+            f'`reset_head: true` and `num_classes: {s_classes}` in a cross-entropy YAML.')
+    if t_chans is not None and s_chans is not None and t_chans != s_chans:
+        raise ValueError(f'{where}: the teacher {t_name} takes {t_chans} input channel(s) but the student {s_name} '
+                         f'takes {s_chans}; give both the same `in_chans` (the channels of the data).')
 
 
 @register_model
@@ -77,7 +104,9 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
     if student is None:
         student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
         student['model_name'] = 'plain_' + teacher['model_name']
-    return teacher_model, timm_model(**student)
+    student_model = timm_model(**student)
+    check_pair(teacher_model, student_model, 'teacher / student kwargs')
+    return teacher_model, student_model
 
 
 @register_model

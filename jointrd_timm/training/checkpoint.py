@@ -1,9 +1,14 @@
-"""Checkpoints in safetensors, written atomically; weights loading that refuses pickles.
+"""Training checkpoints in safetensors, written atomically (jointrd_timm.io: atomic writes, weights loading that
+refuses pickles).
 
 A training checkpoint is ONE .safetensors file: the model's tensors under ``model.``, every optimizer's tensors
 under ``optimizer.<name>.``, the torch RNG state under ``rng.torch``, and the rest (epoch, optimizer structure,
 scheduler state, Python/NumPy RNG, user extras) as JSON in the safetensors metadata. It is written to a temporary
-file beside the target and moved into place with ``os.replace``, so a crash never leaves a half-written file.
+file beside the target and moved into place with ``os.replace``, so a crash never leaves a half-written file (the
+temporary file a kill leaves behind is removed by the next run into the folder, see ``run_folder``).
+
+Pickles are refused everywhere except :func:`convert_checkpoint`, which reads one with ``torch.load(...,
+weights_only=True)`` (tensors and plain containers only, no code) to turn a torchdistill checkpoint into safetensors.
 """
 import json
 import os
@@ -13,35 +18,16 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ['atomic_write', 'save_checkpoint', 'load_checkpoint', 'load_weights', 'read_state_dict',
-           'CheckpointError', 'FORMAT']
+from ..io import (FORMAT, TMP_MARK, CheckpointError, atomic_write, load_weights, open_safetensors,  # noqa: F401
+                  read_state_dict, strict_load)
 
-FORMAT = 'jointrd-checkpoint/1'
-PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
-
-
-class CheckpointError(ValueError):
-    """A weights or checkpoint file is missing, truncated, pickled, or does not match the model."""
+__all__ = ['save_checkpoint', 'load_checkpoint', 'convert_checkpoint']
 
 
-def atomic_write(path: Union[str, Path], write) -> Path:
-    """Call ``write(tmp_path)`` then move tmp_path onto ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        write(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
 
 
 def _tensors(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -85,31 +71,17 @@ def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dic
                     schedulers=json.dumps(sched_meta), extra=json.dumps(extra or {}),
                     rng_python=json.dumps(random.getstate()),
                     rng_numpy=json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]))
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def _open(path: Path):
-    if not path.is_file():
-        raise CheckpointError(f'No checkpoint at {path}.')
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(f'{path} is a pickle file ({path.suffix}); only .safetensors is loaded (pickles can '
-                              'run arbitrary code). Convert it with safetensors.torch.save_file first.')
-    try:
-        with safe_open(str(path), 'pt') as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f'{path} is not a readable .safetensors file (truncated or corrupt?): {e}') from e
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), point='checkpoint_write')
 
 
 def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
                     schedulers: Optional[Dict] = None, restore_rng: bool = True) -> Dict:
     """Restore a :func:`save_checkpoint` file into live objects. Returns ``dict(epoch=..., extra=...)``."""
     path = Path(path)
-    tensors, metadata = _open(path)
+    tensors, metadata = open_safetensors(path)
     if metadata.get('format') != FORMAT:
         raise CheckpointError(f'{path} is not a jointrd training checkpoint (format {metadata.get("format")!r}).')
-    _load_strict(model, {k[len('model.'):]: v for k, v in tensors.items() if k.startswith('model.')}, path)
+    strict_load(model, {k[len('model.'):]: v for k, v in tensors.items() if k.startswith('model.')}, path)
     optim_meta = json.loads(metadata['optimizers'])
     for name, optimizer in (optimizers or {}).items():
         if optimizer is None:
@@ -135,48 +107,28 @@ def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
     return dict(epoch=int(metadata['epoch']), extra=json.loads(metadata['extra']))
 
 
-def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], source) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f'{source} does not match {type(model).__name__}: {len(missing)} missing (e.g. {missing[:3]}), '
-            f'{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} mis-shaped '
-            f'(e.g. {mismatched[:2]}). Check the architecture and num_classes it was trained with.')
-    model.load_state_dict(state)
-
-
-def read_state_dict(path) -> Dict[str, torch.Tensor]:
-    """Model tensors from a weights file (``model.safetensors``), a training checkpoint, or a folder holding one
-    (a Hub-format folder, or a runner output folder)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ('model.safetensors', 'model/model.safetensors', 'last.safetensors'):
-            if (path / name).is_file():
-                return read_state_dict(path / name)
-        bins = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = f' It holds pickle files {bins}, which are refused.' if bins else ''
-        raise CheckpointError(f'No model.safetensors or last.safetensors in folder {path}.{hint}')
-    tensors, metadata = _open(path)
-    if metadata.get('format') == FORMAT:
-        return {k[len('model.'):]: v for k, v in tensors.items() if k.startswith('model.')}
-    return tensors
-
-
-def load_weights(model: nn.Module, path, part: Optional[str] = None) -> nn.Module:
-    """Load weights strictly from :func:`read_state_dict`'s sources. A training checkpoint of a JointRD run holds
-    ``student.*`` and ``teacher.*``: loading it into a bare model takes the ``student.`` part, or the one named by
-    ``part`` (e.g. ``'teacher'``, the teacher a joint-mode run trained along)."""
-    state = read_state_dict(path)
-    if part is not None:
-        prefix = f'{part}.'
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not state:
-            raise CheckpointError(f'{path} holds no {part} tensors ({prefix}*): not a JointRD run')
-    elif not any(k in model.state_dict() for k in state) and any(k.startswith('student.') for k in state):
-        state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
-    _load_strict(model, state, path)
-    return model
+def convert_checkpoint(src, dst, entry: str = 'model') -> Path:
+    """Write the weights of a pickled checkpoint (torchdistill's ``save_ckpt`` file: a dict whose ``model`` entry is
+    the state dict, or a bare state dict) to ``dst`` as safetensors. Read with ``torch.load(weights_only=True)``:
+    tensors, plain containers and argparse.Namespace (torchdistill stores its arguments) only; anything else is
+    refused by torch without being run. A DDP ``module.`` prefix is removed."""
+    import argparse
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise CheckpointError(f'No checkpoint at {src}.')
+    if dst.suffix != '.safetensors':
+        raise CheckpointError(f'The output {dst} must end in .safetensors.')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(src), map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
+        raise CheckpointError(f'{src} cannot be read as a weights-only pickle (torch.load weights_only=True): '
+                              f'{str(e).splitlines()[0][:300]}') from e
+    state = obj.get(entry) if isinstance(obj, dict) and isinstance(obj.get(entry), dict) else obj
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f'{src} holds no state dict of tensors under {entry!r} (found {keys}).')
+    if all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    tensors = _tensors(state, '')
+    return atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=dict(source=src.name)))

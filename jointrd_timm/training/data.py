@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['load_image_dataset', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS']
+__all__ = ['load_image_dataset', 'evaluate_model', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -153,3 +153,10 @@ def load_image_dataset(
             mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
     transforms = make_transform(transform, split == 'train' if train is None else train, input_size, mean, std)
     return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L')
+
+
+def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:
+    """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default)."""
+    from ..io import top1_accuracy
+    data = load_image_dataset(dataset, split, train=False, **data_kwargs)
+    return dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)

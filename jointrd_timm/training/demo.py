@@ -60,15 +60,17 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     budget = dict(epochs=epochs, batch_size=schedule.batch_size, lr=schedule.lr, weight_decay=schedule.weight_decay)
     start = time.time()
     results = {}
+    # a demo is rerun as a whole: each rerun replaces the three runs of the previous one (never a partial mix)
+    run_args = dict(device=device, overwrite=True)
     print(f'[1/3] teacher {arch}: cross-entropy, {epochs} epochs')
     results['teacher'] = train(make_config(train_set, test_set, teacher, 'ce', output_dir=str(out / 'teacher'),
-                                           **budget), device=device)
+                                           **budget), **run_args)
     print(f'[2/3] twin plain_{arch} alone: cross-entropy, {epochs} epochs')
     results['twin alone'] = train(make_config(train_set, test_set, twin_alone, 'ce', output_dir=str(out / 'twin-alone'),
-                                              **budget), device=device)
+                                              **budget), **run_args)
     print(f'[3/3] twin plain_{arch} with JointRD from the teacher, {epochs} epochs')
     results['twin + JointRD'] = train(make_config(train_set, test_set, pair, 'jointrd',
-                                                  output_dir=str(out / 'twin-jointrd'), **budget), device=device)
+                                                  output_dir=str(out / 'twin-jointrd'), **budget), **run_args)
     train_seconds = time.time() - start
 
     models = {'teacher': load_weights(timm.create_model(arch, **common), out / 'teacher' / 'model').eval(),

@@ -415,7 +415,8 @@ def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = Fal
 
 def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency_repeats: int = 30) -> Dict:
     """Evaluate teacher and deployed twin on the same test split; write model/ (with its card) and comparison.*."""
-    from ..integrations.hub import load_model, model_card, save_trained_model, top1_accuracy
+    from ..integrations.hub import load_model, model_card, save_trained_model
+    from ..io import top1_accuracy
     from .compare import measure_models, plot_comparison
     out, arch = plan.out, plan.teacher.arch
     config = final['config']
@@ -504,7 +505,7 @@ def _extract_run_teacher(teacher: Teacher, folder: Path) -> Dict:
     """The teacher part of a JointRD run's checkpoint, written in Hub format; its timm_model kwargs."""
     import timm
     from ..integrations.hub import save_trained_model
-    from .checkpoint import load_weights
+    from ..io import load_weights
     model = timm.create_model(teacher.arch, num_classes=teacher.num_classes, in_chans=teacher.in_chans)
     load_weights(model, teacher.run_checkpoint, part='teacher')
     save_trained_model(model, folder)

@@ -18,7 +18,7 @@ from . import families  # noqa: F401  (registers the rules)
 from .rules import get_rule
 from .verify import find_unhandled_residual_blocks, shortcut_additions
 
-__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers']
+__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable']
 
 
 class NotResidualError(ValueError):
@@ -71,7 +71,7 @@ def token_mixers(module: nn.Module) -> List[str]:
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)
 
 
-def _make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
+def make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
     """Undo the initialisations that only make sense beside a shortcut, and stochastic depth.
 
     Only values still at their residual-friendly init are touched (a zero BN gamma, a zero conv, a layer scale
@@ -162,7 +162,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             report.kept_projections.append(name)
         report.blocks_by_rule[rule.name] += 1
         report.rule_descriptions[rule.name] = rule.description
-        _make_trainable(name, module, report)
+        make_trainable(name, module, report)
     unhandled = refused + find_unhandled_residual_blocks(model)
     classes = sorted({f'{type(m).__module__}.{type(m).__qualname__}' for _, m in unhandled})
     if not report.blocks_by_rule and not unhandled:

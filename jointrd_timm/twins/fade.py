@@ -30,9 +30,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .derive import PlainReport, UnsupportedBlockError, _make_trainable, token_mixers
+from .derive import PlainReport, UnsupportedBlockError, make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
-from .graph_rule import _is_projection, graph_block, plain_class
+from .graph_rule import is_projection, graph_block, plain_class
 from .rules import get_rule, rules
 from .verify import find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
@@ -65,7 +65,7 @@ def _fading_block(block: nn.Module, keep_projection: bool):
     graph, concrete = traced
     scale, scaled, kept = None, 0, False
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
-        if keep_projection and _is_projection(shortcut, block):
+        if keep_projection and is_projection(shortcut, block):
             kept = True
             continue
         if scale is None:
@@ -115,7 +115,7 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
             report.kept_projections.append(name)
         report.blocks_by_rule[rule.name] += 1
         report.rule_descriptions[rule.name] = rule.description
-        _make_trainable(name, fading, report)
+        make_trainable(name, fading, report)
     unhandled = [n for n, m in find_unhandled_residual_blocks(model) if not isinstance(m, FadingGraphBlock)]
     if not report.blocks_by_rule or unhandled:
         raise UnsupportedBlockError(

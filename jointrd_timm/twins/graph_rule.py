@@ -23,7 +23,8 @@ from torch import nn
 from .rules import ShortcutRule, register_rule
 from .verify import find_shortcut_additions, trace_block
 
-__all__ = ['graph_rule', 'graph_block', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace']
+__all__ = ['graph_rule', 'graph_block', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace',
+           'is_projection']
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
                '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
@@ -42,7 +43,7 @@ def plain_class(block_class: Type[nn.Module]) -> type:
 _RESAMPLING = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.MaxPool2d)
 
 
-def _is_projection(node: fx.Node, root: nn.Module) -> bool:
+def is_projection(node: fx.Node, root: nn.Module) -> bool:
     """The shortcut operand changes stride or width: a conv, linear or pooling lies on its path (a norm alone, as
     in a re-parameterisable block's identity-BN branch, does not make a projection)."""
     while node.op != 'placeholder':
@@ -67,7 +68,7 @@ def plain_graph_module(block: nn.Module, keep_projection: bool = False) -> Tuple
     graph, concrete = traced
     kept = False
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
-        if keep_projection and _is_projection(shortcut, block):
+        if keep_projection and is_projection(shortcut, block):
             kept = True
             continue
         add.replace_all_uses_with(branch)

@@ -1,0 +1,131 @@
+"""Results at a glance: benchmarks/results/README.md, generated from the benchmark records (the JSON files beside
+it), so every number on it is a record's. Rerun after any benchmark; tests/test_benchmark_records.py checks that
+the committed page is what this script writes.
+
+    python benchmarks/summary.py
+"""
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'benchmarks' / 'results'
+DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'
+ALONE_ROW = 'twin alone + fade over 80 % + teacher init'
+
+
+def _load(name: str):
+    path = RESULTS / f'{name}.json'
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _row(table: dict, label: str) -> str:
+    r = table.get(label)
+    if r is None:
+        return 'not run'
+    return f'{r["mean"]:.2f} % (n = {r["n"]}, gap to its teacher {r["gap"]:+.2f})'
+
+
+def _paired(record: dict, label: str) -> str:
+    matched = record.get('paired', {}).get(label)
+    if not matched:
+        return 'no matched runs'
+    diffs = [a - b for _, _, a, b in matched]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f'{mean:+.2f} (1 matched run)'
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f'{mean:+.2f} (n = {len(diffs)}, SE {se:.2f}, {sum(d > 0 for d in diffs)} of {len(diffs)} positive)'
+
+
+def ablation_lines() -> list:
+    lines = ['## The recipe at the CPU budget (CIFAR-10, 8,000 images, 5 epochs per run)', '',
+             'The default recipe (`jointrd_timm.recipes.DEFAULT_RECIPE`: teacher init, shortcuts faded over 80 % of '
+             'the run, JointRD) against the twin alone with the same ingredients, per pair. Gap: teacher - twin '
+             '(negative: the twin is above its teacher). JointRD vs alone: mean difference of runs matched by seed and '
+             'teacher.', '',
+             '| pair (page) | teacher(s) % | default recipe | twin alone, same ingredients | JointRD vs alone (points) |',
+             '|---|---|---|---|---|']
+    for name, pair in (('recipe_ablation', 'resnet56_cifar'), ('recipe_ablation_resnet110', 'resnet110_cifar'),
+                       ('recipe_ablation_resnet18', 'resnet18_cifar')):
+        record = _load(name)
+        if record is None:
+            continue
+        teachers = ', '.join(f'{t:.2f}' for t in record['teachers'])
+        lines.append(f'| {pair} ([{name}.md]({name}.md)) | {teachers} | {_row(record["table"], DEFAULT_ROW)} | '
+                     f'{_row(record["table"], ALONE_ROW)} | {_paired(record, DEFAULT_ROW)} |')
+    return lines
+
+
+def full_cifar10_lines() -> list:
+    pages = sorted(RESULTS.glob('full_cifar10_*.json'))
+    if not pages:
+        return []
+    lines = ['', '## Full CIFAR-10 (published-twin budget)', '',
+             '| pair (page) | run | epochs | test acc % | epochs done |', '|---|---|---|---|---|']
+    for path in pages:
+        record = json.loads(path.read_text())
+        for r in record['runs']:
+            acc = f'{r["test_acc"]:.2f}' if 'test_acc' in r else 'not finished'
+            lines.append(f'| {record["meta"]["arch"]} ([{path.stem}.md]({path.stem}.md)) | {r["row"]} | '
+                         f'{r["epochs"]} | {acc} | {r["epochs_done"]} of {r["epochs"]} |')
+    return lines
+
+
+def zoo_lines() -> list:
+    record = _load('cifar10_zoo')
+    if record is None:
+        return []
+    rows = record['rows']
+    lines = ['', '## Distillation methods on one pair ([cifar10_zoo.md](cifar10_zoo.md))', '',
+             f'Budget: {record["meta"]["budget"]}; one seed.', '', '| method | test acc % |', '|---|---|']
+    lines += [f'| {label} | {r["test_acc"]:.2f} |' for label, r in rows.items()]
+    return lines
+
+
+def coverage_lines() -> list:
+    record = _load('twin_coverage')
+    if record is None:
+        return []
+    counts = {}
+    for model in record['models'].values():
+        counts[model['status']] = counts.get(model['status'], 0) + 1
+    lines = ['', '## Twin coverage ([twin_coverage.md](twin_coverage.md))', '', '| status | architectures |', '|---|---|']
+    lines += [f'| {status} | {n} |' for status, n in sorted(counts.items())]
+    return lines
+
+
+def cost_lines() -> list:
+    lines = []
+    record = _load('training_cost')
+    if record is not None:
+        lines += ['', '## Training cost per step ([training_cost.md](training_cost.md))', '',
+                  '| method | step time vs KD | peak memory vs KD |', '|---|---|---|']
+        lines += [f'| {label} | {r["time_vs_kd"]:.2f}x | {r["memory_vs_kd"]:.2f}x |' for label, r in record['rows'].items()
+                  if 'time_vs_kd' in r and 'memory_vs_kd' in r]
+    record = _load('deploy_bench')
+    if record is not None:
+        lines += ['', '## Deployment: residual model vs twin ([deploy_bench.md](deploy_bench.md))', '',
+                  '| teacher | batch | eager speed-up | measured peak memory ratio |', '|---|---|---|---|']
+        for result in record['results']:
+            for batch, row in result['batches'].items():
+                memory = row.get('memory_ratio_measured')
+                lines.append(f'| {result["teacher"]} | {batch} | {row["speedup/eager"]:.2f}x | '
+                             f'{"" if memory is None else f"{memory:.2f}x"} |')
+    return lines
+
+
+def render() -> str:
+    lines = ['# Results at a glance', '',
+             'Generated by `python benchmarks/summary.py` from the records in this folder (each table links its '
+             'page, which states the machine, the budget and the command of every run). Do not edit by hand.', '']
+    lines += ablation_lines() + full_cifar10_lines() + zoo_lines() + coverage_lines() + cost_lines()
+    return '\n'.join(lines) + '\n'
+
+
+def main():
+    (RESULTS / 'README.md').write_text(render())
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,133 @@
+"""Files and models in and out, shared by every layer: atomic writes, safetensors reading with its format checks,
+strict weight loading from any of our sources, unwrapping, top-1 accuracy.
+
+Pickles are refused everywhere (they can run code); ``training.checkpoint.convert_checkpoint`` turns a trusted one
+into safetensors.
+"""
+import os
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+from torch import nn
+
+from .faults import fault_point
+
+__all__ = ['atomic_write', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load', 'unwrap',
+           'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
+
+FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
+TMP_MARK = '.tmp-'  # in the name of every temporary file of atomic_write: .<name>.tmp-<pid>
+
+
+class CheckpointError(ValueError):
+    """A weights or checkpoint file is missing, truncated, pickled, or does not match the model."""
+
+
+def atomic_write(path: Union[str, Path], write, point: Optional[str] = None) -> Path:
+    """Call ``write(tmp_path)`` then move tmp_path onto ``path`` atomically (``point``: a test-only fault point
+    between the two, see ``faults``). A failed write (disk full) leaves the previous ``path`` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}{TMP_MARK}{os.getpid()}')
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        if point:
+            fault_point(point)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def open_safetensors(path: Path):
+    """(tensors, metadata) of a .safetensors file, or a CheckpointError saying why not."""
+    if not path.is_file():
+        raise CheckpointError(f'No checkpoint at {path}.')
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(f'{path} is a pickle file ({path.suffix}); only .safetensors is loaded (pickles can '
+                              'run arbitrary code). If you trust it (e.g. a checkpoint of torchdistill\'s example '
+                              f'script), convert its weights: jointrd convert-checkpoint {path} '
+                              f'{path.with_suffix(".safetensors")}')
+    try:
+        with safe_open(str(path), 'pt') as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path} is not a readable .safetensors file (truncated or corrupt?): {e}') from e
+
+
+def strict_load(model: nn.Module, state: Dict[str, torch.Tensor], source) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f'{source} does not match {type(model).__name__}: {len(missing)} missing (e.g. {missing[:3]}), '
+            f'{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} mis-shaped '
+            f'(e.g. {mismatched[:2]}). Check the architecture and num_classes it was trained with.')
+    model.load_state_dict(state)
+
+
+def read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """Model tensors from a weights file (``model.safetensors``), a training checkpoint, or a folder holding one
+    (a Hub-format folder, or a runner output folder)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ('model.safetensors', 'model/model.safetensors', 'last.safetensors'):
+            if (path / name).is_file():
+                return read_state_dict(path / name)
+        bins = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = f' It holds pickle files {bins}, which are refused.' if bins else ''
+        raise CheckpointError(f'No model.safetensors or last.safetensors in folder {path}.{hint}')
+    tensors, metadata = open_safetensors(path)
+    if metadata.get('format') == FORMAT:
+        return {k[len('model.'):]: v for k, v in tensors.items() if k.startswith('model.')}
+    return tensors
+
+
+def load_weights(model: nn.Module, path, part: Optional[str] = None, skip: Optional[str] = None) -> nn.Module:
+    """Load weights strictly from :func:`read_state_dict`'s sources. A training checkpoint of a JointRD run holds
+    ``student.*`` and ``teacher.*``: loading it into a bare model takes the ``student.`` part, or the one named by
+    ``part`` (e.g. ``'teacher'``, the teacher a joint-mode run trained along). ``skip``: a module name (e.g. the
+    classifier ``'fc'``) whose tensors are neither loaded nor required; the model keeps its own."""
+    state = read_state_dict(path)
+    if part is not None:
+        prefix = f'{part}.'
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f'{path} holds no {part} tensors ({prefix}*): not a JointRD run')
+    elif not any(k in model.state_dict() for k in state) and any(k.startswith('student.') for k in state):
+        state = {k[len('student.'):]: v for k, v in state.items() if k.startswith('student.')}
+    if skip:
+        state = {k: v for k, v in state.items() if not k.startswith(skip + '.')}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(skip + '.')})
+    strict_load(model, state, path)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / accelerate wrappers."""
+    while hasattr(model, 'module'):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) of ``model`` (put in eval mode) over a dataset of (image, label) pairs."""
+    from torch.utils.data import DataLoader
+    model.eval()
+    correct = total = 0
+    for images, targets in DataLoader(data, batch_size=batch_size):
+        correct += int((model(images).argmax(1) == targets).sum())
+        total += len(targets)
+    return 100.0 * correct / total
