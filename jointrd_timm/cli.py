@@ -133,6 +133,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from .training.distill import run_distill
+    options = {k: v for k, v in vars(args).items() if k not in ('command', 'func', 'teacher', 'data', 'output')}
+    run_distill(args.teacher, args.data, args.output, **options)
+    return 0
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of every subcommand that trains into an output folder (train; others that run the runner)."""
     p.add_argument('--output-dir', default=None, help='default: runner.output_dir of the YAML')
@@ -188,6 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--limit', type=int, default=None, help='train images per run (a quick smoke run; default all)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser('distill', help='a residual model -> its trained, deployed shortcut-free twin, in one command',
+                       description='Train the shortcut-free twin of TEACHER with JointRD (the recommended recipe), '
+                                   'evaluate both on the same test split, write the deployed twin (timm Hub format, '
+                                   'model card), the YAML of the run and a side-by-side table and plot. See docs/cli.md.')
+    p.add_argument('teacher', help='timm name with a pretrained tag (resnet50.a1_in1k), hf-hub:org/name, a Hub-format '
+                                   'folder or a runner output folder; a bare architecture (resnet20_cifar) has no '
+                                   'weights: the teacher is then trained here first, from scratch')
+    p.add_argument('--data', required=True, help='Hub id, local Hub-layout folder, image folder, or sklearn:digits')
+    p.add_argument('--epochs', type=int, default=None, help='twin epochs (default: the schedule of the data\'s setting)')
+    p.add_argument('--teacher-epochs', type=int, default=None,
+                   help='epochs of a teacher trained or fine-tuned here (default: --epochs)')
+    p.add_argument('--recipe', default=None, help='a recipe of jointrd_timm.recipes.RECIPES (default: the '
+                                                  'recommended one for the architecture)')
+    p.add_argument('--output', default='runs/distill', help='output folder (default: runs/distill)')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help="re-initialise a pretrained teacher's classifier for the data's labels (it is then "
+                        'fine-tuned here with cross-entropy for --teacher-epochs)')
+    p.add_argument('--image-column', default='img')
+    p.add_argument('--label-column', default='label')
+    p.add_argument('--train-split', default='train')
+    p.add_argument('--test-split', default='test')
+    p.add_argument('--val-fraction', type=float, default=0.0,
+                   help='hold out this fraction of the train split for the per-epoch record (default: the test split)')
+    p.add_argument('--limit', type=int, default=None, help='train images (a quick run; default all)')
+    p.add_argument('--transform', choices=('cifar', 'imagenet', 'tensor'), default=None,
+                   help="default: tensor for sklearn:digits, cifar up to 64 px, imagenet above")
+    p.add_argument('--input-size', type=int, default=None, help="default: 8 for sklearn:digits, else the teacher's")
+    p.add_argument('--batch-size', type=int, default=None, help='global batch (default: the schedule\'s)')
+    p.add_argument('--lr', type=float, default=None, help='default: the schedule\'s')
+    p.add_argument('--workers', type=int, default=None, help='data loader workers')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--latency-repeats', type=int, default=30, help='interleaved timed runs per model and batch size')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default=None, help='default: cuda if available')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--resume', action='store_true', help='continue the run in --output')
+    group.add_argument('--overwrite', action='store_true', help="replace the run in --output (distill's files only)")
+    p.set_defaults(func=_distill)
 
     p = sub.add_parser('export', help='fold (BN, Dirac) and export to ONNX + TorchScript, checked against eager')
     p.add_argument('model', help='plain_* name[.tag], hf-hub:org/name, local-dir:path, or a runner output folder')

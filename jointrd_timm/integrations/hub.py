@@ -94,7 +94,8 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
 
 
 def model_card(entry: Dict) -> str:
-    """README.md for the Hub, from a registry entry (method, data, recipe, measured results)."""
+    """README.md for the Hub, from a registry entry (method, data, recipe, measured results). Without
+    ``hf_hub_id`` the card says how to load the model from ``local_dir``."""
     metrics = entry['metrics']
     lines = [
         '---', 'library_name: timm', f'license: {entry["license"]}',
@@ -108,11 +109,15 @@ def model_card(entry: Dict) -> str:
         f'- **Data**: {entry["dataset"]}',
         f'- **Training**: {entry["training"].get("budget", "")}; command `{entry["training"].get("command", "")}`'
         + (f'; config `{entry["training"]["yaml"]}`' if entry['training'].get('yaml') else ''),
-        '', '## Results (measured, recorded in the jointrd-timm repository)', '', '| metric | value |', '|---|---|']
+        '', f'## {entry.get("results_title", "Results (measured, recorded in the jointrd-timm repository)")}', '',
+        '| metric | value |', '|---|---|']
     lines += [f'| {k} | {v} |' for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    # a published twin loads from the Hub; one not (yet) pushed, e.g. from `jointrd distill`, from its folder
+    source = f'hf-hub:{entry["hf_hub_id"]}' if entry.get('hf_hub_id') else f'local-dir:{entry["local_dir"]}'
     lines += ['', '## Use', '', '```python', 'import timm, jointrd_timm',
-              f"model = timm.create_model('hf-hub:{entry['hf_hub_id']}', pretrained=True)", '```', '',
-              f'Evaluate: `jointrd eval hf-hub:{entry["hf_hub_id"]} --dataset uoft-cs/cifar10`.', '']
+              f"model = timm.create_model('{source}', pretrained=True)", '```', '',
+              f'Evaluate: `jointrd eval {source} --dataset {entry.get("hf_dataset", "uoft-cs/cifar10")}`'
+              + (f' {entry["eval_args"]}' if entry.get('eval_args') else '') + '.', '']
     return '\n'.join(lines)
 
 

@@ -41,8 +41,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     run (a quick smoke run; default all); ``latency_repeats``: interleaved timed runs per model and batch size."""
     import timm
     from ..integrations import torchdistill as _registers  # noqa: F401
-    from ..deploy.latency import compare_latency
     from .checkpoint import load_weights
+    from .compare import measure_models, plot_comparison
     from .configs import make_config
     from .runner import train
 
@@ -75,13 +75,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
 
     models = {'teacher': load_weights(timm.create_model(arch, **common), out / 'teacher' / 'model').eval(),
               'twin': load_weights(timm.create_model(f'plain_{arch}', **common), out / 'twin-jointrd' / 'model').eval()}
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    latency = {}
-    for batch in (1, 16):
-        x = torch.randn(batch, channels, size, size)
-        timed = compare_latency({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats=latency_repeats,
-                                warmup=5)
-        latency[batch] = {name: timed[name]['median_ms'] for name in models}
+    measured = measure_models(models, (channels, size, size), latency_repeats=latency_repeats)
+    params, latency, speedup = measured['params'], measured['latency_ms'], measured['speedup']
 
     deployed = {k: r.get('test_acc_folded', r['test_acc']) for k, r in results.items()}  # deployed form
     rows = [('teacher (residual)', deployed['teacher'], params['teacher'], 'teacher'),
@@ -94,35 +89,18 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
              '| model | test acc % | params | latency b1 ms | latency b16 ms |', '|---|---|---|---|---|']
     for label, acc, n, kind in rows:
         lines.append(f'| {label} | {acc:.2f} | {n / 1e6:.3f} M | {latency[1][kind]:.2f} | {latency[16][kind]:.2f} |')
-    speedup = {b: latency[b]['teacher'] / latency[b]['twin'] for b in latency}
     lines += ['', f'Twin vs teacher latency (eager PyTorch, {torch.get_num_threads()} threads, medians of '
                   f'{latency_repeats} '
                   f'interleaved runs): {speedup[1]:.2f}x at batch 1, {speedup[16]:.2f}x at batch 16. '
                   f'Training took {train_seconds:.0f} s on {platform.processor() or platform.machine()}.']
     table = '\n'.join(lines)
     summary = dict(dataset=dataset, arch=arch, epochs=epochs, recipe=recipe, results=results, params=params,
-                   latency_ms=latency, speedup=speedup, train_seconds=train_seconds)
+                   latency_ms=latency, speedup=speedup, activation_memory_mb=measured['activation_memory_mb'],
+                   train_seconds=train_seconds)
     (out / 'summary.json').write_text(json.dumps(summary, indent=1))
     (out / 'summary.md').write_text(table + '\n')
-    _plot(rows, speedup, out / 'summary.png', f'{arch} on {dataset}')
+    plot_comparison([(r[0].split(' (')[0], r[1]) for r in rows], speedup, out / 'summary.png', f'{arch} on {dataset}')
     print(table)
     print(f'\nwrote {out / "summary.md"}, {out / "summary.png"}')
     return summary
 
-
-def _plot(rows, speedup, path: Path, title: str) -> None:
-    from ..extras import require
-    require('matplotlib', 'the demo plot').use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.bar([r[0].split(' (')[0] for r in rows], [r[1] for r in rows], color=['#4c72b0', '#dd8452', '#55a868'])
-    ax1.set_ylabel('test accuracy (%)')
-    ax1.set_ylim(max(0, min(r[1] for r in rows) - 10), 100)
-    ax1.tick_params(axis='x', labelsize=8)
-    ax2.bar([f'batch {b}' for b in speedup], list(speedup.values()), color='#8172b2')
-    ax2.axhline(1.0, color='k', lw=0.8)
-    ax2.set_ylabel('teacher / twin latency')
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

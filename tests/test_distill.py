@@ -1,0 +1,226 @@
+"""`jointrd distill`: a residual model to its deployed twin in one command. End to end at toy size (resnet20_cifar,
+128 digits, one epoch), the written YAML reproducing the run, resume, and every refusal before training."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import jointrd_timm  # noqa: F401
+from jointrd_timm.cli import main
+from jointrd_timm.integrations.hub import save_trained_model
+from jointrd_timm.io import top1_accuracy
+from jointrd_timm.methods.stages import StageLayoutError
+from jointrd_timm.training import distill
+from jointrd_timm.training.distill import (DistillError, build_configs, plan_distill, report_distill,
+                                           resolve_teacher, run_distill, train_distill)
+from jointrd_timm.training.runner import load_config, train
+
+TOY = dict(epochs=1, limit=128)
+
+
+def _weights(folder):
+    return load_file(str(folder / 'model.safetensors'))
+
+
+def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp_path, capsys):
+    out = tmp_path / 'run'
+    torch.manual_seed(0)
+    plan = plan_distill('resnet20_cifar', 'sklearn:digits', str(out), val_fraction=0.1, **TOY)
+    assert plan.teacher_trained_here and plan.recipe.id == 'default'
+    final = train_distill(plan, device='cpu')
+    summary = report_distill(plan, final, train_seconds=0.0, latency_repeats=3)
+    assert 'NOTE: teacher resnet20_cifar: trained here from scratch' in capsys.readouterr().out
+    for name in ('model/config.json', 'model/model.safetensors', 'model/README.md', 'distill.yaml', 'teacher.yaml',
+                 'comparison.md', 'comparison.json', 'comparison.png'):
+        assert (out / name).stat().st_size > 0, name
+
+    # the deployed twin: timm's Hub format, no shortcut left, and the accuracy the table reports
+    twin = timm.create_model(f'local-dir:{out / "model"}', pretrained=True).eval()
+    assert not any('downsample' in k or 'shortcut' in k for k in twin.state_dict())
+    test_set = final['config']['datasets']['test']
+    assert top1_accuracy(twin, test_set) == pytest.approx(summary['test_acc']['twin'])
+    assert summary['test_acc']['twin'] == pytest.approx(final['test_acc_folded'])
+    table = (out / 'comparison.md').read_text()
+    assert 'trained here from scratch' in table and '| twin `plain_resnet20_cifar` (shortcut-free) |' in table
+    assert json.loads((out / 'comparison.json').read_text())['teacher_epochs'] == 1
+    card = (out / 'model' / 'README.md').read_text()
+    assert f"timm.create_model('local-dir:{(out / 'model').resolve()}', pretrained=True)" in card
+    assert 'recipe `default`' in card and 'trained here from scratch' in card
+
+    # the YAML is the run: the runner's loader gives back the same sections, and training from it anew gives the
+    # same twin bit for bit
+    expected = build_configs(plan, plan.teacher.model)['distill']
+    loaded = load_config(out / 'distill.yaml')
+    for section in ('models', 'train', 'test', 'runner'):
+        assert loaded[section] == expected[section], section
+    assert sorted(loaded['datasets']) == ['test', 'train', 'val']
+    # the per-epoch record reads a held-out tenth of the train split, the 128 training images come from the rest
+    assert (len(loaded['datasets']['train']), len(loaded['datasets']['val'])) == (128, 144)
+    assert torch.equal(loaded['datasets']['test'][5][0], expected['datasets']['test'][5][0])
+    train(loaded, output_dir=str(tmp_path / 'again'), device='cpu')
+    again, first = _weights(tmp_path / 'again' / 'model'), _weights(out / 'twin' / 'model')
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+    # resume of a finished run keeps it (no epoch trained again)
+    train_distill(plan, resume=True, device='cpu')
+    assert len((out / 'twin' / 'metrics.jsonl').read_text().splitlines()) == 1
+    assert all(torch.equal(_weights(out / 'twin' / 'model')[k], v) for k, v in first.items())
+
+    # a JointRD run folder as TEACHER: its teacher part, which is the frozen teacher it was trained from
+    teacher = resolve_teacher(str(out / 'twin'))
+    assert (teacher.arch, teacher.num_classes, teacher.in_chans) == ('resnet20_cifar', 10, 1)
+    model = distill._extract_run_teacher(teacher, tmp_path / 'extracted')
+    extracted, trained = _weights(tmp_path / 'extracted'), _weights(out / 'teacher' / 'model')
+    assert model['model_name'].startswith('local-dir:') and all(torch.equal(extracted[k], trained[k]) for k in trained)
+
+
+def _hub_teacher(tmp_path, num_classes):
+    model = timm.create_model('resnet20_cifar', num_classes=num_classes, in_chans=1)
+    return save_trained_model(model, tmp_path / f'teacher{num_classes}')
+
+
+def test_hub_folder_teacher_is_distilled_from_its_weights(tmp_path):
+    folder = _hub_teacher(tmp_path, 10)
+    plan = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), **TOY)
+    assert not plan.teacher_trained_here
+    configs = build_configs(plan, plan.teacher.model)
+    assert list(configs) == ['distill']  # nothing trained before the twin
+    assert configs['distill']['models']['model']['kwargs']['teacher'] == dict(
+        model_name=f'local-dir:{folder.resolve()}', pretrained=True, num_classes=10, in_chans=1)
+    assert not (tmp_path / 'out').exists()  # planning writes nothing
+
+
+def test_teacher_with_other_classes_is_refused_unless_num_classes_reinitialises_its_head(tmp_path):
+    folder = _hub_teacher(tmp_path, 5)
+    with pytest.raises(DistillError, match=r'predicts 5 classes, but the data sklearn:digits has 10 labels\. Pass '
+                                           r'--num-classes 10 to re-initialise its classifier'):
+        plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), **TOY)
+    with pytest.raises(DistillError, match=r'--num-classes 7: the data sklearn:digits has 10 labels'):
+        plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), num_classes=7, **TOY)
+    plan = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), num_classes=10, teacher_epochs=2,
+                        **TOY)
+    assert plan.reinit_head and plan.teacher_trained_here and plan.teacher_epochs == 2
+    configs = build_configs(plan, plan.teacher.model)
+    # the teacher is fine-tuned from its weights (timm drops the 5-class head), then distilled from that run
+    assert configs['teacher']['models']['model']['kwargs'] == dict(
+        model_name=f'local-dir:{folder.resolve()}', pretrained=True, num_classes=10, in_chans=1)
+    assert configs['teacher']['train']['num_epochs'] == 2
+    assert configs['distill']['models']['model']['kwargs']['teacher']['checkpoint'] == \
+        str((tmp_path / 'out' / 'teacher' / 'model').resolve())
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True, num_classes=10, in_chans=1)
+    assert model.fc.out_features == 10
+
+
+@pytest.mark.parametrize('teacher, message', [
+    ('resnet20_cifarr', r"Unknown teacher 'resnet20_cifarr': not a timm architecture, hf-hub: id or folder "
+                        r'\(did you mean resnet20_cifar'),
+    ('resnet50.nope', r"resnet50 has no pretrained tag 'nope'; its tags: resnet50\.a1_in1k"),
+    ('plain_resnet20_cifar', r'plain_resnet20_cifar is a shortcut-free twin already; give its residual teacher '
+                             r'\(resnet20_cifar\)'),
+    ('vit_tiny_patch16_224', r'vit_tiny_patch16_224 is a transformer \(or hybrid\): it mixes tokens with '
+                             r'.*Attention.*refused by design'),
+    ('/no/such/teacher', r'Teacher folder /no/such/teacher does not exist'),
+])
+def test_bad_teacher_is_refused_before_anything_is_written(tmp_path, teacher, message):
+    with pytest.raises(DistillError, match=message):
+        run_distill(teacher, 'sklearn:digits', str(tmp_path / 'out'), **TOY)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('data, options, message', [
+    ('/no/such/data', {}, r"Cannot load the data '/no/such/data': FileNotFoundError: Dataset folder /no/such/data "
+                          r'does not exist'),
+    ('sklearn:digits', dict(image_column='image'), r"has no column 'image'; its columns are \['img', 'label'\].*"
+                                                   r'--image-column / --label-column'),
+    ('sklearn:digits', dict(test_split='validation'), r'sklearn:digits has splits train and test'),
+])
+def test_bad_data_is_refused_before_anything_is_written(tmp_path, data, options, message):
+    with pytest.raises(DistillError, match=message):
+        run_distill('resnet20_cifar', data, str(tmp_path / 'out'), **TOY, **options)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_output_folder_holding_another_run_is_refused(tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    with pytest.raises(DistillError, match=r'holds another run \(notes\.txt\); pass --resume to continue it, '
+                                           r'--overwrite to replace it'):
+        run_distill('resnet20_cifar', 'sklearn:digits', str(out), **TOY)
+    with pytest.raises(DistillError, match=r'--resume: .* holds no distill run'):
+        run_distill('resnet20_cifar', 'sklearn:digits', str(out), resume=True, **TOY)
+    with pytest.raises(DistillError, match=r'give one'):
+        run_distill('resnet20_cifar', 'sklearn:digits', str(out), resume=True, overwrite=True, **TOY)
+    assert sorted(p.name for p in out.iterdir()) == ['notes.txt']
+
+
+def test_pair_that_does_not_build_for_jointrd_is_refused_with_the_reason(tmp_path, monkeypatch):
+    from jointrd_timm.integrations import torchdistill as registry
+
+    def refuse(**kwargs):
+        raise StageLayoutError('conv_head is applied twice')
+
+    monkeypatch.setattr(registry, 'jointrd_model', refuse)
+    with pytest.raises(DistillError, match=r'resnet20_cifar: the teacher / twin pair does not train with JointRD on '
+                                           r'\(1, 8, 8\) inputs \(StageLayoutError: conv_head is applied twice\)\.$'):
+        run_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), **TOY)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_inputs_too_small_for_the_architecture_are_refused_with_the_fix(tmp_path):
+    # convnext's stride-4 stem and 2x2 downsampling leave nothing of an 8x8 digit
+    with pytest.raises(DistillError, match=r'convnext_atto: the teacher / twin pair does not train with JointRD on '
+                                           r'\(1, 8, 8\) inputs .* give a larger --input-size'):
+        run_distill('convnext_atto', 'sklearn:digits', str(tmp_path / 'out'), **TOY)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_reports_a_refusal_as_one_error_line(tmp_path, capsys):
+    assert main(['distill', 'resnet20_cifarr', '--data', 'sklearn:digits', '--output', str(tmp_path / 'o')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jointrd distill: error: Unknown teacher 'resnet20_cifarr'") and err.count('\n') == 1
+
+
+def test_pretrained_tag_teacher_loads_offline_through_timm_with_its_head_reinitialised(tmp_path):
+    """A timm tag goes through timm's own pretrained loading: offline, from a Hub cache built here by hand."""
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    from conftest import ROOT
+    teacher = timm.create_model('regnetx_002')
+    snapshot = tmp_path / 'cache' / 'models--timm--regnetx_002.pycls_in1k' / 'snapshots' / ('b' * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(snapshot / 'model.safetensors'))
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('b' * 40)
+    code = f"""
+import torch
+from jointrd_timm.training.distill import DistillError, build_configs, plan_distill, _build
+from safetensors.torch import load_file
+try:
+    plan_distill('regnetx_002.pycls_in1k', 'sklearn:digits', '{tmp_path / 'out'}', epochs=1, limit=64)
+except DistillError as e:
+    print('refused:', e)
+plan = plan_distill('regnetx_002.pycls_in1k', 'sklearn:digits', '{tmp_path / 'out'}', epochs=1, limit=64,
+                    num_classes=10)
+kwargs = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
+print(kwargs)
+model = _build(kwargs)
+saved = load_file('{snapshot / 'model.safetensors'}')
+state = model.state_dict()
+print(all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith('head.')),
+      model.get_classifier().out_features)
+"""
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'),
+                                     PYTHONWARNINGS='ignore'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith('refused: Teacher regnetx_002.pycls_in1k predicts 1000 classes, but the data '
+                               'sklearn:digits has 10 labels. Pass --num-classes 10')
+    assert lines[1] == str(dict(model_name='regnetx_002.pycls_in1k', pretrained=True, num_classes=10, in_chans=3))
+    assert lines[2] == 'True 10'
+    assert not (tmp_path / 'out').exists()
