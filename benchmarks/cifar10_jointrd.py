@@ -15,13 +15,12 @@ epochs), lambda 0 (reference CIFAR setting).
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 from jointrd_timm.recipes import REFERENCE_JOINTRD
 from report import curves_and_bars, write_report
-from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
+from cifar_budget import (ROOT, budget_parser, budget_run, budget_settings, check_record, command_line, ensure_teacher,
                           read_run)
 
 
@@ -49,11 +48,7 @@ def main():
     from jointrd_timm.training.configs import make_config
     from jointrd_timm.training.runner import train
 
-    torch.set_num_threads(2)
-    train_set, val_set, test_set = cifar_splits(args, args.seed)
-    work = Path(args.work_dir) / args.name
-    recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
-                  num_workers=args.workers, val_set=val_set)
+    (train_set, val_set, test_set), work, recipe = budget_run(args, args.name)
     common = dict(num_classes=10)
 
     def trained(model, method):

@@ -20,11 +20,10 @@ student's schedule.
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-from cifar_budget import ROOT, budget_parser, cifar_splits, command_line, finished, read_run
+from cifar_budget import ROOT, budget_parser, budget_run, command_line, finished, read_run
 from jointrd_timm.recipes import REFERENCE_JOINTRD
 from report import curves_and_bars, write_report
 
@@ -43,11 +42,7 @@ def main():
     from jointrd_timm.training.configs import make_config
     from jointrd_timm.training.runner import train
 
-    torch.set_num_threads(2)
-    train_set, val_set, test_set = cifar_splits(args, args.seed)
-    work = Path(args.work_dir) / args.work_name
-    recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
-                  num_workers=args.workers, val_set=val_set)
+    (train_set, val_set, test_set), work, recipe = budget_run(args, args.work_name)
     common = dict(num_classes=10)
     teacher_ckpt = str(work / 'teacher' / 'model')
     teacher = dict(key='timm_model', kwargs=dict(model_name=args.arch, checkpoint=teacher_ckpt, **common))

@@ -83,6 +83,17 @@ def cifar_splits(args, seed: int):
     return train_set, val_set, load_image_dataset(args.data, 'test', transform='cifar')
 
 
+def budget_run(args, work_name: str):
+    """What a benchmark of the CPU budget trains with: the seeded splits, its work folder and the make_config
+    keywords of the budget (2 torch threads)."""
+    import torch
+    torch.set_num_threads(2)
+    train_set, val_set, test_set = cifar_splits(args, args.seed)
+    kwargs = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
+                  num_workers=args.workers, val_set=val_set)
+    return (train_set, val_set, test_set), Path(args.work_dir) / work_name, kwargs
+
+
 def command_line(script: str, args) -> str:
     """The command that reproduces a run (machine-specific paths left out)."""
     parts = []

@@ -25,7 +25,7 @@ D's parameters have ``requires_grad=False`` outside its own step, so the student
 Across processes D's gradients are averaged explicitly (DDP does not see them). D's optimizer and scheduler are
 exposed through ``extra_optimizers()`` / ``extra_schedulers()`` so checkpoints save and restore them.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TrainingMethod
+from .base import TrainingMethod, config_from_dict
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
            'conditional_discriminator_loss', 'conditional_gan_term', 'conditional_student_loss', 'ConditionalAdversarialKD',
@@ -126,11 +126,7 @@ class DiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, values: Optional[Dict]) -> 'DiscriminatorConfig':
-        values = dict(values or {})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f'Unknown discriminator setting(s) {unknown}; valid: {[f.name for f in fields(cls)]}.')
-        return cls(**values)
+        return config_from_dict(cls, dict(values or {}), 'discriminator')
 
 
 class AdversarialTerm(nn.Module):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch']
+           'epoch_metrics', 'start_epoch', 'config_from_dict']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
 
@@ -121,6 +121,16 @@ class TrainingMethod(nn.Module):
 
     def epoch_metrics(self) -> Dict[str, float]:
         return {}
+
+
+def config_from_dict(cls, values: Dict, what: str):
+    """``cls(**values)`` for a config dataclass, or a ValueError naming ``what`` and the unknown keys."""
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f'Unknown {what} setting(s) {unknown}; valid keys: {sorted(known)}.')
+    return cls(**values)
 
 
 def _reapply_progress(module: TrainingMethod, incompatible_keys) -> None:

@@ -35,7 +35,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
                           conditional_gan_term)
-from .base import TrainingMethod
+from .base import TrainingMethod, config_from_dict
 from .fading import ShortcutFade
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from .schedules import check_fade_power, eta_schedule
@@ -215,11 +215,7 @@ class JointRDConfig:
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'JointRDConfig':
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f'Unknown JointRD setting(s) {unknown}; valid keys: {sorted(known)}.')
-        return cls(**values)
+        return config_from_dict(cls, values, 'JointRD')
 
 
 @dataclass
@@ -236,13 +232,9 @@ class TeacherOptimizerConfig:
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'TeacherOptimizerConfig':
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f'Unknown teacher_optimizer setting(s) {unknown}; valid keys: {sorted(known)}.')
-        if 'lr' not in values:
+        if 'lr' not in values and not set(values) - {f.name for f in fields(cls)}:
             raise ValueError("teacher_optimizer needs 'lr' (the teacher's learning rate, e.g. the twin's).")
-        return cls(**values)
+        return config_from_dict(cls, values, 'teacher_optimizer')
 
 
 class _TeacherStep:
