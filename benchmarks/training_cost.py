@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# label -> (kind, JointRDConfig fields). 'JointRD + fade' is the default recipe's loss (benchmarks/recipe_ablation.py
-# DEFAULT_ROW: eta to 0.5 over 30 %, lambda 0, fading twin over 80 %); the cost does not depend on where eta is
-DEFAULT_RECIPE = dict(eta_min=0.5, eta_horizon_fraction=0.3, shortcut_fade=0.8)
+from jointrd_timm.recipes import DEFAULT_RECIPE as _DEFAULT  # noqa: E402
+
+# label -> (kind, JointRDConfig fields). 'JointRD + fade' is the default recipe's loss (jointrd_timm.recipes); the
+# cost does not depend on where eta is
+DEFAULT_RECIPE = _DEFAULT.jointrd_fields()
 METHODS = {
     'plain CE (twin alone)': ('ce', None),
     'Hinton KD': ('kd', None),
@@ -49,7 +51,7 @@ def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool
     import torch.nn.functional as F
     import jointrd_timm  # noqa: F401
     from jointrd_timm.methods import JointRD, JointRDConfig
-    from jointrd_timm.twins.fade import FadingStudent
+    from jointrd_timm.methods import FadingStudent
     kind, fields = METHODS[method]
     torch.manual_seed(0)
     teacher = timm.create_model(arch, num_classes=10).eval().requires_grad_(False)
@@ -59,7 +61,7 @@ def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool
     if kind == 'jointrd':
         model = JointRD(twin, teacher, JointRDConfig(**fields)).train()
     elif kind == 'fade':
-        model = FadingStudent(twin, 0.8).train()
+        model = FadingStudent(twin, _DEFAULT.shortcut_fade).train()
     else:
         model = twin
     if hasattr(model, 'set_epoch'):
