@@ -184,3 +184,10 @@ def test_dirac_twin_is_evaluated_folded_and_saved_plain(tmp_path):
     assert not any('parametrizations' in k or k.endswith(('alpha', 'beta')) for k in saved)
     plain = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'run' / 'model')
     assert plain.layer1[0].conv1.weight.shape == saved['layer1.0.conv1.weight'].shape
+
+
+def test_a_datasets_override_names_what_to_do_instead():
+    from jointrd_timm.training.runner import ConfigError, apply_overrides
+    with pytest.raises(ConfigError, match=r"datasets.train.init.kwargs.source: datasets are built while the YAML loads"
+                                          r".*edit the datasets section of the YAML.*jointrd distill --data SOURCE"):
+        apply_overrides({'datasets': {}}, ['datasets.train.init.kwargs.source=x'])

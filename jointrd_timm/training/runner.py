@@ -77,8 +77,9 @@ def apply_overrides(config: Dict, overrides: List[str]) -> Dict:
         path, raw = item.split('=', 1)
         keys = path.split('.')
         if keys[0] == 'datasets':
-            raise ConfigError('datasets are built while the YAML loads and cannot be overridden; use --dataset or '
-                              'edit the YAML.')
+            raise ConfigError(f'{path}: datasets are built while the YAML loads, so they cannot be overridden on the '
+                              'command line; edit the datasets section of the YAML (or let `jointrd distill --data '
+                              'SOURCE` write one for your data).')
         node = config
         for key in keys[:-1]:
             if not isinstance(node.get(key, {}), dict):
