@@ -324,7 +324,9 @@ def test_twin_initialised_from_the_teacher(dirac):
 def test_a_shared_activation_leaves_nothing_on_the_feature_tap():
     # SE-ResNet blocks apply one ReLU module several times: only the last call is the feature, the others must not
     # stay on the hook (they would hold the graph, and deployable() could not deep-copy the twin)
-    jointrd = pair(arch='legacy_seresnet18')
+    # (the taps exist only when the feature loss reads them, lambda > 0)
+    assert pair(arch='legacy_seresnet18')._student_tap is None
+    jointrd = pair(JointRDConfig(feature_loss_weight=1e-3), arch='legacy_seresnet18')
     jointrd.set_epoch(0, 1, 1)
     jointrd.train()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))['loss'].backward()
     assert jointrd._student_tap.values == [] and jointrd._teacher_tap.values == []
