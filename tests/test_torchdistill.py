@@ -63,7 +63,11 @@ def _tiny_version(yaml_path: Path, tmp_path: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize('yaml_path', YAMLS, ids=[str(p.relative_to(ROOT / 'yamls')) for p in YAMLS])
+# the ImageNet YAMLs (224 px, ~9 s each) run the same code path as the CIFAR ones: slow-marked to keep the default
+# run short (run with -m slow)
+@pytest.mark.parametrize('yaml_path', [
+    pytest.param(p, marks=pytest.mark.slow) if p.parent.name == 'imagenet' else p for p in YAMLS],
+    ids=[str(p.relative_to(ROOT / 'yamls')) for p in YAMLS])
 def test_yaml_trains_two_steps_through_torchdistill_api(yaml_path, tmp_path, tmp_path_factory):
     from torchdistill.common import yaml_util
     from torchdistill.common.main_util import import_dependencies

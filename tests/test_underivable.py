@@ -20,6 +20,7 @@ def _one_per_module(listed):
     return chosen
 
 
+@pytest.mark.slow
 def test_listed_architectures_still_refuse_for_their_reason():
     listed = json.loads(underivable.PATH.read_text())
     assert listed, 'underivable.json is empty'
