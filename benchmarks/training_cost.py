@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+from report import pyplot, write_report  # noqa: E402
 from jointrd_timm.recipes import DEFAULT_RECIPE as _DEFAULT  # noqa: E402
 
 # label -> (kind, JointRDConfig fields). 'JointRD + fade' is the default recipe's loss (jointrd_timm.recipes); the
@@ -180,7 +181,6 @@ def write(results, args, load_before, start, meta=None):
                 minutes=round((time.time() - start) / 60, 1))
     out = ROOT / 'benchmarks/results'
     payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r)) for a, r in results.items()})
-    (out / f'{args.name}.json').write_text(json.dumps(payload, indent=1))
     lines = [f'# Training cost per step: batch {args.batch}, {args.size} px'
              + (', channels_last' if args.channels_last else ''), '',
              f'Machine: {meta["machine"]}; torch {meta["torch"]}; load average (1, 5, 15 min) '
@@ -203,16 +203,14 @@ def write(results, args, load_before, start, meta=None):
     path = out / f'{args.name}.md'
     previous = path.read_text() if path.is_file() else ''
     if NOTES in previous:  # the hand-written reading of the numbers stays (update it when they change)
-        lines += ['', previous[previous.index(NOTES):].rstrip('\n')]
-    path.write_text('\n'.join(lines) + '\n')
-    _plot(results, out / f'{args.name}.png')
+        notes = previous[previous.index(NOTES):].split('\n\nGenerated from [')[0]  # write_report adds the footer
+        lines += ['', notes.rstrip('\n')]
+    write_report(args.name, payload, lines, lambda png: _plot(results, png), out)
     print('\n'.join(lines), flush=True)
 
 
 def _plot(results, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 4 * len(results)), squeeze=False)
     for (arch, rows), (a, b) in zip(results.items(), axes):
         labels = list(rows)
@@ -226,7 +224,7 @@ def _plot(results, path):
             ax.tick_params(axis='y', labelsize=7)
             ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format='png')
     plt.close(fig)
 
 
