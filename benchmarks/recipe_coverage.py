@@ -21,7 +21,7 @@ import jointrd_timm  # noqa: F401  (registers plain_*)
 from jointrd_timm.coverage import check_recipe_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from twin_coverage import ROOT, recipe_candidates, write_markdown  # noqa: E402
+from twin_coverage import ROOT, recipe_candidates, write_coverage  # noqa: E402
 
 
 def main():
@@ -69,10 +69,8 @@ def main():
 
 
 def _save(path: Path, record: dict) -> None:
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)  # atomic: an interrupted sweep never leaves a half-written record
-    write_markdown(record['models'], record['meta'], path.parent / 'twin_coverage.md')
+    # atomic (report.write_report): an interrupted sweep never leaves a half-written record
+    write_coverage(path.parent, record['models'], record['meta'])
 
 
 if __name__ == '__main__':

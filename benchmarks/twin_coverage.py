@@ -27,6 +27,7 @@ import jointrd_timm
 from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
 from jointrd_timm.twins import make_plain
 from jointrd_timm.twins.coverage import classify
+from report import write_report
 from jointrd_timm.twins.verify import dead_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,11 +119,15 @@ def reclassify(out: Path, real_max_params: float, names=None) -> None:
 
 
 def _write(out: Path, results: dict, meta: dict) -> None:
-    (out / 'twin_coverage.json').write_text(json.dumps(dict(meta=meta, models=results), indent=1))
-    write_markdown(results, meta, out / 'twin_coverage.md')
+    write_coverage(out, results, meta)
 
 
-def write_markdown(results, meta, path):
+def write_coverage(out: Path, results: dict, meta: dict) -> None:
+    """twin_coverage.{json,md} through the benchmarks' shared report tail (recipe_coverage.py writes here too)."""
+    write_report('twin_coverage', dict(meta=meta, models=results), markdown(results, meta), out=Path(out))
+
+
+def markdown(results, meta) -> list:
     by_module = defaultdict(Counter)
     for r in results.values():
         by_module[r['module']][r['status']] += 1
@@ -177,7 +182,7 @@ def write_markdown(results, meta, path):
         lines.append(f'- {module}: ' + '; '.join(f'{m} ({c})' for m, c in refused[module].most_common()))
     lines += ['', '## Derived architectures', '', ', '.join(f'`{n}`' for n in sorted(derived))]
     lines += recipe_markdown(results, meta)
-    path.write_text('\n'.join(lines) + '\n')
+    return lines
 
 
 RECIPE_STEPS = ('fade', 'jointrd', 'deploy', 'export')
