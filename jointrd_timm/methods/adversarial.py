@@ -177,15 +177,9 @@ class _TeacherStudent(TrainingMethod):
     discriminator's schedule, in epochs) follows :class:`~jointrd_timm.methods.base.TrainingMethod`."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, num_epochs: int = 0, steps_per_epoch: int = 0):
-        super().__init__()
+        super().__init__(num_epochs, steps_per_epoch)  # the discriminator's schedule follows at the first step
         self.student = student
         self.teacher = teacher.requires_grad_(False)
-        self._run_length = (num_epochs, steps_per_epoch)
-
-    def _start(self) -> None:
-        """After the subclass built ``self.adversarial``: apply a run length given at construction."""
-        if any(self._run_length):
-            self.set_run_length(*self._run_length)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -225,7 +219,6 @@ class ConditionalAdversarialKD(_TeacherStudent):
         self.non_saturating = non_saturating
         self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes, discriminator_depth, dropout),
                                            DiscriminatorConfig.from_dict(discriminator))
-        self._start()
 
     def step(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         with torch.no_grad():
@@ -255,7 +248,6 @@ class AdversarialPortableStudent(_TeacherStudent):
         num_classes = getattr(teacher, 'num_classes', 0) if label_head else 0
         self.adversarial = AdversarialTerm(FeatureDiscriminator(t_dim, hidden, num_classes),
                                            DiscriminatorConfig.from_dict(discriminator))
-        self._start()
 
     @staticmethod
     def _pooled(model: nn.Module, x: torch.Tensor):
