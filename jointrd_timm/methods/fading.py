@@ -34,7 +34,9 @@ class ShortcutFade:
     def apply(self, method: TrainingMethod, model: nn.Module) -> float:
         """Set ``s`` (staggered per block) in ``model``'s fading blocks; returns the run's ``s``."""
         value = self.scale(method)
-        set_shortcut_scale(model, block_scales(value, fading_block_count(model), self.window))
+        # one walk over the modules per step; only a staggered fade needs the block count for its per-block scales
+        set_shortcut_scale(model, value if self.window >= 1 else
+                           block_scales(value, fading_block_count(model), self.window))
         return value
 
 
