@@ -22,6 +22,8 @@ def budget_parser(description: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--lr', type=float, default=0.1)
     parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=2, help='torch threads (a timing column is only comparable '
+                        'between runs at the same value)')
     parser.add_argument('--name', default=name, help='results file name under benchmarks/results/')
     parser.add_argument('--work-dir', default=str(ROOT / 'benchmarks/work'))
     return parser
@@ -85,9 +87,9 @@ def cifar_splits(args, seed: int):
 
 def budget_run(args, work_name: str):
     """What a benchmark of the CPU budget trains with: the seeded splits, its work folder and the make_config
-    keywords of the budget (2 torch threads)."""
+    keywords of the budget (``--threads`` torch threads)."""
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     train_set, val_set, test_set = cifar_splits(args, args.seed)
     kwargs = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
                   num_workers=args.workers, val_set=val_set)
@@ -98,7 +100,7 @@ def command_line(script: str, args) -> str:
     """The command that reproduces a run (machine-specific paths left out)."""
     parts = []
     for key, value in vars(args).items():
-        if key in ('data', 'work_dir') or value is None:
+        if key in ('data', 'work_dir', 'threads') or value is None:
             continue
         value = ' '.join(f'"{v}"' if ' ' in str(v) else str(v) for v in value) if isinstance(value, list) else value
         parts.append(f'--{key.replace("_", "-")} {value}')

@@ -214,7 +214,7 @@ def main():
     from jointrd_timm.training.configs import make_config
     from jointrd_timm.training.runner import train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     spec = rows_spec()
     labels = args.rows or list(spec)
     unknown = [x for x in labels if x not in spec]

@@ -114,7 +114,10 @@ class Recipe:
 
     def __post_init__(self):
         object.__setattr__(self, 'jointrd', MappingProxyType(dict(self.jointrd)))
-        self.jointrd_config(REFERENCE_JOINTRD)  # validates the JointRD fields now, not at training time
+        # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
+        # schedule: jointrd_model fills it when the recipe does not state it)
+        JointRDConfig.from_dict(self._with_teacher_optimizer(self.jointrd_fields(REFERENCE_JOINTRD),
+                                                             SCHEDULES['cifar']))
 
     @property
     def id(self) -> str:
@@ -150,6 +153,16 @@ class Recipe:
     def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD) -> JointRDConfig:
         return JointRDConfig.from_dict(self.jointrd_fields(reference))
 
+    @staticmethod
+    def _with_teacher_optimizer(fields: Dict, schedule: 'Schedule') -> Dict:
+        """``fields`` plus, for a 'teacher_first' joint teacher without its own SGD, the twin's: the schedule's
+        learning rate and weight decay, Nesterov momentum 0.9, cosine over the schedule's epochs."""
+        if fields.get('joint_step_order') == 'teacher_first' and fields.get('teacher_optimizer') is None:
+            fields = dict(fields, teacher_optimizer=dict(
+                lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay,
+                cosine_epochs=schedule.epochs))
+        return fields
+
     def twin_kwargs(self) -> Dict:
         """``timm.create_model('plain_<arch>', **kwargs)`` for the JointRD run's twin (only what is not default)."""
         kwargs = {}
@@ -165,12 +178,15 @@ class Recipe:
                       teacher_model: Optional[str] = None, **common) -> Dict:
         """torchdistill model config (``jointrd_model``) of the twin with JointRD. ``common``: timm kwargs of both
         models (num_classes, in_chans); ``teacher_model``: the teacher's timm name when it is not ``arch`` (e.g.
-        ``hf-hub:org/name``)."""
+        ``hf-hub:org/name``). ``schedule`` (default ``SCHEDULES['cifar']``) gives the reference JointRD settings
+        and, for a 'teacher_first' joint teacher without its own SGD, the twin's (pass the run's schedule, e.g.
+        ``schedule.replace(epochs=n)``)."""
         teacher = dict(model_name=teacher_model or arch, **common)
         if teacher_checkpoint:
             teacher['checkpoint'] = str(teacher_checkpoint)
         kwargs = dict(teacher=teacher, student=dict(model_name=f'plain_{arch}', **common, **self.twin_kwargs()),
-                      jointrd=self.jointrd_fields((schedule or SCHEDULES['cifar']).jointrd))
+                      jointrd=self._with_teacher_optimizer(
+                          self.jointrd_fields((schedule or SCHEDULES['cifar']).jointrd), schedule or SCHEDULES['cifar']))
         if self.init_from_teacher:
             kwargs['init_student_from_teacher'] = True
         return dict(key='jointrd_model', kwargs=kwargs)

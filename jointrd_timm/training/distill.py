@@ -346,7 +346,8 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
     schedule = _schedule(data, input_size)
     epochs = epochs or schedule.epochs
     common = dict(num_classes=data_classes, in_chans=channels)
-    pair = twin_recipe.jointrd_model(resolved.arch, None, schedule, **common)
+    pair = twin_recipe.jointrd_model(resolved.arch, None, schedule.replace(epochs=epochs, lr=lr or schedule.lr),
+                                     **common)
     check_pair(pair, (channels, input_size, input_size), data_classes)
     budget = dict(batch_size=batch_size or schedule.batch_size, lr=lr or schedule.lr,
                   weight_decay=schedule.weight_decay, seed=seed,

@@ -1,0 +1,65 @@
+"""The recipes module: named recipes, their ids, the configs they produce, and the benchmarks' rows built from them."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from jointrd_timm.methods.jointrd import JointRDConfig
+from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD, SCHEDULES, get_recipe, recipe_for
+
+
+def test_replace_records_the_changed_fields_in_the_id_and_get_recipe_reads_it_back():
+    row = DEFAULT_RECIPE.replace(eta_min=1.0, shortcut_fade=0.5)
+    assert row.id == 'default,eta_min=1.0,shortcut_fade=0.5'
+    assert row.shortcut_fade == 0.5 and row.jointrd['eta_min'] == 1.0
+    assert DEFAULT_RECIPE.shortcut_fade != 0.5  # frozen: the default is untouched
+    assert row.jointrd_config().eta_min == 1.0
+    assert get_recipe('default,eta_min=1.0,teacher_mode=joint').jointrd_config().teacher_mode == 'joint'
+
+
+def test_unknown_and_invalid_fields_are_refused_when_the_recipe_is_made():
+    with pytest.raises(ValueError, match='eta_mn'):
+        DEFAULT_RECIPE.replace(eta_mn=1.0)
+    with pytest.raises(ValueError, match='joint_step_order'):
+        DEFAULT_RECIPE.replace(joint_step_order='sometimes')
+
+
+def test_teacher_first_recipe_takes_the_teacher_sgd_from_the_run_schedule():
+    recipe = DEFAULT_RECIPE.replace(teacher_mode='joint', joint_step_order='teacher_first')
+    schedule = SCHEDULES['cpu-budget'].replace(epochs=7, lr=0.05)
+    fields = recipe.jointrd_model('resnet20_cifar', None, schedule, num_classes=10)['kwargs']['jointrd']
+    assert fields['teacher_optimizer'] == dict(lr=0.05, momentum=0.9, nesterov=True,
+                                               weight_decay=schedule.weight_decay, cosine_epochs=7)
+    assert JointRDConfig.from_dict(fields).joint_step_order == 'teacher_first'
+    # a recipe that states its own teacher SGD keeps it
+    own = dict(lr=0.01, cosine_epochs=3)
+    fields = recipe.replace(teacher_optimizer=own).jointrd_model('resnet20_cifar', None, schedule)['kwargs']['jointrd']
+    assert fields['teacher_optimizer'] == own
+    # the simultaneous default gets none (JointRDConfig refuses one there)
+    assert 'teacher_optimizer' not in DEFAULT_RECIPE.jointrd_model('resnet20_cifar', None, schedule)['kwargs']['jointrd']
+
+
+def test_model_configs_carry_the_recipe_into_both_runs():
+    pair = DEFAULT_RECIPE.jointrd_model('regnetx_002', 'teacher/model', SCHEDULES['cifar'], num_classes=10)
+    kwargs = pair['kwargs']
+    assert pair['key'] == 'jointrd_model' and kwargs['init_student_from_teacher'] is True
+    assert kwargs['student'] == dict(model_name='plain_regnetx_002', num_classes=10, shortcut_fade=True)
+    assert kwargs['teacher'] == dict(model_name='regnetx_002', num_classes=10, checkpoint='teacher/model')
+    assert kwargs['jointrd'] == {**REFERENCE_JOINTRD, **DEFAULT_RECIPE.jointrd,
+                                 'shortcut_fade': DEFAULT_RECIPE.shortcut_fade}
+    alone = DEFAULT_RECIPE.twin_alone_model('regnetx_002', 'teacher/model', num_classes=10)
+    assert alone == dict(key='fading_model', kwargs=dict(
+        student=dict(model_name='plain_regnetx_002', num_classes=10), shortcut_fade=DEFAULT_RECIPE.shortcut_fade,
+        teacher_checkpoint='teacher/model'))
+    # an architecture without a measured recipe of its own trains with the default
+    assert recipe_for('regnetx_002') is DEFAULT_RECIPE
+
+
+def test_every_ablation_row_builds():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import recipe_ablation
+    spec = recipe_ablation.rows_spec()
+    assert recipe_ablation.DEFAULT_ROW in spec and all(v in spec for v in recipe_ablation.PAIRS.values())
+    for label in recipe_ablation.JOINT_VARIANTS:
+        method, _, fields, _ = spec[label]
+        assert method == 'jointrd' and fields['teacher_mode'] == 'joint', label
