@@ -1,4 +1,5 @@
 """Deployment: folding and exports equal the eager model; the memory analyzer against a hand computation."""
+import copy
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 import jointrd_timm  # noqa: F401
-from jointrd_timm.deploy.export import export_model
+from jointrd_timm.deploy.export import ExportError, export_model
 from jointrd_timm.deploy.fold import count_batchnorms, fold_for_deployment
 from jointrd_timm.deploy.latency import compare_latency
 from jointrd_timm.deploy.memory import analyze_activation_memory
@@ -27,6 +28,45 @@ def test_fold_and_exports_match_eager(name, tmp_path):
         assert report['files'][fmt]['max_abs_error'] < 1e-4
     assert json.loads((tmp_path / 'twin.export.json').read_text())['files'].keys() == {'onnx', 'torchscript'}
     assert not list(tmp_path.glob('.*tmp*'))
+
+
+class Cancelling(nn.Module):
+    """A model whose float32 result is far from its exact one: a large offset added and taken away again."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return ((self.conv(x) * 1e3 + 3e7) - 3e7).mean((2, 3))
+
+
+def _onnx_returns(monkeypatch, make_output):
+    """onnxruntime's sessions answer ``make_output(input)`` (what a different but equally valid float32 kernel, or
+    a broken export, would return)."""
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime.InferenceSession, 'run', lambda self, names, feed: [make_output(feed['input'])])
+
+
+def test_export_deviation_within_float32_rounding_of_the_model_passes(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Cancelling().eval()
+    exact = copy.deepcopy(model).double()
+    _onnx_returns(monkeypatch, lambda x: exact(torch.from_numpy(x).double()).float().detach().numpy())
+    report = export_model(model, tmp_path, formats=('onnx',), input_size=8, atol=1e-3)
+    onnx = report['files']['onnx']
+    assert onnx['max_abs_error'] > 1e-3  # far from the eager float32 model ...
+    assert report['eager_float64_error'] > 1e-3 and onnx['float64_error'] <= 2 * report['eager_float64_error']
+
+
+def test_export_deviation_beyond_float32_rounding_is_refused(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten()).eval()
+    _onnx_returns(monkeypatch, lambda x: model(torch.from_numpy(x)).detach().numpy() + 0.01)
+    with pytest.raises(ExportError, match=r"more than 0.001, and from its float64 result.*'onnx'"):
+        export_model(model, tmp_path, formats=('onnx',), input_size=8, atol=1e-3)
+    recorded = json.loads((tmp_path / 'model.export.json').read_text())
+    assert recorded['files']['onnx']['float64_error'] > 0.009 and recorded['eager_float64_error'] < 1e-5
 
 
 def test_fold_removes_every_batchnorm_of_a_resnet():

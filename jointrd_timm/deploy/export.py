@@ -2,7 +2,13 @@
 
 Folded (BN + Dirac) -> ONNX (run by onnxruntime) and TorchScript (traced), both compared with the eager model on
 the same random input; the max abs error of each is reported. Files are written atomically.
+
+An error above ``atol`` is judged against float32 itself: a deep net can amplify rounding so much (a random-init
+twin without shortcuts, e.g. MambaOut's) that the eager float32 model is that far from its own float64 result. An
+export then passes when it is no farther from the float64 result than twice the eager float32 model is; the report
+records both distances (``float64_error`` per file, ``eager_float64_error``).
 """
+import copy
 import json
 from pathlib import Path
 from typing import Dict, Optional
@@ -36,7 +42,8 @@ def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Ten
 def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx', 'torchscript'),
                  input_size: Optional[int] = None, atol: float = 1e-3, opset: int = 17) -> Dict:
     """Export ``model`` (eval) to ``out_dir``; returns a report with files and max abs errors. Raises ExportError
-    when an export deviates more than ``atol`` from the eager model."""
+    when an export (or the folded model) deviates more than ``atol`` from the eager model and is farther from the
+    model's float64 result than twice the eager float32 model is."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -44,7 +51,9 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     with torch.no_grad():
         reference = model(x)
         folded, fold_report = fold_for_deployment(model)
-        fold_error = (folded(x) - reference).abs().max().item()
+        folded_out = folded(x)
+        fold_error = (folded_out - reference).abs().max().item()
+    outputs = {}
     report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={})
     if 'onnx' in formats:
         onnx = require('onnx', 'ONNX export')
@@ -65,6 +74,7 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         atomic_write(path, write_onnx)
         session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
         got = session.run(None, {'input': x.numpy()})[0]
+        outputs['onnx'] = torch.from_numpy(got)
         report['files']['onnx'] = dict(path=str(path), max_abs_error=float(np.abs(got - reference.numpy()).max()))
     if 'torchscript' in formats:
         path = out_dir / f'{name}.torchscript.pt'
@@ -74,11 +84,22 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         loaded = torch.jit.load(str(path))
         with torch.no_grad():
             got = loaded(x)
+        outputs['torchscript'] = got
         report['files']['torchscript'] = dict(path=str(path), max_abs_error=(got - reference).abs().max().item())
+    outputs['fold'] = folded_out
+    entries = dict(report['files'], fold=report['fold'])
+    bad = {k: v['max_abs_error'] for k, v in entries.items() if v['max_abs_error'] > atol}
+    if bad:  # how far float32 itself is from the exact result decides whether the deviation is the export's
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()(x.double())
+        eager = (reference.double() - exact).abs().max().item()
+        report['eager_float64_error'] = eager
+        for k in bad:
+            entries[k]['float64_error'] = (outputs[k].double() - exact).abs().max().item()
+        bad = {k: v for k, v in bad.items() if entries[k]['float64_error'] > 2 * eager}
     atomic_write(out_dir / f'{name}.export.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
-    bad = {k: v['max_abs_error'] for k, v in report['files'].items() if v['max_abs_error'] > atol}
-    if fold_error > atol:
-        bad['fold'] = fold_error
     if bad:
-        raise ExportError(f'Exports deviate from the eager model by more than {atol}: {bad}.')
+        raise ExportError(f'Exports deviate from the eager model by more than {atol}, and from its float64 result '
+                          f'by more than twice the eager float32 model does ({report["eager_float64_error"]:.3g}): '
+                          f'{bad}.')
     return report
