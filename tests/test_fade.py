@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 import jointrd_timm  # noqa: F401
 from conftest import tiny_yaml
@@ -215,16 +216,30 @@ def test_runner_fades_then_deploys_the_plain_twin(tmp_path, method):
         overrides = ['models.model.key=fading_model', 'models.model.kwargs={student: {model_name: '
                      'plain_resnet20_cifar, num_classes: 10, in_chans: 1}, shortcut_fade: 0.5}',
                      'train.pre_epoch_process=jointrd_pre_epoch_process']
+    if method == 'ce':
+        overrides.append('runner.recalibrate_bn=0')
     config = load_config(tiny_yaml(tmp_path, method=method, epochs=2, limit=64), overrides)
     final = train(config, output_dir=str(tmp_path / 'run'), device='cpu')
     records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     assert [r['shortcut_scale'] for r in records] == [0.0, 0.0]  # faded within the first of 2 epochs
-    assert final['test_acc_folded'] == final['test_acc']
     saved = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
     assert saved['architecture'] == 'plain_resnet20_cifar' and saved['model_args']['shortcut_fade'] is False
     twin = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1),
                         tmp_path / 'run' / 'model')
     assert count_shortcut_additions(twin) == 0
+    if method == 'ce':  # recalibration off: the deployed twin is the model as trained
+        assert final['test_acc_folded'] == final['test_acc'] and 'bn_recalibrated_batches' not in final
+        return
+    # the deployed twin's BN statistics were recomputed on the training data (64 images, 4 batches of 16): the
+    # stem's running mean is the channel mean of the stem conv's outputs over all of them, not a moving average
+    assert final['bn_recalibrated_batches'] == 4
+    images = torch.stack([x for x, _ in config['datasets']['digits/train']])
+    with torch.no_grad():
+        stem = twin.conv1(images)
+    assert torch.allclose(twin.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
+    checkpoint = load_file(str(tmp_path / 'run' / 'last.safetensors'))
+    trained_mean = next(v for k, v in checkpoint.items() if k.endswith('student.bn1.running_mean'))
+    assert not torch.allclose(trained_mean, twin.bn1.running_mean, atol=1e-5)  # the moving average was replaced
 
 
 def _block_scales(model):

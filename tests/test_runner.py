@@ -191,3 +191,26 @@ def test_a_datasets_override_names_what_to_do_instead():
     with pytest.raises(ConfigError, match=r"datasets.train.init.kwargs.source: datasets are built while the YAML loads"
                                           r".*edit the datasets section of the YAML.*jointrd distill --data SOURCE"):
         apply_overrides({'datasets': {}}, ['datasets.train.init.kwargs.source=x'])
+
+
+def test_recalibrate_batchnorm_averages_batches_with_other_modules_in_eval_mode():
+    from torch import nn
+    from jointrd_timm.training.runner import recalibrate_batchnorm
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.9), nn.BatchNorm1d(3, momentum=0.3)).train()
+    batches = [(torch.randn(8, 3) * 2 + 5, None) for _ in range(3)]
+    state = torch.random.get_rng_state()
+    assert recalibrate_batchnorm(model, batches, batches=2) == 2  # at most the batches asked for
+    norm = model[1]
+    first_two = torch.stack([b[0] for b in batches[:2]])
+    # dropout off (the inputs reach the BN unchanged), plain average of the per-batch statistics
+    assert torch.allclose(norm.running_mean, first_two.mean((0, 1)), atol=1e-6)
+    assert torch.allclose(norm.running_var, first_two.var(1, unbiased=True).mean(0), atol=1e-5)
+    assert norm.momentum == 0.3 and model.training and model[0].training  # restored
+    assert torch.equal(torch.random.get_rng_state(), state)  # training's random stream untouched
+    assert recalibrate_batchnorm(nn.Sequential(nn.Linear(3, 3)), batches, batches=5) == 0  # nothing to recalibrate
+
+
+def test_recalibrate_bn_must_be_a_whole_number(tmp_path):
+    with pytest.raises(ConfigError, match=r'runner.recalibrate_bn .*whole number >= 0'):
+        load_config(tiny_yaml(tmp_path, method='ce'), ['runner.recalibrate_bn=-1'])

@@ -10,6 +10,7 @@ train, test) plus an optional ``runner`` section that torchdistill's own example
       sync_batchnorm: false        # convert the trained model's BatchNorm to SyncBatchNorm (multi-process)
       output_dir: runs/<name>      # metrics.jsonl, last.safetensors (checkpoint), final.json, model/
       eval_every: 1                # epochs between evaluations on train.val_data_loader (never used to select)
+      recalibrate_bn: 200          # batches of training data that recompute a faded twin's BN statistics (0: off)
 
 DECISION: the YAML's ``batch_size`` is the GLOBAL batch; with N processes each gets batch_size / N of it
 (accelerate ``split_batches``), and the shuffle order depends only on (seed, epoch) (accelerate's seedable
@@ -21,7 +22,14 @@ checkpoint when resuming), :func:`train_one_epoch` per epoch, :func:`finish`. Pe
 accuracy, lr, and eta for JointRD), a checkpoint written atomically (model, optimizer(s), scheduler(s), epoch, RNG,
 the metrics history), then one JSON line in ``metrics.jsonl``. ``--resume`` continues from the checkpoint exactly.
 After the last epoch the test split is evaluated once, the final model is saved in timm's Hub format, and
-``final.json`` is written last. The output folder belongs to the run (``run_folder``: writability, lock, no silent
+``final.json`` is written last.
+
+DECISION: a twin whose shortcuts faded during the run gets its BatchNorm statistics recomputed before it is
+evaluated and saved (:func:`recalibrate_batchnorm`, ``runner.recalibrate_bn`` batches of the training data, no
+gradients). The running statistics are moving averages over the run: while ``s`` falls they follow a network that is
+not the deployed one, and a run whose fade ends close to its last step (a short run, or ``shortcut_fade`` near 1)
+would deploy statistics of a residual net. Statistics of the deployed network itself cost a fraction of an epoch of
+forward passes; ``final.json`` keeps ``test_acc`` (the model as trained) beside ``test_acc_folded`` (deployed). The output folder belongs to the run (``run_folder``: writability, lock, no silent
 replacement; docs/reliability.md).
 """
 import json
@@ -44,14 +52,14 @@ from .checkpoint import atomic_write, load_checkpoint, load_weights, save_checkp
 from ..faults import fault_point
 from .run_folder import RunFolder, RunFolderError, checkpoint_epochs
 
-__all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'load_config', 'validate', 'ConfigError',
+__all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'load_config', 'validate', 'ConfigError',
            'RunFolderError', 'RUNNER_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
 RUNNER_DEFAULTS = dict(seed=0, mixed_precision='no', sync_batchnorm=False, output_dir=None, eval_every=1,
-                       find_unused_parameters=False)
+                       find_unused_parameters=False, recalibrate_bn=200)
 TOP_LEVEL_KEYS = {'dependencies', 'datasets', 'models', 'train', 'test', 'runner'}
 TRAIN_KEYS = {'log_freq', 'num_epochs', 'train_data_loader', 'val_data_loader', 'teacher', 'student', 'model',
               'optimizer', 'scheduler', 'criterion', 'pre_epoch_process', 'pre_forward_process',
@@ -187,6 +195,8 @@ def validate(config: Dict, where: str = 'config') -> Dict:
              runner['seed'], where)
     _require(_is_int(runner['eval_every']) and runner['eval_every'] >= 1, 'runner.eval_every', 'a whole number >= 1',
              runner['eval_every'], where)
+    _require(_is_int(runner['recalibrate_bn']) and runner['recalibrate_bn'] >= 0, 'runner.recalibrate_bn',
+             'a whole number >= 0 (batches; 0 turns it off)', runner['recalibrate_bn'], where)
     _require(runner['mixed_precision'] in MIXED_PRECISION, 'runner.mixed_precision', f'one of {MIXED_PRECISION}',
              runner['mixed_precision'], where)
     for flag in ('sync_batchnorm', 'find_unused_parameters'):
@@ -249,6 +259,43 @@ def evaluate(model: nn.Module, data_loader, accelerator) -> float:
         total += int(targets.numel())
     model.train(was_training)
     return 100.0 * correct / max(1, total)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data_loader, batches: int, accelerator=None, seed: int = 0) -> int:
+    """Recompute the running statistics of every BatchNorm in ``model`` as the plain average over ``batches``
+    batches of ``data_loader`` (all of it when shorter), the other modules in eval mode (no dropout, no stochastic
+    depth), no gradients. The data order and augmentations are drawn from a generator seeded with ``seed`` and the
+    global RNG is left as it was, so the result is reproducible and training is not disturbed. With several
+    processes each one averages its shard and the statistics are then averaged over processes. Returns the number
+    of batches used (0 when the model has no BatchNorm)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    used = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for batch in data_loader:
+                if used >= batches:
+                    break
+                model(batch[0])
+                used += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:
+        for m in norms:
+            m.running_mean.copy_(accelerator.reduce(m.running_mean.clone(), 'mean'))
+            m.running_var.copy_(accelerator.reduce(m.running_var.clone(), 'mean'))
+    return used
 
 
 def replica_divergence(module: nn.Module) -> float:
@@ -512,6 +559,12 @@ def finish(run: _Run, config: Dict) -> Dict:
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
         loader = accelerator.prepare(loader)
         final['test_acc'] = evaluate(run.trained, loader, accelerator)
+    if is_fading(deployed) and run.runner['recalibrate_bn']:
+        used = recalibrate_batchnorm(deployed, run.box.train_data_loader, run.runner['recalibrate_bn'], accelerator,
+                                     run.runner['seed'])
+        if used:
+            final['bn_recalibrated_batches'] = used
+    if test_config:
         if has_dirac(deployed) or is_fading(deployed):
             # what is saved and deployed: Dirac folded into plain convs, faded shortcuts removed
             final['test_acc_folded'] = evaluate(deployable(deployed), loader, accelerator)
