@@ -235,6 +235,25 @@ ARCH_RECIPES = {'resnet110_cifar': 'default,eta_min=1.0,teacher_mode=joint',
                 'resnet18_cifar': 'default,loss_normalization=none'}
 
 
+# a twin whose shortcuts fade in fewer optimizer steps than this keeps little of its teacher's accuracy (the
+# `jointrd distill` digits runs, docs/cli.md): `jointrd distill` says so before it trains
+MIN_FADE_STEPS = 250
+
+
+def short_run_warning(recipe: Recipe, epochs: int, steps_per_epoch: int) -> Optional[str]:
+    """A warning when ``recipe`` fades the twin's shortcuts in fewer than :data:`MIN_FADE_STEPS` optimizer steps
+    over a run of ``epochs`` x ``steps_per_epoch`` (None when it does not fade or the run is long enough)."""
+    if recipe.shortcut_fade is None:
+        return None
+    steps = epochs * steps_per_epoch
+    if steps >= MIN_FADE_STEPS:
+        return None
+    needed = -(-MIN_FADE_STEPS // max(1, steps_per_epoch))
+    return (f'the twin trains for {steps} optimizer steps ({epochs} epochs of {steps_per_epoch}): its shortcuts '
+            f'fade out in {int(recipe.shortcut_fade * steps)} of them, too few for the plain net to keep the '
+            f"teacher's accuracy. Train for at least {needed} epochs (--epochs {needed}).")
+
+
 def get_recipe(name: str) -> Recipe:
     """The recipe called ``name`` (a key of ``RECIPES``)."""
     try:

@@ -31,7 +31,11 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     assert plan.teacher_trained_here and plan.recipe.id == 'default'
     final = train_distill(plan, device='cpu')
     summary = report_distill(plan, final, train_seconds=0.0, latency_repeats=3)
-    assert 'NOTE: teacher resnet20_cifar: trained here from scratch' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'NOTE: teacher resnet20_cifar: trained here from scratch' in printed
+    # 128 images in batches of 64, 1 epoch: far too short a fade, said before training and in the table
+    warning = 'the twin trains for 2 optimizer steps (1 epochs of 2): its shortcuts fade out in 1 of them'
+    assert f'WARNING: {warning}' in printed and '(--epochs 125)' in printed
     for name in ('model/config.json', 'model/model.safetensors', 'model/README.md', 'distill.yaml', 'teacher.yaml',
                  'comparison.md', 'comparison.json', 'comparison.png'):
         assert (out / name).stat().st_size > 0, name
@@ -44,6 +48,7 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     assert summary['test_acc']['twin'] == pytest.approx(final['test_acc_folded'])
     table = (out / 'comparison.md').read_text()
     assert 'trained here from scratch' in table and '| twin `plain_resnet20_cifar` (shortcut-free) |' in table
+    assert f'**Warning:** {warning}' in table
     assert json.loads((out / 'comparison.json').read_text())['teacher_epochs'] == 1
     card = (out / 'model' / 'README.md').read_text()
     assert f"timm.create_model('local-dir:{(out / 'model').resolve()}', pretrained=True)" in card

@@ -63,3 +63,13 @@ def test_every_ablation_row_builds():
     for label in recipe_ablation.JOINT_VARIANTS:
         method, _, fields, _ = spec[label]
         assert method == 'jointrd' and fields['teacher_mode'] == 'joint', label
+
+
+def test_short_run_warning_names_the_steps_and_the_epochs_that_would_do():
+    from jointrd_timm.recipes import MIN_FADE_STEPS, short_run_warning
+    warning = short_run_warning(DEFAULT_RECIPE, epochs=3, steps_per_epoch=23)
+    assert warning.startswith('the twin trains for 69 optimizer steps (3 epochs of 23)')
+    assert f'{int(DEFAULT_RECIPE.shortcut_fade * 69)} of them' in warning
+    assert f'--epochs {-(-MIN_FADE_STEPS // 23)}' in warning
+    assert short_run_warning(DEFAULT_RECIPE, epochs=MIN_FADE_STEPS, steps_per_epoch=1) is None
+    assert short_run_warning(get_recipe('reference'), epochs=1, steps_per_epoch=1) is None  # nothing fades

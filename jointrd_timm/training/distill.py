@@ -38,7 +38,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..recipes import SCHEDULES, Recipe, Schedule, get_recipe, recipe_for
+from ..recipes import SCHEDULES, Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 
 __all__ = ['run_distill', 'plan_distill', 'build_configs', 'train_distill', 'report_distill', 'resolve_teacher', 'Teacher',
            'DistillPlan', 'DistillError', 'ARTEFACTS']
@@ -311,6 +311,11 @@ class DistillPlan:
     command: str
 
     @property
+    def short_run_warning(self) -> Optional[str]:
+        steps_per_epoch = -(-len(self.datasets['train']) // self.budget['batch_size'])
+        return short_run_warning(self.recipe, self.epochs, steps_per_epoch)
+
+    @property
     def teacher_trained_here(self) -> bool:
         return self.teacher.num_classes is None or self.reinit_head
 
@@ -410,6 +415,8 @@ def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = Fal
         else:
             print(f'twin plain_{teacher.arch}: JointRD from the teacher, recipe `{plan.recipe.id}`, {plan.epochs} '
                   'epochs')
+            if plan.short_run_warning:
+                print(f'WARNING: {plan.short_run_warning}')
         final = _train_from(path, resume, device)
     return final
 
@@ -441,6 +448,8 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     lines += ['', f'Twin vs teacher latency (eager PyTorch, {measured["threads"]} threads, medians of '
                   f'{latency_repeats} interleaved runs): {speedup[1]:.2f}x at batch 1, {speedup[16]:.2f}x at '
                   f'batch 16. Training took {train_seconds:.0f} s.']
+    if plan.short_run_warning:
+        lines += ['', f'**Warning:** {plan.short_run_warning}']
     table = '\n'.join(lines)
     summary = dict(teacher=plan.teacher.spec, teacher_origin=_teacher_origin(plan), twin=f'plain_{arch}',
                    data=plan.data, recipe=plan.recipe.id, epochs=plan.epochs,
