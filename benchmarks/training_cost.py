@@ -37,7 +37,27 @@ METHODS = {
     'JointRD + fade, lean memory': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=True)),
     'JointRD + fade, joint teacher': ('jointrd', dict(DEFAULT_RECIPE, teacher_mode='joint', lean_memory=False)),
 }
-NOTES = '## Reading'  # the results page's hand-written part, kept when the tables are rewritten
+# the page's fixed text (what was changed for the goals, and the count they are compared with); every number on the
+# page comes from the record
+READING = """## What the step does, and the floor the goals compare with
+
+Changes for these goals (`methods/jointrd.py`, `twins/fade.py`), each tested for the same loss and gradients in
+`tests/test_jointrd_cost.py` and `tests/test_fade.py`:
+- the teacher's forward runs only where a term reads its logits or features (KD, lambda > 0, adversarial, joint
+  teacher); with the default recipe (frozen teacher, CE terms only) only the teacher's tails run;
+- a frozen teacher's tails run BN-folded (`fold_teacher_bn`): their convs save nothing for the backward (the input
+  gradient needs only the weights) and their ReLUs a bool mask;
+- the pre-activation taps copy features only when lambda > 0;
+- `lean_memory`: each hybrid path is backpropagated inside the forward (off by default: with folded tails it saves
+  little, and it detaches the returned hybrid logits; DECISION in `JointRDConfig`);
+- the fading twin scales its shortcuts in one fused op (`addcmul`), skips the multiply at s = 1 and the shortcut
+  branch at s = 0.
+
+The count the goals come from: a KD step is the twin's forward and backward (about 3 forward units) plus the
+teacher's forward (1): 4 units. JointRD with all hybrid paths adds the tails' forward (stages k+1..n from each
+h_k: about one network's forward) and their input-gradient backward (about one more, no weight gradients): 5 units,
+1.25x KD. One sampled path adds about half of that. The fading twin alone runs the residual graph (the shortcut
+additions, the projection shortcuts) while 0 < s < 1, which the plain twin does not."""
 # (what, method, reference method, at most this ratio, 'time' or 'memory')
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
@@ -114,7 +134,8 @@ print(json.dumps(dict(peak=status('VmHWM') - before)))
 def measure(arch: str, args) -> dict:
     from jointrd_timm.deploy.latency import compare_latency
     steps = {m: make_step(m, arch, args.batch, args.size, args.channels_last) for m in METHODS}
-    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False)
+    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False,
+                            clock=time.process_time if args.clock == 'cpu' else time.perf_counter)
     del steps
     peaks = {}
     for m in METHODS:
@@ -146,6 +167,20 @@ def goal_rows(rows: dict) -> list:
     return out
 
 
+def verdict_lines(results: dict) -> list:
+    """The goals read from the record: which are met, which are not and by how much, which are not measurements."""
+    lines = ['## Goals at a glance', '']
+    for arch, rows in results.items():
+        goals = goal_rows(rows)
+        met = [g['goal'] for g in goals if g['met'] == 'yes']
+        missed = [f'{g["goal"]} ({g["ratio"]:.2f}x against {g["limit"]:.2f}x)' for g in goals if g['met'] == '**no**']
+        noisy = [g['goal'] for g in goals if g['met'].startswith('unmeasured')]
+        lines.append(f'- {arch}: met: {", ".join(met) or "none"}; not met: {", ".join(missed) or "none"}'
+                     + (f'; not measured (the step times scatter by more than a quarter of their median, a loaded '
+                        f'machine): {", ".join(noisy)}' if noisy else '') + '.')
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arch', nargs='+', default=['resnet56_cifar', 'resnet18_cifar'])
@@ -154,11 +189,15 @@ def main():
     parser.add_argument('--repeats', type=int, default=6)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--channels-last', action='store_true', help='models and batch in channels_last')
+    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
+                        help="'cpu': the process's CPU time per step (time.process_time), which other jobs on a shared "
+                             "machine barely change; with --threads 1 it is the single-core step time")
     parser.add_argument('--name', default='training_cost', help='results file stem under benchmarks/results')
     parser.add_argument('--report-only', action='store_true', help='rewrite the report from the recorded JSON')
     args = parser.parse_args()
     if args.report_only:
         recorded = json.loads((ROOT / f'benchmarks/results/{args.name}.json').read_text())
+        args.clock = recorded['meta'].get('clock', 'wall')
         write({a: r['rows'] for a, r in recorded['archs'].items()}, args, recorded['meta']['load_before'], None,
               recorded['meta'])
         return
@@ -174,10 +213,11 @@ def main():
 def write(results, args, load_before, start, meta=None):
     meta = meta or dict(command='python benchmarks/training_cost.py ' + ' '.join(
                     f'--{k.replace("_", "-")} {" ".join(v) if isinstance(v, list) else v}'
-                    for k, v in vars(args).items() if k not in ('channels_last', 'name', 'report_only'))
+                    for k, v in vars(args).items() if k not in ('channels_last', 'name', 'report_only', 'clock'))
+                + (f' --clock {args.clock}' if args.clock != 'wall' else '')
                 + (' --channels-last' if args.channels_last else '') + f' --name {args.name}',
                 machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads',
-                torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(),
+                torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(), clock=args.clock,
                 minutes=round((time.time() - start) / 60, 1))
     out = ROOT / 'benchmarks/results'
     payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r)) for a, r in results.items()})
@@ -185,9 +225,11 @@ def write(results, args, load_before, start, meta=None):
              + (', channels_last' if args.channels_last else ''), '',
              f'Machine: {meta["machine"]}; torch {meta["torch"]}; load average (1, 5, 15 min) '
              f'{", ".join(f"{v:.1f}" for v in load_before)} before, {", ".join(f"{v:.1f}" for v in meta["load_after"])}'
-             f' after ({meta["minutes"]} min). Median of {args.repeats} steps per method, methods interleaved, after '
-             'one warm-up round; peak memory = peak RSS of one step above the state before it, fresh process per '
-             f'method. Command: `{meta["command"]}`.', '']
+             f' after ({meta["minutes"]} min). Step time = '
+             + ('CPU time of the process (time.process_time)' if meta.get('clock') == 'cpu' else 'wall time')
+             + f', median of {args.repeats} steps per method, methods interleaved, after one warm-up round; peak '
+             'memory = peak RSS of one step above the state before it, fresh process per method. Command: '
+             f'`{meta["command"]}`.', '']
     for arch, r in results.items():
         lines += [f'## {arch} pair', '',
                   '| method | step ms (median) | IQR ms | / KD | / twin alone | peak memory of a step MB | / KD |',
@@ -200,11 +242,7 @@ def write(results, args, load_before, start, meta=None):
             lines.append(f'| {g["goal"]} ({g["method"]} / {g["reference"]}) | {g["ratio"]:.2f}x | '
                          f'{g["limit"]:.2f}x | {g["met"]} |')
         lines.append('')
-    path = out / f'{args.name}.md'
-    previous = path.read_text() if path.is_file() else ''
-    if NOTES in previous:  # the hand-written reading of the numbers stays (update it when they change)
-        notes = previous[previous.index(NOTES):].split('\n\nGenerated from [')[0]  # write_report adds the footer
-        lines += ['', notes.rstrip('\n')]
+    lines += verdict_lines(results) + ['', READING]
     write_report(args.name, payload, lines, lambda png: _plot(results, png), out)
     print('\n'.join(lines), flush=True)
 

@@ -125,6 +125,12 @@ def test_compare_latency_interleaves_and_reports_medians():
     result = compare_latency({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=6, warmup=1)
     assert set(result) == {'a', 'b'} and result['a']['samples'] == 6
     assert calls[2:6] == ['a', 'b', 'b', 'a']  # rotating order after the warm-up
+    # the clock is the caller's: here one that advances 2 ms per call of 'a' and 5 per call of 'b'
+    now = [0.0]
+    ticks = {'a': 0.002, 'b': 0.005}
+    result = compare_latency({k: (lambda k=k: now.__setitem__(0, now[0] + ticks[k])) for k in ticks}, repeats=4,
+                             warmup=0, clock=lambda: now[0])
+    assert result['a']['median_ms'] == pytest.approx(2.0) and result['b']['median_ms'] == pytest.approx(5.0)
 
 
 def test_memory_and_export_commands(tmp_path, capsys):

@@ -79,6 +79,37 @@ def test_gradients_reach_every_parameter_while_fading():
     assert dead == []
 
 
+def test_fused_scale_keeps_the_teacher_gradients_at_one_and_the_unfused_ones_in_between():
+    """The fading blocks compute branch + s * shortcut in one op (issue 23); at s = 1 the loss and every gradient
+    are the teacher's bit for bit (train mode), at 0 < s < 1 those of the unfused expression within float noise."""
+    teacher, fading = _pair('resnet20_cifar')
+    fading.load_state_dict(teacher.state_dict())
+    teacher.train(), fading.train()
+    x = torch.randn(4, 3, 32, 32)
+
+    def grads(model):
+        model.zero_grad()
+        loss = model(x).logsumexp(1).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_t, grad_t = grads(teacher)
+    loss_f, grad_f = grads(fading)
+    assert torch.equal(loss_t, loss_f) and all(torch.equal(grad_t[n], grad_f[n]) for n in grad_t)
+
+    set_shortcut_scale(fading, 0.3)
+    block = fading.layer2[0]  # with its projection shortcut
+    h = torch.randn(2, 16, 16, 16, requires_grad=True)
+    fused = block(h)
+    fused_grads = torch.autograd.grad(fused.square().sum(), [h, *block.parameters()])
+    mid = block.act1(block.bn1(block.conv1(h)))
+    unfused = torch.relu(block.bn2(block.conv2(mid)) + block.downsample(h) * 0.3)
+    unfused_grads = torch.autograd.grad(unfused.square().sum(), [h, *block.parameters()])
+    torch.testing.assert_close(fused, unfused)
+    for a, b in zip(fused_grads, unfused_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_paper_variant_keeps_the_projection_shortcuts():
     torch.manual_seed(0)
     fading = timm.create_model('plain_resnet20_cifar', num_classes=10, shortcut_fade=True,
