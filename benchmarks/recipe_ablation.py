@@ -289,6 +289,7 @@ def main():
         runs[key] = dict(label=label, seed=seed, test_acc=final.get('test_acc_folded', final['test_acc']),
                          test_acc_unfolded=final['test_acc'], test_acc_folded=final.get('test_acc_folded'),
                          teacher_test_acc=teacher_acc, val_curve=[c.get('val_acc') for c in curve],
+                         bn_recalibrated_batches=final.get('bn_recalibrated_batches'),
                          seconds_per_epoch=round(statistics.median(c['seconds'] for c in curve), 1))
         if jointrd and jointrd.get('teacher_mode') == 'joint' and 'joint_teacher_test_acc' not in runs[key]:
             # the teacher trained along: what the twin is compared with is still the teacher it started from
@@ -376,6 +377,13 @@ def write(runs, spec, args, out, record_command: bool = True):
         lines.append(f'| {label} | {r["mean"]:.2f} | {r["spread"]:.2f} | {sd} | {r["n"]} | '
                      f'{", ".join(f"{t:.2f}" for t in r["teachers"])} | {r["gap"]:+.2f} | {vs} | '
                      f'{r["seconds_per_epoch"]} |')
+    recalibrated = [r for r in runs.values() if r.get('bn_recalibrated_batches')]
+    if recalibrated:
+        lines += ['', "BN statistics: these runs' faded twins were deployed with their BatchNorm statistics recomputed "
+                  'on the training data (`runner.recalibrate_bn`); the table reads the deployed twin. As trained '
+                  '(moving-average statistics) -> deployed: '
+                  + '; '.join(f'{r["label"]} s{r["seed"]}: {r["test_acc_unfolded"]:.2f} -> {r["test_acc"]:.2f} %'
+                              for r in recalibrated) + '.']
     joint = [r for r in runs.values() if r.get('joint_teacher_test_acc') is not None]
     if joint:
         lines += ['', 'Joint-teacher runs: the teacher keeps training on its own cross-entropy during the run; the twin '

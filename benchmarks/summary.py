@@ -47,7 +47,7 @@ def ablation_lines() -> list:
              '| pair (page) | teacher(s) % | default recipe | twin alone, same ingredients | JointRD vs alone (points) |',
              '|---|---|---|---|---|']
     for name, pair in (('recipe_ablation', 'resnet56_cifar'), ('recipe_ablation_resnet110', 'resnet110_cifar'),
-                       ('recipe_ablation_resnet18', 'resnet18_cifar')):
+                       ('recipe_ablation_resnet18', 'resnet18_cifar'), ('recipe_ablation_regnetx_002', 'regnetx_002')):
         record = _load(name)
         if record is None:
             continue

@@ -17,12 +17,22 @@ SLOW = ['hrnet_w18_small', 'res2next50', 'resnetv2_18', 'eca_botnext26ts_256', '
         'legacy_xception', 'eca_vovnet39b', 'xception41', 'tresnet_m']
 
 
+# refused by design, with the reason's words (benchmarks/results/twin_coverage.md counts them as refused)
+REFUSED = {'hrnet_w18_small': ('jointrd', 'StageLayoutError', 'not in its module chain')}
+
+
 def _assert_passes(arch, size):
     results = check_recipe_path(arch, size=size)
-    assert {step: r['status'] for step, r in results.items()} == {step: 'pass' for step in STEPS}, results
+    expected = {step: 'pass' for step in STEPS}
+    if arch in REFUSED:
+        step, error, words = REFUSED[arch]
+        expected[step] = 'refused'
+        assert results[step]['error'] == error and words in results[step]['reason'], results[step]
+    assert {step: r['status'] for step, r in results.items()} == expected, results
     assert results['fade']['max_abs_diff'] <= 1e-4 and results['deploy']['max_abs_diff'] <= 1e-4
     assert results['deploy']['shortcuts_left'] == 0
-    assert results['jointrd']['params_reached'] == results['jointrd']['params_alone'] > 0
+    if arch not in REFUSED:
+        assert results['jointrd']['params_reached'] == results['jointrd']['params_alone'] > 0
     assert results['export']['onnx_max_abs_error'] <= results['export']['tolerance']
 
 
