@@ -100,7 +100,10 @@ def command_line(script: str, args) -> str:
     """The command that reproduces a run (machine-specific paths left out)."""
     parts = []
     for key, value in vars(args).items():
-        if key in ('data', 'work_dir', 'threads') or value is None:
+        if key in ('data', 'work_dir', 'threads', 'report_only') or value is None or value is False:
+            continue
+        if value is True:  # a store_true flag
+            parts.append(f'--{key.replace("_", "-")}')
             continue
         value = ' '.join(f'"{v}"' if ' ' in str(v) else str(v) for v in value) if isinstance(value, list) else value
         parts.append(f'--{key.replace("_", "-")} {value}')
