@@ -19,7 +19,8 @@ SLOW = ['hrnet_w18_small', 'res2next50', 'resnetv2_18', 'eca_botnext26ts_256', '
 
 # refused by design, with the reason's words (benchmarks/results/twin_coverage.md counts them as refused)
 REFUSED = {'hrnet_w18_small': ('jointrd', 'StageLayoutError', 'not in its module chain'),
-           'legacy_xception': ('jointrd', 'StageLayoutError', 'not a sequential container')}
+           'legacy_xception': ('jointrd', 'StageLayoutError', 'not a sequential container'),
+           'xception41': ('jointrd', 'StageLayoutError', 'not a sequential container')}
 
 
 def _assert_passes(arch, size):
