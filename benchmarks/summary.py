@@ -92,6 +92,16 @@ def coverage_lines() -> list:
         counts[model['status']] = counts.get(model['status'], 0) + 1
     lines = ['', '## Twin coverage ([twin_coverage.md](twin_coverage.md))', '', '| status | architectures |', '|---|---|']
     lines += [f'| {status} | {n} |' for status, n in sorted(counts.items())]
+    recipe = [m['recipe'] for m in record['models'].values() if 'recipe' in m]
+    if recipe:  # the recipe path of the derivable architectures up to 30 M parameters
+        outcome = {}
+        for steps in recipe:
+            statuses = {r['status'] for r in steps.values()}
+            key = ('crashed or failed at a step' if statuses & {'crash', 'fail'} else
+                   'refused by design at a step' if 'refused' in statuses else 'every step passed')
+            outcome[key] = outcome.get(key, 0) + 1
+        lines += ['', '| recipe path (fade, JointRD, deploy, export), derivable up to 30 M parameters | architectures |',
+                  '|---|---|'] + [f'| {k} | {n} |' for k, n in sorted(outcome.items())]
     return lines
 
 

@@ -69,6 +69,25 @@ def test_export_deviation_beyond_float32_rounding_is_refused(tmp_path, monkeypat
     assert recorded['files']['onnx']['float64_error'] > 0.009 and recorded['eager_float64_error'] < 1e-5
 
 
+class SpaceToDepthNet(nn.Module):
+    """TResNet's stem: the image is rearranged into 16x the channels before the first conv sees it."""
+    pretrained_cfg = dict(input_size=(3, 16, 16))
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(48, 4, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 4, 4, w // 4, 4).permute(0, 3, 5, 1, 2, 4).reshape(b, c * 16, h // 4, w // 4)
+        return self.conv(x).mean((2, 3))
+
+
+def test_export_feeds_the_configured_channels_when_the_stem_rearranges_them(tmp_path):
+    report = export_model(SpaceToDepthNet().eval(), tmp_path, formats=('onnx',), input_size=16)
+    assert report['files']['onnx']['max_abs_error'] < 1e-5
+
+
 def test_fold_removes_every_batchnorm_of_a_resnet():
     model = timm.create_model('plain_resnet18').eval()
     folded, report = fold_for_deployment(model)

@@ -33,10 +33,21 @@ class UnsupportedExportError(RuntimeError):
 
 
 def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Tensor:
+    """A random batch the model takes: the first conv's input channels, or the configured ones when the stem
+    rearranges its input before any conv (TResNet's space-to-depth: the first conv sees 16x the channels)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     size = input_size or cfg.get('input_size', (3, 224, 224))[-1]
-    return torch.randn(batch, chans, size, size)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    candidates = dict.fromkeys([first_conv, cfg.get('input_size', (3,))[0]])
+    for chans in candidates:
+        x = torch.randn(batch, chans, size, size)
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        except RuntimeError:
+            continue
+        return x
+    return torch.randn(batch, first_conv, size, size)  # let the export report the model's own error
 
 
 def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx', 'torchscript'),
