@@ -120,6 +120,42 @@ def main():
     report(args, recipe, specs)
 
 
+def answer_lines(runs: list, teacher) -> list:
+    """What the page is for, read from the finished runs: per twin length, how far the twin lands from its teacher,
+    what JointRD adds over the twin alone, and how the conversion compares with the same epochs on the residual
+    net (the control). Nothing when the teacher has not finished."""
+    if teacher is None:
+        return []
+    lines = ['', '## What the runs say', '']
+    for epochs in sorted({r['epochs'] for r in runs if r['row'] != 'teacher'}):
+        rows = {r['row']: r.get('test_acc') for r in runs if r['epochs'] == epochs and r['row'] != 'teacher'}
+        if all(v is None for v in rows.values()):
+            lines.append(f'- {epochs} epochs: not run yet.')
+            continue
+        parts = []
+        for row in ('twin + JointRD', 'twin alone'):
+            if rows.get(row) is not None:
+                parts.append(f'{row} {rows[row]:.2f} % ({rows[row] - teacher:+.2f} against the teacher)')
+        if rows.get('twin + JointRD') is not None and rows.get('twin alone') is not None:
+            parts.append(f'JointRD adds {rows["twin + JointRD"] - rows["twin alone"]:+.2f} points over the twin alone')
+        twins = [v for k, v in rows.items() if k != 'control' and v is not None]
+        if rows.get('control') is not None:
+            parts.append(f'the residual net given the same {epochs} epochs (control) reaches {rows["control"]:.2f} %'
+                         + (f': the best twin is {max(twins) - rows["control"]:+.2f} points from it' if twins else ''))
+        missing = [k for k, v in rows.items() if v is None]
+        lines.append(f'- {epochs} epochs: ' + '; '.join(parts) + (f' (not finished: {", ".join(missing)})'
+                                                                   if missing else '') + '.')
+    recalibrated = [r for r in runs if 'test_acc_as_trained' in r]
+    if recalibrated:
+        lines += ['', "BN statistics: the twins were deployed with their BatchNorm statistics recomputed on the "
+                  'training data (`runner.recalibrate_bn`); as trained -> deployed: '
+                  + '; '.join(f'{r["row"]} {r["epochs"]} ep: {r["test_acc_as_trained"]:.2f} -> {r["test_acc"]:.2f} %'
+                              for r in recalibrated) + '.']
+    lines += ['', 'Seconds per epoch are wall time on the 2-core machine, some epochs with 1 torch thread and cores '
+              'shared with other jobs (`resumed` counts the restarts): read them as an order of magnitude.']
+    return lines
+
+
 def report(args, recipe, specs) -> None:
     """The record, page and plot from every finished run (an unfinished one is listed with its epochs done)."""
     runs = []
@@ -135,6 +171,9 @@ def report(args, recipe, specs) -> None:
             final, _ = read_run(folder)
             entry['test_acc'] = final.get('test_acc_folded', final['test_acc'])
             entry['val_acc'] = final.get('val_acc')
+            if final.get('bn_recalibrated_batches'):  # the deployed twin's BN statistics were recomputed
+                entry['test_acc_as_trained'] = final['test_acc']
+                entry['bn_recalibrated_batches'] = final['bn_recalibrated_batches']
         runs.append(entry)
     teacher = runs[0].get('test_acc')
     record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs,
@@ -155,6 +194,8 @@ def report(args, recipe, specs) -> None:
             else ''
         lines.append(f'| {r["row"]} | {r["epochs"]} | {acc} | {vs} | {r.get("seconds_per_epoch", "")} | '
                      f'{r["epochs_done"]} of {r["epochs"]} | {r["resumes"]} |')
+
+    lines += answer_lines(runs, teacher)
 
     def plot(path):
         plt = pyplot()

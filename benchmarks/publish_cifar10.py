@@ -1,8 +1,18 @@
-"""Publish the CIFAR-10 teacher and JointRD twin trained by cifar10_jointrd.py into registry/ (timm Hub format +
-catalogue entries whose metrics are copied from benchmarks/results/cifar10_jointrd.json).
+"""Publish CIFAR-10 teachers and twins trained by the benchmarks into registry/ (timm Hub format + catalogue
+entries whose numbers are copied from the benchmark's record, never typed in).
 
-    python benchmarks/publish_cifar10.py [--name cifar10_jointrd]
-Then: jointrd eval plain_resnet56_cifar.jointrd_cifar10 --dataset ../shared/datasets/cifar10
+Two sources:
+
+* ``--full ARCH``: ``full_cifar10.py``'s record ``benchmarks/results/full_cifar10_<ARCH>.json`` (the full training
+  set): the teacher as ``<ARCH>.ce_full_cifar10`` and the best finished twin (highest last-epoch test accuracy among
+  the twin rows) as ``plain_<ARCH>.<jointrd|fade>_full_cifar10``, each card stating the budget, the teacher's and the
+  equal-compute control's numbers;
+* ``--name cifar10_jointrd`` (default without ``--full``): the CPU-budget toy run of ``cifar10_jointrd.py`` (8,000
+  images, the JointRD reference recipe), kept as ``resnet56_cifar.ce_cifar10`` / ``plain_resnet56_cifar.jointrd_cifar10``
+  and labelled as such.
+
+    python benchmarks/publish_cifar10.py --full resnet20_cifar
+Then: jointrd eval plain_resnet20_cifar.<tag> --dataset ../shared/datasets/cifar10   (reproduces the card's top-1)
 """
 import argparse
 import json
@@ -13,41 +23,105 @@ from jointrd_timm.integrations.hub import load_model, model_card, save_trained_m
 
 ROOT = Path(__file__).resolve().parents[1]
 ORG = 'jointrd-timm'
+COMMON = dict(dataset='CIFAR-10 (Krizhevsky 2009; uoft-cs/cifar10 layout)', hf_dataset='uoft-cs/cifar10',
+              num_classes=10, license='apache-2.0',
+              eval=dict(dataset='uoft-cs/cifar10 or ../shared/datasets/cifar10', split='test', transform='cifar'))
+TEST_SPLIT = 'test (10,000 images), last epoch'
+# the twin rows of full_cifar10.py -> (tag prefix, method line)
+TWIN_ROWS = {'twin + JointRD': ('jointrd', 'JointRD (Li et al., "Residual Distillation", NeurIPS 2020), recipe `{recipe}` '
+                                           '(teacher init, shortcuts faded out, frozen teacher)'),
+             'twin alone': ('fade', 'the twin alone with the recipe `{recipe}` ingredients: teacher init and shortcuts '
+                                    'faded out, cross-entropy only (no JointRD terms)')}
+
+
+def publish(entry: dict, folder: Path) -> None:
+    entry['name'] = f'{entry["architecture"]}.{entry["tag"]}'
+    entry['hf_hub_id'] = f'{ORG}/{entry["name"]}'
+    entry['weights'] = f'weights/{entry["name"]}'
+    save_trained_model(load_model(str(folder)), ROOT / 'registry' / entry['weights'], model_card=model_card(entry))
+    (ROOT / 'registry' / f'{entry["name"]}.json').write_text(json.dumps(entry, indent=1) + '\n')
+    print('published', entry['name'], entry['metrics']['top1_test'])
+
+
+def best_twin(runs: list) -> dict:
+    """The finished twin run with the highest test accuracy (ties: the shorter run, then JointRD)."""
+    done = [r for r in runs if r['row'] in TWIN_ROWS and 'test_acc' in r]
+    if not done:
+        raise SystemExit('no finished twin run in the record: run benchmarks/full_cifar10.py first')
+    return max(done, key=lambda r: (r['test_acc'], -r['epochs'], r['row'] == 'twin + JointRD'))
+
+
+def publish_full(arch: str) -> None:
+    source = f'benchmarks/results/full_cifar10_{arch}.json'
+    record = json.loads((ROOT / source).read_text())
+    meta, runs = record['meta'], record['runs']
+    teacher = next(r for r in runs if r['row'] == 'teacher')
+    if 'test_acc' not in teacher:
+        raise SystemExit(f'the teacher of {source} has not finished')
+    twin = best_twin(runs)
+    control = next((r for r in runs if r['row'] == 'control' and r['epochs'] == twin['epochs'] and 'test_acc' in r),
+                   None)
+    work = ROOT / 'benchmarks/runs/full_cifar10' / arch
+    command = f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]}'
+    data = f'{meta["data"]}; {meta["budget"]}'
+    teacher_tag = 'ce_full_cifar10'
+    publish(dict(COMMON, architecture=arch, tag=teacher_tag, teacher='(none: the residual teacher itself)',
+                 method='cross-entropy', description=f'Residual {arch} trained on the full CIFAR-10 training set by '
+                 "jointrd-timm's benchmark: the teacher its published shortcut-free twin was converted from.",
+                 training=dict(command=command, budget=f'{meta["teacher_epochs"]} epochs; {data}', source=source),
+                 metrics=dict(top1_test=teacher['test_acc'], source=source, split=TEST_SPLIT)),
+            work / teacher['folder'] / 'model')
+    prefix, method = TWIN_ROWS[twin['row']]
+    metrics = dict(top1_test=twin['test_acc'], teacher_top1_test=teacher['test_acc'],
+                   gap_to_teacher=round(teacher['test_acc'] - twin['test_acc'], 2))
+    if control is not None:
+        metrics['control_top1_test'] = control['test_acc']
+    metrics.update(source=source, split=TEST_SPLIT)
+    publish(dict(COMMON, architecture=f'plain_{arch}', tag=f'{prefix}_full_cifar10', teacher=f'{arch}.{teacher_tag}',
+                 method=method.format(recipe=meta['recipe']),
+                 description=f'Shortcut-free twin of {arch} (no residual additions at all), converted from its '
+                 f'teacher `{arch}.{teacher_tag}` in {twin["epochs"]} epochs on the full CIFAR-10 training set. '
+                 '`control_top1_test`: the residual teacher trained for the same extra epochs instead (equal compute).',
+                 training=dict(command=command, budget=f'teacher {meta["teacher_epochs"]} epochs, then the twin '
+                               f'{twin["epochs"]} epochs; {data}', source=source),
+                 metrics=metrics),
+            work / twin['folder'] / 'model')
+
+
+def publish_toy(name: str) -> None:
+    recorded = json.loads((ROOT / 'benchmarks/results' / f'{name}.json').read_text())
+    arch = recorded['args']['arch']
+    work = ROOT / 'benchmarks/work' / name
+    training = dict(command=recorded['meta']['command'], budget=recorded['meta']['budget'],
+                    source=f'benchmarks/results/{name}.json')
+    toy = ('A CPU-budget reference run (8,000 training images, 5 epochs), kept for tests and comparison: far from '
+           'converged, not a model to deploy.')
+    entries = [
+        (dict(COMMON, architecture=arch, tag='ce_cifar10', teacher='(none: the residual teacher itself)',
+              method='cross-entropy (teacher pre-training)',
+              description=f'Residual teacher {arch} trained on CIFAR-10 at CPU scale by jointrd-timm\'s benchmark. '
+              + toy), 'teacher'),
+        (dict(COMMON, architecture=f'plain_{arch}', tag='jointrd_cifar10', teacher=f'{arch}.ce_cifar10',
+              method='JointRD (Li et al., "Residual Distillation", NeurIPS 2020), the reference recipe (plain convs '
+                     'from scratch, frozen teacher)',
+              description=f'Shortcut-free twin of {arch} (no residual additions at all) trained with JointRD. ' + toy),
+         'twin + JointRD'),
+    ]
+    for entry, run in entries:
+        entry.update(training=training, metrics=dict(top1_test=recorded['rows'][run]['test_acc'],
+                                                      source=training['source'], split=TEST_SPLIT))
+        publish(entry, work / run / 'model')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', default='cifar10_jointrd')
+    parser.add_argument('--full', metavar='ARCH', help="publish full_cifar10.py's teacher and best twin of ARCH")
+    parser.add_argument('--name', default='cifar10_jointrd', help='the toy record (without --full)')
     args = parser.parse_args()
-    recorded = json.loads((ROOT / 'benchmarks/results' / f'{args.name}.json').read_text())
-    arch = recorded['args']['arch']
-    work = ROOT / 'benchmarks/work' / args.name
-    common = dict(dataset='CIFAR-10 (Krizhevsky 2009; uoft-cs/cifar10 layout)', hf_dataset='uoft-cs/cifar10',
-                  num_classes=10, license='apache-2.0',
-                  eval=dict(dataset='uoft-cs/cifar10 or ../shared/datasets/cifar10', split='test', transform='cifar'))
-    training = dict(command=recorded['meta']['command'], budget=recorded['meta']['budget'],
-                    source=f'benchmarks/results/{args.name}.json')
-    entries = [
-        dict(common, architecture=arch, tag='ce_cifar10', teacher='(none: the residual teacher itself)',
-             method='cross-entropy (teacher pre-training)', run='teacher',
-             description=f'Residual teacher {arch} trained on CIFAR-10 at CPU scale by jointrd-timm\'s benchmark.'),
-        dict(common, architecture=f'plain_{arch}', tag='jointrd_cifar10', teacher=f'{arch}.ce_cifar10',
-             method='JointRD (Li et al., "Residual Distillation", NeurIPS 2020) with a frozen teacher',
-             run='twin + JointRD',
-             description=f'Shortcut-free twin of {arch} (no residual additions at all) trained with JointRD.'),
-    ]
-    for e in entries:
-        run = e.pop('run')
-        e['name'] = f'{e["architecture"]}.{e["tag"]}'
-        e['hf_hub_id'] = f'{ORG}/{e["name"]}'
-        e['weights'] = f'weights/{e["name"]}'
-        e['training'] = training
-        e['metrics'] = dict(top1_test=recorded['rows'][run]['test_acc'], source=training['source'],
-                            split='test (10,000 images), last epoch')
-        folder = work / run / 'model'
-        save_trained_model(load_model(str(folder)), ROOT / 'registry' / e['weights'], model_card=model_card(e))
-        (ROOT / 'registry' / f'{e["name"]}.json').write_text(json.dumps(e, indent=1) + '\n')
-        print('published', e['name'], e['metrics']['top1_test'])
+    if args.full:
+        publish_full(args.full)
+    else:
+        publish_toy(args.name)
 
 
 if __name__ == '__main__':

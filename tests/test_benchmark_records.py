@@ -120,3 +120,19 @@ def test_results_summary_page_is_generated_from_the_records():
     assert committed == summary.render(), 'stale: run python benchmarks/summary.py'
     record = summary._load('recipe_ablation')
     assert f'{record["table"][summary.DEFAULT_ROW]["mean"]:.2f} %' in committed
+
+
+def test_full_cifar10_page_answers_the_three_questions_from_the_runs():
+    from full_cifar10 import answer_lines
+    runs = [dict(row='teacher', epochs=32, test_acc=90.0),
+            dict(row='twin + JointRD', epochs=8, test_acc=88.5, test_acc_as_trained=88.0),
+            dict(row='twin alone', epochs=8, test_acc=89.0), dict(row='control', epochs=8, test_acc=91.0),
+            dict(row='twin + JointRD', epochs=16), dict(row='twin alone', epochs=16, test_acc=89.5),
+            dict(row='control', epochs=16)]
+    text = '\n'.join(answer_lines(runs, 90.0))
+    assert ('- 8 epochs: twin + JointRD 88.50 % (-1.50 against the teacher); twin alone 89.00 % (-1.00 against the '
+            'teacher); JointRD adds -0.50 points over the twin alone; the residual net given the same 8 epochs '
+            '(control) reaches 91.00 %: the best twin is -2.00 points from it.') in text
+    assert '- 16 epochs: twin alone 89.50 % (-0.50 against the teacher) (not finished: twin + JointRD, control).' in text
+    assert 'twin + JointRD 8 ep: 88.00 -> 88.50 %' in text
+    assert answer_lines(runs, None) == []  # nothing to say before the teacher has finished
