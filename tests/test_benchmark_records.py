@@ -136,3 +136,32 @@ def test_full_cifar10_page_answers_the_three_questions_from_the_runs():
     assert '- 16 epochs: twin alone 89.50 % (-0.50 against the teacher) (not finished: twin + JointRD, control).' in text
     assert 'twin + JointRD 8 ep: 88.00 -> 88.50 %' in text
     assert answer_lines(runs, None) == []  # nothing to say before the teacher has finished
+
+
+def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
+    import json
+    import timm
+    import publish_cifar10
+    from jointrd_timm.integrations.hub import save_trained_model
+    monkeypatch.setattr(publish_cifar10, 'ROOT', tmp_path)
+    runs = [dict(row='teacher', epochs=32, folder='teacher', test_acc=87.17),
+            dict(row='twin + JointRD', epochs=4, folder='twin-jointrd-e4', test_acc=85.1),
+            dict(row='twin alone', epochs=4, folder='twin-alone-e4', test_acc=85.6),
+            dict(row='control', epochs=4, folder='control-e4', test_acc=87.5),
+            dict(row='twin + JointRD', epochs=8, folder='twin-jointrd-e8')]  # not finished: never published
+    meta = dict(arch='resnet20_cifar', recipe='default', teacher_epochs=32, data='CIFAR-10', budget='batch 128')
+    (tmp_path / 'benchmarks/results').mkdir(parents=True)
+    (tmp_path / 'benchmarks/results/full_cifar10_resnet20_cifar.json').write_text(json.dumps(dict(meta=meta, runs=runs)))
+    work = tmp_path / 'benchmarks/runs/full_cifar10/resnet20_cifar'
+    save_trained_model(timm.create_model('resnet20_cifar', num_classes=10), work / 'teacher' / 'model')
+    save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), work / 'twin-alone-e4' / 'model')
+    publish_cifar10.publish_full('resnet20_cifar')
+    twin = json.loads((tmp_path / 'registry/plain_resnet20_cifar.fade_full_cifar10.json').read_text())
+    assert twin['metrics']['top1_test'] == 85.6 and twin['metrics']['teacher_top1_test'] == 87.17
+    assert twin['metrics']['control_top1_test'] == 87.5 and twin['metrics']['gap_to_teacher'] == 1.57
+    assert twin['teacher'] == 'resnet20_cifar.ce_full_cifar10' and 'teacher 32 epochs, then the twin 4 epochs' in \
+        twin['training']['budget']
+    card = (tmp_path / 'registry' / twin['weights'] / 'README.md').read_text()
+    assert '| top1_test | 85.6 |' in card and '| control_top1_test | 87.5 |' in card
+    teacher = json.loads((tmp_path / 'registry/resnet20_cifar.ce_full_cifar10.json').read_text())
+    assert teacher['metrics']['top1_test'] == 87.17
