@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD
+from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD, SCHEDULES, teacher_sgd
 from report import pyplot, write_report
 from cifar_budget import (ROOT, budget_parser, budget_settings, check_record, cifar_splits, command_line, ensure_teacher,
                           finished, read_run)
@@ -167,9 +167,9 @@ JOINT_VARIANTS = [f'{JOINT_ROW}{suffix}' for suffix in JOINT_VARIANT_FIELDS]
 
 
 def joint_teacher_optimizer(args, lr: float) -> dict:
-    """A 'teacher_first' joint teacher's own SGD: the twin's (make_config: SGD, momentum 0.9, Nesterov, weight decay
-    5e-4, cosine over the run)."""
-    return dict(lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, cosine_epochs=args.epochs)
+    """A 'teacher_first' joint teacher's own SGD: the twin's (the budget's run: weight decay 5e-4 as make_config is
+    given it, ``args.epochs``, ``lr``)."""
+    return teacher_sgd(SCHEDULES['cpu-budget'].replace(epochs=args.epochs, lr=lr, weight_decay=5e-4))
 
 
 # what JointRD adds: each JointRD row against the twin trained alone with the same ingredients (same seed and teacher)

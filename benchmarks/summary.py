@@ -94,11 +94,12 @@ def coverage_lines() -> list:
     lines += [f'| {status} | {n} |' for status, n in sorted(counts.items())]
     recipe = [m['recipe'] for m in record['models'].values() if 'recipe' in m]
     if recipe:  # the recipe path of the derivable architectures up to 30 M parameters
+        from jointrd_timm.coverage import recipe_outcome
+        words = {'pass': 'every step passed', 'refused': 'refused by design at a step',
+                 'failed': 'crashed or failed at a step'}
         outcome = {}
         for steps in recipe:
-            statuses = {r['status'] for r in steps.values()}
-            key = ('crashed or failed at a step' if statuses & {'crash', 'fail'} else
-                   'refused by design at a step' if 'refused' in statuses else 'every step passed')
+            key = words[recipe_outcome(steps)]
             outcome[key] = outcome.get(key, 0) + 1
         lines += ['', '| recipe path (fade, JointRD, deploy, export), derivable up to 30 M parameters | architectures |',
                   '|---|---|'] + [f'| {k} | {n} |' for k, n in sorted(outcome.items())]
@@ -109,6 +110,7 @@ def cost_lines() -> list:
     lines = []
     record = _load('training_cost')
     if record is not None:
+        from training_cost import MAX_RELATIVE_IQR  # the page's own rule for a step time that is not a measurement
         lines += ['', '## Training cost per step ([training_cost.md](training_cost.md))', '',
                   'Step times whose interquartile range exceeds a quarter of their median are not shown (measured '
                   'on a loaded machine).', '',
@@ -116,7 +118,7 @@ def cost_lines() -> list:
         archs = record['archs'] if 'archs' in record else {record['meta'].get('arch', ''): record}
         for arch, measured in archs.items():
             for label, r in measured['rows'].items():
-                noisy = r.get('iqr_ms', 0) > 0.25 * r.get('step_ms', 0)
+                noisy = r.get('iqr_ms', 0) > MAX_RELATIVE_IQR * r.get('step_ms', 0)
                 time = 'unmeasured' if noisy else f'{r["time_vs_kd"]:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
     record = _load('deploy_bench')

@@ -26,6 +26,7 @@ import timm
 import jointrd_timm
 from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
 from jointrd_timm.twins import make_plain
+from jointrd_timm.coverage import STEPS, recipe_outcome
 from jointrd_timm.twins.coverage import classify
 from report import write_report
 from jointrd_timm.twins.verify import dead_parameters
@@ -185,7 +186,7 @@ def markdown(results, meta) -> list:
     return lines
 
 
-RECIPE_STEPS = ('fade', 'jointrd', 'deploy', 'export')
+RECIPE_STEPS = STEPS  # the columns: jointrd_timm.coverage's steps, in order
 RECIPE_MAX_PARAMS = 30e6
 
 
@@ -215,9 +216,9 @@ def recipe_markdown(results: dict, meta: dict) -> list:
     if not checked:
         return []
     rmeta = meta.get('recipe', {})
-    all_pass = [n for n in checked if all(results[n]['recipe'][s]['status'] == 'pass' for s in RECIPE_STEPS)]
-    refused = [n for n in checked if n not in all_pass and
-               all(results[n]['recipe'][s]['status'] in ('pass', 'refused', 'skipped') for s in RECIPE_STEPS)]
+    outcome = {n: recipe_outcome(results[n]['recipe']) for n in checked}
+    all_pass = [n for n in checked if outcome[n] == 'pass']
+    refused = [n for n in checked if outcome[n] == 'refused']
     partial = len(checked) < len(candidates)
     lines = ['', '## Recipe path: teacher -> fading twin -> JointRD -> deployed twin', '',
              (f'**PARTIAL: {len(checked)} of {len(candidates)} architectures checked** (the sweep did not finish; '

@@ -33,7 +33,7 @@ from .twins.fade import deployable, set_shortcut_scale
 from .twins.transfer import load_teacher_weights
 from .twins.verify import find_unhandled_residual_blocks
 
-__all__ = ['check_recipe_path', 'STEPS', 'REFUSALS', 'input_size_for']
+__all__ = ['check_recipe_path', 'recipe_outcome', 'STEPS', 'REFUSALS', 'input_size_for']
 
 STEPS = ('fade', 'jointrd', 'deploy', 'export')
 # errors that refuse a step by design, each with its reason in the message
@@ -45,6 +45,15 @@ FADE_ATOL = 1e-4
 EXPORT_ATOL = 1e-3
 # a gradient this small relative to the median one is float noise (a bias whose effect a train-mode BN cancels)
 GRAD_NOISE = 1e-6
+
+
+def recipe_outcome(results: Dict[str, Dict]) -> str:
+    """One architecture's result of :func:`check_recipe_path` in one word: ``'pass'`` (every step passed),
+    ``'refused'`` (a step refused by design or not run, none failed) or ``'failed'`` (a step failed or crashed)."""
+    statuses = {r['status'] for r in results.values()}
+    if statuses <= {'pass'}:
+        return 'pass'
+    return 'refused' if statuses <= {'pass', 'refused', 'skipped'} else 'failed'
 
 
 def _tolerance(atol: float, reference: torch.Tensor) -> float:

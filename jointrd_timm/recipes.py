@@ -84,6 +84,13 @@ SCHEDULES = {s.name: s for s in (
 )}
 
 
+def teacher_sgd(schedule: Schedule) -> Dict:
+    """A 'teacher_first' joint teacher's own SGD (``JointRDConfig.teacher_optimizer``) when it trains as the twin
+    does: the schedule's learning rate and weight decay, Nesterov momentum 0.9, cosine over the schedule's epochs."""
+    return dict(lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay,
+                cosine_epochs=schedule.epochs)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a twin is trained from its teacher (the JointRD run and, with the same ingredients, the twin alone).
@@ -155,12 +162,10 @@ class Recipe:
 
     @staticmethod
     def _with_teacher_optimizer(fields: Dict, schedule: 'Schedule') -> Dict:
-        """``fields`` plus, for a 'teacher_first' joint teacher without its own SGD, the twin's: the schedule's
-        learning rate and weight decay, Nesterov momentum 0.9, cosine over the schedule's epochs."""
+        """``fields`` plus, for a 'teacher_first' joint teacher without its own SGD, the twin's
+        (:func:`teacher_sgd`)."""
         if fields.get('joint_step_order') == 'teacher_first' and fields.get('teacher_optimizer') is None:
-            fields = dict(fields, teacher_optimizer=dict(
-                lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay,
-                cosine_epochs=schedule.epochs))
+            fields = dict(fields, teacher_optimizer=teacher_sgd(schedule))
         return fields
 
     def twin_kwargs(self) -> Dict:

@@ -5,7 +5,7 @@ columns. The default run keeps the families the recipe is most used on; the othe
 import pytest
 
 import jointrd_timm  # noqa: F401
-from jointrd_timm.coverage import STEPS, check_recipe_path
+from jointrd_timm.coverage import STEPS, check_recipe_path, recipe_outcome
 
 # the smallest variant of each family (benchmarks/results/twin_coverage.json, params), at a small input
 FAST = ['test_resnet', 'regnetx_002', 'mobilenetv2_035', 'mobilenetv3_small_050', 'test_convnext', 'test_byobnet',
@@ -63,3 +63,13 @@ def test_an_operator_the_onnx_exporter_lacks_is_a_named_refusal():
     results = check_recipe_path('halonet_h1')
     assert [results[s]['status'] for s in STEPS] == ['pass', 'pass', 'pass', 'refused']
     assert results['export']['error'] == 'UnsupportedExportError' and 'Unfold' in results['export']['reason']
+
+
+def test_recipe_outcome_names_an_architecture_by_its_worst_step():
+    def steps(*statuses):
+        return {s: dict(status=v) for s, v in zip(STEPS, statuses)}
+    assert recipe_outcome(steps('pass', 'pass', 'pass', 'pass')) == 'pass'
+    assert recipe_outcome(steps('pass', 'refused', 'pass', 'pass')) == 'refused'
+    assert recipe_outcome(steps('refused', 'skipped', 'skipped', 'skipped')) == 'refused'
+    assert recipe_outcome(steps('pass', 'refused', 'pass', 'crash')) == 'failed'
+    assert recipe_outcome(steps('pass', 'fail', 'pass', 'pass')) == 'failed'
