@@ -293,3 +293,18 @@ def test_folded_tails_save_a_fraction_of_the_unfolded_tails_tensors():
     unfolded, grad_unfolded = saved_bytes(False)
     assert folded < 0.2 * unfolded
     assert torch.allclose(grad_folded, grad_unfolded, atol=1e-6 * grad_unfolded.abs().max().item() + 1e-9)
+
+
+def test_mask_relu_gives_relus_output_and_gradient_exactly():
+    """The folded tails' ReLU (a bool mask saved, the backward a multiply) against torch.relu, exact."""
+    from jointrd_timm.methods.jointrd import _MaskReLUFn
+    x = torch.randn(4, 3, 5, 5)
+    x[0, 0, 0, :2] = 0.0  # relu'(0) = 0 as in torch
+    g = torch.randn_like(x)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = _MaskReLUFn.apply(a), torch.relu(b)
+    assert torch.equal(ya, yb)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(a.grad, b.grad)
+    assert a.grad[0, 0, 0, :2].abs().sum() == 0 and torch.equal(a.grad[x > 0], g[x > 0])

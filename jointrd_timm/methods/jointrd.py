@@ -289,7 +289,8 @@ class _InputGradConv(torch.autograd.Function):
 
 
 class _MaskReLUFn(torch.autograd.Function):
-    """ReLU saving a bool mask (a quarter of the float output it would save) for the backward."""
+    """ReLU saving a bool mask (a quarter of the float output it would save) for the backward, which multiplies by
+    it (one pass; ``masked_fill`` with the inverted mask measured about five times slower on CPU)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +301,7 @@ class _MaskReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mask, = ctx.saved_tensors
-        return grad.masked_fill(~mask, 0.0)
+        return grad * mask
 
 
 class _FrozenConv(nn.Module):
