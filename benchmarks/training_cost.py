@@ -51,7 +51,8 @@ Changes for these goals (`methods/jointrd.py`, `twins/fade.py`), each tested for
 - `lean_memory`: each hybrid path is backpropagated inside the forward (off by default: with folded tails it saves
   little, and it detaches the returned hybrid logits; DECISION in `JointRDConfig`);
 - the fading twin scales its shortcuts in one fused op (`addcmul`: no tensor for the scaled shortcut; at s = 1 the
-  residual net's cost). It still computes the shortcut branch at s = 0 (skipping it is not done).
+  residual net's cost). It still computes the shortcut branch at s = 0: skipping it would leave the projections
+  without gradients, which multi-GPU DDP rejects (DECISION in docs/design.md, "Shortcut fading").
 
 The count the goals come from: a KD step is the twin's forward and backward (about 3 forward units) plus the
 teacher's forward (1): 4 units. JointRD with all hybrid paths adds the tails' forward (stages k+1..n from each
