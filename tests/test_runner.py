@@ -214,3 +214,53 @@ def test_recalibrate_batchnorm_averages_batches_with_other_modules_in_eval_mode(
 def test_recalibrate_bn_must_be_a_whole_number(tmp_path):
     with pytest.raises(ConfigError, match=r'runner.recalibrate_bn .*whole number >= 0'):
         load_config(tiny_yaml(tmp_path, method='ce'), ['runner.recalibrate_bn=-1'])
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    """to_channels_last (runner.channels_last) on a JointRD pair: weights and inputs in NHWC, the same loss and
+    gradients as NCHW up to float rounding (other conv kernels)."""
+    import copy
+    import timm
+    from jointrd_timm.methods import JointRD, JointRDConfig
+    from jointrd_timm.training.runner import to_channels_last
+    torch.manual_seed(0)
+    nchw = JointRD(timm.create_model('plain_resnet20_cifar', num_classes=10), timm.create_model('resnet20_cifar', num_classes=10),
+                   JointRDConfig(), num_epochs=1, steps_per_epoch=4).train()
+    nhwc = to_channels_last(copy.deepcopy(nchw))
+    conv = nhwc.student.layer1[0].conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    losses = [model(x, y)['loss'] for model in (nchw, nhwc)]
+    assert seen == [True] and losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    for loss in losses:
+        loss.backward()
+    expected = dict(nchw.named_parameters())
+    for name, p in nhwc.named_parameters():
+        if p.grad is not None:
+            scale = expected[name].grad.abs().max().item() + 1e-12
+            assert (p.grad - expected[name].grad).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_channels_last_run_saves_contiguous_weights(tmp_path):
+    """A runner.channels_last run trains (the same epoch loss as NCHW to float rounding; the tiny digits run
+    amplifies rounding in the weights as much as a 1e-6 change of the input does) and saves an ordinary contiguous
+    model that timm loads."""
+    import timm
+    from jointrd_timm.training.checkpoint import load_weights
+    runs = {}
+    for name, overrides in (('nchw', []), ('nhwc', ['runner.channels_last=true'])):
+        train(load_config(tiny_yaml(tmp_path / name, epochs=1), overrides), output_dir=str(tmp_path / name / 'run'),
+              device='cpu')
+        runs[name] = json.loads((tmp_path / name / 'run' / 'metrics.jsonl').read_text().splitlines()[0])
+    assert runs['nhwc']['train_loss'] == pytest.approx(runs['nchw']['train_loss'], rel=1e-3)
+    assert all(t.is_contiguous() for t in weights(tmp_path / 'nhwc' / 'run').values())
+    twin = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1),
+                        tmp_path / 'nhwc' / 'run' / 'model')
+    assert twin.layer1[0].conv1.weight.is_contiguous()
+
+
+def test_channels_last_must_be_true_or_false(tmp_path):
+    with pytest.raises(ConfigError, match=r'runner.channels_last .*true or false'):
+        load_config(tiny_yaml(tmp_path, method='ce'), ['runner.channels_last=1'])

@@ -3,6 +3,7 @@
 Saving folds what only exists for training (Dirac parametrisation) so the files hold a plain, deployable twin
 that ``timm.create_model('local-dir:<folder>', pretrained=True)`` or ``'hf-hub:org/name'`` loads back.
 """
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,13 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder."""
     from timm.models import save_for_hf
     folder = Path(folder)
-    model = deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
+    deployed = deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
+    if any(not t.is_contiguous() for t in (*deployed.parameters(), *deployed.buffers())):
+        # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values)
+        deployed = copy.deepcopy(deployed) if deployed is model else deployed
+        for t in (*deployed.parameters(), *deployed.buffers()):
+            t.data = t.data.contiguous()
+    model = deployed
     model_args = dict(getattr(model, 'pretrained_model_args', None) or {})
     for folded in ('dirac', 'shortcut_fade'):
         if folded in model_args:

@@ -11,6 +11,7 @@ train, test) plus an optional ``runner`` section that torchdistill's own example
       output_dir: runs/<name>      # metrics.jsonl, last.safetensors (checkpoint), final.json, model/
       eval_every: 1                # epochs between evaluations on train.val_data_loader (never used to select)
       recalibrate_bn: 200          # batches of training data that recompute a faded twin's BN statistics (0: off)
+      channels_last: false         # models and image batches in channels_last (NHWC) memory format
 
 DECISION: the YAML's ``batch_size`` is the GLOBAL batch; with N processes each gets batch_size / N of it
 (accelerate ``split_batches``), and the shuffle order depends only on (seed, epoch) (accelerate's seedable
@@ -31,6 +32,10 @@ not the deployed one, and a run whose fade ends close to its last step (a short 
 would deploy statistics of a residual net. Statistics of the deployed network itself cost a fraction of an epoch of
 forward passes; ``final.json`` keeps ``test_acc`` (the model as trained) beside ``test_acc_folded`` (deployed). The output folder belongs to the run (``run_folder``: writability, lock, no silent
 replacement; docs/reliability.md).
+
+``channels_last`` puts every model's 4-D weights and every 4-D input in NHWC memory format (the convs' fast layout
+with cuDNN under mixed precision, and for oneDNN on many CPUs; off by default because what it saves depends on the
+device: measure it). The function is the same; checkpoints and the saved model hold contiguous tensors.
 """
 import json
 import logging
@@ -52,14 +57,15 @@ from .checkpoint import atomic_write, load_checkpoint, load_weights, save_checkp
 from ..faults import fault_point
 from .run_folder import RunFolder, RunFolderError, checkpoint_epochs
 
-__all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'load_config', 'validate', 'ConfigError',
+__all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'to_channels_last',
+           'load_config', 'validate', 'ConfigError',
            'RunFolderError', 'RUNNER_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
 RUNNER_DEFAULTS = dict(seed=0, mixed_precision='no', sync_batchnorm=False, output_dir=None, eval_every=1,
-                       find_unused_parameters=False, recalibrate_bn=200)
+                       find_unused_parameters=False, recalibrate_bn=200, channels_last=False)
 TOP_LEVEL_KEYS = {'dependencies', 'datasets', 'models', 'train', 'test', 'runner'}
 TRAIN_KEYS = {'log_freq', 'num_epochs', 'train_data_loader', 'val_data_loader', 'teacher', 'student', 'model',
               'optimizer', 'scheduler', 'criterion', 'pre_epoch_process', 'pre_forward_process',
@@ -199,11 +205,24 @@ def validate(config: Dict, where: str = 'config') -> Dict:
              'a whole number >= 0 (batches; 0 turns it off)', runner['recalibrate_bn'], where)
     _require(runner['mixed_precision'] in MIXED_PRECISION, 'runner.mixed_precision', f'one of {MIXED_PRECISION}',
              runner['mixed_precision'], where)
-    for flag in ('sync_batchnorm', 'find_unused_parameters'):
+    for flag in ('sync_batchnorm', 'find_unused_parameters', 'channels_last'):
         _require(isinstance(runner[flag], bool), f'runner.{flag}', 'true or false', runner[flag], where)
     _require(runner['output_dir'] is None or isinstance(runner['output_dir'], str), 'runner.output_dir',
              'a path', runner['output_dir'], where)
     return config
+
+
+def _channels_last_inputs(module: nn.Module, args: tuple):
+    return tuple(a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) and a.dim() == 4 else a
+                 for a in args)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` in place with its 4-D parameters and buffers in channels_last memory format, and a forward pre-hook
+    that hands it its 4-D tensor arguments in that format (what ``runner.channels_last`` does)."""
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_channels_last_inputs)
+    return model
 
 
 def _build_model(model_config: Dict, name: str = 'model') -> nn.Module:
@@ -391,6 +410,10 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
                               'on CPU use a BatchNorm-free model (e.g. norm_layer: groupnorm1) or sync_batchnorm: false.')
         if runner['sync_batchnorm']:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        if runner['channels_last']:
+            for model in (teacher, student):
+                if model is not None:
+                    to_channels_last(model)
         # accelerate owns the processes (sharded loaders, DDP): the boxes must not add samplers or wrappers themselves
         box_args = (config['datasets'], config['train'], accelerator.device, None, False, 1)
         if teacher is None:
