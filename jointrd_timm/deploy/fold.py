@@ -8,7 +8,6 @@ reported, never hidden.
 import copy
 from typing import Dict, Tuple
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.optimization import fuse

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.fx as fx

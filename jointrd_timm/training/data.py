@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
