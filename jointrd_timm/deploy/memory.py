@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.fx as fx
