@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cifar_budget import ROOT, finished, read_run
-from report import pyplot, write_report
+from report import RESULTS, pyplot, write_report
 
 ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control')
 
@@ -156,6 +156,23 @@ def answer_lines(runs: list, teacher) -> list:
     return lines
 
 
+def deployment_lines(arch: str, bench: dict) -> list:
+    """What the twin buys when deployed, read from the deployment benchmark's record (``deploy_bench.json``) for
+    this architecture: latency and activation memory ratios, residual / twin, per batch size."""
+    result = next((r for r in (bench or {}).get('results', []) if r['teacher'] == arch), None)
+    lines = ['', '## What the twin buys at deployment', '']
+    if result is None:
+        return lines + [f'{arch} is not in the deployment benchmark ([deploy_bench.md](deploy_bench.md)); '
+                        f'`jointrd bench {arch}` measures it on your machine.']
+    parts = [f'batch {batch}: eager latency {b["speedup/eager"]:.2f}x, ONNX Runtime {b["speedup/onnxruntime"]:.2f}x, '
+             f'activation memory (analysed) {b["memory_ratio_analysed"]:.2f}x'
+             for batch, b in sorted(result['batches'].items(), key=lambda kv: int(kv[0]))]
+    meta = bench.get('meta', {})
+    return lines + [f'Residual {arch} / its twin, folded, on CPU ({meta.get("machine", "?")}, {meta.get("threads", "?")} '
+                    f'threads; [deploy_bench.md](deploy_bench.md)); above 1 the twin is faster or lighter: '
+                    + '; '.join(parts) + '.']
+
+
 def report(args, recipe, specs) -> None:
     """The record, page and plot from every finished run (an unfinished one is listed with its epochs done)."""
     runs = []
@@ -196,6 +213,8 @@ def report(args, recipe, specs) -> None:
                      f'{r["epochs_done"]} of {r["epochs"]} | {r["resumes"]} |')
 
     lines += answer_lines(runs, teacher)
+    bench = RESULTS / 'deploy_bench.json'
+    lines += deployment_lines(args.arch, json.loads(bench.read_text()) if bench.is_file() else None)
 
     def plot(path):
         plt = pyplot()

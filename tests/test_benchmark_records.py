@@ -166,3 +166,16 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
     assert '| top1_test | 85.6 |' in card and '| control_top1_test | 87.5 |' in card
     teacher = json.loads((tmp_path / 'registry/resnet20_cifar.ce_full_cifar10.json').read_text())
     assert teacher['metrics']['top1_test'] == 87.17
+
+
+def test_full_cifar10_page_says_what_the_twin_buys_from_the_deployment_record():
+    from full_cifar10 import deployment_lines
+    bench = dict(meta=dict(machine='x86_64', threads=2), results=[dict(teacher='resnet56_cifar', batches={
+        '16': {'speedup/eager': 1.09, 'speedup/onnxruntime': 0.99, 'memory_ratio_analysed': 1.5},
+        '1': {'speedup/eager': 0.92, 'speedup/onnxruntime': 0.985, 'memory_ratio_analysed': 1.5}})])
+    text = '\n'.join(deployment_lines('resnet56_cifar', bench))
+    assert ('batch 1: eager latency 0.92x, ONNX Runtime 0.98x, activation memory (analysed) 1.50x; batch 16: eager '
+            'latency 1.09x') in text
+    missing = '\n'.join(deployment_lines('resnet20_cifar', bench)) + '\n'.join(deployment_lines('resnet20_cifar', None))
+    assert missing.count('resnet20_cifar is not in the deployment benchmark') == 2
+    assert '`jointrd bench resnet20_cifar`' in missing
