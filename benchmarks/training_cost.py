@@ -46,7 +46,7 @@ Changes for these goals (`methods/jointrd.py`, `twins/fade.py`), each tested for
 - the teacher's forward runs only where a term reads its logits or features (KD, lambda > 0, adversarial, joint
   teacher); with the default recipe (frozen teacher, CE terms only) only the teacher's tails run;
 - a frozen teacher's tails run BN-folded (`fold_teacher_bn`): their convs save nothing for the backward (the input
-  gradient needs only the weights) and their ReLUs a bool mask;
+  gradient needs only the weights) and their ReLUs a bool mask, whose backward is one multiply;
 - the pre-activation taps copy features only when lambda > 0;
 - `lean_memory`: each hybrid path is backpropagated inside the forward (off by default: with folded tails it saves
   little, and it detaches the returned hybrid logits; DECISION in `JointRDConfig`);

@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--latency-repeats', type=int, default=30, help='interleaved timed runs per model and batch size')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None, help='default: cuda if available')
+    p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), default='no',
+                   help="the runs' runner.mixed_precision (accelerate's; default: no)")
+    p.add_argument('--channels-last', action='store_true',
+                   help='train in channels_last memory format (runner.channels_last; often faster on GPUs)')
     group = p.add_mutually_exclusive_group()
     group.add_argument('--resume', action='store_true', help='continue the run in --output')
     group.add_argument('--overwrite', action='store_true', help="replace the run in --output (distill's files only)")

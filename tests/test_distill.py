@@ -229,3 +229,19 @@ print(all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith
     assert lines[1] == str(dict(model_name='regnetx_002.pycls_in1k', pretrained=True, num_classes=10, in_chans=3))
     assert lines[2] == 'True 10'
     assert not (tmp_path / 'out').exists()
+
+
+def test_mixed_precision_and_channels_last_reach_every_runs_runner_section(tmp_path):
+    folder = _hub_teacher(tmp_path, 5)
+    plan = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), num_classes=10, mixed_precision='bf16',
+                        channels_last=True, **TOY)
+    configs = build_configs(plan, plan.teacher.model)
+    assert list(configs) == ['teacher', 'distill']
+    for config in configs.values():
+        assert config['runner']['mixed_precision'] == 'bf16' and config['runner']['channels_last'] is True
+    assert plan.command.endswith('--mixed-precision bf16 --channels-last')
+    default = build_configs(plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), num_classes=10, **TOY),
+                            plan.teacher.model)
+    assert default['distill']['runner']['mixed_precision'] == 'no' and not default['distill']['runner']['channels_last']
+    with pytest.raises(DistillError, match=r"mixed_precision must be one of no, fp16, bf16, got 'fp8'"):
+        plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), mixed_precision='fp8', **TOY)

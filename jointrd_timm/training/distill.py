@@ -32,7 +32,7 @@ import copy
 import difflib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -309,6 +309,7 @@ class DistillPlan:
     teacher_epochs: int
     budget: Dict
     command: str
+    runner: Dict = field(default_factory=dict)  # the runs' runner options (mixed_precision, channels_last)
 
     @property
     def short_run_warning(self) -> Optional[str]:
@@ -331,8 +332,13 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
                  train_split: str = 'train', test_split: str = 'test', val_fraction: float = 0.0,
                  limit: Optional[int] = None, transform: Optional[str] = None, input_size: Optional[int] = None,
                  batch_size: Optional[int] = None, lr: Optional[float] = None, workers: Optional[int] = None,
-                 seed: int = 0, resume: bool = False, overwrite: bool = False) -> DistillPlan:
-    """Every check of ``jointrd distill``, before anything is written or trained; raises :class:`DistillError`."""
+                 seed: int = 0, resume: bool = False, overwrite: bool = False, mixed_precision: str = 'no',
+                 channels_last: bool = False) -> DistillPlan:
+    """Every check of ``jointrd distill``, before anything is written or trained; raises :class:`DistillError`.
+    ``mixed_precision`` and ``channels_last`` go to every run's ``runner`` section (docs/jointrd.md)."""
+    from .runner import MIXED_PRECISION
+    if mixed_precision not in MIXED_PRECISION:
+        raise DistillError(f'mixed_precision must be one of {", ".join(MIXED_PRECISION)}, got {mixed_precision!r}.')
     out = Path(output_dir)
     check_output(out, resume, overwrite)
     resolved = resolve_teacher(teacher)
@@ -357,9 +363,12 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
     budget = dict(batch_size=batch_size or schedule.batch_size, lr=lr or schedule.lr,
                   weight_decay=schedule.weight_decay, seed=seed,
                   num_workers=workers if workers is not None else (0 if digits else 2))
-    command = f'jointrd distill {teacher} --data {data} --epochs {epochs} --recipe {twin_recipe.id} --output {out}'
+    command = f'jointrd distill {teacher} --data {data} --epochs {epochs} --recipe {twin_recipe.id} --output {out}' \
+        + (f' --mixed-precision {mixed_precision}' if mixed_precision != 'no' else '') \
+        + (' --channels-last' if channels_last else '')
     return DistillPlan(out, resolved, twin_recipe, schedule, sets, datasets, common, pair, reinit, epochs,
-                       teacher_epochs or epochs, budget, command)
+                       teacher_epochs or epochs, budget, command,
+                       runner=dict(mixed_precision=mixed_precision, channels_last=channels_last))
 
 
 def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
@@ -374,6 +383,7 @@ def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
     def config(model: Dict, method: str, epochs: int, folder: str) -> Dict:
         run = make_config(**datasets, model=model, method=method, epochs=epochs,
                           output_dir=str((out / folder).resolve()), **plan.budget)
+        run['runner'].update(plan.runner)
         run['train']['scheduler'] = plan.schedule.scheduler() if epochs == plan.schedule.epochs else \
             dict(key='CosineAnnealingLR', kwargs=dict(T_max=epochs))  # the setting's decay at its own length only
         if 'val' not in plan.data:  # the per-epoch record reads the test set, as make_config's default does
