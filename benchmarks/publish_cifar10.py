@@ -1,16 +1,12 @@
 """Publish CIFAR-10 teachers and twins trained by the benchmarks into registry/ (timm Hub format + catalogue
 entries whose numbers are copied from the benchmark's record, never typed in).
 
-Two sources:
-
-* ``--full ARCH``: ``full_cifar10.py``'s record ``benchmarks/results/full_cifar10_<ARCH>.json`` (the full training
-  set): the teacher as ``<ARCH>.ce_full_cifar10`` and the best finished twin (chosen on the held-out validation
-  split: the highest last-epoch validation accuracy among the twin rows; the test set chooses nothing) as
-  ``plain_<ARCH>.<jointrd|fade>_full_cifar10``, each card stating the budget, the teacher's and the
-  equal-compute control's numbers;
-* ``--name cifar10_jointrd`` (default without ``--full``): the CPU-budget toy run of ``cifar10_jointrd.py`` (8,000
-  images, the JointRD reference recipe), kept as ``resnet56_cifar.ce_cifar10`` / ``plain_resnet56_cifar.jointrd_cifar10``
-  and labelled as such.
+From ``full_cifar10.py``'s record ``benchmarks/results/full_cifar10_<ARCH>.json`` (the full training set): the
+teacher as ``<ARCH>.ce_full_cifar10`` and the best finished twin (chosen on the held-out validation split: the highest
+last-epoch validation accuracy among the twin rows; the test set chooses nothing) as
+``plain_<ARCH>.<jointrd|fade>_full_cifar10``, each card stating the budget, the teacher's and the equal-compute
+control's numbers. (The earlier 8,000-image toy entries, ``*.ce_cifar10`` / ``*.jointrd_cifar10``, are retired; their
+runs stay on benchmarks/results/cifar10_jointrd.md.)
 
     python benchmarks/publish_cifar10.py --full resnet20_cifar
 Then: jointrd eval plain_resnet20_cifar.<tag> --dataset ../shared/datasets/cifar10   (reproduces the card's top-1)
@@ -90,40 +86,11 @@ def publish_full(arch: str) -> None:
             work / twin['folder'] / 'model')
 
 
-def publish_toy(name: str) -> None:
-    recorded = json.loads((ROOT / 'benchmarks/results' / f'{name}.json').read_text())
-    arch = recorded['args']['arch']
-    work = ROOT / 'benchmarks/work' / name
-    training = dict(command=recorded['meta']['command'], budget=recorded['meta']['budget'],
-                    source=f'benchmarks/results/{name}.json')
-    toy = ('A CPU-budget reference run (8,000 training images, 5 epochs), kept for tests and comparison: far from '
-           'converged, not a model to deploy.')
-    entries = [
-        (dict(COMMON, architecture=arch, tag='ce_cifar10', teacher='(none: the residual teacher itself)',
-              method='cross-entropy (teacher pre-training)',
-              description=f'Residual teacher {arch} trained on CIFAR-10 at CPU scale by jointrd-timm\'s benchmark. '
-              + toy), 'teacher'),
-        (dict(COMMON, architecture=f'plain_{arch}', tag='jointrd_cifar10', teacher=f'{arch}.ce_cifar10',
-              method='JointRD (Li et al., "Residual Distillation", NeurIPS 2020), the reference recipe (plain convs '
-                     'from scratch, frozen teacher)',
-              description=f'Shortcut-free twin of {arch} (no residual additions at all) trained with JointRD. ' + toy),
-         'twin + JointRD'),
-    ]
-    for entry, run in entries:
-        entry.update(training=training, metrics=dict(top1_test=recorded['rows'][run]['test_acc'],
-                                                      source=training['source'], split=TEST_SPLIT))
-        publish(entry, work / run / 'model')
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--full', metavar='ARCH', help="publish full_cifar10.py's teacher and best twin of ARCH")
-    parser.add_argument('--name', default='cifar10_jointrd', help='the toy record (without --full)')
-    args = parser.parse_args()
-    if args.full:
-        publish_full(args.full)
-    else:
-        publish_toy(args.name)
+    parser.add_argument('--full', metavar='ARCH', required=True,
+                        help="publish full_cifar10.py's teacher and best twin of ARCH (e.g. resnet20_cifar)")
+    publish_full(parser.parse_args().full)
 
 
 if __name__ == '__main__':

@@ -37,8 +37,8 @@ def test_a_built_wheel_lists_and_loads_the_published_twins(tmp_path):
         assert jointrd_timm.__file__.startswith({str(site)!r}), jointrd_timm.__file__
         assert str(registry_dir()).startswith({str(site)!r}), registry_dir()
         names = timm.list_pretrained('plain_*')
-        assert 'plain_resnet56_cifar.jointrd_cifar10' in names, names
-        model = timm.create_model('plain_resnet56_cifar.jointrd_cifar10', pretrained=True).eval()
+        assert 'plain_resnet20_cifar.jointrd_full_cifar10' in names, names
+        model = timm.create_model('plain_resnet20_cifar.jointrd_full_cifar10', pretrained=True).eval()
         assert model.pretrained_cfg['file'].startswith({str(site)!r})
         assert jointrd_timm.count_shortcut_additions(model) == 0
         assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()

@@ -44,20 +44,22 @@ def test_teacher_tags_are_twin_tags_published_twins_first():
     assert (cfg.architecture, cfg.tag, cfg.hf_hub_id) == ('plain_resnet50', 'a1_in1k', 'timm/resnet50.a1_in1k')
     assert timm.get_pretrained_cfg('plain_resnet50').tag == timm.get_pretrained_cfg('resnet50').tag  # same default
     # a published twin comes before the teacher's tags: it is what pretrained=True loads
-    order = list(timm.models.get_arch_pretrained_cfgs('plain_resnet56_cifar'))
-    assert order[:2] == ['plain_resnet56_cifar.jointrd_cifar10', 'plain_resnet56_cifar.ce_cifar10']
-    assert timm.get_pretrained_cfg('plain_resnet56_cifar').tag == 'jointrd_cifar10'
+    from jointrd_timm.models.catalogue import entries
+    published = [e['name'] for e in entries() if e['architecture'] == 'plain_resnet20_cifar']
+    order = list(timm.models.get_arch_pretrained_cfgs('plain_resnet20_cifar'))
+    assert published and order[:len(published) + 1] == published + ['plain_resnet20_cifar.ce_full_cifar10']
+    assert timm.get_pretrained_cfg('plain_resnet20_cifar').tag == published[0].split('.', 1)[1]
 
 
 def test_teacher_tag_loads_from_a_local_file_through_timm():
-    # resnet56_cifar.ce_cifar10 is a teacher of the registry whose weights are a local file
-    teacher = timm.create_model('resnet56_cifar.ce_cifar10', pretrained=True).eval()
-    twin = timm.create_model('plain_resnet56_cifar.ce_cifar10', pretrained=True).eval()
+    # resnet20_cifar.ce_full_cifar10 is a teacher of the registry whose weights are a local file
+    teacher = timm.create_model('resnet20_cifar.ce_full_cifar10', pretrained=True).eval()
+    twin = timm.create_model('plain_resnet20_cifar.ce_full_cifar10', pretrained=True).eval()
     dropped = twin.plain_report.teacher_keys_dropped
     assert dropped and all(k.startswith(tuple(twin.plain_report.removed_modules)) for k in dropped)
     state = teacher.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in twin.state_dict().items())
-    fading = timm.create_model('plain_resnet56_cifar.ce_cifar10', pretrained=True, shortcut_fade=True).eval()
+    fading = timm.create_model('plain_resnet20_cifar.ce_full_cifar10', pretrained=True, shortcut_fade=True).eval()
     assert is_fading(fading)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(fading(x), teacher(x))

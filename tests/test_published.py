@@ -11,9 +11,14 @@ from jointrd_timm.models.catalogue import entries, weights_folder
 ENTRIES = entries()
 
 
-def test_registry_has_the_cifar10_teacher_and_twin():
-    names = {e['name'] for e in ENTRIES}
-    assert {'resnet56_cifar.ce_cifar10', 'plain_resnet56_cifar.jointrd_cifar10'} <= names
+def test_registry_has_a_full_cifar10_teacher_and_twin_per_depth():
+    for depth in (20, 56):
+        names = {e['name'] for e in ENTRIES if e['architecture'].endswith(f'resnet{depth}_cifar')}
+        assert f'resnet{depth}_cifar.ce_full_cifar10' in names, names
+        twins = [n for n in names if n.startswith(f'plain_resnet{depth}_cifar.')]
+        assert any(n.endswith('_full_cifar10') for n in twins), names
+        twin = next(e for e in ENTRIES if e['name'] in twins)
+        assert twin['teacher'] == f'resnet{depth}_cifar.ce_full_cifar10'
 
 
 @pytest.mark.parametrize('entry', ENTRIES, ids=[e['name'] for e in ENTRIES])

@@ -3,7 +3,7 @@
 The catalogue is ``registry/`` at the repository root, shipped inside the package as ``jointrd_timm.registry``
 (pyproject.toml maps it), so a wheel install lists and loads the same entries as a source checkout. Each entry
 becomes the tag ``<architecture>.<tag>`` of a registered model, so ``timm.list_pretrained('plain_*')`` shows it and
-``timm.create_model('plain_resnet56_cifar.jointrd_cifar10', pretrained=True)`` loads it: from the entry's weights
+``timm.create_model('plain_resnet20_cifar.jointrd_full_cifar10', pretrained=True)`` loads it: from the entry's weights
 folder when it is present, else from its ``hf_hub_id``. ``JOINTRD_REGISTRY`` points at another catalogue folder.
 """
 import json
