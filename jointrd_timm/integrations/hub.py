@@ -16,17 +16,22 @@ from ..twins.fade import deployable
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']
 
 
+def _tensors(model: nn.Module) -> tuple:
+    return (*model.parameters(), *model.buffers())
+
+
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None) -> Path:
     """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder."""
     from timm.models import save_for_hf
     folder = Path(folder)
-    deployed = deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
-    if any(not t.is_contiguous() for t in (*deployed.parameters(), *deployed.buffers())):
-        # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values)
-        deployed = copy.deepcopy(deployed) if deployed is model else deployed
-        for t in (*deployed.parameters(), *deployed.buffers()):
+    trained, model = model, deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
+    if any(not t.is_contiguous() for t in _tensors(model)):
+        # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values); the caller's
+        # model keeps its layout
+        if model is trained:
+            model = copy.deepcopy(trained)
+        for t in _tensors(model):
             t.data = t.data.contiguous()
-    model = deployed
     model_args = dict(getattr(model, 'pretrained_model_args', None) or {})
     for folded in ('dirac', 'shortcut_fade'):
         if folded in model_args:
