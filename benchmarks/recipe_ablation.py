@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from jointrd_timm.recipes import DEFAULT_RECIPE, REFERENCE_JOINTRD, SCHEDULES, teacher_sgd
 from report import pyplot, write_report
@@ -295,7 +296,12 @@ def main():
             # the teacher trained along: what the twin is compared with is still the teacher it started from
             runs[key]['joint_teacher_test_acc'] = round(joint_teacher_accuracy(folder, args.arch, datasets(seed)[2]), 2)
         print(key, runs[key], flush=True)
-        write(runs, spec, args, out)
+        # two invocations may train different seeds side by side (one torch thread each): the record is re-read under
+        # a lock so that neither drops the runs the other recorded since it started
+        with FileLock(str(out / f'.{args.name}.lock')):
+            on_disk = json.loads(results_path.read_text()).get('runs', {}) if results_path.is_file() else {}
+            runs = {**on_disk, key: runs[key]}
+            write(runs, spec, args, out)
 
 
 def load_joint_teacher(folder: Path, arch: str) -> torch.nn.Module:

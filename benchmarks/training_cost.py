@@ -179,7 +179,27 @@ def verdict_lines(results: dict) -> list:
         lines.append(f'- {arch}: met: {", ".join(met) or "none"}; not met: {", ".join(missed) or "none"}'
                      + (f'; not measured (the step times scatter by more than a quarter of their median, a loaded '
                         f'machine): {", ".join(noisy)}' if noisy else '') + '.')
+    lines += ['', '## The default recipe against its floor', '',
+              'The default recipe is the fading twin plus the teacher tails of JointRD. Two floors read from the same '
+              'run: the sum of its measured parts (the fading twin\'s step + the tails, that is JointRD all paths - '
+              'plain CE), and the count of the section below (the fading twin\'s step + two teacher-forward units, a '
+              'unit being Hinton KD - plain CE: the teacher forward KD adds).', '',
+              '| pair | default recipe / KD | sum of its parts / KD | the count / KD | goal |', '|---|---|---|---|---|']
+    for arch, rows in results.items():
+        f = default_floors(rows)
+        lines.append(f'| {arch} | {f["measured"]:.2f}x | {f["parts"]:.2f}x | {f["count"]:.2f}x | '
+                     f'{GOALS[0][3]:.2f}x |')
     return lines
+
+
+def default_floors(rows: dict) -> dict:
+    """The default recipe's step over KD's: as measured, as the sum of its measured parts, and by the count (the
+    fading twin's step plus the tails at two teacher-forward units, a unit being what KD adds to plain CE)."""
+    ms = {m: r['step_ms'] for m, r in rows.items()}
+    kd, plain, fade = ms['Hinton KD'], ms['plain CE (twin alone)'], ms['fading twin alone']
+    tails = ms['JointRD (all paths)'] - plain
+    return dict(measured=ms['JointRD + fade (default recipe)'] / kd, parts=(fade + tails) / kd,
+                count=(fade + 2 * (kd - plain)) / kd)
 
 
 def main():

@@ -179,3 +179,26 @@ def test_full_cifar10_page_says_what_the_twin_buys_from_the_deployment_record():
     missing = '\n'.join(deployment_lines('resnet20_cifar', bench)) + '\n'.join(deployment_lines('resnet20_cifar', None))
     assert missing.count('resnet20_cifar is not in the deployment benchmark') == 2
     assert '`jointrd bench resnet20_cifar`' in missing
+
+
+def test_training_cost_floors_and_goals_are_read_from_the_rows():
+    """The default recipe's floors: the sum of its measured parts (fading twin + the tails JointRD adds to plain CE)
+    and the count (fading twin + two teacher-forward units, a unit being what KD adds to plain CE); a goal is judged
+    'no' above its limit and 'unmeasured' when the step times scatter."""
+    from training_cost import GOALS, METHODS, default_floors, goal_rows
+    ms = {'plain CE (twin alone)': 1000, 'Hinton KD': 1300, 'fading twin alone': 1040, 'JointRD (all paths)': 1550,
+          'JointRD (1 sampled path)': 1300, 'JointRD (all paths, lean memory)': 1600,
+          'JointRD + fade (default recipe)': 1700, 'JointRD + fade, lean memory': 1650,
+          'JointRD + fade, joint teacher': 2000}
+    assert set(ms) == set(METHODS)
+    rows = {m: dict(step_ms=v, iqr_ms=0.1 * v, peak_mb=100.0 + v / 100) for m, v in ms.items()}
+    f = default_floors(rows)
+    assert f['measured'] == pytest.approx(1700 / 1300)
+    assert f['parts'] == pytest.approx((1040 + 550) / 1300)
+    assert f['count'] == pytest.approx((1040 + 600) / 1300)
+    goals = {g['goal']: g for g in goal_rows(rows)}
+    assert len(goals) == len(GOALS)
+    assert goals['default recipe step']['met'] == '**no**'  # 1.31x against 1.25x
+    assert goals['one sampled path step']['met'] == 'yes'  # 1.00x
+    rows['Hinton KD']['iqr_ms'] = 500  # the reference scatters: no verdict on the time goals that divide by it
+    assert goal_rows(rows)[0]['met'].startswith('unmeasured')
