@@ -35,7 +35,8 @@ def publish(entry: dict, folder: Path) -> None:
     entry['name'] = f'{entry["architecture"]}.{entry["tag"]}'
     entry['hf_hub_id'] = f'{ORG}/{entry["name"]}'
     entry['weights'] = f'weights/{entry["name"]}'
-    save_trained_model(load_model(str(folder)), ROOT / 'registry' / entry['weights'], model_card=model_card(entry))
+    save_trained_model(load_model(str(folder)), ROOT / 'registry' / entry['weights'], model_card=model_card(entry),
+                       tag=entry['tag'])
     (ROOT / 'registry' / f'{entry["name"]}.json').write_text(json.dumps(entry, indent=1) + '\n')
     print('published', entry['name'], entry['metrics']['top1_test'])
 

@@ -99,9 +99,16 @@ def _card_for(args):
     return model_card(entry(args.entry)) if args.entry else None
 
 
+def _tag_for(args):
+    """The pretrained tag of ``--entry arch.tag`` (written into the saved config), None without --entry."""
+    from .models.catalogue import entry
+    return entry(args.entry)['tag'] if args.entry else None
+
+
 def _save(args) -> int:
     from .integrations.hub import load_model, save_trained_model
-    folder = save_trained_model(load_model(args.source), args.output_dir, model_card=_card_for(args))
+    folder = save_trained_model(load_model(args.source), args.output_dir, model_card=_card_for(args),
+                                tag=_tag_for(args))
     print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
     return 0
 
@@ -109,7 +116,7 @@ def _save(args) -> int:
 def _push(args) -> int:
     from .integrations.hub import load_model, push_model
     info = push_model(load_model(args.source), args.repo_id, _card_for(args), private=args.private,
-                      revision=args.revision)
+                      revision=args.revision, tag=_tag_for(args))
     print(f'pushed to {args.repo_id}: {info}')
     return 0
 
@@ -274,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument('repo_id')
             p.add_argument('--private', action='store_true')
             p.add_argument('--revision', default=None)
-        p.add_argument('--entry', default=None, help='registry entry (name) to generate the model card from')
+        p.add_argument('--entry', default=None, help='registry entry (name): the model card and the pretrained tag in config.json come from it')
         p.set_defaults(func=_save if command == 'save' else _push)
 
     p = sub.add_parser('eval', help='top-1 accuracy of a (published) model on a dataset')

@@ -46,6 +46,23 @@ def test_saved_folder_is_timm_hub_format_without_pickle(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+def test_saved_config_carries_the_published_tag_and_timm_loads_it(tmp_path):
+    """The tag written under pretrained_cfg is the one the weights are published under, not the tag of whatever
+    config the model was built with; timm reads the folder back with that tag and the same weights."""
+    model = timm.create_model('plain_resnet20_cifar', num_classes=10).eval()
+    folder = save_trained_model(model, tmp_path / 'hub', tag='jointrd_test')
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['pretrained_cfg']['tag'] == 'jointrd_test'
+    assert config['architecture'] == 'plain_resnet20_cifar' and config['num_classes'] == 10
+    loaded = load_model(str(folder)).eval()
+    assert loaded.pretrained_cfg['tag'] == 'jointrd_test'
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    untagged = save_trained_model(model, tmp_path / 'plain')  # without tag: the model's own config, untouched
+    assert json.loads((untagged / 'config.json').read_text())['pretrained_cfg'].get('tag') == \
+        model.pretrained_cfg.get('tag')
+
+
 def test_dirac_twin_is_saved_folded(tmp_path):
     model, folder = _twin(tmp_path, dirac=True)
     loaded = load_model(str(folder)).eval()
@@ -160,3 +177,16 @@ def test_push_uploads_safetensors_and_card_only(tmp_path, monkeypatch):
     assert calls['branch'] == 'v1' and calls['upload']['revision'] == 'v1'
     assert calls['upload']['files'] == ['README.md', 'config.json', 'model.safetensors']
     assert 'JointRD' in calls['upload']['card']
+
+
+def test_cli_save_with_entry_writes_its_card_and_tag(tmp_path):
+    from jointrd_timm.cli import main
+    from jointrd_timm.models.catalogue import entries
+    published = next(e for e in entries() if e['architecture'] == 'plain_resnet20_cifar')
+    model, folder = _twin(tmp_path)
+    out = tmp_path / 'out'
+    assert main(['save', str(folder), str(out), '--entry', published['name']]) == 0
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == published['tag']
+    assert published['name'] in (out / 'README.md').read_text()
+    saved = load_file(str(out / 'model.safetensors'))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())

@@ -20,8 +20,11 @@ def _tensors(model: nn.Module) -> tuple:
     return (*model.parameters(), *model.buffers())
 
 
-def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None) -> Path:
-    """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder."""
+def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None,
+                       tag: Optional[str] = None) -> Path:
+    """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder. ``tag``: the pretrained
+    tag the weights are published under (``arch.tag``), written into config.json's ``pretrained_cfg`` in place of the
+    one the model was built with."""
     from timm.models import save_for_hf
     folder = Path(folder)
     trained, model = model, deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
@@ -46,6 +49,10 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         shutil.rmtree(tmp)
     save_for_hf(model, str(tmp), model_args={k: v for k, v in model_args.items() if v is not None},
                 safe_serialization=True)
+    if tag is not None:
+        config = json.loads((tmp / 'config.json').read_text())
+        config.setdefault('pretrained_cfg', {})['tag'] = tag
+        (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     if metrics:
         (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=1))
     if model_card:
@@ -134,9 +141,11 @@ def model_card(entry: Dict) -> str:
 
 
 def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, private: bool = False,
-               revision: Optional[str] = None, token: Optional[str] = None, commit_message: str = 'Add model'):
-    """Upload ``model`` in timm's Hub format (safetensors only, never pickle) with ``card`` as README.md.
-    The token comes from the usual Hugging Face places (HF_TOKEN, ``hf auth login``) unless given."""
+               revision: Optional[str] = None, token: Optional[str] = None, commit_message: str = 'Add model',
+               tag: Optional[str] = None):
+    """Upload ``model`` in timm's Hub format (safetensors only, never pickle) with ``card`` as README.md (``tag``: as
+    in :func:`save_trained_model`). The token comes from the usual Hugging Face places (HF_TOKEN, ``hf auth login``)
+    unless given."""
     import tempfile
     from huggingface_hub import HfApi
     api = HfApi(token=token, library_name='jointrd-timm')
@@ -144,6 +153,6 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_trained_model(model, Path(tmp) / 'model', model_card=card)
+        folder = save_trained_model(model, Path(tmp) / 'model', model_card=card, tag=tag)
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                  commit_message=commit_message)
