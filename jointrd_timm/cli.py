@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument('--private', action='store_true')
             p.add_argument('--revision', default=None)
         p.add_argument('--entry', default=None,
-                       help='registry entry (name): the model card and config.json'"'"'s pretrained tag come from it')
+                       help="registry entry (name): the model card and config.json's pretrained tag come from it")
         p.set_defaults(func=_save if command == 'save' else _push)
 
     p = sub.add_parser('eval', help='top-1 accuracy of a (published) model on a dataset')
