@@ -86,9 +86,14 @@ SCHEDULES = {s.name: s for s in (
 
 def teacher_sgd(schedule: Schedule) -> Dict:
     """A 'teacher_first' joint teacher's own SGD (``JointRDConfig.teacher_optimizer``) when it trains as the twin
-    does: the schedule's learning rate and weight decay, Nesterov momentum 0.9, cosine over the schedule's epochs."""
-    return dict(lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay,
-                cosine_epochs=schedule.epochs)
+    does: the schedule's learning rate and weight decay, Nesterov momentum 0.9, and its decay (cosine over the
+    schedule's epochs, or x ``gamma`` at its milestones; a 'step' decay as the milestones it steps at)."""
+    sgd = dict(lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay)
+    if schedule.decay == 'cosine':
+        return dict(sgd, cosine_epochs=schedule.epochs)
+    milestones = list(schedule.milestones) if schedule.decay == 'multistep' else \
+        list(range(schedule.step_size, schedule.epochs, schedule.step_size))
+    return dict(sgd, milestones=milestones, gamma=schedule.gamma)
 
 
 @dataclass(frozen=True)
@@ -231,12 +236,22 @@ RECIPES = {r.id: r for r in (
     DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint').replace(
         description='the default with the hybrid paths at full weight all run and the teacher trained along',
         record='benchmarks/results/recipe_ablation_resnet110.md'),
+    # ... with the joint teacher as the reference's JOINT branch runs it (its own SGD step first, the hybrid paths
+    # through the updated teacher on its running BN statistics, the margin refreshed every epoch): measured against
+    # the simultaneous joint teacher above, matched by seed, on the same page
+    DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
+                           hybrid_teacher_bn='running', margin_refresh='epoch').replace(
+        description='the default with the hybrid paths at full weight all run and the teacher trained along as the '
+                    "reference's JOINT branch trains it (teacher step first, running BN statistics in the hybrid "
+                    'paths, margin per epoch)',
+        record='benchmarks/results/recipe_ablation_resnet110.md'),
     DEFAULT_RECIPE.replace(loss_normalization='none').replace(
         description="the default with the twin's own loss not divided by the number of stages",
         record='benchmarks/results/recipe_ablation_resnet18.md'),
 )}
 # recipes are registered under their id: a per-architecture one is 'default,<field>=<value>,...'
-ARCH_RECIPES = {'resnet110_cifar': 'default,eta_min=1.0,teacher_mode=joint',
+ARCH_RECIPES = {'resnet110_cifar': 'default,eta_min=1.0,hybrid_teacher_bn=running,joint_step_order=teacher_first,'
+                                   'margin_refresh=epoch,teacher_mode=joint',
                 'resnet18_cifar': 'default,loss_normalization=none'}
 
 

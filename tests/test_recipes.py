@@ -35,6 +35,12 @@ def test_teacher_first_recipe_takes_the_teacher_sgd_from_the_run_schedule():
     own = dict(lr=0.01, cosine_epochs=3)
     fields = recipe.replace(teacher_optimizer=own).jointrd_model('resnet20_cifar', None, schedule)['kwargs']['jointrd']
     assert fields['teacher_optimizer'] == own
+    # a step schedule's teacher decays as the twin does: at the same epochs, by the same factor
+    multistep = recipe.jointrd_model('resnet20_cifar', None, SCHEDULES['cifar'])['kwargs']['jointrd']['teacher_optimizer']
+    assert multistep == dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, milestones=[100, 150], gamma=0.1)
+    step = recipe.jointrd_model('resnet18', None, SCHEDULES['imagenet'])['kwargs']['jointrd']['teacher_optimizer']
+    assert step['milestones'] == [30, 60, 90] and 'cosine_epochs' not in step
+    assert JointRDConfig.from_dict(dict(fields, teacher_optimizer=multistep)).joint_step_order == 'teacher_first'
     # the simultaneous default gets none (JointRDConfig refuses one there)
     assert 'teacher_optimizer' not in DEFAULT_RECIPE.jointrd_model('resnet20_cifar', None, schedule)['kwargs']['jointrd']
 

@@ -31,7 +31,8 @@ def settings(dataset: str, arch: str = '') -> dict:
     data = DATASETS[dataset]
     schedule = SCHEDULES[data['schedule']]
     twin = recipe_for(arch)
-    jointrd = twin.jointrd_fields(schedule.jointrd)
+    # the recipe's JointRD fields on this schedule (a 'teacher_first' joint teacher gets its own SGD from it)
+    jointrd = twin.jointrd_model(arch or 'resnet18', None, schedule)['kwargs']['jointrd']
     return dict(data, epochs=schedule.epochs, batch=schedule.batch_size, lr=schedule.lr,
                 milestones=list(schedule.milestones), step_size=schedule.step_size if schedule.decay == 'step' else None,
                 weight_decay=schedule.weight_decay, eta_min=jointrd['eta_min'],
@@ -39,7 +40,20 @@ def settings(dataset: str, arch: str = '') -> dict:
                 feature_loss_weight=jointrd['feature_loss_weight'], dirac=twin.dirac,
                 kd_weight=jointrd.get('kd_weight', 0.0), init_from_teacher=twin.init_from_teacher,
                 shortcut_fade=twin.shortcut_fade, loss_normalization=jointrd.get('loss_normalization', 'stages'),
-                teacher_mode=jointrd.get('teacher_mode', 'frozen'), recipe=twin)
+                teacher_mode=jointrd.get('teacher_mode', 'frozen'), recipe=twin,
+                joint={k: jointrd[k] for k in JOINT_FIELDS if k in jointrd})
+
+
+# the joint teacher's fields a recipe may set (stated in the YAML only when it does)
+JOINT_FIELDS = ('joint_step_order', 'hybrid_teacher_bn', 'margin_refresh', 'teacher_optimizer')
+
+
+def _yaml_value(v) -> str:
+    if isinstance(v, str):
+        return f"'{v}'"
+    if isinstance(v, dict):
+        return '{' + ', '.join(f'{k}: {_yaml_value(x)}' for k, x in v.items()) + '}'
+    return str(v)
 
 
 ARCHS = {'cifar10': ['resnet18_cifar', 'resnet34_cifar', 'resnet50_cifar', 'resnet56_cifar', 'resnet110_cifar'],
@@ -113,7 +127,8 @@ def render(dataset: str, arch: str, method: str) -> str:
         eta_per_step: True
         feature_loss_weight: {r['feature_loss_weight']}
         feature_loss: 'margin'
-        teacher_mode: '{r['teacher_mode']}'
+        teacher_mode: '{r['teacher_mode']}'{''.join(f'''
+        {k}: {_yaml_value(v)}''' for k, v in r['joint'].items())}
         hybrid_paths:
         kd_weight: {r['kd_weight']}
         loss_normalization: '{r['loss_normalization']}'

@@ -130,15 +130,18 @@ class JointRDConfig:
             Under fp16 autocast the paths are kept for the caller's backward too: gradients taken inside the forward
             would miss the GradScaler's loss scale and underflow (bf16 and fp32 run lean). DECISION default: see
             ``DEFAULT_LEAN_MEMORY``.
-        joint_step_order: joint teacher only. 'simultaneous' (DECISION default, the measured joint recipe): one
-            update of twin and teacher from one loss, the hybrid paths reading the teacher's pre-update weights.
+        joint_step_order: joint teacher only. 'simultaneous' (DECISION default: it needs no second optimizer to be
+            configured): one update of twin and teacher from one loss, the hybrid paths reading the teacher's
+            pre-update weights. The reference's combination ('teacher_first' + 'running' + margin per epoch) measured
+            better on the depth-110 joint recipe (benchmarks/results/recipe_ablation_resnet110.md), which the
+            resnet110 recipe (``recipes.ARCH_RECIPES``) and YAMLs therefore use.
             'teacher_first' (the reference's JOINT branch): the teacher takes its own SGD step on its CE first
             (its optimizer: ``teacher_optimizer``, exposed by ``extra_optimizers()`` for checkpoints), then the
             hybrid paths run through the updated teacher; its CE is then logged, not part of the returned loss.
         teacher_optimizer: the teacher's SGD for 'teacher_first' (fields of :class:`TeacherOptimizerConfig`; give
             the twin's lr, momentum, weight decay and schedule to train both alike).
         hybrid_teacher_bn: joint teacher only (a frozen teacher is always in eval mode). 'batch' (DECISION
-            default, the measured joint recipe): the tails normalise the twin's features with their own batch
+            default, with 'simultaneous': the pre-update teacher's running statistics lag its weights): the tails normalise the twin's features with their own batch
             statistics (train-mode BN, running statistics untouched). 'running' (the reference): the tails run
             the teacher in eval mode, with the running statistics of its own features.
         fold_teacher_bn: a frozen teacher's tails run with each BN folded into the conv before it (eval-mode BN is
