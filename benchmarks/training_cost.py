@@ -58,8 +58,9 @@ The count the goals come from: a KD step is the twin's forward and backward (abo
 teacher's forward (1): 4 units. JointRD with all hybrid paths adds the tails' forward (stages k+1..n from each
 h_k: about one network's forward at three stages of equal cost, 1.5 at four) and their input-gradient backward
 (as much again, no weight gradients): 5 units, 1.25x KD, at three stages (resnet56_cifar); 6 units, 1.5x KD, at four
-(resnet18_cifar), where the 1.25x goal is below the count. One sampled path adds about half of that. The fading twin alone runs the residual graph (the shortcut
-additions, the projection shortcuts) while 0 < s < 1, which the plain twin does not."""
+(resnet18_cifar), where the 1.25x goal is below the count. One sampled path adds about half of that. The fading twin
+alone runs the residual graph (the shortcut additions, the projection shortcuts) while 0 < s < 1, which the plain
+twin does not."""
 # (what, method, reference method, at most this ratio, 'time' or 'memory')
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
@@ -169,7 +170,7 @@ def goal_rows(rows: dict) -> list:
     return out
 
 
-def verdict_lines(results: dict, size: int = 32) -> list:
+def verdict_lines(results: dict, shares: dict) -> list:
     """The goals read from the record: which are met, which are not and by how much, which are not measurements."""
     lines = ['## Goals at a glance', '']
     for arch, rows in results.items():
@@ -189,7 +190,7 @@ def verdict_lines(results: dict, size: int = 32) -> list:
               'of equal cost, 1.5 at four.', '',
               '| pair | default recipe / KD | sum of its parts / KD | the count / KD | goal |', '|---|---|---|---|---|']
     for arch, rows in results.items():
-        f = default_floors(rows, tail_share(arch, size))
+        f = default_floors(rows, shares[arch])
         lines.append(f'| {arch} | {f["measured"]:.2f}x | {f["parts"]:.2f}x | {f["count"]:.2f}x | '
                      f'{GOALS[0][3]:.2f}x |')
     return lines
@@ -264,7 +265,9 @@ def write(results, args, load_before, start, meta=None):
                 torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(), clock=args.clock,
                 minutes=round((time.time() - start) / 60, 1))
     out = ROOT / 'benchmarks/results'
-    payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r)) for a, r in results.items()})
+    shares = {a: tail_share(a, args.size) for a in results}  # counted from the architecture, recorded with the run
+    payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r), tail_share=shares[a])
+                                     for a, r in results.items()})
     lines = [f'# Training cost per step: batch {args.batch}, {args.size} px'
              + (', channels_last' if args.channels_last else ''), '',
              f'Machine: {meta["machine"]}; torch {meta["torch"]}; load average (1, 5, 15 min) '
@@ -286,7 +289,7 @@ def write(results, args, load_before, start, meta=None):
             lines.append(f'| {g["goal"]} ({g["method"]} / {g["reference"]}) | {g["ratio"]:.2f}x | '
                          f'{g["limit"]:.2f}x | {g["met"]} |')
         lines.append('')
-    lines += verdict_lines(results, args.size) + ['', READING]
+    lines += verdict_lines(results, shares) + ['', READING]
     write_report(args.name, payload, lines, lambda png: _plot(results, png), out)
     print('\n'.join(lines), flush=True)
 

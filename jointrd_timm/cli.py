@@ -93,30 +93,29 @@ def _bench(args) -> int:
     return 0
 
 
-def _card_for(args):
+def _published_as(args) -> dict:
+    """``save_trained_model`` / ``push_model`` keywords from ``--entry``: the entry's model card and its tag (written
+    into config.json); none without --entry."""
+    if not args.entry:
+        return {}
     from .integrations.hub import model_card
     from .models.catalogue import entry
-    return model_card(entry(args.entry)) if args.entry else None
-
-
-def _tag_for(args):
-    """The pretrained tag of ``--entry arch.tag`` (written into the saved config), None without --entry."""
-    from .models.catalogue import entry
-    return entry(args.entry)['tag'] if args.entry else None
+    published = entry(args.entry)
+    return dict(model_card=model_card(published), tag=published['tag'])
 
 
 def _save(args) -> int:
     from .integrations.hub import load_model, save_trained_model
-    folder = save_trained_model(load_model(args.source), args.output_dir, model_card=_card_for(args),
-                                tag=_tag_for(args))
+    folder = save_trained_model(load_model(args.source), args.output_dir, **_published_as(args))
     print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
     return 0
 
 
 def _push(args) -> int:
     from .integrations.hub import load_model, push_model
-    info = push_model(load_model(args.source), args.repo_id, _card_for(args), private=args.private,
-                      revision=args.revision, tag=_tag_for(args))
+    published = _published_as(args)
+    info = push_model(load_model(args.source), args.repo_id, published.get('model_card'), private=args.private,
+                      revision=args.revision, tag=published.get('tag'))
     print(f'pushed to {args.repo_id}: {info}')
     return 0
 

@@ -127,9 +127,8 @@ class Recipe:
     def __post_init__(self):
         object.__setattr__(self, 'jointrd', MappingProxyType(dict(self.jointrd)))
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
-        # schedule: jointrd_model fills it when the recipe does not state it)
-        JointRDConfig.from_dict(self._with_teacher_optimizer(self.jointrd_fields(REFERENCE_JOINTRD),
-                                                             SCHEDULES['cifar']))
+        # schedule: run_fields fills it when the recipe does not state it)
+        JointRDConfig.from_dict(self.run_fields(SCHEDULES['cifar']))
 
     @property
     def id(self) -> str:
@@ -165,12 +164,12 @@ class Recipe:
     def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD) -> JointRDConfig:
         return JointRDConfig.from_dict(self.jointrd_fields(reference))
 
-    @staticmethod
-    def _with_teacher_optimizer(fields: Dict, schedule: 'Schedule') -> Dict:
-        """``fields`` plus, for a 'teacher_first' joint teacher without its own SGD, the twin's
-        (:func:`teacher_sgd`)."""
+    def run_fields(self, schedule: 'Schedule') -> Dict:
+        """The JointRDConfig fields of a run on ``schedule``: its reference settings with the recipe's changes and,
+        for a 'teacher_first' joint teacher without its own SGD, the twin's (:func:`teacher_sgd`)."""
+        fields = self.jointrd_fields(schedule.jointrd)
         if fields.get('joint_step_order') == 'teacher_first' and fields.get('teacher_optimizer') is None:
-            fields = dict(fields, teacher_optimizer=teacher_sgd(schedule))
+            fields['teacher_optimizer'] = teacher_sgd(schedule)
         return fields
 
     def twin_kwargs(self) -> Dict:
@@ -195,8 +194,7 @@ class Recipe:
         if teacher_checkpoint:
             teacher['checkpoint'] = str(teacher_checkpoint)
         kwargs = dict(teacher=teacher, student=dict(model_name=f'plain_{arch}', **common, **self.twin_kwargs()),
-                      jointrd=self._with_teacher_optimizer(
-                          self.jointrd_fields((schedule or SCHEDULES['cifar']).jointrd), schedule or SCHEDULES['cifar']))
+                      jointrd=self.run_fields(schedule or SCHEDULES['cifar']))
         if self.init_from_teacher:
             kwargs['init_student_from_teacher'] = True
         return dict(key='jointrd_model', kwargs=kwargs)
@@ -226,33 +224,33 @@ class Recipe:
 DEFAULT_RECIPE = Recipe(
     'default', 'started from the teacher, shortcuts faded out over the first 80 % of the run, JointRD with the '
     'reference eta')
+# per-architecture choices, each measured on its pair (the record names the page). Depth 110: the joint teacher as
+# the reference's JOINT branch runs it (its own SGD step first, the hybrid paths through the updated teacher on its
+# running BN statistics, the margin refreshed every epoch), measured against the simultaneous joint teacher (kept
+# below) matched by seed, on the same page
+_RESNET110 = DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
+                                    hybrid_teacher_bn='running', margin_refresh='epoch').replace(
+    description='the default with the hybrid paths at full weight all run and the teacher trained along as the '
+                "reference's JOINT branch trains it (teacher step first, running BN statistics in the hybrid "
+                'paths, margin per epoch)',
+    record='benchmarks/results/recipe_ablation_resnet110.md')
+_RESNET18 = DEFAULT_RECIPE.replace(loss_normalization='none').replace(
+    description="the default with the twin's own loss not divided by the number of stages",
+    record='benchmarks/results/recipe_ablation_resnet18.md')
 RECIPES = {r.id: r for r in (
     DEFAULT_RECIPE,
     Recipe('reference', 'plain convs from scratch (the JointRD reference recipe)', init_from_teacher=False,
            shortcut_fade=None),
     Recipe('dirac', 'Dirac-parametrised convs from scratch (folded before evaluation)', init_from_teacher=False,
            shortcut_fade=None, dirac=True),
-    # per-architecture choices, each measured on its pair (the record names the page)
     DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint').replace(
         description='the default with the hybrid paths at full weight all run and the teacher trained along',
         record='benchmarks/results/recipe_ablation_resnet110.md'),
-    # ... with the joint teacher as the reference's JOINT branch runs it (its own SGD step first, the hybrid paths
-    # through the updated teacher on its running BN statistics, the margin refreshed every epoch): measured against
-    # the simultaneous joint teacher above, matched by seed, on the same page
-    DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
-                           hybrid_teacher_bn='running', margin_refresh='epoch').replace(
-        description='the default with the hybrid paths at full weight all run and the teacher trained along as the '
-                    "reference's JOINT branch trains it (teacher step first, running BN statistics in the hybrid "
-                    'paths, margin per epoch)',
-        record='benchmarks/results/recipe_ablation_resnet110.md'),
-    DEFAULT_RECIPE.replace(loss_normalization='none').replace(
-        description="the default with the twin's own loss not divided by the number of stages",
-        record='benchmarks/results/recipe_ablation_resnet18.md'),
+    _RESNET110,
+    _RESNET18,
 )}
 # recipes are registered under their id: a per-architecture one is 'default,<field>=<value>,...'
-ARCH_RECIPES = {'resnet110_cifar': 'default,eta_min=1.0,hybrid_teacher_bn=running,joint_step_order=teacher_first,'
-                                   'margin_refresh=epoch,teacher_mode=joint',
-                'resnet18_cifar': 'default,loss_normalization=none'}
+ARCH_RECIPES = {'resnet110_cifar': _RESNET110.id, 'resnet18_cifar': _RESNET18.id}
 
 
 # a twin whose shortcuts fade in fewer optimizer steps than this keeps little of its teacher's accuracy (the

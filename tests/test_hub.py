@@ -190,3 +190,15 @@ def test_cli_save_with_entry_writes_its_card_and_tag(tmp_path):
     assert published['name'] in (out / 'README.md').read_text()
     saved = load_file(str(out / 'model.safetensors'))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_save_with_an_unknown_entry_names_it_and_the_known_ones_and_writes_nothing(tmp_path, capsys):
+    from jointrd_timm.cli import main
+    from jointrd_timm.models.catalogue import entries
+    _, folder = _twin(tmp_path)
+    out = tmp_path / 'out'
+    assert main(['save', str(folder), str(out), '--entry', 'plain_resnet20_cifar.nope']) != 0
+    err = capsys.readouterr().err
+    assert "'plain_resnet20_cifar.nope' is not in the registry" in err
+    assert entries()[0]['name'] in err  # the known entries are listed
+    assert not out.exists()

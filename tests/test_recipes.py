@@ -36,7 +36,9 @@ def test_teacher_first_recipe_takes_the_teacher_sgd_from_the_run_schedule():
     fields = recipe.replace(teacher_optimizer=own).jointrd_model('resnet20_cifar', None, schedule)['kwargs']['jointrd']
     assert fields['teacher_optimizer'] == own
     # a step schedule's teacher decays as the twin does: at the same epochs, by the same factor
-    multistep = recipe.jointrd_model('resnet20_cifar', None, SCHEDULES['cifar'])['kwargs']['jointrd']['teacher_optimizer']
+    multistep = recipe.run_fields(SCHEDULES['cifar'])['teacher_optimizer']
+    assert recipe.jointrd_model('resnet20_cifar', None, SCHEDULES['cifar'])['kwargs']['jointrd'] == \
+        recipe.run_fields(SCHEDULES['cifar'])
     assert multistep == dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, milestones=[100, 150], gamma=0.1)
     step = recipe.jointrd_model('resnet18', None, SCHEDULES['imagenet'])['kwargs']['jointrd']['teacher_optimizer']
     assert step['milestones'] == [30, 60, 90] and 'cosine_epochs' not in step

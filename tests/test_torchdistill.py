@@ -173,8 +173,7 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
         for arch in generate.ARCHS[dataset]:
             # every JointRD YAML runs its architecture's recommended recipe on its dataset's reference schedule
             # (a 'teacher_first' joint teacher with its own SGD on that schedule)
-            expected = JointRDConfig.from_dict(
-                recipe_for(arch).jointrd_model(arch, None, SCHEDULES[schedule])['kwargs']['jointrd'])
+            expected = JointRDConfig.from_dict(recipe_for(arch).run_fields(SCHEDULES[schedule]))
             assert jointrd(f'{dataset}/jointrd-{arch.replace("_cifar", "")}.yaml') == expected, (dataset, arch)
     for dataset in ('cifar10', 'cifar100'):  # the measured per-architecture choices
         assert jointrd(f'{dataset}/jointrd-resnet18.yaml').loss_normalization == 'none'

@@ -32,7 +32,7 @@ def settings(dataset: str, arch: str = '') -> dict:
     schedule = SCHEDULES[data['schedule']]
     twin = recipe_for(arch)
     # the recipe's JointRD fields on this schedule (a 'teacher_first' joint teacher gets its own SGD from it)
-    jointrd = twin.jointrd_model(arch or 'resnet18', None, schedule)['kwargs']['jointrd']
+    jointrd = twin.run_fields(schedule)
     return dict(data, epochs=schedule.epochs, batch=schedule.batch_size, lr=schedule.lr,
                 milestones=list(schedule.milestones), step_size=schedule.step_size if schedule.decay == 'step' else None,
                 weight_decay=schedule.weight_decay, eta_min=jointrd['eta_min'],

@@ -141,8 +141,9 @@ class JointRDConfig:
         teacher_optimizer: the teacher's SGD for 'teacher_first' (fields of :class:`TeacherOptimizerConfig`; give
             the twin's lr, momentum, weight decay and schedule to train both alike).
         hybrid_teacher_bn: joint teacher only (a frozen teacher is always in eval mode). 'batch' (DECISION
-            default, with 'simultaneous': the pre-update teacher's running statistics lag its weights): the tails normalise the twin's features with their own batch
-            statistics (train-mode BN, running statistics untouched). 'running' (the reference): the tails run
+            default, with 'simultaneous': the pre-update teacher's running statistics lag its weights): the tails
+            normalise the twin's features with their own batch statistics (train-mode BN, running statistics
+            untouched). 'running' (the reference): the tails run
             the teacher in eval mode, with the running statistics of its own features.
         fold_teacher_bn: a frozen teacher's tails run with each BN folded into the conv before it (eval-mode BN is
             an affine map: the same function within float rounding, without the BN's compute and saved activations),
