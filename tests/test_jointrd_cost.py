@@ -265,15 +265,78 @@ def test_runner_trains_a_teacher_first_joint_teacher_and_checkpoints_its_optimiz
     assert len(model_buffers) == len(list(twin.parameters()))
 
 
-def test_lean_memory_keeps_the_paths_under_fp16_autocast():
-    """Gradients taken inside the forward would miss the GradScaler's loss scale: fp16 runs the usual way."""
+@pytest.mark.parametrize('fields', [dict(), dict(teacher_mode='joint')], ids=['deferred paths', 'eager paths'])
+def test_lean_memory_scales_the_paths_as_the_callers_backward_scales_the_loss(fields):
+    """A GradScaler multiplies the loss, gradient accumulation divides it: the paths' gradients follow (the loss tap
+    records the factor), for paths backpropagated in the caller's backward and for those taken in the forward."""
+    lean = pair(**fields, lean_memory=True)
+    full = copy.deepcopy(lean)
+    full.config.lean_memory = False
+    for factor in (0.25, 1024.0):
+        grads = []
+        for model in (lean, full):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5)
+            (factor * model(X, Y)['loss']).backward()
+            grads.append({n: p.grad / factor for n, p in model.named_parameters() if p.grad is not None})
+        assert_same_gradients(*grads)
+
+
+def test_lean_memory_under_fp16_autocast_keeps_the_scaled_gradients():
+    """Under fp16 autocast the paths wait for the caller's backward, which brings the GradScaler's scale to them:
+    the same gradients as without lean memory, where unscaled fp16 gradients would have underflowed."""
+    lean = pair(lean_memory=True)
+    full = copy.deepcopy(lean)
+    full.config.lean_memory = False
+    grads, outs = [], []
+    for model in (lean, full):  # the folded tails' backward in fp16 too (their convs' weights follow the gradient)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.float16):
+            outs.append(model(X, Y))
+        (2.0 ** 12 * outs[-1]['loss']).backward()
+        grads.append({n: p.grad.float() / 2.0 ** 12 for n, p in model.named_parameters() if p.grad is not None})
+    assert outs[0]['hybrid_logits'][0].dtype == torch.float16
+    assert all(z.grad_fn is None for z in outs[0]['hybrid_logits'])
+    assert_same_gradients(*grads, rtol=2e-2)
+
+
+def test_lean_memory_runs_each_path_backward_after_the_twins_later_stages():
+    """The point of the deferred paths: path k's backward runs once the twin's stages k+1..n are done (their
+    activations freed), before stage k's; its gradient then flows through stage k like the twin's own."""
     model = pair(lean_memory=True)
-    with torch.autocast('cpu', dtype=torch.float16):
-        fp16 = model(X, Y)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        bf16 = model(X, Y)
-    assert all(z.grad_fn is not None for z in fp16['hybrid_logits'])
-    assert all(z.grad_fn is None for z in bf16['hybrid_logits'])
+    events = []
+    for j, stage in enumerate(model.student_stages.stages, 1):
+        for p in stage.parameters():
+            p.register_post_accumulate_grad_hook(lambda p, j=j: events.append(('stage', j)))
+    from jointrd_timm.methods import jointrd
+    original = jointrd._LeanPaths.gradients
+
+    def recording(self, k):
+        events.append(('path', k))
+        return original(self, k)
+    jointrd._LeanPaths.gradients = recording
+    try:
+        step(model)
+    finally:
+        jointrd._LeanPaths.gradients = original
+    n = model.num_stages
+    assert [e for e in events if e[0] == 'path'] == [('path', k) for k in range(n - 1, 0, -1)]
+    for k in range(1, n):
+        at = events.index(('path', k))
+        assert all(e[1] > k for e in events[:at] if e[0] == 'stage')
+        assert all(e[1] <= k for e in events[at:] if e[0] == 'stage')
+
+
+def test_lean_memory_only_backpropagates_the_paths_with_the_returned_loss():
+    """A backward of something else than the returned loss (here the twin's CE alone) gets no hybrid gradient."""
+    lean = pair(lean_memory=True)
+    out = lean(X, Y)
+    F.cross_entropy(out['logits'], Y).backward()
+    by_hand = copy.deepcopy(lean)
+    by_hand.zero_grad(set_to_none=True)
+    F.cross_entropy(by_hand.student(X), Y).backward()
+    assert_same_gradients({n: p.grad for n, p in lean.student.named_parameters()},
+                          {n: p.grad for n, p in by_hand.student.named_parameters()})
 
 
 def test_folded_tails_save_a_fraction_of_the_unfolded_tails_tensors():

@@ -81,6 +81,68 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1.0 else _ScaleGrad.apply(x, factor)
 
 
+class _LeanPaths:
+    """One lean forward's hybrid paths, waiting for the caller's backward. Each path k holds either its term's graph
+    (deferred: its backward runs at path k's gate, once the twin's backward has freed stages k+1..n) or the
+    gradients already taken in the forward (eager: for tails that save whole activations, freed at once); and the
+    gradient the caller's backward brings to the returned loss (a GradScaler's scale, a 1/accumulation factor),
+    which both are scaled by."""
+
+    def __init__(self):
+        self.paths: Dict[int, tuple] = {}
+        self.loss_grad: Optional[torch.Tensor] = None
+
+    def add(self, k: int, term: torch.Tensor, inputs: List[torch.Tensor], eager: bool) -> None:
+        if eager:
+            self.paths[k] = (None, None, torch.autograd.grad(term, inputs, allow_unused=True))
+        else:
+            self.paths[k] = (term, inputs, None)
+
+    def gradients(self, k: int) -> Optional[tuple]:
+        """Path k's gradients with respect to (h_k, its connector's parameters), scaled as the loss's; None where
+        path k did not run or the returned loss was not what was backpropagated."""
+        entry = self.paths.pop(k, None)
+        if entry is None or self.loss_grad is None:
+            return None
+        term, inputs, grads = entry
+        if grads is not None:
+            return tuple(None if g is None else g * self.loss_grad.to(g.dtype) for g in grads)
+        return torch.autograd.grad(term, inputs, self.loss_grad.to(term.dtype), allow_unused=True)
+
+
+class _LossTap(torch.autograd.Function):
+    """Identity on the loss; its backward (the first of the caller's backward) records the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, lean: _LeanPaths) -> torch.Tensor:
+        ctx.lean = lean
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.lean.loss_grad = grad
+        return grad, None
+
+
+class _PathGate(torch.autograd.Function):
+    """Identity on h_k where it enters the twin's stage k+1. Its backward runs when the twin's gradient reaches h_k
+    (after _LossTap's, which it depends on) and adds hybrid path k's, so the path's backward runs when the twin's
+    later stages have freed their activations; it also returns the gradients of path k's connector."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, lean: _LeanPaths, k: int, *connector: torch.Tensor) -> torch.Tensor:
+        ctx.lean, ctx.k, ctx.num_connector = lean, k, len(connector)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        extra = ctx.lean.gradients(ctx.k)
+        if extra is None:
+            return (grad, None, None) + (None,) * ctx.num_connector
+        g_h, *g_connector = extra
+        return (grad if g_h is None else grad + g_h, None, None, *g_connector)
+
+
 @dataclass
 class JointRDConfig:
     """JointRD's settings; defaults are the reference CIFAR values (jointrd-method.md).
@@ -117,18 +179,20 @@ class JointRDConfig:
             stage n) gets a weighted mean of its terms: the last stage trains at the twin alone's rate, the first
             at the 'weights' rate, and at eta = 0 it is the twin alone. Extras on z_S (KD, adversarial) are scaled
             with the twin's CE. Each is measured against 'stages' in benchmarks/results/recipe_ablation*.md.
-        lean_memory: backpropagate each hybrid path as soon as it is computed, so that only one teacher tail's
-            activations are alive at a time (peak memory near the twin alone's step; same gradients, summed in
-            another order). How it composes with the caller's single ``loss.backward()``: the forward takes the
-            gradient of each path's terms with respect to the stage output h_k it starts from (and to its
-            connector's weights) with ``torch.autograd.grad``, which writes no ``.grad``; the returned loss is the
-            full loss (the hybrid terms' values added as constants) plus ``<h_k, g_k> - <h_k, g_k>.detach()``
-            (value exactly 0), whose backward delivers g_k into the twin's graph. So the logged value is the full
-            loss, nothing is accumulated before the caller's backward (gradient accumulation, DDP's reducer and
-            ``zero_grad`` placement behave as before) and the optimizer sees one gradient. Needs the targets in the
-            forward (the runner passes them); without them the paths are kept for the caller's backward as usual.
-            Under fp16 autocast the paths are kept for the caller's backward too: gradients taken inside the forward
-            would miss the GradScaler's loss scale and underflow (bf16 and fp32 run lean). DECISION default: see
+        lean_memory: backpropagate each hybrid path where its gradient joins the twin's: path k's backward runs
+            inside the caller's ``loss.backward()`` when the twin's gradient reaches h_k, after the twin's stages
+            k+1..n have freed their activations, instead of at the start of the backward when all of them are
+            alive; the tail's input is a detached copy of h_k, and a gate on h_k's way into stage k+1 adds the
+            path's gradient (and returns its connector's). Same loss (bit for bit) and gradients (summed in another
+            order). The hybrid terms are in the returned loss's value as constants; the gates scale their gradients
+            by the gradient the caller's backward brings to that loss (a GradScaler's scale, a 1/accumulation
+            factor), so fp16 autocast, accumulation, DDP and ``zero_grad`` placement behave as before and the
+            optimizer sees one gradient. Only the returned ``loss`` carries the paths' gradients: the returned
+            hybrid logits and features are detached. Where the tails save whole activations (not BN-folded: a
+            joint teacher, a feature tap inside the tails), each path is instead backpropagated in the forward, as
+            soon as it is computed, so only one tail's activations are alive at a time (not under fp16 autocast,
+            where those gradients would miss the loss scale). Needs the targets in the forward (the runner passes
+            them); without them the paths are kept for the caller's backward as usual. DECISION default: see
             ``DEFAULT_LEAN_MEMORY``.
         joint_step_order: joint teacher only. 'simultaneous' (DECISION default: it needs no second optimizer to be
             configured): one update of twin and teacher from one loss, the hybrid paths reading the teacher's
@@ -288,8 +352,9 @@ class _InputGradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         c = ctx.conv
-        return torch.nn.grad.conv2d_input(ctx.input_shape, c.weight, grad, c.stride, c.padding, c.dilation,
-                                          c.groups), None
+        # under autocast the forward ran in the autocast dtype, the backward runs outside it: the weight follows
+        return torch.nn.grad.conv2d_input(ctx.input_shape, c.weight.to(grad.dtype), grad, c.stride, c.padding,
+                                          c.dilation, c.groups), None
 
 
 class _MaskReLUFn(torch.autograd.Function):
@@ -608,31 +673,33 @@ class JointRD(TrainingMethod):
         # per_stage: stage j's gradient is divided by W_j. The hybrid branch at h_k carries 1/W_k, and the twin's own
         # continuation from h_j into stage j+1 carries W_{j+1}/W_j (what arrives there already carries 1/W_{j+1})
         weights = stage_weights(self.num_stages, eta) if self.config.loss_normalization == 'per_stage' else None
+        lean = _LeanPaths() if self.config.lean_memory and targets is not None else None
+
+        def carry(j, h):
+            if lean is not None:  # where path j's gradient joins the twin's, in the caller's backward
+                h = _PathGate.apply(h, lean, j, *(self.connectors[j].parameters() if len(self.connectors) else ()))
+            return h if weights is None else scale_grad(h, weights[j] / weights[j - 1])
 
         def run_student():
-            carry = None if weights is None else lambda j, h: scale_grad(h, weights[j] / weights[j - 1])
-            hs.extend(self.student_stages.features(x, carry))
+            hs.extend(self.student_stages.features(x, carry if lean is not None or weights is not None else None))
             return self.student_stages(hs[-1], self.num_stages)
         logits, student_feature = self._captured(self._student_tap, run_student)
 
         paths = self._sample_paths()
         path_scale = (self.num_stages - 1) / max(1, len(paths))
-        lean = self.config.lean_memory and targets is not None and not _fp16_autocast(x)
+        # lean with tails that save more than bool masks (unfolded): each path backpropagated here, at once
+        eager = lean is not None and self._folded_teacher_stages() is None and not _fp16_autocast(x)
         norm = LOSS_NORMALIZERS[self.config.loss_normalization](self.num_stages, eta)
-        hybrid_logits, hybrid_features, early = [], [], []
+        hybrid_logits, hybrid_features = [], []
         for k in paths:
-            h = hs[k - 1].detach().requires_grad_() if lean else hs[k - 1]
+            h = hs[k - 1].detach().requires_grad_() if lean is not None else hs[k - 1]
             z_k, f_k = self._teacher_tail(h if weights is None else scale_grad(h, 1.0 / weights[k - 1]), k)
             if len(self.connectors):
                 f_k = self.connectors[k](f_k)
-            if lean:
-                # this path's terms backpropagated now, down to h_k (and its connector): its activations are freed
-                # before the next path runs; the gradients reach the twin through the returned loss (see lean_memory)
+            if lean is not None:
                 term = hybrid_term(z_k, f_k, targets, teacher_feature, eta * path_scale / norm, self.config,
                                    self.feature_loss)
-                inputs = [h, *self.connectors[k].parameters()] if len(self.connectors) else [h]
-                grads = torch.autograd.grad(term, inputs)
-                early.extend(zip([hs[k - 1], *inputs[1:]], grads))
+                lean.add(k, term, [h, *(self.connectors[k].parameters() if len(self.connectors) else ())], eager)
                 z_k, f_k = z_k.detach(), f_k.detach()
             hybrid_logits.append(z_k)
             hybrid_features.append(f_k)
@@ -644,9 +711,10 @@ class JointRD(TrainingMethod):
         self.count_step()  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
         if targets is not None:
             outputs.update(self.loss(outputs, targets))
-            if early:
-                # value exactly 0; its backward hands each early gradient to the tensor it was taken for
-                outputs['loss'] = outputs['loss'] + _deliver(early)
+            if lean is not None:
+                # the hybrid terms are in the value already (as constants); this records the gradient the caller's
+                # backward brings to the loss, by which each gate scales its path's gradient
+                outputs['loss'] = _LossTap.apply(outputs['loss'], lean)
             if self.adversarial is not None:
                 d = self.adversarial.discriminator
                 teacher_logits = outputs['teacher_logits'].detach()
@@ -727,12 +795,6 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
 
 def _fp16_autocast(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
-
-
-def _deliver(pairs) -> torch.Tensor:
-    """sum <t, g> - sum <t, g>.detach(): a zero whose gradient with respect to each tensor t is its g."""
-    dot = sum((t * g).sum() for t, g in pairs)
-    return dot - dot.detach()
 
 
 def _probe_for(model: nn.Module) -> torch.Tensor:
