@@ -371,3 +371,26 @@ def test_mask_relu_gives_relus_output_and_gradient_exactly():
     yb.backward(g)
     assert torch.equal(a.grad, b.grad)
     assert a.grad[0, 0, 0, :2].abs().sum() == 0 and torch.equal(a.grad[x > 0], g[x > 0])
+
+
+@pytest.mark.parametrize('conv, size', [
+    (dict(in_channels=6, out_channels=4, kernel_size=3, stride=2, padding=1), (9, 8)),
+    (dict(in_channels=6, out_channels=9, kernel_size=(3, 5), stride=(2, 3), padding=(1, 2), dilation=(1, 2),
+          groups=3), (11, 14)),
+    (dict(in_channels=4, out_channels=8, kernel_size=1, stride=2), (7, 7)),
+    (dict(in_channels=5, out_channels=5, kernel_size=3, padding=2, dilation=2, groups=5), (6, 10))],
+    ids=['stride 2, odd size', 'grouped, dilated, rectangular', '1x1 projection', 'depthwise'])
+def test_frozen_conv_input_gradient_is_autograds(conv, size):
+    """The folded tails' conv: same output, and its input gradient (a transposed conv, nothing saved) equals
+    autograd's through the ordinary conv, at strides that round the output size down."""
+    from jointrd_timm.methods.jointrd import _FrozenConv
+    torch.manual_seed(0)
+    module = torch.nn.Conv2d(**conv).requires_grad_(False)
+    x = torch.randn(2, conv['in_channels'], *size, requires_grad=True)
+    out = _FrozenConv(module)(x)
+    expected = module(x)
+    assert out.shape == expected.shape and torch.allclose(out, expected)
+    g = torch.randn_like(out)
+    got, = torch.autograd.grad(out, x, g)
+    want, = torch.autograd.grad(expected, x, g)
+    assert torch.allclose(got, want, atol=1e-5)

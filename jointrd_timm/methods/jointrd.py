@@ -351,10 +351,15 @@ class _InputGradConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # the transposed conv of the gradient (conv2d_input would materialise an input-sized tensor first); the
+        # output padding recovers the input sizes the stride rounded away. Under autocast the forward ran in the
+        # autocast dtype and the backward runs outside it: the weight follows the gradient
         c = ctx.conv
-        # under autocast the forward ran in the autocast dtype, the backward runs outside it: the weight follows
-        return torch.nn.grad.conv2d_input(ctx.input_shape, c.weight.to(grad.dtype), grad, c.stride, c.padding,
-                                          c.dilation, c.groups), None
+        spatial = ctx.input_shape[2:]
+        padding = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
+                   zip(spatial, grad.shape[2:], c.stride, c.padding, c.dilation, c.kernel_size)]
+        return F.conv_transpose2d(grad, c.weight.to(grad.dtype), None, c.stride, c.padding, padding, c.groups,
+                                  c.dilation), None
 
 
 class _MaskReLUFn(torch.autograd.Function):
