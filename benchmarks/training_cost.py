@@ -30,12 +30,13 @@ METHODS = {
     'plain CE (twin alone)': ('ce', None),
     'Hinton KD': ('kd', None),
     'fading twin alone': ('fade', None),
-    'JointRD (all paths)': ('jointrd', dict(lean_memory=False)),
-    'JointRD (1 sampled path)': ('jointrd', dict(hybrid_paths=1, lean_memory=False)),
-    'JointRD (all paths, lean memory)': ('jointrd', dict(lean_memory=True)),
-    'JointRD + fade (default recipe)': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=False)),
-    'JointRD + fade, lean memory': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=True)),
-    'JointRD + fade, joint teacher': ('jointrd', dict(DEFAULT_RECIPE, teacher_mode='joint', lean_memory=False)),
+    'residual model CE (the teacher alone)': ('residual', None),
+    'JointRD (all paths)': ('jointrd', dict()),
+    'JointRD (1 sampled path)': ('jointrd', dict(hybrid_paths=1)),
+    'JointRD (all paths, lean memory off)': ('jointrd', dict(lean_memory=False)),
+    'JointRD + fade (default recipe)': ('jointrd', dict(DEFAULT_RECIPE)),
+    'JointRD + fade, lean memory off': ('jointrd', dict(DEFAULT_RECIPE, lean_memory=False)),
+    'JointRD + fade, joint teacher': ('jointrd', dict(DEFAULT_RECIPE, teacher_mode='joint')),
 }
 # the page's fixed text (what was changed for the goals, and the count they are compared with); every number on the
 # page comes from the record
@@ -48,8 +49,10 @@ Changes for these goals (`methods/jointrd.py`, `twins/fade.py`), each tested for
 - a frozen teacher's tails run BN-folded (`fold_teacher_bn`): their convs save nothing for the backward (the input
   gradient needs only the weights) and their ReLUs a bool mask, whose backward is one multiply;
 - the pre-activation taps copy features only when lambda > 0;
-- `lean_memory`: each hybrid path is backpropagated inside the forward (off by default: with folded tails it saves
-  little, and it detaches the returned hybrid logits; DECISION in `JointRDConfig`);
+- `lean_memory` (on by default): each hybrid path's backward runs when the twin's own backward reaches the stage
+  output it starts from, after the twin's later stages have freed their activations, instead of at the start of the
+  backward, when all of them are alive (same computation, another order; DECISION in `JointRDConfig`);
+- the frozen tails' convs backpropagate by a transposed conv of the gradient (no input-sized tensor first);
 - the fading twin scales its shortcuts in one fused op (`addcmul`: no tensor for the scaled shortcut; at s = 1 the
   residual net's cost). It still computes the shortcut branch at s = 0: skipping it would leave the projections
   without gradients, which multi-GPU DDP rejects (DECISION in docs/design.md, "Shortcut fading").
@@ -65,8 +68,8 @@ twin does not."""
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
          ('fading twin alone step', 'fading twin alone', 'plain CE (twin alone)', 1.05, 'time'),
-         ('lean mode peak memory (all paths)', 'JointRD (all paths, lean memory)', 'Hinton KD', 1.15, 'memory'),
-         ('lean mode peak memory (default recipe)', 'JointRD + fade, lean memory', 'Hinton KD', 1.15, 'memory')]
+         ('lean mode peak memory (all paths)', 'JointRD (all paths)', 'Hinton KD', 1.15, 'memory'),
+         ('lean mode peak memory (default recipe)', 'JointRD + fade (default recipe)', 'Hinton KD', 1.15, 'memory')]
 
 
 def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool = False):
@@ -84,6 +87,8 @@ def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     if kind == 'jointrd':
         model = JointRD(twin, teacher, JointRDConfig(**fields)).train()
+    elif kind == 'residual':  # the residual architecture trained on its own: what the fading twin computes mid-fade
+        model = timm.create_model(arch, num_classes=10).train()
     elif kind == 'fade':
         model = FadingStudent(twin, _DEFAULT.shortcut_fade).train()
     else:
@@ -181,6 +186,15 @@ def verdict_lines(results: dict, shares: dict) -> list:
         lines.append(f'- {arch}: met: {", ".join(met) or "none"}; not met: {", ".join(missed) or "none"}'
                      + (f'; not measured (the step times scatter by more than a quarter of their median, a loaded '
                         f'machine): {", ".join(noisy)}' if noisy else '') + '.')
+    lines += ['', '## The fading twin against its floor', '',
+              'Mid-fade (0 < s < 1) the fading twin computes the residual network: every shortcut addition, every '
+              'projection shortcut, with the scale fused into the addition. The residual model\'s own CE step is that '
+              'computation without the scale: the floor of the fading twin\'s step.', '',
+              '| pair | fading twin / plain twin | residual model / plain twin | goal |', '|---|---|---|---|']
+    for arch, rows in results.items():
+        plain = rows['plain CE (twin alone)']['step_ms']
+        lines.append(f'| {arch} | {rows["fading twin alone"]["step_ms"] / plain:.2f}x | '
+                     f'{rows["residual model CE (the teacher alone)"]["step_ms"] / plain:.2f}x | {GOALS[2][3]:.2f}x |')
     lines += ['', '## The default recipe against its floor', '',
               'The default recipe is the fading twin plus the teacher tails of JointRD. Two floors read from the same '
               'run: the sum of its measured parts (the fading twin\'s step + the tails, that is JointRD all paths - '

@@ -186,10 +186,10 @@ def test_training_cost_floors_and_goals_are_read_from_the_rows():
     and the count (fading twin + two teacher-forward units, a unit being what KD adds to plain CE); a goal is judged
     'no' above its limit and 'unmeasured' when the step times scatter."""
     from training_cost import GOALS, METHODS, default_floors, goal_rows, tail_share
-    ms = {'plain CE (twin alone)': 1000, 'Hinton KD': 1300, 'fading twin alone': 1040, 'JointRD (all paths)': 1550,
-          'JointRD (1 sampled path)': 1300, 'JointRD (all paths, lean memory)': 1600,
-          'JointRD + fade (default recipe)': 1700, 'JointRD + fade, lean memory': 1650,
-          'JointRD + fade, joint teacher': 2000}
+    ms = {'plain CE (twin alone)': 1000, 'Hinton KD': 1300, 'fading twin alone': 1040,
+          'residual model CE (the teacher alone)': 1060, 'JointRD (all paths)': 1550, 'JointRD (1 sampled path)': 1300,
+          'JointRD (all paths, lean memory off)': 1600, 'JointRD + fade (default recipe)': 1700,
+          'JointRD + fade, lean memory off': 1650, 'JointRD + fade, joint teacher': 2000}
     assert set(ms) == set(METHODS)
     rows = {m: dict(step_ms=v, iqr_ms=0.1 * v, peak_mb=100.0 + v / 100) for m, v in ms.items()}
     f = default_floors(rows)

@@ -219,7 +219,7 @@ def test_margin_formula():
 
 
 def test_gradients_reach_first_stage_through_teacher_tails_and_teacher_stays_frozen():
-    model = pair()
+    model = pair(JointRDConfig(lean_memory=False))  # lean memory detaches the returned hybrid logits
     model.train()
     teacher_state = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     assert not model.teacher.training
@@ -239,7 +239,7 @@ def test_gradients_reach_first_stage_through_teacher_tails_and_teacher_stays_fro
 
 
 def test_joint_mode_updates_teacher_only_through_its_own_loss():
-    model = pair(JointRDConfig(teacher_mode='joint'))
+    model = pair(JointRDConfig(teacher_mode='joint', lean_memory=False))  # hybrid logits attached to the tails
     model.train()
     assert model.teacher.training
     alone = copy.deepcopy(model.teacher)  # the same teacher, fed only its own batch

@@ -45,9 +45,11 @@ from ..twins.fade import is_fading
 __all__ = ['JointRD', 'JointRDConfig', 'TeacherOptimizerConfig', 'hybrid_term', 'jointrd_loss', 'scale_grad',
            'stage_weights']
 
-# JointRDConfig.lean_memory's default (DECISION): off. With the frozen tails saving almost nothing (fold_teacher_bn)
-# lean mode lowers the peak little (benchmarks/results/training_cost.md), and it detaches the returned hybrid logits
-DEFAULT_LEAN_MEMORY = False
+# JointRDConfig.lean_memory's default (DECISION): on. It computes what the plain single backward computes, in another
+# order, and lowers the step's peak memory (most at four stages, where the tails' backward ran while every
+# activation of the twin was alive); step times match within noise (benchmarks/results/training_cost.md). The cost: the
+# returned hybrid logits and features are detached, so a custom loss on them gets no gradient (turn it off for that)
+DEFAULT_LEAN_MEMORY = True
 
 # JointRDConfig.loss_normalization -> what the JointRD sums are divided by, from (n stages, eta). Sampled hybrid terms
 # carry the scale (n-1)/m, so their weights always add up to eta * (n - 1).
