@@ -244,17 +244,17 @@ def test_channels_last_gives_the_same_loss_and_gradients():
 
 
 def test_channels_last_run_saves_contiguous_weights(tmp_path):
-    """A runner.channels_last run trains (the same epoch loss as NCHW to float rounding; the tiny digits run
-    amplifies rounding in the weights as much as a 1e-6 change of the input does) and saves an ordinary contiguous
-    model that timm loads."""
+    """A runner.channels_last run computes what the NCHW run computes (the same epoch loss to float rounding, at lr 0:
+    after a few updates of the tiny digits run, kernel-dependent rounding grows past any fixed tolerance) and saves
+    an ordinary contiguous model that timm loads."""
     import timm
     from jointrd_timm.training.checkpoint import load_weights
     runs = {}
     for name, overrides in (('nchw', []), ('nhwc', ['runner.channels_last=true'])):
-        train(load_config(tiny_yaml(tmp_path / name, epochs=1), overrides), output_dir=str(tmp_path / name / 'run'),
-              device='cpu')
+        train(load_config(tiny_yaml(tmp_path / name, epochs=1), overrides + ['train.optimizer.kwargs.lr=0.0']),
+              output_dir=str(tmp_path / name / 'run'), device='cpu')
         runs[name] = json.loads((tmp_path / name / 'run' / 'metrics.jsonl').read_text().splitlines()[0])
-    assert runs['nhwc']['train_loss'] == pytest.approx(runs['nchw']['train_loss'], rel=1e-3)
+    assert runs['nhwc']['train_loss'] == pytest.approx(runs['nchw']['train_loss'], rel=1e-5)
     assert all(t.is_contiguous() for t in weights(tmp_path / 'nhwc' / 'run').values())
     twin = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1),
                         tmp_path / 'nhwc' / 'run' / 'model')

@@ -1,0 +1,99 @@
+"""Training step in channels_last (NHWC) against the default contiguous layout, side by side in one run: the same
+methods and pair as benchmarks/training_cost.py (its ``make_step``), every method in both layouts, all interleaved,
+medians. The runner's ``channels_last`` field (docs/jointrd.md) is off by default; this page is what that default
+rests on for the device it was measured on.
+
+    python benchmarks/channels_last_cost.py --arch resnet56_cifar resnet18_cifar --threads 1 --clock cpu
+Writes benchmarks/results/training_cost_channels_last.{json,md,png}.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import pyplot, write_report  # noqa: E402
+from training_cost import MAX_RELATIVE_IQR, make_step  # noqa: E402
+
+METHODS = ('plain CE (twin alone)', 'Hinton KD', 'JointRD + fade (default recipe)')
+LAYOUTS = ('contiguous', 'channels_last')
+
+
+def measure(arch: str, args) -> dict:
+    from jointrd_timm.deploy.latency import compare_latency
+    steps = {(m, layout): make_step(m, arch, args.batch, args.size, layout == 'channels_last')
+             for m in METHODS for layout in LAYOUTS}
+    keys = list(steps)
+    timed = compare_latency({f'{m} | {layout}': steps[m, layout] for m, layout in keys}, repeats=args.repeats,
+                            warmup=1, inference=False,
+                            clock=time.process_time if args.clock == 'cpu' else time.perf_counter)
+    rows = {}
+    for m in METHODS:
+        base, nhwc = timed[f'{m} | contiguous'], timed[f'{m} | channels_last']
+        noisy = any(t['iqr_ms'] > MAX_RELATIVE_IQR * t['median_ms'] for t in (base, nhwc))
+        rows[m] = dict(contiguous_ms=base['median_ms'], contiguous_iqr_ms=base['iqr_ms'],
+                       channels_last_ms=nhwc['median_ms'], channels_last_iqr_ms=nhwc['iqr_ms'],
+                       ratio=nhwc['median_ms'] / base['median_ms'], noisy=noisy)
+    return rows
+
+
+def lines_for(results: dict, meta: dict, args) -> list:
+    lines = [f'# Training step in channels_last: batch {args.batch}, {args.size} px', '',
+             f'Machine: {meta["machine"]}; load average (1, 5, 15 min) '
+             f'{", ".join(f"{v:.1f}" for v in meta["load_before"])} before, '
+             f'{", ".join(f"{v:.1f}" for v in meta["load_after"])} after ({meta["minutes"]} min). Step time = '
+             + ('CPU time of the process (time.process_time)' if args.clock == 'cpu' else 'wall time')
+             + f', median of {args.repeats} full training steps (forward, backward, SGD) per method and layout, all '
+             'interleaved, after one warm-up round. channels_last: the models (teacher included) and the batch '
+             'converted once before the run. Below 1: channels_last is faster.', '']
+    for arch, rows in results.items():
+        lines += [f'## {arch} pair', '', '| method | contiguous ms (IQR) | channels_last ms (IQR) | channels_last / '
+                  'contiguous |', '|---|---|---|---|']
+        for m, r in rows.items():
+            ratio = 'unmeasured (IQR > 25 % of the median)' if r['noisy'] else f'{r["ratio"]:.2f}x'
+            lines.append(f'| {m} | {r["contiguous_ms"]:.0f} ({r["contiguous_iqr_ms"]:.0f}) | '
+                         f'{r["channels_last_ms"]:.0f} ({r["channels_last_iqr_ms"]:.0f}) | {ratio} |')
+        lines.append('')
+    return lines
+
+
+def _plot(results, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * sum(len(r) for r in results.values())))
+    labels = [f'{arch}: {m}' for arch, rows in results.items() for m in rows]
+    ax.barh(labels, [r['ratio'] for rows in results.values() for r in rows.values()])
+    ax.axvline(1.0, color='k', lw=0.8)
+    ax.set_xlabel('training step time, channels_last / contiguous (median)')
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format='png')
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', nargs='+', default=['resnet56_cifar', 'resnet18_cifar'])
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--size', type=int, default=32)
+    parser.add_argument('--repeats', type=int, default=6)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall')
+    parser.add_argument('--name', default='training_cost_channels_last')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before, start, results = os.getloadavg(), time.time(), {}
+    for arch in args.arch:  # rewritten after each architecture: a long run keeps what it measured
+        results[arch] = measure(arch, args)
+        meta = dict(machine=f'x86_64, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}',
+                    load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
+                    clock=args.clock)
+        lines = lines_for(results, meta, args)
+        write_report(args.name, dict(meta=meta, archs=results), lines, lambda png: _plot(results, png))
+        print('\n'.join(lines), flush=True)
+
+
+if __name__ == '__main__':
+    main()
