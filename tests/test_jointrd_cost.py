@@ -327,6 +327,20 @@ def test_lean_memory_runs_each_path_backward_after_the_twins_later_stages():
         assert all(e[1] <= k for e in events[at:] if e[0] == 'stage')
 
 
+@pytest.mark.parametrize('fields', [dict(), dict(teacher_mode='joint')], ids=['deferred paths', 'eager paths'])
+def test_lean_memory_train_mode_forward_without_grad_gives_the_loss(fields):
+    """A train-mode forward under no_grad (a loss logged without a backward) runs the usual way: same loss value."""
+    lean = pair(**fields, lean_memory=True)
+    full = copy.deepcopy(lean)
+    full.config.lean_memory = False
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = lean(X, Y)['loss']
+        torch.manual_seed(5)
+        expected = full(X, Y)['loss']
+    assert got.grad_fn is None and got.item() == expected.item()
+
+
 def test_lean_memory_only_backpropagates_the_paths_with_the_returned_loss():
     """A backward of something else than the returned loss (here the twin's CE alone) gets no hybrid gradient."""
     lean = pair(lean_memory=True)

@@ -680,7 +680,8 @@ class JointRD(TrainingMethod):
         # per_stage: stage j's gradient is divided by W_j. The hybrid branch at h_k carries 1/W_k, and the twin's own
         # continuation from h_j into stage j+1 carries W_{j+1}/W_j (what arrives there already carries 1/W_{j+1})
         weights = stage_weights(self.num_stages, eta) if self.config.loss_normalization == 'per_stage' else None
-        lean = _LeanPaths() if self.config.lean_memory and targets is not None else None
+        # lean needs a backward to come (not a train-mode forward under no_grad, e.g. a loss logged without one)
+        lean = _LeanPaths() if self.config.lean_memory and targets is not None and torch.is_grad_enabled() else None
 
         def carry(j, h):
             if lean is not None:  # where path j's gradient joins the twin's, in the caller's backward
