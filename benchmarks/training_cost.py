@@ -63,7 +63,9 @@ h_k: about one network's forward at three stages of equal cost, 1.5 at four) and
 (as much again, no weight gradients): 5 units, 1.25x KD, at three stages (resnet56_cifar); 6 units, 1.5x KD, at four
 (resnet18_cifar), where the 1.25x goal is below the count. One sampled path adds about half of that. The fading twin
 alone runs the residual graph (the shortcut additions, the projection shortcuts) while 0 < s < 1, which the plain
-twin does not."""
+twin does not; its floor is the residual model's own step. Beyond that floor it only multiplies by s inside the
+addition, and it adds out of place where timm's blocks add in place. Step times on a shared machine scatter
+by up to a quarter of their median (the IQR column): differences of a few percent between two rows are within it."""
 # (what, method, reference method, at most this ratio, 'time' or 'memory')
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
@@ -207,7 +209,22 @@ def verdict_lines(results: dict, shares: dict) -> list:
         f = default_floors(rows, shares[arch])
         lines.append(f'| {arch} | {f["measured"]:.2f}x | {f["parts"]:.2f}x | {f["count"]:.2f}x | '
                      f'{GOALS[0][3]:.2f}x |')
+    lines += ['', 'Its peak memory against the same parts: the fading twin\'s own peak (mid-fade it holds the residual '
+              'network\'s activations, the projection shortcuts\' included) plus what the lean tails add to the plain '
+              'twin\'s (JointRD all paths - plain CE).', '',
+              '| pair | default recipe peak / KD | fading twin + lean tails / KD | goal |', '|---|---|---|---|']
+    for arch, rows in results.items():
+        m = default_memory_floor(rows)
+        lines.append(f'| {arch} | {m["measured"]:.2f}x | {m["parts"]:.2f}x | {GOALS[4][3]:.2f}x |')
     return lines
+
+
+def default_memory_floor(rows: dict) -> dict:
+    """The default recipe's peak memory over KD's: as measured, and as the fading twin's peak plus what the (lean)
+    tails add to the plain twin's."""
+    peak = {m: r['peak_mb'] for m, r in rows.items()}
+    parts = peak['fading twin alone'] + peak['JointRD (all paths)'] - peak['plain CE (twin alone)']
+    return dict(measured=peak['JointRD + fade (default recipe)'] / peak['Hinton KD'], parts=parts / peak['Hinton KD'])
 
 
 def default_floors(rows: dict, tail_share: float = 1.0) -> dict:

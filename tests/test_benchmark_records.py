@@ -185,7 +185,7 @@ def test_training_cost_floors_and_goals_are_read_from_the_rows():
     """The default recipe's floors: the sum of its measured parts (fading twin + the tails JointRD adds to plain CE)
     and the count (fading twin + two teacher-forward units, a unit being what KD adds to plain CE); a goal is judged
     'no' above its limit and 'unmeasured' when the step times scatter."""
-    from training_cost import GOALS, METHODS, default_floors, goal_rows, tail_share
+    from training_cost import GOALS, METHODS, default_floors, default_memory_floor, goal_rows, tail_share
     ms = {'plain CE (twin alone)': 1000, 'Hinton KD': 1300, 'fading twin alone': 1040,
           'residual model CE (the teacher alone)': 1060, 'JointRD (all paths)': 1550, 'JointRD (1 sampled path)': 1300,
           'JointRD (all paths, lean memory off)': 1600, 'JointRD + fade (default recipe)': 1700,
@@ -197,6 +197,9 @@ def test_training_cost_floors_and_goals_are_read_from_the_rows():
     assert f['parts'] == pytest.approx((1040 + 550) / 1300)
     assert f['count'] == pytest.approx((1040 + 600) / 1300)
     assert default_floors(rows, 1.5)['count'] == pytest.approx((1040 + 900) / 1300)  # four stages: longer tails
+    memory = default_memory_floor(rows)  # peaks 100 + ms / 100: the fading twin's plus what the tails add
+    assert memory['measured'] == pytest.approx(117 / 113)
+    assert memory['parts'] == pytest.approx((110.4 + 115.5 - 110) / 113)
     assert tail_share('resnet20_cifar', 32) == pytest.approx(1.0, abs=0.05)  # 3 stages of equal cost: one forward
     goals = {g['goal']: g for g in goal_rows(rows)}
     assert len(goals) == len(GOALS)
