@@ -6,8 +6,8 @@ rests on for the device it was measured on.
     python benchmarks/channels_last_cost.py --arch resnet56_cifar resnet18_cifar --threads 1 --clock cpu
 Writes benchmarks/results/training_cost_channels_last.{json,md,png}.
 """
-import argparse
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import pyplot, write_report  # noqa: E402
-from training_cost import MAX_RELATIVE_IQR, make_step  # noqa: E402
+from training_cost import MAX_RELATIVE_IQR, make_step, step_arguments  # noqa: E402
 
 METHODS = ('plain CE (twin alone)', 'Hinton KD', 'JointRD + fade (default recipe)')
 LAYOUTS = ('contiguous', 'channels_last')
@@ -74,20 +74,15 @@ def _plot(results, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', nargs='+', default=['resnet56_cifar', 'resnet18_cifar'])
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--size', type=int, default=32)
-    parser.add_argument('--repeats', type=int, default=6)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall')
+    parser = step_arguments(__doc__)
     parser.add_argument('--name', default='training_cost_channels_last')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before, start, results = os.getloadavg(), time.time(), {}
     for arch in args.arch:  # rewritten after each architecture: a long run keeps what it measured
         results[arch] = measure(arch, args)
-        meta = dict(machine=f'x86_64, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}',
+        meta = dict(machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, '
+                            f'torch {torch.__version__}',
                     load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
                     clock=args.clock)
         lines = lines_for(results, meta, args)

@@ -121,6 +121,15 @@ def cost_lines() -> list:
                 noisy = r.get('iqr_ms', 0) > MAX_RELATIVE_IQR * r.get('step_ms', 0)
                 time = 'unmeasured' if noisy else f'{r["time_vs_kd"]:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
+    record = _load('training_cost_channels_last')
+    if record is not None:
+        lines += ['', '## Training step in channels_last ([training_cost_channels_last.md]'
+                  '(training_cost_channels_last.md))', '',
+                  '| pair | method | channels_last / contiguous step time |', '|---|---|---|']
+        for arch, rows in record['archs'].items():
+            for label, r in rows.items():
+                ratio = 'unmeasured' if r['noisy'] else f'{r["ratio"]:.2f}x'
+                lines.append(f'| {arch} | {label} | {ratio} |')
     record = _load('deploy_bench')
     if record is not None:
         lines += ['', '## Deployment: residual model vs twin ([deploy_bench.md](deploy_bench.md))', '',

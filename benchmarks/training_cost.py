@@ -257,17 +257,23 @@ def tail_share(arch: str, size: int) -> float:
     return sum(flops(split, h, k) for k, h in enumerate(hs[:-1], start=1)) / flops(model, x)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line of a step-cost benchmark: pairs, batch, image size, repeats, threads, clock."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arch', nargs='+', default=['resnet56_cifar', 'resnet18_cifar'])
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--size', type=int, default=32)
     parser.add_argument('--repeats', type=int, default=6)
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--channels-last', action='store_true', help='models and batch in channels_last')
     parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
                         help="'cpu': the process's CPU time per step (time.process_time), which other jobs on a shared "
                              "machine barely change; with --threads 1 it is the single-core step time")
+    return parser
+
+
+def main():
+    parser = step_arguments(__doc__)
+    parser.add_argument('--channels-last', action='store_true', help='models and batch in channels_last')
     parser.add_argument('--name', default='training_cost', help='results file stem under benchmarks/results')
     parser.add_argument('--report-only', action='store_true', help='rewrite the report from the recorded JSON')
     args = parser.parse_args()

@@ -207,3 +207,16 @@ def test_training_cost_floors_and_goals_are_read_from_the_rows():
     assert goals['one sampled path step']['met'] == 'yes'  # 1.00x
     rows['Hinton KD']['iqr_ms'] = 500  # the reference scatters: no verdict on the time goals that divide by it
     assert goal_rows(rows)[0]['met'].startswith('unmeasured')
+
+
+def test_channels_last_page_reads_each_ratio_from_its_row_and_flags_scattered_ones():
+    import argparse
+    from channels_last_cost import lines_for
+    rows = {'Hinton KD': dict(contiguous_ms=1000.0, contiguous_iqr_ms=50.0, channels_last_ms=850.0,
+                              channels_last_iqr_ms=40.0, ratio=0.85, noisy=False),
+            'plain CE (twin alone)': dict(contiguous_ms=800.0, contiguous_iqr_ms=300.0, channels_last_ms=700.0,
+                                          channels_last_iqr_ms=20.0, ratio=0.875, noisy=True)}
+    meta = dict(machine='m', load_before=(1, 1, 1), load_after=(1, 1, 1), minutes=1.0)
+    lines = lines_for({'resnet20_cifar': rows}, meta, argparse.Namespace(batch=8, size=32, repeats=3, clock='cpu'))
+    assert '| Hinton KD | 1000 (50) | 850 (40) | 0.85x |' in lines
+    assert '| plain CE (twin alone) | 800 (300) | 700 (20) | unmeasured (IQR > 25 % of the median) |' in lines
