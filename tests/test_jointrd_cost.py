@@ -1,6 +1,7 @@
 """JointRD's cost work (issue 23): only what the loss reads is computed, the frozen teacher's tails run BN-folded, the
-lean memory mode backpropagates each path early; each keeps the loss and the gradients. And the joint teacher as the
-reference runs it, field by field: teacher step first, tails on running BN statistics, margin refreshed per epoch."""
+lean memory mode backpropagates each path where its gradient joins the twin's; each keeps the loss and the
+gradients. And the joint teacher as the reference runs it, field by field: teacher step first, tails on running BN
+statistics, margin refreshed per epoch."""
 import copy
 import math
 
