@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import pyplot, write_report  # noqa: E402
-from training_cost import MAX_RELATIVE_IQR, make_step, step_arguments  # noqa: E402
+from training_cost import make_step, scattered, step_arguments  # noqa: E402
 
 METHODS = ('plain CE (twin alone)', 'Hinton KD', 'JointRD + fade (default recipe)')
 LAYOUTS = ('contiguous', 'channels_last')
@@ -24,16 +24,14 @@ LAYOUTS = ('contiguous', 'channels_last')
 
 def measure(arch: str, args) -> dict:
     from jointrd_timm.deploy.latency import compare_latency
-    steps = {(m, layout): make_step(m, arch, args.batch, args.size, layout == 'channels_last')
+    steps = {f'{m} | {layout}': make_step(m, arch, args.batch, args.size, layout == 'channels_last')
              for m in METHODS for layout in LAYOUTS}
-    keys = list(steps)
-    timed = compare_latency({f'{m} | {layout}': steps[m, layout] for m, layout in keys}, repeats=args.repeats,
-                            warmup=1, inference=False,
+    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False,
                             clock=time.process_time if args.clock == 'cpu' else time.perf_counter)
     rows = {}
     for m in METHODS:
         base, nhwc = timed[f'{m} | contiguous'], timed[f'{m} | channels_last']
-        noisy = any(t['iqr_ms'] > MAX_RELATIVE_IQR * t['median_ms'] for t in (base, nhwc))
+        noisy = any(scattered(t['median_ms'], t['iqr_ms']) for t in (base, nhwc))
         rows[m] = dict(contiguous_ms=base['median_ms'], contiguous_iqr_ms=base['iqr_ms'],
                        channels_last_ms=nhwc['median_ms'], channels_last_iqr_ms=nhwc['iqr_ms'],
                        ratio=nhwc['median_ms'] / base['median_ms'], noisy=noisy)

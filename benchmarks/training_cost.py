@@ -165,13 +165,17 @@ def measure(arch: str, args) -> dict:
 MAX_RELATIVE_IQR = 0.25
 
 
+def scattered(median_ms: float, iqr_ms: float) -> bool:
+    """Whether a step time is not a measurement by the rule above."""
+    return iqr_ms > MAX_RELATIVE_IQR * median_ms
+
+
 def goal_rows(rows: dict) -> list:
     out = []
     for what, method, reference, limit, kind in GOALS:
         key = 'step_ms' if kind == 'time' else 'peak_mb'
         ratio = rows[method][key] / rows[reference][key]
-        noisy = kind == 'time' and any(rows[m]['iqr_ms'] > MAX_RELATIVE_IQR * rows[m]['step_ms']
-                                       for m in (method, reference))
+        noisy = kind == 'time' and any(scattered(rows[m]['step_ms'], rows[m]['iqr_ms']) for m in (method, reference))
         met = 'unmeasured (IQR > 25 % of the median)' if noisy else ('yes' if ratio <= limit else '**no**')
         out.append(dict(goal=what, method=method, reference=reference, limit=limit, ratio=ratio, met=met))
     return out

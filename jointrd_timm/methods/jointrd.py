@@ -685,7 +685,7 @@ class JointRD(TrainingMethod):
 
         def carry(j, h):
             if lean is not None:  # where path j's gradient joins the twin's, in the caller's backward
-                h = _PathGate.apply(h, lean, j, *(self.connectors[j].parameters() if len(self.connectors) else ()))
+                h = _PathGate.apply(h, lean, j, *self._connector_parameters(j))
             return h if weights is None else scale_grad(h, weights[j] / weights[j - 1])
 
         def run_student():
@@ -707,7 +707,7 @@ class JointRD(TrainingMethod):
             if lean is not None:
                 term = hybrid_term(z_k, f_k, targets, teacher_feature, eta * path_scale / norm, self.config,
                                    self.feature_loss)
-                lean.add(k, term, [h, *(self.connectors[k].parameters() if len(self.connectors) else ())], eager)
+                lean.add(k, term, [h, *self._connector_parameters(k)], eager)
                 z_k, f_k = z_k.detach(), f_k.detach()
             hybrid_logits.append(z_k)
             hybrid_features.append(f_k)
@@ -745,6 +745,10 @@ class JointRD(TrainingMethod):
         if self._teacher_update is not None:
             extra['teacher'] = self._teacher_update.scheduler
         return extra
+
+    def _connector_parameters(self, k: int) -> List[nn.Parameter]:
+        """The parameters of hybrid path k's feature connector (none without connectors)."""
+        return list(self.connectors[k].parameters()) if len(self.connectors) else []
 
     def _sample_paths(self) -> List[int]:
         all_paths = list(range(1, self.num_stages))
