@@ -207,6 +207,17 @@ def test_training_cost_floors_and_goals_are_read_from_the_rows():
     assert goals['one sampled path step']['met'] == 'yes'  # 1.00x
     rows['Hinton KD']['iqr_ms'] = 500  # the reference scatters: no verdict on the time goals that divide by it
     assert goal_rows(rows)[0]['met'].startswith('unmeasured')
+    # with the steps recorded, a time goal reads the rounds: the default recipe is 1.2x KD in every round, whatever
+    # the load of the round (which scatters both medians), so the goal is met
+    load = [1.0, 1.4, 0.8, 1.1, 1.0, 2.0]
+    for m in rows:
+        rows[m]['times_ms'] = [ms[m] * f for f in load]
+    rows['JointRD + fade (default recipe)']['times_ms'] = [1.2 * 1300 * f for f in load]
+    goals = {g['goal']: g for g in goal_rows(rows)}
+    assert goals['default recipe step']['ratio'] == pytest.approx(1.2) and goals['default recipe step']['met'] == 'yes'
+    assert goals['default recipe step']['ratio_iqr'] == pytest.approx(0.0, abs=1e-9)
+    rows['fading twin alone']['times_ms'] = [1000 * f * r for f, r in zip(load, [1.0, 1.6, 0.7, 1.0, 1.5, 0.6])]
+    assert {g['goal']: g for g in goal_rows(rows)}['fading twin alone step']['met'].startswith('unmeasured')
 
 
 def test_channels_last_page_reads_each_ratio_from_its_row_and_flags_scattered_ones():

@@ -10,7 +10,7 @@ from torch import nn
 import jointrd_timm  # noqa: F401
 from jointrd_timm.deploy.export import ExportError, export_model
 from jointrd_timm.deploy.fold import count_batchnorms, fold_for_deployment
-from jointrd_timm.deploy.latency import compare_latency
+from jointrd_timm.deploy.latency import compare_latency, paired_ratio
 from jointrd_timm.deploy.memory import analyze_activation_memory
 
 
@@ -150,6 +150,19 @@ def test_compare_latency_interleaves_and_reports_medians():
     result = compare_latency({k: (lambda k=k: now.__setitem__(0, now[0] + ticks[k])) for k in ticks}, repeats=4,
                              warmup=0, clock=lambda: now[0])
     assert result['a']['median_ms'] == pytest.approx(2.0) and result['b']['median_ms'] == pytest.approx(5.0)
+    assert result['a']['times_ms'] == pytest.approx([2.0] * 4)
+
+
+def test_paired_ratio_reads_the_rounds_not_the_medians():
+    # a machine that slows down for two rounds: b is always 1.2x a, which the ratio of the medians does not show
+    load = [1.0, 1.0, 3.0, 3.0, 1.0]
+    a = [10.0 * f for f in load]
+    b = [12.0 * f for f in load[1:] + load[:1]]  # b's samples of round r ran under load[r + 1]: not paired
+    paired_b = [12.0 * f for f in load]
+    assert paired_ratio(paired_b, a) == pytest.approx(dict(median=1.2, iqr=0.0))
+    assert paired_ratio(b, a)['iqr'] > 0.5
+    with pytest.raises(ValueError, match='same number of rounds'):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_memory_and_export_commands(tmp_path, capsys):

@@ -1,16 +1,17 @@
 """Latency of several models measured side by side: interleaved runs, warm-up, medians.
 
 Timings on a shared machine drift; interleaving (model A, B, C, A, B, C, ... in a rotating order) exposes every
-model to the same drift, and the median of many repeats resists outliers. Report ratios from one call.
+model to the same drift, and the median of many repeats resists outliers. Report ratios from one call; the ratio
+of two runners is best read per round (:func:`paired_ratio`): both ran back to back, under the same load.
 """
 import contextlib
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import torch
 
-__all__ = ['compare_latency']
+__all__ = ['compare_latency', 'paired_ratio']
 
 
 def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 5,
@@ -18,7 +19,7 @@ def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30,
     """``runners``: name -> a no-argument callable doing one inference (or, with ``inference=False``, one training
     step: autograd stays on), run interleaved. ``clock``: wall time by default; ``time.process_time`` counts the
     CPU time of this process instead (all its threads), which other jobs on a shared machine barely change.
-    Returns name -> dict(median_ms, iqr_ms, samples)."""
+    Returns name -> dict(median_ms, iqr_ms, samples, times_ms), ``times_ms`` the samples in round order."""
     names = list(runners)
     with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
@@ -33,6 +34,22 @@ def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30,
                 samples[name].append(1e3 * (clock() - start))
     result = {}
     for name, values in samples.items():
-        q = statistics.quantiles(values, n=4) if len(values) >= 4 else [min(values), 0, max(values)]
-        result[name] = dict(median_ms=statistics.median(values), iqr_ms=q[2] - q[0], samples=len(values))
+        median, iqr = _median_iqr(values)
+        result[name] = dict(median_ms=median, iqr_ms=iqr, samples=len(values), times_ms=list(values))
     return result
+
+
+def _median_iqr(values: Sequence[float]) -> tuple:
+    q = statistics.quantiles(values, n=4) if len(values) >= 4 else [min(values), 0, max(values)]
+    return statistics.median(values), q[2] - q[0]
+
+
+def paired_ratio(times_ms: Sequence[float], reference_ms: Sequence[float]) -> Dict[str, float]:
+    """The ratio of two runners of one :func:`compare_latency` call, round by round: the median and the IQR of
+    ``times_ms[r] / reference_ms[r]``. A slow spell of a shared machine slows both samples of a round alike, so these
+    ratios tend to scatter less than the samples themselves."""
+    if len(times_ms) != len(reference_ms) or not times_ms:
+        raise ValueError(f'paired_ratio needs the same number of rounds on both sides, got {len(times_ms)} and '
+                         f'{len(reference_ms)}.')
+    median, iqr = _median_iqr([a / b for a, b in zip(times_ms, reference_ms)])
+    return dict(median=median, iqr=iqr)
