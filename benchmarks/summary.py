@@ -110,16 +110,16 @@ def cost_lines() -> list:
     lines = []
     record = _load('training_cost')
     if record is not None:
-        from training_cost import scattered  # the page's own rule for a step time that is not a measurement
+        from training_cost import time_ratio  # the page's own ratio and its rule for one that is not a measurement
         lines += ['', '## Training cost per step ([training_cost.md](training_cost.md))', '',
-                  'Step times whose interquartile range exceeds a quarter of their median are not shown (measured '
+                  'Step-time ratios whose interquartile range exceeds a quarter of them are not shown (measured '
                   'on a loaded machine).', '',
                   '| pair | method | step time vs KD | peak memory vs KD |', '|---|---|---|---|']
         archs = record['archs'] if 'archs' in record else {record['meta'].get('arch', ''): record}
         for arch, measured in archs.items():
             for label, r in measured['rows'].items():
-                noisy = scattered(r.get('step_ms', 0), r.get('iqr_ms', 0))
-                time = 'unmeasured' if noisy else f'{r["time_vs_kd"]:.2f}x'
+                ratio, _, noisy = time_ratio(measured['rows'], label, 'Hinton KD')
+                time = 'unmeasured' if noisy else f'{ratio:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
     record = _load('training_cost_channels_last')
     if record is not None:

@@ -175,15 +175,10 @@ def scattered(median_ms: float, iqr_ms: float) -> bool:
 def goal_rows(rows: dict) -> list:
     out = []
     for what, method, reference, limit, kind in GOALS:
-        key = 'step_ms' if kind == 'time' else 'peak_mb'
-        ratio, spread = rows[method][key] / rows[reference][key], None
-        if kind == 'time' and 'times_ms' in rows[method] and 'times_ms' in rows[reference]:
-            # round by round (both steps under the same load): the ratio is the median of these, the noise their IQR
-            paired = paired_ratio(rows[method]['times_ms'], rows[reference]['times_ms'])
-            ratio, spread = paired['median'], paired['iqr']
-            noisy = scattered(ratio, spread)
-        else:  # a record without the samples: the ratio of the medians, unmeasured when either median scatters
-            noisy = kind == 'time' and any(scattered(rows[m]['step_ms'], rows[m]['iqr_ms']) for m in (method, reference))
+        if kind == 'time':
+            ratio, spread, noisy = time_ratio(rows, method, reference)
+        else:
+            ratio, spread, noisy = rows[method]['peak_mb'] / rows[reference]['peak_mb'], None, False
         met = 'unmeasured (IQR > 25 % of the median)' if noisy else ('yes' if ratio <= limit else '**no**')
         out.append(dict(goal=what, method=method, reference=reference, limit=limit, ratio=ratio, ratio_iqr=spread,
                         met=met))
@@ -234,13 +229,23 @@ def verdict_lines(results: dict, shares: dict) -> list:
     return lines
 
 
+def time_ratio(rows: dict, method: str, reference: str) -> tuple:
+    """``method``'s step time over ``reference``'s: ``(ratio, IQR, noisy)``. Where the record holds the steps, round
+    by round (both steps of a round ran under the same load): the median of the per-round ratios, their IQR, noisy
+    when that IQR exceeds a quarter of the ratio. Else the ratio of the medians (IQR None), noisy when either
+    median scatters."""
+    a, b = rows[method], rows[reference]
+    if 'times_ms' in a and 'times_ms' in b:
+        paired = paired_ratio(a['times_ms'], b['times_ms'])
+        return paired['median'], paired['iqr'], scattered(paired['median'], paired['iqr'])
+    noisy = scattered(a['step_ms'], a['iqr_ms']) or scattered(b['step_ms'], b['iqr_ms'])
+    return a['step_ms'] / b['step_ms'], None, noisy
+
+
 def step_ratio(rows: dict, method: str, reference: str) -> str:
-    """``method``'s step over ``reference``'s as the page writes it: the median of the per-round ratios with their
-    IQR where the record holds the steps, else the ratio of the medians."""
-    if 'times_ms' in rows[method] and 'times_ms' in rows[reference]:
-        paired = paired_ratio(rows[method]['times_ms'], rows[reference]['times_ms'])
-        return f'{paired["median"]:.2f}x (IQR {paired["iqr"]:.2f})'
-    return f'{rows[method]["step_ms"] / rows[reference]["step_ms"]:.2f}x'
+    """:func:`time_ratio` as the page writes it."""
+    ratio, spread, _ = time_ratio(rows, method, reference)
+    return f'{ratio:.2f}x' + ('' if spread is None else f' (IQR {spread:.2f})')
 
 
 def fading_floor(rows: dict, reference: str = 'plain CE (twin alone)') -> tuple:
@@ -332,6 +337,10 @@ def write(results, args, load_before, start, meta=None):
                 torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(), clock=args.clock,
                 minutes=round((time.time() - start) / 60, 1))
     out = ROOT / 'benchmarks/results'
+    for rows in results.values():  # the time ratios of the table and the plot, round by round where recorded
+        for m, row in rows.items():
+            row['time_vs_kd'], row['time_vs_kd_iqr'], _ = time_ratio(rows, m, 'Hinton KD')
+            row['time_vs_plain'], row['time_vs_plain_iqr'], _ = time_ratio(rows, m, 'plain CE (twin alone)')
     shares = {a: tail_share(a, args.size) for a in results}  # counted from the architecture, recorded with the run
     payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r), tail_share=shares[a])
                                      for a, r in results.items()})
@@ -341,9 +350,9 @@ def write(results, args, load_before, start, meta=None):
              f'{", ".join(f"{v:.1f}" for v in load_before)} before, {", ".join(f"{v:.1f}" for v in meta["load_after"])}'
              f' after ({meta["minutes"]} min). Step time = '
              + ('CPU time of the process (time.process_time)' if meta.get('clock') == 'cpu' else 'wall time')
-             + f', median of {args.repeats} steps per method, methods interleaved, after one warm-up round (a goal\'s '
-             'time ratio, where the record holds the steps, is the median of the ratios of the two steps of each round, '
-             'with their IQR); peak '
+             + f', median of {args.repeats} steps per method, methods interleaved, after one warm-up round (a time '
+             'ratio, where the record holds the steps, is the median of the ratios of the two steps of each round; the '
+             'goals give its IQR); peak '
              'memory = peak RSS of one step above the state before it, fresh process per method. Command: '
              f'`{meta["command"]}`.', '']
     for arch, r in results.items():
