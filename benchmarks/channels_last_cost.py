@@ -23,7 +23,7 @@ LAYOUTS = ('contiguous', 'channels_last')
 
 
 def measure(arch: str, args) -> dict:
-    from jointrd_timm.deploy.latency import compare_latency
+    from jointrd_timm.deploy.latency import compare_latency, paired_ratio
     steps = {f'{m} | {layout}': make_step(m, arch, args.batch, args.size, layout == 'channels_last')
              for m in METHODS for layout in LAYOUTS}
     timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False,
@@ -31,10 +31,11 @@ def measure(arch: str, args) -> dict:
     rows = {}
     for m in METHODS:
         base, nhwc = timed[f'{m} | contiguous'], timed[f'{m} | channels_last']
-        noisy = any(scattered(t['median_ms'], t['iqr_ms']) for t in (base, nhwc))
+        paired = paired_ratio(nhwc['times_ms'], base['times_ms'])  # round by round: both layouts under one load
         rows[m] = dict(contiguous_ms=base['median_ms'], contiguous_iqr_ms=base['iqr_ms'],
                        channels_last_ms=nhwc['median_ms'], channels_last_iqr_ms=nhwc['iqr_ms'],
-                       ratio=nhwc['median_ms'] / base['median_ms'], noisy=noisy)
+                       ratio=paired['median'], ratio_iqr=paired['iqr'], noisy=scattered(paired['median'], paired['iqr']),
+                       contiguous_times_ms=base['times_ms'], channels_last_times_ms=nhwc['times_ms'])
     return rows
 
 
@@ -46,12 +47,15 @@ def lines_for(results: dict, meta: dict, args) -> list:
              + ('CPU time of the process (time.process_time)' if args.clock == 'cpu' else 'wall time')
              + f', median of {args.repeats} full training steps (forward, backward, SGD) per method and layout, all '
              'interleaved, after one warm-up round. channels_last: the models (teacher included) and the batch '
-             'converted once before the run. Below 1: channels_last is faster.', '']
+             'converted once before the run. Below 1: channels_last is faster. The ratio, where the record holds the '
+             'steps, is the median of the per-round ratios (both layouts of a round ran under the same load), with '
+             'their IQR.', '']
     for arch, rows in results.items():
         lines += [f'## {arch} pair', '', '| method | contiguous ms (IQR) | channels_last ms (IQR) | channels_last / '
                   'contiguous |', '|---|---|---|---|']
         for m, r in rows.items():
-            ratio = 'unmeasured (IQR > 25 % of the median)' if r['noisy'] else f'{r["ratio"]:.2f}x'
+            spread = f' (IQR {r["ratio_iqr"]:.2f})' if r.get('ratio_iqr') is not None else ''
+            ratio = 'unmeasured (IQR > 25 % of the median)' if r['noisy'] else f'{r["ratio"]:.2f}x{spread}'
             lines.append(f'| {m} | {r["contiguous_ms"]:.0f} ({r["contiguous_iqr_ms"]:.0f}) | '
                          f'{r["channels_last_ms"]:.0f} ({r["channels_last_iqr_ms"]:.0f}) | {ratio} |')
         lines.append('')

@@ -231,3 +231,29 @@ def test_channels_last_page_reads_each_ratio_from_its_row_and_flags_scattered_on
     lines = lines_for({'resnet20_cifar': rows}, meta, argparse.Namespace(batch=8, size=32, repeats=3, clock='cpu'))
     assert '| Hinton KD | 1000 (50) | 850 (40) | 0.85x |' in lines
     assert '| plain CE (twin alone) | 800 (300) | 700 (20) | unmeasured (IQR > 25 % of the median) |' in lines
+    rows['Hinton KD']['ratio_iqr'] = 0.03
+    assert '| Hinton KD | 1000 (50) | 850 (40) | 0.85x (IQR 0.03) |' in lines_for({'a': rows}, meta, argparse.Namespace(
+        batch=8, size=32, repeats=3, clock='cpu'))
+
+
+def test_channels_last_ratio_is_read_round_by_round(monkeypatch):
+    """A load that changes from round to round scatters both layouts' medians, not their per-round ratio."""
+    import argparse
+    import channels_last_cost
+    import jointrd_timm.deploy.latency as latency
+    load = [1.0, 2.5, 1.0, 0.6, 1.8, 1.0]
+
+    def fake_compare(steps, **kwargs):
+        out = {}
+        for name in steps:
+            base = 800.0 if name.startswith('plain') else 1000.0
+            times = [base * f * (0.9 if name.endswith('channels_last') else 1.0) for f in load]
+            out[name] = dict(median_ms=sorted(times)[3], iqr_ms=base, times_ms=times)
+        return out
+    monkeypatch.setattr(channels_last_cost, 'make_step', lambda *a: None)
+    monkeypatch.setattr(latency, 'compare_latency', fake_compare)
+    rows = channels_last_cost.measure('resnet20_cifar', argparse.Namespace(batch=8, size=32, repeats=6, clock='cpu'))
+    assert set(rows) == set(channels_last_cost.METHODS)
+    for r in rows.values():
+        assert r['ratio'] == pytest.approx(0.9) and r['ratio_iqr'] == pytest.approx(0.0, abs=1e-12)
+        assert not r['noisy']  # the medians' IQRs (as large as the medians) would have flagged it
