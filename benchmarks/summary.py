@@ -121,6 +121,15 @@ def cost_lines() -> list:
                 ratio, _, noisy = time_ratio(measured['rows'], label, 'Hinton KD')
                 time = 'unmeasured' if noisy else f'{ratio:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
+    record = _load('training_cost_ratios')
+    if record is not None:
+        lines += ['', '## Step ratios with a confidence interval ([training_cost_ratios.md](training_cost_ratios.md))',
+                  '', '| pair | ratio | median | 95 % interval | goal | verdict |', '|---|---|---|---|---|---|']
+        for arch, result in record['archs'].items():
+            for p in result['pairs']:
+                goal = '' if p['limit'] is None else f'<= {p["limit"]:.2f}x'
+                lines.append(f'| {arch} | {p["method"]} / {p["reference"]} | {p["median"]:.3f}x | '
+                             f'{p["low"]:.3f}x - {p["high"]:.3f}x | {goal} | {p["verdict"]} |')
     record = _load('training_cost_channels_last')
     if record is not None:
         lines += ['', '## Training step in channels_last ([training_cost_channels_last.md]'

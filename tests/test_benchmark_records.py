@@ -1,5 +1,6 @@
 """A benchmark results record stays at one pair and budget: runs made at other settings are refused, and a report
 rewrite describes the recorded runs whatever the command line says (benchmarks/cifar_budget.py)."""
+import statistics
 import sys
 from pathlib import Path
 
@@ -257,3 +258,40 @@ def test_channels_last_ratio_is_read_round_by_round(monkeypatch):
     for r in rows.values():
         assert r['ratio'] == pytest.approx(0.9) and r['ratio_iqr'] == pytest.approx(0.0, abs=1e-12)
         assert not r['noisy']  # the medians' IQRs (as large as the medians) would have flagged it
+
+
+def test_step_ratios_read_pairs_round_by_round_with_a_bootstrap_interval(monkeypatch):
+    import argparse
+    import step_ratios
+    from step_ratios import bootstrap_median_interval, pair_rows, verdict
+    assert bootstrap_median_interval([2.0] * 5) == (2.0, 2.0)
+    values = [1.0, 1.1, 0.9, 1.3, 0.7, 1.05, 0.95, 1.2]
+    low, high = bootstrap_median_interval(values)
+    assert low < statistics.median(values) < high and (low, high) == bootstrap_median_interval(values)  # seeded
+    wide = bootstrap_median_interval(values[:4])
+    assert wide[1] - wide[0] >= high - low  # fewer rounds: no narrower
+    with pytest.raises(ValueError, match='at least 2'):
+        bootstrap_median_interval([1.0])
+    assert verdict(1.01, 1.04, 1.05) == 'met' and verdict(1.06, 1.1, 1.05) == '**not met**'
+    assert verdict(1.03, 1.07, 1.05).startswith('undecided') and verdict(0.9, 1.1, None) == ''
+    # a load that changes each round (it scatters every method's median by 2x) and a fixed 1.03x: met at 1.05x
+    load = [1.0, 2.0, 0.7, 1.4, 1.0, 0.8, 1.9, 1.1]
+    times = {'plain CE (twin alone)': [1000 * f for f in load], 'fading twin alone': [1030 * f for f in load],
+             'residual model CE (the teacher alone)': [1080 * f for f in load]}
+    rows = {(r['method'], r['reference']): r for r in pair_rows(times)}
+    assert len(rows) == 3
+    fade = rows[('fading twin alone', 'plain CE (twin alone)')]
+    assert fade['median'] == pytest.approx(1.03) and fade['low'] == pytest.approx(1.03)
+    assert fade['limit'] == 1.05 and fade['verdict'] == 'met'
+    assert rows[('residual model CE (the teacher alone)', 'fading twin alone')]['median'] == pytest.approx(1080 / 1030)
+    assert rows[('residual model CE (the teacher alone)', 'plain CE (twin alone)')]['limit'] is None  # not a goal
+
+    monkeypatch.setattr(step_ratios, 'make_step', lambda *a: None)
+    import jointrd_timm.deploy.latency as latency
+    monkeypatch.setattr(latency, 'compare_latency', lambda steps, **k: {m: dict(times_ms=times[m]) for m in steps})
+    args = argparse.Namespace(batch=8, size=32, repeats=8, clock='cpu', methods=list(times))
+    result = step_ratios.measure('resnet20_cifar', args)
+    assert result['times_ms'] == times
+    meta = dict(machine='m', load_before=(1, 1, 1), load_after=(1, 1, 1), minutes=1.0)
+    lines = step_ratios.lines_for({'resnet20_cifar': result}, meta, args)
+    assert '| fading twin alone / plain CE (twin alone) | 1.030x | 0.000 | 1.030x - 1.030x | 8 | <= 1.05x | met |' in lines

@@ -1,0 +1,145 @@
+"""A few of training_cost's methods side by side with many more repeats, read as ratios with a bootstrap confidence
+interval: for the goals that training_cost's page cannot decide at its repeats (a difference of a few percent, where
+a single step's time scatters by more than that on a shared machine).
+
+Every pair of the given methods (the later one over the earlier one) is read round by round (both steps of a round
+ran under the same load): the median of the per-round ratios, their IQR, and a 95 % percentile-bootstrap interval
+of that median over the rounds. A goal of training_cost (same method and reference) is met when the whole interval
+is at or below its limit, missed when the whole interval is above it, and undecided otherwise.
+
+    python benchmarks/step_ratios.py --arch resnet56_cifar resnet18_cifar --repeats 40 --threads 1 --clock cpu \
+        --methods 'plain CE (twin alone)' 'fading twin alone' 'residual model CE (the teacher alone)'
+Writes benchmarks/results/<name>.{json,md,png} (default name training_cost_ratios).
+"""
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import pyplot, write_report  # noqa: E402
+from training_cost import GOALS, METHODS, make_step, step_arguments  # noqa: E402
+
+DEFAULT_METHODS = ('plain CE (twin alone)', 'fading twin alone', 'residual model CE (the teacher alone)')
+LEVEL = 0.95
+
+
+def bootstrap_median_interval(values: Sequence[float], level: float = LEVEL, draws: int = 4000,
+                              seed: int = 0) -> tuple:
+    """Percentile-bootstrap interval of the median of ``values`` (resampled with replacement, ``draws`` times)."""
+    if len(values) < 2:
+        raise ValueError(f'a bootstrap interval needs at least 2 values, got {len(values)}.')
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    tail = (1 - level) / 2
+    return medians[int(tail * (draws - 1))], medians[int(round((1 - tail) * (draws - 1)))]
+
+
+def verdict(low: float, high: float, limit: Optional[float]) -> str:
+    """A goal ``ratio <= limit`` judged by the interval of the ratio."""
+    if limit is None:
+        return ''
+    if high <= limit:
+        return 'met'
+    if low > limit:
+        return '**not met**'
+    return 'undecided (the interval contains the limit)'
+
+
+def pair_rows(times: dict) -> list:
+    """Every pair of the measured methods (later over earlier, in the order given): the per-round ratio's median,
+    IQR and bootstrap interval, and the verdict on the training_cost goal for that pair, if there is one."""
+    goals = {(method, reference): limit for _, method, reference, limit, kind in GOALS if kind == 'time'}
+    names, rows = list(times), []
+    for i, reference in enumerate(names):
+        for method in names[i + 1:]:
+            ratios = [a / b for a, b in zip(times[method], times[reference])]
+            q = statistics.quantiles(ratios, n=4)
+            low, high = bootstrap_median_interval(ratios)
+            limit = goals.get((method, reference))
+            rows.append(dict(method=method, reference=reference, median=statistics.median(ratios), iqr=q[2] - q[0],
+                             low=low, high=high, rounds=len(ratios), limit=limit, verdict=verdict(low, high, limit)))
+    return rows
+
+
+def measure(arch: str, args) -> dict:
+    from jointrd_timm.deploy.latency import compare_latency
+    steps = {m: make_step(m, arch, args.batch, args.size) for m in args.methods}
+    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False,
+                            clock=time.process_time if args.clock == 'cpu' else time.perf_counter)
+    times = {m: timed[m]['times_ms'] for m in args.methods}
+    return dict(times_ms=times, pairs=pair_rows(times))
+
+
+def lines_for(results: dict, meta: dict, args) -> list:
+    lines = [f'# Training step ratios with a confidence interval: batch {args.batch}, {args.size} px', '',
+             f'Machine: {meta["machine"]}; load average (1, 5, 15 min) '
+             f'{", ".join(f"{v:.1f}" for v in meta["load_before"])} before, '
+             f'{", ".join(f"{v:.1f}" for v in meta["load_after"])} after ({meta["minutes"]} min). Step time = '
+             + ('CPU time of the process (time.process_time)' if args.clock == 'cpu' else 'wall time')
+             + f'; {args.repeats} rounds, each running every method once (rotating order, after one warm-up round). '
+             'Each pair is read round by round: the median of the per-round ratios, their IQR, and a '
+             f'{LEVEL:.0%} percentile-bootstrap interval of that median. A goal of '
+             '[training_cost.md](training_cost.md) is met when the whole interval is at or below its limit. The '
+             'methods are those of training_cost.py (same pair, batch and step).', '']
+    for arch, result in results.items():
+        lines += [f'## {arch} pair', '', f'| ratio | median | IQR | {LEVEL:.0%} interval | rounds | goal | verdict |',
+                  '|---|---|---|---|---|---|---|']
+        for p in result['pairs']:
+            goal = '' if p['limit'] is None else f'<= {p["limit"]:.2f}x'
+            lines.append(f'| {p["method"]} / {p["reference"]} | {p["median"]:.3f}x | {p["iqr"]:.3f} | '
+                         f'{p["low"]:.3f}x - {p["high"]:.3f}x | {p["rounds"]} | {goal} | {p["verdict"]} |')
+        lines.append('')
+    return lines
+
+
+def _plot(results, path):
+    plt = pyplot()
+    labels, medians, errors = [], [], [[], []]
+    for arch, result in results.items():
+        for p in result['pairs']:
+            labels.append(f'{arch}: {p["method"]} / {p["reference"]}')
+            medians.append(p['median'])
+            errors[0].append(p['median'] - p['low'])
+            errors[1].append(p['high'] - p['median'])
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.45 * len(labels)))
+    ax.errorbar(medians, range(len(labels)), xerr=errors, fmt='o', capsize=4)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.axvline(1.0, color='k', lw=0.8)
+    ax.set_xlabel(f'training step time ratio (median of per-round ratios, {LEVEL:.0%} bootstrap interval)')
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format='png')
+    plt.close(fig)
+
+
+def main():
+    parser = step_arguments(__doc__)
+    parser.set_defaults(repeats=40)
+    parser.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), choices=list(METHODS),
+                        metavar='METHOD', help='methods of training_cost.py; every pair is compared')
+    parser.add_argument('--name', default='training_cost_ratios', help='results file stem under benchmarks/results')
+    args = parser.parse_args()
+    if len(args.methods) < 2 or args.repeats < 4:
+        parser.error('need at least two methods and four rounds')
+    torch.set_num_threads(args.threads)
+    load_before, start, results = os.getloadavg(), time.time(), {}
+    for arch in args.arch:  # rewritten after each architecture: a long run keeps what it measured
+        results[arch] = measure(arch, args)
+        meta = dict(machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, '
+                            f'torch {torch.__version__}',
+                    load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
+                    clock=args.clock, methods=args.methods, repeats=args.repeats)
+        lines = lines_for(results, meta, args)
+        write_report(args.name, dict(meta=meta, archs=results), lines, lambda png: _plot(results, png))
+        print('\n'.join(lines), flush=True)
+
+
+if __name__ == '__main__':
+    main()
