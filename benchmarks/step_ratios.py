@@ -68,13 +68,61 @@ def pair_rows(times: dict) -> list:
     return rows
 
 
+def fade_op_overhead(arch: str, batch: int, size: int, repeats: int, clock=time.process_time) -> dict:
+    """What a fading twin's step computes beyond the residual model's, timed op by op at this pair's shapes: per
+    faded shortcut, ``addcmul(branch, shortcut, s)`` (out of place) in the forward and ``grad * s`` in the backward,
+    where the residual block adds in place (timm's ``x += shortcut``) and its backward passes the gradient through.
+    Both sums over all faded shortcuts of one step (each at its block's output shape), interleaved, ``repeats`` times;
+    returns their medians (ms) and the difference."""
+    import timm
+    import jointrd_timm  # noqa: F401
+    from jointrd_timm.twins.fade import FadingGraphBlock
+    twin = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
+    shapes = []  # one per faded shortcut, at its block's output shape
+
+    def faded(block):
+        return sum(1 for n in block.graph.nodes if n.target is torch.addcmul or n.target == 'addcmul_')
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.extend([tuple(o.shape)] * faded(m)))
+             for m in twin.modules() if isinstance(m, FadingGraphBlock)]
+    with torch.no_grad():
+        twin(torch.randn(batch, 3, size, size))
+    for h in hooks:
+        h.remove()
+    s = torch.tensor(0.5)
+    tensors = [(torch.randn(shape), torch.randn(shape), torch.randn(shape)) for shape in shapes]
+
+    def fade_ops():
+        for branch, shortcut, grad in tensors:
+            torch.addcmul(branch, shortcut, s)
+            grad.mul(s)
+
+    def residual_ops():  # adds the same shortcut again each round: the values grow linearly, far from overflow
+        for branch, shortcut, _ in tensors:
+            branch.add_(shortcut)
+    samples = {'fade': [], 'residual': []}
+    runners = {'fade': fade_ops, 'residual': residual_ops}
+    for r in range(repeats + 1):
+        for name in (list(runners) if r % 2 else list(runners)[::-1]):
+            start = clock()
+            runners[name]()
+            if r:  # the first round warms up
+                samples[name].append(1e3 * (clock() - start))
+    fade, residual = statistics.median(samples['fade']), statistics.median(samples['residual'])
+    return dict(shortcuts=len(shapes), fade_ops_ms=fade, residual_ops_ms=residual, extra_ms=fade - residual)
+
+
 def measure(arch: str, args) -> dict:
     from jointrd_timm.deploy.latency import compare_latency
     steps = {m: make_step(m, arch, args.batch, args.size) for m in args.methods}
-    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False,
-                            clock=time.process_time if args.clock == 'cpu' else time.perf_counter)
+    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
+    timed = compare_latency(steps, repeats=args.repeats, warmup=1, inference=False, clock=clock)
     times = {m: timed[m]['times_ms'] for m in args.methods}
-    return dict(times_ms=times, pairs=pair_rows(times))
+    result = dict(times_ms=times, pairs=pair_rows(times))
+    if 'fading twin alone' in times and 'plain CE (twin alone)' in times:
+        ops = fade_op_overhead(arch, args.batch, args.size, max(args.repeats, 30), clock)
+        ops['of_plain_step'] = ops['extra_ms'] / statistics.median(times['plain CE (twin alone)'])
+        result['fade_ops'] = ops
+    return result
 
 
 def lines_for(results: dict, meta: dict, args) -> list:
@@ -95,6 +143,20 @@ def lines_for(results: dict, meta: dict, args) -> list:
             goal = '' if p['limit'] is None else f'<= {p["limit"]:.2f}x'
             lines.append(f'| {p["method"]} / {p["reference"]} | {p["median"]:.3f}x | {p["iqr"]:.3f} | '
                          f'{p["low"]:.3f}x - {p["high"]:.3f}x | {p["rounds"]} | {goal} | {p["verdict"]} |')
+        lines.append('')
+    ops = {arch: r['fade_ops'] for arch, r in results.items() if 'fade_ops' in r}
+    if ops:
+        lines += ['## What the fade adds to the residual model\'s step, op by op', '',
+                  'Mid-fade the fading twin computes the residual network; beyond it, per faded shortcut, one '
+                  '`addcmul(branch, shortcut, s)` (out of place) where the residual block adds in place, and one '
+                  '`grad * s` in the backward where the residual addition passes the gradient through. Timed alone at '
+                  'the pair\'s shapes (the sums over one step\'s shortcuts, interleaved, medians), against the plain '
+                  'twin\'s step of the run above. The fading twin\'s step is the residual model\'s plus this.', '',
+                  '| pair | faded shortcuts | fade ops ms | residual additions ms | extra ms per step | '
+                  'extra / plain twin step |', '|---|---|---|---|---|---|']
+        for arch, o in ops.items():
+            lines.append(f'| {arch} | {o["shortcuts"]} | {o["fade_ops_ms"]:.1f} | {o["residual_ops_ms"]:.1f} | '
+                         f'{o["extra_ms"]:.1f} | {o["of_plain_step"]:.2%} |')
         lines.append('')
     return lines
 

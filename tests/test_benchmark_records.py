@@ -292,6 +292,11 @@ def test_step_ratios_read_pairs_round_by_round_with_a_bootstrap_interval(monkeyp
     args = argparse.Namespace(batch=8, size=32, repeats=8, clock='cpu', methods=list(times))
     result = step_ratios.measure('resnet20_cifar', args)
     assert result['times_ms'] == times
+    ops = result['fade_ops']  # timed for real: the 9 faded shortcuts of resnet20_cifar, at batch 8
+    assert ops['shortcuts'] == 9 and ops['fade_ops_ms'] > 0 and ops['residual_ops_ms'] > 0
+    assert ops['extra_ms'] == pytest.approx(ops['fade_ops_ms'] - ops['residual_ops_ms'])
+    assert ops['of_plain_step'] == pytest.approx(ops['extra_ms'] / 1050)  # the plain twin's median step: 1050 ms
     meta = dict(machine='m', load_before=(1, 1, 1), load_after=(1, 1, 1), minutes=1.0)
     lines = step_ratios.lines_for({'resnet20_cifar': result}, meta, args)
     assert '| fading twin alone / plain CE (twin alone) | 1.030x | 0.000 | 1.030x - 1.030x | 8 | <= 1.05x | met |' in lines
+    assert any(line.startswith('| resnet20_cifar | 9 | ') for line in lines)  # the op-by-op section
