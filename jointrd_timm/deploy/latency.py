@@ -46,8 +46,9 @@ def _median_iqr(values: Sequence[float]) -> tuple:
 
 def paired_ratio(times_ms: Sequence[float], reference_ms: Sequence[float]) -> Dict[str, float]:
     """The ratio of two runners of one :func:`compare_latency` call, round by round: the median and the IQR of
-    ``times_ms[r] / reference_ms[r]``. A slow spell of a shared machine slows both samples of a round alike, so these
-    ratios tend to scatter less than the samples themselves."""
+    ``times_ms[r] / reference_ms[r]``. A load that drifts slowly (from round to round) slows both samples of a round
+    alike and leaves these ratios alone; scatter from one step to the next stays in them, so their IQR is the
+    measure of trust."""
     if len(times_ms) != len(reference_ms) or not times_ms:
         raise ValueError(f'paired_ratio needs the same number of rounds on both sides, got {len(times_ms)} and '
                          f'{len(reference_ms)}.')
