@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -65,8 +66,12 @@ h_k: about one network's forward at three stages of equal cost, 1.5 at four) and
 (resnet18_cifar), where the 1.25x goal is below the count. One sampled path adds about half of that. The fading twin
 alone runs the residual graph (the shortcut additions, the projection shortcuts) while 0 < s < 1, which the plain
 twin does not; its floor is the residual model's own step. Beyond that floor it only multiplies by s inside the
-addition, and it adds out of place where timm's blocks add in place. Step times on a shared machine scatter
-by up to a quarter of their median (the IQR column): differences of a few percent between two rows are within it."""
+addition (and by s again in the backward), and it adds out of place where timm's blocks add in place (torch.fx
+records `x += shortcut` as an addition, so the rewrite cannot tell where overwriting the branch tensor was safe).
+Step times on a shared machine scatter by up to a quarter of their median (the IQR column), step to step, so a
+difference of a few percent between two rows is within it at these repeats: the fading twin's goal is decided on
+[training_cost_ratios.md](training_cost_ratios.md), with many more rounds, a bootstrap interval, and the fade's
+extra work timed op by op."""
 # (what, method, reference method, at most this ratio, 'time' or 'memory')
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
@@ -314,6 +319,8 @@ def main():
     args = parser.parse_args()
     if args.report_only:
         recorded = json.loads((ROOT / f'benchmarks/results/{args.name}.json').read_text())
+        # the page describes the recorded run (its repeats, batch, size, clock), not this command line's defaults
+        args = parser.parse_args(shlex.split(recorded['meta']['command'])[2:] + ['--report-only'])
         args.clock = recorded['meta'].get('clock', 'wall')
         write({a: r['rows'] for a, r in recorded['archs'].items()}, args, recorded['meta']['load_before'], None,
               recorded['meta'])
