@@ -13,43 +13,27 @@ Writes benchmarks/results/<name>.{json,md,png} (default name training_cost_ratio
 """
 import os
 import platform
-import random
+import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import pyplot, write_report  # noqa: E402
-from training_cost import GOALS, METHODS, make_step, step_arguments  # noqa: E402
+from jointrd_timm.deploy.latency import paired_ratio  # noqa: E402
+from training_cost import GOALS, METHODS, interval_verdict, make_step, step_arguments  # noqa: E402
 
 DEFAULT_METHODS = ('plain CE (twin alone)', 'fading twin alone', 'residual model CE (the teacher alone)')
 LEVEL = 0.95
 
 
-def bootstrap_median_interval(values: Sequence[float], level: float = LEVEL, draws: int = 4000,
-                              seed: int = 0) -> tuple:
-    """Percentile-bootstrap interval of the median of ``values`` (resampled with replacement, ``draws`` times)."""
-    if len(values) < 2:
-        raise ValueError(f'a bootstrap interval needs at least 2 values, got {len(values)}.')
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    tail = (1 - level) / 2
-    return medians[int(tail * (draws - 1))], medians[int(round((1 - tail) * (draws - 1)))]
-
-
 def verdict(low: float, high: float, limit: Optional[float]) -> str:
-    """A goal ``ratio <= limit`` judged by the interval of the ratio."""
-    if limit is None:
-        return ''
-    if high <= limit:
-        return 'met'
-    if low > limit:
-        return '**not met**'
-    return 'undecided (the interval contains the limit)'
+    """A goal ``ratio <= limit`` judged by the interval of the ratio (training_cost's rule); '' without a goal."""
+    return '' if limit is None else interval_verdict(low, high, limit)
 
 
 def pair_rows(times: dict) -> list:
@@ -59,12 +43,11 @@ def pair_rows(times: dict) -> list:
     names, rows = list(times), []
     for i, reference in enumerate(names):
         for method in names[i + 1:]:
-            ratios = [a / b for a, b in zip(times[method], times[reference])]
-            q = statistics.quantiles(ratios, n=4)
-            low, high = bootstrap_median_interval(ratios)
+            p = paired_ratio(times[method], times[reference], LEVEL)
             limit = goals.get((method, reference))
-            rows.append(dict(method=method, reference=reference, median=statistics.median(ratios), iqr=q[2] - q[0],
-                             low=low, high=high, rounds=len(ratios), limit=limit, verdict=verdict(low, high, limit)))
+            rows.append(dict(method=method, reference=reference, median=p['median'], iqr=p['iqr'], low=p['low'],
+                             high=p['high'], rounds=len(times[method]), limit=limit,
+                             verdict=verdict(p['low'], p['high'], limit)))
     return rows
 
 
@@ -187,7 +170,17 @@ def main():
     parser.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), choices=list(METHODS),
                         metavar='METHOD', help='methods of training_cost.py; every pair is compared')
     parser.add_argument('--name', default='training_cost_ratios', help='results file stem under benchmarks/results')
+    parser.add_argument('--report-only', action='store_true', help='rewrite the page from the recorded steps')
     args = parser.parse_args()
+    if args.report_only:  # the pairs recomputed from the recorded steps, the page describing the recorded run
+        import json
+        record = json.loads((Path(__file__).resolve().parent / 'results' / f'{args.name}.json').read_text())
+        meta = record['meta']
+        args = parser.parse_args(shlex.split(meta['command'])[2:])
+        results = {arch: dict(r, pairs=pair_rows(r['times_ms'])) for arch, r in record['archs'].items()}
+        write_report(args.name, dict(meta=meta, archs=results), lines_for(results, meta, args),
+                     lambda png: _plot(results, png))
+        return
     if len(args.methods) < 2 or args.repeats < 4:
         parser.error('need at least two methods and four rounds')
     torch.set_num_threads(args.threads)

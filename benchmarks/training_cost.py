@@ -177,16 +177,38 @@ def scattered(median_ms: float, iqr_ms: float) -> bool:
     return iqr_ms > MAX_RELATIVE_IQR * median_ms
 
 
+def interval_verdict(low: float, high: float, limit: float) -> str:
+    """A goal ``ratio <= limit`` judged by an interval of the ratio: met when all of it is at or below the limit,
+    missed when all of it is above, else undecided."""
+    if high <= limit:
+        return 'yes'
+    if low > limit:
+        return '**no**'
+    return 'undecided (the interval contains the limit)'
+
+
 def goal_rows(rows: dict) -> list:
+    """The goals judged on ``rows``. A time goal, where the record holds the steps: by the 95 % bootstrap interval of
+    the per-round ratio's median (unmeasured when the per-round ratios scatter by more than a quarter); else by the
+    ratio of the medians (unmeasured when either scatters). A memory goal: by the ratio of the peaks."""
     out = []
     for what, method, reference, limit, kind in GOALS:
+        interval = None
         if kind == 'time':
             ratio, spread, noisy = time_ratio(rows, method, reference)
+            if 'times_ms' in rows[method] and 'times_ms' in rows[reference]:
+                paired = paired_ratio(rows[method]['times_ms'], rows[reference]['times_ms'])
+                interval = (paired['low'], paired['high'])
         else:
             ratio, spread, noisy = rows[method]['peak_mb'] / rows[reference]['peak_mb'], None, False
-        met = 'unmeasured (IQR > 25 % of the median)' if noisy else ('yes' if ratio <= limit else '**no**')
+        if noisy:
+            met = 'unmeasured (IQR > 25 % of the median)'
+        elif interval is not None:
+            met = interval_verdict(*interval, limit)
+        else:
+            met = 'yes' if ratio <= limit else '**no**'
         out.append(dict(goal=what, method=method, reference=reference, limit=limit, ratio=ratio, ratio_iqr=spread,
-                        met=met))
+                        interval=interval, met=met))
     return out
 
 
@@ -198,7 +220,11 @@ def verdict_lines(results: dict, shares: dict) -> list:
         met = [g['goal'] for g in goals if g['met'] == 'yes']
         missed = [f'{g["goal"]} ({g["ratio"]:.2f}x against {g["limit"]:.2f}x)' for g in goals if g['met'] == '**no**']
         noisy = [g['goal'] for g in goals if g['met'].startswith('unmeasured')]
+        undecided = [f'{g["goal"]} ({g["interval"][0]:.2f}-{g["interval"][1]:.2f}x against {g["limit"]:.2f}x)'
+                     for g in goals if g['met'].startswith('undecided')]
         lines.append(f'- {arch}: met: {", ".join(met) or "none"}; not met: {", ".join(missed) or "none"}'
+                     + (f'; undecided at these rounds (the interval of the ratio contains the limit): '
+                        f'{", ".join(undecided)}' if undecided else '')
                      + (f'; not measured (the step times scatter by more than a quarter of their median, a loaded '
                         f'machine): {", ".join(noisy)}' if noisy else '') + '.')
     lines += ['', '## The fading twin against its floor', '',
@@ -371,7 +397,8 @@ def write(results, args, load_before, start, meta=None):
                          f'{row["time_vs_plain"]:.2f}x | {row["peak_mb"]:.0f} | {row["memory_vs_kd"]:.2f}x |')
         lines += ['', '| goal | measured | limit | met |', '|---|---|---|---|']
         for g in goal_rows(r):
-            spread = '' if g.get('ratio_iqr') is None else f' (IQR {g["ratio_iqr"]:.2f})'
+            spread = '' if g.get('ratio_iqr') is None else f' (IQR {g["ratio_iqr"]:.2f}, 95 % interval ' \
+                f'{g["interval"][0]:.2f}-{g["interval"][1]:.2f}x)'
             lines.append(f'| {g["goal"]} ({g["method"]} / {g["reference"]}) | {g["ratio"]:.2f}x{spread} | '
                          f'{g["limit"]:.2f}x | {g["met"]} |')
         lines.append('')

@@ -159,8 +159,9 @@ def test_paired_ratio_reads_the_rounds_not_the_medians():
     a = [10.0 * f for f in load]
     b = [12.0 * f for f in load[1:] + load[:1]]  # b's samples of round r ran under load[r + 1]: not paired
     paired_b = [12.0 * f for f in load]
-    assert paired_ratio(paired_b, a) == pytest.approx(dict(median=1.2, iqr=0.0))
-    assert paired_ratio(b, a)['iqr'] > 0.5
+    assert paired_ratio(paired_b, a) == pytest.approx(dict(median=1.2, iqr=0.0, low=1.2, high=1.2))
+    unpaired = paired_ratio(b, a)
+    assert unpaired['iqr'] > 0.5 and unpaired['low'] < unpaired['median'] < unpaired['high']
     with pytest.raises(ValueError, match='same number of rounds'):
         paired_ratio([1.0, 2.0], [1.0])
 

@@ -5,13 +5,14 @@ model to the same drift, and the median of many repeats resists outliers. Report
 of two runners is best read per round (:func:`paired_ratio`): both ran back to back, under the same load.
 """
 import contextlib
+import random
 import statistics
 import time
 from typing import Callable, Dict, Sequence
 
 import torch
 
-__all__ = ['compare_latency', 'paired_ratio']
+__all__ = ['compare_latency', 'paired_ratio', 'bootstrap_median_interval']
 
 
 def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 5,
@@ -44,13 +45,27 @@ def _median_iqr(values: Sequence[float]) -> tuple:
     return statistics.median(values), q[2] - q[0]
 
 
-def paired_ratio(times_ms: Sequence[float], reference_ms: Sequence[float]) -> Dict[str, float]:
+def bootstrap_median_interval(values: Sequence[float], level: float = 0.95, draws: int = 4000,
+                              seed: int = 0) -> tuple:
+    """Percentile-bootstrap interval of the median of ``values`` (resampled with replacement ``draws`` times, seeded:
+    the same values give the same interval)."""
+    if len(values) < 2:
+        raise ValueError(f'a bootstrap interval needs at least 2 values, got {len(values)}.')
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    tail = (1 - level) / 2
+    return medians[int(tail * (draws - 1))], medians[int(round((1 - tail) * (draws - 1)))]
+
+
+def paired_ratio(times_ms: Sequence[float], reference_ms: Sequence[float], level: float = 0.95) -> Dict[str, float]:
     """The ratio of two runners of one :func:`compare_latency` call, round by round: the median and the IQR of
-    ``times_ms[r] / reference_ms[r]``. A load that drifts slowly (from round to round) slows both samples of a round
-    alike and leaves these ratios alone; scatter from one step to the next stays in them, so their IQR is the
-    measure of trust."""
-    if len(times_ms) != len(reference_ms) or not times_ms:
-        raise ValueError(f'paired_ratio needs the same number of rounds on both sides, got {len(times_ms)} and '
-                         f'{len(reference_ms)}.')
-    median, iqr = _median_iqr([a / b for a, b in zip(times_ms, reference_ms)])
-    return dict(median=median, iqr=iqr)
+    ``times_ms[r] / reference_ms[r]``, and the ``level`` bootstrap interval of that median (``low``, ``high``). A load
+    that drifts slowly (from round to round) slows both samples of a round alike and leaves these ratios alone;
+    scatter from one step to the next stays in them, which the IQR and the interval show."""
+    if len(times_ms) != len(reference_ms) or len(times_ms) < 2:
+        raise ValueError(f'paired_ratio needs the same number of rounds (at least 2) on both sides, got '
+                         f'{len(times_ms)} and {len(reference_ms)}.')
+    ratios = [a / b for a, b in zip(times_ms, reference_ms)]
+    median, iqr = _median_iqr(ratios)
+    low, high = bootstrap_median_interval(ratios, level)
+    return dict(median=median, iqr=iqr, low=low, high=high)
