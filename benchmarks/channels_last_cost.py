@@ -6,17 +6,13 @@ rests on for the device it was measured on.
     python benchmarks/channels_last_cost.py --arch resnet56_cifar resnet18_cifar --threads 1 --clock cpu
 Writes benchmarks/results/training_cost_channels_last.{json,md,png}.
 """
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import pyplot, write_report  # noqa: E402
-from training_cost import make_step, scattered, step_arguments  # noqa: E402
+from report import pyplot  # noqa: E402
+from training_cost import make_step, measure_each_arch, run_header, scattered, step_arguments  # noqa: E402
 
 METHODS = ('plain CE (twin alone)', 'Hinton KD', 'JointRD + fade (default recipe)')
 LAYOUTS = ('contiguous', 'channels_last')
@@ -41,10 +37,7 @@ def measure(arch: str, args) -> dict:
 
 def lines_for(results: dict, meta: dict, args) -> list:
     lines = [f'# Training step in channels_last: batch {args.batch}, {args.size} px', '',
-             f'Machine: {meta["machine"]}; load average (1, 5, 15 min) '
-             f'{", ".join(f"{v:.1f}" for v in meta["load_before"])} before, '
-             f'{", ".join(f"{v:.1f}" for v in meta["load_after"])} after ({meta["minutes"]} min). Step time = '
-             + ('CPU time of the process (time.process_time)' if args.clock == 'cpu' else 'wall time')
+             run_header(meta, args.clock)
              + f', median of {args.repeats} full training steps (forward, backward, SGD) per method and layout, all '
              'interleaved, after one warm-up round. channels_last: the models (teacher included) and the batch '
              'converted once before the run. Below 1: channels_last is faster. The ratio, where the record holds the '
@@ -79,17 +72,7 @@ def main():
     parser = step_arguments(__doc__)
     parser.add_argument('--name', default='training_cost_channels_last')
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before, start, results = os.getloadavg(), time.time(), {}
-    for arch in args.arch:  # rewritten after each architecture: a long run keeps what it measured
-        results[arch] = measure(arch, args)
-        meta = dict(machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, '
-                            f'torch {torch.__version__}',
-                    load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
-                    clock=args.clock)
-        lines = lines_for(results, meta, args)
-        write_report(args.name, dict(meta=meta, archs=results), lines, lambda png: _plot(results, png))
-        print('\n'.join(lines), flush=True)
+    measure_each_arch(args, measure, lines_for, _plot)
 
 
 if __name__ == '__main__':

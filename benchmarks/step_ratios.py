@@ -11,8 +11,6 @@ is at or below its limit, missed when the whole interval is above it, and undeci
         --methods 'plain CE (twin alone)' 'fading twin alone' 'residual model CE (the teacher alone)'
 Writes benchmarks/results/<name>.{json,md,png} (default name training_cost_ratios).
 """
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -25,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import pyplot, write_report  # noqa: E402
 from jointrd_timm.deploy.latency import paired_ratio  # noqa: E402
-from training_cost import GOALS, METHODS, interval_verdict, make_step, step_arguments  # noqa: E402
+from training_cost import (GOALS, METHODS, interval_verdict, make_step, measure_each_arch, run_header,  # noqa: E402
+                           step_arguments)
 
 DEFAULT_METHODS = ('plain CE (twin alone)', 'fading twin alone', 'residual model CE (the teacher alone)')
 LEVEL = 0.95
@@ -110,10 +109,7 @@ def measure(arch: str, args) -> dict:
 
 def lines_for(results: dict, meta: dict, args) -> list:
     lines = [f'# Training step ratios with a confidence interval: batch {args.batch}, {args.size} px', '',
-             f'Machine: {meta["machine"]}; load average (1, 5, 15 min) '
-             f'{", ".join(f"{v:.1f}" for v in meta["load_before"])} before, '
-             f'{", ".join(f"{v:.1f}" for v in meta["load_after"])} after ({meta["minutes"]} min). Step time = '
-             + ('CPU time of the process (time.process_time)' if args.clock == 'cpu' else 'wall time')
+             run_header(meta, args.clock)
              + f'; {args.repeats} rounds, each running every method once (rotating order, after one warm-up round). '
              'Each pair is read round by round: the median of the per-round ratios, their IQR, and a '
              f'{LEVEL:.0%} percentile-bootstrap interval of that median. A goal of '
@@ -183,18 +179,7 @@ def main():
         return
     if len(args.methods) < 2 or args.repeats < 4:
         parser.error('need at least two methods and four rounds')
-    torch.set_num_threads(args.threads)
-    load_before, start, results = os.getloadavg(), time.time(), {}
-    for arch in args.arch:  # rewritten after each architecture: a long run keeps what it measured
-        results[arch] = measure(arch, args)
-        meta = dict(machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, '
-                            f'torch {torch.__version__}',
-                    load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
-                    clock=args.clock, methods=args.methods, repeats=args.repeats)
-        lines = lines_for(results, meta, args)
-        write_report(args.name, dict(meta=meta, archs=results), lines, lambda png: _plot(results, png))
-        print('\n'.join(lines), flush=True)
-
+    measure_each_arch(args, measure, lines_for, _plot, methods=args.methods, repeats=args.repeats)
 
 if __name__ == '__main__':
     main()

@@ -337,6 +337,30 @@ def step_arguments(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def run_header(meta: dict, clock: str) -> str:
+    """The opening of a step-cost page: machine, load average before and after, minutes, clock."""
+    return (f'Machine: {meta["machine"]}; load average (1, 5, 15 min) '
+            f'{", ".join(f"{v:.1f}" for v in meta["load_before"])} before, '
+            f'{", ".join(f"{v:.1f}" for v in meta["load_after"])} after ({meta["minutes"]} min). Step time = '
+            + ('CPU time of the process (time.process_time)' if clock == 'cpu' else 'wall time'))
+
+
+def measure_each_arch(args, measure, lines_for, plot, out: Path = ROOT / 'benchmarks/results', **meta_fields) -> None:
+    """Run ``measure(arch, args)`` for each ``args.arch`` in turn; after each, write the record (``meta``, ``archs``),
+    the page ``lines_for(results, meta, args)`` and the plot, so a long run keeps what it measured."""
+    torch.set_num_threads(args.threads)
+    load_before, start, results = os.getloadavg(), time.time(), {}
+    for arch in args.arch:
+        results[arch] = measure(arch, args)
+        meta = dict(machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, '
+                            f'torch {torch.__version__}',
+                    load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
+                    clock=args.clock, **meta_fields)
+        lines = lines_for(results, meta, args)
+        write_report(args.name, dict(meta=meta, archs=results), lines, lambda png: plot(results, png), out)
+        print('\n'.join(lines), flush=True)
+
+
 def main():
     parser = step_arguments(__doc__)
     parser.add_argument('--channels-last', action='store_true', help='models and batch in channels_last')

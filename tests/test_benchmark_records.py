@@ -308,3 +308,25 @@ def test_step_ratios_read_pairs_round_by_round_with_a_bootstrap_interval(monkeyp
     lines = step_ratios.lines_for({'resnet20_cifar': result}, meta, args)
     assert '| fading twin alone / plain CE (twin alone) | 1.030x | 0.000 | 1.030x - 1.030x | 8 | <= 1.05x | yes |' in lines
     assert any(line.startswith('| resnet20_cifar | 9 | ') for line in lines)  # the op-by-op section
+
+
+def test_step_cost_benchmarks_write_their_record_after_each_pair(tmp_path):
+    import argparse
+    import json
+    from training_cost import measure_each_arch, run_header
+    seen = []
+
+    def measure(arch, args):
+        seen.append(arch)
+        return dict(step_ms=len(seen))
+
+    def lines_for(results, meta, args):
+        return [run_header(meta, args.clock), *(f'{a}: {r["step_ms"]}' for a, r in results.items())]
+    args = argparse.Namespace(arch=['a', 'b'], threads=1, clock='cpu', name='probe')
+    measure_each_arch(args, measure, lines_for, lambda results, png: png.write_bytes(b'png'), tmp_path, repeats=3)
+    record = json.loads((tmp_path / 'probe.json').read_text())
+    assert record['archs'] == {'a': dict(step_ms=1), 'b': dict(step_ms=2)} and seen == ['a', 'b']
+    assert record['meta']['repeats'] == 3 and record['meta']['clock'] == 'cpu' and '1 threads' in record['meta']['machine']
+    page = (tmp_path / 'probe.md').read_text()
+    assert 'Step time = CPU time of the process' in page and 'b: 2' in page
+    assert (tmp_path / 'probe.png').read_bytes() == b'png'
