@@ -121,9 +121,9 @@ def cost_lines() -> list:
                 ratio, _, noisy = time_ratio(measured['rows'], label, 'Hinton KD')
                 time = 'unmeasured' if noisy else f'{ratio:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
-    record = _load('training_cost_ratios')
-    if record is not None:
-        lines += ['', '## Step ratios with a confidence interval ([training_cost_ratios.md](training_cost_ratios.md))',
+    for path in sorted(RESULTS.glob('training_cost_ratios*.json')):  # one page per step_ratios run
+        record = json.loads(path.read_text())
+        lines += ['', f'## Step ratios with a confidence interval ([{path.stem}.md]({path.stem}.md))',
                   '', '| pair | ratio | median | 95 % interval | goal | verdict |', '|---|---|---|---|---|---|']
         for arch, result in record['archs'].items():
             for p in result['pairs']:
