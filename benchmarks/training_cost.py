@@ -244,7 +244,8 @@ def verdict_lines(results: dict, shares: dict) -> list:
               'plain CE), and the count of the section below (the fading twin\'s step + the tails\' forward and '
               'input-gradient backward, each the tails\' FLOPs share of a teacher forward times one teacher forward, '
               'Hinton KD - plain CE: the forward KD adds). The share is counted, not timed: about 1 at three stages '
-              'of equal cost, 1.5 at four.', '',
+              'of equal cost, 1.5 at four. Sums of parts need the medians, so this table divides medians: it can '
+              'differ from the goal\'s per-round ratio above by the scatter.', '',
               '| pair | default recipe / KD | sum of its parts / KD | the count / KD | goal |', '|---|---|---|---|---|']
     for arch, rows in results.items():
         f = default_floors(rows, shares[arch])
