@@ -71,7 +71,7 @@ records `x += shortcut` as an addition, so the rewrite cannot tell where overwri
 Step times on a shared machine scatter by up to a quarter of their median (the IQR column), step to step, so a
 difference of a few percent between two rows is within it at these repeats: the fading twin's goal is decided on
 [training_cost_ratios.md](training_cost_ratios.md), with many more rounds, a bootstrap interval, and the fade's
-extra work timed op by op."""
+extra work timed op by op; one sampled path's on [training_cost_ratios_sampled.md](training_cost_ratios_sampled.md)."""
 # (what, method, reference method, at most this ratio, 'time' or 'memory')
 GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD', 1.25, 'time'),
          ('one sampled path step', 'JointRD (1 sampled path)', 'Hinton KD', 1.05, 'time'),
