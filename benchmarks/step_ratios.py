@@ -58,12 +58,12 @@ def fade_op_overhead(arch: str, batch: int, size: int, repeats: int, clock=time.
     returns their medians (ms) and the difference."""
     import timm
     import jointrd_timm  # noqa: F401
-    from jointrd_timm.twins.fade import FadingGraphBlock
+    from jointrd_timm.twins.fade import FadingGraphBlock, _is_fade
     twin = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
     shapes = []  # one per faded shortcut, at its block's output shape
 
     def faded(block):
-        return sum(1 for n in block.graph.nodes if n.target is torch.addcmul or n.target == 'addcmul_')
+        return sum(1 for n in block.graph.nodes if _is_fade(n))
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.extend([tuple(o.shape)] * faded(m)))
              for m in twin.modules() if isinstance(m, FadingGraphBlock)]
     with torch.no_grad():
@@ -171,8 +171,9 @@ def main():
     if args.report_only:  # the pairs recomputed from the recorded steps, the page describing the recorded run
         import json
         record = json.loads((Path(__file__).resolve().parent / 'results' / f'{args.name}.json').read_text())
-        meta = record['meta']
+        meta, name = record['meta'], args.name
         args = parser.parse_args(shlex.split(meta['command'])[2:])
+        args.name = name  # the record read, whatever name its command line gave (or left to the default)
         results = {arch: dict(r, pairs=pair_rows(r['times_ms'])) for arch, r in record['archs'].items()}
         write_report(args.name, dict(meta=meta, archs=results), lines_for(results, meta, args),
                      lambda png: _plot(results, png))

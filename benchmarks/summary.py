@@ -118,7 +118,7 @@ def cost_lines() -> list:
         archs = record['archs'] if 'archs' in record else {record['meta'].get('arch', ''): record}
         for arch, measured in archs.items():
             for label, r in measured['rows'].items():
-                ratio, _, noisy = time_ratio(measured['rows'], label, 'Hinton KD')
+                ratio, _, noisy, _ = time_ratio(measured['rows'], label, 'Hinton KD')
                 time = 'unmeasured' if noisy else f'{ratio:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
     for path in sorted(RESULTS.glob('training_cost_ratios*.json')):  # one page per step_ratios run

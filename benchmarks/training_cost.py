@@ -193,14 +193,10 @@ def goal_rows(rows: dict) -> list:
     ratio of the medians (unmeasured when either scatters). A memory goal: by the ratio of the peaks."""
     out = []
     for what, method, reference, limit, kind in GOALS:
-        interval = None
         if kind == 'time':
-            ratio, spread, noisy = time_ratio(rows, method, reference)
-            if 'times_ms' in rows[method] and 'times_ms' in rows[reference]:
-                paired = paired_ratio(rows[method]['times_ms'], rows[reference]['times_ms'])
-                interval = (paired['low'], paired['high'])
+            ratio, spread, noisy, interval = time_ratio(rows, method, reference)
         else:
-            ratio, spread, noisy = rows[method]['peak_mb'] / rows[reference]['peak_mb'], None, False
+            ratio, spread, noisy, interval = rows[method]['peak_mb'] / rows[reference]['peak_mb'], None, False, None
         if noisy:
             met = 'unmeasured (IQR > 25 % of the median)'
         elif interval is not None:
@@ -262,21 +258,22 @@ def verdict_lines(results: dict, shares: dict) -> list:
 
 
 def time_ratio(rows: dict, method: str, reference: str) -> tuple:
-    """``method``'s step time over ``reference``'s: ``(ratio, IQR, noisy)``. Where the record holds the steps, round
-    by round (both steps of a round ran under the same load): the median of the per-round ratios, their IQR, noisy
-    when that IQR exceeds a quarter of the ratio. Else the ratio of the medians (IQR None), noisy when either
-    median scatters."""
+    """``method``'s step time over ``reference``'s: ``(ratio, IQR, noisy, interval)``. Where the record holds the
+    steps, round by round (both steps of a round ran under the same load): the median of the per-round ratios, their
+    IQR, noisy when that IQR exceeds a quarter of the ratio, and the 95 % bootstrap interval of the median. Else the
+    ratio of the medians (IQR and interval None), noisy when either median scatters."""
     a, b = rows[method], rows[reference]
     if 'times_ms' in a and 'times_ms' in b:
         paired = paired_ratio(a['times_ms'], b['times_ms'])
-        return paired['median'], paired['iqr'], scattered(paired['median'], paired['iqr'])
+        return (paired['median'], paired['iqr'], scattered(paired['median'], paired['iqr']),
+                (paired['low'], paired['high']))
     noisy = scattered(a['step_ms'], a['iqr_ms']) or scattered(b['step_ms'], b['iqr_ms'])
-    return a['step_ms'] / b['step_ms'], None, noisy
+    return a['step_ms'] / b['step_ms'], None, noisy, None
 
 
 def step_ratio(rows: dict, method: str, reference: str) -> str:
     """:func:`time_ratio` as the page writes it."""
-    ratio, spread, _ = time_ratio(rows, method, reference)
+    ratio, spread, _, _ = time_ratio(rows, method, reference)
     return f'{ratio:.2f}x' + ('' if spread is None else f' (IQR {spread:.2f})')
 
 
@@ -371,8 +368,9 @@ def main():
     if args.report_only:
         recorded = json.loads((ROOT / f'benchmarks/results/{args.name}.json').read_text())
         # the page describes the recorded run (its repeats, batch, size, clock), not this command line's defaults
+        name = args.name
         args = parser.parse_args(shlex.split(recorded['meta']['command'])[2:] + ['--report-only'])
-        args.clock = recorded['meta'].get('clock', 'wall')
+        args.clock, args.name = recorded['meta'].get('clock', 'wall'), name
         write({a: r['rows'] for a, r in recorded['archs'].items()}, args, recorded['meta']['load_before'], None,
               recorded['meta'])
         return
@@ -397,8 +395,8 @@ def write(results, args, load_before, start, meta=None):
     out = ROOT / 'benchmarks/results'
     for rows in results.values():  # the time ratios of the table and the plot, round by round where recorded
         for m, row in rows.items():
-            row['time_vs_kd'], row['time_vs_kd_iqr'], _ = time_ratio(rows, m, 'Hinton KD')
-            row['time_vs_plain'], row['time_vs_plain_iqr'], _ = time_ratio(rows, m, 'plain CE (twin alone)')
+            row['time_vs_kd'], row['time_vs_kd_iqr'], _, _ = time_ratio(rows, m, 'Hinton KD')
+            row['time_vs_plain'], row['time_vs_plain_iqr'], _, _ = time_ratio(rows, m, 'plain CE (twin alone)')
     shares = {a: tail_share(a, args.size) for a in results}  # counted from the architecture, recorded with the run
     payload = dict(meta=meta, archs={a: dict(rows=r, goals=goal_rows(r), tail_share=shares[a])
                                      for a, r in results.items()})
