@@ -170,7 +170,10 @@ def main():
     args = parser.parse_args()
     if args.report_only:  # the pairs recomputed from the recorded steps, the page describing the recorded run
         import json
-        record = json.loads((Path(__file__).resolve().parent / 'results' / f'{args.name}.json').read_text())
+        path = Path(__file__).resolve().parent / 'results' / f'{args.name}.json'
+        if not path.is_file():
+            parser.error(f'--report-only: no record {path}; run the benchmark first or give the --name of a record.')
+        record = json.loads(path.read_text())
         meta, name = record['meta'], args.name
         args = parser.parse_args(shlex.split(meta['command'])[2:])
         args.name = name  # the record read, whatever name its command line gave (or left to the default)
@@ -179,7 +182,8 @@ def main():
                      lambda png: _plot(results, png))
         return
     if len(args.methods) < 2 or args.repeats < 4:
-        parser.error('need at least two methods and four rounds')
+        parser.error(f'need at least two methods (got {len(args.methods)}) and four rounds (--repeats, got '
+                     f'{args.repeats}): every pair is read round by round.')
     measure_each_arch(args, measure, lines_for, _plot, methods=args.methods, repeats=args.repeats)
 
 if __name__ == '__main__':

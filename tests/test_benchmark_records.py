@@ -1,5 +1,6 @@
 """A benchmark results record stays at one pair and budget: runs made at other settings are refused, and a report
 rewrite describes the recorded runs whatever the command line says (benchmarks/cifar_budget.py)."""
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -330,3 +331,17 @@ def test_step_cost_benchmarks_write_their_record_after_each_pair(tmp_path):
     page = (tmp_path / 'probe.md').read_text()
     assert 'Step time = CPU time of the process' in page and 'b: 2' in page
     assert (tmp_path / 'probe.png').read_bytes() == b'png'
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--methods', 'Hinton KD'], r'at least two methods \(got 1\)'),
+    (['--repeats', '3'], r'four rounds \(--repeats, got 3\)'),
+    (['--report-only', '--name', 'no_such_record'], 'no record .*no_such_record.json'),
+])
+def test_step_ratios_refuses_bad_command_lines_before_measuring(argv, message, monkeypatch, capsys):
+    import step_ratios
+    monkeypatch.setattr(step_ratios, 'measure_each_arch', lambda *a, **k: pytest.fail('measured'))
+    monkeypatch.setattr(sys, 'argv', ['step_ratios.py', *argv])
+    with pytest.raises(SystemExit):
+        step_ratios.main()
+    assert re.search(message, capsys.readouterr().err)
