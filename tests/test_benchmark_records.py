@@ -229,6 +229,51 @@ def test_training_cost_floors_and_goals_are_read_from_the_rows():
     assert {g['goal']: g for g in goal_rows(rows)}['fading twin alone step']['met'] == '**no**'
 
 
+def test_training_cost_goals_take_the_verdict_of_the_run_with_most_rounds(tmp_path):
+    """A time goal training_cost leaves undecided is judged by the step_ratios record that read the same pair with the
+    most rounds, at the same batch and image size only; a goal decided on the page keeps its own verdict."""
+    import json
+    from training_cost import METHODS, goal_rows, more_rounds, verdict_lines
+
+    def record(name, batch, pairs):
+        command = f"python benchmarks/step_ratios.py --arch resnet56_cifar --repeats 9 --batch {batch} --name {name}"
+        (tmp_path / f'{name}.json').write_text(json.dumps(dict(
+            meta=dict(command=command), archs=dict(resnet56_cifar=dict(pairs=pairs)))))
+
+    def pair(method, reference, median, low, high, rounds, verdict):
+        return dict(method=method, reference=reference, median=median, low=low, high=high, rounds=rounds,
+                    verdict=verdict, iqr=0.01, limit=1.05)
+    fade, plain, kd = 'fading twin alone', 'plain CE (twin alone)', 'Hinton KD'
+    record('training_cost_ratios', 128, [pair(fade, plain, 1.04, 1.02, 1.049, 50, 'yes')])
+    record('training_cost_ratios_short', 128, [pair(fade, plain, 1.09, 1.06, 1.1, 20, '**no**'),
+                                                pair('JointRD (1 sampled path)', kd, 1.1, 1.07, 1.12, 20, '**no**')])
+    record('training_cost_ratios_big', 256, [pair(fade, plain, 0.9, 0.8, 0.95, 90, 'yes'),
+                                             pair('JointRD + fade (default recipe)', kd, 2, 1.9, 2.1, 90, '**no**')])
+    record('other_page', 128, [pair('JointRD + fade (default recipe)', kd, 2, 1.9, 2.1, 90, '**no**')])
+    longer = more_rounds(tmp_path, 128, 32)
+    # the 50-round reading wins over the 20-round one; the batch-256 record and a page of another name are not read
+    assert set(longer) == {('resnet56_cifar', 'fading twin alone step'), ('resnet56_cifar', 'one sampled path step')}
+    assert longer['resnet56_cifar', 'fading twin alone step']['rounds'] == 50
+    assert more_rounds(tmp_path, 128, 64) == {}
+    ms = dict.fromkeys(METHODS, 1000.0)
+    ms.update({kd: 1300.0, 'JointRD + fade (default recipe)': 1500.0})
+    rows = {m: dict(step_ms=v, iqr_ms=0.01 * v, peak_mb=100.0, times_ms=[v * f for f in (1.0, 1.1, 0.9, 1.05)])
+            for m, v in ms.items()}
+    rows[fade]['times_ms'] = [1000 * f for f in (1.02, 1.1, 0.95, 1.01)]  # 0.95-1.1x: undecided on the page
+    assert {g['goal']: g for g in goal_rows(rows)}['fading twin alone step']['met'].startswith('undecided')
+    glance = next(line for line in verdict_lines(dict(resnet56_cifar=rows), dict(resnet56_cifar=1.0), longer)
+                  if line.startswith('- resnet56_cifar'))
+    met, rest = glance.split('; not met: ')
+    assert 'fading twin alone step (50 rounds, [training_cost_ratios.md](training_cost_ratios.md))' in met
+    # one sampled path is 0.77x KD in every round here, met on the page: the longer run's **no** does not override it
+    assert 'one sampled path step,' in met and 'default recipe step' in met
+    assert rest == 'none.'  # nothing missed, nothing left undecided
+    lines = verdict_lines(dict(resnet56_cifar=rows), dict(resnet56_cifar=1.0), longer)
+    table = [line for line in lines if line.startswith('| resnet56_cifar | ')][:2]
+    assert table[0].startswith('| resnet56_cifar | one sampled path step | 0.77x (0.77-0.77x), yes | 1.100x')
+    assert '| 1.040x (1.020-1.049x) | 50 | yes | [training_cost_ratios.md]' in table[1]
+
+
 def test_channels_last_page_reads_each_ratio_from_its_row_and_flags_scattered_ones():
     import argparse
     from channels_last_cost import lines_for
