@@ -30,8 +30,8 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_
 REFERENCE_JOINTRD = MappingProxyType(dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))
 _IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
 
-_RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power', 'dirac',
-                  'keep_projection_shortcuts')
+_RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
+                  'shortcut_fade_mode', 'dirac', 'keep_projection_shortcuts')
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ class Recipe:
         shortcut_fade: fraction of the run over which the twin's shortcuts fade from 1 to 0 (None: a plain twin
             from the start). With teacher init, the twin starts as the teacher exactly.
         shortcut_fade_window, shortcut_fade_power: the staggered / powered fade (``methods.schedules``).
+        shortcut_fade_mode: what the fade scales: 'scale' (the shortcut) or 'share' (its size relative to the
+            branch; ``methods.fading.ShortcutFade``).
         dirac: Dirac-parametrised convs (folded before deployment).
         keep_projection_shortcuts: the paper's plain-CNN variant, which keeps the projection shortcuts.
         jointrd: :class:`JointRDConfig` fields that differ from the schedule's reference settings.
@@ -118,6 +120,7 @@ class Recipe:
     shortcut_fade: Optional[float] = 0.8
     shortcut_fade_window: float = 1.0
     shortcut_fade_power: float = 1.0
+    shortcut_fade_mode: str = 'scale'
     dirac: bool = False
     keep_projection_shortcuts: bool = False
     jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
@@ -159,6 +162,8 @@ class Recipe:
                 fields['shortcut_fade_window'] = self.shortcut_fade_window
             if self.shortcut_fade_power != 1.0:
                 fields['shortcut_fade_power'] = self.shortcut_fade_power
+            if self.shortcut_fade_mode != 'scale':
+                fields['shortcut_fade_mode'] = self.shortcut_fade_mode
         return fields
 
     def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD) -> JointRDConfig:
@@ -216,6 +221,8 @@ class Recipe:
             kwargs['shortcut_fade_window'] = self.shortcut_fade_window
         if self.shortcut_fade_power != 1.0:
             kwargs['shortcut_fade_power'] = self.shortcut_fade_power
+        if self.shortcut_fade_mode != 'scale':
+            kwargs['shortcut_fade_mode'] = self.shortcut_fade_mode
         if self.init_from_teacher and teacher_checkpoint:
             kwargs['teacher_checkpoint'] = str(teacher_checkpoint)
         return dict(key='fading_model', kwargs=kwargs)

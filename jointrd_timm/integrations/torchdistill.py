@@ -27,7 +27,7 @@ from torchdistill.losses.registry import register_mid_level_loss
 from torchdistill.models.registry import register_model
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
-from ..methods.base import start_epoch
+from ..methods.base import check_teacher_student, start_epoch
 from ..methods.fading import FadingStudent
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..models.plain_twins import teacher_of
@@ -56,29 +56,10 @@ def _classifier_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head)
 
 
-def _classes_and_channels(model: nn.Module):
-    model = getattr(model, 'student', model)  # a method module: its twin
-    classes = getattr(model, 'num_classes', None)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return classes, first_conv.in_channels if first_conv is not None else None
-
-
 def check_pair(teacher: nn.Module, student: nn.Module, where: str) -> None:
-    """A teacher and a twin (student) must predict the same classes from the same input channels: a 100-class
-    teacher's logits against 10-class targets train without an error, and teach nothing."""
-    (t_classes, t_chans), (s_classes, s_chans) = _classes_and_channels(teacher), _classes_and_channels(student)
-    t_name = getattr(teacher, 'default_cfg', {}).get('architecture', type(teacher).__name__)
-    s_name = getattr(student, 'default_cfg', {}).get('architecture', type(student).__name__)
-    if t_classes is not None and s_classes is not None and t_classes != s_classes:
-        raise ValueError(
-            f'{where}: the teacher {t_name} predicts {t_classes} classes but the student {s_name} predicts '
-            f'{s_classes}. Give both the num_classes of the data (YAML kwargs `num_classes`, e.g. the override '
-            f'models.model.kwargs.student.num_classes={t_classes}); for a teacher trained on another label set, '
-            'fine-tune it on this one first, its classifier re-initialised: timm_model with `checkpoint: ...`, '
-            f'`reset_head: true` and `num_classes: {s_classes}` in a cross-entropy YAML.')
-    if t_chans is not None and s_chans is not None and t_chans != s_chans:
-        raise ValueError(f'{where}: the teacher {t_name} takes {t_chans} input channel(s) but the student {s_name} '
-                         f'takes {s_chans}; give both the same `in_chans` (the channels of the data).')
+    """The methods' own teacher / student check (:func:`jointrd_timm.methods.base.check_teacher_student`), run on
+    the YAML's models before a method is built."""
+    check_teacher_student(teacher, student, where)
 
 
 @register_model
@@ -111,7 +92,8 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
 
 @register_model
 def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None,
-                 shortcut_fade_window: float = 1.0, shortcut_fade_power: float = 1.0) -> FadingStudent:
+                 shortcut_fade_window: float = 1.0, shortcut_fade_power: float = 1.0,
+                 shortcut_fade_mode: str = 'scale') -> FadingStudent:
     """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.methods.fading.FadingStudent`).
 
     Args:
@@ -120,6 +102,7 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
         teacher_checkpoint: start from these teacher weights (a .safetensors file or a runner output folder).
         shortcut_fade_window: 1: all blocks fade together; < 1: staggered (``methods.schedules.block_scales``).
         shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``).
+        shortcut_fade_mode: 'scale' or 'share' (``methods.fading.ShortcutFade``).
     """
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
@@ -127,7 +110,7 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
                                     **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
         load_weights(teacher, teacher_checkpoint)
         load_teacher_weights(model, teacher)
-    return FadingStudent(model, shortcut_fade, shortcut_fade_window, shortcut_fade_power)
+    return FadingStudent(model, shortcut_fade, shortcut_fade_window, shortcut_fade_power, mode=shortcut_fade_mode)
 
 
 @register_model

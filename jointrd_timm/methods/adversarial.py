@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TrainingMethod, config_from_dict
+from .base import TrainingMethod, check_teacher_student, config_from_dict
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
            'conditional_discriminator_loss', 'conditional_gan_term', 'conditional_student_loss', 'ConditionalAdversarialKD',
@@ -177,6 +177,7 @@ class _TeacherStudent(TrainingMethod):
     discriminator's schedule, in epochs) follows :class:`~jointrd_timm.methods.base.TrainingMethod`."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, num_epochs: int = 0, steps_per_epoch: int = 0):
+        check_teacher_student(teacher, student, type(self).__name__)
         super().__init__(num_epochs, steps_per_epoch)  # the discriminator's schedule follows at the first step
         self.student = student
         self.teacher = teacher.requires_grad_(False)

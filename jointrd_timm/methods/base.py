@@ -30,9 +30,40 @@ import torch
 from torch import nn
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch', 'config_from_dict']
+           'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
+
+
+def _classes_and_channels(model: nn.Module):
+    model = getattr(model, 'student', model)  # a method module: its twin
+    classes = getattr(model, 'num_classes', None)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return classes, first_conv.in_channels if first_conv is not None else None
+
+
+def check_teacher_student(teacher: nn.Module, student: nn.Module, where: str) -> None:
+    """A teacher and a twin (student) must predict the same classes from the same input channels: a 100-class
+    teacher's logits against 10-class targets train without an error, and teach nothing. Every method that takes
+    a teacher calls this in its constructor; ``where`` names the caller in the message.
+
+    Raises:
+        ValueError: naming both models, what differs and how to make them agree.
+    """
+    (t_classes, t_chans), (s_classes, s_chans) = _classes_and_channels(teacher), _classes_and_channels(student)
+    t_name = getattr(teacher, 'default_cfg', {}).get('architecture', type(teacher).__name__)
+    s_name = getattr(student, 'default_cfg', {}).get('architecture', type(student).__name__)
+    if t_classes is not None and s_classes is not None and t_classes != s_classes:
+        raise ValueError(
+            f'{where}: the teacher {t_name} predicts {t_classes} classes but the student {s_name} predicts '
+            f'{s_classes}. Give both the num_classes of the data (timm.create_model(..., num_classes=...); in a YAML '
+            f'the kwargs `num_classes`, e.g. the override models.model.kwargs.student.num_classes={t_classes}); for '
+            'a teacher trained on another label set, fine-tune it on this one first, its classifier '
+            're-initialised: timm_model with `checkpoint: ...`, `reset_head: true` and '
+            f'`num_classes: {s_classes}` in a cross-entropy YAML.')
+    if t_chans is not None and s_chans is not None and t_chans != s_chans:
+        raise ValueError(f'{where}: the teacher {t_name} takes {t_chans} input channel(s) but the student {s_name} '
+                         f'takes {s_chans}; give both the same `in_chans` (the channels of the data).')
 
 
 class RunLengthError(RuntimeError):

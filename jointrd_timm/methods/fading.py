@@ -9,21 +9,33 @@ from torch import nn
 
 from .base import TrainingMethod
 from .schedules import block_scales, capped_fade_horizon, check_fade_power, fade_scale
-from ..twins.fade import fading_block_count, is_fading, set_shortcut_scale
+from ..twins.fade import FADE_MODES, fading_block_count, is_fading, pin_shortcut_share, set_shortcut_scale
 
 __all__ = ['ShortcutFade', 'FadingStudent']
 
 
 class ShortcutFade:
     """The fade of one run: ``s`` from 1 to 0 over ``fraction`` of it (:func:`~.schedules.fade_scale`, horizon capped
-    at the last step), each block staggered by ``window`` (:func:`~.schedules.block_scales`), raised to ``power``."""
+    at the last step), each block staggered by ``window`` (:func:`~.schedules.block_scales`), raised to ``power``.
 
-    def __init__(self, fraction: float, window: float = 1.0, power: float = 1.0):
+    ``mode`` says what ``s`` scales. 'scale': the shortcut itself (``branch + s * shortcut``). 'share': the
+    shortcut's size relative to the branch (:class:`~jointrd_timm.twins.fade.ShareGain`), so that a network cannot
+    keep its shortcuts carrying the signal by shrinking its branches while ``s`` falls; :meth:`prepare` installs it.
+    """
+
+    def __init__(self, fraction: float, window: float = 1.0, power: float = 1.0, mode: str = 'scale'):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run over which the shortcuts fade), '
                              f'got {fraction!r}.')
         block_scales(1.0, 1, window)  # validates the window
+        check_fade_mode(mode)
         self.fraction, self.window, self.power = float(fraction), float(window), check_fade_power(power)
+        self.mode = mode
+
+    def prepare(self, model: nn.Module) -> None:
+        """Make ``model`` (a fading twin, its weights already loaded) fade as ``mode`` says."""
+        if self.mode == 'share':
+            pin_shortcut_share(model)
 
     def scale(self, method: TrainingMethod) -> float:
         """``s`` at ``method``'s progress."""
@@ -40,6 +52,12 @@ class ShortcutFade:
         return value
 
 
+def check_fade_mode(mode: str) -> str:
+    if mode not in FADE_MODES:
+        raise ValueError(f'shortcut_fade_mode must be one of {FADE_MODES}, got {mode!r}.')
+    return mode
+
+
 class FadingStudent(TrainingMethod):
     """A fading twin trained alone (cross-entropy): ``forward`` is the twin's, with ``s`` set from the training
     progress first (per step). ``student`` is what gets deployed.
@@ -49,19 +67,21 @@ class FadingStudent(TrainingMethod):
         shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0.
         window: 1 (default): all blocks fade together; < 1: staggered, each block over this share of the fade.
         power: the cosine fade raised to this power (1: the cosine itself).
+        mode: 'scale' or 'share' (what ``s`` scales, :class:`ShortcutFade`).
         num_epochs, steps_per_epoch: the run length, for a loop that does not call ``set_epoch`` (see
             :mod:`~jointrd_timm.methods.base`).
     """
 
     def __init__(self, student: nn.Module, shortcut_fade: float, window: float = 1.0, power: float = 1.0,
-                 num_epochs: int = 0, steps_per_epoch: int = 0):
+                 num_epochs: int = 0, steps_per_epoch: int = 0, mode: str = 'scale'):
         if not is_fading(student):
             raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
                              "timm.create_model('plain_<arch>', shortcut_fade=True).")
-        fade = ShortcutFade(shortcut_fade, window, power)
+        fade = ShortcutFade(shortcut_fade, window, power, mode)
         super().__init__()
         self.student = student
         self.fade = fade
+        fade.prepare(student)
         if num_epochs or steps_per_epoch:
             self.set_run_length(num_epochs, steps_per_epoch)
 

@@ -35,8 +35,8 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
                           conditional_gan_term)
-from .base import TrainingMethod, config_from_dict
-from .fading import ShortcutFade
+from .base import TrainingMethod, check_teacher_student, config_from_dict
+from .fading import ShortcutFade, check_fade_mode
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from .schedules import check_fade_power, eta_schedule
 from .stages import StageLayoutError, StageSplit, final_preactivation
@@ -170,6 +170,10 @@ class JointRDConfig:
         shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``; 1: the cosine; 0.5
             keeps a twin twice as deep as resnet56, e.g. resnet110, on resnet56's shortcut-path weights; measured
             in benchmarks/results/recipe_ablation_resnet110.md).
+        shortcut_fade_mode: what s scales: 'scale' (the shortcut: ``branch + s * shortcut``) or 'share' (the
+            shortcut's size relative to the branch, so that the twin cannot keep leaning on its shortcuts by
+            shrinking its branches as s falls; ``twins.fade.ShareGain``; measured in
+            benchmarks/results/deep_twin_diagnostics.md).
         loss_normalization: what L_cls and L_feat are divided by. 'stages' (the reference): n, so the twin's own
             CE always has weight 1/n (1/4 at ResNet-18) and, once eta is small, it trains as if alone at about a
             1/n learning rate with n times the relative weight decay. 'none': nothing; the twin's own terms keep
@@ -237,6 +241,7 @@ class JointRDConfig:
     shortcut_fade: Optional[float] = None
     shortcut_fade_window: float = 1.0
     shortcut_fade_power: float = 1.0
+    shortcut_fade_mode: str = 'scale'
     loss_normalization: str = 'stages'
     lean_memory: bool = None  # DEFAULT_LEAN_MEMORY, set in __post_init__
     joint_step_order: str = 'simultaneous'
@@ -262,6 +267,7 @@ class JointRDConfig:
             raise ValueError('shortcut_fade_window must be in (0, 1] (1: all blocks fade together), got '
                              f'{self.shortcut_fade_window}.')
         check_fade_power(self.shortcut_fade_power)
+        check_fade_mode(self.shortcut_fade_mode)
         if self.loss_normalization not in LOSS_NORMALIZERS:
             raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZERS)} (the reference: '
                              f"'stages'), got {self.loss_normalization!r}.")
@@ -443,6 +449,7 @@ class JointRD(TrainingMethod):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, config: Optional[JointRDConfig] = None,
                  probe: Optional[torch.Tensor] = None, num_epochs: int = 0, steps_per_epoch: int = 0):
+        check_teacher_student(teacher, student, 'JointRD')
         super().__init__()
         self.config = config or JointRDConfig()
         self.student = student
@@ -461,7 +468,9 @@ class JointRD(TrainingMethod):
                 "timm.create_model('plain_<arch>', shortcut_fade=True).")
         c = self.config
         self.fade = None if c.shortcut_fade is None else \
-            ShortcutFade(c.shortcut_fade, c.shortcut_fade_window, c.shortcut_fade_power)
+            ShortcutFade(c.shortcut_fade, c.shortcut_fade_window, c.shortcut_fade_power, c.shortcut_fade_mode)
+        if self.fade is not None:
+            self.fade.prepare(student)
         self.num_stages = self.student_stages.num_stages
         if self.config.teacher_mode == 'frozen':
             teacher.requires_grad_(False)

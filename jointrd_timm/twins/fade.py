@@ -37,7 +37,9 @@ from .rules import get_rule, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
-           'fading_block_count', 'deployable']
+           'fading_block_count', 'deployable', 'ShareGain', 'pin_shortcut_share', 'FADE_MODES']
+
+FADE_MODES = ('scale', 'share')
 
 SCALE = 'jointrd_shortcut_scale'
 
@@ -226,12 +228,74 @@ def shortcut_scale(model: nn.Module) -> Optional[float]:
     return sum(float(getattr(b, SCALE)) for b in blocks) / len(blocks)
 
 
+def _is_scale(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == 'get_attr' and node.target == SCALE
+
+
 def _is_fade(node: fx.Node) -> bool:
-    """``addcmul(branch, shortcut, s)`` as written by :func:`_fading_block`."""
+    """``addcmul(branch, shortcut, s)`` as written by :func:`_fading_block` (``s`` the block's scale, or the scale
+    times a :class:`ShareGain`'s gain)."""
     if node.op != 'call_function' or node.target is not torch.addcmul or len(node.args) != 3:
         return False
     scale = node.args[2]
-    return isinstance(scale, fx.Node) and scale.op == 'get_attr' and scale.target == SCALE
+    return _is_scale(scale) or (isinstance(scale, fx.Node) and scale.op == 'call_module'
+                                and str(scale.target).startswith(_GAIN) and _is_scale(scale.args[2]))
+
+
+_GAIN = 'jointrd_share_gain'
+
+
+class ShareGain(nn.Module):
+    """The 'share' fade of one shortcut: ``s`` times a gain that keeps the shortcut's size relative to the branch
+    where the fade puts it, whatever the training does to the sizes of the two.
+
+    With BatchNorm ending the branch, a network can shrink its branches (or grow its block inputs) for free while
+    ``s`` falls, so the shortcut keeps carrying the signal until ``s`` is exactly 0, when all of it goes at once.
+    Here the shortcut is scaled by ``s * g`` with ``g = r / r0``, ``r = rms(branch) / rms(shortcut)`` measured on the
+    batch (no gradient flows through ``g``) and ``r0`` that ratio at the first training step: the shortcut's size
+    relative to the branch is ``s`` times its size in the teacher, whatever the two do. At the first step
+    ``g = 1`` (the teacher exactly); in eval mode ``g`` is a running average of the training values; at ``s = 0``
+    the output is the branch, as in the 'scale' fade.
+    """
+
+    def __init__(self, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer('reference', torch.zeros(()))  # r0; 0 until the first training step measures it
+        self.register_buffer('gain', torch.ones(()))  # running gain, for eval mode
+
+    def forward(self, branch: torch.Tensor, shortcut: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return scale * self.gain
+        with torch.no_grad():
+            ratio = branch.detach().float().pow(2).mean().sqrt() / \
+                shortcut.detach().float().pow(2).mean().sqrt().clamp_min(1e-12)
+            first = self.reference == 0
+            self.reference.copy_(torch.where(first, ratio, self.reference))
+            gain = ratio / self.reference.clamp_min(1e-12)
+            self.gain.copy_(torch.where(first, gain, torch.lerp(self.gain, gain, self.momentum)))
+        return scale * gain.to(scale.dtype)
+
+
+def pin_shortcut_share(model: nn.Module) -> nn.Module:
+    """Give every fade of ``model`` (a fading twin) a :class:`ShareGain`, in place: the fade then sets the
+    shortcuts' share of each block's output instead of their scale ('share' fade mode). Idempotent; the gains'
+    state (``reference``, ``gain``) is in the state dict, so a checkpoint resumes them; :func:`finish_fade` removes
+    them with the shortcuts."""
+    for block in _fading_blocks(model):
+        if any(n.op == 'call_module' and str(n.target).startswith(_GAIN) for n in block.graph.nodes):
+            continue
+        count = 0
+        for node in list(block.graph.nodes):
+            if _is_fade(node):
+                name = f'{_GAIN}{count}' if count else _GAIN
+                block.add_module(name, ShareGain())
+                with block.graph.inserting_before(node):
+                    gain = block.graph.call_module(name, tuple(node.args))
+                node.args = (node.args[0], node.args[1], gain)
+                count += 1
+        block.recompile()
+    return model
 
 
 def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:

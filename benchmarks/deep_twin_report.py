@@ -1,0 +1,143 @@
+"""The deep-twin diagnostics page: what happens inside a depth-56 twin while its shortcuts fade out.
+
+Merges screen records written by ``deep_twin_screen.py`` (each one conversion with per-block probes) into one
+record, ``benchmarks/results/deep_twin_diagnostics.json``, and writes its page and plot from that record.
+
+    python benchmarks/deep_twin_report.py --add /tmp/screens/*.json     # add (or replace, by name) screens
+    python benchmarks/deep_twin_report.py                               # regenerate the page from the record
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from report import RESULTS, pyplot, write_report
+
+NAME = 'deep_twin_diagnostics'
+
+
+def screen_name(screen: dict) -> str:
+    a = screen['args']
+    parts = ['jointrd' if a.get('jointrd') else 'alone']
+    if a.get('share'):
+        parts.append('share fade')
+    if a.get('hint'):
+        parts.append(f'block hints {a["hint"]:g}')
+    if a.get('kd'):
+        parts.append(f'KD {a["kd"]:g}')
+    if a.get('clip') is not None:
+        parts.append(f'clip {a.get("clip_mode", "agc")} {a["clip"]:g}')
+    if a.get('lr') != 0.1:
+        parts.append(f'lr {a["lr"]:g}')
+    if a.get('fade') != 0.8:
+        parts.append(f'fade {a["fade"]:g}')
+    parts += list(a.get('lever') or [])
+    if a.get('seed'):
+        parts.append(f'seed {a["seed"]}')
+    return ', '.join(parts)
+
+
+def summary(screen: dict) -> dict:
+    """The numbers a reader compares: train accuracy before the fade bites, at its lowest, and at the end; the
+    test accuracy of the deployed twin; the shortcut share, gradient norms and RMS at the fade's end."""
+    log = screen['log']
+    acc = [e['train_acc'] for e in log]
+    low = min(range(len(log)), key=lambda i: acc[i])
+    faded = next((e for e in log if e['s'] == 0.0), log[-1])
+    blocks = list(faded['blocks'])
+    return dict(name=screen_name(screen), test_acc=screen['test_acc'], test_images=screen['test_images'],
+                steps=screen['args']['steps'], train_acc_first=acc[0], train_acc_low=acc[low],
+                s_at_low=log[low]['s'], step_at_low=log[low]['step'], train_acc_last=acc[-1],
+                eval_rms_first_block=log[0]['blocks'][blocks[0]]['eval_output_rms'],
+                eval_rms_faded=statistics.median(faded['blocks'][b]['eval_output_rms'] for b in blocks),
+                eval_rms_start=statistics.median(log[0]['blocks'][b]['eval_output_rms'] for b in blocks),
+                grad_ratio_first_last=faded['blocks'][blocks[0]]['grad_norm'] / max(
+                    1e-12, faded['blocks'][blocks[-1]]['grad_norm']),
+                bn_drift_max=max(max(e['bn_drift'].values()) for e in log),
+                seconds=screen['seconds'])
+
+
+def lines_for(record: dict) -> list:
+    screens = record['screens']
+    meta = record['meta']
+    out = [f'# Deep twins: where the signal goes while the shortcuts fade ({meta["arch"]})', '',
+           meta['setup'], '',
+           '| screen | deployed test acc % | train acc % first window | lowest (at s) | last window | '
+           'median eval RMS of block outputs: start -> faded | grad norm first / last block (faded) |',
+           '|---|---|---|---|---|---|---|']
+    for s in screens:
+        m = summary(s)
+        out.append(f'| {m["name"]} | {m["test_acc"]:.2f} | {m["train_acc_first"]:.1f} | {m["train_acc_low"]:.1f} '
+                   f'({m["s_at_low"]:.2f}) | {m["train_acc_last"]:.1f} | {m["eval_rms_start"]:.2f} -> '
+                   f'{m["eval_rms_faded"]:.2f} | {m["grad_ratio_first_last"]:.2f} |')
+    out += ['', f'Test accuracy on {screens[0]["test_images"]} test images (one image is '
+            f'{100 / screens[0]["test_images"]:.2f} points): differences of a point or two between screens are '
+            'within what another seed moves; the screens rank levers, the full CIFAR-10 runs '
+            '([full_cifar10_resnet56_cifar.md](full_cifar10_resnet56_cifar.md)) decide.', '']
+    out += record.get('findings', [])
+    return out
+
+
+def plot(record: dict):
+    screens = record['screens']
+
+    def draw(path):
+        plt = pyplot()
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        ax = axes[0][0]
+        for s in screens:
+            ax.plot([e['step'] for e in s['log']], [e['train_acc'] for e in s['log']], label=screen_name(s))
+        twin = ax.twinx()
+        base = screens[0]['log']
+        twin.plot([e['step'] for e in base], [e['s'] for e in base], 'k:', label='s')
+        twin.set_ylabel('shortcut scale s (dotted)')
+        ax.set_xlabel('step')
+        ax.set_ylabel('train accuracy % (window)')
+        ax.legend(fontsize=7)
+        ax.set_title('train accuracy while s fades', fontsize=9)
+        base = screens[0]
+        blocks = list(base['log'][0]['blocks'])
+        for ax, key, title in ((axes[0][1], 'shortcut_share', 'shortcut share of each block output'),
+                               (axes[1][0], 'grad_norm', 'gradient norm per block'),
+                               (axes[1][1], 'eval_output_rms', 'eval-mode RMS of each block output')):
+            grid = [[e['blocks'][b][key] for e in base['log']] for b in blocks]
+            im = ax.imshow(grid, aspect='auto', cmap='viridis',
+                           extent=(base['log'][0]['step'], base['log'][-1]['step'], len(blocks) - 0.5, -0.5))
+            fig.colorbar(im, ax=ax)
+            ax.set_ylabel('block (input side at top)')
+            ax.set_xlabel('step')
+            ax.set_title(f'{title}: {screen_name(base)}', fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, format='png')
+        plt.close(fig)
+    return draw
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--add', nargs='*', default=[], help='screen records to add (replacing a screen of the same name)')
+    p.add_argument('--findings', help='a markdown file of findings to put under the table')
+    args = p.parse_args()
+    path = RESULTS / f'{NAME}.json'
+    record = json.loads(path.read_text()) if path.is_file() else dict(screens=[])
+    for item in args.add:
+        screen = json.loads(Path(item).read_text())
+        record['screens'] = [s for s in record['screens'] if screen_name(s) != screen_name(screen)] + [screen]
+    if args.findings:
+        record['findings'] = Path(args.findings).read_text().rstrip('\n').split('\n')
+    first = record['screens'][0]['args']
+    record['meta'] = dict(record.get('meta', {}), arch=first['arch'], setup=(
+        f'Each screen converts the published teacher ({Path(first["teacher"]).name}) into its twin for '
+        f'{first["steps"]} SGD steps (batch {first["batch_size"]}, one pass over {first["train_size"]} CIFAR-10 '
+        'training images, Nesterov 0.9, cosine lr from the peak given, weight decay 5e-4, shortcuts faded over '
+        'the fraction given, seed 0 unless named), recording every 25 steps the shortcut scale s, the lr, the loss, '
+        'the train accuracy of that window and, per block, the branch and scaled-shortcut RMS, the shortcut share '
+        'of the output, the gradient norm and the BatchNorm drift (`jointrd_timm.twins.probe`). The deployed twin '
+        '(fade finished, BN statistics recomputed on 100 training batches) is then tested. Each screen: '
+        '`python benchmarks/deep_twin_screen.py` with the arguments in the record.'))
+    record['meta']['command'] = 'python benchmarks/deep_twin_report.py'
+    write_report(NAME, record, lines_for(record), plot(record))
+
+
+if __name__ == '__main__':
+    main()
