@@ -55,6 +55,20 @@ def _export(args) -> int:
     return 0
 
 
+def _exact(args) -> int:
+    from .deploy.exact import exact_conversion_report, exact_plain
+    from .deploy.export import export_model
+    from .integrations.hub import load_model
+    model = load_model(args.model, require_weights=not args.random_weights)
+    plain = exact_plain(model)
+    report = exact_conversion_report(model, plain, input_size=args.input_size)
+    name = args.name or Path(args.model.rstrip('/')).name.replace(':', '_') + '_exact'
+    exported = export_model(plain, args.output_dir, name, formats=tuple(args.formats), input_size=args.input_size,
+                            atol=args.atol)
+    print(json.dumps(dict(report, files=exported['files']), indent=1))
+    return 0
+
+
 def _memory(args) -> int:
     import timm
     import torch
@@ -252,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--atol', type=float, default=1e-3)
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
     p.set_defaults(func=_export)
+
+    p = sub.add_parser('exact', help='remove the shortcuts of a trained post-activation ResNet exactly (RM), export',
+                       description='Convert the timm BasicBlock / Bottleneck blocks of MODEL into plain conv-ReLU '
+                                   'chains with the same output (RM operation, docs/exact_conversion.md), report '
+                                   'parameters, FLOPs and the max abs difference from the BN-folded model on a random '
+                                   'input, and export the result (folded) like `jointrd export`.')
+    p.add_argument('model', help='name[.tag], hf-hub:org/name, local-dir:path, or a runner output folder')
+    p.add_argument('--output-dir', default='exports')
+    p.add_argument('--name', default=None, help='file name stem (default: <model>_exact)')
+    p.add_argument('--input-size', type=int, default=None, help='side of the random input (default: the model cfg)')
+    p.add_argument('--formats', nargs='+', choices=('onnx', 'torchscript'), default=['onnx', 'torchscript'])
+    p.add_argument('--atol', type=float, default=1e-3, help='max abs error allowed for an exported file')
+    p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
+    p.set_defaults(func=_exact)
 
     p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
     p.add_argument('model')

@@ -17,7 +17,18 @@ def test_demo_default_recipe_trains_fading_twins_and_deploys_them_without_shortc
     assert set(summary['results']) == {'teacher', 'twin alone', 'twin + JointRD'}
     for name in ('summary.json', 'summary.md', 'summary.png'):
         assert (tmp_path / name).stat().st_size > 0
-    assert 'Twin recipe `default`' in (tmp_path / 'summary.md').read_text()
+    page = (tmp_path / 'summary.md').read_text()
+    assert 'Twin recipe `default`' in page
+    # what the twin buys beside its accuracy, and how many test images the accuracy rests on
+    n_test = summary['test_images']
+    assert n_test == 360 and f'{n_test} test images: one image is {100 / n_test:.2f} points' in page
+    memory = summary['activation_memory_mb']
+    assert memory['twin'] < memory['teacher']  # the shortcuts' tensors are gone
+    assert f'{memory["teacher"] / memory["twin"]:.2f}x less' in page
+    teacher_row = next(line for line in page.splitlines() if line.startswith('| teacher'))
+    acc = summary['results']['teacher']['test_acc']
+    assert f'| {round(acc * n_test / 100)} of {n_test} |' in teacher_row
+    assert f'| {memory["teacher"] * 1024:.1f} |' in teacher_row
     assert json.loads((tmp_path / 'summary.json').read_text())['recipe'] == 'default'
     for run in ('twin-alone', 'twin-jointrd'):
         # both twins got the same ingredients: shortcuts faded to 0 during the run, saved without them

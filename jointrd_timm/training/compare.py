@@ -40,7 +40,7 @@ def measure_models(models: Dict[str, nn.Module], input_chw: Tuple[int, int, int]
 
 
 def plot_comparison(accuracy: Sequence[Tuple[str, float]], speedup: Dict[int, float], path: Path, title: str,
-                    memory: Optional[Dict[str, float]] = None) -> None:
+                    memory: Optional[Dict[str, float]] = None, memory_unit: str = 'MB') -> None:
     """Bars: test accuracy per model, teacher / twin latency per batch size, and (given) activation memory."""
     from ..extras import require
     require('matplotlib', 'the comparison plot').use('Agg')
@@ -56,7 +56,7 @@ def plot_comparison(accuracy: Sequence[Tuple[str, float]], speedup: Dict[int, fl
     axes[1].set_ylabel('teacher / twin latency')
     if memory:
         axes[2].bar(list(memory), list(memory.values()), color=colors[:len(memory)])
-        axes[2].set_ylabel('activation memory, batch 1 (MB)')
+        axes[2].set_ylabel(f'activation memory, batch 1 ({memory_unit})')
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
