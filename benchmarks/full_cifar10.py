@@ -44,6 +44,11 @@ def parser():
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=ROWS)
+    p.add_argument('--variant', action='append', default=[], metavar='NAME=FIELD:VALUE,...',
+                   help="a change of the architecture's recipe (Recipe.replace fields, values as JSON or text) whose "
+                        'twins (JointRD and alone) get rows of their own, e.g. share=shortcut_fade_mode:share')
+    p.add_argument('--only', nargs='+', default=None, metavar='FOLDER',
+                   help='run only these run folders (e.g. twin-alone-e4-share); the page lists every finished one')
     p.add_argument('--work-dir', default=str(ROOT / 'benchmarks/runs/full_cifar10'))
     p.add_argument('--name', default='full_cifar10')
     p.add_argument('--report-only', action='store_true')
@@ -77,11 +82,29 @@ def twin_epochs(args, fraction: float) -> int:
     return max(1, round(fraction * args.teacher_epochs))
 
 
+def parse_variant(text: str):
+    """``NAME=FIELD:VALUE,...`` -> (NAME, {FIELD: VALUE}); VALUE is read as JSON where it parses, else as text."""
+    name, _, changes = text.partition('=')
+    fields = {}
+    for item in filter(None, changes.split(',')):
+        key, sep, value = item.partition(':')
+        if not sep or not key:
+            raise SystemExit(f'--variant {text!r}: each change is FIELD:VALUE, got {item!r}.')
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    if not name or not fields:
+        raise SystemExit(f'--variant {text!r}: give NAME=FIELD:VALUE[,FIELD:VALUE...].')
+    return name, fields
+
+
 def run_specs(args, work: Path):
     """(row, epochs, folder, method, torchdistill model config) of every run, in run order: the teacher, then for
-    each fraction the twin with JointRD, the twin alone and the control."""
+    each fraction the twin with JointRD, the twin alone and the control, then each variant's two twins."""
     from jointrd_timm.recipes import recipe_for
     recipe = recipe_for(args.arch)
+    variants = [parse_variant(v) for v in args.variant]
     teacher_ckpt = str(work / 'teacher' / 'model')
     specs = [('teacher', args.teacher_epochs, work / 'teacher', 'ce',
               dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)))]
@@ -95,6 +118,14 @@ def run_specs(args, work: Path):
             ('control', epochs, work / f'control-e{epochs}', 'ce',
              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt))),
         ]
+        for name, fields in variants:
+            changed = recipe.replace(**fields)
+            specs += [
+                (f'twin + JointRD, {name}', epochs, work / f'twin-jointrd-e{epochs}-{name}', 'jointrd',
+                 changed.jointrd_model(args.arch, teacher_ckpt, num_classes=10)),
+                (f'twin alone, {name}', epochs, work / f'twin-alone-e{epochs}-{name}', 'ce',
+                 changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10)),
+            ]
     return recipe, specs
 
 
@@ -108,7 +139,7 @@ def main():
     if not args.report_only:
         data = splits(args)
         for row, epochs, folder, method, model in specs:
-            if row not in args.rows:
+            if row.split(',')[0] not in args.rows or (args.only and folder.name not in args.only):
                 continue
             if row != 'teacher' and not finished(work / 'teacher'):
                 print(f'{row}: waits for the teacher ({work / "teacher"} has not finished)', flush=True)
@@ -138,6 +169,9 @@ def answer_lines(runs: list, teacher) -> list:
                 parts.append(f'{row} {rows[row]:.2f} % ({rows[row] - teacher:+.2f} against the teacher)')
         if rows.get('twin + JointRD') is not None and rows.get('twin alone') is not None:
             parts.append(f'JointRD adds {rows["twin + JointRD"] - rows["twin alone"]:+.2f} points over the twin alone')
+        for row, acc in rows.items():  # recipe variants (--variant)
+            if ',' in row and acc is not None:
+                parts.append(f'{row} {acc:.2f} % ({acc - teacher:+.2f} against the teacher)')
         twins = [v for k, v in rows.items() if k != 'control' and v is not None]
         if rows.get('control') is not None:
             parts.append(f'the residual net given the same {epochs} epochs (control) reaches {rows["control"]:.2f} %'

@@ -12,6 +12,7 @@ train, test) plus an optional ``runner`` section that torchdistill's own example
       eval_every: 1                # epochs between evaluations on train.val_data_loader (never used to select)
       recalibrate_bn: 200          # batches of training data that recompute a faded twin's BN statistics (0: off)
       channels_last: false         # models and image batches in channels_last (NHWC) memory format
+      compile: false               # torch.compile the models' modules: true (inductor) or a backend name
 
 DECISION: the YAML's ``batch_size`` is the GLOBAL batch; with N processes each gets batch_size / N of it
 (accelerate ``split_batches``), and the shuffle order depends only on (seed, epoch) (accelerate's seedable
@@ -36,6 +37,14 @@ replacement; docs/reliability.md).
 ``channels_last`` puts every model's 4-D weights and every 4-D input in NHWC memory format (the convs' fast layout
 with cuDNN under mixed precision, and for oneDNN on many CPUs; off by default because what it saves depends on the
 device: measure it). The function is the same; checkpoints and the saved model hold contiguous tensors.
+
+``compile`` (:func:`compile_modules`) compiles, in place (``nn.Module.compile``: parameter names, checkpoints and
+the saved model are unchanged), a plain model whole, and for a method module (JointRD, the fading student, the
+adversarial methods) each top-level child of its twin and of its teacher: the stem, the stages and the head, which
+both the twin's own forward and JointRD's stage split call. The methods' own Python (the fade's per-step scale, a
+buffer that compiled code reads; the hybrid paths; lean memory's autograd functions; the discriminators' steps)
+stays eager around them, so nothing in it breaks a graph, and the BN-folded teacher tails (custom autograd
+functions) stay eager. Off by default: measured on CPU in benchmarks/results/training_cost_compile.md.
 """
 import json
 import logging
@@ -58,14 +67,14 @@ from ..faults import fault_point
 from .run_folder import RunFolder, RunFolderError, checkpoint_epochs
 
 __all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'to_channels_last',
-           'load_config', 'validate', 'ConfigError',
+           'load_config', 'validate', 'ConfigError', 'compile_modules',
            'RunFolderError', 'RUNNER_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
 RUNNER_DEFAULTS = dict(seed=0, mixed_precision='no', sync_batchnorm=False, output_dir=None, eval_every=1,
-                       find_unused_parameters=False, recalibrate_bn=200, channels_last=False)
+                       find_unused_parameters=False, recalibrate_bn=200, channels_last=False, compile=False)
 TOP_LEVEL_KEYS = {'dependencies', 'datasets', 'models', 'train', 'test', 'runner'}
 TRAIN_KEYS = {'log_freq', 'num_epochs', 'train_data_loader', 'val_data_loader', 'teacher', 'student', 'model',
               'optimizer', 'scheduler', 'criterion', 'pre_epoch_process', 'pre_forward_process',
@@ -207,6 +216,11 @@ def validate(config: Dict, where: str = 'config') -> Dict:
              runner['mixed_precision'], where)
     for flag in ('sync_batchnorm', 'find_unused_parameters', 'channels_last'):
         _require(isinstance(runner[flag], bool), f'runner.{flag}', 'true or false', runner[flag], where)
+    _require(isinstance(runner['compile'], (bool, str)) and runner['compile'] != '', 'runner.compile',
+             'true, false or a torch.compile backend name (e.g. inductor, aot_eager)', runner['compile'], where)
+    if isinstance(runner['compile'], str) and runner['compile'] not in torch.compiler.list_backends(exclude_tags=()):
+        raise ConfigError(f'{where}: runner.compile={runner["compile"]!r} is not a torch.compile backend; '
+                          f'choose true (inductor) or one of {sorted(torch.compiler.list_backends(exclude_tags=()))}.')
     _require(runner['output_dir'] is None or isinstance(runner['output_dir'], str), 'runner.output_dir',
              'a path', runner['output_dir'], where)
     return config
@@ -215,6 +229,26 @@ def validate(config: Dict, where: str = 'config') -> Dict:
 def _channels_last_inputs(module: nn.Module, args: tuple):
     return tuple(a.contiguous(memory_format=torch.channels_last) if torch.is_tensor(a) and a.dim() == 4 else a
                  for a in args)
+
+
+def compile_modules(module: nn.Module, backend='inductor') -> List[str]:
+    """``torch.compile`` in place what a training step of ``module`` spends its time in (see the module docstring):
+    the model whole, or for a method module each top-level child of its twin and teacher. Returns the names of the
+    compiled modules. ``backend``: a torch.compile backend (True: inductor)."""
+    backend = 'inductor' if backend is True else backend
+    if not isinstance(module, method_api.TrainingMethod):
+        module.compile(backend=backend)
+        return ['model']
+    compiled = []
+    for role in ('student', 'teacher'):
+        model = getattr(module, role, None)
+        if not isinstance(model, nn.Module):
+            continue
+        for name, child in model.named_children():
+            if any(True for _ in child.parameters()) or any(True for _ in child.children()):
+                child.compile(backend=backend)
+                compiled.append(f'{role}.{name}')
+    return compiled
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -423,6 +457,8 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
             run.box = get_distillation_box(teacher, student, *box_args, accelerator=accelerator_for_boxes(accelerator))
             run.trained = run.box.student_model
         run.module = unwrap(run.trained)
+        if runner['compile']:
+            compile_modules(run.module, runner['compile'])
         run.tap = _OutputTap(run.module)
         run.optimizers = dict(model=run.box.optimizer, **method_api.extra_optimizers(run.module))
         run.schedulers = dict(model=run.box.lr_scheduler, **method_api.extra_schedulers(run.module))
