@@ -2,9 +2,11 @@
 
     jointrd distill TEACHER --data SOURCE [--epochs N] [--recipe NAME] [--output DIR]
 
-1. Everything is checked before any training: the teacher resolves, its architecture has a twin that trains with
-   JointRD (the teacher / twin pair is built once and takes one training step on a batch shaped like the data), the
-   data and its columns load, the teacher's classes match the data's labels, the output folder holds no other run.
+1. Everything is checked before anything is written or trained: the teacher resolves and its weights load (from
+   the Hub cache when offline; missing files are named with the ways to provide them), its architecture has a twin
+   that trains with JointRD (the teacher / twin pair is built once and takes one training step on a batch shaped
+   like the data), the data and its columns load, the teacher's classes match the data's labels, the output folder
+   holds no other run. A run that fails before its first epoch is saved leaves the output folder as it found it.
 2. The torchdistill YAML of the run is written to the output folder (``distill.yaml``; ``teacher.yaml`` too when the
    teacher is trained here) and the run is trained FROM that file by the runner (resume, progress bar, atomic
    checkpoints), so ``jointrd train --config <output>/distill.yaml`` repeats it. The twin is trained with the
@@ -37,16 +39,20 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from ..recipes import SCHEDULES, Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 
-__all__ = ['run_distill', 'plan_distill', 'build_configs', 'train_distill', 'report_distill', 'resolve_teacher', 'Teacher',
-           'DistillPlan', 'DistillError', 'ARTEFACTS']
+__all__ = ['run_distill', 'plan_distill', 'build_configs', 'train_distill', 'report_distill', 'resolve_teacher',
+           'load_teacher', 'Teacher', 'DistillPlan', 'DistillError', 'ARTEFACTS']
 
 # what `jointrd distill` writes into its output folder (and all that --overwrite removes)
 ARTEFACTS = ('teacher', 'teacher.yaml', 'teacher-weights', 'twin', 'distill.yaml', 'model', 'comparison.md',
              'comparison.json', 'comparison.png')
 DATASET_LOADER = 'jointrd_timm.training.data.load_image_dataset'
+# what fetching from the Hub raises, through timm unchanged: offline (or unreachable) and not in the cache is a
+# LocalEntryNotFoundError, an EntryNotFoundError; unknown, gated and private repositories are HfHubHTTPErrors
+HUB_DOWNLOAD_ERRORS = (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled)
 
 
 class DistillError(ValueError):
@@ -111,9 +117,10 @@ def resolve_teacher(spec: str) -> Teacher:
         from huggingface_hub import hf_hub_download
         try:
             config = json.loads(Path(hf_hub_download(spec[len('hf-hub:'):], 'config.json')).read_text())
-        except Exception as e:  # offline without a cache, unknown repo, no config.json: all say the same to a user
-            raise DistillError(f'Cannot read config.json of teacher {spec} ({type(e).__name__}: {e}). Offline, the '
-                               'Hub cache must hold it (HF_HUB_CACHE).') from e
+        except HUB_DOWNLOAD_ERRORS as e:
+            raise missing_weights_error(spec, e) from e
+        except Exception as e:  # a malformed repo id, a config.json that is not JSON
+            raise DistillError(f'Cannot read config.json of teacher {spec} ({type(e).__name__}: {e}).') from e
         return _from_config_json(spec, dict(model_name=spec, pretrained=True), config)
     arch, _, tag = spec.partition('.')
     if arch.startswith('plain_'):
@@ -135,7 +142,57 @@ def resolve_teacher(spec: str) -> Teacher:
                    cfg.input_size[-1], license_)
 
 
+def missing_weights_error(spec: str, error: Exception) -> DistillError:
+    """What a user reads when the teacher's files cannot be fetched from the Hub: which repository and files were
+    looked for, where, and the three ways to provide them."""
+    import timm
+    from huggingface_hub import constants
+    if spec.startswith('hf-hub:'):
+        repo, files = spec[len('hf-hub:'):], 'config.json model.safetensors'
+    else:  # a timm tag: timm reads model.safetensors (else pytorch_model.bin) of the tag's hf_hub_id
+        cfg = timm.get_pretrained_cfg(spec)
+        repo, files = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        why = (f'they are not in the Hugging Face cache {constants.HF_HUB_CACHE}, and '
+               + ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub could not be reached'))
+    else:
+        why = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+    return DistillError(
+        f'The weights of teacher {spec} are not available: looked for {files} of the Hub repository {repo}, and '
+        f'{why}. Nothing was written. Provide them, then run the same command again: (1) on a connected machine, '
+        f'`hf download {repo} {files}` (huggingface_hub\'s CLI) fills its cache (HF_HOME, default '
+        '~/.cache/huggingface): copy that cache here, point HF_HOME (or HF_HUB_CACHE) at it and set '
+        f'HF_HUB_OFFLINE=1; or (2) `hf download {repo} --local-dir DIR` and give that Hub-format folder (config.json '
+        '+ model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner '
+        'output folder with model/, or a Hub-format folder written by `jointrd save`) as TEACHER.')
+
+
+def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:
+    """The teacher with its weights, as they were saved (their classes and input channels); None for a teacher
+    without weights (trained here). Weights the Hub cannot provide raise :func:`missing_weights_error`."""
+    if teacher.num_classes is None:
+        return None
+    if teacher.run_checkpoint is not None:
+        import timm
+        from ..io import load_weights
+        model = timm.create_model(teacher.arch, num_classes=teacher.num_classes, in_chans=teacher.in_chans)
+        load_weights(model, teacher.run_checkpoint, part='teacher')
+        return model
+    try:
+        return _build(teacher.model)
+    except HUB_DOWNLOAD_ERRORS as e:
+        raise missing_weights_error(teacher.spec, e) from e
+
+
 # -- checks before training -----------------------------------------------------------------------------------------
+def check_positive(**options) -> None:
+    """Numbers that must be positive when given (None: the default). 0 is refused, never read as "the default"."""
+    for name, value in options.items():
+        if value is not None and value <= 0:
+            flag = '--' + name.replace('_', '-')
+            raise DistillError(f'{flag} must be positive, got {value!r}; leave it out for its default.')
+
+
 def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds another run, unless resuming it or told to overwrite it."""
     if resume and overwrite:
@@ -339,6 +396,8 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
     from .runner import MIXED_PRECISION
     if mixed_precision not in MIXED_PRECISION:
         raise DistillError(f'mixed_precision must be one of {", ".join(MIXED_PRECISION)}, got {mixed_precision!r}.')
+    check_positive(epochs=epochs, teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, limit=limit,
+                   input_size=input_size)
     out = Path(output_dir)
     check_output(out, resume, overwrite)
     resolved = resolve_teacher(teacher)
@@ -355,11 +414,12 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
     data_classes = datasets['train'].num_classes
     reinit = check_classes(resolved, data_classes, num_classes, data)
     schedule = _schedule(data, input_size)
-    epochs = epochs or schedule.epochs
+    epochs = epochs if epochs is not None else schedule.epochs
     common = dict(num_classes=data_classes, in_chans=channels)
     pair = twin_recipe.jointrd_model(resolved.arch, None, schedule.replace(epochs=epochs, lr=lr or schedule.lr),
                                      **common)
     check_pair(pair, (channels, input_size, input_size), data_classes)
+    load_teacher(resolved)  # its weights are there and load: a run never starts only to fail fetching them
     budget = dict(batch_size=batch_size or schedule.batch_size, lr=lr or schedule.lr,
                   weight_decay=schedule.weight_decay, seed=seed,
                   num_workers=workers if workers is not None else (0 if digits else 2))
@@ -367,7 +427,7 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
         + (f' --mixed-precision {mixed_precision}' if mixed_precision != 'no' else '') \
         + (' --channels-last' if channels_last else '')
     return DistillPlan(out, resolved, twin_recipe, schedule, sets, datasets, common, pair, reinit, epochs,
-                       teacher_epochs or epochs, budget, command,
+                       teacher_epochs if teacher_epochs is not None else epochs, budget, command,
                        runner=dict(mixed_precision=mixed_precision, channels_last=channels_last))
 
 
@@ -406,29 +466,50 @@ def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
 def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = False,
                   device: Optional[str] = None) -> Dict:
     """Write the YAML(s) and train from them: the teacher first when it is trained here, then the twin."""
-    import shutil
     out, teacher = plan.out, plan.teacher
     if overwrite:
-        for name in ARTEFACTS:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    teacher_model = teacher.model
-    if teacher.run_checkpoint is not None:
-        teacher_model = _extract_run_teacher(teacher, out / 'teacher-weights')
-    configs = build_configs(plan, teacher_model)
-    what = dict(teacher='the teacher, cross-entropy',
-                distill=f'the twin with JointRD, recipe `{plan.recipe.id}` ({plan.recipe.record})')
-    for name, config in configs.items():
-        path = write_config(out / f'{name}.yaml', config, plan.data, _header(plan.command, what[name]), resume)
-        if name == 'teacher':
-            print(f'NOTE: teacher {teacher.spec}: {_teacher_origin(plan)}, with cross-entropy.' + _tag_hint(teacher))
-        else:
-            print(f'twin plain_{teacher.arch}: JointRD from the teacher, recipe `{plan.recipe.id}`, {plan.epochs} '
-                  'epochs')
-            if plan.short_run_warning:
-                print(f'WARNING: {plan.short_run_warning}')
-        final = _train_from(path, resume, device)
+        _remove_artefacts(out)
+    existed = out.exists()
+    try:
+        teacher_model = teacher.model
+        if teacher.run_checkpoint is not None:
+            teacher_model = _extract_run_teacher(teacher, out / 'teacher-weights')
+        configs = build_configs(plan, teacher_model)
+        what = dict(teacher='the teacher, cross-entropy',
+                    distill=f'the twin with JointRD, recipe `{plan.recipe.id}` ({plan.recipe.record})')
+        for name, config in configs.items():
+            path = write_config(out / f'{name}.yaml', config, plan.data, _header(plan.command, what[name]), resume)
+            if name == 'teacher':
+                print(f'NOTE: teacher {teacher.spec}: {_teacher_origin(plan)}, with cross-entropy.'
+                      + _tag_hint(teacher))
+            else:
+                print(f'twin plain_{teacher.arch}: JointRD from the teacher, recipe `{plan.recipe.id}`, '
+                      f'{plan.epochs} epochs')
+                if plan.short_run_warning:
+                    print(f'WARNING: {plan.short_run_warning}')
+            final = _train_from(path, resume, device)
+    except BaseException:
+        if not resume and not _saved_an_epoch(out):
+            # nothing trained yet: leave the folder as this call found it, so that the same command runs again
+            # once the cause is fixed (instead of being refused as "another run")
+            _remove_artefacts(out)
+            if not existed and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
     return final
+
+
+def _remove_artefacts(out: Path) -> None:
+    import shutil
+    for name in ARTEFACTS:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _saved_an_epoch(out: Path) -> bool:
+    """Whether a run of this distill (teacher or twin) has a checkpoint or has finished: then --resume continues."""
+    return any((out / run / name).is_file() for run in ('teacher', 'twin') for name in ('last.safetensors',
+                                                                                         'final.json'))
 
 
 def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency_repeats: int = 30) -> Dict:
@@ -477,6 +558,8 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
                      latency_speedup_b1=round(speedup[1], 2)),
+        eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
+                  label_column=plan.data['test']['label_column'], validate_args=_timm_validate_args(plan)),
         local_dir=str((out / 'model').resolve())))
     save_trained_model(models['twin'], out / 'model', metrics=summary['test_acc'], model_card=card)
     (out / 'comparison.json').write_text(json.dumps(summary, indent=1))
@@ -501,6 +584,20 @@ def run_distill(teacher: str, data: str, output_dir: str = 'runs/distill', devic
     return report_distill(plan, final, time.time() - start, latency_repeats)
 
 
+def _timm_validate_args(plan: DistillPlan):
+    """timm validate.py options that preprocess the test images as this evaluation did (validate.py otherwise follows
+    the twin's pretrained_cfg, which is its architecture's, not this data's); False (no validate.py line on the
+    card) for single-channel data."""
+    from torchvision.transforms import Normalize
+    if plan.common['in_chans'] != 3:
+        return False
+    normalize = next(t for t in plan.datasets['test'].transform.transforms if isinstance(t, Normalize))
+    crop_pct = 0.875 if plan.data['test']['transform'] == 'imagenet' else 1.0
+    mean, std = (' '.join(f'{float(v):.4g}' for v in values) for values in (normalize.mean, normalize.std))
+    return (f'--img-size {plan.data["test"]["input_size"]} --crop-pct {crop_pct} --interpolation bilinear '
+            f'--mean {mean} --std {std}')
+
+
 def _build(model_kwargs: Dict):
     from ..integrations.torchdistill import timm_model
     return timm_model(**model_kwargs).eval()
@@ -523,12 +620,8 @@ def _tag_hint(teacher: Teacher) -> str:
 
 def _extract_run_teacher(teacher: Teacher, folder: Path) -> Dict:
     """The teacher part of a JointRD run's checkpoint, written in Hub format; its timm_model kwargs."""
-    import timm
     from ..integrations.hub import save_trained_model
-    from ..io import load_weights
-    model = timm.create_model(teacher.arch, num_classes=teacher.num_classes, in_chans=teacher.in_chans)
-    load_weights(model, teacher.run_checkpoint, part='teacher')
-    save_trained_model(model, folder)
+    save_trained_model(load_teacher(teacher), folder)
     return dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True)
 
 
