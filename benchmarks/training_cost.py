@@ -84,8 +84,10 @@ GOALS = [('default recipe step', 'JointRD + fade (default recipe)', 'Hinton KD',
          ('lean mode peak memory (default recipe)', 'JointRD + fade (default recipe)', 'Hinton KD', 1.15, 'memory')]
 
 
-def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool = False):
-    """A no-argument callable doing one full training step (forward, backward, SGD step) of ``method``."""
+def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool = False, compile_backend=None):
+    """A no-argument callable doing one full training step (forward, backward, SGD step) of ``method``; with
+    ``compile_backend``, its models compiled as ``runner.compile`` does (``runner.compile_modules``; the first steps
+    compile, so warm up before timing)."""
     import timm
     import torch.nn.functional as F
     import jointrd_timm  # noqa: F401
@@ -111,6 +113,11 @@ def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if compile_backend:
+        from jointrd_timm.training.runner import compile_modules
+        compile_modules(model, compile_backend)
+        if kind == 'kd':
+            compile_modules(teacher, compile_backend)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
 
     def step():

@@ -26,7 +26,8 @@ def _derive(args) -> int:
 
 def _train(args) -> int:
     from .training.runner import load_config, train
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f'runner.compile={args.compile}'] if args.compile else [])
+    config = load_config(args.config, overrides)
     train(config, output_dir=args.output_dir, resume=args.resume, device=args.device, overwrite=args.overwrite)
     return 0
 
@@ -172,6 +173,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None, help='default: cuda if available')
 
 
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                   help='torch.compile the models (runner.compile; BACKEND default inductor): the twin\'s and '
+                        "teacher's stem, stages and head, the methods' own code eager around them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='jointrd', description='Shortcut-free twins of timm models, trained by '
                                      'Residual Distillation (JointRD, NeurIPS 2020).')
@@ -192,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--config', required=True, help='torchdistill-format YAML (see yamls/); runs code: trusted only')
     p.add_argument('overrides', nargs='*', help='key.path=value overrides, e.g. train.num_epochs=1')
     add_run_arguments(p)
+    _add_compile(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser('convert-checkpoint', help="a pickled checkpoint's weights (e.g. torchdistill's) to safetensors",
@@ -253,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the runs' runner.mixed_precision (accelerate's; default: no)")
     p.add_argument('--channels-last', action='store_true',
                    help='train in channels_last memory format (runner.channels_last; often faster on GPUs)')
+    _add_compile(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument('--resume', action='store_true', help='continue the run in --output')
     group.add_argument('--overwrite', action='store_true', help="replace the run in --output (distill's files only)")

@@ -304,13 +304,39 @@ def test_channels_last_ratio_is_read_round_by_round(monkeypatch):
             times = [base * f * (0.9 if name.endswith('channels_last') else 1.0) for f in load]
             out[name] = dict(median_ms=sorted(times)[3], iqr_ms=base, times_ms=times)
         return out
-    monkeypatch.setattr(channels_last_cost, 'make_step', lambda *a: None)
+    monkeypatch.setattr(channels_last_cost, 'make_step', lambda *a, **kw: None)
     monkeypatch.setattr(latency, 'compare_latency', fake_compare)
     rows = channels_last_cost.measure('resnet20_cifar', argparse.Namespace(batch=8, size=32, repeats=6, clock='cpu'))
     assert set(rows) == set(channels_last_cost.METHODS)
     for r in rows.values():
         assert r['ratio'] == pytest.approx(0.9) and r['ratio_iqr'] == pytest.approx(0.0, abs=1e-12)
         assert not r['noisy']  # the medians' IQRs (as large as the medians) would have flagged it
+
+
+def test_compile_variant_builds_compiled_steps_and_names_its_columns(monkeypatch):
+    """--variant compile: each method's second step is built with the inductor backend, the page's columns and
+    ratio are eager vs compiled, and the compilation happens in untimed warm-up rounds."""
+    import argparse
+    import channels_last_cost
+    import jointrd_timm.deploy.latency as latency
+    built, seen = [], {}
+
+    def fake_compare(steps, **kwargs):
+        seen.update(kwargs)
+        return {name: dict(median_ms=500.0 if name.endswith('compiled') else 1000.0, iqr_ms=10.0,
+                           times_ms=[500.0 if name.endswith('compiled') else 1000.0] * 4) for name in steps}
+    monkeypatch.setattr(channels_last_cost, 'make_step', lambda *a, **kw: built.append(kw))
+    monkeypatch.setattr(latency, 'compare_latency', fake_compare)
+    args = argparse.Namespace(batch=8, size=32, repeats=4, clock='cpu', variant='compile')
+    rows = channels_last_cost.measure('resnet20_cifar', args)
+    assert built.count(dict(compile_backend='inductor')) == len(channels_last_cost.METHODS)
+    assert built.count({}) == len(channels_last_cost.METHODS) and seen['warmup'] == 3
+    assert all(r['ratio'] == pytest.approx(0.5) and r['compiled_ms'] == 500.0 for r in rows.values())
+    meta = dict(machine='m', load_before=(1, 1, 1), load_after=(1, 1, 1), minutes=1.0)
+    lines = channels_last_cost.lines_for({'resnet20_cifar': rows}, meta, args)
+    assert lines[0].startswith('# Training step under torch.compile')
+    assert '| method | eager ms (IQR) | compiled ms (IQR) | compiled / eager |' in lines
+    assert '| Hinton KD | 1000 (10) | 500 (10) | 0.50x (IQR 0.00) |' in lines
 
 
 def test_step_ratios_read_pairs_round_by_round_with_a_bootstrap_interval(monkeypatch):

@@ -94,3 +94,16 @@ def test_compile_option_must_be_a_backend(tmp_path):
         load_config(tiny_yaml(tmp_path, method='ce'), ['runner.compile=nope'])
     with pytest.raises(ConfigError, match=r'runner.compile .*true, false or a torch.compile backend'):
         load_config(tiny_yaml(tmp_path / 'b', method='ce'), ['runner.compile=3'])
+
+
+def test_cli_compile_flags_reach_the_runner(tmp_path, monkeypatch):
+    from jointrd_timm import cli
+    parser = cli.build_parser()
+    assert parser.parse_args(['train', '--config', 'x.yaml', '--compile']).compile == 'inductor'
+    assert parser.parse_args(['train', '--config', 'x.yaml', '--compile', 'aot_eager']).compile == 'aot_eager'
+    assert parser.parse_args(['train', '--config', 'x.yaml']).compile is None
+    assert parser.parse_args(['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--compile']).compile == 'inductor'
+    seen = {}
+    monkeypatch.setattr('jointrd_timm.training.runner.train', lambda config, **kw: seen.update(config['runner']))
+    cli.main(['train', '--config', str(tiny_yaml(tmp_path, method='ce')), '--compile', 'aot_eager'])
+    assert seen['compile'] == 'aot_eager'

@@ -390,9 +390,10 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
                  limit: Optional[int] = None, transform: Optional[str] = None, input_size: Optional[int] = None,
                  batch_size: Optional[int] = None, lr: Optional[float] = None, workers: Optional[int] = None,
                  seed: int = 0, resume: bool = False, overwrite: bool = False, mixed_precision: str = 'no',
-                 channels_last: bool = False) -> DistillPlan:
+                 channels_last: bool = False, compile: Optional[str] = None) -> DistillPlan:
     """Every check of ``jointrd distill``, before anything is written or trained; raises :class:`DistillError`.
-    ``mixed_precision`` and ``channels_last`` go to every run's ``runner`` section (docs/jointrd.md)."""
+    ``mixed_precision``, ``channels_last`` and ``compile`` (a torch.compile backend, None: off) go to every run's
+    ``runner`` section (docs/jointrd.md)."""
     from .runner import MIXED_PRECISION
     if mixed_precision not in MIXED_PRECISION:
         raise DistillError(f'mixed_precision must be one of {", ".join(MIXED_PRECISION)}, got {mixed_precision!r}.')
@@ -425,10 +426,11 @@ def plan_distill(teacher: str, data: str, output_dir: str = 'runs/distill', epoc
                   num_workers=workers if workers is not None else (0 if digits else 2))
     command = f'jointrd distill {teacher} --data {data} --epochs {epochs} --recipe {twin_recipe.id} --output {out}' \
         + (f' --mixed-precision {mixed_precision}' if mixed_precision != 'no' else '') \
-        + (' --channels-last' if channels_last else '')
+        + (' --channels-last' if channels_last else '') + (f' --compile {compile}' if compile else '')
     return DistillPlan(out, resolved, twin_recipe, schedule, sets, datasets, common, pair, reinit, epochs,
                        teacher_epochs if teacher_epochs is not None else epochs, budget, command,
-                       runner=dict(mixed_precision=mixed_precision, channels_last=channels_last))
+                       runner=dict(mixed_precision=mixed_precision, channels_last=channels_last,
+                                   compile=compile or False))
 
 
 def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
