@@ -37,6 +37,22 @@ def screen_name(screen: dict) -> str:
     return ', '.join(parts)
 
 
+def leaning(screen: dict) -> list:
+    """(step, s, median over blocks of the shortcut's size relative to the branch divided by s) per logged window
+    while s > 0.005: 1 when the network follows the fade, above 1 when it keeps more shortcut than s gives, rising
+    when it leans back on the shortcut as s falls. The window's stats are averages over its steps, so s is taken
+    as the mean of its values at the window's two ends."""
+    out, previous = [], 1.0
+    for e in screen['log']:
+        s_mid = (previous + e['s']) / 2
+        previous = e['s']
+        if s_mid <= 0.005:
+            continue
+        rel = [b['shortcut_rms'] / max(b['branch_rms'], 1e-12) / s_mid for b in e['blocks'].values()]
+        out.append((e['step'], s_mid, statistics.median(rel)))
+    return out
+
+
 def summary(screen: dict) -> dict:
     """The numbers a reader compares: train accuracy before the fade bites, at its lowest, and at the end; the
     test accuracy of the deployed twin; the shortcut share, gradient norms and RMS at the fade's end."""
@@ -45,7 +61,10 @@ def summary(screen: dict) -> dict:
     low = min(range(len(log)), key=lambda i: acc[i])
     faded = next((e for e in log if e['s'] == 0.0), log[-1])
     blocks = list(faded['blocks'])
-    return dict(name=screen_name(screen), test_acc=screen['test_acc'], test_images=screen['test_images'],
+    lean = leaning(screen)
+    lowest = min(lean, key=lambda t: t[2])
+    return dict(name=screen_name(screen), lean_first=lean[0][2], lean_lowest=lowest[2], lean_lowest_s=lowest[1],
+                lean_last=lean[-1][2], lean_last_s=lean[-1][1], test_acc=screen['test_acc'], test_images=screen['test_images'],
                 steps=screen['args']['steps'], train_acc_first=acc[0], train_acc_low=acc[low],
                 s_at_low=log[low]['s'], step_at_low=log[low]['step'], train_acc_last=acc[-1],
                 eval_rms_first_block=log[0]['blocks'][blocks[0]]['eval_output_rms'],
@@ -63,12 +82,15 @@ def lines_for(record: dict) -> list:
     out = [f'# Deep twins: where the signal goes while the shortcuts fade ({meta["arch"]})', '',
            meta['setup'], '',
            '| screen | deployed test acc % | train acc % first window | lowest (at s) | last window | '
+           'shortcut / branch over s (median of blocks): first -> lowest (at s) -> last (at s) | '
            'median eval RMS of block outputs: start -> faded | grad norm first / last block (faded) |',
-           '|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|']
     for s in screens:
         m = summary(s)
         out.append(f'| {m["name"]} | {m["test_acc"]:.2f} | {m["train_acc_first"]:.1f} | {m["train_acc_low"]:.1f} '
-                   f'({m["s_at_low"]:.2f}) | {m["train_acc_last"]:.1f} | {m["eval_rms_start"]:.2f} -> '
+                   f'({m["s_at_low"]:.2f}) | {m["train_acc_last"]:.1f} | {m["lean_first"]:.2f} -> '
+                   f'{m["lean_lowest"]:.2f} ({m["lean_lowest_s"]:.2f}) -> {m["lean_last"]:.2f} ({m["lean_last_s"]:.3f}) | '
+                   f'{m["eval_rms_start"]:.2f} -> '
                    f'{m["eval_rms_faded"]:.2f} | {m["grad_ratio_first_last"]:.2f} |')
     out += ['', f'Test accuracy on {screens[0]["test_images"]} test images (one image is '
             f'{100 / screens[0]["test_images"]:.2f} points): differences of a point or two between screens are '
@@ -83,7 +105,25 @@ def plot(record: dict):
 
     def draw(path):
         plt = pyplot()
-        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        fig, axes = plt.subplots(3, 2, figsize=(12, 12))
+        ax = axes[0][1]
+        for s in screens:
+            lean = leaning(s)
+            ax.plot([t[0] for t in lean], [t[2] for t in lean], label=screen_name(s))
+        ax.axhline(1.0, color='k', lw=0.6)
+        ax.set_xlabel('step')
+        ax.set_ylabel('shortcut / branch RMS over s (median of blocks)')
+        ax.set_title('shortcut vs branch, over s (1 flat: network idle; falling: branches take over; rising: it keeps its shortcuts)', fontsize=8)
+        ax.legend(fontsize=7)
+        ax = axes[2][1]
+        base = screens[0]
+        ax.plot([e['step'] for e in base['log']], [max(e['bn_drift'].values()) for e in base['log']], label='max')
+        ax.plot([e['step'] for e in base['log']],
+                [statistics.mean(e['bn_drift'].values()) for e in base['log']], label='mean')
+        ax.set_xlabel('step')
+        ax.set_ylabel('BN drift (batch vs running statistics)')
+        ax.set_title(f'BatchNorm drift: {screen_name(base)}', fontsize=9)
+        ax.legend(fontsize=7)
         ax = axes[0][0]
         for s in screens:
             ax.plot([e['step'] for e in s['log']], [e['train_acc'] for e in s['log']], label=screen_name(s))
@@ -97,9 +137,9 @@ def plot(record: dict):
         ax.set_title('train accuracy while s fades', fontsize=9)
         base = screens[0]
         blocks = list(base['log'][0]['blocks'])
-        for ax, key, title in ((axes[0][1], 'shortcut_share', 'shortcut share of each block output'),
-                               (axes[1][0], 'grad_norm', 'gradient norm per block'),
-                               (axes[1][1], 'eval_output_rms', 'eval-mode RMS of each block output')):
+        for ax, key, title in ((axes[1][0], 'shortcut_share', 'shortcut share of each block output'),
+                               (axes[1][1], 'grad_norm', 'gradient norm per block'),
+                               (axes[2][0], 'eval_output_rms', 'eval-mode RMS of each block output')):
             grid = [[e['blocks'][b][key] for e in base['log']] for b in blocks]
             im = ax.imshow(grid, aspect='auto', cmap='viridis',
                            extent=(base['log'][0]['step'], base['log'][-1]['step'], len(blocks) - 0.5, -0.5))
