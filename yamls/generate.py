@@ -70,6 +70,8 @@ ZOO_DESCRIPTION = {
     'cakd': 'conditional adversarial KD (Xu et al. 2017) from {teacher} into {student}',
     'aps': 'adversarial portable student (Wang et al. 2018, our reading) from {teacher} into {student}',
     'jointrd-adv': 'JointRD plus a conditional adversarial term on the twin logits, from {teacher} into {student}',
+    'stepwise': 'step-wise shortcut removal (Tailor, Weng et al. 2023: one shortcut every 3 epochs, input end '
+                'first, 0.35 MSE to the frozen teacher logits + 0.65 CE), {student} started from {teacher}',
     'ce': 'the student {student} alone, cross-entropy',
 }
 DESCRIPTION = {
@@ -322,7 +324,8 @@ def _box_sections(method: str, teacher: str, student: str, r: dict, ckpt: str, o
       num_classes: {nc}
 {dd}"""
         return models, "  model:\n    forward_proc: 'forward_batch_only'", CE_CRITERION
-    key = {'cakd': 'cakd_model', 'aps': 'aps_model', 'jointrd-adv': 'jointrd_model'}[method]
+    key = {'cakd': 'cakd_model', 'aps': 'aps_model', 'jointrd-adv': 'jointrd_model',
+           'stepwise': 'stepwise_model'}[method]
     extra = {
         'cakd': "      discriminator_depth: 3\n      dropout: 0.3\n      non_saturating: False",
         'aps': "      adversarial_weight: 0.1\n      kd_weight: 1.0\n      kd_temperature: 4.0\n      hidden: 256\n"
@@ -331,8 +334,10 @@ def _box_sections(method: str, teacher: str, student: str, r: dict, ckpt: str, o
                        "        adversarial_weight: 1.0\n        adversarial_non_saturating: True\n"
                        f"        discriminator:\n          lr: 0.001\n          momentum: 0.9\n          weight_decay: 0.0\n"
                        f"          milestones: {r['milestones']}",
+        'stepwise': "      interval: 3\n      order: 'input_first'\n      first_removal:\n      mse_weight: 0.35\n"
+                    "      ce_weight: 0.65",
     }[method]
-    disc = '' if method == 'jointrd-adv' else (
+    disc = '' if method in ('jointrd-adv', 'stepwise') else (
         f"\n      discriminator:\n        lr: 0.001\n        momentum: 0.9\n        weight_decay: 0.0\n"
         f"        milestones: {r['milestones']}")
     models = f"""  model:
@@ -377,7 +382,7 @@ def documents():
                 yield f'{dataset}/{method}-{_short(arch)}.yaml', render(dataset, arch, method)
     for dataset, pairs in ZOO.items():
         for teacher, student, label in pairs:
-            for method in ('kd', 'fitnets', 'cakd', 'aps', 'jointrd-adv'):
+            for method in ('kd', 'fitnets', 'cakd', 'aps', 'jointrd-adv', 'stepwise'):
                 yield f'{dataset}/{method}-{label}.yaml', render_zoo(dataset, method, teacher, student, label,
                                                                     f'ce-{label}', settings(dataset)['weight_decay'])
     for dataset, (teacher, student) in XU2017.items():

@@ -3,11 +3,12 @@
 Registered here:
 * models ``timm_model`` (any timm or plain_* model, optional safetensors checkpoint), ``jointrd_model``
   (teacher + twin as one :class:`~jointrd_timm.methods.JointRD` module), ``fading_model`` (a twin whose
-  shortcuts fade out, trained alone), ``cakd_model`` (conditional adversarial
-  KD, Xu et al. 2017) and ``aps_model`` (adversarial portable students, Wang et al. 2018);
+  shortcuts fade out, trained alone), ``stepwise_model`` (shortcuts removed one at a time under a frozen teacher,
+  Tailor, Weng et al. 2023), ``cakd_model`` (conditional adversarial KD, Xu et al. 2017) and ``aps_model``
+  (adversarial portable students, Wang et al. 2018);
 * the mid-level loss ``MethodLoss`` (alias ``JointRDLoss``): reads the loss these modules compute in their forward;
 * the pre-epoch process ``jointrd_pre_epoch_process``: torchdistill's default, then ``set_epoch`` on the module
-  (eta for JointRD, the discriminator's schedule for the adversarial methods).
+  (eta for JointRD, the discriminator's schedule for the adversarial methods, the removals of stepwise_model).
 
 Why JointRD is a *model* in the student slot of a TrainingBox rather than a student wrapper in a DistillationBox:
 its loss runs the student's stage outputs through the teacher's later stages, with gradients, and torchdistill's
@@ -30,11 +31,13 @@ from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversa
 from ..methods.base import check_teacher_student, start_epoch
 from ..methods.fading import FadingStudent
 from ..methods.jointrd import JointRD, JointRDConfig
+from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
 from ..twins.transfer import load_teacher_weights
 from ..io import load_weights, unwrap
 
-__all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'cakd_model', 'aps_model', 'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
+__all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwise_model', 'cakd_model', 'aps_model',
+           'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
 
 
 @register_model
@@ -80,12 +83,13 @@ def jointrd_model(teacher: Dict, student: Optional[Dict] = None, jointrd: Option
     return JointRD(student_model, teacher_model, JointRDConfig.from_dict(jointrd or {}))
 
 
-def _teacher_and_student(teacher: Dict, student: Optional[Dict]):
+def _teacher_and_student(teacher: Dict, student: Optional[Dict], **student_kwargs):
+    """The teacher and the student of a YAML's kwargs (``student_kwargs`` added to the student's)."""
     teacher_model = timm_model(**teacher)
     if student is None:
         student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
         student['model_name'] = 'plain_' + teacher['model_name']
-    student_model = timm_model(**student)
+    student_model = timm_model(**dict(student, **student_kwargs))
     check_pair(teacher_model, student_model, 'teacher / student kwargs')
     return teacher_model, student_model
 
@@ -114,6 +118,24 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
 
 
 @register_model
+def stepwise_model(teacher: Dict, student: Optional[Dict] = None, interval: float = 3, order: str = 'input_first',
+                   first_removal: Optional[float] = None, mse_weight: float = 0.35,
+                   ce_weight: float = 0.65) -> StepwiseRemoval:
+    """Step-wise shortcut removal under a frozen teacher (Tailor, Weng et al. 2023;
+    :class:`~jointrd_timm.methods.stepwise.StepwiseRemoval`): the twin is built fading (``shortcut_fade=True``
+    implied) and started from the teacher's weights, then loses one shortcut every ``interval`` epochs.
+
+    Args:
+        teacher: kwargs of :func:`timm_model` for the residual teacher (give ``checkpoint`` for a trained one).
+        student: kwargs of :func:`timm_model` for the twin; default ``plain_<teacher model_name>``.
+        interval, order, first_removal, mse_weight, ce_weight: :class:`StepwiseRemoval`'s.
+    """
+    teacher_model, student_model = _teacher_and_student(teacher, student, shortcut_fade=True)
+    load_teacher_weights(student_model, teacher_model)
+    return StepwiseRemoval(student_model, teacher_model, interval, order, first_removal, mse_weight, ce_weight)
+
+
+@register_model
 def cakd_model(teacher: Dict, student: Optional[Dict] = None, **kwargs) -> ConditionalAdversarialKD:
     """Conditional adversarial KD (Xu et al. 2017). ``teacher``/``student``: :func:`timm_model` kwargs (student
     default: the teacher's twin); ``kwargs``: :class:`ConditionalAdversarialKD` fields (discriminator_depth,
@@ -132,8 +154,8 @@ def aps_model(teacher: Dict, student: Optional[Dict] = None, **kwargs) -> Advers
 
 @register_mid_level_loss
 class MethodLoss(nn.Module):
-    """The objective that a jointrd_model / cakd_model / aps_model computes in its train-mode forward
-    (use ``forward_proc: forward_batch_target`` so the model receives the targets)."""
+    """The objective that a jointrd_model / stepwise_model / cakd_model / aps_model computes in its train-mode
+    forward (use ``forward_proc: forward_batch_target`` so the model receives the targets)."""
 
     def __init__(self, module_path: str = '.', **kwargs):
         super().__init__()
@@ -142,8 +164,8 @@ class MethodLoss(nn.Module):
     def forward(self, student_io_dict, teacher_io_dict, targets=None, *args, **kwargs):
         outputs = student_io_dict[self.module_path]['output']
         if not isinstance(outputs, dict) or 'loss' not in outputs:
-            raise ValueError('MethodLoss/JointRDLoss reads the loss that a jointrd_model (or cakd_model, aps_model) '
-                             'computes in train mode; the student must be a `jointrd_model` and '
+            raise ValueError('MethodLoss/JointRDLoss reads the loss that a jointrd_model (or stepwise_model, '
+                             'cakd_model, aps_model) computes in train mode; the student must be a `jointrd_model` and '
                              'train.model.forward_proc must be forward_batch_target.')
         return outputs['loss']
 

@@ -5,3 +5,4 @@ from .jointrd import JointRD, JointRDConfig, jointrd_loss
 from .fading import FadingStudent, ShortcutFade
 from .schedules import eta_schedule, fade_scale, block_scales
 from .adversarial import AdversarialPortableStudent, ConditionalAdversarialKD, LogitDiscriminator, FeatureDiscriminator
+from .stepwise import StepwiseRemoval
