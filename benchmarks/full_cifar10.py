@@ -107,24 +107,24 @@ def run_specs(args, work: Path):
     variants = [parse_variant(v) for v in args.variant]
     teacher_ckpt = str(work / 'teacher' / 'model')
     specs = [('teacher', args.teacher_epochs, work / 'teacher', 'ce',
-              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)))]
+              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)), None)]
     for fraction in args.fractions:
         epochs = twin_epochs(args, fraction)
         specs += [
             ('twin + JointRD', epochs, work / f'twin-jointrd-e{epochs}', 'jointrd',
-             recipe.jointrd_model(args.arch, teacher_ckpt, num_classes=10)),
+             recipe.jointrd_model(args.arch, teacher_ckpt, num_classes=10), recipe.id),
             ('twin alone', epochs, work / f'twin-alone-e{epochs}', 'ce',
-             recipe.twin_alone_model(args.arch, teacher_ckpt, num_classes=10)),
+             recipe.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), recipe.id),
             ('control', epochs, work / f'control-e{epochs}', 'ce',
-             dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt))),
+             dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt)), None),
         ]
         for name, fields in variants:
             changed = recipe.replace(**fields)
             specs += [
                 (f'twin + JointRD, {name}', epochs, work / f'twin-jointrd-e{epochs}-{name}', 'jointrd',
-                 changed.jointrd_model(args.arch, teacher_ckpt, num_classes=10)),
+                 changed.jointrd_model(args.arch, teacher_ckpt, num_classes=10), changed.id),
                 (f'twin alone, {name}', epochs, work / f'twin-alone-e{epochs}-{name}', 'ce',
-                 changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10)),
+                 changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), changed.id),
             ]
     return recipe, specs
 
@@ -138,7 +138,7 @@ def main():
     recipe, specs = run_specs(args, work)
     if not args.report_only:
         data = splits(args)
-        for row, epochs, folder, method, model in specs:
+        for row, epochs, folder, method, model, _ in specs:
             if row.split(',')[0] not in args.rows or (args.only and folder.name not in args.only):
                 continue
             if row != 'teacher' and not finished(work / 'teacher'):
@@ -210,8 +210,10 @@ def deployment_lines(arch: str, bench: dict) -> list:
 def report(args, recipe, specs) -> None:
     """The record, page and plot from every finished run (an unfinished one is listed with its epochs done)."""
     runs = []
-    for row, epochs, folder, method, _ in specs:
+    for row, epochs, folder, method, _, recipe_id in specs:
         entry = dict(row=row, epochs=epochs, folder=folder.name)
+        if recipe_id:
+            entry['recipe'] = recipe_id
         curve_path = folder / 'metrics.jsonl'
         curve = [json.loads(x) for x in curve_path.read_text().splitlines()] if curve_path.is_file() else []
         entry['epochs_done'] = len({c['epoch'] for c in curve})
@@ -227,7 +229,7 @@ def report(args, recipe, specs) -> None:
                 entry['bn_recalibrated_batches'] = final['bn_recalibrated_batches']
         runs.append(entry)
     teacher = runs[0].get('test_acc')
-    record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs,
+    record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs, variants=args.variant,
                             fractions=args.fractions, data='CIFAR-10: 50,000 training images less a held-out '
                             f'validation split of {args.val_size} (seed {args.seed}); the 10,000 test images',
                             budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run, '

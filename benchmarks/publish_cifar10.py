@@ -44,10 +44,10 @@ def publish(entry: dict, folder: Path) -> None:
 def best_twin(runs: list) -> dict:
     """The finished twin run with the highest last-epoch accuracy on the held-out validation split (ties: the shorter
     run, then JointRD); the test accuracy, which the card reports, plays no part in the choice."""
-    done = [r for r in runs if r['row'] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None]
+    done = [r for r in runs if r['row'].split(',')[0] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None]
     if not done:
         raise SystemExit('no finished twin run in the record: run benchmarks/full_cifar10.py first')
-    return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'] == 'twin + JointRD'))
+    return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'].startswith('twin + JointRD')))
 
 
 def publish_full(arch: str) -> None:
@@ -61,7 +61,8 @@ def publish_full(arch: str) -> None:
     control = next((r for r in runs if r['row'] == 'control' and r['epochs'] == twin['epochs'] and 'test_acc' in r),
                    None)
     work = ROOT / 'benchmarks/runs/full_cifar10' / arch
-    command = f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]}'
+    command = f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]}' + ''.join(
+        f' --variant {v}' for v in meta.get('variants', []) if twin['folder'].endswith('-' + v.split('=')[0]))
     data = f'{meta["data"]}; {meta["budget"]}'
     teacher_tag = 'ce_full_cifar10'
     publish(dict(COMMON, architecture=arch, tag=teacher_tag, teacher='(none: the residual teacher itself)',
@@ -70,14 +71,14 @@ def publish_full(arch: str) -> None:
                  training=dict(command=command, budget=f'{meta["teacher_epochs"]} epochs; {data}', source=source),
                  metrics=dict(top1_test=teacher['test_acc'], source=source, split=TEST_SPLIT)),
             work / teacher['folder'] / 'model')
-    prefix, method = TWIN_ROWS[twin['row']]
+    prefix, method = TWIN_ROWS[twin['row'].split(',')[0]]
     metrics = dict(top1_test=twin['test_acc'], teacher_top1_test=teacher['test_acc'],
                    gap_to_teacher=round(teacher['test_acc'] - twin['test_acc'], 2))
     if control is not None:
         metrics['control_top1_test'] = control['test_acc']
     metrics.update(source=source, split=TEST_SPLIT)
     publish(dict(COMMON, architecture=f'plain_{arch}', tag=f'{prefix}_full_cifar10', teacher=f'{arch}.{teacher_tag}',
-                 method=method.format(recipe=meta['recipe']),
+                 method=method.format(recipe=twin.get('recipe', meta['recipe'])),
                  description=f'Shortcut-free twin of {arch} (no residual additions at all), converted from its '
                  f'teacher `{arch}.{teacher_tag}` in {twin["epochs"]} epochs on the full CIFAR-10 training set '
                  '(the best of the conversions on the held-out validation split). `control_top1_test`: the residual '
