@@ -29,7 +29,7 @@ import torch
 from cifar_budget import ROOT, finished, read_run
 from report import RESULTS, pyplot, write_report
 
-ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control')
+ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal')
 
 
 def parser():
@@ -99,6 +99,13 @@ def parse_variant(text: str):
     return name, fields
 
 
+def stepwise_blocks(arch: str) -> int:
+    """How many shortcuts step-wise removal takes away from ``arch``'s twin (one per fading block)."""
+    import timm
+    from jointrd_timm.twins.fade import fading_block_count
+    return fading_block_count(timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True))
+
+
 def run_specs(args, work: Path):
     """(row, epochs, folder, method, torchdistill model config) of every run, in run order: the teacher, then for
     each fraction the twin with JointRD, the twin alone and the control, then each variant's two twins."""
@@ -118,6 +125,12 @@ def run_specs(args, work: Path):
             ('control', epochs, work / f'control-e{epochs}', 'ce',
              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt)), None),
         ]
+        # the nearest alternative that trains (Tailor, Weng et al. 2023): one shortcut removed every interval epochs,
+        # the interval chosen so that the last removal is followed by one interval of training within the budget
+        blocks = stepwise_blocks(args.arch)
+        specs.append(('step-wise removal', epochs, work / f'stepwise-e{epochs}', 'stepwise', dict(
+            key='stepwise_model', kwargs=dict(teacher=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt),
+                                              interval=epochs / (blocks + 1))), None))
         for name, fields in variants:
             changed = recipe.replace(**fields)
             specs += [
@@ -169,8 +182,8 @@ def answer_lines(runs: list, teacher) -> list:
                 parts.append(f'{row} {rows[row]:.2f} % ({rows[row] - teacher:+.2f} against the teacher)')
         if rows.get('twin + JointRD') is not None and rows.get('twin alone') is not None:
             parts.append(f'JointRD adds {rows["twin + JointRD"] - rows["twin alone"]:+.2f} points over the twin alone')
-        for row, acc in rows.items():  # recipe variants (--variant)
-            if ',' in row and acc is not None:
+        for row, acc in rows.items():  # recipe variants (--variant) and the step-wise removal alternative
+            if (',' in row or row == 'step-wise removal') and acc is not None:
                 parts.append(f'{row} {acc:.2f} % ({acc - teacher:+.2f} against the teacher)')
         twins = [v for k, v in rows.items() if k != 'control' and v is not None]
         if rows.get('control') is not None:
@@ -237,7 +250,9 @@ def report(args, recipe, specs) -> None:
     lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
              f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
              'model (nothing selected on test). The teacher trains first; every other run starts from its weights '
-             '(the twins through their recipe: teacher init + shortcut fade; the control is the residual teacher '
+             '(the twins through their recipe: teacher init + shortcut fade; step-wise removal (Tailor, Weng et al. '
+             '2023): the frozen teacher, 0.35 MSE on logits + 0.65 CE, one shortcut removed from the input end every '
+             'epochs / (shortcuts + 1) epochs; the control is the residual teacher '
              'trained again for the same epochs, equal compute).', '',
              '| run | epochs | test acc % | vs teacher | s / epoch (median) | epochs done | resumed |',
              '|---|---|---|---|---|---|---|']

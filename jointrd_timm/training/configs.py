@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 __all__ = ['make_config', 'METHODS']
 
-METHODS = ('ce', 'jointrd', 'kd', 'fitnets', 'cakd', 'aps')
+METHODS = ('ce', 'jointrd', 'kd', 'fitnets', 'cakd', 'aps', 'stepwise')
 
 
 def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: bool = False) -> Dict:
@@ -56,7 +56,7 @@ def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: O
         train['pre_epoch_process'] = 'jointrd_pre_epoch_process'  # progress for a fading_model's shortcut scale
         train['model'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True)
         train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(ce=ce)))
-    elif method in ('jointrd', 'cakd', 'aps'):
+    elif method in ('jointrd', 'cakd', 'aps', 'stepwise'):
         models['model'] = model
         train['pre_epoch_process'] = 'jointrd_pre_epoch_process'
         train['model'] = dict(forward_proc='forward_batch_target', sequential=[], requires_grad=True)
