@@ -16,3 +16,13 @@ def test_every_config_field_is_documented(owner):
     page = (ROOT / 'docs' / 'jointrd.md').read_text()
     missing = [name for name in fields if f'`{name}`' not in page]
     assert not missing, f'docs/jointrd.md does not describe {owner} field(s) {missing}'
+
+
+def test_benchmarks_readme_lists_every_script_once():
+    """benchmarks/README.md's table names each script of the folder exactly once, and no script that is not there."""
+    import re
+    readme = (ROOT / 'benchmarks' / 'README.md').read_text()
+    listed = re.findall(r'^\| `([\w.]+\.py)` \|', readme, re.M)
+    scripts = sorted(p.name for p in (ROOT / 'benchmarks').glob('*.py'))
+    assert sorted(listed) == scripts, (sorted(set(scripts) - set(listed)), sorted(set(listed) - set(scripts)))
+    assert len(listed) == len(set(listed))
