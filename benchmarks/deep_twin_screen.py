@@ -110,8 +110,8 @@ def main():
                     with torch.no_grad():
                         t_logits = teacher(x)
                 if args.kd:
-                    F = torch.nn.functional
-                    kd = F.kl_div(F.log_softmax(logits / 4, 1), F.softmax(t_logits / 4, 1), reduction='batchmean') * 16
+                    from jointrd_timm.methods.base import hinton_kd
+                    kd = hinton_kd(logits, t_logits, 4.0)
                     loss = (1 - args.kd) * loss + args.kd * kd
                 if args.hint:
                     hint = sum(((twin_out[n] - teacher_out[n]) ** 2).mean() / teacher_out[n].pow(2).mean()

@@ -93,6 +93,7 @@ def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool
     import jointrd_timm  # noqa: F401
     from jointrd_timm.methods import JointRD, JointRDConfig
     from jointrd_timm.methods import FadingStudent
+    from jointrd_timm.methods.base import hinton_kd
     kind, fields = METHODS[method]
     torch.manual_seed(0)
     teacher = timm.create_model(arch, num_classes=10).eval().requires_grad_(False)
@@ -129,8 +130,7 @@ def make_step(method: str, arch: str, batch: int, size: int, channels_last: bool
             with torch.no_grad():
                 t = teacher(x)
             s = model(x)
-            loss = 0.1 * F.cross_entropy(s, y) + 0.9 * 16 * F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1),
-                                                                     reduction='batchmean')
+            loss = 0.1 * F.cross_entropy(s, y) + 0.9 * hinton_kd(s, t, 4.0)
         else:
             loss = F.cross_entropy(model(x), y)
             if kind == 'fade':

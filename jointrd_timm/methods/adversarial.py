@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TrainingMethod, check_teacher_student, config_from_dict
+from .base import TrainingMethod, check_teacher_student, config_from_dict, hinton_kd
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
            'conditional_discriminator_loss', 'conditional_gan_term', 'conditional_student_loss', 'ConditionalAdversarialKD',
@@ -166,12 +166,6 @@ class AdversarialTerm(nn.Module):
         return loss.detach()
 
 
-def _kd(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1),
-                    reduction='batchmean') * t * t
-
-
 class _TeacherStudent(TrainingMethod):
     """A frozen teacher (eval mode, no gradients) beside a student; eval mode is just the student. Progress (the
     discriminator's schedule, in epochs) follows :class:`~jointrd_timm.methods.base.TrainingMethod`."""
@@ -278,7 +272,7 @@ class AdversarialPortableStudent(_TeacherStudent):
         if fake_cls is not None:
             adversarial = adversarial + F.cross_entropy(fake_cls, targets)
         ce = F.cross_entropy(logits, targets)
-        kd = _kd(logits, teacher_logits, self.kd_temperature)
+        kd = hinton_kd(logits, teacher_logits, self.kd_temperature)
         loss = ce + self.kd_weight * kd + self.adversarial_weight * adversarial
         out.update(loss=loss, ce=ce.detach(), kd=kd.detach(), adversarial=adversarial.detach())
         return out

@@ -30,9 +30,19 @@ import torch
 from torch import nn
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student']
+           'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
+
+
+def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton, Vinyals & Dean's distillation term: ``T^2 * KL(softmax(z_T / T) || softmax(z_S / T))`` averaged over
+    the batch (no gradient reaches the teacher's logits). The one KD of the package: JointRD's ``kd_weight``, APS's
+    KD term and the benchmarks' KD rows all call it."""
+    t = temperature
+    return torch.nn.functional.kl_div(torch.nn.functional.log_softmax(student_logits / t, 1),
+                                      torch.nn.functional.softmax(teacher_logits.detach() / t, 1),
+                                      reduction='batchmean') * t * t
 
 
 def _classes_and_channels(model: nn.Module):

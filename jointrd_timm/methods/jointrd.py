@@ -21,7 +21,7 @@ student's loss never moves the teacher's weights or running statistics; ``joint_
 and ``margin_refresh`` give the reference's JOINT branch: teacher step first, tails in eval mode, margin per epoch).
 ``lean_memory`` backpropagates each hybrid path inside the forward (peak memory of about one path).
 
-Every decision of ``../shared/docs/jointrd-method.md`` is a field of :class:`JointRDConfig`.
+Every decision of the method (docs/jointrd.md) is a field of :class:`JointRDConfig`.
 """
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
@@ -35,7 +35,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from .adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
                           conditional_gan_term)
-from .base import TrainingMethod, check_teacher_student, config_from_dict
+from .base import TrainingMethod, check_teacher_student, config_from_dict, hinton_kd
 from .fading import ShortcutFade, check_fade_mode
 from .feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from .schedules import check_fade_power, eta_schedule
@@ -798,9 +798,7 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
         parts['feature'] = (feat / norm).detach()
         loss = loss + config.feature_loss_weight * feat / norm
     if config.kd_weight > 0:
-        t = config.kd_temperature
-        kd = F.kl_div(F.log_softmax(outputs['logits'] / t, 1), F.softmax(outputs['teacher_logits'].detach() / t, 1),
-                      reduction='batchmean') * t * t
+        kd = hinton_kd(outputs['logits'], outputs['teacher_logits'], config.kd_temperature)
         parts['kd'] = kd.detach()
         loss = loss + config.kd_weight * kd
     if config.teacher_mode == 'joint':
