@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from report import RESULTS, pyplot, write_report
+from report import RESULTS, pyplot, save_figure, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # row -> (the full_cifar10 row it reads, the deployed architecture)
@@ -165,9 +165,7 @@ def plot(record):
         ax.set_xlabel('activation memory at batch 16, analysed (MB)')
         ax.set_ylabel('test accuracy (%)')
         ax.set_title(f'{record["meta"]["arch"]}: accuracy vs activation memory', fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120, format='png')
-        plt.close(fig)
+        save_figure(fig, path, 120)
     return draw
 
 

@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from report import RESULTS, pyplot, write_report
+from report import RESULTS, pyplot, save_figure, write_report
 
 NAME = 'deep_twin_diagnostics'
 
@@ -147,9 +147,7 @@ def plot(record: dict):
             ax.set_ylabel('block (input side at top)')
             ax.set_xlabel('step')
             ax.set_title(f'{title}: {screen_name(base)}', fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110, format='png')
-        plt.close(fig)
+        save_figure(fig, path, 110)
     return draw
 
 

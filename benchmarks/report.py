@@ -68,6 +68,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out ``fig``, write it as PNG to ``path`` and close it (the tail of every plot here)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format='png')
+    plt.close(fig)
+
+
 def curves_and_bars(rows: Dict[str, Dict], path: Path, title: str, short=lambda label: label, colors=None) -> None:
     """The CIFAR benchmarks' plot: each row's validation curve (``val_curve``) beside its last-epoch test accuracy
     (``test_acc``). ``short`` shortens the bar labels; ``colors`` gives one colour per row."""

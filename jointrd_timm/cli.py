@@ -173,6 +173,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None, help='default: cuda if available')
 
 
+def _add_export_arguments(p: argparse.ArgumentParser, formats: bool = False) -> None:
+    """The arguments of the commands that write exported files (export, exact)."""
+    p.add_argument('--output-dir', default='exports')
+    p.add_argument('--name', default=None, help='file name stem (default: from the model)')
+    p.add_argument('--input-size', type=int, default=None, help='side of the example input (default: the model cfg)')
+    if formats:
+        p.add_argument('--formats', nargs='+', choices=('onnx', 'torchscript'), default=['onnx', 'torchscript'])
+    p.add_argument('--atol', type=float, default=1e-3, help='max abs error allowed for an exported file')
+    p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
+
+
 def _add_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                    help='torch.compile the models (runner.compile; BACKEND default inductor): the twin\'s and '
@@ -269,11 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('export', help='fold (BN, Dirac) and export to ONNX + TorchScript, checked against eager')
     p.add_argument('model', help='plain_* name[.tag], hf-hub:org/name, local-dir:path, or a runner output folder')
-    p.add_argument('--output-dir', default='exports')
-    p.add_argument('--name', default=None)
-    p.add_argument('--input-size', type=int, default=None)
-    p.add_argument('--atol', type=float, default=1e-3)
-    p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
+    _add_export_arguments(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser('exact', help='remove the shortcuts of a trained post-activation ResNet exactly (RM), export',
@@ -282,12 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'parameters, FLOPs and the max abs difference from the BN-folded model on a random '
                                    'input, and export the result (folded) like `jointrd export`.')
     p.add_argument('model', help='name[.tag], hf-hub:org/name, local-dir:path, or a runner output folder')
-    p.add_argument('--output-dir', default='exports')
-    p.add_argument('--name', default=None, help='file name stem (default: <model>_exact)')
-    p.add_argument('--input-size', type=int, default=None, help='side of the random input (default: the model cfg)')
-    p.add_argument('--formats', nargs='+', choices=('onnx', 'torchscript'), default=['onnx', 'torchscript'])
-    p.add_argument('--atol', type=float, default=1e-3, help='max abs error allowed for an exported file')
-    p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
+    _add_export_arguments(p, formats=True)
     p.set_defaults(func=_exact)
 
     p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
