@@ -416,3 +416,54 @@ def test_step_ratios_refuses_bad_command_lines_before_measuring(argv, message, m
     with pytest.raises(SystemExit):
         step_ratios.main()
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_full_cifar10_variants_and_step_wise_row():
+    """--variant NAME=FIELD:VALUE gives the twins of a changed recipe rows of their own; every twin length gets a
+    step-wise removal row whose interval leaves one interval of training after the last removal."""
+    import full_cifar10
+    assert full_cifar10.parse_variant('share=shortcut_fade_mode:share,shortcut_fade:0.5') == (
+        'share', dict(shortcut_fade_mode='share', shortcut_fade=0.5))
+    for bad in ('share', 'share=shortcut_fade_mode', '=a:1'):
+        with pytest.raises(SystemExit, match='--variant'):
+            full_cifar10.parse_variant(bad)
+    args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions',
+                                             '0.5', '--variant', 'share=shortcut_fade_mode:share'])
+    recipe, specs = full_cifar10.run_specs(args, Path('/nonexistent'))
+    rows = {row: (folder.name, method, model, recipe_id) for row, _, folder, method, model, recipe_id in specs}
+    assert list(rows) == ['teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal',
+                          'twin + JointRD, share', 'twin alone, share']
+    folder, method, model, _ = rows['step-wise removal']
+    assert (folder, method, model['key']) == ('stepwise-e4', 'stepwise', 'stepwise_model')
+    assert model['kwargs']['interval'] == pytest.approx(4 / (9 + 1))  # resnet20: 9 shortcuts
+    folder, method, model, recipe_id = rows['twin + JointRD, share']
+    assert folder == 'twin-jointrd-e4-share' and recipe_id == 'default,shortcut_fade_mode=share'
+    assert model['kwargs']['jointrd']['shortcut_fade_mode'] == 'share'
+    assert rows['twin alone, share'][2]['kwargs']['shortcut_fade_mode'] == 'share'
+
+
+def test_deep_twin_leaning_reads_the_shortcut_against_the_branch_over_s():
+    """1 when the sizes follow s exactly, above 1 when the shortcut stays larger than s gives; s is the window's
+    mean (its two ends), and windows at s ~ 0 are left out."""
+    from deep_twin_report import leaning
+    log = []
+    for step, s, ratio in ((25, 0.8, 0.9), (50, 0.4, 0.6), (75, 0.0, 0.0)):
+        log.append(dict(step=step, s=s, blocks={'b': dict(branch_rms=2.0, shortcut_rms=2.0 * ratio)}))
+    out = leaning(dict(log=log))
+    assert [(step, round(s, 3)) for step, s, _ in out] == [(25, 0.9), (50, 0.6), (75, 0.2)]
+    assert out[0][2] == pytest.approx(1.0) and out[1][2] == pytest.approx(1.0) and out[2][2] == pytest.approx(0.0)
+
+
+def test_alternatives_verdicts_follow_the_numbers():
+    from alternatives import verdicts
+    rows = [('teacher (residual)', 'residual', 87.0), ('our recipe twin', 'twin', 85.0),
+            ('twin alone', 'twin', 83.0), ('step-wise removal (Tailor)', 'twin', None),
+            ('exact conversion (RM)', 'exact', 87.0), ('residual control', 'residual', 86.5)]
+    mib = 2 ** 20
+    dep = dict(batches={'16': dict(memory_analysed_bytes=dict(residual=3 * mib, twin=2 * mib, exact=4 * mib)),
+                        '1': {'residual/onnxruntime': 1.0, 'twin/onnxruntime': 0.9, 'exact/onnxruntime': 1.5}})
+    text = '\n'.join(verdicts(rows, dep))
+    assert 'the best trained twin (our recipe twin) is +2.00 points from it (behind)' in text
+    assert "the twin needs 0.67x the residual net's and 0.50x the exact conversion's" in text
+    assert "the exact conversion needs 1.33x the residual net's (its carried channels cost more" in text
+    assert 'highest for our recipe twin (42.5 points per MB)' in text
