@@ -59,7 +59,8 @@ def main():
         report = json.loads((out / 'deploy_bench.json').read_text())
         torch.set_num_threads(args.threads)
         report['exact_conversion'] = exact_rows(args.exact, args.repeats, args.threads)
-        report['meta']['exact_command'] = 'python benchmarks/deploy_bench.py --exact-only'
+        report['meta']['exact_command'] = f'python benchmarks/deploy_bench.py --exact-only --threads {args.threads}'
+        report['meta']['exact_threads'] = args.threads
         write_report('deploy_bench', report, page(report), lambda path: plot(report, path), out)
         return
     report = run_bench(args.models, (1, 16), args.repeats, args.threads)
@@ -70,6 +71,7 @@ def main():
                        (1, 16), args.repeats, True, {'twin': 'plain_resnet50'})
     report['pruned_baseline'] = dict(pruning_ratio=ratio, flops=flops, twin_flops=twin_flops, **row)
     report['exact_conversion'] = exact_rows(args.exact, args.repeats, args.threads)
+    report['meta']['exact_threads'] = args.threads
     report['meta']['command'] = 'python benchmarks/deploy_bench.py'
     write_report('deploy_bench', report, page(report), lambda path: plot(report, path), out)
 
@@ -119,7 +121,9 @@ def page(report) -> list:
                   'shortcut addition, the same outputs, no training; [docs/exact_conversion.md]'
                   '(../../docs/exact_conversion.md)), both folded. Ratios are residual / exact (> 1: the conversion '
                   'is faster / lighter). Compare the twin rows above: the twin removes the shortcuts without adding '
-                  'channels.', '',
+                  f'channels. {report["meta"].get("exact_threads", report["meta"]["threads"])} thread(s), '
+                  f'{report["meta"]["repeats"]} interleaved runs; command: '
+                  f'`{report["meta"].get("exact_command", report["meta"]["command"])}`.', '',
                   '| residual model | batch | params M residual / exact | GFLOPs residual / exact | eager ms residual / '
                   'exact | ratio | ORT ms residual / exact | ratio | act. memory analysed MB residual / exact | ratio |',
                   '|---|---|---|---|---|---|---|---|---|---|']
