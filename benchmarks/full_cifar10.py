@@ -224,6 +224,8 @@ def report(args, recipe, specs) -> None:
     """The record, page and plot from every finished run (an unfinished one is listed with its epochs done)."""
     runs = []
     for row, epochs, folder, method, _, recipe_id in specs:
+        if row not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, step-wise) never started
+            continue
         entry = dict(row=row, epochs=epochs, folder=folder.name)
         if recipe_id:
             entry['recipe'] = recipe_id
