@@ -76,6 +76,46 @@ def summary(screen: dict) -> dict:
                 seconds=screen['seconds'])
 
 
+FULL_RUNS = ('twin-alone-e4', 'twin-alone-e4-share', 'twin-jointrd-e4', 'twin-jointrd-e4-share')
+
+
+def full_runs(arch: str) -> dict:
+    """Per-epoch train accuracy and shortcut scale of the four-epoch conversions of full_cifar10.py (the 'scale' and
+    'share' fades), and their deployed test accuracy where finished."""
+    work = Path(__file__).resolve().parents[1] / 'benchmarks/runs/full_cifar10' / arch
+    out = {}
+    for name in FULL_RUNS:
+        metrics = work / name / 'metrics.jsonl'
+        if not metrics.is_file():
+            continue
+        curve = [json.loads(line) for line in metrics.read_text().splitlines()]
+        entry = dict(train_acc=[c['train_acc'] for c in curve], s_end=[c.get('shortcut_scale') for c in curve])
+        final = work / name / 'final.json'
+        if final.is_file():
+            done = json.loads(final.read_text())
+            entry['test_acc'] = done.get('test_acc_folded', done['test_acc'])
+        out[name] = entry
+    return out
+
+
+def full_run_lines(runs: dict) -> list:
+    if not runs:
+        return []
+    epochs = max(len(r['train_acc']) for r in runs.values())
+    lines = ['', '## The same conversions at full CIFAR-10, four epochs', '',
+             'Train accuracy of each epoch (train mode, the epoch\'s mean) and s at its end, from the runs of '
+             '[full_cifar10_resnet56_cifar.md](full_cifar10_resnet56_cifar.md) (same teacher, seed and split); '
+             'the fade ends in epoch 4.', '',
+             '| run | ' + ' | '.join(f'epoch {e + 1}' for e in range(epochs)) + ' | deployed test acc % |',
+             '|---|' + '---|' * (epochs + 1)]
+    for name, r in runs.items():
+        cells = [f'{a:.1f} (s {s:.2f})' for a, s in zip(r['train_acc'], r['s_end'])]
+        cells += [''] * (epochs - len(cells))
+        test = f'{r["test_acc"]:.2f}' if 'test_acc' in r else 'not finished'
+        lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {test} |')
+    return lines
+
+
 def lines_for(record: dict) -> list:
     screens = record['screens']
     meta = record['meta']
@@ -97,6 +137,7 @@ def lines_for(record: dict) -> list:
             'within what another seed moves; the screens rank levers, the full CIFAR-10 runs '
             '([full_cifar10_resnet56_cifar.md](full_cifar10_resnet56_cifar.md)) decide.', '']
     out += record.get('findings', [])
+    out += full_run_lines(record.get('full_runs', {}))
     return out
 
 
@@ -161,6 +202,7 @@ def main():
     for item in args.add:
         screen = json.loads(Path(item).read_text())
         record['screens'] = [s for s in record['screens'] if screen_name(s) != screen_name(screen)] + [screen]
+    record['full_runs'] = full_runs(record['screens'][0]['args']['arch'])
     if args.findings:
         record['findings'] = Path(args.findings).read_text().rstrip('\n').split('\n')
     first = record['screens'][0]['args']
