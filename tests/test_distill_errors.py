@@ -115,6 +115,7 @@ def test_a_run_failing_before_its_first_saved_epoch_leaves_the_folder_as_it_was(
     assert (out / 'model' / 'config.json').is_file()
 
 
+@pytest.mark.slow  # the resume itself is covered in the default run by tests/test_distill.py
 def test_a_run_failing_after_a_saved_epoch_is_kept_for_resume(tmp_path, monkeypatch):
     real_train = runner.train
 
