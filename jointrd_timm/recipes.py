@@ -228,6 +228,10 @@ class Recipe:
         return dict(key='fading_model', kwargs=kwargs)
 
 
+# DECISION: the default fades the shortcuts' scale ('scale'), not their share of each block's output ('share'). At
+# depth 56 (full CIFAR-10, four epochs, benchmarks/results/deep_twin_diagnostics.md) 'share' removes the collapse of
+# the twin trained alone, but JointRD with it lands no higher than with 'scale': JointRD's hybrid paths already keep
+# the twin from leaning on its shortcuts. Use shortcut_fade_mode='share' for a twin trained alone.
 DEFAULT_RECIPE = Recipe(
     'default', 'started from the teacher, shortcuts faded out over the first 80 % of the run, JointRD with the '
     'reference eta')
