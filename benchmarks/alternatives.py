@@ -105,7 +105,9 @@ def lines_for(record: dict) -> list:
            'ORT ms b1 / b16 |', '|---|---|---|---|---|---|---|---|']
     for label, kind, a in rows:
         acc_text = f'{a:.2f}' if a is not None else 'not run'
-        out.append(f'| {label} | {acc_text} | {dep["params"][kind] / 1e6:.3f} | {dep["flops"][kind] / 1e6:.1f} | '
+        run = acc.get(label, {}).get('run', '')
+        shown = f'{label} (run: {run})' if ',' in run else label
+        out.append(f'| {shown} | {acc_text} | {dep["params"][kind] / 1e6:.3f} | {dep["flops"][kind] / 1e6:.1f} | '
                    f'{b1["memory_analysed_bytes"][kind] / 1024:.0f} | {b16["memory_analysed_bytes"][kind] / mib:.2f} | '
                    f'{b1[kind + "/eager"]:.2f} / {b16[kind + "/eager"]:.2f} | '
                    f'{b1[kind + "/onnxruntime"]:.2f} / {b16[kind + "/onnxruntime"]:.2f} |')
@@ -127,8 +129,7 @@ def verdicts(rows, dep) -> list:
     if best_plain and 'exact conversion (RM)' in acc:
         gap = acc['exact conversion (RM)'] - acc[best_plain]
         lines.append(f'- **Accuracy**: the exact conversion keeps the teacher\'s accuracy with no training; the best '
-                     f'trained twin ({best_plain}) is {gap:+.2f} points from it '
-                     f'({"behind" if gap > 0 else "ahead"}).')
+                     f'trained twin ({best_plain}) is {abs(gap):.2f} points {"behind" if gap > 0 else "ahead of"} it.')
         exact_vs = mem['exact'] / mem['residual']
         how = ('its carried channels cost more than the shortcuts it removes' if exact_vs > 1.005 else
                'its carried channels take the place of the shortcuts it removes' if exact_vs > 0.995 else
@@ -138,9 +139,10 @@ def verdicts(rows, dep) -> list:
                      f'conversion needs {exact_vs:.2f}x the residual net\'s ({how}).')
         per_mb = {label: acc[label] / (mem[kind[label]] / 2 ** 20) for label in acc}
         top = max(per_mb, key=per_mb.get)
+        others = ', '.join(f'{label} {per_mb[label]:.1f}' for label in ('exact conversion (RM)', best_plain)
+                           if label != top)
         lines.append(f'- **Accuracy per MB of activation memory** (batch 16): highest for {top} '
-                     f'({per_mb[top]:.1f} points per MB); exact conversion {per_mb["exact conversion (RM)"]:.1f}, '
-                     f'{best_plain} {per_mb[best_plain]:.1f}.')
+                     f'({per_mb[top]:.1f} points per MB); {others}.')
         lines.append(f'- **Latency** (ONNX Runtime, batch 1): twin {ort["twin"]:.2f} ms, exact conversion '
                      f'{ort["exact"]:.2f} ms, residual {ort["residual"]:.2f} ms.')
         lines.append('- **So**: where the device\'s activation memory is the limit, the twin is the option that removes '

@@ -463,7 +463,7 @@ def test_alternatives_verdicts_follow_the_numbers():
     dep = dict(batches={'16': dict(memory_analysed_bytes=dict(residual=3 * mib, twin=2 * mib, exact=4 * mib)),
                         '1': {'residual/onnxruntime': 1.0, 'twin/onnxruntime': 0.9, 'exact/onnxruntime': 1.5}})
     text = '\n'.join(verdicts(rows, dep))
-    assert 'the best trained twin (our recipe twin) is +2.00 points from it (behind)' in text
+    assert 'the best trained twin (our recipe twin) is 2.00 points behind it' in text
     assert "the twin needs 0.67x the residual net's and 0.50x the exact conversion's" in text
     assert "the exact conversion needs 1.33x the residual net's (its carried channels cost more" in text
-    assert 'highest for our recipe twin (42.5 points per MB)' in text
+    assert 'highest for our recipe twin (42.5 points per MB); exact conversion (RM) 21.8.' in text
