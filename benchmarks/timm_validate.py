@@ -31,13 +31,13 @@ def validate(script: Path, name: str, data: str, entry: dict, threads: int) -> d
         cmd = [sys.executable, '-m', 'jointrd_timm.timm_script', str(script), '--model', name, '--pretrained',
                '--dataset', f'hfds/{data}', '--split', evaluation.get('split', 'test'),
                '--input-key', evaluation.get('image_column', 'img'), '--device', 'cpu', '--workers', '0',
-               '--results-file', str(out)]
+               '--results-file', str(out), '--results-format', 'json']
         env = dict(__import__('os').environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE='1')
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         if done.returncode != 0:
             return dict(error=(done.stderr or done.stdout)[-2000:])
         result = json.loads(out.read_text())
-    return dict(top1=float(result['top1']), samples=result.get('img_size') and None)
+    return dict(top1=float(result['top1']))
 
 
 def main():
