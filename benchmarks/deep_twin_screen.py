@@ -87,7 +87,8 @@ def main():
     teacher_out = {}
     if not args.jointrd and (args.kd or args.hint):
         teacher.eval()
-        blocks = [n for n, m in twin.named_modules() if n and type(m).__name__.startswith('FadingGraph')]
+        from jointrd_timm.twins.fade import FadingGraphBlock
+        blocks = [n for n, m in twin.named_modules() if isinstance(m, FadingGraphBlock)]
         twin_out = {}
         for n in blocks:
             teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: teacher_out.__setitem__(n, o))

@@ -218,9 +218,10 @@ def validate(config: Dict, where: str = 'config') -> Dict:
         _require(isinstance(runner[flag], bool), f'runner.{flag}', 'true or false', runner[flag], where)
     _require(isinstance(runner['compile'], (bool, str)) and runner['compile'] != '', 'runner.compile',
              'true, false or a torch.compile backend name (e.g. inductor, aot_eager)', runner['compile'], where)
-    if isinstance(runner['compile'], str) and runner['compile'] not in torch.compiler.list_backends(exclude_tags=()):
+    backends = torch.compiler.list_backends(exclude_tags=()) if isinstance(runner['compile'], str) else ()
+    if isinstance(runner['compile'], str) and runner['compile'] not in backends:
         raise ConfigError(f'{where}: runner.compile={runner["compile"]!r} is not a torch.compile backend; '
-                          f'choose true (inductor) or one of {sorted(torch.compiler.list_backends(exclude_tags=()))}.')
+                          f'choose true (inductor) or one of {sorted(backends)}.')
     _require(runner['output_dir'] is None or isinstance(runner['output_dir'], str), 'runner.output_dir',
              'a path', runner['output_dir'], where)
     return config

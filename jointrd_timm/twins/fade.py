@@ -245,6 +245,11 @@ def _is_fade(node: fx.Node) -> bool:
 _GAIN = 'jointrd_share_gain'
 
 
+def rms(t: torch.Tensor) -> torch.Tensor:
+    """Root mean square of ``t`` in float32, without gradient (the 'share' fade's and the probes' measure)."""
+    return t.detach().float().pow(2).mean().sqrt()
+
+
 class ShareGain(nn.Module):
     """The 'share' fade of one shortcut: ``s`` times a gain that keeps the shortcut's size relative to the branch
     where the fade puts it, whatever the training does to the sizes of the two.
@@ -268,8 +273,7 @@ class ShareGain(nn.Module):
         if not self.training:
             return scale * self.gain
         with torch.no_grad():
-            ratio = branch.detach().float().pow(2).mean().sqrt() / \
-                shortcut.detach().float().pow(2).mean().sqrt().clamp_min(1e-12)
+            ratio = rms(branch) / rms(shortcut).clamp_min(1e-12)
             first = self.reference == 0
             self.reference.copy_(torch.where(first, ratio, self.reference))
             gain = ratio / self.reference.clamp_min(1e-12)

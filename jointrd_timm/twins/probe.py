@@ -23,7 +23,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .fade import FadingGraphBlock, _is_fade
+from .fade import FadingGraphBlock, _is_fade, rms
 
 __all__ = ['FadeProbe', 'batchnorm_drift']
 
@@ -40,8 +40,8 @@ class _Recorder(nn.Module):
     def forward(self, branch: torch.Tensor, shortcut: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         out = torch.addcmul(branch, shortcut, scale)
         with torch.no_grad():
-            b = branch.detach().float().pow(2).mean().sqrt().item()
-            s = (shortcut.detach().float() * scale.float()).pow(2).mean().sqrt().item()
+            b = rms(branch).item()
+            s = rms(shortcut.float() * scale.float()).item()
             self.stats['branch_rms'].append(b)
             self.stats['shortcut_rms'].append(s)
             self.stats['shortcut_share'].append(s / (b + s) if b + s > 0 else 0.0)
@@ -73,7 +73,7 @@ class FadeProbe:
     def _output_hook(self, name):
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
-                self._stats[name]['output_rms'].append(output.detach().float().pow(2).mean().sqrt().item())
+                self._stats[name]['output_rms'].append(rms(output).item())
         return hook
 
     def reset(self) -> None:
