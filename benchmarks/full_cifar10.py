@@ -36,12 +36,17 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
     p.add_argument('--arch', default='resnet20_cifar')
-    p.add_argument('--teacher-epochs', type=int, default=32)
-    p.add_argument('--fractions', type=float, nargs='+', default=[0.25, 0.5])
+    p.add_argument('--teacher-epochs', type=int, default=None,
+                   help="the teacher's epochs (default: the record's, else 32)")
+    p.add_argument('--fractions', type=float, nargs='+', default=None,
+                   help="twin lengths as fractions of the teacher's epochs (default: the record's, else 0.25 0.5)")
     p.add_argument('--val-size', type=int, default=2000)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--lr', type=float, default=0.1)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0,
+                   help='training seed of the conversions (data order, augmentation); a seed other than 0 runs into '
+                        'its own folders (suffix -sN) and rows (", seed N"), on the same split and teacher')
+    p.add_argument('--split-seed', type=int, default=0, help='seed of the held-out validation split')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=ROWS)
     p.add_argument('--variant', action='append', default=[], metavar='NAME=FIELD:VALUE,...',
@@ -60,9 +65,9 @@ def splits(args):
     from jointrd_timm.training.data import load_image_dataset
     fraction = args.val_size / 50000
     train = load_image_dataset(args.data, 'train', transform='cifar', validation_fraction=fraction, part='train',
-                               seed=args.seed)
+                               seed=args.split_seed)
     val = load_image_dataset(args.data, 'train', transform='cifar', train=False, validation_fraction=fraction,
-                             part='val', seed=args.seed)
+                             part='val', seed=args.split_seed)
     return train, val, load_image_dataset(args.data, 'test', transform='cifar')
 
 
@@ -139,11 +144,20 @@ def run_specs(args, work: Path):
                 (f'twin alone, {name}', epochs, work / f'twin-alone-e{epochs}-{name}', 'ce',
                  changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), changed.id),
             ]
+    if args.seed:  # another seed of the conversions: same teacher, split and budget, own folders and rows
+        specs = specs[:1] + [(f'{row}, seed {args.seed}', epochs, folder.with_name(f'{folder.name}-s{args.seed}'),
+                              method, model, recipe_id) for row, epochs, folder, method, model, recipe_id in specs[1:]]
     return recipe, specs
 
 
 def main():
     args = parser().parse_args()
+    path = RESULTS / f'{args.name}_{args.arch}.json'
+    recorded = json.loads(path.read_text())['meta'] if path.is_file() else {}
+    if args.teacher_epochs is None:
+        args.teacher_epochs = recorded.get('teacher_epochs', 32)
+    if args.fractions is None:
+        args.fractions = recorded.get('fractions', [0.25, 0.5])
     torch.set_num_threads(args.threads)
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
@@ -159,7 +173,8 @@ def main():
                 continue
             start = time.time()
             run(folder, make_config(data[0], data[2], model, method, epochs=epochs, batch_size=args.batch_size,
-                                    lr=args.lr, weight_decay=5e-4, seed=args.seed, val_set=data[1]))
+                                    lr=args.lr, weight_decay=5e-4, seed=args.seed if row != 'teacher' else 0,
+                                    val_set=data[1]))
             print(f'{row}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
     report(args, recipe, specs)
 
@@ -220,33 +235,54 @@ def deployment_lines(arch: str, bench: dict) -> list:
                     + '; '.join(parts) + '.']
 
 
+def run_entry(row: str, epochs: int, folder: Path, recipe_id) -> dict:
+    """One row of the record, read from its run folder (an unfinished run: its epochs done)."""
+    entry = dict(row=row, epochs=epochs, folder=folder.name)
+    if recipe_id:
+        entry['recipe'] = recipe_id
+    curve_path = folder / 'metrics.jsonl'
+    curve = [json.loads(x) for x in curve_path.read_text().splitlines()] if curve_path.is_file() else []
+    entry['epochs_done'] = len({c['epoch'] for c in curve})
+    entry['resumes'] = int((folder / 'resumes.txt').read_text()) if (folder / 'resumes.txt').is_file() else 0
+    if curve:
+        entry['seconds_per_epoch'] = round(statistics.median(c['seconds'] for c in curve), 1)
+    if finished(folder):
+        final, _ = read_run(folder)
+        entry['test_acc'] = final.get('test_acc_folded', final['test_acc'])
+        entry['val_acc'] = final.get('val_acc')
+        if final.get('bn_recalibrated_batches'):  # the deployed twin's BN statistics were recomputed
+            entry['test_acc_as_trained'] = final['test_acc']
+            entry['bn_recalibrated_batches'] = final['bn_recalibrated_batches']
+    return entry
+
+
+def collect_runs(specs, work: Path, recorded: list) -> list:
+    """The rows of this command's runs and of every run the record already lists (read again from their folders),
+    so that a command naming some fractions, variants or seeds adds its rows to the page instead of replacing it:
+    the teacher first, then by conversion epochs, in the order the rows were first recorded."""
+    rows = {}
+    for r in recorded:
+        if (work / r['folder']).is_dir():
+            rows[r['folder']] = (r['row'], r['epochs'], work / r['folder'], r.get('recipe'))
+    for row, epochs, folder, _, _, recipe_id in specs:
+        if row not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, seed, step-wise) never started
+            continue
+        rows[folder.name] = (row, epochs, folder, recipe_id)
+    runs = [run_entry(*spec) for spec in rows.values()]
+    return sorted(runs, key=lambda r: (r['row'] != 'teacher', r['epochs']))  # stable: first-recorded order kept
+
+
 def report(args, recipe, specs) -> None:
     """The record, page and plot from every finished run (an unfinished one is listed with its epochs done)."""
-    runs = []
-    for row, epochs, folder, method, _, recipe_id in specs:
-        if row not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, step-wise) never started
-            continue
-        entry = dict(row=row, epochs=epochs, folder=folder.name)
-        if recipe_id:
-            entry['recipe'] = recipe_id
-        curve_path = folder / 'metrics.jsonl'
-        curve = [json.loads(x) for x in curve_path.read_text().splitlines()] if curve_path.is_file() else []
-        entry['epochs_done'] = len({c['epoch'] for c in curve})
-        entry['resumes'] = int((folder / 'resumes.txt').read_text()) if (folder / 'resumes.txt').is_file() else 0
-        if curve:
-            entry['seconds_per_epoch'] = round(statistics.median(c['seconds'] for c in curve), 1)
-        if finished(folder):
-            final, _ = read_run(folder)
-            entry['test_acc'] = final.get('test_acc_folded', final['test_acc'])
-            entry['val_acc'] = final.get('val_acc')
-            if final.get('bn_recalibrated_batches'):  # the deployed twin's BN statistics were recomputed
-                entry['test_acc_as_trained'] = final['test_acc']
-                entry['bn_recalibrated_batches'] = final['bn_recalibrated_batches']
-        runs.append(entry)
+    path = RESULTS / f'{args.name}_{args.arch}.json'
+    previous = json.loads(path.read_text()) if path.is_file() else dict(meta={}, runs=[])
+    runs = collect_runs(specs, Path(args.work_dir) / args.arch, previous['runs'])
+    variants = list(dict.fromkeys(previous['meta'].get('variants', []) + args.variant))
+    fractions = sorted(set(previous['meta'].get('fractions', [])) | set(args.fractions))
     teacher = runs[0].get('test_acc')
-    record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs, variants=args.variant,
-                            fractions=args.fractions, data='CIFAR-10: 50,000 training images less a held-out '
-                            f'validation split of {args.val_size} (seed {args.seed}); the 10,000 test images',
+    record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs, variants=variants,
+                            fractions=fractions, data='CIFAR-10: 50,000 training images less a held-out '
+                            f'validation split of {args.val_size} (seed {args.split_seed}); the 10,000 test images',
                             budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run, '
                                    'weight decay 5e-4'), runs=runs)
     lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',

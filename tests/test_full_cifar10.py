@@ -1,0 +1,54 @@
+"""benchmarks/full_cifar10.py: a command that names some rows adds them to the page instead of replacing it, and a
+second seed runs into its own folders on the same teacher and split."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import full_cifar10  # noqa: E402
+
+
+def _run(folder: Path, acc=None, epochs=1, recalibrated=None):
+    folder.mkdir(parents=True)
+    (folder / 'metrics.jsonl').write_text(''.join(json.dumps(dict(epoch=e, seconds=10.0 + e)) + '\n'
+                                                  for e in range(epochs)))
+    if acc is not None:
+        final = dict(epochs=epochs, val_acc=1.0, test_acc=acc)
+        if recalibrated is not None:
+            final.update(bn_recalibrated_batches=5, test_acc_folded=recalibrated)
+        (folder / 'final.json').write_text(json.dumps(final))
+
+
+def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
+    _run(tmp_path / 'teacher', 80.0, epochs=2)
+    _run(tmp_path / 'twin-jointrd-e1', 70.0, recalibrated=72.5)
+    _run(tmp_path / 'twin-jointrd-e1-fade50', 74.0, recalibrated=75.0)
+    _run(tmp_path / 'twin-jointrd-e2', epochs=1)  # unfinished: one epoch of two done
+    recorded = [dict(row='teacher', epochs=2, folder='teacher'),
+                dict(row='twin + JointRD', epochs=1, folder='twin-jointrd-e1', recipe='default'),
+                dict(row='twin + JointRD', epochs=2, folder='twin-jointrd-e2', recipe='default'),
+                dict(row='gone', epochs=1, folder='deleted-folder')]
+    specs = [('teacher', 2, tmp_path / 'teacher', 'ce', {}, None),
+             ('twin + JointRD, fade50', 1, tmp_path / 'twin-jointrd-e1-fade50', 'jointrd', {}, 'default,x=1'),
+             ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50', 'ce', {}, 'default,x=1')]  # never started
+    runs = full_cifar10.collect_runs(specs, tmp_path, recorded)
+    assert [r['folder'] for r in runs] == ['teacher', 'twin-jointrd-e1', 'twin-jointrd-e1-fade50', 'twin-jointrd-e2']
+    by = {r['folder']: r for r in runs}
+    assert by['twin-jointrd-e1']['test_acc'] == 72.5 and by['twin-jointrd-e1']['test_acc_as_trained'] == 70.0
+    assert by['twin-jointrd-e1-fade50']['recipe'] == 'default,x=1' and by['twin-jointrd-e1-fade50']['test_acc'] == 75.0
+    assert 'test_acc' not in by['twin-jointrd-e2'] and by['twin-jointrd-e2']['epochs_done'] == 1
+    assert by['teacher']['test_acc'] == 80.0 and by['teacher']['seconds_per_epoch'] == 10.5
+
+
+def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
+    monkeypatch.setattr(full_cifar10, 'stepwise_blocks', lambda arch: 3)
+    args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions', '0.5',
+                                             '--seed', '1'])
+    _, specs = full_cifar10.run_specs(args, tmp_path)
+    assert specs[0][0] == 'teacher' and specs[0][2] == tmp_path / 'teacher'  # one teacher for every seed
+    assert [s[2].name for s in specs[1:]] == ['twin-jointrd-e4-s1', 'twin-alone-e4-s1', 'control-e4-s1',
+                                             'stepwise-e4-s1']
+    assert all(s[0].endswith(', seed 1') for s in specs[1:])
+    seed0 = full_cifar10.run_specs(full_cifar10.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5']),
+                                   tmp_path)[1]
+    assert [s[2].name for s in seed0[1:]] == ['twin-jointrd-e4', 'twin-alone-e4', 'control-e4', 'stepwise-e4']
