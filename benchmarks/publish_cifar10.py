@@ -9,7 +9,8 @@ control's numbers. (The earlier 8,000-image toy entries, ``*.ce_cifar10`` / ``*.
 runs stay on benchmarks/results/cifar10_jointrd.md.)
 
     python benchmarks/publish_cifar10.py --full resnet20_cifar
-Then: jointrd eval plain_resnet20_cifar.<tag> --dataset ../shared/datasets/cifar10   (reproduces the card's top-1)
+Then: jointrd eval plain_resnet20_cifar.<tag> --dataset PATH_TO_CIFAR10   (reproduces the card's top-1; the Hub
+id uoft-cs/cifar10 where the Hub is reachable)
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORG = 'jointrd-timm'
 COMMON = dict(dataset='CIFAR-10 (Krizhevsky 2009; uoft-cs/cifar10 layout)', hf_dataset='uoft-cs/cifar10',
               num_classes=10, license='apache-2.0',
-              eval=dict(dataset='uoft-cs/cifar10 or ../shared/datasets/cifar10', split='test', transform='cifar'))
+              eval=dict(dataset='uoft-cs/cifar10', split='test', transform='cifar'))
 TEST_SPLIT = 'test (10,000 images), last epoch'
 # the twin rows of full_cifar10.py -> (tag prefix, method line)
 TWIN_ROWS = {'twin + JointRD': ('jointrd', 'JointRD (Li et al., "Residual Distillation", NeurIPS 2020), recipe `{recipe}` '
@@ -50,6 +51,17 @@ def best_twin(runs: list) -> dict:
     return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'].startswith('twin + JointRD')))
 
 
+def twin_command(arch: str, meta: dict, twin: dict) -> str:
+    """The full_cifar10.py command that trains ``twin`` (its fraction, recipe variant and seed) from the teacher."""
+    name, _, seed = twin['folder'].rpartition('-s')
+    if not seed.isdigit():
+        name, seed = twin['folder'], '0'
+    command = (f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]} '
+               f'--fractions {twin["epochs"] / meta["teacher_epochs"]:g}')
+    command += ''.join(f' --variant {v}' for v in meta.get('variants', []) if name.endswith('-' + v.split('=')[0]))
+    return command + (f' --seed {seed}' if seed != '0' else '') + f' --only {twin["folder"]}'
+
+
 def publish_full(arch: str) -> None:
     source = f'benchmarks/results/full_cifar10_{arch}.json'
     record = json.loads((ROOT / source).read_text())
@@ -61,8 +73,7 @@ def publish_full(arch: str) -> None:
     control = next((r for r in runs if r['row'] == 'control' and r['epochs'] == twin['epochs'] and 'test_acc' in r),
                    None)
     work = ROOT / 'benchmarks/runs/full_cifar10' / arch
-    command = f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]}' + ''.join(
-        f' --variant {v}' for v in meta.get('variants', []) if twin['folder'].endswith('-' + v.split('=')[0]))
+    command = twin_command(arch, meta, twin)
     data = f'{meta["data"]}; {meta["budget"]}'
     teacher_tag = 'ce_full_cifar10'
     publish(dict(COMMON, architecture=arch, tag=teacher_tag, teacher='(none: the residual teacher itself)',

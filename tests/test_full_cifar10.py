@@ -52,3 +52,15 @@ def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
     seed0 = full_cifar10.run_specs(full_cifar10.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5']),
                                    tmp_path)[1]
     assert [s[2].name for s in seed0[1:]] == ['twin-jointrd-e4', 'twin-alone-e4', 'control-e4', 'stepwise-e4']
+
+
+def test_published_card_names_the_command_of_its_run():
+    import publish_cifar10
+    meta = dict(teacher_epochs=8, variants=['share=shortcut_fade_mode:share', 'fade50=shortcut_fade:0.5'])
+    base = 'python benchmarks/full_cifar10.py --arch resnet56_cifar --teacher-epochs 8 --fractions 0.5'
+    assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4', epochs=4)) == \
+        base + ' --only twin-jointrd-e4'
+    assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4-fade50-s1', epochs=4)) \
+        == base + ' --variant fade50=shortcut_fade:0.5 --seed 1 --only twin-jointrd-e4-fade50-s1'
+    assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-alone-e2-share', epochs=2)) == \
+        base.replace('0.5', '0.25') + ' --variant share=shortcut_fade_mode:share --only twin-alone-e2-share'
