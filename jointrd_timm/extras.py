@@ -7,6 +7,8 @@
 import importlib
 from types import ModuleType
 
+from .errors import JointRDError
+
 __all__ = ['require', 'MissingExtraError', 'EXTRAS']
 
 # module -> the extra that installs it
@@ -14,7 +16,7 @@ EXTRAS = {'onnx': 'deploy', 'onnxruntime': 'deploy', 'onnxscript': 'deploy', 'ma
           'sklearn': 'demo'}
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(JointRDError, ImportError):
     """An optional dependency is not installed."""
 
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .errors import JointRDError
+
 __all__ = ['run_script', 'main', 'ScriptNotFoundError']
 
 USAGE = ('usage: python -m jointrd_timm.timm_script SCRIPT [ARGS ...]\n'
@@ -23,7 +25,7 @@ USAGE = ('usage: python -m jointrd_timm.timm_script SCRIPT [ARGS ...]\n'
          'models registered in timm; ARGS go to SCRIPT unchanged.')
 
 
-class ScriptNotFoundError(FileNotFoundError):
+class ScriptNotFoundError(JointRDError, FileNotFoundError):
     """The script to run does not exist."""
 
 

@@ -37,6 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import DropBlock2d, DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
 
+from ..errors import JointRDError
 from ..twins import get_rule, shortcut_additions
 from ..twins.summary import count_flops
 from ..twins.verify import NOT_SHORTCUT_CLASSES
@@ -56,7 +57,7 @@ _OPTIONAL_CHILDREN = ('drop_block', 'aa', 'se', 'drop_path', 'downsample')
 _SIGN_PRESERVING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)
 
 
-class ExactConversionError(ValueError):
+class ExactConversionError(JointRDError, ValueError):
     """A model (or one of its blocks) whose shortcuts cannot be removed exactly; the message names the block."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import JointRDError
 from ..io import atomic_write
 from .fold import fold_for_deployment
 from ..extras import require
@@ -24,11 +25,11 @@ from ..extras import require
 __all__ = ['export_model', 'ExportError', 'UnsupportedExportError']
 
 
-class ExportError(RuntimeError):
+class ExportError(JointRDError, RuntimeError):
     """An exported file does not reproduce the eager model within tolerance."""
 
 
-class UnsupportedExportError(RuntimeError):
+class UnsupportedExportError(JointRDError, RuntimeError):
     """The exporter has no translation for an operator of the model (e.g. halo attention's Unfold in ONNX)."""
 
 

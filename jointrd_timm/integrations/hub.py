@@ -11,6 +11,8 @@ from typing import Dict, Optional
 
 from torch import nn
 
+from ..errors import InputError
+from ..io import CheckpointError
 from ..twins.fade import deployable
 
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']
@@ -101,14 +103,14 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
         spec = f'local-dir:{folder}'
     pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
     if require_weights and not pretrained:
-        raise ValueError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
+        raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '
                          'name.tag, hf-hub:org/name), or --random-weights to use random weights on purpose.')
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if 'state_dict' in str(e) or 'size mismatch' in str(e):
-            raise ValueError(f'The weights of {spec} do not fit the architecture its config names: {str(e)[:300]}') from e
+            raise CheckpointError(f'The weights of {spec} do not fit the architecture its config names: {str(e)[:300]}') from e
         raise
 
 

@@ -29,6 +29,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..errors import JointRDError
+
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
            'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd']
 
@@ -76,7 +78,7 @@ def check_teacher_student(teacher: nn.Module, student: nn.Module, where: str) ->
                          f'takes {s_chans}; give both the same `in_chans` (the channels of the data).')
 
 
-class RunLengthError(RuntimeError):
+class RunLengthError(JointRDError, RuntimeError):
     """A schedule that is a fraction of the run was asked for before the run length was known."""
 
 

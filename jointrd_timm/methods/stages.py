@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..errors import JointRDError
 from ..twins.rules import get_rule
 
 __all__ = ['StageSplit', 'StageLayoutError', 'final_preactivation']
@@ -20,7 +21,7 @@ __all__ = ['StageSplit', 'StageLayoutError', 'final_preactivation']
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
 
 
-class StageLayoutError(ValueError):
+class StageLayoutError(JointRDError, ValueError):
     """Teacher and student cannot be paired stage by stage, or a model cannot be cut into stages."""
 
 

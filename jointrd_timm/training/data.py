@@ -11,6 +11,8 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..errors import JointRDError
+
 __all__ = ['load_image_dataset', 'evaluate_model', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
@@ -18,7 +20,7 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class DatasetColumnError(KeyError):
+class DatasetColumnError(JointRDError, KeyError):
     def __str__(self):  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

@@ -41,6 +41,7 @@ from typing import Dict, Optional
 import torch
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from ..errors import JointRDError
 from ..recipes import SCHEDULES, Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 
 __all__ = ['run_distill', 'plan_distill', 'build_configs', 'train_distill', 'report_distill', 'resolve_teacher',
@@ -55,7 +56,7 @@ DATASET_LOADER = 'jointrd_timm.training.data.load_image_dataset'
 HUB_DOWNLOAD_ERRORS = (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled)
 
 
-class DistillError(ValueError):
+class DistillError(JointRDError, ValueError):
     """Bad input to ``jointrd distill``, found before any training starts."""
 
 

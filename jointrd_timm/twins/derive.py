@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from timm.layers import DropPath, LayerScale, LayerScale2d
 
+from ..errors import JointRDError
 from . import families  # noqa: F401  (registers the rules)
 from .rules import get_rule
 from .verify import find_unhandled_residual_blocks, shortcut_additions
@@ -21,11 +22,11 @@ from .verify import find_unhandled_residual_blocks, shortcut_additions
 __all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable']
 
 
-class NotResidualError(ValueError):
+class NotResidualError(JointRDError, ValueError):
     """The model has no residual block that any rule knows: there is nothing to make plain."""
 
 
-class UnsupportedBlockError(ValueError):
+class UnsupportedBlockError(JointRDError, ValueError):
     """A block adds a shortcut but no rule handles its class (strict mode)."""
 
 
