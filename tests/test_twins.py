@@ -104,6 +104,23 @@ def test_forward_intermediates_match_forward_features(teacher):
     assert len(intermediates) == len(model.feature_info)
 
 
+def test_cifar_resnet_intermediate_indices_follow_timm():
+    from jointrd_timm.models.cifar_resnet import intermediate_indices
+    assert intermediate_indices(4) == ([0, 1, 2, 3], 3)
+    assert intermediate_indices(4, 2) == ([2, 3], 3)
+    assert intermediate_indices(4, [0, -1]) == ([0, 3], 3)
+    with pytest.raises(ValueError, match=r'last-n \(5\) is out of range \(1 to 4\)'):
+        intermediate_indices(4, 5)
+    with pytest.raises(ValueError, match=r'feature index 4 is out of range \(0 to 3\)'):
+        intermediate_indices(4, [1, 4])
+    model = timm.create_model('resnet20_cifar').eval()
+    x = torch.randn(1, 3, 32, 32)
+    last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert [o.shape[1] for o in last_two] == [32, 64]
+    assert model.prune_intermediate_layers(indices=[1]) == [1] and model.layer2 is not None
+    assert isinstance(model.layer3, nn.Identity)
+
+
 @pytest.mark.parametrize('teacher', ['resnet20_cifar', 'resnet18', 'regnetx_002', 'mobilenetv3_small_050',
                                      'repvgg_a0', 'dla34', 'res2net50_26w_4s'])
 def test_torchscript_where_timm_scripts_the_teacher(teacher):
@@ -134,8 +151,8 @@ def test_every_registered_twin_has_a_cfg_and_never_overwrites_timm():
     for name in twins:
         assert name[len('plain_'):] in teachers
         assert timm.get_pretrained_cfg(name) is not None
-        assert timm.models._registry.model_entrypoint(name).__module__ == 'jointrd_timm.models.plain_twins'
-    assert timm.models._registry.model_entrypoint('resnet50').__module__ == 'timm.models.resnet'
+        assert timm.models.model_entrypoint(name).__module__ == 'jointrd_timm.models.plain_twins'
+    assert timm.models.model_entrypoint('resnet50').__module__ == 'timm.models.resnet'
     assert {'resnet56_cifar', 'plain_resnet56_cifar'} <= set(timm.list_models('*resnet56*'))
 
 

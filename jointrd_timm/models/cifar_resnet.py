@@ -19,15 +19,30 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 from timm.layers import SelectAdaptivePool2d, get_norm_layer
-from timm.models import register_model
-from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
-from timm.models._registry import generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 
 from .catalogue import tag_cfgs
 
 __all__ = ['CifarResNet']
+
+
+def intermediate_indices(
+        num_features: int, indices: Optional[Union[int, List[int]]] = None) -> Tuple[List[int], int]:
+    """timm's convention for intermediate features: ``None`` takes all ``num_features``, an int ``n`` the last
+    ``n``, a list those indices (negative ones count from the end); returns them and the largest."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f'last-n ({indices}) is out of range (1 to {num_features})')
+        taken = list(range(num_features - indices, num_features))
+    else:
+        taken = [num_features + i if i < 0 else i for i in indices]
+        for i in taken:
+            if not 0 <= i < num_features:
+                raise ValueError(f'feature index {i} is out of range (0 to {num_features - 1})')
+    return taken, max(taken)
 
 
 class CifarResNet(nn.Module):
@@ -111,7 +126,7 @@ class CifarResNet(nn.Module):
     ):
         """Stem and stage outputs (indices into ``feature_info``), as timm's ResNet returns them."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_indices, max_index = intermediate_indices(len(self.feature_info), indices)
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take_indices:
@@ -128,7 +143,7 @@ class CifarResNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_indices, max_index = intermediate_indices(len(self.feature_info), indices)
         for name in self.stage_names[max_index:]:
             setattr(self, name, nn.Identity())
         if prune_head:

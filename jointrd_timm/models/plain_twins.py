@@ -20,15 +20,14 @@ Pretrained tags: the published twins of ``registry/`` first, then every pretrain
 teacher itself (s = 1), the recipe's start point.
 """
 import json
+from copy import deepcopy
 from pathlib import Path
 from typing import Dict, Optional
 
 import timm
-from timm.models import register_model
-from timm.models._builder import build_model_with_cfg
-from timm.models._builder import pretrained_cfg_for_features
-from timm.models import PretrainedCfg, get_arch_pretrained_cfgs, resolve_pretrained_cfg
-from timm.models import generate_default_cfgs, get_pretrained_cfg
+from timm.models import (
+    PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg,
+    register_model, resolve_pretrained_cfg)
 
 from ..twins import make_plain
 from .catalogue import tag_cfgs
@@ -75,6 +74,11 @@ def _copy_weights_into_feature_net(full, features) -> None:
     features.load_state_dict({key: source[key.replace('_', '.')] for key in target})
 
 
+def _feature_cfg(pretrained_cfg: dict) -> dict:
+    """A feature extractor's pretrained cfg: the model's, less its classifier fields (as timm's builder does)."""
+    return {k: deepcopy(v) for k, v in pretrained_cfg.items() if k not in ('num_classes', 'classifier', 'global_pool')}
+
+
 def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
     """Build ``variant`` (a ``plain_*`` name) from its ``teacher`` architecture through timm's builder."""
     keep_projection_shortcuts = kwargs.pop('keep_projection_shortcuts', False)
@@ -103,7 +107,7 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
             full = create_twin(teacher, variant, True, pretrained_cfg=pretrained_cfg,
                                pretrained_cfg_overlay=overlay, **twin_args, **model_kwargs)
             _copy_weights_into_feature_net(full, features)
-            features.pretrained_cfg = pretrained_cfg_for_features(full.pretrained_cfg)
+            features.pretrained_cfg = _feature_cfg(full.pretrained_cfg)
         return features
     try:
         model = build_model_with_cfg(build_twin, variant, pretrained, pretrained_filter_fn=pretrained_teacher_filter,

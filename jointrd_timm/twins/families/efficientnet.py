@@ -1,10 +1,7 @@
 """timm's EfficientNet block family (EfficientNet/V2, MobileNetV2/V3/V4, MixNet, MNASNet, FBNet, HardCoReNAS,
 LCNet...): every block has ``has_skip``; its shortcut is always an identity (no projections)."""
-from timm.models._efficientnet_blocks import (
-    CondConvResidual, ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual, UniversalInvertedResidual)
-
+from .._timm_compat import EFFICIENTNET_BLOCKS
 from ..rules import switch_rule
 
-for _block in (ConvBnAct, DepthwiseSeparableConv, InvertedResidual, UniversalInvertedResidual, EdgeResidual,
-               CondConvResidual):
+for _block in EFFICIENTNET_BLOCKS:
     switch_rule(_block, 'has_skip', False)
