@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
+from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load', 'unwrap',
@@ -23,7 +24,7 @@ PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
 TMP_MARK = '.tmp-'  # in the name of every temporary file of atomic_write: .<name>.tmp-<pid>
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JointRDError, ValueError):
     """A weights or checkpoint file is missing, truncated, pickled, or does not match the model."""
 
 

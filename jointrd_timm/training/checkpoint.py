@@ -12,6 +12,7 @@ weights_only=True)`` (tensors and plain containers only, no code) to turn a torc
 """
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -20,15 +21,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import (FORMAT, TMP_MARK, CheckpointError, atomic_write, load_weights, open_safetensors,  # noqa: F401
-                  read_state_dict, strict_load)
+from .. import io as _io
+from ..io import FORMAT, TMP_MARK, CheckpointError, atomic_write, open_safetensors, strict_load  # noqa: F401
 
-# re-exported: what a training checkpoint is read with
-__all__ = ['save_checkpoint', 'load_checkpoint', 'convert_checkpoint', 'load_weights', 'read_state_dict', 'CheckpointError',
-           'FORMAT', 'TMP_MARK', 'atomic_write']
+# CheckpointError, FORMAT, TMP_MARK and atomic_write are re-exported: this module writes and reads them too
+__all__ = ['save_checkpoint', 'load_checkpoint', 'convert_checkpoint', 'CheckpointError', 'FORMAT', 'TMP_MARK',
+           'atomic_write']
+_MOVED = ('load_weights', 'read_state_dict')  # their home is jointrd_timm.io
 
 
-
+def __getattr__(name: str):
+    """``load_weights`` and ``read_state_dict`` imported from here: deprecated aliases of ``jointrd_timm.io``'s."""
+    if name in _MOVED:
+        warnings.warn(f'jointrd_timm.training.checkpoint.{name} is deprecated: import it from jointrd_timm.io.',
+                      DeprecationWarning, stacklevel=2)
+        return getattr(_io, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def _tensors(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -19,19 +19,21 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from .checkpoint import TMP_MARK
+from ..errors import JointRDError
 from ..faults import fault_point
 
-__all__ = ['RunFolder', 'RunFolderError', 'check_writable', 'RUN_FILES', 'LOCK_NAME']
+__all__ = ['RunFolder', 'RunFolderError', 'check_writable', 'checkpoint_epochs', 'deployed_accuracy',
+           'as_trained_accuracy', 'RUN_FILES', 'LOCK_NAME']
 
 RUN_FILES = ('last.safetensors', 'metrics.jsonl', 'final.json', 'model')
 LOCK_NAME = '.lock'
 VIRTUAL_ROOTS = ('/proc', '/sys', '/dev')
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(JointRDError, RuntimeError):
     """The output folder cannot be written, is in use, or holds a run that this one would replace."""
 
 
@@ -110,22 +112,59 @@ class RunFolder:
         present = [n for n in RUN_FILES if (self.path / n).exists()]
         return f'files of a run ({", ".join(present)})'
 
+    def can_resume(self) -> bool:
+        """Whether the folder holds a checkpoint to continue from."""
+        return self.checkpoint.is_file()
+
+    def saved_epochs(self) -> Optional[int]:
+        """Epochs held by the folder's checkpoint (None without a readable one)."""
+        return checkpoint_epochs(self.checkpoint) if self.checkpoint.is_file() else None
+
+    def final(self) -> Optional[Dict]:
+        """The run's ``final.json`` record; None while no run in the folder has finished."""
+        path = self.path / 'final.json'
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def is_finished(self, num_epochs: int) -> bool:
+        """Whether the folder holds a finished run of ``num_epochs`` epochs (or more). A ``final.json`` beside a
+        checkpoint of fewer epochs is the end of a shorter run, which a resume with more epochs extends."""
+        saved = self.saved_epochs()
+        return (self.path / 'final.json').is_file() and saved is not None and saved >= num_epochs
+
+    def extend(self, num_epochs: int) -> bool:
+        """Before a resume continues a run: when a shorter run had finished here, its ``final.json`` and ``model/``
+        are removed, so nothing reads them as this run's result until it ends (main process only). Returns whether
+        there was one."""
+        if not (self.path / 'final.json').is_file():
+            return False
+        self.say(f'Extending the finished run in {self.path} from {self.saved_epochs()} to {num_epochs} epochs: its '
+                 'final.json and model/ are removed until this run ends.')
+        (self.path / 'final.json').unlink()
+        shutil.rmtree(self.path / 'model', ignore_errors=True)
+        return True
+
+    def check_reuse(self) -> bool:
+        """Refuse what the folder holds unless this run may use it: ``resume`` needs a checkpoint; a folder holding
+        a run needs ``resume`` or ``overwrite``. Returns True when this run will replace the folder's run."""
+        if self.resume and not self.can_resume():
+            raise RunFolderError(f'--resume: no checkpoint at {self.checkpoint}; run without --resume to start '
+                                 'a new run there.')
+        if self.resume or not any((self.path / n).exists() for n in RUN_FILES):
+            return False
+        if not self.overwrite:
+            raise RunFolderError(
+                f'{self.path} already holds {self.describe()}. Continue it with --resume (train(..., '
+                'resume=True)), replace it with --overwrite (overwrite=True: deleted once the new run has '
+                'saved its first epoch), or choose another --output-dir.')
+        return True
+
     def claim(self) -> None:
         """Check writability, take the lock, apply the resume/overwrite policy, clean leftovers."""
         check_writable(self.path)
         self._lock()
         try:
-            existing = [n for n in RUN_FILES if (self.path / n).exists()]
-            if self.resume and not self.checkpoint.is_file():
-                raise RunFolderError(f'--resume: no checkpoint at {self.checkpoint}; run without --resume to start '
-                                     'a new run there.')
-            if existing and not self.resume:
-                if not self.overwrite:
-                    raise RunFolderError(
-                        f'{self.path} already holds {self.describe()}. Continue it with --resume (train(..., '
-                        'resume=True)), replace it with --overwrite (overwrite=True: deleted once the new run has '
-                        'saved its first epoch), or choose another --output-dir.')
-                self.replacing = True
+            self.replacing = self.check_reuse()
+            if self.replacing:
                 self.say(f'--overwrite: {self.path} holds {self.describe()}; it is kept until this run has saved '
                          'its first epoch, then deleted.')
             self._clean_leftovers()
@@ -188,3 +227,19 @@ class RunFolder:
         if self.owned:
             self.lock.unlink(missing_ok=True)
             self.owned = False
+
+
+def deployed_accuracy(final: Dict) -> Optional[float]:
+    """Test top-1 (%) of the model a run deployed (``model/``: BatchNorm recalibrated, Dirac folded, faded shortcuts
+    removed) from its ``final.json`` record: ``test_acc_deployed``, or in a record written before that key,
+    ``test_acc_folded`` when present, else ``test_acc``. None for a run without a test split."""
+    for key in ('test_acc_deployed', 'test_acc_folded', 'test_acc'):
+        if key in final:
+            return final[key]
+    return None
+
+
+def as_trained_accuracy(final: Dict) -> Optional[float]:
+    """Test top-1 (%) of the model as it left training (before the BatchNorm recalibration and folding) from its
+    ``final.json`` record: ``test_acc_as_trained``, or ``test_acc`` in older records. None without a test split."""
+    return final.get('test_acc_as_trained', final.get('test_acc'))

@@ -1,0 +1,174 @@
+"""A run's YAML: loaded (keys checked with a safe loader before torchdistill's tags run), overridden from the
+command line, and its numbers checked before anything is built. The ``runner`` section and its defaults are
+described in the runner's module docstring and docs/cli.md."""
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+from ..errors import InputError
+
+__all__ = ['load_config', 'validate', 'apply_overrides', 'num_epochs', 'ConfigError', 'RUNNER_DEFAULTS',
+           'MIXED_PRECISION', 'TOP_LEVEL_KEYS', 'TRAIN_KEYS']
+
+MIXED_PRECISION = ('no', 'fp16', 'bf16')
+RUNNER_DEFAULTS = dict(seed=0, mixed_precision='no', sync_batchnorm=False, output_dir=None, eval_every=1,
+                       find_unused_parameters=False, recalibrate_bn=200, channels_last=False, compile=False)
+TOP_LEVEL_KEYS = {'dependencies', 'datasets', 'models', 'train', 'test', 'runner'}
+TRAIN_KEYS = {'log_freq', 'num_epochs', 'train_data_loader', 'val_data_loader', 'teacher', 'student', 'model',
+              'optimizer', 'scheduler', 'criterion', 'pre_epoch_process', 'pre_forward_process',
+              'post_forward_process', 'post_epoch_process', 'stage1', 'stage2', 'stage3'}
+
+
+class ConfigError(InputError):
+    """The YAML is missing something the runner needs, or has a key or value it does not accept (a ValueError)."""
+
+
+def _check_keys(section: Dict, allowed, where: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f'Unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}.')
+
+
+def apply_overrides(config: Dict, overrides: List[str]) -> Dict:
+    """``a.b.c=value`` (value parsed as YAML) into plain config sections (train, test, runner, models)."""
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'Override {item!r} is not of the form key.path=value.')
+        path, raw = item.split('=', 1)
+        keys = path.split('.')
+        if keys[0] == 'datasets':
+            raise ConfigError(f'{path}: datasets are built while the YAML loads, so they cannot be overridden on the '
+                              'command line; edit the datasets section of the YAML (or let `jointrd distill --data '
+                              'SOURCE` write one for your data).')
+        node = config
+        for key in keys[:-1]:
+            if not isinstance(node.get(key, {}), dict):
+                raise ConfigError(f'Override {path}: {key} is not a mapping.')
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return config
+
+
+class _TagsAsPlaceholders(yaml.SafeLoader):
+    """A safe loader that reads torchdistill's tags (``!import_call`` ...) as plain data without running them."""
+
+
+_TagsAsPlaceholders.add_multi_constructor('!', lambda loader, suffix, node: None)
+
+
+def _peek(path: Path) -> Dict:
+    """The YAML's structure, read safely: its keys are checked BEFORE torchdistill's loader runs the tags
+    (``!import_call`` imports and calls code while the file loads, e.g. to build the datasets)."""
+    try:
+        config = yaml.load(path.read_text(), Loader=_TagsAsPlaceholders)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{path} is not valid YAML: {e}') from e
+    if not isinstance(config, dict):
+        raise ConfigError(f'{path} does not hold a mapping at top level.')
+    _check_keys(config, TOP_LEVEL_KEYS, f'{path} (top level)')
+    for section in ('datasets', 'models', 'train', 'test'):
+        if section not in config:
+            raise ConfigError(f'{path} has no `{section}` section; a torchdistill YAML needs datasets, models, '
+                              'train and test.')
+    _check_keys(config['train'] or {}, TRAIN_KEYS, f'{path}: train')
+    _check_keys(config.get('runner') or {}, RUNNER_DEFAULTS, f'{path}: runner')
+    models = config['models'] or {}
+    if 'student_model' not in models and 'model' not in models:
+        raise ConfigError(f'{path}: models needs `student_model` (or `model`).')
+    return config
+
+
+def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
+    """Load a torchdistill YAML: its keys checked with a safe loader first, then loaded by torchdistill (whose tags
+    import and run code: run only YAMLs you trust), its dependencies imported, overrides applied, numbers checked."""
+    from torchdistill.common import yaml_util
+    from torchdistill.common.main_util import import_dependencies
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'No config file at {path}.')
+    peeked = _peek(path)
+    validate(apply_overrides(peeked, list(overrides or [])), where=str(path))  # numbers, before any tag runs
+    config = yaml_util.load_yaml_file(str(path))
+    import_dependencies(config.get('dependencies', None))
+    return validate(apply_overrides(config, overrides or []), where=str(path))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, what: str, value, where: str) -> None:
+    if not ok:
+        raise ConfigError(f'{where}: {key} must be {what} (got {value!r}); fix the YAML or override it, e.g. '
+                          f'{key}=<value>.')
+
+
+def validate(config: Dict, where: str = 'config') -> Dict:
+    """The numbers a run depends on, checked before anything is built (a run of 0 epochs would save an untrained
+    model; a string where a number belongs would fail deep inside torch). Returns ``config``."""
+    train_config = config.get('train') or {}
+    stages = [k for k in train_config if k.startswith('stage')]  # torchdistill's multi-stage training
+    sections = [('train', train_config)] + [(f'train.{k}', train_config[k] or {}) for k in stages]
+    for name, section in sections:
+        # the run length is needed at the top (single stage) or in every stage
+        if 'num_epochs' in section or (name == 'train') != bool(stages):
+            value = section.get('num_epochs')
+            _require(_is_int(value) and value >= 1, f'{name}.num_epochs', 'a whole number >= 1', value, where)
+        if 'log_freq' in section:
+            _require(_is_int(section['log_freq']) and section['log_freq'] >= 1, f'{name}.log_freq',
+                     'a whole number >= 1', section['log_freq'], where)
+        loaders = [(f'{name}.{k}', section.get(k)) for k in ('train_data_loader', 'val_data_loader')]
+        if name == 'train':
+            loaders.append(('test.test_data_loader', (config.get('test') or {}).get('test_data_loader')))
+        for key, loader in loaders:
+            kwargs = (loader or {}).get('kwargs') or {} if isinstance(loader, dict) else {}
+            if 'batch_size' in kwargs:
+                _require(_is_int(kwargs['batch_size']) and kwargs['batch_size'] >= 1, f'{key}.kwargs.batch_size',
+                         'a whole number >= 1', kwargs['batch_size'], where)
+            if 'num_workers' in kwargs:
+                _require(_is_int(kwargs['num_workers']) and kwargs['num_workers'] >= 0, f'{key}.kwargs.num_workers',
+                         'a whole number >= 0', kwargs['num_workers'], where)
+        optimizer = section.get('optimizer') or {}
+        lr = (optimizer.get('kwargs') or {}).get('lr')
+        if lr is not None:
+            _require(_is_number(lr) and lr >= 0, f'{name}.optimizer.kwargs.lr', 'a number >= 0', lr, where)
+        if 'grad_accum_step' in optimizer:
+            _require(_is_int(optimizer['grad_accum_step']) and optimizer['grad_accum_step'] >= 1,
+                     f'{name}.optimizer.grad_accum_step', 'a whole number >= 1', optimizer['grad_accum_step'], where)
+        if optimizer.get('max_grad_norm') is not None:
+            _require(_is_number(optimizer['max_grad_norm']) and optimizer['max_grad_norm'] > 0,
+                     f'{name}.optimizer.max_grad_norm', 'a number > 0', optimizer['max_grad_norm'], where)
+    runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))
+    _require(_is_int(runner['seed']) and 0 <= runner['seed'] < 2 ** 32, 'runner.seed', 'a whole number in [0, 2**32)',
+             runner['seed'], where)
+    _require(_is_int(runner['eval_every']) and runner['eval_every'] >= 1, 'runner.eval_every', 'a whole number >= 1',
+             runner['eval_every'], where)
+    _require(_is_int(runner['recalibrate_bn']) and runner['recalibrate_bn'] >= 0, 'runner.recalibrate_bn',
+             'a whole number >= 0 (batches; 0 turns it off)', runner['recalibrate_bn'], where)
+    _require(runner['mixed_precision'] in MIXED_PRECISION, 'runner.mixed_precision', f'one of {MIXED_PRECISION}',
+             runner['mixed_precision'], where)
+    for flag in ('sync_batchnorm', 'find_unused_parameters', 'channels_last'):
+        _require(isinstance(runner[flag], bool), f'runner.{flag}', 'true or false', runner[flag], where)
+    _require(isinstance(runner['compile'], (bool, str)) and runner['compile'] != '', 'runner.compile',
+             'true, false or a torch.compile backend name (e.g. inductor, aot_eager)', runner['compile'], where)
+    backends = torch.compiler.list_backends(exclude_tags=()) if isinstance(runner['compile'], str) else ()
+    if isinstance(runner['compile'], str) and runner['compile'] not in backends:
+        raise ConfigError(f'{where}: runner.compile={runner["compile"]!r} is not a torch.compile backend; '
+                          f'choose true (inductor) or one of {sorted(backends)}.')
+    _require(runner['output_dir'] is None or isinstance(runner['output_dir'], str), 'runner.output_dir',
+             'a path', runner['output_dir'], where)
+    return config
+
+
+def num_epochs(config: Dict) -> int:
+    """The run's length in epochs: ``train.num_epochs``, or the sum over torchdistill's stages."""
+    train_config = config['train']
+    stages = [v for k, v in train_config.items() if k.startswith('stage')]
+    return sum(stage['num_epochs'] for stage in stages) if stages else train_config['num_epochs']
+
