@@ -1,7 +1,5 @@
-"""The recipes module: named recipes, their ids, the configs they produce, and the benchmarks' rows built from them."""
-import sys
-from pathlib import Path
-
+"""The recipes module: named recipes, their ids and the configs they produce (the benchmarks' rows built from them:
+tests/test_benchmark_suite.py)."""
 import pytest
 
 from jointrd_timm.methods.jointrd import JointRDConfig
@@ -61,16 +59,6 @@ def test_model_configs_carry_the_recipe_into_both_runs():
         teacher_checkpoint='teacher/model'))
     # an architecture without a measured recipe of its own trains with the default
     assert recipe_for('regnetx_002') is DEFAULT_RECIPE
-
-
-def test_every_ablation_row_builds():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-    import recipe_ablation
-    spec = recipe_ablation.rows_spec()
-    assert recipe_ablation.DEFAULT_ROW in spec and all(v in spec for v in recipe_ablation.PAIRS.values())
-    for label in recipe_ablation.JOINT_VARIANTS:
-        method, _, fields, _ = spec[label]
-        assert method == 'jointrd' and fields['teacher_mode'] == 'joint', label
 
 
 def test_short_run_warning_names_the_steps_and_the_epochs_that_would_do():
