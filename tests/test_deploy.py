@@ -188,3 +188,33 @@ def test_bench_command_on_a_tiny_pair(tmp_path, capsys):
     assert row['memory_ratio_analysed'] > 1.0  # the shortcuts hold activations the twin frees
     assert {'residual/eager', 'twin/eager', 'residual/onnxruntime', 'twin/onnxruntime'} <= set(row)
     assert '| resnet20_cifar (32 px) | 1 |' in out.with_suffix('.md').read_text()
+
+
+def test_one_measurement_serves_bench_and_the_demo_comparison(monkeypatch):
+    """deploy.bench.measure_models is the measurement; bench_models and training.compare.measure_models only lay it
+    out: same latencies (a fake clock), memory of the folded models, ratios first / second."""
+    from jointrd_timm.deploy import bench
+    from jointrd_timm.training import compare
+    ms = {'teacher/eager': 4.0, 'twin/eager': 2.0}
+    monkeypatch.setattr(bench, 'compare_latency', lambda runners, **k: {n: dict(median_ms=ms[n]) for n in runners})
+    models = {'teacher': timm.create_model('resnet20_cifar', num_classes=10),
+              'twin': timm.create_model('plain_resnet20_cifar', num_classes=10)}
+    folded = {k: fold_for_deployment(m)[0] for k, m in models.items()}
+    x = torch.randn(1, 3, 32, 32)
+    memory = {k: analyze_activation_memory(m, x).peak_bytes for k, m in folded.items()}
+    assert memory['teacher'] > memory['twin']  # the shortcut keeps a block input alive
+    measured = bench.measure_models(models, (3, 32, 32), batches=(1, 2), fold=True, memory_batches=(1,))
+    assert measured['batches'][1]['memory_analysed_bytes'] == memory
+    assert 'memory_analysed_bytes' not in measured['batches'][2]
+    assert measured['batches'][2]['speedup/eager'] == 2.0
+    assert measured['batches'][1]['memory_ratio_analysed'] == memory['teacher'] / memory['twin']
+    laid_out = compare.measure_models(models, (3, 32, 32), batches=(1, 2), latency_repeats=3)
+    assert laid_out['latency_ms'] == {1: {'teacher': 4.0, 'twin': 2.0}, 2: {'teacher': 4.0, 'twin': 2.0}}
+    assert laid_out['speedup'] == {1: 2.0, 2: 2.0}
+    assert laid_out['activation_memory_mb'] == {k: v / 2 ** 20 for k, v in memory.items()}
+    assert laid_out['params'] == {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    assert count_batchnorms(models['teacher']) > 0  # the models given are not folded in place
+    ms.update({'residual/eager': 3.0, 'twin/eager': 1.5})
+    row = bench.bench_models({'residual': folded['teacher'], 'twin': folded['twin']}, 32, (1,), 2, onnx=False)
+    assert row['input_size'] == 32 and row['batches'][1]['speedup/eager'] == 2.0
+    assert row['batches'][1]['memory_analysed_bytes'] == {'residual': memory['teacher'], 'twin': memory['twin']}

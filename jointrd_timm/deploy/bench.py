@@ -6,7 +6,7 @@ and measured (peak RSS of a fresh process). Ratios are residual / twin (> 1: the
 """
 import platform
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -16,7 +16,7 @@ from .latency import compare_latency
 from .memory import analyze_activation_memory, measure_peak_rss
 from ..extras import require
 
-__all__ = ['bench_pair', 'run_bench', 'DEFAULT_PAIRS']
+__all__ = ['measure_models', 'bench_models', 'bench_pair', 'run_bench', 'DEFAULT_PAIRS']
 
 DEFAULT_PAIRS = ['resnet18', 'resnet34', 'resnet50', 'resnet56_cifar', 'regnetx_002', 'mobilenetv2_050',
                  'efficientnet_b0', 'convnext_atto']
@@ -39,39 +39,59 @@ def _onnx_runner(model, x):
     return lambda: session.run(None, feed)
 
 
-def bench_models(built: Dict[str, torch.nn.Module], size: int, batches: Sequence[int] = (1, 16), repeats: int = 20,
-                 onnx: bool = True, measure: Optional[Dict[str, str]] = None) -> Dict:
-    """Latency (eager channels_last, ONNX Runtime) and activation memory of already folded models, side by side.
-    ``measure``: label -> timm name for the measured (fresh-process) peak RSS. Ratios are first / second model."""
-    labels = list(built)
-    first, second = labels[0], labels[1]
-    result = dict(input_size=size, params={k: sum(p.numel() for p in m.parameters()) for k, m in built.items()},
-                  batches={})
+def measure_models(models: Dict[str, torch.nn.Module], input_chw: Tuple[int, int, int],
+                   batches: Sequence[int] = (1, 16), repeats: int = 20, warmup: int = 3, onnx: bool = False,
+                   channels_last: bool = True, fold: bool = False, memory_batches: Optional[Sequence[int]] = None,
+                   measure: Optional[Dict[str, str]] = None) -> Dict:
+    """The deployment measurement of models side by side, used by ``jointrd bench``, ``jointrd distill`` and the
+    demo: per batch size, the median latency (ms) of each model's eager run (``channels_last``: in channels_last) and,
+    with ``onnx``, of ONNX Runtime, all interleaved (``compare_latency``); the activation memory analysed on the
+    graph (``deploy.memory``) at ``memory_batches`` (default every batch size); with ``measure`` (label -> timm name),
+    the peak RSS of a fresh process. ``fold``: fold (BN, Dirac) copies first (the models users deploy); pass folded
+    models otherwise. Ratios ``speedup/<backend>`` and ``memory_ratio_*`` are first / second model."""
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}  # as given (before folding)
+    if fold:
+        models = {k: fold_for_deployment(m)[0] for k, m in models.items()}
+    models = {k: m.eval() for k, m in models.items()}
+    labels = list(models)
+    result = dict(input_chw=list(input_chw), params=params, batches={})
     for batch in batches:
-        x = torch.randn(batch, 3, size, size)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, *input_chw)
+        x_run = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         runners = {}
-        for kind, model in built.items():
-            cl = model.to(memory_format=torch.channels_last)
-            runners[f'{kind}/eager'] = (lambda m=cl: m(x_cl))
+        for kind, model in models.items():
+            run = model.to(memory_format=torch.channels_last) if channels_last else model
+            runners[f'{kind}/eager'] = (lambda m=run: m(x_run))
             if onnx:
                 runners[f'{kind}/onnxruntime'] = _onnx_runner(model, x)
-        timed = compare_latency(runners, repeats=repeats, warmup=3)
+        timed = compare_latency(runners, repeats=repeats, warmup=warmup)
         row = {name: round(t['median_ms'], 3) for name, t in timed.items()}
-        for backend in ('eager', 'onnxruntime') if onnx else ('eager',):
-            row[f'speedup/{backend}'] = row[f'{first}/{backend}'] / row[f'{second}/{backend}']
-        memory = {kind: analyze_activation_memory(model, x) for kind, model in built.items()}
-        row['memory_analysed_bytes'] = {k: m.peak_bytes for k, m in memory.items()}
-        row['memory_ratio_analysed'] = memory[first].peak_bytes / memory[second].peak_bytes
-        row['shortcut_share_analysed'] = memory[first].shortcut_share
+        result['batches'][batch] = row
+        pair = labels[:2] if len(labels) > 1 else None
+        if pair:
+            for backend in ('eager', 'onnxruntime') if onnx else ('eager',):
+                row[f'speedup/{backend}'] = row[f'{pair[0]}/{backend}'] / row[f'{pair[1]}/{backend}']
+        if memory_batches is None or batch in memory_batches:
+            memory = {kind: analyze_activation_memory(model, x) for kind, model in models.items()}
+            row['memory_analysed_bytes'] = {k: m.peak_bytes for k, m in memory.items()}
+            if pair:
+                row['memory_ratio_analysed'] = memory[pair[0]].peak_bytes / memory[pair[1]].peak_bytes
+            row['shortcut_share_analysed'] = memory[labels[0]].shortcut_share
         if measure:
-            measured = {kind: measure_peak_rss(name, batch, size, torch.get_num_threads())
+            measured = {kind: measure_peak_rss(name, batch, input_chw[-1], torch.get_num_threads())
                         for kind, name in measure.items()}
             row['memory_measured_bytes'] = measured
-            if first in measured and second in measured:
-                row['memory_ratio_measured'] = measured[first] / max(1, measured[second])
-        result['batches'][batch] = row
+            if pair and set(pair) <= set(measured):
+                row['memory_ratio_measured'] = measured[pair[0]] / max(1, measured[pair[1]])
     return result
+
+
+def bench_models(built: Dict[str, torch.nn.Module], size: int, batches: Sequence[int] = (1, 16), repeats: int = 20,
+                 onnx: bool = True, measure: Optional[Dict[str, str]] = None) -> Dict:
+    """:func:`measure_models` of already folded square-input models, eager in channels_last, in the record layout of
+    ``deploy_bench.json`` (``input_size``)."""
+    result = measure_models(built, (3, size, size), batches, repeats, onnx=onnx, measure=measure)
+    return dict(input_size=size, params=result['params'], batches=result['batches'])
 
 
 def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20, onnx: bool = True,

@@ -1,9 +1,9 @@
 """A residual teacher beside its twin: parameters, latency and activation memory measured side by side, and the
 plot of a comparison. Shared by ``jointrd demo`` and ``jointrd distill``.
 
-Latency: eager PyTorch, interleaved runs (:func:`~jointrd_timm.deploy.latency.compare_latency`). Activation memory:
-analysed on the deployed form of each model (BatchNorm folded), one image
-(:func:`~jointrd_timm.deploy.memory.analyze_activation_memory`).
+Measured by :func:`jointrd_timm.deploy.bench.measure_models` (the one deployment measurement of the package) on the
+deployed form of each model (BatchNorm folded): eager PyTorch latency, interleaved runs; activation memory analysed
+at the smallest batch size.
 """
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -16,23 +16,18 @@ __all__ = ['measure_models', 'plot_comparison']
 
 def measure_models(models: Dict[str, nn.Module], input_chw: Tuple[int, int, int], batches: Sequence[int] = (1, 16),
                    latency_repeats: int = 50) -> Dict:
-    """Parameters, median latency (ms) per batch size and activation memory (MB, batch 1) of each model (eval
-    mode). With models ``teacher`` and ``twin``, ``speedup`` is teacher / twin latency per batch size."""
-    from ..deploy.fold import fold_for_deployment
-    from ..deploy.latency import compare_latency
-    from ..deploy.memory import analyze_activation_memory
-    models = {name: m.eval() for name, m in models.items()}
-    latency = {}
-    for batch in batches:
-        x = torch.randn(batch, *input_chw)
-        timed = compare_latency({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats=latency_repeats,
-                                warmup=min(5, latency_repeats))
-        latency[batch] = {name: timed[name]['median_ms'] for name in models}
-    x = torch.randn(1, *input_chw)
-    memory = {name: analyze_activation_memory(fold_for_deployment(m)[0], x).peak_bytes / 2 ** 20
-              for name, m in models.items()}
-    result = dict(params={name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
-                  latency_ms=latency, activation_memory_mb=memory, latency_repeats=latency_repeats,
+    """Parameters, median latency (ms) per batch size and activation memory (MB, batch 1) of each model, in the
+    layout the demo and ``jointrd distill`` report: :func:`jointrd_timm.deploy.bench.measure_models` on the deployed
+    (folded) models, eager. With models ``teacher`` and ``twin`` (in that order), ``speedup`` is teacher / twin
+    latency per batch size."""
+    from ..deploy.bench import measure_models as measure
+    measured = measure(models, input_chw, batches, repeats=latency_repeats, warmup=min(5, latency_repeats),
+                       channels_last=False, fold=True, memory_batches=(min(batches),))
+    rows = measured['batches']
+    latency = {b: {name: rows[b][f'{name}/eager'] for name in models} for b in batches}
+    result = dict(params=measured['params'], latency_ms=latency, latency_repeats=latency_repeats,
+                  activation_memory_mb={k: v / 2 ** 20 for k, v in rows[min(batches)].get('memory_analysed_bytes',
+                                                                                           {}).items()},
                   threads=torch.get_num_threads())
     if {'teacher', 'twin'} <= set(models):
         result['speedup'] = {b: latency[b]['teacher'] / latency[b]['twin'] for b in latency}
