@@ -1,7 +1,5 @@
-"""What the CIFAR-10 benchmarks share: the CPU budget's arguments, the data splits, the command line recorded.
-
-cifar10_jointrd.py, cifar10_zoo.py and recipe_ablation.py train on the same seeded subset with the same recipe
-and share one work folder, so a run finished by one of them is read back by the others.
+"""What the CIFAR-10 benchmarks share: the CPU budget's arguments, the data splits, the teacher, run folders and the
+command line recorded (accuracy_subset.py; full_cifar10.py reads its runs back with ``finished`` / ``read_run``).
 """
 import argparse
 import json
@@ -85,15 +83,16 @@ def cifar_splits(args, seed: int):
     return train_set, val_set, load_image_dataset(args.data, 'test', transform='cifar')
 
 
-def budget_run(args, work_name: str):
-    """What a benchmark of the CPU budget trains with: the seeded splits, its work folder and the make_config
-    keywords of the budget (``--threads`` torch threads)."""
+def budget_meta(args, script: str) -> dict:
+    """The ``meta`` of a record of the CPU budget: command, machine, torch, budget, date and settings."""
+    import platform
+    import time
+
     import torch
-    torch.set_num_threads(args.threads)
-    train_set, val_set, test_set = cifar_splits(args, args.seed)
-    kwargs = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4, seed=args.seed,
-                  num_workers=args.workers, val_set=val_set)
-    return (train_set, val_set, test_set), Path(args.work_dir) / work_name, kwargs
+    return dict(command=command_line(script, args),
+                machine=f'{platform.machine()}, {torch.get_num_threads()} torch threads', torch=torch.__version__,
+                budget=f'{args.train_size} train images, {args.epochs} epochs, batch {args.batch_size}, cosine lr '
+                       f'{args.lr}', date=time.strftime('%Y-%m-%d'), settings=budget_settings(args))
 
 
 def command_line(script: str, args) -> str:

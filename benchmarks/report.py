@@ -36,6 +36,12 @@ def this_command() -> str:
     return ' '.join(['python', str(script), *map(shlex.quote, sys.argv[1:])])
 
 
+def load_record(name: str, out: Path = RESULTS) -> Optional[Dict]:
+    """The record ``<out>/<name>.json``, or None when there is none."""
+    path = out / f'{name}.json'
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_report(name: str, record: Dict, lines: List[str], plot: Optional[Callable[[Path], None]] = None,
                  out: Path = RESULTS) -> Dict[str, Path]:
     """Write ``<out>/<name>.json`` (``record``, atomically), ``<name>.md`` (``lines``, with a footer naming the

@@ -1,22 +1,20 @@
-"""Results at a glance: benchmarks/results/README.md, generated from the benchmark records (the JSON files beside
-it), so every number on it is a record's. Rerun after any benchmark; tests/test_benchmark_records.py checks that
-the committed page is what this script writes.
+"""Results at a glance and the suite's README, generated: benchmarks/results/README.md from the benchmark records
+(every number on it is a record's), benchmarks/README.md from the scripts of the folder (each script's docstring and
+what it writes). Rerun after any benchmark; tests/test_benchmark_records.py checks that both committed pages are
+what this script writes.
 
     python benchmarks/summary.py
 """
+import ast
 import json
-import statistics
 from pathlib import Path
 
+from accuracy_pages import ALONE_ROW, DEFAULT_ROW, difference_stats
+from report import RESULTS, load_record
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / 'benchmarks' / 'results'
-DEFAULT_ROW = 'JointRD + fade over 80 % + teacher init'
-ALONE_ROW = 'twin alone + fade over 80 % + teacher init'
-
-
-def _load(name: str):
-    path = RESULTS / f'{name}.json'
-    return json.loads(path.read_text()) if path.is_file() else None
+BENCHMARKS = ROOT / 'benchmarks'
+_load = load_record
 
 
 def _row(table: dict, label: str) -> str:
@@ -30,12 +28,10 @@ def _paired(record: dict, label: str) -> str:
     matched = record.get('paired', {}).get(label)
     if not matched:
         return 'no matched runs'
-    diffs = [a - b for _, _, a, b in matched]
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return f'{mean:+.2f} (1 matched run)'
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5
-    return f'{mean:+.2f} (n = {len(diffs)}, SE {se:.2f}, {sum(d > 0 for d in diffs)} of {len(diffs)} positive)'
+    d = difference_stats([a - b for _, _, a, b in matched])
+    if d['n'] < 2:
+        return f'{d["mean"]:+.2f} (1 matched run)'
+    return f'{d["mean"]:+.2f} (n = {d["n"]}, SE {d["se"]:.2f}, {d["positive"]} of {d["n"]} positive)'
 
 
 def ablation_lines() -> list:
@@ -133,7 +129,7 @@ def cost_lines() -> list:
     lines = []
     record = _load('training_cost')
     if record is not None:
-        from training_cost import time_ratio  # the page's own ratio and its rule for one that is not a measurement
+        from step_cost_pages import time_ratio  # the page's own ratio and its rule for one that is not a measurement
         lines += ['', '## Training cost per step ([training_cost.md](training_cost.md))', '',
                   'Step-time ratios whose interquartile range exceeds a quarter of them are not shown (measured '
                   'on a loaded machine).', '',
@@ -144,7 +140,7 @@ def cost_lines() -> list:
                 ratio, _, noisy, _ = time_ratio(measured['rows'], label, 'Hinton KD')
                 time = 'unmeasured' if noisy else f'{ratio:.2f}x'
                 lines.append(f'| {arch} | {label} | {time} | {r["memory_vs_kd"]:.2f}x |')
-    for path in sorted(RESULTS.glob('training_cost_ratios*.json')):  # one page per step_ratios run
+    for path in sorted(RESULTS.glob('training_cost_ratios*.json')):  # one page per ratios run
         record = json.loads(path.read_text())
         lines += ['', f'## Step ratios with a confidence interval ([{path.stem}.md]({path.stem}.md))',
                   '', '| pair | ratio | median | 95 % interval | goal | verdict |', '|---|---|---|---|---|---|']
@@ -182,8 +178,78 @@ def render() -> str:
     return '\n'.join(lines) + '\n'
 
 
+# every script of the suite and what it writes (globs under benchmarks/; none: a module the scripts share)
+SUITE = {
+    'accuracy_subset.py': ['results/cifar10_jointrd.*', 'results/cifar10_zoo.*', 'results/recipe_ablation*.*'],
+    'full_cifar10.py': ['results/full_cifar10_*.*', 'runs/full_cifar10/'],
+    'publish_cifar10.py': ['../registry/*.json', '../registry/weights/'],
+    'alternatives.py': ['results/alternatives_*.*'],
+    'timm_validate.py': ['results/timm_validate.*'],
+    'deep_twin_screen.py': ['a JSON record per screen'],
+    'deep_twin_report.py': ['results/deep_twin_diagnostics.*'],
+    'step_cost.py': ['results/training_cost.*', 'results/training_cost_ratios*.*', 'results/training_cost_channels_last.*',
+                     'results/training_cost_compile.*'],
+    'deploy_bench.py': ['results/deploy_bench.*'],
+    'twin_coverage.py': ['results/twin_coverage.*'],
+    'recipe_coverage.py': ['columns of results/twin_coverage.*'],
+    'summary.py': ['results/README.md', 'README.md'],
+    'accuracy_pages.py': [], 'cifar_budget.py': [], 'step_cost_pages.py': [], 'report.py': [],
+}
+# pages under results/ that no script of the suite writes, and what does
+WRITTEN_ELSEWHERE = {'reliability.md': 'tests/test_reliability.py'}
+# scripts replaced by the suite, as the commands of older records name them
+REPLACED = {'cifar10_jointrd.py': 'accuracy_subset.py --question jointrd',
+            'cifar10_zoo.py': 'accuracy_subset.py --question zoo',
+            'recipe_ablation.py': 'accuracy_subset.py --question ablation (--rows takes the same labels)',
+            'training_cost.py': 'step_cost.py --question methods',
+            'step_ratios.py': 'step_cost.py --question ratios',
+            'channels_last_cost.py':
+                'step_cost.py --question channels_last (`--variant compile`: `--question compile`)'}
+README_NOTES = """Every script writes its record, page and plot through `report.py` (the JSON written atomically, the page
+with the machine and command, the PNG where there is a plot). `accuracy_subset.py` and `step_cost.py` rewrite any of
+their pages from its record alone (`--report-only --name <record>`), as `full_cifar10.py` does. Timings on a shared
+machine are noisy: every comparison is measured side by side in one run (interleaved, round by round). Scratch runs
+go to `benchmarks/work/` (ignored by git).
+
+`accuracy_subset.py`'s questions share one work folder (`benchmarks/work/cifar10_jointrd/`): the teacher is trained
+once, and a row whose run already finished (`final.json`) is read back instead of retrained, so a command resumes
+after an interruption. `full_cifar10.py` keeps its runs under `benchmarks/runs/`: the repository holds each run's
+records (`metrics.jsonl`, `final.json`, `resumes.txt`) and the teachers' weights (every other run starts from them);
+the weights of the other runs are not committed (`.gitignore`): a published twin's weights are in
+`registry/weights/`, and `python benchmarks/full_cifar10.py --arch ARCH --teacher-epochs N --only FOLDER` recreates
+any other run from its teacher (same seed, same split). A run longer than a working session is resumed from its local
+`last.safetensors` on the same machine.
+
+`deploy_bench.py` needs the `bench` extra (`pip install -e '.[bench]'`, Torch-Pruning)."""
+
+
+def first_sentence(script: Path) -> str:
+    """The first sentence of a script's module docstring, on one line."""
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ''
+    paragraph = ' '.join(doc.split('\n\n')[0].split())
+    return paragraph.split('. ')[0].rstrip('.') + '.'
+
+
+def suite_readme() -> str:
+    """benchmarks/README.md: one row per script of the folder (:data:`SUITE`), its docstring's first sentence and
+    what it writes."""
+    lines = ['# benchmarks/', '', 'Generated by `python benchmarks/summary.py` from the scripts of this folder (each '
+             "script's docstring and what it writes); results at a glance: [results/README.md](results/README.md). "
+             'Do not edit by hand.', '', '| script | what it answers or does | writes |', '|---|---|---|']
+    for script, writes in SUITE.items():
+        written = ', '.join(w if ' ' in w else f'`{w}`' for w in writes) or '(shared by the scripts)'
+        lines.append(f'| `{script}` | {first_sentence(BENCHMARKS / script)} | {written} |')
+    lines += ['', README_NOTES, '', 'Older records name scripts the suite replaced; the same runs now come from:', '',
+              '| in an older record | now |', '|---|---|']
+    for old, new in REPLACED.items():
+        command, _, note = new.partition(' (')
+        lines.append(f'| `benchmarks/{old}` | `benchmarks/{command}`' + (f' ({note}' if note else '') + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def main():
     (RESULTS / 'README.md').write_text(render())
+    (BENCHMARKS / 'README.md').write_text(suite_readme())
 
 
 if __name__ == '__main__':
