@@ -2,7 +2,10 @@
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+
+from .errors import InputError, JointRDError
 
 
 def _derive(args) -> int:
@@ -16,9 +19,11 @@ def _derive(args) -> int:
         print('jointrd derive: give a MODEL (e.g. resnet50) or --list', file=sys.stderr)
         return 2
     residual = args.model[len('plain_'):] if args.model.startswith('plain_') else args.model
-    if residual != args.model and residual not in timm.list_models():
-        raise ValueError(f'Unknown model {args.model!r}: a twin is named plain_<timm model>, and {residual!r} is not '
-                         'a timm model (jointrd derive --list lists the models with a twin).')
+    if residual not in timm.list_models():
+        close = timm.list_models(f'*{residual}*')[:5]
+        why = f'a twin is named plain_<timm model>, and {residual!r} is not a timm model' if residual != args.model \
+            else 'not a timm model' + (f'; did you mean one of {close}?' if close else '')
+        raise InputError(f'Unknown model {args.model!r}: {why} (jointrd derive --list lists the models with a twin).')
     print(describe_twin(args.model, keep_projection_shortcuts=args.keep_projection_shortcuts,
                         input_size=args.input_size))
     return 0
@@ -115,7 +120,10 @@ def _published_as(args) -> dict:
         return {}
     from .integrations.hub import model_card
     from .models.catalogue import entry
-    published = entry(args.entry)
+    try:
+        published = entry(args.entry)
+    except KeyError as e:  # a name that is not in the registry (the message lists those that are)
+        raise InputError(e.args[0]) from e
     return dict(model_card=model_card(published), tag=published['tag'])
 
 
@@ -156,9 +164,24 @@ def _eval(args) -> int:
 
 def _distill(args) -> int:
     from .training.distill import run_distill
-    options = {k: v for k, v in vars(args).items() if k not in ('command', 'func', 'teacher', 'data', 'output')}
-    run_distill(args.teacher, args.data, args.output, **options)
+    options = {k: v for k, v in vars(args).items() if k not in ('command', 'func', 'teacher', 'data')}
+    run_distill(args.teacher, args.data, **options)
     return 0
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores the value like ``store``; given under one of its ``deprecated`` names, it also warns (FutureWarning:
+    shown to the user) with the current name."""
+
+    def __init__(self, option_strings, dest, deprecated=(), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.deprecated = deprecated
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated:
+            warnings.warn(f'{parser.prog} {option_string} is deprecated: use {self.option_strings[0]}.',
+                          FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -190,11 +213,7 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
                         "teacher's stem, stages and head, the methods' own code eager around them")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='jointrd', description='Shortcut-free twins of timm models, trained by '
-                                     'Residual Distillation (JointRD, NeurIPS 2020).')
-    sub = parser.add_subparsers(dest='command', required=True)
-
+def _derive_parser(sub) -> None:
     p = sub.add_parser('derive', help="summary of a model's shortcut-free twin")
     p.add_argument('model', nargs='?', help='a timm architecture, e.g. resnet50')
     p.add_argument('--list', action='store_true', help='list every architecture with a twin')
@@ -202,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--input-size', type=int, default=None, help='input size for FLOPs (default: the model cfg)')
     p.set_defaults(func=_derive)
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser('train', help='train from a torchdistill YAML with accelerate',
                        description='Train from a torchdistill YAML. A YAML is code: its !import_call tags import and '
                                    'call Python while it loads (that is how it builds datasets), so run only YAMLs '
@@ -213,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(p)
     p.set_defaults(func=_train)
 
+
+def _convert_parser(sub) -> None:
     p = sub.add_parser('convert-checkpoint', help="a pickled checkpoint's weights (e.g. torchdistill's) to safetensors",
                        description='Reads a pickled checkpoint with torch.load(weights_only=True): tensors and plain '
                                    'containers only, no code is run; convert only files you trust all the same. The '
@@ -223,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--entry', default='model', help="the checkpoint's entry holding the state dict (default: model)")
     p.set_defaults(func=_convert)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser('demo', help='teacher, twin alone, twin with JointRD on an embedded dataset; table + plot')
     p.add_argument('--dataset', default='sklearn:digits', help='any dataset the runner takes (default: sklearn:digits)')
     p.add_argument('--output-dir', default='runs/demo', help='default: runs/demo; a rerun replaces its three runs')
@@ -235,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)
     p.set_defaults(func=_demo)
 
+
+def _distill_parser(sub) -> None:
     p = sub.add_parser('distill', help='a residual model -> its trained, deployed shortcut-free twin, in one command',
                        description='Train the shortcut-free twin of TEACHER with JointRD (the recommended recipe), '
                                    'evaluate both on the same test split, write the deployed twin (timm Hub format, '
@@ -248,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='epochs of a teacher trained or fine-tuned here (default: --epochs)')
     p.add_argument('--recipe', default=None, help='a recipe of jointrd_timm.recipes.RECIPES (default: the '
                                                   'recommended one for the architecture)')
-    p.add_argument('--output', default='runs/distill', help='output folder (default: runs/distill)')
+    p.add_argument('--output-dir', '--output', default='runs/distill', action=_DeprecatedAlias,
+                   deprecated=('--output',), help='output folder (default: runs/distill; --output: its former name, '
+                                                  'deprecated)')
     p.add_argument('--num-classes', type=int, default=None,
                    help="re-initialise a pretrained teacher's classifier for the data's labels (it is then "
                         'fine-tuned here with cross-entropy for --teacher-epochs)')
@@ -274,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='train in channels_last memory format (runner.channels_last; often faster on GPUs)')
     _add_compile(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument('--resume', action='store_true', help='continue the run in --output')
-    group.add_argument('--overwrite', action='store_true', help="replace the run in --output (distill's files only)")
+    group.add_argument('--resume', action='store_true', help='continue the run in --output-dir')
+    group.add_argument('--overwrite', action='store_true', help="replace the run in --output-dir (distill's files only)")
     p.set_defaults(func=_distill)
 
+
+def _export_parsers(sub) -> None:
     p = sub.add_parser('export', help='fold (BN, Dirac) and export to ONNX + TorchScript, checked against eager')
     p.add_argument('model', help='plain_* name[.tag], hf-hub:org/name, local-dir:path, or a runner output folder')
     _add_export_arguments(p)
@@ -292,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_arguments(p, formats=True)
     p.set_defaults(func=_exact)
 
+
+def _measure_parsers(sub) -> None:
     p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
     p.add_argument('model')
     p.add_argument('--batch', type=int, default=1)
@@ -309,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', default=None, help='write <output>.json and <output>.md')
     p.set_defaults(func=_bench)
 
+
+def _publish_parsers(sub) -> None:
     for command, helptext in (('save', 'a trained model to a folder in timm\'s Hub format (safetensors + card)'),
                               ('push', 'a trained model to the Hugging Face Hub in timm\'s format')):
         p = sub.add_parser(command, help=helptext)
@@ -323,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="registry entry (name): the model card and config.json's pretrained tag come from it")
         p.set_defaults(func=_save if command == 'save' else _push)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser('eval', help='top-1 accuracy of a (published) model on a dataset')
     p.add_argument('model', help='registry tag, hf-hub:..., local-dir:..., or a folder')
     p.add_argument('--dataset', required=True, help='Hub id, local Hub-layout folder, image folder, sklearn:digits')
@@ -332,14 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image-column', default=None)
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
     p.set_defaults(func=_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='jointrd', description='Shortcut-free twins of timm models, trained by '
+                                     'Residual Distillation (JointRD, NeurIPS 2020).')
+    sub = parser.add_subparsers(dest='command', required=True)
+    for add in (_derive_parser, _train_parser, _convert_parser, _demo_parser, _distill_parser, _export_parsers,
+                _measure_parsers, _publish_parsers, _eval_parser):  # one function per subcommand (or family)
+        add(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    """Run one subcommand. The package's own errors (:class:`~jointrd_timm.errors.JointRDError`: bad input, a folder
+    or file it cannot use) and a missing file print one line and return 1; anything else is a bug and raises with
+    its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:  # user mistakes and their environment: one line
+    except (JointRDError, FileNotFoundError) as e:
         print(f'jointrd {args.command}: error: {e}', file=sys.stderr)
         return 1
 

@@ -77,7 +77,7 @@ def test_runner_compile_option_trains_the_same_and_saves_plain_names(tmp_path):
               output_dir=str(tmp_path / name / 'run'), device='cpu')
         runs[name] = json.loads((tmp_path / name / 'run' / 'metrics.jsonl').read_text().splitlines()[0])
     assert runs['compiled']['train_loss'] == pytest.approx(runs['eager']['train_loss'], rel=1e-5)
-    from jointrd_timm.training.checkpoint import load_weights
+    from jointrd_timm.io import load_weights
     load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'compiled' / 'run' / 'model')
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jointrd_timm.training.checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_weights,
-                                              save_checkpoint)
+from jointrd_timm.io import load_weights
+from jointrd_timm.training.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from jointrd_timm.training.data import load_image_dataset
 
 
@@ -107,3 +107,13 @@ def test_weights_errors(tmp_path):
         load_weights(torch.nn.Linear(5, 3), tmp_path / 'ok.safetensors')
     load_weights(model, tmp_path / 'ok.safetensors')
     assert not model.weight.any()
+
+
+def test_weight_loading_lives_in_io_and_the_checkpoint_path_is_a_deprecated_alias():
+    from jointrd_timm import io
+    from jointrd_timm.training import checkpoint
+    for name in ('load_weights', 'read_state_dict'):
+        with pytest.warns(DeprecationWarning, match=f'checkpoint.{name} is deprecated: import it from jointrd_timm.io'):
+            assert getattr(checkpoint, name) is getattr(io, name)
+    with pytest.raises(AttributeError):
+        checkpoint.no_such_name  # noqa: B018

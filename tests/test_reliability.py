@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, tiny_yaml
 from jointrd_timm.cli import main
 from jointrd_timm import faults
-from jointrd_timm.training.checkpoint import CheckpointError, load_checkpoint, load_weights
+from jointrd_timm.io import load_weights
+from jointrd_timm.training.checkpoint import CheckpointError, load_checkpoint
 from jointrd_timm.training.run_folder import LOCK_NAME, RunFolderError
 from jointrd_timm.training.runner import ConfigError, load_config, train
 
@@ -286,6 +287,8 @@ def _cases(tmp_path):
         ('unknown jointrd_model kwarg', run('kw', 'models.model.kwargs.tacher={}', method='jointrd'), ConfigError,
          r"models.model.kwargs do not fit jointrd_model: .*unexpected keyword argument 'tacher'.*It takes jointrd_model\(teacher"),
         ('unknown model key', run('key', 'models.model.key=timm_modle'), ConfigError, r"unknown model key 'timm_modle'. jointrd_timm registers \["),
+        ('unknown timm model name', run('name', 'models.model.kwargs.model_name=plain_resnet2O_cifar'), ConfigError,
+         r'models.model: Unknown model \(plain_resnet2O_cifar\); timm.list_models\(\) lists'),
         ('output folder under a file', lambda: train(load_config(_tiny(tmp_path / 'uf')), output_dir=str(afile / 'out'), device='cpu'),
          RunFolderError, r'a_file is a file, not a folder'),
         ('output folder in /proc', lambda: train(load_config(_tiny(tmp_path / 'proc')), output_dir='/proc/jointrd', device='cpu'),
@@ -372,3 +375,59 @@ def test_resume_from_a_checkpoint_without_history_keeps_the_metrics_file(tmp_pat
     assert _metrics_on_file(path, 5) == [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0),
                                          dict(epoch=3, val_acc=30.0)]
     assert _metrics_on_file(tmp_path / 'none.jsonl', 3) == []
+
+
+def _folder_with_run(path, epochs_saved, finished):
+    """A run folder as the runner leaves it: a checkpoint of ``epochs_saved`` epochs, and when ``finished`` its
+    final.json and model/."""
+    from jointrd_timm.training.checkpoint import save_checkpoint
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path / 'last.safetensors', torch.nn.Linear(2, 2), epochs_saved - 1)
+    if finished:
+        (path / 'model').mkdir()
+        (path / 'final.json').write_text(json.dumps(dict(epochs=epochs_saved, test_acc=50.0)))
+    return path
+
+
+def test_run_folder_knows_whether_its_run_can_resume_or_has_finished(tmp_path):
+    from jointrd_timm.training.run_folder import RunFolder
+    empty = RunFolder(tmp_path / 'empty')
+    assert not empty.can_resume() and empty.saved_epochs() is None and empty.final() is None
+    assert not empty.is_finished(1) and not empty.extend(2)
+    unfinished = RunFolder(_folder_with_run(tmp_path / 'unfinished', 2, finished=False))
+    assert unfinished.can_resume() and unfinished.saved_epochs() == 2 and unfinished.final() is None
+    assert not unfinished.is_finished(2)
+    said = []
+    finished = RunFolder(_folder_with_run(tmp_path / 'done', 2, finished=True), say=said.append)
+    assert finished.final() == dict(epochs=2, test_acc=50.0)
+    assert finished.is_finished(2) and finished.is_finished(1) and not finished.is_finished(3)  # 3: to be extended
+    assert finished.extend(3) and not (finished.path / 'final.json').exists() and not (finished.path / 'model').exists()
+    assert said == [f'Extending the finished run in {finished.path} from 2 to 3 epochs: its final.json and model/ are '
+                    'removed until this run ends.']
+    assert finished.can_resume() and not finished.is_finished(2)  # the checkpoint stays, the result is retired
+
+
+def test_run_folder_check_reuse_refuses_what_a_run_may_not_use(tmp_path):
+    from jointrd_timm.training.run_folder import RunFolder
+    with pytest.raises(RunFolderError, match=r'^--resume: no checkpoint at .*last.safetensors; run without --resume'):
+        RunFolder(tmp_path / 'empty', resume=True).check_reuse()
+    assert RunFolder(tmp_path / 'empty').check_reuse() is False  # nothing there: a new run
+    held = _folder_with_run(tmp_path / 'held', 1, finished=True)
+    with pytest.raises(RunFolderError, match=r'held already holds a finished run \(final.json\). Continue it with '
+                                             r'--resume .* or choose another --output-dir'):
+        RunFolder(held).check_reuse()
+    assert RunFolder(held, resume=True).check_reuse() is False  # continued, not replaced
+    assert RunFolder(held, overwrite=True).check_reuse() is True  # replaced (once the new run saves an epoch)
+    assert sorted(p.name for p in held.iterdir()) == ['final.json', 'last.safetensors', 'model']  # checks only
+
+
+@pytest.mark.parametrize('record, deployed, as_trained', [
+    (dict(epochs=1, test_acc=70.0), 70.0, 70.0),  # before test_acc_folded: a model without folding
+    (dict(test_acc=70.0, test_acc_folded=72.5, bn_recalibrated_batches=5), 72.5, 70.0),  # the old keys only
+    (dict(test_acc=70.0, test_acc_folded=72.5, test_acc_as_trained=70.0, test_acc_deployed=72.5), 72.5, 70.0),
+    (dict(test_acc_deployed=72.5, test_acc_as_trained=70.0), 72.5, 70.0),  # the new keys only
+    (dict(epochs=1, val_acc=60.0), None, None),  # no test split
+])
+def test_final_json_readers_take_the_deployed_and_as_trained_accuracy(record, deployed, as_trained):
+    from jointrd_timm.training.run_folder import as_trained_accuracy, deployed_accuracy
+    assert deployed_accuracy(record) == deployed and as_trained_accuracy(record) == as_trained

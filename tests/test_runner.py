@@ -35,7 +35,8 @@ def test_train_one_epoch_writes_metrics_checkpoint_and_hub_folder(tmp_path):
     assert len(lines) == 1 and {'train_loss', 'train_acc', 'val_acc', 'lr', 'eta'} <= set(lines[0])
     assert 0.0 < lines[0]['eta'] <= 1.0
     final = json.loads((out / 'final.json').read_text())
-    assert 0 <= final['test_acc'] <= 100
+    assert 0 <= final['test_acc_deployed'] <= 100 and final['test_acc_as_trained'] == final['test_acc']
+    assert final['test_acc_deployed'] == final.get('test_acc_folded', final['test_acc'])  # the deprecated keys agree
     cfg = json.loads((out / 'model' / 'config.json').read_text())
     assert cfg['architecture'] == 'plain_resnet20_cifar'  # JointRD deploys the twin, not the pair
     assert not any(k.startswith('teacher.') for k in weights(out))
@@ -176,10 +177,11 @@ def test_dirac_twin_is_evaluated_folded_and_saved_plain(tmp_path):
     """A Dirac-parametrised twin trains with alpha/beta; the runner also evaluates it folded into plain convs
     (what is saved and deployed): same accuracy, and the saved weights are those of a plain twin."""
     import timm
-    from jointrd_timm.training.checkpoint import load_weights
+    from jointrd_timm.io import load_weights
     config = load_config(tiny_yaml(tmp_path, method='ce', epochs=1, limit=64), ['models.model.kwargs.dirac=true'])
     final = train(config, output_dir=str(tmp_path / 'run'), device='cpu')
     assert final['test_acc_folded'] == final['test_acc']
+    assert final['test_acc_deployed'] == final['test_acc_folded'] and final['test_acc_as_trained'] == final['test_acc']
     saved = weights(tmp_path / 'run')
     assert not any('parametrizations' in k or k.endswith(('alpha', 'beta')) for k in saved)
     plain = load_weights(timm.create_model('plain_resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'run' / 'model')
@@ -248,7 +250,7 @@ def test_channels_last_run_saves_contiguous_weights(tmp_path):
     after a few updates of the tiny digits run, kernel-dependent rounding grows past any fixed tolerance) and saves
     an ordinary contiguous model that timm loads."""
     import timm
-    from jointrd_timm.training.checkpoint import load_weights
+    from jointrd_timm.io import load_weights
     runs = {}
     for name, overrides in (('nchw', []), ('nhwc', ['runner.channels_last=true'])):
         train(load_config(tiny_yaml(tmp_path / name, epochs=1), overrides + ['train.optimizer.kwargs.lr=0.0']),
@@ -264,3 +266,66 @@ def test_channels_last_run_saves_contiguous_weights(tmp_path):
 def test_channels_last_must_be_true_or_false(tmp_path):
     with pytest.raises(ConfigError, match=r'runner.channels_last .*true or false'):
         load_config(tiny_yaml(tmp_path, method='ce'), ['runner.channels_last=1'])
+
+
+def _fail_train_with(monkeypatch, error):
+    """`jointrd train` whose library call raises ``error`` (no YAML read, nothing trained)."""
+    from jointrd_timm.training import runner
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(runner, 'load_config', lambda path, overrides: {})
+    monkeypatch.setattr(runner, 'train', fail)
+
+
+def test_cli_reports_the_packages_errors_in_one_line_and_lets_a_bug_raise_with_its_traceback(monkeypatch, capsys):
+    from jointrd_timm.training.run_folder import RunFolderError
+    _fail_train_with(monkeypatch, RunFolderError('the folder says no'))
+    assert main(['train', '--config', 'x.yaml']) == 1
+    assert capsys.readouterr().err == 'jointrd train: error: the folder says no\n'
+    _fail_train_with(monkeypatch, FileNotFoundError('no such file: x.yaml'))  # a path the user gave
+    assert main(['train', '--config', 'x.yaml']) == 1
+    assert capsys.readouterr().err == 'jointrd train: error: no such file: x.yaml\n'
+    for bug in (KeyError('lr'), RuntimeError('shape mismatch inside a module'), ValueError('not ours')):
+        _fail_train_with(monkeypatch, bug)
+        with pytest.raises(type(bug)) as raised:
+            main(['train', '--config', 'x.yaml'])
+        assert raised.value is bug and raised.traceback  # raised as it was, with its traceback
+        assert capsys.readouterr().err == ''
+
+
+def test_the_projects_errors_are_jointrd_errors_and_keep_their_builtin_bases():
+    from jointrd_timm.deploy.exact import ExactConversionError
+    from jointrd_timm.deploy.export import ExportError, UnsupportedExportError
+    from jointrd_timm.errors import InputError, JointRDError
+    from jointrd_timm.extras import MissingExtraError
+    from jointrd_timm.io import CheckpointError
+    from jointrd_timm.methods.base import RunLengthError
+    from jointrd_timm.methods.stages import StageLayoutError
+    from jointrd_timm.timm_script import ScriptNotFoundError
+    from jointrd_timm.training.data import DatasetColumnError
+    from jointrd_timm.training.distill import DistillError
+    from jointrd_timm.training.run_folder import RunFolderError
+    from jointrd_timm.twins.derive import NotResidualError, UnsupportedBlockError
+    bases = {ConfigError: ValueError, InputError: ValueError, CheckpointError: ValueError, DistillError: ValueError,
+             ExactConversionError: ValueError, StageLayoutError: ValueError, NotResidualError: ValueError,
+             UnsupportedBlockError: ValueError, RunFolderError: RuntimeError, RunLengthError: RuntimeError,
+             ExportError: RuntimeError, UnsupportedExportError: RuntimeError, DatasetColumnError: KeyError,
+             MissingExtraError: ImportError, ScriptNotFoundError: FileNotFoundError}
+    assert [e.__name__ for e, base in bases.items() if not issubclass(e, (JointRDError)) or not issubclass(e, base)] == []
+    assert str(DatasetColumnError('column img is missing')) == 'column img is missing'  # not quoted like a KeyError
+
+
+def test_distill_output_dir_and_its_deprecated_alias_output(monkeypatch):
+    import warnings
+    from jointrd_timm.training import distill
+    calls = []
+    monkeypatch.setattr(distill, 'run_distill', lambda teacher, data, **options: calls.append(options))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the current name warns about nothing
+        assert main(['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--output-dir', 'runs/a']) == 0
+    with pytest.warns(FutureWarning, match='jointrd distill --output is deprecated: use --output-dir'):
+        assert main(['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--output', 'runs/b']) == 0
+    assert main(['distill', 'resnet20_cifar', '--data', 'sklearn:digits']) == 0
+    assert [c['output_dir'] for c in calls] == ['runs/a', 'runs/b', 'runs/distill']
+    assert 'output' not in calls[0]
