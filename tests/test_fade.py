@@ -373,3 +373,32 @@ def test_fade_power_drives_jointrd_and_the_fading_model():
     assert alone.power == 0.5 and shortcut_scale(alone.student) == pytest.approx(fade_scale(0.25, 1.75) ** 0.5)
     with pytest.raises(ValueError, match='shortcut_fade_power'):
         fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_power=-2)
+
+
+def test_shortcut_fade_carries_the_four_fields_checked_in_one_place():
+    """ShortcutFade is the one object for the flat shortcut_fade* fields: JointRDConfig.fade, FadingStudent and
+    fading_model build the same one, and a mistyped field fails from each entry point with the same message."""
+    from dataclasses import FrozenInstanceError
+    from jointrd_timm.integrations.torchdistill import fading_model
+    from jointrd_timm.methods.fading import ShortcutFade
+    fade = ShortcutFade(0.5, 0.25, 0.5, 'share')
+    config = JointRDConfig(shortcut_fade=0.5, shortcut_fade_window=0.25, shortcut_fade_power=0.5,
+                           shortcut_fade_mode='share')
+    assert config.fade == fade and JointRDConfig().fade is None
+    assert ShortcutFade(1) == ShortcutFade(1.0) and isinstance(ShortcutFade(1).fraction, float)
+    with pytest.raises(FrozenInstanceError):
+        fade.window = 1.0
+    # the other fields are checked even without a fade
+    with pytest.raises(ValueError, match='shortcut_fade_window must be in'):
+        JointRDConfig(shortcut_fade_window=0)
+    for bad in (0, 1.5, True, '0.5'):
+        with pytest.raises(ValueError, match=r'shortcut_fade must be in \(0, 1\]'):
+            ShortcutFade(bad)
+    _, fading = _pair('resnet20_cifar')
+    alone = FadingStudent(fading, ShortcutFade(0.5, 0.25))
+    assert (alone.fraction, alone.window, alone.power, alone.fade.mode) == (0.5, 0.25, 1.0, 'scale')
+    with pytest.raises(ValueError, match='inside the ShortcutFade'):
+        FadingStudent(fading, ShortcutFade(0.5), window=0.25)
+    built = fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=0.25,
+                         shortcut_fade_power=0.5, shortcut_fade_mode='share')
+    assert built.fade == fade

@@ -409,3 +409,18 @@ def test_frozen_conv_input_gradient_is_autograds(conv, size):
     got, = torch.autograd.grad(out, x, g)
     want, = torch.autograd.grad(expected, x, g)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_frozen_conv_refuses_what_it_does_not_compute_and_folding_leaves_such_convs():
+    """The lean conv is F.conv2d with the conv's stride, padding, dilation and groups: explicit zero padding only. A
+    reflect-padded or padding='same' conv is refused by it and left as it is by the folding."""
+    from jointrd_timm.methods.jointrd import _FrozenConv
+    from jointrd_timm.methods.jointrd.tails import _lean_frozen
+    reflect = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode='reflect').requires_grad_(False)
+    same = torch.nn.Conv2d(3, 3, 3, padding='same').requires_grad_(False)
+    zeros = torch.nn.Conv2d(3, 3, 3, padding=1).requires_grad_(False)
+    for conv in (reflect, same):
+        with pytest.raises(ValueError, match='explicit zero padding'):
+            _FrozenConv(conv)
+    stage = _lean_frozen(torch.nn.Sequential(reflect, same, zeros, torch.nn.ReLU()))
+    assert [type(m).__name__ for m in stage] == ['Conv2d', 'Conv2d', '_FrozenConv', '_MaskReLU']

@@ -185,3 +185,16 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
             ('teacher_first', 'running', 'epoch')
         assert deep.teacher_optimizer['milestones'] == list(SCHEDULES['cifar'].milestones)
         assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == DEFAULT_RECIPE.jointrd_config()
+
+
+def test_method_loss_returns_the_modules_loss_and_jointrd_loss_is_its_deprecated_alias():
+    from torchdistill.losses.registry import get_mid_level_loss
+    from jointrd_timm.integrations.torchdistill import JointRDLoss, MethodLoss
+    loss = torch.tensor(1.25, requires_grad=True)
+    io = {'.': {'output': dict(loss=loss, logits=torch.zeros(2, 10))}}
+    assert MethodLoss()(io, {}, None) is loss
+    with pytest.warns(DeprecationWarning, match="name it 'MethodLoss'"):
+        old = get_mid_level_loss({'key': 'JointRDLoss', 'kwargs': {'module_path': '.'}})
+    assert isinstance(old, MethodLoss) and isinstance(old, JointRDLoss) and old(io, {}, None) is loss
+    with pytest.raises(ValueError, match='MethodLoss reads the loss'):
+        get_mid_level_loss({'key': 'MethodLoss', 'kwargs': {}})({'.': {'output': torch.zeros(2, 10)}}, {}, None)

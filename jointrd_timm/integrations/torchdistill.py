@@ -6,7 +6,8 @@ Registered here:
   shortcuts fade out, trained alone), ``stepwise_model`` (shortcuts removed one at a time under a frozen teacher,
   Tailor, Weng et al. 2023), ``cakd_model`` (conditional adversarial KD, Xu et al. 2017) and ``aps_model``
   (adversarial portable students, Wang et al. 2018);
-* the mid-level loss ``MethodLoss`` (alias ``JointRDLoss``): reads the loss these modules compute in their forward;
+* the mid-level loss ``MethodLoss``: returns the loss these modules compute in their forward (``JointRDLoss``, its
+  former name, is a deprecated alias);
 * the pre-epoch process ``jointrd_pre_epoch_process``: torchdistill's default, then ``set_epoch`` on the module
   (eta for JointRD, the discriminator's schedule for the adversarial methods, the removals of stepwise_model).
 
@@ -17,6 +18,7 @@ student wrappers never see the teacher. The teacher therefore lives inside the J
 ``accelerator_for_boxes`` works around torchdistill 1.1.5 reading ``accelerator.state.use_fp16`` (gone from
 accelerate) when a DistillationBox has a frozen teacher.
 """
+import warnings
 from typing import Dict, Optional
 
 import timm
@@ -29,7 +31,7 @@ from torchdistill.models.registry import register_model
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
 from ..methods.base import check_teacher_student, start_epoch
-from ..methods.fading import FadingStudent
+from ..methods.fading import FadingStudent, ShortcutFade
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
@@ -96,8 +98,8 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict], **student_kwarg
 
 @register_model
 def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None,
-                 shortcut_fade_window: float = 1.0, shortcut_fade_power: float = 1.0,
-                 shortcut_fade_mode: str = 'scale') -> FadingStudent:
+                 shortcut_fade_window: float = ShortcutFade.window, shortcut_fade_power: float = ShortcutFade.power,
+                 shortcut_fade_mode: str = ShortcutFade.mode) -> FadingStudent:
     """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.methods.fading.FadingStudent`).
 
     Args:
@@ -108,13 +110,14 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
         shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``).
         shortcut_fade_mode: 'scale' or 'share' (``methods.fading.ShortcutFade``).
     """
+    fade = ShortcutFade(shortcut_fade, shortcut_fade_window, shortcut_fade_power, shortcut_fade_mode)
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
         teacher = timm.create_model(teacher_of(student['model_name']),
                                     **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
         load_weights(teacher, teacher_checkpoint)
         load_teacher_weights(model, teacher)
-    return FadingStudent(model, shortcut_fade, shortcut_fade_window, shortcut_fade_power, mode=shortcut_fade_mode)
+    return FadingStudent(model, fade)
 
 
 @register_model
@@ -154,8 +157,18 @@ def aps_model(teacher: Dict, student: Optional[Dict] = None, **kwargs) -> Advers
 
 @register_mid_level_loss
 class MethodLoss(nn.Module):
-    """The objective that a jointrd_model / stepwise_model / cakd_model / aps_model computes in its train-mode
-    forward (use ``forward_proc: forward_batch_target`` so the model receives the targets)."""
+    """Returns the loss that the method module computed in its train-mode forward (a jointrd_model, stepwise_model,
+    cakd_model or aps_model: the objective is the module's, this loss only reads it). Use
+    ``forward_proc: forward_batch_target`` so the module receives the targets.
+
+    YAML::
+
+        criterion:
+          key: 'WeightedSumLoss'
+          kwargs:
+            sub_terms:
+              method: {criterion: {key: 'MethodLoss', kwargs: {module_path: '.'}}, weight: 1.0}
+    """
 
     def __init__(self, module_path: str = '.', **kwargs):
         super().__init__()
@@ -164,14 +177,21 @@ class MethodLoss(nn.Module):
     def forward(self, student_io_dict, teacher_io_dict, targets=None, *args, **kwargs):
         outputs = student_io_dict[self.module_path]['output']
         if not isinstance(outputs, dict) or 'loss' not in outputs:
-            raise ValueError('MethodLoss/JointRDLoss reads the loss that a jointrd_model (or stepwise_model, '
+            raise ValueError(f'{type(self).__name__} reads the loss that a jointrd_model (or stepwise_model, '
                              'cakd_model, aps_model) computes in train mode; the student must be a `jointrd_model` and '
                              'train.model.forward_proc must be forward_batch_target.')
         return outputs['loss']
 
 
-register_mid_level_loss(key='JointRDLoss')(MethodLoss)
-JointRDLoss = MethodLoss
+@register_mid_level_loss
+class JointRDLoss(MethodLoss):
+    """Deprecated name of :class:`MethodLoss` (it computes no JointRD objective; it returns the module's loss).
+    YAMLs that name it keep working, with a DeprecationWarning."""
+
+    def __init__(self, module_path: str = '.', **kwargs):
+        warnings.warn("the loss key 'JointRDLoss' is deprecated: name it 'MethodLoss' (it returns the loss the "
+                      'method module computed).', DeprecationWarning, stacklevel=2)
+        super().__init__(module_path, **kwargs)
 
 
 @register_pre_epoch_proc_func

@@ -21,19 +21,20 @@ Both alternate every iteration, D first, then the student. The discriminator's u
 module's train-mode ``forward`` (with D's own optimizer, never the student's; DECISION, the reason is in
 :mod:`jointrd_timm.methods.base`), so any torchdistill box and the runner train these modules unchanged; the
 student's loss is then computed against the updated D and returned.
-D's parameters have ``requires_grad=False`` outside its own step, so the student's optimizer never holds them.
-Across processes D's gradients are averaged explicitly (DDP does not see them). D's optimizer and scheduler are
-exposed through ``extra_optimizers()`` / ``extra_schedulers()`` so checkpoints save and restore them.
+D is trained by a :class:`~jointrd_timm.methods.side_optimizer.SideOptimizer`: its parameters have
+``requires_grad=False`` outside its own step (the student's optimizer never holds them), its gradients are averaged
+across processes explicitly, and its optimizer and scheduler are exposed through ``extra_optimizers()`` /
+``extra_schedulers()`` so checkpoints save and restore them.
 """
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .base import TrainingMethod, check_teacher_student, config_from_dict, hinton_kd
+from .side_optimizer import SideOptimizer
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
            'conditional_discriminator_loss', 'conditional_gan_term', 'conditional_student_loss', 'ConditionalAdversarialKD',
@@ -130,40 +131,30 @@ class DiscriminatorConfig:
 
 
 class AdversarialTerm(nn.Module):
-    """A discriminator with its own optimiser and schedule; ``step`` trains it on one batch (D first)."""
+    """A discriminator with its own optimiser and schedule (:class:`~.side_optimizer.SideOptimizer`); ``step``
+    trains it on one batch (D first)."""
 
     def __init__(self, discriminator: nn.Module, config: DiscriminatorConfig):
         super().__init__()
         self.discriminator = discriminator
         self.config = config
-        discriminator.requires_grad_(False)  # only its own step enables them: the student's optimizer never sees D
-        self.optimizer = torch.optim.SGD(discriminator.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
-        if config.cosine_epochs:
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.cosine_epochs)
-        else:
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.milestones, config.gamma)
+        # D's parameters are frozen outside its own step: the student's optimizer never sees them
+        self.updates = SideOptimizer(discriminator, **asdict(config))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.updates.optimizer
+
+    @property
+    def scheduler(self):
+        return self.updates.scheduler
 
     def set_epoch(self, epoch: int) -> None:
-        while self.scheduler.last_epoch < epoch:  # also right after a resume restored last_epoch
-            self.scheduler.step()
+        self.updates.set_epoch(epoch)
 
     def step(self, loss_fn) -> torch.Tensor:
-        """One optimiser step of D on ``loss_fn()`` (computed with D's parameters trainable)."""
-        self.discriminator.requires_grad_(True)
-        try:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            loss.backward()
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                for p in self.discriminator.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= dist.get_world_size()
-            self.optimizer.step()
-        finally:
-            self.discriminator.requires_grad_(False)
-        return loss.detach()
+        """One optimiser step of D on ``loss_fn()`` (computed with D's parameters trainable); the loss, detached."""
+        return self.updates.step(loss_fn)
 
 
 class _TeacherStudent(TrainingMethod):

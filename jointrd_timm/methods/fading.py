@@ -1,8 +1,11 @@
 """Shortcut fading as a training schedule (Monti, Tootoonian & Cao, ICANN 2018): the scale ``s`` of a fading
 twin's shortcuts (:mod:`jointrd_timm.twins.fade`, the model surgery) follows the run's progress, and
 :class:`FadingStudent` trains such a twin alone with cross-entropy. JointRD fades its student with the same
-:class:`ShortcutFade`."""
-from typing import Dict
+:class:`ShortcutFade`, the one object that carries the fade's settings (the flat ``shortcut_fade*`` fields of a
+YAML, a :class:`~jointrd_timm.methods.JointRDConfig` or a recipe become one with :meth:`ShortcutFade.from_fields`)."""
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -14,6 +17,11 @@ from ..twins.fade import FADE_MODES, fading_block_count, is_fading, pin_shortcut
 __all__ = ['ShortcutFade', 'FadingStudent']
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
 class ShortcutFade:
     """The fade of one run: ``s`` from 1 to 0 over ``fraction`` of it (:func:`~.schedules.fade_scale`, horizon capped
     at the last step), each block staggered by ``window`` (:func:`~.schedules.block_scales`), raised to ``power``.
@@ -21,16 +29,36 @@ class ShortcutFade:
     ``mode`` says what ``s`` scales. 'scale': the shortcut itself (``branch + s * shortcut``). 'share': the
     shortcut's size relative to the branch (:class:`~jointrd_timm.twins.fade.ShareGain`), so that a network cannot
     keep its shortcuts carrying the signal by shrinking its branches while ``s`` falls; :meth:`prepare` installs it.
-    """
 
-    def __init__(self, fraction: float, window: float = 1.0, power: float = 1.0, mode: str = 'scale'):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f'shortcut_fade must be in (0, 1] (fraction of the run over which the shortcuts fade), '
-                             f'got {fraction!r}.')
-        block_scales(1.0, 1, window)  # validates the window
-        check_fade_mode(mode)
-        self.fraction, self.window, self.power = float(fraction), float(window), check_fade_power(power)
-        self.mode = mode
+    The settings are checked here, once, whoever gives them (messages name the flat YAML fields).
+    """
+    fraction: float
+    window: float = 1.0
+    power: float = 1.0
+    mode: str = 'scale'
+
+    def __post_init__(self):
+        if not _is_number(self.fraction) or not 0 < self.fraction <= 1:
+            raise ValueError('shortcut_fade must be in (0, 1] (the fraction of the run over which the shortcuts '
+                             f'fade; None: no fade), got {self.fraction!r}.')
+        if not _is_number(self.window) or not 0 < self.window <= 1:
+            raise ValueError('shortcut_fade_window must be in (0, 1] (the fade window of each block, as a share of '
+                             f'the fade; 1: all blocks fade together), got {self.window!r}.')
+        if self.mode not in FADE_MODES:
+            raise ValueError(f'shortcut_fade_mode must be one of {FADE_MODES}, got {self.mode!r}.')
+        for name, value in (('fraction', float(self.fraction)), ('window', float(self.window)),
+                            ('power', check_fade_power(self.power))):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_fields(cls, fields) -> Optional['ShortcutFade']:
+        """The fade that the flat fields ``shortcut_fade``, ``shortcut_fade_window``, ``shortcut_fade_power`` and
+        ``shortcut_fade_mode`` of ``fields`` (a config or recipe object) describe; None when ``shortcut_fade`` is
+        None. The other three are checked even then: a mistyped value fails whether or not the fade is on."""
+        fraction = fields.shortcut_fade
+        fade = cls(1.0 if fraction is None else fraction, fields.shortcut_fade_window, fields.shortcut_fade_power,
+                   fields.shortcut_fade_mode)
+        return None if fraction is None else fade
 
     def prepare(self, model: nn.Module) -> None:
         """Make ``model`` (a fading twin, its weights already loaded) fade as ``mode`` says."""
@@ -52,19 +80,14 @@ class ShortcutFade:
         return value
 
 
-def check_fade_mode(mode: str) -> str:
-    if mode not in FADE_MODES:
-        raise ValueError(f'shortcut_fade_mode must be one of {FADE_MODES}, got {mode!r}.')
-    return mode
-
-
 class FadingStudent(TrainingMethod):
     """A fading twin trained alone (cross-entropy): ``forward`` is the twin's, with ``s`` set from the training
     progress first (per step). ``student`` is what gets deployed.
 
     Args:
         student: a fading twin (``timm.create_model('plain_<arch>', shortcut_fade=True)``).
-        shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0.
+        shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0, or a whole :class:`ShortcutFade`
+            (then ``window``, ``power`` and ``mode`` stay unset).
         window: 1 (default): all blocks fade together; < 1: staggered, each block over this share of the fade.
         power: the cosine fade raised to this power (1: the cosine itself).
         mode: 'scale' or 'share' (what ``s`` scales, :class:`ShortcutFade`).
@@ -72,12 +95,18 @@ class FadingStudent(TrainingMethod):
             :mod:`~jointrd_timm.methods.base`).
     """
 
-    def __init__(self, student: nn.Module, shortcut_fade: float, window: float = 1.0, power: float = 1.0,
-                 num_epochs: int = 0, steps_per_epoch: int = 0, mode: str = 'scale'):
+    def __init__(self, student: nn.Module, shortcut_fade: Union[float, ShortcutFade],
+                 window: float = ShortcutFade.window, power: float = ShortcutFade.power, num_epochs: int = 0,
+                 steps_per_epoch: int = 0, mode: str = ShortcutFade.mode):
         if not is_fading(student):
             raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
                              "timm.create_model('plain_<arch>', shortcut_fade=True).")
-        fade = ShortcutFade(shortcut_fade, window, power, mode)
+        if isinstance(shortcut_fade, ShortcutFade):
+            if (window, power, mode) != (ShortcutFade.window, ShortcutFade.power, ShortcutFade.mode):
+                raise ValueError('FadingStudent: give window, power and mode inside the ShortcutFade, not beside it.')
+            fade = shortcut_fade
+        else:
+            fade = ShortcutFade(shortcut_fade, window, power, mode)
         super().__init__()
         self.student = student
         self.fade = fade

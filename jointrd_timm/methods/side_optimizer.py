@@ -1,0 +1,66 @@
+"""An extra module trained by its own optimizer alongside the student, inside the method's train-mode forward: the
+adversarial methods' discriminator, JointRD's joint teacher with ``joint_step_order='teacher_first'``.
+
+The module's parameters have ``requires_grad=False`` outside its own step, so the student's optimizer (built from
+the trainable parameters) never holds them, and the student's backward never fills their gradients. Its step is
+one SGD update on a loss the caller computes; across processes the gradients are averaged explicitly, because DDP
+does not see this backward. The optimizer and scheduler are what a method returns from ``extra_optimizers()`` /
+``extra_schedulers()``, so checkpoints save and restore them (DECISION in :mod:`jointrd_timm.methods.base`).
+"""
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ['SideOptimizer', 'epoch_scheduler']
+
+
+def epoch_scheduler(optimizer: torch.optim.Optimizer, cosine_epochs: Optional[int], milestones: Sequence[int],
+                    gamma: float):
+    """The learning-rate schedule of a side optimizer, stepped once per epoch: cosine annealing to 0 over
+    ``cosine_epochs`` epochs when given, else the lr times ``gamma`` at each of ``milestones`` (epochs)."""
+    if cosine_epochs:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cosine_epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
+
+
+class SideOptimizer:
+    """SGD for ``module``, with its per-epoch schedule (:func:`epoch_scheduler`).
+
+    Not a module itself: the trained module is registered by its owner (``adversarial.discriminator.*``,
+    ``teacher.*`` in the state dict), the optimizer and scheduler travel through ``extra_optimizers()``.
+    """
+
+    def __init__(self, module: nn.Module, lr: float, momentum: float, weight_decay: float,
+                 cosine_epochs: Optional[int], milestones: Sequence[int], gamma: float, nesterov: bool = False):
+        self.module = module
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
+                                         weight_decay=weight_decay)
+        self.scheduler = epoch_scheduler(self.optimizer, cosine_epochs, milestones, gamma)
+        module.requires_grad_(False)  # trainable only inside its own step
+
+    def set_epoch(self, epoch: int) -> None:
+        """Step the schedule up to ``epoch`` (0-based), however many epochs that is: also right after a resume
+        restored its ``last_epoch``."""
+        while self.scheduler.last_epoch < epoch:
+            self.scheduler.step()
+
+    def step(self, loss_fn: Callable):
+        """One SGD step of the module on ``loss_fn()``, computed with the module's parameters trainable.
+        ``loss_fn`` returns the loss, or a tuple whose first element is the loss; the same comes back detached."""
+        self.module.requires_grad_(True)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            out = loss_fn()
+            (out[0] if isinstance(out, tuple) else out).backward()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= dist.get_world_size()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients are not needed past the step: free them
+        finally:
+            self.module.requires_grad_(False)
+        return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
