@@ -185,6 +185,11 @@ def test_rerun_into_a_finished_folder_is_refused_then_overwrite_replaces_it(tmp_
     final = train(load_config(path), resume=True, device='cpu')
     assert final == json.loads((out / 'final.json').read_text())
     assert 'holds a finished run of 1 epoch(s); nothing to resume' in capsys.readouterr().out
+    # --resume with more epochs than the finished run had: extended, its final.json replaced by the longer run's
+    longer = train(load_config(path, ['train.num_epochs=2']), resume=True, device='cpu')
+    assert f'Extending the finished run in {out} from 1 to 2 epochs' in capsys.readouterr().out
+    assert longer['epochs'] == 2 and longer == json.loads((out / 'final.json').read_text())
+    assert [r['epoch'] for r in _records(out)] == [1, 2]
     FAULT_ROWS['rerun into a finished folder'] = (
         '`jointrd train` again into the folder of a finished run',
         f'green: refused, "{err.strip()[:150]}..."; folder unchanged; `--overwrite` replaces it only after the new '

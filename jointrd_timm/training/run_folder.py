@@ -11,7 +11,12 @@ What the runner guarantees with it (docs/reliability.md):
   replaced with ``overwrite``; the previous run is then deleted only once the new one has saved its first epoch,
   so a new run that fails to start leaves the old one intact;
 * leftovers of interrupted atomic writes (``.<name>.tmp-<pid>``, ``.model.tmp``, ``.model.old``) are removed when
-  the next run claims the folder.
+  the next run claims the folder;
+* the folder says whether its run can resume (a checkpoint) and whether it has finished (``final.json``, written
+  last, beside a checkpoint of all the epochs); a finished run given more epochs is extended, its result retired.
+
+``final.json``'s test accuracies are read with :func:`deployed_accuracy` and :func:`as_trained_accuracy`, which
+take records written before ``test_acc_deployed`` / ``test_acc_as_trained`` existed too (docs/cli.md).
 """
 import json
 import os
