@@ -41,7 +41,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     run (a quick smoke run; default all); ``latency_repeats``: interleaved timed runs per model and batch size."""
     import timm
     from ..integrations import torchdistill as _registers  # noqa: F401
-    from .checkpoint import load_weights
+    from ..io import load_weights
     from .compare import measure_models, plot_comparison
     from .configs import make_config
     from .runner import train
