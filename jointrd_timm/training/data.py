@@ -11,7 +11,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ..errors import JointRDError
+from ..errors import InputError, JointRDError
 
 __all__ = ['load_image_dataset', 'evaluate_model', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS']
 
@@ -29,7 +29,7 @@ def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float
     """``cifar``: random crop with 4-pixel padding + flip (train); ``imagenet``: timm's random-resized-crop +
     flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation."""
     if name not in TRANSFORMS:
-        raise ValueError(f'Unknown transform {name!r}; choose one of {TRANSFORMS}.')
+        raise InputError(f'Unknown transform {name!r}; choose one of {TRANSFORMS}.')
     if name == 'imagenet':
         from timm.data import create_transform
         return create_transform(input_size, is_training=train, mean=mean, std=std, crop_pct=0.875,
@@ -82,7 +82,7 @@ def _load(source: str, split: str, config_name: Optional[str]):
     import datasets
     if source == 'sklearn:digits':
         if split not in ('train', 'test'):
-            raise ValueError(f'sklearn:digits has splits train and test, not {split!r}.')
+            raise InputError(f'sklearn:digits has splits train and test, not {split!r}.')
         return _digits(split)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -131,11 +131,11 @@ def load_image_dataset(
     if recipe is not None:
         transform = recipe
     if part not in ('all', 'train', 'val'):
-        raise ValueError(f"part must be 'all', 'train' or 'val', got {part!r}.")
+        raise InputError(f"part must be 'all', 'train' or 'val', got {part!r}.")
     if part != 'all' and not 0 < validation_fraction < 1:
-        raise ValueError(f'part={part!r} needs 0 < validation_fraction < 1 (got {validation_fraction}).')
+        raise InputError(f'part={part!r} needs 0 < validation_fraction < 1 (got {validation_fraction}).')
     if channels not in (1, 3):
-        raise ValueError(f'channels must be 1 or 3, got {channels}.')
+        raise InputError(f'channels must be 1 or 3, got {channels}.')
     data = _load(source, split, config_name)
     for role, column in (('image_column', image_column), ('label_column', label_column)):
         if column not in data.column_names:
