@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from jointrd_timm.training.run_folder import deployed_accuracy
 from report import RESULTS, pyplot, save_figure, write_report
 
 NAME = 'deep_twin_diagnostics'
@@ -93,7 +94,7 @@ def full_runs(arch: str) -> dict:
         final = work / name / 'final.json'
         if final.is_file():
             done = json.loads(final.read_text())
-            entry['test_acc'] = done.get('test_acc_folded', done['test_acc'])
+            entry['test_acc'] = deployed_accuracy(done)
         out[name] = entry
     return out
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from jointrd_timm.training.run_folder import as_trained_accuracy, deployed_accuracy
 from cifar_budget import ROOT, finished, read_run
 from report import RESULTS, pyplot, write_report
 
@@ -248,10 +249,10 @@ def run_entry(row: str, epochs: int, folder: Path, recipe_id) -> dict:
         entry['seconds_per_epoch'] = round(statistics.median(c['seconds'] for c in curve), 1)
     if finished(folder):
         final, _ = read_run(folder)
-        entry['test_acc'] = final.get('test_acc_folded', final['test_acc'])
+        entry['test_acc'] = deployed_accuracy(final)
         entry['val_acc'] = final.get('val_acc')
         if final.get('bn_recalibrated_batches'):  # the deployed twin's BN statistics were recomputed
-            entry['test_acc_as_trained'] = final['test_acc']
+            entry['test_acc_as_trained'] = as_trained_accuracy(final)
             entry['bn_recalibrated_batches'] = final['bn_recalibrated_batches']
     return entry
 

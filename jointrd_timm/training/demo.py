@@ -43,6 +43,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     from ..integrations import torchdistill as _registers  # noqa: F401
     from ..io import load_weights
     from .compare import measure_models, plot_comparison
+    from .run_folder import deployed_accuracy
     from .configs import make_config
     from .runner import train
 
@@ -78,7 +79,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     measured = measure_models(models, (channels, size, size), latency_repeats=latency_repeats)
     params, latency, speedup = measured['params'], measured['latency_ms'], measured['speedup']
 
-    deployed = {k: r.get('test_acc_folded', r['test_acc']) for k, r in results.items()}  # deployed form
+    deployed = {k: deployed_accuracy(r) for k, r in results.items()}
     memory_kb = {k: v * 1024 for k, v in measured['activation_memory_mb'].items()}
     rows = [('teacher (residual)', deployed['teacher'], params['teacher'], 'teacher'),
             ('twin alone (plain)', deployed['twin alone'], params['twin'], 'twin'),
