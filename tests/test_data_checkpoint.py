@@ -117,3 +117,18 @@ def test_weight_loading_lives_in_io_and_the_checkpoint_path_is_a_deprecated_alia
             assert getattr(checkpoint, name) is getattr(io, name)
     with pytest.raises(AttributeError):
         checkpoint.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(source='sklearn:digits', split='val'), "splits train and test, not 'val'"),
+    (dict(source='sklearn:digits', split='train', transform='jitter'), "Unknown transform 'jitter'"),
+    (dict(source='sklearn:digits', split='train', part='half'), "part must be 'all', 'train' or 'val'"),
+    (dict(source='sklearn:digits', split='train', part='val'), 'needs 0 < validation_fraction < 1'),
+    (dict(source='sklearn:digits', split='train', channels=2), 'channels must be 1 or 3, got 2'),
+])
+def test_rejected_dataset_arguments_are_input_errors(kwargs, message):
+    """What the CLI prints as one line (a JointRDError), and still a ValueError for older callers."""
+    from jointrd_timm.errors import InputError
+    with pytest.raises(InputError, match=message) as caught:
+        load_image_dataset(**kwargs)
+    assert isinstance(caught.value, ValueError)
