@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_cost_pages as pages  # noqa: E402
 from jointrd_timm.recipes import DEFAULT_RECIPE  # noqa: E402
-from report import RESULTS, load_record, write_report  # noqa: E402
+from report import RESULTS, load_record, this_command, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # label -> (kind, JointRDConfig fields). 'JointRD + fade' is the default recipe's loss; its cost does not depend on eta
@@ -265,7 +265,7 @@ def measure_each_arch(args, measure, write, out: Path = None) -> None:
         meta = dict(machine=f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, '
                             f'torch {torch.__version__}',
                     load_before=load_before, load_after=os.getloadavg(), minutes=round((time.time() - start) / 60, 1),
-                    clock=args.clock, question=args.question, settings=settings(args))
+                    clock=args.clock, question=args.question, settings=settings(args), command=this_command())
         write(args.name, dict(meta=meta, archs=dict(results)), out)
 
 

@@ -316,6 +316,28 @@ def test_step_cost_writes_its_record_after_each_pair(tmp_path):
     assert meta['question'] == 'ratios' and '1 threads' in meta['machine']
 
 
+def test_step_cost_main_writes_a_page_that_regenerates_from_its_record(tmp_path, monkeypatch):
+    import step_cost
+    load = [1.0, 1.3, 0.9, 1.1]
+
+    def fake_methods(arch, args):
+        rows = {m: dict(step_ms=1000.0 + 10 * i, iqr_ms=5.0, times_ms=[(1000.0 + 10 * i) * f for f in load],
+                        peak_mb=100.0 + i, memory_vs_kd=(100.0 + i) / 101.0) for i, m in enumerate(step_cost.METHODS)}
+        return dict(rows=rows, tail_share=1.0)
+    monkeypatch.setattr(step_cost, 'RESULTS', tmp_path)
+    monkeypatch.setitem(step_cost.MEASURE, 'methods', fake_methods)
+    monkeypatch.setattr(sys, 'argv', [step_cost.__file__, '--threads', '1'])
+    step_cost.main(['--arch', 'resnet20_cifar', '--repeats', '4', '--threads', '1', '--clock', 'cpu'])
+    page = (tmp_path / 'training_cost.md').read_text()
+    record = json.loads((tmp_path / 'training_cost.json').read_text())
+    assert record['meta']['command'] == 'python benchmarks/step_cost.py --threads 1' and record['meta']['question'] == \
+        'methods' and record['meta']['settings']['repeats'] == 4
+    kd = {r[0]: r for r in _table(page, '| method | step ms')}['Hinton KD']
+    assert kd[1:4] == ['1010', '5', '1.00x']  # the second method: 1010 ms, itself over KD
+    step_cost.main(['--report-only'])
+    assert (tmp_path / 'training_cost.md').read_text() == page
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--question', 'ratios', '--methods', 'Hinton KD'], r'at least two methods \(got 1\)'),
     (['--question', 'ratios', '--repeats', '3'], r'four rounds \(--repeats, got 3\)'),
