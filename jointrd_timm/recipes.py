@@ -13,7 +13,9 @@ runs, and the CPU budgets of the benchmarks): epochs, batch, learning rate and i
 reference eta schedule and feature-loss weight of that setting.
 
 Which recipe is the default, and the per-architecture choices, were measured: the pages under
-benchmarks/results/ (``recipe_ablation*.md``) hold the numbers, each recipe's ``record`` names its page.
+benchmarks/results/ (``recipe_ablation*.md``) hold the numbers, each recipe's ``record`` names its page. The
+per-architecture recipes are named for what they change from the default (``joint-teacher-first``,
+``unnormalised-loss``); :func:`get_recipe` also reads the ids they had before (``RECIPE_ALIASES``).
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -22,26 +24,34 @@ from typing import Dict, Mapping, Optional, Sequence
 
 from .methods.jointrd import JointRDConfig
 
-__all__ = ['Recipe', 'Schedule', 'RECIPES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe', 'recipe_for',
-           'ARCH_RECIPES', 'REFERENCE_JOINTRD']
+__all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe',
+           'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS']
 
 # The JointRD reference's CIFAR settings (jointrd-method.md): eta from 1 to 0.5 over the first 60 of 200 epochs,
 # no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
 REFERENCE_JOINTRD = MappingProxyType(dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))
+SGD_MOMENTUM = 0.9  # every schedule's, with Nesterov
 _IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'dirac', 'keep_projection_shortcuts')
+_LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
+# the fade's window, power and mode as JointRDConfig and fading_model default them (stated only when they differ)
+_FADE_DEFAULTS = dict(shortcut_fade_window=1.0, shortcut_fade_power=1.0, shortcut_fade_mode='scale')
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Training hyperparameters of a setting: SGD with Nesterov momentum 0.9.
+    """Training hyperparameters of a setting: SGD with Nesterov momentum (``SGD_MOMENTUM``).
 
     Args:
         epochs, batch_size, lr, weight_decay: as usual (batch_size is the global batch).
         decay: 'cosine' (over the run), 'multistep' (x ``gamma`` at ``milestones``) or 'step' (every ``step_size``).
         jointrd: the reference JointRD settings of this setting (eta and the feature-loss weight).
+
+    The schedule is written into a run's config in one place each: :meth:`optimizer` and :meth:`scheduler` (the
+    torchdistill sections of the trained model), :meth:`side_optimizer` (a method's own SGD, e.g. a joint teacher's
+    or a discriminator's, in the form of ``TeacherOptimizerConfig`` / ``DiscriminatorConfig``).
     """
     name: str
     epochs: int
@@ -61,14 +71,41 @@ class Schedule:
     def replace(self, **fields) -> 'Schedule':
         return dataclasses.replace(self, **fields)
 
+    def for_run(self, epochs: Optional[int] = None, lr: Optional[float] = None) -> 'Schedule':
+        """This schedule for a run of ``epochs`` at ``lr`` (None: its own). Its step decay belongs to its own length:
+        a run of another length decays by cosine over its epochs."""
+        schedule = self if lr is None else self.replace(lr=lr)
+        if epochs is None or epochs == self.epochs:
+            return schedule
+        return schedule.replace(epochs=epochs, decay='cosine', milestones=(), step_size=None)
+
+    def decay_epochs(self) -> list:
+        """The epochs at which a 'multistep' or 'step' decay multiplies the learning rate by ``gamma``."""
+        if self.decay == 'step':
+            return list(range(self.step_size, self.epochs, self.step_size))
+        return list(self.milestones) if self.decay == 'multistep' else []
+
+    def optimizer(self) -> Dict:
+        """The torchdistill optimizer section of the trained model."""
+        return dict(key='SGD', kwargs=dict(lr=self.lr, momentum=SGD_MOMENTUM, nesterov=True,
+                                           weight_decay=self.weight_decay))
+
     def scheduler(self, epochs: Optional[int] = None) -> Dict:
-        """The torchdistill scheduler config for ``epochs`` (default: the schedule's own)."""
-        epochs = epochs or self.epochs
+        """The torchdistill scheduler section (of :meth:`for_run` ``(epochs)`` when ``epochs`` is given)."""
+        if epochs is not None:
+            return self.for_run(epochs).scheduler()
         if self.decay == 'cosine':
-            return dict(key='CosineAnnealingLR', kwargs=dict(T_max=epochs))
+            return dict(key='CosineAnnealingLR', kwargs=dict(T_max=self.epochs))
         if self.decay == 'step':
             return dict(key='StepLR', kwargs=dict(step_size=self.step_size, gamma=self.gamma))
         return dict(key='MultiStepLR', kwargs=dict(milestones=list(self.milestones), gamma=self.gamma))
+
+    def side_optimizer(self, **sgd) -> Dict:
+        """A method's own SGD (``sgd``: lr, momentum, ... as stated) decaying as this schedule does: cosine over its
+        epochs, or x ``gamma`` at :meth:`decay_epochs`."""
+        if self.decay == 'cosine':
+            return dict(sgd, cosine_epochs=self.epochs)
+        return dict(sgd, milestones=self.decay_epochs(), gamma=self.gamma)
 
 
 SCHEDULES = {s.name: s for s in (
@@ -86,14 +123,9 @@ SCHEDULES = {s.name: s for s in (
 
 def teacher_sgd(schedule: Schedule) -> Dict:
     """A 'teacher_first' joint teacher's own SGD (``JointRDConfig.teacher_optimizer``) when it trains as the twin
-    does: the schedule's learning rate and weight decay, Nesterov momentum 0.9, and its decay (cosine over the
-    schedule's epochs, or x ``gamma`` at its milestones; a 'step' decay as the milestones it steps at)."""
-    sgd = dict(lr=schedule.lr, momentum=0.9, nesterov=True, weight_decay=schedule.weight_decay)
-    if schedule.decay == 'cosine':
-        return dict(sgd, cosine_epochs=schedule.epochs)
-    milestones = list(schedule.milestones) if schedule.decay == 'multistep' else \
-        list(range(schedule.step_size, schedule.epochs, schedule.step_size))
-    return dict(sgd, milestones=milestones, gamma=schedule.gamma)
+    does: the schedule's learning rate, momentum, weight decay and decay (:meth:`Schedule.side_optimizer`)."""
+    return schedule.side_optimizer(lr=schedule.lr, momentum=SGD_MOMENTUM, nesterov=True,
+                                   weight_decay=schedule.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -139,32 +171,32 @@ class Recipe:
         return self.name + ''.join(f',{k}={v}' for k, v in self.changed)
 
     def replace(self, **fields) -> 'Recipe':
-        """This recipe with recipe fields or JointRDConfig fields changed (``id`` records them)."""
-        recipe_fields = {k: v for k, v in fields.items() if k in _RECIPE_FIELDS or k in ('description', 'record')}
+        """This recipe with recipe fields or JointRDConfig fields changed (``id`` records them). A new ``name``
+        starts a named recipe: its ``id`` is that name, the changes so far forgotten."""
+        recipe_fields = {k: v for k, v in fields.items() if k in _RECIPE_FIELDS or k in _LABELS}
         jointrd = {k: v for k, v in fields.items() if k not in recipe_fields}
         unknown = sorted(set(jointrd) - {f.name for f in dataclasses.fields(JointRDConfig)})
         if unknown:
             raise ValueError(f'Unknown recipe field(s) {unknown}; recipe fields: {list(_RECIPE_FIELDS)}, plus any '
                              'JointRDConfig field.')
-        changed = dict(self.changed)
-        changed.update((k, v) for k, v in fields.items() if k not in ('description', 'record'))
+        changed = {} if 'name' in fields else dict(self.changed)
+        changed.update((k, v) for k, v in fields.items() if k not in _LABELS)
         return dataclasses.replace(self, **recipe_fields, jointrd={**self.jointrd, **jointrd},
                                    changed=tuple(sorted(changed.items())))
 
     # -- what the recipe produces ---------------------------------------------------------------------------------
+    def fade_fields(self) -> Dict:
+        """The fade of the twin (``shortcut_fade`` and, where they differ from the defaults of JointRDConfig and
+        fading_model, its window, power and mode); empty for a recipe without a fade."""
+        if self.shortcut_fade is None:
+            return {}
+        fields = dict(shortcut_fade=self.shortcut_fade, shortcut_fade_window=self.shortcut_fade_window,
+                      shortcut_fade_power=self.shortcut_fade_power, shortcut_fade_mode=self.shortcut_fade_mode)
+        return {k: v for k, v in fields.items() if k == 'shortcut_fade' or v != _FADE_DEFAULTS[k]}
+
     def jointrd_fields(self, reference: Mapping = REFERENCE_JOINTRD) -> Dict:
         """The JointRDConfig fields of a run on a schedule whose reference settings are ``reference``."""
-        fields = {**reference, **self.jointrd}
-        if self.shortcut_fade is not None:
-            fields['shortcut_fade'] = self.shortcut_fade
-            # stated only when they differ from JointRDConfig's (1: every block together, the cosine itself)
-            if self.shortcut_fade_window != 1.0:
-                fields['shortcut_fade_window'] = self.shortcut_fade_window
-            if self.shortcut_fade_power != 1.0:
-                fields['shortcut_fade_power'] = self.shortcut_fade_power
-            if self.shortcut_fade_mode != 'scale':
-                fields['shortcut_fade_mode'] = self.shortcut_fade_mode
-        return fields
+        return {**reference, **self.jointrd, **self.fade_fields()}
 
     def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD) -> JointRDConfig:
         return JointRDConfig.from_dict(self.jointrd_fields(reference))
@@ -177,14 +209,13 @@ class Recipe:
             fields['teacher_optimizer'] = teacher_sgd(schedule)
         return fields
 
-    def twin_kwargs(self) -> Dict:
-        """``timm.create_model('plain_<arch>', **kwargs)`` for the JointRD run's twin (only what is not default)."""
-        kwargs = {}
-        if self.dirac:
-            kwargs['dirac'] = True
+    def twin_kwargs(self, fading: bool = True) -> Dict:
+        """``timm.create_model('plain_<arch>', **kwargs)`` for the recipe's twin (only what is not default);
+        ``fading``: say whether its shortcuts fade (a ``jointrd_model`` student; a ``fading_model`` adds it)."""
+        kwargs = dict(dirac=True) if self.dirac else {}
         if self.keep_projection_shortcuts:
             kwargs['keep_projection_shortcuts'] = True
-        if self.shortcut_fade is not None:
+        if fading and self.shortcut_fade is not None:
             kwargs['shortcut_fade'] = True
         return kwargs
 
@@ -194,7 +225,7 @@ class Recipe:
         models (num_classes, in_chans); ``teacher_model``: the teacher's timm name when it is not ``arch`` (e.g.
         ``hf-hub:org/name``). ``schedule`` (default ``SCHEDULES['cifar']``) gives the reference JointRD settings
         and, for a 'teacher_first' joint teacher without its own SGD, the twin's (pass the run's schedule, e.g.
-        ``schedule.replace(epochs=n)``)."""
+        ``schedule.for_run(epochs)``)."""
         teacher = dict(model_name=teacher_model or arch, **common)
         if teacher_checkpoint:
             teacher['checkpoint'] = str(teacher_checkpoint)
@@ -206,23 +237,13 @@ class Recipe:
 
     def twin_alone_model(self, arch: str, teacher_checkpoint: Optional[str], **common) -> Dict:
         """torchdistill model config of the twin trained alone (cross-entropy) with the same ingredients."""
-        student = dict(model_name=f'plain_{arch}', **common)
-        if self.dirac:
-            student['dirac'] = True
-        if self.keep_projection_shortcuts:
-            student['keep_projection_shortcuts'] = True
+        student = dict(model_name=f'plain_{arch}', **common, **self.twin_kwargs(fading=False))
         if self.shortcut_fade is None:
             if self.init_from_teacher:
                 raise ValueError(f'Recipe {self.id!r}: the twin alone starts from the teacher only through the fade '
                                  '(fading_model); give shortcut_fade.')
             return dict(key='timm_model', kwargs=student)
-        kwargs = dict(student=student, shortcut_fade=self.shortcut_fade)
-        if self.shortcut_fade_window != 1.0:
-            kwargs['shortcut_fade_window'] = self.shortcut_fade_window
-        if self.shortcut_fade_power != 1.0:
-            kwargs['shortcut_fade_power'] = self.shortcut_fade_power
-        if self.shortcut_fade_mode != 'scale':
-            kwargs['shortcut_fade_mode'] = self.shortcut_fade_mode
+        kwargs = dict(student=student, **self.fade_fields())
         if self.init_from_teacher and teacher_checkpoint:
             kwargs['teacher_checkpoint'] = str(teacher_checkpoint)
         return dict(key='fading_model', kwargs=kwargs)
@@ -235,33 +256,39 @@ class Recipe:
 DEFAULT_RECIPE = Recipe(
     'default', 'started from the teacher, shortcuts faded out over the first 80 % of the run, JointRD with the '
     'reference eta')
-# per-architecture choices, each measured on its pair (the record names the page). Depth 110: the joint teacher as
+# Per-architecture choices, each measured on its pair (the record names the page), named for what they change:
+# name: (the changes to the default, description, record). Depth 110 ('joint-teacher-first'): the joint teacher as
 # the reference's JOINT branch runs it (its own SGD step first, the hybrid paths through the updated teacher on its
-# running BN statistics, the margin refreshed every epoch), measured against the simultaneous joint teacher (kept
-# below) matched by seed, on the same page
-_RESNET110 = DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
-                                    hybrid_teacher_bn='running', margin_refresh='epoch').replace(
-    description='the default with the hybrid paths at full weight all run and the teacher trained along as the '
-                "reference's JOINT branch trains it (teacher step first, running BN statistics in the hybrid "
-                'paths, margin per epoch)',
-    record='benchmarks/results/recipe_ablation_resnet110.md')
-_RESNET18 = DEFAULT_RECIPE.replace(loss_normalization='none').replace(
-    description="the default with the twin's own loss not divided by the number of stages",
-    record='benchmarks/results/recipe_ablation_resnet18.md')
-RECIPES = {r.id: r for r in (
+# running BN statistics, the margin refreshed every epoch), measured against the simultaneous joint teacher
+# ('joint-teacher') matched by seed, on the same page.
+_DEFAULT_WITH = {
+    'joint-teacher': (
+        dict(eta_min=1.0, teacher_mode='joint'),
+        'the default with the hybrid paths at full weight all run and the teacher trained along',
+        'benchmarks/results/recipe_ablation_resnet110.md'),
+    'joint-teacher-first': (
+        dict(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first', hybrid_teacher_bn='running',
+             margin_refresh='epoch'),
+        "the default with the hybrid paths at full weight all run and the teacher trained along as the reference's "
+        'JOINT branch trains it (teacher step first, running BN statistics in the hybrid paths, margin per epoch)',
+        'benchmarks/results/recipe_ablation_resnet110.md'),
+    'unnormalised-loss': (
+        dict(loss_normalization='none'), "the default with the twin's own loss not divided by the number of stages",
+        'benchmarks/results/recipe_ablation_resnet18.md'),
+}
+RECIPES = {r.name: r for r in (
     DEFAULT_RECIPE,
     Recipe('reference', 'plain convs from scratch (the JointRD reference recipe)', init_from_teacher=False,
            shortcut_fade=None),
     Recipe('dirac', 'Dirac-parametrised convs from scratch (folded before evaluation)', init_from_teacher=False,
            shortcut_fade=None, dirac=True),
-    DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint').replace(
-        description='the default with the hybrid paths at full weight all run and the teacher trained along',
-        record='benchmarks/results/recipe_ablation_resnet110.md'),
-    _RESNET110,
-    _RESNET18,
+    *(DEFAULT_RECIPE.replace(**changes).replace(name=name, description=description, record=record)
+      for name, (changes, description, record) in _DEFAULT_WITH.items()),
 )}
-# recipes are registered under their id: a per-architecture one is 'default,<field>=<value>,...'
-ARCH_RECIPES = {'resnet110_cifar': _RESNET110.id, 'resnet18_cifar': _RESNET18.id}
+# the ids the named recipes had before they were named (`default,<field>=<value>,...`): records and cards name them
+RECIPE_ALIASES = MappingProxyType({DEFAULT_RECIPE.replace(**changes).id: name
+                                   for name, (changes, _, _) in _DEFAULT_WITH.items()})
+ARCH_RECIPES = {'resnet110_cifar': 'joint-teacher-first', 'resnet18_cifar': 'unnormalised-loss'}
 
 
 # a twin whose shortcuts fade in fewer optimizer steps than this keeps little of its teacher's accuracy (the
@@ -284,13 +311,13 @@ def short_run_warning(recipe: Recipe, epochs: int, steps_per_epoch: int) -> Opti
 
 
 def get_recipe(name: str) -> Recipe:
-    """The recipe called ``name`` (a key of ``RECIPES``)."""
+    """The recipe called ``name``: a key of ``RECIPES``, or the former id of a named recipe (``RECIPE_ALIASES``)."""
     try:
-        return RECIPES[name]
+        return RECIPES[RECIPE_ALIASES.get(name, name)]
     except KeyError:
         raise ValueError(f'Unknown recipe {name!r}; recipes: {sorted(RECIPES)}.') from None
 
 
 def recipe_for(arch: str) -> Recipe:
     """The recommended recipe for the teacher architecture ``arch`` (the default unless one was measured better)."""
-    return RECIPES[ARCH_RECIPES[arch]] if arch in ARCH_RECIPES else DEFAULT_RECIPE
+    return RECIPES[ARCH_RECIPES.get(arch, DEFAULT_RECIPE.name)]

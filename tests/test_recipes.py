@@ -69,3 +69,45 @@ def test_short_run_warning_names_the_steps_and_the_epochs_that_would_do():
     assert f'--epochs {-(-MIN_FADE_STEPS // 23)}' in warning
     assert short_run_warning(DEFAULT_RECIPE, epochs=MIN_FADE_STEPS, steps_per_epoch=1) is None
     assert short_run_warning(get_recipe('reference'), epochs=1, steps_per_epoch=1) is None  # nothing fades
+
+
+def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve():
+    from jointrd_timm.recipes import ARCH_RECIPES, RECIPE_ALIASES, RECIPES
+    assert {'joint-teacher', 'joint-teacher-first', 'unnormalised-loss'} <= set(RECIPES)
+    deep = recipe_for('resnet110_cifar')
+    assert deep is RECIPES['joint-teacher-first'] and deep.id == 'joint-teacher-first'
+    assert recipe_for('resnet18_cifar').jointrd_config().loss_normalization == 'none'
+    assert set(ARCH_RECIPES.values()) <= set(RECIPES)
+    # the ids records and cards name: the default plus its changes
+    old = 'default,eta_min=1.0,hybrid_teacher_bn=running,joint_step_order=teacher_first,margin_refresh=epoch,' \
+          'teacher_mode=joint'
+    assert RECIPE_ALIASES[old] == 'joint-teacher-first' and get_recipe(old) is deep
+    assert get_recipe('default,loss_normalization=none') is RECIPES['unnormalised-loss']
+    # a named recipe trains exactly as the default with those changes did
+    changed = DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
+                                     hybrid_teacher_bn='running', margin_refresh='epoch')
+    assert changed.id == old
+    assert deep.jointrd_model('resnet110_cifar', 'ck', SCHEDULES['cifar']) == \
+        changed.jointrd_model('resnet110_cifar', 'ck', SCHEDULES['cifar'])
+    # rows derived from a named recipe are named after it
+    assert deep.replace(eta_min=0.5).id == 'joint-teacher-first,eta_min=0.5'
+    assert deep.replace(description='x').id == 'joint-teacher-first'
+    with pytest.raises(ValueError, match=r"Unknown recipe 'joint'; recipes: \['default', 'dirac', 'joint-teacher'"):
+        get_recipe('joint')
+
+
+def test_schedule_writes_each_optimizer_and_scheduler_section_in_one_place():
+    cifar, imagenet, budget = SCHEDULES['cifar'], SCHEDULES['imagenet'], SCHEDULES['cpu-budget']
+    assert cifar.optimizer() == dict(key='SGD', kwargs=dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    assert cifar.scheduler() == dict(key='MultiStepLR', kwargs=dict(milestones=[100, 150], gamma=0.1))
+    assert imagenet.scheduler() == dict(key='StepLR', kwargs=dict(step_size=30, gamma=0.1))
+    assert budget.scheduler() == dict(key='CosineAnnealingLR', kwargs=dict(T_max=5))
+    # a run of another length than the setting's decays by cosine over its own epochs, at its own lr
+    assert cifar.for_run(200) is cifar and cifar.for_run(None, 0.05).lr == 0.05
+    short = cifar.for_run(30, 0.05)
+    assert (short.epochs, short.lr, short.decay, short.batch_size) == (30, 0.05, 'cosine', 128)
+    assert short.scheduler() == cifar.scheduler(30) == dict(key='CosineAnnealingLR', kwargs=dict(T_max=30))
+    # a method's own SGD (a joint teacher's, a discriminator's) decays as the run does
+    assert cifar.side_optimizer(lr=1e-3) == dict(lr=1e-3, milestones=[100, 150], gamma=0.1)
+    assert imagenet.side_optimizer(lr=1e-3) == dict(lr=1e-3, milestones=[30, 60, 90], gamma=0.1)
+    assert short.side_optimizer(lr=1e-3) == dict(lr=1e-3, cosine_epochs=30)

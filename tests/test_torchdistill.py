@@ -1,7 +1,6 @@
 """torchdistill integration: every YAML in yamls/ builds and trains 2 steps through torchdistill's public API
 (the calls its examples/torchvision/image_classification.py makes), on tiny data; the accelerate shim."""
 import inspect
-import re
 from pathlib import Path
 
 import pytest
@@ -36,30 +35,39 @@ def _shared_folder(tmp_path_factory, classes: int, size: int) -> Path:
 
 
 def _tiny_version(yaml_path: Path, tmp_path: Path, tmp_path_factory) -> Path:
-    """The YAML with its data root pointed at a tiny image folder, teacher checkpoints at freshly saved teachers,
-    and loaders made small. Nothing else changes."""
+    """The YAML with its datasets pointed at a tiny image folder (as a user points them at a local copy: the source
+    of each datasets entry), teacher checkpoints at freshly saved teachers, and loaders made small. Nothing else
+    changes."""
     from jointrd_timm.training.checkpoint import atomic_write
+    from jointrd_timm.training.configs import read_yaml, to_yaml
     from safetensors.torch import save_file
-    text = yaml_path.read_text()
+    config = read_yaml(yaml_path.read_text())
     imagenet = 'imagenet' in yaml_path.parts
     classes = 1000 if imagenet else 100 if 'cifar100' in yaml_path.parts else 10
     data = _shared_folder(tmp_path_factory, classes, 64 if imagenet else 36)
-    text = re.sub(r"_root: &root_dir '[^']*'", f"_root: &root_dir '{data}'", text)
-    text = text.replace("split: 'test'", "split: 'train'").replace("split: 'validation'", "split: 'train'")
-    text = re.sub(r"(image_column): '\w+'", r"\1: 'image'", text)
-    text = re.sub(r"(label_column): '\w+'", r"\1: 'label'", text)
-    for match in set(re.findall(r"checkpoint: '([^']*)'", text)):
-        model_name = re.search(r"model_name: '([^']*)',?\s*\n?\s*num_classes: (\d+)\s*\n\s*checkpoint: '" + re.escape(match), text)
-        if model_name is None:  # a fading_model's teacher_checkpoint: the teacher of its plain_<arch> student
-            model_name = re.search(r"model_name: 'plain_([^']*)'\s*\n\s*num_classes: (\d+)", text)
-        teacher = timm.create_model(model_name.group(1), num_classes=int(model_name.group(2)))
-        target = tmp_path / 'teacher.safetensors'
-        atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp)))
-        text = text.replace(f"checkpoint: '{match}'", f"checkpoint: '{target}'")
-    text = re.sub(r'batch_size: \d+', 'batch_size: 2', text)
-    text = re.sub(r'num_workers: \d+', 'num_workers: 0', text)
+    for entry in config['datasets'].values():
+        entry.value['init']['kwargs'].update(source=str(data), split='train', image_column='image',
+                                             label_column='label')
+
+    def saved_teacher(model_name: str, num_classes: int) -> str:
+        teacher = timm.create_model(model_name, num_classes=num_classes)
+        target = tmp_path / f'{model_name}.safetensors'
+        atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
+                                                   str(tmp)))
+        return str(target)
+
+    kwargs = config['models'].get('model', {}).get('kwargs', {})
+    for model in [m['kwargs'] for m in config['models'].values()] + [kwargs.get('teacher') or {}]:
+        if 'checkpoint' in model:
+            model['checkpoint'] = saved_teacher(model['model_name'], model['num_classes'])
+    if 'teacher_checkpoint' in kwargs:  # a fading_model: the teacher of its plain_<arch> student
+        student = kwargs['student']
+        kwargs['teacher_checkpoint'] = saved_teacher(student['model_name'][len('plain_'):], student['num_classes'])
+    for loader in (config['train']['train_data_loader'], config['train']['val_data_loader'],
+                   config['test']['test_data_loader']):
+        loader['kwargs'].update(batch_size=2, num_workers=0)
     out = tmp_path / yaml_path.name
-    out.write_text(text)
+    out.write_text(to_yaml(config))
     return out
 
 
@@ -185,6 +193,19 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
             ('teacher_first', 'running', 'epoch')
         assert deep.teacher_optimizer['milestones'] == list(SCHEDULES['cifar'].milestones)
         assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == DEFAULT_RECIPE.jointrd_config()
+
+
+def test_yamls_name_their_data_as_users_get_it():
+    """The committed YAMLs read CIFAR from the Hub (``uoft-cs/cifar10``, ``uoft-cs/cifar100``), never a path outside
+    the repository; a local copy is the same layout (tests point the source at their own folder above)."""
+    from jointrd_timm.training.configs import read_yaml
+    sources = {}
+    for path in YAMLS:
+        assert '../' not in path.read_text(), path
+        for entry in read_yaml(path.read_text())['datasets'].values():
+            sources.setdefault(path.parent.name, set()).add(entry.value['init']['kwargs']['source'])
+    assert sources == {'cifar10': {'uoft-cs/cifar10'}, 'cifar100': {'uoft-cs/cifar100'},
+                       'imagenet': {'~/datasets/ilsvrc2012'}}
 
 
 def test_method_loss_returns_the_modules_loss_and_jointrd_loss_is_its_deprecated_alias():

@@ -1,61 +1,39 @@
-"""Writes the run configs of yamls/ (torchdistill format) from one template, so every setting shares its recipe.
+"""Writes the run configs of yamls/ (torchdistill format): each is a config built by
+``jointrd_timm.training.configs.build_config`` and dumped, so every setting shares its recipe and schedule.
 
-    python yamls/generate.py
+    python yamls/generate.py            # rewrite yamls/
+    python yamls/generate.py --check    # exit 1 when a committed YAML differs from what would be written
+    python yamls/generate.py --out DIR  # write them under DIR instead
 
 Methods: ``ce`` (residual teacher, cross-entropy), ``plain`` (the twin alone, same recipe and ingredients),
-``jointrd`` (the twin with JointRD from the ``ce`` run's teacher). Everything about training comes from
-:mod:`jointrd_timm.recipes`: the schedule of the dataset (``SCHEDULES``: the JointRD reference's hyperparameters
-and eta) and the recommended recipe of the architecture (``recipe_for``: the default, or the per-architecture choice
-that was measured better). This file only knows where the data is (``DATASETS``) and how a YAML is laid out.
+``jointrd`` (the twin with JointRD from the ``ce`` run's teacher), and the distillation zoo on one pair. Everything
+about training comes from :mod:`jointrd_timm.recipes`: the schedule of the dataset (``SCHEDULES``: the JointRD
+reference's hyperparameters and eta) and the recommended recipe of the architecture (``recipe_for``). This file
+only knows the datasets (``DATASETS``: Hub ids, as users get them), the zoo's method settings, and the comments.
 """
+import argparse
+import dataclasses
+import sys
 from pathlib import Path
 
+import torch.utils.data as tud
+
+from jointrd_timm.methods import JointRDConfig
 from jointrd_timm.recipes import SCHEDULES, recipe_for
+from jointrd_timm.training.configs import build_config, dataset_entry, to_yaml
 
 HERE = Path(__file__).parent
 
-# where each dataset is and how it is read; ``schedule`` names its training hyperparameters in jointrd_timm.recipes
+# each dataset as users get it (a Hub id, or where ImageNet usually lies) and how it is read; ``schedule`` names its
+# training hyperparameters in jointrd_timm.recipes
 DATASETS = {
-    'cifar10': dict(root='../shared/datasets/cifar10', image_column='img', label_column='label', num_classes=10,
+    'cifar10': dict(source='uoft-cs/cifar10', image_column='img', label_column='label', num_classes=10,
                     test_split='test', transform='cifar', input_size=32, workers=2, schedule='cifar'),
-    'cifar100': dict(root='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
+    'cifar100': dict(source='uoft-cs/cifar100', image_column='img', label_column='fine_label', num_classes=100,
                      test_split='test', transform='cifar', input_size=32, workers=2, schedule='cifar'),
-    'imagenet': dict(root='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
+    'imagenet': dict(source='~/datasets/ilsvrc2012', image_column='image', label_column='label', num_classes=1000,
                      test_split='validation', transform='imagenet', input_size=224, workers=8, schedule='imagenet'),
 }
-
-
-def settings(dataset: str, arch: str = '') -> dict:
-    """Everything a YAML of ``dataset`` states: the data, the schedule, and ``arch``'s recipe (the default when
-    ``arch`` is not given)."""
-    data = DATASETS[dataset]
-    schedule = SCHEDULES[data['schedule']]
-    twin = recipe_for(arch)
-    # the recipe's JointRD fields on this schedule (a 'teacher_first' joint teacher gets its own SGD from it)
-    jointrd = twin.run_fields(schedule)
-    return dict(data, epochs=schedule.epochs, batch=schedule.batch_size, lr=schedule.lr,
-                milestones=list(schedule.milestones), step_size=schedule.step_size if schedule.decay == 'step' else None,
-                weight_decay=schedule.weight_decay, eta_min=jointrd['eta_min'],
-                eta_horizon_fraction=jointrd['eta_horizon_fraction'],
-                feature_loss_weight=jointrd['feature_loss_weight'], dirac=twin.dirac,
-                kd_weight=jointrd.get('kd_weight', 0.0), init_from_teacher=twin.init_from_teacher,
-                shortcut_fade=twin.shortcut_fade, loss_normalization=jointrd.get('loss_normalization', 'stages'),
-                teacher_mode=jointrd.get('teacher_mode', 'frozen'), recipe=twin,
-                joint={k: jointrd[k] for k in JOINT_FIELDS if k in jointrd})
-
-
-# the joint teacher's fields a recipe may set (stated in the YAML only when it does)
-JOINT_FIELDS = ('joint_step_order', 'hybrid_teacher_bn', 'margin_refresh', 'teacher_optimizer')
-
-
-def _yaml_value(v) -> str:
-    if isinstance(v, str):
-        return f"'{v}'"
-    if isinstance(v, dict):
-        return '{' + ', '.join(f'{k}: {_yaml_value(x)}' for k, x in v.items()) + '}'
-    return str(v)
-
-
 ARCHS = {'cifar10': ['resnet18_cifar', 'resnet34_cifar', 'resnet50_cifar', 'resnet56_cifar', 'resnet110_cifar'],
          'imagenet': ['resnet18', 'resnet34', 'resnet50']}
 ARCHS['cifar100'] = ARCHS['cifar10']
@@ -64,6 +42,7 @@ ZOO = {'cifar10': [('resnet56_cifar', 'plain_resnet56_cifar', 'resnet56')],
        'cifar100': [('resnet56_cifar', 'plain_resnet56_cifar', 'resnet56')]}
 XU2017 = {'cifar10': ('wide_resnet40_10_cifar', 'wide_resnet10_4_cifar'),
           'cifar100': ('wide_resnet40_10_cifar', 'wide_resnet10_4_cifar')}
+XU2017_WEIGHT_DECAY = 1e-4
 ZOO_DESCRIPTION = {
     'kd': 'Hinton KD (torchdistill KDLoss, T 4, alpha 0.9) from {teacher} into {student}',
     'fitnets': 'FitNets-style hint (MSE on layer2 outputs, weight 1) + CE from {teacher} into {student}',
@@ -81,326 +60,169 @@ DESCRIPTION = {
     'jointrd': 'plain_{arch} trained with JointRD from its residual teacher {arch} (Li et al., NeurIPS 2020), '
                'recipe `{recipe}`: {description}',
 }
+# the zoo's method settings (the module kwargs besides teacher and student); a discriminator gets its own SGD
+# (lr 1e-3, momentum 0.9, no weight decay) decaying as the run does
+ZOO_MODELS = {
+    'cakd': ('cakd_model', dict(discriminator_depth=3, dropout=0.3, non_saturating=False)),
+    'aps': ('aps_model', dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256,
+                              label_head=False)),
+    'jointrd-adv': ('jointrd_model', {}),
+    'stepwise': ('stepwise_model', dict(interval=3, order='input_first', first_removal=None, mse_weight=0.35,
+                                        ce_weight=0.65)),
+}
+DISCRIMINATOR_SGD = dict(lr=0.001, momentum=0.9, weight_decay=0.0)
+# JointRD fields the YAMLs state even at their defaults, so that a reader sees them; and the twin's dirac flag
+STATED_JOINTRD = ('eta_per_step', 'feature_loss', 'teacher_mode', 'hybrid_paths', 'kd_weight', 'loss_normalization',
+                  'shortcut_fade')
+# the samplers by torch's public names, as torchdistill's own configs write them
+CLASS_NAMES = {tud.RandomSampler: 'torch.utils.data.RandomSampler',
+               tud.SequentialSampler: 'torch.utils.data.SequentialSampler'}
+
+
+def dataset_schedule(dataset: str):
+    """The training hyperparameters of ``dataset``'s setting (``recipes.SCHEDULES``)."""
+    return SCHEDULES[DATASETS[dataset]['schedule']]
 
 
 def _short(arch: str) -> str:
     return arch.replace('_cifar', '')
 
 
-CE_CRITERION = """        ce:
-          criterion:
-            key: 'CrossEntropyLoss'
-            kwargs:
-              reduction: 'mean'
-          criterion_wrapper:
-            key: 'SimpleLossWrapper'
-            kwargs:
-              input: {is_from_teacher: False, module_path: '.', io: 'output'}
-              target: {uses_label: True}
-          weight: 1.0"""
+def _stated(model: dict) -> dict:
+    """A recipe's model config with the defaults a YAML states: the twin's ``dirac``, the JointRD fields of
+    ``STATED_JOINTRD`` and ``init_student_from_teacher``."""
+    kwargs = dict(model['kwargs'])
+    if 'student' in kwargs:  # jointrd_model, fading_model
+        kwargs['student'] = dict(kwargs['student'], dirac=kwargs['student'].get('dirac', False))
+    else:  # the twin alone without a fade: a timm_model
+        kwargs.setdefault('dirac', False)
+    if 'jointrd' in kwargs:
+        defaults = {f.name: f.default for f in dataclasses.fields(JointRDConfig) if f.name in STATED_JOINTRD}
+        kwargs['jointrd'] = {**kwargs['jointrd'], **{k: v for k, v in defaults.items() if k not in kwargs['jointrd']}}
+        kwargs.setdefault('init_student_from_teacher', False)
+    return dict(model, kwargs=kwargs)
 
 
-def _student_block(arch: str, r: dict, fade_flag: bool) -> str:
-    """The twin's ``student:`` kwargs (jointrd_model and fading_model); ``fade_flag``: say whether it fades."""
-    block = f"""      student:
-        model_name: 'plain_{arch}'
-        num_classes: {r['num_classes']}
-        dirac: {r['dirac']}"""
-    return block + (f"\n        shortcut_fade: {r['shortcut_fade'] is not None}" if fade_flag else '')
+def recipe_model(dataset: str, arch: str, method: str) -> dict:
+    """The model config of a ``ce``, ``plain`` or ``jointrd`` run of ``arch`` with its recommended recipe."""
+    num_classes = DATASETS[dataset]['num_classes']
+    if method == 'ce':
+        return dict(key='timm_model', kwargs=dict(model_name=arch, num_classes=num_classes))
+    recipe, checkpoint = recipe_for(arch), f'runs/{dataset}/ce-{_short(arch)}/model'
+    if method == 'plain':
+        return _stated(recipe.twin_alone_model(arch, checkpoint, num_classes=num_classes))
+    return _stated(recipe.jointrd_model(arch, checkpoint, dataset_schedule(dataset), num_classes=num_classes))
 
 
-def render(dataset: str, arch: str, method: str) -> str:
-    r = settings(dataset, arch)
-    short = _short(arch)
-    out_dir = f'runs/{dataset}/{method}-{short}'
-    teacher_ckpt = f'runs/{dataset}/ce-{short}/model'
-    if method == 'jointrd':
-        model = f"""  model:
-    key: 'jointrd_model'
-    kwargs:
-      teacher:
-        model_name: '{arch}'
-        num_classes: {r['num_classes']}
-        checkpoint: '{teacher_ckpt}'
-{_student_block(arch, r, fade_flag=True)}
-      jointrd:
-        eta_min: {r['eta_min']}
-        eta_horizon_fraction: {r['eta_horizon_fraction']}
-        eta_per_step: True
-        feature_loss_weight: {r['feature_loss_weight']}
-        feature_loss: 'margin'
-        teacher_mode: '{r['teacher_mode']}'{''.join(f'''
-        {k}: {_yaml_value(v)}''' for k, v in r['joint'].items())}
-        hybrid_paths:
-        kd_weight: {r['kd_weight']}
-        loss_normalization: '{r['loss_normalization']}'
-        shortcut_fade: {'' if r['shortcut_fade'] is None else r['shortcut_fade']}
-      init_student_from_teacher: {r['init_from_teacher']}
-    dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
-        proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_target'"
-        criterion = """        jointrd:
-          criterion:
-            key: 'JointRDLoss'
-            kwargs:
-              module_path: '.'
-          weight: 1.0"""
-    elif method == 'plain' and r['shortcut_fade'] is not None:
-        # the twin alone with the default recipe's ingredients: fading shortcuts, started from the same teacher
-        init = f"\n      teacher_checkpoint: '{teacher_ckpt}'" if r['init_from_teacher'] else ''
-        model = f"""  model:
-    key: 'fading_model'
-    kwargs:
-{_student_block(arch, r, fade_flag=False)}
-      shortcut_fade: {r['shortcut_fade']}{init}
-    dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
-        proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_only'"
-        criterion = CE_CRITERION
-    else:
-        name = arch if method == 'ce' else f'plain_{arch}'
-        dirac = f"\n      dirac: {r['dirac']}" if method == 'plain' else ''
-        model = f"""  model:
-    key: 'timm_model'
-    kwargs:
-      model_name: '{name}'
-      num_classes: {r['num_classes']}{dirac}
-    dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"""
-        proc = "  model:\n    forward_proc: 'forward_batch_only'"
-        criterion = CE_CRITERION
-    twin = r['recipe']
-    header = f"# {dataset}: {DESCRIPTION[method].format(arch=arch, recipe=twin.id, description=twin.description)}."
-    if method != 'ce':
-        header += f"\n# The recipe and what it was measured against: {twin.record}"
-    return document(dataset, f'{method}-{short}', header, model, proc, criterion, out_dir, r['weight_decay'])
+def zoo_model(dataset: str, method: str, teacher: str, student: str, checkpoint: str, schedule) -> tuple:
+    """(box method, model config, teacher config) of a zoo run."""
+    num_classes = DATASETS[dataset]['num_classes']
+    teacher_kwargs = dict(model_name=teacher, num_classes=num_classes, checkpoint=checkpoint)
+    student_kwargs = dict(model_name=student, num_classes=num_classes)
+    if method == 'ce':
+        return 'ce', dict(key='timm_model', kwargs=student_kwargs), None
+    if method in ('kd', 'fitnets'):
+        return method, dict(key='timm_model', kwargs=student_kwargs), dict(key='timm_model', kwargs=teacher_kwargs)
+    key, settings = ZOO_MODELS[method]
+    discriminator = schedule.side_optimizer(**DISCRIMINATOR_SGD)
+    if method == 'jointrd-adv':
+        eta = {k: schedule.jointrd[k] for k in ('eta_min', 'eta_horizon_fraction')}  # the setting's reference eta
+        settings = dict(jointrd=dict(eta, adversarial_weight=1.0, adversarial_non_saturating=True,
+                                     discriminator=discriminator))
+    elif method in ('cakd', 'aps'):
+        settings = dict(settings, discriminator=discriminator)
+    return 'method', dict(key=key, kwargs=dict(teacher=teacher_kwargs, student=student_kwargs, **settings)), None
 
 
-def document(dataset, name, header, model, proc, criterion, out_dir, weight_decay):
-    r = settings(dataset)
-    scheduler = (f"    key: 'StepLR'\n    kwargs:\n      step_size: {r['step_size']}\n      gamma: 0.1"
-                 if r['step_size'] else
-                 f"    key: 'MultiStepLR'\n    kwargs:\n      milestones: {r['milestones']}\n      gamma: 0.1")
-    dataset_kwargs = lambda split: f"""        source: *root_dir
-        split: '{split}'
-        transform: '{r['transform']}'
-        input_size: {r['input_size']}
-        image_column: '{r['image_column']}'
-        label_column: '{r['label_column']}'"""  # noqa: E731
+def render(dataset: str, name: str, header: str, method: str, model: dict, schedule, teacher=None) -> str:
+    """One YAML: the comment header, then the config."""
+    data = DATASETS[dataset]
+    splits = dict(train='train', test=data['test_split'])
+    datasets = {role: dataset_entry(source=data['source'], split=split, transform=data['transform'],
+                                    input_size=data['input_size'], image_column=data['image_column'],
+                                    label_column=data['label_column']) for role, split in splits.items()}
+    out_dir = f'runs/{dataset}/{name}'
+    config = build_config(datasets, model, schedule, method, teacher=teacher, output_dir=out_dir,
+                          num_workers=data['workers'], log_freq=100, dataset_name=dataset,
+                          dst_ckpt=f'{out_dir}/torchdistill_ckpt.pt', runner=dict(mixed_precision='no'), terse=True)
     return f"""{header}
 # Generated by yamls/generate.py from jointrd_timm/recipes.py (edit them there). Reference recipe: jointrd-method.md.
 # A YAML is code: torchdistill runs its !import_call tags when it loads. Run only YAMLs you trust.
 # Run: jointrd train --config yamls/{dataset}/{name}.yaml
 #  or, unchanged, torchdistill's examples/torchvision/image_classification.py --config <this> --device cpu
+# Data: {data['source']} (a Hub id or a local folder; edit datasets.*.init.kwargs.source for a local copy).
 # Evaluation is on the test split after every epoch for the record; nothing is selected on it.
-dependencies:
-  - name: 'jointrd_timm'
-
-datasets:
-  &train {dataset}/train: !import_call
-    _root: &root_dir '{r['root']}'
-    key: 'jointrd_timm.training.data.load_image_dataset'
-    init:
-      kwargs:
-{dataset_kwargs('train')}
-  &test {dataset}/test: !import_call
-    key: 'jointrd_timm.training.data.load_image_dataset'
-    init:
-      kwargs:
-{dataset_kwargs(r['test_split'])}
-
-models:
-{model}
-
-train:
-  log_freq: 100
-  num_epochs: {r['epochs']}
-{proc}
-  train_data_loader:
-    dataset_id: *train
-    requires_supp: True
-    sampler:
-      class_or_func: !import_get
-        key: 'torch.utils.data.RandomSampler'
-      kwargs:
-    kwargs:
-      batch_size: {r['batch']}
-      num_workers: {r['workers']}
-      drop_last: False
-  val_data_loader:
-    dataset_id: *test
-    sampler: &val_sampler
-      class_or_func: !import_get
-        key: 'torch.utils.data.SequentialSampler'
-      kwargs:
-    kwargs:
-      batch_size: 256
-      num_workers: {r['workers']}
-      drop_last: False
-  optimizer:
-    key: 'SGD'
-    kwargs:
-      lr: {r['lr']}
-      momentum: 0.9
-      nesterov: True
-      weight_decay: {weight_decay}
-  scheduler:
-{scheduler}
-  criterion:
-    key: 'WeightedSumLoss'
-    kwargs:
-      sub_terms:
-{criterion}
-
-test:
-  test_data_loader:
-    dataset_id: *test
-    sampler: *val_sampler
-    kwargs:
-      batch_size: 256
-      num_workers: {r['workers']}
-      drop_last: False
-
-runner:
-  seed: 0
-  mixed_precision: 'no'
-  output_dir: '{out_dir}'
-"""
+""" + to_yaml(config, class_names=CLASS_NAMES)
 
 
-def _box_sections(method: str, teacher: str, student: str, r: dict, ckpt: str, out_dir: str):
-    """models + train model sections (and criterion) for a zoo method."""
-    nc = r['num_classes']
-    dd = f"    dst_ckpt: '{out_dir}/torchdistill_ckpt.pt'"
-    if method in ('kd', 'fitnets'):
-        models = f"""  teacher_model:
-    key: 'timm_model'
-    kwargs:
-      model_name: '{teacher}'
-      num_classes: {nc}
-      checkpoint: '{ckpt}'
-  student_model:
-    key: 'timm_model'
-    kwargs:
-      model_name: '{student}'
-      num_classes: {nc}
-{dd}"""
-        hooks = "\n    forward_hook:\n      input: []\n      output: ['layer2']" if method == 'fitnets' else ''
-        proc = f"""  teacher:
-    forward_proc: 'forward_batch_only'
-    requires_grad: False{hooks}
-  student:
-    forward_proc: 'forward_batch_only'
-    requires_grad: True{hooks}"""
-        if method == 'kd':
-            criterion = """        kd:
-          criterion:
-            key: 'KDLoss'
-            kwargs:
-              student_module_path: '.'
-              student_module_io: 'output'
-              teacher_module_path: '.'
-              teacher_module_io: 'output'
-              temperature: 4.0
-              alpha: 0.9
-              reduction: 'batchmean'
-          weight: 1.0"""
-        else:
-            criterion = CE_CRITERION + """
-        hint:
-          criterion:
-            key: 'MSELoss'
-            kwargs:
-              reduction: 'mean'
-          criterion_wrapper:
-            key: 'SimpleLossWrapper'
-            kwargs:
-              input: {is_from_teacher: False, module_path: 'layer2', io: 'output'}
-              target: {is_from_teacher: True, module_path: 'layer2', io: 'output'}
-          weight: 1.0"""
-        return models, proc, criterion
-    if method == 'ce':
-        models = f"""  model:
-    key: 'timm_model'
-    kwargs:
-      model_name: '{student}'
-      num_classes: {nc}
-{dd}"""
-        return models, "  model:\n    forward_proc: 'forward_batch_only'", CE_CRITERION
-    key = {'cakd': 'cakd_model', 'aps': 'aps_model', 'jointrd-adv': 'jointrd_model',
-           'stepwise': 'stepwise_model'}[method]
-    extra = {
-        'cakd': "      discriminator_depth: 3\n      dropout: 0.3\n      non_saturating: False",
-        'aps': "      adversarial_weight: 0.1\n      kd_weight: 1.0\n      kd_temperature: 4.0\n      hidden: 256\n"
-               "      label_head: False",
-        'jointrd-adv': f"      jointrd:\n        eta_min: {r['eta_min']}\n        eta_horizon_fraction: {r['eta_horizon_fraction']}\n"
-                       "        adversarial_weight: 1.0\n        adversarial_non_saturating: True\n"
-                       f"        discriminator:\n          lr: 0.001\n          momentum: 0.9\n          weight_decay: 0.0\n"
-                       f"          milestones: {r['milestones']}",
-        'stepwise': "      interval: 3\n      order: 'input_first'\n      first_removal:\n      mse_weight: 0.35\n"
-                    "      ce_weight: 0.65",
-    }[method]
-    disc = '' if method in ('jointrd-adv', 'stepwise') else (
-        f"\n      discriminator:\n        lr: 0.001\n        momentum: 0.9\n        weight_decay: 0.0\n"
-        f"        milestones: {r['milestones']}")
-    models = f"""  model:
-    key: '{key}'
-    kwargs:
-      teacher:
-        model_name: '{teacher}'
-        num_classes: {nc}
-        checkpoint: '{ckpt}'
-      student:
-        model_name: '{student}'
-        num_classes: {nc}
-{extra}{disc}
-{dd}"""
-    proc = "  pre_epoch_process: 'jointrd_pre_epoch_process'\n  model:\n    forward_proc: 'forward_batch_target'"
-    criterion = """        method:
-          criterion:
-            key: 'MethodLoss'
-            kwargs:
-              module_path: '.'
-          weight: 1.0"""
-    return models, proc, criterion
+def recipe_documents(dataset: str, arch: str):
+    """(name, text) of the ce, plain and jointrd runs of ``arch``."""
+    recipe = recipe_for(arch)
+    for method in ('ce', 'plain', 'jointrd'):
+        what = DESCRIPTION[method].format(arch=arch, recipe=recipe.id, description=recipe.description)
+        header = f"# {dataset}: {what}."
+        if method != 'ce':
+            header += f"\n# The recipe and what it was measured against: {recipe.record}"
+        name = f'{method}-{_short(arch)}'
+        box = 'jointrd' if method == 'jointrd' else 'ce'
+        yield name, render(dataset, name, header, box, recipe_model(dataset, arch, method), dataset_schedule(dataset))
 
 
-def render_zoo(dataset: str, method: str, teacher: str, student: str, label: str, teacher_run: str,
-               weight_decay: float, xu: bool = False) -> str:
-    r = settings(dataset)
+def zoo_document(dataset: str, method: str, teacher: str, student: str, label: str, teacher_run: str,
+                 xu: bool = False):
+    """(name, text) of a zoo run (``xu``: Xu et al. 2017's setting)."""
+    schedule = dataset_schedule(dataset).replace(weight_decay=XU2017_WEIGHT_DECAY) if xu else dataset_schedule(dataset)
     name = f'{"xu2017-" if xu else ""}{method}-{label}'
-    out_dir = f'runs/{dataset}/{name}'
-    models, proc, criterion = _box_sections(method, teacher, student, r, f'runs/{dataset}/{teacher_run}/model', out_dir)
+    box, model, teacher_model = zoo_model(dataset, method, teacher, student, f'runs/{dataset}/{teacher_run}/model',
+                                          schedule)
     header = f"# {dataset}: {ZOO_DESCRIPTION[method].format(teacher=teacher, student=student)}."
     if xu:
-        header += "\n# Xu et al. 2017's CIFAR setting: student SGD lr 0.1, momentum 0.9, wd 1e-4; D lr 1e-3 on the same schedule."
-    return document(dataset, name, header, models, proc, criterion, out_dir, weight_decay)
+        header += ("\n# Xu et al. 2017's CIFAR setting: student SGD lr 0.1, momentum 0.9, wd 1e-4; D lr 1e-3 on the "
+                   'same schedule.')
+    return name, render(dataset, name, header, box, model, schedule, teacher_model)
 
 
 def documents():
     """Yields (path relative to yamls/, text) for every run config."""
     for dataset, archs in ARCHS.items():
         for arch in archs:
-            for method in ('ce', 'plain', 'jointrd'):
-                yield f'{dataset}/{method}-{_short(arch)}.yaml', render(dataset, arch, method)
+            for name, text in recipe_documents(dataset, arch):
+                yield f'{dataset}/{name}.yaml', text
     for dataset, pairs in ZOO.items():
         for teacher, student, label in pairs:
             for method in ('kd', 'fitnets', 'cakd', 'aps', 'jointrd-adv', 'stepwise'):
-                yield f'{dataset}/{method}-{label}.yaml', render_zoo(dataset, method, teacher, student, label,
-                                                                    f'ce-{label}', settings(dataset)['weight_decay'])
+                name, text = zoo_document(dataset, method, teacher, student, label, f'ce-{label}')
+                yield f'{dataset}/{name}.yaml', text
     for dataset, (teacher, student) in XU2017.items():
         wrn = {arch: _short(arch).replace('wide_resnet', 'wrn') for arch in (teacher, student)}
         for arch in (teacher, student):
-            yield f'{dataset}/xu2017-ce-{wrn[arch]}.yaml', render_zoo(dataset, 'ce', arch, arch, wrn[arch], '', 1e-4,
-                                                                      xu=True)
+            name, text = zoo_document(dataset, 'ce', arch, arch, wrn[arch], '', xu=True)
+            yield f'{dataset}/{name}.yaml', text
         label = f'{wrn[teacher]}-to-{wrn[student]}'
         for method in ('kd', 'cakd', 'aps'):
-            yield f'{dataset}/xu2017-{method}-{label}.yaml', render_zoo(dataset, method, teacher, student, label,
-                                                                        f'xu2017-ce-{wrn[teacher]}', 1e-4, xu=True)
+            name, text = zoo_document(dataset, method, teacher, student, label, f'xu2017-ce-{wrn[teacher]}', xu=True)
+            yield f'{dataset}/{name}.yaml', text
 
 
-def main(out_dir: Path = HERE):
+def main(out_dir: Path = HERE, check: bool = False) -> int:
+    """Write every YAML under ``out_dir``; with ``check``, write nothing and return 1 when one differs."""
+    stale = []
     for name, text in documents():
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (out_dir / name).write_text(text)
+        path = Path(out_dir) / name
+        if check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(name)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    if stale:
+        print(f'{len(stale)} YAML(s) differ from what yamls/generate.py writes: {", ".join(stale)}')
+    return 1 if stale else 0
 
 
 if __name__ == '__main__':
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', type=Path, default=HERE, help='folder to write into (default: yamls/)')
+    parser.add_argument('--check', action='store_true', help='compare with the YAMLs there instead of writing')
+    args = parser.parse_args()
+    sys.exit(main(args.out, args.check))

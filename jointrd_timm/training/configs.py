@@ -1,89 +1,217 @@
-"""torchdistill-format configs built in Python, for the demo and the benchmarks (the YAMLs in yamls/ are the
-same structure written out). ``method`` picks the box and the loss:
+"""A run's config in torchdistill's format, built in one place and written as YAML.
+
+:func:`build_config` turns a schedule (``recipes.Schedule``: batch, SGD, decay, epochs), the datasets, the model
+configs and a training method into the config :func:`jointrd_timm.training.runner.train` runs and the YAMLs in
+yamls/ hold. ``method`` picks the box and the loss:
 
 * ``ce``: TrainingBox, cross-entropy (teacher pre-training, twin trained alone, a ``fading_model``);
 * ``jointrd``: TrainingBox with a ``jointrd_model`` and JointRDLoss;
+* ``method``: TrainingBox with a module that computes its own loss (``cakd_model``, ``aps_model``,
+  ``stepwise_model``, a ``jointrd_model`` with an adversarial term) and MethodLoss;
 * ``kd``: DistillationBox, torchdistill's KDLoss (Hinton et al. 2015) with a frozen teacher;
 * ``fitnets``: DistillationBox, cross-entropy + a FitNets-style hint (MSE between the ``hint_layer`` outputs of
-  student and teacher, weight ``hint_weight``; the layers must have equal shapes, as for a twin);
-* ``cakd`` / ``aps``: TrainingBox with a ``cakd_model`` / ``aps_model`` and MethodLoss (the module computes its
-  loss and steps its own discriminator), like ``jointrd``.
+  student and teacher, weight ``hint_weight``; the layers must have equal shapes, as for a twin).
+
+:func:`make_config` is the keyword form the demo and the benchmarks call. :func:`to_yaml` writes a config as a
+torchdistill YAML (datasets as ``!import_call`` of ``load_image_dataset``, classes as ``!import_get``);
+:func:`read_yaml` reads one back as data, its tags kept and not run.
 """
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
 
-__all__ = ['make_config', 'METHODS']
+from ..recipes import Schedule
 
-METHODS = ('ce', 'jointrd', 'kd', 'fitnets', 'cakd', 'aps', 'stepwise')
+__all__ = ['build_config', 'make_config', 'METHODS', 'Tagged', 'dataset_entry', 'to_yaml', 'read_yaml',
+           'DATASET_LOADER', 'EVAL_BATCH_SIZE']
+
+METHODS = ('ce', 'jointrd', 'kd', 'fitnets', 'cakd', 'aps', 'stepwise')  # make_config's
+EVAL_BATCH_SIZE = 256  # the val and test loaders' batch
+KD_TEMPERATURE, KD_ALPHA = 4.0, 0.9  # torchdistill's KDLoss (Hinton et al. 2015) in the kd runs
+DATASET_LOADER = 'jointrd_timm.training.data.load_image_dataset'
+_BOX_METHODS = ('ce', 'jointrd', 'method', 'kd', 'fitnets')
+# the loss term of a module that computes its own loss: (sub-term name, registered loss)
+_MODULE_LOSS = {'jointrd': ('jointrd', 'JointRDLoss'), 'method': ('method', 'MethodLoss')}
 
 
-def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: bool = False) -> Dict:
+def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: Optional[bool]) -> Dict:
     import torch.utils.data as tud
-    return dict(dataset_id=dataset_id, requires_supp=supp,
-                sampler=dict(class_or_func=tud.RandomSampler if shuffle else tud.SequentialSampler, kwargs=None),
-                kwargs=dict(batch_size=batch_size, num_workers=num_workers, drop_last=False))
+    loader = dict(dataset_id=dataset_id, requires_supp=supp,
+                  sampler=dict(class_or_func=tud.RandomSampler if shuffle else tud.SequentialSampler, kwargs=None),
+                  kwargs=dict(batch_size=batch_size, num_workers=num_workers, drop_last=False))
+    if supp is None:  # torchdistill's default (False) left unstated
+        del loader['requires_supp']
+    return loader
 
 
-def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: Optional[Dict] = None,
-                epochs: int = 10, batch_size: int = 64, lr: float = 0.1, weight_decay: float = 5e-4,
-                schedule: str = 'cosine', seed: int = 0, output_dir: Optional[str] = None, num_workers: int = 0,
-                val_set=None, kd_temperature: float = 4.0, kd_alpha: float = 0.9, hint_layer: str = 'layer2',
-                hint_weight: float = 1.0) -> Dict:
-    """A config dict for :func:`jointrd_timm.training.runner.train`.
+def _forward(forward_proc: str, requires_grad: Optional[bool], terse: bool, hook: Optional[Dict] = None) -> Dict:
+    """A train.model / teacher / student section (``requires_grad`` None: torchdistill's default, True)."""
+    section = dict(forward_proc=forward_proc) if terse else dict(forward_proc=forward_proc, sequential=[])
+    if requires_grad is not None:
+        section['requires_grad'] = requires_grad
+    return dict(section, forward_hook=hook) if hook else section
 
-    ``model``/``teacher`` are torchdistill model configs (``dict(key='timm_model', kwargs=...)``). ``val_set``
-    (default: the test set) is evaluated after each epoch, for the record only.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
-    if method in ('kd', 'fitnets') and teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher model config.")
-    datasets = {'train': train_set, 'test': test_set, 'val': val_set if val_set is not None else test_set}
-    scheduler = dict(key='CosineAnnealingLR', kwargs=dict(T_max=epochs)) if schedule == 'cosine' else \
-        dict(key='MultiStepLR', kwargs=dict(milestones=[epochs // 2, 3 * epochs // 4], gamma=0.1))
-    train = dict(
-        log_freq=1000, num_epochs=epochs,
-        train_data_loader=_loader('train', batch_size, True, num_workers, supp=True),
-        val_data_loader=_loader('val', 256, False, num_workers),
-        optimizer=dict(key='SGD', kwargs=dict(lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)),
-        scheduler=scheduler)
-    ce = dict(criterion=dict(key='CrossEntropyLoss', kwargs=dict(reduction='mean')),
-              criterion_wrapper=dict(key='SimpleLossWrapper', kwargs=dict(
-                  input=dict(is_from_teacher=False, module_path='.', io='output'),
-                  target=dict(uses_label=True))), weight=1.0)
-    models = {}
+
+def _ce_term() -> Dict:
+    return dict(criterion=dict(key='CrossEntropyLoss', kwargs=dict(reduction='mean')),
+                criterion_wrapper=dict(key='SimpleLossWrapper', kwargs=dict(
+                    input=dict(is_from_teacher=False, module_path='.', io='output'),
+                    target=dict(uses_label=True))), weight=1.0)
+
+
+def _criterion(method: str, kd_temperature: float, kd_alpha: float, hint_layer: str, hint_weight: float) -> Dict:
+    """The train.criterion section (a WeightedSumLoss) of ``method``."""
     if method == 'ce':
-        models['model'] = model
-        train['pre_epoch_process'] = 'jointrd_pre_epoch_process'  # progress for a fading_model's shortcut scale
-        train['model'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True)
-        train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(ce=ce)))
-    elif method in ('jointrd', 'cakd', 'aps', 'stepwise'):
-        models['model'] = model
-        train['pre_epoch_process'] = 'jointrd_pre_epoch_process'
-        train['model'] = dict(forward_proc='forward_batch_target', sequential=[], requires_grad=True)
-        train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(
-            jointrd=dict(criterion=dict(key='JointRDLoss', kwargs=dict(module_path='.')), weight=1.0))))
+        terms = dict(ce=_ce_term())
+    elif method in _MODULE_LOSS:
+        name, key = _MODULE_LOSS[method]
+        terms = {name: dict(criterion=dict(key=key, kwargs=dict(module_path='.')), weight=1.0)}
     elif method == 'fitnets':
-        models['teacher_model'] = teacher
-        models['student_model'] = model
-        hook = dict(input=[], output=[hint_layer])
-        train['teacher'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=False, forward_hook=hook)
-        train['student'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True, forward_hook=hook)
         hint = dict(criterion=dict(key='MSELoss', kwargs=dict(reduction='mean')),
                     criterion_wrapper=dict(key='SimpleLossWrapper', kwargs=dict(
                         input=dict(is_from_teacher=False, module_path=hint_layer, io='output'),
                         target=dict(is_from_teacher=True, module_path=hint_layer, io='output'))),
                     weight=hint_weight)
-        train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(ce=ce, hint=hint)))
+        terms = dict(ce=_ce_term(), hint=hint)
     else:
-        models['teacher_model'] = teacher
-        models['student_model'] = model
-        train['teacher'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=False)
-        train['student'] = dict(forward_proc='forward_batch_only', sequential=[], requires_grad=True)
-        train['criterion'] = dict(key='WeightedSumLoss', kwargs=dict(sub_terms=dict(kd=dict(
-            criterion=dict(key='KDLoss', kwargs=dict(
-                student_module_path='.', student_module_io='output', teacher_module_path='.',
-                teacher_module_io='output', temperature=kd_temperature, alpha=kd_alpha, reduction='batchmean')),
-            weight=1.0))))
-    test = dict(test_data_loader=_loader('test', 256, False, num_workers))
-    return dict(datasets=datasets, models=models, train=train, test=test,
-                runner=dict(seed=seed, output_dir=output_dir))
+        terms = dict(kd=dict(criterion=dict(key='KDLoss', kwargs=dict(
+            student_module_path='.', student_module_io='output', teacher_module_path='.', teacher_module_io='output',
+            temperature=kd_temperature, alpha=kd_alpha, reduction='batchmean')), weight=1.0))
+    return dict(key='WeightedSumLoss', kwargs=dict(sub_terms=terms))
+
+
+def _models(method: str, model: Dict, teacher: Optional[Dict], terse: bool, hint_layer: str) -> tuple:
+    """The models section and the train sections that say how each model runs (and the pre-epoch process)."""
+    if method in ('kd', 'fitnets'):
+        hook = dict(input=[], output=[hint_layer]) if method == 'fitnets' else None
+        return dict(teacher_model=teacher, student_model=model), dict(
+            teacher=_forward('forward_batch_only', False, terse, hook),
+            student=_forward('forward_batch_only', True, terse, hook))
+    # the pre-epoch process hands the epoch to a module with progress (eta, the fade, a discriminator's schedule)
+    progress = {} if terse and method == 'ce' and model['key'] == 'timm_model' else \
+        dict(pre_epoch_process='jointrd_pre_epoch_process')
+    forward_proc = 'forward_batch_only' if method == 'ce' else 'forward_batch_target'
+    return dict(model=model), dict(progress, model=_forward(forward_proc, None if terse else True, terse))
+
+
+def build_config(datasets: Mapping[str, Any], model: Dict, schedule: Schedule, method: str = 'ce', *,
+                 teacher: Optional[Dict] = None, seed: int = 0, output_dir: Optional[str] = None,
+                 num_workers: int = 0, log_freq: int = 1000, kd_temperature: float = KD_TEMPERATURE,
+                 kd_alpha: float = KD_ALPHA, hint_layer: str = 'layer2', hint_weight: float = 1.0,
+                 dataset_name: Optional[str] = None,
+                 dst_ckpt: Optional[str] = None, runner: Optional[Mapping] = None, terse: bool = False) -> Dict:
+    """A run's config: ``schedule`` gives the batch, the optimizer, the lr scheduler and the epochs.
+
+    Args:
+        datasets: ``train`` and ``test`` (and ``val``: the per-epoch record reads it, else the test set): dataset
+            objects, or :func:`dataset_entry` for a YAML. Their ids are ``<dataset_name>/<role>`` when a name is given.
+        model, teacher: torchdistill model configs (``dict(key='timm_model', kwargs=...)``); ``teacher`` for kd and
+            fitnets only.
+        dst_ckpt: where torchdistill's example script saves the trained model (stated in the YAMLs only).
+        runner: more ``runner`` options (mixed_precision, channels_last, ...).
+        terse: leave out what torchdistill assumes anyway (``sequential: []``, the trained model's
+            ``requires_grad: true``, an eval loader's ``requires_supp: false``) and the pre-epoch process of a plain
+            timm model, as the YAMLs in yamls/ do.
+    """
+    if method not in _BOX_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, _BOX_METHODS))}, got {method!r}.")
+    if method in ('kd', 'fitnets') and teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher model config.")
+    ids = {role: f'{dataset_name}/{role}' if dataset_name else role for role in datasets}
+    trained = dict(model, dst_ckpt=dst_ckpt) if dst_ckpt else model
+    models, sections = _models(method, trained, teacher, terse, hint_layer)
+    eval_supp = None if terse else False
+    train = dict(log_freq=log_freq, num_epochs=schedule.epochs,
+                 train_data_loader=_loader(ids['train'], schedule.batch_size, True, num_workers, supp=True),
+                 val_data_loader=_loader(ids.get('val', ids['test']), EVAL_BATCH_SIZE, False, num_workers, eval_supp),
+                 optimizer=schedule.optimizer(), scheduler=schedule.scheduler(), **sections,
+                 criterion=_criterion(method, kd_temperature, kd_alpha, hint_layer, hint_weight))
+    test = dict(test_data_loader=_loader(ids['test'], EVAL_BATCH_SIZE, False, num_workers, eval_supp))
+    return dict(datasets={ids[role]: data for role, data in datasets.items()}, models=models, train=train,
+                test=test, runner=dict(seed=seed, output_dir=output_dir, **(runner or {})))
+
+
+def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: Optional[Dict] = None,
+                epochs: int = 10, batch_size: int = 64, lr: float = 0.1, weight_decay: float = 5e-4,
+                schedule: str = 'cosine', seed: int = 0, output_dir: Optional[str] = None, num_workers: int = 0,
+                val_set=None, kd_temperature: float = KD_TEMPERATURE, kd_alpha: float = KD_ALPHA,
+                hint_layer: str = 'layer2', hint_weight: float = 1.0) -> Dict:
+    """:func:`build_config` in keywords: SGD at ``lr`` for ``epochs`` with a cosine decay (``schedule='cosine'``)
+    or x 0.1 at half and three quarters of the run (``'multistep'``). ``val_set`` (default: the test set) is
+    evaluated after each epoch, for the record only. ``cakd``, ``aps`` and ``stepwise`` modules train under the
+    JointRDLoss name of their loss (the same MethodLoss)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+    decay = dict(decay='multistep', milestones=(epochs // 2, 3 * epochs // 4)) if schedule != 'cosine' else {}
+    run = Schedule('make_config', epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, **decay)
+    datasets = dict(train=train_set, test=test_set, val=val_set if val_set is not None else test_set)
+    return build_config(datasets, model, run, 'jointrd' if method in ('cakd', 'aps', 'stepwise') else method,
+                        teacher=teacher, seed=seed, output_dir=output_dir, num_workers=num_workers,
+                        kd_temperature=kd_temperature, kd_alpha=kd_alpha, hint_layer=hint_layer,
+                        hint_weight=hint_weight)
+
+
+# -- YAML ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Tagged:
+    """A YAML node with a torchdistill tag (``!import_call``, ``!import_get``): written as such, read back as such."""
+    tag: str
+    value: Any
+
+
+def dataset_entry(**kwargs) -> Tagged:
+    """A datasets entry of a YAML: ``load_image_dataset(**kwargs)``, called by torchdistill when the YAML loads."""
+    return Tagged('!import_call', dict(key=DATASET_LOADER, init=dict(kwargs=kwargs)))
+
+
+def _plain(node, class_names: Mapping[type, str]):
+    """YAML-ready data: classes as ``!import_get`` of their import path."""
+    if isinstance(node, type):
+        return Tagged('!import_get', dict(key=class_names.get(node, f'{node.__module__}.{node.__qualname__}')))
+    if isinstance(node, dict):
+        return {k: _plain(v, class_names) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v, class_names) for v in node]
+    return node
+
+
+def to_yaml(config: Dict, datasets: Optional[Mapping[str, Dict]] = None,
+            class_names: Optional[Mapping[type, str]] = None) -> str:
+    """``config`` as a torchdistill YAML (without comments). ``datasets``: ``load_image_dataset`` kwargs per id,
+    written in place of the config's dataset objects; ``class_names``: the import path to write for a class (default:
+    its defining module's)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data):  # every node written out, no &id001 anchors
+            return True
+
+    def tagged(dumper, node):
+        if isinstance(node.value, dict):
+            return dumper.represent_mapping(node.tag, node.value)
+        if isinstance(node.value, list):
+            return dumper.represent_sequence(node.tag, node.value)
+        return dumper.represent_scalar(node.tag, '' if node.value is None else str(node.value))
+
+    Dumper.add_representer(Tagged, tagged)
+    sections = {k: v for k, v in config.items() if k not in ('dependencies', 'datasets')}
+    entries = config['datasets'] if datasets is None else \
+        {name: dataset_entry(**kwargs) for name, kwargs in datasets.items()}
+    document = dict(dependencies=config.get('dependencies', [dict(name='jointrd_timm')]), datasets=entries,
+                    **_plain(sections, class_names or {}))
+    return yaml.dump(document, Dumper=Dumper, sort_keys=False, width=120)
+
+
+def read_yaml(text: str) -> Dict:
+    """A torchdistill YAML as data: its tags kept as :class:`Tagged` (nothing is imported or run)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tagged(loader, suffix, node):
+        construct = {yaml.MappingNode: loader.construct_mapping, yaml.SequenceNode: loader.construct_sequence}
+        value = construct[type(node)](node, deep=True) if type(node) in construct else loader.construct_scalar(node)
+        return Tagged('!' + suffix, value)
+
+    Loader.add_multi_constructor('!', tagged)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
