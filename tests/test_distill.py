@@ -245,3 +245,23 @@ def test_mixed_precision_and_channels_last_reach_every_runs_runner_section(tmp_p
     assert default['distill']['runner']['mixed_precision'] == 'no' and not default['distill']['runner']['channels_last']
     with pytest.raises(DistillError, match=r"mixed_precision must be one of no, fp16, bf16, got 'fp8'"):
         plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), mixed_precision='fp8', **TOY)
+
+
+def test_plan_takes_data_and_training_specs_or_their_fields_by_keyword(tmp_path):
+    from jointrd_timm.training.distill import DataSpec, TrainSpec
+    folder = _hub_teacher(tmp_path, 10)
+    keywords = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epochs=2, limit=64, lr=0.02,
+                            batch_size=16, val_fraction=0.1)
+    specs = plan_distill(str(folder), DataSpec('sklearn:digits', limit=64, val_fraction=0.1), str(tmp_path / 'out'),
+                         train=TrainSpec(epochs=2, lr=0.02, batch_size=16))
+    configs = build_configs(keywords, keywords.teacher.model)
+    assert build_configs(specs, specs.teacher.model).keys() == configs.keys() == {'distill'}
+    for section in ('models', 'train', 'test', 'runner'):
+        assert build_configs(specs, specs.teacher.model)['distill'][section] == configs['distill'][section]
+    train = configs['distill']['train']
+    assert (train['num_epochs'], train['optimizer']['kwargs']['lr'], train['train_data_loader']['kwargs']['batch_size'],
+            train['val_data_loader']['dataset_id']) == (2, 0.02, 16, 'val')
+    # the digits' setting (the demo schedule, cosine) at the run's own length
+    assert train['scheduler'] == dict(key='CosineAnnealingLR', kwargs=dict(T_max=2))
+    with pytest.raises(TypeError, match=r"Unknown distill option\(s\) \['epoch'\]"):
+        plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epoch=2)

@@ -1,0 +1,183 @@
+"""What ``jointrd distill`` is given (:class:`DataSpec`, :class:`TrainSpec`) and its checks before anything is written
+or trained: each refusal is a :class:`DistillError` naming the option and what to do."""
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+
+from ..errors import JointRDError
+from ..recipes import SCHEDULES, Schedule
+
+if TYPE_CHECKING:
+    from .teachers import Teacher
+
+__all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'check_positive', 'check_output', 'check_twin',
+           'check_pair', 'check_classes', 'dataset_kwargs', 'load_datasets', 'setting_schedule']
+
+
+class DistillError(JointRDError, ValueError):
+    """Bad input to ``jointrd distill``, found before any training starts."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data of a distill run: ``source`` (a Hub id, a local folder, ``sklearn:digits``), its columns and splits,
+    ``val_fraction`` of the train split held out for the per-epoch record, ``limit`` train images (quick runs), and
+    how images are read (``transform``, ``input_size``; None: from the data and the teacher)."""
+    source: str
+    image_column: str = 'img'
+    label_column: str = 'label'
+    train_split: str = 'train'
+    test_split: str = 'test'
+    val_fraction: float = 0.0
+    limit: Optional[int] = None
+    transform: Optional[str] = None
+    input_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a distill run trains (None: the setting's schedule): ``epochs`` of the twin, ``teacher_epochs`` of a
+    teacher trained here (default: ``epochs``), the global ``batch_size``, ``lr``, loader ``workers``, ``seed``, and
+    the runner options ``mixed_precision``, ``channels_last`` and ``compile`` (a torch.compile backend; None: off)."""
+    epochs: Optional[int] = None
+    teacher_epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    workers: Optional[int] = None
+    seed: int = 0
+    mixed_precision: str = 'no'
+    channels_last: bool = False
+    compile: Optional[str] = None
+
+    def check(self, data: DataSpec) -> None:
+        """The options that can be refused before anything is resolved."""
+        from .runner import MIXED_PRECISION
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DistillError(f'mixed_precision must be one of {", ".join(MIXED_PRECISION)}, got '
+                               f'{self.mixed_precision!r}.')
+        check_positive(epochs=self.epochs, teacher_epochs=self.teacher_epochs, batch_size=self.batch_size,
+                       lr=self.lr, limit=data.limit, input_size=data.input_size)
+
+
+def specs(data, train: Optional[TrainSpec] = None, **options) -> tuple:
+    """(DataSpec, TrainSpec) from a source or DataSpec, a TrainSpec, and options named as their fields (the
+    keyword form of ``plan_distill``, which the command line fills)."""
+    data = data if isinstance(data, DataSpec) else DataSpec(data)
+    train = train or TrainSpec()
+    names = {spec: {f.name for f in fields(spec)} for spec in (DataSpec, TrainSpec)}
+    unknown = sorted(set(options) - names[DataSpec] - names[TrainSpec])
+    if unknown:
+        raise TypeError(f'Unknown distill option(s) {unknown}; DataSpec and TrainSpec name the options.')
+    return (replace(data, **{k: v for k, v in options.items() if k in names[DataSpec]}),
+            replace(train, **{k: v for k, v in options.items() if k in names[TrainSpec]}))
+
+
+def check_positive(**options) -> None:
+    """Numbers that must be positive when given (None: the default). 0 is refused, never read as "the default"."""
+    for name, value in options.items():
+        if value is not None and value <= 0:
+            flag = '--' + name.replace('_', '-')
+            raise DistillError(f'{flag} must be positive, got {value!r}; leave it out for its default.')
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder that holds another run, unless resuming it or told to overwrite it."""
+    if resume and overwrite:
+        raise DistillError('--resume continues the run in the output folder, --overwrite replaces it: give one.')
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume and 'distill.yaml' not in entries:
+        raise DistillError(f'--resume: {out} holds no distill run (no distill.yaml); run without --resume to start.')
+    if entries and not (resume or overwrite):
+        raise DistillError(f'Output folder {out} holds another run ({", ".join(entries[:5])}); pass --resume to '
+                           'continue it, --overwrite to replace it, or choose another --output.')
+
+
+def check_twin(arch: str) -> None:
+    """Refuse an architecture without a twin, with the reason (token mixers, no shortcut, unknown block)."""
+    import timm
+    from ..models.plain_twins import twin_name
+    from ..twins.derive import NotResidualError, UnsupportedBlockError, make_plain, token_mixers
+    if timm.is_model(twin_name(arch)):
+        return
+    model = timm.create_model(arch)
+    mixers = token_mixers(model)
+    if mixers:
+        raise DistillError(f'{arch} is a transformer (or hybrid): it mixes tokens with {", ".join(mixers)}. Such '
+                           'networks are refused by design: their shortcuts carry the token stream, and without them '
+                           'they do not train. Choose a residual CNN teacher (`jointrd derive --list`).')
+    try:
+        make_plain(model)
+    except (NotResidualError, UnsupportedBlockError) as e:
+        raise DistillError(f'{arch} has no shortcut-free twin: {e}') from e
+    raise DistillError(f'{arch} has no registered twin {twin_name(arch)} (its timm module is not one that '
+                       'jointrd_timm derives); `jointrd derive --list` lists those that have one.')
+
+
+def check_pair(pair: Dict, input_chw, num_classes: int) -> None:
+    """Build the JointRD teacher / twin pair (random weights) and take one training step on a data-shaped batch,
+    so that an architecture whose stage split or fading twin fails is refused before any training."""
+    from ..integrations.torchdistill import jointrd_model
+    kwargs = pair['kwargs']  # no weights named yet: the architectures only
+    try:
+        method = jointrd_model(**kwargs)
+        method.set_run_length(1, 1)
+        method.train()
+        method(torch.randn(2, *input_chw), torch.arange(2) % num_classes)['loss'].backward()
+    except (ValueError, RuntimeError, TypeError, StopIteration) as e:
+        small = ' The images are too small for this architecture: give a larger --input-size.' \
+            if 'input size' in str(e) else ''
+        raise DistillError(f'{kwargs["teacher"]["model_name"]}: the teacher / twin pair does not train with JointRD '
+                           f'on {tuple(input_chw)} inputs ({type(e).__name__}: {e}).{small}') from e
+
+
+def check_classes(teacher: 'Teacher', data_classes: int, num_classes: Optional[int], source: str) -> bool:
+    """True when the teacher's classifier is re-initialised for the data (``num_classes`` given)."""
+    if num_classes is not None and num_classes != data_classes:
+        raise DistillError(f'--num-classes {num_classes}: the data {source} has {data_classes} labels; the '
+                           "teacher's classifier is re-initialised for the data's labels, so give "
+                           f'--num-classes {data_classes}.')
+    if teacher.num_classes is None or teacher.num_classes == data_classes:
+        return False
+    if num_classes is None:
+        raise DistillError(f'Teacher {teacher.spec} predicts {teacher.num_classes} classes, but the data {source} has '
+                           f'{data_classes} labels. Pass --num-classes {data_classes} to re-initialise its classifier '
+                           'for them: the teacher is then fine-tuned on the data with cross-entropy for '
+                           '--teacher-epochs before the twin is distilled.')
+    return True
+
+
+
+# -- data -------------------------------------------------------------------------------------------------------------
+def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, image_column: str,
+                   label_column: str, train_split: str, test_split: str, val_fraction: float,
+                   limit: Optional[int]) -> Dict[str, Dict]:
+    """``load_image_dataset`` kwargs of the train / val / test sets (the YAML's datasets section)."""
+    local = Path(source).expanduser()
+    common = dict(source=str(local.resolve()) if local.exists() else source, transform=transform,
+                  input_size=input_size, channels=channels, image_column=image_column, label_column=label_column)
+    sets = dict(train=dict(common, split=train_split), test=dict(common, split=test_split))
+    if val_fraction:
+        sets['train'].update(validation_fraction=val_fraction, part='train')
+        sets['val'] = dict(common, split=train_split, train=False, validation_fraction=val_fraction, part='val')
+    if limit:
+        sets['train']['limit'] = limit
+    return sets
+
+
+def load_datasets(kwargs: Dict[str, Dict]) -> Dict:
+    from .data import DatasetColumnError, load_image_dataset
+    try:
+        return {name: load_image_dataset(**kw) for name, kw in kwargs.items()}
+    except DatasetColumnError as e:
+        raise DistillError(f'{e} (jointrd distill: --image-column / --label-column)') from e
+    except Exception as e:  # a missing folder, an unknown Hub id, a split that does not exist
+        raise DistillError(f'Cannot load the data {kwargs["train"]["source"]!r}: {type(e).__name__}: {e}') from e
+
+
+def setting_schedule(source: str, input_size: int) -> Schedule:
+    """The schedule of the data's setting: the demo's for the digits, ImageNet's above 64 px, else CIFAR's."""
+    if source == 'sklearn:digits':
+        return SCHEDULES['demo']
+    return SCHEDULES['imagenet' if input_size > 64 else 'cifar']

@@ -1,0 +1,164 @@
+"""The TEACHER of ``jointrd distill``: what a timm name, pretrained tag, ``hf-hub:`` id or folder resolves to
+(:func:`resolve_teacher`, no weights loaded), and its weights (:func:`load_teacher`). Weights the Hub cannot provide
+are named with the ways to provide them (:func:`missing_weights_error`)."""
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+from .distill_inputs import DistillError
+
+__all__ = ['Teacher', 'resolve_teacher', 'load_teacher', 'missing_weights_error', 'extract_run_teacher',
+           'build_model', 'tag_hint', 'HUB_DOWNLOAD_ERRORS']
+
+# what fetching from the Hub raises, through timm unchanged: offline (or unreachable) and not in the cache is a
+# LocalEntryNotFoundError, an EntryNotFoundError; unknown, gated and private repositories are HfHubHTTPErrors
+HUB_DOWNLOAD_ERRORS = (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled)
+
+
+@dataclass
+class Teacher:
+    """A resolved TEACHER: its architecture and the ``timm_model`` kwargs that build it with its weights."""
+    spec: str
+    arch: str
+    model: Dict
+    num_classes: Optional[int]  # of its weights; None: no weights (trained here from scratch)
+    in_chans: int
+    input_size: int
+    license: str = 'other'
+    run_checkpoint: Optional[Path] = None  # a JointRD run's checkpoint, holding the teacher as `teacher.*`
+
+
+def _from_config_json(spec: str, model: Dict, config: Dict, arch: Optional[str] = None) -> Teacher:
+    """A Teacher from timm's Hub config.json (``save_for_hf``'s layout)."""
+    pretrained_cfg = config.get('pretrained_cfg', config)
+    model_args = config.get('model_args') or {}
+    input_size = pretrained_cfg.get('input_size', (3, 224, 224))
+    arch = arch or config['architecture'].partition('.')[0]
+    if arch.startswith('plain_'):
+        raise DistillError(f'{spec} holds a shortcut-free twin ({arch}), not a residual teacher; give the residual '
+                           f'model it was trained from (e.g. {arch[len("plain_"):]} with its weights).')
+    return Teacher(spec, arch, model, config.get('num_classes', pretrained_cfg.get('num_classes')),
+                   model_args.get('in_chans', input_size[0]), input_size[-1], pretrained_cfg.get('license') or 'other')
+
+
+def _teacher_from_folder(spec: str, path: Path) -> Teacher:
+    from ..models.plain_twins import teacher_of
+    folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
+    if not (folder / 'config.json').is_file():
+        if (path / 'last.safetensors').is_file():
+            raise DistillError(f'Teacher folder {path} is a runner output whose run has not finished: no '
+                               'model/config.json names its architecture. Finish it (jointrd train --resume) first.')
+        raise DistillError(f'Teacher folder {path} holds neither config.json + model.safetensors (timm\'s Hub format, '
+                           'as `jointrd save` writes) nor a runner output (model/ or last.safetensors).')
+    config = json.loads((folder / 'config.json').read_text())
+    if config['architecture'].startswith('plain_') and (path / 'last.safetensors').is_file():
+        # a JointRD run: model/ is its twin, the teacher is the `teacher.` part of its checkpoint
+        teacher = _from_config_json(spec, {}, config, teacher_of(config['architecture']))
+        teacher.run_checkpoint = path / 'last.safetensors'
+        return teacher
+    return _from_config_json(spec, dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True), config)
+
+
+def resolve_teacher(spec: str) -> Teacher:
+    """What TEACHER names (see the module docstring); no weights are loaded yet."""
+    import timm
+    import jointrd_timm  # noqa: F401  (the CIFAR teachers and plain_* names)
+    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    if path.is_dir():
+        return _teacher_from_folder(spec, path)
+    if spec.startswith('local-dir:') or spec.startswith(('.', '/', '~')):
+        raise DistillError(f'Teacher folder {path} does not exist.')
+    if spec.startswith('hf-hub:'):
+        from huggingface_hub import hf_hub_download
+        try:
+            config = json.loads(Path(hf_hub_download(spec[len('hf-hub:'):], 'config.json')).read_text())
+        except HUB_DOWNLOAD_ERRORS as e:
+            raise missing_weights_error(spec, e) from e
+        except Exception as e:  # a malformed repo id, a config.json that is not JSON
+            raise DistillError(f'Cannot read config.json of teacher {spec} ({type(e).__name__}: {e}).') from e
+        return _from_config_json(spec, dict(model_name=spec, pretrained=True), config)
+    arch, _, tag = spec.partition('.')
+    if arch.startswith('plain_'):
+        raise DistillError(f'{spec} is a shortcut-free twin already; give its residual teacher '
+                           f'({arch[len("plain_"):]}).')
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise DistillError(f'Unknown teacher {spec!r}: not a timm architecture, hf-hub: id or folder'
+                           + (f' (did you mean {", ".join(close)}?)' if close else '')
+                           + '. `jointrd derive --list` lists the architectures that have a twin.')
+    if tag and not timm.list_pretrained(spec):
+        raise DistillError(f'{arch} has no pretrained tag {tag!r}; its tags: '
+                           f'{", ".join(timm.list_pretrained(arch + ".*")) or "none"}.')
+    cfg = timm.get_pretrained_cfg(spec)
+    license_ = getattr(cfg, 'license', None) or 'other'
+    if not tag:
+        return Teacher(spec, arch, dict(model_name=arch), None, cfg.input_size[0], cfg.input_size[-1], license_)
+    return Teacher(spec, arch, dict(model_name=spec, pretrained=True), cfg.num_classes, cfg.input_size[0],
+                   cfg.input_size[-1], license_)
+
+
+def missing_weights_error(spec: str, error: Exception) -> DistillError:
+    """What a user reads when the teacher's files cannot be fetched from the Hub: which repository and files were
+    looked for, where, and the three ways to provide them."""
+    import timm
+    from huggingface_hub import constants
+    if spec.startswith('hf-hub:'):
+        repo, files = spec[len('hf-hub:'):], 'config.json model.safetensors'
+    else:  # a timm tag: timm reads model.safetensors (else pytorch_model.bin) of the tag's hf_hub_id
+        cfg = timm.get_pretrained_cfg(spec)
+        repo, files = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        why = (f'they are not in the Hugging Face cache {constants.HF_HUB_CACHE}, and '
+               + ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub could not be reached'))
+    else:
+        why = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+    return DistillError(
+        f'The weights of teacher {spec} are not available: looked for {files} of the Hub repository {repo}, and '
+        f'{why}. Nothing was written. Provide them, then run the same command again: (1) on a connected machine, '
+        f'`hf download {repo} {files}` (huggingface_hub\'s CLI) fills its cache (HF_HOME, default '
+        '~/.cache/huggingface): copy that cache here, point HF_HOME (or HF_HUB_CACHE) at it and set '
+        f'HF_HUB_OFFLINE=1; or (2) `hf download {repo} --local-dir DIR` and give that Hub-format folder (config.json '
+        '+ model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner '
+        'output folder with model/, or a Hub-format folder written by `jointrd save`) as TEACHER.')
+
+
+def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:
+    """The teacher with its weights, as they were saved (their classes and input channels); None for a teacher
+    without weights (trained here). Weights the Hub cannot provide raise :func:`missing_weights_error`."""
+    if teacher.num_classes is None:
+        return None
+    if teacher.run_checkpoint is not None:
+        import timm
+        from ..io import load_weights
+        model = timm.create_model(teacher.arch, num_classes=teacher.num_classes, in_chans=teacher.in_chans)
+        load_weights(model, teacher.run_checkpoint, part='teacher')
+        return model
+    try:
+        return build_model(teacher.model)
+    except HUB_DOWNLOAD_ERRORS as e:
+        raise missing_weights_error(teacher.spec, e) from e
+
+
+def build_model(model_kwargs: Dict) -> torch.nn.Module:
+    """A ``timm_model`` config built, in eval mode."""
+    from ..integrations.torchdistill import timm_model
+    return timm_model(**model_kwargs).eval()
+
+
+def tag_hint(teacher: Teacher) -> str:
+    """For a teacher without weights: its pretrained tags, as a hint (empty when it has weights or no tags)."""
+    import timm
+    tags = timm.list_pretrained(teacher.arch + '.*') if teacher.num_classes is None else []
+    return f' To start from pretrained weights give a tag, e.g. {", ".join(tags[:3])}.' if tags else ''
+
+
+def extract_run_teacher(teacher: Teacher, folder: Path) -> Dict:
+    """The teacher part of a JointRD run's checkpoint, written in Hub format; its timm_model kwargs."""
+    from ..integrations.hub import save_trained_model
+    save_trained_model(load_teacher(teacher), folder)
+    return dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True)
