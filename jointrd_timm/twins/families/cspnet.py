@@ -18,22 +18,20 @@ class PlainCspBottleneckBlock(BottleneckBlock):
         return self.act3(x)
 
 
-class PlainCspDarkBlock(DarkBlock):
+class _PlainConvAttnConv:
+    """DarkBlock and EdgeBlock share one forward: conv1, attn, conv2 (then the shortcut, gone here)."""
     shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self.attn(x)
-        return self.conv2(x)
+        return self.conv2(self.attn(self.conv1(x)))
 
 
-class PlainCspEdgeBlock(EdgeBlock):
-    shortcut = None
+class PlainCspDarkBlock(_PlainConvAttnConv, DarkBlock):
+    pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self.attn(x)
-        return self.conv2(x)
+
+class PlainCspEdgeBlock(_PlainConvAttnConv, EdgeBlock):
+    pass
 
 
 swap_rule(BottleneckBlock, PlainCspBottleneckBlock, 'shortcut')

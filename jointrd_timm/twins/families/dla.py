@@ -8,55 +8,37 @@ import torch
 from timm.models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree
 
 from ..rules import swap_rule, switch_rule
+from .res2net import Res2NetScales
 
 
-class PlainDlaBasic(DlaBasic):
+class _PlainDlaLeaf:
+    """A leaf block's forward: its branch (``_branch``), plus the shortcut only when the tree hands it a kept
+    projection (the leaf's own identity default is gone), then ReLU."""
     shortcut_projection = None
 
     def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self._branch(x)
         if shortcut is not None:
             out = out + shortcut
         return self.relu(out)
 
 
-class PlainDlaBottleneck(DlaBottleneck):
-    shortcut_projection = None
+class PlainDlaBasic(_PlainDlaLeaf, DlaBasic):
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None):
+
+class PlainDlaBottleneck(_PlainDlaLeaf, DlaBottleneck):
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if shortcut is not None:
-            out = out + shortcut
-        return self.relu(out)
+        return self.bn3(self.conv3(out))
 
 
-class PlainDlaBottle2neck(DlaBottle2neck):
-    shortcut_projection = None
-
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None, children: Optional[List[torch.Tensor]] = None):
+class PlainDlaBottle2neck(_PlainDlaLeaf, Res2NetScales, DlaBottle2neck):
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        spx = torch.split(out, self.width, 1)
-        spo: List[torch.Tensor] = []
-        sp = spx[0]
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            if i == 0 or self.is_first:
-                sp = spx[i]
-            else:
-                sp = sp + spx[i]
-            sp = self.relu(bn(conv(sp)))
-            spo.append(sp)
-        if self.scale > 1:
-            if self.pool is not None:
-                spo.append(self.pool(spx[-1]))
-            else:
-                spo.append(spx[-1])
-        out = self.bn3(self.conv3(torch.cat(spo, 1)))
-        if shortcut is not None:
-            out = out + shortcut
-        return self.relu(out)
+        return self.bn3(self.conv3(self._multi_scale(out)))
 
 
 class PlainDlaTree(DlaTree):

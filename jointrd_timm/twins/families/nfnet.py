@@ -8,9 +8,10 @@ import torch
 from timm.models.nfnet import NormFreeBlock
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class PlainNormFreeBlock(NormFreeBlock):
+class PlainNormFreeBlock(DownsampleTail, NormFreeBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(x)
         shortcut = out
@@ -25,9 +26,7 @@ class PlainNormFreeBlock(NormFreeBlock):
             out = self.attn_gain * self.attn_last(out)
         if self.skipinit_gain is not None:
             out = out * self.skipinit_gain
-        if self.downsample is not None:
-            out = out + self.downsample(shortcut)
-        return out
+        return self._add_kept_projection(out, shortcut)
 
 
 swap_rule(NormFreeBlock, PlainNormFreeBlock, 'downsample')

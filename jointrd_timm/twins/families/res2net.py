@@ -7,13 +7,15 @@ import torch
 from timm.models.res2net import Bottle2neck
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class PlainBottle2neck(Bottle2neck):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
+class Res2NetScales:
+    """Mixin: the multi-scale middle of a Res2Net block, as timm writes it (also DLA's ``DlaBottle2neck``)."""
+
+    def _multi_scale(self, out: torch.Tensor) -> torch.Tensor:
+        """3x3 conv-bn-relu over each of ``scale`` width groups, each group after the first also fed the previous
+        group's output; the last group pooled (first block of a stage) or passed on; concatenated."""
         spx = torch.split(out, self.width, 1)
         spo: List[torch.Tensor] = []
         sp = spx[0]
@@ -22,24 +24,21 @@ class PlainBottle2neck(Bottle2neck):
                 sp = spx[i]
             else:
                 sp = sp + spx[i]
-            sp = conv(sp)
-            sp = bn(sp)
-            sp = self.relu(sp)
+            sp = self.relu(bn(conv(sp)))
             spo.append(sp)
         if self.scale > 1:
             if self.pool is not None:
                 spo.append(self.pool(spx[-1]))
             else:
                 spo.append(spx[-1])
-        out = torch.cat(spo, 1)
-        out = self.drop_block(out)
-        out = self.conv3(out)
-        out = self.bn3(out)
-        if self.se is not None:
-            out = self.se(out)
-        if self.downsample is not None:
-            out = out + self.downsample(x)
-        return self.relu(out)
+        return torch.cat(spo, 1)
+
+
+class PlainBottle2neck(Res2NetScales, DownsampleTail, Bottle2neck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(self.drop_block(self._multi_scale(out))))
+        return self.relu(self._se_and_kept_projection(out, x))
 
 
 swap_rule(Bottle2neck, PlainBottle2neck, 'downsample')

@@ -3,26 +3,19 @@ import torch
 from timm.models.resnest import ResNestBottleneck
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class PlainResNestBottleneck(ResNestBottleneck):
+class PlainResNestBottleneck(DownsampleTail, ResNestBottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.act1(out)
+        out = self.act1(self.bn1(self.conv1(x)))
         if self.avd_first is not None:
             out = self.avd_first(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        out = self.drop_block(out)
-        out = self.act2(out)
+        out = self.act2(self.drop_block(self.bn2(self.conv2(out))))
         if self.avd_last is not None:
             out = self.avd_last(out)
-        out = self.conv3(out)
-        out = self.bn3(out)
-        if self.downsample is not None:
-            out = out + self.downsample(x)
-        return self.act3(out)
+        out = self.bn3(self.conv3(out))
+        return self.act3(self._add_kept_projection(out, x))
 
 
 swap_rule(ResNestBottleneck, PlainResNestBottleneck, 'downsample')

@@ -7,47 +7,26 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class PlainBasicBlock(BasicBlock):
+class PlainBasicBlock(DownsampleTail, BasicBlock):
     """BasicBlock without its identity shortcut: conv-bn-act, conv-bn[, se][ + projection], act."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.drop_block(x)
-        x = self.act1(x)
-        x = self.aa(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.downsample is not None:
-            x = x + self.downsample(shortcut)
-        return self.act2(x)
+        out = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        out = self.bn2(self.conv2(out))
+        return self.act2(self._se_and_kept_projection(out, x))
 
 
-class PlainBottleneck(Bottleneck):
+class PlainBottleneck(DownsampleTail, Bottleneck):
     """Bottleneck without its identity shortcut: 1x1, kxk, 1x1 conv-bn with activations."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        x = self.drop_block(x)
-        x = self.act2(x)
-        x = self.aa(x)
-        x = self.conv3(x)
-        x = self.bn3(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.downsample is not None:
-            x = x + self.downsample(shortcut)
-        return self.act3(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(out)))))
+        out = self.bn3(self.conv3(out))
+        return self.act3(self._se_and_kept_projection(out, x))
 
 
 swap_rule(BasicBlock, PlainBasicBlock, 'downsample')

@@ -4,41 +4,30 @@ import torch
 from timm.models.resnetv2 import Bottleneck, PreActBasic, PreActBottleneck
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class PlainPreActBasic(PreActBasic):
+class PlainPreActBasic(DownsampleTail, PreActBasic):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_preact = self.norm1(x)
-        x = self.conv1(x_preact)
-        x = self.conv2(self.norm2(x))
-        if self.downsample is not None:
-            x = x + self.downsample(x_preact)
-        return x
+        out = self.conv2(self.norm2(self.conv1(x_preact)))
+        return self._add_kept_projection(out, x_preact)
 
 
-class PlainPreActBottleneck(PreActBottleneck):
+class PlainPreActBottleneck(DownsampleTail, PreActBottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_preact = self.norm1(x)
-        x = self.conv1(x_preact)
-        x = self.conv2(self.norm2(x))
-        x = self.conv3(self.norm3(x))
-        if self.downsample is not None:
-            x = x + self.downsample(x_preact)
-        return x
+        out = self.conv2(self.norm2(self.conv1(x_preact)))
+        out = self.conv3(self.norm3(out))
+        return self._add_kept_projection(out, x_preact)
 
 
-class PlainNonPreActBottleneck(Bottleneck):
+class PlainNonPreActBottleneck(DownsampleTail, Bottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1(x)
-        x = self.norm1(x)
-        x = self.conv2(x)
-        x = self.norm2(x)
-        x = self.conv3(x)
-        x = self.norm3(x)
-        if self.downsample is not None:
-            x = x + self.downsample(shortcut)
-        return self.act3(x)
+        out = self.norm1(self.conv1(x))
+        out = self.norm2(self.conv2(out))
+        out = self.norm3(self.conv3(out))
+        return self.act3(self._add_kept_projection(out, x))
 
 
 swap_rule(PreActBasic, PlainPreActBasic, 'downsample')

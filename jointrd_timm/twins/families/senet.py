@@ -4,16 +4,15 @@ import torch
 from timm.models.senet import SEBottleneck, SEResNetBlock, SEResNetBottleneck, SEResNeXtBottleneck
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class _PlainSEBottleneckForward:
+class _PlainSEBottleneckForward(DownsampleTail):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.se_module(self.bn3(self.conv3(out)))
-        if self.downsample is not None:
-            out = out + self.downsample(x)
-        return self.relu(out)
+        return self.relu(self._add_kept_projection(out, x))
 
 
 class PlainSEBottleneck(_PlainSEBottleneckForward, SEBottleneck):
@@ -28,13 +27,11 @@ class PlainSEResNeXtBottleneck(_PlainSEBottleneckForward, SEResNeXtBottleneck):
     pass
 
 
-class PlainSEResNetBlock(SEResNetBlock):
+class PlainSEResNetBlock(DownsampleTail, SEResNetBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.se_module(self.relu(self.bn2(self.conv2(out))))
-        if self.downsample is not None:
-            out = out + self.downsample(x)
-        return self.relu(out)
+        return self.relu(self._add_kept_projection(out, x))
 
 
 swap_rule(SEBottleneck, PlainSEBottleneck, 'downsample')

@@ -4,31 +4,19 @@ import torch
 from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 
 from ..rules import swap_rule
+from ._tails import DownsampleTail
 
 
-class PlainSelectiveKernelBasic(SelectiveKernelBasic):
+class PlainSelectiveKernelBasic(DownsampleTail, SelectiveKernelBasic):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1(x)
-        x = self.conv2(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.downsample is not None:
-            x = x + self.downsample(shortcut)
-        return self.act(x)
+        out = self.conv2(self.conv1(x))
+        return self.act(self._se_and_kept_projection(out, x))
 
 
-class PlainSelectiveKernelBottleneck(SelectiveKernelBottleneck):
+class PlainSelectiveKernelBottleneck(DownsampleTail, SelectiveKernelBottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv1(x)
-        x = self.conv2(x)
-        x = self.conv3(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.downsample is not None:
-            x = x + self.downsample(shortcut)
-        return self.act(x)
+        out = self.conv3(self.conv2(self.conv1(x)))
+        return self.act(self._se_and_kept_projection(out, x))
 
 
 swap_rule(SelectiveKernelBasic, PlainSelectiveKernelBasic, 'downsample')
