@@ -219,3 +219,22 @@ def test_method_loss_returns_the_modules_loss_and_jointrd_loss_is_its_deprecated
     assert isinstance(old, MethodLoss) and isinstance(old, JointRDLoss) and old(io, {}, None) is loss
     with pytest.raises(ValueError, match='MethodLoss reads the loss'):
         get_mid_level_loss({'key': 'MethodLoss', 'kwargs': {}})({'.': {'output': torch.zeros(2, 10)}}, {}, None)
+
+
+def test_a_committed_yaml_runs_on_a_local_copy_given_by_override(tmp_path, tmp_path_factory):
+    """The committed YAMLs name CIFAR-10 by its Hub id; `-o datasets.*.init.kwargs.source=PATH` (every dataset) or
+    `datasets.ID....` (one) points them at a local copy before any dataset is built."""
+    from jointrd_timm.training.run_config import ConfigError, load_config
+    data = _shared_folder(tmp_path_factory, 10, 36)
+    yaml_path = ROOT / 'yamls' / 'cifar10' / 'ce-resnet56.yaml'
+    overrides = [f'datasets.*.init.kwargs.source={data}', 'datasets.*.init.kwargs.image_column=image',
+                 "datasets.cifar10/test.init.kwargs.split=train", 'datasets.cifar10/train.init.kwargs.limit=4',
+                 'train.num_epochs=1']
+    config = load_config(yaml_path, overrides)
+    assert len(config['datasets']['cifar10/train']) == 4 and len(config['datasets']['cifar10/test']) == 10
+    assert config['train']['num_epochs'] == 1
+    assert yaml_path.read_text().count('source: uoft-cs/cifar10') == 2  # the committed file is untouched
+    with pytest.raises(ConfigError, match=r"no dataset 'cifar10/val'; the YAML has \['cifar10/train', 'cifar10/test'\]"):
+        load_config(yaml_path, ['datasets.cifar10/val.init.kwargs.source=x'])
+    with pytest.raises(ConfigError, match='needs datasets.ID.key.path=value'):
+        load_config(yaml_path, ['datasets.cifar10/train=x'])

@@ -1,6 +1,7 @@
 """A run's YAML: loaded (keys checked with a safe loader before torchdistill's tags run), overridden from the
 command line, and its numbers checked before anything is built. The ``runner`` section and its defaults are
 described in the runner's module docstring and docs/cli.md."""
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -32,23 +33,54 @@ def _check_keys(section: Dict, allowed, where: str) -> None:
 
 
 def apply_overrides(config: Dict, overrides: List[str]) -> Dict:
-    """``a.b.c=value`` (value parsed as YAML) into plain config sections (train, test, runner, models)."""
-    for item in overrides:
-        if '=' not in item:
-            raise ConfigError(f'Override {item!r} is not of the form key.path=value.')
-        path, raw = item.split('=', 1)
+    """``a.b.c=value`` (value parsed as YAML) into plain config sections (train, test, runner, models). Dataset
+    overrides (``datasets.ID.path=value``) are applied by :func:`load_config` before the datasets are built."""
+    for path, value in _parse_overrides(overrides):
         keys = path.split('.')
         if keys[0] == 'datasets':
-            raise ConfigError(f'{path}: datasets are built while the YAML loads, so they cannot be overridden on the '
-                              'command line; edit the datasets section of the YAML (or let `jointrd distill --data '
-                              'SOURCE` write one for your data).')
+            raise ConfigError(f'{path}: datasets are built while the YAML loads; pass the override to load_config '
+                              '(`jointrd train --config YAML -o datasets.ID.init.kwargs.source=PATH`).')
         node = config
         for key in keys[:-1]:
             if not isinstance(node.get(key, {}), dict):
                 raise ConfigError(f'Override {path}: {key} is not a mapping.')
             node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = value
     return config
+
+
+def _parse_overrides(overrides: List[str]):
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'Override {item!r} is not of the form key.path=value.')
+        path, raw = item.split('=', 1)
+        yield path, yaml.safe_load(raw)
+
+
+def _override_datasets(text: str, overrides: List[str], where: str) -> str:
+    """The YAML ``text`` with ``datasets.ID.path=value`` overrides applied to its datasets section before any tag
+    runs (ID ``*``: every dataset), e.g. ``datasets.*.init.kwargs.source=/data/cifar10`` for a local copy of the
+    dataset the YAML names by its Hub id."""
+    from .configs import Tagged, read_yaml, to_yaml
+    tree = read_yaml(text)
+    datasets = tree.get('datasets') or {}
+    for path, value in _parse_overrides(overrides):
+        _, dataset_id, *keys = path.split('.')
+        if not keys:
+            raise ConfigError(f'{where}: override {path} needs datasets.ID.key.path=value.')
+        ids = list(datasets) if dataset_id == '*' else [dataset_id]
+        for name in ids:
+            if name not in datasets:
+                raise ConfigError(f'{where}: override {path}: no dataset {name!r}; the YAML has {list(datasets)}.')
+            node = datasets[name]
+            for key in keys[:-1]:
+                node = node.value if isinstance(node, Tagged) else node
+                if not isinstance(node, dict) or not isinstance(node.get(key, {}), (dict, Tagged)):
+                    raise ConfigError(f'{where}: override {path}: {key} is not a mapping.')
+                node = node.setdefault(key, {})
+            node = node.value if isinstance(node, Tagged) else node
+            node[keys[-1]] = value
+    return to_yaml(tree)
 
 
 class _TagsAsPlaceholders(yaml.SafeLoader):
@@ -88,11 +120,20 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'No config file at {path}.')
+    overrides = list(overrides or [])
+    data_overrides = [o for o in overrides if o.split('.', 1)[0] == 'datasets']
+    overrides = [o for o in overrides if o not in data_overrides]
     peeked = _peek(path)
-    validate(apply_overrides(peeked, list(overrides or [])), where=str(path))  # numbers, before any tag runs
-    config = yaml_util.load_yaml_file(str(path))
+    validate(apply_overrides(peeked, overrides), where=str(path))  # numbers, before any tag runs
+    if data_overrides:
+        with tempfile.TemporaryDirectory() as tmp:  # torchdistill loads files: the overridden YAML, briefly
+            changed = Path(tmp) / path.name
+            changed.write_text(_override_datasets(path.read_text(), data_overrides, str(path)))
+            config = yaml_util.load_yaml_file(str(changed))
+    else:
+        config = yaml_util.load_yaml_file(str(path))
     import_dependencies(config.get('dependencies', None))
-    return validate(apply_overrides(config, overrides or []), where=str(path))
+    return validate(apply_overrides(config, overrides), where=str(path))
 
 
 def _is_int(value) -> bool:
