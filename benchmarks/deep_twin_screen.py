@@ -45,20 +45,15 @@ def parser():
     return p
 
 
-def main():
-    args = parser().parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+def build(args):
+    """(recipe, teacher, twin, method, train set, test set) of the screen: the published teacher, its twin started
+    from it, and the fading twin alone or JointRD over ``args.steps`` steps."""
     import timm
     import jointrd_timm
     from jointrd_timm.io import load_weights
     from jointrd_timm.training.data import load_image_dataset
-    from jointrd_timm.training.runner import recalibrate_batchnorm
-    from jointrd_timm.twins.fade import deployable, shortcut_scale
-    from jointrd_timm.twins.probe import FadeProbe, batchnorm_drift
     from jointrd_timm.methods import FadingStudent, JointRD
     from jointrd_timm.recipes import recipe_for
-
     levers = {}
     for item in args.lever:
         key, _, value = item.partition('=')
@@ -79,20 +74,88 @@ def main():
     else:
         method = FadingStudent(twin, recipe.shortcut_fade, recipe.shortcut_fade_window, recipe.shortcut_fade_power,
                                num_epochs=epochs, steps_per_epoch=steps_per_epoch, mode=recipe.shortcut_fade_mode)
+    return recipe, teacher, twin, method, train, test
+
+
+def block_taps(teacher, twin) -> tuple:
+    """Forward hooks recording each fading block's output in the teacher and in the twin (for block-wise hints)."""
+    from jointrd_timm.twins.fade import FadingGraphBlock
+    teacher.eval()
+    teacher_out, twin_out = {}, {}
+    for n in [n for n, m in twin.named_modules() if isinstance(m, FadingGraphBlock)]:
+        teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: teacher_out.__setitem__(n, o))
+        twin.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: twin_out.__setitem__(n, o))
+    return teacher_out, twin_out
+
+
+def screen_loss(args, method, teacher, taps, x, y):
+    """(loss, logits) of one step: JointRD's loss, or the twin alone's CE with the optional KD and block hints."""
+    if args.jointrd:
+        out = method(x, y)
+        return out['loss'], out['logits']
+    logits = method(x)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    if args.kd or args.hint:
+        with torch.no_grad():
+            t_logits = teacher(x)
+    if args.kd:
+        from jointrd_timm.methods.base import hinton_kd
+        loss = (1 - args.kd) * loss + args.kd * hinton_kd(logits, t_logits, 4.0)
+    if args.hint:
+        teacher_out, twin_out = taps
+        hint = sum(((twin_out[n] - teacher_out[n]) ** 2).mean() / teacher_out[n].pow(2).mean()
+                   for n in teacher_out) / len(teacher_out)
+        loss = loss + args.hint * hint
+    return loss, logits
+
+
+def probe_entry(probe, twin, x, step: int, lr: float, window: dict, seconds: float) -> dict:
+    """One log entry: s, lr, the window's loss and train accuracy, and per block the probe's statistics, gradient
+    norm and eval-mode output RMS, with the BatchNorm drift on the batch ``x``."""
+    from jointrd_timm.twins.fade import shortcut_scale
+    from jointrd_timm.twins.probe import batchnorm_drift
+    stats, grads = probe.stats(), probe.gradient_norms()
+    drift = batchnorm_drift(twin, x)
+    twin.eval()
+    with torch.no_grad():
+        probe.reset()
+        twin(x)
+        eval_stats = probe.stats()
+    twin.train()
+    entry = dict(step=step, s=shortcut_scale(twin), lr=lr, loss=window['loss'] / window['seen'],
+                 train_acc=100.0 * window['correct'] / window['seen'],
+                 blocks={n: dict(stats[n], grad_norm=grads[n], eval_output_rms=eval_stats[n].get('output_rms'))
+                         for n in stats},
+                 bn_drift=drift, seconds=seconds)
+    print(f"step {step} s={entry['s']:.4f} lr={lr:.4f} loss={entry['loss']:.3f} acc={entry['train_acc']:.1f} "
+          f"share(mean)={sum(b['shortcut_share'] for b in entry['blocks'].values()) / len(stats):.3f} "
+          f'{seconds:.0f}s', flush=True)
+    probe.reset()
+    return entry
+
+
+def deployed_accuracy(twin, train, test, batch_size: int) -> float:
+    """Test accuracy of the deployed twin: shortcuts removed, BN statistics recomputed on 100 training batches."""
+    from jointrd_timm.io import top1_accuracy
+    from jointrd_timm.training.runner import recalibrate_batchnorm
+    from jointrd_timm.twins.fade import deployable
+    deployed = deployable(twin)
+    recalibrate_batchnorm(deployed, torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True), 100)
+    return top1_accuracy(deployed.eval(), test)
+
+
+def main():
+    args = parser().parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from jointrd_timm.twins.probe import FadeProbe
+    recipe, teacher, twin, method, train, test = build(args)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps)))
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
-    teacher_out = {}
-    if not args.jointrd and (args.kd or args.hint):
-        teacher.eval()
-        from jointrd_timm.twins.fade import FadingGraphBlock
-        blocks = [n for n, m in twin.named_modules() if isinstance(m, FadingGraphBlock)]
-        twin_out = {}
-        for n in blocks:
-            teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: teacher_out.__setitem__(n, o))
-            twin.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: twin_out.__setitem__(n, o))
+    taps = block_taps(teacher, twin) if not args.jointrd and (args.kd or args.hint) else None
     probe = FadeProbe(twin)
     log, step, t0 = [], 0, time.time()
     window = dict(loss=0.0, correct=0, seen=0)
@@ -101,23 +164,7 @@ def main():
         for x, y in loader:
             if step >= args.steps:
                 break
-            if args.jointrd:
-                out = method(x, y)
-                loss, logits = out['loss'], out['logits']
-            else:
-                logits = method(x)
-                loss = torch.nn.functional.cross_entropy(logits, y)
-                if args.kd or args.hint:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                if args.kd:
-                    from jointrd_timm.methods.base import hinton_kd
-                    kd = hinton_kd(logits, t_logits, 4.0)
-                    loss = (1 - args.kd) * loss + args.kd * kd
-                if args.hint:
-                    hint = sum(((twin_out[n] - teacher_out[n]) ** 2).mean() / teacher_out[n].pow(2).mean()
-                               for n in teacher_out) / len(teacher_out)
-                    loss = loss + args.hint * hint
+            loss, logits = screen_loss(args, method, teacher, taps, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             window['loss'] += float(loss.detach()) * len(y)
@@ -125,38 +172,15 @@ def main():
             window['seen'] += len(y)
             step += 1
             if step % args.log_every == 0 or step == args.steps:
-                stats, grads = probe.stats(), probe.gradient_norms()
-                drift = batchnorm_drift(twin, x)
-                twin.eval()
-                with torch.no_grad():
-                    probe.reset()
-                    twin(x)
-                    eval_stats = probe.stats()
-                twin.train()
-                log.append(dict(step=step, s=shortcut_scale(twin), lr=sched.get_last_lr()[0],
-                                loss=window['loss'] / window['seen'],
-                                train_acc=100.0 * window['correct'] / window['seen'],
-                                blocks={n: dict(stats[n], grad_norm=grads[n],
-                                                eval_output_rms=eval_stats[n].get('output_rms'))
-                                        for n in stats},
-                                bn_drift=drift, seconds=time.time() - t0))
-                print(f"step {step} s={log[-1]['s']:.4f} lr={log[-1]['lr']:.4f} loss={log[-1]['loss']:.3f} "
-                      f"acc={log[-1]['train_acc']:.1f} share(mean)="
-                      f"{sum(b['shortcut_share'] for b in log[-1]['blocks'].values()) / len(stats):.3f} "
-                      f"{time.time() - t0:.0f}s", flush=True)
+                log.append(probe_entry(probe, twin, x, step, sched.get_last_lr()[0], window, time.time() - t0))
                 window = dict(loss=0.0, correct=0, seen=0)
-                probe.reset()
             if args.clip is not None:
                 from timm.utils import dispatch_clip_grad
                 dispatch_clip_grad(params, args.clip, mode=args.clip_mode)
             opt.step()
             sched.step()
     probe.close()
-    deployed = deployable(twin)
-    recal_loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True)
-    recalibrate_batchnorm(deployed, recal_loader, 100)
-    from jointrd_timm.io import top1_accuracy
-    acc = top1_accuracy(deployed.eval(), test)
+    acc = deployed_accuracy(twin, train, test, args.batch_size)
     record = dict(args=vars(args), recipe=recipe.id, test_acc=acc, test_images=len(test), log=log,
                   seconds=time.time() - t0)
     Path(args.out).write_text(json.dumps(record))
