@@ -20,10 +20,12 @@ The package: ``config`` (the settings), ``loss`` (the objective), ``method`` (th
 teacher's own optimizer ('teacher_first') is a :class:`~jointrd_timm.methods.side_optimizer.SideOptimizer`.
 """
 from .config import DEFAULT_LEAN_MEMORY, LOSS_NORMALIZERS, JointRDConfig, TeacherOptimizerConfig
-from .lean import _LeanPaths, scale_grad
+from .lean import scale_grad
 from .loss import hybrid_term, jointrd_loss, stage_weights
 from .method import JointRD
-from .tails import _FrozenConv, _MaskReLUFn
+# importable from here as when the package was one module (tests reach them)
+from .lean import _LeanPaths  # noqa: F401
+from .tails import _FrozenConv, _MaskReLUFn  # noqa: F401
 
 __all__ = ['JointRD', 'JointRDConfig', 'TeacherOptimizerConfig', 'hybrid_term', 'jointrd_loss', 'scale_grad',
            'stage_weights']
