@@ -77,7 +77,8 @@ def summary(screen: dict) -> dict:
                 seconds=screen['seconds'])
 
 
-FULL_RUNS = ('twin-alone-e4', 'twin-alone-e4-share', 'twin-jointrd-e4', 'twin-jointrd-e4-share')
+FULL_RUNS = ('twin-alone-e4', 'twin-alone-e4-share', 'twin-jointrd-e4', 'twin-jointrd-e4-share', 'twin-jointrd-e4-fade50',
+             'twin-jointrd-e4-kd')
 
 
 def full_runs(arch: str) -> dict:
@@ -106,7 +107,8 @@ def full_run_lines(runs: dict) -> list:
     lines = ['', '## The same conversions at full CIFAR-10, four epochs', '',
              'Train accuracy of each epoch (train mode, the epoch\'s mean) and s at its end, from the runs of '
              '[full_cifar10_resnet56_cifar.md](full_cifar10_resnet56_cifar.md) (same teacher, seed and split); '
-             'the fade ends in epoch 4.', '',
+             'the fade ends at 80 % of the run (in epoch 4), for `-fade50` at the end of epoch 2; `-kd` adds Hinton KD '
+             '(weight 1, T 4) on the twin\'s logits.', '',
              '| run | ' + ' | '.join(f'epoch {e + 1}' for e in range(epochs)) + ' | deployed test acc % |',
              '|---|' + '---|' * (epochs + 1)]
     for name, r in runs.items():
