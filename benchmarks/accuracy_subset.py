@@ -123,7 +123,7 @@ def model_config(row: Row, arch: str, teacher_ckpt: str, args) -> tuple:
     twin = dict(model_name=f'plain_{arch}', **common)
     schedule = SCHEDULES['cpu-budget'].replace(epochs=args.epochs, lr=row.lr or args.lr, weight_decay=5e-4,
                                                batch_size=args.batch_size)
-    discriminator = dict(lr=1e-3, momentum=0.9, weight_decay=0.0, cosine_epochs=args.epochs)
+    discriminator = schedule.side_optimizer(lr=1e-3, momentum=0.9, weight_decay=0.0)
     configs = {
         'teacher': lambda: (dict(key='timm_model', kwargs=dict(model_name=arch, **common)), 'ce', {}),
         'control': lambda: (dict(key='timm_model', kwargs=teacher), 'ce', {}),

@@ -77,8 +77,9 @@ def summary(screen: dict) -> dict:
                 seconds=screen['seconds'])
 
 
-FULL_RUNS = ('twin-alone-e4', 'twin-alone-e4-share', 'twin-jointrd-e4', 'twin-jointrd-e4-share', 'twin-jointrd-e4-fade50',
-             'twin-jointrd-e4-kd')
+FULL_RUNS = ('twin-alone-e4', 'twin-alone-e4-share', 'twin-jointrd-e4', 'twin-jointrd-e4-share',
+             'twin-jointrd-e4-fade50', 'twin-jointrd-e4-kd', 'twin-jointrd-e4-kd-lr02', 'twin-jointrd-e4-s1',
+             'twin-jointrd-e4-kd-s1')
 
 
 def full_runs(arch: str) -> dict:
@@ -106,9 +107,11 @@ def full_run_lines(runs: dict) -> list:
     epochs = max(len(r['train_acc']) for r in runs.values())
     lines = ['', '## The same conversions at full CIFAR-10, four epochs', '',
              'Train accuracy of each epoch (train mode, the epoch\'s mean) and s at its end, from the runs of '
-             '[full_cifar10_resnet56_cifar.md](full_cifar10_resnet56_cifar.md) (same teacher, seed and split); '
+             '[full_cifar10_resnet56_cifar.md](full_cifar10_resnet56_cifar.md) (same teacher and split, seed 0 '
+             'unless marked); '
              'the fade ends at 80 % of the run (in epoch 4), for `-fade50` at the end of epoch 2; `-kd` adds Hinton KD '
-             '(weight 1, T 4) on the twin\'s logits.', '',
+             '(weight 1, T 4) on the twin\'s logits; `-lr02` trains the twin at 0.2 times the peak lr (`lr_scale` '
+             '0.2: 0.02); `-s1`: training seed 1 (data order, augmentation), same teacher and split.', '',
              '| run | ' + ' | '.join(f'epoch {e + 1}' for e in range(epochs)) + ' | deployed test acc % |',
              '|---|' + '---|' * (epochs + 1)]
     for name, r in runs.items():

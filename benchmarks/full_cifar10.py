@@ -113,8 +113,9 @@ def stepwise_blocks(arch: str) -> int:
 
 
 def run_specs(args, work: Path):
-    """(row, epochs, folder, method, torchdistill model config) of every run, in run order: the teacher, then for
-    each fraction the twin with JointRD, the twin alone and the control, then each variant's two twins."""
+    """(row, epochs, folder, method, torchdistill model config, twin recipe or None) of every run, in run order: the
+    teacher, then for each fraction the twin with JointRD, the twin alone and the control, then each variant's two
+    twins. A twin trains at its recipe's :meth:`~jointrd_timm.recipes.Recipe.conversion_lr` of ``--lr``."""
     from jointrd_timm.recipes import recipe_for
     recipe = recipe_for(args.arch)
     variants = [parse_variant(v) for v in args.variant]
@@ -125,9 +126,9 @@ def run_specs(args, work: Path):
         epochs = twin_epochs(args, fraction)
         specs += [
             ('twin + JointRD', epochs, work / f'twin-jointrd-e{epochs}', 'jointrd',
-             recipe.jointrd_model(args.arch, teacher_ckpt, num_classes=10), recipe.id),
+             recipe.jointrd_model(args.arch, teacher_ckpt, num_classes=10), recipe),
             ('twin alone', epochs, work / f'twin-alone-e{epochs}', 'ce',
-             recipe.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), recipe.id),
+             recipe.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), recipe),
             ('control', epochs, work / f'control-e{epochs}', 'ce',
              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt)), None),
         ]
@@ -141,13 +142,13 @@ def run_specs(args, work: Path):
             changed = recipe.replace(**fields)
             specs += [
                 (f'twin + JointRD, {name}', epochs, work / f'twin-jointrd-e{epochs}-{name}', 'jointrd',
-                 changed.jointrd_model(args.arch, teacher_ckpt, num_classes=10), changed.id),
+                 changed.jointrd_model(args.arch, teacher_ckpt, num_classes=10), changed),
                 (f'twin alone, {name}', epochs, work / f'twin-alone-e{epochs}-{name}', 'ce',
-                 changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), changed.id),
+                 changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), changed),
             ]
     if args.seed:  # another seed of the conversions: same teacher, split and budget, own folders and rows
         specs = specs[:1] + [(f'{row}, seed {args.seed}', epochs, folder.with_name(f'{folder.name}-s{args.seed}'),
-                              method, model, recipe_id) for row, epochs, folder, method, model, recipe_id in specs[1:]]
+                              method, model, recipe) for row, epochs, folder, method, model, recipe in specs[1:]]
     return recipe, specs
 
 
@@ -166,7 +167,7 @@ def main():
     recipe, specs = run_specs(args, work)
     if not args.report_only:
         data = splits(args)
-        for row, epochs, folder, method, model, _ in specs:
+        for row, epochs, folder, method, model, twin_recipe in specs:
             if row.split(',')[0] not in args.rows or (args.only and folder.name not in args.only):
                 continue
             if row != 'teacher' and not finished(work / 'teacher'):
@@ -174,7 +175,8 @@ def main():
                 continue
             start = time.time()
             run(folder, make_config(data[0], data[2], model, method, epochs=epochs, batch_size=args.batch_size,
-                                    lr=args.lr, weight_decay=5e-4, seed=args.seed if row != 'teacher' else 0,
+                                    lr=twin_recipe.conversion_lr(args.lr) if twin_recipe else args.lr,
+                                    weight_decay=5e-4, seed=args.seed if row != 'teacher' else 0,
                                     val_set=data[1]))
             print(f'{row}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
     report(args, recipe, specs)
@@ -265,10 +267,10 @@ def collect_runs(specs, work: Path, recorded: list) -> list:
     for r in recorded:
         if (work / r['folder']).is_dir():
             rows[r['folder']] = (r['row'], r['epochs'], work / r['folder'], r.get('recipe'))
-    for row, epochs, folder, _, _, recipe_id in specs:
+    for row, epochs, folder, _, _, twin_recipe in specs:
         if row not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, seed, step-wise) never started
             continue
-        rows[folder.name] = (row, epochs, folder, recipe_id)
+        rows[folder.name] = (row, epochs, folder, twin_recipe.id if twin_recipe else None)
     runs = [run_entry(*spec) for spec in rows.values()]
     return sorted(runs, key=lambda r: (r['row'] != 'teacher', r['epochs']))  # stable: first-recorded order kept
 

@@ -187,6 +187,7 @@ SUITE = {
     'timm_validate.py': ['results/timm_validate.*'],
     'deep_twin_screen.py': ['a JSON record per screen'],
     'deep_twin_report.py': ['results/deep_twin_diagnostics.*'],
+    'conversion_lr.py': ['results/conversion_lr.*'],
     'step_cost.py': ['results/training_cost.*', 'results/training_cost_ratios*.*', 'results/training_cost_channels_last.*',
                      'results/training_cost_compile.*'],
     'deploy_bench.py': ['results/deploy_bench.*'],

@@ -273,8 +273,8 @@ def _distill_parser(sub) -> None:
     p.add_argument('--epochs', type=int, default=None, help='twin epochs (default: the schedule of the data\'s setting)')
     p.add_argument('--teacher-epochs', type=int, default=None,
                    help='epochs of a teacher trained or fine-tuned here (default: --epochs)')
-    p.add_argument('--recipe', default=None, help='a recipe of jointrd_timm.recipes.RECIPES (default: the '
-                                                  'recommended one for the architecture)')
+    p.add_argument('--recipe', default=None, help='a recipe of jointrd_timm.recipes.RECIPES, optionally with fields '
+                   "changed ('default,kd_weight=0.5,lr_scale=0.2'; default: the recommended one for the architecture)")
     p.add_argument('--output-dir', '--output', default='runs/distill', action=_DeprecatedAlias,
                    deprecated=('--output',), help='output folder (default: runs/distill; --output: its former name, '
                                                   'deprecated)')

@@ -17,6 +17,7 @@ benchmarks/results/ (``recipe_ablation*.md``) hold the numbers, each recipe's ``
 per-architecture recipes are named for what they change from the default (``joint-teacher-first``,
 ``unnormalised-loss``); :func:`get_recipe` also reads the ids they had before (``RECIPE_ALIASES``).
 """
+import ast
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,7 +35,7 @@ SGD_MOMENTUM = 0.9  # every schedule's, with Nesterov
 _IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
-                  'shortcut_fade_mode', 'dirac', 'keep_projection_shortcuts')
+                  'shortcut_fade_mode', 'dirac', 'keep_projection_shortcuts', 'lr_scale')
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as JointRDConfig and fading_model default them (stated only when they differ)
 _FADE_DEFAULTS = dict(shortcut_fade_window=1.0, shortcut_fade_power=1.0, shortcut_fade_mode='scale')
@@ -114,7 +115,7 @@ SCHEDULES = {s.name: s for s in (
              milestones=(100, 150)),
     Schedule('imagenet', epochs=120, batch_size=512, lr=0.2, weight_decay=1e-4, decay='step', step_size=30,
              milestones=(30, 60, 90), jointrd=_IMAGENET_JOINTRD),
-    # the CPU budget of benchmarks/recipe_ablation.py (8,000 CIFAR-10 images, 5 epochs per run)
+    # the CPU budget of benchmarks/accuracy_subset.py (8,000 CIFAR-10 images, 5 epochs per run)
     Schedule('cpu-budget', epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4),
     # `jointrd demo` on the 8x8 digits
     Schedule('demo', epochs=12, batch_size=64, lr=0.05, weight_decay=5e-4),
@@ -143,6 +144,10 @@ class Recipe:
             branch; ``methods.fading.ShortcutFade``).
         dirac: Dirac-parametrised convs (folded before deployment).
         keep_projection_shortcuts: the paper's plain-CNN variant, which keeps the projection shortcuts.
+        lr_scale: the twin's peak learning rate as a multiple of the schedule's (:meth:`conversion_lr`). A twin
+            started from a converged teacher is fine-tuned, not trained from scratch: at a from-scratch peak its
+            loss first climbs before the fade has begun, and Hinton KD (``kd_weight``) can turn that climb into a
+            collapse (docs/jointrd.md, "The conversion's learning rate").
         jointrd: :class:`JointRDConfig` fields that differ from the schedule's reference settings.
         record: the results page that measured the recipe.
     """
@@ -155,12 +160,16 @@ class Recipe:
     shortcut_fade_mode: str = 'scale'
     dirac: bool = False
     keep_projection_shortcuts: bool = False
+    lr_scale: float = 1.0
     jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
     record: str = 'benchmarks/results/recipe_ablation.md'
     changed: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, 'jointrd', MappingProxyType(dict(self.jointrd)))
+        if not (isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0):
+            raise ValueError(f'Recipe {self.name!r}: lr_scale must be a positive number (the twin\'s peak learning '
+                             f'rate as a multiple of the schedule\'s), got {self.lr_scale!r}.')
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)
         JointRDConfig.from_dict(self.run_fields(SCHEDULES['cifar']))
@@ -185,6 +194,10 @@ class Recipe:
                                    changed=tuple(sorted(changed.items())))
 
     # -- what the recipe produces ---------------------------------------------------------------------------------
+    def conversion_lr(self, lr: float) -> float:
+        """The twin's peak learning rate on a schedule whose peak is ``lr``: ``lr * lr_scale``."""
+        return lr * self.lr_scale
+
     def fade_fields(self) -> Dict:
         """The fade of the twin (``shortcut_fade`` and, where they differ from the defaults of JointRDConfig and
         fading_model, its window, power and mode); empty for a recipe without a fade."""
@@ -310,12 +323,29 @@ def short_run_warning(recipe: Recipe, epochs: int, steps_per_epoch: int) -> Opti
             f"teacher's accuracy. Train for at least {needed} epochs (--epochs {needed}).")
 
 
-def get_recipe(name: str) -> Recipe:
-    """The recipe called ``name``: a key of ``RECIPES``, or the former id of a named recipe (``RECIPE_ALIASES``)."""
+def _field_value(text: str):
+    """A field's value as :attr:`Recipe.id` writes it (Python literals; anything else is text, e.g. ``joint``)."""
     try:
-        return RECIPES[RECIPE_ALIASES.get(name, name)]
-    except KeyError:
-        raise ValueError(f'Unknown recipe {name!r}; recipes: {sorted(RECIPES)}.') from None
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``: a key of ``RECIPES``, the former id of a named recipe (``RECIPE_ALIASES``), or
+    any :attr:`Recipe.id`, ``NAME,field=value,...`` (a named recipe with fields changed, as records write it)."""
+    name = RECIPE_ALIASES.get(name, name)
+    base, *changes = name.split(',')
+    if base not in RECIPES:
+        raise ValueError(f'Unknown recipe {base!r}; recipes: {sorted(RECIPES)} (optionally with changed fields: '
+                         "'default,kd_weight=0.5,lr_scale=0.2').")
+    fields = {}
+    for change in changes:
+        key, sep, value = change.partition('=')
+        if not sep or not key:
+            raise ValueError(f'Recipe {name!r}: each change after the name is field=value, got {change!r}.')
+        fields[key.strip()] = _field_value(value.strip())
+    return RECIPES[base].replace(**fields) if fields else RECIPES[base]
 
 
 def recipe_for(arch: str) -> Recipe:

@@ -54,7 +54,7 @@ def tiny_yaml(tmp_path: Path, method: str = 'jointrd', epochs: int = 2, limit: i
         dst_ckpt: '{tmp_path}/td.pt'
     """
         model_section = "pre_epoch_process: 'jointrd_pre_epoch_process'\n      model: {forward_proc: 'forward_batch_target'}"
-        criterion = "jointrd: {criterion: {key: 'JointRDLoss', kwargs: {module_path: '.'}}, weight: 1.0}"
+        criterion = "jointrd: {criterion: {key: 'MethodLoss', kwargs: {module_path: '.'}}, weight: 1.0}"
     else:
         models = f"""
     models:

@@ -263,5 +263,13 @@ def test_plan_takes_data_and_training_specs_or_their_fields_by_keyword(tmp_path)
             train['val_data_loader']['dataset_id']) == (2, 0.02, 16, 'val')
     # the digits' setting (the demo schedule, cosine) at the run's own length
     assert train['scheduler'] == dict(key='CosineAnnealingLR', kwargs=dict(T_max=2))
+    # a recipe's lr_scale lowers the twin's peak learning rate only (and a joint teacher's own SGD with it)
+    slower = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epochs=2, limit=64, lr=0.02,
+                          recipe='default,lr_scale=0.25,teacher_mode=joint,joint_step_order=teacher_first')
+    slower_configs = build_configs(slower, slower.teacher.model)
+    assert slower.budget['lr'] == 0.02 and slower.run_schedule(2).lr == 0.02
+    assert slower_configs['distill']['train']['optimizer']['kwargs']['lr'] == pytest.approx(0.005)
+    joint_sgd = slower_configs['distill']['models']['model']['kwargs']['jointrd']['teacher_optimizer']
+    assert joint_sgd['lr'] == pytest.approx(0.005)
     with pytest.raises(TypeError, match=r"Unknown distill option\(s\) \['epoch'\]"):
         plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epoch=2)

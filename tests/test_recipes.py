@@ -111,3 +111,29 @@ def test_schedule_writes_each_optimizer_and_scheduler_section_in_one_place():
     assert cifar.side_optimizer(lr=1e-3) == dict(lr=1e-3, milestones=[100, 150], gamma=0.1)
     assert imagenet.side_optimizer(lr=1e-3) == dict(lr=1e-3, milestones=[30, 60, 90], gamma=0.1)
     assert short.side_optimizer(lr=1e-3) == dict(lr=1e-3, cosine_epochs=30)
+
+
+def test_lr_scale_sets_the_twins_peak_lr_is_recorded_in_the_id_and_must_be_positive():
+    slower = DEFAULT_RECIPE.replace(lr_scale=0.2, kd_weight=1.0)
+    assert slower.id == 'default,kd_weight=1.0,lr_scale=0.2'
+    assert get_recipe(slower.id).lr_scale == 0.2
+    assert slower.conversion_lr(0.1) == pytest.approx(0.02)
+    assert DEFAULT_RECIPE.conversion_lr(0.1) == 0.1
+    # a recipe field, not a JointRDConfig one: it does not reach the method's config
+    assert 'lr_scale' not in slower.jointrd_model('resnet20_cifar', None, num_classes=10)['kwargs']['jointrd']
+    for bad in (0, -0.5, '0.2', True):
+        message = r'lr_scale must be a positive number .* got ' + repr(bad).replace('.', r'\.')
+        with pytest.raises(ValueError, match=message):
+            DEFAULT_RECIPE.replace(lr_scale=bad)
+
+
+def test_get_recipe_reads_back_any_id_and_names_a_malformed_one():
+    for recipe in (DEFAULT_RECIPE.replace(shortcut_fade=0.5, teacher_mode='joint', shortcut_fade_mode='share'),
+                   get_recipe('joint-teacher').replace(eta_min=0.5), DEFAULT_RECIPE.replace(shortcut_fade=None)):
+        assert get_recipe(recipe.id) == recipe
+    with pytest.raises(ValueError, match=r"Unknown recipe 'defualt'; recipes: \['default'"):
+        get_recipe('defualt,lr_scale=0.5')
+    with pytest.raises(ValueError, match=r"each change after the name is field=value, got 'lr_scale'"):
+        get_recipe('default,lr_scale')
+    with pytest.raises(ValueError, match=r"Unknown recipe field\(s\) \['lr_scal'\]"):
+        get_recipe('default,lr_scal=0.5')

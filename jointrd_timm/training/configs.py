@@ -5,7 +5,7 @@ configs and a training method into the config :func:`jointrd_timm.training.runne
 yamls/ hold. ``method`` picks the box and the loss:
 
 * ``ce``: TrainingBox, cross-entropy (teacher pre-training, twin trained alone, a ``fading_model``);
-* ``jointrd``: TrainingBox with a ``jointrd_model`` and JointRDLoss;
+* ``jointrd``: TrainingBox with a ``jointrd_model`` and MethodLoss (the loss the module computes);
 * ``method``: TrainingBox with a module that computes its own loss (``cakd_model``, ``aps_model``,
   ``stepwise_model``, a ``jointrd_model`` with an adversarial term) and MethodLoss;
 * ``kd``: DistillationBox, torchdistill's KDLoss (Hinton et al. 2015) with a frozen teacher;
@@ -30,7 +30,7 @@ KD_TEMPERATURE, KD_ALPHA = 4.0, 0.9  # torchdistill's KDLoss (Hinton et al. 2015
 DATASET_LOADER = 'jointrd_timm.training.data.load_image_dataset'
 _BOX_METHODS = ('ce', 'jointrd', 'method', 'kd', 'fitnets')
 # the loss term of a module that computes its own loss: (sub-term name, registered loss)
-_MODULE_LOSS = {'jointrd': ('jointrd', 'JointRDLoss'), 'method': ('method', 'MethodLoss')}
+_MODULE_LOSS = {'jointrd': ('jointrd', 'MethodLoss'), 'method': ('method', 'MethodLoss')}
 
 
 def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: Optional[bool]) -> Dict:
@@ -137,8 +137,7 @@ def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: O
                 hint_layer: str = 'layer2', hint_weight: float = 1.0) -> Dict:
     """:func:`build_config` in keywords: SGD at ``lr`` for ``epochs`` with a cosine decay (``schedule='cosine'``)
     or x 0.1 at half and three quarters of the run (``'multistep'``). ``val_set`` (default: the test set) is
-    evaluated after each epoch, for the record only. ``cakd``, ``aps`` and ``stepwise`` modules train under the
-    JointRDLoss name of their loss (the same MethodLoss)."""
+    evaluated after each epoch, for the record only."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
     decay = dict(decay='multistep', milestones=(epochs // 2, 3 * epochs // 4)) if schedule != 'cosine' else {}

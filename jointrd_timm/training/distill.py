@@ -116,9 +116,11 @@ class DistillPlan:
     def teacher_trained_here(self) -> bool:
         return self.teacher.num_classes is None or self.reinit_head
 
-    def run_schedule(self, epochs: int) -> Schedule:
-        """The schedule of a run of ``epochs`` here: the setting's (:meth:`Schedule.for_run`) at this batch and lr."""
-        return self.schedule.for_run(epochs, self.budget['lr']).replace(batch_size=self.budget['batch_size'])
+    def run_schedule(self, epochs: int, twin: bool = False) -> Schedule:
+        """The schedule of a run of ``epochs`` here: the setting's (:meth:`Schedule.for_run`) at this batch and lr;
+        ``twin``: the twin's run, at the recipe's :meth:`~jointrd_timm.recipes.Recipe.conversion_lr` of that lr."""
+        lr = self.recipe.conversion_lr(self.budget['lr']) if twin else self.budget['lr']
+        return self.schedule.for_run(epochs, lr).replace(batch_size=self.budget['batch_size'])
 
     @property
     def input_chw(self):
@@ -158,7 +160,8 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     budget = dict(batch_size=train.batch_size or schedule.batch_size, lr=train.lr or schedule.lr,
                   weight_decay=schedule.weight_decay, seed=train.seed,
                   num_workers=train.workers if train.workers is not None else (0 if digits else 2))
-    pair = twin_recipe.jointrd_model(resolved.arch, None, schedule.for_run(epochs, budget['lr']), **common)
+    twin_schedule = schedule.for_run(epochs, twin_recipe.conversion_lr(budget['lr']))
+    pair = twin_recipe.jointrd_model(resolved.arch, None, twin_schedule, **common)
     check_pair(pair, (channels, input_size, input_size), data_classes)
     load_teacher(resolved)  # its weights are there and load: a run never starts only to fail fetching them
     command = f'jointrd distill {teacher} --data {data.source} --epochs {epochs} --recipe {twin_recipe.id} ' \
@@ -178,7 +181,8 @@ def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
 
     def config(model: Dict, method: str, epochs: int, folder: str) -> Dict:
         # the per-epoch record reads the held-out part of the train split when there is one, else the test set
-        return build_config(plan.datasets, model, plan.run_schedule(epochs), method, seed=plan.budget['seed'],
+        schedule = plan.run_schedule(epochs, twin=folder == 'twin')
+        return build_config(plan.datasets, model, schedule, method, seed=plan.budget['seed'],
                             output_dir=str((out / folder).resolve()), num_workers=plan.budget['num_workers'],
                             runner=plan.runner)
 
