@@ -56,10 +56,10 @@ def first_steps(arch: str, lr: float, kd_weight: float, data, steps_per_epoch: i
     """Per-step CE, accuracy, KD and gradient norm of the default recipe's conversion of ``arch`` at peak ``lr``."""
     from jointrd_timm.integrations.torchdistill import jointrd_model
     from jointrd_timm.methods.base import hinton_kd
-    from jointrd_timm.recipes import recipe_for
+    from jointrd_timm.recipes import DEFAULT_RECIPE
     teacher_ckpt = ROOT / 'benchmarks/runs/full_cifar10' / arch / 'teacher' / 'model'
     torch.manual_seed(0)
-    recipe = recipe_for(arch).replace(kd_weight=kd_weight)
+    recipe = DEFAULT_RECIPE.replace(kd_weight=kd_weight)
     model = jointrd_model(**recipe.jointrd_model(arch, str(teacher_ckpt), num_classes=10)['kwargs'])
     model.set_run_length(CONVERSION_EPOCHS[arch], steps_per_epoch)
     model.train()

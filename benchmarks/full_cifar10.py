@@ -3,7 +3,8 @@
 The teacher (``--arch``, cross-entropy, ``--teacher-epochs`` on the full training set less the held-out validation
 split, cosine lr) is trained once; from it, for each fraction in ``--fractions`` of the teacher's epochs:
 
-* ``twin + JointRD``: the twin with the recipes module's default recipe for the architecture;
+* ``twin + JointRD``: the twin with ``--recipe`` (default: the record's, else the recipes module's recommended
+  recipe for the architecture);
 * ``twin alone``: the same twin, same ingredients (teacher init + shortcut fade), no JointRD terms;
 * ``control``: the residual teacher itself trained for the same extra epochs from its own weights (equal compute).
 
@@ -53,6 +54,9 @@ def parser():
     p.add_argument('--variant', action='append', default=[], metavar='NAME=FIELD:VALUE,...',
                    help="a change of the architecture's recipe (Recipe.replace fields, values as JSON or text) whose "
                         'twins (JointRD and alone) get rows of their own, e.g. share=shortcut_fade_mode:share')
+    p.add_argument('--recipe', default=None,
+                   help="the twins' recipe (a name or id of jointrd_timm.recipes; default: the record's, so that a "
+                        "record's rows keep the recipe they ran with, else the architecture's recommended one)")
     p.add_argument('--only', nargs='+', default=None, metavar='FOLDER',
                    help='run only these run folders (e.g. twin-alone-e4-share); the page lists every finished one')
     p.add_argument('--work-dir', default=str(ROOT / 'benchmarks/runs/full_cifar10'))
@@ -116,8 +120,8 @@ def run_specs(args, work: Path):
     """(row, epochs, folder, method, torchdistill model config, twin recipe or None) of every run, in run order: the
     teacher, then for each fraction the twin with JointRD, the twin alone and the control, then each variant's two
     twins. A twin trains at its recipe's :meth:`~jointrd_timm.recipes.Recipe.conversion_lr` of ``--lr``."""
-    from jointrd_timm.recipes import recipe_for
-    recipe = recipe_for(args.arch)
+    from jointrd_timm.recipes import get_recipe, recipe_for
+    recipe = get_recipe(args.recipe) if args.recipe else recipe_for(args.arch)
     variants = [parse_variant(v) for v in args.variant]
     teacher_ckpt = str(work / 'teacher' / 'model')
     specs = [('teacher', args.teacher_epochs, work / 'teacher', 'ce',
@@ -160,6 +164,8 @@ def main():
         args.teacher_epochs = recorded.get('teacher_epochs', 32)
     if args.fractions is None:
         args.fractions = recorded.get('fractions', [0.25, 0.5])
+    if args.recipe is None:
+        args.recipe = recorded.get('recipe')
     torch.set_num_threads(args.threads)
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
@@ -286,8 +292,8 @@ def report(args, recipe, specs) -> None:
     record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs, variants=variants,
                             fractions=fractions, data='CIFAR-10: 50,000 training images less a held-out '
                             f'validation split of {args.val_size} (seed {args.split_seed}); the 10,000 test images',
-                            budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run, '
-                                   'weight decay 5e-4'), runs=runs)
+                            budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run '
+                                   "(a twin's: its recipe's lr_scale times that), weight decay 5e-4"), runs=runs)
     lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
              f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
              'model (nothing selected on test). The teacher trains first; every other run starts from its weights '

@@ -285,6 +285,10 @@ _DEFAULT_WITH = {
         "the default with the hybrid paths at full weight all run and the teacher trained along as the reference's "
         'JOINT branch trains it (teacher step first, running BN statistics in the hybrid paths, margin per epoch)',
         'benchmarks/results/recipe_ablation_resnet110.md'),
+    'kd-low-lr': (
+        dict(kd_weight=1.0, lr_scale=0.2),
+        "the default at a fifth of the schedule's peak learning rate, with Hinton KD (weight 1, T 4) on the twin's "
+        'logits', 'benchmarks/results/deep_twin_diagnostics.md'),
     'unnormalised-loss': (
         dict(loss_normalization='none'), "the default with the twin's own loss not divided by the number of stages",
         'benchmarks/results/recipe_ablation_resnet18.md'),

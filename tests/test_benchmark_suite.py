@@ -383,7 +383,8 @@ def test_full_cifar10_variants_and_step_wise_row():
     args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions',
                                              '0.5', '--variant', 'share=shortcut_fade_mode:share'])
     recipe, specs = full_cifar10.run_specs(args, Path('/nonexistent'))
-    rows = {row: (folder.name, method, model, recipe_id) for row, _, folder, method, model, recipe_id in specs}
+    rows = {row: (folder.name, method, model, twin_recipe and twin_recipe.id)
+            for row, _, folder, method, model, twin_recipe in specs}
     assert list(rows) == ['teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal',
                           'twin + JointRD, share', 'twin alone, share']
     folder, method, model, _ = rows['step-wise removal']
@@ -393,6 +394,21 @@ def test_full_cifar10_variants_and_step_wise_row():
     assert folder == 'twin-jointrd-e4-share' and recipe_id.endswith('shortcut_fade_mode=share')
     assert model['kwargs']['jointrd']['shortcut_fade_mode'] == 'share'
     assert rows['twin alone, share'][2]['kwargs']['shortcut_fade_mode'] == 'share'
+    assert rows['control'][3] is None and rows['teacher'][3] is None
+
+
+def test_full_cifar10_twins_train_at_their_recipes_conversion_lr(monkeypatch):
+    """A variant's lr_scale sets its twins' peak lr; the teacher, the control and step-wise removal keep --lr."""
+    import full_cifar10
+    from jointrd_timm.training import runner
+    args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions', '0.5',
+                                             '--lr', '0.05', '--variant', 'slow=lr_scale:0.2,kd_weight:1.0'])
+    _, specs = full_cifar10.run_specs(args, Path('/nonexistent'))
+    by_row = {row: twin_recipe for row, _, _, _, _, twin_recipe in specs}
+    lrs = {row: (r.conversion_lr(args.lr) if r else args.lr) for row, r in by_row.items()}
+    assert lrs['twin + JointRD, slow'] == lrs['twin alone, slow'] == pytest.approx(0.01)
+    assert lrs['twin + JointRD'] == lrs['control'] == lrs['teacher'] == lrs['step-wise removal'] == 0.05
+    assert by_row['twin + JointRD, slow'].id == 'default,kd_weight=1.0,lr_scale=0.2'
 
 
 def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
@@ -461,3 +477,32 @@ def test_alternatives_verdicts_follow_the_numbers():
     for number in ('2.00', '0.67x', '0.50x', '1.33x', '42.5', '21.8'):
         assert number in text
     assert text.index('our recipe twin') < text.index('21.8')  # the best twin is named before the others' figures
+
+
+def test_conversion_first_steps_log_ce_kd_and_stand_still_at_lr_zero(tmp_path, monkeypatch):
+    """The first-steps probe of conversion_lr.py on the committed depth-20 teacher and made-up batches: at step 1 the
+    twin is its teacher (KD between them is what their train- and eval-mode BN make of one batch, and the logged CE
+    is the twin's own); at lr 0 nothing moves, so the same batch gives the same numbers at every step; at a large lr
+    with KD the twin leaves its teacher."""
+    import conversion_lr
+    from jointrd_timm.integrations.torchdistill import jointrd_model
+    from jointrd_timm.methods.base import hinton_kd
+    from jointrd_timm.recipes import DEFAULT_RECIPE
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    still = conversion_lr.first_steps('resnet20_cifar', 0.0, 1.0, [batch] * 3, steps_per_epoch=50)
+    assert all(len(v) == 3 for v in still.values())
+    for name in ('ce', 'kd', 'acc'):
+        assert still[name][0] == pytest.approx(still[name][2], rel=1e-5), name
+    teacher_ckpt = conversion_lr.ROOT / 'benchmarks/runs/full_cifar10/resnet20_cifar/teacher/model'
+    model = jointrd_model(**DEFAULT_RECIPE.jointrd_model('resnet20_cifar', str(teacher_ckpt), num_classes=10)['kwargs'])
+    model.train()
+    with torch.no_grad():
+        logits = model.student(batch[0])
+        expected_kd = float(hinton_kd(logits, model.teacher(batch[0]), 4.0))
+        expected_ce = float(torch.nn.functional.cross_entropy(logits, batch[1]))
+    assert still['kd'][0] == pytest.approx(expected_kd, rel=1e-4)
+    assert still['ce'][0] == pytest.approx(expected_ce, rel=1e-4)
+    assert all(g > 0 for g in still['grad_norm'])
+    moving = conversion_lr.first_steps('resnet20_cifar', 0.5, 1.0, [batch] * 3, steps_per_epoch=50)
+    assert moving['ce'][0] == pytest.approx(still['ce'][0], rel=1e-5) and moving['kd'][2] > still['kd'][2]

@@ -103,6 +103,13 @@ def _stated(model: dict) -> dict:
     return dict(model, kwargs=kwargs)
 
 
+def run_schedule(dataset: str, arch: str, method: str):
+    """The schedule of a run: the setting's; a twin's (``plain``, ``jointrd``) at its recipe's peak learning rate
+    (``Recipe.conversion_lr``)."""
+    schedule = dataset_schedule(dataset)
+    return schedule if method == 'ce' else schedule.replace(lr=recipe_for(arch).conversion_lr(schedule.lr))
+
+
 def recipe_model(dataset: str, arch: str, method: str) -> dict:
     """The model config of a ``ce``, ``plain`` or ``jointrd`` run of ``arch`` with its recommended recipe."""
     num_classes = DATASETS[dataset]['num_classes']
@@ -111,7 +118,7 @@ def recipe_model(dataset: str, arch: str, method: str) -> dict:
     recipe, checkpoint = recipe_for(arch), f'runs/{dataset}/ce-{_short(arch)}/model'
     if method == 'plain':
         return _stated(recipe.twin_alone_model(arch, checkpoint, num_classes=num_classes))
-    return _stated(recipe.jointrd_model(arch, checkpoint, dataset_schedule(dataset), num_classes=num_classes))
+    return _stated(recipe.jointrd_model(arch, checkpoint, run_schedule(dataset, arch, method), num_classes=num_classes))
 
 
 def zoo_model(dataset: str, method: str, teacher: str, student: str, checkpoint: str, schedule) -> tuple:
@@ -165,7 +172,8 @@ def recipe_documents(dataset: str, arch: str):
             header += f"\n# The recipe and what it was measured against: {recipe.record}"
         name = f'{method}-{_short(arch)}'
         box = 'jointrd' if method == 'jointrd' else 'ce'
-        yield name, render(dataset, name, header, box, recipe_model(dataset, arch, method), dataset_schedule(dataset))
+        yield name, render(dataset, name, header, box, recipe_model(dataset, arch, method),
+                           run_schedule(dataset, arch, method))
 
 
 def zoo_document(dataset: str, method: str, teacher: str, student: str, label: str, teacher_run: str,

@@ -59,6 +59,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     twin_alone = twin_recipe.twin_alone_model(arch, teacher_ckpt, **common)
     pair = twin_recipe.jointrd_model(arch, teacher_ckpt, **common)
     budget = dict(epochs=epochs, batch_size=schedule.batch_size, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    twin_budget = dict(budget, lr=twin_recipe.conversion_lr(schedule.lr))  # both twins: the recipe's peak lr
     start = time.time()
     results = {}
     # a demo is rerun as a whole: each rerun replaces the three runs of the previous one (never a partial mix)
@@ -68,10 +69,10 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
                                            **budget), **run_args)
     print(f'[2/3] twin plain_{arch} alone: cross-entropy, {epochs} epochs')
     results['twin alone'] = train(make_config(train_set, test_set, twin_alone, 'ce', output_dir=str(out / 'twin-alone'),
-                                              **budget), **run_args)
+                                              **twin_budget), **run_args)
     print(f'[3/3] twin plain_{arch} with JointRD from the teacher, {epochs} epochs')
     results['twin + JointRD'] = train(make_config(train_set, test_set, pair, 'jointrd',
-                                                  output_dir=str(out / 'twin-jointrd'), **budget), **run_args)
+                                                  output_dir=str(out / 'twin-jointrd'), **twin_budget), **run_args)
     train_seconds = time.time() - start
 
     models = {'teacher': load_weights(timm.create_model(arch, **common), out / 'teacher' / 'model').eval(),
