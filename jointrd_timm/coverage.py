@@ -15,6 +15,7 @@ every derivable architecture; ``tests/test_coverage.py`` over one small architec
 A step that fails with one of the named refusals (:data:`REFUSALS`: the architecture cannot take that step by
 design, and the error says why) is recorded as ``refused`` with its reason; any other exception is a ``crash``.
 """
+import copy
 import tempfile
 from typing import Dict, Optional, Tuple
 
@@ -29,7 +30,7 @@ from .methods.stages import StageLayoutError
 from .twins import count_shortcut_additions
 from .twins.derive import NotResidualError, UnsupportedBlockError
 from .recipes import DEFAULT_RECIPE
-from .twins.fade import deployable, set_shortcut_scale
+from .twins.fade import deployable, make_fading, set_shortcut_scale
 from .twins.transfer import load_teacher_weights
 from .twins.verify import find_unhandled_residual_blocks
 
@@ -83,6 +84,9 @@ def _reached(model: nn.Module, noise: bool = False) -> set:
 
 
 def _fade_step(arch: str, teacher: nn.Module, x: torch.Tensor) -> Tuple[Dict, nn.Module]:
+    from .models.plain_twins import _EXCLUDED
+    if arch in _EXCLUDED:  # not registered as plain_<arch>: deriving its fading twin raises the refusal and reason
+        make_fading(copy.deepcopy(teacher))
     fading = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
     dropped = load_teacher_weights(fading, teacher)
     teacher.eval(), fading.eval()

@@ -505,4 +505,5 @@ def test_conversion_first_steps_log_ce_kd_and_stand_still_at_lr_zero(tmp_path, m
     assert still['ce'][0] == pytest.approx(expected_ce, rel=1e-4)
     assert all(g > 0 for g in still['grad_norm'])
     moving = conversion_lr.first_steps('resnet20_cifar', 0.5, 1.0, [batch] * 3, steps_per_epoch=50)
-    assert moving['ce'][0] == pytest.approx(still['ce'][0], rel=1e-5) and moving['kd'][2] > still['kd'][2]
+    assert moving['ce'][0] == pytest.approx(still['ce'][0], rel=1e-5)
+    assert abs(moving['ce'][2] - still['ce'][2]) > 1e-3 and abs(moving['kd'][2] - still['kd'][2]) > 1e-3

@@ -50,10 +50,10 @@ def test_recipe_path_passes_slow(arch):
 
 
 def test_a_refused_step_is_counted_with_its_reason():
-    # LCNet derives (its blocks are rule-known) but has no shortcut to fade: a named refusal, not a crash
+    # LCNet has no shortcut to remove (not registered as plain_lcnet_035): a named refusal, not a crash
     results = check_recipe_path('lcnet_035', size=32, export=False)
     assert results['fade'] == dict(status='refused', error='NotResidualError', reason=results['fade']['reason'])
-    assert 'no shortcut addition to fade' in results['fade']['reason']
+    assert 'no shortcut addition' in results['fade']['reason']
     assert all(results[s]['status'] == 'skipped' for s in ('jointrd', 'deploy', 'export'))
 
 

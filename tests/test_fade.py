@@ -49,9 +49,12 @@ def test_scale_one_is_the_teacher_and_scale_zero_is_the_twin(arch, size):
 
 
 def test_fading_a_model_without_shortcuts_is_refused_at_once():
-    # LCNet's blocks are rule-known but all run with timm's skip off: nothing to fade, so no fading twin
+    # LCNet's blocks are rule-known but all run with timm's skip off: nothing to fade, so no fading twin (and no
+    # plain_lcnet_035 is registered)
+    from jointrd_timm.twins.fade import make_fading
     with pytest.raises(NotResidualError, match='no shortcut addition to fade .* without shortcut_fade'):
-        timm.create_model('plain_lcnet_035', shortcut_fade=True)
+        make_fading(timm.create_model('lcnet_035'))
+    assert 'plain_lcnet_035' not in timm.list_models('plain_*')
 
 
 def test_intermediate_scale_matches_a_hand_computed_block():

@@ -28,14 +28,16 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
                 dict(row='twin + JointRD', epochs=1, folder='twin-jointrd-e1', recipe='default'),
                 dict(row='twin + JointRD', epochs=2, folder='twin-jointrd-e2', recipe='default'),
                 dict(row='gone', epochs=1, folder='deleted-folder')]
+    from jointrd_timm.recipes import DEFAULT_RECIPE
+    fade50 = DEFAULT_RECIPE.replace(shortcut_fade=0.5)
     specs = [('teacher', 2, tmp_path / 'teacher', 'ce', {}, None),
-             ('twin + JointRD, fade50', 1, tmp_path / 'twin-jointrd-e1-fade50', 'jointrd', {}, 'default,x=1'),
-             ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50', 'ce', {}, 'default,x=1')]  # never started
+             ('twin + JointRD, fade50', 1, tmp_path / 'twin-jointrd-e1-fade50', 'jointrd', {}, fade50),
+             ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50', 'ce', {}, fade50)]  # never started
     runs = full_cifar10.collect_runs(specs, tmp_path, recorded)
     assert [r['folder'] for r in runs] == ['teacher', 'twin-jointrd-e1', 'twin-jointrd-e1-fade50', 'twin-jointrd-e2']
     by = {r['folder']: r for r in runs}
     assert by['twin-jointrd-e1']['test_acc'] == 72.5 and by['twin-jointrd-e1']['test_acc_as_trained'] == 70.0
-    assert by['twin-jointrd-e1-fade50']['recipe'] == 'default,x=1' and by['twin-jointrd-e1-fade50']['test_acc'] == 75.0
+    assert by['twin-jointrd-e1-fade50']['recipe'] == 'default,shortcut_fade=0.5' and by['twin-jointrd-e1-fade50']['test_acc'] == 75.0
     assert 'test_acc' not in by['twin-jointrd-e2'] and by['twin-jointrd-e2']['epochs_done'] == 1
     assert by['teacher']['test_acc'] == 80.0 and by['teacher']['seconds_per_epoch'] == 10.5
 
