@@ -121,11 +121,10 @@ def model_config(row: Row, arch: str, teacher_ckpt: str, args) -> tuple:
     common = dict(num_classes=10)
     teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
     twin = dict(model_name=f'plain_{arch}', **common)
-    lr = row.lr or args.lr
-    if row.recipe is not None and row.run in ('alone', 'jointrd'):  # a twin trains at its recipe's peak
-        lr = row.recipe.conversion_lr(lr)
-    schedule = SCHEDULES['cpu-budget'].replace(epochs=args.epochs, lr=lr, weight_decay=5e-4,
+    schedule = SCHEDULES['cpu-budget'].replace(epochs=args.epochs, lr=row.lr or args.lr, weight_decay=5e-4,
                                                batch_size=args.batch_size)
+    if row.recipe is not None and row.run in ('alone', 'jointrd'):  # a twin trains at its recipe's peak
+        schedule = row.recipe.twin_schedule(schedule)
     discriminator = schedule.side_optimizer(lr=1e-3, momentum=0.9, weight_decay=0.0)
     configs = {
         'teacher': lambda: (dict(key='timm_model', kwargs=dict(model_name=arch, **common)), 'ce', {}),

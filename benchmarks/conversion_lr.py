@@ -12,6 +12,7 @@ frozen teacher (T 4; logged also where it is not trained on) and the gradient no
     python benchmarks/conversion_lr.py --threads 2
 """
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -44,12 +45,7 @@ def batches(args):
                                part='train', seed=0)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
-    out = []
-    for x, y in loader:
-        out.append((x, y))
-        if len(out) == args.steps:
-            return out, len(loader)
-    return out, len(loader)
+    return list(itertools.islice(loader, args.steps)), len(loader)
 
 
 def first_steps(arch: str, lr: float, kd_weight: float, data, steps_per_epoch: int) -> dict:

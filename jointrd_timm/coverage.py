@@ -84,8 +84,8 @@ def _reached(model: nn.Module, noise: bool = False) -> set:
 
 
 def _fade_step(arch: str, teacher: nn.Module, x: torch.Tensor) -> Tuple[Dict, nn.Module]:
-    from .models.plain_twins import _EXCLUDED
-    if arch in _EXCLUDED:  # not registered as plain_<arch>: deriving its fading twin raises the refusal and reason
+    from .models.plain_twins import underivable_reason
+    if underivable_reason(arch):  # not registered as plain_<arch>: deriving its fading twin raises the refusal
         make_fading(copy.deepcopy(teacher))
     fading = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
     dropped = load_teacher_weights(fading, teacher)

@@ -198,6 +198,10 @@ class Recipe:
         """The twin's peak learning rate on a schedule whose peak is ``lr``: ``lr * lr_scale``."""
         return round(lr * self.lr_scale, 12)  # 0.1 * 0.2 is 0.02 in a config, not 0.020000000000000004
 
+    def twin_schedule(self, schedule: 'Schedule') -> 'Schedule':
+        """``schedule`` for the twin's run: the same, at :meth:`conversion_lr` of its peak."""
+        return schedule.replace(lr=self.conversion_lr(schedule.lr))
+
     def fade_fields(self) -> Dict:
         """The fade of the twin (``shortcut_fade`` and, where they differ from the defaults of JointRDConfig and
         fading_model, its window, power and mode); empty for a recipe without a fade."""

@@ -107,7 +107,7 @@ def run_schedule(dataset: str, arch: str, method: str):
     """The schedule of a run: the setting's; a twin's (``plain``, ``jointrd``) at its recipe's peak learning rate
     (``Recipe.conversion_lr``)."""
     schedule = dataset_schedule(dataset)
-    return schedule if method == 'ce' else schedule.replace(lr=recipe_for(arch).conversion_lr(schedule.lr))
+    return schedule if method == 'ce' else recipe_for(arch).twin_schedule(schedule)
 
 
 def recipe_model(dataset: str, arch: str, method: str) -> dict:

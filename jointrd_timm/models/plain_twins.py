@@ -50,6 +50,11 @@ TWIN_MODULES = (
 # architectures of those modules whose twin does not derive, with the reason (kept by the coverage benchmark)
 _EXCLUDED: Dict[str, str] = json.loads((Path(__file__).parent / 'underivable.json').read_text())
 
+
+def underivable_reason(arch: str) -> Optional[str]:
+    """Why ``arch`` has no registered ``plain_<arch>`` (underivable.json), or None when it has one."""
+    return _EXCLUDED.get(arch)
+
 _WEIGHT_SOURCES = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'file', 'state_dict',
                    'tag', 'architecture', 'source', 'origin_url', 'paper_ids', 'paper_name', 'notes')
 

@@ -119,8 +119,8 @@ class DistillPlan:
     def run_schedule(self, epochs: int, twin: bool = False) -> Schedule:
         """The schedule of a run of ``epochs`` here: the setting's (:meth:`Schedule.for_run`) at this batch and lr;
         ``twin``: the twin's run, at the recipe's :meth:`~jointrd_timm.recipes.Recipe.conversion_lr` of that lr."""
-        lr = self.recipe.conversion_lr(self.budget['lr']) if twin else self.budget['lr']
-        return self.schedule.for_run(epochs, lr).replace(batch_size=self.budget['batch_size'])
+        schedule = self.schedule.for_run(epochs, self.budget['lr']).replace(batch_size=self.budget['batch_size'])
+        return self.recipe.twin_schedule(schedule) if twin else schedule
 
     @property
     def input_chw(self):
@@ -160,7 +160,7 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     budget = dict(batch_size=train.batch_size or schedule.batch_size, lr=train.lr or schedule.lr,
                   weight_decay=schedule.weight_decay, seed=train.seed,
                   num_workers=train.workers if train.workers is not None else (0 if digits else 2))
-    twin_schedule = schedule.for_run(epochs, twin_recipe.conversion_lr(budget['lr']))
+    twin_schedule = twin_recipe.twin_schedule(schedule.for_run(epochs, budget['lr']))
     pair = twin_recipe.jointrd_model(resolved.arch, None, twin_schedule, **common)
     check_pair(pair, (channels, input_size, input_size), data_classes)
     load_teacher(resolved)  # its weights are there and load: a run never starts only to fail fetching them
