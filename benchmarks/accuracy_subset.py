@@ -117,7 +117,8 @@ APS = dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256
 
 
 def model_config(row: Row, arch: str, teacher_ckpt: str, args) -> tuple:
-    """(model config, make_config method, make_config keywords) of ``row`` on the pair ``arch``."""
+    """(model config, make_config method, make_config keywords: the teacher of kd and fitnets, the row's schedule)
+    of ``row`` on the pair ``arch``."""
     common = dict(num_classes=10)
     teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
     twin = dict(model_name=f'plain_{arch}', **common)
@@ -140,7 +141,7 @@ def model_config(row: Row, arch: str, teacher_ckpt: str, args) -> tuple:
                                                           discriminator=discriminator)), 'aps', {}),
     }
     model, method, extra = configs[row.run]()
-    return model, method, dict(extra, lr=schedule.lr)
+    return model, method, dict(extra, schedule=schedule)
 
 
 class Budget:
@@ -180,9 +181,8 @@ class Budget:
             args, (train_set, val_set, test_set) = self.args, self.data(seed)
             model, method, extra = model_config(row, args.arch, str(self.work / 'teacher' / 'model'), args)
             start = time.time()
-            train(make_config(train_set, test_set, model, method, epochs=args.epochs, batch_size=args.batch_size,
-                              weight_decay=5e-4, seed=seed, num_workers=args.workers, val_set=val_set,
-                              output_dir=str(folder), **extra),
+            train(make_config(train_set, test_set, model, method, seed=seed, num_workers=args.workers,
+                              val_set=val_set, output_dir=str(folder), **extra),
                   resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
             print(f'{row.label} seed {seed}: {time.time() - start:.0f} s', flush=True)
         return read_run(folder)

@@ -118,9 +118,11 @@ def ensure_teacher(args, work: Path, seed: int = 0, splits=None) -> dict:
         from jointrd_timm.training.configs import make_config
         from jointrd_timm.training.runner import train
         train_set, val_set, test_set = splits or cifar_splits(args, seed)
+        from jointrd_timm.recipes import SCHEDULES
+        schedule = SCHEDULES['cpu-budget'].replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
         train(make_config(train_set, test_set, dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)),
-                          'ce', epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
-                          seed=seed, num_workers=args.workers, val_set=val_set, output_dir=str(folder)),
+                          'ce', schedule=schedule, seed=seed, num_workers=args.workers, val_set=val_set,
+                          output_dir=str(folder)),
               resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
     return read_run(folder)[0]
 

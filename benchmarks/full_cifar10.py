@@ -116,10 +116,18 @@ def stepwise_blocks(arch: str) -> int:
     return fading_block_count(timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True))
 
 
+def schedule(args, epochs: int, recipe=None):
+    """The run's schedule: ``epochs`` at batch ``--batch-size``, SGD from ``--lr`` with a cosine decay, weight decay
+    5e-4; a twin's (``recipe``) at its recipe's peak (:meth:`~jointrd_timm.recipes.Recipe.twin_schedule`)."""
+    from jointrd_timm.recipes import Schedule
+    run = Schedule('full-cifar10', epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4)
+    return recipe.twin_schedule(run) if recipe is not None else run
+
+
 def run_specs(args, work: Path):
     """(row, epochs, folder, method, torchdistill model config, twin recipe or None) of every run, in run order: the
     teacher, then for each fraction the twin with JointRD, the twin alone and the control, then each variant's two
-    twins. A twin trains at its recipe's :meth:`~jointrd_timm.recipes.Recipe.conversion_lr` of ``--lr``."""
+    twins. A twin trains on its recipe's schedule (:func:`schedule`)."""
     from jointrd_timm.recipes import get_recipe, recipe_for
     recipe = get_recipe(args.recipe) if args.recipe else recipe_for(args.arch)
     variants = [parse_variant(v) for v in args.variant]
@@ -180,10 +188,8 @@ def main():
                 print(f'{row}: waits for the teacher ({work / "teacher"} has not finished)', flush=True)
                 continue
             start = time.time()
-            run(folder, make_config(data[0], data[2], model, method, epochs=epochs, batch_size=args.batch_size,
-                                    lr=twin_recipe.conversion_lr(args.lr) if twin_recipe else args.lr,
-                                    weight_decay=5e-4, seed=args.seed if row != 'teacher' else 0,
-                                    val_set=data[1]))
+            run(folder, make_config(data[0], data[2], model, method, schedule=schedule(args, epochs, twin_recipe),
+                                    seed=args.seed if row != 'teacher' else 0, val_set=data[1]))
             print(f'{row}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
     report(args, recipe, specs)
 

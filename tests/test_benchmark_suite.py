@@ -24,7 +24,10 @@ def test_every_row_is_a_recipe_or_a_method_and_builds_its_config():
         assert len({r.id for r in rows}) == len(rows) and len({r.label for r in rows}) == len(rows), question
         for row in rows:
             model, method, extra = acc.model_config(row, 'resnet20_cifar', 'W/teacher/model', BUDGET)
-            assert method == methods[row.run] and extra['lr'] == (row.lr or 0.1), row.label
+            run = SCHEDULES['cpu-budget'].replace(epochs=5, lr=row.lr or 0.1, batch_size=128)
+            if row.run in ('alone', 'jointrd'):  # a twin: its recipe's peak lr
+                run = row.recipe.twin_schedule(run)
+            assert method == methods[row.run] and extra['schedule'] == run, row.label
             if row.run == 'jointrd':
                 assert model == row.recipe.jointrd_model('resnet20_cifar', 'W/teacher/model', SCHEDULES['cpu-budget']
                                                          .replace(epochs=5, lr=row.lr or 0.1), num_classes=10)

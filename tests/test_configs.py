@@ -44,6 +44,22 @@ def test_make_config_is_build_config_on_a_schedule_of_its_keywords(method):
     assert built['train']['scheduler'] == dict(key='CosineAnnealingLR', kwargs=dict(T_max=6))
 
 
+def test_make_config_takes_a_schedule_whole_and_refuses_it_with_keywords():
+    from jointrd_timm.recipes import get_recipe
+    teacher_run = SCHEDULES['cpu-budget'].replace(epochs=4, batch_size=32, lr=0.1)
+    twin_run = get_recipe('kd-low-lr').twin_schedule(teacher_run)  # a twin's: its recipe's peak
+    config = make_config('A', 'B', MODEL, 'jointrd', schedule=twin_run, seed=2)
+    assert config == build_config(dict(train='A', test='B', val='B'), MODEL, twin_run, 'jointrd', seed=2)
+    assert config['train']['optimizer']['kwargs']['lr'] == 0.02 and config['train']['num_epochs'] == 4
+    assert config['train']['train_data_loader']['kwargs']['batch_size'] == 32
+    # the schedule with the same values as keywords is the same config
+    assert make_config('A', 'B', MODEL, 'jointrd', epochs=4, batch_size=32, lr=0.02, seed=2) == config
+    with pytest.raises(ValueError, match=r"give the schedule \('cpu-budget'\) or \['lr'\], not both"):
+        make_config('A', 'B', MODEL, 'ce', schedule=teacher_run, lr=0.5)
+    with pytest.raises(ValueError, match="schedule must be a Schedule, 'cosine' or 'multistep', got 'linear'"):
+        make_config('A', 'B', MODEL, 'ce', schedule='linear')
+
+
 def test_terse_config_leaves_out_torchdistill_defaults_and_names_datasets():
     datasets = dict(train=dataset_entry(source='uoft-cs/cifar10', split='train'),
                     test=dataset_entry(source='uoft-cs/cifar10', split='test'))

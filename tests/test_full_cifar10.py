@@ -56,6 +56,21 @@ def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
     assert [s[2].name for s in seed0[1:]] == ['twin-jointrd-e4', 'twin-alone-e4', 'control-e4', 'stepwise-e4']
 
 
+def test_twins_train_on_their_recipes_schedule_and_the_rest_on_the_budgets(monkeypatch, tmp_path):
+    monkeypatch.setattr(full_cifar10, 'stepwise_blocks', lambda arch: 3)
+    args = full_cifar10.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5', '--lr', '0.2',
+                                             '--batch-size', '64', '--recipe', 'kd-low-lr',
+                                             '--variant', 'half=lr_scale:0.5'])
+    _, specs = full_cifar10.run_specs(args, tmp_path)
+    lrs = {folder.name: full_cifar10.schedule(args, epochs, recipe).lr
+           for _, epochs, folder, _, _, recipe in specs}
+    assert lrs == {'teacher': 0.2, 'control-e4': 0.2, 'stepwise-e4': 0.2,  # kd-low-lr: a fifth of the peak
+                   'twin-jointrd-e4': 0.04, 'twin-alone-e4': 0.04,
+                   'twin-jointrd-e4-half': 0.1, 'twin-alone-e4-half': 0.1}  # the variant replaces lr_scale
+    run = full_cifar10.schedule(args, 4)
+    assert (run.epochs, run.batch_size, run.weight_decay, run.decay) == (4, 64, 5e-4, 'cosine')
+
+
 def test_published_card_names_the_command_of_its_run():
     import publish_cifar10
     meta = dict(teacher_epochs=8, variants=['share=shortcut_fade_mode:share', 'fade50=shortcut_fade:0.5'])

@@ -17,7 +17,7 @@ torchdistill YAML (datasets as ``!import_call`` of ``load_image_dataset``, class
 :func:`read_yaml` reads one back as data, its tags kept and not run.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 from ..recipes import Schedule
 
@@ -131,17 +131,33 @@ def build_config(datasets: Mapping[str, Any], model: Dict, schedule: Schedule, m
 
 
 def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: Optional[Dict] = None,
-                epochs: int = 10, batch_size: int = 64, lr: float = 0.1, weight_decay: float = 5e-4,
-                schedule: str = 'cosine', seed: int = 0, output_dir: Optional[str] = None, num_workers: int = 0,
-                val_set=None, kd_temperature: float = KD_TEMPERATURE, kd_alpha: float = KD_ALPHA,
-                hint_layer: str = 'layer2', hint_weight: float = 1.0) -> Dict:
-    """:func:`build_config` in keywords: SGD at ``lr`` for ``epochs`` with a cosine decay (``schedule='cosine'``)
-    or x 0.1 at half and three quarters of the run (``'multistep'``). ``val_set`` (default: the test set) is
+                epochs: Optional[int] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
+                weight_decay: Optional[float] = None, schedule: Union[str, Schedule] = 'cosine', seed: int = 0,
+                output_dir: Optional[str] = None, num_workers: int = 0, val_set=None,
+                kd_temperature: float = KD_TEMPERATURE, kd_alpha: float = KD_ALPHA, hint_layer: str = 'layer2',
+                hint_weight: float = 1.0) -> Dict:
+    """:func:`build_config` in keywords. ``schedule``: a :class:`~jointrd_timm.recipes.Schedule` (its epochs,
+    batch, lr, weight decay and decay; e.g. ``Recipe.twin_schedule(...)`` for a twin), or, with the keywords
+    ``epochs`` (default 10), ``batch_size`` (64), ``lr`` (0.1) and ``weight_decay`` (5e-4), the decay: 'cosine'
+    or x 0.1 at half and three quarters of the run ('multistep'). ``val_set`` (default: the test set) is
     evaluated after each epoch, for the record only."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
-    decay = dict(decay='multistep', milestones=(epochs // 2, 3 * epochs // 4)) if schedule != 'cosine' else {}
-    run = Schedule('make_config', epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, **decay)
+    keywords = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+    if isinstance(schedule, Schedule):
+        given = [k for k, v in keywords.items() if v is not None]
+        if given:
+            raise ValueError(f'make_config: give the schedule ({schedule.name!r}) or {given}, not both: '
+                             f'schedule.replace({given[0]}=...) changes a schedule.')
+        run = schedule
+    elif schedule in ('cosine', 'multistep'):
+        defaults = dict(epochs=10, batch_size=64, lr=0.1, weight_decay=5e-4)
+        keywords = {k: defaults[k] if v is None else v for k, v in keywords.items()}
+        epochs = keywords['epochs']
+        decay = dict(decay='multistep', milestones=(epochs // 2, 3 * epochs // 4)) if schedule == 'multistep' else {}
+        run = Schedule('make_config', **keywords, **decay)
+    else:
+        raise ValueError(f"schedule must be a Schedule, 'cosine' or 'multistep', got {schedule!r}.")
     datasets = dict(train=train_set, test=test_set, val=val_set if val_set is not None else test_set)
     return build_config(datasets, model, run, 'jointrd' if method in ('cakd', 'aps', 'stepwise') else method,
                         teacher=teacher, seed=seed, output_dir=output_dir, num_workers=num_workers,

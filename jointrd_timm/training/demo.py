@@ -58,8 +58,8 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     teacher_ckpt = str(out / 'teacher' / 'model')
     twin_alone = twin_recipe.twin_alone_model(arch, teacher_ckpt, **common)
     pair = twin_recipe.jointrd_model(arch, teacher_ckpt, **common)
-    budget = dict(epochs=epochs, batch_size=schedule.batch_size, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    twin_budget = dict(budget, lr=twin_recipe.conversion_lr(schedule.lr))  # both twins: the recipe's peak lr
+    budget = dict(schedule=schedule.replace(epochs=epochs))
+    twin_budget = dict(schedule=twin_recipe.twin_schedule(budget['schedule']))  # both twins: the recipe's peak lr
     start = time.time()
     results = {}
     # a demo is rerun as a whole: each rerun replaces the three runs of the previous one (never a partial mix)
