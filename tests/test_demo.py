@@ -30,7 +30,17 @@ def test_demo_default_recipe_trains_fading_twins_and_deploys_them_without_shortc
     assert f'| {round(acc * n_test / 100)} of {n_test} |' in teacher_row
     assert f'| {memory["teacher"] * 1024:.1f} |' in teacher_row
     assert json.loads((tmp_path / 'summary.json').read_text())['recipe'] == 'default'
-    for run in ('twin-alone', 'twin-jointrd'):
+    # the demo is `jointrd distill` of a bare architecture (teacher trained here, twin with JointRD, the deployed
+    # twin in Hub format with its card) plus the twin alone
+    assert (tmp_path / 'distill.yaml').is_file() and (tmp_path / 'teacher.yaml').is_file()
+    comparison = json.loads((tmp_path / 'comparison.json').read_text())
+    assert comparison['teacher_origin'].startswith('trained here from scratch (1 epochs')
+    assert comparison['activation_memory_mb'] == memory and comparison['recipe'] == 'default'
+    assert comparison['test_acc']['twin'] == pytest.approx(summary['results']['twin + JointRD']['test_acc_deployed'])
+    assert (tmp_path / 'model' / 'README.md').is_file() and (tmp_path / 'model' / 'model.safetensors').is_file()
+    alone = json.loads((tmp_path / 'twin-alone' / 'final.json').read_text())
+    assert alone['test_acc_deployed'] == summary['results']['twin alone']['test_acc_deployed']
+    for run in ('twin-alone', 'twin'):
         # both twins got the same ingredients: shortcuts faded to 0 during the run, saved without them
         records = (tmp_path / run / 'metrics.jsonl').read_text().splitlines()
         scales = [json.loads(line)['shortcut_scale'] for line in records]

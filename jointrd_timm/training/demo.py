@@ -1,10 +1,16 @@
 """``jointrd demo``: the whole story in a few minutes on an embedded real dataset.
 
-1. a residual teacher (CIFAR-style ResNet) trained with cross-entropy;
-2. its shortcut-free twin trained alone, same recipe, budget and ingredients;
-3. the twin trained with JointRD from the teacher, same recipe, budget and ingredients;
+The demo is ``jointrd distill`` (:mod:`jointrd_timm.training.distill`) from a bare architecture name, plus the twin
+trained alone as its baseline:
+
+1. a residual teacher (CIFAR-style ResNet) trained here with cross-entropy (distill's path for a teacher without
+   weights);
+2. the twin trained with JointRD from the teacher (distill's run: YAMLs, the deployed twin in ``model/`` with its
+   card, ``comparison.*``);
+3. the same twin trained alone: same recipe, schedule and ingredients (teacher init, shortcut fade), no JointRD;
 then a table (test accuracy with the count of test images, parameters, activation memory and latency of twin vs
-teacher at batch 1 and 16, measured side by side) and a plot of the same. Default data: scikit-learn's 8x8 digits (shipped inside scikit-learn, 1437 train / 360 test).
+teacher at batch 1 and 16, measured side by side by distill's report) and a plot of the same. Default data:
+scikit-learn's 8x8 digits (shipped inside scikit-learn, 1437 train / 360 test).
 
 The twins are trained with a recipe of :mod:`jointrd_timm.recipes` (``recipe``: ``default``, ``reference``,
 ``dirac``, ...); both get the same ingredients, so their difference is what JointRD adds.
@@ -17,67 +23,57 @@ from typing import Optional
 
 import torch
 
-from ..recipes import SCHEDULES, get_recipe
+from ..recipes import SCHEDULES
 
 __all__ = ['run_demo']
 
 DEMO_ARCH = 'resnet32_cifar'
 
 
-def _datasets(dataset: str, limit: Optional[int] = None):
-    from .data import load_image_dataset
-    if dataset == 'sklearn:digits':
-        kwargs = dict(transform='tensor', input_size=8, channels=1)
-    else:
-        kwargs = dict(transform='cifar', input_size=32, channels=3)
-    return (load_image_dataset(dataset, 'train', limit=limit, **kwargs), load_image_dataset(dataset, 'test', **kwargs),
-            kwargs['channels'], kwargs['input_size'])
+def _train_spec(dataset: str, epochs: Optional[int]):
+    """The demo's schedule (``SCHEDULES['demo']``) as distill options; other data than the digits: 5 epochs, and
+    loaders without workers (the demo's data order on every machine)."""
+    from .distill_inputs import TrainSpec
+    schedule = SCHEDULES['demo']
+    digits = dataset == 'sklearn:digits'
+    return TrainSpec(epochs=epochs or (schedule.epochs if digits else 5), batch_size=schedule.batch_size,
+                     lr=schedule.lr, workers=0)
 
 
 def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epochs: Optional[int] = None,
              device: Optional[str] = None, arch: str = DEMO_ARCH, recipe: str = 'default',
              limit: Optional[int] = None, latency_repeats: int = 50) -> dict:
     """Runs the three trainings into ``output_dir`` and writes summary.{json,md,png}; ``limit``: train images per
-    run (a quick smoke run; default all); ``latency_repeats``: interleaved timed runs per model and batch size."""
-    import timm
-    from ..integrations import torchdistill as _registers  # noqa: F401
-    from ..io import load_weights
-    from .compare import measure_models, plot_comparison
+    run (a quick smoke run; default all); ``latency_repeats``: interleaved timed runs per model and batch size.
+    A rerun replaces the runs of the previous one (never a partial mix)."""
+    from .compare import plot_comparison
+    from .configs import build_config
+    from .distill import DataSpec, plan_distill, report_distill, train_distill
     from .run_folder import deployed_accuracy
-    from .configs import make_config
     from .runner import train
 
     out = Path(output_dir)
-    train_set, test_set, channels, size = _datasets(dataset, limit)
-    num_classes = train_set.num_classes
-    twin_recipe = get_recipe(recipe)
-    schedule = SCHEDULES['demo']
-    epochs = epochs or (schedule.epochs if dataset == 'sklearn:digits' else 5)
-    common = dict(in_chans=channels, num_classes=num_classes)
-    teacher = dict(key='timm_model', kwargs=dict(model_name=arch, **common))
-    teacher_ckpt = str(out / 'teacher' / 'model')
-    twin_alone = twin_recipe.twin_alone_model(arch, teacher_ckpt, **common)
-    pair = twin_recipe.jointrd_model(arch, teacher_ckpt, **common)
-    budget = dict(schedule=schedule.replace(epochs=epochs))
-    twin_budget = dict(schedule=twin_recipe.twin_schedule(budget['schedule']))  # both twins: the recipe's peak lr
+    digits = dataset == 'sklearn:digits'
+    data = DataSpec(dataset, limit=limit, transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
+    plan = plan_distill(arch, data, output_dir=str(out), train=_train_spec(dataset, epochs), recipe=recipe,
+                        overwrite=True)
+    epochs, twin_recipe = plan.epochs, plan.recipe
     start = time.time()
-    results = {}
-    # a demo is rerun as a whole: each rerun replaces the three runs of the previous one (never a partial mix)
-    run_args = dict(device=device, overwrite=True)
-    print(f'[1/3] teacher {arch}: cross-entropy, {epochs} epochs')
-    results['teacher'] = train(make_config(train_set, test_set, teacher, 'ce', output_dir=str(out / 'teacher'),
-                                           **budget), **run_args)
-    print(f'[2/3] twin plain_{arch} alone: cross-entropy, {epochs} epochs')
-    results['twin alone'] = train(make_config(train_set, test_set, twin_alone, 'ce', output_dir=str(out / 'twin-alone'),
-                                              **twin_budget), **run_args)
-    print(f'[3/3] twin plain_{arch} with JointRD from the teacher, {epochs} epochs')
-    results['twin + JointRD'] = train(make_config(train_set, test_set, pair, 'jointrd',
-                                                  output_dir=str(out / 'twin-jointrd'), **twin_budget), **run_args)
+    print(f'[1-2/3] teacher {arch} (cross-entropy) and twin plain_{arch} with JointRD, {epochs} epochs each: '
+          f'jointrd distill')
+    final = train_distill(plan, overwrite=True, device=device)
+    print(f'[3/3] twin plain_{arch} alone: cross-entropy, {epochs} epochs, same recipe')
+    teacher_ckpt = str((out / 'teacher' / 'model').resolve())
+    alone = build_config(plan.datasets, twin_recipe.twin_alone_model(arch, teacher_ckpt, **plan.common),
+                         plan.run_schedule(epochs, twin=True), 'ce', seed=plan.budget['seed'],
+                         output_dir=str(out / 'twin-alone'), num_workers=plan.budget['num_workers'],
+                         runner=plan.runner)
+    results = {'teacher': json.loads((out / 'teacher' / 'final.json').read_text()),
+               'twin alone': train(alone, device=device, overwrite=True),
+               'twin + JointRD': {k: v for k, v in final.items() if k != 'config'}}
     train_seconds = time.time() - start
-
-    models = {'teacher': load_weights(timm.create_model(arch, **common), out / 'teacher' / 'model').eval(),
-              'twin': load_weights(timm.create_model(f'plain_{arch}', **common), out / 'twin-jointrd' / 'model').eval()}
-    measured = measure_models(models, (channels, size, size), latency_repeats=latency_repeats)
+    measured = report_distill(plan, final, train_seconds, latency_repeats=latency_repeats)
+    test_set = plan.datasets['test']
     params, latency, speedup = measured['params'], measured['latency_ms'], measured['speedup']
 
     deployed = {k: deployed_accuracy(r) for k, r in results.items()}
