@@ -128,13 +128,16 @@ def ensure_teacher(args, work: Path, seed: int = 0, splits=None) -> dict:
 
 
 def finished(folder: Path) -> bool:
-    """A runner output folder holds a finished run (its final.json is written last)."""
-    return (Path(folder) / 'final.json').is_file()
+    """A runner output folder holds a finished run (``RunFolder.final``: its final.json is written last)."""
+    from jointrd_timm.training.run_folder import RunFolder
+    return RunFolder(folder).final() is not None
 
 
 def read_run(folder: Path):
-    """A finished run's final metrics and its per-epoch records (metrics.jsonl)."""
-    folder = Path(folder)
-    final = json.loads((folder / 'final.json').read_text())
-    curve = [json.loads(x) for x in (folder / 'metrics.jsonl').read_text().splitlines()]
-    return final, curve
+    """A finished run's final metrics and its per-epoch records (``RunFolder.final`` and ``RunFolder.metrics``)."""
+    from jointrd_timm.training.run_folder import RunFolder
+    run = RunFolder(folder)
+    final = run.final()
+    if final is None:
+        raise FileNotFoundError(f'{folder}: no finished run (no final.json)')
+    return final, run.metrics()

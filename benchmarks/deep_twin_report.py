@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jointrd_timm.training.run_folder import deployed_accuracy
+from jointrd_timm.training.run_folder import RunFolder, deployed_accuracy
 from report import RESULTS, pyplot, save_figure, write_report
 
 NAME = 'deep_twin_diagnostics'
@@ -88,15 +88,13 @@ def full_runs(arch: str) -> dict:
     work = Path(__file__).resolve().parents[1] / 'benchmarks/runs/full_cifar10' / arch
     out = {}
     for name in FULL_RUNS:
-        metrics = work / name / 'metrics.jsonl'
-        if not metrics.is_file():
+        run = RunFolder(work / name)
+        curve, final = run.metrics(), run.final()
+        if not curve:
             continue
-        curve = [json.loads(line) for line in metrics.read_text().splitlines()]
         entry = dict(train_acc=[c['train_acc'] for c in curve], s_end=[c.get('shortcut_scale') for c in curve])
-        final = work / name / 'final.json'
-        if final.is_file():
-            done = json.loads(final.read_text())
-            entry['test_acc'] = deployed_accuracy(done)
+        if final is not None:
+            entry['test_acc'] = deployed_accuracy(final)
         out[name] = entry
     return out
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from jointrd_timm.training.run_folder import as_trained_accuracy, deployed_accuracy
+from jointrd_timm.training.run_folder import RunFolder, as_trained_accuracy, deployed_accuracy
 from cifar_budget import ROOT, finished, read_run
 from report import RESULTS, pyplot, write_report
 
@@ -255,8 +255,7 @@ def run_entry(row: str, epochs: int, folder: Path, recipe_id) -> dict:
     entry = dict(row=row, epochs=epochs, folder=folder.name)
     if recipe_id:
         entry['recipe'] = recipe_id
-    curve_path = folder / 'metrics.jsonl'
-    curve = [json.loads(x) for x in curve_path.read_text().splitlines()] if curve_path.is_file() else []
+    curve = RunFolder(folder).metrics()
     entry['epochs_done'] = len({c['epoch'] for c in curve})
     entry['resumes'] = int((folder / 'resumes.txt').read_text()) if (folder / 'resumes.txt').is_file() else 0
     if curve:

@@ -11,7 +11,7 @@ import full_cifar10  # noqa: E402
 def _run(folder: Path, acc=None, epochs=1, recalibrated=None):
     folder.mkdir(parents=True)
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(dict(epoch=e, seconds=10.0 + e)) + '\n'
-                                                  for e in range(epochs)))
+                                                  for e in range(1, epochs + 1)))  # the runner's epochs: 1, 2, ...
     if acc is not None:
         final = dict(epochs=epochs, val_acc=1.0, test_acc=acc)
         if recalibrated is not None:
@@ -39,7 +39,7 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
     assert by['twin-jointrd-e1']['test_acc'] == 72.5 and by['twin-jointrd-e1']['test_acc_as_trained'] == 70.0
     assert by['twin-jointrd-e1-fade50']['recipe'] == 'default,shortcut_fade=0.5' and by['twin-jointrd-e1-fade50']['test_acc'] == 75.0
     assert 'test_acc' not in by['twin-jointrd-e2'] and by['twin-jointrd-e2']['epochs_done'] == 1
-    assert by['teacher']['test_acc'] == 80.0 and by['teacher']['seconds_per_epoch'] == 10.5
+    assert by['teacher']['test_acc'] == 80.0 and by['teacher']['seconds_per_epoch'] == 11.5
 
 
 def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):

@@ -371,15 +371,20 @@ def test_resume_from_a_checkpoint_without_history_keeps_the_metrics_file(tmp_pat
     """Checkpoints written before they carried the metrics history: --resume keeps the file's records of the epochs
     the checkpoint holds (the last readable one per epoch), instead of emptying metrics.jsonl."""
     import json as _json
-    from jointrd_timm.training.runner import _metrics_on_file
+    from jointrd_timm.training.run_folder import RunFolder, read_metrics
     path = tmp_path / 'metrics.jsonl'
     lines = [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=20.0), dict(epoch=2, val_acc=21.0),
              dict(epoch=3, val_acc=30.0)]
     path.write_text(''.join(_json.dumps(r) + '\n' for r in lines) + '{"epoch": 4, "val_')
-    assert _metrics_on_file(path, 2) == [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0)]
-    assert _metrics_on_file(path, 5) == [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0),
-                                         dict(epoch=3, val_acc=30.0)]
-    assert _metrics_on_file(tmp_path / 'none.jsonl', 3) == []
+    assert read_metrics(path, 2) == [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0)]
+    every = [dict(epoch=1, val_acc=10.0), dict(epoch=2, val_acc=21.0), dict(epoch=3, val_acc=30.0)]
+    assert read_metrics(path, 5) == every and read_metrics(path) == every
+    assert read_metrics(tmp_path / 'none.jsonl', 3) == []
+    # the run folder reads its records the same way (benchmarks read finished runs through it)
+    run = RunFolder(tmp_path)
+    assert run.metrics() == every and run.final() is None
+    (tmp_path / 'final.json').write_text(_json.dumps(dict(test_acc=50.0)))
+    assert run.final() == dict(test_acc=50.0)
 
 
 def _folder_with_run(path, epochs_saved, finished):

@@ -49,7 +49,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     from .compare import plot_comparison
     from .configs import build_config
     from .distill import DataSpec, plan_distill, report_distill, train_distill
-    from .run_folder import deployed_accuracy
+    from .run_folder import RunFolder, deployed_accuracy
     from .runner import train
 
     out = Path(output_dir)
@@ -68,7 +68,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
                          plan.run_schedule(epochs, twin=True), 'ce', seed=plan.budget['seed'],
                          output_dir=str(out / 'twin-alone'), num_workers=plan.budget['num_workers'],
                          runner=plan.runner)
-    results = {'teacher': json.loads((out / 'teacher' / 'final.json').read_text()),
+    results = {'teacher': RunFolder(out / 'teacher').final(),
                'twin alone': train(alone, device=device, overwrite=True),
                'twin + JointRD': {k: v for k, v in final.items() if k != 'config'}}
     train_seconds = time.time() - start

@@ -24,13 +24,13 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from .checkpoint import TMP_MARK
 from ..errors import JointRDError
 from ..faults import fault_point
 
-__all__ = ['RunFolder', 'RunFolderError', 'check_writable', 'checkpoint_epochs', 'deployed_accuracy',
+__all__ = ['RunFolder', 'RunFolderError', 'check_writable', 'checkpoint_epochs', 'read_metrics', 'deployed_accuracy',
            'as_trained_accuracy', 'RUN_FILES', 'LOCK_NAME']
 
 RUN_FILES = ('last.safetensors', 'metrics.jsonl', 'final.json', 'model')
@@ -91,6 +91,21 @@ def checkpoint_epochs(path: Path) -> Optional[int]:
         return None
 
 
+def read_metrics(path: Path, epochs: Optional[int] = None) -> List[Dict]:
+    """The per-epoch records of a ``metrics.jsonl`` (one per epoch, the last readable one, by epoch; only epochs
+    1..``epochs`` when given). A torn last line, left by a kill mid-write, is skipped."""
+    records = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get('epoch'), int) and record['epoch'] >= 1 \
+                and (epochs is None or record['epoch'] <= epochs):
+            records[record['epoch']] = record
+    return [records[e] for e in sorted(records)]
+
+
 class RunFolder:
     """The output folder of one run, claimed by the main process (see the module docstring)."""
 
@@ -124,6 +139,10 @@ class RunFolder:
     def saved_epochs(self) -> Optional[int]:
         """Epochs held by the folder's checkpoint (None without a readable one)."""
         return checkpoint_epochs(self.checkpoint) if self.checkpoint.is_file() else None
+
+    def metrics(self) -> List[Dict]:
+        """The per-epoch records of the run (``metrics.jsonl``, :func:`read_metrics`); empty before its first epoch."""
+        return read_metrics(self.path / 'metrics.jsonl')
 
     def final(self) -> Optional[Dict]:
         """The run's ``final.json`` record; None while no run in the folder has finished."""

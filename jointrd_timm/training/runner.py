@@ -58,7 +58,7 @@ from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_div
 from .performance import compile_modules, to_channels_last
 from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_KEYS, ConfigError,  # noqa: F401
                          apply_overrides, load_config, num_epochs, validate)
-from .run_folder import RunFolder, RunFolderError, checkpoint_epochs
+from .run_folder import RunFolder, RunFolderError, checkpoint_epochs, read_metrics
 
 # re-exported, as imported from here before run_config, evaluation and performance were split out
 __all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'replica_divergence',
@@ -227,7 +227,7 @@ def _resume(run: _Run) -> None:
     run.start_epoch = done
     history = state['extra'].get('history')
     # a checkpoint written before checkpoints carried the history: keep the file's records of the epochs it holds
-    run.history = list(history) if history is not None else _metrics_on_file(run.out / 'metrics.jsonl', done)
+    run.history = list(history) if history is not None else read_metrics(run.out / 'metrics.jsonl', done)
     run.val_accuracy = next((r['val_acc'] for r in reversed(run.history) if 'val_acc' in r), None)
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
@@ -235,19 +235,6 @@ def _resume(run: _Run) -> None:
     then = f'continuing with epoch {done + 1}' if done < run.box.num_epochs else 'finishing (test, final save)'
     run.accelerator.print(f'Resumed from {run.folder.checkpoint}: {done} of {run.box.num_epochs} epoch(s) done, '
                           f'{then}.')
-
-
-def _metrics_on_file(path: Path, epochs: int) -> List[Dict]:
-    """The last readable record of each epoch 1..``epochs`` in a metrics file (a torn last line is skipped)."""
-    records = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get('epoch'), int) and 1 <= record['epoch'] <= epochs:
-            records[record['epoch']] = record
-    return [records[e] for e in sorted(records)]
 
 
 def _rewrite_metrics(path: Path, history: List[Dict]) -> None:
