@@ -21,36 +21,16 @@ Finished runs (final.json) are read back, so an interrupted command resumes; the
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from filelock import FileLock
 
 import accuracy_pages as pages
-from cifar_budget import (ROOT, budget_meta, budget_parser, check_record, cifar_splits, ensure_teacher, finished,
-                          read_run)
-from jointrd_timm.recipes import DEFAULT_RECIPE, SCHEDULES, Recipe, get_recipe
+from cifar_budget import (ROOT, Row, budget_meta, budget_parser, budget_schedule, check_record, cifar_splits,
+                          ensure_teacher, finished, read_run, row_config)
+from jointrd_timm.recipes import DEFAULT_RECIPE, get_recipe
 
 RESULTS = ROOT / 'benchmarks' / 'results'
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of a question: what it trains (``run``: 'teacher'; 'alone' or 'jointrd', the twin of ``recipe``
-    alone or with JointRD; 'control', the teacher trained again for the budget; or a distillation method of
-    ``make_config``: 'kd', 'fitnets', 'cakd', 'aps') and ``lr``, when it differs from the budget's."""
-    label: str
-    run: str
-    recipe: Optional[Recipe] = None
-    lr: Optional[float] = None
-
-    @property
-    def id(self) -> str:
-        """``run:recipe-id`` (or the run alone), plus ``,lr=`` when the row changes the learning rate."""
-        return (f'{self.run}:{self.recipe.id}' if self.recipe else self.run) + (f',lr={self.lr}' if self.lr else '')
-
-
 REFERENCE, DIRAC = get_recipe('reference'), get_recipe('dirac')
 FADE50 = DEFAULT_RECIPE.replace(shortcut_fade=0.5)  # the default before its fade moved from 50 % to 80 % of the run
 KD_TERM = dict(kd_weight=1.0, kd_temperature=4.0)
@@ -111,37 +91,12 @@ QUESTIONS = {
     ],
 }
 RECORD_NAMES = dict(jointrd='cifar10_jointrd', zoo='cifar10_zoo', ablation='recipe_ablation')
-# the distillation methods' settings (cifar10_zoo): discriminators SGD lr 1e-3, cosine over the twin's schedule
-CAKD = dict(discriminator_depth=3, dropout=0.3, non_saturating=False)
-APS = dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256, label_head=False)
 
 
 def model_config(row: Row, arch: str, teacher_ckpt: str, args) -> tuple:
-    """(model config, make_config method, make_config keywords: the teacher of kd and fitnets, the row's schedule)
-    of ``row`` on the pair ``arch``."""
-    common = dict(num_classes=10)
-    teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
-    twin = dict(model_name=f'plain_{arch}', **common)
-    schedule = SCHEDULES['cpu-budget'].replace(epochs=args.epochs, lr=row.lr or args.lr, weight_decay=5e-4,
-                                               batch_size=args.batch_size)
-    if row.recipe is not None and row.run in ('alone', 'jointrd'):  # a twin trains at its recipe's peak
-        schedule = row.recipe.twin_schedule(schedule)
-    discriminator = schedule.side_optimizer(lr=1e-3, momentum=0.9, weight_decay=0.0)
-    configs = {
-        'teacher': lambda: (dict(key='timm_model', kwargs=dict(model_name=arch, **common)), 'ce', {}),
-        'control': lambda: (dict(key='timm_model', kwargs=teacher), 'ce', {}),
-        'alone': lambda: (row.recipe.twin_alone_model(arch, teacher_ckpt, **common), 'ce', {}),
-        'jointrd': lambda: (row.recipe.jointrd_model(arch, teacher_ckpt, schedule, **common), 'jointrd', {}),
-        'kd': lambda: (dict(key='timm_model', kwargs=twin), 'kd', dict(teacher=dict(key='timm_model', kwargs=teacher))),
-        'fitnets': lambda: (dict(key='timm_model', kwargs=twin), 'fitnets',
-                            dict(teacher=dict(key='timm_model', kwargs=teacher))),
-        'cakd': lambda: (dict(key='cakd_model', kwargs=dict(teacher=teacher, student=twin, **CAKD,
-                                                            discriminator=discriminator)), 'cakd', {}),
-        'aps': lambda: (dict(key='aps_model', kwargs=dict(teacher=teacher, student=twin, **APS,
-                                                          discriminator=discriminator)), 'aps', {}),
-    }
-    model, method, extra = configs[row.run]()
-    return model, method, dict(extra, schedule=schedule)
+    """:func:`cifar_budget.row_config` of ``row`` at the CPU budget (``--epochs``, ``--batch-size``, and ``--lr``
+    unless the row sets its own)."""
+    return row_config(row, arch, teacher_ckpt, budget_schedule(args, lr=row.lr))
 
 
 class Budget:

@@ -1,12 +1,84 @@
-"""What the CIFAR-10 benchmarks share: the CPU budget's arguments, the data splits, the teacher, run folders and the
-command line recorded (accuracy_subset.py; full_cifar10.py reads its runs back with ``finished`` / ``read_run``).
+"""What the CIFAR-10 accuracy benchmarks share: what a row trains (:class:`Row`, :func:`row_config`: one definition
+of the teacher, the twin alone or with JointRD, the control, step-wise removal and the distillation methods, used at
+both scales), the CPU budget's arguments, the data splits, the teacher, run folders and the command line recorded
+(accuracy_subset.py at the CPU budget, full_cifar10.py at the published-twin budget).
 """
 import argparse
-import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+TWIN_RUNS = ('alone', 'jointrd')  # the runs that train a recipe's twin (at its recipe's peak lr)
+# the distillation methods' settings (cifar10_zoo): discriminators SGD lr 1e-3, decaying as the twin's schedule
+CAKD = dict(discriminator_depth=3, dropout=0.3, non_saturating=False)
+APS = dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256, label_head=False)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of an accuracy benchmark: what it trains (``run``: 'teacher'; 'alone' or 'jointrd', the twin of
+    ``recipe`` alone or with JointRD; 'control', the teacher trained again for the budget; 'stepwise', step-wise
+    shortcut removal from the frozen teacher; or a distillation method: 'kd', 'fitnets', 'cakd', 'aps') and ``lr``,
+    when it differs from the budget's."""
+    label: str
+    run: str
+    recipe: Optional['Recipe'] = None  # noqa: F821 - jointrd_timm.recipes.Recipe
+    lr: Optional[float] = None
+
+    @property
+    def id(self) -> str:
+        """``run:recipe-id`` (or the run alone), plus ``,lr=`` when the row changes the learning rate."""
+        return (f'{self.run}:{self.recipe.id}' if self.recipe else self.run) + (f',lr={self.lr}' if self.lr else '')
+
+
+def budget_schedule(args, epochs: Optional[int] = None, lr: Optional[float] = None):
+    """The budget's schedule: ``epochs`` (default ``--epochs``) at ``--batch-size``, SGD from ``lr`` (default
+    ``--lr``) with a cosine decay, weight decay 5e-4 (``SCHEDULES['cpu-budget']`` at these values)."""
+    from jointrd_timm.recipes import SCHEDULES
+    return SCHEDULES['cpu-budget'].replace(epochs=epochs or args.epochs, lr=lr or args.lr,
+                                           batch_size=args.batch_size, weight_decay=5e-4)
+
+
+def stepwise_blocks(arch: str) -> int:
+    """How many shortcuts step-wise removal takes away from ``arch``'s twin (one per fading block)."""
+    import timm
+    from jointrd_timm.twins.fade import fading_block_count
+    return fading_block_count(timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True))
+
+
+def row_config(row: Row, arch: str, teacher_ckpt: str, schedule) -> tuple:
+    """(torchdistill model config, ``make_config`` method, ``make_config`` keywords) of ``row`` on the pair
+    ``arch`` whose teacher's weights are ``teacher_ckpt``; ``schedule`` is the budget's for the row (its epochs,
+    batch and peak lr): a twin trains on its recipe's (``Recipe.twin_schedule``), every other row on it as given.
+    Step-wise removal (Tailor, Weng et al. 2023) takes one shortcut away every epochs / (shortcuts + 1) epochs, so
+    that the last removal is followed by one interval of training."""
+    common = dict(num_classes=10)
+    teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
+    twin = dict(model_name=f'plain_{arch}', **common)
+    if row.run in TWIN_RUNS:
+        schedule = row.recipe.twin_schedule(schedule)
+    discriminator = schedule.side_optimizer(lr=1e-3, momentum=0.9, weight_decay=0.0)
+    configs = {
+        'teacher': lambda: (dict(key='timm_model', kwargs=dict(model_name=arch, **common)), 'ce', {}),
+        'control': lambda: (dict(key='timm_model', kwargs=teacher), 'ce', {}),
+        'alone': lambda: (row.recipe.twin_alone_model(arch, teacher_ckpt, **common), 'ce', {}),
+        'jointrd': lambda: (row.recipe.jointrd_model(arch, teacher_ckpt, schedule, **common), 'jointrd', {}),
+        'stepwise': lambda: (dict(key='stepwise_model', kwargs=dict(
+            teacher=teacher, interval=schedule.epochs / (stepwise_blocks(arch) + 1))), 'stepwise', {}),
+        'kd': lambda: (dict(key='timm_model', kwargs=twin), 'kd', dict(teacher=dict(key='timm_model', kwargs=teacher))),
+        'fitnets': lambda: (dict(key='timm_model', kwargs=twin), 'fitnets',
+                            dict(teacher=dict(key='timm_model', kwargs=teacher))),
+        'cakd': lambda: (dict(key='cakd_model', kwargs=dict(teacher=teacher, student=twin, **CAKD,
+                                                            discriminator=discriminator)), 'cakd', {}),
+        'aps': lambda: (dict(key='aps_model', kwargs=dict(teacher=teacher, student=twin, **APS,
+                                                          discriminator=discriminator)), 'aps', {}),
+    }
+    if row.run not in configs:
+        raise ValueError(f'Row {row.label!r}: unknown run {row.run!r}; runs: {", ".join(configs)}')
+    model, method, extra = configs[row.run]()
+    return model, method, dict(extra, schedule=schedule)
 
 
 def budget_parser(description: str, name: str) -> argparse.ArgumentParser:
@@ -118,11 +190,9 @@ def ensure_teacher(args, work: Path, seed: int = 0, splits=None) -> dict:
         from jointrd_timm.training.configs import make_config
         from jointrd_timm.training.runner import train
         train_set, val_set, test_set = splits or cifar_splits(args, seed)
-        from jointrd_timm.recipes import SCHEDULES
-        schedule = SCHEDULES['cpu-budget'].replace(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-        train(make_config(train_set, test_set, dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)),
-                          'ce', schedule=schedule, seed=seed, num_workers=args.workers, val_set=val_set,
-                          output_dir=str(folder)),
+        model, method, extra = row_config(Row('teacher', 'teacher'), args.arch, '', budget_schedule(args))
+        train(make_config(train_set, test_set, model, method, seed=seed, num_workers=args.workers, val_set=val_set,
+                          output_dir=str(folder), **extra),
               resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
     return read_run(folder)[0]
 

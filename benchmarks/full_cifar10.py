@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from jointrd_timm.training.run_folder import RunFolder, as_trained_accuracy, deployed_accuracy
-from cifar_budget import ROOT, finished, read_run
+from cifar_budget import ROOT, Row, budget_schedule, finished, read_run, row_config
 from report import RESULTS, pyplot, write_report
 
 ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal')
@@ -109,58 +109,26 @@ def parse_variant(text: str):
     return name, fields
 
 
-def stepwise_blocks(arch: str) -> int:
-    """How many shortcuts step-wise removal takes away from ``arch``'s twin (one per fading block)."""
-    import timm
-    from jointrd_timm.twins.fade import fading_block_count
-    return fading_block_count(timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True))
-
-
-def schedule(args, epochs: int, recipe=None):
-    """The run's schedule: ``epochs`` at batch ``--batch-size``, SGD from ``--lr`` with a cosine decay, weight decay
-    5e-4; a twin's (``recipe``) at its recipe's peak (:meth:`~jointrd_timm.recipes.Recipe.twin_schedule`)."""
-    from jointrd_timm.recipes import Schedule
-    run = Schedule('full-cifar10', epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4)
-    return recipe.twin_schedule(run) if recipe is not None else run
-
-
 def run_specs(args, work: Path):
-    """(row, epochs, folder, method, torchdistill model config, twin recipe or None) of every run, in run order: the
-    teacher, then for each fraction the twin with JointRD, the twin alone and the control, then each variant's two
-    twins. A twin trains on its recipe's schedule (:func:`schedule`)."""
+    """(label, epochs, folder, :class:`~cifar_budget.Row`) of every run, in run order: the teacher, then for each
+    fraction the twin with JointRD, the twin alone, the control and step-wise removal, then each variant's two twins
+    (what each trains: :func:`cifar_budget.row_config`, at ``--lr`` and ``--batch-size`` for its epochs)."""
     from jointrd_timm.recipes import get_recipe, recipe_for
     recipe = get_recipe(args.recipe) if args.recipe else recipe_for(args.arch)
-    variants = [parse_variant(v) for v in args.variant]
-    teacher_ckpt = str(work / 'teacher' / 'model')
-    specs = [('teacher', args.teacher_epochs, work / 'teacher', 'ce',
-              dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10)), None)]
+    variants = [(name, recipe.replace(**fields)) for name, fields in map(parse_variant, args.variant)]
+    specs = [('teacher', args.teacher_epochs, work / 'teacher', Row('teacher', 'teacher'))]
     for fraction in args.fractions:
         epochs = twin_epochs(args, fraction)
-        specs += [
-            ('twin + JointRD', epochs, work / f'twin-jointrd-e{epochs}', 'jointrd',
-             recipe.jointrd_model(args.arch, teacher_ckpt, num_classes=10), recipe),
-            ('twin alone', epochs, work / f'twin-alone-e{epochs}', 'ce',
-             recipe.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), recipe),
-            ('control', epochs, work / f'control-e{epochs}', 'ce',
-             dict(key='timm_model', kwargs=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt)), None),
-        ]
-        # the nearest alternative that trains (Tailor, Weng et al. 2023): one shortcut removed every interval epochs,
-        # the interval chosen so that the last removal is followed by one interval of training within the budget
-        blocks = stepwise_blocks(args.arch)
-        specs.append(('step-wise removal', epochs, work / f'stepwise-e{epochs}', 'stepwise', dict(
-            key='stepwise_model', kwargs=dict(teacher=dict(model_name=args.arch, num_classes=10, checkpoint=teacher_ckpt),
-                                              interval=epochs / (blocks + 1))), None))
-        for name, fields in variants:
-            changed = recipe.replace(**fields)
-            specs += [
-                (f'twin + JointRD, {name}', epochs, work / f'twin-jointrd-e{epochs}-{name}', 'jointrd',
-                 changed.jointrd_model(args.arch, teacher_ckpt, num_classes=10), changed),
-                (f'twin alone, {name}', epochs, work / f'twin-alone-e{epochs}-{name}', 'ce',
-                 changed.twin_alone_model(args.arch, teacher_ckpt, num_classes=10), changed),
-            ]
+        rows = [('twin-jointrd', '', Row('twin + JointRD', 'jointrd', recipe)),
+                ('twin-alone', '', Row('twin alone', 'alone', recipe)),
+                ('control', '', Row('control', 'control')), ('stepwise', '', Row('step-wise removal', 'stepwise'))]
+        for name, changed in variants:
+            rows += [('twin-jointrd', f'-{name}', Row(f'twin + JointRD, {name}', 'jointrd', changed)),
+                     ('twin-alone', f'-{name}', Row(f'twin alone, {name}', 'alone', changed))]
+        specs += [(row.label, epochs, work / f'{prefix}-e{epochs}{suffix}', row) for prefix, suffix, row in rows]
     if args.seed:  # another seed of the conversions: same teacher, split and budget, own folders and rows
-        specs = specs[:1] + [(f'{row}, seed {args.seed}', epochs, folder.with_name(f'{folder.name}-s{args.seed}'),
-                              method, model, recipe) for row, epochs, folder, method, model, recipe in specs[1:]]
+        specs = specs[:1] + [(f'{label}, seed {args.seed}', epochs, folder.with_name(f'{folder.name}-s{args.seed}'), row)
+                             for label, epochs, folder, row in specs[1:]]
     return recipe, specs
 
 
@@ -181,16 +149,18 @@ def main():
     recipe, specs = run_specs(args, work)
     if not args.report_only:
         data = splits(args)
-        for row, epochs, folder, method, model, twin_recipe in specs:
-            if row.split(',')[0] not in args.rows or (args.only and folder.name not in args.only):
+        for label, epochs, folder, row in specs:
+            if label.split(',')[0] not in args.rows or (args.only and folder.name not in args.only):
                 continue
-            if row != 'teacher' and not finished(work / 'teacher'):
-                print(f'{row}: waits for the teacher ({work / "teacher"} has not finished)', flush=True)
+            if row.run != 'teacher' and not finished(work / 'teacher'):
+                print(f'{label}: waits for the teacher ({work / "teacher"} has not finished)', flush=True)
                 continue
             start = time.time()
-            run(folder, make_config(data[0], data[2], model, method, schedule=schedule(args, epochs, twin_recipe),
-                                    seed=args.seed if row != 'teacher' else 0, val_set=data[1]))
-            print(f'{row}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
+            model, method, extra = row_config(row, args.arch, str(work / 'teacher' / 'model'),
+                                              budget_schedule(args, epochs))
+            run(folder, make_config(data[0], data[2], model, method, seed=args.seed if row.run != 'teacher' else 0,
+                                    val_set=data[1], **extra))
+            print(f'{label}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
     report(args, recipe, specs)
 
 
@@ -278,10 +248,10 @@ def collect_runs(specs, work: Path, recorded: list) -> list:
     for r in recorded:
         if (work / r['folder']).is_dir():
             rows[r['folder']] = (r['row'], r['epochs'], work / r['folder'], r.get('recipe'))
-    for row, epochs, folder, _, _, twin_recipe in specs:
-        if row not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, seed, step-wise) never started
+    for label, epochs, folder, row in specs:
+        if label not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, seed, step-wise) never started
             continue
-        rows[folder.name] = (row, epochs, folder, twin_recipe.id if twin_recipe else None)
+        rows[folder.name] = (label, epochs, folder, row.recipe.id if row.recipe else None)
     runs = [run_entry(*spec) for spec in rows.values()]
     return sorted(runs, key=lambda r: (r['row'] != 'teacher', r['epochs']))  # stable: first-recorded order kept
 

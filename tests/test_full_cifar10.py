@@ -28,11 +28,14 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
                 dict(row='twin + JointRD', epochs=1, folder='twin-jointrd-e1', recipe='default'),
                 dict(row='twin + JointRD', epochs=2, folder='twin-jointrd-e2', recipe='default'),
                 dict(row='gone', epochs=1, folder='deleted-folder')]
+    from cifar_budget import Row
     from jointrd_timm.recipes import DEFAULT_RECIPE
     fade50 = DEFAULT_RECIPE.replace(shortcut_fade=0.5)
-    specs = [('teacher', 2, tmp_path / 'teacher', 'ce', {}, None),
-             ('twin + JointRD, fade50', 1, tmp_path / 'twin-jointrd-e1-fade50', 'jointrd', {}, fade50),
-             ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50', 'ce', {}, fade50)]  # never started
+    specs = [('teacher', 2, tmp_path / 'teacher', Row('teacher', 'teacher')),
+             ('twin + JointRD, fade50', 1, tmp_path / 'twin-jointrd-e1-fade50',
+              Row('twin + JointRD, fade50', 'jointrd', fade50)),
+             ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50',
+              Row('twin alone, fade50', 'alone', fade50))]  # never started
     runs = full_cifar10.collect_runs(specs, tmp_path, recorded)
     assert [r['folder'] for r in runs] == ['teacher', 'twin-jointrd-e1', 'twin-jointrd-e1-fade50', 'twin-jointrd-e2']
     by = {r['folder']: r for r in runs}
@@ -43,7 +46,6 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
 
 
 def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
-    monkeypatch.setattr(full_cifar10, 'stepwise_blocks', lambda arch: 3)
     args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions', '0.5',
                                              '--seed', '1'])
     _, specs = full_cifar10.run_specs(args, tmp_path)
@@ -57,18 +59,28 @@ def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
 
 
 def test_twins_train_on_their_recipes_schedule_and_the_rest_on_the_budgets(monkeypatch, tmp_path):
-    monkeypatch.setattr(full_cifar10, 'stepwise_blocks', lambda arch: 3)
+    """What each row trains comes from cifar_budget.row_config: a twin on its recipe's schedule (a variant's
+    lr_scale replaces the recipe's), the teacher, the control and step-wise removal at --lr; step-wise removal takes
+    one shortcut every epochs / (shortcuts + 1) epochs."""
+    import cifar_budget
+    monkeypatch.setattr(cifar_budget, 'stepwise_blocks', lambda arch: 3)
     args = full_cifar10.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5', '--lr', '0.2',
                                              '--batch-size', '64', '--recipe', 'kd-low-lr',
                                              '--variant', 'half=lr_scale:0.5'])
     _, specs = full_cifar10.run_specs(args, tmp_path)
-    lrs = {folder.name: full_cifar10.schedule(args, epochs, recipe).lr
-           for _, epochs, folder, _, _, recipe in specs}
+    configs = {folder.name: cifar_budget.row_config(row, args.arch, 'T', cifar_budget.budget_schedule(args, epochs))
+               for _, epochs, folder, row in specs}
+    lrs = {name: extra['schedule'].lr for name, (_, _, extra) in configs.items()}
     assert lrs == {'teacher': 0.2, 'control-e4': 0.2, 'stepwise-e4': 0.2,  # kd-low-lr: a fifth of the peak
                    'twin-jointrd-e4': 0.04, 'twin-alone-e4': 0.04,
-                   'twin-jointrd-e4-half': 0.1, 'twin-alone-e4-half': 0.1}  # the variant replaces lr_scale
-    run = full_cifar10.schedule(args, 4)
+                   'twin-jointrd-e4-half': 0.1, 'twin-alone-e4-half': 0.1}
+    run = configs['twin-jointrd-e4'][2]['schedule']
     assert (run.epochs, run.batch_size, run.weight_decay, run.decay) == (4, 64, 5e-4, 'cosine')
+    assert configs['teacher'][2]['schedule'].epochs == 8
+    model, method, _ = configs['stepwise-e4']
+    assert (method, model['key'], model['kwargs']['interval']) == ('stepwise', 'stepwise_model', 1.0)
+    assert model['kwargs']['teacher']['checkpoint'] == 'T'
+    assert configs['twin-jointrd-e4'][0]['kwargs']['jointrd']['kd_weight'] == 1.0
 
 
 def test_published_card_names_the_command_of_its_run():
