@@ -94,9 +94,10 @@ def twin_epochs(args, fraction: float) -> int:
 
 def parse_variant(text: str):
     """``NAME=FIELD:VALUE,...`` -> (NAME, {FIELD: VALUE}); VALUE is read as JSON where it parses, else as text."""
+    from jointrd_timm.recipes import split_changes
     name, _, changes = text.partition('=')
     fields = {}
-    for item in filter(None, changes.split(',')):
+    for item in filter(None, split_changes(changes)):  # a value such as [0, 1] keeps its commas
         key, sep, value = item.partition(':')
         if not sep or not key:
             raise SystemExit(f'--variant {text!r}: each change is FIELD:VALUE, got {item!r}.')

@@ -21,12 +21,13 @@ import ast
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from .methods.jointrd import JointRDConfig
 
 __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe',
-           'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS']
+           'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS',
+           'split_changes', 'DIRAC_INIT']
 
 # The JointRD reference's CIFAR settings (jointrd-method.md): eta from 1 to 0.5 over the first 60 of 200 epochs,
 # no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
@@ -35,7 +36,8 @@ SGD_MOMENTUM = 0.9  # every schedule's, with Nesterov
 _IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
-                  'shortcut_fade_mode', 'dirac', 'keep_projection_shortcuts', 'lr_scale')
+                  'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale')
+DIRAC_INIT = (1.0, 0.1)  # DiracNets' (alpha, beta): twins.dirac.apply_dirac's default
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as JointRDConfig and fading_model default them (stated only when they differ)
 _FADE_DEFAULTS = dict(shortcut_fade_window=1.0, shortcut_fade_power=1.0, shortcut_fade_mode='scale')
@@ -143,6 +145,9 @@ class Recipe:
         shortcut_fade_mode: what the fade scales: 'scale' (the shortcut) or 'share' (its size relative to the
             branch; ``methods.fading.ShortcutFade``).
         dirac: Dirac-parametrised convs (folded before deployment).
+        dirac_init: their initial (alpha, beta) (``twins.dirac.apply_dirac``): DiracNets' (1.0, 0.1), or (0.0, 1.0)
+            for convs that start as their plain weight (a teacher-started twin's: the teacher's convs at the plain
+            conv's learning rate) with an identity scale that can take over from the fading shortcuts.
         keep_projection_shortcuts: the paper's plain-CNN variant, which keeps the projection shortcuts.
         lr_scale: the twin's peak learning rate as a multiple of the schedule's (:meth:`conversion_lr`). A twin
             started from a converged teacher is fine-tuned, not trained from scratch: at a from-scratch peak its
@@ -159,6 +164,7 @@ class Recipe:
     shortcut_fade_power: float = 1.0
     shortcut_fade_mode: str = 'scale'
     dirac: bool = False
+    dirac_init: Tuple[float, float] = DIRAC_INIT
     keep_projection_shortcuts: bool = False
     lr_scale: float = 1.0
     jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
@@ -167,6 +173,15 @@ class Recipe:
 
     def __post_init__(self):
         object.__setattr__(self, 'jointrd', MappingProxyType(dict(self.jointrd)))
+        init = self.dirac_init
+        if not (isinstance(init, (tuple, list)) and len(init) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in init) and init[1] != 0):
+            raise ValueError(f"Recipe {self.name!r}: dirac_init must be (alpha, beta), two numbers with beta != 0 "
+                             f"(DiracNets' {DIRAC_INIT}; (0.0, 1.0): convs start as their plain weight), got {init!r}.")
+        object.__setattr__(self, 'dirac_init', tuple(float(v) for v in init))
+        if self.dirac_init != DIRAC_INIT and not self.dirac:
+            raise ValueError(f'Recipe {self.name!r}: dirac_init {self.dirac_init} without dirac=True changes nothing; '
+                             'give dirac=True.')
         if not (isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0):
             raise ValueError(f'Recipe {self.name!r}: lr_scale must be a positive number (the twin\'s peak learning '
                              f'rate as a multiple of the schedule\'s), got {self.lr_scale!r}.')
@@ -189,9 +204,11 @@ class Recipe:
             raise ValueError(f'Unknown recipe field(s) {unknown}; recipe fields: {list(_RECIPE_FIELDS)}, plus any '
                              'JointRDConfig field.')
         changed = {} if 'name' in fields else dict(self.changed)
-        changed.update((k, v) for k, v in fields.items() if k not in _LABELS)
-        return dataclasses.replace(self, **recipe_fields, jointrd={**self.jointrd, **jointrd},
-                                   changed=tuple(sorted(changed.items())))
+        new = dataclasses.replace(self, **recipe_fields, jointrd={**self.jointrd, **jointrd})
+        # a recipe field is recorded as the recipe holds it (e.g. dirac_init [0, 1] as (0.0, 1.0))
+        changed.update((k, getattr(new, k) if k in _RECIPE_FIELDS else v) for k, v in fields.items()
+                       if k not in _LABELS)
+        return dataclasses.replace(new, changed=tuple(sorted(changed.items())))
 
     # -- what the recipe produces ---------------------------------------------------------------------------------
     def conversion_lr(self, lr: float) -> float:
@@ -230,6 +247,8 @@ class Recipe:
         """``timm.create_model('plain_<arch>', **kwargs)`` for the recipe's twin (only what is not default);
         ``fading``: say whether its shortcuts fade (a ``jointrd_model`` student; a ``fading_model`` adds it)."""
         kwargs = dict(dirac=True) if self.dirac else {}
+        if self.dirac and self.dirac_init != DIRAC_INIT:
+            kwargs['dirac_init'] = self.dirac_init
         if self.keep_projection_shortcuts:
             kwargs['keep_projection_shortcuts'] = True
         if fading and self.shortcut_fade is not None:
@@ -345,11 +364,23 @@ def _field_value(text: str):
         return text
 
 
+def split_changes(text: str) -> list:
+    """``text`` split at the commas outside brackets (a value such as ``(0.0, 1.0)`` stays whole)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in '([{'
+        depth -= char in ')]}'
+        if char == ',' and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def get_recipe(name: str) -> Recipe:
     """The recipe called ``name``: a key of ``RECIPES``, the former id of a named recipe (``RECIPE_ALIASES``), or
     any :attr:`Recipe.id`, ``NAME,field=value,...`` (a named recipe with fields changed, as records write it)."""
     name = RECIPE_ALIASES.get(name, name)
-    base, *changes = name.split(',')
+    base, *changes = split_changes(name)
     if base not in RECIPES:
         raise ValueError(f'Unknown recipe {base!r}; recipes: {sorted(RECIPES)} (optionally with changed fields: '
                          "'default,kd_weight=0.5,lr_scale=0.2').")

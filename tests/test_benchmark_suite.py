@@ -380,6 +380,8 @@ def test_full_cifar10_variants_and_step_wise_row():
     import full_cifar10
     assert full_cifar10.parse_variant('share=shortcut_fade_mode:share,shortcut_fade:0.5') == (
         'share', dict(shortcut_fade_mode='share', shortcut_fade=0.5))
+    assert full_cifar10.parse_variant('d0=dirac:true,dirac_init:[0, 1],lr_scale:0.2') == (  # a list keeps its comma
+        'd0', dict(dirac=True, dirac_init=[0, 1], lr_scale=0.2))
     for bad in ('share', 'share=shortcut_fade_mode', '=a:1'):
         with pytest.raises(SystemExit, match='--variant'):
             full_cifar10.parse_variant(bad)

@@ -155,6 +155,42 @@ def test_teacher_init_through_dirac_and_fade_is_the_teacher():
     torch.testing.assert_close(deployed(x), fading(x), rtol=1e-5, atol=1e-5)
 
 
+def test_dirac_started_as_its_plain_weight_is_the_teacher_exactly_and_learns_an_identity_scale():
+    """dirac_init=(0, 1): the stored weight is the teacher's conv itself (no 10x rescaling as with DiracNets' (1, 0.1)),
+    the fading twin is the teacher bit for bit, and the identity scales start at 0 with a gradient."""
+    teacher, _ = _pair('resnet20_cifar')
+    with torch.no_grad():  # a trained teacher's BN: no zero-initialised last gamma cutting the branch's gradient
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+    fading = timm.create_model('plain_resnet20_cifar', num_classes=10, shortcut_fade=True, dirac=True,
+                               dirac_init=(0.0, 1.0))
+    assert fading.pretrained_model_args['dirac_init'] == (0.0, 1.0)
+    load_teacher_weights(fading, teacher)
+    conv = fading.layer2[1].conv1
+    assert torch.equal(conv.parametrizations.weight.original, teacher.layer2[1].conv1.weight)
+    assert torch.equal(conv.weight, teacher.layer2[1].conv1.weight)
+    x = torch.randn(4, 3, 32, 32)
+    fading.eval()
+    assert torch.equal(fading(x), teacher(x))
+    fading.train()
+    fading(x).logsumexp(1).sum().backward()
+    alpha = conv.parametrizations.weight[0].alpha
+    assert torch.all(alpha == 0) and alpha.grad.abs().sum() > 0
+    with torch.no_grad():  # the identity scale learned something: the fold keeps it
+        alpha.fill_(0.3)
+    set_shortcut_scale(fading, 0.0)
+    fading.eval()
+    deployed = deployable(fading)
+    torch.testing.assert_close(deployed(x), fading(x), rtol=1e-5, atol=1e-5)
+    centre = deployed.layer2[1].conv1.weight[:, :, 1, 1]
+    torch.testing.assert_close(centre.diagonal(), teacher.layer2[1].conv1.weight[:, :, 1, 1].diagonal() + 0.3)
+    with pytest.raises(ValueError, match=r'dirac_init=\(0.0, 1.0\) sets the Dirac .* give dirac=True'):
+        timm.create_model('plain_resnet20_cifar', dirac_init=(0.0, 1.0))
+    with pytest.raises(ValueError, match='Dirac beta_init must not be 0'):
+        timm.create_model('plain_resnet20_cifar', dirac=True, dirac_init=(1.0, 0.0))
+
+
 def test_fade_schedule():
     assert fade_scale(0, 10) == 1.0
     assert fade_scale(5, 10) == pytest.approx(0.5)

@@ -137,3 +137,21 @@ def test_get_recipe_reads_back_any_id_and_names_a_malformed_one():
         get_recipe('default,lr_scale')
     with pytest.raises(ValueError, match=r"Unknown recipe field\(s\) \['lr_scal'\]"):
         get_recipe('default,lr_scal=0.5')
+
+
+def test_dirac_init_reaches_the_twin_is_recorded_as_held_and_is_validated():
+    recipe = get_recipe('kd-low-lr').replace(dirac=True, dirac_init=[0, 1])  # a list, as --variant's JSON gives it
+    assert recipe.dirac_init == (0.0, 1.0) and recipe.id == 'kd-low-lr,dirac=True,dirac_init=(0.0, 1.0)'
+    assert get_recipe(recipe.id) == recipe  # the comma inside the value does not split the id
+    student = recipe.jointrd_model('resnet20_cifar', 'T', num_classes=10)['kwargs']['student']
+    assert student == dict(model_name='plain_resnet20_cifar', num_classes=10, dirac=True, dirac_init=(0.0, 1.0),
+                           shortcut_fade=True)
+    alone = recipe.twin_alone_model('resnet20_cifar', 'T', num_classes=10)['kwargs']['student']
+    assert alone['dirac_init'] == (0.0, 1.0) and 'shortcut_fade' not in alone
+    # DiracNets' start is the default and stays unstated
+    assert 'dirac_init' not in get_recipe('dirac').twin_kwargs()
+    with pytest.raises(ValueError, match=r'dirac_init \(0\.0, 1\.0\) without dirac=True changes nothing'):
+        DEFAULT_RECIPE.replace(dirac_init=(0.0, 1.0))
+    for bad in ((1.0, 0.0), (1.0,), 'teacher', (True, 1.0)):
+        with pytest.raises(ValueError, match=r'dirac_init must be \(alpha, beta\), two numbers with beta != 0'):
+            DEFAULT_RECIPE.replace(dirac=True, dirac_init=bad)

@@ -9,6 +9,9 @@ tags, ``features_only``, ``pretrained_cfg_overlay=dict(file=...)``) goes through
 Extra kwargs of every ``plain_*`` model:
     keep_projection_shortcuts (bool, default False): the paper's plain-CNN variant.
     dirac (bool, default False): Dirac-parametrised convs (see :mod:`jointrd_timm.twins.dirac`).
+    dirac_init ((alpha, beta), default (1.0, 0.1)): their initial identity and weight scales (with ``dirac``):
+        DiracNets' (1, 0.1) starts every conv close to an identity map; (0, 1) starts it as its plain weight (from
+        a teacher: the teacher's conv exactly, at the plain conv's learning rate) with a learnable identity scale.
     shortcut_fade (bool, default False): a *fading* twin for training: the residual net with every shortcut the
         twin drops scaled by ``s`` (1 at creation), removed by ``finish_fade`` once ``s`` reached 0 (see
         :mod:`jointrd_timm.twins.fade`).
@@ -88,6 +91,9 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
     """Build ``variant`` (a ``plain_*`` name) from its ``teacher`` architecture through timm's builder."""
     keep_projection_shortcuts = kwargs.pop('keep_projection_shortcuts', False)
     dirac = kwargs.pop('dirac', False)
+    dirac_init = kwargs.pop('dirac_init', None)
+    if dirac_init is not None and not dirac:
+        raise ValueError(f'{variant}: dirac_init={dirac_init!r} sets the Dirac parametrisation\'s start; give dirac=True.')
     shortcut_fade = kwargs.pop('shortcut_fade', False)
 
     def build_twin(**model_kwargs):
@@ -95,10 +101,12 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
         derive = make_fading if shortcut_fade else make_plain
         derive(model, keep_projection_shortcuts=keep_projection_shortcuts)
         if dirac:
-            apply_dirac(model)
+            apply_dirac(model, *dirac_init) if dirac_init is not None else apply_dirac(model)
         return model
 
     twin_args = dict(keep_projection_shortcuts=keep_projection_shortcuts, dirac=dirac)
+    if dirac_init is not None:
+        twin_args['dirac_init'] = tuple(dirac_init)
     if shortcut_fade:
         twin_args['shortcut_fade'] = True
     if kwargs.get('features_only', False):

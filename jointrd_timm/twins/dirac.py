@@ -9,6 +9,7 @@ is thus close to an identity map: the shortcut lives inside the weights, and fol
 Implemented with torch.nn.utils.parametrize; ``fold_dirac`` writes the effective weights back into plain convs.
 ``alpha`` and ``beta`` should not get weight decay; :func:`no_weight_decay_names` lists them.
 """
+import math
 from typing import List
 
 import torch
@@ -58,7 +59,16 @@ def _block_convs(model: nn.Module):
 
 
 def apply_dirac(model: nn.Module, alpha_init: float = 1.0, beta_init: float = 0.1) -> nn.Module:
-    """Dirac-parametrise every square ``nn.Conv2d`` inside the model's (plain) blocks, in place."""
+    """Dirac-parametrise every square ``nn.Conv2d`` inside the model's (plain) blocks, in place. ``alpha_init``,
+    ``beta_init``: DiracNets' (1, 0.1) by default; (0, 1) keeps each conv's weight as it is (a teacher's, once
+    transferred) and adds a learnable identity scale starting at 0. ``beta_init`` may not be 0 (the weight would
+    not reach the output, and a teacher's weight could not be written into it)."""
+    for name, value in (('alpha_init', alpha_init), ('beta_init', beta_init)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f'Dirac {name} must be a finite number, got {value!r}.')
+    if beta_init == 0:
+        raise ValueError('Dirac beta_init must not be 0: it scales the conv weight (alpha_init, beta_init) = (0, 1) '
+                         'starts each conv as its plain weight.')
     convs = list(_block_convs(model))
     if not convs:
         raise ValueError(f'{type(model).__name__} has no nn.Conv2d inside a known block to Dirac-parametrise.')
