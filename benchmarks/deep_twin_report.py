@@ -77,18 +77,17 @@ def summary(screen: dict) -> dict:
                 seconds=screen['seconds'])
 
 
-FULL_RUNS = ('twin-alone-e4', 'twin-alone-e4-share', 'twin-jointrd-e4', 'twin-jointrd-e4-share',
-             'twin-jointrd-e4-fade50', 'twin-jointrd-e4-kd', 'twin-jointrd-e4-kd-lr02', 'twin-jointrd-e4-s1',
-             'twin-jointrd-e4-kd-s1')
-
-
 def full_runs(arch: str) -> dict:
-    """Per-epoch train accuracy and shortcut scale of the four-epoch conversions of full_cifar10.py (the 'scale' and
-    'share' fades), and their deployed test accuracy where finished."""
-    work = Path(__file__).resolve().parents[1] / 'benchmarks/runs/full_cifar10' / arch
+    """Per-epoch train accuracy and shortcut scale of the four-epoch twin conversions that full_cifar10.py records
+    for ``arch`` (every twin run of its record, in the record's order), and their deployed test accuracy where
+    finished."""
+    root = Path(__file__).resolve().parents[1] / 'benchmarks'
+    record = root / 'results' / f'full_cifar10_{arch}.json'
+    names = [r['folder'] for r in json.loads(record.read_text())['runs']
+             if r['folder'].startswith('twin-') and r['epochs'] == 4] if record.is_file() else []
     out = {}
-    for name in FULL_RUNS:
-        run = RunFolder(work / name)
+    for name in names:
+        run = RunFolder(root / 'runs/full_cifar10' / arch / name)
         curve, final = run.metrics(), run.final()
         if not curve:
             continue
