@@ -302,20 +302,23 @@ def test_config_errors():
         JointRDConfig(loss_normalization='mean')
 
 
-@pytest.mark.parametrize('dirac', [False, True])
+@pytest.mark.parametrize('dirac', [False, True, (0.0, 1.0)])
 def test_twin_initialised_from_the_teacher(dirac):
     """jointrd_model(init_student_from_teacher=True): every twin weight that the teacher has starts equal to it
     (through the Dirac parametrisation: the effective conv equals the teacher's conv), nothing else changes."""
     from jointrd_timm.integrations.torchdistill import jointrd_model
     torch.manual_seed(0)
     model = jointrd_model(teacher=dict(model_name='resnet20_cifar', num_classes=10),
-                          student=dict(model_name='plain_resnet20_cifar', num_classes=10, dirac=dirac),
+                          student=dict(model_name='plain_resnet20_cifar', num_classes=10, dirac=bool(dirac),
+                                       **(dict(dirac_init=dirac) if isinstance(dirac, tuple) else {})),
                           init_student_from_teacher=True)
     teacher = dict(model.teacher.named_parameters())
     compared = 0
     for name, module in model.student.named_modules():
         if isinstance(module, torch.nn.Conv2d) and f'{name}.weight' in teacher:
             torch.testing.assert_close(module.weight, teacher[f'{name}.weight'])  # effective weight under Dirac
+            if dirac == (0.0, 1.0) and name != 'conv1':  # started as its plain weight: the teacher's, stored as is
+                assert torch.equal(module.parametrizations.weight.original, teacher[f'{name}.weight'])
             compared += 1
     assert compared == 19  # stem + 18 block convs of resnet20 (projections are gone from the twin)
     torch.testing.assert_close(model.student.fc.weight, teacher['fc.weight'])
