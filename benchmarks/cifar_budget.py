@@ -11,9 +11,6 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 TWIN_RUNS = ('alone', 'jointrd')  # the runs that train a recipe's twin (at its recipe's peak lr)
-# the distillation methods' settings (cifar10_zoo): discriminators SGD lr 1e-3, decaying as the twin's schedule
-CAKD = dict(discriminator_depth=3, dropout=0.3, non_saturating=False)
-APS = dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256, label_head=False)
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,8 @@ def row_config(row: Row, arch: str, teacher_ckpt: str, schedule) -> tuple:
     twin = dict(model_name=f'plain_{arch}', **common)
     if row.run in TWIN_RUNS:
         schedule = row.recipe.twin_schedule(schedule)
-    discriminator = schedule.side_optimizer(lr=1e-3, momentum=0.9, weight_decay=0.0)
+    from jointrd_timm.recipes import DISCRIMINATOR_SGD, ZOO_SETTINGS  # the zoo's method settings (as its YAMLs')
+    discriminator = schedule.side_optimizer(**DISCRIMINATOR_SGD)
     configs = {
         'teacher': lambda: (dict(key='timm_model', kwargs=dict(model_name=arch, **common)), 'ce', {}),
         'control': lambda: (dict(key='timm_model', kwargs=teacher), 'ce', {}),
@@ -70,9 +68,9 @@ def row_config(row: Row, arch: str, teacher_ckpt: str, schedule) -> tuple:
         'kd': lambda: (dict(key='timm_model', kwargs=twin), 'kd', dict(teacher=dict(key='timm_model', kwargs=teacher))),
         'fitnets': lambda: (dict(key='timm_model', kwargs=twin), 'fitnets',
                             dict(teacher=dict(key='timm_model', kwargs=teacher))),
-        'cakd': lambda: (dict(key='cakd_model', kwargs=dict(teacher=teacher, student=twin, **CAKD,
+        'cakd': lambda: (dict(key='cakd_model', kwargs=dict(teacher=teacher, student=twin, **ZOO_SETTINGS['cakd'],
                                                             discriminator=discriminator)), 'cakd', {}),
-        'aps': lambda: (dict(key='aps_model', kwargs=dict(teacher=teacher, student=twin, **APS,
+        'aps': lambda: (dict(key='aps_model', kwargs=dict(teacher=teacher, student=twin, **ZOO_SETTINGS['aps'],
                                                           discriminator=discriminator)), 'aps', {}),
     }
     if row.run not in configs:

@@ -27,7 +27,7 @@ from .methods.jointrd import JointRDConfig
 
 __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe',
            'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS',
-           'split_changes', 'DIRAC_INIT']
+           'split_changes', 'DIRAC_INIT', 'ZOO_SETTINGS', 'DISCRIMINATOR_SGD']
 
 # The JointRD reference's CIFAR settings (jointrd-method.md): eta from 1 to 0.5 over the first 60 of 200 epochs,
 # no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
@@ -37,6 +37,13 @@ _IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale')
+# the distillation methods' settings in the method zoo (the benchmarks' cifar10_zoo rows and the zoo YAMLs): the
+# module kwargs besides teacher and student; a discriminator gets its own SGD (DISCRIMINATOR_SGD) decaying as the run
+ZOO_SETTINGS = MappingProxyType(dict(
+    cakd=MappingProxyType(dict(discriminator_depth=3, dropout=0.3, non_saturating=False)),
+    aps=MappingProxyType(dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256,
+                              label_head=False))))
+DISCRIMINATOR_SGD = MappingProxyType(dict(lr=1e-3, momentum=0.9, weight_decay=0.0))
 DIRAC_INIT = (1.0, 0.1)  # DiracNets' (alpha, beta): twins.dirac.apply_dirac's default
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as JointRDConfig and fading_model default them (stated only when they differ)

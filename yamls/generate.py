@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.utils.data as tud
 
 from jointrd_timm.methods import JointRDConfig
-from jointrd_timm.recipes import SCHEDULES, recipe_for
+from jointrd_timm.recipes import DISCRIMINATOR_SGD, SCHEDULES, ZOO_SETTINGS, recipe_for
 from jointrd_timm.training.configs import build_config, dataset_entry, to_yaml
 
 HERE = Path(__file__).parent
@@ -60,17 +60,15 @@ DESCRIPTION = {
     'jointrd': 'plain_{arch} trained with JointRD from its residual teacher {arch} (Li et al., NeurIPS 2020), '
                'recipe `{recipe}`: {description}',
 }
-# the zoo's method settings (the module kwargs besides teacher and student); a discriminator gets its own SGD
-# (lr 1e-3, momentum 0.9, no weight decay) decaying as the run does
+# the zoo's method settings (recipes.ZOO_SETTINGS, shared with the benchmarks); a discriminator gets its own SGD
+# (recipes.DISCRIMINATOR_SGD) decaying as the run does
 ZOO_MODELS = {
-    'cakd': ('cakd_model', dict(discriminator_depth=3, dropout=0.3, non_saturating=False)),
-    'aps': ('aps_model', dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256,
-                              label_head=False)),
+    'cakd': ('cakd_model', dict(ZOO_SETTINGS['cakd'])),
+    'aps': ('aps_model', dict(ZOO_SETTINGS['aps'])),
     'jointrd-adv': ('jointrd_model', {}),
     'stepwise': ('stepwise_model', dict(interval=3, order='input_first', first_removal=None, mse_weight=0.35,
                                         ce_weight=0.65)),
 }
-DISCRIMINATOR_SGD = dict(lr=0.001, momentum=0.9, weight_decay=0.0)
 # JointRD fields the YAMLs state even at their defaults, so that a reader sees them; and the twin's dirac flag
 STATED_JOINTRD = ('eta_per_step', 'feature_loss', 'teacher_mode', 'hybrid_paths', 'kd_weight', 'loss_normalization',
                   'shortcut_fade')
