@@ -5,9 +5,12 @@ the JointRD reference for its ImageNet students: ``W_eff = alpha * delta + beta 
 kernel (centre tap 1 from output channel o to input channel o, within each group, for the first min(in, out)
 channels), ``alpha`` per output channel initialised to 1 and ``beta`` (per output channel) to 0.1. A conv at init
 is thus close to an identity map: the shortcut lives inside the weights, and folding it leaves a plain conv.
+``apply_dirac(model, 0.0, 1.0)`` starts each conv as its plain weight instead (a teacher's, once transferred), with
+an identity scale that training can grow.
 
 Implemented with torch.nn.utils.parametrize; ``fold_dirac`` writes the effective weights back into plain convs.
-``alpha`` and ``beta`` should not get weight decay; :func:`no_weight_decay_names` lists them.
+DiracNets exclude ``alpha`` and ``beta`` from weight decay; :func:`no_weight_decay_names` lists them for an optimizer
+built by hand. The runner's SGD (one parameter group) decays them as any other parameter.
 """
 import math
 from typing import List
@@ -101,5 +104,6 @@ def fold_dirac(model: nn.Module) -> nn.Module:
 
 
 def no_weight_decay_names(model: nn.Module) -> List[str]:
+    """The names of the Dirac scales (``alpha``, ``beta``) among ``model``'s parameters."""
     return [name for name, _ in model.named_parameters()
             if name.endswith(('weight.0.alpha', 'weight.0.beta'))]
