@@ -8,9 +8,10 @@ JointRD and the twin alone with the same ingredients. The YAML generator, ``join
 benchmarks and the tests all build from here; an ablation row is ``recipe.replace(field=value)``, whose ``id``
 names the fields it changed.
 
-A :class:`Schedule` holds the training hyperparameters of a setting (the JointRD reference's CIFAR and ImageNet
-runs, and the CPU budgets of the benchmarks): epochs, batch, learning rate and its decay, weight decay, and the
-reference eta schedule and feature-loss weight of that setting.
+A :class:`~jointrd_timm.settings.Schedule` (:mod:`jointrd_timm.settings`, also importable from here) holds the
+training hyperparameters of a setting (the JointRD reference's CIFAR and ImageNet runs, and the CPU budgets of the
+benchmarks): epochs, batch, learning rate and its decay, weight decay, and the reference eta schedule and
+feature-loss weight of that setting.
 
 Which recipe is the default, and the per-architecture choices, were measured: the pages under
 benchmarks/results/ (``recipe_ablation*.md``) hold the numbers, each recipe's ``record`` names its page. The
@@ -21,121 +22,24 @@ import ast
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from .methods.jointrd import JointRDConfig
+# the settings, importable from here as before they had a module of their own
+from .settings import (DISCRIMINATOR_SGD, REFERENCE_JOINTRD, SCHEDULES, SGD_MOMENTUM, ZOO_SETTINGS,  # noqa: F401
+                       Schedule, teacher_sgd)
 
 __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe',
            'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS',
            'split_changes', 'DIRAC_INIT', 'ZOO_SETTINGS', 'DISCRIMINATOR_SGD']
 
-# The JointRD reference's CIFAR settings (jointrd-method.md): eta from 1 to 0.5 over the first 60 of 200 epochs,
-# no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
-REFERENCE_JOINTRD = MappingProxyType(dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))
-SGD_MOMENTUM = 0.9  # every schedule's, with Nesterov
-_IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale')
-# the distillation methods' settings in the method zoo (the benchmarks' cifar10_zoo rows and the zoo YAMLs): the
-# module kwargs besides teacher and student; a discriminator gets its own SGD (DISCRIMINATOR_SGD) decaying as the run
-ZOO_SETTINGS = MappingProxyType(dict(
-    cakd=MappingProxyType(dict(discriminator_depth=3, dropout=0.3, non_saturating=False)),
-    aps=MappingProxyType(dict(adversarial_weight=0.1, kd_weight=1.0, kd_temperature=4.0, hidden=256,
-                              label_head=False))))
-DISCRIMINATOR_SGD = MappingProxyType(dict(lr=1e-3, momentum=0.9, weight_decay=0.0))
 DIRAC_INIT = (1.0, 0.1)  # DiracNets' (alpha, beta): twins.dirac.apply_dirac's default
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as JointRDConfig and fading_model default them (stated only when they differ)
 _FADE_DEFAULTS = dict(shortcut_fade_window=1.0, shortcut_fade_power=1.0, shortcut_fade_mode='scale')
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Training hyperparameters of a setting: SGD with Nesterov momentum (``SGD_MOMENTUM``).
-
-    Args:
-        epochs, batch_size, lr, weight_decay: as usual (batch_size is the global batch).
-        decay: 'cosine' (over the run), 'multistep' (x ``gamma`` at ``milestones``) or 'step' (every ``step_size``).
-        jointrd: the reference JointRD settings of this setting (eta and the feature-loss weight).
-
-    The schedule is written into a run's config in one place each: :meth:`optimizer` and :meth:`scheduler` (the
-    torchdistill sections of the trained model), :meth:`side_optimizer` (a method's own SGD, e.g. a joint teacher's
-    or a discriminator's, in the form of ``TeacherOptimizerConfig`` / ``DiscriminatorConfig``).
-    """
-    name: str
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    decay: str = 'cosine'
-    milestones: Sequence[int] = ()
-    step_size: Optional[int] = None
-    gamma: float = 0.1
-    jointrd: Mapping = field(default_factory=lambda: REFERENCE_JOINTRD)
-
-    def __post_init__(self):
-        if self.decay not in ('cosine', 'multistep', 'step'):
-            raise ValueError(f"Schedule.decay must be 'cosine', 'multistep' or 'step', got {self.decay!r}.")
-
-    def replace(self, **fields) -> 'Schedule':
-        return dataclasses.replace(self, **fields)
-
-    def for_run(self, epochs: Optional[int] = None, lr: Optional[float] = None) -> 'Schedule':
-        """This schedule for a run of ``epochs`` at ``lr`` (None: its own). Its step decay belongs to its own length:
-        a run of another length decays by cosine over its epochs."""
-        schedule = self if lr is None else self.replace(lr=lr)
-        if epochs is None or epochs == self.epochs:
-            return schedule
-        return schedule.replace(epochs=epochs, decay='cosine', milestones=(), step_size=None)
-
-    def decay_epochs(self) -> list:
-        """The epochs at which a 'multistep' or 'step' decay multiplies the learning rate by ``gamma``."""
-        if self.decay == 'step':
-            return list(range(self.step_size, self.epochs, self.step_size))
-        return list(self.milestones) if self.decay == 'multistep' else []
-
-    def optimizer(self) -> Dict:
-        """The torchdistill optimizer section of the trained model."""
-        return dict(key='SGD', kwargs=dict(lr=self.lr, momentum=SGD_MOMENTUM, nesterov=True,
-                                           weight_decay=self.weight_decay))
-
-    def scheduler(self, epochs: Optional[int] = None) -> Dict:
-        """The torchdistill scheduler section (of :meth:`for_run` ``(epochs)`` when ``epochs`` is given)."""
-        if epochs is not None:
-            return self.for_run(epochs).scheduler()
-        if self.decay == 'cosine':
-            return dict(key='CosineAnnealingLR', kwargs=dict(T_max=self.epochs))
-        if self.decay == 'step':
-            return dict(key='StepLR', kwargs=dict(step_size=self.step_size, gamma=self.gamma))
-        return dict(key='MultiStepLR', kwargs=dict(milestones=list(self.milestones), gamma=self.gamma))
-
-    def side_optimizer(self, **sgd) -> Dict:
-        """A method's own SGD (``sgd``: lr, momentum, ... as stated) decaying as this schedule does: cosine over its
-        epochs, or x ``gamma`` at :meth:`decay_epochs`."""
-        if self.decay == 'cosine':
-            return dict(sgd, cosine_epochs=self.epochs)
-        return dict(sgd, milestones=self.decay_epochs(), gamma=self.gamma)
-
-
-SCHEDULES = {s.name: s for s in (
-    # the reference runs (jointrd-method.md)
-    Schedule('cifar', epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, decay='multistep',
-             milestones=(100, 150)),
-    Schedule('imagenet', epochs=120, batch_size=512, lr=0.2, weight_decay=1e-4, decay='step', step_size=30,
-             milestones=(30, 60, 90), jointrd=_IMAGENET_JOINTRD),
-    # the CPU budget of benchmarks/accuracy_subset.py (8,000 CIFAR-10 images, 5 epochs per run)
-    Schedule('cpu-budget', epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4),
-    # `jointrd demo` on the 8x8 digits
-    Schedule('demo', epochs=12, batch_size=64, lr=0.05, weight_decay=5e-4),
-)}
-
-
-def teacher_sgd(schedule: Schedule) -> Dict:
-    """A 'teacher_first' joint teacher's own SGD (``JointRDConfig.teacher_optimizer``) when it trains as the twin
-    does: the schedule's learning rate, momentum, weight decay and decay (:meth:`Schedule.side_optimizer`)."""
-    return schedule.side_optimizer(lr=schedule.lr, momentum=SGD_MOMENTUM, nesterov=True,
-                                   weight_decay=schedule.weight_decay)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import ast
 from conftest import ROOT
 
 # bottom to top; a name is a package of jointrd_timm (or one of its top-level modules)
-LAYERS = [('errors', 'io', 'extras', 'faults'), ('twins',), ('models',), ('methods',), ('recipes',), ('deploy', 'coverage'), ('integrations',),
+LAYERS = [('errors', 'io', 'extras', 'faults'), ('twins',), ('models',), ('methods',), ('settings', 'recipes'), ('deploy', 'coverage'), ('integrations',),
           ('training',), ('cli', 'timm_script')]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -19,7 +19,7 @@ torchdistill YAML (datasets as ``!import_call`` of ``load_image_dataset``, class
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Union
 
-from ..recipes import Schedule
+from ..settings import Schedule
 
 __all__ = ['build_config', 'make_config', 'METHODS', 'Tagged', 'dataset_entry', 'to_yaml', 'read_yaml',
            'DATASET_LOADER', 'EVAL_BATCH_SIZE']

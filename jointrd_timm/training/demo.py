@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..recipes import SCHEDULES
+from ..settings import SCHEDULES
 
 __all__ = ['run_demo']
 

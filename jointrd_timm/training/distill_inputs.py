@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 
 from ..errors import JointRDError
-from ..recipes import SCHEDULES, Schedule
+from ..settings import SCHEDULES, Schedule
 
 if TYPE_CHECKING:
     from .teachers import Teacher
