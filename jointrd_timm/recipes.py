@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Tuple
 
+from .methods.fading import ShortcutFade
 from .methods.jointrd import JointRDConfig
 # the settings, importable from here as before they had a module of their own
 from .settings import (DISCRIMINATOR_SGD, REFERENCE_JOINTRD, SCHEDULES, SGD_MOMENTUM, ZOO_SETTINGS,  # noqa: F401
@@ -38,8 +39,10 @@ _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 
                   'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale')
 DIRAC_INIT = (1.0, 0.1)  # DiracNets' (alpha, beta): twins.dirac.apply_dirac's default
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
-# the fade's window, power and mode as JointRDConfig and fading_model default them (stated only when they differ)
-_FADE_DEFAULTS = dict(shortcut_fade_window=1.0, shortcut_fade_power=1.0, shortcut_fade_mode='scale')
+# the fade's window, power and mode as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a recipe
+# states them only when they differ
+_FADE_DEFAULTS = dict(shortcut_fade_window=ShortcutFade.window, shortcut_fade_power=ShortcutFade.power,
+                      shortcut_fade_mode=ShortcutFade.mode)
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,9 @@ class Recipe:
     description: str
     init_from_teacher: bool = True
     shortcut_fade: Optional[float] = 0.8
-    shortcut_fade_window: float = 1.0
-    shortcut_fade_power: float = 1.0
-    shortcut_fade_mode: str = 'scale'
+    shortcut_fade_window: float = ShortcutFade.window
+    shortcut_fade_power: float = ShortcutFade.power
+    shortcut_fade_mode: str = ShortcutFade.mode
     dirac: bool = False
     dirac_init: Tuple[float, float] = DIRAC_INIT
     keep_projection_shortcuts: bool = False
