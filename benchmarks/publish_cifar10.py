@@ -58,7 +58,9 @@ def twin_command(arch: str, meta: dict, twin: dict) -> str:
         name, seed = twin['folder'], '0'
     command = (f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]} '
                f'--fractions {twin["epochs"] / meta["teacher_epochs"]:g}')
-    command += ''.join(f' --variant {v}' for v in meta.get('variants', []) if name.endswith('-' + v.split('=')[0]))
+    # the variant is the folder's whole suffix after its epochs ('kd-lr02', not the 'lr02' it ends with)
+    suffix = name.split(f'-e{twin["epochs"]}-', 1)[1] if f'-e{twin["epochs"]}-' in name else None
+    command += ''.join(f' --variant {v}' for v in meta.get('variants', []) if v.split('=')[0] == suffix)
     return command + (f' --seed {seed}' if seed != '0' else '') + f' --only {twin["folder"]}'
 
 

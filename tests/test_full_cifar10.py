@@ -85,11 +85,15 @@ def test_twins_train_on_their_recipes_schedule_and_the_rest_on_the_budgets(monke
 
 def test_published_card_names_the_command_of_its_run():
     import publish_cifar10
-    meta = dict(teacher_epochs=8, variants=['share=shortcut_fade_mode:share', 'fade50=shortcut_fade:0.5'])
+    meta = dict(teacher_epochs=8, variants=['share=shortcut_fade_mode:share', 'fade50=shortcut_fade:0.5',
+                                            'lr02=lr_scale:0.2', 'kd-lr02=kd_weight:1.0,lr_scale:0.2'])
     base = 'python benchmarks/full_cifar10.py --arch resnet56_cifar --teacher-epochs 8 --fractions 0.5'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4', epochs=4)) == \
         base + ' --only twin-jointrd-e4'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4-fade50-s1', epochs=4)) \
         == base + ' --variant fade50=shortcut_fade:0.5 --seed 1 --only twin-jointrd-e4-fade50-s1'
+    # a variant whose name ends another's: only the folder's own variant is named
+    assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4-kd-lr02', epochs=4)) == \
+        base + ' --variant kd-lr02=kd_weight:1.0,lr_scale:0.2 --only twin-jointrd-e4-kd-lr02'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-alone-e2-share', epochs=2)) == \
         base.replace('0.5', '0.25') + ' --variant share=shortcut_fade_mode:share --only twin-alone-e2-share'
