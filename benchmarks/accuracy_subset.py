@@ -29,6 +29,7 @@ import accuracy_pages as pages
 from cifar_budget import (ROOT, Row, budget_meta, budget_parser, budget_schedule, check_record, cifar_splits,
                           ensure_teacher, finished, read_run, row_config)
 from jointrd_timm.recipes import DEFAULT_RECIPE, get_recipe
+from jointrd_timm.training.run_folder import RunFolder
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 REFERENCE, DIRAC = get_recipe('reference'), get_recipe('dirac')
@@ -138,7 +139,7 @@ class Budget:
             start = time.time()
             train(make_config(train_set, test_set, model, method, seed=seed, num_workers=args.workers,
                               val_set=val_set, output_dir=str(folder), **extra),
-                  resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
+                  resume=RunFolder(folder).can_resume())  # an interrupted run continues exactly
             print(f'{row.label} seed {seed}: {time.time() - start:.0f} s', flush=True)
         return read_run(folder)
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from jointrd_timm.training.run_folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 TWIN_RUNS = ('alone', 'jointrd')  # the runs that train a recipe's twin (at its recipe's peak lr)
 
@@ -33,7 +35,7 @@ class Row:
 def budget_schedule(args, epochs: Optional[int] = None, lr: Optional[float] = None):
     """The budget's schedule: ``epochs`` (default ``--epochs``) at ``--batch-size``, SGD from ``lr`` (default
     ``--lr``) with a cosine decay, weight decay 5e-4 (``SCHEDULES['cpu-budget']`` at these values)."""
-    from jointrd_timm.recipes import SCHEDULES
+    from jointrd_timm.settings import SCHEDULES
     return SCHEDULES['cpu-budget'].replace(epochs=epochs or args.epochs, lr=lr or args.lr,
                                            batch_size=args.batch_size, weight_decay=5e-4)
 
@@ -56,7 +58,7 @@ def row_config(row: Row, arch: str, teacher_ckpt: str, schedule) -> tuple:
     twin = dict(model_name=f'plain_{arch}', **common)
     if row.run in TWIN_RUNS:
         schedule = row.recipe.twin_schedule(schedule)
-    from jointrd_timm.recipes import DISCRIMINATOR_SGD, ZOO_SETTINGS  # the zoo's method settings (as its YAMLs')
+    from jointrd_timm.settings import DISCRIMINATOR_SGD, ZOO_SETTINGS  # the zoo's method settings (as its YAMLs')
     discriminator = schedule.side_optimizer(**DISCRIMINATOR_SGD)
     configs = {
         'teacher': lambda: (dict(key='timm_model', kwargs=dict(model_name=arch, **common)), 'ce', {}),
@@ -191,19 +193,17 @@ def ensure_teacher(args, work: Path, seed: int = 0, splits=None) -> dict:
         model, method, extra = row_config(Row('teacher', 'teacher'), args.arch, '', budget_schedule(args))
         train(make_config(train_set, test_set, model, method, seed=seed, num_workers=args.workers, val_set=val_set,
                           output_dir=str(folder), **extra),
-              resume=(folder / 'last.safetensors').is_file())  # an interrupted run continues exactly
+              resume=RunFolder(folder).can_resume())  # an interrupted run continues exactly
     return read_run(folder)[0]
 
 
 def finished(folder: Path) -> bool:
     """A runner output folder holds a finished run (``RunFolder.final``: its final.json is written last)."""
-    from jointrd_timm.training.run_folder import RunFolder
     return RunFolder(folder).final() is not None
 
 
 def read_run(folder: Path):
     """A finished run's final metrics and its per-epoch records (``RunFolder.final`` and ``RunFolder.metrics``)."""
-    from jointrd_timm.training.run_folder import RunFolder
     run = RunFolder(folder)
     final = run.final()
     if final is None:

@@ -81,7 +81,7 @@ def run(folder: Path, config: dict) -> None:
     from jointrd_timm.training.runner import train
     if finished(folder):
         return
-    resume = (folder / 'last.safetensors').is_file()
+    resume = RunFolder(folder).can_resume()
     if resume:
         count = folder / 'resumes.txt'
         count.write_text(str(int(count.read_text()) + 1 if count.is_file() else 1))

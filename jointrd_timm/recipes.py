@@ -27,6 +27,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from .methods.fading import ShortcutFade
 from .methods.jointrd import JointRDConfig
 # the settings, importable from here as before they had a module of their own
+from .twins.dirac import DIRAC_INIT, check_dirac_init
 from .settings import (DISCRIMINATOR_SGD, REFERENCE_JOINTRD, SCHEDULES, SGD_MOMENTUM, ZOO_SETTINGS,  # noqa: F401
                        Schedule, teacher_sgd)
 
@@ -37,7 +38,6 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFA
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale')
-DIRAC_INIT = (1.0, 0.1)  # DiracNets' (alpha, beta): twins.dirac.apply_dirac's default
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a recipe
 # states them only when they differ
@@ -88,10 +88,14 @@ class Recipe:
     def __post_init__(self):
         object.__setattr__(self, 'jointrd', MappingProxyType(dict(self.jointrd)))
         init = self.dirac_init
-        if not (isinstance(init, (tuple, list)) and len(init) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in init) and init[1] != 0):
+        try:
+            if not (isinstance(init, (tuple, list)) and len(init) == 2):
+                raise ValueError('not a pair')
+            check_dirac_init(*init)  # what twins.dirac.apply_dirac would refuse, refused when the recipe is made
+        except ValueError as e:
             raise ValueError(f"Recipe {self.name!r}: dirac_init must be (alpha, beta), two numbers with beta != 0 "
-                             f"(DiracNets' {DIRAC_INIT}; (0.0, 1.0): convs start as their plain weight), got {init!r}.")
+                             f"(DiracNets' {DIRAC_INIT}; (0.0, 1.0): convs start as their plain weight), got {init!r} "
+                             f"({e}).") from None
         object.__setattr__(self, 'dirac_init', tuple(float(v) for v in init))
         if self.dirac_init != DIRAC_INIT and not self.dirac:
             raise ValueError(f'Recipe {self.name!r}: dirac_init {self.dirac_init} without dirac=True changes nothing; '

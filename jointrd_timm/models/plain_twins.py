@@ -34,7 +34,7 @@ from timm.models import (
 
 from ..twins import make_plain
 from .catalogue import tag_cfgs
-from ..twins.dirac import apply_dirac
+from ..twins.dirac import DIRAC_INIT, apply_dirac
 from ..twins.fade import make_fading
 from ..twins.transfer import pretrained_teacher_filter
 
@@ -101,7 +101,7 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
         derive = make_fading if shortcut_fade else make_plain
         derive(model, keep_projection_shortcuts=keep_projection_shortcuts)
         if dirac:
-            apply_dirac(model, *dirac_init) if dirac_init is not None else apply_dirac(model)
+            apply_dirac(model, *(DIRAC_INIT if dirac_init is None else dirac_init))
         return model
 
     twin_args = dict(keep_projection_shortcuts=keep_projection_shortcuts, dirac=dirac)

@@ -30,12 +30,11 @@ __all__ = ['run_demo']
 DEMO_ARCH = 'resnet32_cifar'
 
 
-def _train_spec(dataset: str, epochs: Optional[int]):
+def _train_spec(digits: bool, epochs: Optional[int]):
     """The demo's schedule (``SCHEDULES['demo']``) as distill options; other data than the digits: 5 epochs, and
     loaders without workers (the demo's data order on every machine)."""
     from .distill_inputs import TrainSpec
     schedule = SCHEDULES['demo']
-    digits = dataset == 'sklearn:digits'
     return TrainSpec(epochs=epochs or (schedule.epochs if digits else 5), batch_size=schedule.batch_size,
                      lr=schedule.lr, workers=0)
 
@@ -55,7 +54,7 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     out = Path(output_dir)
     digits = dataset == 'sklearn:digits'
     data = DataSpec(dataset, limit=limit, transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
-    plan = plan_distill(arch, data, output_dir=str(out), train=_train_spec(dataset, epochs), recipe=recipe,
+    plan = plan_distill(arch, data, output_dir=str(out), train=_train_spec(digits, epochs), recipe=recipe,
                         overwrite=True)
     epochs, twin_recipe = plan.epochs, plan.recipe
     start = time.time()

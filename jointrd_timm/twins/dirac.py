@@ -21,7 +21,10 @@ from torch.nn.utils import parametrize
 
 from .rules import get_rule
 
-__all__ = ['DiracWeight', 'apply_dirac', 'fold_dirac', 'has_dirac', 'no_weight_decay_names']
+__all__ = ['DiracWeight', 'apply_dirac', 'check_dirac_init', 'fold_dirac', 'has_dirac', 'no_weight_decay_names',
+           'DIRAC_INIT']
+
+DIRAC_INIT = (1.0, 0.1)  # DiracNets' (alpha_init, beta_init)
 
 
 def dirac_delta(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -61,17 +64,23 @@ def _block_convs(model: nn.Module):
                 yield conv
 
 
-def apply_dirac(model: nn.Module, alpha_init: float = 1.0, beta_init: float = 0.1) -> nn.Module:
-    """Dirac-parametrise every square ``nn.Conv2d`` inside the model's (plain) blocks, in place. ``alpha_init``,
-    ``beta_init``: DiracNets' (1, 0.1) by default; (0, 1) keeps each conv's weight as it is (a teacher's, once
-    transferred) and adds a learnable identity scale starting at 0. ``beta_init`` may not be 0 (the weight would
-    not reach the output, and a teacher's weight could not be written into it)."""
+def check_dirac_init(alpha_init, beta_init) -> None:
+    """Refuse a Dirac start that is not two finite numbers with ``beta_init`` != 0 (the weight would not reach the
+    output, and a teacher's weight could not be written into it), naming the value."""
     for name, value in (('alpha_init', alpha_init), ('beta_init', beta_init)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f'Dirac {name} must be a finite number, got {value!r}.')
     if beta_init == 0:
         raise ValueError('Dirac beta_init must not be 0: it scales the conv weight (alpha_init, beta_init) = (0, 1) '
                          'starts each conv as its plain weight.')
+
+
+def apply_dirac(model: nn.Module, alpha_init: float = DIRAC_INIT[0], beta_init: float = DIRAC_INIT[1]) -> nn.Module:
+    """Dirac-parametrise every square ``nn.Conv2d`` inside the model's (plain) blocks, in place. ``alpha_init``,
+    ``beta_init``: DiracNets' (1, 0.1) by default; (0, 1) keeps each conv's weight as it is (a teacher's, once
+    transferred) and adds a learnable identity scale starting at 0 (:func:`check_dirac_init` says what is
+    refused)."""
+    check_dirac_init(alpha_init, beta_init)
     convs = list(_block_convs(model))
     if not convs:
         raise ValueError(f'{type(model).__name__} has no nn.Conv2d inside a known block to Dirac-parametrise.')
