@@ -1,4 +1,5 @@
-"""The pages of accuracy_subset.py, one per question, each generated from its record only (``write_page``).
+"""The pages of ``accuracy.py subset`` (scale_subset.py), one per question, each generated from its record only
+(``write_page``).
 
 jointrd: teacher, twin alone and twin + JointRD with the share of the gap closed; zoo: every distillation method
 against the twin alone; ablation: every recipe row over seeds, and runs matched by seed and teacher.
@@ -72,7 +73,7 @@ def write_page(question: str, name: str, record: dict, rows: Dict, out=RESULTS) 
 
 
 def rows_lines(rows: Dict, record: dict) -> list:
-    """What each row of the page trains: its run and recipe id (accuracy_subset.py ``--rows`` takes either)."""
+    """What each row of the page trains: its run and recipe id (``accuracy.py subset --rows`` takes either)."""
     shown = set(record.get('rows', {})) | {r['label'] for r in record.get('runs', {}).values()}
     lines = ['', '## Rows', '', '| row | id (`--rows`) |', '|---|---|']
     return lines + [f'| {label} | `{row.id}` |' for label, row in rows.items() if label in shown]

@@ -4,7 +4,7 @@ A user with a trained ResNet who wants a network without shortcuts can take: our
 JointRD), the same twin trained alone, step-wise removal under a frozen teacher (Tailor, Weng et al. 2023), the
 exact RM conversion (Meng et al.; no training, more channels: ``jointrd_timm.deploy.exact``), or keep the residual
 net (trained for the same extra epochs: the control). The accuracies of the trained rows come from
-``full_cifar10.py``'s record (``benchmarks/results/full_cifar10_<ARCH>.json``, the same teacher and twin epochs);
+``accuracy.py full``'s record (``benchmarks/results/full_cifar10_<ARCH>.json``, the same teacher and twin epochs);
 the exact conversion is evaluated here on the same 10,000 test images and checked against the teacher. Three
 architectures are deployed (the residual net, the plain twin, the exact conversion), each folded, and measured side
 by side: parameters, FLOPs, analysed activation memory at batch 1 and 16, eager and ONNX Runtime latency.

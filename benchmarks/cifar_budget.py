@@ -1,7 +1,7 @@
 """What the CIFAR-10 accuracy benchmarks share: what a row trains (:class:`Row`, :func:`row_config`: one definition
 of the teacher, the twin alone or with JointRD, the control, step-wise removal and the distillation methods, used at
 both scales), the CPU budget's arguments, the data splits, the teacher, run folders and the command line recorded
-(accuracy_subset.py at the CPU budget, full_cifar10.py at the published-twin budget).
+(the two scales of accuracy.py: scale_subset.py, the CPU budget; scale_full.py, the published-twin budget).
 """
 import argparse
 import shlex

@@ -1,13 +1,13 @@
 """The first steps of a conversion: what the peak learning rate does to a twin started from its converged teacher,
 with and without Hinton KD.
 
-For each architecture (``--archs``, the full-CIFAR-10 teachers of ``full_cifar10.py``), each peak lr (``--lrs``) and
+For each architecture (``--archs``, the full-CIFAR-10 teachers of ``accuracy.py full``), each peak lr (``--lrs``) and
 each KD weight (``--kd``), the default recipe's JointRD module is built exactly as that run builds it (twin started
 from the teacher, the run length of a ``--epochs`` conversion, so the fade and eta are where they are in the real
 run) and trained for ``--steps`` SGD steps (Nesterov momentum 0.9, weight decay 5e-4, batch 128) on the same
 shuffled batches. Every step records the twin's cross-entropy (train mode), its batch accuracy, Hinton KD against the
 frozen teacher (T 4; logged also where it is not trained on) and the gradient norm. The conversions of
-``full_cifar10.py`` hold the peak lr through their first epoch, so these steps show how each run starts.
+``accuracy.py full`` hold the peak lr through their first epoch, so these steps show how each run starts.
 
     python benchmarks/conversion_lr.py --threads 2
 """
@@ -33,13 +33,13 @@ def parser():
     p.add_argument('--kd', nargs='+', type=float, default=[0.0, 1.0])
     p.add_argument('--steps', type=int, default=30)
     p.add_argument('--batch-size', type=int, default=128)
-    p.add_argument('--val-size', type=int, default=5000, help="full_cifar10.py's held-out split (not trained on)")
+    p.add_argument('--val-size', type=int, default=5000, help="accuracy.py full's held-out split (not trained on)")
     p.add_argument('--threads', type=int, default=1)
     return p
 
 
 def batches(args):
-    """The same ``--steps`` shuffled training batches for every setting (full_cifar10.py's training split)."""
+    """The same ``--steps`` shuffled training batches for every setting (accuracy.py full's training split)."""
     from jointrd_timm.training.data import load_image_dataset
     train = load_image_dataset(args.data, 'train', transform='cifar', validation_fraction=args.val_size / 50000,
                                part='train', seed=0)
@@ -84,7 +84,7 @@ def page_lines(record: dict) -> list:
     meta = record['meta']
     last = meta['steps'] // 3
     lines = ['# The first steps of a conversion: peak learning rate and KD', '',
-             f'The default recipe\'s JointRD conversion of each full-CIFAR-10 teacher of full_cifar10.py, its first '
+             f'The default recipe\'s JointRD conversion of each full-CIFAR-10 teacher of accuracy.py full, its first '
              f'{meta["steps"]} steps (the twin still has its shortcuts: s falls by less than 1 % over them), on the '
              'same batches for every setting. CE and accuracy: the twin in train mode on the step\'s batch; KD: '
              'T² KL(teacher || twin) at T 4, logged in every setting, trained on where the KD weight is not 0. '

@@ -78,7 +78,7 @@ def summary(screen: dict) -> dict:
 
 
 def full_runs(arch: str) -> dict:
-    """Per-epoch train accuracy and shortcut scale of the four-epoch twin conversions that full_cifar10.py records
+    """Per-epoch train accuracy and shortcut scale of the four-epoch twin conversions that accuracy.py full records
     for ``arch`` (every twin run of its record, in the record's order), and their deployed test accuracy where
     finished."""
     root = Path(__file__).resolve().parents[1] / 'benchmarks'

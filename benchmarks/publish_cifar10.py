@@ -1,7 +1,7 @@
 """Publish CIFAR-10 teachers and twins trained by the benchmarks into registry/ (timm Hub format + catalogue
 entries whose numbers are copied from the benchmark's record, never typed in).
 
-From ``full_cifar10.py``'s record ``benchmarks/results/full_cifar10_<ARCH>.json`` (the full training set): the
+From ``accuracy.py full``'s record ``benchmarks/results/full_cifar10_<ARCH>.json`` (the full training set): the
 teacher as ``<ARCH>.ce_full_cifar10`` and the best finished twin (chosen on the held-out validation split: the highest
 last-epoch validation accuracy among the twin rows; the test set chooses nothing) as
 ``plain_<ARCH>.<jointrd|fade>_full_cifar10``, each card stating the budget, the teacher's and the equal-compute
@@ -25,7 +25,7 @@ COMMON = dict(dataset='CIFAR-10 (Krizhevsky 2009; uoft-cs/cifar10 layout)', hf_d
               num_classes=10, license='apache-2.0',
               eval=dict(dataset='uoft-cs/cifar10', split='test', transform='cifar'))
 TEST_SPLIT = 'test (10,000 images), last epoch'
-# the twin rows of full_cifar10.py -> (tag prefix, method line)
+# the twin rows of accuracy.py full -> (tag prefix, method line)
 TWIN_ROWS = {'twin + JointRD': ('jointrd', 'JointRD (Li et al., "Residual Distillation", NeurIPS 2020), recipe `{recipe}` '
                                            '(teacher init, shortcuts faded out, frozen teacher)'),
              'twin alone': ('fade', 'the twin alone with the recipe `{recipe}` ingredients: teacher init and shortcuts '
@@ -47,16 +47,16 @@ def best_twin(runs: list) -> dict:
     run, then JointRD); the test accuracy, which the card reports, plays no part in the choice."""
     done = [r for r in runs if r['row'].split(',')[0] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None]
     if not done:
-        raise SystemExit('no finished twin run in the record: run benchmarks/full_cifar10.py first')
+        raise SystemExit('no finished twin run in the record: run benchmarks/accuracy.py full first')
     return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'].startswith('twin + JointRD')))
 
 
 def twin_command(arch: str, meta: dict, twin: dict) -> str:
-    """The full_cifar10.py command that trains ``twin`` (its fraction, recipe variant and seed) from the teacher."""
+    """The accuracy.py full command that trains ``twin`` (its fraction, recipe variant and seed) from the teacher."""
     name, _, seed = twin['folder'].rpartition('-s')
     if not seed.isdigit():
         name, seed = twin['folder'], '0'
-    command = (f'python benchmarks/full_cifar10.py --arch {arch} --teacher-epochs {meta["teacher_epochs"]} '
+    command = (f'python benchmarks/accuracy.py full --arch {arch} --teacher-epochs {meta["teacher_epochs"]} '
                f'--fractions {twin["epochs"] / meta["teacher_epochs"]:g}')
     # the variant is the folder's whole suffix after its epochs ('kd-lr02', not the 'lr02' it ends with)
     suffix = name.split(f'-e{twin["epochs"]}-', 1)[1] if f'-e{twin["epochs"]}-' in name else None
@@ -105,7 +105,7 @@ def publish_full(arch: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--full', metavar='ARCH', required=True,
-                        help="publish full_cifar10.py's teacher and best twin of ARCH (e.g. resnet20_cifar)")
+                        help="publish accuracy.py full's teacher and best twin of ARCH (e.g. resnet20_cifar)")
     publish_full(parser.parse_args().full)
 
 

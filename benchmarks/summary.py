@@ -180,8 +180,8 @@ def render() -> str:
 
 # every script of the suite and what it writes (globs under benchmarks/; none: a module the scripts share)
 SUITE = {
-    'accuracy_subset.py': ['results/cifar10_jointrd.*', 'results/cifar10_zoo.*', 'results/recipe_ablation*.*'],
-    'full_cifar10.py': ['results/full_cifar10_*.*', 'runs/full_cifar10/'],
+    'accuracy.py': ['results/cifar10_jointrd.*', 'results/cifar10_zoo.*', 'results/recipe_ablation*.*',
+                    'results/full_cifar10_*.*', 'runs/full_cifar10/'],
     'publish_cifar10.py': ['../registry/*.json', '../registry/weights/'],
     'alternatives.py': ['results/alternatives_*.*'],
     'timm_validate.py': ['results/timm_validate.*'],
@@ -194,30 +194,33 @@ SUITE = {
     'twin_coverage.py': ['results/twin_coverage.*'],
     'recipe_coverage.py': ['columns of results/twin_coverage.*'],
     'summary.py': ['results/README.md', 'README.md'],
-    'accuracy_pages.py': [], 'cifar_budget.py': [], 'step_cost_pages.py': [], 'report.py': [],
+    'scale_subset.py': [], 'scale_full.py': [], 'accuracy_pages.py': [], 'cifar_budget.py': [], 'step_cost_pages.py': [],
+    'report.py': [],
 }
 # pages under results/ that no script of the suite writes, and what does
 WRITTEN_ELSEWHERE = {'reliability.md': 'tests/test_reliability.py'}
 # scripts replaced by the suite, as the commands of older records name them
-REPLACED = {'cifar10_jointrd.py': 'accuracy_subset.py --question jointrd',
-            'cifar10_zoo.py': 'accuracy_subset.py --question zoo',
-            'recipe_ablation.py': 'accuracy_subset.py --question ablation (--rows takes the same labels)',
+REPLACED = {'cifar10_jointrd.py': 'accuracy.py subset --question jointrd',
+            'cifar10_zoo.py': 'accuracy.py subset --question zoo',
+            'recipe_ablation.py': 'accuracy.py subset --question ablation (--rows takes the same labels)',
+            'accuracy_subset.py': 'accuracy.py subset (same options)',
+            'full_cifar10.py': 'accuracy.py full (same options)',
             'training_cost.py': 'step_cost.py --question methods',
             'step_ratios.py': 'step_cost.py --question ratios',
             'channels_last_cost.py':
                 'step_cost.py --question channels_last (`--variant compile`: `--question compile`)'}
 README_NOTES = """Every script writes its record, page and plot through `report.py` (the JSON written atomically, the page
-with the machine and command, the PNG where there is a plot). `accuracy_subset.py` and `step_cost.py` rewrite any of
-their pages from its record alone (`--report-only --name <record>`), as `full_cifar10.py` does. Timings on a shared
+with the machine and command, the PNG where there is a plot). `accuracy.py` (both scales) and `step_cost.py` rewrite any
+of their pages from its record alone (`--report-only`, with `--name <record>` or `--arch ARCH`). Timings on a shared
 machine are noisy: every comparison is measured side by side in one run (interleaved, round by round). Scratch runs
 go to `benchmarks/work/` (ignored by git).
 
-`accuracy_subset.py`'s questions share one work folder (`benchmarks/work/cifar10_jointrd/`): the teacher is trained
+`accuracy.py subset`'s questions share one work folder (`benchmarks/work/cifar10_jointrd/`): the teacher is trained
 once, and a row whose run already finished (`final.json`) is read back instead of retrained, so a command resumes
-after an interruption. `full_cifar10.py` keeps its runs under `benchmarks/runs/`: the repository holds each run's
+after an interruption. `accuracy.py full` keeps its runs under `benchmarks/runs/`: the repository holds each run's
 records (`metrics.jsonl`, `final.json`, `resumes.txt`) and the teachers' weights (every other run starts from them);
 the weights of the other runs are not committed (`.gitignore`): a published twin's weights are in
-`registry/weights/`, and `python benchmarks/full_cifar10.py --arch ARCH --teacher-epochs N --only FOLDER` recreates
+`registry/weights/`, and `python benchmarks/accuracy.py full --arch ARCH --teacher-epochs N --only FOLDER` recreates
 any other run from its teacher (same seed, same split). A run longer than a working session is resumed from its local
 `last.safetensors` on the same machine.
 

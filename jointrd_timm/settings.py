@@ -100,7 +100,7 @@ SCHEDULES = {s.name: s for s in (
              milestones=(100, 150)),
     Schedule('imagenet', epochs=120, batch_size=512, lr=0.2, weight_decay=1e-4, decay='step', step_size=30,
              milestones=(30, 60, 90), jointrd=_IMAGENET_JOINTRD),
-    # the CPU budget of benchmarks/accuracy_subset.py (8,000 CIFAR-10 images, 5 epochs per run)
+    # the CPU budget of benchmarks/accuracy.py subset (8,000 CIFAR-10 images, 5 epochs per run)
     Schedule('cpu-budget', epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4),
     # `jointrd demo` on the 8x8 digits
     Schedule('demo', epochs=12, batch_size=64, lr=0.05, weight_decay=5e-4),

@@ -35,13 +35,13 @@ def table(lines, header_start: str) -> list:
 @pytest.mark.parametrize('name', ACCURACY)
 def test_accuracy_page_regenerates_from_its_record(name, tmp_path):
     import accuracy_pages
-    import accuracy_subset
+    import scale_subset
     record = json.loads((RESULTS / f'{name}.json').read_text())
-    question = accuracy_subset.question_of(record)
-    rows = {row.label: row for row in accuracy_subset.QUESTIONS[question]}
+    question = scale_subset.question_of(record)
+    rows = {row.label: row for row in scale_subset.QUESTIONS[question]}
     accuracy_pages.write_page(question, name, record, rows, tmp_path)
     assert (tmp_path / f'{name}.md').read_text() == (RESULTS / f'{name}.md').read_text(), \
-        f'stale: python benchmarks/accuracy_subset.py --report-only --name {name}'
+        f'stale: python benchmarks/accuracy.py subset --report-only --name {name}'
     assert json.loads((tmp_path / f'{name}.json').read_text()) == json.loads((RESULTS / f'{name}.json').read_text())
 
 

@@ -16,7 +16,7 @@ BUDGET = argparse.Namespace(arch='resnet20_cifar', epochs=5, lr=0.1, batch_size=
 # -- accuracy at the CPU budget ------------------------------------------------------------------------------------
 def test_every_row_is_a_recipe_or_a_method_and_builds_its_config():
     import accuracy_pages
-    import accuracy_subset as acc
+    import scale_subset as acc
     from jointrd_timm.recipes import DEFAULT_RECIPE, SCHEDULES, teacher_sgd
     methods = dict(teacher='ce', control='ce', alone='ce', jointrd='jointrd', kd='kd', fitnets='fitnets', cakd='cakd',
                    aps='aps')
@@ -46,7 +46,7 @@ def test_every_row_is_a_recipe_or_a_method_and_builds_its_config():
 
 
 def test_rows_shared_between_questions_use_one_run_folder(tmp_path):
-    import accuracy_subset as acc
+    import scale_subset as acc
     budget = object.__new__(acc.Budget)
     budget.work, budget.teacher = tmp_path, dict(test_acc=47.94)
     budget.shared = {row.id: row.label for row in acc.QUESTIONS['jointrd']}
@@ -80,7 +80,7 @@ class FakeBudget:
 
 
 def test_run_loop_writes_record_and_page_from_the_runs(tmp_path, monkeypatch):
-    import accuracy_subset as acc
+    import scale_subset as acc
     monkeypatch.setattr(acc, 'RESULTS', tmp_path)
     monkeypatch.setattr(acc, 'Budget', FakeBudget)
     common = ['--work-dir', str(tmp_path), '--threads', '1']
@@ -95,7 +95,7 @@ def test_run_loop_writes_record_and_page_from_the_runs(tmp_path, monkeypatch):
     record = json.loads((tmp_path / 'a.json').read_text())
     assert len(record['runs']) == 4 and record['table']['twin alone']['mean'] == 30.5
     assert record['paired']['JointRD (reference loss)'] == [[0, 50.0, 36.0, 30.0], [1, 50.0, 37.0, 31.0]]
-    assert record['meta']['commands'][0].startswith('python benchmarks/accuracy_subset.py')
+    assert record['meta']['commands'][0].startswith('python benchmarks/accuracy.py subset')
     page = (tmp_path / 'a.md').read_text()
     matched = _table(page, '| JointRD row |')
     assert matched[0][2:5] == ['+6.00', '2', '0.00'] and matched[0][-1] == '2 of 2'
@@ -143,7 +143,7 @@ def test_joint_teacher_accuracy_reads_the_trained_teacher_from_the_checkpoint(tm
     from torch.utils.data import TensorDataset
 
     import jointrd_timm  # noqa: F401
-    from accuracy_subset import joint_teacher_accuracy, load_joint_teacher
+    from scale_subset import joint_teacher_accuracy, load_joint_teacher
     from jointrd_timm.methods import JointRD, JointRDConfig
     from jointrd_timm.training.checkpoint import save_checkpoint
     torch.manual_seed(0)
@@ -356,9 +356,9 @@ def test_step_cost_refuses_bad_command_lines_before_measuring(argv, message, mon
     assert re.search(message, capsys.readouterr().err)
 
 
-# -- the published-twin pages (full_cifar10.py, publish_cifar10.py, alternatives.py, deep_twin_report.py) -----------
+# -- the published-twin pages (accuracy.py full, publish_cifar10.py, alternatives.py, deep_twin_report.py) -----------
 def test_full_cifar10_page_answers_the_three_questions_from_the_runs():
-    from full_cifar10 import answer_lines
+    from scale_full import answer_lines
     runs = [dict(row='teacher', epochs=32, test_acc=90.0),
             dict(row='twin + JointRD', epochs=8, test_acc=88.5, test_acc_as_trained=88.0),
             dict(row='twin alone', epochs=8, test_acc=89.0), dict(row='control', epochs=8, test_acc=91.0),
@@ -377,18 +377,18 @@ def test_full_cifar10_page_answers_the_three_questions_from_the_runs():
 def test_full_cifar10_variants_and_step_wise_row():
     """--variant NAME=FIELD:VALUE gives the twins of a changed recipe rows of their own; every twin length gets a
     step-wise removal row whose interval leaves one interval of training after the last removal."""
-    import full_cifar10
-    assert full_cifar10.parse_variant('share=shortcut_fade_mode:share,shortcut_fade:0.5') == (
+    import scale_full
+    assert scale_full.parse_variant('share=shortcut_fade_mode:share,shortcut_fade:0.5') == (
         'share', dict(shortcut_fade_mode='share', shortcut_fade=0.5))
-    assert full_cifar10.parse_variant('d0=dirac:true,dirac_init:[0, 1],lr_scale:0.2') == (  # a list keeps its comma
+    assert scale_full.parse_variant('d0=dirac:true,dirac_init:[0, 1],lr_scale:0.2') == (  # a list keeps its comma
         'd0', dict(dirac=True, dirac_init=[0, 1], lr_scale=0.2))
     for bad in ('share', 'share=shortcut_fade_mode', '=a:1'):
         with pytest.raises(SystemExit, match='--variant'):
-            full_cifar10.parse_variant(bad)
+            scale_full.parse_variant(bad)
     import cifar_budget
-    args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions',
+    args = scale_full.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions',
                                              '0.5', '--variant', 'share=shortcut_fade_mode:share'])
-    recipe, specs = full_cifar10.run_specs(args, Path('/nonexistent'))
+    recipe, specs = scale_full.run_specs(args, Path('/nonexistent'))
     rows = {label: (folder.name, *cifar_budget.row_config(row, args.arch, 'T', cifar_budget.budget_schedule(args, epochs))
                     [:2], row.recipe and row.recipe.id) for label, epochs, folder, row in specs}
     assert list(rows) == ['teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal',
@@ -434,7 +434,7 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
 
 
 def test_full_cifar10_deployment_numbers_come_from_the_deployment_record():
-    from full_cifar10 import deployment_lines
+    from scale_full import deployment_lines
     bench = dict(meta=dict(machine='x86_64', threads=2), results=[dict(teacher='resnet56_cifar', batches={
         '16': {'speedup/eager': 1.09, 'speedup/onnxruntime': 0.99, 'memory_ratio_analysed': 1.5},
         '1': {'speedup/eager': 0.92, 'speedup/onnxruntime': 0.985, 'memory_ratio_analysed': 1.5}})])
@@ -500,3 +500,15 @@ def test_conversion_first_steps_log_ce_kd_and_stand_still_at_lr_zero(tmp_path, m
     moving = conversion_lr.first_steps('resnet20_cifar', 0.5, 1.0, [batch] * 3, steps_per_epoch=50)
     assert moving['ce'][0] == pytest.approx(still['ce'][0], rel=1e-5)
     assert abs(moving['ce'][2] - still['ce'][2]) > 1e-3 and abs(moving['kd'][2] - still['kd'][2]) > 1e-3
+
+
+def test_accuracy_script_runs_each_scale_and_refuses_anything_else(capsys):
+    import accuracy
+    for scale in accuracy.SCALES:  # each scale's own parser, under the one script's name
+        with pytest.raises(SystemExit) as stop:
+            accuracy.main([scale, '--help'])
+        assert stop.value.code == 0
+        assert f'usage: accuracy.py {scale}' in capsys.readouterr().out
+    for argv in ([], ['fulll', '--arch', 'resnet20_cifar'], ['--arch', 'resnet20_cifar']):
+        with pytest.raises(SystemExit, match='give the scale first'):
+            accuracy.main(argv)

@@ -48,6 +48,27 @@ def test_hub_layout_parquet_folder_and_heldout_split(tmp_path):
         load_image_dataset(str(tmp_path), 'train', recipe='cifar')
 
 
+def test_cifar_transform_reads_images_at_their_size_unchanged_and_resizes_to_another():
+    from torchvision.transforms import functional as F
+    from jointrd_timm.training.data import CIFAR_MEAN, CIFAR_STD, make_transform
+    image = _images(1, size=32)[0]
+    plain = F.normalize(F.to_tensor(image), CIFAR_MEAN, CIFAR_STD)
+    assert torch.equal(make_transform('cifar', False, 32, CIFAR_MEAN, CIFAR_STD)(image), plain)  # 32 px as before
+    torch.manual_seed(0)
+    crops = [make_transform('cifar', True, 32, CIFAR_MEAN, CIFAR_STD)(image) for _ in range(8)]
+    assert all(c.shape == (3, 32, 32) for c in crops) and any(not torch.equal(c, plain) for c in crops)
+    for train in (False, True):  # a 32 px image read at 64 px: upsampled, then augmented at that size
+        x = make_transform('cifar', train, 64, CIFAR_MEAN, CIFAR_STD)(image)
+        assert x.shape == (3, 64, 64)
+    wide = Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8))  # not square: resized and cropped square
+    assert make_transform('cifar', False, 64, CIFAR_MEAN, CIFAR_STD)(wide).shape == (3, 64, 64)
+    ramp = np.add.outer(np.arange(32), np.arange(32)).astype(np.uint8) * 4  # smooth: resizing keeps it
+    smooth = Image.fromarray(np.stack([ramp, 255 - ramp, ramp // 2], axis=-1))
+    plain = F.normalize(F.to_tensor(smooth), CIFAR_MEAN, CIFAR_STD)
+    down = torch.nn.functional.avg_pool2d(make_transform('cifar', False, 64, CIFAR_MEAN, CIFAR_STD)(smooth), 2)
+    assert (down - plain).abs().max() < 0.05 * plain.abs().max()  # the same picture, twice the size
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match='does not exist'):
         load_image_dataset(str(tmp_path / 'nope'), 'train')

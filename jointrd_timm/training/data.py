@@ -26,17 +26,22 @@ class DatasetColumnError(JointRDError, KeyError):
 
 
 def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]):
-    """``cifar``: random crop with 4-pixel padding + flip (train); ``imagenet``: timm's random-resized-crop +
-    flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation."""
+    """``cifar``: random crop with 4-pixel padding (``input_size // 8``) + flip (train); ``imagenet``: timm's
+    random-resized-crop + flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation.
+
+    ``cifar`` first resizes images whose shorter side is not ``input_size`` (CIFAR's 32 px images read at 64 px for a
+    net whose stride needs more resolution), then crops them square; at the images' own size both are exact copies,
+    so 32 px CIFAR is read as it always was."""
     if name not in TRANSFORMS:
         raise InputError(f'Unknown transform {name!r}; choose one of {TRANSFORMS}.')
     if name == 'imagenet':
         from timm.data import create_transform
         return create_transform(input_size, is_training=train, mean=mean, std=std, crop_pct=0.875,
                                 interpolation='bilinear', hflip=0.5 if train else 0.0)
-    steps = [T.Resize(input_size)] if name == 'tensor' else []
-    if name == 'cifar' and train:
-        steps += [T.RandomCrop(input_size, padding=4), T.RandomHorizontalFlip()]
+    steps = [T.Resize(input_size)]
+    if name == 'cifar':
+        steps += ([T.RandomCrop(input_size, padding=input_size // 8), T.RandomHorizontalFlip()] if train
+                  else [T.CenterCrop(input_size)])
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 

@@ -1,4 +1,4 @@
-"""Published twins at the largest budget two CPU cores allow: full CIFAR-10.
+"""Accuracy at the published-twin budget, the largest two CPU cores allow: full CIFAR-10 (``accuracy.py full``).
 
 The teacher (``--arch``, cross-entropy, ``--teacher-epochs`` on the full training set less the held-out validation
 split, cosine lr) is trained once; from it, for each fraction in ``--fractions`` of the teacher's epochs:
@@ -15,9 +15,9 @@ the script can be stopped and rerun at any time. Each run records how it was
 split (``metrics.jsonl`` keeps one line per epoch with its seconds; ``resumes`` in the record counts restarts).
 Outputs: ``benchmarks/results/<name>.{json,md,png}``, the command recorded.
 
-    python benchmarks/full_cifar10.py --arch resnet20_cifar --teacher-epochs 32 --threads 1 --rows teacher
-    python benchmarks/full_cifar10.py --arch resnet20_cifar --teacher-epochs 32      # every row
-    python benchmarks/full_cifar10.py --arch resnet20_cifar --report-only
+    python benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32 --threads 1 --rows teacher
+    python benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32      # every row
+    python benchmarks/accuracy.py full --arch resnet20_cifar --report-only
 """
 import argparse
 import json
@@ -35,13 +35,17 @@ ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='accuracy.py full', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
     p.add_argument('--arch', default='resnet20_cifar')
     p.add_argument('--teacher-epochs', type=int, default=None,
                    help="the teacher's epochs (default: the record's, else 32)")
     p.add_argument('--fractions', type=float, nargs='+', default=None,
                    help="twin lengths as fractions of the teacher's epochs (default: the record's, else 0.25 0.5)")
+    p.add_argument('--input-size', type=int, default=None,
+                   help="the side the 32 px images are read at (resized; default: the record's, else 32): a net "
+                        'whose stride leaves too little of a 32 px image to learn from (RegNets) at 64')
     p.add_argument('--val-size', type=int, default=2000)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--lr', type=float, default=0.1)
@@ -68,12 +72,12 @@ def parser():
 def splits(args):
     """(train: 50,000 less the held-out validation split, validation split, the 10,000 test images), seeded."""
     from jointrd_timm.training.data import load_image_dataset
-    fraction = args.val_size / 50000
-    train = load_image_dataset(args.data, 'train', transform='cifar', validation_fraction=fraction, part='train',
-                               seed=args.split_seed)
-    val = load_image_dataset(args.data, 'train', transform='cifar', train=False, validation_fraction=fraction,
-                             part='val', seed=args.split_seed)
-    return train, val, load_image_dataset(args.data, 'test', transform='cifar')
+    fraction, read = args.val_size / 50000, dict(transform='cifar', input_size=args.input_size)
+    train = load_image_dataset(args.data, 'train', validation_fraction=fraction, part='train', seed=args.split_seed,
+                               **read)
+    val = load_image_dataset(args.data, 'train', train=False, validation_fraction=fraction, part='val',
+                             seed=args.split_seed, **read)
+    return train, val, load_image_dataset(args.data, 'test', **read)
 
 
 def run(folder: Path, config: dict) -> None:
@@ -133,8 +137,8 @@ def run_specs(args, work: Path):
     return recipe, specs
 
 
-def main():
-    args = parser().parse_args()
+def main(argv=None):
+    args = parser().parse_args(argv)
     path = RESULTS / f'{args.name}_{args.arch}.json'
     recorded = json.loads(path.read_text())['meta'] if path.is_file() else {}
     if args.teacher_epochs is None:
@@ -143,6 +147,8 @@ def main():
         args.fractions = recorded.get('fractions', [0.25, 0.5])
     if args.recipe is None:
         args.recipe = recorded.get('recipe')
+    if args.input_size is None:
+        args.input_size = recorded.get('input_size', 32)
     torch.set_num_threads(args.threads)
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
@@ -265,9 +271,11 @@ def report(args, recipe, specs) -> None:
     variants = list(dict.fromkeys(previous['meta'].get('variants', []) + args.variant))
     fractions = sorted(set(previous['meta'].get('fractions', [])) | set(args.fractions))
     teacher = runs[0].get('test_acc')
+    size = '' if args.input_size == 32 else f', read at {args.input_size} px (resized from 32)'
     record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs, variants=variants,
-                            fractions=fractions, data='CIFAR-10: 50,000 training images less a held-out '
-                            f'validation split of {args.val_size} (seed {args.split_seed}); the 10,000 test images',
+                            fractions=fractions, input_size=args.input_size, data='CIFAR-10: 50,000 training images '
+                            f'less a held-out validation split of {args.val_size} (seed {args.split_seed}); the 10,000 '
+                            f'test images{size}',
                             budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run '
                                    "(a twin's: its recipe's lr_scale times that), weight decay 5e-4"), runs=runs)
     lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
@@ -306,6 +314,3 @@ def report(args, recipe, specs) -> None:
         plt.close(fig)
     write_report(f'{args.name}_{args.arch}', record, lines, plot)
 
-
-if __name__ == '__main__':
-    main()

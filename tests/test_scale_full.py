@@ -1,11 +1,11 @@
-"""benchmarks/full_cifar10.py: a command that names some rows adds them to the page instead of replacing it, and a
+"""benchmarks/accuracy.py full: a command that names some rows adds them to the page instead of replacing it, and a
 second seed runs into its own folders on the same teacher and split."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-import full_cifar10  # noqa: E402
+import scale_full  # noqa: E402
 
 
 def _run(folder: Path, acc=None, epochs=1, recalibrated=None):
@@ -36,7 +36,7 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
               Row('twin + JointRD, fade50', 'jointrd', fade50)),
              ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50',
               Row('twin alone, fade50', 'alone', fade50))]  # never started
-    runs = full_cifar10.collect_runs(specs, tmp_path, recorded)
+    runs = scale_full.collect_runs(specs, tmp_path, recorded)
     assert [r['folder'] for r in runs] == ['teacher', 'twin-jointrd-e1', 'twin-jointrd-e1-fade50', 'twin-jointrd-e2']
     by = {r['folder']: r for r in runs}
     assert by['twin-jointrd-e1']['test_acc'] == 72.5 and by['twin-jointrd-e1']['test_acc_as_trained'] == 70.0
@@ -46,14 +46,14 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
 
 
 def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
-    args = full_cifar10.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions', '0.5',
+    args = scale_full.parser().parse_args(['--arch', 'resnet20_cifar', '--teacher-epochs', '8', '--fractions', '0.5',
                                              '--seed', '1'])
-    _, specs = full_cifar10.run_specs(args, tmp_path)
+    _, specs = scale_full.run_specs(args, tmp_path)
     assert specs[0][0] == 'teacher' and specs[0][2] == tmp_path / 'teacher'  # one teacher for every seed
     assert [s[2].name for s in specs[1:]] == ['twin-jointrd-e4-s1', 'twin-alone-e4-s1', 'control-e4-s1',
                                              'stepwise-e4-s1']
     assert all(s[0].endswith(', seed 1') for s in specs[1:])
-    seed0 = full_cifar10.run_specs(full_cifar10.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5']),
+    seed0 = scale_full.run_specs(scale_full.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5']),
                                    tmp_path)[1]
     assert [s[2].name for s in seed0[1:]] == ['twin-jointrd-e4', 'twin-alone-e4', 'control-e4', 'stepwise-e4']
 
@@ -64,10 +64,10 @@ def test_twins_train_on_their_recipes_schedule_and_the_rest_on_the_budgets(monke
     one shortcut every epochs / (shortcuts + 1) epochs."""
     import cifar_budget
     monkeypatch.setattr(cifar_budget, 'stepwise_blocks', lambda arch: 3)
-    args = full_cifar10.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5', '--lr', '0.2',
+    args = scale_full.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5', '--lr', '0.2',
                                              '--batch-size', '64', '--recipe', 'kd-low-lr',
                                              '--variant', 'half=lr_scale:0.5'])
-    _, specs = full_cifar10.run_specs(args, tmp_path)
+    _, specs = scale_full.run_specs(args, tmp_path)
     configs = {folder.name: cifar_budget.row_config(row, args.arch, 'T', cifar_budget.budget_schedule(args, epochs))
                for _, epochs, folder, row in specs}
     lrs = {name: extra['schedule'].lr for name, (_, _, extra) in configs.items()}
@@ -87,7 +87,7 @@ def test_published_card_names_the_command_of_its_run():
     import publish_cifar10
     meta = dict(teacher_epochs=8, variants=['share=shortcut_fade_mode:share', 'fade50=shortcut_fade:0.5',
                                             'lr02=lr_scale:0.2', 'kd-lr02=kd_weight:1.0,lr_scale:0.2'])
-    base = 'python benchmarks/full_cifar10.py --arch resnet56_cifar --teacher-epochs 8 --fractions 0.5'
+    base = 'python benchmarks/accuracy.py full --arch resnet56_cifar --teacher-epochs 8 --fractions 0.5'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4', epochs=4)) == \
         base + ' --only twin-jointrd-e4'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-jointrd-e4-fade50-s1', epochs=4)) \

@@ -1,5 +1,5 @@
-"""Accuracy at the CPU budget (a seeded CIFAR-10 subset): every row a recipe (``Recipe.replace``) or a method, run
-for one question.
+"""Accuracy at the CPU budget, a seeded CIFAR-10 subset (``accuracy.py subset``): every row a recipe
+(``Recipe.replace``) or a method, run for one question.
 
 Questions (``--question``), each with its record and page under benchmarks/results/:
 
@@ -12,11 +12,11 @@ Every row trains from the same teacher (cross-entropy at the same budget, traine
 data and budget. Last-epoch accuracy on the full CIFAR-10 test set; per-epoch accuracy on a held-out split of train.
 Finished runs (final.json) are read back, so an interrupted command resumes; the questions share one work folder.
 
-    python benchmarks/accuracy_subset.py --question jointrd                 # resnet56_cifar, 8k images, 5 epochs
-    python benchmarks/accuracy_subset.py --question ablation --rows jointrd:default alone:default --seeds 0 1
-    python benchmarks/accuracy_subset.py --question ablation --arch resnet110_cifar --work-name cifar10_resnet110 \\
+    python benchmarks/accuracy.py subset --question jointrd                 # resnet56_cifar, 8k images, 5 epochs
+    python benchmarks/accuracy.py subset --question ablation --rows jointrd:default alone:default --seeds 0 1
+    python benchmarks/accuracy.py subset --question ablation --arch resnet110_cifar --work-name cifar10_resnet110 \\
         --name recipe_ablation_resnet110 --seeds 0 --rows jointrd:default alone:default "twin alone"
-    python benchmarks/accuracy_subset.py --report-only --name recipe_ablation_resnet110   # the page from its record
+    python benchmarks/accuracy.py subset --report-only --name recipe_ablation_resnet110   # the page from its record
 """
 import json
 import statistics
@@ -157,7 +157,7 @@ def run_rows(question: str, rows, args, recorded: dict) -> None:
         print(row.label, entries[row.label], flush=True)
     order = [row.label for row in QUESTIONS[question]]
     entries = dict(sorted(entries.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    record = dict(meta=budget_meta(args, 'accuracy_subset.py'), rows=entries, args=vars(args))
+    record = dict(meta=budget_meta(args, 'accuracy.py subset'), rows=entries, args=vars(args))
     write_question(question, args.name, record, recorded)
 
 
@@ -189,7 +189,7 @@ def run_ablation(rows, args, recorded: dict) -> None:
         with FileLock(str(RESULTS / f'.{args.name}.lock')):
             on_disk = json.loads(path.read_text()) if path.is_file() else {}
             runs = {**on_disk.get('runs', {}), key: runs[key]}
-            write_question('ablation', args.name, dict(runs=runs, meta=budget_meta(args, 'accuracy_subset.py')),
+            write_question('ablation', args.name, dict(runs=runs, meta=budget_meta(args, 'accuracy.py subset')),
                            on_disk)
 
 
@@ -242,6 +242,7 @@ def select_rows(parser, question: str, names) -> list:
 
 def parser():
     p = budget_parser(__doc__, None)
+    p.prog = 'accuracy.py subset'
     p.add_argument('--question', choices=sorted(QUESTIONS), default=None,
                    help="what to run (default: the record's question with --report-only, else 'ablation')")
     p.add_argument('--rows', nargs='+', default=None, help='row labels or ids to run (default: every row, in order)')
@@ -278,6 +279,3 @@ def main(argv=None):
     else:
         run_rows(question, [TEACHER, *(row for row in rows if row.run != 'teacher')], args, recorded)
 
-
-if __name__ == '__main__':
-    main()
