@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def validate(script: Path, name: str, data: str, entry: dict, threads: int) -> dict:
     """The top-1 of ``name`` by ``script`` (timm's validate.py) through ``jointrd_timm.timm_script``."""
     evaluation = entry.get('eval', {})
+    if Path(data).expanduser().exists():  # a local copy: the script runs in a scratch folder, give it the full path
+        data = str(Path(data).expanduser().resolve())
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'results.json'
         cmd = [sys.executable, '-m', 'jointrd_timm.timm_script', str(script), '--model', name, '--pretrained',
