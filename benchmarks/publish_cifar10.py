@@ -42,12 +42,20 @@ def publish(entry: dict, folder: Path) -> None:
     print('published', entry['name'], entry['metrics']['top1_test'])
 
 
-def best_twin(runs: list) -> dict:
-    """The finished twin run with the highest last-epoch accuracy on the held-out validation split (ties: the shorter
-    run, then JointRD); the test accuracy, which the card reports, plays no part in the choice."""
-    done = [r for r in runs if r['row'].split(',')[0] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None]
+# DECISION: a published twin costs at most half its teacher's epochs (the product's budget: longer conversions are
+# measured on the pages, not published in place of it)
+MAX_FRACTION = 0.5
+
+
+def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTION) -> dict:
+    """The finished twin run of at most ``max_fraction`` of the teacher's epochs with the highest last-epoch accuracy
+    on the held-out validation split (ties: the shorter run, then JointRD); the test accuracy, which the card
+    reports, plays no part in the choice."""
+    done = [r for r in runs if r['row'].split(',')[0] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None
+            and r['epochs'] <= max_fraction * teacher_epochs]
     if not done:
-        raise SystemExit('no finished twin run in the record: run benchmarks/accuracy.py full first')
+        raise SystemExit(f'no finished twin run of at most {max_fraction:g} x {teacher_epochs} epochs in the record: '
+                         'run benchmarks/accuracy.py full first')
     return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'].startswith('twin + JointRD')))
 
 
@@ -71,7 +79,7 @@ def publish_full(arch: str) -> None:
     teacher = next(r for r in runs if r['row'] == 'teacher')
     if 'test_acc' not in teacher:
         raise SystemExit(f'the teacher of {source} has not finished')
-    twin = best_twin(runs)
+    twin = best_twin(runs, meta['teacher_epochs'])
     control = next((r for r in runs if r['row'] == 'control' and r['epochs'] == twin['epochs'] and 'test_acc' in r),
                    None)
     work = ROOT / 'benchmarks/runs/full_cifar10' / arch

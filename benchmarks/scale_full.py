@@ -256,7 +256,7 @@ def collect_runs(specs, work: Path, recorded: list) -> list:
         if (work / r['folder']).is_dir():
             rows[r['folder']] = (r['row'], r['epochs'], work / r['folder'], r.get('recipe'))
     for label, epochs, folder, row in specs:
-        if label not in ROWS[:4] and not folder.is_dir():  # an optional row (variant, seed, step-wise) never started
+        if label != 'teacher' and not folder.is_dir():  # a row never started (e.g. the other rows of a new fraction)
             continue
         rows[folder.name] = (label, epochs, folder, row.recipe.id if row.recipe else None)
     runs = [run_entry(*spec) for spec in rows.values()]

@@ -35,7 +35,8 @@ def test_collect_runs_keeps_recorded_rows_and_adds_this_commands(tmp_path):
              ('twin + JointRD, fade50', 1, tmp_path / 'twin-jointrd-e1-fade50',
               Row('twin + JointRD, fade50', 'jointrd', fade50)),
              ('twin alone, fade50', 1, tmp_path / 'twin-alone-e1-fade50',
-              Row('twin alone, fade50', 'alone', fade50))]  # never started
+              Row('twin alone, fade50', 'alone', fade50)),  # never started
+             ('control', 4, tmp_path / 'control-e4', Row('control', 'control'))]  # a new fraction's row, never started
     runs = scale_full.collect_runs(specs, tmp_path, recorded)
     assert [r['folder'] for r in runs] == ['teacher', 'twin-jointrd-e1', 'twin-jointrd-e1-fade50', 'twin-jointrd-e2']
     by = {r['folder']: r for r in runs}
@@ -97,3 +98,18 @@ def test_published_card_names_the_command_of_its_run():
         base + ' --variant kd-lr02=kd_weight:1.0,lr_scale:0.2 --only twin-jointrd-e4-kd-lr02'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-alone-e2-share', epochs=2)) == \
         base.replace('0.5', '0.25') + ' --variant share=shortcut_fade_mode:share --only twin-alone-e2-share'
+
+
+def test_the_published_twin_is_the_best_on_validation_within_half_the_teachers_epochs():
+    import pytest
+    from publish_cifar10 import best_twin
+    runs = [dict(row='teacher', epochs=8, test_acc=82.0, val_acc=81.0),
+            dict(row='twin + JointRD', epochs=4, test_acc=75.0, val_acc=74.0),
+            dict(row='twin alone, share', epochs=4, test_acc=74.0, val_acc=74.5),
+            dict(row='twin + JointRD, kd', epochs=8, test_acc=81.0, val_acc=80.0),  # longer than half: not published
+            dict(row='control', epochs=4, test_acc=83.0, val_acc=82.0),
+            dict(row='twin + JointRD, kd', epochs=2, epochs_done=1)]  # unfinished
+    assert best_twin(runs, teacher_epochs=8)['row'] == 'twin alone, share'  # chosen on validation, not on test
+    assert best_twin(runs, teacher_epochs=8, max_fraction=1.0)['epochs'] == 8
+    with pytest.raises(SystemExit, match='at most 0.25 x 8 epochs'):
+        best_twin(runs, teacher_epochs=8, max_fraction=0.25)
