@@ -222,8 +222,10 @@ def deployment_lines(arch: str, bench: dict) -> list:
              f'activation memory (analysed) {b["memory_ratio_analysed"]:.2f}x'
              for batch, b in sorted(result['batches'].items(), key=lambda kv: int(kv[0]))]
     meta = bench.get('meta', {})
-    return lines + [f'Residual {arch} / its twin, folded, on CPU ({meta.get("machine", "?")}, {meta.get("threads", "?")} '
-                    f'threads; [deploy_bench.md](deploy_bench.md)); above 1 the twin is faster or lighter: '
+    size = f'{result["input_size"]} px images, ' if 'input_size' in result else ''
+    return lines + [f'Residual {arch} / its twin, folded, on CPU ({size}{meta.get("machine", "?")}, '
+                    f'{meta.get("threads", "?")} threads; [deploy_bench.md](deploy_bench.md)); above 1 the twin is '
+                    'faster or lighter: '
                     + '; '.join(parts) + '.']
 
 

@@ -435,11 +435,12 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
 
 def test_full_cifar10_deployment_numbers_come_from_the_deployment_record():
     from scale_full import deployment_lines
-    bench = dict(meta=dict(machine='x86_64', threads=2), results=[dict(teacher='resnet56_cifar', batches={
+    bench = dict(meta=dict(machine='x86_64', threads=2), results=[dict(teacher='resnet56_cifar', input_size=32,
+                                                                       batches={
         '16': {'speedup/eager': 1.09, 'speedup/onnxruntime': 0.99, 'memory_ratio_analysed': 1.5},
         '1': {'speedup/eager': 0.92, 'speedup/onnxruntime': 0.985, 'memory_ratio_analysed': 1.5}})])
     text = '\n'.join(deployment_lines('resnet56_cifar', bench))
-    for number in ('0.92x', '0.98x', '1.50x', '1.09x'):
+    for number in ('0.92x', '0.98x', '1.50x', '1.09x', '32 px images'):  # the size the bench measured at
         assert number in text
     missing = deployment_lines('resnet20_cifar', bench) + deployment_lines('resnet20_cifar', None)
     assert not any('0.92x' in line for line in missing) and any('`jointrd bench resnet20_cifar`' in line
