@@ -109,7 +109,9 @@ def full_run_lines(runs: dict) -> list:
              'the fade ends at 80 % of the run (in epoch 4), for `-fade50` at the end of epoch 2; `-kd` adds Hinton KD '
              '(weight 1, T 4) on the twin\'s logits; `-lr02` trains the twin at 0.2 times the peak lr (`lr_scale` '
              '0.2: 0.02); `-dirac0`: Dirac-parametrised twin convs that start as the teacher\'s, their identity scales at 0 '
-             '(`dirac=True, dirac_init=(0.0, 1.0)`); `-s1`: training seed 1 (data order, augmentation), same teacher '
+             '(`dirac=True, dirac_init=(0.0, 1.0)`); `-w05`: a staggered fade, each block over half the fade, shallow '
+             'blocks first (`shortcut_fade_window=0.5`; s is the run\'s, the blocks\' own scales spread around it); '
+             '`-s1`: training seed 1 (data order, augmentation), same teacher '
              'and split.', '',
              '| run | ' + ' | '.join(f'epoch {e + 1}' for e in range(epochs)) + ' | deployed test acc % |',
              '|---|' + '---|' * (epochs + 1)]
