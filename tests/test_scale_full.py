@@ -113,3 +113,21 @@ def test_the_published_twin_is_the_best_on_validation_within_half_the_teachers_e
     assert best_twin(runs, teacher_epochs=8, max_fraction=1.0)['epochs'] == 8
     with pytest.raises(SystemExit, match='at most 0.25 x 8 epochs'):
         best_twin(runs, teacher_epochs=8, max_fraction=0.25)
+
+
+def test_the_full_scale_reads_images_at_its_input_size(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    features = datasets.Features({'img': datasets.Image(), 'label': datasets.ClassLabel(num_classes=2)})
+    (tmp_path / 'data').mkdir()
+    for split, n in (('train', 20), ('test', 4)):
+        images = [Image.fromarray(rng.randint(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+        datasets.Dataset.from_dict({'img': images, 'label': [i % 2 for i in range(n)]}, features=features).to_parquet(
+            str(tmp_path / 'data' / f'{split}-00000-of-00001.parquet'))
+    args = scale_full.parser().parse_args(['--data', str(tmp_path), '--val-size', '10000', '--input-size', '16'])
+    train, val, test = scale_full.splits(args)
+    assert (len(train), len(val), len(test)) == (16, 4, 4)  # 10,000 of 50,000: a fifth held out
+    assert train[0][0].shape == val[0][0].shape == test[0][0].shape == (3, 16, 16)
+    assert scale_full.parser().parse_args([]).input_size is None  # default: the record's, else 32 (main)
