@@ -144,15 +144,17 @@ def check_record(parser: argparse.ArgumentParser, args, meta: dict, path, report
                  f'to add runs to that record, or --name NEW for a record of its own')
 
 
-def cifar_splits(args, seed: int):
-    """(train subset, held-out validation split of train, full test set), seeded."""
+def cifar_splits(data: str, val_size: int, seed: int, limit: Optional[int] = None, input_size: int = 32):
+    """(train less ``val_size`` held-out images, its first ``limit`` after a seeded shuffle (None: all of it); the
+    held-out validation split; the full test set), seeded, every image read at ``input_size``. Both scales read
+    CIFAR-10 through this."""
     from jointrd_timm.training.data import load_image_dataset
-    fraction = args.val_size / 50000
-    train_set = load_image_dataset(args.data, 'train', transform='cifar', validation_fraction=fraction, part='train',
-                                   limit=args.train_size, seed=seed)
-    val_set = load_image_dataset(args.data, 'train', transform='cifar', train=False, validation_fraction=fraction,
-                                 part='val', seed=seed)
-    return train_set, val_set, load_image_dataset(args.data, 'test', transform='cifar')
+    fraction, read = val_size / 50000, dict(transform='cifar', input_size=input_size)
+    train_set = load_image_dataset(data, 'train', validation_fraction=fraction, part='train', limit=limit, seed=seed,
+                                   **read)
+    val_set = load_image_dataset(data, 'train', train=False, validation_fraction=fraction, part='val', seed=seed,
+                                 **read)
+    return train_set, val_set, load_image_dataset(data, 'test', **read)
 
 
 def budget_meta(args, script: str) -> dict:
@@ -189,7 +191,7 @@ def ensure_teacher(args, work: Path, seed: int = 0, splits=None) -> dict:
         from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
         from jointrd_timm.training.configs import make_config
         from jointrd_timm.training.runner import train
-        train_set, val_set, test_set = splits or cifar_splits(args, seed)
+        train_set, val_set, test_set = splits or cifar_splits(args.data, args.val_size, seed, limit=args.train_size)
         model, method, extra = row_config(Row('teacher', 'teacher'), args.arch, '', budget_schedule(args))
         train(make_config(train_set, test_set, model, method, seed=seed, num_workers=args.workers, val_set=val_set,
                           output_dir=str(folder), **extra),

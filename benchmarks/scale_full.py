@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from jointrd_timm.training.run_folder import RunFolder, as_trained_accuracy, deployed_accuracy
-from cifar_budget import ROOT, Row, budget_schedule, finished, read_run, row_config
+from cifar_budget import ROOT, Row, budget_schedule, cifar_splits, finished, read_run, row_config
 from report import RESULTS, pyplot, write_report
 
 ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal')
@@ -70,14 +70,9 @@ def parser():
 
 
 def splits(args):
-    """(train: 50,000 less the held-out validation split, validation split, the 10,000 test images), seeded."""
-    from jointrd_timm.training.data import load_image_dataset
-    fraction, read = args.val_size / 50000, dict(transform='cifar', input_size=args.input_size)
-    train = load_image_dataset(args.data, 'train', validation_fraction=fraction, part='train', seed=args.split_seed,
-                               **read)
-    val = load_image_dataset(args.data, 'train', train=False, validation_fraction=fraction, part='val',
-                             seed=args.split_seed, **read)
-    return train, val, load_image_dataset(args.data, 'test', **read)
+    """(train: 50,000 less the held-out validation split, validation split, the 10,000 test images), seeded, read
+    at ``--input-size``."""
+    return cifar_splits(args.data, args.val_size, args.split_seed, input_size=args.input_size)
 
 
 def run(folder: Path, config: dict) -> None:

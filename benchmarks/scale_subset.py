@@ -115,7 +115,7 @@ class Budget:
     def data(self, seed: int):
         if seed not in self._data:
             self._data.clear()
-            self._data[seed] = cifar_splits(self.args, seed)
+            self._data[seed] = cifar_splits(self.args.data, self.args.val_size, seed, limit=self.args.train_size)
         return self._data[seed]
 
     def folder(self, row: Row, seed: int, question: str) -> Path:
