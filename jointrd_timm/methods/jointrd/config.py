@@ -42,6 +42,7 @@ class JointRDConfig:
     hybrid_paths: Optional[int] = None
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
+    block_loss_weight: float = 0.0
     adversarial_weight: float = 0.0
     discriminator: Optional[Dict] = None
     adversarial_non_saturating: bool = True
@@ -64,6 +65,10 @@ class JointRDConfig:
             if getattr(self, name) not in _CHOICES[name]:
                 raise ValueError(f'{name} must be ' + ' or '.join(map(repr, _CHOICES[name])) +
                                  f', got {getattr(self, name)!r}.')
+        if not (isinstance(self.block_loss_weight, (int, float)) and not isinstance(self.block_loss_weight, bool)
+                and self.block_loss_weight >= 0):
+            raise ValueError('block_loss_weight must be a number >= 0 (0: no teacher-forced block targets), got '
+                             f'{self.block_loss_weight!r}.')
         if self.hybrid_paths is not None and self.hybrid_paths < 1:
             raise ValueError(f'hybrid_paths must be >= 1 or None (all paths), got {self.hybrid_paths}.')
         if self.eta_horizon_fraction is not None and not 0 < self.eta_horizon_fraction <= 1:

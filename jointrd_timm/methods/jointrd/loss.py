@@ -50,6 +50,9 @@ def jointrd_loss(outputs: Dict, targets: torch.Tensor, num_stages: int, config: 
         kd = hinton_kd(outputs['logits'], outputs['teacher_logits'], config.kd_temperature)
         parts['kd'] = kd.detach()
         loss = loss + config.kd_weight * kd
+    if outputs.get('block_loss') is not None:
+        parts['block'] = outputs['block_loss'].detach()
+        loss = loss + config.block_loss_weight * outputs['block_loss']
     if config.teacher_mode == 'joint':
         if config.joint_step_order == 'simultaneous':
             ce_teacher = F.cross_entropy(outputs['teacher_logits'], targets)

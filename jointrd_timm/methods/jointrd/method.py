@@ -18,6 +18,7 @@ from ..stages import StageLayoutError, StageSplit, final_preactivation
 from ...twins.fade import is_fading
 from .config import LOSS_NORMALIZERS, JointRDConfig, TeacherOptimizerConfig
 from .lean import _LeanPaths, _PathGate, fp16_autocast, scale_grad
+from .blockwise import BlockTargets
 from .loss import hybrid_term, jointrd_loss, stage_weights
 from .tails import _InputCapture, fold_frozen_stages
 
@@ -68,6 +69,9 @@ class JointRD(TrainingMethod):
             optimizer = TeacherOptimizerConfig.from_dict(self.config.teacher_optimizer)
             self._teacher_update = SideOptimizer(teacher, **asdict(optimizer))
         self._setup_features(probe)
+        # a plain attribute: it holds references to blocks both models own (and hooks on the teacher's)
+        self.__dict__['_block_targets'] = BlockTargets(teacher, student) if self.config.block_loss_weight > 0 \
+            else None
         self.adversarial = None
         if self.config.adversarial_weight > 0:
             num_classes = student.get_classifier().out_features
@@ -178,6 +182,13 @@ class JointRD(TrainingMethod):
     def _teacher_forward(self, x: torch.Tensor):
         return self._captured(self._teacher_tap, lambda: self.teacher_stages(x, 0))
 
+    def _recorded_teacher_forward(self, x: torch.Tensor):
+        """The teacher's own forward on ``x``, its blocks' inputs and outputs recorded for the block targets."""
+        if self._block_targets is None:
+            return self._teacher_forward(x)
+        with self._block_targets.recording():
+            return self._teacher_forward(x)
+
     def _teacher_tail(self, h: torch.Tensor, after: int):
         if self.config.teacher_mode == 'joint':
             # gradients reach h only, never the teacher's weights
@@ -224,7 +235,8 @@ class JointRD(TrainingMethod):
         term, the feature loss. The default (frozen teacher, CE terms only) reads neither, so its forward is skipped:
         the hybrid paths run only the teacher's later stages, on the twin's features."""
         c = self.config
-        return c.teacher_mode == 'joint' or c.kd_weight > 0 or c.adversarial_weight > 0 or self.feature_loss is not None
+        return c.teacher_mode == 'joint' or c.kd_weight > 0 or c.adversarial_weight > 0 or \
+            self.feature_loss is not None or self._block_targets is not None
 
     def _refresh_margin(self) -> None:
         """``margin_refresh='epoch'``: the margin recomputed from the teacher's last BN once per epoch (at its first
@@ -246,7 +258,7 @@ class JointRD(TrainingMethod):
                                  'JointRD module with the targets, model(x, y) (forward_proc: forward_batch_target).')
 
             def teacher_loss():
-                logits, feature = self._teacher_forward(x)
+                logits, feature = self._recorded_teacher_forward(x)
                 return F.cross_entropy(logits, targets), logits, feature
             self._teacher_update.set_epoch(int(self.epoch))
             ce_teacher, logits, feature = self._teacher_update.step(teacher_loss)
@@ -254,7 +266,7 @@ class JointRD(TrainingMethod):
         if not self._needs_teacher_forward():
             return None, None, {}
         with torch.set_grad_enabled(self.config.teacher_mode == 'joint'):
-            logits, feature = self._teacher_forward(x)
+            logits, feature = self._recorded_teacher_forward(x)
         return logits, feature, {}
 
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
@@ -268,6 +280,7 @@ class JointRD(TrainingMethod):
         teacher_logits, teacher_feature, teacher_parts = self._teacher_outputs(x, targets)
         if teacher_feature is not None:
             teacher_feature = teacher_feature.detach()
+        block_loss = self._block_targets.loss() if self._block_targets is not None else None
         hs = []
 
         eta = self.eta
@@ -309,7 +322,7 @@ class JointRD(TrainingMethod):
             student_feature = self.connectors[0](student_feature)
         outputs = dict(logits=logits, teacher_logits=teacher_logits, hybrid_logits=hybrid_logits, paths=paths,
                        path_scale=path_scale, student_feature=student_feature, teacher_feature=teacher_feature,
-                       hybrid_features=hybrid_features, eta=eta, **teacher_parts)
+                       hybrid_features=hybrid_features, eta=eta, block_loss=block_loss, **teacher_parts)
         self.count_step()  # counted always: the shortcut fade is per step; eta reads it only if eta_per_step
         if targets is not None:
             outputs.update(self.loss(outputs, targets))

@@ -1,0 +1,131 @@
+"""Teacher-forced block targets (JointRDConfig.block_loss_weight): values, gradients, BN statistics, errors."""
+import pytest
+import timm
+import torch
+
+import jointrd_timm  # noqa: F401
+from jointrd_timm.methods import JointRD, JointRDConfig
+from jointrd_timm.methods.jointrd.blockwise import BlockTargets, block_pairs
+from jointrd_timm.twins.transfer import load_teacher_weights
+
+
+def fading_pair(arch='resnet20_cifar', weight=1.0, **config):
+    torch.manual_seed(0)
+    teacher = timm.create_model(arch, num_classes=10)
+    with torch.no_grad():  # a trained-looking teacher: timm zero-initialises each block's last BN (identity blocks)
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
+    twin = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
+    load_teacher_weights(twin, teacher)
+    cfg = JointRDConfig(block_loss_weight=weight, shortcut_fade=0.8, **config)
+    return JointRD(twin, teacher, cfg, num_epochs=4, steps_per_epoch=10)
+
+
+def relative_mse(out, target):
+    return ((out - target) ** 2).mean() / (target ** 2).mean()
+
+
+def test_pairs_are_the_teachers_blocks_in_forward_order():
+    method = fading_pair()
+    names = [name for name, _, _ in block_pairs(method.teacher, method.student)]
+    assert names == [f'layer{s}.{b}' for s in (1, 2, 3) for b in range(3)]  # resnet20: 3 stages of 3 blocks
+
+
+@pytest.mark.parametrize('arch', ['resnet20_cifar', 'resnet18'])
+def test_block_loss_equals_hand_computation(arch):
+    method = fading_pair(arch, weight=0.7).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for _ in range(6):  # into the fade: s < 1, so the twin blocks differ from the teacher's
+        method(x, y)
+    assert 0 < method.shortcut_scale < 1
+    # by hand: the teacher's block inputs and outputs, each twin block (train mode, same s) on its teacher's input
+    seen = {}
+    pairs = block_pairs(method.teacher, method.student)
+    hooks = [t.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, (a[0], o)) and None) for n, t, _ in pairs]
+    out = method(x, y)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        expected = torch.stack([relative_mse(s(seen[n][0]), seen[n][1]) for n, _, s in pairs]).mean()
+    torch.testing.assert_close(out['block'], expected, rtol=1e-5, atol=1e-7)
+    assert out['block'] > 0
+
+
+def test_loss_is_jointrd_plus_weighted_block_term():
+    method = fading_pair(weight=2.5).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = method(x, y)
+    base = JointRDConfig(shortcut_fade=0.8)
+    from jointrd_timm.methods.jointrd import jointrd_loss
+    plain = jointrd_loss({**out, 'block_loss': None}, y, method.num_stages, base)
+    torch.testing.assert_close(out['loss'], plain['loss'] + 2.5 * out['block_loss'])
+
+
+def test_block_gradient_reaches_only_the_twins_blocks_and_keeps_bn_statistics():
+    method = fading_pair().train()
+    x = torch.randn(4, 3, 32, 32)
+    targets = method._block_targets
+    with torch.no_grad(), targets.recording():
+        method.teacher(x)
+    before = {n: b.clone() for n, b in method.student.named_buffers()}
+    loss = targets.loss()
+    loss.backward()
+    for name, p in method.student.named_parameters():
+        in_block = name.startswith('layer')
+        has_grad = p.grad is not None and p.grad.abs().sum() > 0
+        assert has_grad == in_block, name  # the stem and the head get nothing; every block parameter something
+    assert all(p.grad is None for p in method.teacher.parameters())
+    for name, b in method.student.named_buffers():
+        assert torch.equal(b, before[name]), name  # running statistics untouched by the teacher-forced forwards
+
+
+def test_block_targets_do_not_change_the_jointrd_loss_without_weight():
+    a = fading_pair(weight=0.0).train()
+    b = fading_pair(weight=1.0).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out_a, out_b = a(x, y), b(x, y)
+    assert 'block' not in out_a
+    torch.testing.assert_close(out_b['loss'] - out_b['block_loss'], out_a['loss'])
+
+
+def test_captures_are_dropped_and_the_tails_record_nothing():
+    method = fading_pair().train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    method(x, y)
+    assert all(c.value is None for c in method._block_targets.captures)
+    with pytest.raises(RuntimeError, match='did not run in the recorded teacher forward'):
+        method._block_targets.loss()
+
+
+def test_block_loss_errors():
+    with pytest.raises(ValueError, match='block_loss_weight must be a number >= 0'):
+        JointRDConfig(block_loss_weight=-1)
+    teacher = timm.create_model('resnet20_cifar', num_classes=10)
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(ValueError, match='has no shortcut block that the twin'):
+        BlockTargets(teacher, other)
+
+
+def test_a_twin_trained_with_block_targets_moves_towards_its_teacher_blocks():
+    """A few SGD steps on the block term alone lower it (the twin blocks learn their teacher's function)."""
+    method = fading_pair().train()
+    for _ in range(40):  # past the end of the fade (32 of 40 steps): s = 0
+        method.count_step()
+    method.apply_progress()
+    assert method.shortcut_scale == 0
+    params = [p for n, p in method.student.named_parameters() if n.startswith('layer')]
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    torch.manual_seed(2)
+    x = torch.randn(16, 3, 32, 32)
+    losses = []
+    for _ in range(20):
+        with torch.no_grad(), method._block_targets.recording():
+            method.teacher(x)
+        loss = method._block_targets.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
