@@ -111,6 +111,9 @@ def full_run_lines(runs: dict) -> list:
              '0.2: 0.02); `-dirac0`: Dirac-parametrised twin convs that start as the teacher\'s, their identity scales at 0 '
              '(`dirac=True, dirac_init=(0.0, 1.0)`); `-w05`: a staggered fade, each block over half the fade, shallow '
              'blocks first (`shortcut_fade_window=0.5`; s is the run\'s, the blocks\' own scales spread around it); '
+             '`-p2`: the fade raised to power 2 (`shortcut_fade_power=2`; the s shown is the powered one); '
+             '`-block1`: teacher-forced block targets at weight 1 (`block_loss_weight=1`); `-jtf`: the teacher trained '
+             'along as the depth-110 recipe trains it (`joint-teacher-first`\'s fields); '
              '`-s1`: training seed 1 (data order, augmentation), same teacher '
              'and split.', '',
              '| run | ' + ' | '.join(f'epoch {e + 1}' for e in range(epochs)) + ' | deployed test acc % |',

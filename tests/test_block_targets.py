@@ -129,3 +129,16 @@ def test_a_twin_trained_with_block_targets_moves_towards_its_teacher_blocks():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_a_deep_copy_records_and_trains_its_own_blocks():
+    import copy
+    method = fading_pair().train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    twin = copy.deepcopy(method)
+    (_, teacher_block, student_block), = twin._block_targets.pairs[:1]
+    assert teacher_block is twin.teacher.layer1[0] and student_block is twin.student.layer1[0]
+    out = twin(x, y)
+    out['loss'].backward()
+    assert twin.student.layer1[0].conv1.weight.grad is not None
+    assert method.student.layer1[0].conv1.weight.grad is None  # the original is untouched
