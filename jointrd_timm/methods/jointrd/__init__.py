@@ -16,6 +16,7 @@ decision of the method (the 1/n normaliser, a teacher trained along, lean memory
 :class:`JointRDConfig`, described in docs/jointrd.md.
 
 The package: ``config`` (the settings), ``loss`` (the objective), ``method`` (the :class:`JointRD` module),
+``blockwise`` (the teacher-forced block targets of ``block_loss_weight``),
 ``lean`` (the autograd machinery of ``lean_memory``), ``tails`` (the frozen teacher's BN-folded tails). The joint
 teacher's own optimizer ('teacher_first') is a :class:`~jointrd_timm.methods.side_optimizer.SideOptimizer`.
 """
