@@ -5,7 +5,8 @@ import torch
 
 import jointrd_timm  # noqa: F401
 from jointrd_timm.methods import JointRD, JointRDConfig
-from jointrd_timm.methods.jointrd.blockwise import BlockTargets, block_pairs
+from jointrd_timm.methods.base import call_on_buffer_copies
+from jointrd_timm.methods.jointrd.blockwise import BlockTargets, _Capture, block_pairs
 from jointrd_timm.twins.transfer import load_teacher_weights
 
 
@@ -90,7 +91,7 @@ def test_block_targets_do_not_change_the_jointrd_loss_without_weight():
     torch.testing.assert_close(out_b['loss'] - out_b['block_loss'], out_a['loss'])
 
 
-def test_captures_are_dropped_and_the_tails_record_nothing():
+def test_a_step_drops_its_captures_and_a_loss_without_a_recorded_forward_is_refused():
     method = fading_pair().train()
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     method(x, y)
@@ -142,3 +143,30 @@ def test_a_deep_copy_records_and_trains_its_own_blocks():
     out['loss'].backward()
     assert twin.student.layer1[0].conv1.weight.grad is not None
     assert method.student.layer1[0].conv1.weight.grad is None  # the original is untouched
+
+
+def test_a_teacher_block_that_returns_no_tensor_is_refused_by_name():
+    capture = _Capture('layer1.0')
+    capture.enabled = True
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r'teacher block layer1\.0 \(Linear\) returns tuple, not a tensor'):
+        capture(torch.nn.Linear(4, 4), (x,), {}, (x, x))
+    capture.enabled = False
+    capture(torch.nn.Linear(4, 4), (x,), {}, (x, x))  # not recording: nothing checked, nothing kept
+    assert capture.value is None
+
+
+@pytest.mark.parametrize('detach', [False, True])
+def test_call_on_buffer_copies_normalises_with_batch_statistics_and_keeps_the_running_ones(detach):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    x = torch.randn(5, 3, 8, 8, requires_grad=True)
+    before = {n: b.clone() for n, b in block.named_buffers()}
+    out = call_on_buffer_copies(block, (x,), detach_parameters=detach)
+    for n, b in block.named_buffers():
+        assert torch.equal(b, before[n]), n
+    reference = torch.nn.functional.batch_norm(block[0](x), None, None, block[1].weight, block[1].bias, training=True)
+    torch.testing.assert_close(out, reference)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert (block[0].weight.grad is None) == detach

@@ -28,11 +28,13 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..errors import JointRDError
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd']
+           'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
+           'call_on_buffer_copies']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
 
@@ -45,6 +47,16 @@ def hinton_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return torch.nn.functional.kl_div(torch.nn.functional.log_softmax(student_logits / t, 1),
                                       torch.nn.functional.softmax(teacher_logits.detach() / t, 1),
                                       reduction='batchmean') * t * t
+
+
+def call_on_buffer_copies(module: nn.Module, args: tuple, kwargs: Optional[Dict] = None,
+                          detach_parameters: bool = False):
+    """``module(*args, **kwargs)`` run on copies of its buffers, so that a train-mode BN normalises with the batch
+    statistics and its running statistics stay what the module's own forwards made them (the copies are updated and
+    dropped). Gradients reach the module's parameters, or with ``detach_parameters`` only the inputs."""
+    state = {n: p.detach() if detach_parameters else p for n, p in module.named_parameters()}
+    state.update((n, b.clone()) for n, b in module.named_buffers())
+    return functional_call(module, state, args, kwargs or {})
 
 
 def _classes_and_channels(model: nn.Module):

@@ -20,13 +20,13 @@ statistics, as in the twin's own forward.
 The pairs are the teacher's shortcut blocks (the modules a shortcut rule knows) and the twin's modules of the same
 names: a fading twin's blocks or a plain twin's, whichever the twin is.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ...twins.rules import get_rule
+from ..base import call_on_buffer_copies
 
 __all__ = ['BlockTargets', 'block_pairs']
 
@@ -96,17 +96,12 @@ class BlockTargets:
         try:
             for (_, _, block), capture in zip(self.pairs, self.captures):
                 args, kwargs, target = capture.value
-                out = _run_keeping_buffers(block, args, kwargs)
+                out = call_on_buffer_copies(block, args, kwargs)
                 target = target.float()
                 terms.append(((out.float() - target) ** 2).mean() / target.pow(2).mean().clamp_min(1e-12))
         finally:
             self.clear()
         return torch.stack(terms).mean()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 class _Recording:
@@ -122,9 +117,3 @@ class _Recording:
             c.enabled = False
         return False
 
-
-def _run_keeping_buffers(block: nn.Module, args: tuple, kwargs: Dict) -> torch.Tensor:
-    """``block(*args, **kwargs)`` with its parameters (gradients reach them) and copies of its buffers, so that a
-    train-mode BN's running statistics stay those of the block's own forward."""
-    buffers: Dict[str, Optional[torch.Tensor]] = {n: b.clone() for n, b in block.named_buffers()}
-    return functional_call(block, buffers, args, kwargs)

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from ..adversarial import (AdversarialTerm, DiscriminatorConfig, LogitDiscriminator, conditional_discriminator_loss,
                            conditional_gan_term)
-from ..base import TrainingMethod, check_teacher_student
+from ..base import TrainingMethod, call_on_buffer_copies, check_teacher_student
 from ..feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_connector
 from ..schedules import eta_schedule
 from ..side_optimizer import SideOptimizer
@@ -192,9 +192,9 @@ class JointRD(TrainingMethod):
     def _teacher_tail(self, h: torch.Tensor, after: int):
         if self.config.teacher_mode == 'joint':
             # gradients reach h only, never the teacher's weights
-            state = {n: p.detach() for n, p in self.teacher_stages.named_parameters()}
             if self.config.hybrid_teacher_bn == 'running':
                 # the reference: the teacher in eval mode (its running statistics, which stay untouched)
+                state = {n: p.detach() for n, p in self.teacher_stages.named_parameters()}
                 was_training = self.teacher_stages.training
                 self.teacher_stages.eval()
                 try:
@@ -205,9 +205,8 @@ class JointRD(TrainingMethod):
             # the teacher (in train mode) normalises h with h's batch statistics, and its BN running statistics are
             # updated on copies that are dropped, so they keep describing the teacher's own features (what it is
             # evaluated and checkpointed with)
-            state.update((n, b.clone()) for n, b in self.teacher_stages.named_buffers())
-            return self._captured(self._teacher_tap,
-                                  lambda: functional_call(self.teacher_stages, state, (h, after)))
+            return self._captured(self._teacher_tap, lambda: call_on_buffer_copies(
+                self.teacher_stages, (h, after), detach_parameters=True))
         folded = self._folded_teacher_stages()
         if folded is None:
             return self._captured(self._teacher_tap, lambda: self.teacher_stages(h, after))
