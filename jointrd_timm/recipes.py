@@ -37,7 +37,8 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFA
 
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
-                  'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale')
+                  'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale',
+                  'lr_hold')
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a recipe
 # states them only when they differ
@@ -67,6 +68,10 @@ class Recipe:
             started from a converged teacher is fine-tuned, not trained from scratch: at a from-scratch peak its
             loss first climbs before the fade has begun, and Hinton KD (``kd_weight``) can turn that climb into a
             collapse (docs/jointrd.md, "The conversion's learning rate").
+        lr_hold: the twin's learning-rate shape. 0: the schedule's own decay. In (0, 1): the twin's peak lr held for
+            that fraction of its run's optimizer steps, then a per-step cosine to 0 (``Schedule`` decay
+            'hold-cosine'), e.g. the fade's length (``shortcut_fade``), so the shortcuts go at the peak and the
+            shortcut-free twin anneals after them. The teacher's own runs keep the schedule's decay.
         jointrd: :class:`JointRDConfig` fields that differ from the schedule's reference settings.
         record: the results page that measured the recipe.
     """
@@ -81,6 +86,7 @@ class Recipe:
     dirac_init: Tuple[float, float] = DIRAC_INIT
     keep_projection_shortcuts: bool = False
     lr_scale: float = 1.0
+    lr_hold: float = 0.0
     jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
     record: str = 'benchmarks/results/recipe_ablation.md'
     changed: tuple = ()
@@ -103,6 +109,11 @@ class Recipe:
         if not (isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0):
             raise ValueError(f'Recipe {self.name!r}: lr_scale must be a positive number (the twin\'s peak learning '
                              f'rate as a multiple of the schedule\'s), got {self.lr_scale!r}.')
+        if not (isinstance(self.lr_hold, (int, float)) and not isinstance(self.lr_hold, bool)
+                and 0 <= self.lr_hold < 1):
+            raise ValueError(f'Recipe {self.name!r}: lr_hold must be a fraction of the run in [0, 1) (0: the '
+                             f'schedule\'s own decay; else the part of the run at the peak lr before a cosine decay), '
+                             f'got {self.lr_hold!r}.')
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)
         JointRDConfig.from_dict(self.run_fields(SCHEDULES['cifar']))
@@ -134,8 +145,12 @@ class Recipe:
         return round(lr * self.lr_scale, 12)  # 0.1 * 0.2 is 0.02 in a config, not 0.020000000000000004
 
     def twin_schedule(self, schedule: 'Schedule') -> 'Schedule':
-        """``schedule`` for the twin's run: the same, at :meth:`conversion_lr` of its peak."""
-        return schedule.replace(lr=self.conversion_lr(schedule.lr))
+        """``schedule`` for the twin's run: the same, at :meth:`conversion_lr` of its peak, and with ``lr_hold`` its
+        'hold-cosine' decay."""
+        schedule = schedule.replace(lr=self.conversion_lr(schedule.lr))
+        if self.lr_hold:
+            schedule = schedule.replace(decay='hold-cosine', hold=self.lr_hold, milestones=(), step_size=None)
+        return schedule
 
     def fade_fields(self) -> Dict:
         """The fade of the twin (``shortcut_fade`` and, where they differ from the defaults of JointRDConfig and

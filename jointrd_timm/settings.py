@@ -15,6 +15,7 @@ __all__ = ['Schedule', 'SCHEDULES', 'REFERENCE_JOINTRD', 'SGD_MOMENTUM', 'teache
 # no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
 REFERENCE_JOINTRD = MappingProxyType(dict(eta_min=0.5, eta_horizon_fraction=0.3, feature_loss_weight=0.0))
 SGD_MOMENTUM = 0.9  # every schedule's, with Nesterov
+DECAYS = ('cosine', 'multistep', 'step', 'hold-cosine')
 _IMAGENET_JOINTRD = MappingProxyType(dict(eta_min=5e-3, eta_horizon_fraction=0.5, feature_loss_weight=1e-4))
 
 # the distillation methods' settings in the method zoo (the benchmarks' cifar10_zoo rows and the zoo YAMLs): the
@@ -32,7 +33,10 @@ class Schedule:
 
     Args:
         epochs, batch_size, lr, weight_decay: as usual (batch_size is the global batch).
-        decay: 'cosine' (over the run), 'multistep' (x ``gamma`` at ``milestones``) or 'step' (every ``step_size``).
+        decay: 'cosine' (over the run, stepped per epoch), 'multistep' (x ``gamma`` at ``milestones``), 'step'
+            (every ``step_size``) or 'hold-cosine' (the peak for ``hold`` of the run's optimizer steps, then a per-step
+            cosine to 0: ``training.lr_schedules.HoldCosineLR``; what ``Recipe.lr_hold`` gives a twin).
+        hold: the fraction of the run at the peak of a 'hold-cosine' decay, in [0, 1).
         jointrd: the reference JointRD settings of this setting (eta and the feature-loss weight).
 
     The schedule is written into a run's config in one place each: :meth:`optimizer` and :meth:`scheduler` (the
@@ -48,21 +52,28 @@ class Schedule:
     milestones: Sequence[int] = ()
     step_size: Optional[int] = None
     gamma: float = 0.1
+    hold: float = 0.0
     jointrd: Mapping = field(default_factory=lambda: REFERENCE_JOINTRD)
 
     def __post_init__(self):
-        if self.decay not in ('cosine', 'multistep', 'step'):
-            raise ValueError(f"Schedule.decay must be 'cosine', 'multistep' or 'step', got {self.decay!r}.")
+        if self.decay not in DECAYS:
+            raise ValueError(f"Schedule.decay must be one of {', '.join(map(repr, DECAYS))}, got {self.decay!r}.")
+        hold_ok = isinstance(self.hold, (int, float)) and not isinstance(self.hold, bool) and 0 <= self.hold < 1
+        if not hold_ok or (self.hold and self.decay != 'hold-cosine'):
+            raise ValueError(f"Schedule.hold must be a fraction in [0, 1), and is read by decay 'hold-cosine' only; "
+                             f"got hold={self.hold!r} with decay {self.decay!r}.")
 
     def replace(self, **fields) -> 'Schedule':
         return dataclasses.replace(self, **fields)
 
     def for_run(self, epochs: Optional[int] = None, lr: Optional[float] = None) -> 'Schedule':
         """This schedule for a run of ``epochs`` at ``lr`` (None: its own). Its step decay belongs to its own length:
-        a run of another length decays by cosine over its epochs."""
+        a run of another length decays by cosine over its epochs ('hold-cosine', a fraction of the run, is kept)."""
         schedule = self if lr is None else self.replace(lr=lr)
         if epochs is None or epochs == self.epochs:
             return schedule
+        if self.decay == 'hold-cosine':
+            return schedule.replace(epochs=epochs)
         return schedule.replace(epochs=epochs, decay='cosine', milestones=(), step_size=None)
 
     def decay_epochs(self) -> list:
@@ -82,14 +93,16 @@ class Schedule:
             return self.for_run(epochs).scheduler()
         if self.decay == 'cosine':
             return dict(key='CosineAnnealingLR', kwargs=dict(T_max=self.epochs))
+        if self.decay == 'hold-cosine':  # per optimizer step; its run length comes from jointrd_pre_epoch_process
+            return dict(key='HoldCosineLR', kwargs=dict(hold=self.hold, epochs=self.epochs), scheduling_step=1)
         if self.decay == 'step':
             return dict(key='StepLR', kwargs=dict(step_size=self.step_size, gamma=self.gamma))
         return dict(key='MultiStepLR', kwargs=dict(milestones=list(self.milestones), gamma=self.gamma))
 
     def side_optimizer(self, **sgd) -> Dict:
         """A method's own SGD (``sgd``: lr, momentum, ... as stated) decaying as this schedule does: cosine over its
-        epochs, or x ``gamma`` at :meth:`decay_epochs`."""
-        if self.decay == 'cosine':
+        epochs (for 'hold-cosine' too: the side optimizer steps per epoch), or x ``gamma`` at :meth:`decay_epochs`."""
+        if self.decay in ('cosine', 'hold-cosine'):
             return dict(sgd, cosine_epochs=self.epochs)
         return dict(sgd, milestones=self.decay_epochs(), gamma=self.gamma)
 

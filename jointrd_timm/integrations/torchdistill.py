@@ -6,6 +6,7 @@ Registered here:
   shortcuts fade out, trained alone), ``stepwise_model`` (shortcuts removed one at a time under a frozen teacher,
   Tailor, Weng et al. 2023), ``cakd_model`` (conditional adversarial KD, Xu et al. 2017) and ``aps_model``
   (adversarial portable students, Wang et al. 2018);
+* the lr scheduler ``HoldCosineLR`` (a Schedule's 'hold-cosine' decay, ``training.lr_schedules``);
 * the mid-level loss ``MethodLoss``: returns the loss these modules compute in their forward (``JointRDLoss``, its
   former name, is a deprecated alias);
 * the pre-epoch process ``jointrd_pre_epoch_process``: torchdistill's default, then ``set_epoch`` on the module
@@ -28,6 +29,7 @@ from torchdistill.core.interfaces.pre_epoch_proc import default_pre_epoch_proces
 from torchdistill.core.interfaces.registry import register_pre_epoch_proc_func
 from torchdistill.losses.registry import register_mid_level_loss
 from torchdistill.models.registry import register_model
+from torchdistill.optim.registry import register_scheduler
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
 from ..methods.base import check_teacher_student, start_epoch
@@ -37,6 +39,7 @@ from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
 from ..twins.transfer import load_teacher_weights
 from ..io import load_weights, unwrap
+from ..training.lr_schedules import HoldCosineLR, set_scheduler_run_length
 
 __all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwise_model', 'cakd_model', 'aps_model',
            'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
@@ -197,9 +200,15 @@ class JointRDLoss(MethodLoss):
 @register_pre_epoch_proc_func
 def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
     """torchdistill's default pre-epoch process, then the epoch and run length handed to the method module
-    (``methods.base.start_epoch``: eta, the shortcut fade, the discriminator's schedule)."""
+    (``methods.base.start_epoch``: eta, the shortcut fade, the discriminator's schedule) and to a per-step lr
+    scheduler that needs it (``HoldCosineLR``)."""
     default_pre_epoch_process_without_teacher(self, epoch=epoch, **kwargs)
+    set_scheduler_run_length(self.lr_scheduler, len(self.train_data_loader), getattr(self, 'grad_accum_step', 1))
     start_epoch(unwrap(self.model), epoch or 0, len(self.train_data_loader), self.num_epochs)
+
+
+# the per-step 'hold-cosine' decay of a Schedule (Recipe.lr_hold), by its class name
+register_scheduler(HoldCosineLR)
 
 
 class _StateWithFp16:

@@ -54,6 +54,7 @@ from ..methods import base as method_api
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .lr_schedules import set_scheduler_run_length
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
 from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_KEYS, ConfigError,  # noqa: F401
@@ -247,6 +248,8 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     box, accelerator, module, tap = run.box, run.accelerator, run.module, run.tap
     num_epochs = box.num_epochs
     start = time.time()
+    # a per-step scheduler that needs the run length gets it from any box (jointrd_pre_epoch_process gives it too)
+    set_scheduler_run_length(box.lr_scheduler, len(box.train_data_loader), getattr(box, 'grad_accum_step', 1))
     box.pre_epoch_process(epoch=epoch)
     if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
         box.train_data_loader.set_epoch(epoch)

@@ -1,0 +1,80 @@
+"""Learning-rate schedules that torch does not ship: :class:`HoldCosineLR`, the twin's schedule of a recipe with
+``lr_hold`` (``Recipe.twin_schedule``; registered with torchdistill as ``HoldCosineLR``, stepped per optimizer
+step through the scheduler section's ``scheduling_step: 1``).
+
+Why a conversion may want it: a twin's shortcuts fade over most of its run (``shortcut_fade``), and under an epoch-wise
+cosine the last and hardest part of the fade, the removal of what is left of the shortcuts, runs at a small fraction
+of the peak, with few steps left to adapt after it. Holding the peak through the fade and annealing after it gives the
+shortcut-free twin its own decay. Measured on the deep-twin pages (docs/results.md).
+"""
+import math
+from typing import List, Optional
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ['HoldCosineLR', 'hold_cosine_factor', 'set_scheduler_run_length']
+
+
+def hold_cosine_factor(step: int, total_steps: int, hold_steps: int) -> float:
+    """The multiple of the peak lr after ``step`` optimizer steps: 1 for the first ``hold_steps`` steps, then a
+    cosine from 1 to 0 reached at ``total_steps`` (and 0 after it)."""
+    if step <= hold_steps:
+        return 1.0
+    decay = max(1, total_steps - hold_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - hold_steps, decay) / decay))
+
+
+class HoldCosineLR(LRScheduler):
+    """The peak lr for ``hold`` of the run, then a per-step cosine to 0 at the run's end.
+
+    Args:
+        optimizer: its param groups' initial lr is the peak.
+        hold: fraction of the run's optimizer steps at the peak, in [0, 1) (0: a per-step cosine over the run).
+        epochs: the run's epochs.
+        steps_per_epoch: optimizer steps per epoch; None until the run tells it (:meth:`set_run_length`, called by
+            ``jointrd_pre_epoch_process`` at each epoch start with the length of the training data loader).
+
+    Step it once per optimizer step (torchdistill: ``scheduling_step: 1``). The lr is a closed form of the step
+    count, so a scheduler restored from its ``state_dict`` continues exactly where it stopped.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hold: float, epochs: int,
+                 steps_per_epoch: Optional[int] = None, last_epoch: int = -1):
+        if not (isinstance(hold, (int, float)) and not isinstance(hold, bool) and 0 <= hold < 1):
+            raise ValueError(f'HoldCosineLR: hold must be a fraction of the run in [0, 1) (the part at the peak lr '
+                             f'before the cosine decay), got {hold!r}.')
+        if not (isinstance(epochs, int) and epochs > 0):
+            raise ValueError(f'HoldCosineLR: epochs must be a positive integer, got {epochs!r}.')
+        self.hold, self.epochs, self.steps_per_epoch = float(hold), epochs, None
+        if steps_per_epoch is not None:
+            self.set_run_length(steps_per_epoch)
+        super().__init__(optimizer, last_epoch)
+
+    def set_run_length(self, steps_per_epoch: int) -> None:
+        if not (isinstance(steps_per_epoch, int) and steps_per_epoch > 0):
+            raise ValueError(f'HoldCosineLR: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.')
+        self.steps_per_epoch = steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def factor(self, step: int) -> float:
+        if step <= 0:
+            return 1.0
+        if self.steps_per_epoch is None:
+            raise RuntimeError('HoldCosineLR was stepped before it knew the run length: call '
+                               'set_run_length(steps_per_epoch) first (torchdistill: use jointrd_pre_epoch_process '
+                               'as the pre-epoch process, which does).')
+        return hold_cosine_factor(step, self.total_steps, round(self.hold * self.total_steps))
+
+    def get_lr(self) -> List[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def set_scheduler_run_length(scheduler, num_batches: int, grad_accum_steps: int = 1) -> None:
+    """Tell a per-step scheduler that needs it (:class:`HoldCosineLR`) its optimizer steps per epoch: ``num_batches``
+    of the training loader, one optimizer step per ``grad_accum_steps`` of them. Other schedulers: nothing."""
+    if isinstance(scheduler, HoldCosineLR):
+        scheduler.set_run_length(max(1, num_batches // max(1, grad_accum_steps)))
