@@ -32,6 +32,15 @@ TWIN_ROWS = {'twin + JointRD': ('jointrd', 'JointRD (Li et al., "Residual Distil
                                     'faded out, cross-entropy only (no JointRD terms)')}
 
 
+def require_weights(folder: Path, recreate: str) -> None:
+    """Refuse, before anything is written, a run to publish whose weights this checkout lacks."""
+    if not (folder / 'model.safetensors').is_file():
+        run = folder.parent.relative_to(ROOT)
+        raise SystemExit(f'the weights of the run to publish ({run}) are not in this checkout (run weights are not '
+                         f'committed, see .gitignore); nothing was published. Recreate them: move {run} aside and run '
+                         f'`{recreate}` (it rewrites the run\'s row in the record), then publish again.')
+
+
 def publish(entry: dict, folder: Path) -> None:
     entry['name'] = f'{entry["architecture"]}.{entry["tag"]}'
     entry['hf_hub_id'] = f'{ORG}/{entry["name"]}'
@@ -84,6 +93,8 @@ def publish_full(arch: str) -> None:
                    None)
     work = ROOT / 'benchmarks/runs/full_cifar10' / arch
     command = twin_command(arch, meta, twin)
+    require_weights(work / teacher['folder'] / 'model', f'{command.split(" --fractions")[0]} --rows teacher')
+    require_weights(work / twin['folder'] / 'model', command)
     data = f'{meta["data"]}; {meta["budget"]}'
     teacher_tag = 'ce_full_cifar10'
     publish(dict(COMMON, architecture=arch, tag=teacher_tag, teacher='(none: the residual teacher itself)',

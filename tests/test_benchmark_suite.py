@@ -421,6 +421,13 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
     (tmp_path / 'benchmarks/results/full_cifar10_resnet20_cifar.json').write_text(json.dumps(dict(meta=meta, runs=runs)))
     work = tmp_path / 'benchmarks/runs/full_cifar10/resnet20_cifar'
     save_trained_model(timm.create_model('resnet20_cifar', num_classes=10), work / 'teacher' / 'model')
+    # the chosen run's weights missing (run weights are not committed): refused, naming how to recreate them
+    with pytest.raises(SystemExit, match=r'weights of the run to publish \(benchmarks/runs/full_cifar10/resnet20_cifar/'
+                                         r'twin-alone-e4\) are not in this checkout.*nothing was published.*`python '
+                                         r'benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32 '
+                                         r'--fractions 0.125 --only twin-alone-e4`'):
+        publish_cifar10.publish_full('resnet20_cifar')
+    assert not (tmp_path / 'registry').exists()  # not even the teacher
     save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), work / 'twin-alone-e4' / 'model')
     publish_cifar10.publish_full('resnet20_cifar')
     twin = json.loads((tmp_path / 'registry/plain_resnet20_cifar.fade_full_cifar10.json').read_text())
