@@ -271,5 +271,13 @@ def test_plan_takes_data_and_training_specs_or_their_fields_by_keyword(tmp_path)
     assert slower_configs['distill']['train']['optimizer']['kwargs']['lr'] == pytest.approx(0.005)
     joint_sgd = slower_configs['distill']['models']['model']['kwargs']['jointrd']['teacher_optimizer']
     assert joint_sgd['lr'] == pytest.approx(0.005)
+    # a recipe's lr_hold: the twin's per-step hold-then-cosine scheduler (the joint teacher's SGD stays epoch-wise)
+    held = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epochs=2, limit=64, lr=0.02,
+                        recipe='default,lr_hold=0.5,teacher_mode=joint,joint_step_order=teacher_first')
+    held_train = build_configs(held, held.teacher.model)['distill']['train']
+    assert held_train['scheduler'] == dict(key='HoldCosineLR', kwargs=dict(hold=0.5, epochs=2), scheduling_step=1)
+    assert held_train['optimizer']['kwargs']['lr'] == 0.02
+    held_sgd = build_configs(held, held.teacher.model)['distill']['models']['model']['kwargs']['jointrd']
+    assert held_sgd['teacher_optimizer']['cosine_epochs'] == 2
     with pytest.raises(TypeError, match=r"Unknown distill option\(s\) \['epoch'\]"):
         plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epoch=2)
