@@ -275,7 +275,8 @@ def report(args, recipe, specs) -> None:
                             f'less a held-out validation split of {args.val_size} (seed {args.split_seed}); the 10,000 '
                             f'test images{size}',
                             budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run '
-                                   "(a twin's: its recipe's lr_scale times that), weight decay 5e-4"), runs=runs)
+                                   "(a twin's: its recipe's lr_scale times that, and with its lr_hold held for that "
+                                   'part of the run, then a per-step cosine), weight decay 5e-4'), runs=runs)
     lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
              f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
              'model (nothing selected on test). The teacher trains first; every other run starts from its weights '
