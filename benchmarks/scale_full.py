@@ -270,13 +270,15 @@ def report(args, recipe, specs) -> None:
     fractions = sorted(set(previous['meta'].get('fractions', [])) | set(args.fractions))
     teacher = runs[0].get('test_acc')
     size = '' if args.input_size == 32 else f', read at {args.input_size} px (resized from 32)'
+    held = recipe.lr_hold or any('lr_hold' in v for v in variants)
+    hold = ', and with its lr_hold held for that part of the run, then a per-step cosine' if held else ''
     record = dict(meta=dict(arch=args.arch, recipe=recipe.id, teacher_epochs=args.teacher_epochs, variants=variants,
                             fractions=fractions, input_size=args.input_size, data='CIFAR-10: 50,000 training images '
                             f'less a held-out validation split of {args.val_size} (seed {args.split_seed}); the 10,000 '
                             f'test images{size}',
                             budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run '
-                                   "(a twin's: its recipe's lr_scale times that, and with its lr_hold held for that "
-                                   'part of the run, then a per-step cosine), weight decay 5e-4'), runs=runs)
+                                   f"(a twin's: its recipe's lr_scale times that{hold}), weight decay 5e-4"),
+                  runs=runs)
     lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
              f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
              'model (nothing selected on test). The teacher trains first; every other run starts from its weights '

@@ -122,6 +122,7 @@ SCHEDULES = {s.name: s for s in (
 
 def teacher_sgd(schedule: Schedule) -> Dict:
     """A 'teacher_first' joint teacher's own SGD (``JointRDConfig.teacher_optimizer``) when it trains as the twin
-    does: the schedule's learning rate, momentum, weight decay and decay (:meth:`Schedule.side_optimizer`)."""
+    does: the schedule's learning rate, momentum, weight decay and decay (:meth:`Schedule.side_optimizer`; a
+    'hold-cosine' twin's teacher decays by an epoch-wise cosine over the run, without the hold)."""
     return schedule.side_optimizer(lr=schedule.lr, momentum=SGD_MOMENTUM, nesterov=True,
                                    weight_decay=schedule.weight_decay)

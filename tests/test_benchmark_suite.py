@@ -429,6 +429,12 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
         publish_cifar10.publish_full('resnet20_cifar')
     assert not (tmp_path / 'registry').exists()  # not even the teacher
     save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), work / 'twin-alone-e4' / 'model')
+    (work / 'teacher' / 'model' / 'model.safetensors').rename(work / 'teacher.safetensors')
+    with pytest.raises(SystemExit, match=r'\(benchmarks/runs/full_cifar10/resnet20_cifar/teacher\) are not in this '
+                                         r'checkout.*`python benchmarks/accuracy.py full --arch resnet20_cifar '
+                                         r'--teacher-epochs 32 --rows teacher`'):
+        publish_cifar10.publish_full('resnet20_cifar')
+    (work / 'teacher.safetensors').rename(work / 'teacher' / 'model' / 'model.safetensors')
     publish_cifar10.publish_full('resnet20_cifar')
     twin = json.loads((tmp_path / 'registry/plain_resnet20_cifar.fade_full_cifar10.json').read_text())
     assert twin['metrics']['top1_test'] == 85.6 and twin['metrics']['teacher_top1_test'] == 87.17

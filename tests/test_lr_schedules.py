@@ -31,7 +31,7 @@ def test_the_factor_holds_the_peak_then_falls_by_a_cosine_to_zero():
 
 def test_the_scheduler_gives_the_closed_form_each_step_and_continues_exactly_from_its_state():
     opt = optimizer(0.5)
-    sched = HoldCosineLR(opt, hold=0.25, epochs=2, steps_per_epoch=6)  # 12 steps, the first 3 at the peak
+    sched = HoldCosineLR(opt, hold=0.25, epochs=2, batches_per_epoch=6)  # 12 steps, the first 3 at the peak
     lrs = [opt.param_groups[0]['lr']]
     for _ in range(12):
         opt.step()
@@ -41,15 +41,16 @@ def test_the_scheduler_gives_the_closed_form_each_step_and_continues_exactly_fro
     assert lrs[:4] == [0.5] * 4 and lrs[4] < 0.5 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     # a checkpoint's round trip (the runner stores the state dict as JSON and puts it back in __dict__)
     opt2 = optimizer(0.5)
-    first = HoldCosineLR(opt2, hold=0.25, epochs=2, steps_per_epoch=6)
+    first = HoldCosineLR(opt2, hold=0.25, epochs=2, batches_per_epoch=6)
     for _ in range(5):
         opt2.step()
         first.step()
     state = json.loads(json.dumps(first.state_dict()))
     opt3 = optimizer(0.5)
+    restored = HoldCosineLR(opt3, hold=0.25, epochs=2)  # built as the runner builds it, then the checkpoint
     opt3.load_state_dict(opt2.state_dict())
-    restored = HoldCosineLR(opt3, hold=0.25, epochs=2)  # the run length comes back with the state
-    restored.__dict__.update(state)
+    restored.__dict__.update(state)  # the run length comes back with the state
+    assert opt3.param_groups[0]['lr'] == pytest.approx(lrs[5])
     rest = []
     for _ in range(7):
         opt3.step()
@@ -66,18 +67,42 @@ def test_the_scheduler_refuses_bad_arguments_and_a_step_before_it_knows_the_run_
     sched = HoldCosineLR(optimizer(), hold=0.5, epochs=3)
     with pytest.raises(RuntimeError, match=r'before it knew the run length: call set_run_length'):
         sched.step()
-    with pytest.raises(ValueError, match='steps_per_epoch must be a positive integer, got 0'):
+    with pytest.raises(ValueError, match='batches_per_epoch must be a positive integer, got 0'):
         sched.set_run_length(0)
+    with pytest.raises(ValueError, match='grad_accum_steps must be a positive integer, got 0'):
+        sched.set_run_length(4, 3, 0)
 
 
-def test_the_run_length_is_the_optimizer_steps_of_an_epoch_and_other_schedulers_are_left_alone():
+def test_the_run_length_is_the_runs_optimizer_steps_and_other_schedulers_are_left_alone():
     sched = HoldCosineLR(optimizer(), hold=0.5, epochs=3)
-    set_scheduler_run_length(sched, 10, grad_accum_steps=4)
-    assert sched.steps_per_epoch == 2 and sched.total_steps == 6  # 10 batches, an optimizer step every 4
+    set_scheduler_run_length(sched, 10, 3, grad_accum_steps=4)
+    assert sched.total_steps == 7  # 30 batches over the run (counted across epochs), an optimizer step every 4
+    set_scheduler_run_length(sched, 10, 5)  # a run resumed with more epochs decays over its new length
+    assert sched.epochs == 5 and sched.total_steps == 50
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer(), T_max=3)
-    set_scheduler_run_length(cosine, 10)
-    assert not hasattr(cosine, 'steps_per_epoch')
-    set_scheduler_run_length(None, 10)  # a run without a scheduler
+    set_scheduler_run_length(cosine, 10, 3)
+    assert not hasattr(cosine, 'batches_per_epoch')
+    set_scheduler_run_length(None, 10, 3)  # a run without a scheduler
+
+
+def test_a_hold_near_one_still_decays_at_the_last_step():
+    opt = optimizer(1.0)
+    sched = HoldCosineLR(opt, hold=0.9, epochs=1, batches_per_epoch=4)  # round(0.9 * 4) would hold all 4 steps
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_jointrd_pre_epoch_process_tells_the_scheduler_the_run_length():
+    from types import SimpleNamespace
+
+    from jointrd_timm.integrations.torchdistill import jointrd_pre_epoch_process
+    sched = HoldCosineLR(optimizer(), hold=0.5, epochs=1)
+    box = SimpleNamespace(model=torch.nn.Linear(2, 2), model_io_dict={}, distributed=False, lr_scheduler=sched,
+                          train_data_loader=[0] * 12, num_epochs=3, grad_accum_step=2)
+    jointrd_pre_epoch_process(box, epoch=0)
+    assert (sched.batches_per_epoch, sched.epochs, sched.total_steps) == (12, 3, 18)
 
 
 def test_lr_hold_gives_the_twin_a_hold_cosine_schedule_and_the_config_its_per_step_scheduler():
@@ -91,6 +116,12 @@ def test_lr_hold_gives_the_twin_a_hold_cosine_schedule_and_the_config_its_per_st
     assert config['train']['scheduler'] == dict(key='HoldCosineLR', kwargs=dict(hold=0.8, epochs=4),
                                                 scheduling_step=1)
     assert config['train']['pre_epoch_process'] == 'jointrd_pre_epoch_process'
+    # a terse cross-entropy config of a hold-cosine run names the pre-epoch process that gives the run length
+    timm_model = dict(key='timm_model', kwargs=dict(model_name='resnet20_cifar', num_classes=10))
+    terse = build_config(dict(train='A', test='B'), timm_model, twin_run, 'ce', terse=True)
+    assert terse['train']['pre_epoch_process'] == 'jointrd_pre_epoch_process'
+    assert 'pre_epoch_process' not in build_config(dict(train='A', test='B'), timm_model, teacher_run, 'ce',
+                                                   terse=True)['train']
     # no hold: the schedule's own decay, the multistep of the reference included
     assert DEFAULT_RECIPE.twin_schedule(SCHEDULES['cifar']).decay == 'multistep'
     for bad in (-0.1, 1.0, True, 'half'):

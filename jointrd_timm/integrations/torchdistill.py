@@ -203,7 +203,8 @@ def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
     (``methods.base.start_epoch``: eta, the shortcut fade, the discriminator's schedule) and to a per-step lr
     scheduler that needs it (``HoldCosineLR``)."""
     default_pre_epoch_process_without_teacher(self, epoch=epoch, **kwargs)
-    set_scheduler_run_length(self.lr_scheduler, len(self.train_data_loader), getattr(self, 'grad_accum_step', 1))
+    set_scheduler_run_length(self.lr_scheduler, len(self.train_data_loader), self.num_epochs,
+                             getattr(self, 'grad_accum_step', 1))
     start_epoch(unwrap(self.model), epoch or 0, len(self.train_data_loader), self.num_epochs)
 
 

@@ -119,6 +119,9 @@ def build_config(datasets: Mapping[str, Any], model: Dict, schedule: Schedule, m
     ids = {role: f'{dataset_name}/{role}' if dataset_name else role for role in datasets}
     trained = dict(model, dst_ckpt=dst_ckpt) if dst_ckpt else model
     models, sections = _models(method, trained, teacher, terse, hint_layer)
+    if schedule.decay == 'hold-cosine' and method not in ('kd', 'fitnets'):
+        # HoldCosineLR learns the run length there (under torchdistill's own script too)
+        sections.setdefault('pre_epoch_process', 'jointrd_pre_epoch_process')
     eval_supp = None if terse else False
     train = dict(log_freq=log_freq, num_epochs=schedule.epochs,
                  train_data_loader=_loader(ids['train'], schedule.batch_size, True, num_workers, supp=True),

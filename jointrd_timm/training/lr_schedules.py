@@ -31,50 +31,62 @@ class HoldCosineLR(LRScheduler):
     Args:
         optimizer: its param groups' initial lr is the peak.
         hold: fraction of the run's optimizer steps at the peak, in [0, 1) (0: a per-step cosine over the run).
-        epochs: the run's epochs.
-        steps_per_epoch: optimizer steps per epoch; None until the run tells it (:meth:`set_run_length`, called by
-            ``jointrd_pre_epoch_process`` at each epoch start with the length of the training data loader).
+        epochs: the run's epochs (the run's own count replaces it at each epoch start, :meth:`set_run_length`).
+        batches_per_epoch: batches per epoch; None until the run tells it (:meth:`set_run_length`, called by the
+            runner and by ``jointrd_pre_epoch_process`` at each epoch start with the training data loader's length).
+        grad_accum_steps: batches per optimizer step (gradient accumulation).
 
     Step it once per optimizer step (torchdistill: ``scheduling_step: 1``). The lr is a closed form of the step
-    count, so a scheduler restored from its ``state_dict`` continues exactly where it stopped.
+    count, so a scheduler restored from its ``state_dict`` continues exactly where it stopped; the run length is
+    set again at every epoch start, so a run resumed with more epochs decays over its new length (from the lr the
+    closed form gives there).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, hold: float, epochs: int,
-                 steps_per_epoch: Optional[int] = None, last_epoch: int = -1):
+                 batches_per_epoch: Optional[int] = None, grad_accum_steps: int = 1, last_epoch: int = -1):
         if not (isinstance(hold, (int, float)) and not isinstance(hold, bool) and 0 <= hold < 1):
             raise ValueError(f'HoldCosineLR: hold must be a fraction of the run in [0, 1) (the part at the peak lr '
                              f'before the cosine decay), got {hold!r}.')
         if not (isinstance(epochs, int) and epochs > 0):
             raise ValueError(f'HoldCosineLR: epochs must be a positive integer, got {epochs!r}.')
-        self.hold, self.epochs, self.steps_per_epoch = float(hold), epochs, None
-        if steps_per_epoch is not None:
-            self.set_run_length(steps_per_epoch)
+        self.hold, self.epochs, self.batches_per_epoch, self.grad_accum_steps = float(hold), epochs, None, 1
+        if batches_per_epoch is not None:
+            self.set_run_length(batches_per_epoch, epochs, grad_accum_steps)
         super().__init__(optimizer, last_epoch)
 
-    def set_run_length(self, steps_per_epoch: int) -> None:
-        if not (isinstance(steps_per_epoch, int) and steps_per_epoch > 0):
-            raise ValueError(f'HoldCosineLR: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.')
-        self.steps_per_epoch = steps_per_epoch
+    def set_run_length(self, batches_per_epoch: int, epochs: Optional[int] = None, grad_accum_steps: int = 1) -> None:
+        """The run's batches per epoch, its epochs (None: as before) and its batches per optimizer step."""
+        for name, value in (('batches_per_epoch', batches_per_epoch), ('epochs', epochs),
+                            ('grad_accum_steps', grad_accum_steps)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f'HoldCosineLR: {name} must be a positive integer, got {value!r}.')
+        self.batches_per_epoch, self.grad_accum_steps = batches_per_epoch, grad_accum_steps
+        if epochs is not None:
+            self.epochs = epochs
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        """The run's optimizer steps (torchdistill counts batches across epochs and steps every grad_accum_steps)."""
+        return max(1, self.epochs * self.batches_per_epoch // self.grad_accum_steps)
 
     def factor(self, step: int) -> float:
         if step <= 0:
             return 1.0
-        if self.steps_per_epoch is None:
+        if self.batches_per_epoch is None:
             raise RuntimeError('HoldCosineLR was stepped before it knew the run length: call '
-                               'set_run_length(steps_per_epoch) first (torchdistill: use jointrd_pre_epoch_process '
+                               'set_run_length(batches_per_epoch) first (torchdistill: use jointrd_pre_epoch_process '
                                'as the pre-epoch process, which does).')
-        return hold_cosine_factor(step, self.total_steps, round(self.hold * self.total_steps))
+        total = self.total_steps
+        # at least the last step decays, however short the run
+        return hold_cosine_factor(step, total, min(round(self.hold * total), total - 1))
 
     def get_lr(self) -> List[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
 
-def set_scheduler_run_length(scheduler, num_batches: int, grad_accum_steps: int = 1) -> None:
-    """Tell a per-step scheduler that needs it (:class:`HoldCosineLR`) its optimizer steps per epoch: ``num_batches``
-    of the training loader, one optimizer step per ``grad_accum_steps`` of them. Other schedulers: nothing."""
+def set_scheduler_run_length(scheduler, num_batches: int, num_epochs: int, grad_accum_steps: int = 1) -> None:
+    """Tell a per-step scheduler that needs it (:class:`HoldCosineLR`) the run's length: ``num_batches`` of the
+    training loader per epoch, ``num_epochs``, one optimizer step per ``grad_accum_steps`` batches. Other
+    schedulers: nothing."""
     if isinstance(scheduler, HoldCosineLR):
-        scheduler.set_run_length(max(1, num_batches // max(1, grad_accum_steps)))
+        scheduler.set_run_length(num_batches, num_epochs, max(1, grad_accum_steps or 1))

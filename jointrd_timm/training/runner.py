@@ -249,7 +249,8 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     num_epochs = box.num_epochs
     start = time.time()
     # a per-step scheduler that needs the run length gets it from any box (jointrd_pre_epoch_process gives it too)
-    set_scheduler_run_length(box.lr_scheduler, len(box.train_data_loader), getattr(box, 'grad_accum_step', 1))
+    set_scheduler_run_length(box.lr_scheduler, len(box.train_data_loader), num_epochs,
+                             getattr(box, 'grad_accum_step', 1))
     box.pre_epoch_process(epoch=epoch)
     if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
         box.train_data_loader.set_epoch(epoch)
