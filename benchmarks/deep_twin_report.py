@@ -112,9 +112,10 @@ def full_run_lines(runs: dict) -> list:
              '(`dirac=True, dirac_init=(0.0, 1.0)`); `-w05`: a staggered fade, each block over half the fade, shallow '
              'blocks first (`shortcut_fade_window=0.5`; s is the run\'s, the blocks\' own scales spread around it); '
              '`-p2`: the fade raised to power 2 (`shortcut_fade_power=2`; the s shown is the powered one); '
-             '`-block1`, `-block5`: teacher-forced block targets at weight 1, 5 (`block_loss_weight`); `-jtf`: the teacher trained '
-             'along as the depth-110 recipe trains it (`joint-teacher-first`\'s fields); '
-             '`-s1`: training seed 1 (data order, augmentation), same teacher '
+             '`-block1`, `-block5`: teacher-forced block targets at weight 1, 5 (`block_loss_weight`); `-jtf`: the '
+             'teacher trained along as the depth-110 recipe trains it (`joint-teacher-first`\'s fields); '
+             '`-hold08`: the twin\'s peak lr held through the fade (80 % of the run), then a per-step cosine to 0 '
+             '(`lr_hold=0.8`); `-s1`: training seed 1 (data order, augmentation), same teacher '
              'and split.', '',
              '| run | ' + ' | '.join(f'epoch {e + 1}' for e in range(epochs)) + ' | deployed test acc % |',
              '|---|' + '---|' * (epochs + 1)]
