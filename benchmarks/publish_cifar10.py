@@ -93,14 +93,16 @@ def publish_full(arch: str) -> None:
                    None)
     work = ROOT / 'benchmarks/runs/full_cifar10' / arch
     command = twin_command(arch, meta, twin)
-    require_weights(work / teacher['folder'] / 'model', f'{command.split(" --fractions")[0]} --rows teacher')
+    teacher_command = f'{command.split(" --fractions")[0]} --rows teacher'
+    require_weights(work / teacher['folder'] / 'model', teacher_command)
     require_weights(work / twin['folder'] / 'model', command)
     data = f'{meta["data"]}; {meta["budget"]}'
     teacher_tag = 'ce_full_cifar10'
     publish(dict(COMMON, architecture=arch, tag=teacher_tag, teacher='(none: the residual teacher itself)',
                  method='cross-entropy', description=f'Residual {arch} trained on the full CIFAR-10 training set by '
                  "jointrd-timm's benchmark: the teacher its published shortcut-free twin was converted from.",
-                 training=dict(command=command, budget=f'{meta["teacher_epochs"]} epochs; {data}', source=source),
+                 training=dict(command=teacher_command, budget=f'{meta["teacher_epochs"]} epochs; {data}',
+                               source=source),
                  metrics=dict(top1_test=teacher['test_acc'], source=source, split=TEST_SPLIT)),
             work / teacher['folder'] / 'model')
     prefix, method = TWIN_ROWS[twin['row'].split(',')[0]]

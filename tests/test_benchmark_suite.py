@@ -444,6 +444,10 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
     assert '| top1_test | 85.6 |' in card and '| control_top1_test | 87.5 |' in card
     teacher = json.loads((tmp_path / 'registry/resnet20_cifar.ce_full_cifar10.json').read_text())
     assert teacher['metrics']['top1_test'] == 87.17
+    # each card names the command that trains its own model
+    assert teacher['training']['command'] == ('python benchmarks/accuracy.py full --arch resnet20_cifar '
+                                              '--teacher-epochs 32 --rows teacher')
+    assert twin['training']['command'].endswith('--fractions 0.125 --only twin-alone-e4')
 
 
 def test_full_cifar10_deployment_numbers_come_from_the_deployment_record():
