@@ -83,6 +83,12 @@ def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve(
           'teacher_mode=joint'
     assert RECIPE_ALIASES[old] == 'joint-teacher-first' and get_recipe(old) is deep
     assert get_recipe('default,loss_normalization=none') is RECIPES['unnormalised-loss']
+    # depth 56: kd-low-lr plus the block targets, the recipe of its published twin's row
+    blocks = recipe_for('resnet56_cifar')
+    assert blocks is RECIPES['kd-low-lr-blocks'] and get_recipe('default,block_loss_weight=5.0,kd_weight=1.0,'
+                                                                'lr_scale=0.2') is blocks
+    assert (blocks.lr_scale, blocks.jointrd_config().kd_weight, blocks.jointrd_config().block_loss_weight) == \
+        (0.2, 1.0, 5.0)
     # a named recipe trains exactly as the default with those changes did
     changed = DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
                                      hybrid_teacher_bn='running', margin_refresh='epoch')
