@@ -35,7 +35,7 @@ class Schedule:
         epochs, batch_size, lr, weight_decay: as usual (batch_size is the global batch).
         decay: 'cosine' (over the run, stepped per epoch), 'multistep' (x ``gamma`` at ``milestones``), 'step'
             (every ``step_size``) or 'hold-cosine' (the peak for ``hold`` of the run's optimizer steps, then a per-step
-            cosine to 0: ``training.lr_schedules.HoldCosineLR``; what ``Recipe.lr_hold`` gives a twin).
+            cosine to 0: ``methods.lr_schedules.HoldCosineLR``; what ``Recipe.lr_hold`` gives a twin).
         hold: the fraction of the run at the peak of a 'hold-cosine' decay, in [0, 1).
         jointrd: the reference JointRD settings of this setting (eta and the feature-loss weight).
 

@@ -10,7 +10,7 @@ from conftest import tiny_yaml
 from jointrd_timm import faults
 from jointrd_timm.recipes import DEFAULT_RECIPE, SCHEDULES, Schedule, get_recipe
 from jointrd_timm.training.configs import build_config
-from jointrd_timm.training.lr_schedules import HoldCosineLR, hold_cosine_factor, set_scheduler_run_length
+from jointrd_timm.methods.lr_schedules import HoldCosineLR, hold_cosine_factor, set_scheduler_run_length
 from jointrd_timm.training.runner import load_config, train
 
 MODEL = dict(key='jointrd_model', kwargs=dict(teacher=dict(model_name='resnet20_cifar', num_classes=10)))

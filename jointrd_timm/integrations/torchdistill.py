@@ -6,7 +6,7 @@ Registered here:
   shortcuts fade out, trained alone), ``stepwise_model`` (shortcuts removed one at a time under a frozen teacher,
   Tailor, Weng et al. 2023), ``cakd_model`` (conditional adversarial KD, Xu et al. 2017) and ``aps_model``
   (adversarial portable students, Wang et al. 2018);
-* the lr scheduler ``HoldCosineLR`` (a Schedule's 'hold-cosine' decay, ``training.lr_schedules``);
+* the lr scheduler ``HoldCosineLR`` (a Schedule's 'hold-cosine' decay, ``methods.lr_schedules``);
 * the mid-level loss ``MethodLoss``: returns the loss these modules compute in their forward (``JointRDLoss``, its
   former name, is a deprecated alias);
 * the pre-epoch process ``jointrd_pre_epoch_process``: torchdistill's default, then ``set_epoch`` on the module
@@ -39,7 +39,7 @@ from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
 from ..twins.transfer import load_teacher_weights
 from ..io import load_weights, unwrap
-from ..training.lr_schedules import HoldCosineLR, set_scheduler_run_length
+from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
 
 __all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwise_model', 'cakd_model', 'aps_model',
            'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
