@@ -11,8 +11,8 @@ split, cosine lr) is trained once; from it, for each fraction in ``--fractions``
 Every run is a runner output folder under ``--work-dir`` (default ``benchmarks/runs/full_cifar10``: each run's
 ``metrics.jsonl`` and ``final.json`` are committed, its weights and checkpoint are not, except the small teachers'
 that every other run starts from (.gitignore); a run that needs more hours than a session has continues from its
-checkpoint on the machine that ran it); an unfinished one is resumed exactly (the runner's ``--resume``), a finished one (``final.json``) read back, so
-the script can be stopped and rerun at any time. Each run records how it was
+checkpoint on the machine that ran it); an unfinished one is resumed exactly (the runner's ``--resume``), a finished
+one (``final.json``) read back, so the script can be stopped and rerun at any time. Each run records how it was
 split (``metrics.jsonl`` keeps one line per epoch with its seconds; ``resumes`` in the record counts restarts).
 Outputs: ``benchmarks/results/<name>.{json,md,png}``, the command recorded.
 

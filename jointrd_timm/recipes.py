@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 from .methods.fading import ShortcutFade
 from .methods.jointrd import JointRDConfig
+from .methods.lr_schedules import check_hold
 # the settings, importable from here as before they had a module of their own
 from .twins.dirac import DIRAC_INIT, check_dirac_init
 from .settings import (DISCRIMINATOR_SGD, REFERENCE_JOINTRD, SCHEDULES, SGD_MOMENTUM, ZOO_SETTINGS,  # noqa: F401
@@ -109,11 +110,7 @@ class Recipe:
         if not (isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0):
             raise ValueError(f'Recipe {self.name!r}: lr_scale must be a positive number (the twin\'s peak learning '
                              f'rate as a multiple of the schedule\'s), got {self.lr_scale!r}.')
-        if not (isinstance(self.lr_hold, (int, float)) and not isinstance(self.lr_hold, bool)
-                and 0 <= self.lr_hold < 1):
-            raise ValueError(f'Recipe {self.name!r}: lr_hold must be a fraction of the run in [0, 1) (0: the '
-                             f'schedule\'s own decay; else the part of the run at the peak lr before a cosine decay), '
-                             f'got {self.lr_hold!r}.')
+        check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)
         JointRDConfig.from_dict(self.run_fields(SCHEDULES['cifar']))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Sequence
 
+from .methods.lr_schedules import check_hold
+
 __all__ = ['Schedule', 'SCHEDULES', 'REFERENCE_JOINTRD', 'SGD_MOMENTUM', 'teacher_sgd', 'ZOO_SETTINGS',
            'DISCRIMINATOR_SGD']
 
@@ -58,10 +60,10 @@ class Schedule:
     def __post_init__(self):
         if self.decay not in DECAYS:
             raise ValueError(f"Schedule.decay must be one of {', '.join(map(repr, DECAYS))}, got {self.decay!r}.")
-        hold_ok = isinstance(self.hold, (int, float)) and not isinstance(self.hold, bool) and 0 <= self.hold < 1
-        if not hold_ok or (self.hold and self.decay != 'hold-cosine'):
-            raise ValueError(f"Schedule.hold must be a fraction in [0, 1), and is read by decay 'hold-cosine' only; "
-                             f"got hold={self.hold!r} with decay {self.decay!r}.")
+        check_hold(self.hold, 'Schedule.hold')
+        if self.hold and self.decay != 'hold-cosine':
+            raise ValueError(f"Schedule.hold is read by decay 'hold-cosine' only; got hold={self.hold!r} with decay "
+                             f"{self.decay!r}.")
 
     def replace(self, **fields) -> 'Schedule':
         return dataclasses.replace(self, **fields)

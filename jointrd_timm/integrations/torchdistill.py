@@ -35,11 +35,11 @@ from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversa
 from ..methods.base import check_teacher_student, start_epoch
 from ..methods.fading import FadingStudent, ShortcutFade
 from ..methods.jointrd import JointRD, JointRDConfig
+from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
 from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
 from ..twins.transfer import load_teacher_weights
 from ..io import load_weights, unwrap
-from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
 
 __all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwise_model', 'cakd_model', 'aps_model',
            'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']

@@ -5,7 +5,8 @@ step through the scheduler section's ``scheduling_step: 1``).
 Why a conversion may want it: a twin's shortcuts fade over most of its run (``shortcut_fade``), and under an epoch-wise
 cosine the last and hardest part of the fade, the removal of what is left of the shortcuts, runs at a small fraction
 of the peak, with few steps left to adapt after it. Holding the peak through the fade and annealing after it gives the
-shortcut-free twin its own decay. Measured on the deep-twin pages (docs/results.md).
+shortcut-free twin its own decay. Not measured at full CIFAR-10 yet: the deep-twin page (docs/results.md) lists
+it among the levers still to measure.
 """
 import math
 from typing import List, Optional
@@ -13,7 +14,16 @@ from typing import List, Optional
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ['HoldCosineLR', 'hold_cosine_factor', 'set_scheduler_run_length']
+__all__ = ['HoldCosineLR', 'hold_cosine_factor', 'check_hold', 'set_scheduler_run_length']
+
+
+def check_hold(value, what: str) -> float:
+    """``value`` as a float when it is a fraction of the run in [0, 1) (the part at the peak lr before the cosine
+    decay), else a ValueError naming ``what`` (the field or argument it came from)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ValueError(f'{what} must be a fraction of the run in [0, 1) (the part of the run at the peak lr before '
+                         f'the cosine decay; 0: no hold), got {value!r}.')
+    return float(value)
 
 
 def hold_cosine_factor(step: int, total_steps: int, hold_steps: int) -> float:
@@ -44,12 +54,10 @@ class HoldCosineLR(LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, hold: float, epochs: int,
                  batches_per_epoch: Optional[int] = None, grad_accum_steps: int = 1, last_epoch: int = -1):
-        if not (isinstance(hold, (int, float)) and not isinstance(hold, bool) and 0 <= hold < 1):
-            raise ValueError(f'HoldCosineLR: hold must be a fraction of the run in [0, 1) (the part at the peak lr '
-                             f'before the cosine decay), got {hold!r}.')
+        hold = check_hold(hold, 'HoldCosineLR: hold')
         if not (isinstance(epochs, int) and epochs > 0):
             raise ValueError(f'HoldCosineLR: epochs must be a positive integer, got {epochs!r}.')
-        self.hold, self.epochs, self.batches_per_epoch, self.grad_accum_steps = float(hold), epochs, None, 1
+        self.hold, self.epochs, self.batches_per_epoch, self.grad_accum_steps = hold, epochs, None, 1
         if batches_per_epoch is not None:
             self.set_run_length(batches_per_epoch, epochs, grad_accum_steps)
         super().__init__(optimizer, last_epoch)

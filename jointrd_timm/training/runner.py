@@ -51,10 +51,10 @@ from tqdm.auto import tqdm
 from ..faults import fault_point
 from ..io import load_weights
 from ..methods import base as method_api
+from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from ..methods.lr_schedules import set_scheduler_run_length
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
 from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_KEYS, ConfigError,  # noqa: F401
