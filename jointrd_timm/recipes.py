@@ -39,7 +39,7 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFA
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'dirac', 'dirac_init', 'keep_projection_shortcuts', 'lr_scale',
-                  'lr_hold')
+                  'lr_hold', 'batch_scale')
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power and mode as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a recipe
 # states them only when they differ
@@ -73,6 +73,9 @@ class Recipe:
             that fraction of its run's optimizer steps, then a per-step cosine to 0 (``Schedule`` decay
             'hold-cosine'), e.g. the fade's length (``shortcut_fade``), so the shortcuts go at the peak and the
             shortcut-free twin anneals after them. The teacher's own runs keep the schedule's decay.
+        batch_scale: the twin's batch as a multiple of the schedule's (:meth:`twin_schedule`; rounded, at least 1):
+            the same epochs in ``1 / batch_scale`` times the optimizer steps, at the same peak lr: a conversion of
+            a few epochs can be short of steps, and a smaller batch gives it more without reading more data.
         jointrd: :class:`JointRDConfig` fields that differ from the schedule's reference settings.
         record: the results page that measured the recipe.
     """
@@ -88,6 +91,7 @@ class Recipe:
     keep_projection_shortcuts: bool = False
     lr_scale: float = 1.0
     lr_hold: float = 0.0
+    batch_scale: float = 1.0
     jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
     record: str = 'benchmarks/results/recipe_ablation.md'
     changed: tuple = ()
@@ -110,6 +114,10 @@ class Recipe:
         if not (isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0):
             raise ValueError(f'Recipe {self.name!r}: lr_scale must be a positive number (the twin\'s peak learning '
                              f'rate as a multiple of the schedule\'s), got {self.lr_scale!r}.')
+        if not (isinstance(self.batch_scale, (int, float)) and not isinstance(self.batch_scale, bool)
+                and self.batch_scale > 0):
+            raise ValueError(f'Recipe {self.name!r}: batch_scale must be a positive number (the twin\'s batch as a '
+                             f'multiple of the schedule\'s), got {self.batch_scale!r}.')
         check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)
@@ -142,9 +150,10 @@ class Recipe:
         return round(lr * self.lr_scale, 12)  # 0.1 * 0.2 is 0.02 in a config, not 0.020000000000000004
 
     def twin_schedule(self, schedule: 'Schedule') -> 'Schedule':
-        """``schedule`` for the twin's run: the same, at :meth:`conversion_lr` of its peak, and with ``lr_hold`` its
-        'hold-cosine' decay."""
-        schedule = schedule.replace(lr=self.conversion_lr(schedule.lr))
+        """``schedule`` for the twin's run: the same, at :meth:`conversion_lr` of its peak, with ``lr_hold`` its
+        'hold-cosine' decay, and at ``batch_scale`` of its batch (rounded, at least 1)."""
+        schedule = schedule.replace(lr=self.conversion_lr(schedule.lr),
+                                    batch_size=max(1, round(schedule.batch_size * self.batch_scale)))
         if self.lr_hold:
             schedule = schedule.replace(decay='hold-cosine', hold=self.lr_hold, milestones=(), step_size=None)
         return schedule

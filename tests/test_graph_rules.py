@@ -117,3 +117,30 @@ def test_paper_variant_keeps_graph_rule_projections():
                    and len(m.shortcut) > 0]
     assert projections and sorted(twin.plain_report.kept_projections) == sorted(projections)
     assert jointrd_timm.count_shortcut_additions(twin) == len(projections)
+
+
+def test_graph_block_keeps_non_persistent_buffers_out_of_the_state_dict():
+    """torch.fx before 2.12 copied a buffer the graph reads as persistent: keep_non_persistent undoes that."""
+    import torch
+    from torch import fx, nn
+    from jointrd_timm.twins.graph_rule import keep_non_persistent
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Module()
+            self.inner.register_buffer('scale', torch.full((), 2.0), persistent=False)
+            self.register_buffer('kept', torch.ones(()))
+            self.register_buffer('gain', torch.full((), 3.0), persistent=False)
+
+        def forward(self, x):
+            return x * self.inner.scale * self.kept * self.gain
+
+    block = Block()
+    module = fx.GraphModule(block, fx.symbolic_trace(block).graph)
+    for target, name in ((module.inner, 'scale'), (module, 'gain')):  # what older torch.fx did
+        target._non_persistent_buffers_set.discard(name)
+    assert {'inner.scale', 'gain'} <= set(module.state_dict())
+    keep_non_persistent(module, block)
+    assert set(module.state_dict()) == {'kept'}
+    assert torch.equal(module(torch.ones(2)), torch.full((2,), 6.0))  # the buffers are still read

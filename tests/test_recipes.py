@@ -161,3 +161,24 @@ def test_dirac_init_reaches_the_twin_is_recorded_as_held_and_is_validated():
     for bad in ((1.0, 0.0), (1.0,), 'teacher', (True, 1.0)):
         with pytest.raises(ValueError, match=r'dirac_init must be \(alpha, beta\), two numbers with beta != 0'):
             DEFAULT_RECIPE.replace(dirac=True, dirac_init=bad)
+
+
+def test_batch_scale_gives_the_twin_more_steps_in_the_same_epochs_and_must_be_positive():
+    from jointrd_timm.training.configs import build_config
+    smaller = get_recipe('kd-low-lr').replace(batch_scale=0.5)
+    assert smaller.id == 'kd-low-lr,batch_scale=0.5' and get_recipe(smaller.id).batch_scale == 0.5
+    teacher_run = SCHEDULES['cifar'].for_run(4)
+    twin_run = smaller.twin_schedule(teacher_run)
+    assert (twin_run.batch_size, twin_run.epochs, twin_run.lr) == (teacher_run.batch_size // 2, 4, 0.02)
+    assert DEFAULT_RECIPE.twin_schedule(teacher_run).batch_size == teacher_run.batch_size
+    assert DEFAULT_RECIPE.replace(batch_scale=1e-6).twin_schedule(teacher_run).batch_size == 1  # at least one
+    assert DEFAULT_RECIPE.replace(batch_scale=0.3).twin_schedule(teacher_run.replace(batch_size=10)).batch_size == 3
+    # the run's training loader reads that batch; evaluation keeps its own
+    model = smaller.jointrd_model('resnet20_cifar', None, twin_run, num_classes=10)
+    assert 'batch_scale' not in model['kwargs']['jointrd']
+    config = build_config(dict(train='A', test='B', val='B'), model, twin_run, 'jointrd')
+    assert config['train']['train_data_loader']['kwargs']['batch_size'] == teacher_run.batch_size // 2
+    for bad in (0, -0.5, '0.5', True):
+        message = r'batch_scale must be a positive number .* got ' + repr(bad).replace('.', r'\.')
+        with pytest.raises(ValueError, match=message):
+            DEFAULT_RECIPE.replace(batch_scale=bad)

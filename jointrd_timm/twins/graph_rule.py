@@ -80,6 +80,7 @@ def graph_block(cls: type, block: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``graph`` (edited from ``block``'s trace) as a GraphModule of class ``cls``: the hooks on the block (e.g.
     timm's FeatureHookNet taps) stay with it, dead code and the submodules it alone used are dropped."""
     module = cls(block, graph, class_name=cls.__name__)
+    keep_non_persistent(module, block)
     for hooks in _HOOK_DICTS:
         if getattr(block, hooks, None):
             setattr(module, hooks, copy.copy(getattr(block, hooks)))
@@ -87,6 +88,20 @@ def graph_block(cls: type, block: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     module.delete_all_unused_submodules()
     module.recompile()
     return module
+
+
+def keep_non_persistent(module: nn.Module, source: nn.Module) -> None:
+    """Buffers that ``source`` keeps out of its state dict (``persistent=False``) stay out of ``module``'s, its
+    GraphModule: torch.fx before torch 2.12 copies a buffer that the graph reads (``get_attr``) as a persistent one,
+    which would put e.g. the fade's shortcut scale into a twin's state dict."""
+    for path, sub in source.named_modules():
+        for name in sub._non_persistent_buffers_set:
+            try:
+                target = module.get_submodule(path) if path else module
+            except AttributeError:  # a submodule the graph does not use
+                continue
+            if name in target._buffers:
+                target._non_persistent_buffers_set.add(name)
 
 
 def faithful_trace(block: nn.Module) -> fx.GraphModule:
