@@ -137,18 +137,11 @@ def main(argv=None):
     args = parser().parse_args(argv)
     path = RESULTS / f'{args.name}_{args.arch}.json'
     recorded = json.loads(path.read_text())['meta'] if path.is_file() else {}
-    if args.teacher_epochs is None:
-        args.teacher_epochs = recorded.get('teacher_epochs', 32)
-    if args.fractions is None:
-        args.fractions = recorded.get('fractions', [0.25, 0.5])
-    if args.recipe is None:
-        args.recipe = recorded.get('recipe')
-    if args.input_size is None:
-        args.input_size = recorded.get('input_size', 32)
+    work = Path(args.work_dir) / args.arch
+    fill_defaults(args, recorded, work / 'teacher')
     torch.set_num_threads(args.threads)
     from jointrd_timm.integrations import torchdistill as _registers  # noqa: F401
     from jointrd_timm.training.configs import make_config
-    work = Path(args.work_dir) / args.arch
     recipe, specs = run_specs(args, work)
     if not args.report_only:
         data = splits(args)
@@ -165,6 +158,27 @@ def main(argv=None):
                                     val_set=data[1], **extra))
             print(f'{label}, {epochs} epochs: {time.time() - start:.0f} s', flush=True)
     report(args, recipe, specs)
+
+
+def fill_defaults(args, recorded: dict, teacher: Path) -> None:
+    """The options not given, from the record (``recorded``: its meta) else the defaults; the teacher's epochs from
+    its finished run first: the twins' lengths are fractions of them, so a command whose record is elsewhere
+    (``--name``) converts for as long as one that reads the page. A ``--teacher-epochs`` that contradicts the
+    finished teacher is refused."""
+    done = RunFolder(teacher).final() if teacher.is_dir() else None
+    trained = done.get('epochs') if done else None
+    if args.teacher_epochs is None:
+        args.teacher_epochs = trained or recorded.get('teacher_epochs', 32)
+    elif trained and args.teacher_epochs != trained:
+        raise SystemExit(f'--teacher-epochs {args.teacher_epochs}: the teacher in {teacher} finished {trained} '
+                         f'epochs; give --teacher-epochs {trained} (or leave it out), or another --work-dir for '
+                         'another teacher.')
+    if args.fractions is None:
+        args.fractions = recorded.get('fractions', [0.25, 0.5])
+    if args.recipe is None:
+        args.recipe = recorded.get('recipe')
+    if args.input_size is None:
+        args.input_size = recorded.get('input_size', 32)
 
 
 def answer_lines(runs: list, teacher) -> list:

@@ -131,3 +131,25 @@ def test_the_full_scale_reads_images_at_its_input_size(tmp_path):
     assert (len(train), len(val), len(test)) == (16, 4, 4)  # 10,000 of 50,000: a fifth held out
     assert train[0][0].shape == val[0][0].shape == test[0][0].shape == (3, 16, 16)
     assert scale_full.parser().parse_args([]).input_size is None  # default: the record's, else 32 (main)
+
+
+def test_the_teachers_epochs_come_from_its_finished_run_whatever_the_record(tmp_path):
+    """A command writing another record (--name) still converts for fractions of the teacher's real epochs: once a
+    sweep given --name lost its record's teacher_epochs (8) and fell back to 32, so its depth-56 folders were named
+    for 16 epochs and nothing ran. A --teacher-epochs that contradicts the finished teacher is refused."""
+    import pytest
+    _run(tmp_path / 'teacher', 80.0, epochs=8)
+    args = scale_full.parser().parse_args(['--fractions', '0.5', '--name', 'elsewhere'])
+    scale_full.fill_defaults(args, {}, tmp_path / 'teacher')
+    assert (args.teacher_epochs, args.input_size, args.recipe) == (8, 32, None)
+    assert scale_full.run_specs(args, tmp_path)[1][1][2].name == 'twin-jointrd-e4'
+    args = scale_full.parser().parse_args([])  # no teacher yet: the record's, else 32; the record's fractions
+    scale_full.fill_defaults(args, dict(teacher_epochs=12, fractions=[0.25], input_size=64), tmp_path / 'none')
+    assert (args.teacher_epochs, args.fractions, args.input_size) == (12, [0.25], 64)
+    args = scale_full.parser().parse_args([])
+    scale_full.fill_defaults(args, {}, tmp_path / 'none')
+    assert (args.teacher_epochs, args.fractions) == (32, [0.25, 0.5])
+    args = scale_full.parser().parse_args(['--teacher-epochs', '32'])
+    with pytest.raises(SystemExit, match=r'--teacher-epochs 32: the teacher in .* finished 8 epochs; give '
+                                         r'--teacher-epochs 8'):
+        scale_full.fill_defaults(args, {}, tmp_path / 'teacher')
