@@ -170,3 +170,42 @@ def test_call_on_buffer_copies_normalises_with_batch_statistics_and_keeps_the_ru
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert (block[0].weight.grad is None) == detach
+
+
+def test_the_block_loss_is_a_mean_over_samples_so_two_processes_give_the_one_process_gradient(monkeypatch):
+    """DDP averages the gradients of the processes' equal shares of a batch: that is the one-process gradient only
+    when the loss is a mean over samples. The relative error's denominator is therefore the whole batch's
+    (blockwise.global_mean, an all-reduce in a distributed run); with a per-share denominator (as before) the
+    gradients differ. The shares are emulated here: global_mean returns the whole batch's denominators."""
+    import copy
+    from torch import nn
+    from jointrd_timm.methods.jointrd import blockwise
+    torch.manual_seed(0)
+    norm = lambda c, **kw: nn.GroupNorm(1, c, **kw)  # noqa: E731  (BN normalises each share by its own statistics)
+    teacher = timm.create_model('resnet20_cifar', num_classes=10, norm_layer=norm)
+    twin = timm.create_model('plain_resnet20_cifar', num_classes=10, norm_layer=norm, shortcut_fade=True)
+    load_teacher_weights(twin, teacher)
+    with torch.no_grad():  # a twin some steps away from its teacher (an exact copy has no block error to weigh)
+        for p in twin.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    method = JointRD(twin, teacher, JointRDConfig(block_loss_weight=5.0, shortcut_fade=0.8), num_epochs=1,
+                     steps_per_epoch=4).train()
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
+
+    def grads(xb, yb):
+        step = copy.deepcopy(method)  # each share from the same state (a forward advances the step)
+        step(xb, yb)['loss'].backward()
+        return {n: p.grad for n, p in step.named_parameters() if p.grad is not None}
+
+    whole, real = {}, blockwise.global_mean
+    monkeypatch.setattr(blockwise, 'global_mean', lambda v: whole.setdefault('sizes', v.clone()))
+    full = grads(x, y)
+    assert whole['sizes'].shape == (9,)  # one denominator per block, computed once for all of them
+
+    def worst(a, b):
+        return max(((full[n] - (a[n] + b[n]) / 2).abs().max() / full[n].abs().max()).item() for n in full)
+    shared = worst(grads(x[:4], y[:4]), grads(x[4:], y[4:]))  # global_mean gives the whole batch's denominators
+    assert shared < 1e-5
+    monkeypatch.setattr(blockwise, 'global_mean', lambda v: v)  # each share its own denominator: not the same
+    assert worst(grads(x[:4], y[:4]), grads(x[4:], y[4:])) > 100 * max(shared, 1e-7)
+    assert torch.equal(real(torch.ones(3)), torch.ones(3))  # one process: unchanged

@@ -10,7 +10,8 @@ block b (no gradient),
 
     L_block = 1/B * sum_b  mean((S_b(x_b) - y_b)^2) / mean(y_b^2)
 
-(the twin block S_b at its current shortcut scale, in train mode; a relative error, so that blocks of every size
+(the means over the whole batch: in a distributed run the denominator is averaged over the processes,
+:func:`global_mean`, so that the loss and its gradient are the one-process ones; the twin block S_b at its current shortcut scale, in train mode; a relative error, so that blocks of every size
 weigh alike; at the start of a fade a teacher-started twin block differs from its teacher block only by its BN's
 batch statistics). The gradient of a term reaches block b's
 own parameters only. The twin's BN running statistics are not updated by these forwards (they describe the twin's
@@ -28,7 +29,7 @@ from torch import nn
 from ...twins.rules import get_rule
 from ..base import call_on_buffer_copies
 
-__all__ = ['BlockTargets', 'block_pairs']
+__all__ = ['BlockTargets', 'block_pairs', 'global_mean']
 
 
 def block_pairs(teacher: nn.Module, student: nn.Module) -> List[Tuple[str, nn.Module, nn.Module]]:
@@ -92,16 +93,30 @@ class BlockTargets:
             self.clear()
             raise RuntimeError(f'block_loss_weight: teacher blocks {missing[:3]} did not run in the recorded teacher '
                                'forward, so their twins have no target.')
-        terms = []
+        errors, sizes = [], []
         try:
             for (_, _, block), capture in zip(self.pairs, self.captures):
                 args, kwargs, target = capture.value
                 out = call_on_buffer_copies(block, args, kwargs)
                 target = target.float()
-                terms.append(((out.float() - target) ** 2).mean() / target.pow(2).mean().clamp_min(1e-12))
+                errors.append(((out.float() - target) ** 2).mean())
+                sizes.append(target.pow(2).mean())
         finally:
             self.clear()
-        return torch.stack(terms).mean()
+        return (torch.stack(errors) / global_mean(torch.stack(sizes)).clamp_min(1e-12)).mean()
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per block, no gradient) averaged over the processes of a distributed run (each holds an equal
+    share of the batch: the runner splits batches), else as they are. The relative error's denominator is the whole
+    batch's, so that the loss is a mean over samples and its gradient, averaged by DDP, is the one-process gradient
+    of the same batch (a per-process denominator would weigh each share by its own size)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
 
 
 class _Recording:
