@@ -194,6 +194,7 @@ SUITE = {
     'twin_coverage.py': ['results/twin_coverage.*'],
     'recipe_coverage.py': ['columns of results/twin_coverage.*'],
     'summary.py': ['results/README.md', 'README.md'],
+    'queue_runs.py': ['the tar files of --pack DIR', 'benchmarks/work/queue_logs/'],
     'scale_subset.py': [], 'scale_full.py': [], 'accuracy_pages.py': [], 'cifar_budget.py': [], 'step_cost_pages.py': [],
     'report.py': [],
 }
@@ -223,6 +224,9 @@ the weights of the other runs are not committed (`.gitignore`): a published twin
 `registry/weights/`, and `python benchmarks/accuracy.py full --arch ARCH --teacher-epochs N --only FOLDER` recreates
 any other run from its teacher (same seed, same split). A run longer than a working session is resumed from its local
 `last.safetensors` on the same machine.
+
+`queue_runs.py` runs a plan of such commands a few at a time until a deadline and packs what they wrote, for a machine
+lent for minutes (a GPU runs many conversions side by side); its runs land in the same folders and pages.
 
 `deploy_bench.py` needs the `bench` extra (`pip install -e '.[bench]'`, Torch-Pruning)."""
 
