@@ -83,7 +83,9 @@ def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve(
           'teacher_mode=joint'
     assert RECIPE_ALIASES[old] == 'joint-teacher-first' and get_recipe(old) is deep
     assert get_recipe('default,loss_normalization=none') is RECIPES['unnormalised-loss']
-    # depth 56: kd-low-lr plus the block targets, the recipe of its published twin's row
+    # depths 20 and 56: kd-low-lr plus the block targets, the recipe of their published twins' rows
+    assert recipe_for('resnet20_cifar') is recipe_for('resnet56_cifar')
+    assert recipe_for('resnet32_cifar') is DEFAULT_RECIPE  # an architecture not measured keeps the default
     blocks = recipe_for('resnet56_cifar')
     assert blocks is RECIPES['kd-low-lr-blocks'] and get_recipe('default,block_loss_weight=5.0,kd_weight=1.0,'
                                                                 'lr_scale=0.2') is blocks
