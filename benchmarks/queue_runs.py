@@ -109,12 +109,18 @@ def epochs_done(runs: Path, start: float) -> dict:
 
 
 def run_queue(commands: list, parallel: int, deadline: float, logs: Path, script: Path, on_change=None,
-              python: str = sys.executable) -> dict:
+              every: float = 60.0, python: str = sys.executable) -> dict:
     """Run ``commands`` (argument lists for ``script``), ``parallel`` at once in order, until ``deadline``
-    seconds; returns each command's status by its plan position (exit code, seconds; 'stopped at the deadline')."""
+    seconds; returns each command's status by its plan position (exit code, seconds; 'stopped at the deadline').
+    ``on_change(status)`` is called as each command ends and every ``every`` seconds (what a run wrote so far is
+    packed even if the machine is taken away before the end)."""
     logs.mkdir(parents=True, exist_ok=True)
     start, queue, running, status = time.time(), list(enumerate(commands, 1)), {}, {}
+    last = start
     while (queue or running) and time.time() - start < deadline:
+        if on_change and time.time() - last >= every:
+            on_change(status)
+            last = time.time()
         while queue and len(running) < parallel:
             n, args = queue.pop(0)
             log = open(logs / f'{n:02d}.log', 'w')
@@ -130,6 +136,7 @@ def run_queue(commands: list, parallel: int, deadline: float, logs: Path, script
                 print(f'[{time.time() - start:.0f} s] {n}: exit {proc.returncode}: {status[n]["command"]}', flush=True)
                 if on_change:
                     on_change(status)
+                    last = time.time()
     for n, (proc, began, log) in running.items():
         proc.terminate()
         try:

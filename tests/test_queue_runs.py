@@ -104,3 +104,14 @@ def test_plan_errors_name_the_file_and_line(tmp_path):
         queue_runs.read_plan(plan)
     with pytest.raises(SystemExit, match='--parallel must be >= 1'):
         queue_runs.main([str(plan), '--parallel', '0'])
+
+
+def test_what_runs_is_packed_every_so_often_not_only_when_a_command_ends(tmp_path):
+    script = tmp_path / 'fake.py'
+    script.write_text(FAKE)
+    calls = []
+    status = queue_runs.run_queue([['--out', str(tmp_path / 'r'), '--epochs', '8', '--sleep', '0.25']], 1, 30,
+                                  tmp_path / 'logs', script, on_change=lambda s: calls.append(time.time()),
+                                  every=0.4)
+    assert status[1]['rc'] == 0 and status[1]['seconds'] >= 2
+    assert len(calls) >= 4  # about every 0.4 s over 2 s, plus the end
