@@ -27,13 +27,14 @@ def machine() -> str:
 
 
 def this_command() -> str:
-    """The command line of this process, relative to the repository root."""
+    """The command line of this process, relative to the repository root, less ``--report-only``: a page rewritten
+    from its runs names the command that ran them (which reads finished runs back)."""
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(ROOT)
     except ValueError:
         pass
-    return ' '.join(['python', str(script), *map(shlex.quote, sys.argv[1:])])
+    return ' '.join(['python', str(script), *map(shlex.quote, (a for a in sys.argv[1:] if a != '--report-only'))])
 
 
 def load_record(name: str, out: Path = RESULTS) -> Optional[Dict]:

@@ -198,3 +198,10 @@ def test_report_only_adopts_the_recorded_settings():
     args = p.parse_args(['--lr', '0.5'])
     check_record(p, args, OLD_META, 'x.json', report_only=True)
     assert budget_settings(args) == recorded_settings(OLD_META, p)
+
+
+def test_a_record_names_the_command_that_ran_it_not_the_report_only_rewrite(monkeypatch):
+    import report
+    monkeypatch.setattr(sys, 'argv', [str(BENCHMARKS / 'accuracy.py'), 'full', '--arch', 'resnet20_cifar', '--variant',
+                                      'a b=lr_scale:0.2', '--report-only'])
+    assert report.this_command() == "python benchmarks/accuracy.py full --arch resnet20_cifar --variant 'a b=lr_scale:0.2'"
