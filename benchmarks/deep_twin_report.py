@@ -32,6 +32,10 @@ def screen_name(screen: dict) -> str:
         parts.append(f'lr {a["lr"]:g}')
     if a.get('fade') != 0.8:
         parts.append(f'fade {a["fade"]:g}')
+    if a.get('batch_size', 128) != 128:  # a screen of the conversion's batch (Recipe.batch_scale) is its own screen
+        parts.append(f'batch {a["batch_size"]}')
+    if a.get('steps', 375) != 375:
+        parts.append(f'{a["steps"]} steps')
     parts += list(a.get('lever') or [])
     if a.get('seed'):
         parts.append(f'seed {a["seed"]}')

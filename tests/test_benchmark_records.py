@@ -205,3 +205,15 @@ def test_a_record_names_the_command_that_ran_it_not_the_report_only_rewrite(monk
     monkeypatch.setattr(sys, 'argv', [str(BENCHMARKS / 'accuracy.py'), 'full', '--arch', 'resnet20_cifar', '--variant',
                                       'a b=lr_scale:0.2', '--report-only'])
     assert report.this_command() == "python benchmarks/accuracy.py full --arch resnet20_cifar --variant 'a b=lr_scale:0.2'"
+
+
+def test_deep_twin_screens_of_another_batch_or_length_get_names_of_their_own():
+    """deep_twin_report --add replaces a screen of the same name: a screen at another batch (or length) must not
+    replace the baseline's."""
+    import deep_twin_report
+    base = dict(jointrd=True, lr=0.1, fade=0.8, batch_size=128, steps=375, lever=['kd_weight=1.0'])
+    assert deep_twin_report.screen_name(dict(args=base)) == 'jointrd, kd_weight=1.0'
+    assert deep_twin_report.screen_name(dict(args=dict(base, batch_size=64, steps=750))) == \
+        'jointrd, batch 64, 750 steps, kd_weight=1.0'
+    batches = {s['args'].get('batch_size', 128) for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']}
+    assert batches == {128}  # the recorded screens keep their names (all at the default batch and length)
