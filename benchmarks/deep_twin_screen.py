@@ -29,7 +29,11 @@ def parser():
     p.add_argument('--test-size', type=int, default=2000)
     p.add_argument('--steps', type=int, default=375)
     p.add_argument('--batch-size', type=int, default=128)
-    p.add_argument('--lr', type=float, default=0.1)
+    p.add_argument('--lr', type=float, default=0.1,
+                   help="the peak lr, as given (a recipe's lr_scale, lr_hold and batch_scale are not applied here)")
+    p.add_argument('--recipe', default='default',
+                   help="the recipe the levers change (a name or id of jointrd_timm.recipes; default: 'default', the "
+                        "recipe of the recorded screens, not the architecture's current one)")
     p.add_argument('--fade', type=float, default=0.8)
     p.add_argument('--lever', action='append', default=[], help='recipe fields as key=value (JointRDConfig / fade)')
     p.add_argument('--jointrd', action='store_true')
@@ -53,16 +57,9 @@ def build(args):
     from jointrd_timm.io import load_weights
     from jointrd_timm.training.data import load_image_dataset
     from jointrd_timm.methods import FadingStudent, JointRD
-    from jointrd_timm.recipes import recipe_for
-    levers = {}
-    for item in args.lever:
-        key, _, value = item.partition('=')
-        levers[key] = json.loads(value)
     teacher = timm.create_model(args.arch, num_classes=10)
     load_weights(teacher, args.teacher)
-    if args.share:
-        levers['shortcut_fade_mode'] = 'share'
-    recipe = recipe_for(args.arch).replace(shortcut_fade=args.fade, **levers)
+    recipe = screen_recipe(args)
     twin = timm.create_model(f'plain_{args.arch}', num_classes=10, **recipe.twin_kwargs())
     jointrd_timm.load_teacher_weights(twin, teacher)
     train = load_image_dataset(args.data, 'train', transform='cifar', limit=args.train_size, seed=args.seed)
@@ -142,6 +139,18 @@ def deployed_accuracy(twin, train, test, batch_size: int) -> float:
     deployed = deployable(twin)
     recalibrate_batchnorm(deployed, torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True), 100)
     return top1_accuracy(deployed.eval(), test)
+
+
+def screen_recipe(args):
+    """The screen's recipe: ``--recipe`` with the fade over ``--fade``, each ``--lever`` and ``--share``."""
+    from jointrd_timm.recipes import get_recipe
+    levers = {}
+    for item in args.lever:
+        key, _, value = item.partition('=')
+        levers[key] = json.loads(value)
+    if args.share:
+        levers['shortcut_fade_mode'] = 'share'
+    return get_recipe(args.recipe).replace(shortcut_fade=args.fade, **levers)
 
 
 def main():

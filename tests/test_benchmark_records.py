@@ -217,3 +217,17 @@ def test_deep_twin_screens_of_another_batch_or_length_get_names_of_their_own():
         'jointrd, batch 64, 750 steps, kd_weight=1.0'
     batches = {s['args'].get('batch_size', 128) for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']}
     assert batches == {128}  # the recorded screens keep their names (all at the default batch and length)
+
+
+def test_a_deep_twin_screen_reruns_on_the_recipe_its_record_names():
+    """The screens were recorded on the default recipe; the architecture's recipe has changed since (depth 56:
+    kd-low-lr-blocks), so a screen names its recipe (--recipe, default 'default') instead of following it."""
+    import deep_twin_screen
+    recorded = {s['recipe'] for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']}
+    args = deep_twin_screen.parser().parse_args(['--out', 'x.json'])
+    assert {deep_twin_screen.screen_recipe(args).id} == recorded
+    args = deep_twin_screen.parser().parse_args(['--out', 'x', '--recipe', 'kd-low-lr-blocks', '--lever',
+                                                 'block_loss_weight=10.0', '--share'])
+    recipe = deep_twin_screen.screen_recipe(args)
+    assert recipe.jointrd_config().block_loss_weight == 10.0 and recipe.shortcut_fade_mode == 'share'
+    assert recipe.id.startswith('kd-low-lr-blocks,')
