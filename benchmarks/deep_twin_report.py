@@ -20,6 +20,8 @@ NAME = 'deep_twin_diagnostics'
 def screen_name(screen: dict) -> str:
     a = screen['args']
     parts = ['jointrd' if a.get('jointrd') else 'alone']
+    if a.get('recipe', 'default') != 'default':  # screens recorded before --recipe ran on the default recipe
+        parts.append(a['recipe'])
     if a.get('share'):
         parts.append('share fade')
     if a.get('hint'):

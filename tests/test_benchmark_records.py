@@ -215,15 +215,18 @@ def test_deep_twin_screens_of_another_batch_or_length_get_names_of_their_own():
     assert deep_twin_report.screen_name(dict(args=base)) == 'jointrd, kd_weight=1.0'
     assert deep_twin_report.screen_name(dict(args=dict(base, batch_size=64, steps=750))) == \
         'jointrd, batch 64, 750 steps, kd_weight=1.0'
-    batches = {s['args'].get('batch_size', 128) for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']}
-    assert batches == {128}  # the recorded screens keep their names (all at the default batch and length)
+    assert deep_twin_report.screen_name(dict(args=dict(base, recipe='kd-low-lr-blocks'))) == \
+        'jointrd, kd-low-lr-blocks, kd_weight=1.0'
+    names = [deep_twin_report.screen_name(s) for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']]
+    assert len(set(names)) == len(names)  # every recorded screen has a name of its own
 
 
 def test_a_deep_twin_screen_reruns_on_the_recipe_its_record_names():
     """The screens were recorded on the default recipe; the architecture's recipe has changed since (depth 56:
     kd-low-lr-blocks), so a screen names its recipe (--recipe, default 'default') instead of following it."""
     import deep_twin_screen
-    recorded = {s['recipe'] for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']}
+    recorded = {s['recipe'] for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']
+                if 'recipe' not in s['args']}  # the screens recorded before --recipe
     args = deep_twin_screen.parser().parse_args(['--out', 'x.json'])
     assert {deep_twin_screen.screen_recipe(args).id} == recorded
     args = deep_twin_screen.parser().parse_args(['--out', 'x', '--recipe', 'kd-low-lr-blocks', '--lever',
