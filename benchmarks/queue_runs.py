@@ -20,7 +20,6 @@ and regenerate the pages with ``accuracy.py full --report-only``.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -54,11 +53,13 @@ def changed_since(runs: Path, start: float, names=RECORD_FILES) -> list:
 
 def _tar(path: Path, members: list) -> None:
     """Write the tar ``path`` of (file, name in the archive), atomically (a reader never sees half of it)."""
-    part = path.with_name(path.name + '.part')
-    with tarfile.open(part, 'w') as tar:
-        for file, name in members:
-            tar.add(file, arcname=name)
-    os.replace(part, path)
+    from jointrd_timm.io import atomic_write
+
+    def write(tmp):
+        with tarfile.open(tmp, 'w') as tar:
+            for file, name in members:
+                tar.add(file, arcname=name)
+    atomic_write(path, write)
 
 
 def log_tail(log: Path, lines: int = 40) -> str:
@@ -95,7 +96,8 @@ def pack_weights(out: Path, runs: Path, start: float, chunk_mb: float, max_chunk
             if len(chunks) == max_chunks:
                 left_out.append(str(final.parent.relative_to(runs)))
                 continue
-            chunks.append([]), sizes.append(0.0)
+            chunks.append([])
+            sizes.append(0.0)
         chunks[-1] += [(p, str(p.relative_to(runs))) for p in files]
         sizes[-1] += size
     for n, members in enumerate(chunks, 1):

@@ -111,13 +111,11 @@ class Recipe:
         if self.dirac_init != DIRAC_INIT and not self.dirac:
             raise ValueError(f'Recipe {self.name!r}: dirac_init {self.dirac_init} without dirac=True changes nothing; '
                              'give dirac=True.')
-        if not (isinstance(self.lr_scale, (int, float)) and not isinstance(self.lr_scale, bool) and self.lr_scale > 0):
-            raise ValueError(f'Recipe {self.name!r}: lr_scale must be a positive number (the twin\'s peak learning '
-                             f'rate as a multiple of the schedule\'s), got {self.lr_scale!r}.')
-        if not (isinstance(self.batch_scale, (int, float)) and not isinstance(self.batch_scale, bool)
-                and self.batch_scale > 0):
-            raise ValueError(f'Recipe {self.name!r}: batch_scale must be a positive number (the twin\'s batch as a '
-                             f'multiple of the schedule\'s), got {self.batch_scale!r}.')
+        for name, meaning in (('lr_scale', "peak learning rate"), ('batch_scale', 'batch')):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"Recipe {self.name!r}: {name} must be a positive number (the twin's {meaning} as "
+                                 f"a multiple of the schedule's), got {value!r}.")
         check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)

@@ -204,7 +204,8 @@ def test_a_record_names_the_command_that_ran_it_not_the_report_only_rewrite(monk
     import report
     monkeypatch.setattr(sys, 'argv', [str(BENCHMARKS / 'accuracy.py'), 'full', '--arch', 'resnet20_cifar', '--variant',
                                       'a b=lr_scale:0.2', '--report-only'])
-    assert report.this_command() == "python benchmarks/accuracy.py full --arch resnet20_cifar --variant 'a b=lr_scale:0.2'"
+    assert report.this_command() == \
+        "python benchmarks/accuracy.py full --arch resnet20_cifar --variant 'a b=lr_scale:0.2'"
 
 
 def test_deep_twin_screens_of_another_batch_or_length_get_names_of_their_own():
@@ -217,7 +218,8 @@ def test_deep_twin_screens_of_another_batch_or_length_get_names_of_their_own():
         'jointrd, batch 64, 750 steps, kd_weight=1.0'
     assert deep_twin_report.screen_name(dict(args=dict(base, recipe='kd-low-lr-blocks'))) == \
         'jointrd, kd-low-lr-blocks, kd_weight=1.0'
-    names = [deep_twin_report.screen_name(s) for s in json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']]
+    screens = json.loads((RESULTS / 'deep_twin_diagnostics.json').read_text())['screens']
+    names = [deep_twin_report.screen_name(s) for s in screens]
     assert len(set(names)) == len(names)  # every recorded screen has a name of its own
 
 

@@ -11,12 +11,12 @@ block b (no gradient),
     L_block = 1/B * sum_b  mean((S_b(x_b) - y_b)^2) / mean(y_b^2)
 
 (the means over the whole batch: in a distributed run the denominator is averaged over the processes,
-:func:`global_mean`, so that the loss and its gradient are the one-process ones; the twin block S_b at its current shortcut scale, in train mode; a relative error, so that blocks of every size
-weigh alike; at the start of a fade a teacher-started twin block differs from its teacher block only by its BN's
-batch statistics). The gradient of a term reaches block b's
-own parameters only. The twin's BN running statistics are not updated by these forwards (they describe the twin's
-own features, which it is evaluated with); its BN layers normalise the teacher's features with their batch
-statistics, as in the twin's own forward.
+:func:`global_mean`, so that the loss and its gradient are the one-process ones; the twin block S_b at its current
+shortcut scale, in train mode; a relative error, so that blocks of every size weigh alike; at the start of a fade a
+teacher-started twin block differs from its teacher block only by its BN's batch statistics). The gradient of a term
+reaches block b's own parameters only. The twin's BN running statistics are not updated by these forwards (they
+describe the twin's own features, which it is evaluated with); its BN layers normalise the teacher's features with
+their batch statistics, as in the twin's own forward.
 
 The pairs are the teacher's shortcut blocks (the modules a shortcut rule knows) and the twin's modules of the same
 names: a fading twin's blocks or a plain twin's, whichever the twin is.
