@@ -57,6 +57,7 @@ def build(args):
     from jointrd_timm.io import load_weights
     from jointrd_timm.training.data import load_image_dataset
     from jointrd_timm.methods import FadingStudent, JointRD
+    from jointrd_timm.methods.fading import ShortcutFade
     teacher = timm.create_model(args.arch, num_classes=10)
     load_weights(teacher, args.teacher)
     recipe = screen_recipe(args)
@@ -69,8 +70,8 @@ def build(args):
     if args.jointrd:
         method = JointRD(twin, teacher, recipe.jointrd_config(), num_epochs=epochs, steps_per_epoch=steps_per_epoch)
     else:
-        method = FadingStudent(twin, recipe.shortcut_fade, recipe.shortcut_fade_window, recipe.shortcut_fade_power,
-                               num_epochs=epochs, steps_per_epoch=steps_per_epoch, mode=recipe.shortcut_fade_mode)
+        method = FadingStudent(twin, ShortcutFade.from_fields(recipe), num_epochs=epochs,
+                               steps_per_epoch=steps_per_epoch)
     return recipe, teacher, twin, method, train, test
 
 

@@ -333,6 +333,56 @@ def test_staggered_fade_block_scales():
         JointRDConfig(shortcut_fade=0.5, shortcut_fade_window=1.5)
 
 
+def test_deep_first_fade_is_the_shallow_first_fade_reversed():
+    # window 0.5 over 3 blocks, deep first: the last block fades while t runs over [0, 0.5], the first over [0.5, 1]
+    assert block_scales(0.75, 3, 0.5, 'deep_first') == pytest.approx([1.0, 1.0, 0.5])
+    assert block_scales(0.5, 3, 0.5, 'deep_first') == pytest.approx([1.0, 0.5, 0.0])
+    assert block_scales(0.0, 3, 0.5, 'deep_first') == [0.0, 0.0, 0.0]
+    assert block_scales(1.0, 3, 0.5, 'deep_first') == [1.0, 1.0, 1.0]
+    for value in (0.1, 0.4, 0.9):
+        shallow, deep = block_scales(value, 9, 0.3), block_scales(value, 9, 0.3, 'deep_first')
+        assert deep == shallow[::-1] and deep == sorted(deep, reverse=True)
+    assert block_scales(0.3, 4, 1.0, 'deep_first') == [0.3] * 4  # one shared fade has no order
+    for bad in ('deep', None, 'DEEP_FIRST'):
+        with pytest.raises(ValueError, match="shortcut_fade_order must be one of .*'deep_first'"):
+            block_scales(0.5, 3, 0.5, bad)
+        with pytest.raises(ValueError, match='shortcut_fade_order must be one of'):
+            JointRDConfig(shortcut_fade_order=bad)  # checked even without a fade
+
+
+def test_deep_first_fade_reaches_the_blocks_from_every_entry_point():
+    """JointRD, fading_model and a recipe all fade the head's blocks first when asked, and end at s = 0."""
+    from jointrd_timm.integrations.torchdistill import fading_model
+    from jointrd_timm.recipes import DEFAULT_RECIPE
+    teacher, fading = _pair('resnet20_cifar')
+    model = JointRD(fading, teacher, JointRDConfig(shortcut_fade=1.0, shortcut_fade_window=0.3,
+                                                    shortcut_fade_order='deep_first')).train()
+    model.set_epoch(0, steps_per_epoch=4, num_epochs=2)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for _ in range(2):
+        model(x, y)
+    early = _block_scales(fading)
+    assert early[-1] < 1.0 and early[0] == 1.0 and early == sorted(early, reverse=True)
+    model.set_epoch(1, steps_per_epoch=4, num_epochs=2)
+    for _ in range(4):
+        model(x, y)
+    assert _block_scales(fading) == [0.0] * 9
+    alone = fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=0.25,
+                         shortcut_fade_order='deep_first')
+    alone.set_epoch(0, steps_per_epoch=10, num_epochs=2)
+    for _ in range(5):
+        alone.train()(torch.randn(2, 3, 32, 32))
+    scales = _block_scales(alone.student)
+    assert scales[-1] < scales[0] == 1.0
+    recipe = DEFAULT_RECIPE.replace(shortcut_fade_window=0.5, shortcut_fade_order='deep_first')
+    assert recipe.id.endswith('shortcut_fade_order=deep_first,shortcut_fade_window=0.5')
+    assert recipe.jointrd_config().fade.order == 'deep_first'
+    assert recipe.fade_fields()['shortcut_fade_order'] == 'deep_first'
+    assert 'shortcut_fade_order' not in DEFAULT_RECIPE.fade_fields()  # the default is not written out
+    with pytest.raises(ValueError, match='shortcut_fade_order must be one of'):
+        DEFAULT_RECIPE.replace(shortcut_fade_order='backwards')
+
+
 def test_staggered_fade_sets_each_block_and_deploys_only_at_the_end():
     teacher, fading = _pair('resnet20_cifar')
     set_shortcut_scale(fading, block_scales(0.5, 9, 0.2))
@@ -414,15 +464,15 @@ def test_fade_power_drives_jointrd_and_the_fading_model():
         fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_power=-2)
 
 
-def test_shortcut_fade_carries_the_four_fields_checked_in_one_place():
+def test_shortcut_fade_carries_the_five_fields_checked_in_one_place():
     """ShortcutFade is the one object for the flat shortcut_fade* fields: JointRDConfig.fade, FadingStudent and
     fading_model build the same one, and a mistyped field fails from each entry point with the same message."""
     from dataclasses import FrozenInstanceError
     from jointrd_timm.integrations.torchdistill import fading_model
     from jointrd_timm.methods.fading import ShortcutFade
-    fade = ShortcutFade(0.5, 0.25, 0.5, 'share')
+    fade = ShortcutFade(0.5, 0.25, 0.5, 'share', 'deep_first')
     config = JointRDConfig(shortcut_fade=0.5, shortcut_fade_window=0.25, shortcut_fade_power=0.5,
-                           shortcut_fade_mode='share')
+                           shortcut_fade_mode='share', shortcut_fade_order='deep_first')
     assert config.fade == fade and JointRDConfig().fade is None
     assert ShortcutFade(1) == ShortcutFade(1.0) and isinstance(ShortcutFade(1).fraction, float)
     with pytest.raises(FrozenInstanceError):
@@ -435,9 +485,12 @@ def test_shortcut_fade_carries_the_four_fields_checked_in_one_place():
             ShortcutFade(bad)
     _, fading = _pair('resnet20_cifar')
     alone = FadingStudent(fading, ShortcutFade(0.5, 0.25))
-    assert (alone.fraction, alone.window, alone.power, alone.fade.mode) == (0.5, 0.25, 1.0, 'scale')
+    assert (alone.fraction, alone.window, alone.power) == (0.5, 0.25, 1.0)
+    assert (alone.fade.mode, alone.fade.order) == ('scale', 'shallow_first')
+    with pytest.raises(ValueError, match='inside the ShortcutFade'):
+        FadingStudent(fading, ShortcutFade(0.5), order='deep_first')
     with pytest.raises(ValueError, match='inside the ShortcutFade'):
         FadingStudent(fading, ShortcutFade(0.5), window=0.25)
     built = fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=0.25,
-                         shortcut_fade_power=0.5, shortcut_fade_mode='share')
+                         shortcut_fade_power=0.5, shortcut_fade_mode='share', shortcut_fade_order='deep_first')
     assert built.fade == fade

@@ -102,7 +102,8 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict], **student_kwarg
 @register_model
 def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None,
                  shortcut_fade_window: float = ShortcutFade.window, shortcut_fade_power: float = ShortcutFade.power,
-                 shortcut_fade_mode: str = ShortcutFade.mode) -> FadingStudent:
+                 shortcut_fade_mode: str = ShortcutFade.mode,
+                 shortcut_fade_order: str = ShortcutFade.order) -> FadingStudent:
     """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.methods.fading.FadingStudent`).
 
     Args:
@@ -112,8 +113,10 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
         shortcut_fade_window: 1: all blocks fade together; < 1: staggered (``methods.schedules.block_scales``).
         shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``).
         shortcut_fade_mode: 'scale' or 'share' (``methods.fading.ShortcutFade``).
+        shortcut_fade_order: 'shallow_first' or 'deep_first', the order of a staggered fade.
     """
-    fade = ShortcutFade(shortcut_fade, shortcut_fade_window, shortcut_fade_power, shortcut_fade_mode)
+    fade = ShortcutFade(shortcut_fade, shortcut_fade_window, shortcut_fade_power, shortcut_fade_mode,
+                        shortcut_fade_order)
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
         teacher = timm.create_model(teacher_of(student['model_name']),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .base import TrainingMethod
-from .schedules import block_scales, capped_fade_horizon, check_fade_power, fade_scale
+from .schedules import block_scales, capped_fade_horizon, check_fade_order, check_fade_power, fade_scale
 from ..twins.fade import FADE_MODES, fading_block_count, is_fading, pin_shortcut_share, set_shortcut_scale
 
 __all__ = ['ShortcutFade', 'FadingStudent']
@@ -24,7 +24,8 @@ def _is_number(value) -> bool:
 @dataclass(frozen=True)
 class ShortcutFade:
     """The fade of one run: ``s`` from 1 to 0 over ``fraction`` of it (:func:`~.schedules.fade_scale`, horizon capped
-    at the last step), each block staggered by ``window`` (:func:`~.schedules.block_scales`), raised to ``power``.
+    at the last step), each block staggered by ``window`` in ``order`` (:func:`~.schedules.block_scales`:
+    'shallow_first' or 'deep_first'; only a window < 1 has an order), raised to ``power``.
 
     ``mode`` says what ``s`` scales. 'scale': the shortcut itself (``branch + s * shortcut``). 'share': the
     shortcut's size relative to the branch (:class:`~jointrd_timm.twins.fade.ShareGain`), so that a network cannot
@@ -36,6 +37,7 @@ class ShortcutFade:
     window: float = 1.0
     power: float = 1.0
     mode: str = 'scale'
+    order: str = 'shallow_first'
 
     def __post_init__(self):
         if not _is_number(self.fraction) or not 0 < self.fraction <= 1:
@@ -46,18 +48,20 @@ class ShortcutFade:
                              f'the fade; 1: all blocks fade together), got {self.window!r}.')
         if self.mode not in FADE_MODES:
             raise ValueError(f'shortcut_fade_mode must be one of {FADE_MODES}, got {self.mode!r}.')
+        check_fade_order(self.order)
         for name, value in (('fraction', float(self.fraction)), ('window', float(self.window)),
                             ('power', check_fade_power(self.power))):
             object.__setattr__(self, name, value)
 
     @classmethod
     def from_fields(cls, fields) -> Optional['ShortcutFade']:
-        """The fade that the flat fields ``shortcut_fade``, ``shortcut_fade_window``, ``shortcut_fade_power`` and
-        ``shortcut_fade_mode`` of ``fields`` (a config or recipe object) describe; None when ``shortcut_fade`` is
-        None. The other three are checked even then: a mistyped value fails whether or not the fade is on."""
+        """The fade that the flat fields ``shortcut_fade``, ``shortcut_fade_window``, ``shortcut_fade_power``,
+        ``shortcut_fade_mode`` and ``shortcut_fade_order`` of ``fields`` (a config or recipe object) describe; None
+        when ``shortcut_fade`` is None. The others are checked even then: a mistyped value fails whether or not the
+        fade is on."""
         fraction = fields.shortcut_fade
         fade = cls(1.0 if fraction is None else fraction, fields.shortcut_fade_window, fields.shortcut_fade_power,
-                   fields.shortcut_fade_mode)
+                   fields.shortcut_fade_mode, fields.shortcut_fade_order)
         return None if fraction is None else fade
 
     def prepare(self, model: nn.Module) -> None:
@@ -76,7 +80,7 @@ class ShortcutFade:
         value = self.scale(method)
         # one walk over the modules per step; only a staggered fade needs the block count for its per-block scales
         set_shortcut_scale(model, value if self.window >= 1 else
-                           block_scales(value, fading_block_count(model), self.window))
+                           block_scales(value, fading_block_count(model), self.window, self.order))
         return value
 
 
@@ -87,26 +91,29 @@ class FadingStudent(TrainingMethod):
     Args:
         student: a fading twin (``timm.create_model('plain_<arch>', shortcut_fade=True)``).
         shortcut_fade: fraction of the run over which ``s`` fades from 1 to 0, or a whole :class:`ShortcutFade`
-            (then ``window``, ``power`` and ``mode`` stay unset).
+            (then ``window``, ``power``, ``mode`` and ``order`` stay unset).
         window: 1 (default): all blocks fade together; < 1: staggered, each block over this share of the fade.
         power: the cosine fade raised to this power (1: the cosine itself).
         mode: 'scale' or 'share' (what ``s`` scales, :class:`ShortcutFade`).
+        order: 'shallow_first' or 'deep_first': which blocks of a staggered fade lose their shortcuts first.
         num_epochs, steps_per_epoch: the run length, for a loop that does not call ``set_epoch`` (see
             :mod:`~jointrd_timm.methods.base`).
     """
 
     def __init__(self, student: nn.Module, shortcut_fade: Union[float, ShortcutFade],
                  window: float = ShortcutFade.window, power: float = ShortcutFade.power, num_epochs: int = 0,
-                 steps_per_epoch: int = 0, mode: str = ShortcutFade.mode):
+                 steps_per_epoch: int = 0, mode: str = ShortcutFade.mode, order: str = ShortcutFade.order):
         if not is_fading(student):
             raise ValueError(f'{type(student).__name__} has no fading shortcuts: build it with '
                              "timm.create_model('plain_<arch>', shortcut_fade=True).")
         if isinstance(shortcut_fade, ShortcutFade):
-            if (window, power, mode) != (ShortcutFade.window, ShortcutFade.power, ShortcutFade.mode):
-                raise ValueError('FadingStudent: give window, power and mode inside the ShortcutFade, not beside it.')
+            if (window, power, mode, order) != (ShortcutFade.window, ShortcutFade.power, ShortcutFade.mode,
+                                                ShortcutFade.order):
+                raise ValueError('FadingStudent: give window, power, mode and order inside the ShortcutFade, not '
+                                 'beside it.')
             fade = shortcut_fade
         else:
-            fade = ShortcutFade(shortcut_fade, window, power, mode)
+            fade = ShortcutFade(shortcut_fade, window, power, mode, order)
         super().__init__()
         self.student = student
         self.fade = fade

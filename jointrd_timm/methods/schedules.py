@@ -3,7 +3,11 @@ s(e), the shortcut scale of a fading twin (Monti et al. 2018), with its per-bloc
 of the training progress in epochs (fractional when per step); :mod:`methods.fading` applies ``s`` to a model."""
 import math
 
-__all__ = ['eta_schedule', 'fade_scale', 'block_scales', 'check_fade_power', 'capped_fade_horizon']
+__all__ = ['eta_schedule', 'fade_scale', 'block_scales', 'check_fade_power', 'capped_fade_horizon', 'FADE_ORDERS',
+           'check_fade_order']
+
+# which end of the network a staggered fade (window < 1) removes first: the stem's or the head's
+FADE_ORDERS = ('shallow_first', 'deep_first')
 
 
 def eta_schedule(progress: float, eta_min: float, horizon: float) -> float:
@@ -52,19 +56,32 @@ def capped_fade_horizon(fraction: float, num_epochs: int, steps_per_epoch: int) 
     return horizon
 
 
-def block_scales(value: float, blocks: int, window: float = 1.0) -> list:
+def block_scales(value: float, blocks: int, window: float = 1.0, order: str = 'shallow_first') -> list:
     """Each fading block's own ``s`` when the run's scale is ``value``, blocks in forward order.
 
     ``window = 1``: every block gets ``value`` (one fade shared by all blocks). ``window < 1``: a *staggered* fade;
-    with fade progress ``t = 1 - value``, block ``i`` of ``n`` fades over its own stretch of length ``window`` that
-    starts at ``(1 - window) * i / (n - 1)``: the first block fades first, the last one last, and at ``value = 0``
-    every block is at 0. DECISION (not in Monti et al., who fade all skips together): in a deep net one shared
-    ``s < 1`` shrinks the shortcut path through N blocks by ``s ** N`` (0.9 ** 54 = 0.004 at depth 110), so the deep
-    twin changes abruptly even early in the fade; staggering lets the blocks drop their shortcuts one group at a
-    time. (The blocks' mean scale is ``value`` only midway; the logged scale is the run's ``value``.)"""
+    with fade progress ``t = 1 - value``, the ``k``-th block to fade (of ``n``) fades over its own stretch of length
+    ``window`` that starts at ``(1 - window) * k / (n - 1)``, and at ``value = 0`` every block is at 0. ``order``:
+    'shallow_first' (the first block in forward order fades first, the last one last) or 'deep_first' (the
+    reverse: the blocks next to the head lose their shortcuts while those next to the stem keep theirs).
+
+    DECISION (not in Monti et al., who fade all skips together): in a deep net one shared ``s < 1`` shrinks the
+    shortcut path through N blocks by ``s ** N`` (0.9 ** 54 = 0.004 at depth 110), so the deep twin changes abruptly
+    even early in the fade; staggering lets the blocks drop their shortcuts one group at a time. (The blocks' mean
+    scale is ``value`` only midway; the logged scale is the run's ``value``.)"""
     if not 0 < window <= 1:
         raise ValueError(f'the fade window must be in (0, 1] (1: all blocks fade together), got {window}.')
+    check_fade_order(order)
     if window >= 1 or blocks <= 1:
         return [float(value)] * blocks
     t = 1.0 - float(value)
-    return [1.0 - min(max((t - (1.0 - window) * i / (blocks - 1)) / window, 0.0), 1.0) for i in range(blocks)]
+    scales = [1.0 - min(max((t - (1.0 - window) * k / (blocks - 1)) / window, 0.0), 1.0) for k in range(blocks)]
+    return scales if order == 'shallow_first' else scales[::-1]
+
+
+def check_fade_order(order: str) -> str:
+    """``order``, or a ValueError saying what a staggered fade's order must be."""
+    if order not in FADE_ORDERS:
+        raise ValueError(f'shortcut_fade_order must be one of {FADE_ORDERS} (which blocks of a staggered fade lose '
+                         f'their shortcuts first), got {order!r}.')
+    return order
