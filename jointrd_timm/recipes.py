@@ -30,7 +30,7 @@ from .methods.lr_schedules import check_hold
 # the settings, importable from here as before they had a module of their own
 from .twins.dirac import DIRAC_INIT, check_dirac_init
 from .settings import (DISCRIMINATOR_SGD, REFERENCE_JOINTRD, SCHEDULES, SGD_MOMENTUM, ZOO_SETTINGS,  # noqa: F401
-                       Schedule, teacher_sgd)
+                       Schedule, check_ema_decay, teacher_sgd)
 
 __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe',
            'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS',
@@ -39,7 +39,7 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFA
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'shortcut_fade_order', 'dirac', 'dirac_init', 'keep_projection_shortcuts',
-                  'lr_scale', 'lr_hold', 'batch_scale')
+                  'lr_scale', 'lr_hold', 'batch_scale', 'ema_decay')
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
 # the fade's window, power, mode and order as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a
 # recipe states them only when they differ
@@ -78,6 +78,8 @@ class Recipe:
         batch_scale: the twin's batch as a multiple of the schedule's (:meth:`twin_schedule`; rounded, at least 1):
             the same epochs in ``1 / batch_scale`` times the optimizer steps, at the same peak lr: a conversion of
             a few epochs can be short of steps, and a smaller batch gives it more without reading more data.
+        ema_decay: a weight average of the twin, deployed in its place (``Schedule.ema_decay``, the runner's
+            ``ema_decay``; :mod:`jointrd_timm.training.ema`: it starts when the last shortcut is gone); 0: none.
         jointrd: :class:`JointRDConfig` fields that differ from the schedule's reference settings.
         record: the results page that measured the recipe.
     """
@@ -95,6 +97,7 @@ class Recipe:
     lr_scale: float = 1.0
     lr_hold: float = 0.0
     batch_scale: float = 1.0
+    ema_decay: float = 0.0
     jointrd: Mapping = field(default_factory=lambda: MappingProxyType({}))
     record: str = 'benchmarks/results/recipe_ablation.md'
     changed: tuple = ()
@@ -120,6 +123,7 @@ class Recipe:
                 raise ValueError(f"Recipe {self.name!r}: {name} must be a positive number (the twin's {meaning} as "
                                  f"a multiple of the schedule's), got {value!r}.")
         check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
+        object.__setattr__(self, 'ema_decay', check_ema_decay(self.ema_decay, f'Recipe {self.name!r}: ema_decay'))
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)
         JointRDConfig.from_dict(self.run_fields(SCHEDULES['cifar']))
@@ -152,9 +156,12 @@ class Recipe:
 
     def twin_schedule(self, schedule: 'Schedule') -> 'Schedule':
         """``schedule`` for the twin's run: the same, at :meth:`conversion_lr` of its peak, with ``lr_hold`` its
-        'hold-cosine' decay, and at ``batch_scale`` of its batch (rounded, at least 1)."""
+        'hold-cosine' decay, at ``batch_scale`` of its batch (rounded, at least 1), and with the recipe's weight
+        average (``ema_decay``, when the recipe has one)."""
         schedule = schedule.replace(lr=self.conversion_lr(schedule.lr),
                                     batch_size=max(1, round(schedule.batch_size * self.batch_scale)))
+        if self.ema_decay:
+            schedule = schedule.replace(ema_decay=self.ema_decay)
         if self.lr_hold:
             schedule = schedule.replace(decay='hold-cosine', hold=self.lr_hold, milestones=(), step_size=None)
         return schedule

@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Optional, Sequence
 from .methods.lr_schedules import check_hold
 
 __all__ = ['Schedule', 'SCHEDULES', 'REFERENCE_JOINTRD', 'SGD_MOMENTUM', 'teacher_sgd', 'ZOO_SETTINGS',
-           'DISCRIMINATOR_SGD']
+           'DISCRIMINATOR_SGD', 'check_ema_decay']
 
 # The JointRD reference's CIFAR settings (jointrd-method.md): eta from 1 to 0.5 over the first 60 of 200 epochs,
 # no feature loss. Every CIFAR-style schedule uses them unless a recipe changes a field.
@@ -29,6 +29,14 @@ ZOO_SETTINGS = MappingProxyType(dict(
 DISCRIMINATOR_SGD = MappingProxyType(dict(lr=1e-3, momentum=0.9, weight_decay=0.0))
 
 
+def check_ema_decay(decay, what: str = 'ema_decay') -> float:
+    """``decay`` as a float, or a ValueError saying what a weight average's decay must be (0: no average)."""
+    if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 <= decay < 1):
+        raise ValueError(f'{what} must be a number in [0, 1) (the decay of the weight average per optimizer step, '
+                         f'e.g. 0.999; 0: no average), got {decay!r}.')
+    return float(decay)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Training hyperparameters of a setting: SGD with Nesterov momentum (``SGD_MOMENTUM``).
@@ -39,6 +47,8 @@ class Schedule:
             (every ``step_size``) or 'hold-cosine' (the peak for ``hold`` of the run's optimizer steps, then a per-step
             cosine to 0: ``methods.lr_schedules.HoldCosineLR``; what ``Recipe.lr_hold`` gives a twin).
         hold: the fraction of the run at the peak of a 'hold-cosine' decay, in [0, 1).
+        ema_decay: a weight average of the deployed model over the run (``runner.ema_decay``,
+            :mod:`jointrd_timm.training.ema`): its decay per optimizer step; 0 (default): none.
         jointrd: the reference JointRD settings of this setting (eta and the feature-loss weight).
 
     The schedule is written into a run's config in one place each: :meth:`optimizer` and :meth:`scheduler` (the
@@ -55,12 +65,14 @@ class Schedule:
     step_size: Optional[int] = None
     gamma: float = 0.1
     hold: float = 0.0
+    ema_decay: float = 0.0
     jointrd: Mapping = field(default_factory=lambda: REFERENCE_JOINTRD)
 
     def __post_init__(self):
         if self.decay not in DECAYS:
             raise ValueError(f"Schedule.decay must be one of {', '.join(map(repr, DECAYS))}, got {self.decay!r}.")
         check_hold(self.hold, 'Schedule.hold')
+        object.__setattr__(self, 'ema_decay', check_ema_decay(self.ema_decay, 'Schedule.ema_decay'))
         if self.hold and self.decay != 'hold-cosine':
             raise ValueError(f"Schedule.hold is read by decay 'hold-cosine' only; got hold={self.hold!r} with decay "
                              f"{self.decay!r}.")

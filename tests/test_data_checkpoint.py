@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from jointrd_timm.io import load_weights
-from jointrd_timm.training.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from jointrd_timm.training.checkpoint import (CheckpointError, atomic_write, load_checkpoint, module_state,
+                                             save_checkpoint)
 from jointrd_timm.training.data import load_image_dataset
 
 
@@ -83,14 +84,19 @@ def test_checkpoint_roundtrip_restores_optimizer_scheduler_rng(tmp_path):
         model(torch.randn(5, 4)).sum().backward()
         opt.step()
         sched.step()
+    side = torch.nn.Linear(2, 2)  # a side module (a weight average): saved beside the model, not in it
     path = save_checkpoint(tmp_path / 'c.safetensors', model, epoch=2, optimizers={'model': opt},
-                           schedulers={'model': sched}, extra={'note': 'x'})
+                           schedulers={'model': sched}, extra={'note': 'x'}, modules={'ema': side})
     expected_next = torch.rand(3)
     model2 = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=[2], gamma=0.1)
     state = load_checkpoint(path, model2, {'model': opt2}, {'model': sched2})
-    assert state == dict(epoch=2, extra={'note': 'x'})
+    assert (state['epoch'], state['extra'], set(state['modules'])) == (2, {'note': 'x'}, {'ema'})
+    side_state = module_state(path, state, 'ema')
+    assert set(side_state) == {'weight', 'bias'} and torch.equal(side_state['weight'], side.weight.detach())
+    with pytest.raises(CheckpointError, match="holds no state for 'teacher' \\(it holds \\['ema'\\]\\)"):
+        module_state(path, state, 'teacher')
     assert torch.equal(torch.rand(3), expected_next)  # RNG restored to the save point
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)

@@ -2,10 +2,11 @@
 refuses pickles).
 
 A training checkpoint is ONE .safetensors file: the model's tensors under ``model.``, every optimizer's tensors
-under ``optimizer.<name>.``, the torch RNG state under ``rng.torch``, and the rest (epoch, optimizer structure,
-scheduler state, Python/NumPy RNG, user extras) as JSON in the safetensors metadata. It is written to a temporary
-file beside the target and moved into place with ``os.replace``, so a crash never leaves a half-written file (the
-temporary file a kill leaves behind is removed by the next run into the folder, see ``run_folder``).
+under ``optimizer.<name>.``, the state of side modules (e.g. a weight average) under ``module.<name>.``, the torch
+RNG state under ``rng.torch``, and the rest (epoch, optimizer structure, scheduler state, Python/NumPy RNG, user
+extras) as JSON in the safetensors metadata. It is written to a temporary file beside the target and moved into
+place with ``os.replace``, so a crash never leaves a half-written file (the temporary file a kill leaves behind is
+removed by the next run into the folder, see ``run_folder``).
 
 Pickles are refused everywhere except :func:`convert_checkpoint`, which reads one with ``torch.load(...,
 weights_only=True)`` (tensors and plain containers only, no code) to turn a torchdistill checkpoint into safetensors.
@@ -25,7 +26,7 @@ from .. import io as _io
 from ..io import FORMAT, TMP_MARK, CheckpointError, atomic_write, open_safetensors, strict_load  # noqa: F401
 
 # CheckpointError, FORMAT, TMP_MARK and atomic_write are re-exported: this module writes and reads them too
-__all__ = ['save_checkpoint', 'load_checkpoint', 'convert_checkpoint', 'CheckpointError', 'FORMAT', 'TMP_MARK',
+__all__ = ['save_checkpoint', 'load_checkpoint', 'module_state', 'convert_checkpoint', 'CheckpointError', 'FORMAT', 'TMP_MARK',
            'atomic_write']
 _MOVED = ('load_weights', 'read_state_dict')  # their home is jointrd_timm.io
 
@@ -58,9 +59,13 @@ def _json_safe(state: Dict) -> Dict:
 
 
 def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dict] = None,
-                    schedulers: Optional[Dict] = None, extra: Optional[Dict] = None) -> Path:
-    """Save everything a resume needs. ``optimizers``/``schedulers`` are name -> object (None entries skipped)."""
+                    schedulers: Optional[Dict] = None, extra: Optional[Dict] = None,
+                    modules: Optional[Dict] = None) -> Path:
+    """Save everything a resume needs. ``optimizers``/``schedulers`` are name -> object (None entries skipped);
+    ``modules``: name -> an object with a tensor ``state_dict()`` that is not part of ``model`` (a weight average)."""
     tensors = _tensors(model.state_dict(), 'model.')
+    for name, module in (modules or {}).items():
+        tensors.update(_tensors(module.state_dict(), f'module.{name}.'))
     optim_meta, sched_meta = {}, {}
     for name, optimizer in (optimizers or {}).items():
         if optimizer is None:
@@ -85,7 +90,8 @@ def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dic
 
 def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
                     schedulers: Optional[Dict] = None, restore_rng: bool = True) -> Dict:
-    """Restore a :func:`save_checkpoint` file into live objects. Returns ``dict(epoch=..., extra=...)``."""
+    """Restore a :func:`save_checkpoint` file into live objects. Returns ``dict(epoch=..., extra=..., modules=...)``,
+    ``modules`` the side modules' states by name (the caller loads them: :func:`module_state`)."""
     path = Path(path)
     tensors, metadata = open_safetensors(path)
     if metadata.get('format') != FORMAT:
@@ -113,7 +119,21 @@ def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
         random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
         np_state = json.loads(metadata['rng_numpy'])
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    return dict(epoch=int(metadata['epoch']), extra=json.loads(metadata['extra']))
+    modules = {}
+    for key, value in tensors.items():
+        if key.startswith('module.'):
+            name, _, rest = key[len('module.'):].partition('.')
+            modules.setdefault(name, {})[rest] = value
+    return dict(epoch=int(metadata['epoch']), extra=json.loads(metadata['extra']), modules=modules)
+
+
+def module_state(path, state: Dict, name: str) -> Dict[str, torch.Tensor]:
+    """The state of side module ``name`` in a :func:`load_checkpoint` result ``state``, or a CheckpointError
+    naming what the checkpoint holds instead."""
+    if name not in state['modules']:
+        raise CheckpointError(f'{path} holds no state for {name!r} (it holds {sorted(state["modules"]) or "none"}); '
+                              'it was written by a run without it: resume with the settings it was started with.')
+    return state['modules'][name]
 
 
 def convert_checkpoint(src, dst, entry: str = 'model') -> Path:

@@ -93,6 +93,11 @@ def _models(method: str, model: Dict, teacher: Optional[Dict], terse: bool, hint
     return dict(model=model), dict(progress, model=_forward(forward_proc, None if terse else True, terse))
 
 
+def _schedule_runner(schedule: Schedule) -> Dict:
+    """The ``runner`` options a schedule sets: its weight average (only when it has one)."""
+    return dict(ema_decay=schedule.ema_decay) if schedule.ema_decay else {}
+
+
 def build_config(datasets: Mapping[str, Any], model: Dict, schedule: Schedule, method: str = 'ce', *,
                  teacher: Optional[Dict] = None, seed: int = 0, output_dir: Optional[str] = None,
                  num_workers: int = 0, log_freq: int = 1000, kd_temperature: float = KD_TEMPERATURE,
@@ -130,7 +135,8 @@ def build_config(datasets: Mapping[str, Any], model: Dict, schedule: Schedule, m
                  criterion=_criterion(method, kd_temperature, kd_alpha, hint_layer, hint_weight))
     test = dict(test_data_loader=_loader(ids['test'], EVAL_BATCH_SIZE, False, num_workers, eval_supp))
     return dict(datasets={ids[role]: data for role, data in datasets.items()}, models=models, train=train,
-                test=test, runner=dict(seed=seed, output_dir=output_dir, **(runner or {})))
+                test=test,
+                runner={'seed': seed, 'output_dir': output_dir, **_schedule_runner(schedule), **(runner or {})})
 
 
 def make_config(train_set, test_set, model: Dict, method: str = 'ce', teacher: Optional[Dict] = None,

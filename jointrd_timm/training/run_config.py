@@ -15,7 +15,8 @@ __all__ = ['load_config', 'validate', 'apply_overrides', 'num_epochs', 'ConfigEr
 
 MIXED_PRECISION = ('no', 'fp16', 'bf16')
 RUNNER_DEFAULTS = dict(seed=0, mixed_precision='no', sync_batchnorm=False, output_dir=None, eval_every=1,
-                       find_unused_parameters=False, recalibrate_bn=200, channels_last=False, compile=False)
+                       find_unused_parameters=False, recalibrate_bn=200, channels_last=False, compile=False,
+                       ema_decay=0.0, ema_warmup=True)
 TOP_LEVEL_KEYS = {'dependencies', 'datasets', 'models', 'train', 'test', 'runner'}
 TRAIN_KEYS = {'log_freq', 'num_epochs', 'train_data_loader', 'val_data_loader', 'teacher', 'student', 'model',
               'optimizer', 'scheduler', 'criterion', 'pre_epoch_process', 'pre_forward_process',
@@ -194,7 +195,10 @@ def validate(config: Dict, where: str = 'config') -> Dict:
              'a whole number >= 0 (batches; 0 turns it off)', runner['recalibrate_bn'], where)
     _require(runner['mixed_precision'] in MIXED_PRECISION, 'runner.mixed_precision', f'one of {MIXED_PRECISION}',
              runner['mixed_precision'], where)
-    for flag in ('sync_batchnorm', 'find_unused_parameters', 'channels_last'):
+    _require(_is_number(runner['ema_decay']) and 0 <= runner['ema_decay'] < 1, 'runner.ema_decay',
+             'a number in [0, 1) (the weight average\'s decay per optimizer step, e.g. 0.999; 0: off)',
+             runner['ema_decay'], where)
+    for flag in ('sync_batchnorm', 'find_unused_parameters', 'channels_last', 'ema_warmup'):
         _require(isinstance(runner[flag], bool), f'runner.{flag}', 'true or false', runner[flag], where)
     _require(isinstance(runner['compile'], (bool, str)) and runner['compile'] != '', 'runner.compile',
              'true, false or a torch.compile backend name (e.g. inductor, aot_eager)', runner['compile'], where)

@@ -13,6 +13,8 @@ train, test) plus an optional ``runner`` section that torchdistill's own example
       recalibrate_bn: 200          # batches of training data that recompute a faded twin's BN statistics (0: off)
       channels_last: false         # models and image batches in channels_last (NHWC) memory format
       compile: false               # torch.compile the models' modules: true (inductor) or a backend name
+      ema_decay: 0                 # a weight average of the deployed model (0: off; e.g. 0.999): .ema
+      ema_warmup: true             # its decay grows with the steps averaged (timm's use_warmup)
 
 DECISION: the YAML's ``batch_size`` is the GLOBAL batch; with N processes each gets batch_size / N of it
 (accelerate ``split_batches``), and the shuffle order depends only on (seed, epoch) (accelerate's seedable
@@ -35,7 +37,9 @@ forward passes; ``final.json`` keeps ``test_acc_as_trained`` beside ``test_acc_d
 read it with ``run_folder.deployed_accuracy``, docs/cli.md). The output folder belongs to the run (``run_folder``:
 writability, lock, no silent replacement, resume and "finished"; docs/reliability.md).
 
-``channels_last`` and ``compile``: :mod:`.performance`.
+``channels_last`` and ``compile``: :mod:`.performance`. ``ema_decay``: :mod:`.ema` (the average, not the trained
+twin, is then what is deployed and saved; ``final.json`` keeps the trained twin's deployed accuracy too,
+``test_acc_deployed_without_ema``).
 """
 import json
 import logging
@@ -54,7 +58,8 @@ from ..methods import base as method_api
 from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, module_state, save_checkpoint
+from .ema import TwinEma
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
 from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_KEYS, ConfigError,  # noqa: F401
@@ -117,6 +122,7 @@ class _Run:
     def __init__(self, runner: Dict, out: Path, folder: RunFolder):
         self.runner, self.out, self.folder = runner, out, folder
         self.accelerator = self.box = self.trained = self.module = self.tap = None
+        self.ema: Optional[TwinEma] = None  # runner.ema_decay: the average of the deployed module
         self.optimizers, self.schedulers, self.history = {}, {}, []  # history: the metrics records so far
         self.start_epoch, self.val_accuracy = 0, None
         self.done: Optional[Dict] = None  # a resumed run that had already finished: its final.json
@@ -188,6 +194,8 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
             run.box = get_distillation_box(teacher, student, *box_args, accelerator=accelerator_for_boxes(accelerator))
             run.trained = run.box.student_model
         run.module = unwrap(run.trained)
+        if runner['ema_decay']:  # before compile: the average is a plain copy of the module to deploy
+            run.ema = TwinEma(method_api.deploy_module(run.module), runner['ema_decay'], runner['ema_warmup'])
         if runner['compile']:
             compile_modules(run.module, runner['compile'])
         run.tap = _OutputTap(run.module)
@@ -221,6 +229,8 @@ def _resume(run: _Run) -> None:
     """Restore the checkpoint; metrics.jsonl is rewritten from the history the checkpoint holds, so a kill between
     the checkpoint and its metrics line, or in the middle of a line, leaves neither a gap nor a duplicate."""
     state = load_checkpoint(run.folder.checkpoint, run.module, run.optimizers, run.schedulers)
+    if run.ema is not None:
+        run.ema.load_state_dict(module_state(run.folder.checkpoint, state, 'ema'), state['extra'].get('ema_steps', 0))
     done = state['epoch'] + 1
     if done > run.box.num_epochs:
         raise ConfigError(f'{run.folder.checkpoint} holds {done} epochs, more than train.num_epochs='
@@ -255,12 +265,15 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
         box.train_data_loader.set_epoch(epoch)
     loss_sum, correct, seen = 0.0, 0, 0
+    accumulate = getattr(box, 'grad_accum_step', 1) or 1
     bar = tqdm(box.train_data_loader, desc=f'epoch {epoch + 1}/{num_epochs}',
                disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
-    for batch in bar:
+    for index, batch in enumerate(bar):
         images, targets, supp = batch if len(batch) == 3 else (*batch, {})
         loss = box.forward_process(images, targets, supp)
         box.post_forward_process(loss=loss)
+        if run.ema is not None and (index + 1) % accumulate == 0:  # after each optimizer step
+            run.ema.step()
         fault_point('step')
         if not torch.isfinite(loss):
             raise FloatingPointError(f'Loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate '
@@ -292,8 +305,9 @@ def _save_epoch(run: _Run, epoch: int, record: Dict) -> None:
     folder = run.folder
     folder.before_save()
     try:
+        ema = dict(ema_steps=run.ema.steps) if run.ema is not None else {}
         save_checkpoint(folder.checkpoint, run.module, epoch, run.optimizers, run.schedulers,
-                        extra=dict(history=run.history))
+                        extra=dict(history=run.history, **ema), modules=dict(ema=run.ema) if ema else None)
     except OSError as e:
         kept = checkpoint_epochs(folder.checkpoint)
         raise RunFolderError(f'Could not write the checkpoint of epoch {epoch + 1} to {folder.checkpoint} '
@@ -307,6 +321,23 @@ def _save_epoch(run: _Run, epoch: int, record: Dict) -> None:
         f.flush()
         fault_point('metrics_write')  # a kill here leaves half a line, which the resume rewrites
         f.write(line[len(line) // 2:])
+
+
+def _deploy(run: _Run, deployed: nn.Module, loader, as_trained: Optional[float]) -> Dict:
+    """Make ``deployed`` what is saved (a faded twin's BN statistics recomputed) and measure it on ``loader`` (the
+    test split; None: not measured): ``bn_recalibrated_batches`` and ``test_acc_deployed``, evaluated in its deployed
+    form (Dirac folded into plain convs, faded shortcuts removed), or ``as_trained`` when nothing folds."""
+    found = {}
+    if is_fading(deployed) and run.runner['recalibrate_bn']:
+        used = recalibrate_batchnorm(deployed, run.box.train_data_loader, run.runner['recalibrate_bn'], run.accelerator,
+                                     run.runner['seed'])
+        if used:
+            found['bn_recalibrated_batches'] = used
+    if loader is not None:
+        folds = has_dirac(deployed) or is_fading(deployed)
+        found['test_acc_deployed'] = evaluate(deployable(deployed), loader, run.accelerator) \
+            if folds or as_trained is None else as_trained
+    return found
 
 
 def finish(run: _Run, config: Dict) -> Dict:
@@ -323,24 +354,28 @@ def finish(run: _Run, config: Dict) -> Dict:
                             'outside DDP without all-reducing their gradients.', final['replica_max_abs_diff'])
     test_config = config['test'].get('test_data_loader')
     deployed = method_api.deploy_module(module)  # JointRD deploys its twin
+    loader = None
     if test_config:
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
         loader = accelerator.prepare(loader)
         final['test_acc_as_trained'] = evaluate(run.trained, loader, accelerator)
-    if is_fading(deployed) and run.runner['recalibrate_bn']:
-        used = recalibrate_batchnorm(deployed, run.box.train_data_loader, run.runner['recalibrate_bn'], accelerator,
-                                     run.runner['seed'])
-        if used:
-            final['bn_recalibrated_batches'] = used
+    final.update(_deploy(run, deployed, loader, final.get('test_acc_as_trained')))
     if test_config:
-        # what is saved and deployed: Dirac folded into plain convs, faded shortcuts removed, BN recalibrated
-        folds = has_dirac(deployed) or is_fading(deployed)
-        final['test_acc_deployed'] = evaluate(deployable(deployed), loader, accelerator) if folds \
-            else final['test_acc_as_trained']
         # the names of records written before these two keys (deprecated: read them with run_folder.deployed_accuracy)
         final['test_acc'] = final['test_acc_as_trained']
-        if folds:
+        if has_dirac(deployed) or is_fading(deployed):
             final['test_acc_folded'] = final['test_acc_deployed']
+    if run.ema is not None:  # the average is what is deployed; the trained twin's accuracy is kept beside it
+        without = final.pop('test_acc_deployed', None)
+        final.pop('bn_recalibrated_batches', None)
+        deployed = run.ema.module
+        final.update(_deploy(run, deployed, loader, None), ema_steps=run.ema.steps)
+        if without is not None:
+            final['test_acc_deployed_without_ema'] = without
+            if 'test_acc_folded' in final:
+                final['test_acc_folded'] = final['test_acc_deployed']
+        if run.box.val_data_loader is not None:
+            final['val_acc_ema'] = evaluate(deployable(deployed), run.box.val_data_loader, accelerator)
     if accelerator.is_main_process:
         save_trained_model(deployed, run.out / 'model', metrics=final)
         fault_point('final_save')

@@ -37,7 +37,7 @@ from .rules import get_rule, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
-           'fading_block_count', 'deployable', 'ShareGain', 'pin_shortcut_share', 'FADE_MODES']
+           'fading_block_count', 'shortcut_scales', 'deployable', 'ShareGain', 'pin_shortcut_share', 'FADE_MODES']
 
 FADE_MODES = ('scale', 'share')
 
@@ -219,13 +219,17 @@ def set_shortcut_scale(model: nn.Module, value: Union[float, Sequence[float]]) -
         getattr(block, SCALE).fill_(scale)
 
 
+def shortcut_scales(model: nn.Module) -> list:
+    """Each fading block's ``s``, in forward order (empty for a model without fading blocks). ``s`` is a
+    non-persistent buffer: a copy made from a state dict (a weight average) takes its scales from here."""
+    return [float(getattr(b, SCALE)) for b in _fading_blocks(model)]
+
+
 def shortcut_scale(model: nn.Module) -> Optional[float]:
     """The current ``s``: the mean over the fading blocks (every block's ``s`` when the fade is not staggered);
     None for a model without fading blocks."""
-    blocks = _fading_blocks(model)
-    if not blocks:
-        return None
-    return sum(float(getattr(b, SCALE)) for b in blocks) / len(blocks)
+    scales = shortcut_scales(model)
+    return sum(scales) / len(scales) if scales else None
 
 
 def _is_scale(node) -> bool:
