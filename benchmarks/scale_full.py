@@ -215,6 +215,13 @@ def answer_lines(runs: list, teacher) -> list:
                   'training data (`runner.recalibrate_bn`); as trained -> deployed: '
                   + '; '.join(f'{r["row"]} {r["epochs"]} ep: {r["test_acc_as_trained"]:.2f} -> {r["test_acc"]:.2f} %'
                               for r in recalibrated) + '.']
+    averaged = [r for r in runs if 'test_acc_without_ema' in r]
+    if averaged:
+        lines += ['', 'Weight average: these twins were deployed as the moving average of their weights over their '
+                  'shortcut-free steps (`runner.ema_decay`, the recipe\'s `ema_decay`); the same run deployed without '
+                  'it -> with it: ' + '; '.join(f'{r["row"]} {r["epochs"]} ep: {r["test_acc_without_ema"]:.2f} -> '
+                                                f'{r["test_acc"]:.2f} % ({r["ema_steps"]} steps averaged)'
+                                                for r in averaged) + '.']
     lines += ['', 'Seconds per epoch are wall time on the 2-core machine, some epochs with 1 torch thread and cores '
               'shared with other jobs (`resumed` counts the restarts): read them as an order of magnitude.']
     return lines
@@ -256,6 +263,9 @@ def run_entry(row: str, epochs: int, folder: Path, recipe_id) -> dict:
         if final.get('bn_recalibrated_batches'):  # the deployed twin's BN statistics were recomputed
             entry['test_acc_as_trained'] = as_trained_accuracy(final)
             entry['bn_recalibrated_batches'] = final['bn_recalibrated_batches']
+        if 'test_acc_deployed_without_ema' in final:  # runner.ema_decay: the deployed twin is the weight average
+            entry['test_acc_without_ema'] = final['test_acc_deployed_without_ema']
+            entry['ema_steps'] = final['ema_steps']
     return entry
 
 

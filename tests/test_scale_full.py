@@ -153,3 +153,18 @@ def test_the_teachers_epochs_come_from_its_finished_run_whatever_the_record(tmp_
     with pytest.raises(SystemExit, match=r'--teacher-epochs 32: the teacher in .* finished 8 epochs; give '
                                          r'--teacher-epochs 8'):
         scale_full.fill_defaults(args, {}, tmp_path / 'teacher')
+
+
+def test_a_weight_averaged_twin_is_read_with_its_accuracy_without_the_average(tmp_path):
+    folder = tmp_path / 'twin-jointrd-e1-ema'
+    _run(folder, 70.0, recalibrated=72.5)
+    final = json.loads((folder / 'final.json').read_text())
+    final.update(test_acc_deployed=73.25, test_acc_deployed_without_ema=72.5, ema_steps=30)
+    (folder / 'final.json').write_text(json.dumps(final))
+    entry = scale_full.run_entry('twin + JointRD, ema', 1, folder, 'default,ema_decay=0.998')
+    assert (entry['test_acc'], entry['test_acc_without_ema'], entry['ema_steps']) == (73.25, 72.5, 30)
+    plain = scale_full.run_entry('twin + JointRD', 1, (_run(tmp_path / 'p', 71.0) or tmp_path / 'p'), 'default')
+    assert 'test_acc_without_ema' not in plain
+    lines = scale_full.answer_lines([dict(row='teacher', epochs=2, test_acc=80.0), entry, plain], 80.0)
+    assert 'same run deployed without it -> with it: twin + JointRD, ema 1 ep: 72.50 -> 73.25 % (30 steps averaged)' \
+        in '\n'.join(lines)
