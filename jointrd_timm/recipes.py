@@ -38,13 +38,14 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFA
 
 
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
-                  'shortcut_fade_mode', 'shortcut_fade_order', 'dirac', 'dirac_init', 'keep_projection_shortcuts',
-                  'lr_scale', 'lr_hold', 'batch_scale', 'ema_decay')
+                  'shortcut_fade_mode', 'shortcut_fade_order', 'shortcut_fade_leak', 'dirac', 'dirac_init',
+                  'keep_projection_shortcuts', 'lr_scale', 'lr_hold', 'batch_scale', 'ema_decay')
 _LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
-# the fade's window, power, mode and order as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a
+# the fade's window, power, mode, order and leak as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a
 # recipe states them only when they differ
 _FADE_DEFAULTS = dict(shortcut_fade_window=ShortcutFade.window, shortcut_fade_power=ShortcutFade.power,
-                      shortcut_fade_mode=ShortcutFade.mode, shortcut_fade_order=ShortcutFade.order)
+                      shortcut_fade_mode=ShortcutFade.mode, shortcut_fade_order=ShortcutFade.order,
+                      shortcut_fade_leak=ShortcutFade.leak)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Recipe:
         shortcut_fade_window, shortcut_fade_power: the staggered / powered fade (``methods.schedules``).
         shortcut_fade_order: which blocks a staggered fade (window < 1) removes first: 'shallow_first' or
             'deep_first' (``methods.schedules.block_scales``).
+        shortcut_fade_leak: the peak negative slope of the twin's ReLUs during the fade (``twins.leak``; 0: none).
         shortcut_fade_mode: what the fade scales: 'scale' (the shortcut) or 'share' (its size relative to the
             branch; ``methods.fading.ShortcutFade``).
         dirac: Dirac-parametrised convs (folded before deployment).
@@ -91,6 +93,7 @@ class Recipe:
     shortcut_fade_power: float = ShortcutFade.power
     shortcut_fade_mode: str = ShortcutFade.mode
     shortcut_fade_order: str = ShortcutFade.order
+    shortcut_fade_leak: float = ShortcutFade.leak
     dirac: bool = False
     dirac_init: Tuple[float, float] = DIRAC_INIT
     keep_projection_shortcuts: bool = False
@@ -168,12 +171,12 @@ class Recipe:
 
     def fade_fields(self) -> Dict:
         """The fade of the twin (``shortcut_fade`` and, where they differ from the defaults of JointRDConfig and
-        fading_model, its window, power, mode and order); empty for a recipe without a fade."""
+        fading_model, its window, power, mode, order and leak); empty for a recipe without a fade."""
         if self.shortcut_fade is None:
             return {}
         fields = dict(shortcut_fade=self.shortcut_fade, shortcut_fade_window=self.shortcut_fade_window,
                       shortcut_fade_power=self.shortcut_fade_power, shortcut_fade_mode=self.shortcut_fade_mode,
-                      shortcut_fade_order=self.shortcut_fade_order)
+                      shortcut_fade_order=self.shortcut_fade_order, shortcut_fade_leak=self.shortcut_fade_leak)
         return {k: v for k, v in fields.items() if k == 'shortcut_fade' or v != _FADE_DEFAULTS[k]}
 
     def jointrd_fields(self, reference: Mapping = REFERENCE_JOINTRD) -> Dict:

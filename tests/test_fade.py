@@ -464,7 +464,7 @@ def test_fade_power_drives_jointrd_and_the_fading_model():
         fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_power=-2)
 
 
-def test_shortcut_fade_carries_the_five_fields_checked_in_one_place():
+def test_shortcut_fade_carries_its_fields_checked_in_one_place():
     """ShortcutFade is the one object for the flat shortcut_fade* fields: JointRDConfig.fade, FadingStudent and
     fading_model build the same one, and a mistyped field fails from each entry point with the same message."""
     from dataclasses import FrozenInstanceError

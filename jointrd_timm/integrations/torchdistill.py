@@ -103,7 +103,8 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict], **student_kwarg
 def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Optional[str] = None,
                  shortcut_fade_window: float = ShortcutFade.window, shortcut_fade_power: float = ShortcutFade.power,
                  shortcut_fade_mode: str = ShortcutFade.mode,
-                 shortcut_fade_order: str = ShortcutFade.order) -> FadingStudent:
+                 shortcut_fade_order: str = ShortcutFade.order,
+                 shortcut_fade_leak: float = ShortcutFade.leak) -> FadingStudent:
     """A fading twin trained alone (cross-entropy; :class:`~jointrd_timm.methods.fading.FadingStudent`).
 
     Args:
@@ -114,9 +115,10 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
         shortcut_fade_power: the cosine fade raised to this power (``methods.schedules.fade_scale``).
         shortcut_fade_mode: 'scale' or 'share' (``methods.fading.ShortcutFade``).
         shortcut_fade_order: 'shallow_first' or 'deep_first', the order of a staggered fade.
+        shortcut_fade_leak: the peak negative slope of the twin's ReLUs during the fade (0: plain ReLUs).
     """
     fade = ShortcutFade(shortcut_fade, shortcut_fade_window, shortcut_fade_power, shortcut_fade_mode,
-                        shortcut_fade_order)
+                        shortcut_fade_order, shortcut_fade_leak)
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
         teacher = timm.create_model(teacher_of(student['model_name']),

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..settings import check_ema_decay
 from ..twins.fade import set_shortcut_scale, shortcut_scales
+from ..twins.leak import activation_leaks, set_activation_leak
 
 __all__ = ['TwinEma']
 
@@ -54,8 +55,11 @@ class TwinEma:
             self.steps += 1
             # timm counts the first update as step 1 (decay 0: the average starts as the model)
             self.average.update(self.model, step=self.steps)
-        if scales:  # s is not in the state dict that timm averages: the copy takes the twin's
+        if scales:  # s (and a leaky fade's slope) is not in the state dict timm averages: the copy takes the twin's
             set_shortcut_scale(self.module, scales)
+            leaks = activation_leaks(self.model)
+            if leaks:
+                set_activation_leak(self.module, max(leaks))  # one slope for all (methods.fading.ShortcutFade)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -67,3 +71,4 @@ class TwinEma:
         self.steps = int(steps)
         if self.steps and shortcut_scales(self.module):
             set_shortcut_scale(self.module, 0.0)
+            set_activation_leak(self.module, 0.0)

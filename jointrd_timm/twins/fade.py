@@ -32,6 +32,7 @@ from torch import nn
 
 from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
+from .leak import restore_relus
 from .graph_rule import is_projection, graph_block, plain_class
 from .rules import get_rule, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
@@ -310,15 +311,19 @@ def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:
     """Remove the faded shortcuts, in place: each fading block becomes a ``PlainGraph<Block>`` without the
     shortcut code and the projection modules only it used. The model is then its shortcut-free twin.
 
+    Leaky activations of the fade (:mod:`.leak`) become ReLUs again.
+
     Raises:
-        ValueError: ``s`` is not 0 (removing the shortcuts would change the outputs), unless ``force``.
+        ValueError: ``s`` is not 0 (removing the shortcuts would change the outputs), or an activation still leaks,
+            unless ``force``.
     """
     if not is_fading(model):
-        return model
+        return restore_relus(model, force)
     s = max(float(getattr(b, SCALE)) for b in _fading_blocks(model))
     if s != 0.0 and not force:
         raise ValueError(f'The shortcuts have not faded out (scale s = {s:.4g}, not 0): removing them would change '
                          'the outputs. Train until the fade ends (JointRDConfig.shortcut_fade <= 1) or pass force=True.')
+    restore_relus(model, force)  # checks its slopes before it changes anything
     report = getattr(model, 'plain_report', None) or PlainReport()
     for name, block in list(model.named_modules()):
         if not isinstance(block, FadingGraphBlock):

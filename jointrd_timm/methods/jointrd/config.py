@@ -30,7 +30,7 @@ class JointRDConfig:
     """JointRD's settings; defaults are the reference CIFAR values (jointrd-method.md), and the recipes
     (:mod:`jointrd_timm.recipes`) set the recommended ones. Each field, and the DECISION behind each default, is
     described in docs/jointrd.md ("JointRDConfig fields"); the ``jointrd:`` section of a ``jointrd_model`` YAML
-    holds these fields. The five ``shortcut_fade*`` fields are one :class:`~..fading.ShortcutFade` (:attr:`fade`).
+    holds these fields. The six ``shortcut_fade*`` fields are one :class:`~..fading.ShortcutFade` (:attr:`fade`).
     """
     eta_min: float = 0.5
     eta_horizon: float = 60.0
@@ -51,6 +51,7 @@ class JointRDConfig:
     shortcut_fade_power: float = ShortcutFade.power
     shortcut_fade_mode: str = ShortcutFade.mode
     shortcut_fade_order: str = ShortcutFade.order
+    shortcut_fade_leak: float = ShortcutFade.leak
     loss_normalization: str = 'stages'
     lean_memory: bool = None  # DEFAULT_LEAN_MEMORY, set in __post_init__
     joint_step_order: str = 'simultaneous'
@@ -74,7 +75,7 @@ class JointRDConfig:
             raise ValueError(f'hybrid_paths must be >= 1 or None (all paths), got {self.hybrid_paths}.')
         if self.eta_horizon_fraction is not None and not 0 < self.eta_horizon_fraction <= 1:
             raise ValueError(f'eta_horizon_fraction must be in (0, 1], got {self.eta_horizon_fraction}.')
-        ShortcutFade.from_fields(self)  # checks the five fade fields
+        ShortcutFade.from_fields(self)  # checks the six fade fields
         if self.loss_normalization not in LOSS_NORMALIZERS:
             raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZERS)} (the reference: '
                              f"'stages'), got {self.loss_normalization!r}.")
