@@ -59,11 +59,11 @@ class Recipe:
         shortcut_fade: fraction of the run over which the twin's shortcuts fade from 1 to 0 (None: a plain twin
             from the start). With teacher init, the twin starts as the teacher exactly.
         shortcut_fade_window, shortcut_fade_power: the staggered / powered fade (``methods.schedules``).
+        shortcut_fade_mode: what the fade scales: 'scale' (the shortcut) or 'share' (its size relative to the
+            branch; ``methods.fading.ShortcutFade``).
         shortcut_fade_order: which blocks a staggered fade (window < 1) removes first: 'shallow_first' or
             'deep_first' (``methods.schedules.block_scales``).
         shortcut_fade_leak: the peak negative slope of the twin's ReLUs during the fade (``twins.leak``; 0: none).
-        shortcut_fade_mode: what the fade scales: 'scale' (the shortcut) or 'share' (its size relative to the
-            branch; ``methods.fading.ShortcutFade``).
         dirac: Dirac-parametrised convs (folded before deployment).
         dirac_init: their initial (alpha, beta) (``twins.dirac.apply_dirac``): DiracNets' (1.0, 0.1), or (0.0, 1.0)
             for convs that start as their plain weight (a teacher-started twin's: the teacher's convs at the plain

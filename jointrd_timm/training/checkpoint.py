@@ -26,8 +26,8 @@ from .. import io as _io
 from ..io import FORMAT, TMP_MARK, CheckpointError, atomic_write, open_safetensors, strict_load  # noqa: F401
 
 # CheckpointError, FORMAT, TMP_MARK and atomic_write are re-exported: this module writes and reads them too
-__all__ = ['save_checkpoint', 'load_checkpoint', 'module_state', 'convert_checkpoint', 'CheckpointError', 'FORMAT', 'TMP_MARK',
-           'atomic_write']
+__all__ = ['save_checkpoint', 'load_checkpoint', 'module_state', 'convert_checkpoint', 'CheckpointError', 'FORMAT',
+           'TMP_MARK', 'atomic_write']
 _MOVED = ('load_weights', 'read_state_dict')  # their home is jointrd_timm.io
 
 

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from ..errors import InputError
+from ..settings import check_ema_decay
 
 __all__ = ['load_config', 'validate', 'apply_overrides', 'num_epochs', 'ConfigError', 'RUNNER_DEFAULTS',
            'MIXED_PRECISION', 'TOP_LEVEL_KEYS', 'TRAIN_KEYS']
@@ -195,9 +196,10 @@ def validate(config: Dict, where: str = 'config') -> Dict:
              'a whole number >= 0 (batches; 0 turns it off)', runner['recalibrate_bn'], where)
     _require(runner['mixed_precision'] in MIXED_PRECISION, 'runner.mixed_precision', f'one of {MIXED_PRECISION}',
              runner['mixed_precision'], where)
-    _require(_is_number(runner['ema_decay']) and 0 <= runner['ema_decay'] < 1, 'runner.ema_decay',
-             'a number in [0, 1) (the weight average\'s decay per optimizer step, e.g. 0.999; 0: off)',
-             runner['ema_decay'], where)
+    try:
+        check_ema_decay(runner['ema_decay'], 'runner.ema_decay')
+    except ValueError as e:
+        raise ConfigError(f'{where}: {e} Fix the YAML or override it, e.g. runner.ema_decay=0.999.') from None
     for flag in ('sync_batchnorm', 'find_unused_parameters', 'channels_last', 'ema_warmup'):
         _require(isinstance(runner[flag], bool), f'runner.{flag}', 'true or false', runner[flag], where)
     _require(isinstance(runner['compile'], (bool, str)) and runner['compile'] != '', 'runner.compile',

@@ -359,23 +359,21 @@ def finish(run: _Run, config: Dict) -> Dict:
         loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
         loader = accelerator.prepare(loader)
         final['test_acc_as_trained'] = evaluate(run.trained, loader, accelerator)
-    final.update(_deploy(run, deployed, loader, final.get('test_acc_as_trained')))
+    found = _deploy(run, deployed, loader, final.get('test_acc_as_trained'))
+    if run.ema is not None:  # the average is what is deployed; the trained twin's accuracy is kept beside it
+        if 'test_acc_deployed' in found:
+            final['test_acc_deployed_without_ema'] = found['test_acc_deployed']
+        deployed = run.ema.module
+        found = _deploy(run, deployed, loader, None)
+        final['ema_steps'] = run.ema.steps
+        if run.box.val_data_loader is not None:
+            final['val_acc_ema'] = evaluate(deployable(deployed), run.box.val_data_loader, accelerator)
+    final.update(found)
     if test_config:
         # the names of records written before these two keys (deprecated: read them with run_folder.deployed_accuracy)
         final['test_acc'] = final['test_acc_as_trained']
         if has_dirac(deployed) or is_fading(deployed):
             final['test_acc_folded'] = final['test_acc_deployed']
-    if run.ema is not None:  # the average is what is deployed; the trained twin's accuracy is kept beside it
-        without = final.pop('test_acc_deployed', None)
-        final.pop('bn_recalibrated_batches', None)
-        deployed = run.ema.module
-        final.update(_deploy(run, deployed, loader, None), ema_steps=run.ema.steps)
-        if without is not None:
-            final['test_acc_deployed_without_ema'] = without
-            if 'test_acc_folded' in final:
-                final['test_acc_folded'] = final['test_acc_deployed']
-        if run.box.val_data_loader is not None:
-            final['val_acc_ema'] = evaluate(deployable(deployed), run.box.val_data_loader, accelerator)
     if accelerator.is_main_process:
         save_trained_model(deployed, run.out / 'model', metrics=final)
         fault_point('final_save')

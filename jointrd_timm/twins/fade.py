@@ -32,8 +32,8 @@ from torch import nn
 
 from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
-from .leak import restore_relus
 from .graph_rule import is_projection, graph_block, plain_class
+from .leak import restore_relus
 from .rules import get_rule, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
