@@ -127,6 +127,30 @@ def test_paper_variant_keeps_the_projection_shortcuts():
     assert torch.equal(twin(x), fading.eval()(x))
 
 
+
+@pytest.mark.parametrize('arch', ['dla46_c', 'dla34'])
+def test_kept_projections_handed_to_a_child_stay_through_the_fade(arch):
+    """DLA's tree computes the projection and hands it to its first leaf: with keep_projection_shortcuts the leaf
+    keeps adding it (unscaled) while its identity shortcuts fade, and the deployed twin is the keep-projection twin."""
+    torch.manual_seed(0)
+    teacher = timm.create_model(arch, num_classes=3).eval()
+    fading = timm.create_model(f'plain_{arch}', num_classes=3, shortcut_fade=True, keep_projection_shortcuts=True)
+    twin = timm.create_model(f'plain_{arch}', num_classes=3, keep_projection_shortcuts=True).eval()
+    assert fading.plain_report.kept_projections == twin.plain_report.kept_projections != []
+    load_teacher_weights(fading, teacher.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    fading.eval()
+    assert torch.equal(fading(x), teacher(x))
+    set_shortcut_scale(fading, 0.0)
+    load_teacher_weights(twin, teacher.state_dict())
+    assert torch.equal(fading(x), twin(x))
+    deployed = deployable(fading).eval()
+    twin.load_state_dict(deployed.state_dict())  # strict: the same modules, the projections included
+    assert torch.equal(deployed(x), twin(x))
+    plain_all = timm.create_model(f'plain_{arch}', num_classes=3).eval()
+    load_teacher_weights(plain_all, teacher.state_dict())
+    assert not torch.allclose(deployed(x), plain_all(x))  # the kept projections do change the output
+
 def test_finish_refuses_before_the_fade_ends_and_deployable_leaves_the_original():
     _, fading = _pair('resnet20_cifar')
     set_shortcut_scale(fading, 0.25)

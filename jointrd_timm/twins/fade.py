@@ -34,7 +34,7 @@ from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_t
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import is_projection, graph_block, plain_class
 from .leak import restore_relus
-from .rules import get_rule, rules
+from .rules import get_rule, handed_projection_child, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
@@ -118,9 +118,15 @@ def _with_given_shortcuts(block: nn.Module, graph: fx.Graph, concrete: dict):
     return graph, concrete
 
 
-def _fading_block(block: nn.Module, keep_projection: bool):
+def _is_given(node: fx.Node) -> bool:
+    return node.op == 'call_function' and node.target is given_or
+
+
+def _fading_block(block: nn.Module, keep_projection: bool, keep_given: bool = False):
     """``block`` with each shortcut addition ``a + shortcut`` rewritten to ``a + s * shortcut``; returns the
-    fading block, the number of shortcuts scaled and whether a projection shortcut was left as it is."""
+    fading block, the number of shortcuts scaled and whether a projection shortcut was left as it is.
+    ``keep_given``: the caller hands this block a kept projection as its shortcut argument, so the additions of
+    that argument stay whole (the plain twin adds it too)."""
     traced = trace_block(block)
     if traced is None:
         raise UnsupportedBlockError(
@@ -129,7 +135,7 @@ def _fading_block(block: nn.Module, keep_projection: bool):
     graph, concrete = _with_given_shortcuts(block, *traced)
     scale, scaled, kept = None, 0, False
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
-        if keep_projection and is_projection(shortcut, block):
+        if (keep_projection and is_projection(shortcut, block)) or (keep_given and _is_given(shortcut)):
             kept = True
             continue
         if scale is None:
@@ -160,17 +166,23 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
         NotResidualError: no block adds a shortcut (nothing to fade).
     """
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
+    handed = set()  # blocks whose parent hands them a kept projection as their shortcut argument
     for name, module in list(model.named_modules()):
         rule = get_rule(module)
         if rule is None or not name:
             continue
+        child = handed_projection_child(module) if keep_projection_shortcuts else None
+        if child is not None:
+            handed.add(f'{name}.{child}')
+            report.kept_projections.append(name)
         if type(module) is not rule.block_class:
             raise ValueError(f'{type(model).__name__} is already plain or fading (block {name} is a '
                              f'{type(module).__name__}); build the fading twin from the residual model.')
         if token_mixers(module):
             raise UnsupportedBlockError(f'{name} ({type(module).__name__}) mixes tokens with '
                                         f'{", ".join(token_mixers(module))}: transformer blocks are refused by design.')
-        fading, scaled, kept = _fading_block(module, keep_projection_shortcuts)
+        fading, scaled, kept = _fading_block(module, keep_projection_shortcuts, keep_given=name in handed)
+        kept = kept and name not in handed  # the parent that computes the projection is the one reported
         if scaled:  # blocks without a shortcut to fade (e.g. a strided block with timm's skip off) stay as they are
             parent_name, _, child_name = name.rpartition('.')
             setattr(model.get_submodule(parent_name), child_name, fading)

@@ -11,11 +11,12 @@ shortcut. Two kinds cover every family:
   Swapping the class (never patching ``forward`` on the instance) keeps TorchScript working.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 from torch import nn
 
-__all__ = ['ShortcutRule', 'register_rule', 'get_rule', 'rules', 'swap_rule', 'switch_rule', 'is_projection']
+__all__ = ['ShortcutRule', 'register_rule', 'get_rule', 'rules', 'swap_rule', 'switch_rule', 'is_projection',
+           'hand_projection', 'handed_projection_child']
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,26 @@ def get_rule(block: nn.Module) -> Optional[ShortcutRule]:
 
 def rules() -> Dict[Type[nn.Module], ShortcutRule]:
     return dict(_RULES)
+
+
+# blocks that compute a projection and hand it to a child block as that child's shortcut argument:
+# block class -> (projection attribute, child attribute)
+_HANDED: Dict[Type[nn.Module], Tuple[str, str]] = {}
+
+
+def hand_projection(block_class: Type[nn.Module], projection_attr: str, child_attr: str) -> None:
+    """Declare that ``block_class`` computes ``<projection_attr>`` and hands it to ``<child_attr>`` as its shortcut
+    (DLA's tree: ``tree1(x, project(bottom))``). The fade reads it: a kept projection's addition sits in the child,
+    which must then keep its shortcut whole."""
+    _HANDED[block_class] = (projection_attr, child_attr)
+
+
+def handed_projection_child(block: nn.Module) -> Optional[str]:
+    """The attribute name of the child that ``block`` hands a projection (not an identity) to, else None."""
+    projection_attr, child_attr = _HANDED.get(type(block), (None, None))
+    if projection_attr is None or not is_projection(getattr(block, projection_attr, None)):
+        return None
+    return child_attr
 
 
 def is_projection(module: Optional[nn.Module]) -> bool:

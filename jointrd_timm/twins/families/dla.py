@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from timm.models.dla import DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree
 
-from ..rules import swap_rule, switch_rule
+from ..rules import hand_projection, swap_rule, switch_rule
 from .res2net import Res2NetScales
 
 
@@ -68,4 +68,5 @@ for _block, _plain in ((DlaBasic, PlainDlaBasic), (DlaBottleneck, PlainDlaBottle
                        (DlaBottle2neck, PlainDlaBottle2neck)):
     swap_rule(_block, _plain, 'shortcut_projection')
 swap_rule(DlaTree, PlainDlaTree, 'project')
+hand_projection(DlaTree, 'project', 'tree1')
 switch_rule(DlaRoot, 'shortcut', False)
