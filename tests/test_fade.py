@@ -1,5 +1,6 @@
 """Shortcut fading (jointrd_timm.twins.fade): s = 1 is the teacher, s = 0 the twin, finish_fade removes exactly
 the shortcuts; schedules, JointRD / FadingStudent / runner wiring, deployment and errors."""
+import copy
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import jointrd_timm  # noqa: F401
 from conftest import tiny_yaml
 from jointrd_timm.methods import JointRD, JointRDConfig
 from jointrd_timm.training.runner import load_config, train
-from jointrd_timm.twins import NotResidualError, count_shortcut_additions
+from jointrd_timm.twins import NotResidualError, count_shortcut_additions, make_plain
 from jointrd_timm.methods.fading import FadingStudent
 from jointrd_timm.methods.schedules import block_scales, fade_scale
 from jointrd_timm.twins.fade import (SCALE, FadingGraphBlock, deployable, finish_fade, is_fading, make_fading,
@@ -518,3 +519,22 @@ def test_shortcut_fade_carries_its_fields_checked_in_one_place():
     built = fading_model(dict(model_name='plain_resnet20_cifar', num_classes=10), 0.5, shortcut_fade_window=0.25,
                          shortcut_fade_power=0.5, shortcut_fade_mode='share', shortcut_fade_order='deep_first')
     assert built.fade == fade
+
+
+def test_an_addition_whose_operand_is_an_earlier_shortcut_addition_fades_and_finishes():
+    """NASNet's stem cell adds ``x_comb_iter_1`` (itself a shortcut addition) into ``x_comb_iter_3``: rewriting the
+    first must not leave the second pointing at the erased node."""
+    from timm.models.nasnet import CellStem0
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(CellStem0(stem_size=8, num_channels=4)).eval()
+    x = torch.randn(2, 8, 16, 16)
+    expected = teacher(x)
+    fading = make_fading(copy.deepcopy(teacher)).eval()
+    assert fading.plain_report.shortcuts_removed == count_shortcut_additions(teacher) >= 5
+    assert torch.equal(fading(x), expected)
+    set_shortcut_scale(fading, 0.0)
+    plain = make_plain(copy.deepcopy(teacher)).eval()
+    torch.testing.assert_close(fading(x), plain(x), rtol=0, atol=0)
+    finish_fade(fading)
+    assert count_shortcut_additions(fading) == 0
+    assert torch.equal(fading(x), plain(x))

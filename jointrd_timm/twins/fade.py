@@ -134,7 +134,9 @@ def _fading_block(block: nn.Module, keep_projection: bool, keep_given: bool = Fa
             'without shortcut_fade.')
     graph, concrete = _with_given_shortcuts(block, *traced)
     scale, scaled, kept = None, 0, False
+    rewritten = {}  # an addition already rewritten can be an operand of a later one (NASNet's cells)
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
+        shortcut, branch = rewritten.get(shortcut, shortcut), rewritten.get(branch, branch)
         if (keep_projection and is_projection(shortcut, block)) or (keep_given and _is_given(shortcut)):
             kept = True
             continue
@@ -147,6 +149,7 @@ def _fading_block(block: nn.Module, keep_projection: bool, keep_given: bool = Fa
             new_add = graph.call_function(torch.addcmul, (branch, shortcut, scale))
         add.replace_all_uses_with(new_add)
         graph.erase_node(add)
+        rewritten[add] = new_add
         scaled += 1
     block.register_buffer(SCALE, torch.ones((), dtype=torch.float32), persistent=False)
     fading = graph_block(_fading_class(type(block)), block, graph)

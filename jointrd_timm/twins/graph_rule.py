@@ -67,12 +67,15 @@ def plain_graph_module(block: nn.Module, keep_projection: bool = False) -> Tuple
         raise ValueError(f'{type(block).__qualname__} cannot be traced by torch.fx, so no graph rule applies to it.')
     graph, concrete = traced
     kept = False
+    replaced = {}  # an addition already replaced can be an operand of a later one (NASNet's cells)
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
+        shortcut, branch = replaced.get(shortcut, shortcut), replaced.get(branch, branch)
         if keep_projection and is_projection(shortcut, block):
             kept = True
             continue
         add.replace_all_uses_with(branch)
         graph.erase_node(add)
+        replaced[add] = branch
     return graph_block(plain_class(type(block)), block, graph), kept
 
 
