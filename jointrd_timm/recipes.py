@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Tuple
 
+from .methods.base import check_flag
 from .methods.fading import ShortcutFade
 from .methods.jointrd import JointRDConfig
 from .methods.lr_schedules import check_hold
@@ -120,6 +121,8 @@ class Recipe:
         if self.dirac_init != DIRAC_INIT and not self.dirac:
             raise ValueError(f'Recipe {self.name!r}: dirac_init {self.dirac_init} without dirac=True changes nothing; '
                              'give dirac=True.')
+        for name in ('init_from_teacher', 'dirac', 'keep_projection_shortcuts'):
+            check_flag(getattr(self, name), f'Recipe {self.name!r}: {name}')
         for name, meaning in (('lr_scale', "peak learning rate"), ('batch_scale', 'batch')):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
@@ -317,8 +320,14 @@ def short_run_warning(recipe: Recipe, epochs: int, steps_per_epoch: int) -> Opti
             f"teacher's accuracy. Train for at least {needed} epochs (--epochs {needed}).")
 
 
+_YAML_WORDS = {'true': True, 'false': False, 'null': None}
+
+
 def _field_value(text: str):
-    """A field's value as :attr:`Recipe.id` writes it (Python literals; anything else is text, e.g. ``joint``)."""
+    """A field's value as :attr:`Recipe.id` writes it (Python literals, and YAML's ``true`` / ``false`` / ``null``
+    as a user types them on a command line; anything else is text, e.g. ``joint``)."""
+    if text in _YAML_WORDS:
+        return _YAML_WORDS[text]
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -101,7 +101,7 @@ def test_a_step_drops_its_captures_and_a_loss_without_a_recorded_forward_is_refu
 
 
 def test_block_loss_errors():
-    with pytest.raises(ValueError, match='block_loss_weight must be a number >= 0'):
+    with pytest.raises(ValueError, match='block_loss_weight must be a finite number >= 0'):
         JointRDConfig(block_loss_weight=-1)
     teacher = timm.create_model('resnet20_cifar', num_classes=10)
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))

@@ -184,3 +184,14 @@ def test_batch_scale_gives_the_twin_more_steps_in_the_same_epochs_and_must_be_po
         message = r'batch_scale must be a positive number .* got ' + repr(bad).replace('.', r'\.')
         with pytest.raises(ValueError, match=message):
             DEFAULT_RECIPE.replace(batch_scale=bad)
+
+
+def test_recipe_flags_are_booleans_and_yaml_words_read_as_values():
+    for name in ('init_from_teacher', 'keep_projection_shortcuts', 'dirac'):
+        with pytest.raises(ValueError, match=rf"Recipe 'default': {name} must be true or false, got 'maybe'"):
+            get_recipe(f'default,{name}=maybe')
+    assert get_recipe('default,keep_projection_shortcuts=true').keep_projection_shortcuts is True
+    assert get_recipe('default,shortcut_fade=null').shortcut_fade is None
+    # a JointRDConfig field that is not a number is named as such, not as a comparison failing inside the method
+    with pytest.raises(ValueError, match=r"kd_weight must be a finite number >= 0 \(0 turns the term off\), got 'abc'"):
+        get_recipe('default,kd_weight=abc')

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TrainingMethod, check_teacher_student, config_from_dict, hinton_kd
-from .side_optimizer import SideOptimizer
+from .base import TrainingMethod, check_flag, check_number, check_teacher_student, config_from_dict, hinton_kd
+from .side_optimizer import SideOptimizer, check_side_sgd
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
            'conditional_discriminator_loss', 'conditional_gan_term', 'conditional_student_loss', 'ConditionalAdversarialKD',
@@ -125,6 +125,9 @@ class DiscriminatorConfig:
     gamma: float = 0.1
     cosine_epochs: Optional[int] = None
 
+    def __post_init__(self):
+        check_side_sgd('discriminator', **asdict(self))
+
     @classmethod
     def from_dict(cls, values: Optional[Dict]) -> 'DiscriminatorConfig':
         return config_from_dict(cls, dict(values or {}), 'discriminator')
@@ -201,6 +204,9 @@ class ConditionalAdversarialKD(_TeacherStudent):
     def __init__(self, student: nn.Module, teacher: nn.Module, num_classes: int, discriminator_depth: int = 3,
                  dropout: float = 0.3, non_saturating: bool = False, discriminator: Optional[Dict] = None,
                  num_epochs: int = 0, steps_per_epoch: int = 0):
+        check_number(discriminator_depth, 'ConditionalAdversarialKD: discriminator_depth', 1, integer=True)
+        check_number(dropout, 'ConditionalAdversarialKD: dropout', 0.0, 1.0, below=True)
+        check_flag(non_saturating, 'ConditionalAdversarialKD: non_saturating')
         super().__init__(student, teacher, num_epochs, steps_per_epoch)
         self.non_saturating = non_saturating
         self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes, discriminator_depth, dropout),
@@ -227,6 +233,11 @@ class AdversarialPortableStudent(_TeacherStudent):
     def __init__(self, student: nn.Module, teacher: nn.Module, adversarial_weight: float = 0.1,
                  kd_weight: float = 1.0, kd_temperature: float = 4.0, hidden: int = 256, label_head: bool = False,
                  discriminator: Optional[Dict] = None, num_epochs: int = 0, steps_per_epoch: int = 0):
+        for name, value in (('adversarial_weight', adversarial_weight), ('kd_weight', kd_weight)):
+            check_number(value, f'AdversarialPortableStudent: {name}', 0.0, meaning='0 turns the term off')
+        check_number(kd_temperature, 'AdversarialPortableStudent: kd_temperature', 0.0, above=True)
+        check_number(hidden, 'AdversarialPortableStudent: hidden', 1, integer=True)
+        check_flag(label_head, 'AdversarialPortableStudent: label_head')
         super().__init__(student, teacher, num_epochs, steps_per_epoch)
         s_dim, t_dim = student.num_features, teacher.num_features
         self.adapter = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()

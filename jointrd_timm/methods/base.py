@@ -24,6 +24,7 @@ the student's loss against the updated D), so any torchdistill box, torchdistill
 loop train these modules with one ``loss.backward(); optimizer.step()`` and no extra call; its optimiser is
 declared through ``extra_optimizers()`` so that checkpoints hold it.
 """
+import math
 from typing import Dict, Optional
 
 import torch
@@ -34,7 +35,7 @@ from ..errors import JointRDError
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
            'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
-           'call_on_buffer_copies']
+           'call_on_buffer_copies', 'check_number', 'check_flag']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
 
@@ -176,6 +177,35 @@ class TrainingMethod(nn.Module):
 
     def epoch_metrics(self) -> Dict[str, float]:
         return {}
+
+
+def check_number(value, what: str, minimum: Optional[float] = None, maximum: Optional[float] = None, *,
+                 above: bool = False, below: bool = False, integer: bool = False, meaning: str = ''):
+    """``value`` as a float (an int with ``integer``), or a ValueError naming ``what``, the range it must lie in
+    (``minimum`` / ``maximum``, excluded with ``above`` / ``below``) and what was given. Booleans, strings and
+    non-finite numbers are refused."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) \
+        and (minimum is None or (value > minimum if above else value >= minimum)) \
+        and (maximum is None or (value < maximum if below else value <= maximum))
+    if not ok:
+        bounds = []
+        if minimum is not None:
+            bounds.append(f'{">" if above else ">="} {minimum:g}')
+        if maximum is not None:
+            bounds.append(f'{"<" if below else "<="} {maximum:g}')
+        kind = 'an integer' if integer else 'a finite number'
+        raise ValueError(f'{what} must be {kind}{" " + " and ".join(bounds) if bounds else ""}'
+                         f'{f" ({meaning})" if meaning else ""}, got {value!r}.')
+    return int(value) if integer else float(value)
+
+
+def check_flag(value, what: str) -> bool:
+    """``value`` if it is True or False, else a ValueError naming ``what`` (a YAML ``yes`` is already a bool; a
+    string such as ``'false'`` is refused rather than read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f'{what} must be true or false, got {value!r}.')
+    return value
 
 
 def config_from_dict(cls, values: Dict, what: str):

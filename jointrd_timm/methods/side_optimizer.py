@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .base import check_flag, check_number
+
 __all__ = ['SideOptimizer', 'epoch_scheduler']
 
 
@@ -23,6 +25,21 @@ def epoch_scheduler(optimizer: torch.optim.Optimizer, cosine_epochs: Optional[in
     if cosine_epochs:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cosine_epochs)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma)
+
+
+def check_side_sgd(what: str, lr, momentum, weight_decay, cosine_epochs, milestones, gamma, nesterov=False) -> None:
+    """A ValueError naming ``what`` (the config section) and the setting, for settings SGD or its schedule would
+    reject only at the first step, or silently misread."""
+    check_number(lr, f'{what}.lr', 0.0, above=True)
+    check_number(momentum, f'{what}.momentum', 0.0, 1.0, below=True)
+    check_number(weight_decay, f'{what}.weight_decay', 0.0)
+    check_number(gamma, f'{what}.gamma', 0.0, above=True)
+    check_flag(nesterov, f'{what}.nesterov')
+    if cosine_epochs is not None:
+        check_number(cosine_epochs, f'{what}.cosine_epochs', 1, integer=True, meaning='epochs of the cosine decay')
+    if not isinstance(milestones, (list, tuple)) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones):
+        raise ValueError(f'{what}.milestones must be a list of epochs (positive integers), got {milestones!r}.')
 
 
 class SideOptimizer:

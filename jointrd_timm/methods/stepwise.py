@@ -43,22 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RunLengthError, TrainingMethod, check_teacher_student
+from .base import RunLengthError, TrainingMethod, check_number, check_teacher_student
 from ..twins.fade import fading_block_count, is_fading, set_shortcut_scale
 
 __all__ = ['StepwiseRemoval', 'removal_points', 'removal_scales', 'stepwise_loss', 'REMOVAL_ORDERS']
 
 REMOVAL_ORDERS = ('input_first', 'output_first')
 _ROUNDING = 1e-9  # progress is a float (step / steps_per_epoch): a removal point it reaches up to rounding counts
-
-
-def _check_number(name: str, value, minimum: float, inclusive: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        (value >= minimum if inclusive else value > minimum)
-    if not ok:
-        raise ValueError(f'StepwiseRemoval: {name} must be a finite number {">=" if inclusive else ">"} {minimum}, '
-                         f'got {value!r}.')
-    return float(value)
 
 
 def removal_points(blocks: int, interval: float, first_removal: Optional[float] = None) -> List[float]:
@@ -116,14 +107,14 @@ class StepwiseRemoval(TrainingMethod):
             raise ValueError(f'StepwiseRemoval: the student {type(student).__name__} has no fading shortcuts to '
                              "remove; build it with timm.create_model('plain_<arch>', shortcut_fade=True) (in a "
                              'YAML, stepwise_model does).')
-        interval = _check_number('interval', interval, 0.0, inclusive=False)
+        interval = check_number(interval, 'StepwiseRemoval: interval', 0.0, above=True)
         if first_removal is not None:
-            first_removal = _check_number('first_removal', first_removal, 0.0, inclusive=True)
+            first_removal = check_number(first_removal, 'StepwiseRemoval: first_removal', 0.0)
         removal_scales(0.0, 0, interval, order=order)  # validates the order
         super().__init__()
         self.interval, self.first_removal, self.order = interval, first_removal, order
-        self.mse_weight = _check_number('mse_weight', mse_weight, 0.0, inclusive=True)
-        self.ce_weight = _check_number('ce_weight', ce_weight, 0.0, inclusive=True)
+        self.mse_weight = check_number(mse_weight, 'StepwiseRemoval: mse_weight', 0.0)
+        self.ce_weight = check_number(ce_weight, 'StepwiseRemoval: ce_weight', 0.0)
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
         self.blocks = fading_block_count(student)

@@ -1,10 +1,11 @@
 """JointRD's settings: :class:`JointRDConfig` (every decision of the method is a field; each field is described in
 docs/jointrd.md, section "JointRDConfig fields") and the joint teacher's optimizer settings."""
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Optional
 
-from ..base import config_from_dict
+from ..base import check_flag, check_number, config_from_dict
 from ..fading import ShortcutFade
+from ..side_optimizer import check_side_sgd
 
 __all__ = ['JointRDConfig', 'TeacherOptimizerConfig', 'LOSS_NORMALIZERS', 'DEFAULT_LEAN_MEMORY']
 
@@ -61,20 +62,30 @@ class JointRDConfig:
     fold_teacher_bn: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.eta_min <= 1.0:
-            raise ValueError(f'eta_min must be in [0, 1], got {self.eta_min}.')
+        check_number(self.eta_min, 'eta_min', 0.0, 1.0,
+                     meaning='the weight of the hybrid paths at the end of its decay')
+        check_number(self.eta_horizon, 'eta_horizon', 0.0, above=True, meaning='epochs over which eta decays')
+        if self.eta_horizon_fraction is not None:
+            check_number(self.eta_horizon_fraction, 'eta_horizon_fraction', 0.0, 1.0, above=True,
+                         meaning='the fraction of the run over which eta decays; None: eta_horizon epochs')
+        for name in ('feature_loss_weight', 'kd_weight', 'adversarial_weight'):
+            check_number(getattr(self, name), name, 0.0, meaning='0 turns the term off')
+        check_number(self.kd_temperature, 'kd_temperature', 0.0, above=True, meaning="Hinton KD's temperature")
+        for name in ('eta_per_step', 'adversarial_non_saturating', 'fold_teacher_bn'):
+            check_flag(getattr(self, name), name)
+        if self.lean_memory is not None:
+            check_flag(self.lean_memory, 'lean_memory')
+        for name in ('discriminator', 'teacher_optimizer'):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f'{name} must be a mapping of settings (or absent), got {getattr(self, name)!r}.')
         for name in ('feature_loss', 'teacher_mode'):
             if getattr(self, name) not in _CHOICES[name]:
                 raise ValueError(f'{name} must be ' + ' or '.join(map(repr, _CHOICES[name])) +
                                  f', got {getattr(self, name)!r}.')
-        if not (isinstance(self.block_loss_weight, (int, float)) and not isinstance(self.block_loss_weight, bool)
-                and self.block_loss_weight >= 0):
-            raise ValueError('block_loss_weight must be a number >= 0 (0: no teacher-forced block targets), got '
-                             f'{self.block_loss_weight!r}.')
-        if self.hybrid_paths is not None and self.hybrid_paths < 1:
-            raise ValueError(f'hybrid_paths must be >= 1 or None (all paths), got {self.hybrid_paths}.')
-        if self.eta_horizon_fraction is not None and not 0 < self.eta_horizon_fraction <= 1:
-            raise ValueError(f'eta_horizon_fraction must be in (0, 1], got {self.eta_horizon_fraction}.')
+        check_number(self.block_loss_weight, 'block_loss_weight', 0.0, meaning='0: no teacher-forced block targets')
+        if self.hybrid_paths is not None:
+            check_number(self.hybrid_paths, 'hybrid_paths', 1, integer=True,
+                         meaning='the hybrid paths sampled per step; None: all of them')
         ShortcutFade.from_fields(self)  # checks the six fade fields
         if self.loss_normalization not in LOSS_NORMALIZERS:
             raise ValueError(f'loss_normalization must be one of {list(LOSS_NORMALIZERS)} (the reference: '
@@ -120,6 +131,9 @@ class TeacherOptimizerConfig:
     cosine_epochs: Optional[int] = None
     milestones: list = field(default_factory=list)
     gamma: float = 0.1
+
+    def __post_init__(self):
+        check_side_sgd('teacher_optimizer', **asdict(self))
 
     @classmethod
     def from_dict(cls, values: Dict) -> 'TeacherOptimizerConfig':
