@@ -8,9 +8,30 @@ from pathlib import Path
 from .errors import InputError, JointRDError
 
 
-def _derive(args) -> int:
-    import timm
+def _architecture(name: str) -> str:
+    """The residual timm architecture that ``name`` (``arch``, ``plain_<arch>``, either with a pretrained tag) names,
+    refused as an :class:`InputError` when timm does not know it or it has no twin (the reason said)."""
     import jointrd_timm  # noqa: F401
+    from .models.plain_twins import PREFIX, name_problem
+    why = name_problem(name, need_twin=True)
+    if why:
+        raise InputError(why)
+    base = name.split('.')[0]
+    return base[len(PREFIX):] if base.startswith(PREFIX) else base
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a size, a count of epochs or images)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def _derive(args) -> int:
     from .twins.summary import describe_twin, list_twins
     if args.list:
         print('\n'.join(list_twins()))
@@ -18,13 +39,7 @@ def _derive(args) -> int:
     if not args.model:
         print('jointrd derive: give a MODEL (e.g. resnet50) or --list', file=sys.stderr)
         return 2
-    residual = args.model[len('plain_'):] if args.model.startswith('plain_') else args.model
-    if residual not in timm.list_models():
-        close = timm.list_models(f'*{residual}*')[:5]
-        why = f'a twin is named plain_<timm model>, and {residual!r} is not a timm model' if residual != args.model \
-            else 'not a timm model' + (f'; did you mean one of {close}?' if close else '')
-        raise InputError(f'Unknown model {args.model!r}: {why} (jointrd derive --list lists the models with a twin).')
-    print(describe_twin(args.model, keep_projection_shortcuts=args.keep_projection_shortcuts,
+    print(describe_twin(_architecture(args.model), keep_projection_shortcuts=args.keep_projection_shortcuts,
                         input_size=args.input_size))
     return 0
 
@@ -81,8 +96,9 @@ def _memory(args) -> int:
     import jointrd_timm  # noqa: F401
     from .deploy.fold import fold_for_deployment
     from .deploy.memory import analyze_activation_memory
-    teacher = args.model[len('plain_'):] if args.model.startswith('plain_') else args.model
-    size = args.input_size or timm.get_pretrained_cfg(teacher).input_size[-1]
+    teacher = _architecture(args.model)
+    cfg = timm.get_pretrained_cfg(teacher)
+    size = args.input_size or (cfg.input_size[-1] if cfg is not None and cfg.input_size else 224)
     x = torch.randn(args.batch, 3, size, size)
     rows = {}
     for name in (teacher, f'plain_{teacher}'):
@@ -101,7 +117,7 @@ def _memory(args) -> int:
 
 def _bench(args) -> int:
     from .deploy.bench import markdown, run_bench
-    report = run_bench(args.models or None, tuple(args.batches), args.repeats, args.threads,
+    report = run_bench([_architecture(m) for m in args.models] or None, tuple(args.batches), args.repeats, args.threads,
                        onnx=not args.no_onnx, measure_memory=not args.no_measure)
     text = markdown(report)
     print(text)
@@ -146,11 +162,16 @@ def _push(args) -> int:
 def _eval(args) -> int:
     from .integrations.hub import load_model
     from .training.data import evaluate_model
-    channels = 1 if args.dataset == 'sklearn:digits' else 3
-    kwargs = dict(transform='tensor', input_size=8, channels=1) if channels == 1 else dict(transform=args.transform)
+    from torch import nn
+    model = load_model(args.model, require_weights=not args.random_weights)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None and first_conv.in_channels in (1, 3) else 3
+    # the digits are grayscale 8x8: read as the model's channels (an RGB model gets them repeated, as distill does)
+    kwargs = dict(transform='tensor', input_size=8, channels=channels) if args.dataset == 'sklearn:digits' \
+        else dict(transform=args.transform, channels=channels)
     if args.image_column:
         kwargs['image_column'] = args.image_column
-    result = evaluate_model(load_model(args.model, require_weights=not args.random_weights), args.dataset, args.split, **kwargs)
+    result = evaluate_model(model, args.dataset, args.split, **kwargs)
     line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {args.split})'
     try:
         from .models.catalogue import entry
@@ -200,7 +221,8 @@ def _add_export_arguments(p: argparse.ArgumentParser, formats: bool = False) -> 
     """The arguments of the commands that write exported files (export, exact)."""
     p.add_argument('--output-dir', default='exports')
     p.add_argument('--name', default=None, help='file name stem (default: from the model)')
-    p.add_argument('--input-size', type=int, default=None, help='side of the example input (default: the model cfg)')
+    p.add_argument('--input-size', type=_positive_int, default=None,
+                   help='side of the example input (default: the model cfg)')
     if formats:
         p.add_argument('--formats', nargs='+', choices=('onnx', 'torchscript'), default=['onnx', 'torchscript'])
     p.add_argument('--atol', type=float, default=1e-3, help='max abs error allowed for an exported file')
@@ -218,7 +240,8 @@ def _derive_parser(sub) -> None:
     p.add_argument('model', nargs='?', help='a timm architecture, e.g. resnet50')
     p.add_argument('--list', action='store_true', help='list every architecture with a twin')
     p.add_argument('--keep-projection-shortcuts', action='store_true', help="the paper's plain-CNN variant")
-    p.add_argument('--input-size', type=int, default=None, help='input size for FLOPs (default: the model cfg)')
+    p.add_argument('--input-size', type=_positive_int, default=None,
+                   help='input size for FLOPs (default: the model cfg)')
     p.set_defaults(func=_derive)
 
 
@@ -255,8 +278,10 @@ def _demo_parser(sub) -> None:
                    help='twin recipe (jointrd_timm.recipes.RECIPES): default (start from the teacher, fade its '
                         'shortcuts out), dirac (Dirac-parametrised convs from scratch), reference (JointRD reference, '
                         'plain convs)')
-    p.add_argument('--epochs', type=int, default=None, help='epochs per run (default: fits 5 minutes on 2 cores)')
-    p.add_argument('--limit', type=int, default=None, help='train images per run (a quick smoke run; default all)')
+    p.add_argument('--epochs', type=_positive_int, default=None,
+                   help='epochs per run (default: fits 5 minutes on 2 cores)')
+    p.add_argument('--limit', type=_positive_int, default=None,
+                   help='train images per run (a quick smoke run; default all)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)
     p.set_defaults(func=_demo)
 
@@ -327,16 +352,16 @@ def _export_parsers(sub) -> None:
 def _measure_parsers(sub) -> None:
     p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
     p.add_argument('model')
-    p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--input-size', type=int, default=None)
+    p.add_argument('--batch', type=_positive_int, default=1)
+    p.add_argument('--input-size', type=_positive_int, default=None)
     p.add_argument('--no-fold', dest='fold', action='store_false', help='analyse the eager model, BN unfolded')
     p.set_defaults(func=_memory)
 
     p = sub.add_parser('bench', help='latency and memory of residual models vs twins, side by side')
     p.add_argument('models', nargs='*', help='residual architectures (default: the deployment benchmark set)')
-    p.add_argument('--batches', type=int, nargs='+', default=[1, 16])
-    p.add_argument('--repeats', type=int, default=20)
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--batches', type=_positive_int, nargs='+', default=[1, 16])
+    p.add_argument('--repeats', type=_positive_int, default=20)
+    p.add_argument('--threads', type=_positive_int, default=2)
     p.add_argument('--no-onnx', action='store_true')
     p.add_argument('--no-measure', action='store_true', help='skip the measured (subprocess RSS) memory')
     p.add_argument('--output', default=None, help='write <output>.json and <output>.md')

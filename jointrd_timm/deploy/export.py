@@ -45,10 +45,10 @@ def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Ten
         try:
             with torch.no_grad():
                 model(x[:1])
-        except RuntimeError:
+        except (RuntimeError, AssertionError, ValueError):
             continue
         return x
-    return torch.randn(batch, first_conv, size, size)  # let the export report the model's own error
+    return torch.randn(batch, first_conv, size, size)  # let export_model report the model's own error
 
 
 def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx', 'torchscript'),
@@ -57,11 +57,16 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     when an export (or the folded model) deviates more than ``atol`` from the eager model and is farther from the
     model's float64 result than twice the eager float32 model is."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     x = _input(model, 2, input_size)
     with torch.no_grad():
-        reference = model(x)
+        try:
+            reference = model(x)
+        except (RuntimeError, AssertionError, ValueError) as e:  # e.g. a ViT built for another image size
+            raise ExportError(f'{type(model).__name__} does not run on an example input of shape {tuple(x.shape)}: '
+                              f'{type(e).__name__}: {str(e)[:200]} Give the input size it takes (--input-size, '
+                              'input_size=).') from e
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once the model runs: a refusal leaves nothing behind
         folded, fold_report = fold_for_deployment(model)
         folded_out = folded(x)
         fold_error = (folded_out - reference).abs().max().item()

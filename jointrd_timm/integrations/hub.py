@@ -96,12 +96,23 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     bare architecture name (randomly initialised weights), for commands whose output would then mean nothing."""
     import timm
     import jointrd_timm  # noqa: F401  (plain_* names)
+    from ..models.plain_twins import name_problem
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    if path.is_file():
+        raise InputError(f'{spec!r} is a file: give the folder that holds a model (config.json and '
+                         'model.safetensors, as `jointrd save` writes it), or a runner output folder.')
+    looks_like_path = spec.startswith(('local-dir:', '.', '~', '/')) or ('/' in spec and ':' not in spec)
+    if looks_like_path and not path.is_dir():
+        raise InputError(f'No folder {str(path)!r}: give a runner output folder, a Hub-format folder, a model name '
+                         '(name.tag) or hf-hub:org/name.')
     if path.is_dir():
         folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
         _check_folder(folder)
         spec = f'local-dir:{folder}'
     pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
+    problem = None if spec.startswith(('hf-hub:', 'local-dir:')) else name_problem(spec)
+    if problem:
+        raise InputError(problem)
     if require_weights and not pretrained:
         raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '

@@ -24,6 +24,7 @@ teacher itself (s = 1), the recipe's start point.
 """
 import json
 from copy import deepcopy
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -38,7 +39,8 @@ from ..twins.dirac import DIRAC_INIT, apply_dirac
 from ..twins.fade import make_fading
 from ..twins.transfer import pretrained_teacher_filter
 
-__all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name']
+__all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name', 'twin_refusal', 'underivable_reason',
+           'name_problem']
 
 PREFIX = 'plain_'
 # timm modules whose architectures are built from blocks that a rule in jointrd_timm.twins.families knows
@@ -64,6 +66,48 @@ _WEIGHT_SOURCES = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'fi
 
 def twin_name(teacher: str) -> str:
     return PREFIX + teacher
+
+
+def name_problem(name: str, need_twin: bool = False) -> Optional[str]:
+    """What is wrong with the model name ``name`` (``arch``, ``plain_<arch>``, either with a ``.tag``), in a sentence
+    for the user, or None: not a timm architecture (with close names), or a twin asked for (a ``plain_`` name, or
+    ``need_twin``) that does not exist (:func:`twin_refusal`)."""
+    base = name.split('.')[0]
+    residual = base[len(PREFIX):] if base.startswith(PREFIX) else base
+    if not timm.is_model(residual):
+        close = timm.list_models(f'*{residual}*')[:5] or get_close_matches(residual, timm.list_models(), n=5)
+        why = f'a twin is named {PREFIX}<timm model>, and {residual!r} is not a timm model' if residual != base \
+            else 'not a timm model' + (f'; did you mean one of {close}?' if close else '')
+        return f'Unknown model {name!r}: {why} (`jointrd derive --list` lists the models with a twin).'
+    return twin_refusal(residual) if need_twin or residual != base else None
+
+
+def twin_refusal(arch: str) -> Optional[str]:
+    """None when the timm architecture ``arch`` has a registered twin; else why not, in a sentence for the user
+    (a transformer, no shortcut, a block no rule knows, a family not derived). Builds ``arch`` (random weights) only
+    when no recorded reason says it already."""
+    from ..twins.derive import NotResidualError, UnsupportedBlockError, token_mixers
+    if timm.is_model(twin_name(arch)):
+        return None
+    listed = ' `jointrd derive --list` lists the architectures that have one.'
+    reason = underivable_reason(arch)
+    if reason:
+        return f'{arch} has no shortcut-free twin: {reason}.' + listed
+    model = timm.create_model(arch)
+    mixers = token_mixers(model)
+    if mixers:
+        return (f'{arch} is a transformer (or hybrid): it mixes tokens with {", ".join(mixers)}. Such networks are '
+                'refused by design: their shortcuts carry the token stream, and without them they do not train. '
+                'Choose a residual CNN teacher.' + listed)
+    try:
+        twin = make_plain(model)
+    except (NotResidualError, UnsupportedBlockError) as e:
+        return f'{arch} has no shortcut-free twin: {e}' + ('' if 'derive --list' in str(e) else listed)
+    if not twin.plain_report.shortcuts_removed:
+        return f'{arch} adds no shortcut (its blocks run with their skip off): it is plain already.' + listed
+    module = type(model).__module__
+    return (f'{arch} has no registered twin {twin_name(arch)}: its timm module {module} is not one that jointrd_timm '
+            'derives yet.' + listed)
 
 
 def teacher_of(twin: str) -> str:

@@ -139,11 +139,15 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     classifier of a teacher trained for other classes."""
     data, train = specs(data, train, **options)
     train.check(data)
+    try:
+        chosen = get_recipe(recipe) if recipe else None
+    except ValueError as e:
+        raise DistillError(f'--recipe {recipe!r}: {e}') from None
     out = Path(output_dir)
     check_output(out, resume, overwrite)
     resolved = resolve_teacher(teacher)
     check_twin(resolved.arch)
-    twin_recipe = get_recipe(recipe) if recipe else recipe_for(resolved.arch)
+    twin_recipe = chosen or recipe_for(resolved.arch)
     digits = data.source == 'sklearn:digits'
     input_size = data.input_size or (8 if digits else resolved.input_size)
     transform = data.transform or ('tensor' if digits else 'cifar' if input_size <= 64 else 'imagenet')
@@ -315,6 +319,8 @@ def run_distill(teacher: str, data: str, output_dir: str = 'runs/distill', devic
     """TEACHER -> its deployed twin: :func:`plan_distill` (``options``: its arguments), :func:`train_distill`,
     :func:`report_distill`. Returns the comparison (also ``comparison.json``)."""
     import time
+    from .runner import check_device
+    check_device(device)
     plan = plan_distill(teacher, data, output_dir, resume=resume, overwrite=overwrite, **options)
     start = time.time()
     final = train_distill(plan, resume, overwrite, device)

@@ -96,23 +96,10 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 def check_twin(arch: str) -> None:
     """Refuse an architecture without a twin, with the reason (token mixers, no shortcut, unknown block)."""
-    import timm
-    from ..models.plain_twins import twin_name
-    from ..twins.derive import NotResidualError, UnsupportedBlockError, make_plain, token_mixers
-    if timm.is_model(twin_name(arch)):
-        return
-    model = timm.create_model(arch)
-    mixers = token_mixers(model)
-    if mixers:
-        raise DistillError(f'{arch} is a transformer (or hybrid): it mixes tokens with {", ".join(mixers)}. Such '
-                           'networks are refused by design: their shortcuts carry the token stream, and without them '
-                           'they do not train. Choose a residual CNN teacher (`jointrd derive --list`).')
-    try:
-        make_plain(model)
-    except (NotResidualError, UnsupportedBlockError) as e:
-        raise DistillError(f'{arch} has no shortcut-free twin: {e}') from e
-    raise DistillError(f'{arch} has no registered twin {twin_name(arch)} (its timm module is not one that '
-                       'jointrd_timm derives); `jointrd derive --list` lists those that have one.')
+    from ..models.plain_twins import twin_refusal
+    why = twin_refusal(arch)
+    if why:
+        raise DistillError(why)
 
 
 def check_pair(pair: Dict, input_chw, num_classes: int) -> None:

@@ -67,7 +67,8 @@ from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN
 from .run_folder import RunFolder, RunFolderError, checkpoint_epochs, read_metrics
 
 # re-exported, as imported from here before run_config, evaluation and performance were split out
-__all__ = ['train', 'setup', 'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'replica_divergence',
+__all__ = ['train', 'setup', 'check_device',
+           'train_one_epoch', 'finish', 'evaluate', 'recalibrate_batchnorm', 'replica_divergence',
            'to_channels_last', 'load_config', 'validate', 'apply_overrides', 'ConfigError', 'compile_modules',
            'RunFolderError', 'RUNNER_DEFAULTS', 'MIXED_PRECISION']
 
@@ -102,6 +103,15 @@ def _build_model(model_config: Dict, name: str = 'model') -> nn.Module:
     if model_config.get('src_ckpt'):
         load_weights(model, model_config['src_ckpt'])
     return model
+
+
+def check_device(device: Optional[str]) -> None:
+    """Refuse a device this machine does not have, instead of training on the CPU without a word."""
+    if device not in (None, 'cpu', 'cuda'):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or None (cuda if available), got {device!r}.")
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA GPU here (torch.cuda.is_available() "
+                          'is False): give --device cpu, or no --device to use a GPU when there is one.')
 
 
 def _make_accelerator(runner: Dict, device: Optional[str]):
@@ -160,6 +170,7 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
     from ..io import unwrap
 
     validate(config)
+    check_device(device)
     runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))
     out = Path(output_dir or runner['output_dir'] or 'runs/default')
     run = _Run(runner, out, RunFolder(out, resume=resume, overwrite=overwrite, say=print))

@@ -1,0 +1,92 @@
+"""A user's mistake on the command line is one error line (exit 1) or argparse's usage error (exit 2), never a
+traceback, and it leaves nothing behind: unknown or twinless model names, folders that do not exist, sizes and counts
+below 1, a recipe that does not parse, an input size the model does not take, a GPU the machine does not have."""
+import pytest
+import torch
+
+from jointrd_timm.cli import main
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['memory', 'resnt18'], r"jointrd memory: error: Unknown model 'resnt18': not a timm model; did you mean .*"
+                            r"resnet18"),
+    (['memory', 'vit_tiny_patch16_224'], r'vit_tiny_patch16_224 is a transformer \(or hybrid\): it mixes tokens '
+                                         r'with .*Attention'),
+    (['memory', 'densenet121'], r'densenet121 has no shortcut-free twin: DenseNet has no shortcut addition'),
+    (['derive', 'lcnet_035'], r'lcnet_035 has no shortcut-free twin: no shortcut addition found'),
+    (['derive', 'plain_resnt18'], r"a twin is named plain_<timm model>, and 'resnt18' is not a timm model"),
+    (['bench', 'resnt18', '--no-onnx'], r"jointrd bench: error: Unknown model 'resnt18'"),
+])
+def test_model_names_without_a_twin_are_refused_with_the_reason(capsys, argv, message):
+    import re
+    assert re.search(message, _error(capsys, argv))
+
+
+def test_a_tagged_name_derives_its_architecture(capsys):
+    assert main(['derive', 'resnet20_cifar.some_tag']) == 0
+    assert capsys.readouterr().out.startswith('twin of resnet20_cifar: plain_resnet20_cifar')
+
+
+@pytest.mark.parametrize('command', ['save', 'push', 'export'])
+def test_a_folder_that_does_not_exist_is_named(tmp_path, capsys, command):
+    missing = tmp_path / 'no' / 'such'
+    argv = {'save': ['save', str(missing), str(tmp_path / 'out')], 'push': ['push', str(missing), 'org/x'],
+            'export': ['export', str(missing), '--output-dir', str(tmp_path / 'out')]}[command]
+    err = _error(capsys, argv)
+    assert f"No folder '{missing}'" in err and not (tmp_path / 'out').exists()
+    file = tmp_path / 'model.safetensors'
+    file.write_bytes(b'')
+    argv[1] = str(file)
+    assert 'is a file: give the folder that holds a model' in _error(capsys, argv)
+
+
+@pytest.mark.parametrize('argv, option', [
+    (['memory', 'resnet18', '--input-size', '-4'], '--input-size'),
+    (['memory', 'resnet18', '--batch', '0'], '--batch'),
+    (['export', 'resnet18', '--input-size', '0'], '--input-size'),
+    (['derive', 'resnet18', '--input-size', '0'], '--input-size'),
+    (['demo', '--epochs', '0'], '--epochs'),
+    (['demo', '--limit', '0'], '--limit'),
+    (['bench', 'resnet18', '--repeats', '0'], '--repeats'),
+])
+def test_sizes_and_counts_below_one_are_usage_errors_not_defaults(tmp_path, monkeypatch, capsys, argv, option):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f'argument {option}: must be at least 1' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # the demo did not run
+
+
+def test_a_recipe_that_does_not_parse_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / 'out'
+    for recipe, message in (('bogus', "--recipe 'bogus': Unknown recipe 'bogus'"),
+                            ('default,nosuch=1', r"Unknown recipe field(s) ['nosuch']"),
+                            ('default,kd_weight=abc', 'kd_weight must be a finite number >= 0')):
+        err = _error(capsys, ['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--recipe', recipe,
+                              '--output-dir', str(out)])
+        assert message in err
+    assert not out.exists()
+
+
+def test_export_of_a_model_at_an_input_size_it_does_not_take_names_the_size_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'exports'
+    err = _error(capsys, ['export', 'vit_tiny_patch16_224', '--random-weights', '--input-size', '64',
+                          '--output-dir', str(out)])
+    assert 'VisionTransformer does not run on an example input of shape (2, 3, 64, 64)' in err
+    assert '--input-size' in err and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a CUDA GPU')
+def test_asking_for_a_gpu_on_a_machine_without_one_is_refused_not_run_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / 'out'
+    err = _error(capsys, ['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--device', 'cuda',
+                          '--output-dir', str(out)])
+    assert "device 'cuda' was asked for, but torch sees no CUDA GPU here" in err and not out.exists()
