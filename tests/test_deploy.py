@@ -96,6 +96,22 @@ def test_fold_removes_every_batchnorm_of_a_resnet():
     assert torch.allclose(folded(x), model(x), atol=1e-5)
 
 
+@pytest.mark.parametrize('arch', ['repvgg_a0', 'nf_regnet_b0'])
+def test_fold_report_counts_the_same_norms_before_and_after(arch):
+    """Before: the model as given (a RepVGG block's branch norms count, before timm's reparameterize folds them);
+    NFNets' weight standardisation calls batch_norm on its weights, without statistics: not a norm to fold."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=5).eval()
+    modules = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    folded, report = fold_for_deployment(model)
+    assert report['batchnorms_before'] == modules and report['batchnorms_after'] == 0
+    assert (modules > 0) == (arch == 'repvgg_a0')
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 class TinyResidual(nn.Module):
     """x -> conv1 -> relu (in place) -> conv2 -> + x -> relu (in place)."""
 

@@ -135,6 +135,24 @@ def test_bad_yaml_keys(tmp_path):
         load_config(path, ['train.num_epochs'])
 
 
+def test_overridden_keys_are_checked_like_the_yamls_own_and_sections_must_be_mappings(tmp_path):
+    path = tiny_yaml(tmp_path)
+    for override, message in (('runner.eval_evry=5', r"Unknown key\(s\) \['eval_evry'\] .*runner; allowed"),
+                              ('bogus.x=1', r"Unknown key\(s\) \['bogus'\] .*\(top level\)"),
+                              ('train.num_epoch=2', r"Unknown key\(s\) \['num_epoch'\] .*train"),
+                              ('train.optimizer=[1]', r'train\.optimizer must be a mapping .*got \[1\]'),
+                              ('train.stage1=3', r'train\.stage1 must be a mapping .*got 3')):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [override])
+    bad = tmp_path / 'bad.yaml'
+    sections = dict(datasets='{}', models='{student_model: {key: m}}', train='{num_epochs: 1}', test='{}')
+    for section in ('train', 'models', 'test', 'runner', 'datasets'):
+        bad.write_text(''.join(f'{k}: {5 if k == section else v}\n' for k, v in dict(sections, runner='{}').items()))
+        with pytest.raises(ConfigError, match=rf'{section} must be a mapping .*got 5'):
+            load_config(bad)
+    assert load_config(path, ['runner.eval_every=2'])['runner']['eval_every'] == 2  # a known key still overrides
+
+
 def test_missing_dataset_column_is_a_clear_error(tmp_path):
     path = tiny_yaml(tmp_path)
     bad = tmp_path / 'bad.yaml'

@@ -29,22 +29,34 @@ def _split_norm_act(model: nn.Module) -> None:
                 setattr(module, child_name, nn.Sequential(bn, child.drop, child.act))
 
 
+def _is_batchnorm_call(node: fx.Node) -> bool:
+    """A functional batch_norm in a graph that normalises activations with running statistics (not a weight
+    standardisation, e.g. NFNets' ScaledStdConv2d, which calls batch_norm on its weight without statistics)."""
+    if node.op != 'call_function' or 'batch_norm' not in str(node.target):
+        return False
+    running_mean = node.kwargs.get('running_mean', node.args[1] if len(node.args) > 1 else None)
+    return running_mean is not None
+
+
 def count_batchnorms(model: nn.Module) -> int:
-    """BatchNorm layers still computed: modules, and functional batch_norm calls in an fx graph."""
+    """BatchNorm layers still computed: modules, and functional batch_norm calls with running statistics in an fx
+    graph (the same count before and after folding)."""
     count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if isinstance(model, fx.GraphModule):
-        count += sum(1 for n in model.graph.nodes if n.op == 'call_function' and 'batch_norm' in str(n.target))
+    for module in model.modules():
+        if isinstance(module, fx.GraphModule):
+            count += sum(_is_batchnorm_call(n) for n in module.graph.nodes)
     return count
 
 
 def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
-    """A folded copy of ``model`` (eval mode) and a report: batchnorms before/after, whether fx tracing worked."""
+    """A folded copy of ``model`` (eval mode) and a report: batchnorms before (as given) and after (left computed),
+    whether fx tracing worked."""
     model = copy.deepcopy(model).eval()
+    before = count_batchnorms(model)  # as given: a RepVGG / MobileOne block's branch norms count, then fold
     fold_dirac(model)
     for module in model.modules():
         if hasattr(module, 'reparameterize') and callable(module.reparameterize):
             module.reparameterize()
-    before = count_batchnorms(model)
     _split_norm_act(model)
     report = dict(batchnorms_before=before, traced=True)
     try:

@@ -101,16 +101,47 @@ def _peek(path: Path) -> Dict:
         raise ConfigError(f'{path} is not valid YAML: {e}') from e
     if not isinstance(config, dict):
         raise ConfigError(f'{path} does not hold a mapping at top level.')
-    _check_keys(config, TOP_LEVEL_KEYS, f'{path} (top level)')
+    return check_structure(config, str(path))
+
+
+_MAPPINGS = ('optimizer', 'scheduler', 'criterion', 'train_data_loader', 'val_data_loader', 'teacher', 'student',
+             'model')
+
+
+def _mapping(value, key: str, where: str) -> Dict:
+    """``value`` (a section of the YAML) if it is a mapping or empty, else a ConfigError naming it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where}: {key} must be a mapping (indented key: value lines), got {value!r}.')
+    return value
+
+
+def check_structure(config: Dict, where: str) -> Dict:
+    """The sections and keys of a run's config (as read, and again once overrides are applied): the four
+    torchdistill sections present, each section a mapping, no unknown key in ``train`` (and its stages) or
+    ``runner``, a student model named. Returns ``config``."""
+    _check_keys(config, TOP_LEVEL_KEYS, f'{where} (top level)')
     for section in ('datasets', 'models', 'train', 'test'):
         if section not in config:
-            raise ConfigError(f'{path} has no `{section}` section; a torchdistill YAML needs datasets, models, '
+            raise ConfigError(f'{where} has no `{section}` section; a torchdistill YAML needs datasets, models, '
                               'train and test.')
-    _check_keys(config['train'] or {}, TRAIN_KEYS, f'{path}: train')
-    _check_keys(config.get('runner') or {}, RUNNER_DEFAULTS, f'{path}: runner')
+    for section in ('datasets', 'models', 'train', 'test', 'runner'):
+        _mapping(config.get(section), section, where)
+    train = config['train'] or {}
+    _check_keys(train, TRAIN_KEYS, f'{where}: train')
+    for stage in [k for k in train if k.startswith('stage')]:
+        _check_keys(_mapping(train[stage], f'train.{stage}', where), TRAIN_KEYS - {'stage1', 'stage2', 'stage3'},
+                    f'{where}: train.{stage}')
+    for name, section in [('train', train)] + [(f'train.{k}', train[k] or {}) for k in train if k.startswith('stage')]:
+        for key in _MAPPINGS:
+            _mapping(section.get(key), f'{name}.{key}', where)
+    test = config['test'] or {}
+    _mapping(test.get('test_data_loader'), 'test.test_data_loader', where)
+    _check_keys(config.get('runner') or {}, RUNNER_DEFAULTS, f'{where}: runner')
     models = config['models'] or {}
     if 'student_model' not in models and 'model' not in models:
-        raise ConfigError(f'{path}: models needs `student_model` (or `model`).')
+        raise ConfigError(f'{where}: models needs `student_model` (or `model`).')
     return config
 
 
@@ -126,7 +157,9 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     data_overrides = [o for o in overrides if o.split('.', 1)[0] == 'datasets']
     overrides = [o for o in overrides if o not in data_overrides]
     peeked = _peek(path)
-    validate(apply_overrides(peeked, overrides), where=str(path))  # numbers, before any tag runs
+    # keys and numbers, overrides included, before any tag runs
+    validate(check_structure(apply_overrides(peeked, overrides), f'{path} with overrides {overrides}'
+                             if overrides else str(path)), where=str(path))
     if data_overrides:
         with tempfile.TemporaryDirectory() as tmp:  # torchdistill loads files: the overridden YAML, briefly
             changed = Path(tmp) / path.name
