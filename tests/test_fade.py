@@ -138,6 +138,11 @@ def test_kept_projections_handed_to_a_child_stay_through_the_fade(arch):
     fading = timm.create_model(f'plain_{arch}', num_classes=3, shortcut_fade=True, keep_projection_shortcuts=True)
     twin = timm.create_model(f'plain_{arch}', num_classes=3, keep_projection_shortcuts=True).eval()
     assert fading.plain_report.kept_projections == twin.plain_report.kept_projections != []
+    # each kept projection is still added (by the leaf it is handed to); the rest are removed, and counted so
+    kept = count_shortcut_additions(twin)
+    assert kept == len(twin.plain_report.kept_projections)
+    assert fading.plain_report.shortcuts_removed == twin.plain_report.shortcuts_removed \
+        == count_shortcut_additions(teacher) - kept
     load_teacher_weights(fading, teacher.state_dict())
     x = torch.randn(2, 3, 64, 64)
     fading.eval()
@@ -147,7 +152,7 @@ def test_kept_projections_handed_to_a_child_stay_through_the_fade(arch):
     assert torch.equal(fading(x), twin(x))
     deployed = deployable(fading).eval()
     twin.load_state_dict(deployed.state_dict())  # strict: the same modules, the projections included
-    assert torch.equal(deployed(x), twin(x))
+    assert torch.equal(deployed(x), twin(x)) and count_shortcut_additions(deployed) == kept
     plain_all = timm.create_model(f'plain_{arch}', num_classes=3).eval()
     load_teacher_weights(plain_all, teacher.state_dict())
     assert not torch.allclose(deployed(x), plain_all(x))  # the kept projections do change the output

@@ -16,8 +16,8 @@ from timm.layers import DropPath, LayerScale, LayerScale2d
 
 from ..errors import JointRDError
 from . import families  # noqa: F401  (registers the rules)
-from .rules import get_rule
-from .verify import find_unhandled_residual_blocks, shortcut_additions
+from .rules import get_rule, handed_projection_child
+from .verify import find_unhandled_residual_blocks, handed_additions, shortcut_additions
 
 __all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable']
 
@@ -137,10 +137,14 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
     model_name = type(model).__name__
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     refused = []
+    # blocks whose parent hands them a projection it keeps: their addition of it stays, counted as called with it
+    handed = {f'{name}.{child}' if name else child for name, m in model.named_modules()
+              for child in [handed_projection_child(m) if keep_projection_shortcuts else None] if child}
     for name, module in list(model.named_modules()):
         rule = get_rule(module)
         if rule is None:
             continue
+        count = handed_additions if name in handed else shortcut_additions
         if type(module) is not rule.block_class:
             raise ValueError(
                 f'{model_name} is already plain (block {name} is a {type(module).__name__}); '
@@ -149,7 +153,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             refused.append((name, module))
             continue
         before = {n for n, _ in module.named_children()}
-        additions_before = shortcut_additions(module) or 0
+        additions_before = count(module) or 0
         if rule.replaces:
             if not name:
                 raise ValueError(f'{model_name} is itself a {rule.name} block; make_plain needs the model around it.')
@@ -158,7 +162,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             setattr(model.get_submodule(parent_name), child_name, module)
         else:
             kept = rule.apply(module, keep_projection_shortcuts)
-        report.shortcuts_removed += additions_before - (shortcut_additions(module) or 0)
+        report.shortcuts_removed += additions_before - (count(module) or 0)
         after = {n for n, c in module.named_children() if c is not None}
         report.removed_modules.extend(f'{name}.{n}' for n in sorted(before - after))
         if kept:

@@ -76,8 +76,10 @@ def hand_projection(block_class: Type[nn.Module], projection_attr: str, child_at
 
 
 def handed_projection_child(block: nn.Module) -> Optional[str]:
-    """The attribute name of the child that ``block`` hands a projection (not an identity) to, else None."""
-    projection_attr, child_attr = _HANDED.get(type(block), (None, None))
+    """The attribute name of the child that ``block`` (residual, or made plain by a swap rule) hands a projection
+    (not an identity) to, else None."""
+    rule = get_rule(block)
+    projection_attr, child_attr = _HANDED.get(rule.block_class if rule else type(block), (None, None))
     if projection_attr is None or not is_projection(getattr(block, projection_attr, None)):
         return None
     return child_attr

@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .rules import get_rule
+from .rules import get_rule, handed_projection_child
 
-__all__ = ['dead_parameters', 'shortcut_additions', 'trace_block', 'find_shortcut_additions', 'count_shortcut_additions', 'find_unhandled_residual_blocks',
+__all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_block', 'find_shortcut_additions', 'count_shortcut_additions', 'find_unhandled_residual_blocks',
            'NOT_SHORTCUT_CLASSES']
 
 SHORT_PATH = 3
@@ -108,12 +108,31 @@ def shortcut_additions(module: nn.Module) -> Optional[int]:
     return None if traced is None else len(find_shortcut_additions(*traced, root=module))
 
 
+def handed_additions(module: nn.Module) -> Optional[int]:
+    """Shortcut additions of a block called with its optional shortcut argument given (its parent hands it a
+    projection: DLA's first leaf), the argument's addition included; None if torch.fx cannot trace it."""
+    traced = trace_block(module)
+    if traced is None:
+        return None
+    graph, concrete = traced
+    argument = next((n for n in inspect.signature(module.forward).parameters if n in concrete), None)
+    if argument is not None:
+        given = {k: v for k, v in concrete.items() if k != argument}
+        try:
+            graph, concrete = _ShallowTracer().trace(module, concrete_args=given), given
+        except Exception:  # the argument is not traceable as a tensor: count the call without it
+            pass
+    return len(find_shortcut_additions(graph, concrete, root=module))
+
+
 def count_shortcut_additions(model: nn.Module) -> int:
-    """Shortcut additions left in the residual (or plain) blocks of ``model`` that a rule knows."""
+    """Shortcut additions left in the residual (or plain) blocks of ``model`` that a rule knows; a block whose
+    parent hands it a projection as its shortcut is counted as it is called, with that shortcut."""
+    handed = {id(getattr(m, child)) for m in model.modules() for child in [handed_projection_child(m)] if child}
     total = 0
     for _, module in model.named_modules():
         if get_rule(module) is not None:
-            total += shortcut_additions(module) or 0
+            total += (handed_additions(module) if id(module) in handed else shortcut_additions(module)) or 0
     return total
 
 
