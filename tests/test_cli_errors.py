@@ -90,3 +90,45 @@ def test_asking_for_a_gpu_on_a_machine_without_one_is_refused_not_run_on_the_cpu
     err = _error(capsys, ['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--device', 'cuda',
                           '--output-dir', str(out)])
     assert "device 'cuda' was asked for, but torch sees no CUDA GPU here" in err and not out.exists()
+
+
+def test_demo_asking_for_a_missing_gpu_keeps_the_previous_demo(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip('needs a machine without a CUDA GPU')
+    out = tmp_path / 'demo'
+    out.mkdir()
+    (out / 'comparison.json').write_text('{}')
+    err = _error(capsys, ['demo', '--device', 'cuda', '--output-dir', str(out)])
+    assert 'was asked for, but torch sees no CUDA GPU here' in err
+    assert [p.name for p in out.iterdir()] == ['comparison.json']
+
+
+def test_device_names_torch_reads_are_accepted_and_others_refused():
+    from jointrd_timm.training.run_config import ConfigError
+    from jointrd_timm.training.runner import check_device
+    assert check_device(None) is None
+    assert check_device('cpu') == check_device(torch.device('cpu')) == 'cpu'
+    with pytest.raises(ConfigError, match="device must be 'cpu', 'cuda' or None"):
+        check_device('tpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda:0' was asked for"):
+            check_device('cuda:0')
+
+
+def test_load_model_reads_timms_source_prefixes_and_names_missing_folders(tmp_path, monkeypatch):
+    import timm
+    from jointrd_timm.errors import InputError
+    from jointrd_timm.integrations.hub import load_model
+    seen = []
+    monkeypatch.setattr(timm, 'create_model', lambda spec, **kwargs: seen.append((spec, kwargs['pretrained'])))
+    for spec in ('hf_hub:org/name', 'HF-HUB:org/name', 'hf-hub:org/name.tag'):
+        load_model(spec)  # timm's own prefixes (any case, the hf_hub alias) reach timm as they are
+    assert seen == [('hf_hub:org/name', True), ('HF-HUB:org/name', True), ('hf-hub:org/name.tag', True)]
+    monkeypatch.chdir(tmp_path)
+    for spec in ('runs/exp:1', 'local-dir:nowhere', './nowhere'):
+        with pytest.raises(InputError, match='No folder'):
+            load_model(spec)
+    with pytest.raises(InputError, match=r"Unknown model 'nowhere': not a timm model.*Nor is it a folder here"):
+        load_model('nowhere')
+    with pytest.raises(InputError, match=r"did you mean one of \['plain_resnet18'"):
+        load_model('plain_resnt18')

@@ -102,6 +102,17 @@ def test_adversarial_methods_and_their_discriminator_sgd_refuse_bad_settings():
         ConditionalAdversarialKD(student, teacher, num_classes=10, dropout=1.0)
     with pytest.raises(ValueError, match=r'discriminator\.lr must be a finite number > 0'):
         DiscriminatorConfig.from_dict(dict(lr=0))
-    with pytest.raises(ValueError, match=r'discriminator\.cosine_epochs must be an integer >= 1'):
+    with pytest.raises(ValueError, match=r'discriminator\.cosine_epochs must be an integer >= 0'):
         DiscriminatorConfig.from_dict(dict(cosine_epochs=2.5))
     assert DiscriminatorConfig.from_dict(dict(lr=1e-3, milestones=[2, 4])).milestones == [2, 4]
+
+
+def test_numpy_scalars_count_as_numbers_and_flags():
+    import numpy as np
+    from jointrd_timm.methods import JointRDConfig
+    from jointrd_timm.methods.adversarial import DiscriminatorConfig
+    config = JointRDConfig.from_dict(dict(kd_weight=np.float32(0.5), hybrid_paths=np.int64(2),
+                                          lean_memory=np.bool_(True)))
+    assert config.kd_weight == 0.5 and config.hybrid_paths == 2
+    assert DiscriminatorConfig.from_dict(dict(cosine_epochs=np.int64(5), milestones=list(np.array([2, 4]))))
+    assert DiscriminatorConfig.from_dict(dict(cosine_epochs=0)).cosine_epochs == 0  # 0: the milestones decide

@@ -63,9 +63,11 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         try:
             reference = model(x)
         except (RuntimeError, AssertionError, ValueError) as e:  # e.g. a ViT built for another image size
+            if 'out of memory' in str(e):
+                raise
             raise ExportError(f'{type(model).__name__} does not run on an example input of shape {tuple(x.shape)}: '
-                              f'{type(e).__name__}: {str(e)[:200]} Give the input size it takes (--input-size, '
-                              'input_size=).') from e
+                              f'{type(e).__name__}: {str(e)[:200]} If it takes another input size, give that '
+                              '(--input-size, input_size=).') from e
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the model runs: a refusal leaves nothing behind
         folded, fold_report = fold_for_deployment(model)
         folded_out = folded(x)

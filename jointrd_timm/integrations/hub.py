@@ -89,6 +89,9 @@ def _check_folder(folder: Path) -> None:
     read_state_dict(folder / 'model.safetensors')  # truncated / corrupt files fail here with a clear message
 
 
+_SOURCE_PREFIXES = ('hf-hub', 'local-dir')  # timm's sources; it also reads hf_hub: and any case
+
+
 def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
     ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
@@ -97,22 +100,27 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     import timm
     import jointrd_timm  # noqa: F401  (plain_* names)
     from ..models.plain_twins import name_problem
-    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    prefix = spec.split(':', 1)[0].lower() if ':' in spec else None
+    prefix = 'hf-hub' if prefix == 'hf_hub' else prefix
+    source = prefix in _SOURCE_PREFIXES
+    local = spec.split(':', 1)[1] if prefix == 'local-dir' else spec
+    path = Path(local).expanduser()
     if path.is_file():
         raise InputError(f'{spec!r} is a file: give the folder that holds a model (config.json and '
                          'model.safetensors, as `jointrd save` writes it), or a runner output folder.')
-    looks_like_path = spec.startswith(('local-dir:', '.', '~', '/')) or ('/' in spec and ':' not in spec)
+    looks_like_path = prefix == 'local-dir' or (
+        not source and ('/' in spec or '\\' in spec or spec.startswith(('.', '~'))))
     if looks_like_path and not path.is_dir():
         raise InputError(f'No folder {str(path)!r}: give a runner output folder, a Hub-format folder, a model name '
                          '(name.tag) or hf-hub:org/name.')
     if path.is_dir():
         folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
         _check_folder(folder)
-        spec = f'local-dir:{folder}'
-    pretrained = spec.startswith(('hf-hub:', 'local-dir:')) or '.' in spec
-    problem = None if spec.startswith(('hf-hub:', 'local-dir:')) else name_problem(spec)
+        spec, source = f'local-dir:{folder}', True
+    pretrained = source or '.' in spec
+    problem = None if source else name_problem(spec)
     if problem:
-        raise InputError(problem)
+        raise InputError(problem + (' Nor is it a folder here.' if problem.startswith('Unknown model') else ''))
     if require_weights and not pretrained:
         raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '

@@ -25,8 +25,10 @@ loop train these modules with one ``loss.backward(); optimizer.step()`` and no e
 declared through ``extra_optimizers()`` so that checkpoints hold it.
 """
 import math
+import numbers
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -184,8 +186,8 @@ def check_number(value, what: str, minimum: Optional[float] = None, maximum: Opt
     """``value`` as a float (an int with ``integer``), or a ValueError naming ``what``, the range it must lie in
     (``minimum`` / ``maximum``, excluded with ``above`` / ``below``) and what was given. Booleans, strings and
     non-finite numbers are refused."""
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) \
+    kinds = numbers.Integral if integer else numbers.Real  # numpy's scalars too
+    ok = isinstance(value, kinds) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) \
         and (minimum is None or (value > minimum if above else value >= minimum)) \
         and (maximum is None or (value < maximum if below else value <= maximum))
     if not ok:
@@ -203,9 +205,9 @@ def check_number(value, what: str, minimum: Optional[float] = None, maximum: Opt
 def check_flag(value, what: str) -> bool:
     """``value`` if it is True or False, else a ValueError naming ``what`` (a YAML ``yes`` is already a bool; a
     string such as ``'false'`` is refused rather than read as true)."""
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f'{what} must be true or false, got {value!r}.')
-    return value
+    return bool(value)
 
 
 def config_from_dict(cls, values: Dict, what: str):

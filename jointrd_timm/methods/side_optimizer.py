@@ -7,6 +7,7 @@ one SGD update on a loss the caller computes; across processes the gradients are
 does not see this backward. The optimizer and scheduler are what a method returns from ``extra_optimizers()`` /
 ``extra_schedulers()``, so checkpoints save and restore them (DECISION in :mod:`jointrd_timm.methods.base`).
 """
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,10 +37,11 @@ def check_side_sgd(what: str, lr, momentum, weight_decay, cosine_epochs, milesto
     check_number(gamma, f'{what}.gamma', 0.0, above=True)
     check_flag(nesterov, f'{what}.nesterov')
     if cosine_epochs is not None:
-        check_number(cosine_epochs, f'{what}.cosine_epochs', 1, integer=True, meaning='epochs of the cosine decay')
+        check_number(cosine_epochs, f'{what}.cosine_epochs', 0, integer=True,
+                     meaning='epochs of the cosine decay; 0 or none: the milestones')
     if not isinstance(milestones, (list, tuple)) or not all(
-            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones):
-        raise ValueError(f'{what}.milestones must be a list of epochs (positive integers), got {milestones!r}.')
+            isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 0 for m in milestones):
+        raise ValueError(f'{what}.milestones must be a list of epochs (integers >= 0), got {milestones!r}.')
 
 
 class SideOptimizer:

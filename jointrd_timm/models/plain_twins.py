@@ -76,8 +76,10 @@ def name_problem(name: str, need_twin: bool = False) -> Optional[str]:
     residual = base[len(PREFIX):] if base.startswith(PREFIX) else base
     if not timm.is_model(residual):
         close = timm.list_models(f'*{residual}*')[:5] or get_close_matches(residual, timm.list_models(), n=5)
-        why = f'a twin is named {PREFIX}<timm model>, and {residual!r} is not a timm model' if residual != base \
-            else 'not a timm model' + (f'; did you mean one of {close}?' if close else '')
+        if residual != base:
+            close = [twin_name(c) for c in close]
+        why = (f'a twin is named {PREFIX}<timm model>, and {residual!r} is not a timm model' if residual != base
+               else 'not a timm model') + (f'; did you mean one of {close}?' if close else '')
         return f'Unknown model {name!r}: {why} (`jointrd derive --list` lists the models with a twin).'
     return twin_refusal(residual) if need_twin or residual != base else None
 

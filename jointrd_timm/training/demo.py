@@ -35,7 +35,8 @@ def _train_spec(digits: bool, epochs: Optional[int]):
     loaders without workers (the demo's data order on every machine)."""
     from .distill_inputs import TrainSpec
     schedule = SCHEDULES['demo']
-    return TrainSpec(epochs=epochs or (schedule.epochs if digits else 5), batch_size=schedule.batch_size,
+    default = schedule.epochs if digits else 5
+    return TrainSpec(epochs=default if epochs is None else epochs, batch_size=schedule.batch_size,
                      lr=schedule.lr, workers=0)
 
 
@@ -49,8 +50,11 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     from .configs import build_config
     from .distill import DataSpec, plan_distill, report_distill, train_distill
     from .run_folder import RunFolder, deployed_accuracy
-    from .runner import train
+    from .distill_inputs import check_positive
+    from .runner import check_device, train
 
+    check_device(device)  # before the previous demo's runs are replaced
+    check_positive(epochs=epochs, limit=limit, latency_repeats=latency_repeats)
     out = Path(output_dir)
     digits = dataset == 'sklearn:digits'
     data = DataSpec(dataset, limit=limit, transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)

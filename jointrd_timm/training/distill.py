@@ -38,8 +38,8 @@ from typing import Dict, Optional
 
 from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 from .configs import build_config, to_yaml
-from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_twin,
-                             dataset_kwargs, load_datasets, setting_schedule, specs)
+from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
+                             check_twin, dataset_kwargs, load_datasets, setting_schedule, specs)
 from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
 # names that moved to configs.py, distill_inputs.py and teachers.py, still importable from here
 from .configs import DATASET_LOADER  # noqa: F401,E402
@@ -321,6 +321,7 @@ def run_distill(teacher: str, data: str, output_dir: str = 'runs/distill', devic
     import time
     from .runner import check_device
     check_device(device)
+    check_positive(latency_repeats=latency_repeats)
     plan = plan_distill(teacher, data, output_dir, resume=resume, overwrite=overwrite, **options)
     start = time.time()
     final = train_distill(plan, resume, overwrite, device)

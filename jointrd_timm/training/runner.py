@@ -105,13 +105,23 @@ def _build_model(model_config: Dict, name: str = 'model') -> nn.Module:
     return model
 
 
-def check_device(device: Optional[str]) -> None:
-    """Refuse a device this machine does not have, instead of training on the CPU without a word."""
-    if device not in (None, 'cpu', 'cuda'):
+def check_device(device) -> Optional[str]:
+    """The device's type ('cpu', 'cuda'; None: cuda if available), refusing one this machine does not have instead
+    of training on the CPU without a word. ``device``: None, a name torch reads ('cpu', 'cuda', 'cuda:0') or a
+    ``torch.device``."""
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = None
+    if kind not in ('cpu', 'cuda'):
         raise ConfigError(f"device must be 'cpu', 'cuda' or None (cuda if available), got {device!r}.")
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA GPU here (torch.cuda.is_available() "
-                          'is False): give --device cpu, or no --device to use a GPU when there is one.')
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device {str(device)!r} was asked for, but torch sees no CUDA GPU here '
+                          '(torch.cuda.is_available() is False): give --device cpu, or no --device to use a GPU when '
+                          'there is one.')
+    return kind
 
 
 def _make_accelerator(runner: Dict, device: Optional[str]):
@@ -121,7 +131,7 @@ def _make_accelerator(runner: Dict, device: Optional[str]):
     # may differ in mixed precision, so start each from a fresh state (the process group is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        cpu=device == 'cpu', mixed_precision=runner['mixed_precision'],
+        cpu=check_device(device) == 'cpu', mixed_precision=runner['mixed_precision'],
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=runner['find_unused_parameters'])])
 
