@@ -266,6 +266,9 @@ def run_entry(row: str, epochs: int, folder: Path, recipe_id) -> dict:
         if 'test_acc_deployed_without_ema' in final:  # runner.ema_decay: the deployed twin is the weight average
             entry['test_acc_without_ema'] = final['test_acc_deployed_without_ema']
             entry['ema_steps'] = final['ema_steps']
+            if final.get('val_acc_ema') is not None:  # the validation accuracy of what is deployed (publication picks
+                entry['val_acc_without_ema'] = entry['val_acc']  # on it), and of the trained twin beside it
+                entry['val_acc'] = final['val_acc_ema']
     return entry
 
 

@@ -159,10 +159,13 @@ def test_a_weight_averaged_twin_is_read_with_its_accuracy_without_the_average(tm
     folder = tmp_path / 'twin-jointrd-e1-ema'
     _run(folder, 70.0, recalibrated=72.5)
     final = json.loads((folder / 'final.json').read_text())
-    final.update(test_acc_deployed=73.25, test_acc_deployed_without_ema=72.5, ema_steps=30)
+    final.update(test_acc_deployed=73.25, test_acc_deployed_without_ema=72.5, ema_steps=30, val_acc=71.0,
+                 val_acc_ema=71.5)
     (folder / 'final.json').write_text(json.dumps(final))
     entry = scale_full.run_entry('twin + JointRD, ema', 1, folder, 'default,ema_decay=0.998')
     assert (entry['test_acc'], entry['test_acc_without_ema'], entry['ema_steps']) == (73.25, 72.5, 30)
+    # the deployed model is the average: its validation accuracy is the one publication chooses on
+    assert (entry['val_acc'], entry['val_acc_without_ema']) == (71.5, 71.0)
     plain = scale_full.run_entry('twin + JointRD', 1, (_run(tmp_path / 'p', 71.0) or tmp_path / 'p'), 'default')
     assert 'test_acc_without_ema' not in plain
     lines = scale_full.answer_lines([dict(row='teacher', epochs=2, test_acc=80.0), entry, plain], 80.0)
