@@ -2,6 +2,7 @@
 pickles refused; clear errors for missing/truncated/mismatched weights; push against a stubbed client."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,23 @@ def test_cli_save_with_an_unknown_entry_names_it_and_the_known_ones_and_writes_n
     assert "'plain_resnet20_cifar.nope' is not in the registry" in err
     assert entries()[0]['name'] in err  # the known entries are listed
     assert not out.exists()
+
+
+def test_save_never_replaces_a_folder_holding_anything_but_a_saved_model(tmp_path, capsys):
+    from jointrd_timm.cli import main
+    model, folder = _twin(tmp_path)
+    precious = tmp_path / 'precious'
+    precious.mkdir()
+    (precious / 'notes.txt').write_text('important')
+    assert main(['save', str(folder), str(precious)]) == 1
+    assert 'holds other files (notes.txt): saving replaces the whole folder' in capsys.readouterr().err
+    assert [p.name for p in precious.iterdir()] == ['notes.txt']
+    run = tmp_path / 'run'  # a runner output folder: the model in model/, the run's records beside it
+    shutil.copytree(folder, run / 'model')
+    (run / 'metrics.jsonl').write_text('{}\n')
+    assert main(['save', str(run), str(run)]) == 1  # onto itself: refused, the run kept
+    assert sorted(p.name for p in run.iterdir()) == ['metrics.jsonl', 'model']
+    out = tmp_path / 'saved'
+    assert main(['save', str(folder), str(out)]) == 0
+    assert main(['save', str(folder), str(out / '.')]) == 0  # a saved model is replaced, '.' read as its name
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']

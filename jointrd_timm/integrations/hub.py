@@ -28,7 +28,8 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     tag the weights are published under (``arch.tag``), written into config.json's ``pretrained_cfg`` in place of the
     one the model was built with."""
     from timm.models import save_for_hf
-    folder = Path(folder)
+    folder = Path(folder).expanduser().resolve()  # '.', 'run/..': the folder's real name
+    _check_replaceable(folder)
     trained, model = model, deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
     if any(not t.is_contiguous() for t in _tensors(model)):
         # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values); the caller's
@@ -61,6 +62,22 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         (tmp / 'README.md').write_text(model_card)
     _replace_folder(tmp, folder)
     return folder
+
+
+# what save_trained_model writes: a folder holding only these is a saved model, which a new save replaces
+SAVED_FILES = frozenset({'config.json', 'model.safetensors', 'metrics.json', 'README.md'})
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to write a model over a file, or over a folder holding anything but a saved model (a run, a
+    dataset, the user's notes): the save replaces the whole folder."""
+    if folder.is_file():
+        raise InputError(f'{folder} is a file: give a folder to save the model into.')
+    others = sorted(p.name for p in folder.iterdir() if p.name not in SAVED_FILES) if folder.is_dir() else []
+    if others:
+        raise InputError(f'{folder} holds other files ({", ".join(others[:5])}{", ..." if len(others) > 5 else ""}): '
+                         'saving replaces the whole folder, so give a new or empty folder (or one holding only a '
+                         'saved model).')
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
