@@ -166,3 +166,15 @@ def test_a_recipes_average_reaches_the_runner_section_of_its_twins_config():
     assert 'ema_decay' not in build_config(data, model, SCHEDULES['cpu-budget'], 'jointrd')['runner']
     # the teacher's schedule is not the twin's: a recipe's average is the twin's only
     assert DEFAULT_RECIPE.twin_schedule(SCHEDULES['cpu-budget']).ema_decay == 0.0
+
+
+def test_with_gradient_accumulation_the_average_follows_the_optimizers_real_steps(tmp_path):
+    """64 images at batch 24: 3 batches an epoch, an optimizer step every 2 batches counted across epochs (as
+    torchdistill counts them), so steps fall mid-epoch: the average must take the steps the optimizer took, and
+    its last copy must be of the twin without shortcuts."""
+    overrides = FADE + ['runner.ema_decay=0.9', 'train.train_data_loader.kwargs.batch_size=24',
+                        'train.optimizer.grad_accum_step=2']
+    config = load_config(tiny_yaml(tmp_path, epochs=2, limit=64), overrides)
+    final = train(config, output_dir=str(tmp_path / 'run'), device='cpu')
+    # 6 batches, optimizer steps after batches 2, 4 and 6; the fade (half of the 6 forwards) ends at batch 3
+    assert final['ema_steps'] == 2

@@ -143,6 +143,7 @@ class _Run:
         self.runner, self.out, self.folder = runner, out, folder
         self.accelerator = self.box = self.trained = self.module = self.tap = None
         self.ema: Optional[TwinEma] = None  # runner.ema_decay: the average of the deployed module
+        self.stepped = False  # the optimizer stepped since the average last did
         self.optimizers, self.schedulers, self.history = {}, {}, []  # history: the metrics records so far
         self.start_epoch, self.val_accuracy = 0, None
         self.done: Optional[Dict] = None  # a resumed run that had already finished: its final.json
@@ -221,6 +222,9 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
             compile_modules(run.module, runner['compile'])
         run.tap = _OutputTap(run.module)
         run.optimizers = dict(model=run.box.optimizer, **method_api.extra_optimizers(run.module))
+        if run.ema is not None:  # the average follows the optimizer's real steps (gradient accumulation, skips)
+            optimizer = getattr(run.box.optimizer, 'optimizer', run.box.optimizer)  # accelerate's wrapper: its own
+            optimizer.register_step_post_hook(lambda *args: setattr(run, 'stepped', True))
         run.schedulers = dict(model=run.box.lr_scheduler, **method_api.extra_schedulers(run.module))
         if resume:
             _resume(run)
@@ -286,15 +290,15 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
         box.train_data_loader.set_epoch(epoch)
     loss_sum, correct, seen = 0.0, 0, 0
-    accumulate = getattr(box, 'grad_accum_step', 1) or 1
     bar = tqdm(box.train_data_loader, desc=f'epoch {epoch + 1}/{num_epochs}',
                disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
     for index, batch in enumerate(bar):
         images, targets, supp = batch if len(batch) == 3 else (*batch, {})
         loss = box.forward_process(images, targets, supp)
         box.post_forward_process(loss=loss)
-        if run.ema is not None and (index + 1) % accumulate == 0:  # after each optimizer step
+        if run.ema is not None and run.stepped:  # after each optimizer step
             run.ema.step()
+            run.stepped = False
         fault_point('step')
         if not torch.isfinite(loss):
             raise FloatingPointError(f'Loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate '
