@@ -70,6 +70,19 @@ def test_cifar_transform_reads_images_at_their_size_unchanged_and_resizes_to_ano
     assert (down - plain).abs().max() < 0.05 * plain.abs().max()  # the same picture, twice the size
 
 
+def test_tensor_transform_gives_square_inputs_of_the_size_asked_and_keeps_a_square_image_exact():
+    from torchvision.transforms import functional as F
+    from jointrd_timm.training.data import make_transform
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, 6:34] = 255  # the centre square (and a margin) is white, the sides black
+    for train in (False, True):
+        x = make_transform('tensor', train, 16, mean, std)(Image.fromarray(wide))
+        assert x.shape == (3, 16, 16) and torch.all(x == 1.0)  # resized to 16 x 32, its centre 16 x 16 kept
+    image = _images(1, size=16)[0]
+    assert torch.equal(make_transform('tensor', False, 16, mean, std)(image), F.normalize(F.to_tensor(image), mean, std))
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match='does not exist'):
         load_image_dataset(str(tmp_path / 'nope'), 'train')

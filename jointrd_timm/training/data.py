@@ -27,7 +27,8 @@ class DatasetColumnError(JointRDError, KeyError):
 
 def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]):
     """``cifar``: random crop with 4-pixel padding (``input_size // 8``) + flip (train); ``imagenet``: timm's
-    random-resized-crop + flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation.
+    random-resized-crop + flip (train) and resize 256 / centre crop 224 (eval); ``tensor``: no augmentation (resize,
+    centre crop).
 
     ``cifar`` first resizes images whose shorter side is not ``input_size`` (CIFAR's 32 px images read at 64 px for a
     net whose stride needs more resolution), then crops them square; at the images' own size both are exact copies,
@@ -42,6 +43,8 @@ def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float
     if name == 'cifar':
         steps += ([T.RandomCrop(input_size, padding=input_size // 8), T.RandomHorizontalFlip()] if train
                   else [T.CenterCrop(input_size)])
+    else:  # 'tensor': a non-square image is cut to the square in its centre (an exact copy for a square one)
+        steps.append(T.CenterCrop(input_size))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
