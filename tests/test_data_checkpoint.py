@@ -49,6 +49,33 @@ def test_hub_layout_parquet_folder_and_heldout_split(tmp_path):
         load_image_dataset(str(tmp_path), 'train', recipe='cifar')
 
 
+def _parquet(folder, labels):
+    import datasets
+    data = datasets.Dataset.from_dict({'img': _images(len(labels)), 'label': labels},
+                                      features=datasets.Features({'img': datasets.Image(),
+                                                                  'label': datasets.Value('int64')
+                                                                  if all(isinstance(v, int) for v in labels)
+                                                                  else datasets.Value('string')}))
+    (folder / 'data').mkdir(parents=True, exist_ok=True)
+    data.to_parquet(str(folder / 'data' / 'train-00000-of-00001.parquet'))
+    return str(folder)
+
+
+def test_plain_integer_labels_index_the_classes_of_the_whole_split_and_others_are_refused(tmp_path):
+    from jointrd_timm.training.data import DatasetColumnError
+    kwargs = dict(transform='tensor', input_size=8)
+    # labels 1..3 (no 0): the model needs 4 outputs, not 3 (class 3 would be out of range)
+    assert load_image_dataset(_parquet(tmp_path / 'a', [1, 2, 3, 1, 2, 3]), 'train', **kwargs).num_classes == 4
+    # a limit that happens to drop the largest label does not shrink the classifier
+    source = _parquet(tmp_path / 'b', [0, 1, 2, 0, 1, 2])
+    limited = load_image_dataset(source, 'train', limit=2, **kwargs)
+    assert len(limited) == 2 and limited.num_classes == 3
+    for labels, shown in (([0, 1, -1], '-1'), (['cat', 'dog', 'cat'], "'cat'")):
+        with pytest.raises(DatasetColumnError, match=rf"label column 'label' holds {shown}, not a class index .*"
+                                                     r'class_encode_column'):
+            load_image_dataset(_parquet(tmp_path / f'c{len(shown)}', labels), 'train', **kwargs)
+
+
 def test_cifar_transform_reads_images_at_their_size_unchanged_and_resizes_to_another():
     from torchvision.transforms import functional as F
     from jointrd_timm.training.data import CIFAR_MEAN, CIFAR_STD, make_transform

@@ -52,10 +52,12 @@ def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float
 class HFImageDataset(Dataset):
     """(image tensor, label) pairs from a ``datasets.Dataset``; decoding and transforms happen per item."""
 
-    def __init__(self, hf_dataset, transform, image_column: str, label_column: str, mode: str):
+    def __init__(self, hf_dataset, transform, image_column: str, label_column: str, mode: str,
+                 num_classes: Optional[int] = None):
         self.data = hf_dataset
         self.transform = transform
         self.image_column, self.label_column, self.mode = image_column, label_column, mode
+        self._num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.data)
@@ -66,8 +68,27 @@ class HFImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        feature = self.data.features[self.label_column]
-        return feature.num_classes if hasattr(feature, 'num_classes') else len(set(self.data[self.label_column]))
+        """The classes the labels index: a ClassLabel's count, else the largest label + 1 of the whole split (before a
+        limit or validation split took part of it)."""
+        if self._num_classes is None:
+            self._num_classes = label_classes(self.data, self.label_column, 'the dataset')
+        return self._num_classes
+
+
+def label_classes(data, column: str, where: str) -> int:
+    """How many classes the label ``column`` of ``data`` (a ``datasets.Dataset``) indexes: a ClassLabel's count,
+    else the largest label + 1; labels that are not integers >= 0 are refused, naming what to do."""
+    feature = data.features[column]
+    if hasattr(feature, 'num_classes'):
+        return feature.num_classes
+    labels = data[column]
+    bad = next((v for v in labels if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0)),
+               None) if labels else None
+    if bad is not None:
+        raise DatasetColumnError(
+            f'{where}: the label column {column!r} holds {bad!r}, not a class index (an integer >= 0). Encode it first '
+            f'(datasets: dataset.class_encode_column({column!r})) or name another label column.')
+    return int(max(labels)) + 1 if labels else 0
 
 
 def _digits(split: str):
@@ -150,6 +171,7 @@ def load_image_dataset(
             raise DatasetColumnError(
                 f'Dataset {source!r} (split {split!r}) has no column {column!r}; its columns are {data.column_names}. '
                 f'Set {role} to the right one (in a YAML: datasets.<id>.init.kwargs.{role}).')
+    classes = label_classes(data, label_column, f'Dataset {source!r} (split {split!r})')  # of the whole split
     if part != 'all':
         halves = data.train_test_split(test_size=validation_fraction, seed=seed)
         data = halves['train' if part == 'train' else 'test']
@@ -161,7 +183,7 @@ def load_image_dataset(
         else:
             mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
     transforms = make_transform(transform, split == 'train' if train is None else train, input_size, mean, std)
-    return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L')
+    return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
 
 
 def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:
