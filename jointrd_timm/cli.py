@@ -169,8 +169,9 @@ def _eval(args) -> int:
     # the digits are grayscale 8x8: read as the model's channels (an RGB model gets them repeated, as distill does)
     kwargs = dict(transform='tensor', input_size=8, channels=channels) if args.dataset == 'sklearn:digits' \
         else dict(transform=args.transform, channels=channels)
-    if args.image_column:
-        kwargs['image_column'] = args.image_column
+    for option in ('image_column', 'label_column', 'input_size'):
+        if getattr(args, option):
+            kwargs[option] = getattr(args, option)
     result = evaluate_model(model, args.dataset, args.split, **kwargs)
     line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {args.split})'
     try:
@@ -391,7 +392,10 @@ def _eval_parser(sub) -> None:
     p.add_argument('--split', default='test')
     p.add_argument('--transform', '--recipe', dest='transform', default='cifar', choices=('cifar', 'imagenet', 'tensor'),
                    help='evaluation transform (--recipe: its former name)')
-    p.add_argument('--image-column', default=None)
+    p.add_argument('--image-column', default=None, help='default: img (an image folder: image)')
+    p.add_argument('--label-column', default=None, help='default: label')
+    p.add_argument('--input-size', type=_positive_int, default=None,
+                   help='side the images are read at, as the model was trained (default: 8 for sklearn:digits, 32)')
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
     p.set_defaults(func=_eval)
 

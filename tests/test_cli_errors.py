@@ -132,3 +132,17 @@ def test_load_model_reads_timms_source_prefixes_and_names_missing_folders(tmp_pa
         load_model('nowhere')
     with pytest.raises(InputError, match=r"did you mean one of \['plain_resnet18'"):
         load_model('plain_resnt18')
+
+
+def test_eval_reads_the_label_column_and_input_size_it_is_given(tmp_path, monkeypatch, capsys):
+    from jointrd_timm.training import data
+    seen = {}
+
+    def fake_evaluate(model, dataset, split, **kwargs):
+        seen.update(kwargs)
+        return dict(top1=50.0, samples=2)
+    monkeypatch.setattr(data, 'evaluate_model', fake_evaluate)
+    assert main(['eval', 'resnet20_cifar', '--random-weights', '--dataset', str(tmp_path), '--label-column', 'fine',
+                 '--image-column', 'image', '--input-size', '40']) == 0
+    assert (seen['label_column'], seen['image_column'], seen['input_size'], seen['channels']) == ('fine', 'image', 40, 3)
+    assert 'top-1 50.00 % on 2 images' in capsys.readouterr().out

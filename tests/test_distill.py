@@ -283,3 +283,14 @@ def test_plan_takes_data_and_training_specs_or_their_fields_by_keyword(tmp_path)
     assert held_sgd['teacher_optimizer']['cosine_epochs'] == 2
     with pytest.raises(TypeError, match=r"Unknown distill option\(s\) \['epoch'\]"):
         plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), epoch=2)
+
+
+def test_the_cards_eval_command_reads_the_test_split_as_the_run_did():
+    from jointrd_timm.training.distill import _eval_args
+    assert _eval_args(dict(source='/data/pets', split='validation', image_column='image', label_column='fine',
+                           transform='imagenet', input_size=64)) == \
+        '--split validation --image-column image --label-column fine --transform imagenet --input-size 64'
+    assert _eval_args(dict(source='sklearn:digits', split='test', image_column='img', label_column='label',
+                           transform='tensor', input_size=8)) == ''  # eval's own defaults for the digits
+    assert _eval_args(dict(source='uoft-cs/cifar10', split='test', image_column='img', label_column='label',
+                           transform='cifar', input_size=32)) == ''

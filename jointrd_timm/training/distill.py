@@ -299,6 +299,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
                      latency_speedup_b1=round(speedup[1], 2)),
+        eval_args=_eval_args(plan.data['test']),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
                   label_column=plan.data['test']['label_column'], validate_args=_timm_validate_args(plan)),
         local_dir=str((out / 'model').resolve())))
@@ -312,6 +313,16 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     print(f'\nwrote {out / "model"} (the deployed twin, with README.md), {out / "distill.yaml"}, '
           f'{out / "comparison.md"}, {out / "comparison.png"}')
     return summary
+
+
+def _eval_args(test: Dict) -> str:
+    """The ``jointrd eval`` options that read the test split as the run did (those that differ from eval's defaults),
+    for the model card's command."""
+    digits = test['source'] == 'sklearn:digits'
+    defaults = dict(split='test', image_column='img', label_column='label',
+                    transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
+    return ' '.join(f'--{key.replace("_", "-")} {test.get(key)}' for key, default in defaults.items()
+                    if test.get(key) is not None and test.get(key) != default)
 
 
 def run_distill(teacher: str, data: str, output_dir: str = 'runs/distill', device: Optional[str] = None,
