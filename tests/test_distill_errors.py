@@ -132,3 +132,19 @@ def test_a_run_failing_after_a_saved_epoch_is_kept_for_resume(tmp_path, monkeypa
     monkeypatch.setattr(runner, 'train', real_train)
     run_distill('resnet20_cifar', 'sklearn:digits', str(out), device='cpu', resume=True, **TOY)
     assert (out / 'model' / 'config.json').is_file()
+
+
+def test_a_run_stopped_while_its_teacher_trains_resumes_from_the_teachers_checkpoint(tmp_path, monkeypatch, capsys):
+    from jointrd_timm import faults
+    out = tmp_path / 'out'
+    options = dict(epochs=2, limit=64, batch_size=32, latency_repeats=1)
+    monkeypatch.setenv(faults.ENV, 'step:3:enospc')  # the teacher's 3rd step: its first epoch (2 steps) is saved
+    monkeypatch.setattr(faults, '_arrivals', {})
+    with pytest.raises(OSError, match='No space left on device'):
+        run_distill('resnet20_cifar', 'sklearn:digits', str(out), device='cpu', **options)
+    assert (out / 'teacher' / 'last.safetensors').is_file() and not (out / 'distill.yaml').exists()
+    monkeypatch.delenv(faults.ENV)
+    run_distill('resnet20_cifar', 'sklearn:digits', str(out), device='cpu', resume=True, **options)
+    assert 'Resumed from' in capsys.readouterr().out
+    assert (out / 'model' / 'config.json').is_file()
+    assert len((out / 'teacher' / 'metrics.jsonl').read_text().splitlines()) == 2  # each teacher epoch once

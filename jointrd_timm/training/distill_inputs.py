@@ -87,8 +87,9 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise DistillError('--resume continues the run in the output folder, --overwrite replaces it: give one.')
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if resume and 'distill.yaml' not in entries:
-        raise DistillError(f'--resume: {out} holds no distill run (no distill.yaml); run without --resume to start.')
+    if resume and not {'distill.yaml', 'teacher.yaml'} & set(entries):  # teacher.yaml: stopped while the teacher trained
+        raise DistillError(f'--resume: {out} holds no distill run (no distill.yaml or teacher.yaml); run without '
+                           '--resume to start.')
     if entries and not (resume or overwrite):
         raise DistillError(f'Output folder {out} holds another run ({", ".join(entries[:5])}); pass --resume to '
                            'continue it, --overwrite to replace it, or choose another --output.')
