@@ -87,7 +87,8 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise DistillError('--resume continues the run in the output folder, --overwrite replaces it: give one.')
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if resume and not {'distill.yaml', 'teacher.yaml'} & set(entries):  # teacher.yaml: stopped while the teacher trained
+    # teacher.yaml alone: a run stopped while its teacher trained
+    if resume and not {'distill.yaml', 'teacher.yaml'} & set(entries):
         raise DistillError(f'--resume: {out} holds no distill run (no distill.yaml or teacher.yaml); run without '
                            '--resume to start.')
     if entries and not (resume or overwrite):
