@@ -354,3 +354,27 @@ def test_distill_output_dir_and_its_deprecated_alias_output(monkeypatch):
     assert main(['distill', 'resnet20_cifar', '--data', 'sklearn:digits']) == 0
     assert [c['output_dir'] for c in calls] == ['runs/a', 'runs/b', 'runs/distill']
     assert 'output' not in calls[0]
+
+
+def test_a_resume_mid_accumulation_continues_the_pending_gradients_exactly(tmp_path, monkeypatch):
+    """64 images at batch 24: 3 batches an epoch with an optimizer step every 2 backward passes, counted across
+    epochs (torchdistill's stage_grad_count), so epoch 1 ends with one gradient pending: the checkpoint keeps the
+    count and the gradient, and the resumed run equals the uninterrupted one."""
+    from jointrd_timm import faults
+    from jointrd_timm.training.run_folder import RunFolderError
+    yaml = tiny_yaml(tmp_path, epochs=3, limit=64, method='ce')
+    overrides = ['train.train_data_loader.kwargs.batch_size=24', 'train.optimizer.grad_accum_step=2']
+    torch.manual_seed(0)
+    full = train(load_config(yaml, overrides), output_dir=str(tmp_path / 'full'), device='cpu')
+    faults._arrivals.clear()
+    monkeypatch.setenv(faults.ENV, 'checkpoint_write:2:enospc')  # epoch 1 saved, epoch 2's write fails
+    with pytest.raises(RunFolderError, match='The previous checkpoint'):
+        train(load_config(yaml, overrides), output_dir=str(tmp_path / 'cut'), device='cpu')
+    monkeypatch.delenv(faults.ENV)
+    saved = load_file(str(tmp_path / 'cut' / 'last.safetensors'))
+    assert any(k.startswith('module.grads.') for k in saved)  # epoch 1 ended with a gradient pending
+    resumed = train(load_config(yaml, overrides), output_dir=str(tmp_path / 'cut'), device='cpu', resume=True)
+    a, b = (load_file(str(tmp_path / run / 'last.safetensors')) for run in ('full', 'cut'))
+    weights = [k for k in a if k.startswith('model.')]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in weights) == 0.0
+    assert resumed['test_acc'] == full['test_acc']

@@ -46,7 +46,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -256,6 +256,10 @@ def _resume(run: _Run) -> None:
     state = load_checkpoint(run.folder.checkpoint, run.module, run.optimizers, run.schedulers)
     if run.ema is not None:
         run.ema.load_state_dict(module_state(run.folder.checkpoint, state, 'ema'), state['extra'].get('ema_steps', 0))
+    if 'grad_count' in state['extra']:  # older checkpoints: the count restarts, as it did
+        run.box.stage_grad_count = state['extra']['grad_count']
+    if 'grads' in state['modules']:
+        PendingGrads(run.module).load_state_dict(state['modules']['grads'])
     done = state['epoch'] + 1
     if done > run.box.num_epochs:
         raise ConfigError(f'{run.folder.checkpoint} holds {done} epochs, more than train.num_epochs='
@@ -326,13 +330,40 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     accelerator.wait_for_everyone()
 
 
+class PendingGrads:
+    """The gradients a run has accumulated but not yet stepped (``grad_accum_step`` > 1, whose count runs across
+    epochs: an epoch can end mid-accumulation), as a side module of the checkpoint, so a resume continues them."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {n: p.grad.detach() for n, p in self.module.named_parameters() if p.grad is not None}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        for name, parameter in self.module.named_parameters():
+            if name in state:
+                parameter.grad = state[name].to(parameter.device, parameter.dtype).clone()
+
+
+def _grad_count(box) -> Tuple[int, bool]:
+    """torchdistill's count of backward passes in the stage (it decides the accumulation's optimizer steps and a
+    step-wise scheduler's steps), and whether gradients are pending."""
+    count = int(getattr(box, 'stage_grad_count', 0) or 0)
+    return count, count % (getattr(box, 'grad_accum_step', 1) or 1) != 0
+
+
 def _save_epoch(run: _Run, epoch: int, record: Dict) -> None:
     folder = run.folder
     folder.before_save()
     try:
         ema = dict(ema_steps=run.ema.steps) if run.ema is not None else {}
+        count, pending = _grad_count(run.box)
+        modules = dict(ema=run.ema) if ema else {}
+        if pending:
+            modules['grads'] = PendingGrads(run.module)
         save_checkpoint(folder.checkpoint, run.module, epoch, run.optimizers, run.schedulers,
-                        extra=dict(history=run.history, **ema), modules=dict(ema=run.ema) if ema else None)
+                        extra=dict(history=run.history, grad_count=count, **ema), modules=modules or None)
     except OSError as e:
         kept = checkpoint_epochs(folder.checkpoint)
         raise RunFolderError(f'Could not write the checkpoint of epoch {epoch + 1} to {folder.checkpoint} '
