@@ -378,3 +378,32 @@ def test_a_resume_mid_accumulation_continues_the_pending_gradients_exactly(tmp_p
     weights = [k for k in a if k.startswith('model.')]
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in weights) == 0.0
     assert resumed['test_acc'] == full['test_acc']
+
+
+def _two_stages(path: Path) -> dict:
+    """The tiny CE YAML's train section as two stages of 2 epochs, the second at a tenth of the first's lr."""
+    config = load_config(path)
+    single = dict(config['train'], num_epochs=2)
+    optimizer = dict(single['optimizer'], kwargs=dict(single['optimizer']['kwargs']))
+    optimizer['kwargs']['lr'] /= 10
+    config['train'] = dict(stage1=single, stage2=dict(single, optimizer=optimizer))
+    return config
+
+
+def test_a_multi_stage_run_resumed_in_its_second_stage_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    from jointrd_timm import faults
+    from jointrd_timm.training.run_folder import RunFolderError
+    yaml_path = tiny_yaml(tmp_path, epochs=2, limit=32, method='ce')
+    full = train(_two_stages(yaml_path), output_dir=str(tmp_path / 'full'), device='cpu')
+    faults._arrivals.clear()
+    monkeypatch.setenv(faults.ENV, 'checkpoint_write:4:enospc')  # 3 epochs saved: the run is in stage 2
+    with pytest.raises(RunFolderError, match='The previous checkpoint'):
+        train(_two_stages(yaml_path), output_dir=str(tmp_path / 'cut'), device='cpu')
+    monkeypatch.delenv(faults.ENV)
+    resumed = train(_two_stages(yaml_path), output_dir=str(tmp_path / 'cut'), device='cpu', resume=True)
+    a, b = (load_file(str(tmp_path / run / 'last.safetensors')) for run in ('full', 'cut'))
+    weights = [k for k in a if k.startswith('model.')]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in weights) == 0.0
+    assert resumed['test_acc'] == full['test_acc']
+    lrs = [json.loads(line)['lr'] for line in (tmp_path / 'cut' / 'metrics.jsonl').read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[2] == pytest.approx(lrs[0] / 10)  # stage 2 at its own lr, after the resume too

@@ -222,9 +222,6 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
             compile_modules(run.module, runner['compile'])
         run.tap = _OutputTap(run.module)
         run.optimizers = dict(model=run.box.optimizer, **method_api.extra_optimizers(run.module))
-        if run.ema is not None:  # the average follows the optimizer's real steps (gradient accumulation, skips)
-            optimizer = getattr(run.box.optimizer, 'optimizer', run.box.optimizer)  # accelerate's wrapper: its own
-            optimizer.register_step_post_hook(lambda *args: setattr(run, 'stepped', True))
         run.schedulers = dict(model=run.box.lr_scheduler, **method_api.extra_schedulers(run.module))
         if resume:
             _resume(run)
@@ -253,6 +250,7 @@ def _finished(run: _Run, config: Dict) -> bool:
 def _resume(run: _Run) -> None:
     """Restore the checkpoint; metrics.jsonl is rewritten from the history the checkpoint holds, so a kill between
     the checkpoint and its metrics line, or in the middle of a line, leaves neither a gap nor a duplicate."""
+    _advance_stages(run, checkpoint_epochs(run.folder.checkpoint) or 0)
     state = load_checkpoint(run.folder.checkpoint, run.module, run.optimizers, run.schedulers)
     if run.ema is not None:
         run.ema.load_state_dict(module_state(run.folder.checkpoint, state, 'ema'), state['extra'].get('ema_steps', 0))
@@ -294,6 +292,7 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
         box.train_data_loader.set_epoch(epoch)
     loss_sum, correct, seen = 0.0, 0, 0
+    _follow_optimizer(run)
     bar = tqdm(box.train_data_loader, desc=f'epoch {epoch + 1}/{num_epochs}',
                disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
     for index, batch in enumerate(bar):
@@ -316,6 +315,8 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
         postfix.update((k, f'{v:.3f}') for k, v in method_api.epoch_metrics(module).items())
         bar.set_postfix(postfix)
     box.post_epoch_process()
+    # a multi-stage box may have moved to its next stage, with its own optimizer and scheduler: checkpoint those
+    run.optimizers['model'], run.schedulers['model'] = box.optimizer, box.lr_scheduler
     record = dict(epoch=epoch + 1, train_loss=loss_sum / max(1, seen), train_acc=100 * correct / max(1, seen),
                   lr=box.optimizer.param_groups[0]['lr'], seconds=round(time.time() - start, 2))
     record.update(method_api.epoch_metrics(module))  # e.g. JointRD's eta, a fading twin's shortcut scale
@@ -328,6 +329,30 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
         _save_epoch(run, epoch, record)
         accelerator.print(json.dumps(record))
     accelerator.wait_for_everyone()
+
+
+def _follow_optimizer(run: _Run) -> None:
+    """The weight average steps when the optimizer does (gradient accumulation, skipped steps): a post-step hook on
+    the torch optimizer of the current stage, registered once per optimizer."""
+    optimizer = getattr(run.box.optimizer, 'optimizer', run.box.optimizer)  # accelerate's wrapper: its own
+    if run.ema is None or getattr(optimizer, '_jointrd_followed', False):
+        return
+    optimizer.register_step_post_hook(lambda *args: setattr(run, 'stepped', True))
+    optimizer._jointrd_followed = True
+
+
+def _advance_stages(run: _Run, done: int) -> None:
+    """A multi-stage box (``train.stage1``, ``stage2``...) set to the stage its run was in after ``done`` epochs, as
+    its own post-epoch process advanced it, so the checkpoint's optimizer and scheduler load into that stage's."""
+    box = run.box
+    if not hasattr(box, 'advance_to_next_stage'):
+        return
+    while box.stage_end_epoch <= done < box.num_epochs:
+        box.current_epoch = box.stage_end_epoch
+        box.advance_to_next_stage()
+    box.current_epoch = done
+    run.optimizers['model'] = box.optimizer
+    run.schedulers['model'] = box.lr_scheduler
 
 
 class PendingGrads:
