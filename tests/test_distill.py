@@ -52,6 +52,10 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     assert json.loads((out / 'comparison.json').read_text())['teacher_epochs'] == 1
     card = (out / 'model' / 'README.md').read_text()
     assert f"timm.create_model('local-dir:{(out / 'model').resolve()}', pretrained=True)" in card
+    # config.json describes this data (1-channel digits at 8 px, normalised by 0.5), not the architecture's CIFAR
+    cfg = json.loads((out / 'model' / 'config.json').read_text())['pretrained_cfg']
+    assert (cfg['tag'], cfg['input_size'], cfg['mean'], cfg['std']) == ('distill', [1, 8, 8], [0.5], [0.5])
+    assert twin.pretrained_cfg['input_size'] == (1, 8, 8)
     assert 'recipe `kd-low-lr-blocks`' in card and 'trained here from scratch' in card
 
     # the YAML is the run: the runner's loader gives back the same sections, and training from it anew gives the

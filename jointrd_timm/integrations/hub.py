@@ -23,10 +23,11 @@ def _tensors(model: nn.Module) -> tuple:
 
 
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None,
-                       tag: Optional[str] = None) -> Path:
+                       tag: Optional[str] = None, data_cfg: Optional[Dict] = None) -> Path:
     """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder. ``tag``: the pretrained
     tag the weights are published under (``arch.tag``), written into config.json's ``pretrained_cfg`` in place of the
-    one the model was built with."""
+    one the model was built with; ``data_cfg``: how its inputs were read (``mean``, ``std``, ``input_size``,
+    ``crop_pct``, ``interpolation``), written there too, in place of its architecture's defaults."""
     from timm.models import save_for_hf
     folder = Path(folder).expanduser().resolve()  # '.', 'run/..': the folder's real name
     _check_replaceable(folder)
@@ -52,9 +53,12 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         shutil.rmtree(tmp)
     save_for_hf(model, str(tmp), model_args={k: v for k, v in model_args.items() if v is not None},
                 safe_serialization=True)
-    if tag is not None:
+    if tag is not None or data_cfg:
         config = json.loads((tmp / 'config.json').read_text())
-        config.setdefault('pretrained_cfg', {})['tag'] = tag
+        cfg = config.setdefault('pretrained_cfg', {})
+        cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in (data_cfg or {}).items()})
+        if tag is not None:
+            cfg['tag'] = tag
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     if metrics:
         (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=1))

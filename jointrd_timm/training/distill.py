@@ -303,7 +303,8 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
                   label_column=plan.data['test']['label_column'], validate_args=_timm_validate_args(plan)),
         local_dir=str((out / 'model').resolve())))
-    save_trained_model(models['twin'], out / 'model', metrics=summary['test_acc'], model_card=card)
+    save_trained_model(models['twin'], out / 'model', metrics=summary['test_acc'], model_card=card, tag='distill',
+                       data_cfg=_data_cfg(plan))
     (out / 'comparison.json').write_text(json.dumps(summary, indent=1))
     (out / 'comparison.md').write_text(table + '\n')
     plot_comparison([('teacher', accuracy['teacher']), ('twin', accuracy['twin'])], speedup,
@@ -337,6 +338,17 @@ def run_distill(teacher: str, data: str, output_dir: str = 'runs/distill', devic
     start = time.time()
     final = train_distill(plan, resume, overwrite, device)
     return report_distill(plan, final, time.time() - start, latency_repeats)
+
+
+def _data_cfg(plan: DistillPlan) -> Dict:
+    """How the run read its test images, for the saved twin's pretrained_cfg (its architecture's default cfg
+    describes other data: a CIFAR twin's, CIFAR's statistics at 32 px)."""
+    from torchvision.transforms import Normalize
+    normalize = next(t for t in plan.datasets['test'].transform.transforms if isinstance(t, Normalize))
+    size = plan.data['test']['input_size']
+    return dict(mean=tuple(float(v) for v in normalize.mean), std=tuple(float(v) for v in normalize.std),
+                input_size=(plan.common['in_chans'], size, size), interpolation='bilinear',
+                crop_pct=0.875 if plan.data['test']['transform'] == 'imagenet' else 1.0)
 
 
 def _timm_validate_args(plan: DistillPlan):
