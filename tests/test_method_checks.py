@@ -70,7 +70,7 @@ def test_fading_student_gets_its_teacher_through_a_checked_load():
     (dict(fold_teacher_bn=1), r'fold_teacher_bn must be true or false'),
     (dict(discriminator='x'), r"discriminator must be a mapping"),
     (dict(teacher_mode='joint', joint_step_order='teacher_first', teacher_optimizer=dict(lr=-1)),
-     r'teacher_optimizer\.lr must be a finite number > 0, got -1'),
+     r'teacher_optimizer\.lr must be a finite number >= 0 .*got -1'),
     (dict(teacher_mode='joint', joint_step_order='teacher_first', teacher_optimizer=dict(lr=0.1, momentum=1.0)),
      r'teacher_optimizer\.momentum must be a finite number >= 0 and < 1'),
     (dict(teacher_mode='joint', joint_step_order='teacher_first', teacher_optimizer=dict(lr=0.1, milestones=[0.5])),
@@ -100,8 +100,9 @@ def test_adversarial_methods_and_their_discriminator_sgd_refuse_bad_settings():
         AdversarialPortableStudent(student, teacher, hidden=0)
     with pytest.raises(ValueError, match=r'ConditionalAdversarialKD: dropout must be a finite number >= 0 and < 1'):
         ConditionalAdversarialKD(student, teacher, num_classes=10, dropout=1.0)
-    with pytest.raises(ValueError, match=r'discriminator\.lr must be a finite number > 0'):
-        DiscriminatorConfig.from_dict(dict(lr=0))
+    with pytest.raises(ValueError, match=r'discriminator\.lr must be a finite number >= 0'):
+        DiscriminatorConfig.from_dict(dict(lr=-0.1))
+    assert DiscriminatorConfig.from_dict(dict(lr=0.0)).lr == 0.0  # a frozen discriminator, as lr 0 freezes the twin
     with pytest.raises(ValueError, match=r'discriminator\.cosine_epochs must be an integer >= 0'):
         DiscriminatorConfig.from_dict(dict(cosine_epochs=2.5))
     assert DiscriminatorConfig.from_dict(dict(lr=1e-3, milestones=[2, 4])).milestones == [2, 4]

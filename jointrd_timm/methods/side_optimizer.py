@@ -31,7 +31,7 @@ def epoch_scheduler(optimizer: torch.optim.Optimizer, cosine_epochs: Optional[in
 def check_side_sgd(what: str, lr, momentum, weight_decay, cosine_epochs, milestones, gamma, nesterov=False) -> None:
     """A ValueError naming ``what`` (the config section) and the setting, for settings SGD or its schedule would
     reject only at the first step, or silently misread."""
-    check_number(lr, f'{what}.lr', 0.0, above=True)
+    check_number(lr, f'{what}.lr', 0.0, meaning='0 freezes it, as for the main optimizer')
     check_number(momentum, f'{what}.momentum', 0.0, 1.0, below=True)
     check_number(weight_decay, f'{what}.weight_decay', 0.0)
     check_number(gamma, f'{what}.gamma', 0.0, above=True)
