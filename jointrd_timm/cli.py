@@ -12,12 +12,11 @@ def _architecture(name: str) -> str:
     """The residual timm architecture that ``name`` (``arch``, ``plain_<arch>``, either with a pretrained tag) names,
     refused as an :class:`InputError` when timm does not know it or it has no twin (the reason said)."""
     import jointrd_timm  # noqa: F401
-    from .models.plain_twins import PREFIX, name_problem
+    from .models.plain_twins import name_problem, residual_arch
     why = name_problem(name, need_twin=True)
     if why:
         raise InputError(why)
-    base = name.split('.')[0]
-    return base[len(PREFIX):] if base.startswith(PREFIX) else base
+    return residual_arch(name)
 
 
 def _positive_int(text: str) -> int:
@@ -162,10 +161,10 @@ def _push(args) -> int:
 def _eval(args) -> int:
     from .integrations.hub import load_model
     from .training.data import evaluate_model
-    from torch import nn
+    from .io import input_channels
     model = load_model(args.model, require_weights=not args.random_weights)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = first_conv.in_channels if first_conv is not None and first_conv.in_channels in (1, 3) else 3
+    channels = input_channels(model)
+    channels = channels if channels in (1, 3) else 3
     # the digits are grayscale 8x8: read as the model's channels (an RGB model gets them repeated, as distill does)
     kwargs = dict(transform='tensor', input_size=8, channels=channels) if args.dataset == 'sklearn:digits' \
         else dict(transform=args.transform, channels=channels)

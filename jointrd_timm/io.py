@@ -17,7 +17,7 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load', 'unwrap',
-           'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
+           'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
@@ -120,6 +120,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, 'module'):
         model = model.module
     return model
+
+
+def input_channels(model: nn.Module) -> Optional[int]:
+    """The input channels of ``model``'s first convolution (None for a model without one)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 from torch import nn
 
 from ..errors import InputError
-from ..io import CheckpointError
+from ..io import CheckpointError, input_channels
 from ..twins.fade import deployable
 
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']
@@ -45,9 +45,9 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
             model_args[folded] = False
     model_args['num_classes'] = getattr(model, 'num_classes', None)
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if hasattr(model, 'pretrained_cfg') else 3
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != in_chans:
-        model_args['in_chans'] = first_conv.in_channels
+    channels = input_channels(model)
+    if channels is not None and channels != in_chans:
+        model_args['in_chans'] = channels
     tmp = folder.with_name(f'.{folder.name}.tmp')
     if tmp.exists():
         shutil.rmtree(tmp)

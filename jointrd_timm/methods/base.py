@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import JointRDError
+from ..io import input_channels
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
            'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
@@ -65,8 +66,7 @@ def call_on_buffer_copies(module: nn.Module, args: tuple, kwargs: Optional[Dict]
 def _classes_and_channels(model: nn.Module):
     model = getattr(model, 'student', model)  # a method module: its twin
     classes = getattr(model, 'num_classes', None)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return classes, first_conv.in_channels if first_conv is not None else None
+    return classes, input_channels(model)
 
 
 def check_teacher_student(teacher: nn.Module, student: nn.Module, where: str) -> None:

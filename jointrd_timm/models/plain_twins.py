@@ -40,7 +40,7 @@ from ..twins.fade import make_fading
 from ..twins.transfer import pretrained_teacher_filter
 
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name', 'twin_refusal', 'underivable_reason',
-           'name_problem']
+           'name_problem', 'residual_arch']
 
 PREFIX = 'plain_'
 # timm modules whose architectures are built from blocks that a rule in jointrd_timm.twins.families knows
@@ -68,12 +68,17 @@ def twin_name(teacher: str) -> str:
     return PREFIX + teacher
 
 
+def residual_arch(name: str) -> str:
+    """The residual architecture a model name names: ``arch``, ``plain_<arch>``, either with a ``.tag``."""
+    base = name.split('.')[0]
+    return base[len(PREFIX):] if base.startswith(PREFIX) else base
+
+
 def name_problem(name: str, need_twin: bool = False) -> Optional[str]:
     """What is wrong with the model name ``name`` (``arch``, ``plain_<arch>``, either with a ``.tag``), in a sentence
     for the user, or None: not a timm architecture (with close names), or a twin asked for (a ``plain_`` name, or
     ``need_twin``) that does not exist (:func:`twin_refusal`)."""
-    base = name.split('.')[0]
-    residual = base[len(PREFIX):] if base.startswith(PREFIX) else base
+    base, residual = name.split('.')[0], residual_arch(name)
     if not timm.is_model(residual):
         close = timm.list_models(f'*{residual}*')[:5] or get_close_matches(residual, timm.list_models(), n=5)
         if residual != base:

@@ -355,13 +355,11 @@ def _timm_validate_args(plan: DistillPlan):
     """timm validate.py options that preprocess the test images as this evaluation did (validate.py otherwise follows
     the twin's pretrained_cfg, which is its architecture's, not this data's); False (no validate.py line on the
     card) for single-channel data."""
-    from torchvision.transforms import Normalize
     if plan.common['in_chans'] != 3:
         return False
-    normalize = next(t for t in plan.datasets['test'].transform.transforms if isinstance(t, Normalize))
-    crop_pct = 0.875 if plan.data['test']['transform'] == 'imagenet' else 1.0
-    mean, std = (' '.join(f'{float(v):.4g}' for v in values) for values in (normalize.mean, normalize.std))
-    return (f'--img-size {plan.data["test"]["input_size"]} --crop-pct {crop_pct} --interpolation bilinear '
+    cfg = _data_cfg(plan)
+    mean, std = (' '.join(f'{v:.4g}' for v in cfg[key]) for key in ('mean', 'std'))
+    return (f'--img-size {cfg["input_size"][-1]} --crop-pct {cfg["crop_pct"]} --interpolation {cfg["interpolation"]} '
             f'--mean {mean} --std {std}')
 
 

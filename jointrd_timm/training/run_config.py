@@ -130,10 +130,12 @@ def check_structure(config: Dict, where: str) -> Dict:
         _mapping(config.get(section), section, where)
     train = config['train'] or {}
     _check_keys(train, TRAIN_KEYS, f'{where}: train')
+    sections = [('train', train)]
     for stage in [k for k in train if k.startswith('stage')]:
-        _check_keys(_mapping(train[stage], f'train.{stage}', where), TRAIN_KEYS - {'stage1', 'stage2', 'stage3'},
-                    f'{where}: train.{stage}')
-    for name, section in [('train', train)] + [(f'train.{k}', train[k] or {}) for k in train if k.startswith('stage')]:
+        section = _mapping(train[stage], f'train.{stage}', where)
+        _check_keys(section, TRAIN_KEYS - {'stage1', 'stage2', 'stage3'}, f'{where}: train.{stage}')
+        sections.append((f'train.{stage}', section))
+    for name, section in sections:
         for key in _MAPPINGS:
             _mapping(section.get(key), f'{name}.{key}', where)
     test = config['test'] or {}

@@ -124,14 +124,14 @@ def check_device(device) -> Optional[str]:
     return kind
 
 
-def _make_accelerator(runner: Dict, device: Optional[str]):
+def _make_accelerator(runner: Dict, device_type: Optional[str]):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
     # accelerate keeps one AcceleratorState per process; successive runs in one process (the demo, benchmarks)
     # may differ in mixed precision, so start each from a fresh state (the process group is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        cpu=check_device(device) == 'cpu', mixed_precision=runner['mixed_precision'],
+        cpu=device_type == 'cpu', mixed_precision=runner['mixed_precision'],
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=runner['find_unused_parameters'])])
 
@@ -181,14 +181,14 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
     from ..io import unwrap
 
     validate(config)
-    check_device(device)
+    device_type = check_device(device)  # before the folder is claimed
     runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))
     out = Path(output_dir or runner['output_dir'] or 'runs/default')
     run = _Run(runner, out, RunFolder(out, resume=resume, overwrite=overwrite, say=print))
     if _is_main_process():
         run.folder.claim()
     try:
-        run.accelerator = accelerator = _make_accelerator(runner, device)
+        run.accelerator = accelerator = _make_accelerator(runner, device_type)
         if resume and _finished(run, config):
             return run
         set_seed(runner['seed'])
@@ -315,8 +315,7 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
         postfix.update((k, f'{v:.3f}') for k, v in method_api.epoch_metrics(module).items())
         bar.set_postfix(postfix)
     box.post_epoch_process()
-    # a multi-stage box may have moved to its next stage, with its own optimizer and scheduler: checkpoint those
-    run.optimizers['model'], run.schedulers['model'] = box.optimizer, box.lr_scheduler
+    _follow_stage(run)  # a multi-stage box may have moved to its next stage
     record = dict(epoch=epoch + 1, train_loss=loss_sum / max(1, seen), train_acc=100 * correct / max(1, seen),
                   lr=box.optimizer.param_groups[0]['lr'], seconds=round(time.time() - start, 2))
     record.update(method_api.epoch_metrics(module))  # e.g. JointRD's eta, a fading twin's shortcut scale
@@ -351,8 +350,13 @@ def _advance_stages(run: _Run, done: int) -> None:
         box.current_epoch = box.stage_end_epoch
         box.advance_to_next_stage()
     box.current_epoch = done
-    run.optimizers['model'] = box.optimizer
-    run.schedulers['model'] = box.lr_scheduler
+    _follow_stage(run)
+
+
+def _follow_stage(run: _Run) -> None:
+    """Checkpoint the optimizer and scheduler of the stage the box is in (a multi-stage box sets up its own for each
+    stage)."""
+    run.optimizers['model'], run.schedulers['model'] = run.box.optimizer, run.box.lr_scheduler
 
 
 class PendingGrads:

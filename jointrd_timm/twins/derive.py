@@ -16,7 +16,7 @@ from timm.layers import DropPath, LayerScale, LayerScale2d
 
 from ..errors import JointRDError
 from . import families  # noqa: F401  (registers the rules)
-from .rules import get_rule, handed_projection_child
+from .rules import get_rule, handed_projections
 from .verify import find_unhandled_residual_blocks, handed_additions, shortcut_additions
 
 __all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable']
@@ -138,8 +138,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     refused = []
     # blocks whose parent hands them a projection it keeps: their addition of it stays, counted as called with it
-    handed = {f'{name}.{child}' if name else child for name, m in model.named_modules()
-              for child in [handed_projection_child(m) if keep_projection_shortcuts else None] if child}
+    handed = handed_projections(model) if keep_projection_shortcuts else {}
     for name, module in list(model.named_modules()):
         rule = get_rule(module)
         if rule is None:

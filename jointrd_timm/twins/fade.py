@@ -34,7 +34,7 @@ from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_t
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import is_projection, graph_block, plain_class
 from .leak import restore_relus
-from .rules import get_rule, handed_projection_child, rules
+from .rules import get_rule, handed_projections, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
@@ -169,14 +169,14 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
         NotResidualError: no block adds a shortcut (nothing to fade).
     """
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
-    handed = set()  # blocks whose parent hands them a kept projection as their shortcut argument
+    # blocks whose parent hands them a kept projection as their shortcut argument -> that parent
+    handed = handed_projections(model) if keep_projection_shortcuts else {}
+    handing = set(handed.values())
     for name, module in list(model.named_modules()):
         rule = get_rule(module)
         if rule is None or not name:
             continue
-        child = handed_projection_child(module) if keep_projection_shortcuts else None
-        if child is not None:
-            handed.add(f'{name}.{child}')
+        if name in handing:
             report.kept_projections.append(name)
         if type(module) is not rule.block_class:
             raise ValueError(f'{type(model).__name__} is already plain or fading (block {name} is a '

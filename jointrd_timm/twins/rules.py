@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Tuple, Type
 from torch import nn
 
 __all__ = ['ShortcutRule', 'register_rule', 'get_rule', 'rules', 'swap_rule', 'switch_rule', 'is_projection',
-           'hand_projection', 'handed_projection_child']
+           'hand_projection', 'handed_projection_child', 'handed_projections']
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,13 @@ def handed_projection_child(block: nn.Module) -> Optional[str]:
     if projection_attr is None or not is_projection(getattr(block, projection_attr, None)):
         return None
     return child_attr
+
+
+def handed_projections(model: nn.Module) -> Dict[str, str]:
+    """For each block of ``model`` that its parent hands a projection (not an identity) as its shortcut: its name ->
+    the parent's name, in module order."""
+    return {f'{name}.{child}' if name else child: name for name, module in model.named_modules()
+            for child in [handed_projection_child(module)] if child}
 
 
 def is_projection(module: Optional[nn.Module]) -> bool:

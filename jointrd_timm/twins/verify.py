@@ -16,10 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .rules import get_rule, handed_projection_child
+from .rules import get_rule, handed_projections
 
-__all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_block', 'find_shortcut_additions', 'count_shortcut_additions', 'find_unhandled_residual_blocks',
-           'NOT_SHORTCUT_CLASSES']
+__all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_block', 'find_shortcut_additions',
+           'count_shortcut_additions', 'find_unhandled_residual_blocks', 'NOT_SHORTCUT_CLASSES']
 
 SHORT_PATH = 3
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -128,11 +128,11 @@ def handed_additions(module: nn.Module) -> Optional[int]:
 def count_shortcut_additions(model: nn.Module) -> int:
     """Shortcut additions left in the residual (or plain) blocks of ``model`` that a rule knows; a block whose
     parent hands it a projection as its shortcut is counted as it is called, with that shortcut."""
-    handed = {id(getattr(m, child)) for m in model.modules() for child in [handed_projection_child(m)] if child}
+    handed = handed_projections(model)
     total = 0
-    for _, module in model.named_modules():
+    for name, module in model.named_modules():
         if get_rule(module) is not None:
-            total += (handed_additions(module) if id(module) in handed else shortcut_additions(module)) or 0
+            total += (handed_additions(module) if name in handed else shortcut_additions(module)) or 0
     return total
 
 
