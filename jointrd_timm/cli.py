@@ -159,16 +159,25 @@ def _push(args) -> int:
 
 
 def _eval(args) -> int:
+    import timm.data
     from .integrations.hub import load_model
     from .training.data import evaluate_model
     from .io import input_channels
     model = load_model(args.model, require_weights=not args.random_weights)
     channels = input_channels(model)
     channels = channels if channels in (1, 3) else 3
+    data_cfg = timm.data.resolve_data_config({}, model=model)  # its pretrained_cfg: size, crop, mean / std
     # the digits are grayscale 8x8: read as the model's channels (an RGB model gets them repeated, as distill does)
-    kwargs = dict(transform='tensor', input_size=8, channels=channels) if args.dataset == 'sklearn:digits' \
-        else dict(transform=args.transform, channels=channels)
-    for option in ('image_column', 'label_column', 'input_size'):
+    if args.dataset == 'sklearn:digits':
+        kwargs = dict(transform='tensor', input_size=8, channels=channels)
+    elif args.transform is None and len(data_cfg['mean']) == channels:
+        # as the model's config.json says (a saved run's: how its test images were read), as timm's validate.py does
+        if args.input_size:
+            data_cfg['input_size'] = (channels, args.input_size, args.input_size)
+        kwargs = dict(data_cfg=data_cfg, channels=channels)
+    else:  # --transform given, or a grey model whose config has RGB statistics (grey: 0.5 / 0.5)
+        kwargs = dict(transform=args.transform or 'cifar', channels=channels)
+    for option in ('image_column', 'label_column') + (('input_size',) if 'data_cfg' not in kwargs else ()):
         if getattr(args, option):
             kwargs[option] = getattr(args, option)
     result = evaluate_model(model, args.dataset, args.split, **kwargs)
@@ -389,12 +398,14 @@ def _eval_parser(sub) -> None:
     p.add_argument('model', help='registry tag, hf-hub:..., local-dir:..., or a folder')
     p.add_argument('--dataset', required=True, help='Hub id, local Hub-layout folder, image folder, sklearn:digits')
     p.add_argument('--split', default='test')
-    p.add_argument('--transform', '--recipe', dest='transform', default='cifar', choices=('cifar', 'imagenet', 'tensor'),
-                   help='evaluation transform (--recipe: its former name)')
+    p.add_argument('--transform', '--recipe', dest='transform', default=None, choices=('cifar', 'imagenet', 'tensor'),
+                   help="evaluation transform (--recipe: its former name); default: the model's own data config "
+                        "(config.json's input size, crop, interpolation, mean / std), as timm's validate.py reads it")
     p.add_argument('--image-column', default=None, help='default: img (an image folder: image)')
     p.add_argument('--label-column', default=None, help='default: label')
     p.add_argument('--input-size', type=_positive_int, default=None,
-                   help='side the images are read at, as the model was trained (default: 8 for sklearn:digits, 32)')
+                   help="side the images are read at (default: the model's config; 8 for sklearn:digits; 32 with "
+                        "--transform)")
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
     p.set_defaults(func=_eval)
 

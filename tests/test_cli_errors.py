@@ -144,5 +144,8 @@ def test_eval_reads_the_label_column_and_input_size_it_is_given(tmp_path, monkey
     monkeypatch.setattr(data, 'evaluate_model', fake_evaluate)
     assert main(['eval', 'resnet20_cifar', '--random-weights', '--dataset', str(tmp_path), '--label-column', 'fine',
                  '--image-column', 'image', '--input-size', '40']) == 0
-    assert (seen['label_column'], seen['image_column'], seen['input_size'], seen['channels']) == ('fine', 'image', 40, 3)
+    # read as the model's config says (resnet20_cifar's: CIFAR statistics, no crop), at the side given
+    assert (seen['label_column'], seen['image_column'], seen['channels']) == ('fine', 'image', 3)
+    assert seen['data_cfg']['input_size'] == (3, 40, 40) and seen['data_cfg']['crop_pct'] == 1.0
+    assert 'transform' not in seen and 'input_size' not in seen
     assert 'top-1 50.00 % on 2 images' in capsys.readouterr().out

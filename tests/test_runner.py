@@ -39,6 +39,9 @@ def test_train_one_epoch_writes_metrics_checkpoint_and_hub_folder(tmp_path):
     assert final['test_acc_deployed'] == final.get('test_acc_folded', final['test_acc'])  # the deprecated keys agree
     cfg = json.loads((out / 'model' / 'config.json').read_text())
     assert cfg['architecture'] == 'plain_resnet20_cifar'  # JointRD deploys the twin, not the pair
+    # how the test images were read (digits: 8 px in grey, 0.5 / 0.5), not the architecture's CIFAR defaults
+    assert {k: cfg['pretrained_cfg'][k] for k in ('input_size', 'crop_pct', 'mean', 'std')} == dict(
+        input_size=[1, 8, 8], crop_pct=1.0, mean=[0.5], std=[0.5])
     assert not any(k.startswith('teacher.') for k in weights(out))
     assert (out / 'last.safetensors').is_file()
 

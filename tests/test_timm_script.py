@@ -150,12 +150,14 @@ def test_published_card_says_how_to_reproduce_its_top1_with_timms_validate():
     assert 'validate.py' not in grey
 
 
-def test_distill_card_validate_options_preprocess_as_distill_evaluated(tmp_path):
-    """validate.py would follow the twin's pretrained_cfg (its architecture's: CIFAR, 32 px); a distill run on other
-    data writes the options that give its own evaluation's tensors, bit for bit."""
-    import argparse
+def test_distill_twin_config_makes_validate_read_the_test_images_as_distill_did(tmp_path):
+    """The architecture's pretrained_cfg is CIFAR's at 32 px; a distill run that read its test images otherwise
+    (here timm's ImageNet eval transform at 32 px: resize 36, crop 32, ImageNet statistics) saves that reading in
+    config.json, so validate.py (timm.data.resolve_data_config from the loaded model) and `jointrd eval` give its
+    evaluation's tensors, bit for bit, with no extra options."""
     from jointrd_timm.integrations.hub import save_trained_model
     from jointrd_timm.training import distill
+    from jointrd_timm.training.data import dataset_data_cfg, eval_transform
     rng = np.random.RandomState(0)
     for split in ('train', 'test'):
         for label in range(10):
@@ -165,21 +167,17 @@ def test_distill_card_validate_options_preprocess_as_distill_evaluated(tmp_path)
     teacher = save_trained_model(timm.create_model('resnet20_cifar', num_classes=10), tmp_path / 'teacher')
     plan = distill.plan_distill(str(teacher), str(tmp_path / 'images'), str(tmp_path / 'out'), epochs=1,
                                 image_column='image', transform='imagenet', input_size=32)
-    options = distill._timm_validate_args(plan)
-    assert options == ('--img-size 32 --crop-pct 0.875 --interpolation bilinear --mean 0.485 0.456 0.406 '
-                       '--std 0.229 0.224 0.225')
-    parser = argparse.ArgumentParser()  # validate.py's names for these options
-    parser.add_argument('--img-size', type=int)
-    parser.add_argument('--crop-pct', type=float)
-    parser.add_argument('--interpolation')
-    parser.add_argument('--mean', type=float, nargs='+')
-    parser.add_argument('--std', type=float, nargs='+')
-    twin = timm.create_model('plain_resnet20_cifar', num_classes=10)
-    transform = timm.data.create_transform(
-        **timm.data.resolve_data_config(vars(parser.parse_args(options.split())), model=twin))
     test_set = plan.datasets['test']
-    for index in range(len(test_set)):
-        image = test_set.data[index]['image'].convert('RGB')
-        assert torch.equal(transform(image), test_set[index][0])
-    card = model_card(dict(entry(TWIN), eval=dict(split='test', image_column='image', validate_args=options)))
-    assert f'--split test --input-key image {options}\n' in card
+    data_cfg = dataset_data_cfg(test_set, 3)
+    assert data_cfg == dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=0.88,
+                            mean=pytest.approx((0.485, 0.456, 0.406)), std=pytest.approx((0.229, 0.224, 0.225)))
+    folder = save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), tmp_path / 'twin',
+                                data_cfg=data_cfg)
+    twin = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    for transform in (timm.data.create_transform(**timm.data.resolve_data_config({}, model=twin)),
+                      eval_transform(twin.pretrained_cfg)):
+        for index in range(len(test_set)):
+            image = test_set.data[index]['image'].convert('RGB')
+            assert torch.equal(transform(image), test_set[index][0])
+    card = model_card(dict(entry(TWIN), eval=dict(split='test', image_column='image', validate_args=True)))
+    assert '--split test --input-key image\n' in card and '--img-size' not in card

@@ -186,17 +186,15 @@ def model_card(entry: Dict) -> str:
 
 def _timm_validate_lines(source: str, dataset: str, evaluation: Dict) -> list:
     """How timm's own validate.py gives the top-1, through ``python -m jointrd_timm.timm_script`` (timm does not
-    know plain_* models otherwise). ``evaluation``: the entry's ``eval`` (split, image_column, label_column, and
-    ``validate_args``: preprocessing options when the model's pretrained_cfg is not the evaluation's, False when
-    validate.py cannot reproduce it). Nothing either for data that timm's ``hfds/`` reader
-    (``datasets.load_dataset``) cannot read, such as the embedded digits."""
+    know plain_* models otherwise); it preprocesses as the model's config.json says (``save_trained_model``'s
+    ``data_cfg``). ``evaluation``: the entry's ``eval`` (split, image_column, label_column, and ``validate_args``:
+    False when validate.py cannot reproduce the evaluation, e.g. on images read in grey). Nothing either for data
+    that timm's ``hfds/`` reader (``datasets.load_dataset``) cannot read, such as the embedded digits."""
     if dataset.startswith('sklearn:') or evaluation.get('validate_args') is False:
         return []
     args = f'--split {evaluation.get("split", "test")} --input-key {evaluation.get("image_column", "img")}'
     if evaluation.get('label_column', 'label') != 'label':
         args += f' --target-key {evaluation["label_column"]}'
-    if evaluation.get('validate_args'):
-        args += f' {evaluation["validate_args"]}'
     return ["Top-1 with timm's own `validate.py`, unchanged (from a checkout of "
             '[pytorch-image-models](https://github.com/huggingface/pytorch-image-models) at your timm version; '
             '`jointrd_timm.timm_script` registers this model in timm, then runs the script):', '',
@@ -204,12 +202,9 @@ def _timm_validate_lines(source: str, dataset: str, evaluation: Dict) -> list:
             f'python -m jointrd_timm.timm_script path/to/pytorch-image-models/validate.py --model {source} '
             f'--pretrained --dataset hfds/{dataset} {args}',
             '```', '',
-            ('`--img-size` to `--std` preprocess as the evaluation above did (the pretrained_cfg in config.json is '
-             "the architecture's, not this data's). "
-             if evaluation.get('validate_args') else
-             "validate.py preprocesses as this model's `pretrained_cfg` (config.json) says: input size, crop, mean / "
-             'std, those of the evaluation above. ')
-            + 'Add `--device cpu` without a GPU, `--data-dir DIR` for the datasets cache.', '']
+            "validate.py preprocesses as this model's `pretrained_cfg` (config.json) says: input size, crop, mean / "
+            'std, those of the evaluation above. Add `--device cpu` without a GPU, `--data-dir DIR` for the datasets '
+            'cache.', '']
 
 
 def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, private: bool = False,

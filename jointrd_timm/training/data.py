@@ -4,8 +4,9 @@ transforms of the JointRD spec (torchvision / timm; ``transform``).
 
 Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.load_image_dataset, init: {kwargs: ...}}``.
 """
+import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -13,7 +14,8 @@ from torchvision import transforms as T
 
 from ..errors import InputError, JointRDError
 
-__all__ = ['load_image_dataset', 'evaluate_model', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS']
+__all__ = ['load_image_dataset', 'evaluate_model', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS',
+           'transform_data_cfg', 'dataset_data_cfg', 'eval_transform']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -47,6 +49,90 @@ def make_transform(name: str, train: bool, input_size: int, mean: Sequence[float
         steps.append(T.CenterCrop(input_size))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
+
+
+# timm's data config keys an evaluation transform is made from (timm.data.create_transform)
+DATA_CFG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+def eval_transform(data_cfg: Mapping):
+    """The evaluation transform timm makes from a data config (``input_size``, ``crop_pct``, ``interpolation``,
+    ``mean``, ``std``, ``crop_mode``: a model's ``pretrained_cfg`` or :func:`timm.data.resolve_data_config`'s)."""
+    from timm.data import create_transform
+    return create_transform(**{k: data_cfg[k] for k in DATA_CFG_KEYS if data_cfg.get(k) is not None},
+                            is_training=False)
+
+
+def _size(size) -> Optional[int]:
+    """A Resize / CenterCrop size as one side: an int, or a one- or square two-element sequence (None otherwise)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (list, tuple)) and len(size) in (1, 2) and len(set(size)) == 1 and isinstance(size[0], int):
+        return size[0]
+    return None
+
+
+def _crop_pct(crop: int, resize: int) -> float:
+    """``crop / resize`` as timm reads it back (``floor(crop / crop_pct)`` gives ``resize`` again), in the fewest
+    decimals that do (32 of 36: 0.88, not 0.8888888888888888, which a command line would round the wrong way)."""
+    for decimals in range(1, 16):
+        pct = math.floor(crop / resize * 10 ** decimals) / 10 ** decimals
+        if pct > 0 and math.floor(crop / pct) == resize:
+            return pct
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:  # float division can land just below
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
+def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
+    """The timm data config of an evaluation pipeline: ``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
+    ``std``, such that :func:`eval_transform` (timm's ``create_transform``) gives the same tensors. ``transform``:
+    a torchvision ``Compose`` (or one transform) of a square resize of the shorter side, a square centre crop, the
+    conversion to a tensor and ``Normalize``, as :func:`make_transform` and timm make them for evaluation.
+
+    None where the pipeline does anything these keys cannot say (augmentation, padding, a resize to a fixed
+    non-square shape, no resize or no crop, no normalisation): a saved model then keeps its architecture's config."""
+    steps = list(getattr(transform, 'transforms', [transform]))
+    resize = crop = normalize = None
+    for step in steps:
+        name = type(step).__name__
+        if name in ('ToTensor', 'MaybeToTensor', 'PILToTensor', 'ConvertImageDtype', 'ToDtype', 'ToImage'):
+            continue
+        if isinstance(step, T.Resize) and resize is None and crop is None and normalize is None:
+            resize = step
+        elif isinstance(step, T.CenterCrop) and resize is not None and crop is None and normalize is None:
+            crop = step
+        elif isinstance(step, T.Normalize) and normalize is None:
+            normalize = step
+        else:
+            return None
+    if resize is None or crop is None or normalize is None or getattr(resize, 'max_size', None) is not None:
+        return None
+    side, resized = _size(crop.size), resize.size
+    resized = resized if isinstance(resized, int) else (resized[0] if len(resized) == 1 else None)
+    interpolation = getattr(resize.interpolation, 'value', None)
+    if side is None or resized is None or not isinstance(interpolation, str) or side > resized:
+        return None
+
+    def numbers(values):
+        import torch
+        return tuple(float(v) for v in torch.as_tensor(values).flatten().tolist())
+    return dict(input_size=(channels, side, side), interpolation=interpolation, crop_pct=_crop_pct(side, resized),
+                mean=numbers(normalize.mean), std=numbers(normalize.std))
+
+
+def dataset_data_cfg(dataset, channels: int = 3) -> Optional[Dict]:
+    """:func:`transform_data_cfg` of the transform ``dataset`` applies (found on it or on the datasets it wraps:
+    a ``Subset``'s ``dataset``); None where there is none or it cannot be said as a data config."""
+    for _ in range(8):
+        transform = getattr(dataset, 'transform', None)
+        if transform is not None:
+            return transform_data_cfg(transform, channels)
+        dataset = getattr(dataset, 'dataset', None)
+        if dataset is None:
+            break
+    return None
 
 
 class HFImageDataset(Dataset):
@@ -141,6 +227,7 @@ def load_image_dataset(
         seed: int = 0,
         config_name: Optional[str] = None,
         recipe: Optional[str] = None,
+        data_cfg: Optional[Mapping] = None,
 ) -> HFImageDataset:
     """An image classification dataset as a torch Dataset of (tensor, label).
 
@@ -156,6 +243,8 @@ def load_image_dataset(
         validation_fraction, part: carve a held-out validation set from the split: ``part='train'`` gives the rest,
             ``part='val'`` the held-out fraction (seeded, the same for both calls), ``'all'`` the whole split.
         limit: keep only the first ``limit`` examples (after a seeded shuffle), for quick runs.
+        data_cfg: evaluation only: read the images as this timm data config says (:func:`eval_transform`; a model's
+            ``pretrained_cfg``) instead of ``transform``, ``input_size``, ``mean`` and ``std``.
     """
     if recipe is not None:
         transform = recipe
@@ -165,6 +254,10 @@ def load_image_dataset(
         raise InputError(f'part={part!r} needs 0 < validation_fraction < 1 (got {validation_fraction}).')
     if channels not in (1, 3):
         raise InputError(f'channels must be 1 or 3, got {channels}.')
+    train = split == 'train' if train is None else train
+    if data_cfg is not None and train:
+        raise InputError('data_cfg gives an evaluation transform; a training split takes transform, input_size, mean '
+                         'and std (or pass train=False).')
     data = _load(source, split, config_name)
     for role, column in (('image_column', image_column), ('label_column', label_column)):
         if column not in data.column_names:
@@ -177,12 +270,15 @@ def load_image_dataset(
         data = halves['train' if part == 'train' else 'test']
     if limit is not None and limit < len(data):
         data = data.shuffle(seed=seed).select(range(limit))
+    if data_cfg is not None:
+        transforms = eval_transform(data_cfg)
+        return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
     if mean is None or std is None:
         if channels == 1:
             mean, std = (0.5,), (0.5,)
         else:
             mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
-    transforms = make_transform(transform, split == 'train' if train is None else train, input_size, mean, std)
+    transforms = make_transform(transform, train, input_size, mean, std)
     return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
 
 

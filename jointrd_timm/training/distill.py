@@ -38,6 +38,7 @@ from typing import Dict, Optional
 
 from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 from .configs import build_config, to_yaml
+from .data import dataset_data_cfg
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
                              check_twin, dataset_kwargs, load_datasets, setting_schedule, specs)
 from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
@@ -301,10 +302,12 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                      latency_speedup_b1=round(speedup[1], 2)),
         eval_args=_eval_args(plan.data['test']),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
-                  label_column=plan.data['test']['label_column'], validate_args=_timm_validate_args(plan)),
+                  label_column=plan.data['test']['label_column'], validate_args=plan.common['in_chans'] == 3),
         local_dir=str((out / 'model').resolve())))
+    # config.json says how the test images were read: timm's validate.py and `jointrd eval` read them so (validate.py
+    # cannot read them in grey: no validate.py line on a 1-channel card)
     save_trained_model(models['twin'], out / 'model', metrics=summary['test_acc'], model_card=card, tag='distill',
-                       data_cfg=_data_cfg(plan))
+                       data_cfg=dataset_data_cfg(plan.datasets['test'], plan.common['in_chans']))
     (out / 'comparison.json').write_text(json.dumps(summary, indent=1))
     (out / 'comparison.md').write_text(table + '\n')
     plot_comparison([('teacher', accuracy['teacher']), ('twin', accuracy['twin'])], speedup,
@@ -338,29 +341,6 @@ def run_distill(teacher: str, data: str, output_dir: str = 'runs/distill', devic
     start = time.time()
     final = train_distill(plan, resume, overwrite, device)
     return report_distill(plan, final, time.time() - start, latency_repeats)
-
-
-def _data_cfg(plan: DistillPlan) -> Dict:
-    """How the run read its test images, for the saved twin's pretrained_cfg (its architecture's default cfg
-    describes other data: a CIFAR twin's, CIFAR's statistics at 32 px)."""
-    from torchvision.transforms import Normalize
-    normalize = next(t for t in plan.datasets['test'].transform.transforms if isinstance(t, Normalize))
-    size = plan.data['test']['input_size']
-    return dict(mean=tuple(float(v) for v in normalize.mean), std=tuple(float(v) for v in normalize.std),
-                input_size=(plan.common['in_chans'], size, size), interpolation='bilinear',
-                crop_pct=0.875 if plan.data['test']['transform'] == 'imagenet' else 1.0)
-
-
-def _timm_validate_args(plan: DistillPlan):
-    """timm validate.py options that preprocess the test images as this evaluation did (validate.py otherwise follows
-    the twin's pretrained_cfg, which is its architecture's, not this data's); False (no validate.py line on the
-    card) for single-channel data."""
-    if plan.common['in_chans'] != 3:
-        return False
-    cfg = _data_cfg(plan)
-    mean, std = (' '.join(f'{v:.4g}' for v in cfg[key]) for key in ('mean', 'std'))
-    return (f'--img-size {cfg["input_size"][-1]} --crop-pct {cfg["crop_pct"]} --interpolation {cfg["interpolation"]} '
-            f'--mean {mean} --std {std}')
 
 
 def _teacher_origin(plan: DistillPlan) -> str:

@@ -53,12 +53,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..faults import fault_point
-from ..io import load_weights
+from ..io import input_channels, load_weights
 from ..methods import base as method_api
 from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, module_state, save_checkpoint
+from .data import dataset_data_cfg
 from .ema import TwinEma
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
@@ -439,9 +440,13 @@ def finish(run: _Run, config: Dict) -> Dict:
                             'outside DDP without all-reducing their gradients.', final['replica_max_abs_diff'])
     test_config = config['test'].get('test_data_loader')
     deployed = method_api.deploy_module(module)  # JointRD deploys its twin
-    loader = None
+    loader = data_cfg = None
     if test_config:
-        loader = build_data_loader(config['datasets'][test_config['dataset_id']], test_config, distributed=False)
+        test_set = config['datasets'][test_config['dataset_id']]
+        # the saved config.json says how the test images were read, where the test transform can say it as timm's
+        # data config (else the architecture's own stays): timm's validate.py and `jointrd eval` then read them so
+        data_cfg = dataset_data_cfg(test_set, input_channels(deployed) or 3)
+        loader = build_data_loader(test_set, test_config, distributed=False)
         loader = accelerator.prepare(loader)
         final['test_acc_as_trained'] = evaluate(run.trained, loader, accelerator)
     found = _deploy(run, deployed, loader, final.get('test_acc_as_trained'))
@@ -460,7 +465,7 @@ def finish(run: _Run, config: Dict) -> Dict:
         if has_dirac(deployed) or is_fading(deployed):
             final['test_acc_folded'] = final['test_acc_deployed']
     if accelerator.is_main_process:
-        save_trained_model(deployed, run.out / 'model', metrics=final)
+        save_trained_model(deployed, run.out / 'model', metrics=final, data_cfg=data_cfg)
         fault_point('final_save')
         atomic_write(run.out / 'final.json', lambda tmp: Path(tmp).write_text(json.dumps(final, indent=1)))
         accelerator.print(json.dumps(final))

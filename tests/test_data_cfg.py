@@ -1,0 +1,128 @@
+"""How a run read its test images, said as timm's data config: read back from a transform, written to the saved
+model's config.json, and followed by `jointrd eval` (and timm's validate.py) by default."""
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+from torchvision import transforms as T
+
+from jointrd_timm.cli import main
+from jointrd_timm.errors import InputError
+from jointrd_timm.integrations.hub import save_trained_model
+from jointrd_timm.training import data
+from jointrd_timm.training.data import (IMAGENET_MEAN, IMAGENET_STD, _crop_pct, dataset_data_cfg, eval_transform,
+                                        load_image_dataset, make_transform, transform_data_cfg)
+
+
+def images(seed=0):
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 48), (61, 37), (32, 32))]
+
+
+@pytest.mark.parametrize('transform', [
+    make_transform('cifar', False, 32, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+    make_transform('tensor', False, 24, IMAGENET_MEAN, IMAGENET_STD),
+    make_transform('imagenet', False, 32, IMAGENET_MEAN, IMAGENET_STD),
+    timm.data.create_transform(40, crop_pct=0.9, interpolation='bicubic', mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.3)),
+    timm.data.create_transform(28, crop_pct=0.95, interpolation='nearest'),
+    T.Compose([T.Resize(45), T.CenterCrop((33, 33)), T.PILToTensor(), T.ConvertImageDtype(torch.float),
+               T.Normalize([0.1, 0.2, 0.3], [1.0, 2.0, 3.0])]),
+], ids=['cifar', 'tensor', 'imagenet-32', 'timm-bicubic-0.9', 'timm-nearest-0.95', 'pil-to-tensor'])
+def test_data_cfg_of_an_eval_transform_gives_the_same_tensors_through_timm(transform):
+    cfg = transform_data_cfg(transform)
+    assert cfg is not None and cfg['input_size'][0] == 3
+    again = eval_transform(cfg)
+    for image in images():
+        assert torch.equal(again(image), transform(image))
+    crop, resize = next(t for t in transform.transforms if isinstance(t, T.CenterCrop)), \
+        next(t for t in transform.transforms if isinstance(t, T.Resize))
+    assert cfg['input_size'][1:] == tuple(crop.size) and cfg['interpolation'] == resize.interpolation.value
+
+
+def test_data_cfg_values_and_channels():
+    cfg = transform_data_cfg(make_transform('imagenet', False, 32, IMAGENET_MEAN, IMAGENET_STD), channels=1)
+    assert cfg['input_size'] == (1, 32, 32) and cfg['crop_pct'] == 0.88  # resize 36: the fewest decimals that say it
+    assert cfg['mean'] == pytest.approx(IMAGENET_MEAN) and cfg['std'] == pytest.approx(IMAGENET_STD)
+    assert transform_data_cfg(make_transform('cifar', False, 32, (0.5,), (0.5,)))['crop_pct'] == 1.0
+
+
+def test_crop_pct_reads_back_to_the_same_resize():
+    for resize in range(1, 300):
+        for crop in range(1, resize + 1):
+            pct = _crop_pct(crop, resize)
+            assert math.floor(crop / pct) == resize, (crop, resize, pct)
+    assert (_crop_pct(224, 256), _crop_pct(32, 36), _crop_pct(224, 235)) == (0.875, 0.88, 0.95)
+
+
+@pytest.mark.parametrize('transform', [
+    make_transform('cifar', True, 32, (0.5,) * 3, (0.5,) * 3),            # augmentation
+    T.Compose([T.Resize((32, 40)), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),   # a fixed non-square shape
+    T.Compose([T.Resize(32), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),        # no crop: the image's aspect
+    T.Compose([T.Resize(36), T.CenterCrop(32), T.ToTensor()]),                    # no normalisation
+    T.Compose([T.CenterCrop(32), T.Resize(36), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),  # crop first
+    T.Compose([T.Resize(30), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),  # the crop pads
+    T.Compose([T.Resize(36), T.Pad(2), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
+    T.Compose([T.Resize(36, max_size=40), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
+    T.Compose([T.Resize(36), T.CenterCrop((32, 30)), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
+], ids=['train', 'squash', 'no-crop', 'no-normalize', 'crop-first', 'pads', 'pad', 'max-size', 'non-square-crop'])
+def test_pipelines_a_data_cfg_cannot_say_give_none(transform):
+    assert transform_data_cfg(transform) is None
+
+
+def test_dataset_data_cfg_finds_the_transform_of_a_wrapped_dataset(tmp_path):
+    folder = image_folder(tmp_path)
+    test = load_image_dataset(str(folder), 'test', transform='imagenet', input_size=24, image_column='image')
+    expected = transform_data_cfg(test.transform)
+    assert dataset_data_cfg(Subset(Subset(test, [0, 1]), [0])) == expected and expected['input_size'] == (3, 24, 24)
+    assert dataset_data_cfg(torch.utils.data.TensorDataset(torch.zeros(2, 3))) is None
+
+
+def image_folder(tmp_path, classes=3):
+    rng = np.random.RandomState(0)
+    for split in ('train', 'test'):
+        for label in range(classes):
+            folder = tmp_path / 'images' / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.randint(0, 256, (30 + 7 * i, 44, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    return tmp_path / 'images'
+
+
+def test_load_image_dataset_reads_as_a_data_cfg_says_and_only_for_evaluation(tmp_path):
+    folder = image_folder(tmp_path)
+    cfg = dict(input_size=(3, 20, 20), crop_pct=0.8, interpolation='bicubic', mean=(0.3, 0.3, 0.3), std=(0.2,) * 3)
+    test = load_image_dataset(str(folder), 'test', image_column='image', data_cfg=cfg)
+    for index in range(len(test)):
+        image = test.data[index]['image'].convert('RGB')
+        assert torch.equal(test[index][0], eval_transform(cfg)(image)) and test[index][0].shape == (3, 20, 20)
+    with pytest.raises(InputError, match='data_cfg gives an evaluation transform'):
+        load_image_dataset(str(folder), 'train', image_column='image', data_cfg=cfg)
+
+
+def test_eval_reads_as_the_saved_model_config_says_by_default(tmp_path, monkeypatch, capsys):
+    """A model saved with how its test images were read (24 px, ImageNet's eval crop and statistics) is evaluated
+    so by default, bit for bit as they were read; --transform and --input-size still choose."""
+    folder = image_folder(tmp_path)
+    test = load_image_dataset(str(folder), 'test', transform='imagenet', input_size=24, image_column='image')
+    torch.manual_seed(0)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=3).eval()
+    saved = save_trained_model(model, tmp_path / 'model', data_cfg=dataset_data_cfg(test))
+    assert main(['eval', str(saved), '--dataset', str(folder), '--image-column', 'image']) == 0
+    from jointrd_timm.io import top1_accuracy
+    expected = top1_accuracy(model, test, 8)
+    assert f'top-1 {expected:.2f} % on 6 images' in capsys.readouterr().out
+    seen = {}
+
+    def fake_evaluate(model, dataset, split, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return dict(top1=50.0, samples=2)
+    monkeypatch.setattr(data, 'evaluate_model', fake_evaluate)
+    main(['eval', str(saved), '--dataset', str(folder), '--input-size', '48'])
+    assert seen['data_cfg']['input_size'] == (3, 48, 48) and seen['data_cfg']['crop_pct'] == 0.88
+    main(['eval', str(saved), '--dataset', str(folder), '--transform', 'cifar'])
+    assert seen['transform'] == 'cifar' and 'data_cfg' not in seen
