@@ -83,14 +83,15 @@ def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve(
           'teacher_mode=joint'
     assert RECIPE_ALIASES[old] == 'joint-teacher-first' and get_recipe(old) is deep
     assert get_recipe('default,loss_normalization=none') is RECIPES['unnormalised-loss']
-    # depths 20 and 56: kd-low-lr plus the block targets, the recipe of their published twins' rows
-    assert recipe_for('resnet20_cifar') is recipe_for('resnet56_cifar')
+    # depths 20 and 56: kd-low-lr plus the block targets, at weight 5 and 20 (a mean over 9 and 27 blocks)
     assert recipe_for('resnet32_cifar') is DEFAULT_RECIPE  # an architecture not measured keeps the default
-    blocks = recipe_for('resnet56_cifar')
-    assert blocks is RECIPES['kd-low-lr-blocks'] and get_recipe('default,block_loss_weight=5.0,kd_weight=1.0,'
-                                                                'lr_scale=0.2') is blocks
-    assert (blocks.lr_scale, blocks.jointrd_config().kd_weight, blocks.jointrd_config().block_loss_weight) == \
-        (0.2, 1.0, 5.0)
+    for arch, name, weight in (('resnet20_cifar', 'kd-low-lr-blocks', 5.0), ('resnet56_cifar', 'kd-low-lr-blocks20',
+                                                                          20.0)):
+        blocks = recipe_for(arch)
+        assert blocks is RECIPES[name] and get_recipe(f'default,block_loss_weight={weight},kd_weight=1.0,'
+                                                      'lr_scale=0.2') is blocks
+        assert (blocks.lr_scale, blocks.jointrd_config().kd_weight, blocks.jointrd_config().block_loss_weight) == \
+            (0.2, 1.0, weight)
     # a named recipe trains exactly as the default with those changes did
     changed = DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
                                      hybrid_teacher_bn='running', margin_refresh='epoch')
