@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from jointrd_timm.cli import main
 from jointrd_timm.errors import InputError
@@ -31,22 +32,26 @@ def images(seed=0):
     timm.data.create_transform(28, crop_pct=0.95, interpolation='nearest'),
     T.Compose([T.Resize(45), T.CenterCrop((33, 33)), T.PILToTensor(), T.ConvertImageDtype(torch.float),
                T.Normalize([0.1, 0.2, 0.3], [1.0, 2.0, 3.0])]),
-], ids=['cifar', 'tensor', 'imagenet-32', 'timm-bicubic-0.9', 'timm-nearest-0.95', 'pil-to-tensor'])
+    v2.Compose([v2.Resize(40, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(36), v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5, 0.4, 0.3], [0.2, 0.3, 0.4])]),
+], ids=['cifar', 'tensor', 'imagenet-32', 'timm-bicubic-0.9', 'timm-nearest-0.95', 'pil-to-tensor', 'v2'])
 def test_data_cfg_of_an_eval_transform_gives_the_same_tensors_through_timm(transform):
     cfg = transform_data_cfg(transform)
     assert cfg is not None and cfg['input_size'][0] == 3
     again = eval_transform(cfg)
     for image in images():
-        assert torch.equal(again(image), transform(image))
-    crop, resize = next(t for t in transform.transforms if isinstance(t, T.CenterCrop)), \
-        next(t for t in transform.transforms if isinstance(t, T.Resize))
+        if isinstance(transform, v2.Compose):  # v2 scales to [0, 1] by a product, ToTensor by a division
+            assert torch.allclose(again(image), transform(image), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(again(image), transform(image))
+    crop, resize = (next(t for t in transform.transforms if type(t).__name__ == name) for name in ('CenterCrop', 'Resize'))
     assert cfg['input_size'][1:] == tuple(crop.size) and cfg['interpolation'] == resize.interpolation.value
 
 
 def test_data_cfg_values_and_channels():
     cfg = transform_data_cfg(make_transform('imagenet', False, 32, IMAGENET_MEAN, IMAGENET_STD), channels=1)
     assert cfg['input_size'] == (1, 32, 32) and cfg['crop_pct'] == 0.88  # resize 36: the fewest decimals that say it
-    assert cfg['mean'] == pytest.approx(IMAGENET_MEAN) and cfg['std'] == pytest.approx(IMAGENET_STD)
+    assert (cfg['mean'], cfg['std']) == (IMAGENET_MEAN, IMAGENET_STD)  # timm's float32 tensors, read back exactly
     assert transform_data_cfg(make_transform('cifar', False, 32, (0.5,), (0.5,)))['crop_pct'] == 1.0
 
 
@@ -68,7 +73,10 @@ def test_crop_pct_reads_back_to_the_same_resize():
     T.Compose([T.Resize(36), T.Pad(2), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
     T.Compose([T.Resize(36, max_size=40), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
     T.Compose([T.Resize(36), T.CenterCrop((32, 30)), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
-], ids=['train', 'squash', 'no-crop', 'no-normalize', 'crop-first', 'pads', 'pad', 'max-size', 'non-square-crop'])
+    T.Compose([T.PILToTensor(), T.Resize(36), T.CenterCrop(32), T.ConvertImageDtype(torch.float),
+               T.Normalize((0.5,), (0.5,))]),  # a tensor resize is not the PIL resize timm's transform makes
+], ids=['train', 'squash', 'no-crop', 'no-normalize', 'crop-first', 'pads', 'pad', 'max-size', 'non-square-crop',
+        'tensor-resize'])
 def test_pipelines_a_data_cfg_cannot_say_give_none(transform):
     assert transform_data_cfg(transform) is None
 

@@ -92,18 +92,24 @@ def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
     conversion to a tensor and ``Normalize``, as :func:`make_transform` and timm make them for evaluation.
 
     None where the pipeline does anything these keys cannot say (augmentation, padding, a resize to a fixed
-    non-square shape, no resize or no crop, no normalisation): a saved model then keeps its architecture's config."""
+    non-square shape or of images already made tensors, no resize or no crop, no normalisation): a saved model then
+    keeps its architecture's config."""
+    from torchvision.transforms import v2
     steps = list(getattr(transform, 'transforms', [transform]))
     resize = crop = normalize = None
+    tensor = False  # images already tensors: a resize there is not PIL's, which timm's transform uses
     for step in steps:
         name = type(step).__name__
         if name in ('ToTensor', 'MaybeToTensor', 'PILToTensor', 'ConvertImageDtype', 'ToDtype', 'ToImage'):
+            tensor = True
             continue
-        if isinstance(step, T.Resize) and resize is None and crop is None and normalize is None:
+        if isinstance(step, (T.Resize, v2.Resize)) and resize is None and crop is None and normalize is None \
+                and not tensor:
             resize = step
-        elif isinstance(step, T.CenterCrop) and resize is not None and crop is None and normalize is None:
+        elif isinstance(step, (T.CenterCrop, v2.CenterCrop)) and resize is not None and crop is None \
+                and normalize is None:
             crop = step
-        elif isinstance(step, T.Normalize) and normalize is None:
+        elif isinstance(step, (T.Normalize, v2.Normalize)) and normalize is None:
             normalize = step
         else:
             return None
@@ -115,9 +121,10 @@ def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
     if side is None or resized is None or not isinstance(interpolation, str) or side > resized:
         return None
 
-    def numbers(values):
-        import torch
-        return tuple(float(v) for v in torch.as_tensor(values).flatten().tolist())
+    def numbers(values):  # a float32 tensor's values as the shortest decimals that give them back (0.485)
+        if hasattr(values, 'flatten'):
+            return tuple(float(str(np.float32(v))) for v in values.flatten().tolist())
+        return tuple(float(v) for v in values)
     return dict(input_size=(channels, side, side), interpolation=interpolation, crop_pct=_crop_pct(side, resized),
                 mean=numbers(normalize.mean), std=numbers(normalize.std))
 
