@@ -75,8 +75,10 @@ def test_crop_pct_reads_back_to_the_same_resize():
     T.Compose([T.Resize(36), T.CenterCrop((32, 30)), T.ToTensor(), T.Normalize((0.5,), (0.5,))]),
     T.Compose([T.PILToTensor(), T.Resize(36), T.CenterCrop(32), T.ConvertImageDtype(torch.float),
                T.Normalize((0.5,), (0.5,))]),  # a tensor resize is not the PIL resize timm's transform makes
+    v2.Compose([v2.Resize(36), v2.CenterCrop(32), v2.PILToTensor(), v2.ToDtype(torch.float32),
+                v2.Normalize([0.5] * 3, [0.5] * 3)]),  # 0..255, not [0, 1], normalised
 ], ids=['train', 'squash', 'no-crop', 'no-normalize', 'crop-first', 'pads', 'pad', 'max-size', 'non-square-crop',
-        'tensor-resize'])
+        'tensor-resize', 'unscaled'])
 def test_pipelines_a_data_cfg_cannot_say_give_none(transform):
     assert transform_data_cfg(transform) is None
 

@@ -92,16 +92,19 @@ def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
     conversion to a tensor and ``Normalize``, as :func:`make_transform` and timm make them for evaluation.
 
     None where the pipeline does anything these keys cannot say (augmentation, padding, a resize to a fixed
-    non-square shape or of images already made tensors, no resize or no crop, no normalisation): a saved model then
-    keeps its architecture's config."""
+    non-square shape or of images already made tensors, no resize or no crop, no normalisation, or one of pixel
+    values not scaled to [0, 1]): a saved model then keeps its architecture's config."""
     from torchvision.transforms import v2
     steps = list(getattr(transform, 'transforms', [transform]))
     resize = crop = normalize = None
     tensor = False  # images already tensors: a resize there is not PIL's, which timm's transform uses
+    scaled = False  # pixel values in [0, 1], as timm's ToTensor gives them (PILToTensor, ToImage: 0..255 integers)
     for step in steps:
         name = type(step).__name__
         if name in ('ToTensor', 'MaybeToTensor', 'PILToTensor', 'ConvertImageDtype', 'ToDtype', 'ToImage'):
             tensor = True
+            scaled = scaled or name in ('ToTensor', 'MaybeToTensor', 'ConvertImageDtype') or \
+                (name == 'ToDtype' and getattr(step, 'scale', False))
             continue
         if isinstance(step, (T.Resize, v2.Resize)) and resize is None and crop is None and normalize is None \
                 and not tensor:
@@ -109,7 +112,7 @@ def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
         elif isinstance(step, (T.CenterCrop, v2.CenterCrop)) and resize is not None and crop is None \
                 and normalize is None:
             crop = step
-        elif isinstance(step, (T.Normalize, v2.Normalize)) and normalize is None:
+        elif isinstance(step, (T.Normalize, v2.Normalize)) and normalize is None and scaled:
             normalize = step
         else:
             return None
@@ -279,13 +282,13 @@ def load_image_dataset(
         data = data.shuffle(seed=seed).select(range(limit))
     if data_cfg is not None:
         transforms = eval_transform(data_cfg)
-        return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
-    if mean is None or std is None:
-        if channels == 1:
-            mean, std = (0.5,), (0.5,)
-        else:
-            mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
-    transforms = make_transform(transform, train, input_size, mean, std)
+    else:
+        if mean is None or std is None:
+            if channels == 1:
+                mean, std = (0.5,), (0.5,)
+            else:
+                mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
+        transforms = make_transform(transform, train, input_size, mean, std)
     return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
 
 

@@ -320,8 +320,9 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
 
 
 def _eval_args(test: Dict) -> str:
-    """The ``jointrd eval`` options that read the test split as the run did (those that differ from eval's defaults),
-    for the model card's command."""
+    """The ``jointrd eval`` options for the model card's command: the split and columns, and the reading (transform,
+    input size) where it is not CIFAR's at 32 px or the digits' (eval reads a distill twin as its saved config.json
+    says either way; the options name the reading on the card)."""
     digits = test['source'] == 'sklearn:digits'
     defaults = dict(split='test', image_column='img', label_column='label',
                     transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
