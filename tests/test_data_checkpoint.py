@@ -45,8 +45,10 @@ def test_hub_layout_parquet_folder_and_heldout_split(tmp_path):
     assert as_bytes(again) == as_bytes(val)  # deterministic
     with pytest.raises(ValueError, match='needs 0 < validation_fraction < 1'):
         load_image_dataset(str(tmp_path), 'train', part='val', **kwargs)
+    found = load_image_dataset(str(tmp_path), 'test', recipe='cifar', input_size=8)  # its one image / label column
+    assert (found.image_column, found.label_column) == ('picture', 'cls') and found[0][0].shape == test[0][0].shape
     with pytest.raises(KeyError, match=r"no column 'img'"):
-        load_image_dataset(str(tmp_path), 'train', recipe='cifar')
+        load_image_dataset(str(tmp_path), 'train', recipe='cifar', image_column='img')
 
 
 def _parquet(folder, labels):

@@ -141,8 +141,8 @@ def test_bad_teacher_is_refused_before_anything_is_written(tmp_path, teacher, me
 @pytest.mark.parametrize('data, options, message', [
     ('/no/such/data', {}, r"Cannot load the data '/no/such/data': FileNotFoundError: Dataset folder /no/such/data "
                           r'does not exist'),
-    ('sklearn:digits', dict(image_column='image'), r"has no column 'image'; its columns are \['img', 'label'\].*"
-                                                   r'--image-column / --label-column'),
+    ('sklearn:digits', dict(image_column='image'), r"has no column 'image'; its columns are: img \(Image\), label "
+                                                   r'\(ClassLabel\).*--image-column / --label-column'),
     ('sklearn:digits', dict(test_split='validation'), r'sklearn:digits has splits train and test'),
 ])
 def test_bad_data_is_refused_before_anything_is_written(tmp_path, data, options, message):

@@ -160,7 +160,7 @@ def test_missing_dataset_column_is_a_clear_error(tmp_path):
     path = tiny_yaml(tmp_path)
     bad = tmp_path / 'bad.yaml'
     bad.write_text(path.read_text().replace("channels: 1, limit: 64", "channels: 1, limit: 64, image_column: 'image'"))
-    with pytest.raises(KeyError, match=r"has no column 'image'; its columns are \['img', 'label'\]"):
+    with pytest.raises(KeyError, match=r"has no column 'image'; its columns are: img \(Image\), label \(ClassLabel\)"):
         load_config(bad)
 
 

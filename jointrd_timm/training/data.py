@@ -6,7 +6,7 @@ Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.
 """
 import math
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -14,8 +14,8 @@ from torchvision import transforms as T
 
 from ..errors import InputError, JointRDError
 
-__all__ = ['load_image_dataset', 'evaluate_model', 'HFImageDataset', 'make_transform', 'DatasetColumnError', 'TRANSFORMS',
-           'transform_data_cfg', 'dataset_data_cfg', 'eval_transform']
+__all__ = ['load_image_dataset', 'find_columns', 'evaluate_model', 'HFImageDataset', 'make_transform',
+           'DatasetColumnError', 'TRANSFORMS', 'transform_data_cfg', 'dataset_data_cfg', 'eval_transform']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -220,14 +220,49 @@ def _load(source: str, split: str, config_name: Optional[str]):
     return datasets.load_dataset(source, config_name, split=split)  # a Hub id
 
 
+def find_columns(data, image_column: Optional[str], label_column: Optional[str], where: str) -> Tuple[str, str]:
+    """The (image, label) column names of ``data`` (a ``datasets.Dataset``). A name given must be a column; None
+    finds it: the image column is the one column of type ``datasets.Image``, the label column is ``label`` where
+    there is one, else the one ``ClassLabel`` column. Anything else is refused naming the columns and the option."""
+    import datasets
+    features = data.features
+
+    def kinds(kind):
+        return [name for name, feature in features.items() if isinstance(feature, kind)]
+
+    def refuse(role, problem):
+        described = ', '.join(f'{name} ({type(feature).__name__})' for name, feature in features.items())
+        raise DatasetColumnError(f'{where}: {problem}; its columns are: {described}. Set {role} to the right one (in a '
+                                 f'YAML: datasets.<id>.init.kwargs.{role}).')
+
+    for role, given in (('image_column', image_column), ('label_column', label_column)):
+        if given is not None and given not in features:
+            refuse(role, f'has no column {given!r}')
+    if image_column is not None and not isinstance(features[image_column], datasets.Image):
+        refuse('image_column', f'has column {image_column!r} of {type(features[image_column]).__name__}, not of images '
+                               '(datasets.Image)')
+    if image_column is None:
+        images = kinds(datasets.Image)
+        if len(images) != 1:
+            refuse('image_column', f'has {"no column" if not images else f"{len(images)} columns"} of images')
+        image_column = images[0]
+    if label_column is None:
+        labels = ['label'] if 'label' in features and image_column != 'label' else kinds(datasets.ClassLabel)
+        if len(labels) != 1:
+            refuse('label_column', 'has no column "label" and ' + (
+                'no class-label column' if not labels else f'{len(labels)} class-label columns {labels}'))
+        label_column = labels[0]
+    return image_column, label_column
+
+
 def load_image_dataset(
         source: str,
         split: str = 'train',
         transform: str = 'cifar',
         train: Optional[bool] = None,
         input_size: int = 32,
-        image_column: str = 'img',
-        label_column: str = 'label',
+        image_column: Optional[str] = None,
+        label_column: Optional[str] = None,
         channels: int = 3,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
@@ -247,7 +282,7 @@ def load_image_dataset(
         transform: ``cifar``, ``imagenet`` or ``tensor`` (:func:`make_transform`); ``train`` (default: split ==
             'train') switches augmentation on. ``recipe`` is its former name, still accepted.
         image_column, label_column: column names (CIFAR-10 on the Hub: ``img``/``label``; imagefolder:
-            ``image``/``label``).
+            ``image``/``label``); None: the one image column / the label column (:func:`find_columns`).
         channels: 3 (RGB) or 1 (grayscale).
         mean, std: normalisation (default: CIFAR statistics for ``cifar``, ImageNet's otherwise, 0.5 for 1 channel).
         validation_fraction, part: carve a held-out validation set from the split: ``part='train'`` gives the rest,
@@ -269,11 +304,7 @@ def load_image_dataset(
         raise InputError('data_cfg gives an evaluation transform; a training split takes transform, input_size, mean '
                          'and std (or pass train=False).')
     data = _load(source, split, config_name)
-    for role, column in (('image_column', image_column), ('label_column', label_column)):
-        if column not in data.column_names:
-            raise DatasetColumnError(
-                f'Dataset {source!r} (split {split!r}) has no column {column!r}; its columns are {data.column_names}. '
-                f'Set {role} to the right one (in a YAML: datasets.<id>.init.kwargs.{role}).')
+    image_column, label_column = find_columns(data, image_column, label_column, f'Dataset {source!r} (split {split!r})')
     classes = label_classes(data, label_column, f'Dataset {source!r} (split {split!r})')  # of the whole split
     if part != 'all':
         halves = data.train_test_split(test_size=validation_fraction, seed=seed)

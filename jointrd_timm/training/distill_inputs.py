@@ -22,12 +22,13 @@ class DistillError(JointRDError, ValueError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The data of a distill run: ``source`` (a Hub id, a local folder, ``sklearn:digits``), its columns and splits,
-    ``val_fraction`` of the train split held out for the per-epoch record, ``limit`` train images (quick runs), and
-    how images are read (``transform``, ``input_size``; None: from the data and the teacher)."""
+    """The data of a distill run: ``source`` (a Hub id, a local folder, ``sklearn:digits``), its columns (None: found in
+    the data, ``data.find_columns``) and splits, ``val_fraction`` of the train split held out for the per-epoch record,
+    ``limit`` train images (quick runs), and how images are read (``transform``, ``input_size``; None: from the data
+    and the teacher)."""
     source: str
-    image_column: str = 'img'
-    label_column: str = 'label'
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
     train_split: str = 'train'
     test_split: str = 'test'
     val_fraction: float = 0.0
@@ -158,11 +159,14 @@ def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, 
 def load_datasets(kwargs: Dict[str, Dict]) -> Dict:
     from .data import DatasetColumnError, load_image_dataset
     try:
-        return {name: load_image_dataset(**kw) for name, kw in kwargs.items()}
+        loaded = {name: load_image_dataset(**kw) for name, kw in kwargs.items()}
     except DatasetColumnError as e:
         raise DistillError(f'{e} (jointrd distill: --image-column / --label-column)') from e
     except Exception as e:  # a missing folder, an unknown Hub id, a split that does not exist
         raise DistillError(f'Cannot load the data {kwargs["train"]["source"]!r}: {type(e).__name__}: {e}') from e
+    for name, dataset in loaded.items():  # the columns found, named in the YAML and the card
+        kwargs[name].update(image_column=dataset.image_column, label_column=dataset.label_column)
+    return loaded
 
 
 def setting_schedule(source: str, input_size: int) -> Schedule:
