@@ -119,6 +119,10 @@ def test_model_card_names_method_data_results():
     assert 'library_name: timm' in card and 'JointRD (Li et al., NeurIPS 2020)' in card
     assert 'CIFAR-10 test fixture' in card and '| top1_test | 12.34 |' in card
     assert "timm.create_model('hf-hub:jointrd-timm/plain_resnet20_cifar.jointrd_test'" in card
+    # the eval options belong to the command: one code span a user copies whole
+    card = model_card(dict(ENTRY, hf_dataset='/data/pets', eval_args='--image-column image --input-size 64'))
+    assert 'Evaluate: `jointrd eval hf-hub:jointrd-timm/plain_resnet20_cifar.jointrd_test --dataset /data/pets ' \
+           '--image-column image --input-size 64`.' in card
 
 
 def test_num_classes_change_drops_classifier(tmp_path):

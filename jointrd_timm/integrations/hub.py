@@ -178,8 +178,8 @@ def model_card(entry: Dict) -> str:
     dataset = entry.get('hf_dataset', 'uoft-cs/cifar10')
     lines += ['', '## Use', '', '```python', 'import timm, jointrd_timm',
               f"model = timm.create_model('{source}', pretrained=True)", '```', '',
-              f'Evaluate: `jointrd eval {source} --dataset {dataset}`'
-              + (f' {entry["eval_args"]}' if entry.get('eval_args') else '') + '.', '']
+              f'Evaluate: `jointrd eval {source} --dataset {dataset}'
+              + (f' {entry["eval_args"]}' if entry.get('eval_args') else '') + '`.', '']
     lines += _timm_validate_lines(source, dataset, entry.get('eval') or {})
     return '\n'.join(lines)
 
