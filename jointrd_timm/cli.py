@@ -238,6 +238,14 @@ def _add_export_arguments(p: argparse.ArgumentParser, formats: bool = False) -> 
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
 
 
+def _add_columns(p: argparse.ArgumentParser) -> None:
+    """The data's columns (distill, eval); not given: found in the data (training.data.find_columns)."""
+    p.add_argument('--image-column', default=None,
+                   help="the data's image column (default: its one column of images, datasets.Image)")
+    p.add_argument('--label-column', default=None,
+                   help="the data's label column (default: 'label', else its one ClassLabel column)")
+
+
 def _add_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                    help='torch.compile the models (runner.compile; BACKEND default inductor): the twin\'s and '
@@ -315,10 +323,7 @@ def _distill_parser(sub) -> None:
     p.add_argument('--num-classes', type=int, default=None,
                    help="re-initialise a pretrained teacher's classifier for the data's labels (it is then "
                         'fine-tuned here with cross-entropy for --teacher-epochs)')
-    p.add_argument('--image-column', default=None,
-                   help="the data's image column (default: its one column of images, datasets.Image)")
-    p.add_argument('--label-column', default=None,
-                   help="the data's label column (default: 'label', else its one ClassLabel column)")
+    _add_columns(p)
     p.add_argument('--train-split', default='train')
     p.add_argument('--test-split', default='test')
     p.add_argument('--val-fraction', type=float, default=0.0,
@@ -403,10 +408,7 @@ def _eval_parser(sub) -> None:
     p.add_argument('--transform', '--recipe', dest='transform', default=None, choices=('cifar', 'imagenet', 'tensor'),
                    help="evaluation transform (--recipe: its former name); default: the model's own data config "
                         "(config.json's input size, crop, interpolation, mean / std), as timm's validate.py reads it")
-    p.add_argument('--image-column', default=None,
-                   help="the data's image column (default: its one column of images, datasets.Image)")
-    p.add_argument('--label-column', default=None,
-                   help="the data's label column (default: 'label', else its one ClassLabel column)")
+    _add_columns(p)
     p.add_argument('--input-size', type=_positive_int, default=None,
                    help="side the images are read at (default: the model's config; 8 for sklearn:digits; 32 with "
                         "--transform)")

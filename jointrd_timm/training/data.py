@@ -304,8 +304,9 @@ def load_image_dataset(
         raise InputError('data_cfg gives an evaluation transform; a training split takes transform, input_size, mean '
                          'and std (or pass train=False).')
     data = _load(source, split, config_name)
-    image_column, label_column = find_columns(data, image_column, label_column, f'Dataset {source!r} (split {split!r})')
-    classes = label_classes(data, label_column, f'Dataset {source!r} (split {split!r})')  # of the whole split
+    where = f'Dataset {source!r} (split {split!r})'
+    image_column, label_column = find_columns(data, image_column, label_column, where)
+    classes = label_classes(data, label_column, where)  # of the whole split
     if part != 'all':
         halves = data.train_test_split(test_size=validation_fraction, seed=seed)
         data = halves['train' if part == 'train' else 'test']
