@@ -292,9 +292,25 @@ def test_plan_takes_data_and_training_specs_or_their_fields_by_keyword(tmp_path)
 def test_the_cards_eval_command_reads_the_test_split_as_the_run_did():
     from jointrd_timm.training.distill import _eval_args
     assert _eval_args(dict(source='/data/pets', split='validation', image_column='image', label_column='fine',
-                           transform='imagenet', input_size=64)) == \
+                           transform='imagenet', input_size=64), ('img', 'label')) == \
         '--split validation --image-column image --label-column fine --transform imagenet --input-size 64'
     assert _eval_args(dict(source='sklearn:digits', split='test', image_column='img', label_column='label',
-                           transform='tensor', input_size=8)) == ''  # eval's own defaults for the digits
+                           transform='tensor', input_size=8), ('img', 'label')) == ''  # eval's own defaults
     assert _eval_args(dict(source='uoft-cs/cifar10', split='test', image_column='img', label_column='label',
-                           transform='cifar', input_size=32)) == ''
+                           transform='cifar', input_size=32), ('img', 'label')) == ''
+    # columns eval finds by itself are left out; ones it would not find (two image columns: it refuses) are named
+    test = dict(source='/data/pets', split='test', image_column='image', label_column='label', transform='cifar',
+                input_size=32)
+    assert _eval_args(test, ('image', 'label')) == ''
+    assert _eval_args(dict(test, image_column='img'), (None, None)) == '--image-column img --label-column label'
+
+
+def test_the_card_names_the_columns_eval_would_not_find():
+    import datasets
+    from PIL import Image
+    from jointrd_timm.training.distill import _columns_found
+    image = Image.new('RGB', (8, 8))
+    two = datasets.Dataset.from_dict({'img': [image], 'mask': [image], 'label': [0]}, features=datasets.Features(
+        {'img': datasets.Image(), 'mask': datasets.Image(), 'label': datasets.ClassLabel(num_classes=2)}))
+    assert _columns_found(two) == (None, None)  # eval's search refuses two image columns: the card names them
+    assert _columns_found(two.remove_columns('mask')) == ('img', 'label')

@@ -34,11 +34,11 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 from .configs import build_config, to_yaml
-from .data import dataset_data_cfg
+from .data import DatasetColumnError, dataset_data_cfg, find_columns
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
                              check_twin, dataset_kwargs, load_datasets, setting_schedule, specs)
 from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
@@ -300,7 +300,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
                      latency_speedup_b1=round(speedup[1], 2)),
-        eval_args=_eval_args(plan.data['test']),
+        eval_args=_eval_args(plan.data['test'], _columns_found(plan.datasets['test'].data)),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
                   label_column=plan.data['test']['label_column'], validate_args=plan.common['in_chans'] == 3),
         local_dir=str((out / 'model').resolve())))
@@ -319,12 +319,22 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     return summary
 
 
-def _eval_args(test: Dict) -> str:
-    """The ``jointrd eval`` options for the model card's command: the split and columns, and the reading (transform,
-    input size) where it is not CIFAR's at 32 px or the digits' (eval reads a distill twin as its saved config.json
-    says either way; the options name the reading on the card)."""
+def _columns_found(data) -> Tuple[Optional[str], Optional[str]]:
+    """The (image, label) columns ``jointrd eval`` finds in ``data`` (a ``datasets.Dataset``) with no column option;
+    (None, None) where its search refuses the data."""
+    try:
+        return find_columns(data, None, None, 'the test split')
+    except DatasetColumnError:
+        return None, None
+
+
+def _eval_args(test: Dict, found: Tuple[Optional[str], Optional[str]]) -> str:
+    """The ``jointrd eval`` options for the model card's command: the split, the columns where eval would not find
+    them by itself (``found``: :func:`_columns_found` of the test split), and the reading (transform, input size)
+    where it is not CIFAR's at 32 px or the digits' (eval reads a distill twin as its saved config.json says either
+    way; the options name the reading on the card)."""
     digits = test['source'] == 'sklearn:digits'
-    defaults = dict(split='test', image_column='img', label_column='label',
+    defaults = dict(split='test', image_column=found[0], label_column=found[1],
                     transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
     return ' '.join(f'--{key.replace("_", "-")} {test.get(key)}' for key, default in defaults.items()
                     if test.get(key) is not None and test.get(key) != default)
