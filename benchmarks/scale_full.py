@@ -65,7 +65,12 @@ def parser():
     p.add_argument('--only', nargs='+', default=None, metavar='FOLDER',
                    help='run only these run folders (e.g. twin-alone-e4-share); the page lists every finished one')
     p.add_argument('--work-dir', default=str(ROOT / 'benchmarks/runs/full_cifar10'))
-    p.add_argument('--name', default='full_cifar10')
+    p.add_argument('--name', default='full_cifar10',
+                   help='the record: benchmarks/results/<name>_<arch>.{json,md,png} (another name for another '
+                        'teacher or question, with its own --work-dir)')
+    p.add_argument('--about', default=None,
+                   help="what the record asks, in a sentence under its page's title (default: the record's); for a "
+                        'record beside the published-twin one, e.g. another teacher')
     p.add_argument('--report-only', action='store_true')
     return p
 
@@ -179,6 +184,8 @@ def fill_defaults(args, recorded: dict, teacher: Path) -> None:
         args.recipe = recorded.get('recipe')
     if args.input_size is None:
         args.input_size = recorded.get('input_size', 32)
+    if args.about is None:
+        args.about = recorded.get('about')
 
 
 def answer_lines(runs: list, teacher) -> list:
@@ -306,15 +313,18 @@ def report(args, recipe, specs) -> None:
                             budget=f'batch {args.batch_size}, SGD Nesterov 0.9, lr {args.lr} cosine over each run '
                                    f"(a twin's: its recipe's lr_scale times that{hold}), weight decay 5e-4"),
                   runs=runs)
-    lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '',
-             f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
-             'model (nothing selected on test). The teacher trains first; every other run starts from its weights '
-             '(the twins through their recipe: teacher init + shortcut fade; step-wise removal (Tailor, Weng et al. '
-             '2023): the frozen teacher, 0.35 MSE on logits + 0.65 CE, one shortcut removed from the input end every '
-             'epochs / (shortcuts + 1) epochs; the control is the residual teacher '
-             'trained again for the same epochs, equal compute).', '',
-             '| run | epochs | test acc % | vs teacher | s / epoch (median) | epochs done | resumed |',
-             '|---|---|---|---|---|---|---|']
+    if args.about:
+        record['meta']['about'] = args.about
+    lines = [f'# Full CIFAR-10: {args.arch} and its twin plain_{args.arch}, recipe `{recipe.id}`', '']
+    lines += [args.about, ''] if args.about else []
+    lines += [f'{record["meta"]["data"]}; {record["meta"]["budget"]}. Last-epoch test accuracy of the deployed '
+              'model (nothing selected on test). The teacher trains first; every other run starts from its weights '
+              '(the twins through their recipe: teacher init + shortcut fade; step-wise removal (Tailor, Weng et al. '
+              '2023): the frozen teacher, 0.35 MSE on logits + 0.65 CE, one shortcut removed from the input end every '
+              'epochs / (shortcuts + 1) epochs; the control is the residual teacher '
+              'trained again for the same epochs, equal compute).', '',
+              '| run | epochs | test acc % | vs teacher | s / epoch (median) | epochs done | resumed |',
+              '|---|---|---|---|---|---|---|']
     for r in runs:
         acc = f'{r["test_acc"]:.2f}' if 'test_acc' in r else 'not finished'
         vs = f'{r["test_acc"] - teacher:+.2f}' if 'test_acc' in r and teacher is not None and r['row'] != 'teacher' \

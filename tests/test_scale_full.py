@@ -171,3 +171,29 @@ def test_a_weight_averaged_twin_is_read_with_its_accuracy_without_the_average(tm
     lines = scale_full.answer_lines([dict(row='teacher', epochs=2, test_acc=80.0), entry, plain], 80.0)
     assert 'same run deployed without it -> with it: twin + JointRD, ema 1 ep: 72.50 -> 73.25 % (30 steps averaged)' \
         in '\n'.join(lines)
+
+
+def test_a_records_question_is_said_under_its_title_and_kept_by_later_commands(monkeypatch, tmp_path):
+    """--about: a record beside the published-twin one (another teacher, another question) says what it asks under
+    its page's title; a later command that does not repeat it (a new row, --report-only) keeps the record's."""
+    _run(tmp_path / 'resnet20_cifar' / 'teacher', 80.0, epochs=8)
+    _run(tmp_path / 'resnet20_cifar' / 'twin-jointrd-e4', 70.0)
+    written = {}
+    monkeypatch.setattr(scale_full, 'RESULTS', tmp_path / 'results')
+    monkeypatch.setattr(scale_full, 'write_report', lambda name, record, lines, plot: written.update(
+        name=name, record=record, lines=lines))
+    about = 'The same recipe from a teacher trained four times as long.'
+    args = scale_full.parser().parse_args(['--fractions', '0.5', '--name', 'longer', '--work-dir', str(tmp_path),
+                                           '--about', about, '--rows', 'teacher', 'twin + JointRD'])
+    scale_full.fill_defaults(args, {}, tmp_path / 'resnet20_cifar' / 'teacher')
+    recipe, specs = scale_full.run_specs(args, tmp_path / 'resnet20_cifar')
+    scale_full.report(args, recipe, specs)
+    assert written['name'] == 'longer_resnet20_cifar' and written['record']['meta']['about'] == about
+    assert written['lines'][:3] == [written['lines'][0], '', about] and written['lines'][0].startswith('# Full CIFAR')
+    assert [r['test_acc'] for r in written['record']['runs']] == [80.0, 70.0]
+    later = scale_full.parser().parse_args(['--name', 'longer'])
+    scale_full.fill_defaults(later, written['record']['meta'], tmp_path / 'resnet20_cifar' / 'teacher')
+    assert later.about == about
+    plain = scale_full.parser().parse_args([])  # a record that asks nothing of its own has no sentence
+    scale_full.fill_defaults(plain, {}, tmp_path / 'none')
+    assert plain.about is None
