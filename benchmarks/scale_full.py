@@ -14,7 +14,9 @@ that every other run starts from (.gitignore); a run that needs more hours than 
 checkpoint on the machine that ran it); an unfinished one is resumed exactly (the runner's ``--resume``), a finished
 one (``final.json``) read back, so the script can be stopped and rerun at any time. Each run records how it was
 split (``metrics.jsonl`` keeps one line per epoch with its seconds; ``resumes`` in the record counts restarts).
-Outputs: ``benchmarks/results/<name>.{json,md,png}``, the command recorded.
+Outputs: ``benchmarks/results/<name>_<arch>.{json,md,png}``, the command recorded. Another teacher of the same
+architecture (longer trained, retrained) gets a record of its own: ``--name`` and ``--work-dir`` apart from the
+published-twin record's, and ``--about``, the sentence its page opens with.
 
     python benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32 --threads 1 --rows teacher
     python benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32      # every row
