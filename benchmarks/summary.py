@@ -221,9 +221,10 @@ once, and a row whose run already finished (`final.json`) is read back instead o
 after an interruption. `accuracy.py full` keeps its runs under `benchmarks/runs/`: the repository holds each run's
 records (`metrics.jsonl`, `final.json`, `resumes.txt`) and the teachers' weights (every other run starts from them);
 the weights of the other runs are not committed (`.gitignore`): a published twin's weights are in
-`registry/weights/`, and `python benchmarks/accuracy.py full --arch ARCH --teacher-epochs N --only FOLDER` recreates
-any other run from its teacher (same seed, same split). A run longer than a working session is resumed from its local
-`last.safetensors` on the same machine.
+`registry/weights/`, and `python benchmarks/accuracy.py full --arch ARCH --teacher-epochs N --only FOLDER` retrains
+any other run from its teacher (same seed, same split; to the digit only under the code that ran it: the RegNet
+teacher retrained under later code, `full_cifar10_rerun_regnetx_002.md`, did not reproduce its record's). A run longer
+than a working session is resumed from its local `last.safetensors` on the same machine.
 
 `queue_runs.py` runs a plan of such commands a few at a time until a deadline and packs what they wrote, for a machine
 lent for minutes (a GPU runs many conversions side by side); its runs land in the same folders and pages.
