@@ -306,6 +306,9 @@ RECIPE_ALIASES = MappingProxyType({DEFAULT_RECIPE.replace(**changes).id: name
 # epochs): it deployed above 'kd-low-lr' on both seeds, matched by seed, and above the default recipe's run, with the
 # best held-out accuracy of the depth-20 conversions; 'kd-low-lr' alone had been above the default by less than the
 # seed-to-seed spread, which is why depth 20 had kept the default until the block targets' two seeds were in.
+# DECISION: RegNets keep the default recipe: neither 'kd-low-lr' nor 'kd-low-lr-blocks' deployed RegNetX-200MF's twin
+# above it at full CIFAR-10 (one seed each, benchmarks/results/deep_twin_diagnostics.md): the block targets keep the
+# twin closer to its teacher while the shortcuts fade and give it back when the last ones go.
 ARCH_RECIPES = {'resnet110_cifar': 'joint-teacher-first', 'resnet18_cifar': 'unnormalised-loss',
                 'resnet20_cifar': 'kd-low-lr-blocks', 'resnet56_cifar': 'kd-low-lr-blocks20'}
 
