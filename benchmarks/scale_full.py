@@ -11,8 +11,8 @@ split, cosine lr) is trained once; from it, for each fraction in ``--fractions``
 Every run is a runner output folder under ``--work-dir`` (default ``benchmarks/runs/full_cifar10``: each run's
 ``metrics.jsonl`` and ``final.json`` are committed, its weights and checkpoint are not, except the small teachers'
 that every other run starts from (.gitignore); a run that needs more hours than a session has continues from its
-checkpoint on the machine that ran it); an unfinished one is resumed exactly (the runner's ``--resume``), a finished
-one (``final.json``) read back, so the script can be stopped and rerun at any time. Each run records how it was
+checkpoint on the machine that ran it, and starts again on one without it); an unfinished one is resumed exactly (the
+runner's ``--resume``), a finished one (``final.json``) read back, so the script can be stopped and rerun at any time. Each run records how it was
 split (``metrics.jsonl`` keeps one line per epoch with its seconds; ``resumes`` in the record counts restarts).
 Outputs: ``benchmarks/results/<name>_<arch>.{json,md,png}``, the command recorded. Another teacher of the same
 architecture (longer trained, retrained) gets a record of its own: ``--name`` and ``--work-dir`` apart from the
@@ -84,7 +84,8 @@ def splits(args):
 
 
 def run(folder: Path, config: dict) -> None:
-    """Train ``config`` into ``folder``: resumed when a checkpoint is there, skipped when finished."""
+    """Train ``config`` into ``folder``: resumed when a checkpoint is there, skipped when finished, started again
+    when an unfinished run's checkpoint is gone (its epochs' lines came to this machine without their weights)."""
     from jointrd_timm.training.runner import train
     if finished(folder):
         return
@@ -92,7 +93,11 @@ def run(folder: Path, config: dict) -> None:
     if resume:
         count = folder / 'resumes.txt'
         count.write_text(str(int(count.read_text()) + 1 if count.is_file() else 1))
-    train(config, output_dir=str(folder), resume=resume)
+    lost = not resume and bool(RunFolder(folder).metrics())
+    if lost:
+        print(f'{folder}: unfinished, and its checkpoint is not here; it starts again from epoch 0 (its old lines '
+              'are replaced once the new run has saved its first epoch)', flush=True)
+    train(config, output_dir=str(folder), resume=resume, overwrite=lost)
 
 
 def twin_epochs(args, fraction: float) -> int:

@@ -197,3 +197,25 @@ def test_a_records_question_is_said_under_its_title_and_kept_by_later_commands(m
     plain = scale_full.parser().parse_args([])  # a record that asks nothing of its own has no sentence
     scale_full.fill_defaults(plain, {}, tmp_path / 'none')
     assert plain.about is None
+
+
+def test_a_run_whose_checkpoint_is_gone_starts_again(tmp_path):
+    """Only metrics.jsonl and final.json travel with the repository: on a machine without the checkpoint an
+    unfinished run starts again from epoch 0 (its stale lines replaced, not appended to) and reproduces the run it
+    replaces; a finished one is read back, not trained again."""
+    from conftest import tiny_yaml
+    from jointrd_timm.training.runner import load_config
+    config = load_config(tiny_yaml(tmp_path / 'yaml', epochs=2, limit=32))
+    first = tmp_path / 'first'
+    scale_full.run(first, config)
+    reference = json.loads((first / 'final.json').read_text())
+    lost = tmp_path / 'lost'
+    lost.mkdir()
+    lines = (first / 'metrics.jsonl').read_text().splitlines()
+    (lost / 'metrics.jsonl').write_text(lines[0] + '\n')  # one epoch's line, its checkpoint left behind
+    scale_full.run(lost, config)
+    assert [r['epoch'] for r in scale_full.RunFolder(lost).metrics()] == [1, 2]
+    again = json.loads((lost / 'final.json').read_text())
+    assert again['test_acc'] == reference['test_acc'] and not (lost / 'resumes.txt').exists()
+    scale_full.run(lost, config)  # finished: read, not trained again
+    assert json.loads((lost / 'final.json').read_text()) == again
