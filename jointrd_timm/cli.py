@@ -128,9 +128,9 @@ def _bench(args) -> int:
     return 0
 
 
-def _published_as(args) -> dict:
+def _published_as(args, model) -> dict:
     """``save_trained_model`` / ``push_model`` keywords from ``--entry``: the entry's model card and its tag (written
-    into config.json); none without --entry."""
+    into config.json); none without --entry. The entry must describe ``model``: its architecture and classes."""
     if not args.entry:
         return {}
     from .integrations.hub import model_card
@@ -139,20 +139,30 @@ def _published_as(args) -> dict:
         published = entry(args.entry)
     except KeyError as e:  # a name that is not in the registry (the message lists those that are)
         raise InputError(e.args[0]) from e
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    classes = getattr(model, 'num_classes', None)
+    for what, theirs, ours in (('architecture', published['architecture'], arch),
+                               ('number of classes', published.get('num_classes'), classes)):
+        if theirs is not None and ours is not None and theirs != ours:
+            raise InputError(f'--entry {args.entry}: the entry publishes {what} {theirs}, but {args.source} holds '
+                             f'{ours}; its card would describe another model. Save it without --entry, or name an '
+                             'entry of its own (registry/).')
     return dict(model_card=model_card(published), tag=published['tag'])
 
 
 def _save(args) -> int:
     from .integrations.hub import load_model, save_trained_model
-    folder = save_trained_model(load_model(args.source), args.output_dir, **_published_as(args))
+    model = load_model(args.source)
+    folder = save_trained_model(model, args.output_dir, **_published_as(args, model))
     print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
     return 0
 
 
 def _push(args) -> int:
     from .integrations.hub import load_model, push_model
-    published = _published_as(args)
-    info = push_model(load_model(args.source), args.repo_id, published.get('model_card'), private=args.private,
+    model = load_model(args.source)
+    published = _published_as(args, model)
+    info = push_model(model, args.repo_id, published.get('model_card'), private=args.private,
                       revision=args.revision, tag=published.get('tag'))
     print(f'pushed to {args.repo_id}: {info}')
     return 0

@@ -543,3 +543,71 @@ def test_an_addition_whose_operand_is_an_earlier_shortcut_addition_fades_and_fin
     finish_fade(fading)
     assert count_shortcut_additions(fading) == 0
     assert torch.equal(fading(x), plain(x))
+
+
+def _nf_teacher(skipinit: bool):
+    """A small NF-Net (timm's test_nfnet cfg; alpha 0.2, beta < 1 after the first block), with biases, gains and,
+    with ``skipinit``, the in-place ``out.mul_(self.skipinit_gain)`` all away from their start values, so that a
+    twin that dropped or kept the wrong factor gives different outputs."""
+    from dataclasses import replace
+    from timm.models.nfnet import NormFreeNet, model_cfgs
+    torch.manual_seed(0)
+    teacher = NormFreeNet(replace(model_cfgs['test_nfnet'], skipinit=skipinit), num_classes=10)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith('bias') or name.endswith('skipinit_gain'):
+                p.normal_(0.3, 0.2)
+    return teacher.eval()
+
+
+@pytest.mark.parametrize('skipinit', [False, True])
+def test_a_norm_free_twin_fades_its_blocks_scales_with_the_shortcuts(skipinit):
+    """The NF block's plain twin drops alpha and beta (families/nfnet.py): the fading twin is the teacher at s = 1,
+    the plain twin at s = 0 (so what trained is what deploys and reloads), and the skip-init gain applied in place
+    stays in both."""
+    teacher = _nf_teacher(skipinit)
+    assert any(b.alpha != 1 for b in teacher.modules() if hasattr(b, 'alpha'))
+    x = torch.randn(2, 3, 32, 32)
+    fading = make_fading(copy.deepcopy(teacher)).eval()
+    fading.load_state_dict(teacher.state_dict())
+    assert torch.equal(fading(x), teacher(x))
+    plain = make_plain(copy.deepcopy(teacher)).eval()
+    plain.load_state_dict(teacher.state_dict(), strict=False)  # the projections are gone
+    set_shortcut_scale(fading, 0.5)
+    halfway = fading(x)
+    assert not torch.allclose(halfway, plain(x)) and not torch.allclose(halfway, teacher(x))
+    set_shortcut_scale(fading, 0.0)
+    assert torch.equal(fading(x), plain(x))
+    deployed = deployable(fading)
+    assert torch.equal(deployed(x), plain(x))
+    assert deployed.state_dict().keys() == plain.state_dict().keys()
+    if skipinit:
+        gains = [k for k in deployed.state_dict() if k.endswith('skipinit_gain')]
+        assert gains and all(float(deployed.get_parameter(k)) != 1.0 for k in gains)
+
+
+def test_an_in_place_factor_whose_result_is_unused_survives_the_block_rewrite():
+    """torch.fx records ``out.mul_(g)`` as a call nothing depends on; the traced block keeps it (as ``out.mul(g)``
+    read by the later uses of ``out``) through dead-code elimination."""
+    from jointrd_timm.twins.verify import trace_block
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.gain = torch.nn.Parameter(torch.tensor(0.25))
+
+        def forward(self, x):
+            out = self.conv(x)
+            out.mul_(self.gain)
+            out.clamp_(min=-0.1)
+            return out + x
+
+    block = Block().eval()
+    graph, _ = trace_block(block)
+    module = torch.fx.GraphModule(block, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(module(x), block(x))
+    assert not torch.equal(module(x), block.conv(x) + x)

@@ -64,8 +64,15 @@ def test_saved_config_carries_the_published_tag_and_timm_loads_it(tmp_path):
         model.pretrained_cfg.get('tag')
 
 
-def test_dirac_twin_is_saved_folded(tmp_path):
-    model, folder = _twin(tmp_path, dirac=True)
+@pytest.mark.parametrize('dirac_init', [None, (0.0, 1.0)])
+def test_dirac_twin_is_saved_folded(tmp_path, dirac_init):
+    """Saved folded, whatever the parametrisation's start: the config builds the plain twin (no dirac_init left to
+    refuse without dirac)."""
+    torch.manual_seed(0)
+    extra = {} if dirac_init is None else dict(dirac_init=dirac_init)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=10, dirac=True, **extra).eval()
+    folder = save_trained_model(model, tmp_path / 'hub')
+    assert json.loads((folder / 'config.json').read_text())['model_args'].keys().isdisjoint({'dirac_init'})
     loaded = load_model(str(folder)).eval()
     assert not any('parametrizations' in k for k in loaded.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -195,6 +202,24 @@ def test_cli_save_with_entry_writes_its_card_and_tag(tmp_path):
     assert published['name'] in (out / 'README.md').read_text()
     saved = load_file(str(out / 'model.safetensors'))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_save_refuses_an_entry_of_another_model_and_writes_nothing(tmp_path, capsys):
+    """A card describes one model: the entry of depth 56 is not written over a depth-20 twin, nor a 10-class entry
+    over a 7-class twin."""
+    from jointrd_timm.cli import main
+    from jointrd_timm.models.catalogue import entries
+    published = next(e for e in entries() if e['architecture'] == 'plain_resnet56_cifar')
+    _, folder = _twin(tmp_path)
+    out = tmp_path / 'out'
+    assert main(['save', str(folder), str(out), '--entry', published['name']]) == 1
+    err = capsys.readouterr().err
+    assert 'publishes architecture plain_resnet56_cifar' in err and 'plain_resnet20_cifar' in err
+    assert not out.exists()
+    seven = save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=7), tmp_path / 'seven')
+    same_arch = next(e for e in entries() if e['architecture'] == 'plain_resnet20_cifar')
+    assert main(['save', str(seven), str(out), '--entry', same_arch['name']]) == 1
+    assert 'number of classes 10' in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_save_with_an_unknown_entry_names_it_and_the_known_ones_and_writes_nothing(tmp_path, capsys):

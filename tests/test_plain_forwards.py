@@ -10,7 +10,7 @@ import torch
 from timm.models import convnext, cspnet, dla, nfnet, res2net, resnest, resnet, resnetv2, senet, sknet
 from torch import nn
 
-from jointrd_timm.twins.rules import _PLAIN_CLASSES, get_rule
+from jointrd_timm.twins.rules import _PLAIN_CLASSES, dropped_scales, get_rule
 
 
 def _timm(name, **kwargs):
@@ -54,8 +54,6 @@ ACTIVATION_AFTER_SUM = {
     senet.SEResNeXtBottleneck: 'relu', senet.SEResNetBlock: 'relu', sknet.SelectiveKernelBasic: 'act',
     sknet.SelectiveKernelBottleneck: 'act',
 }
-# the NF block's signal-propagation scales, which its plain block drops by design (families/nfnet.py): set to 1
-DROPPED_SCALES = {nfnet.NormFreeBlock: ('alpha', 'beta')}
 # the tree hands its shortcut to its first child, so only its kept projection compares tree to tree
 NO_LOCAL_IDENTITY = {dla.DlaTree}
 # blocks that take their shortcut as an argument (from the DLA tree), added as it comes
@@ -92,7 +90,7 @@ def _pair(block):
             if tensor.is_floating_point():
                 tensor.add_(torch.rand_like(tensor) * 0.5 if name.endswith('running_var')
                             else torch.randn_like(tensor) * 0.1)
-    for attr in DROPPED_SCALES.get(type(block), ()):
+    for attr in dropped_scales(block):  # e.g. the NF block's alpha and beta (families/nfnet.py): set to 1
         setattr(teacher, attr, 1.0)
     plain = copy.deepcopy(teacher)
     kept = get_rule(plain).apply(plain, True)

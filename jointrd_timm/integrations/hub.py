@@ -43,6 +43,13 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     for folded in ('dirac', 'shortcut_fade'):
         if folded in model_args:
             model_args[folded] = False
+    # the start of a parametrisation that is folded builds nothing now (and plain_<arch> refuses it without dirac);
+    # timm's save_for_hf reads the factory's record of the arguments too
+    model_args.pop('dirac_init', None)
+    recorded = getattr(model, '_model_args', None)
+    if isinstance(recorded, dict) and 'dirac_init' in recorded:
+        model = copy.deepcopy(model) if model is trained else model
+        model._model_args = {k: v for k, v in recorded.items() if k != 'dirac_init'}
     model_args['num_classes'] = getattr(model, 'num_classes', None)
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if hasattr(model, 'pretrained_cfg') else 3
     channels = input_channels(model)

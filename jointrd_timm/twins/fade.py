@@ -23,6 +23,7 @@ deploy :func:`deployable` (fade finished, Dirac folded). This module is model su
 """
 import copy
 import inspect
+import operator
 from functools import lru_cache
 from typing import Optional, Sequence, Type, Union
 
@@ -34,7 +35,7 @@ from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_t
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import is_projection, graph_block, plain_class
 from .leak import restore_relus
-from .rules import get_rule, handed_projections, rules
+from .rules import dropped_scales, get_rule, handed_projections, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
@@ -118,6 +119,54 @@ def _with_given_shortcuts(block: nn.Module, graph: fx.Graph, concrete: dict):
     return graph, concrete
 
 
+def faded_scale(tensor: torch.Tensor, value: float, scale: torch.Tensor) -> torch.Tensor:
+    """``tensor`` times a number that the plain twin drops (:func:`~jointrd_timm.twins.rules.drop_scales`), faded
+    with the shortcuts: ``value`` at s = 1 (the teacher, bit for bit), 1 at s = 0 (the plain twin)."""
+    return tensor * (value * scale + (1 - scale))
+
+
+def _trace_with_dropped_scales(block: nn.Module):
+    """The block's trace, with each ``tensor * self.<name>`` of its dropped scales as a ``get_attr`` node (a number
+    attribute is otherwise baked into the graph as a constant): returns ``(graph, concrete, {node: value})``."""
+    names = dropped_scales(block)
+    values = {name: getattr(block, name) for name in names}
+    for name, value in values.items():
+        if not isinstance(value, (int, float)):
+            raise UnsupportedBlockError(f'{type(block).__qualname__}.{name} is {value!r}, not a number: its fading '
+                                        'twin cannot move it to 1 with the shortcuts.')
+        delattr(block, name)
+        block.register_buffer(name, torch.tensor(float(value)), persistent=False)
+    try:
+        traced = trace_block(block)
+    finally:
+        for name, value in values.items():
+            del block._buffers[name]
+            setattr(block, name, value)
+    if traced is None:
+        return None
+    graph, concrete = traced
+    nodes = {n: float(values[n.target]) for n in graph.nodes if n.op == 'get_attr' and n.target in values}
+    return graph, concrete, nodes
+
+
+def _fade_dropped_scales(block: nn.Module, graph: fx.Graph, nodes: dict, scale: fx.Node) -> None:
+    """Rewrite ``tensor * <dropped scale>`` to ``faded_scale(tensor, value, s)``; a scale used any other way is
+    refused (the fading twin could not be both the teacher and the plain twin)."""
+    for node, value in nodes.items():
+        for user in list(node.users):
+            others = [a for a in user.args if a is not node]
+            if user.op != 'call_function' or user.target not in (operator.mul, torch.mul) or len(user.args) != 2 \
+                    or len(others) != 1 or user.kwargs:
+                raise UnsupportedBlockError(
+                    f'{type(block).__qualname__} uses {node.target} other than as a factor ({user.format_node()}): '
+                    'its fading twin cannot move it to 1 with the shortcuts; train its twin without shortcut_fade.')
+            with graph.inserting_before(user):
+                faded = graph.call_function(faded_scale, (others[0], value, scale))
+            user.replace_all_uses_with(faded)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
 def _is_given(node: fx.Node) -> bool:
     return node.op == 'call_function' and node.target is given_or
 
@@ -127,12 +176,14 @@ def _fading_block(block: nn.Module, keep_projection: bool, keep_given: bool = Fa
     fading block, the number of shortcuts scaled and whether a projection shortcut was left as it is.
     ``keep_given``: the caller hands this block a kept projection as its shortcut argument, so the additions of
     that argument stay whole (the plain twin adds it too)."""
-    traced = trace_block(block)
+    traced = _trace_with_dropped_scales(block)
     if traced is None:
         raise UnsupportedBlockError(
             f'{type(block).__qualname__} cannot be traced by torch.fx, so its shortcuts cannot fade; train its twin '
             'without shortcut_fade.')
-    graph, concrete = _with_given_shortcuts(block, *traced)
+    graph, concrete, dropped = traced
+    if not dropped:
+        graph, concrete = _with_given_shortcuts(block, graph, concrete)
     scale, scaled, kept = None, 0, False
     rewritten = {}  # an addition already rewritten can be an operand of a later one (NASNet's cells)
     for add, shortcut, branch in find_shortcut_additions(graph, concrete, root=block):
@@ -151,6 +202,8 @@ def _fading_block(block: nn.Module, keep_projection: bool, keep_given: bool = Fa
         graph.erase_node(add)
         rewritten[add] = new_add
         scaled += 1
+    if dropped and scale is not None:
+        _fade_dropped_scales(block, graph, dropped, scale)
     block.register_buffer(SCALE, torch.ones((), dtype=torch.float32), persistent=False)
     fading = graph_block(_fading_class(type(block)), block, graph)
     delattr(block, SCALE)
@@ -345,8 +398,8 @@ def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:
             continue
         graph = block.graph
         for node in list(graph.nodes):
-            if _is_fade(node):
-                node.replace_all_uses_with(node.args[0])
+            if _is_fade(node) or (node.op == 'call_function' and node.target is faded_scale):
+                node.replace_all_uses_with(node.args[0])  # the branch; the tensor a dropped scale multiplied
                 graph.erase_node(node)
         before = {n for n, _ in block.named_children()}
         cls = plain_class(block.jointrd_block_class)

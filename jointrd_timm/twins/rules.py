@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Tuple, Type
 from torch import nn
 
 __all__ = ['ShortcutRule', 'register_rule', 'get_rule', 'rules', 'swap_rule', 'switch_rule', 'is_projection',
-           'hand_projection', 'handed_projection_child', 'handed_projections']
+           'hand_projection', 'handed_projection_child', 'handed_projections', 'drop_scales', 'dropped_scales']
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,23 @@ def get_rule(block: nn.Module) -> Optional[ShortcutRule]:
 
 def rules() -> Dict[Type[nn.Module], ShortcutRule]:
     return dict(_RULES)
+
+
+# blocks whose plain class drops number attributes that scale the residual sum (multiplies by them become x 1):
+# block class -> attribute names. A fading twin takes each from its value at s = 1 to 1 at s = 0 (twins.fade).
+_DROPPED_SCALES: Dict[Type[nn.Module], Tuple[str, ...]] = {}
+
+
+def drop_scales(block_class: Type[nn.Module], *names: str) -> None:
+    """Declare that ``block_class``'s plain twin does not multiply by the number attributes ``names`` (each read
+    as ``tensor * self.<name>`` in its forward): its fading twin scales them with the shortcuts, so that at s = 0
+    it is the plain twin exactly."""
+    _DROPPED_SCALES[block_class] = tuple(names)
+
+
+def dropped_scales(block: nn.Module) -> Tuple[str, ...]:
+    """The number attributes ``block``'s plain twin drops (:func:`drop_scales`); empty for most blocks."""
+    return _DROPPED_SCALES.get(type(block), ())
 
 
 # blocks that compute a projection and hand it to a child block as that child's shortcut argument:

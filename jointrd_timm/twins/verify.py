@@ -40,10 +40,34 @@ NOT_SHORTCUT_CLASSES = {
 
 
 class _ShallowTracer(fx.Tracer):
-    """Traces one module's own forward; every submodule is a single opaque call."""
+    """Traces one module's own forward; every submodule is a single opaque call. In-place tensor methods whose
+    result the code does not use (``out.mul_(self.gain)``, then ``out`` read on) become their out-of-place form,
+    read by every later use of the tensor: torch.fx records them as calls nothing depends on, so its dead-code
+    elimination (which every rewritten block goes through) would drop them."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        graph = super().trace(root, concrete_args=concrete_args)
+        _out_of_place(graph)
+        return graph
+
+
+def _out_of_place(graph: fx.Graph) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        name = node.target
+        if node.op != 'call_method' or node.users or not name.endswith('_') or name.startswith('_') \
+                or not hasattr(torch.Tensor, name[:-1]) or not isinstance(node.args[0], fx.Node):
+            continue
+        tensor = node.args[0]
+        with graph.inserting_before(node):
+            result = graph.call_method(name[:-1], node.args, node.kwargs)
+        for user in list(tensor.users):
+            if user in order and order[user] > order[node]:
+                user.replace_input_with(tensor, result)
+        graph.erase_node(node)
 
 
 def _concrete_args(module: nn.Module) -> Dict[str, None]:

@@ -3,11 +3,12 @@ ICML 2021; NF-ResNets/RegNets). DECISION: the plain block drops ``alpha`` and ``
 propagation scales of a residual SUM (beta = 1 / expected std of the accumulated stream, alpha = branch weight);
 without the sum, the scaled weight-standardised convs keep unit variance on their own, and alpha = 0.2 per
 block would shrink the signal geometrically (dead gradients in deep NF-RegNets). ``skipinit_gain`` (zero at init)
-is reset to one by make_plain."""
+is reset to one by make_plain. A fading twin (``shortcut_fade``) moves alpha and beta to one with the shortcuts
+(:func:`~jointrd_timm.twins.rules.drop_scales`): the teacher at s = 1, this plain block at s = 0."""
 import torch
 from timm.models.nfnet import NormFreeBlock
 
-from ..rules import swap_rule
+from ..rules import drop_scales, swap_rule
 from ._tails import DownsampleTail
 
 
@@ -30,3 +31,4 @@ class PlainNormFreeBlock(DownsampleTail, NormFreeBlock):
 
 
 swap_rule(NormFreeBlock, PlainNormFreeBlock, 'downsample')
+drop_scales(NormFreeBlock, 'alpha', 'beta')
