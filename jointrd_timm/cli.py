@@ -1,5 +1,6 @@
 """The ``jointrd`` command: thin, every subcommand calls the library."""
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -38,9 +39,27 @@ def _derive(args) -> int:
     if not args.model:
         print('jointrd derive: give a MODEL (e.g. resnet50) or --list', file=sys.stderr)
         return 2
-    print(describe_twin(_architecture(args.model), keep_projection_shortcuts=args.keep_projection_shortcuts,
-                        input_size=args.input_size))
+    with _runs_at(args.model, args.input_size):
+        text = describe_twin(_architecture(args.model), keep_projection_shortcuts=args.keep_projection_shortcuts,
+                             input_size=args.input_size)
+    print(text)
     return 0
+
+
+@contextlib.contextmanager
+def _runs_at(model: str, input_size):
+    """A model that does not run at the input size asked for (too small for its strides, not the size an attention
+    layer was built for) is the user's input to change: one line saying so, not a traceback from inside the model."""
+    try:
+        yield
+    except (RuntimeError, AssertionError, ValueError) as e:
+        if isinstance(e, JointRDError) or 'out of memory' in str(e):
+            raise
+        size = f'a {input_size}x{input_size} input' if input_size else 'its configured input size'
+        detail = ' '.join(str(e).split())[:200]
+        raise InputError(f'{model} does not run on {size} ({type(e).__name__}{": " + detail if detail else ""}). '
+                         'Give an --input-size it takes (e.g. its pretrained size, or a multiple of its total '
+                         'stride).') from e
 
 
 def _train(args) -> int:
@@ -102,6 +121,8 @@ def _memory(args) -> int:
     rows = {}
     for name in (teacher, f'plain_{teacher}'):
         model = timm.create_model(name)
+        with _runs_at(teacher, size), torch.no_grad():
+            model.eval()(x)  # a model that does not take x fails here, before torch.fx's shape pass prints its trace
         rows[name] = analyze_activation_memory(fold_for_deployment(model)[0] if args.fold else model, x)
     print(f'activation memory of one inference, batch {args.batch}, {size}x{size}, '
           f'{"folded" if args.fold else "eager"} model (tensors freed as soon as dead):')
@@ -116,8 +137,10 @@ def _memory(args) -> int:
 
 def _bench(args) -> int:
     from .deploy.bench import markdown, run_bench
-    report = run_bench([_architecture(m) for m in args.models] or None, tuple(args.batches), args.repeats, args.threads,
-                       onnx=not args.no_onnx, measure_memory=not args.no_measure)
+    with _runs_at(', '.join(args.models) or 'the benchmark set', args.input_size):
+        report = run_bench([_architecture(m) for m in args.models] or None, tuple(args.batches), args.repeats,
+                           args.threads, onnx=not args.no_onnx, measure_memory=not args.no_measure,
+                           input_size=args.input_size)
     text = markdown(report)
     print(text)
     if args.output:
@@ -152,7 +175,7 @@ def _published_as(args, model) -> dict:
 
 def _save(args) -> int:
     from .integrations.hub import load_model, save_trained_model
-    model = load_model(args.source)
+    model = load_model(args.source, require_weights=not args.random_weights)  # random weights: on purpose only
     folder = save_trained_model(model, args.output_dir, **_published_as(args, model))
     print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
     return 0
@@ -160,7 +183,7 @@ def _save(args) -> int:
 
 def _push(args) -> int:
     from .integrations.hub import load_model, push_model
-    model = load_model(args.source)
+    model = load_model(args.source, require_weights=not args.random_weights)
     published = _published_as(args, model)
     info = push_model(model, args.repo_id, published.get('model_card'), private=args.private,
                       revision=args.revision, tag=published.get('tag'))
@@ -390,6 +413,8 @@ def _measure_parsers(sub) -> None:
     p.add_argument('--threads', type=_positive_int, default=2)
     p.add_argument('--no-onnx', action='store_true')
     p.add_argument('--no-measure', action='store_true', help='skip the measured (subprocess RSS) memory')
+    p.add_argument('--input-size', type=_positive_int, default=None,
+                   help="side of the square input (default: each model's pretrained config's)")
     p.add_argument('--output', default=None, help='write <output>.json and <output>.md')
     p.set_defaults(func=_bench)
 
@@ -399,6 +424,8 @@ def _publish_parsers(sub) -> None:
                               ('push', 'a trained model to the Hugging Face Hub in timm\'s format')):
         p = sub.add_parser(command, help=helptext)
         p.add_argument('source', help='runner output folder, Hub-format folder, hf-hub:..., or model name.tag')
+        p.add_argument('--random-weights', action='store_true',
+                       help='allow a bare architecture name (random weights, e.g. to try the format)')
         if command == 'save':
             p.add_argument('output_dir')
         else:

@@ -4,7 +4,8 @@ Each step is a column of ``benchmarks/results/twin_coverage.md`` (``benchmarks/r
 every derivable architecture; ``tests/test_coverage.py`` over one small architecture per family):
 
 * ``fade``: ``plain_<arch>`` with ``shortcut_fade=True`` and the teacher's weights (``load_teacher_weights``) gives
-  the teacher's outputs at ``s = 1`` (eval mode; max abs diff reported).
+  the teacher's outputs at ``s = 1`` (eval mode; max abs diff reported). The teacher's weights and statistics are
+  moved off their initial values first (:func:`_off_init`), as a trained teacher's are.
 * ``jointrd``: :class:`~jointrd_timm.methods.JointRD` builds its stage split for the pair, and one train step gives a
   finite loss and a gradient to every twin parameter that the twin trained alone (cross-entropy) reaches.
 * ``deploy``: at ``s = 0``, :func:`~jointrd_timm.twins.fade.deployable` has no shortcut addition left, loads strictly
@@ -157,6 +158,23 @@ def _failure(e: Exception) -> Dict:
     return dict(status=kind, error=type(e).__name__, reason=str(e)[:300])
 
 
+def _off_init(model: nn.Module) -> nn.Module:
+    """Every float weight and statistic of ``model`` moved off its initial value, in place (a trained teacher's are):
+    zero biases, zero-initialised gains and unit BN statistics would let a twin that drops or keeps a wrong term
+    (a scale, a bias) agree with the plain twin by accident."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith('running_var'):
+                tensor.add_(torch.rand(tensor.shape, generator=generator) * 0.5)
+                continue
+            spread = float(tensor.std()) if tensor.numel() > 1 else 0.0
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.1 * (spread or 1.0))
+    return model
+
+
 def check_recipe_path(arch: str, size: int = 64, batch: int = 2, export: bool = True,
                       seed: int = 0) -> Dict[str, Dict]:
     """Run the recipe path for ``arch`` (a residual timm architecture); one result dict per step of
@@ -166,7 +184,7 @@ def check_recipe_path(arch: str, size: int = 64, batch: int = 2, export: bool = 
     results: Dict[str, Dict] = {}
     fading: Optional[nn.Module] = None
     deployed: Optional[nn.Module] = None
-    teacher = timm.create_model(arch, num_classes=10)
+    teacher = _off_init(timm.create_model(arch, num_classes=10))
     chans, h, w = input_size_for(teacher, size)
     x = torch.randn(batch, chans, h, w)
     steps = [('fade', lambda: _fade_step(arch, teacher, x)),

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import JointRDError
 from .faults import fault_point
 
-__all__ = ['atomic_write', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load', 'unwrap',
+__all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load', 'unwrap',
            'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
@@ -45,6 +45,16 @@ def atomic_write(path: Union[str, Path], write, point: Optional[str] = None) -> 
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def file_in_the_way(folder: Union[str, Path]) -> Optional[Path]:
+    """The file (not a folder) at ``folder`` or at its nearest existing parent, which keeps ``folder`` from being
+    created or used as a folder; None when there is none."""
+    absolute = Path(os.path.abspath(folder))
+    for parent in (absolute, *absolute.parents):
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def open_safetensors(path: Path):

@@ -20,6 +20,7 @@ per-architecture recipes are named for what they change from the default (``join
 """
 import ast
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Tuple
@@ -125,9 +126,9 @@ class Recipe:
             check_flag(getattr(self, name), f'Recipe {self.name!r}: {name}')
         for name, meaning in (('lr_scale', "peak learning rate"), ('batch_scale', 'batch')):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"Recipe {self.name!r}: {name} must be a positive number (the twin's {meaning} as "
-                                 f"a multiple of the schedule's), got {value!r}.")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise ValueError(f"Recipe {self.name!r}: {name} must be a finite positive number (the twin's "
+                                 f"{meaning} as a multiple of the schedule's), got {value!r}.")
         check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
         object.__setattr__(self, 'ema_decay', check_ema_decay(self.ema_decay, f'Recipe {self.name!r}: ema_decay'))
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
@@ -186,8 +187,21 @@ class Recipe:
         """The JointRDConfig fields of a run on a schedule whose reference settings are ``reference``."""
         return {**reference, **self.jointrd, **self.fade_fields()}
 
-    def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD) -> JointRDConfig:
-        return JointRDConfig.from_dict(self.jointrd_fields(reference))
+    def jointrd_config(self, reference: Mapping = REFERENCE_JOINTRD,
+                       schedule: Optional['Schedule'] = None) -> JointRDConfig:
+        """The :class:`JointRDConfig` of the recipe: on ``schedule`` (:meth:`run_fields`: its reference settings,
+        and the SGD of a 'teacher_first' joint teacher, which follows the run's schedule) when given, else on the
+        ``reference`` settings."""
+        if schedule is not None:
+            return JointRDConfig.from_dict(self.run_fields(schedule))
+        fields = self.jointrd_fields(reference)
+        if fields.get('joint_step_order') == 'teacher_first' and fields.get('teacher_optimizer') is None:
+            raise ValueError(
+                f"Recipe {self.name!r} trains the teacher with its own SGD step first, whose learning rate and decay "
+                "follow the run's: give jointrd_config(schedule=Schedule('mine', epochs=..., batch_size=..., "
+                "lr=..., weight_decay=...)) (jointrd_timm.recipes.Schedule, as your loop trains), or a recipe "
+                "with a teacher_optimizer.")
+        return JointRDConfig.from_dict(fields)
 
     def run_fields(self, schedule: 'Schedule') -> Dict:
         """The JointRDConfig fields of a run on ``schedule``: its reference settings with the recipe's changes and,
@@ -361,6 +375,9 @@ def split_changes(text: str) -> list:
 def get_recipe(name: str) -> Recipe:
     """The recipe called ``name``: a key of ``RECIPES``, the former id of a named recipe (``RECIPE_ALIASES``), or
     any :attr:`Recipe.id`, ``NAME,field=value,...`` (a named recipe with fields changed, as records write it)."""
+    if not isinstance(name, str):
+        raise TypeError(f'get_recipe takes a recipe name (text such as {DEFAULT_RECIPE.name!r} or '
+                        f"'default,kd_weight=1.0'), got {name!r}.")
     name = RECIPE_ALIASES.get(name, name)
     base, *changes = split_changes(name)
     if base not in RECIPES:
@@ -371,10 +388,20 @@ def get_recipe(name: str) -> Recipe:
         key, sep, value = change.partition('=')
         if not sep or not key:
             raise ValueError(f'Recipe {name!r}: each change after the name is field=value, got {change!r}.')
+        if key.strip() in _LABELS:
+            raise ValueError(f'Recipe {name!r}: {key.strip()} labels a recipe, it does not change how one trains; '
+                             f'name a recipe first instead ({sorted(RECIPES)}).')
         fields[key.strip()] = _field_value(value.strip())
     return RECIPES[base].replace(**fields) if fields else RECIPES[base]
 
 
+_LABELS = ('name', 'description', 'record', 'changed')  # Recipe fields that say what a recipe is, not how it trains
+
+
 def recipe_for(arch: str) -> Recipe:
-    """The recommended recipe for the teacher architecture ``arch`` (the default unless one was measured better)."""
+    """The recommended recipe for the teacher architecture ``arch`` (the default unless one was measured better);
+    a pretrained tag (``resnet56_cifar.tag``) and a twin's name (``plain_resnet56_cifar``) name their architecture."""
+    from .models.plain_twins import PREFIX
+    arch = arch.split('.', 1)[0]
+    arch = arch[len(PREFIX):] if arch.startswith(PREFIX) else arch
     return RECIPES[ARCH_RECIPES.get(arch, DEFAULT_RECIPE.name)]

@@ -84,6 +84,62 @@ def test_export_of_a_model_at_an_input_size_it_does_not_take_names_the_size_and_
     assert '--input-size' in err and not out.exists()
 
 
+@pytest.mark.parametrize('argv', [['derive', 'dla34', '--input-size', '40'],
+                                  ['derive', 'convnext_atto', '--input-size', '2'],
+                                  ['memory', 'convnext_atto', '--input-size', '2'],
+                                  ['bench', 'convnext_atto', '--input-size', '2', '--no-onnx', '--no-measure',
+                                   '--repeats', '1', '--batches', '1']])
+def test_a_model_that_does_not_run_at_the_input_size_asked_for_names_the_size(capsys, argv):
+    err = _error(capsys, argv)
+    size = argv[argv.index('--input-size') + 1]
+    assert f'{argv[1]} does not run on a {size}x{size} input' in err and 'Give an --input-size it takes' in err
+
+
+def test_bench_measures_at_the_size_asked_for_else_the_models_own(monkeypatch):
+    from jointrd_timm.deploy import bench
+    sizes = []
+    monkeypatch.setattr(bench, 'bench_models', lambda built, size, *a, **k: sizes.append(size) or {})
+    monkeypatch.setattr(bench, 'fold_for_deployment', lambda model: (model, None))
+    for teacher, given in (('resnet20_cifar', None), ('botnet26t_256', None), ('resnet18', 96)):
+        bench.bench_pair(teacher, input_size=given)
+    assert sizes == [32, 256, 96]  # botnet26t_256 is built for 256 px: 224 would fail its attention
+
+
+@pytest.mark.parametrize('command', [['export', 'resnet20_cifar', '--random-weights'],
+                                     ['exact', 'resnet20_cifar', '--random-weights'],
+                                     ['distill', 'resnet20_cifar', '--data', 'sklearn:digits', '--epochs', '1']])
+def test_an_output_folder_that_is_a_file_is_refused_and_the_file_kept(tmp_path, capsys, command):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('kept')
+    for out in (blocker, blocker / 'below'):
+        err = _error(capsys, command + ['--output-dir', str(out)])
+        assert f'{blocker} is a file, not a folder; choose another --output-dir' in err
+    assert blocker.read_text() == 'kept'
+
+
+def test_train_refuses_bad_settings_in_one_line_and_leaves_no_folder(tmp_path, capsys):
+    """A JointRD setting out of range or unknown, a value that is not YAML, --resume without a checkpoint: one
+    line each, and the output folder the run would have created is not left behind empty."""
+    from conftest import tiny_yaml
+    config = str(tiny_yaml(tmp_path / 'yaml', epochs=1, limit=32))
+    out = tmp_path / 'run'
+    for extra, message in ((['models.model.kwargs.jointrd.eta_min=2'], 'eta_min must be a finite number >= 0 and '
+                                                                       '<= 1'),
+                           (['models.model.kwargs.jointrd.nosuch=1'], "Unknown JointRD setting(s) ['nosuch']"),
+                           (['train.num_epochs=[1'], "Override 'train.num_epochs=[1': its value is not YAML"),
+                           (['--resume'], '--resume: no checkpoint at')):
+        err = _error(capsys, ['train', '--config', config, '--output-dir', str(out)] + extra)
+        assert message in err, err
+        assert not out.exists()
+
+
+def test_a_recipe_number_that_is_not_finite_is_refused():
+    from jointrd_timm.recipes import get_recipe
+    for field in ('lr_scale', 'batch_scale'):
+        with pytest.raises(ValueError, match=f'{field} must be a finite positive number .* got inf'):
+            get_recipe(f'default,{field}=1e999')
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a CUDA GPU')
 def test_asking_for_a_gpu_on_a_machine_without_one_is_refused_not_run_on_the_cpu(tmp_path, capsys):
     out = tmp_path / 'out'

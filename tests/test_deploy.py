@@ -30,6 +30,32 @@ def test_fold_and_exports_match_eager(name, tmp_path):
     assert not list(tmp_path.glob('.*tmp*'))
 
 
+def test_a_feature_extractor_exports_one_output_per_feature_map(tmp_path):
+    """features_only twins (detection / segmentation backbones): every feature map is an output of the ONNX and
+    TorchScript files, each checked against the eager model."""
+    import onnxruntime
+    torch.manual_seed(0)
+    model = timm.create_model('plain_resnet18', features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    report = export_model(model, tmp_path, 'backbone', input_size=64, atol=1e-4)
+    assert all(report['files'][fmt]['max_abs_error'] < 1e-4 for fmt in ('onnx', 'torchscript'))
+    x = torch.randn(3, 3, 64, 64)  # another batch size: the batch axis of every output is dynamic
+    session = onnxruntime.InferenceSession(report['files']['onnx']['path'], providers=['CPUExecutionProvider'])
+    assert [o.name for o in session.get_outputs()] == ['features0', 'features1']
+    with torch.no_grad():
+        expected = model(x)
+    got = session.run(None, {'input': x.numpy()})
+    assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected] == [(3, 64, 16, 16), (3, 256, 4, 4)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-4)
+    scripted = torch.jit.load(report['files']['torchscript']['path'])
+    for g, e in zip(scripted(x), expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
 class Cancelling(nn.Module):
     """A model whose float32 result is far from its exact one: a large offset added and taken away again."""
 

@@ -191,6 +191,27 @@ def test_push_uploads_safetensors_and_card_only(tmp_path, monkeypatch):
     assert 'JointRD' in calls['upload']['card']
 
 
+def test_push_refuses_a_bad_repo_id_before_the_network_and_says_why_the_hub_failed(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from jointrd_timm.errors import InputError, JointRDError
+    calls = []
+
+    def offline(self, repo_id, **kw):
+        calls.append(repo_id)
+        raise OfflineModeIsEnabled('Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.')
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', offline)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=10)
+    with pytest.raises(InputError, match="Repo id 'me/a b'"):
+        push_model(model, 'me/a b')
+    assert calls == []
+    with pytest.raises(JointRDError, match=r'Could not push to me/x: OfflineModeIsEnabled: .*offline mode is enabled\. '
+                                           r'Check the network \(and that HF_HUB_OFFLINE is not set\)'):
+        push_model(model, 'me/x')
+    assert calls == ['me/x']
+
+
 def test_cli_save_with_entry_writes_its_card_and_tag(tmp_path):
     from jointrd_timm.cli import main
     from jointrd_timm.models.catalogue import entries

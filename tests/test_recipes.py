@@ -131,7 +131,7 @@ def test_lr_scale_sets_the_twins_peak_lr_is_recorded_in_the_id_and_must_be_posit
     # a recipe field, not a JointRDConfig one: it does not reach the method's config
     assert 'lr_scale' not in slower.jointrd_model('resnet20_cifar', None, num_classes=10)['kwargs']['jointrd']
     for bad in (0, -0.5, '0.2', True):
-        message = r'lr_scale must be a positive number .* got ' + repr(bad).replace('.', r'\.')
+        message = r'lr_scale must be a finite positive number .* got ' + repr(bad).replace('.', r'\.')
         with pytest.raises(ValueError, match=message):
             DEFAULT_RECIPE.replace(lr_scale=bad)
 
@@ -182,7 +182,7 @@ def test_batch_scale_gives_the_twin_more_steps_in_the_same_epochs_and_must_be_po
     config = build_config(dict(train='A', test='B', val='B'), model, twin_run, 'jointrd')
     assert config['train']['train_data_loader']['kwargs']['batch_size'] == teacher_run.batch_size // 2
     for bad in (0, -0.5, '0.5', True):
-        message = r'batch_scale must be a positive number .* got ' + repr(bad).replace('.', r'\.')
+        message = r'batch_scale must be a finite positive number .* got ' + repr(bad).replace('.', r'\.')
         with pytest.raises(ValueError, match=message):
             DEFAULT_RECIPE.replace(batch_scale=bad)
 
@@ -196,3 +196,27 @@ def test_recipe_flags_are_booleans_and_yaml_words_read_as_values():
     # a JointRDConfig field that is not a number is named as such, not as a comparison failing inside the method
     with pytest.raises(ValueError, match=r"kd_weight must be a finite number >= 0 \(0 turns the term off\), got 'abc'"):
         get_recipe('default,kd_weight=abc')
+
+
+def test_a_teacher_tag_or_a_twin_name_gets_its_architectures_recipe_and_bad_names_are_refused():
+    assert recipe_for('resnet56_cifar.ce_full_cifar10') is recipe_for('resnet56_cifar') \
+        is recipe_for('plain_resnet56_cifar') is recipe_for('plain_resnet56_cifar.jointrd_full_cifar10')
+    assert recipe_for('resnet56_cifar') is not DEFAULT_RECIPE
+    with pytest.raises(TypeError, match='get_recipe takes a recipe name .* got 5'):
+        get_recipe(5)
+    for label in ('name=kd-low-lr', 'record=x.md'):  # a label would pass the default off as another recipe
+        with pytest.raises(ValueError, match='labels a recipe, it does not change how one trains'):
+            get_recipe(f'default,{label}')
+
+
+def test_a_teacher_first_recipe_gives_its_jointrd_config_on_the_schedule_its_teacher_trains_by():
+    from jointrd_timm.recipes import Schedule
+    deep = recipe_for('resnet110_cifar')
+    with pytest.raises(ValueError, match=r'give jointrd_config\(schedule=Schedule'):
+        deep.jointrd_config()
+    mine = Schedule('mine', epochs=10, batch_size=64, lr=0.05, weight_decay=1e-4)
+    config = deep.jointrd_config(schedule=mine)
+    assert config.joint_step_order == 'teacher_first' and config.teacher_optimizer['lr'] == 0.05
+    assert config.teacher_optimizer['weight_decay'] == 1e-4
+    assert recipe_for('resnet20_cifar').jointrd_config(schedule=mine) == \
+        JointRDConfig.from_dict(recipe_for('resnet20_cifar').run_fields(mine))

@@ -177,6 +177,11 @@ def test_too_short_a_run_is_refused_with_the_numbers():
         _method(interval=3, first_removal=10, num_epochs=10, steps_per_epoch=5)
     with pytest.raises(ValueError, match=r'interval 0.1 epochs is shorter than one training step \(1/5 epoch\)'):
         _method(interval=0.1, num_epochs=10, steps_per_epoch=5)
+    # 9 removals and the training after them in 4 steps: no interval fits, and none is suggested
+    with pytest.raises(ValueError, match=r'needs 5 epochs, and the run has 2\. Give train\.num_epochs >= 5; no '
+                                         r'shorter interval fits.*the run has 4 steps for 9 removals') as refused:
+        _method(interval=0.5, num_epochs=2, steps_per_epoch=2)
+    assert 'an interval <=' not in str(refused.value)
     unknown = _method(interval=3).eval()
     x = _batch()[0]
     assert torch.equal(unknown(x), unknown.student(x))  # evaluation needs no run length

@@ -294,6 +294,23 @@ def test_non_strict_leaves_unknown_blocks_and_reports_them():
     assert isinstance(model.layer1[1], PlainBasicBlock)
 
 
+def test_non_strict_on_a_model_whose_every_residual_block_lacks_a_rule_says_why_it_still_fails():
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    model = torch.nn.Sequential(Residual(), Residual())
+    with pytest.raises(UnsupportedBlockError, match=r'or call make_plain\(\.\.\., strict=False\)'):
+        make_plain(model)
+    with pytest.raises(UnsupportedBlockError, match='no block here has a rule') as refused:
+        make_plain(model, strict=False)
+    assert 'call make_plain' not in str(refused.value)
+
+
 def test_make_plain_twice_is_an_error():
     twin = timm.create_model('plain_resnet18')
     with pytest.raises(ValueError, match='already plain'):

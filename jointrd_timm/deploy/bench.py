@@ -23,7 +23,9 @@ DEFAULT_PAIRS = ['resnet18', 'resnet34', 'resnet50', 'resnet56_cifar', 'regnetx_
 
 
 def _input_size(name: str) -> int:
-    return 32 if name.endswith('_cifar') else 224
+    """The side of the square input ``name`` is measured at: its pretrained config's (224 without one)."""
+    cfg = timm.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
 
 
 def _onnx_runner(model, x):
@@ -95,21 +97,24 @@ def bench_models(built: Dict[str, torch.nn.Module], size: int, batches: Sequence
 
 
 def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20, onnx: bool = True,
-               measure_memory: bool = True) -> Dict:
-    """The residual ``teacher`` vs ``plain_<teacher>`` (both folded)."""
+               measure_memory: bool = True, input_size: Optional[int] = None) -> Dict:
+    """The residual ``teacher`` vs ``plain_<teacher>`` (both folded), at ``input_size`` (default: the teacher's
+    pretrained config's)."""
     names = {'residual': teacher, 'twin': f'plain_{teacher}'}
     built = {k: fold_for_deployment(timm.create_model(v))[0] for k, v in names.items()}
-    result = bench_models(built, _input_size(teacher), batches, repeats, onnx, names if measure_memory else None)
+    result = bench_models(built, input_size or _input_size(teacher), batches, repeats, onnx,
+                          names if measure_memory else None)
     return dict(teacher=teacher, **result)
 
 
 def run_bench(pairs: Optional[List[str]] = None, batches: Sequence[int] = (1, 16), repeats: int = 20,
-              threads: int = 2, onnx: bool = True, measure_memory: bool = True, log=print) -> Dict:
+              threads: int = 2, onnx: bool = True, measure_memory: bool = True, log=print,
+              input_size: Optional[int] = None) -> Dict:
     torch.set_num_threads(threads)
     results = []
     for teacher in pairs or DEFAULT_PAIRS:
         start = time.time()
-        results.append(bench_pair(teacher, batches, repeats, onnx, measure_memory))
+        results.append(bench_pair(teacher, batches, repeats, onnx, measure_memory, input_size))
         log(f'{teacher}: {time.time() - start:.0f} s')
     meta = dict(threads=threads, repeats=repeats, machine=f'{platform.machine()} {platform.processor()}'.strip(),
                 torch=torch.__version__, timm=timm.__version__, date=time.strftime('%Y-%m-%d'))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import JointRDError
-from ..io import atomic_write
+from ..io import atomic_write, file_in_the_way
 from .fold import fold_for_deployment
 from ..extras import require
 
@@ -51,12 +51,31 @@ def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Ten
     return torch.randn(batch, first_conv, size, size)  # let export_model report the model's own error
 
 
+def _tensors(output, model_name: str = 'the model') -> list:
+    """A model's output as a list of tensors: one for a classifier, one per feature map for a feature extractor."""
+    found = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, (list, tuple)) \
+        else None
+    if found is None or not found or not all(isinstance(t, torch.Tensor) for t in found):
+        raise UnsupportedExportError(f'{model_name} returns {type(output).__name__}, not a tensor or a list of '
+                                     'tensors: export exports models with tensor outputs.')
+    return found
+
+
+def _max_error(got: list, expected: list) -> float:
+    """The largest absolute difference over every output."""
+    return max((g.double() - e.double()).abs().max().item() for g, e in zip(got, expected))
+
+
 def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx', 'torchscript'),
                  input_size: Optional[int] = None, atol: float = 1e-3, opset: int = 17) -> Dict:
     """Export ``model`` (eval) to ``out_dir``; returns a report with files and max abs errors. Raises ExportError
     when an export (or the folded model) deviates more than ``atol`` from the eager model and is farther from the
     model's float64 result than twice the eager float32 model is."""
     out_dir = Path(out_dir)
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        raise ExportError(f'Output folder {out_dir} cannot be created: {blocker} is a file, not a folder; choose '
+                          'another --output-dir.')
     model = model.eval()
     x = _input(model, 2, input_size)
     with torch.no_grad():
@@ -70,8 +89,9 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
                               '(--input-size, input_size=).') from e
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the model runs: a refusal leaves nothing behind
         folded, fold_report = fold_for_deployment(model)
-        folded_out = folded(x)
-        fold_error = (folded_out - reference).abs().max().item()
+        reference = _tensors(reference, type(model).__name__)
+        folded_out = _tensors(folded(x))
+        fold_error = _max_error(folded_out, reference)
     outputs = {}
     report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={})
     if 'onnx' in formats:
@@ -80,10 +100,13 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         require('onnxscript', 'ONNX export (torch.onnx)')
         path = out_dir / f'{name}.onnx'
 
+        # one output: 'logits'; a feature extractor's (features_only): 'features0', 'features1', ...
+        names = ['logits'] if len(reference) == 1 else [f'features{i}' for i in range(len(reference))]
+
         def write_onnx(tmp):
             try:
-                torch.onnx.export(folded, (x,), str(tmp), input_names=['input'], output_names=['logits'],
-                                  dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}}, opset_version=opset,
+                torch.onnx.export(folded, (x,), str(tmp), input_names=['input'], output_names=names,
+                                  dynamic_axes={n: {0: 'batch'} for n in ['input', *names]}, opset_version=opset,
                                   dynamo=False)
             except torch.onnx.errors.OnnxExporterError as e:
                 raise UnsupportedExportError(
@@ -92,29 +115,29 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
             onnx.checker.check_model(str(tmp))
         atomic_write(path, write_onnx)
         session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        got = session.run(None, {'input': x.numpy()})[0]
-        outputs['onnx'] = torch.from_numpy(got)
-        report['files']['onnx'] = dict(path=str(path), max_abs_error=float(np.abs(got - reference.numpy()).max()))
+        got = [torch.from_numpy(np.asarray(o)) for o in session.run(None, {'input': x.numpy()})]
+        outputs['onnx'] = got
+        report['files']['onnx'] = dict(path=str(path), max_abs_error=_max_error(got, reference))
     if 'torchscript' in formats:
         path = out_dir / f'{name}.torchscript.pt'
         with torch.no_grad():
-            traced = torch.jit.trace(folded, x)
+            traced = torch.jit.trace(folded, x, strict=len(reference) == 1)  # a list of feature maps: not strict
         atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
         loaded = torch.jit.load(str(path))
         with torch.no_grad():
-            got = loaded(x)
+            got = _tensors(loaded(x))
         outputs['torchscript'] = got
-        report['files']['torchscript'] = dict(path=str(path), max_abs_error=(got - reference).abs().max().item())
+        report['files']['torchscript'] = dict(path=str(path), max_abs_error=_max_error(got, reference))
     outputs['fold'] = folded_out
     entries = dict(report['files'], fold=report['fold'])
     bad = {k: v['max_abs_error'] for k, v in entries.items() if v['max_abs_error'] > atol}
     if bad:  # how far float32 itself is from the exact result decides whether the deviation is the export's
         with torch.no_grad():
-            exact = copy.deepcopy(model).double()(x.double())
-        eager = (reference.double() - exact).abs().max().item()
+            exact = _tensors(copy.deepcopy(model).double()(x.double()))
+        eager = _max_error(reference, exact)
         report['eager_float64_error'] = eager
         for k in bad:
-            entries[k]['float64_error'] = (outputs[k].double() - exact).abs().max().item()
+            entries[k]['float64_error'] = _max_error(outputs[k], exact)
         bad = {k: v for k, v in bad.items() if entries[k]['float64_error'] > 2 * eager}
     atomic_write(out_dir / f'{name}.export.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     if bad:

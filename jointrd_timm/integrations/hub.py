@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, JointRDError
 from ..io import CheckpointError, input_channels
 from ..twins.fade import deployable
 
@@ -222,11 +222,39 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
     unless given."""
     import tempfile
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise InputError(f'Repo id {repo_id!r}: {e} Give ORG/NAME (or NAME, in your own namespace).') from None
     api = HfApi(token=token, library_name='jointrd-timm')
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_trained_model(model, Path(tmp) / 'model', model_card=card, tag=tag)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                 commit_message=commit_message)
+        folder = save_trained_model(model, Path(tmp) / 'model', model_card=card, tag=tag)  # before any network call
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                     commit_message=commit_message)
+        except (HfHubHTTPError, OSError) + _transport_errors() as e:  # OfflineModeIsEnabled is a ConnectionError
+            raise PushError(f'Could not push to {repo_id}: {type(e).__name__}: {" ".join(str(e).split())[:300].rstrip(".")}. '
+                            'Check the network (and that HF_HUB_OFFLINE is not set), your token (HF_TOKEN or `hf '
+                            'auth login`) and your write access to the repo.') from e
+
+
+class PushError(JointRDError, RuntimeError):
+    """The Hub refused an upload or could not be reached."""
+
+
+def _transport_errors() -> tuple:
+    """The HTTP client's own errors, which huggingface_hub lets through unwrapped (a refused connection, no DNS):
+    httpx's (``httpx2`` in the huggingface_hub releases that vendor it) or requests'."""
+    import importlib
+    found = []
+    for module, name in (('httpx', 'HTTPError'), ('httpx2', 'HTTPError'), ('requests', 'RequestException')):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)

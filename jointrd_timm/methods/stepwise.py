@@ -157,13 +157,20 @@ class StepwiseRemoval(TrainingMethod):
         if self.epochs_needed > epochs + _ROUNDING:
             first = self.interval if self.first_removal is None else self.first_removal
             fits = epochs / (self.blocks + 1) if self.first_removal is None else (epochs - first) / self.blocks
-            shorter = f'an interval <= {fits:.4g}' if fits > 0 else f'a first_removal below {epochs}'
+            needed = (f'{self.epochs_needed:g} epochs, and the run has {epochs}. Give train.num_epochs >= '
+                      f'{math.ceil(self.epochs_needed - _ROUNDING)}')
+            if fits > 0 and steps > 0 and fits * steps < 1 - _ROUNDING:  # no interval fits: one step each at least
+                alternative = (f'; no shorter interval fits, since every removal takes one training step at least '
+                               f'and the run has {epochs * steps} steps for {self.blocks} removals and the training '
+                               'after the last: give more epochs or more steps per epoch (a smaller batch).')
+            else:
+                shorter = f'an interval <= {fits:.4g}' if fits > 0 else f'a first_removal below {epochs}'
+                alternative = (f', or {shorter} (models.model.kwargs.interval / first_removal in a stepwise_model '
+                               'YAML).')
             raise ValueError(
                 f'StepwiseRemoval: {name} has {self.blocks} shortcut blocks; removing one every {self.interval:g} '
                 f'epoch(s) from epoch {first:g} on, each followed by {self.interval:g} epoch(s) of training, needs '
-                f'{self.epochs_needed:g} epochs, and the run has {epochs}. Give train.num_epochs >= '
-                f'{math.ceil(self.epochs_needed - _ROUNDING)}, or {shorter} (models.model.kwargs.interval / '
-                'first_removal in a stepwise_model YAML).')
+                + needed + alternative)
 
     def apply_progress(self) -> None:
         if self.knows_run_length:

@@ -38,6 +38,7 @@ from .catalogue import tag_cfgs
 from ..twins.dirac import DIRAC_INIT, apply_dirac
 from ..twins.fade import make_fading
 from ..twins.transfer import pretrained_teacher_filter
+from ..methods.base import check_flag
 
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name', 'twin_refusal', 'underivable_reason',
            'name_problem', 'residual_arch']
@@ -143,9 +144,12 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
     keep_projection_shortcuts = kwargs.pop('keep_projection_shortcuts', False)
     dirac = kwargs.pop('dirac', False)
     dirac_init = kwargs.pop('dirac_init', None)
+    shortcut_fade = kwargs.pop('shortcut_fade', False)
+    for name, value in (('keep_projection_shortcuts', keep_projection_shortcuts), ('dirac', dirac),
+                        ('shortcut_fade', shortcut_fade)):
+        check_flag(value, f'{variant}: {name}')  # a 'yes' or a 0.5 is not read as true
     if dirac_init is not None and not dirac:
         raise ValueError(f'{variant}: dirac_init={dirac_init!r} sets the Dirac parametrisation\'s start; give dirac=True.')
-    shortcut_fade = kwargs.pop('shortcut_fade', False)
 
     def build_twin(**model_kwargs):
         model = timm.create_model(teacher, pretrained=False, **model_kwargs)

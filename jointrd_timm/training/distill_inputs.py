@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 
 from ..errors import JointRDError
+from ..io import file_in_the_way
 from ..settings import SCHEDULES, Schedule
 
 if TYPE_CHECKING:
@@ -87,6 +88,10 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds another run, unless resuming it or told to overwrite it."""
     if resume and overwrite:
         raise DistillError('--resume continues the run in the output folder, --overwrite replaces it: give one.')
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise DistillError(f'Output folder {out} cannot be created: {blocker} is a file, not a folder; choose '
+                           'another --output-dir.')
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     # teacher.yaml alone: a run stopped while its teacher trained
     if resume and not {'distill.yaml', 'teacher.yaml'} & set(entries):

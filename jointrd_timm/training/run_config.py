@@ -56,7 +56,12 @@ def _parse_overrides(overrides: List[str]):
         if '=' not in item:
             raise ConfigError(f'Override {item!r} is not of the form key.path=value.')
         path, raw = item.split('=', 1)
-        yield path, yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f'Override {item!r}: its value is not YAML ({" ".join(str(e).split())}); quote a text '
+                              "value, write a list as [1, 2], a mapping as {a: 1}.") from e
+        yield path, value
 
 
 def _override_datasets(text: str, overrides: List[str], where: str) -> str:

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 from .checkpoint import TMP_MARK
 from ..errors import JointRDError
 from ..faults import fault_point
+from ..io import file_in_the_way
 
 __all__ = ['RunFolder', 'RunFolderError', 'check_writable', 'checkpoint_epochs', 'read_metrics', 'deployed_accuracy',
            'as_trained_accuracy', 'RUN_FILES', 'LOCK_NAME']
@@ -49,12 +50,10 @@ def check_writable(out: Path) -> None:
         if str(absolute) == root or str(absolute).startswith(root + '/'):
             raise RunFolderError(f'Output folder {out} is inside {root}, a virtual file system that cannot hold a '
                                  'run; choose another --output-dir.')
-    for parent in (absolute, *absolute.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunFolderError(f'Output folder {out} cannot be created: {parent} is a file, not a folder; '
-                                     'choose another --output-dir.')
-            break
+    blocker = file_in_the_way(absolute)
+    if blocker is not None:
+        raise RunFolderError(f'Output folder {out} cannot be created: {blocker} is a file, not a folder; choose '
+                             'another --output-dir.')
     probe = absolute / f'.write-probe{TMP_MARK}{os.getpid()}'
     try:
         absolute.mkdir(parents=True, exist_ok=True)
@@ -117,6 +116,7 @@ class RunFolder:
         self.lock = self.path / LOCK_NAME
         self.replacing = False  # an overwritten run still to delete (at the first save)
         self.owned = False
+        self.created = False  # the folder was made by this claim (removed again if the run leaves it empty)
 
     @property
     def checkpoint(self) -> Path:
@@ -184,6 +184,7 @@ class RunFolder:
 
     def claim(self) -> None:
         """Check writability, take the lock, apply the resume/overwrite policy, clean leftovers."""
+        self.created = not self.path.exists()
         check_writable(self.path)
         self._lock()
         try:
@@ -248,9 +249,16 @@ class RunFolder:
             self.say(f'--overwrite: the previous run in {self.path} is deleted; this run has saved its first epoch.')
 
     def release(self) -> None:
+        """Give the lock back; a folder this run created and left empty (it failed before its first save) goes
+        too, so a failed start leaves nothing behind."""
         if self.owned:
             self.lock.unlink(missing_ok=True)
             self.owned = False
+            if self.created:
+                try:
+                    self.path.rmdir()  # only when empty
+                except OSError:
+                    pass
 
 
 def deployed_accuracy(final: Dict) -> Optional[float]:

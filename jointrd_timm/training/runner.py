@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import JointRDError
 from ..faults import fault_point
 from ..io import input_channels, load_weights
 from ..methods import base as method_api
@@ -101,6 +102,10 @@ def _build_model(model_config: Dict, name: str = 'model') -> nn.Module:
             raise
         raise ConfigError(f'models.{name}: {e}; timm.list_models() lists the names timm knows (`jointrd derive '
                           '--list` the ones with a twin).') from e
+    except ValueError as e:  # a setting refused by the method or the model it builds (e.g. jointrd.eta_min: 2)
+        if isinstance(e, JointRDError):
+            raise
+        raise ConfigError(f'models.{name}.kwargs: {e}') from e
     if model_config.get('src_ckpt'):
         load_weights(model, model_config['src_ckpt'])
     return model

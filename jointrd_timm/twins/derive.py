@@ -181,8 +181,10 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
         why = (f' Transformer (and MLP-Mixer) blocks are refused by design: {model_name} mixes tokens with '
                f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it '
                'does not train.' if mixers else
-               ' Add a rule for the class in jointrd_timm/twins/families/, or call '
-               'make_plain(..., strict=False) to leave those blocks residual.')
+               ' Add a rule for the class in jointrd_timm/twins/families/' + (
+                   ', or call make_plain(..., strict=False) to leave those blocks residual.' if strict else
+                   '. strict=False leaves such blocks residual only beside blocks a rule makes plain, and no block '
+                   'here has a rule: the result would be the model unchanged.'))
         raise UnsupportedBlockError(
             f'{model_name}: {len(unhandled)} block(s) add a shortcut and no rule handles their class: '
             f'{", ".join(classes)} (first at `{unhandled[0][0]}`).' + why)

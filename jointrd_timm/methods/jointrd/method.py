@@ -1,7 +1,7 @@
 """The JointRD training method: teacher and twin in one module whose train-mode forward runs the hybrid paths and
 returns the loss (equations in :mod:`jointrd_timm.methods.jointrd`, fields in docs/jointrd.md)."""
 from dataclasses import asdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,11 @@ class JointRD(TrainingMethod):
                  probe: Optional[torch.Tensor] = None, num_epochs: int = 0, steps_per_epoch: int = 0):
         check_teacher_student(teacher, student, 'JointRD')
         super().__init__()
+        if isinstance(config, Mapping):  # the fields as a YAML or a dict gives them
+            config = JointRDConfig.from_dict(dict(config))
+        elif config is not None and not isinstance(config, JointRDConfig):
+            raise TypeError(f'JointRD config must be a JointRDConfig or a dict of its fields, got '
+                            f'{type(config).__name__}.')
         self.config = config or JointRDConfig()
         self.student = student
         self.teacher = teacher
