@@ -238,7 +238,8 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                      commit_message=commit_message)
         except (HfHubHTTPError, OSError) + _transport_errors() as e:  # OfflineModeIsEnabled is a ConnectionError
-            raise PushError(f'Could not push to {repo_id}: {type(e).__name__}: {" ".join(str(e).split())[:300].rstrip(".")}. '
+            detail = ' '.join(str(e).split())[:300].rstrip('.')
+            raise PushError(f'Could not push to {repo_id}: {type(e).__name__}: {detail}. '
                             'Check the network (and that HF_HUB_OFFLINE is not set), your token (HF_TOKEN or `hf '
                             'auth login`) and your write access to the repo.') from e
 
