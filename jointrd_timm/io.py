@@ -17,8 +17,7 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap',
-           'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
+           'unwrap', 'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
