@@ -334,3 +334,14 @@ def test_a_shared_activation_leaves_nothing_on_the_feature_tap():
     jointrd.train()(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))['loss'].backward()
     assert jointrd._student_tap.values == [] and jointrd._teacher_tap.values == []
     copy.deepcopy(jointrd.student)
+
+
+def test_jointrd_takes_its_config_as_a_dict_and_refuses_other_types():
+    teacher = timm.create_model('resnet20_cifar', num_classes=10)
+    twin = timm.create_model('plain_resnet20_cifar', num_classes=10)
+    pair = JointRD(twin, teacher, dict(eta_min=1.0, kd_weight=0.5), num_epochs=1, steps_per_epoch=2)
+    assert pair.config == JointRDConfig(eta_min=1.0, kd_weight=0.5)
+    with pytest.raises(ValueError, match=r"Unknown JointRD setting\(s\) \['nosuch'\]"):
+        JointRD(twin, teacher, dict(nosuch=1))
+    with pytest.raises(TypeError, match='JointRD config must be a JointRDConfig or a dict of its fields, got int'):
+        JointRD(twin, teacher, 5)

@@ -332,3 +332,9 @@ def test_derive_command_prints_summary(capsys):
     assert 'shortcut additions: 9 -> 0 (9 removed' in out
     assert 'resnet.BasicBlock x9' in out and 'FLOPs at 32x32' in out
     assert main(['derive', 'vgg11']) == 1
+
+
+def test_twin_flags_must_be_true_or_false():
+    for flag, value in (('dirac', 'yes'), ('shortcut_fade', 0.5), ('keep_projection_shortcuts', 1)):
+        with pytest.raises(ValueError, match=f'plain_resnet20_cifar: {flag} must be true or false, got {value!r}'):
+            timm.create_model('plain_resnet20_cifar', **{flag: value})

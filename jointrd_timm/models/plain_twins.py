@@ -28,6 +28,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import timm
 from timm.models import (
     PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg,
@@ -38,7 +39,6 @@ from .catalogue import tag_cfgs
 from ..twins.dirac import DIRAC_INIT, apply_dirac
 from ..twins.fade import make_fading
 from ..twins.transfer import pretrained_teacher_filter
-from ..methods.base import check_flag
 
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name', 'twin_refusal', 'underivable_reason',
            'name_problem', 'residual_arch']
@@ -147,7 +147,9 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
     shortcut_fade = kwargs.pop('shortcut_fade', False)
     for name, value in (('keep_projection_shortcuts', keep_projection_shortcuts), ('dirac', dirac),
                         ('shortcut_fade', shortcut_fade)):
-        check_flag(value, f'{variant}: {name}')  # a 'yes' or a 0.5 is not read as true
+        if not isinstance(value, (bool, np.bool_)):  # a 'yes' or a 0.5 is not read as true
+            raise ValueError(f'{variant}: {name} must be true or false, got {value!r}.')
+    keep_projection_shortcuts, dirac, shortcut_fade = bool(keep_projection_shortcuts), bool(dirac), bool(shortcut_fade)
     if dirac_init is not None and not dirac:
         raise ValueError(f'{variant}: dirac_init={dirac_init!r} sets the Dirac parametrisation\'s start; give dirac=True.')
 
