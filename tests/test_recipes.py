@@ -85,13 +85,20 @@ def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve(
     assert get_recipe('default,loss_normalization=none') is RECIPES['unnormalised-loss']
     # depths 20 and 56: kd-low-lr plus the block targets, at weight 5 and 20 (a mean over 9 and 27 blocks)
     assert recipe_for('resnet32_cifar') is DEFAULT_RECIPE  # an architecture not measured keeps the default
-    for arch, name, weight in (('resnet20_cifar', 'kd-low-lr-blocks', 5.0), ('resnet56_cifar', 'kd-low-lr-blocks20',
-                                                                          20.0)):
-        blocks = recipe_for(arch)
-        assert blocks is RECIPES[name] and get_recipe(f'default,block_loss_weight={weight},kd_weight=1.0,'
-                                                      'lr_scale=0.2') is blocks
+    for name, weight in (('kd-low-lr-blocks', 5.0), ('kd-low-lr-blocks20', 20.0)):
+        blocks = RECIPES[name]
+        assert get_recipe(f'default,block_loss_weight={weight},kd_weight=1.0,lr_scale=0.2') is blocks
         assert (blocks.lr_scale, blocks.jointrd_config().kd_weight, blocks.jointrd_config().block_loss_weight) == \
             (0.2, 1.0, weight)
+    assert recipe_for('resnet20_cifar') is RECIPES['kd-low-lr-blocks']
+    # depth 56: kd-low-lr-blocks20 with the joint teacher of depth 110's recipe, its own SGD on the run's schedule
+    joint = recipe_for('resnet56_cifar')
+    assert joint is RECIPES['kd-low-lr-blocks20-joint'] and joint is get_recipe(
+        'default,block_loss_weight=20.0,eta_min=1.0,hybrid_teacher_bn=running,joint_step_order=teacher_first,'
+        'kd_weight=1.0,lr_scale=0.2,margin_refresh=epoch,teacher_mode=joint')
+    fields = joint.run_fields(SCHEDULES['cifar'])
+    assert (fields['block_loss_weight'], fields['kd_weight'], fields['teacher_mode'], fields['joint_step_order']) == \
+        (20.0, 1.0, 'joint', 'teacher_first') and fields['teacher_optimizer']['lr'] == SCHEDULES['cifar'].lr
     # a named recipe trains exactly as the default with those changes did
     changed = DEFAULT_RECIPE.replace(eta_min=1.0, teacher_mode='joint', joint_step_order='teacher_first',
                                      hybrid_teacher_bn='running', margin_refresh='epoch')

@@ -176,12 +176,13 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
     def jointrd(name):
         fields = yaml.load(committed[name], Loader)['models']['model']['kwargs']['jointrd']
         return JointRDConfig.from_dict({k: v for k, v in fields.items() if v is not None})
-    from jointrd_timm.recipes import DEFAULT_RECIPE, SCHEDULES, recipe_for
+    from jointrd_timm.recipes import SCHEDULES, recipe_for
     for dataset, schedule in (('cifar10', 'cifar'), ('cifar100', 'cifar'), ('imagenet', 'imagenet')):
         for arch in generate.ARCHS[dataset]:
             # every JointRD YAML runs its architecture's recommended recipe on its dataset's reference schedule
-            # (a 'teacher_first' joint teacher with its own SGD on that schedule)
-            expected = JointRDConfig.from_dict(recipe_for(arch).run_fields(SCHEDULES[schedule]))
+            # (a 'teacher_first' joint teacher with its own SGD on the twin's: the recipe's peak lr)
+            recipe = recipe_for(arch)
+            expected = JointRDConfig.from_dict(recipe.run_fields(recipe.twin_schedule(SCHEDULES[schedule])))
             assert jointrd(f'{dataset}/jointrd-{arch.replace("_cifar", "")}.yaml') == expected, (dataset, arch)
     for dataset in ('cifar10', 'cifar100'):  # the measured per-architecture choices
         assert jointrd(f'{dataset}/jointrd-resnet18.yaml').loss_normalization == 'none'
@@ -192,10 +193,13 @@ def test_yamls_are_what_generate_writes_and_carry_the_measured_arch_recipes(tmp_
         assert (deep.joint_step_order, deep.hybrid_teacher_bn, deep.margin_refresh) == \
             ('teacher_first', 'running', 'epoch')
         assert deep.teacher_optimizer['milestones'] == list(SCHEDULES['cifar'].milestones)
-        # depth 56: KD at a fifth of the peak lr and the block targets at weight 20 (measured on
-        # full_cifar10_resnet56_cifar.md); its twin trains at lr 0.02
-        assert jointrd(f'{dataset}/jointrd-resnet56.yaml') == \
-            DEFAULT_RECIPE.replace(kd_weight=1.0, block_loss_weight=20.0).jointrd_config()
+        # depth 56: KD at a fifth of the peak lr, the block targets at weight 20 and depth 110's joint teacher
+        # (measured on full_cifar10_resnet56_cifar.md); its twin, and its teacher's own SGD, at lr 0.02
+        d56 = jointrd(f'{dataset}/jointrd-resnet56.yaml')
+        assert (d56.kd_weight, d56.block_loss_weight, d56.eta_min, d56.teacher_mode, d56.joint_step_order,
+                d56.hybrid_teacher_bn, d56.margin_refresh) == (1.0, 20.0, 1.0, 'joint', 'teacher_first', 'running',
+                                                               'epoch')
+        assert d56.teacher_optimizer['lr'] == pytest.approx(SCHEDULES['cifar'].lr * 0.2)
         twin_lr = yaml.load(committed[f'{dataset}/jointrd-resnet56.yaml'], Loader)['train']['optimizer']['kwargs']['lr']
         assert twin_lr == pytest.approx(SCHEDULES['cifar'].lr * 0.2)
         assert twin_lr == recipe_for('resnet56_cifar').conversion_lr(SCHEDULES['cifar'].lr)
