@@ -12,6 +12,7 @@ from jointrd_timm.deploy.export import ExportError, export_model
 from jointrd_timm.deploy.fold import count_batchnorms, fold_for_deployment
 from jointrd_timm.deploy.latency import compare_latency, paired_ratio
 from jointrd_timm.deploy.memory import analyze_activation_memory
+from jointrd_timm.twins import count_shortcut_additions
 
 
 @pytest.mark.parametrize('name', ['plain_resnet20_cifar', 'plain_efficientnet_b0', 'plain_repvgg_a0', 'plain_regnetx_002'])
@@ -260,3 +261,84 @@ def test_one_measurement_serves_bench_and_the_demo_comparison(monkeypatch):
     row = bench.bench_models({'residual': folded['teacher'], 'twin': folded['twin']}, 32, (1,), 2, onnx=False)
     assert row['input_size'] == 32 and row['batches'][1]['speedup/eager'] == 2.0
     assert row['batches'][1]['memory_analysed_bytes'] == {'residual': memory['teacher'], 'twin': memory['twin']}
+
+
+class AttentionBlock(nn.Module):
+    """A residual block whose branch holds attention logits with a position term: ``q^T q * c + q^T P``. That
+    addition forks from q with no conv on either side: part of the layer, not a shortcut."""
+
+    def __init__(self, hw=16):
+        super().__init__()
+        self.q = nn.Conv2d(4, 4, 1)
+        self.pos = nn.Parameter(torch.randn(4, hw))
+        self.proj = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        q = self.q(x).flatten(2)
+        # two ops from q on the left, four on the right: only the convs weighed tell this from a shortcut
+        logits = torch.matmul(q.transpose(1, 2), q) + torch.matmul(q.transpose(1, 2), self.pos).flip(-1).mul(0.5)
+        out = torch.matmul(q, logits.softmax(-1)).reshape(x.shape)
+        return x + self.proj(out)
+
+
+class SplitBlock(nn.Module):
+    """Res2Net-like: two pieces of one split tensor added (not a shortcut), then a real shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.conv1(x), 4, 1)
+        return x + self.conv3(torch.cat([a, self.conv2(a) + b], 1))
+
+
+class GhostProjection(nn.Module):
+    """A stride-2 block whose shortcut is a depthwise + pointwise projection (two convs, four ops: GhostNet's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1, groups=8),
+                                    nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.shortcut = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1),
+                                      nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.branch(x) + self.shortcut(x)
+
+
+class ContextBlock(nn.Module):
+    """A residual block holding timm's GlobalContext, whose own addition (x + mlp(context)) weighs convs on one side
+    only, like a shortcut, but is the layer's definition (``NOT_SHORTCUT_CLASSES``)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import GlobalContext
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.gc = GlobalContext(4, fuse_add=True, fuse_scale=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.gc(self.conv(x)))
+
+
+@pytest.mark.parametrize('block, shortcuts', [(AttentionBlock, 1), (SplitBlock, 1), (GhostProjection, 1),
+                                              (ContextBlock, 1)])
+@pytest.mark.parametrize('folded', [False, True])
+def test_memory_analyzer_counts_shortcuts_not_additions_inside_a_layer(block, shortcuts, folded):
+    torch.manual_seed(0)
+    model = block().eval()
+    if folded:  # a folded model is a GraphModule: the module each op ran in is read from its own graph
+        model = fold_for_deployment(model)[0]
+        assert isinstance(model, torch.fx.GraphModule)
+    report = analyze_activation_memory(model, torch.randn(1, 4, 4, 4))
+    assert report.shortcut_additions == shortcuts
+
+
+def test_memory_analyzer_sees_botnet_shortcuts_not_its_attention():
+    residual = timm.create_model('botnet26t_256', img_size=64, num_classes=10)
+    twin = timm.create_model('plain_botnet26t_256', img_size=64, num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    for model, expected in ((residual, 8), (twin, 0)):
+        assert analyze_activation_memory(fold_for_deployment(model)[0], x).shortcut_additions == expected
+    assert count_shortcut_additions(residual) == 8

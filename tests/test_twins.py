@@ -338,3 +338,22 @@ def test_twin_flags_must_be_true_or_false():
     for flag, value in (('dirac', 'yes'), ('shortcut_fade', 0.5), ('keep_projection_shortcuts', 1)):
         with pytest.raises(ValueError, match=f'plain_resnet20_cifar: {flag} must be true or false, got {value!r}'):
             timm.create_model('plain_resnet20_cifar', **{flag: value})
+
+
+def test_equally_deep_projection_shortcut_is_cut():
+    """Xception's projection blocks add ``self.stack(x) + self.shortcut(x)``: two opaque calls, equally deep. The
+    operand named as a shortcut is the shortcut, so the twin has none left (it kept four before)."""
+    from timm.models.xception_aligned import XceptionModule
+    from jointrd_timm.deploy.memory import analyze_activation_memory
+    from jointrd_timm.twins.verify import shortcut_additions
+    assert shortcut_additions(XceptionModule(8, 16, stride=2, norm_layer=nn.BatchNorm2d)) == 1
+    residual = timm.create_model('xception41', num_classes=10).eval()
+    twin = make_plain(timm.create_model('xception41', num_classes=10)).eval()
+    assert count_shortcut_additions(residual) == 12 == twin.plain_report.shortcuts_removed
+    assert not [n for n, _ in twin.named_parameters() if '.shortcut.' in n]
+    x = torch.randn(1, 3, 64, 64)
+    assert analyze_activation_memory(twin, x).shortcut_additions == 0  # found on the whole graph, independently
+    assert analyze_activation_memory(residual, x).shortcut_additions == 12
+    paper = timm.create_model('plain_xception41', keep_projection_shortcuts=True)
+    assert paper.plain_report.kept_projections == ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.11']
+    assert count_shortcut_additions(paper) == 4

@@ -3,9 +3,12 @@
 Analysis (``analyze_activation_memory``): the model is traced with torch.fx and shapes are propagated on a real
 input. Every activation (the input included, parameters excluded) lives from the op that creates it to its last
 use; in-place ops (ReLU(inplace=True), ``+=``) reuse their input's storage. Walking the ops in execution order and
-freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph (an addition
-whose two operands fork from a common tensor, one through at most 3 ops, the other through more); a tensor is
-"held alive only by shortcuts" at a moment when its only remaining uses are shortcut uses. The report gives the
+freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph: an addition
+whose two operands fork from a common tensor, one through at most two convolutions or linear layers (an identity or a
+projection, at most 5 ops), the other through more of them (the branch). Additions inside one layer's definition
+(attention's position logits, GRN, global context: ``twins.verify.NOT_SHORTCUT_CLASSES``) are not shortcuts: they
+weigh no convolution on either side, or their module says so. A tensor is "held alive only by shortcuts" at a moment
+when its only remaining uses are shortcut uses. The report gives the
 share of the peak that such tensors hold, and the peak the model would have without those uses.
 
 Measurement (``measure_peak_rss``): a fresh subprocess builds the model, resets the kernel's peak-RSS mark
@@ -27,7 +30,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss']
 
-SHORT_BRANCH = 3
+SHORT_BRANCH = 5  # ops on a shortcut's path, from the fork to the addition (pool, conv, norm, act, reshapes)
+SHORT_BRANCH_WEIGHTS = 2  # convolutions / linear layers on it: an identity (0), a projection (1; GhostNet's: 2)
+_WEIGHTED_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
+                       torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.nn.functional.linear}
 _INPLACE_FUNCTIONS = {operator.iadd, operator.imul, torch.relu_}
 _INPLACE_METHODS = {'add_', 'mul_', 'relu_', 'clamp_', 'sigmoid_'}
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -90,11 +96,50 @@ def _ancestors(node: fx.Node) -> Dict[fx.Node, int]:
     return dist
 
 
-def _shortcut_uses(graph: fx.Graph):
+def _is_weighted(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """A convolution or linear layer (as a module or a function)."""
+    if node.op == 'call_module':
+        return isinstance(modules.get(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    return node.op == 'call_function' and node.target in _WEIGHTED_FUNCTIONS
+
+
+def _weights_on_path(node: fx.Node, modules: Dict[str, nn.Module]) -> Dict[fx.Node, int]:
+    """Every ancestor with the fewest convolutions / linear layers on a path from it to ``node`` (``node``'s own
+    op included, the ancestor's not): a 0-1 breadth-first search."""
+    cost = {node: 0}
+    queue = deque([node])
+    while queue:
+        current = queue.popleft()
+        step = int(_is_weighted(current, modules))
+        for parent in current.all_input_nodes:
+            c = cost[current] + step
+            if c < cost.get(parent, c + 1):
+                cost[parent] = c
+                (queue.appendleft if step == 0 else queue.append)(parent)
+    return cost
+
+
+def _is_split(node: fx.Node) -> bool:
+    """Whether ``node`` produced several tensors (split, chunk, unbind), from its shape metadata."""
+    meta = node.meta.get('tensor_meta')
+    return isinstance(meta, (tuple, list)) and not hasattr(meta, 'shape')
+
+
+def _in_layer(node: fx.Node) -> bool:
+    """Whether ``node`` runs inside a module whose additions are its own definition (``NOT_SHORTCUT_CLASSES``), as
+    the tracer recorded it (``nn_module_stack``; absent on a graph re-traced from a flattened GraphModule)."""
+    from ..twins.verify import NOT_SHORTCUT_CLASSES
+    for _, cls in (node.meta.get('nn_module_stack') or {}).values():
+        if isinstance(cls, type) and f'{cls.__module__}.{cls.__qualname__}' in NOT_SHORTCUT_CLASSES:
+            return True
+    return False
+
+
+def _shortcut_uses(graph: fx.Graph, modules: Dict[str, nn.Module]):
     """(shortcut additions, set of (tensor, user) edges that exist only to feed a shortcut, shortcut-branch nodes)."""
     additions, edges, branch_nodes = 0, set(), set()
     for node in graph.nodes:
-        if not _is_add(node) or len(node.args) < 2:
+        if not _is_add(node) or len(node.args) < 2 or _in_layer(node):
             continue
         a, b = node.args[:2]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -104,8 +149,12 @@ def _shortcut_uses(graph: fx.Graph):
         if not common:
             continue
         fork = min(common, key=lambda n: (max(da[n], db[n]), da[n] + db[n]))
-        (short, d_short), (_, d_long) = sorted(((a, da[fork]), (b, db[fork])), key=lambda t: t[1])
-        if d_short > SHORT_BRANCH or d_long <= d_short:
+        if _is_split(fork):  # two pieces of one tensor added (Res2Net's hierarchy): not a shortcut around a block
+            continue
+        wa, wb = _weights_on_path(a, modules)[fork], _weights_on_path(b, modules)[fork]
+        (short, w_short, d_short), (_, w_long, d_long) = sorted(((a, wa, da[fork]), (b, wb, db[fork])),
+                                                                 key=lambda t: (t[1], t[2]))
+        if d_short > SHORT_BRANCH or w_short > SHORT_BRANCH_WEIGHTS or w_long <= w_short or d_long <= d_short:
             continue
         additions += 1
         # walk the short branch back to the fork: its nodes are shortcut-only tensors
@@ -121,7 +170,8 @@ def _shortcut_uses(graph: fx.Graph):
 def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport:
     """Peak activation memory of ``model(x)`` and the part held alive only by shortcuts (see module docstring)."""
     model = model.eval()
-    graph_module = fx.symbolic_trace(model)
+    # a GraphModule (a folded model) is read as it is: re-tracing it would lose the module each op ran in
+    graph_module = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     with torch.no_grad():
         ShapeProp(graph_module).propagate(x)
     modules = dict(graph_module.named_modules())
@@ -141,7 +191,7 @@ def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport
             else:
                 storage[node] = node
                 size[node] = _bytes(node.meta.get('tensor_meta'))
-    additions, shortcut_edges, branch_nodes = _shortcut_uses(graph_module.graph)
+    additions, shortcut_edges, branch_nodes = _shortcut_uses(graph_module.graph, modules)
     last_use: Dict[fx.Node, int] = {}
     last_main_use: Dict[fx.Node, int] = {}
     for node in nodes:

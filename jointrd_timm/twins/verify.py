@@ -3,9 +3,12 @@
 Each module is traced with torch.fx, its submodules kept opaque, and every addition of two tensors is checked.
 An addition is a *shortcut addition* when both operands are computed from the module's inputs, one of them
 reaches the input through at most ``SHORT_PATH`` operations (the input itself, an identity, a projection, a
-norm) and the other through more operations (additions and indexing do not count as operations). That counts
-the shortcut of every timm residual block, and leaves alone the additions that fuse parallel branches of equal
-depth (RepVGG's and MobileOne's conv branches, Res2Net's scale groups) or add constants and parameters.
+norm) and the other through more operations (additions and indexing do not count as operations). Where both
+operands are equally deep (Xception's ``self.stack(x) + self.shortcut(x)``: two opaque calls), the addition counts
+only when one of them is a submodule named as a shortcut (``SHORTCUT_NAMES``), which is then the shortcut. That
+counts the shortcut of every timm residual block, and leaves alone the additions that fuse parallel branches of equal
+depth (RepVGG's and MobileOne's conv branches, NASNet's cell combinations, Res2Net's scale groups) or add constants
+and parameters.
 Modules whose additions fuse features but are not shortcuts are listed in ``NOT_SHORTCUT_CLASSES``.
 """
 import inspect
@@ -22,6 +25,8 @@ __all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_b
            'count_shortcut_additions', 'find_unhandled_residual_blocks', 'NOT_SHORTCUT_CLASSES']
 
 SHORT_PATH = 3
+# submodule names that mark an operand as the shortcut when both operands are equally deep (the last name part)
+SHORTCUT_NAMES = frozenset({'shortcut', 'downsample', 'skip'})
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {'add', 'add_'}
 
@@ -93,6 +98,10 @@ def _cost(node: fx.Node, root: Optional[nn.Module]) -> int:
     return 1 + 2 * sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
+def _named_shortcut(node: fx.Node) -> bool:
+    return node.op == 'call_module' and node.target.rsplit('.', 1)[-1] in SHORTCUT_NAMES
+
+
 def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
                             root: Optional[nn.Module] = None) -> List[Tuple[fx.Node, fx.Node, fx.Node]]:
     """Every shortcut addition of a traced block (``root``) as ``(add node, shortcut operand, branch operand)``.
@@ -120,9 +129,15 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
         cost[node] = max(cost[a] for a in inputs) + (0 if free else _cost(node, root))
         if is_add and len(node.args) >= 2 and all(isinstance(a, fx.Node) and a in depth for a in node.args[:2]):
             a, b = node.args[:2]
-            if min(depth[a], depth[b]) <= SHORT_PATH and depth[a] != depth[b]:
+            if min(depth[a], depth[b]) > SHORT_PATH:
+                continue
+            if depth[a] != depth[b]:
                 shortcut, branch = sorted((a, b), key=lambda n: (cost[n], depth[n]))
-                found.append((node, shortcut, branch))
+            elif _named_shortcut(a) != _named_shortcut(b):
+                shortcut, branch = (a, b) if _named_shortcut(a) else (b, a)
+            else:
+                continue
+            found.append((node, shortcut, branch))
     return found
 
 
