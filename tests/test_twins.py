@@ -357,3 +357,32 @@ def test_equally_deep_projection_shortcut_is_cut():
     paper = timm.create_model('plain_xception41', keep_projection_shortcuts=True)
     assert paper.plain_report.kept_projections == ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.11']
     assert count_shortcut_additions(paper) == 4
+
+
+class _TwoSubBlocks(nn.Module):
+    """A token mixer, then an MLP, each with its shortcut, in one forward (MetaFormer's block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.mix = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.norm2 = nn.BatchNorm2d(4)
+        self.mlp = nn.Sequential(nn.Conv2d(4, 8, 1), nn.GELU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        x = x + self.mix(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_second_shortcut_of_a_forward_is_measured_from_the_first_sum():
+    """The MLP's shortcut starts at the token mixer's sum, several ops from the block's input: it counts, and the
+    MetaFormer twins lose both shortcuts of every block (they kept the second one before)."""
+    from jointrd_timm.deploy.memory import analyze_activation_memory
+    from jointrd_timm.twins.verify import shortcut_additions
+    assert shortcut_additions(_TwoSubBlocks()) == 2
+    residual = timm.create_model('poolformer_s12', num_classes=10).eval()
+    twin = make_plain(timm.create_model('poolformer_s12', num_classes=10)).eval()
+    blocks = sum(1 for m in residual.modules() if type(m).__name__ == 'MetaFormerBlock')
+    assert count_shortcut_additions(residual) == 2 * blocks == twin.plain_report.shortcuts_removed
+    x = torch.randn(1, 3, 64, 64)
+    assert analyze_activation_memory(residual, x).shortcut_additions == 2 * blocks
+    assert analyze_activation_memory(twin, x).shortcut_additions == 0

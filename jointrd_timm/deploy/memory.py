@@ -3,13 +3,14 @@
 Analysis (``analyze_activation_memory``): the model is traced with torch.fx and shapes are propagated on a real
 input. Every activation (the input included, parameters excluded) lives from the op that creates it to its last
 use; in-place ops (ReLU(inplace=True), ``+=``) reuse their input's storage. Walking the ops in execution order and
-freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph: an addition
-whose two operands fork from a common tensor, one through at most two convolutions or linear layers (an identity or a
-projection, at most 5 ops), the other through more of them (the branch). Additions inside one layer's definition
-(attention's position logits, GRN, global context: ``twins.verify.NOT_SHORTCUT_CLASSES``) are not shortcuts: they
-weigh no convolution on either side, or their module says so. A tensor is "held alive only by shortcuts" at a moment
-when its only remaining uses are shortcut uses. The report gives the
-share of the peak that such tensors hold, and the peak the model would have without those uses.
+freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph:
+an addition whose two operands fork from a common tensor, one through at most two layers (convolutions, linear
+layers, poolings: an identity or a projection, at most 5 ops), the other through more of them (the branch).
+Additions inside one layer's definition (attention's position logits, GRN, global context:
+``twins.verify.NOT_SHORTCUT_CLASSES``) and sums of pieces of one split tensor (Res2Net) are not shortcuts: they
+weigh no layer on either side, or their module or fork says so. A tensor is "held alive only by shortcuts" at a
+moment when its only remaining uses are shortcut uses. The report gives the share of the peak that such tensors
+hold, and the peak the model would have without those uses.
 
 Measurement (``measure_peak_rss``): a fresh subprocess builds the model, resets the kernel's peak-RSS mark
 (/proc/self/clear_refs), runs one inference and reports VmHWM - VmRSS before: the real peak including the
@@ -31,9 +32,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 __all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss']
 
 SHORT_BRANCH = 5  # ops on a shortcut's path, from the fork to the addition (pool, conv, norm, act, reshapes)
-SHORT_BRANCH_WEIGHTS = 2  # convolutions / linear layers on it: an identity (0), a projection (1; GhostNet's: 2)
-_WEIGHTED_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
-                       torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.nn.functional.linear}
+SHORT_BRANCH_WEIGHTS = 2  # layers on it: an identity (0), a projection (1 or 2: a pooling and a conv, GhostNet's)
+_F = torch.nn.functional
+# the layers a path is weighed by: convolutions, linear layers and pooling (PoolFormer's token mixer is a pooling)
+_LAYER_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d, _F.linear,
+                    _F.avg_pool1d, _F.avg_pool2d, _F.avg_pool3d, _F.max_pool1d, _F.max_pool2d, _F.max_pool3d,
+                    _F.adaptive_avg_pool1d, _F.adaptive_avg_pool2d, _F.adaptive_max_pool1d, _F.adaptive_max_pool2d}
+_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                  nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _INPLACE_FUNCTIONS = {operator.iadd, operator.imul, torch.relu_}
 _INPLACE_METHODS = {'add_', 'mul_', 'relu_', 'clamp_', 'sigmoid_'}
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -96,27 +103,25 @@ def _ancestors(node: fx.Node) -> Dict[fx.Node, int]:
     return dist
 
 
-def _is_weighted(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    """A convolution or linear layer (as a module or a function)."""
+def _is_layer(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """A convolution, linear layer or pooling (as a module or a function)."""
     if node.op == 'call_module':
-        return isinstance(modules.get(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-    return node.op == 'call_function' and node.target in _WEIGHTED_FUNCTIONS
+        return isinstance(modules.get(node.target), _LAYER_MODULES)
+    return node.op == 'call_function' and node.target in _LAYER_FUNCTIONS
 
 
-def _weights_on_path(node: fx.Node, modules: Dict[str, nn.Module]) -> Dict[fx.Node, int]:
-    """Every ancestor with the fewest convolutions / linear layers on a path from it to ``node`` (``node``'s own
-    op included, the ancestor's not): a 0-1 breadth-first search."""
-    cost = {node: 0}
-    queue = deque([node])
-    while queue:
-        current = queue.popleft()
-        step = int(_is_weighted(current, modules))
+def _layers_on_path(node: fx.Node, ancestors, modules: Dict[str, nn.Module], order: Dict[fx.Node, int]):
+    """Every ancestor with the most layers (convolutions, linear layers, poolings) on a path from it to ``node``
+    (``node``'s own op included, the ancestor's not): a longest path over the graph's topological order, so that a
+    branch that also reads its input directly (PoolFormer's ``pool(x) - x``) still weighs its pooling."""
+    most = {node: 0}
+    for current in sorted(ancestors, key=order.__getitem__, reverse=True):
+        if current not in most:
+            continue
+        step = most[current] + int(_is_layer(current, modules))
         for parent in current.all_input_nodes:
-            c = cost[current] + step
-            if c < cost.get(parent, c + 1):
-                cost[parent] = c
-                (queue.appendleft if step == 0 else queue.append)(parent)
-    return cost
+            most[parent] = max(most.get(parent, 0), step)
+    return most
 
 
 def _is_split(node: fx.Node) -> bool:
@@ -138,6 +143,7 @@ def _in_layer(node: fx.Node) -> bool:
 def _shortcut_uses(graph: fx.Graph, modules: Dict[str, nn.Module]):
     """(shortcut additions, set of (tensor, user) edges that exist only to feed a shortcut, shortcut-branch nodes)."""
     additions, edges, branch_nodes = 0, set(), set()
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
         if not _is_add(node) or len(node.args) < 2 or _in_layer(node):
             continue
@@ -151,7 +157,7 @@ def _shortcut_uses(graph: fx.Graph, modules: Dict[str, nn.Module]):
         fork = min(common, key=lambda n: (max(da[n], db[n]), da[n] + db[n]))
         if _is_split(fork):  # two pieces of one tensor added (Res2Net's hierarchy): not a shortcut around a block
             continue
-        wa, wb = _weights_on_path(a, modules)[fork], _weights_on_path(b, modules)[fork]
+        wa, wb = _layers_on_path(a, da, modules, order)[fork], _layers_on_path(b, db, modules, order)[fork]
         (short, w_short, d_short), (_, w_long, d_long) = sorted(((a, wa, da[fork]), (b, wb, db[fork])),
                                                                  key=lambda t: (t[1], t[2]))
         if d_short > SHORT_BRANCH or w_short > SHORT_BRANCH_WEIGHTS or w_long <= w_short or d_long <= d_short:

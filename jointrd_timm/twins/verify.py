@@ -107,7 +107,7 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
     """Every shortcut addition of a traced block (``root``) as ``(add node, shortcut operand, branch operand)``.
 
     An addition counts when one operand is at most ``SHORT_PATH`` operations from the input and the other is
-    more. Of the two, the shortcut is the one with less computation on its path (convs weigh more than norms and
+    more; the output of a counted addition is an input too (the next residual sub-block in the same forward). Of the two, the shortcut is the one with less computation on its path (convs weigh more than norms and
     identities), so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
     depth: Dict[fx.Node, int] = {}
     cost: Dict[fx.Node, int] = {}
@@ -138,6 +138,9 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
             else:
                 continue
             found.append((node, shortcut, branch))
+            # the sum is the next sub-block's input: a forward that chains two residual sub-blocks (MetaFormer's
+            # token mixer, then its MLP) has its second shortcut measured from the first one's output
+            depth[node] = cost[node] = 0
     return found
 
 
