@@ -24,7 +24,7 @@ MODELS = {
     'fasternet_t0': 64, 'fastvit_t8': 64, 'ghostnet_050': 64, 'ghostnetv3_050': 64, 'hgnetv2_b0': 64,
     'inception_next_atto': 64, 'lcnetv2_small': 64, 'lowformer_e1': 64, 'mambaout_femto': 64, 'poolformerv2_s12': 64,
     'repghostnet_050': 64, 'repvit_m0_9': 64, 'rexnet_100': 64, 'starnet_s050': 64, 'tresnet_m': 64,
-    'eca_vovnet39b': 64, 'legacy_xception': 71, 'xception41': 64,
+    'eca_vovnet39b': 64, 'legacy_xception': 71, 'xception41': 64, 'xception41p': 64,
 }
 SLOW_MODELS = {'inception_resnet_v2': 96, 'nasnetalarge': 96, 'pnasnet5large': 96}
 ALL_CLASSES = {f'{module}.{name}' for module, names in GRAPH_RULE_CLASSES.items() for name in names}

@@ -4,8 +4,8 @@ Analysis (``analyze_activation_memory``): the model is traced with torch.fx and 
 input. Every activation (the input included, parameters excluded) lives from the op that creates it to its last
 use; in-place ops (ReLU(inplace=True), ``+=``) reuse their input's storage. Walking the ops in execution order and
 freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph:
-an addition whose two operands fork from a common tensor, one through at most two layers (convolutions, linear
-layers, poolings: an identity or a projection, at most 5 ops), the other through more of them (the branch).
+an addition whose two operands fork from a common tensor, one through at most two convolutions (a pooling weighs
+half: an identity or a projection, at most 5 ops), the other through more weight (the branch).
 Additions inside one layer's definition (attention's position logits, GRN, global context:
 ``twins.verify.NOT_SHORTCUT_CLASSES``) and sums of pieces of one split tensor (Res2Net) are not shortcuts: they
 weigh no layer on either side, or their module or fork says so. A tensor is "held alive only by shortcuts" at a
@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 __all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss']
 
 SHORT_BRANCH = 5  # ops on a shortcut's path, from the fork to the addition (pool, conv, norm, act, reshapes)
-SHORT_BRANCH_WEIGHTS = 2  # layers on it: an identity (0), a projection (1 or 2: a pooling and a conv, GhostNet's)
+SHORT_BRANCH_WEIGHTS = 4  # its weight (conv / linear 2, pooling 1): an identity 0, a projection up to 4 (GhostNet's)
 _F = torch.nn.functional
 # the layers a path is weighed by: convolutions, linear layers and pooling (PoolFormer's token mixer is a pooling)
 _LAYER_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d, _F.linear,
@@ -110,15 +110,29 @@ def _is_layer(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return node.op == 'call_function' and node.target in _LAYER_FUNCTIONS
 
 
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d,
+          nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+def _layer_weight(node: fx.Node, modules: Dict[str, nn.Module]) -> int:
+    """2 for a convolution or linear layer, 1 for a pooling (ResNet-D's pool + conv projection weighs less than a
+    basic block's two convs), else 0."""
+    if not _is_layer(node, modules):
+        return 0
+    pool = isinstance(modules.get(node.target), _POOLS) if node.op == 'call_module' else \
+        getattr(node.target, '__name__', '').endswith('pool1d') or 'pool' in getattr(node.target, '__name__', '')
+    return 1 if pool else 2
+
+
 def _layers_on_path(node: fx.Node, ancestors, modules: Dict[str, nn.Module], order: Dict[fx.Node, int]):
-    """Every ancestor with the most layers (convolutions, linear layers, poolings) on a path from it to ``node``
+    """Every ancestor with the heaviest path from it to ``node`` (convolutions and linear layers weigh 2, poolings 1)
     (``node``'s own op included, the ancestor's not): a longest path over the graph's topological order, so that a
     branch that also reads its input directly (PoolFormer's ``pool(x) - x``) still weighs its pooling."""
     most = {node: 0}
     for current in sorted(ancestors, key=order.__getitem__, reverse=True):
         if current not in most:
             continue
-        step = most[current] + int(_is_layer(current, modules))
+        step = most[current] + _layer_weight(current, modules)
         for parent in current.all_input_nodes:
             most[parent] = max(most.get(parent, 0), step)
     return most

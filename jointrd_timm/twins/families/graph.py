@@ -50,7 +50,7 @@ GRAPH_RULE_CLASSES = {
     'timm.models.tresnet': ['BasicBlock', 'Bottleneck'],
     'timm.models.vovnet': ['OsaBlock'],
     'timm.models.xception': ['Block'],
-    'timm.models.xception_aligned': ['XceptionModule'],
+    'timm.models.xception_aligned': ['XceptionModule', 'PreXceptionModule'],
 }
 
 for _module, _names in GRAPH_RULE_CLASSES.items():
