@@ -342,3 +342,35 @@ def test_memory_analyzer_sees_botnet_shortcuts_not_its_attention():
     for model, expected in ((residual, 8), (twin, 0)):
         assert analyze_activation_memory(fold_for_deployment(model)[0], x).shortcut_additions == expected
     assert count_shortcut_additions(residual) == 8
+
+
+class DataDependent(nn.Module):
+    """A residual block whose forward branches on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x + self.conv(x)
+        return x - self.conv(x)
+
+
+def test_an_untraceable_model_gets_a_clear_memory_error_and_bench_still_runs(capsys):
+    from jointrd_timm.cli import main
+    from jointrd_timm.deploy import bench
+    from jointrd_timm.deploy.memory import MemoryAnalysisError
+    with pytest.raises(MemoryAnalysisError, match='torch.fx cannot trace DataDependent .*TraceError.*jointrd bench'):
+        analyze_activation_memory(DataDependent(), torch.randn(1, 3, 8, 8))
+    # tf_* EfficientNets pad 'same' from the input's size: the CLI prints one line, no traceback
+    assert main(['memory', 'tf_mobilenetv3_small_minimal_100', '--input-size', '64']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('jointrd memory: error: torch.fx cannot trace') and 'Traceback' not in err
+    row = bench.bench_models({'residual': DataDependent().eval(), 'twin': DataDependent().eval()}, 8, (1,), 2,
+                             onnx=False)['batches'][1]
+    assert 'memory_analysed_bytes' not in row and 'cannot trace' in row['memory_analysed_error']
+    assert row['speedup/eager'] > 0  # the latencies are measured all the same
+    page = bench.markdown(dict(meta=dict(machine='m', threads=1, torch='t', timm='t', repeats=2),
+                               results=[dict(teacher='x', input_size=8, batches={1: row})]))
+    assert '| not traceable | - |' in page

@@ -13,7 +13,7 @@ import torch
 
 from .fold import fold_for_deployment
 from .latency import compare_latency
-from .memory import analyze_activation_memory, measure_peak_rss
+from .memory import MemoryAnalysisError, analyze_activation_memory, measure_peak_rss
 from ..extras import require
 
 __all__ = ['measure_models', 'bench_models', 'bench_pair', 'run_bench', 'DEFAULT_PAIRS']
@@ -74,11 +74,15 @@ def measure_models(models: Dict[str, torch.nn.Module], input_chw: Tuple[int, int
             for backend in ('eager', 'onnxruntime') if onnx else ('eager',):
                 row[f'speedup/{backend}'] = row[f'{pair[0]}/{backend}'] / row[f'{pair[1]}/{backend}']
         if memory_batches is None or batch in memory_batches:
-            memory = {kind: analyze_activation_memory(model, x) for kind, model in models.items()}
-            row['memory_analysed_bytes'] = {k: m.peak_bytes for k, m in memory.items()}
-            if pair:
-                row['memory_ratio_analysed'] = memory[pair[0]].peak_bytes / memory[pair[1]].peak_bytes
-            row['shortcut_share_analysed'] = memory[labels[0]].shortcut_share
+            try:
+                memory = {kind: analyze_activation_memory(model, x) for kind, model in models.items()}
+            except MemoryAnalysisError as e:  # untraceable: the measured peak below still says it
+                row['memory_analysed_error'] = str(e)
+            else:
+                row['memory_analysed_bytes'] = {k: m.peak_bytes for k, m in memory.items()}
+                if pair:
+                    row['memory_ratio_analysed'] = memory[pair[0]].peak_bytes / memory[pair[1]].peak_bytes
+                row['shortcut_share_analysed'] = memory[labels[0]].shortcut_share
         if measure:
             measured = {kind: measure_peak_rss(name, batch, input_chw[-1], torch.get_num_threads())
                         for kind, name in measure.items()}
@@ -138,13 +142,15 @@ def markdown(report: Dict) -> str:
         for batch, row in r['batches'].items():
             ort_ms = (f'{row["residual/onnxruntime"]:.2f} / {row["twin/onnxruntime"]:.2f}', f'{row["speedup/onnxruntime"]:.2f}x') \
                 if 'speedup/onnxruntime' in row else ('-', '-')
-            mem = row['memory_analysed_bytes']
+            mem = row.get('memory_analysed_bytes')
+            analysed = (f'{mem["residual"] / 2**20:.2f} / {mem["twin"] / 2**20:.2f}',
+                        f'{row["memory_ratio_analysed"]:.2f}x', f'{100 * row["shortcut_share_analysed"]:.0f} %') \
+                if mem else ('not traceable', '-', '-')
             measured = row.get('memory_measured_bytes')
             meas = (f'{measured["residual"] / 2**20:.1f} / {measured["twin"] / 2**20:.1f}',
                     f'{row["memory_ratio_measured"]:.2f}x') if measured else ('-', '-')
             lines.append(
                 f'| {r["teacher"]} ({r["input_size"]} px) | {batch} | {row["residual/eager"]:.2f} / {row["twin/eager"]:.2f} | '
-                f'{row["speedup/eager"]:.2f}x | {ort_ms[0]} | {ort_ms[1]} | {mem["residual"] / 2**20:.2f} / '
-                f'{mem["twin"] / 2**20:.2f} | {row["memory_ratio_analysed"]:.2f}x | {meas[0]} | {meas[1]} | '
-                f'{100 * row["shortcut_share_analysed"]:.0f} % |')
+                f'{row["speedup/eager"]:.2f}x | {ort_ms[0]} | {ort_ms[1]} | {analysed[0]} | {analysed[1]} | '
+                f'{meas[0]} | {meas[1]} | {analysed[2]} |')
     return '\n'.join(lines)

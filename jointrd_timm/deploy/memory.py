@@ -29,7 +29,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss']
+from ..errors import JointRDError
+
+__all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss', 'MemoryAnalysisError']
 
 SHORT_BRANCH = 5  # ops on a shortcut's path, from the fork to the addition (pool, conv, norm, act, reshapes)
 SHORT_BRANCH_WEIGHTS = 4  # its weight (conv / linear 2, pooling 1): an identity 0, a projection up to 4 (GhostNet's)
@@ -44,6 +46,10 @@ _LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.AvgPool1d, nn.A
 _INPLACE_FUNCTIONS = {operator.iadd, operator.imul, torch.relu_}
 _INPLACE_METHODS = {'add_', 'mul_', 'relu_', 'clamp_', 'sigmoid_'}
 _ADDS = {operator.add, operator.iadd, torch.add}
+
+
+class MemoryAnalysisError(JointRDError, RuntimeError):
+    """torch.fx cannot trace the model, so its activation memory cannot be analysed from its graph."""
 
 
 @dataclass
@@ -191,7 +197,13 @@ def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport
     """Peak activation memory of ``model(x)`` and the part held alive only by shortcuts (see module docstring)."""
     model = model.eval()
     # a GraphModule (a folded model) is read as it is: re-tracing it would lose the module each op ran in
-    graph_module = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    try:
+        graph_module = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow (TF 'same' padding), untraceable calls
+        raise MemoryAnalysisError(
+            f'torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {str(e)[:120]}), so its activation '
+            'memory cannot be analysed from its graph; the measured peak (`jointrd bench`, its RSS column) still '
+            'works.') from e
     with torch.no_grad():
         ShapeProp(graph_module).propagate(x)
     modules = dict(graph_module.named_modules())
