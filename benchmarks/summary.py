@@ -122,6 +122,13 @@ def coverage_lines() -> list:
             outcome[key] = outcome.get(key, 0) + 1
         lines += ['', '| recipe path (fade, JointRD, deploy, export), derivable up to 30 M parameters | architectures |',
                   '|---|---|'] + [f'| {k} | {n} |' for k, n in sorted(outcome.items())]
+    audit = _load('shortcut_audit')
+    if audit is not None:  # the twins checked by the second detector (benchmarks/shortcut_audit.py)
+        found = {}
+        for model in audit['models'].values():
+            found[model['status']] = found.get(model['status'], 0) + 1
+        lines += ['', '| twins up to 30 M parameters, whole folded graph ([shortcut_audit.md](shortcut_audit.md)) '
+                  '| twins |', '|---|---|'] + [f'| {k} | {n} |' for k, n in sorted(found.items())]
     return lines
 
 
@@ -193,6 +200,7 @@ SUITE = {
     'deploy_bench.py': ['results/deploy_bench.*'],
     'twin_coverage.py': ['results/twin_coverage.*'],
     'recipe_coverage.py': ['columns of results/twin_coverage.*'],
+    'shortcut_audit.py': ['results/shortcut_audit.*'],
     'summary.py': ['results/README.md', 'README.md'],
     'queue_runs.py': ['the tar files of --pack DIR', 'benchmarks/work/queue_logs/'],
     'scale_subset.py': [], 'scale_full.py': [], 'accuracy_pages.py': [], 'cifar_budget.py': [], 'step_cost_pages.py': [],
