@@ -22,23 +22,21 @@ RESULTS = ROOT / 'benchmarks/results'
 
 
 def audit(name: str) -> dict:
-    """``plain_<name>`` built (seed 0), folded and analysed at its input size (at least 64 px): the shortcut
+    """``plain_<name>`` built (seed 0), folded and analysed at the coverage real check's input: the shortcut
     additions the whole-graph route finds in it, or why it could not look."""
     import timm
     import jointrd_timm  # noqa: F401 - registers plain_*
     from jointrd_timm.deploy.fold import fold_for_deployment
     from jointrd_timm.deploy.memory import MemoryAnalysisError, analyze_activation_memory
+    from twin_coverage import check_input
     torch.manual_seed(0)
     twin = timm.create_model(f'plain_{name}', num_classes=10).eval()
-    cfg = twin.pretrained_cfg
-    size = cfg['input_size'][1:] if cfg.get('fixed_input_size') else \
-        (max(64, cfg.get('min_input_size', (3, 64, 64))[1]),) * 2
     folded, report = fold_for_deployment(twin)
     try:
         with torch.no_grad():
-            found = analyze_activation_memory(folded, torch.randn(1, cfg['input_size'][0], *size))
-    except MemoryAnalysisError as e:
-        return dict(status='not traceable', reason=str(e).split(' (', 1)[-1].split(')', 1)[0][:120])
+            found = analyze_activation_memory(folded, torch.randn(1, *check_input(twin.pretrained_cfg)))
+    except MemoryAnalysisError as e:  # the trace error it wraps
+        return dict(status='not traceable', reason=f'{type(e.__cause__).__name__}: {str(e.__cause__)[:120]}')
     return dict(status='clean' if found.shortcut_additions == 0 else 'shortcut left',
                 shortcut_additions=found.shortcut_additions, folded=report['traced'])
 

@@ -30,19 +30,21 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import JointRDError
+from ..twins.verify import NOT_SHORTCUT_CLASSES, _qualname
 
 __all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss', 'MemoryAnalysisError']
 
 SHORT_BRANCH = 5  # ops on a shortcut's path, from the fork to the addition (pool, conv, norm, act, reshapes)
 SHORT_BRANCH_WEIGHTS = 4  # its weight (conv / linear 2, pooling 1): an identity 0, a projection up to 4 (GhostNet's)
 _F = torch.nn.functional
-# the layers a path is weighed by: convolutions, linear layers and pooling (PoolFormer's token mixer is a pooling)
-_LAYER_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d, _F.linear,
-                    _F.avg_pool1d, _F.avg_pool2d, _F.avg_pool3d, _F.max_pool1d, _F.max_pool2d, _F.max_pool3d,
-                    _F.adaptive_avg_pool1d, _F.adaptive_avg_pool2d, _F.adaptive_max_pool1d, _F.adaptive_max_pool2d}
-_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                  nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+# what a path is weighed by (``_layer_weight``): convolutions and linear layers 2, poolings 1 (PoolFormer's token
+# mixer is a pooling; ResNet-D's pool + conv projection weighs less than a basic block's two convs)
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONV_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, _F.conv1d, _F.conv2d, _F.conv3d, _F.linear}
+_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {_F.avg_pool1d, _F.avg_pool2d, _F.avg_pool3d, _F.max_pool1d, _F.max_pool2d, _F.max_pool3d,
+                   _F.adaptive_avg_pool1d, _F.adaptive_avg_pool2d, _F.adaptive_max_pool1d, _F.adaptive_max_pool2d}
 _INPLACE_FUNCTIONS = {operator.iadd, operator.imul, torch.relu_}
 _INPLACE_METHODS = {'add_', 'mul_', 'relu_', 'clamp_', 'sigmoid_'}
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -109,25 +111,14 @@ def _ancestors(node: fx.Node) -> Dict[fx.Node, int]:
     return dist
 
 
-def _is_layer(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    """A convolution, linear layer or pooling (as a module or a function)."""
-    if node.op == 'call_module':
-        return isinstance(modules.get(node.target), _LAYER_MODULES)
-    return node.op == 'call_function' and node.target in _LAYER_FUNCTIONS
-
-
-_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d,
-          nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-
-
 def _layer_weight(node: fx.Node, modules: Dict[str, nn.Module]) -> int:
-    """2 for a convolution or linear layer, 1 for a pooling (ResNet-D's pool + conv projection weighs less than a
-    basic block's two convs), else 0."""
-    if not _is_layer(node, modules):
-        return 0
-    pool = isinstance(modules.get(node.target), _POOLS) if node.op == 'call_module' else \
-        getattr(node.target, '__name__', '').endswith('pool1d') or 'pool' in getattr(node.target, '__name__', '')
-    return 1 if pool else 2
+    """2 for a convolution or linear layer, 1 for a pooling (as a module or a function), else 0."""
+    if node.op == 'call_module':
+        module = modules.get(node.target)
+        return 2 if isinstance(module, _CONV_MODULES) else 1 if isinstance(module, _POOL_MODULES) else 0
+    if node.op == 'call_function':
+        return 2 if node.target in _CONV_FUNCTIONS else 1 if node.target in _POOL_FUNCTIONS else 0
+    return 0
 
 
 def _layers_on_path(node: fx.Node, ancestors, modules: Dict[str, nn.Module], order: Dict[fx.Node, int]):
@@ -153,9 +144,8 @@ def _is_split(node: fx.Node) -> bool:
 def _in_layer(node: fx.Node) -> bool:
     """Whether ``node`` runs inside a module whose additions are its own definition (``NOT_SHORTCUT_CLASSES``), as
     the tracer recorded it (``nn_module_stack``; absent on a graph re-traced from a flattened GraphModule)."""
-    from ..twins.verify import NOT_SHORTCUT_CLASSES
     for _, cls in (node.meta.get('nn_module_stack') or {}).values():
-        if isinstance(cls, type) and f'{cls.__module__}.{cls.__qualname__}' in NOT_SHORTCUT_CLASSES:
+        if isinstance(cls, type) and _qualname(cls) in NOT_SHORTCUT_CLASSES:
             return True
     return False
 

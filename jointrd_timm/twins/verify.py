@@ -107,8 +107,9 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
     """Every shortcut addition of a traced block (``root``) as ``(add node, shortcut operand, branch operand)``.
 
     An addition counts when one operand is at most ``SHORT_PATH`` operations from the input and the other is
-    more; the output of a counted addition is an input too (the next residual sub-block in the same forward). Of the two, the shortcut is the one with less computation on its path (convs weigh more than norms and
-    identities), so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
+    more; the output of a counted addition is an input too (the next residual sub-block in the same forward). Of
+    the two, the shortcut is the one with less computation on its path (convs weigh more than norms and identities),
+    so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
     depth: Dict[fx.Node, int] = {}
     cost: Dict[fx.Node, int] = {}
     found = []
