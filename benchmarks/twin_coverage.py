@@ -4,7 +4,8 @@ Every architecture in ``timm.list_models()`` is built on the meta device (no mem
 ``make_plain(strict=True)``; a twin counts as derived when no shortcut addition is left (torch.fx count). Twins of
 architectures up to ``--real-max-params`` parameters are then built for real (``timm.create_model('plain_...')``)
 and must run forward and give every parameter a non-zero gradient at init (in train mode, or in eval
-mode for a bias that a following BatchNorm cancels in train mode: see ``verify.dead_parameters``).
+mode for a bias that a following BatchNorm cancels in train mode), or with every weight moved a little off its init
+for a parameter whose gradient only the start of the others holds at zero: see ``verify.dead_parameters``.
 
 Writes benchmarks/results/twin_coverage.{json,md}. (Which architectures are registered as plain_* is decided by
 jointrd_timm/models/underivable.json, written by ``python -m jointrd_timm.models.underivable`` with the same
@@ -149,7 +150,8 @@ def markdown(results, meta) -> list:
         f'command `{meta["command"]}` ({meta["seconds"]} s on {meta["machine"]}, 2 CPU threads).', '',
         f'**Residual CNN architectures: {len(derived)} of {len(residual_cnn)} derived '
         f'({100 * len(derived) / max(1, len(residual_cnn)):.1f} %).** '
-        f'Built for real and trained one step (forward finite, every parameter a non-zero gradient): '
+        f'Built for real and trained one step (forward finite, every parameter a non-zero gradient at init or '
+        f'just off it): '
         f'{len(real_ok)} of {len(real)} checked (twins up to 30 M parameters).', '',
         'A residual CNN is an architecture whose modules contain a shortcut addition (torch.fx, see '
         '`jointrd_timm/twins/verify.py`) and that has no token mixer. Networks that mix tokens (self-attention '

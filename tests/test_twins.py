@@ -271,6 +271,27 @@ def test_dead_parameters_tells_a_bias_under_batchnorm_from_an_unused_parameter()
     assert dead == ['unused.bias', 'unused.weight']  # ... but alive in eval mode, so not dead
 
 
+def test_dead_parameters_tells_a_gain_held_at_zero_by_its_start_from_a_cut_off_one():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+            self.gain = nn.Parameter(torch.zeros(1))  # starts at 0, so `scale` gets exactly zero gradient at init
+            self.scale = nn.Parameter(torch.ones(1))
+            self.cut = nn.Conv2d(3, 2, 1)  # computed, then multiplied by a constant 0: never trains
+
+        def forward(self, x):
+            return self.conv(x) * self.gain * self.scale + self.conv(x) + 0.0 * self.cut(x)
+
+    net = Net()
+    net(torch.randn(2, 3, 4, 4)).square().mean().backward()
+    assert net.scale.grad.abs().max() == 0.0  # zero at init ...
+    x = torch.randn(2, 3, 4, 4)
+    assert dead_parameters(net, x, off_init=0.0) == ['cut.bias', 'cut.weight', 'scale']
+    assert dead_parameters(net, x) == ['cut.bias', 'cut.weight']  # ... but alive once `gain` moves
+    assert float(net.gain) == 0.0 and float(net.scale) == 1.0  # the check moved a copy, not the model
+
+
 def test_transformer_is_refused_by_design():
     with pytest.raises(UnsupportedBlockError, match=r'Transformer \(and MLP-Mixer\) blocks are refused by design'):
         make_plain(timm.create_model('vit_tiny_patch16_224'))

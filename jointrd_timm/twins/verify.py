@@ -11,6 +11,7 @@ depth (RepVGG's and MobileOne's conv branches, NASNet's cell combinations, Res2N
 and parameters.
 Modules whose additions fuse features but are not shortcuts are listed in ``NOT_SHORTCUT_CLASSES``.
 """
+import copy
 import inspect
 import operator
 from typing import Dict, List, Optional, Tuple
@@ -196,12 +197,33 @@ def find_unhandled_residual_blocks(model: nn.Module) -> List[Tuple[str, nn.Modul
     return found
 
 
-def dead_parameters(model: nn.Module, x: torch.Tensor) -> List[str]:
-    """Parameters that get an all-zero gradient from ``model(x).square().mean()`` in train mode AND in eval mode.
+def dead_parameters(model: nn.Module, x: torch.Tensor, off_init: float = 1e-2) -> List[str]:
+    """Parameters that get an all-zero gradient from ``model(x).square().mean()`` in train mode AND in eval mode,
+    at the model's weights AND with every weight moved a little off them.
 
     A bias followed by a BatchNorm gets a zero gradient in train mode (the batch mean cancels it) whatever the
-    network; in eval mode, with running statistics, it moves the output, so it is not dead. A parameter that
-    stays at zero gradient in both modes is unused or cut off: the twin would not train it."""
+    network; in eval mode, with running statistics, it moves the output, so it is not dead. A parameter can also
+    get a zero gradient only because of where the other weights start: a gain multiplied by another gain that
+    starts at 0, or poolformerv2's StarReLU ``scale`` while its ``bias`` is 0 (its output then reaches a
+    scale-invariant GroupNorm only through a bias-free linear layer). Such a parameter trains as soon as the
+    others move, so the zero gradients are checked again on a copy whose floating weights are each moved by
+    ``off_init`` times their mean magnitude (``off_init`` itself where that is 0), with a fixed seed. A parameter that
+    stays at zero gradient through all of it is unused or cut off: the twin would not train it."""
+    dead = _zero_gradients(model, x)
+    if dead and off_init:
+        moved = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in moved.parameters():
+                if p.is_floating_point():
+                    size = p.abs().mean().item() or 1.0
+                    p.add_(torch.randn(p.shape, generator=gen).to(p) * (off_init * size))
+        dead &= _zero_gradients(moved, x)
+    return sorted(dead)
+
+
+def _zero_gradients(model: nn.Module, x: torch.Tensor) -> set:
+    """Names of the parameters whose gradient is all zero in train mode and in eval mode (model's mode restored)."""
     was_training = model.training
     dead = None
     for mode in (True, False):
@@ -214,4 +236,4 @@ def dead_parameters(model: nn.Module, x: torch.Tensor) -> List[str]:
             break
     model.train(was_training)
     model.zero_grad(set_to_none=True)
-    return sorted(dead)
+    return dead
