@@ -4,10 +4,13 @@ The twins are derived and checked by one detector (``twins/verify.py``: each blo
 submodules opaque). This audit builds each twin for real, folds it for deployment and looks for shortcut additions
 on the whole model's graph with the activation-memory analysis (``deploy/memory.py``), which finds them by another
 route (two operands forking from one tensor, one through at most two convolutions, the other through more). A twin
-that the second route finds a shortcut in is a derivation hole (the route found Xception's and MetaFormer's). Twins
-that torch.fx cannot trace as a whole (input-dependent padding) are listed as not checked.
+that the second route finds a shortcut in is a derivation hole (the route found Xception's and MetaFormer's). A twin
+that torch.fx cannot trace through as a whole (TF 'same' padding, CondConv) is traced with timm's untraceable layers
+kept whole (none of them holds a shortcut: the analysis traces through one that does); a twin untraceable even so is
+listed as not checked.
 
     python benchmarks/shortcut_audit.py            # about 10 minutes on one CPU thread
+    python benchmarks/shortcut_audit.py --names tf_efficientnet_b0 ...   # these rows again, the others kept
 """
 import argparse
 import json
@@ -38,7 +41,8 @@ def audit(name: str) -> dict:
     except MemoryAnalysisError as e:  # the trace error it wraps
         return dict(status='not traceable', reason=f'{type(e.__cause__).__name__}: {str(e.__cause__)[:120]}')
     return dict(status='clean' if found.shortcut_additions == 0 else 'shortcut left',
-                shortcut_additions=found.shortcut_additions, folded=report['traced'])
+                shortcut_additions=found.shortcut_additions, folded=report['traced'],
+                layers_kept_whole=found.layers_kept_whole)
 
 
 def candidates(coverage: dict, max_params: float) -> list:
@@ -56,8 +60,13 @@ def markdown(results: dict, coverage: dict) -> list:
              '(the derived twins up to 30 M parameters that the real check of '
              '[twin_coverage.md](twin_coverage.md) builds).',
              '', 'How: see the script\'s docstring (`benchmarks/shortcut_audit.py`); the first detector is the one '
-             'that derives the twins (`jointrd_timm/twins/verify.py`).', '',
-             '| module | clean | shortcut left | not traceable |', '|---|---|---|---|']
+             'that derives the twins (`jointrd_timm/twins/verify.py`).', '']
+    kept = [n for n, r in results.items() if r.get('layers_kept_whole')]
+    if kept:
+        lines += [f'{len(kept)} of them were traced with timm\'s untraceable layers kept whole (TF \'same\' padding, '
+                  'CondConv, bilinear attention; none holds a shortcut): ' + ', '.join(f'`{n}`' for n in kept) + '.',
+                  '']
+    lines += ['| module | clean | shortcut left | not traceable |', '|---|---|---|---|']
     by_module = defaultdict(Counter)
     for n, r in results.items():
         by_module[coverage[n]['module']][r['status']] += 1
@@ -74,7 +83,7 @@ def markdown(results: dict, coverage: dict) -> list:
 
 
 def main():
-    from report import pyplot, write_report
+    from report import pyplot, this_command, write_report
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--max-params', type=float, default=30e6)
     parser.add_argument('--names', nargs='*', default=None, help='audit only these architectures')
@@ -82,7 +91,10 @@ def main():
     args = parser.parse_args()
     coverage = json.loads((RESULTS / 'twin_coverage.json').read_text())['models']
     names = args.names or candidates(coverage, args.max_params)
-    start, results = time.time(), {}
+    previous = Path(args.out) / 'shortcut_audit.json'
+    # --names: those rows again, every other row of the record kept (and the command that wrote them)
+    kept = json.loads(previous.read_text()) if args.names and previous.is_file() else dict(meta={}, models={})
+    start, results = time.time(), dict(kept['models'])
     for i, name in enumerate(names):
         results[name] = audit(name)
         print(f'[{time.time() - start:6.0f}s] {i + 1}/{len(names)} {name}: {results[name]["status"]}', flush=True)
@@ -100,6 +112,9 @@ def main():
         plt.close(fig)
 
     meta = dict(torch=torch.__version__, seconds=round(time.time() - start), threads=torch.get_num_threads())
+    if kept['meta'].get('command'):
+        meta['command'] = f"{kept['meta']['command']} (then {this_command().removeprefix('python ')})"
+        meta['seconds'] += kept['meta'].get('seconds', 0)
     write_report('shortcut_audit', dict(meta=meta, models=results), markdown(results, coverage), plot=plot,
                  out=Path(args.out))
 

@@ -129,7 +129,10 @@ def _memory(args) -> int:
     for name, r in rows.items():
         print(f'  {name}: peak {r.peak_bytes / 2**20:.2f} MB, held only by shortcuts at the peak '
               f'{r.shortcut_only_bytes_at_peak / 2**20:.2f} MB ({100 * r.shortcut_share:.0f} %), '
-              f'{r.shortcut_additions} shortcut additions')
+              f'{r.shortcut_additions} shortcut additions'
+              + (f'; {r.layers_kept_whole} layers on timm\'s no-trace list kept whole (torch.fx cannot trace the '
+                 'model through them), their internal tensors not counted: the peak is a lower bound'
+                 if r.layers_kept_whole else ''))
     a, b = rows.values()
     print(f'  ratio residual / twin: {a.peak_bytes / b.peak_bytes:.2f}x')
     return 0

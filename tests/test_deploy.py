@@ -357,13 +357,15 @@ class DataDependent(nn.Module):
         return x - self.conv(x)
 
 
-def test_an_untraceable_model_gets_a_clear_memory_error_and_bench_still_runs(capsys):
+def test_an_untraceable_model_gets_a_clear_memory_error_and_bench_still_runs(capsys, monkeypatch):
     from jointrd_timm.cli import main
-    from jointrd_timm.deploy import bench
-    from jointrd_timm.deploy.memory import MemoryAnalysisError
-    with pytest.raises(MemoryAnalysisError, match='torch.fx cannot trace DataDependent .*TraceError.*jointrd bench'):
+    from jointrd_timm.deploy import bench, memory
+    with pytest.raises(memory.MemoryAnalysisError,
+                       match='torch.fx cannot trace DataDependent .*TraceError.*jointrd bench'):
         analyze_activation_memory(DataDependent(), torch.randn(1, 3, 8, 8))
-    # tf_* EfficientNets pad 'same' from the input's size: the CLI prints one line, no traceback
+    # without timm's untraceable layers kept whole, tf_* EfficientNets (they pad 'same' from the input's size) are
+    # untraceable: the CLI prints one line, no traceback
+    monkeypatch.setattr(memory._KeepTimmLayers, 'is_leaf_module', torch.fx.Tracer.is_leaf_module)
     assert main(['memory', 'tf_mobilenetv3_small_minimal_100', '--input-size', '64']) == 1
     err = capsys.readouterr().err
     assert err.startswith('jointrd memory: error: torch.fx cannot trace') and 'Traceback' not in err
@@ -374,3 +376,34 @@ def test_an_untraceable_model_gets_a_clear_memory_error_and_bench_still_runs(cap
     page = bench.markdown(dict(meta=dict(machine='m', threads=1, torch='t', timm='t', repeats=2),
                                results=[dict(teacher='x', input_size=8, batches={1: row})]))
     assert '| not traceable | - |' in page
+
+
+def test_timm_layers_torch_fx_cannot_trace_are_kept_whole_unless_they_hold_a_shortcut(capsys):
+    from timm.layers import Conv2dSame, ScaledStdConv2d
+    from timm.models.nfnet import NormFreeBlock
+    from jointrd_timm.cli import main
+    # Conv2dSame's padding depends on the input's size: kept whole; NormFreeBlock is on timm's no-trace list too, but
+    # holds the shortcut: traced through
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2),
+                          NormFreeBlock(8, 8, act_layer=nn.ReLU, conv_layer=ScaledStdConv2d)).eval()
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(model)
+    report = analyze_activation_memory(model, torch.randn(1, 3, 16, 16))
+    assert (report.shortcut_additions, report.layers_kept_whole) == (1, 1)
+    assert report.peak_bytes >= 4 * 8 * 8 * 8 * 2  # the block's input and its branch, at once
+    residual = timm.create_model('tf_mobilenetv3_small_minimal_100', num_classes=10)
+    twin = timm.create_model('plain_tf_mobilenetv3_small_minimal_100', num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    folded = [analyze_activation_memory(fold_for_deployment(m)[0], x) for m in (residual, twin)]
+    assert [r.shortcut_additions for r in folded] == [count_shortcut_additions(residual), 0]
+    assert folded[0].shortcut_additions > 0 and all(r.layers_kept_whole > 0 for r in folded)
+    assert main(['memory', 'tf_mobilenetv3_small_minimal_100', '--input-size', '64']) == 0
+    out = capsys.readouterr().out
+    assert out.count('kept whole') == 2 and 'the peak is a lower bound' in out
+    from jointrd_timm.deploy import bench
+    row = bench.bench_models({'residual': fold_for_deployment(residual)[0], 'twin': fold_for_deployment(twin)[0]}, 64,
+                             (1,), 2, onnx=False)['batches'][1]
+    assert row['memory_analysed_lower_bound'] and row['memory_analysed_bytes']['twin'] == folded[1].peak_bytes
+    page = bench.markdown(dict(meta=dict(machine='m', threads=1, torch='t', timm='t', repeats=2),
+                               results=[dict(teacher='x', input_size=64, batches={1: row})]))
+    assert page.count('>= ') == 2

@@ -6,6 +6,10 @@ use; in-place ops (ReLU(inplace=True), ``+=``) reuse their input's storage. Walk
 freeing each tensor as soon as it is dead gives the peak. Shortcut additions are found on the graph:
 an addition whose two operands fork from a common tensor, one through at most two convolutions (a pooling weighs
 half: an identity or a projection, at most 5 ops), the other through more weight (the branch).
+A model that torch.fx cannot trace through (TF 'same' padding, CondConv, some attention) is traced again with
+timm's untraceable layers (``timm.layers.get_notrace_modules``) kept whole, unless one of them holds a shortcut
+addition: a layer kept whole weighs as a convolution when it has a weight matrix or kernel, and its internal tensors
+are not counted (only its output), so the peak of such a model is a lower bound.
 Additions inside one layer's definition (attention's position logits, GRN, global context:
 ``twins.verify.NOT_SHORTCUT_CLASSES``) and sums of pieces of one split tensor (Res2Net) are not shortcuts: they
 weigh no layer on either side, or their module or fork says so. A tensor is "held alive only by shortcuts" at a
@@ -29,8 +33,10 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from timm.layers import is_notrace_module
+
 from ..errors import JointRDError
-from ..twins.verify import NOT_SHORTCUT_CLASSES, _qualname
+from ..twins.verify import NOT_SHORTCUT_CLASSES, _qualname, shortcut_additions
 
 __all__ = ['analyze_activation_memory', 'MemoryReport', 'measure_peak_rss', 'MemoryAnalysisError']
 
@@ -61,6 +67,8 @@ class MemoryReport:
     peak_without_shortcut_uses_bytes: int
     shortcut_additions: int
     num_activations: int
+    # timm layers torch.fx could not trace through, kept whole (their internal tensors are not counted: a lower bound)
+    layers_kept_whole: int = 0
 
     @property
     def shortcut_share(self) -> float:
@@ -112,10 +120,16 @@ def _ancestors(node: fx.Node) -> Dict[fx.Node, int]:
 
 
 def _layer_weight(node: fx.Node, modules: Dict[str, nn.Module]) -> int:
-    """2 for a convolution or linear layer, 1 for a pooling (as a module or a function), else 0."""
+    """2 for a convolution or linear layer, 1 for a pooling (as a module or a function), else 0; a timm layer kept
+    whole (:class:`_KeepTimmLayers`) weighs 2 when it has a weight of two or more dimensions (CondConv's experts)."""
     if node.op == 'call_module':
         module = modules.get(node.target)
-        return 2 if isinstance(module, _CONV_MODULES) else 1 if isinstance(module, _POOL_MODULES) else 0
+        if isinstance(module, _CONV_MODULES):
+            return 2
+        if isinstance(module, _POOL_MODULES):
+            return 1
+        kept = module is not None and not type(module).__module__.startswith('torch.')
+        return 2 if kept and any(p.dim() >= 2 for p in module.parameters()) else 0
     if node.op == 'call_function':
         return 2 if node.target in _CONV_FUNCTIONS else 1 if node.target in _POOL_FUNCTIONS else 0
     return 0
@@ -183,17 +197,41 @@ def _shortcut_uses(graph: fx.Graph, modules: Dict[str, nn.Module]):
     return additions, edges, branch_nodes
 
 
+class _KeepTimmLayers(fx.Tracer):
+    """A tracer that keeps timm's untraceable layers whole (``timm.layers.is_notrace_module``: Conv2dSame's
+    input-dependent padding, CondConv2d, ...), except one that holds a shortcut addition (NormFreeBlock): hiding
+    it would hide the shortcut."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        return is_notrace_module(type(m)) and not any(shortcut_additions(sub) for sub in m.modules())
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced by torch.fx, through every module, else with timm's untraceable layers kept whole; a
+    GraphModule (a folded model) is read as it is: re-tracing it would lose the module each op ran in."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow (TF 'same' padding), untraceable calls
+        first = e
+    try:
+        tracer = _KeepTimmLayers()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception:  # noqa: BLE001 - untraceable outside timm's known layers too: report the first error
+        raise MemoryAnalysisError(
+            f'torch.fx cannot trace {type(model).__name__} ({type(first).__name__}: {str(first)[:120]}), so its '
+            'activation memory cannot be analysed from its graph; the measured peak (`jointrd bench`, its RSS '
+            'column) still works.') from first
+
+
 def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport:
     """Peak activation memory of ``model(x)`` and the part held alive only by shortcuts (see module docstring)."""
     model = model.eval()
-    # a GraphModule (a folded model) is read as it is: re-tracing it would lose the module each op ran in
-    try:
-        graph_module = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - data-dependent control flow (TF 'same' padding), untraceable calls
-        raise MemoryAnalysisError(
-            f'torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {str(e)[:120]}), so its activation '
-            'memory cannot be analysed from its graph; the measured peak (`jointrd bench`, its RSS column) still '
-            'works.') from e
+    graph_module = _trace(model)
     with torch.no_grad():
         ShapeProp(graph_module).propagate(x)
     modules = dict(graph_module.named_modules())
@@ -235,9 +273,10 @@ def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport
     shortcut_only = sum(size[s] for s in live_at(peak_index, last_use)
                         if s in branch_nodes or peak_index > last_main_use.get(s, created[s]))
     without = max(sum(size[s] for s in live_at(i, last_main_use) if s not in branch_nodes) for i in range(len(nodes)))
+    kept = sum(n.op == 'call_module' and not type(modules[n.target]).__module__.startswith('torch.') for n in nodes)
     return MemoryReport(peak_bytes=profile[peak_index], shortcut_only_bytes_at_peak=shortcut_only,
                         peak_without_shortcut_uses_bytes=without, shortcut_additions=additions,
-                        num_activations=len(size))
+                        num_activations=len(size), layers_kept_whole=kept)
 
 
 _MEASURE = r'''
