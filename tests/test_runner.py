@@ -58,6 +58,8 @@ def _run(args, **kwargs):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
 
 
+# ~35 s; the default run keeps resume bit-identity through test_reliability's kill mid checkpoint write
+@pytest.mark.slow
 def test_kill_during_epoch_two_then_resume_equals_uninterrupted(tmp_path):
     config = tiny_yaml(tmp_path, epochs=3, limit=384, batch_size=16)
     full, killed = tmp_path / 'full', tmp_path / 'killed'
