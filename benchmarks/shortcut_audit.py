@@ -31,13 +31,13 @@ def audit(name: str) -> dict:
     import jointrd_timm  # noqa: F401 - registers plain_*
     from jointrd_timm.deploy.fold import fold_for_deployment
     from jointrd_timm.deploy.memory import MemoryAnalysisError, analyze_activation_memory
-    from twin_coverage import check_input
+    from jointrd_timm.coverage import input_size_for
     torch.manual_seed(0)
     twin = timm.create_model(f'plain_{name}', num_classes=10).eval()
     folded, report = fold_for_deployment(twin)
     try:
         with torch.no_grad():
-            found = analyze_activation_memory(folded, torch.randn(1, *check_input(twin.pretrained_cfg)))
+            found = analyze_activation_memory(folded, torch.randn(1, *input_size_for(twin)))
     except MemoryAnalysisError as e:  # the trace error it wraps
         return dict(status='not traceable', reason=f'{type(e.__cause__).__name__}: {str(e.__cause__)[:120]}')
     return dict(status='clean' if found.shortcut_additions == 0 else 'shortcut left',

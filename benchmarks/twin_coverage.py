@@ -27,7 +27,7 @@ import timm
 import jointrd_timm
 from jointrd_timm.models.plain_twins import TWIN_MODULES, PREFIX
 from jointrd_timm.twins import make_plain
-from jointrd_timm.coverage import STEPS, recipe_outcome
+from jointrd_timm.coverage import STEPS, input_size_for, recipe_outcome
 from jointrd_timm.twins.coverage import classify
 from report import write_report
 from jointrd_timm.twins.verify import dead_parameters
@@ -37,19 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_OF = {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
 
 
-def check_input(cfg: dict) -> tuple:
-    """(channels, height, width) a twin is checked at: its fixed input size, else its minimum, at least 64 px."""
-    size = cfg['input_size'][1:] if cfg.get('fixed_input_size') else \
-        (max(64, cfg.get('min_input_size', (3, 64, 64))[1]),) * 2
-    return (cfg['input_size'][0], *size)
-
-
 def real_check(name: str) -> dict:
     """Build the twin of <name> for real (what plain_<name> builds, also before it is registered); forward +
     backward at a small input; every gradient non-zero."""
     torch.manual_seed(0)
     model = make_plain(timm.create_model(name, num_classes=10))
-    x = torch.randn(4, *check_input(model.pretrained_cfg))
+    x = torch.randn(4, *input_size_for(model))
     model.train()
     y = model(x)
     dead = dead_parameters(model, x)

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.fx as fx
@@ -119,6 +119,12 @@ def _ancestors(node: fx.Node) -> Dict[fx.Node, int]:
     return dist
 
 
+def _kept_whole(module: Optional[nn.Module]) -> bool:
+    """Whether a called module is a layer kept whole from outside torch (:class:`_KeepTimmLayers`): a plain trace
+    keeps only torch's own modules as leaves."""
+    return module is not None and not type(module).__module__.startswith('torch.')
+
+
 def _layer_weight(node: fx.Node, modules: Dict[str, nn.Module]) -> int:
     """2 for a convolution or linear layer, 1 for a pooling (as a module or a function), else 0; a timm layer kept
     whole (:class:`_KeepTimmLayers`) weighs 2 when it has a weight of two or more dimensions (CondConv's experts)."""
@@ -128,8 +134,7 @@ def _layer_weight(node: fx.Node, modules: Dict[str, nn.Module]) -> int:
             return 2
         if isinstance(module, _POOL_MODULES):
             return 1
-        kept = module is not None and not type(module).__module__.startswith('torch.')
-        return 2 if kept and any(p.dim() >= 2 for p in module.parameters()) else 0
+        return 2 if _kept_whole(module) and any(p.dim() >= 2 for p in module.parameters()) else 0
     if node.op == 'call_function':
         return 2 if node.target in _CONV_FUNCTIONS else 1 if node.target in _POOL_FUNCTIONS else 0
     return 0
@@ -273,7 +278,7 @@ def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport
     shortcut_only = sum(size[s] for s in live_at(peak_index, last_use)
                         if s in branch_nodes or peak_index > last_main_use.get(s, created[s]))
     without = max(sum(size[s] for s in live_at(i, last_main_use) if s not in branch_nodes) for i in range(len(nodes)))
-    kept = sum(n.op == 'call_module' and not type(modules[n.target]).__module__.startswith('torch.') for n in nodes)
+    kept = sum(n.op == 'call_module' and _kept_whole(modules[n.target]) for n in nodes)
     return MemoryReport(peak_bytes=profile[peak_index], shortcut_only_bytes_at_peak=shortcut_only,
                         peak_without_shortcut_uses_bytes=without, shortcut_additions=additions,
                         num_activations=len(size), layers_kept_whole=kept)
