@@ -144,6 +144,21 @@ def test_usual_timm_kwargs_and_reset_classifier():
     assert not any(type(m).__name__ == 'DropPath' for m in drop_path.modules())
 
 
+@pytest.mark.parametrize('name', ['resnet20_cifar', 'plain_resnet20_cifar', 'resnet50_cifar', 'plain_resnet18'])
+def test_head_options_behave_as_timms_resnet_head(name):
+    """No pooling: unpooled, unflattened features (as timm's resnet18 gives them); 'catavgmax' doubles the
+    classifier's input, at creation and through reset_classifier."""
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model(name, num_classes=0, global_pool='').eval()
+    features = model.forward_features(x)
+    assert features.dim() == 4 and torch.equal(model(x), features)
+    model = timm.create_model(name, num_classes=5, global_pool='catavgmax')
+    assert model.get_classifier().in_features == 2 * model.num_features and model(x).shape == (2, 5)
+    model.reset_classifier(0, '')
+    assert model(x).dim() == 4
+    model.reset_classifier(3, 'catavgmax')
+    assert model(x).shape == (2, 3) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (
+        2, 2 * model.num_features)
 def test_every_registered_twin_has_a_cfg_and_never_overwrites_timm():
     twins = timm.list_models('plain_*')
     assert len(twins) > 400

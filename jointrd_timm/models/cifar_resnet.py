@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import SelectAdaptivePool2d, get_norm_layer
+from timm.layers import create_classifier, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 
@@ -85,8 +85,8 @@ class CifarResNet(nn.Module):
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')] + [
             dict(info, reduction=info['reduction'] // 4) for info in stage_info]
         self.num_features = self.head_hidden_size = channels[-1] * block_cls.expansion
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # timm's head: no flattening without pooling, 'catavgmax' doubles the classifier's input
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -109,8 +109,7 @@ class CifarResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str = 'avg'):
         self.num_classes = num_classes
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
     def _stages(self) -> List[nn.Module]:
         return [getattr(self, name) for name in self.stage_names]
