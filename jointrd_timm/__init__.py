@@ -7,7 +7,7 @@ explicitly. (torchdistill is not imported otherwise: importing it costs seconds.
 """
 import sys
 
-from .twins import count_shortcut_additions, make_plain
+from .twins import check_graph_rule, count_shortcut_additions, make_plain, register_graph_rule
 from .twins.dirac import apply_dirac, fold_dirac
 from .twins.fade import deployable
 from .twins.transfer import load_teacher_weights
@@ -17,4 +17,5 @@ if 'torchdistill' in sys.modules:
     from .integrations import torchdistill as _torchdistill  # noqa: F401
 
 __version__ = '0.1.0'
-__all__ = ['make_plain', 'load_teacher_weights', 'apply_dirac', 'fold_dirac', 'count_shortcut_additions', 'deployable']
+__all__ = ['make_plain', 'load_teacher_weights', 'apply_dirac', 'fold_dirac', 'count_shortcut_additions', 'deployable',
+           'register_graph_rule', 'check_graph_rule']

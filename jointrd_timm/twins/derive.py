@@ -181,7 +181,9 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
         why = (f' Transformer (and MLP-Mixer) blocks are refused by design: {model_name} mixes tokens with '
                f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it '
                'does not train.' if mixers else
-               ' Add a rule for the class in jointrd_timm/twins/families/' + (
+               ' If it is your own block class and its forward adds the shortcut in plain code, register it: '
+               'jointrd_timm.register_graph_rule(TheClass), then check it with jointrd_timm.check_graph_rule(model, '
+               'example_input) (docs/design.md, "Your own blocks")' + (
                    ', or call make_plain(..., strict=False) to leave those blocks residual.' if strict else
                    '. strict=False leaves such blocks residual only beside blocks a rule makes plain, and no block '
                    'here has a rule: the result would be the model unchanged.'))

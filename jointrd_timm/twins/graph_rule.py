@@ -15,16 +15,19 @@ graph to reproduce the block exactly before the shortcut is cut.
 """
 import copy
 from functools import lru_cache
-from typing import Tuple, Type
+from typing import Dict, Tuple, Type
+
+import torch
 
 import torch.fx as fx
 from torch import nn
 
-from .rules import ShortcutRule, register_rule
+from ..errors import JointRDError
+from .rules import ShortcutRule, get_rule, register_rule
 from .verify import find_shortcut_additions, trace_block
 
-__all__ = ['graph_rule', 'graph_block', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace',
-           'is_projection']
+__all__ = ['graph_rule', 'register_graph_rule', 'check_graph_rule', 'UnfaithfulTraceError', 'graph_block',
+           'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace', 'is_projection']
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
                '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
@@ -123,3 +126,87 @@ def graph_rule(block_class: Type[nn.Module], why: str = '') -> ShortcutRule:
         '(kept if a projection and keep_projection_shortcuts)' + (f'; {why}' if why else ''), replaces=True))
     plain_class(block_class).jointrd_plain_rule = rule
     return rule
+
+
+class UnfaithfulTraceError(JointRDError, ValueError):
+    """A block's forward traced by torch.fx does not compute what the block computes (:func:`check_graph_rule`)."""
+
+
+def register_graph_rule(block_class: Type[nn.Module]) -> Type[nn.Module]:
+    """Let :func:`~jointrd_timm.make_plain` derive twins of a model built from your own residual block class: the
+    graph rule (the module docstring) is registered for ``block_class`` and the class is returned, so this works as
+    a class decorator too::
+
+        @jointrd_timm.register_graph_rule
+        class MyBlock(nn.Module):
+            def forward(self, x):
+                return self.act(x + self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+
+    The rule needs a forward that torch.fx traces faithfully: no branching on the input's values, shape or Python
+    type (tracing would follow one branch only). :func:`check_graph_rule` tests that on real inputs; run it once
+    per class. A class that already has a rule (timm's, or one registered before) is refused."""
+    if not (isinstance(block_class, type) and issubclass(block_class, nn.Module)):
+        raise TypeError(f'register_graph_rule takes an nn.Module subclass (the block class), got {block_class!r}.')
+    graph_rule(block_class, 'registered by the user (register_graph_rule)')
+    return block_class
+
+
+def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
+    """Run ``model(*args, **kwargs)`` (eval mode, no gradients) and check, for every block whose class has a graph
+    rule, that its traced forward computes exactly what the block computed on the input it received there, and that
+    the rule finds a shortcut to cut in it. Raises :class:`UnfaithfulTraceError` naming the first block that
+    differs; returns the number of blocks checked per class (``'module.Class': n``). ``model`` is the residual
+    model, before :func:`~jointrd_timm.make_plain`."""
+    blocks = [(name, m) for name, m in model.named_modules()
+              if getattr(get_rule(m), 'apply', None) is plain_graph_module and not isinstance(m, PlainGraphBlock)]
+    if not blocks:
+        raise ValueError(f'{type(model).__name__} has no block whose class has a graph rule: register the block '
+                         'class first (register_graph_rule).')
+    captured, hooks = {}, []
+    for name, block in blocks:
+        def hook(module, a, kw, name=name):
+            captured.setdefault(name, (module, a, kw))
+        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    counts: Dict[str, int] = {}
+    for name, (block, a, kw) in captured.items():
+        qualname = f'{type(block).__module__}.{type(block).__qualname__}'
+        try:
+            traced = faithful_trace(block)
+        except ValueError as e:
+            raise UnfaithfulTraceError(f'`{name}` ({qualname}): {e} Its class cannot take the graph rule.') from e
+        with torch.no_grad():
+            expected = block(*a, **kw)
+            try:
+                got = traced(*a, **kw)
+            except Exception as e:  # the trace took a branch the real input does not fit
+                raise UnfaithfulTraceError(f'`{name}` ({qualname}): its forward traced by torch.fx fails on the input '
+                                           f'the block received ({type(e).__name__}: {e}).') from e
+        if not _same(expected, got):
+            raise UnfaithfulTraceError(
+                f'`{name}` ({qualname}): its forward traced by torch.fx computes something else than the block '
+                'on the input it received (does the forward branch on the input\'s values, shape or type?). The '
+                'graph rule cannot derive its twin: write a rule for the class (docs/design.md).')
+        graph, concrete = trace_block(block)
+        if not find_shortcut_additions(graph, concrete, root=block):
+            raise UnfaithfulTraceError(f'`{name}` ({qualname}): the graph rule finds no shortcut addition in its '
+                                       'forward, so its twin would keep whatever residual path it has.')
+        counts[qualname] = counts.get(qualname, 0) + 1
+    return counts
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b

@@ -1,0 +1,110 @@
+"""Twins of models built from a user's own residual block classes: register_graph_rule / check_graph_rule."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import jointrd_timm
+from jointrd_timm import check_graph_rule, count_shortcut_additions, make_plain, register_graph_rule
+from jointrd_timm.twins import UnfaithfulTraceError, UnsupportedBlockError
+
+
+def _net(block_class, width=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), block_class(width, width), block_class(width, 2 * width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 5))
+
+
+class _Block(nn.Module):
+    """x + branch(x), a 1x1 projection where the width changes (no trailing activation, so the plain block's
+    output is exactly the residual block's output less its shortcut)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.proj = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        shortcut = x if self.proj is None else self.proj(x)
+        return shortcut + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_own_block_is_refused_until_registered_then_its_twin_is_the_branch():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UnsupportedBlockError, match=r'register_graph_rule\(TheClass\)'):
+        make_plain(_net(_Block))
+    assert register_graph_rule(_Block) is _Block  # usable as a class decorator
+    teacher = _net(_Block).eval()
+    assert check_graph_rule(teacher, x) == {f'{__name__}._Block': 2}
+    twin = make_plain(copy.deepcopy(teacher)).eval()
+    assert count_shortcut_additions(twin) == 0
+    names = {n for n, _ in twin.named_parameters()}
+    assert names == {n for n, _ in teacher.named_parameters() if '.proj.' not in n}  # same names, projection gone
+    with torch.no_grad():
+        h = teacher[0](x)
+        for i in (1, 2):  # each plain block computes its teacher block's branch exactly
+            expected = teacher[i](h) - (h if teacher[i].proj is None else teacher[i].proj(h))
+            torch.testing.assert_close(twin[i](h), expected)
+            h = teacher[i](h)
+    twin.train()
+    twin(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in twin.parameters())
+    with pytest.raises(ValueError, match='already registered'):
+        register_graph_rule(_Block)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:  # torch.fx cannot follow a branch on the input's values
+            return self.proj(x) + self.conv(x)
+        return self.proj(x) - self.conv(x)
+
+
+class _TracesDifferently(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        scale = 2.0 if torch.fx._symbolic_trace.is_fx_tracing() else 1.0  # the trace bakes in one branch
+        return self.proj(x) + scale * self.conv(x)
+
+
+class _NoShortcut(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + 1.0
+
+
+@pytest.mark.parametrize('block_class, message', [
+    (_DataDependent, r'`1` \(.*_DataDependent\): .*cannot be traced'),
+    (_TracesDifferently, r'`1` \(.*_TracesDifferently\): .*computes something else'),
+    (_NoShortcut, r'`1` \(.*_NoShortcut\): the graph rule finds no shortcut addition'),
+])
+def test_check_graph_rule_names_the_block_whose_class_cannot_take_the_rule(block_class, message):
+    register_graph_rule(block_class)
+    model = _net(block_class)
+    with pytest.raises(UnfaithfulTraceError, match=message):
+        check_graph_rule(model, torch.randn(2, 3, 8, 8))
+    assert model.training  # left in the mode it was given in
+
+
+def test_register_and_check_refuse_what_they_cannot_use():
+    with pytest.raises(TypeError, match='nn.Module subclass'):
+        register_graph_rule(_Block(3, 3))
+    with pytest.raises(ValueError, match='no block whose class has a graph rule'):
+        check_graph_rule(nn.Sequential(nn.Conv2d(3, 3, 1)), torch.randn(1, 3, 4, 4))
+    assert jointrd_timm.register_graph_rule is register_graph_rule
