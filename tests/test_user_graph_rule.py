@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import jointrd_timm
-from jointrd_timm import check_graph_rule, count_shortcut_additions, make_plain, register_graph_rule
+from jointrd_timm import check_graph_rule, count_shortcut_additions, deployable, make_plain, register_graph_rule
+from jointrd_timm.twins.fade import make_fading, set_shortcut_scale
 from jointrd_timm.twins import UnfaithfulTraceError, UnsupportedBlockError
 
 
@@ -53,6 +54,15 @@ def test_own_block_is_refused_until_registered_then_its_twin_is_the_branch():
     twin.train()
     twin(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in twin.parameters())
+    fading = make_fading(copy.deepcopy(teacher)).eval()  # the recipe's fade works on the user's blocks too
+    with torch.no_grad():
+        set_shortcut_scale(fading, 1.0)
+        torch.testing.assert_close(fading(x), teacher(x))
+        set_shortcut_scale(fading, 0.0)
+        torch.testing.assert_close(fading(x), twin.eval()(x))
+        deployed = deployable(fading)
+        assert count_shortcut_additions(deployed) == 0
+        torch.testing.assert_close(deployed(x), twin(x))
     with pytest.raises(ValueError, match='already registered'):
         register_graph_rule(_Block)
 
