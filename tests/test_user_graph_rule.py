@@ -118,3 +118,64 @@ def test_register_and_check_refuse_what_they_cannot_use():
     with pytest.raises(ValueError, match='no block whose class has a graph rule'):
         check_graph_rule(nn.Sequential(nn.Conv2d(3, 3, 1)), torch.randn(1, 3, 4, 4))
     assert jointrd_timm.register_graph_rule is register_graph_rule
+
+
+class _UserNet(nn.Module):
+    """A user's own residual network following timm's model interface (what JointRD's stage split reads)."""
+
+    def __init__(self, interface=True):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(_Block(8, 8), _Block(8, 8))
+        self.stage2 = nn.Sequential(_Block(8, 16), _Block(16, 16))
+        self.pool, self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(16, 5)
+        if interface:
+            self.feature_info = [dict(module='stage1', num_chs=8, reduction=1),
+                                 dict(module='stage2', num_chs=16, reduction=1)]
+
+    def forward_features(self, x):
+        return self.stage2(self.stage1(self.stem(x)))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.pool(x)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_jointrd_trains_the_twin_of_a_users_own_model():
+    from jointrd_timm.methods import JointRD
+    from jointrd_timm.methods.stages import StageLayoutError
+    from jointrd_timm.recipes import DEFAULT_RECIPE
+    if not any(r is _Block for r in jointrd_timm.twins.rules()):
+        register_graph_rule(_Block)
+    torch.manual_seed(0)
+    bare = _UserNet(interface=False)
+    with pytest.raises(StageLayoutError, match=r"_UserNet lacks feature_info: .*dict\(module="):
+        JointRD(make_fading(copy.deepcopy(bare)), bare, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
+                steps_per_epoch=2)
+    teacher = _UserNet()
+    pair = JointRD(make_fading(copy.deepcopy(teacher)), teacher, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
+                   steps_per_epoch=2)
+    assert pair.num_stages == 2
+    optimizer = torch.optim.SGD([p for p in pair.parameters() if p.requires_grad], lr=0.01)
+    before = copy.deepcopy(pair.student.state_dict())
+    pair.train()
+    for _ in range(2):
+        loss = pair(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))['loss']
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before['stage2.1.conv2.weight'], pair.student.state_dict()['stage2.1.conv2.weight'])
+    assert not torch.equal(before['stage1.0.conv1.weight'], pair.student.state_dict()['stage1.0.conv1.weight'])
+    deployed = deployable(pair.student).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert count_shortcut_additions(deployed) == 0
+    set_shortcut_scale(pair.student, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), pair.student.eval()(x))

@@ -18,6 +18,7 @@ from ..twins.rules import get_rule
 
 __all__ = ['StageSplit', 'StageLayoutError', 'final_preactivation']
 
+_INTERFACE = ('feature_info', 'forward_features', 'forward_head')
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
 
 
@@ -65,6 +66,13 @@ class StageSplit(nn.Module):
     def __init__(self, model: nn.Module, probe: Optional[torch.Tensor] = None):
         super().__init__()
         self.model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+        lacks = [name for name in _INTERFACE if not hasattr(model, name)]
+        if lacks:
+            raise StageLayoutError(
+                f'{self.model_name} lacks {", ".join(lacks)}: JointRD cuts teacher and twin into stages with timm\'s '
+                'model interface. A timm model has it; give your own model forward_features(x) (the body), '
+                'forward_head(x, pre_logits=False) (pooling and classifier) and feature_info, a list with one '
+                "dict(module='stage name', num_chs=channels, reduction=stride) per stage output, in order.")
         taps = _tap_names(model)
         chain = _flatten(model, '', taps)
         names = [n for n, _ in chain]
