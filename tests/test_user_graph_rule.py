@@ -41,6 +41,8 @@ def test_own_block_is_refused_until_registered_then_its_twin_is_the_branch():
     assert register_graph_rule(_Block) is _Block  # usable as a class decorator
     teacher = _net(_Block).eval()
     assert check_graph_rule(teacher, x) == {f'{__name__}._Block': 2}
+    with pytest.raises(ValueError, match='no block whose class has a graph rule'):  # derived blocks are not checked
+        check_graph_rule(make_fading(copy.deepcopy(teacher)), x)
     twin = make_plain(copy.deepcopy(teacher)).eval()
     assert count_shortcut_additions(twin) == 0
     names = {n for n, _ in twin.named_parameters()}

@@ -158,7 +158,7 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
     differs; returns the number of blocks checked per class (``'module.Class': n``). ``model`` is the residual
     model, before :func:`~jointrd_timm.make_plain`."""
     blocks = [(name, m) for name, m in model.named_modules()
-              if getattr(get_rule(m), 'apply', None) is plain_graph_module and not isinstance(m, PlainGraphBlock)]
+              if getattr(get_rule(m), 'apply', None) is plain_graph_module and not isinstance(m, fx.GraphModule)]
     if not blocks:
         raise ValueError(f'{type(model).__name__} has no block whose class has a graph rule: register the block '
                          'class first (register_graph_rule).')
