@@ -92,6 +92,25 @@ class _TracesDifferently(nn.Module):
         return self.proj(x) + scale * self.conv(x)
 
 
+class _InPlace(nn.Module):
+    """Changes its input in place before adding it (the check must run block and trace on copies of the input)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        x = x.mul_(2.0)
+        return self.proj(x) + self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_check_graph_rule_passes_a_block_that_changes_its_input_in_place():
+    register_graph_rule(_InPlace)
+    assert check_graph_rule(_net(_InPlace), torch.randn(2, 3, 8, 8)) == {f'{__name__}._InPlace': 2}
+
+
 class _NoShortcut(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()

@@ -164,8 +164,8 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
                          'class first (register_graph_rule).')
     captured, hooks = {}, []
     for name, block in blocks:
-        def hook(module, a, kw, name=name):
-            captured.setdefault(name, (module, a, kw))
+        def hook(module, a, kw, name=name):  # a copy: a block may change its input in place
+            captured.setdefault(name, (module, _cloned(a), _cloned(kw)))
         hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training
     try:
@@ -183,9 +183,9 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
         except ValueError as e:
             raise UnfaithfulTraceError(f'`{name}` ({qualname}): {e} Its class cannot take the graph rule.') from e
         with torch.no_grad():
-            expected = block(*a, **kw)
+            expected = block(*_cloned(a), **_cloned(kw))
             try:
-                got = traced(*a, **kw)
+                got = traced(*_cloned(a), **_cloned(kw))
             except Exception as e:  # the trace took a branch the real input does not fit
                 raise UnfaithfulTraceError(f'`{name}` ({qualname}): its forward traced by torch.fx fails on the input '
                                            f'the block received ({type(e).__name__}: {e}).') from e
@@ -200,6 +200,16 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
                                        'forward, so its twin would keep whatever residual path it has.')
         counts[qualname] = counts.get(qualname, 0) + 1
     return counts
+
+
+def _cloned(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
 
 
 def _same(a, b) -> bool:
