@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
@@ -109,6 +110,7 @@ except Exception as e:
 """, HF_HUB_CACHE=str(cache))
     error, notes = out.strip().splitlines()[-2:]
     teacher_error = _run(f"""
+import pytest
 import timm
 try:
     timm.create_model('{TEACHER}', pretrained=True)
@@ -118,3 +120,19 @@ except Exception as e:
     assert error == teacher_error  # timm's usual error, unchanged
     assert notes == (f'NOTES jointrd_timm: plain_{TEACHER} loads the weights of its teacher {TEACHER}, wanted from '
                      f'Hub timm/{TEACHER}.')
+
+
+def test_plain_twin_weights_load_into_the_twin_and_a_fading_twin_says_it_needs_the_teachers(tmp_path):
+    """A twin's own saved weights load through timm's file overlay; a fading twin, which starts as the teacher,
+    cannot start from them, and the error says why and what to do (timm's missing-keys error kept)."""
+    torch.manual_seed(0)
+    twin = timm.create_model('plain_test_resnet').eval()
+    file = tmp_path / 'twin.safetensors'
+    save_file({k: v.contiguous() for k, v in twin.state_dict().items()}, str(file))
+    again = timm.create_model('plain_test_resnet', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in again.state_dict().items())
+    with pytest.raises(RuntimeError, match='Missing key') as refused:
+        timm.create_model('plain_test_resnet', pretrained=True, shortcut_fade=True,
+                          pretrained_cfg_overlay=dict(file=str(file)))
+    assert any('needs the teacher\'s shortcut projections' in n and 'without shortcut_fade' in n
+               for n in getattr(refused.value, '__notes__', []))

@@ -187,6 +187,10 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
             note = _teacher_weights_note(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
             if note:
                 e.add_note(note)  # timm's own error stays as it is, with one line naming the teacher file
+            if shortcut_fade and 'Missing key(s)' in str(e):
+                e.add_note(f'jointrd_timm: a fading {variant} (shortcut_fade=True) starts as its teacher {teacher} '
+                           'and needs the teacher\'s shortcut projections; weights saved from a plain twin have none. '
+                           'Load those without shortcut_fade, or give the teacher\'s weights.')
         raise
     model.pretrained_model_args = twin_args
     return model
