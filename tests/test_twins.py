@@ -158,7 +158,14 @@ def test_head_options_behave_as_timms_resnet_head(name):
     assert model(x).dim() == 4
     model.reset_classifier(3, 'catavgmax')
     assert model(x).shape == (2, 3) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (
-        2, 2 * model.num_features)
+        2, 2 * model.num_features) == (2, model.head_hidden_size)
+    model.reset_classifier(4)  # None keeps the pooling, as timm's ResNet does
+    assert model.get_classifier().in_features == 2 * model.num_features and model(x).shape == (2, 4)
+    model = model.double()
+    model.reset_classifier(2)  # the new head on the model's dtype
+    assert model(x.double()).dtype == torch.float64
+
+
 def test_every_registered_twin_has_a_cfg_and_never_overwrites_timm():
     twins = timm.list_models('plain_*')
     assert len(twins) > 400

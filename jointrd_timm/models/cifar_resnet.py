@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.layers import create_classifier, get_norm_layer
+from timm.layers import create_classifier, get_device_dtype, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 
@@ -84,9 +84,10 @@ class CifarResNet(nn.Module):
         # make_blocks counts from an ImageNet stem (stride 4); this stem has stride 1
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')] + [
             dict(info, reduction=info['reduction'] // 4) for info in stage_info]
-        self.num_features = self.head_hidden_size = channels[-1] * block_cls.expansion
+        self.num_features = channels[-1] * block_cls.expansion
         # timm's head: no flattening without pooling, 'catavgmax' doubles the classifier's input
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -107,9 +108,16 @@ class CifarResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg'):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """As timm's ResNet: None keeps the current pooling; the new head on the model's device and dtype."""
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool,
+                                                      **get_device_dtype(self))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def _stages(self) -> List[nn.Module]:
         return [getattr(self, name) for name in self.stage_names]
