@@ -110,7 +110,6 @@ except Exception as e:
 """, HF_HUB_CACHE=str(cache))
     error, notes = out.strip().splitlines()[-2:]
     teacher_error = _run(f"""
-import pytest
 import timm
 try:
     timm.create_model('{TEACHER}', pretrained=True)
@@ -136,3 +135,10 @@ def test_plain_twin_weights_load_into_the_twin_and_a_fading_twin_says_it_needs_t
                           pretrained_cfg_overlay=dict(file=str(file)))
     assert any('needs the teacher\'s shortcut projections' in n and 'without shortcut_fade' in n
                for n in getattr(refused.value, '__notes__', []))
+    teacher = timm.create_model('test_resnet').state_dict()  # a teacher file missing a conv: no such note
+    del teacher['layer1.0.conv1.weight']
+    save_file({k: v.contiguous() for k, v in teacher.items()}, str(file))
+    with pytest.raises(RuntimeError, match='Missing key') as refused:
+        timm.create_model('plain_test_resnet', pretrained=True, shortcut_fade=True,
+                          pretrained_cfg_overlay=dict(file=str(file)))
+    assert not any('shortcut projections' in n for n in getattr(refused.value, '__notes__', []))

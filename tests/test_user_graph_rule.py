@@ -1,5 +1,6 @@
 """Twins of models built from a user's own residual block classes: register_graph_rule / check_graph_rule."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -9,6 +10,16 @@ import jointrd_timm
 from jointrd_timm import check_graph_rule, count_shortcut_additions, deployable, make_plain, register_graph_rule
 from jointrd_timm.twins.fade import make_fading, set_shortcut_scale
 from jointrd_timm.twins import UnfaithfulTraceError, UnsupportedBlockError
+
+
+@pytest.fixture(autouse=True)
+def _rules_as_they_were():
+    """Each test registers the classes it needs; the global rule registry is restored after it."""
+    rules = importlib.import_module('jointrd_timm.twins.rules')  # the module (jointrd_timm.twins.rules is a function)
+    saved = dict(rules._RULES)
+    yield
+    rules._RULES.clear()
+    rules._RULES.update(saved)
 
 
 def _net(block_class, width=8):
@@ -133,6 +144,42 @@ def test_check_graph_rule_names_the_block_whose_class_cannot_take_the_rule(block
     assert model.training  # left in the mode it was given in
 
 
+class _Regularised(_Block):
+    """With dropout in its branch: checked in eval mode, whatever mode the model is in."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        shortcut = x if self.proj is None else self.proj(x)
+        return shortcut + self.drop(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_check_graph_rule_runs_in_eval_mode_and_leaves_the_model_as_it_was():
+    register_graph_rule(_Regularised)
+    model = _net(_Regularised).train()
+    before = copy.deepcopy(model.state_dict())
+    assert check_graph_rule(model, torch.randn(2, 3, 8, 8)) == {f'{__name__}._Regularised': 2}
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_check_graph_rule_refuses_an_input_that_reaches_no_registered_block():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block = nn.Conv2d(3, 8, 1), _Block(8, 8)
+
+        def forward(self, x, use_block: bool = False):
+            x = self.stem(x)
+            return self.block(x) if use_block else x
+
+    register_graph_rule(_Block)
+    with pytest.raises(ValueError, match='None of the 1 block'):
+        check_graph_rule(Gated(), torch.randn(1, 3, 4, 4))
+    assert check_graph_rule(Gated(), torch.randn(1, 3, 4, 4), use_block=True) == {f'{__name__}._Block': 1}
+
+
 def test_register_and_check_refuse_what_they_cannot_use():
     with pytest.raises(TypeError, match='nn.Module subclass'):
         register_graph_rule(_Block(3, 3))
@@ -172,8 +219,7 @@ def test_jointrd_trains_the_twin_of_a_users_own_model():
     from jointrd_timm.methods import JointRD
     from jointrd_timm.methods.stages import StageLayoutError
     from jointrd_timm.recipes import DEFAULT_RECIPE
-    if not any(r is _Block for r in jointrd_timm.twins.rules()):
-        register_graph_rule(_Block)
+    register_graph_rule(_Block)
     torch.manual_seed(0)
     bare = _UserNet(interface=False)
     with pytest.raises(StageLayoutError, match=r"_UserNet lacks feature_info: .*dict\(module="):

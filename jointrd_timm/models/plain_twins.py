@@ -23,6 +23,7 @@ Pretrained tags: the published twins of ``registry/`` first, then every pretrain
 teacher itself (s = 1), the recipe's start point.
 """
 import json
+import re
 from copy import deepcopy
 from difflib import get_close_matches
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import timm
+import torch
 from timm.models import (
     PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg,
     register_model, resolve_pretrained_cfg)
@@ -187,13 +189,28 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
             note = _teacher_weights_note(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
             if note:
                 e.add_note(note)  # timm's own error stays as it is, with one line naming the teacher file
-            if shortcut_fade and 'Missing key(s)' in str(e):
+            if shortcut_fade and _only_shortcut_keys_missing(str(e), teacher, keep_projection_shortcuts):
                 e.add_note(f'jointrd_timm: a fading {variant} (shortcut_fade=True) starts as its teacher {teacher} '
                            'and needs the teacher\'s shortcut projections; weights saved from a plain twin have none. '
                            'Load those without shortcut_fade, or give the teacher\'s weights.')
         raise
     model.pretrained_model_args = twin_args
     return model
+
+
+def _only_shortcut_keys_missing(error: str, teacher: str, keep_projection_shortcuts: bool) -> bool:
+    """Whether the keys a load_state_dict error lists as missing are all keys the plain twin does not have (its
+    teacher's shortcut projections): the file was saved from a plain twin."""
+    if 'Missing key(s)' not in error:
+        return False
+    listed = error.split('Missing key(s) in state_dict:', 1)[1].split('Unexpected key(s)', 1)[0]
+    missing = set(re.findall(r'"([^"]+)"', listed))
+    try:
+        with torch.device('meta'):
+            plain = make_plain(timm.create_model(teacher), keep_projection_shortcuts=keep_projection_shortcuts)
+    except Exception:  # noqa: BLE001 - the note is a courtesy; timm's error is what the user gets
+        return False
+    return bool(missing) and not missing & set(plain.state_dict())
 
 
 def _teacher_weights_note(variant: str, pretrained_cfg, overlay) -> Optional[str]:

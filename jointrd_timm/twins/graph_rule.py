@@ -168,13 +168,23 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
             captured.setdefault(name, (module, _cloned(a), _cloned(kw)))
         hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training
+    model.eval()  # through the comparisons too: dropout off, BN statistics untouched
     try:
         with torch.no_grad():
-            model.eval()(*args, **kwargs)
+            model(*args, **kwargs)
+        for h in hooks:
+            h.remove()
+        if not captured:
+            raise ValueError(f'None of the {len(blocks)} block(s) of a graph-rule class in {type(model).__name__} ran '
+                             'on this input, so none was checked: give an input that reaches them.')
+        return _compare(captured)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+def _compare(captured: Dict) -> Dict[str, int]:
     counts: Dict[str, int] = {}
     for name, (block, a, kw) in captured.items():
         qualname = f'{type(block).__module__}.{type(block).__qualname__}'
