@@ -246,3 +246,43 @@ def test_jointrd_trains_the_twin_of_a_users_own_model():
     set_shortcut_scale(pair.student, 0.0)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), pair.student.eval()(x))
+
+
+class _TwoBranches(nn.Module):
+    """x + b1(x) + b2(x): one shortcut and two branches (the sum of the first addition is not the next
+    sub-block's input, since b2 does not read it)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout))
+        self.b2 = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.b1(x) + self.b2(x)
+
+
+class _Chained(nn.Module):
+    """Two residual sub-blocks in one forward (MetaFormer's mixer, then its MLP): two shortcuts."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout))
+        self.g = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        x = x + self.f(x)
+        return x + self.g(x)
+
+
+def test_parallel_branches_stay_and_chained_sub_blocks_lose_both_shortcuts():
+    register_graph_rule(_TwoBranches)
+    register_graph_rule(_Chained)
+    torch.manual_seed(0)
+    parallel, chained = _TwoBranches(4, 4).eval(), _Chained(4, 4).eval()
+    x = torch.randn(2, 4, 6, 6)
+    assert count_shortcut_additions(parallel) == 1 and count_shortcut_additions(chained) == 2
+    plain_parallel = make_plain(nn.Sequential(copy.deepcopy(parallel))).eval()[0]
+    plain_chained = make_plain(nn.Sequential(copy.deepcopy(chained))).eval()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(plain_parallel(x), parallel.b1(x) + parallel.b2(x))  # b1 kept (it was cut)
+        torch.testing.assert_close(plain_chained(x), chained.g(chained.f(x)))

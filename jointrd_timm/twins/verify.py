@@ -113,12 +113,16 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
     so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
     depth: Dict[fx.Node, int] = {}
     cost: Dict[fx.Node, int] = {}
+    # depth and cost from each counted sum a node reads (sum -> (depth, cost)): a later addition of the sum and a
+    # path that reads it is the next residual sub-block (MetaFormer's token mixer, then its MLP), measured from it
+    chained: Dict[fx.Node, Dict[fx.Node, Tuple[int, int]]] = {}
     found = []
     for node in graph.nodes:
         if node.op == 'placeholder':
             if node.name in concrete:
                 continue
             depth[node] = cost[node] = 0
+            chained[node] = {}
             continue
         inputs = [a for a in node.all_input_nodes if a in depth]
         if not inputs:
@@ -127,22 +131,33 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
                  (node.op == 'call_method' and node.target in _ADD_METHODS)
         # additions and indexing do not transform a tensor, so they do not deepen a path
         free = is_add or node.op == 'get_attr' or (node.op == 'call_function' and node.target is operator.getitem)
-        depth[node] = max(depth[a] for a in inputs) + (0 if free else 1)
-        cost[node] = max(cost[a] for a in inputs) + (0 if free else _cost(node, root))
+        step, step_cost = (0, 0) if free else (1, _cost(node, root))
+        depth[node] = max(depth[a] for a in inputs) + step
+        cost[node] = max(cost[a] for a in inputs) + step_cost
+        chained[node] = {}
+        for a in inputs:
+            for root_sum, (d, c) in chained[a].items():
+                old = chained[node].get(root_sum, (-1, -1))
+                chained[node][root_sum] = (max(old[0], d + step), max(old[1], c + step_cost))
         if is_add and len(node.args) >= 2 and all(isinstance(a, fx.Node) and a in depth for a in node.args[:2]):
             a, b = node.args[:2]
-            if min(depth[a], depth[b]) > SHORT_PATH:
+            common = [r for r in chained[a] if r in chained[b]]
+            if common:  # both read an earlier counted sum: measured from the latest one
+                latest = max(common, key=lambda r: list(graph.nodes).index(r))
+                da, db = chained[a][latest], chained[b][latest]
+                measure = {a: da, b: db}
+            else:
+                measure = {a: (depth[a], cost[a]), b: (depth[b], cost[b])}
+            if min(measure[a][0], measure[b][0]) > SHORT_PATH:
                 continue
-            if depth[a] != depth[b]:
-                shortcut, branch = sorted((a, b), key=lambda n: (cost[n], depth[n]))
+            if measure[a][0] != measure[b][0]:
+                shortcut, branch = sorted((a, b), key=lambda n: (measure[n][1], measure[n][0]))
             elif _named_shortcut(a) != _named_shortcut(b):
                 shortcut, branch = (a, b) if _named_shortcut(a) else (b, a)
             else:
                 continue
             found.append((node, shortcut, branch))
-            # the sum is the next sub-block's input: a forward that chains two residual sub-blocks (MetaFormer's
-            # token mixer, then its MLP) has its second shortcut measured from the first one's output
-            depth[node] = cost[node] = 0
+            chained[node][node] = (0, 0)
     return found
 
 
