@@ -108,7 +108,8 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
     """Every shortcut addition of a traced block (``root``) as ``(add node, shortcut operand, branch operand)``.
 
     An addition counts when one operand is at most ``SHORT_PATH`` operations from the input and the other is
-    more; the output of a counted addition is an input too (the next residual sub-block in the same forward). Of
+    more; the output of a counted addition is an input too for a later addition whose operands both read it (the
+    next residual sub-block in the same forward), not for one that merely adds it to a parallel branch. Of
     the two, the shortcut is the one with less computation on its path (convs weigh more than norms and identities),
     so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
     depth: Dict[fx.Node, int] = {}
@@ -117,6 +118,7 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
     # path that reads it is the next residual sub-block (MetaFormer's token mixer, then its MLP), measured from it
     chained: Dict[fx.Node, Dict[fx.Node, Tuple[int, int]]] = {}
     found = []
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         if node.op == 'placeholder':
             if node.name in concrete:
@@ -143,9 +145,8 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
             a, b = node.args[:2]
             common = [r for r in chained[a] if r in chained[b]]
             if common:  # both read an earlier counted sum: measured from the latest one
-                latest = max(common, key=lambda r: list(graph.nodes).index(r))
-                da, db = chained[a][latest], chained[b][latest]
-                measure = {a: da, b: db}
+                latest = max(common, key=order.__getitem__)
+                measure = {a: chained[a][latest], b: chained[b][latest]}
             else:
                 measure = {a: (depth[a], cost[a]), b: (depth[b], cost[b])}
             if min(measure[a][0], measure[b][0]) > SHORT_PATH:
