@@ -9,6 +9,7 @@ control's numbers. (The earlier 8,000-image toy entries, ``*.ce_cifar10`` / ``*.
 runs stay on benchmarks/results/cifar10_jointrd.md.)
 
     python benchmarks/publish_cifar10.py --full resnet20_cifar
+    python benchmarks/publish_cifar10.py --full resnet56_cifar --name full_cifar10_t32   # another record's runs
 Then: jointrd eval plain_resnet20_cifar.<tag> --dataset PATH_TO_CIFAR10   (reproduces the card's top-1; the Hub
 id uoft-cs/cifar10 where the Hub is reachable)
 """
@@ -68,21 +69,33 @@ def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTIO
     return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'].startswith('twin + JointRD')))
 
 
-def twin_command(arch: str, meta: dict, twin: dict) -> str:
-    """The accuracy.py full command that trains ``twin`` (its fraction, recipe variant and seed) from the teacher."""
-    name, _, seed = twin['folder'].rpartition('-s')
+RECORD = 'full_cifar10'  # accuracy.py full's default record name (--name) and work folder
+
+
+def twin_command(arch: str, meta: dict, twin: dict, name: str = RECORD) -> str:
+    """The accuracy.py full command that trains ``twin`` (its fraction, recipe variant and seed) from the teacher,
+    into the record ``name`` (named with its work folder where it is not the default)."""
+    run, _, seed = twin['folder'].rpartition('-s')
     if not seed.isdigit():
-        name, seed = twin['folder'], '0'
-    command = (f'python benchmarks/accuracy.py full --arch {arch} --teacher-epochs {meta["teacher_epochs"]} '
-               f'--fractions {twin["epochs"] / meta["teacher_epochs"]:g}')
+        run, seed = twin['folder'], '0'
+    command = f'python benchmarks/accuracy.py full --arch {arch} --teacher-epochs {meta["teacher_epochs"]}'
+    if name != RECORD:
+        command += f' --name {name} --work-dir benchmarks/runs/{name}'
+    command += f' --fractions {twin["epochs"] / meta["teacher_epochs"]:g}'
     # the variant is the folder's whole suffix after its epochs ('kd-lr02', not the 'lr02' it ends with)
-    suffix = name.split(f'-e{twin["epochs"]}-', 1)[1] if f'-e{twin["epochs"]}-' in name else None
+    suffix = run.split(f'-e{twin["epochs"]}-', 1)[1] if f'-e{twin["epochs"]}-' in run else None
     command += ''.join(f' --variant {v}' for v in meta.get('variants', []) if v.split('=')[0] == suffix)
     return command + (f' --seed {seed}' if seed != '0' else '') + f' --only {twin["folder"]}'
 
 
-def publish_full(arch: str) -> None:
-    source = f'benchmarks/results/full_cifar10_{arch}.json'
+def publish_full(arch: str, name: str = RECORD) -> None:
+    """Publish the teacher and the best twin of the record ``benchmarks/results/<name>_<arch>.json`` (run weights
+    under ``benchmarks/runs/<name>/<arch>``); a record of another name replaces the entries of the same tags."""
+    source = f'benchmarks/results/{name}_{arch}.json'
+    if not (ROOT / source).is_file():
+        raise SystemExit(f'no record {source}: run `python benchmarks/accuracy.py full --arch {arch}'
+                         + (f' --name {name} --work-dir benchmarks/runs/{name}`' if name != RECORD else '`')
+                         + ' first, or name an existing record with --name')
     record = json.loads((ROOT / source).read_text())
     meta, runs = record['meta'], record['runs']
     teacher = next(r for r in runs if r['row'] == 'teacher')
@@ -91,8 +104,8 @@ def publish_full(arch: str) -> None:
     twin = best_twin(runs, meta['teacher_epochs'])
     control = next((r for r in runs if r['row'] == 'control' and r['epochs'] == twin['epochs'] and 'test_acc' in r),
                    None)
-    work = ROOT / 'benchmarks/runs/full_cifar10' / arch
-    command = twin_command(arch, meta, twin)
+    work = ROOT / 'benchmarks/runs' / name / arch
+    command = twin_command(arch, meta, twin, name)
     teacher_command = f'{command.split(" --fractions")[0]} --rows teacher'
     require_weights(work / teacher['folder'] / 'model', teacher_command)
     require_weights(work / twin['folder'] / 'model', command)
@@ -127,7 +140,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--full', metavar='ARCH', required=True,
                         help="publish accuracy.py full's teacher and best twin of ARCH (e.g. resnet20_cifar)")
-    publish_full(parser.parse_args().full)
+    parser.add_argument('--name', default=RECORD,
+                        help="the record to publish from: benchmarks/results/<NAME>_<ARCH>.json, its runs under "
+                             "benchmarks/runs/<NAME> (accuracy.py full's --name; default %(default)s)")
+    args = parser.parse_args()
+    publish_full(args.full, args.name)
 
 
 if __name__ == '__main__':

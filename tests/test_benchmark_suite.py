@@ -450,6 +450,39 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
     assert twin['training']['command'].endswith('--fractions 0.125 --only twin-alone-e4')
 
 
+def test_publish_full_from_a_record_of_another_name(tmp_path, monkeypatch):
+    """--name: the teacher and twin of another record (e.g. a longer-trained teacher) replace the entries of the same
+    tags, their cards naming that record and the command that trains into it."""
+    import timm
+
+    import publish_cifar10
+    from jointrd_timm.integrations.hub import save_trained_model
+    monkeypatch.setattr(publish_cifar10, 'ROOT', tmp_path)
+    with pytest.raises(SystemExit, match=r'no record benchmarks/results/full_cifar10_t32_resnet20_cifar.json: run '
+                                         r'`python benchmarks/accuracy.py full --arch resnet20_cifar --name '
+                                         r'full_cifar10_t32 --work-dir benchmarks/runs/full_cifar10_t32` first'):
+        publish_cifar10.publish_full('resnet20_cifar', 'full_cifar10_t32')
+    runs = [dict(row='teacher', epochs=32, folder='teacher', test_acc=88.0, val_acc=90.0),
+            dict(row='twin + JointRD', epochs=16, folder='twin-jointrd-e16', test_acc=87.5, val_acc=89.0)]
+    meta = dict(arch='resnet20_cifar', recipe='kd-low-lr-blocks', teacher_epochs=32, data='CIFAR-10', budget='batch 128')
+    source = 'benchmarks/results/full_cifar10_t32_resnet20_cifar.json'
+    (tmp_path / 'benchmarks/results').mkdir(parents=True)
+    (tmp_path / source).write_text(json.dumps(dict(meta=meta, runs=runs)))
+    work = tmp_path / 'benchmarks/runs/full_cifar10_t32/resnet20_cifar'
+    save_trained_model(timm.create_model('resnet20_cifar', num_classes=10), work / 'teacher' / 'model')
+    save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), work / 'twin-jointrd-e16' / 'model')
+    publish_cifar10.publish_full('resnet20_cifar', 'full_cifar10_t32')
+    twin = json.loads((tmp_path / 'registry/plain_resnet20_cifar.jointrd_full_cifar10.json').read_text())
+    assert twin['metrics']['top1_test'] == 87.5 and twin['metrics']['gap_to_teacher'] == 0.5
+    assert twin['metrics']['source'] == source and twin['training']['source'] == source
+    assert '`kd-low-lr-blocks`' in twin['method']
+    base = 'python benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32 --name full_cifar10_t32 ' \
+           '--work-dir benchmarks/runs/full_cifar10_t32'
+    assert twin['training']['command'] == base + ' --fractions 0.5 --only twin-jointrd-e16'
+    teacher = json.loads((tmp_path / 'registry/resnet20_cifar.ce_full_cifar10.json').read_text())
+    assert teacher['metrics']['top1_test'] == 88.0 and teacher['training']['command'] == base + ' --rows teacher'
+
+
 def test_full_cifar10_deployment_numbers_come_from_the_deployment_record():
     from scale_full import deployment_lines
     bench = dict(meta=dict(machine='x86_64', threads=2), results=[dict(teacher='resnet56_cifar', input_size=32,

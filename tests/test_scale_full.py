@@ -98,6 +98,12 @@ def test_published_card_names_the_command_of_its_run():
         base + ' --variant kd-lr02=kd_weight:1.0,lr_scale:0.2 --only twin-jointrd-e4-kd-lr02'
     assert publish_cifar10.twin_command('resnet56_cifar', meta, dict(folder='twin-alone-e2-share', epochs=2)) == \
         base.replace('0.5', '0.25') + ' --variant share=shortcut_fade_mode:share --only twin-alone-e2-share'
+    # a record of another name (another teacher) trains into its own record and work folder
+    assert publish_cifar10.twin_command('resnet56_cifar', dict(teacher_epochs=32), dict(folder='twin-jointrd-e16-s1',
+                                                                                        epochs=16),
+                                        'full_cifar10_t32') == \
+        ('python benchmarks/accuracy.py full --arch resnet56_cifar --teacher-epochs 32 --name full_cifar10_t32 '
+         '--work-dir benchmarks/runs/full_cifar10_t32 --fractions 0.5 --seed 1 --only twin-jointrd-e16-s1')
 
 
 def test_the_published_twin_is_the_best_on_validation_within_half_the_teachers_epochs():
