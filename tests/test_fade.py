@@ -1,7 +1,9 @@
 """Shortcut fading (jointrd_timm.twins.fade): s = 1 is the teacher, s = 0 the twin, finish_fade removes exactly
 the shortcuts; schedules, JointRD / FadingStudent / runner wiring, deployment and errors."""
 import copy
+import io
 import json
+import pickle
 
 import pytest
 import timm
@@ -611,3 +613,56 @@ def test_an_in_place_factor_whose_result_is_unused_survives_the_block_rewrite():
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(module(x), block(x))
     assert not torch.equal(module(x), block.conv(x) + x)
+
+
+def _block_classes(model):
+    return [type(m).__mro__[1].__name__ for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+
+
+def _saved_and_loaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize('arch', ['dla46_c', 'mobilenetv3_small_050'])
+def test_a_twin_saved_whole_keeps_its_block_classes_and_still_fades(arch):
+    """torch.fx unpickles a GraphModule as a bare one traced again from its code: its class lost (so the fade and
+    deployable no longer found the blocks) and a Python branch on an argument fixed one way (DLA's blocks, which
+    fall back to their own input when no shortcut is handed to them, then failed). A twin saved whole (torch.save,
+    pickle, a spawned process) keeps its classes, fades and deploys as before."""
+    teacher, fading = _pair(arch)
+    load_teacher_weights(fading, teacher.state_dict())
+    set_shortcut_scale(fading, 0.25)
+    loaded = _saved_and_loaded(fading).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert _block_classes(loaded) == _block_classes(fading) and any('FadingGraph' in c for c in _block_classes(fading))
+    assert is_fading(loaded) and shortcut_scale(loaded) == 0.25
+    assert torch.equal(loaded(x), fading(x))
+    for model in (loaded, fading):
+        set_shortcut_scale(model, 0.0)
+    assert torch.equal(loaded(x), fading(x))
+    deployed, expected = deployable(loaded), deployable(fading)
+    assert deployed.state_dict().keys() == expected.state_dict().keys() and torch.equal(deployed(x), expected(x))
+    plain = pickle.loads(pickle.dumps(expected))
+    assert _block_classes(plain) == _block_classes(expected) and torch.equal(plain(x), expected(x))
+    assert count_shortcut_additions(plain) == 0
+
+
+def test_a_saved_norm_free_twin_keeps_fading_its_blocks_scales():
+    """The NF block's dropped alpha / beta fade through ``faded_scale``; a twin saved whole keeps that one call
+    (traced again, it would have been spelled out in arithmetic that nothing recognises) and its outputs."""
+    from jointrd_timm.twins.fade import faded_scale
+    fading = make_fading(copy.deepcopy(_nf_teacher(False))).eval()
+    set_shortcut_scale(fading, 0.5)
+    loaded = _saved_and_loaded(fading).eval()
+    calls = [n for m in loaded.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+             if n.op == 'call_function' and n.target is faded_scale]
+    assert calls and len(calls) == sum(1 for m in fading.modules() if isinstance(m, torch.fx.GraphModule)
+                                       for n in m.graph.nodes if n.target is faded_scale)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), fading(x))
+    set_shortcut_scale(loaded, 0.0)
+    set_shortcut_scale(fading, 0.0)
+    assert torch.equal(deployable(loaded)(x), deployable(fading)(x))

@@ -22,6 +22,7 @@ deploy :func:`deployable` (fade finished, Dirac folded). This module is model su
 ``s``, never decides it.
 """
 import copy
+import functools
 import inspect
 import operator
 from functools import lru_cache
@@ -33,7 +34,7 @@ from torch import nn
 
 from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
-from .graph_rule import is_projection, graph_block, plain_class
+from .graph_rule import TwinGraphBlock, is_projection, graph_block, plain_class
 from .leak import restore_relus
 from .rules import dropped_scales, get_rule, handed_projections, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
@@ -46,10 +47,12 @@ FADE_MODES = ('scale', 'share')
 SCALE = 'jointrd_shortcut_scale'
 
 
-class FadingGraphBlock(fx.GraphModule):
+class FadingGraphBlock(TwinGraphBlock):
     """Base class of blocks whose shortcuts are scaled by the buffer ``jointrd_shortcut_scale``."""
     jointrd_plain_rule = None
-    jointrd_block_class: Optional[Type[nn.Module]] = None
+
+    def _class_factory(self):
+        return _fading_class
 
 
 @lru_cache(maxsize=None)
@@ -58,6 +61,19 @@ def _fading_class(block_class: Type[nn.Module]) -> type:
                 dict(jointrd_plain_rule=rules().get(block_class), jointrd_block_class=block_class))
 
 
+def _graph_function(function):
+    """``function`` stays one node of a graph traced again from a block's code (torch.fx's unpickling traces the
+    generated code with Proxies as arguments, where a Python branch on an argument would be fixed one way)."""
+    @functools.wraps(function)
+    def call(*args):
+        proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy('call_function', call, args, {})
+        return function(*args)
+    return call
+
+
+@_graph_function
 def given_or(given: Optional[torch.Tensor], default: torch.Tensor) -> torch.Tensor:
     """The shortcut a caller handed the block, else the block's own default shortcut."""
     return default if given is None else given
@@ -119,6 +135,7 @@ def _with_given_shortcuts(block: nn.Module, graph: fx.Graph, concrete: dict):
     return graph, concrete
 
 
+@_graph_function
 def faded_scale(tensor: torch.Tensor, value: float, scale: torch.Tensor) -> torch.Tensor:
     """``tensor`` times a number that the plain twin drops (:func:`~jointrd_timm.twins.rules.drop_scales`), faded
     with the shortcuts: ``value`` at s = 1 (the teacher, bit for bit), 1 at s = 0 (the plain twin)."""

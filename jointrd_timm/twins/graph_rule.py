@@ -15,7 +15,7 @@ graph to reproduce the block exactly before the shortcut is cut.
 """
 import copy
 from functools import lru_cache
-from typing import Dict, Tuple, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 
@@ -27,20 +27,48 @@ from .rules import ShortcutRule, get_rule, register_rule
 from .verify import find_shortcut_additions, trace_block
 
 __all__ = ['graph_rule', 'register_graph_rule', 'check_graph_rule', 'UnfaithfulTraceError', 'graph_block',
-           'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace', 'is_projection']
+           'TwinGraphBlock', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace', 'is_projection']
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
                '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
 
 
-class PlainGraphBlock(fx.GraphModule):
+class TwinGraphBlock(fx.GraphModule):
+    """Base class of the blocks a twin rewrites as GraphModules, one class per block class
+    (``jointrd_block_class``).
+
+    torch.fx pickles a GraphModule as its generated code and unpickles it as a bare ``GraphModule`` traced again
+    from that code. A twin's blocks keep their class instead (what the fade, ``deployable`` and the probes
+    recognise them by), so a twin survives ``pickle``, ``torch.save`` of the whole model and a spawned process."""
+    jointrd_block_class: Optional[Type[nn.Module]] = None
+
+    def _class_factory(self) -> Callable[[Type[nn.Module]], type]:
+        raise NotImplementedError
+
+    def __reduce__(self):
+        rebuild, args = super().__reduce__()
+        return _rebuilt_block, (self._class_factory(), self.jointrd_block_class, rebuild, args)
+
+
+def _rebuilt_block(factory: Callable[[Type[nn.Module]], type], block_class: Type[nn.Module], rebuild, args):
+    """Unpickling of a :class:`TwinGraphBlock`: torch.fx's bare GraphModule, re-made as the class it was."""
+    bare = rebuild(*args)
+    module = graph_block(factory(block_class), bare, bare.graph)
+    module.training = bare.training
+    return module
+
+
+class PlainGraphBlock(TwinGraphBlock):
     """Base class of the blocks made plain by a graph rule; ``jointrd_plain_rule`` names the rule."""
     jointrd_plain_rule = None
+
+    def _class_factory(self):
+        return plain_class
 
 
 @lru_cache(maxsize=None)
 def plain_class(block_class: Type[nn.Module]) -> type:
-    return type(f'PlainGraph{block_class.__name__}', (PlainGraphBlock,), {})
+    return type(f'PlainGraph{block_class.__name__}', (PlainGraphBlock,), dict(jointrd_block_class=block_class))
 
 
 _RESAMPLING = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.MaxPool2d)
