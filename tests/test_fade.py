@@ -666,3 +666,30 @@ def test_a_saved_norm_free_twin_keeps_fading_its_blocks_scales():
     set_shortcut_scale(loaded, 0.0)
     set_shortcut_scale(fading, 0.0)
     assert torch.equal(deployable(loaded)(x), deployable(fading)(x))
+
+
+def _count_call(module, args, output):
+    module.jointrd_test_calls = getattr(module, 'jointrd_test_calls', 0) + 1
+
+
+@pytest.mark.parametrize('fade', [False, True])
+def test_a_saved_twin_keeps_its_block_hooks_mode_and_hooked_features(fade):
+    """timm's hook-based feature net: deriving its twin used to trace the FeatureHookNet's own forward, which left a
+    Proxy in the hooks' outputs (the model would not pickle). A block's own hooks and eval mode stay through
+    pickling (torch.fx would rebuild it in train mode, without hooks)."""
+    torch.manual_seed(0)
+    features = timm.create_model('plain_dla46_c', features_only=True, feature_cls='hook', out_indices=(1, 3),
+                                 shortcut_fade=fade).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = features(x)
+    loaded = pickle.loads(pickle.dumps(features))
+    assert len(loaded(x)) == 2 and all(torch.equal(a, b) for a, b in zip(loaded(x), expected))
+    blocks = [m for m in features.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert len(blocks) == (12 if fade else 0)
+    if fade:
+        blocks[0].register_forward_hook(_count_call)
+        loaded = _saved_and_loaded(features)
+        block = next(m for m in loaded.modules() if isinstance(m, torch.fx.GraphModule))
+        assert not any(m.training for m in loaded.modules())
+        loaded(x)
+        assert block.jointrd_test_calls == 1

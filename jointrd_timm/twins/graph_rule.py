@@ -47,14 +47,20 @@ class TwinGraphBlock(fx.GraphModule):
 
     def __reduce__(self):
         rebuild, args = super().__reduce__()
-        return _rebuilt_block, (self._class_factory(), self.jointrd_block_class, rebuild, args)
+        # torch.fx's rebuilt module is in train mode and without hooks whatever this one had: both travel here
+        hooks = {name: getattr(self, name) for name in _HOOK_DICTS if getattr(self, name, None)}
+        return _rebuilt_block, (self._class_factory(), self.jointrd_block_class, rebuild, args, self.training, hooks)
 
 
-def _rebuilt_block(factory: Callable[[Type[nn.Module]], type], block_class: Type[nn.Module], rebuild, args):
-    """Unpickling of a :class:`TwinGraphBlock`: torch.fx's bare GraphModule, re-made as the class it was."""
+def _rebuilt_block(factory: Callable[[Type[nn.Module]], type], block_class: Type[nn.Module], rebuild, args,
+                   training: bool = True, hooks: Optional[dict] = None) -> nn.Module:
+    """Unpickling of a :class:`TwinGraphBlock`: torch.fx's bare GraphModule, re-made as the class it was, in the
+    mode and with the hooks it had."""
     bare = rebuild(*args)
     module = graph_block(factory(block_class), bare, bare.graph)
-    module.training = bare.training
+    module.training = training
+    for name, value in (hooks or {}).items():
+        setattr(module, name, value)
     return module
 
 

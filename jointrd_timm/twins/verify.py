@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+from timm.models import FeatureHookNet
 from torch import nn
 
 from .rules import get_rule, handed_projections
@@ -82,7 +83,13 @@ def _concrete_args(module: nn.Module) -> Dict[str, None]:
 
 
 def trace_block(module: nn.Module) -> Optional[Tuple[fx.Graph, Dict[str, None]]]:
-    """``module``'s own forward as an fx graph (submodules opaque), or None if torch.fx cannot trace it."""
+    """``module``'s own forward as an fx graph (submodules opaque), or None if torch.fx cannot trace it.
+
+    timm's FeatureHookNet is not traced: its forward only reads what its hooks collected (hooks do not fire in a
+    trace, so the graph would hold nothing of the model), and reading stores a Proxy in the hooks' per-device
+    outputs, which would stay in the model and keep it from pickling."""
+    if isinstance(module, FeatureHookNet):
+        return None
     concrete = _concrete_args(module)
     try:
         return _ShallowTracer().trace(module, concrete_args=concrete), concrete
