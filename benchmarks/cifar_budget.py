@@ -56,7 +56,7 @@ def row_config(row: Row, arch: str, teacher_ckpt: str, schedule) -> tuple:
     common = dict(num_classes=10)
     teacher = dict(model_name=arch, checkpoint=teacher_ckpt, **common)
     twin = dict(model_name=f'plain_{arch}', **common)
-    if row.run in TWIN_RUNS:
+    if row.run in TWIN_RUNS or (row.run == 'control' and row.recipe is not None):  # a control on a twin's schedule
         schedule = row.recipe.twin_schedule(schedule)
     from jointrd_timm.settings import DISCRIMINATOR_SGD, ZOO_SETTINGS  # the zoo's method settings (as its YAMLs')
     discriminator = schedule.side_optimizer(**DISCRIMINATOR_SGD)

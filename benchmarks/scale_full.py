@@ -6,7 +6,10 @@ split, cosine lr) is trained once; from it, for each fraction in ``--fractions``
 * ``twin + JointRD``: the twin with ``--recipe`` (default: the record's, else the recipes module's recommended
   recipe for the architecture);
 * ``twin alone``: the same twin, same ingredients (teacher init + shortcut fade), no JointRD terms;
-* ``control``: the residual teacher itself trained for the same extra epochs from its own weights (equal compute).
+* ``control``: the residual teacher itself trained for the same extra epochs from its own weights (equal compute);
+  where the recipe or a variant trains its twin on another schedule (``lr_scale``, ``lr_hold``, ``batch_scale``),
+  ``control, on <tag>`` (e.g. ``on lr02``) is the same on that schedule: what restarting the training costs the
+  residual net at the twin's learning rate.
 
 Every run is a runner output folder under ``--work-dir`` (default ``benchmarks/runs/full_cifar10``: each run's
 ``metrics.jsonl`` and ``final.json`` are committed, its weights and checkpoint are not, except the small teachers'
@@ -35,6 +38,15 @@ from cifar_budget import ROOT, Row, budget_schedule, cifar_splits, finished, rea
 from report import RESULTS, pyplot, write_report
 
 ROWS = ('teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal')
+CONTROL_ON = 'control, on '  # + a twin schedule's tag: the residual net on that schedule (schedule_tag)
+
+
+def schedule_tag(recipe) -> str:
+    """How ``recipe`` trains its twin on another schedule than the budget's, as a folder suffix: 'lr02' for
+    ``lr_scale`` 0.2, 'hold08' for ``lr_hold`` 0.8, 'batch05' for ``batch_scale`` 0.5; '' for the budget's own."""
+    parts = [(name, value) for name, value, plain in (('lr', recipe.lr_scale, 1.0), ('hold', recipe.lr_hold, 0.0),
+                                                      ('batch', recipe.batch_scale, 1.0)) if value != plain]
+    return '-'.join(f'{name}{value:g}'.replace('.', '') for name, value in parts)
 
 
 def parser():
@@ -135,6 +147,14 @@ def run_specs(args, work: Path):
         rows = [('twin-jointrd', '', Row('twin + JointRD', 'jointrd', recipe)),
                 ('twin-alone', '', Row('twin alone', 'alone', recipe)),
                 ('control', '', Row('control', 'control')), ('stepwise', '', Row('step-wise removal', 'stepwise'))]
+        # the residual net on each twin schedule (lr_scale, lr_hold, batch_scale) of the recipe and its variants:
+        # what restarting the training costs at the twin's learning rate, shortcuts kept (no weight average)
+        controls = {}
+        for changed in [recipe] + [changed for _, changed in variants]:
+            if schedule_tag(changed):
+                controls.setdefault(schedule_tag(changed), changed.replace(ema_decay=0.0))
+        rows[3:3] = [('control', f'-{tag}', Row(f'{CONTROL_ON}{tag}', 'control', changed))
+                     for tag, changed in controls.items()]
         for name, changed in variants:
             rows += [('twin-jointrd', f'-{name}', Row(f'twin + JointRD, {name}', 'jointrd', changed)),
                      ('twin-alone', f'-{name}', Row(f'twin alone, {name}', 'alone', changed))]
@@ -214,12 +234,17 @@ def answer_lines(runs: list, teacher) -> list:
         if rows.get('twin + JointRD') is not None and rows.get('twin alone') is not None:
             parts.append(f'JointRD adds {rows["twin + JointRD"] - rows["twin alone"]:+.2f} points over the twin alone')
         for row, acc in rows.items():  # recipe variants (--variant) and the step-wise removal alternative
-            if (',' in row or row == 'step-wise removal') and acc is not None:
+            if (',' in row or row == 'step-wise removal') and not row.startswith('control') and acc is not None:
                 parts.append(f'{row} {acc:.2f} % ({acc - teacher:+.2f} against the teacher)')
-        twins = [v for k, v in rows.items() if k != 'control' and v is not None]
+        twins = [v for k, v in rows.items() if not k.startswith('control') and v is not None]
         if rows.get('control') is not None:
             parts.append(f'the residual net given the same {epochs} epochs (control) reaches {rows["control"]:.2f} %'
                          + (f': the best twin is {max(twins) - rows["control"]:+.2f} points from it' if twins else ''))
+        for row, acc in rows.items():
+            if row.startswith(CONTROL_ON) and acc is not None:
+                parts.append(f'on the twins\' schedule {row[len(CONTROL_ON):]} (their learning rate) the residual net '
+                             f'reaches {acc:.2f} % ({acc - teacher:+.2f} against the teacher)'
+                             + (f': the best twin is {max(twins) - acc:+.2f} points from it' if twins else ''))
         missing = [k for k, v in rows.items() if v is None]
         lines.append(f'- {epochs} epochs: ' + '; '.join(parts) + (f' (not finished: {", ".join(missing)})'
                                                                    if missing else '') + '.')
@@ -329,7 +354,10 @@ def report(args, recipe, specs) -> None:
               '(the twins through their recipe: teacher init + shortcut fade; step-wise removal (Tailor, Weng et al. '
               '2023): the frozen teacher, 0.35 MSE on logits + 0.65 CE, one shortcut removed from the input end every '
               'epochs / (shortcuts + 1) epochs; the control is the residual teacher '
-              'trained again for the same epochs, equal compute).', '',
+              'trained again for the same epochs, equal compute'
+              + ('; "control, on lr02" and the like: the same on a twin\'s schedule (lr02: a fifth of the peak lr, '
+                 'the recipes\' lr_scale 0.2; hold08: lr_hold 0.8)'
+                 if any(r['row'].startswith(CONTROL_ON) for r in runs) else '') + ').', '',
               '| run | epochs | test acc % | vs teacher | s / epoch (median) | epochs done | resumed |',
               '|---|---|---|---|---|---|---|']
     for r in runs:

@@ -372,6 +372,12 @@ def test_full_cifar10_page_answers_the_three_questions_from_the_runs():
     assert '89.50' in sixteen and '-0.50' in sixteen and 'twin + JointRD' in sixteen and 'control' in sixteen
     assert any('88.00 -> 88.50' in line for line in lines)
     assert answer_lines(runs, None) == []  # nothing to say before the teacher has finished
+    # the residual net on the twin's schedule: its own part, never counted as a twin
+    runs.append(dict(row='control, on lr02', epochs=8, test_acc=89.25))
+    eight = next(line for line in answer_lines(runs, 90.0) if line.startswith('- 8 epochs'))
+    assert "on the twins' schedule lr02 (their learning rate) the residual net reaches 89.25 % (-0.75 against the " \
+           'teacher): the best twin is -0.25 points from it' in eight
+    assert 'the best twin is -2.00 points from it' in eight and 'control, on lr02 89.25' not in eight
 
 
 def test_full_cifar10_variants_and_step_wise_row():
@@ -391,8 +397,8 @@ def test_full_cifar10_variants_and_step_wise_row():
     recipe, specs = scale_full.run_specs(args, Path('/nonexistent'))
     rows = {label: (folder.name, *cifar_budget.row_config(row, args.arch, 'T', cifar_budget.budget_schedule(args, epochs))
                     [:2], row.recipe and row.recipe.id) for label, epochs, folder, row in specs}
-    assert list(rows) == ['teacher', 'twin + JointRD', 'twin alone', 'control', 'step-wise removal',
-                          'twin + JointRD, share', 'twin alone, share']
+    assert list(rows) == ['teacher', 'twin + JointRD', 'twin alone', 'control', 'control, on lr02',
+                          'step-wise removal', 'twin + JointRD, share', 'twin alone, share']
     folder, model, method, _ = rows['step-wise removal']
     assert (folder, method, model['key']) == ('stepwise-e4', 'stepwise', 'stepwise_model')
     assert model['kwargs']['interval'] == pytest.approx(4 / (9 + 1))  # resnet20: 9 shortcuts

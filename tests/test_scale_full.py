@@ -6,6 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import scale_full  # noqa: E402
+from jointrd_timm.recipes import get_recipe  # noqa: E402
 
 
 def _run(folder: Path, acc=None, epochs=1, recalibrated=None):
@@ -52,11 +53,12 @@ def test_a_second_seed_gets_its_own_folders_and_rows(monkeypatch, tmp_path):
     _, specs = scale_full.run_specs(args, tmp_path)
     assert specs[0][0] == 'teacher' and specs[0][2] == tmp_path / 'teacher'  # one teacher for every seed
     assert [s[2].name for s in specs[1:]] == ['twin-jointrd-e4-s1', 'twin-alone-e4-s1', 'control-e4-s1',
-                                             'stepwise-e4-s1']
+                                             'control-e4-lr02-s1', 'stepwise-e4-s1']
     assert all(s[0].endswith(', seed 1') for s in specs[1:])
     seed0 = scale_full.run_specs(scale_full.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5']),
                                    tmp_path)[1]
-    assert [s[2].name for s in seed0[1:]] == ['twin-jointrd-e4', 'twin-alone-e4', 'control-e4', 'stepwise-e4']
+    assert [s[2].name for s in seed0[1:]] == ['twin-jointrd-e4', 'twin-alone-e4', 'control-e4',
+                                             'control-e4-lr02', 'stepwise-e4']
 
 
 def test_twins_train_on_their_recipes_schedule_and_the_rest_on_the_budgets(monkeypatch, tmp_path):
@@ -73,8 +75,22 @@ def test_twins_train_on_their_recipes_schedule_and_the_rest_on_the_budgets(monke
                for _, epochs, folder, row in specs}
     lrs = {name: extra['schedule'].lr for name, (_, _, extra) in configs.items()}
     assert lrs == {'teacher': 0.2, 'control-e4': 0.2, 'stepwise-e4': 0.2,  # kd-low-lr: a fifth of the peak
-                   'twin-jointrd-e4': 0.04, 'twin-alone-e4': 0.04,
-                   'twin-jointrd-e4-half': 0.1, 'twin-alone-e4-half': 0.1}
+                   'twin-jointrd-e4': 0.04, 'twin-alone-e4': 0.04, 'control-e4-lr02': 0.04,
+                   'twin-jointrd-e4-half': 0.1, 'twin-alone-e4-half': 0.1, 'control-e4-lr05': 0.1}
+    # the residual net on the twin's schedule: the teacher's weights and cross-entropy, the twin's lr
+    model, method, extra = configs['control-e4-lr02']
+    assert (model, method) == (configs['control-e4'][0], 'ce') and extra['schedule'].epochs == 4
+    labels = [label for label, *_ in specs]
+    assert labels[:7] == ['teacher', 'twin + JointRD', 'twin alone', 'control', 'control, on lr02',
+                          'control, on lr05', 'step-wise removal']
+    # one control per twin schedule: the variant at half the peak gets its own, the recipe's is not repeated
+    assert lrs['control-e4-lr05'] == 0.1
+    changed = get_recipe('default').replace(lr_scale=0.2, lr_hold=0.8, batch_scale=0.5)
+    assert scale_full.schedule_tag(changed) == 'lr02-hold08-batch05'
+    # a recipe at the budget's own schedule has no such row (it would be the control again)
+    default = scale_full.run_specs(scale_full.parser().parse_args(['--teacher-epochs', '8', '--fractions', '0.5',
+                                                                   '--recipe', 'default']), tmp_path)[1]
+    assert not any(folder.name.startswith('control-e4-') for _, _, folder, _ in default)
     run = configs['twin-jointrd-e4'][2]['schedule']
     assert (run.epochs, run.batch_size, run.weight_decay, run.decay) == (4, 64, 5e-4, 'cosine')
     assert configs['teacher'][2]['schedule'].epochs == 8
