@@ -72,16 +72,19 @@ def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTIO
 RECORD = 'full_cifar10'  # accuracy.py full's default record name (--name) and work folder
 
 
+def record_options(name: str) -> str:
+    """The accuracy.py full options that train into the record ``name`` (none for the default record)."""
+    return '' if name == RECORD else f' --name {name} --work-dir benchmarks/runs/{name}'
+
+
 def twin_command(arch: str, meta: dict, twin: dict, name: str = RECORD) -> str:
     """The accuracy.py full command that trains ``twin`` (its fraction, recipe variant and seed) from the teacher,
     into the record ``name`` (named with its work folder where it is not the default)."""
     run, _, seed = twin['folder'].rpartition('-s')
     if not seed.isdigit():
         run, seed = twin['folder'], '0'
-    command = f'python benchmarks/accuracy.py full --arch {arch} --teacher-epochs {meta["teacher_epochs"]}'
-    if name != RECORD:
-        command += f' --name {name} --work-dir benchmarks/runs/{name}'
-    command += f' --fractions {twin["epochs"] / meta["teacher_epochs"]:g}'
+    command = (f'python benchmarks/accuracy.py full --arch {arch} --teacher-epochs {meta["teacher_epochs"]}'
+               f'{record_options(name)} --fractions {twin["epochs"] / meta["teacher_epochs"]:g}')
     # the variant is the folder's whole suffix after its epochs ('kd-lr02', not the 'lr02' it ends with)
     suffix = run.split(f'-e{twin["epochs"]}-', 1)[1] if f'-e{twin["epochs"]}-' in run else None
     command += ''.join(f' --variant {v}' for v in meta.get('variants', []) if v.split('=')[0] == suffix)
@@ -94,8 +97,7 @@ def publish_full(arch: str, name: str = RECORD) -> None:
     source = f'benchmarks/results/{name}_{arch}.json'
     if not (ROOT / source).is_file():
         raise SystemExit(f'no record {source}: run `python benchmarks/accuracy.py full --arch {arch}'
-                         + (f' --name {name} --work-dir benchmarks/runs/{name}`' if name != RECORD else '`')
-                         + ' first, or name an existing record with --name')
+                         f'{record_options(name)}` first, or name an existing record with --name')
     record = json.loads((ROOT / source).read_text())
     meta, runs = record['meta'], record['runs']
     teacher = next(r for r in runs if r['row'] == 'teacher')

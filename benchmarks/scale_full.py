@@ -151,8 +151,8 @@ def run_specs(args, work: Path):
         # what restarting the training costs at the twin's learning rate, shortcuts kept (no weight average)
         controls = {}
         for changed in [recipe] + [changed for _, changed in variants]:
-            if schedule_tag(changed):
-                controls.setdefault(schedule_tag(changed), changed.replace(ema_decay=0.0))
+            if tag := schedule_tag(changed):
+                controls.setdefault(tag, changed.replace(ema_decay=0.0))
         rows[3:3] = [('control', f'-{tag}', Row(f'{CONTROL_ON}{tag}', 'control', changed))
                      for tag, changed in controls.items()]
         for name, changed in variants:

@@ -22,10 +22,9 @@ deploy :func:`deployable` (fade finished, Dirac folded). This module is model su
 ``s``, never decides it.
 """
 import copy
-import functools
 import inspect
 import operator
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Optional, Sequence, Type, Union
 
 import torch
@@ -64,7 +63,7 @@ def _fading_class(block_class: Type[nn.Module]) -> type:
 def _graph_function(function):
     """``function`` stays one node of a graph traced again from a block's code (torch.fx's unpickling traces the
     generated code with Proxies as arguments, where a Python branch on an argument would be fixed one way)."""
-    @functools.wraps(function)
+    @wraps(function)
     def call(*args):
         proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
         if proxy is not None:
