@@ -57,10 +57,10 @@ def _rebuilt_block(factory: Callable[[Type[nn.Module]], type], block_class: Type
     """Unpickling of a :class:`TwinGraphBlock`: torch.fx's bare GraphModule, re-made as the class it was, in the
     mode and with the hooks it had."""
     bare = rebuild(*args)
+    for name, value in (hooks or {}).items():
+        setattr(bare, name, value)
     module = graph_block(factory(block_class), bare, bare.graph)
     module.training = training
-    for name, value in (hooks or {}).items():
-        setattr(module, name, value)
     return module
 
 
