@@ -130,8 +130,9 @@ def publish_full(arch: str, name: str = RECORD) -> None:
                  method=method.format(recipe=twin.get('recipe', meta['recipe'])),
                  description=f'Shortcut-free twin of {arch} (no residual additions at all), converted from its '
                  f'teacher `{arch}.{teacher_tag}` in {twin["epochs"]} epochs on the full CIFAR-10 training set '
-                 '(the best of the conversions on the held-out validation split). `control_top1_test`: the residual '
-                 'teacher trained for the same extra epochs instead (equal compute).',
+                 '(the best of the conversions on the held-out validation split).' + (
+                     ' `control_top1_test`: the residual teacher trained for the same extra epochs instead (equal '
+                     'compute).' if control is not None else ''),
                  training=dict(command=command, budget=f'teacher {meta["teacher_epochs"]} epochs, then the twin '
                                f'{twin["epochs"]} epochs; {data}', source=source),
                  metrics=metrics),

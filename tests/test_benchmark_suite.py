@@ -445,7 +445,7 @@ def test_publish_full_takes_every_number_from_the_record(tmp_path, monkeypatch):
     twin = json.loads((tmp_path / 'registry/plain_resnet20_cifar.fade_full_cifar10.json').read_text())
     assert twin['metrics']['top1_test'] == 85.6 and twin['metrics']['teacher_top1_test'] == 87.17
     assert twin['metrics']['control_top1_test'] == 87.5 and twin['metrics']['gap_to_teacher'] == 1.57
-    assert twin['teacher'] == 'resnet20_cifar.ce_full_cifar10'
+    assert twin['teacher'] == 'resnet20_cifar.ce_full_cifar10' and '`control_top1_test`' in twin['description']
     card = (tmp_path / 'registry' / twin['weights'] / 'README.md').read_text()
     assert '| top1_test | 85.6 |' in card and '| control_top1_test | 87.5 |' in card
     teacher = json.loads((tmp_path / 'registry/resnet20_cifar.ce_full_cifar10.json').read_text())
@@ -482,6 +482,8 @@ def test_publish_full_from_a_record_of_another_name(tmp_path, monkeypatch):
     assert twin['metrics']['top1_test'] == 87.5 and twin['metrics']['gap_to_teacher'] == 0.5
     assert twin['metrics']['source'] == source and twin['training']['source'] == source
     assert '`kd-low-lr-blocks`' in twin['method']
+    # no control in this record: the card neither lists nor describes one
+    assert 'control_top1_test' not in twin['metrics'] and 'control' not in twin['description']
     base = 'python benchmarks/accuracy.py full --arch resnet20_cifar --teacher-epochs 32 --name full_cifar10_t32 ' \
            '--work-dir benchmarks/runs/full_cifar10_t32'
     assert twin['training']['command'] == base + ' --fractions 0.5 --only twin-jointrd-e16'
