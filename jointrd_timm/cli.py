@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +29,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def _tolerance(text: str) -> float:
+    """argparse type: a finite number >= 0 (an error bound: NaN would let every comparison pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
     return value
 
 
@@ -205,6 +217,9 @@ def _eval(args) -> int:
     data_cfg = timm.data.resolve_data_config({}, model=model)  # its pretrained_cfg: size, crop, mean / std
     # the digits are grayscale 8x8: read as the model's channels (an RGB model gets them repeated, as distill does)
     if args.dataset == 'sklearn:digits':
+        if args.transform not in (None, 'tensor'):
+            raise InputError(f'sklearn:digits is read as tensors (8x8 grey images), not with --transform '
+                             f'{args.transform}: leave --transform out.')
         kwargs = dict(transform='tensor', input_size=8, channels=channels)
     elif args.transform is None and len(data_cfg['mean']) == channels:
         # as the model's config.json says (a saved run's: how its test images were read), as timm's validate.py does
@@ -270,7 +285,7 @@ def _add_export_arguments(p: argparse.ArgumentParser, formats: bool = False) -> 
                    help='side of the example input (default: the model cfg)')
     if formats:
         p.add_argument('--formats', nargs='+', choices=('onnx', 'torchscript'), default=['onnx', 'torchscript'])
-    p.add_argument('--atol', type=float, default=1e-3, help='max abs error allowed for an exported file')
+    p.add_argument('--atol', type=_tolerance, default=1e-3, help='max abs error allowed for an exported file')
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
 
 

@@ -243,7 +243,7 @@ def test_mixed_precision_and_channels_last_reach_every_runs_runner_section(tmp_p
     assert list(configs) == ['teacher', 'distill']
     for config in configs.values():
         assert config['runner']['mixed_precision'] == 'bf16' and config['runner']['channels_last'] is True
-    assert plan.command.endswith('--mixed-precision bf16 --channels-last')
+    assert ' --mixed-precision bf16 ' in plan.command and ' --channels-last ' in plan.command
     default = build_configs(plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), num_classes=10, **TOY),
                             plan.teacher.model)
     assert default['distill']['runner']['mixed_precision'] == 'no' and not default['distill']['runner']['channels_last']

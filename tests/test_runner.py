@@ -221,7 +221,7 @@ def test_dirac_twin_is_evaluated_folded_and_saved_plain(tmp_path):
 def test_a_datasets_override_names_what_to_do_instead():
     from jointrd_timm.training.runner import ConfigError, apply_overrides
     with pytest.raises(ConfigError, match=r"datasets.train.init.kwargs.source: datasets are built while the YAML loads"
-                                          r".*pass the override to load_config.*-o datasets.ID.init.kwargs.source"):
+                                          r".*pass the override to load_config.*YAML datasets.ID.init.kwargs.source"):
         apply_overrides({'datasets': {}}, ['datasets.train.init.kwargs.source=x'])
 
 

@@ -241,7 +241,7 @@ def test_method_loss_returns_the_modules_loss_and_jointrd_loss_is_its_deprecated
 
 
 def test_a_committed_yaml_runs_on_a_local_copy_given_by_override(tmp_path, tmp_path_factory):
-    """The committed YAMLs name CIFAR-10 by its Hub id; `-o datasets.*.init.kwargs.source=PATH` (every dataset) or
+    """The committed YAMLs name CIFAR-10 by its Hub id; `datasets.*.init.kwargs.source=PATH` (every dataset) or
     `datasets.ID....` (one) points them at a local copy before any dataset is built."""
     from jointrd_timm.training.run_config import ConfigError, load_config
     data = _shared_folder(tmp_path_factory, 10, 36)

@@ -212,12 +212,20 @@ def _load(source: str, split: str, config_name: Optional[str]):
     path = Path(source).expanduser()
     if path.is_dir():
         has_data_files = any(path.glob('**/*.parquet')) or any(path.glob('**/*.arrow')) or (path / 'README.md').is_file()
-        if not has_data_files:  # class subfolders of images
-            return datasets.load_dataset('imagefolder', data_dir=str(path), split=split)
-        return datasets.load_dataset(str(path), config_name, split=split)
-    if path.suffix or source.startswith(('.', '/', '~')):
+        # class subfolders of images, else a Hub-layout folder
+        args = ('imagefolder',) if not has_data_files else (str(path), config_name)
+        kwargs = dict(data_dir=str(path)) if not has_data_files else {}
+    elif path.suffix or source.startswith(('.', '/', '~')):
         raise FileNotFoundError(f'Dataset folder {source} does not exist.')
-    return datasets.load_dataset(source, config_name, split=split)  # a Hub id
+    else:
+        args, kwargs = (source, config_name), {}  # a Hub id
+    try:
+        return datasets.load_dataset(*args, split=split, **kwargs)
+    except ValueError as e:
+        if 'Unknown split' not in str(e):
+            raise
+        raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (--split, --train-split, '
+                         '--test-split), or hold part of its train split out (distill: --val-fraction).') from e
 
 
 def find_columns(data, image_column: Optional[str], label_column: Optional[str], where: str) -> Tuple[str, str]:

@@ -1,6 +1,6 @@
 """``jointrd distill``: from a residual model to its deployed shortcut-free twin, in one command.
 
-    jointrd distill TEACHER --data SOURCE [--epochs N] [--recipe NAME] [--output DIR]
+    jointrd distill TEACHER --data SOURCE [--epochs N] [--recipe NAME] [--output-dir DIR]
 
 1. Everything is checked before anything is written or trained: the teacher resolves and its weights load (from
    the Hub cache when offline; missing files are named with the ways to provide them), its architecture has a twin
@@ -40,7 +40,7 @@ from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warnin
 from .configs import build_config, to_yaml
 from .data import DatasetColumnError, dataset_data_cfg, find_columns
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
-                             check_twin, dataset_kwargs, load_datasets, setting_schedule, specs)
+                             check_twin, command_line, dataset_kwargs, load_datasets, setting_schedule, specs)
 from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
 # names that moved to configs.py, distill_inputs.py and teachers.py, still importable from here
 from .configs import DATASET_LOADER  # noqa: F401,E402
@@ -169,9 +169,7 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     pair = twin_recipe.jointrd_model(resolved.arch, None, twin_schedule, **common)
     check_pair(pair, (channels, input_size, input_size), data_classes)
     load_teacher(resolved)  # its weights are there and load: a run never starts only to fail fetching them
-    command = f'jointrd distill {teacher} --data {data.source} --epochs {epochs} --recipe {twin_recipe.id} ' \
-        f'--output {out}' + (f' --mixed-precision {train.mixed_precision}' if train.mixed_precision != 'no' else '') \
-        + (' --channels-last' if train.channels_last else '') + (f' --compile {train.compile}' if train.compile else '')
+    command = command_line(teacher, data, train, twin_recipe.id, epochs, num_classes, out)
     return DistillPlan(out, resolved, twin_recipe, schedule, sets, datasets, common, pair, reinit, epochs,
                        train.teacher_epochs if train.teacher_epochs is not None else epochs, budget, command,
                        runner=dict(mixed_precision=train.mixed_precision, channels_last=train.channels_last,

@@ -1,5 +1,7 @@
 """What ``jointrd distill`` is given (:class:`DataSpec`, :class:`TrainSpec`) and its checks before anything is written
 or trained: each refusal is a :class:`DistillError` naming the option and what to do."""
+import math
+import shlex
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
@@ -13,7 +15,7 @@ from ..settings import SCHEDULES, Schedule
 if TYPE_CHECKING:
     from .teachers import Teacher
 
-__all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'check_positive', 'check_output', 'check_twin',
+__all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'command_line', 'check_positive', 'check_output', 'check_twin',
            'check_pair', 'check_classes', 'dataset_kwargs', 'load_datasets', 'setting_schedule']
 
 
@@ -61,6 +63,15 @@ class TrainSpec:
                                f'{self.mixed_precision!r}.')
         check_positive(epochs=self.epochs, teacher_epochs=self.teacher_epochs, batch_size=self.batch_size,
                        lr=self.lr, limit=data.limit, input_size=data.input_size)
+        if self.lr is not None and not math.isfinite(self.lr):
+            raise DistillError(f'--lr must be a finite number, got {self.lr!r}; leave it out for its default.')
+        if not 0 <= data.val_fraction < 1:
+            raise DistillError(f'--val-fraction must be at least 0 and below 1 (the fraction of the train split held '
+                               f'out for the per-epoch record; 0: none), got {data.val_fraction!r}.')
+        if self.workers is not None and self.workers < 0:
+            raise DistillError(f'--workers must be 0 or more (0: load in the main process), got {self.workers!r}.')
+        if not 0 <= self.seed < 2 ** 32:
+            raise DistillError(f'--seed must be a whole number in [0, 2**32), got {self.seed!r}.')
 
 
 def specs(data, train: Optional[TrainSpec] = None, **options) -> tuple:
@@ -74,6 +85,23 @@ def specs(data, train: Optional[TrainSpec] = None, **options) -> tuple:
         raise TypeError(f'Unknown distill option(s) {unknown}; DataSpec and TrainSpec name the options.')
     return (replace(data, **{k: v for k, v in options.items() if k in names[DataSpec]}),
             replace(train, **{k: v for k, v in options.items() if k in names[TrainSpec]}))
+
+
+def command_line(teacher: str, data: DataSpec, train: TrainSpec, recipe: str, epochs: int,
+                 num_classes: Optional[int], out: Path) -> str:
+    """The ``jointrd distill`` command that plans the same run again (what the YAMLs' headers and the model card
+    record): the teacher, data, twin epochs, recipe and output folder, and every other option given a value other
+    than its default."""
+    words = ['jointrd', 'distill', teacher, '--data', data.source, '--epochs', str(epochs), '--recipe', recipe]
+    for given, default in ((data, DataSpec(data.source)), (train, TrainSpec())):
+        for name in (f.name for f in fields(given) if f.name not in ('source', 'epochs')):
+            value = getattr(given, name)
+            if value != getattr(default, name):
+                flag = '--' + name.replace('_', '-')
+                words += [flag] if value is True else [flag, str(value)]
+    if num_classes is not None:
+        words += ['--num-classes', str(num_classes)]
+    return shlex.join(words + ['--output-dir', str(out)])
 
 
 def check_positive(**options) -> None:
@@ -99,7 +127,7 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
                            '--resume to start.')
     if entries and not (resume or overwrite):
         raise DistillError(f'Output folder {out} holds another run ({", ".join(entries[:5])}); pass --resume to '
-                           'continue it, --overwrite to replace it, or choose another --output.')
+                           'continue it, --overwrite to replace it, or choose another --output-dir.')
 
 
 def check_twin(arch: str) -> None:

@@ -1,6 +1,7 @@
 """A run's YAML: loaded (keys checked with a safe loader before torchdistill's tags run), overridden from the
 command line, and its numbers checked before anything is built. The ``runner`` section and its defaults are
 described in the runner's module docstring and docs/cli.md."""
+import re
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -41,7 +42,7 @@ def apply_overrides(config: Dict, overrides: List[str]) -> Dict:
         keys = path.split('.')
         if keys[0] == 'datasets':
             raise ConfigError(f'{path}: datasets are built while the YAML loads; pass the override to load_config '
-                              '(`jointrd train --config YAML -o datasets.ID.init.kwargs.source=PATH`).')
+                              '(`jointrd train --config YAML datasets.ID.init.kwargs.source=PATH`).')
         node = config
         for key in keys[:-1]:
             if not isinstance(node.get(key, {}), dict):
@@ -61,7 +62,16 @@ def _parse_overrides(overrides: List[str]):
         except yaml.YAMLError as e:
             raise ConfigError(f'Override {item!r}: its value is not YAML ({" ".join(str(e).split())}); quote a text '
                               "value, write a list as [1, 2], a mapping as {a: 1}.") from e
-        yield path, value
+        yield path, _number(value) if isinstance(value, str) and raw.strip() == value else value
+
+
+_EXPONENT = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
+
+
+def _number(text: str):
+    """``text`` as a float when it is one in exponent notation (``1e-4``: YAML 1.1, PyYAML's, reads it as text unless
+    it has a dot), else ``text``."""
+    return float(text) if _EXPONENT.fullmatch(text) else text
 
 
 def _override_datasets(text: str, overrides: List[str], where: str) -> str:
@@ -80,6 +90,11 @@ def _override_datasets(text: str, overrides: List[str], where: str) -> str:
             if name not in datasets:
                 raise ConfigError(f'{where}: override {path}: no dataset {name!r}; the YAML has {list(datasets)}.')
             node = datasets[name]
+            top = node.value if isinstance(node, Tagged) else node
+            if isinstance(top, dict) and keys[0] not in top:  # torchdistill would pass it on or drop it unread
+                raise ConfigError(f'{where}: override {path}: dataset {name!r} has no key {keys[0]!r}; its keys: '
+                                  f'{list(top)} (a local copy of the data: datasets.{dataset_id}.init.kwargs.source='
+                                  'PATH).')
             for key in keys[:-1]:
                 node = node.value if isinstance(node, Tagged) else node
                 if not isinstance(node, dict) or not isinstance(node.get(key, {}), (dict, Tagged)):
@@ -145,6 +160,16 @@ def check_structure(config: Dict, where: str) -> Dict:
             _mapping(section.get(key), f'{name}.{key}', where)
     test = config['test'] or {}
     _mapping(test.get('test_data_loader'), 'test.test_data_loader', where)
+    # torchdistill reads an unknown dataset_id as no dataset: a loader of None fails mid-run, a val loader vanishes
+    ids = list(config['datasets'] or {})
+    loaders = [(f'{name}.{key}', section.get(key)) for name, section in sections
+               for key in ('train_data_loader', 'val_data_loader')] + [('test.test_data_loader',
+                                                                         test.get('test_data_loader'))]
+    for key, loader in loaders:
+        dataset_id = (loader or {}).get('dataset_id')
+        if dataset_id is not None and dataset_id not in ids:
+            raise ConfigError(f'{where}: {key}.dataset_id {dataset_id!r} is not a dataset of the YAML; its datasets: '
+                              f'{ids}.')
     _check_keys(config.get('runner') or {}, RUNNER_DEFAULTS, f'{where}: runner')
     models = config['models'] or {}
     if 'student_model' not in models and 'model' not in models:
@@ -167,13 +192,17 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     # keys and numbers, overrides included, before any tag runs
     validate(check_structure(apply_overrides(peeked, overrides), f'{path} with overrides {overrides}'
                              if overrides else str(path)), where=str(path))
-    if data_overrides:
-        with tempfile.TemporaryDirectory() as tmp:  # torchdistill loads files: the overridden YAML, briefly
-            changed = Path(tmp) / path.name
-            changed.write_text(_override_datasets(path.read_text(), data_overrides, str(path)))
-            config = yaml_util.load_yaml_file(str(changed))
-    else:
-        config = yaml_util.load_yaml_file(str(path))
+    try:
+        if data_overrides:
+            with tempfile.TemporaryDirectory() as tmp:  # torchdistill loads files: the overridden YAML, briefly
+                changed = Path(tmp) / path.name
+                changed.write_text(_override_datasets(path.read_text(), data_overrides, str(path)))
+                config = yaml_util.load_yaml_file(str(changed))
+        else:
+            config = yaml_util.load_yaml_file(str(path))
+    except TypeError as e:  # a tag called with an argument its function does not take (a misspelt kwargs key)
+        raise ConfigError(f'{path}: a tag of the YAML failed while it loaded ({e}); check the keys of its `kwargs` '
+                          f'(e.g. under datasets.ID.init.kwargs) against the function it calls.') from e
     import_dependencies(config.get('dependencies', None))
     return validate(apply_overrides(config, overrides), where=str(path))
 
@@ -188,7 +217,9 @@ def _is_number(value) -> bool:
 
 def _require(ok: bool, key: str, what: str, value, where: str) -> None:
     if not ok:
-        raise ConfigError(f'{where}: {key} must be {what} (got {value!r}); fix the YAML or override it, e.g. '
+        hint = (f' (YAML reads {value} as text: write it with a dot, e.g. {float(value)!r})'
+                if isinstance(value, str) and _EXPONENT.fullmatch(value) else '')
+        raise ConfigError(f'{where}: {key} must be {what} (got {value!r}{hint}); fix the YAML or override it, e.g. '
                           f'{key}=<value>.')
 
 
@@ -218,15 +249,19 @@ def validate(config: Dict, where: str = 'config') -> Dict:
                 _require(_is_int(kwargs['num_workers']) and kwargs['num_workers'] >= 0, f'{key}.kwargs.num_workers',
                          'a whole number >= 0', kwargs['num_workers'], where)
         optimizer = section.get('optimizer') or {}
-        lr = (optimizer.get('kwargs') or {}).get('lr')
-        if lr is not None:
-            _require(_is_number(lr) and lr >= 0, f'{name}.optimizer.kwargs.lr', 'a number >= 0', lr, where)
+        for option in ('lr', 'weight_decay', 'momentum'):
+            value = (optimizer.get('kwargs') or {}).get(option)
+            if value is not None:
+                _require(_is_number(value) and value >= 0, f'{name}.optimizer.kwargs.{option}', 'a number >= 0',
+                         value, where)
         if 'grad_accum_step' in optimizer:
             _require(_is_int(optimizer['grad_accum_step']) and optimizer['grad_accum_step'] >= 1,
                      f'{name}.optimizer.grad_accum_step', 'a whole number >= 1', optimizer['grad_accum_step'], where)
         if optimizer.get('max_grad_norm') is not None:
             _require(_is_number(optimizer['max_grad_norm']) and optimizer['max_grad_norm'] > 0,
                      f'{name}.optimizer.max_grad_norm', 'a number > 0', optimizer['max_grad_norm'], where)
+    if (config.get('runner') or {}).get('mixed_precision') is False:  # YAML 1.1 reads an unquoted `no` as false
+        config['runner']['mixed_precision'] = 'no'
     runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))
     _require(_is_int(runner['seed']) and 0 <= runner['seed'] < 2 ** 32, 'runner.seed', 'a whole number in [0, 2**32)',
              runner['seed'], where)

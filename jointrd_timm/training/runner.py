@@ -65,7 +65,7 @@ from .ema import TwinEma
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
 from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_KEYS, ConfigError,  # noqa: F401
-                         apply_overrides, load_config, num_epochs, validate)
+                         apply_overrides, check_structure, load_config, num_epochs, validate)
 from .run_folder import RunFolder, RunFolderError, checkpoint_epochs, read_metrics
 
 # re-exported, as imported from here before run_config, evaluation and performance were split out
@@ -186,7 +186,7 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
     from ..integrations.torchdistill import accelerator_for_boxes, check_pair
     from ..io import unwrap
 
-    validate(config)
+    validate(check_structure(config, 'config'))  # a config built in Python is checked as a YAML is
     device_type = check_device(device)  # before the folder is claimed
     runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))
     out = Path(output_dir or runner['output_dir'] or 'runs/default')

@@ -1,0 +1,154 @@
+"""Bad input refused before anything runs, with what was wrong and what to do: a loader's dataset id, override values
+(exponent notation, YAML's `no`), optimizer numbers, dataset overrides, pretrained tags, a missing split, distill's
+numbers, export's --atol, eval's --transform on digits; and the distill command a run records plans it again."""
+import shlex
+
+import pytest
+import timm
+
+from conftest import tiny_yaml
+from jointrd_timm.cli import build_parser, main
+from jointrd_timm.errors import InputError
+from jointrd_timm.training.run_config import ConfigError, load_config
+
+
+@pytest.mark.parametrize('key', ['train.train_data_loader', 'train.val_data_loader', 'test.test_data_loader'])
+def test_a_loaders_unknown_dataset_id_is_refused_naming_the_yamls_datasets(tmp_path, key):
+    path = tiny_yaml(tmp_path)
+    with pytest.raises(ConfigError, match=rf"{key}.dataset_id 'digits/trian' is not a dataset of the YAML; its "
+                                          r"datasets: \['digits/train', 'digits/test'\]"):
+        load_config(path, [f'{key}.dataset_id=digits/trian'])
+    bad = tmp_path / 'bad.yaml'  # in the YAML itself too (no alias: the id written out)
+    section, loader = key.split('.')
+    text = path.read_text()
+    start = text.index(f'{loader}:')
+    bad.write_text(text[:start] + text[start:].replace('dataset_id: *test', "dataset_id: 'digits/tset'", 1)
+                   .replace('dataset_id: *train', "dataset_id: 'digits/tset'", 1))
+    with pytest.raises(ConfigError, match=rf"{key}.dataset_id 'digits/tset' is not a dataset"):
+        load_config(bad)
+    assert load_config(path)['train']['train_data_loader']['dataset_id'] == 'digits/train'
+
+
+def test_override_values_in_exponent_notation_are_numbers_and_yamls_no_is_no(tmp_path):
+    path = tiny_yaml(tmp_path)
+    config = load_config(path, ['train.optimizer.kwargs.weight_decay=1e-4', 'train.optimizer.kwargs.lr=2E-3',
+                                'runner.mixed_precision=no'])
+    assert config['train']['optimizer']['kwargs']['weight_decay'] == 1e-4
+    assert config['train']['optimizer']['kwargs']['lr'] == 2e-3
+    assert config['runner']['mixed_precision'] == 'no'
+    # quoted, it stays text, and the refusal says how YAML reads it
+    with pytest.raises(ConfigError, match=r"train.optimizer.kwargs.lr must be a number >= 0 \(got '1e-3' \(YAML "
+                                          r"reads 1e-3 as text: write it with a dot, e.g. 0.001\)\)"):
+        load_config(path, ['train.optimizer.kwargs.lr="1e-3"'])
+    for option, value in (('weight_decay', 'abc'), ('momentum', '-0.9')):
+        with pytest.raises(ConfigError, match=rf'train.optimizer.kwargs.{option} must be a number >= 0'):
+            load_config(path, [f'train.optimizer.kwargs.{option}={value}'])
+
+
+def test_a_dataset_override_of_a_key_the_dataset_does_not_have_is_refused(tmp_path):
+    path = tiny_yaml(tmp_path)
+    # `source` belongs under init.kwargs: torchdistill would have passed it on unread
+    with pytest.raises(ConfigError, match=r"override datasets.\*.source: dataset 'digits/train' has no key "
+                                          r"'source'; its keys: \['key', 'init'\] .*datasets.\*.init.kwargs.source="):
+        load_config(path, ['datasets.*.source=/data'])
+    # a misspelt kwargs key reaches the function the tag calls: refused naming the YAML, not a bare TypeError
+    with pytest.raises(ConfigError, match=r"jointrd.yaml: a tag of the YAML failed while it "
+                                          r"loaded \(.*sorce.*\); check the keys of its `kwargs`"):
+        load_config(path, ['datasets.digits/train.init.kwargs.sorce=/data'])
+    assert len(load_config(path, ['datasets.digits/train.init.kwargs.limit=20'])['datasets']['digits/train']) == 20
+
+
+@pytest.mark.parametrize('name', ['resnet18.nosuchtag', 'plain_resnet18.nosuchtag'])
+def test_an_unknown_pretrained_tag_is_refused_listing_the_tags(name, capsys):
+    from jointrd_timm.integrations.hub import load_model
+    base = name.split('.')[0]
+    tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{base}.*')]
+    assert 'a1_in1k' in tags
+    with pytest.raises(InputError, match=rf"^{base} has no pretrained tag 'nosuchtag'; its tags: .*a1_in1k"):
+        load_model(name)
+    assert main(['eval', name, '--dataset', 'sklearn:digits']) == 1
+    assert f"error: {base} has no pretrained tag 'nosuchtag'" in capsys.readouterr().err
+    assert main(['export', name, '--output-dir', 'never']) == 1
+
+
+def test_eval_on_a_folder_without_the_split_names_the_splits_it_has(tmp_path, capsys):
+    from PIL import Image
+    for label in ('cat', 'dog'):
+        (tmp_path / 'images' / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new('RGB', (8, 8), (i * 90, 20, 30)).save(tmp_path / 'images' / label / f'{i}.png')
+    argv = ['eval', 'resnet20_cifar', '--random-weights', '--dataset', str(tmp_path / 'images'), '--input-size', '8']
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "has no split 'test'" in err and "'train'" in err and '--split' in err
+    assert main(argv + ['--split', 'train']) == 0
+    assert 'on 4 images' in capsys.readouterr().out
+
+
+def test_eval_refuses_a_transform_that_digits_are_not_read_with(capsys):
+    assert main(['eval', 'resnet20_cifar', '--random-weights', '--dataset', 'sklearn:digits',
+                 '--transform', 'cifar']) == 1
+    assert 'sklearn:digits is read as tensors' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('atol', ['nan', 'inf', '-1', 'x'])
+def test_export_atol_must_be_a_finite_number_at_least_zero(tmp_path, monkeypatch, capsys, atol):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(['export', 'resnet18', '--random-weights', '--atol', atol])
+    assert exited.value.code == 2 and 'argument --atol' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('options, message', [
+    (dict(val_fraction=1.5), r'--val-fraction must be at least 0 and below 1 .*got 1.5'),
+    (dict(val_fraction=-0.1), r'--val-fraction must be at least 0 and below 1 .*got -0.1'),
+    (dict(workers=-1), r'--workers must be 0 or more .*got -1'),
+    (dict(seed=-1), r'--seed must be a whole number in \[0, 2\*\*32\), got -1'),
+    (dict(lr=float('inf')), r'--lr must be a finite number, got inf'),
+])
+def test_distill_refuses_its_numbers_naming_the_option(tmp_path, options, message):
+    from jointrd_timm.training.distill import DistillError, plan_distill
+    with pytest.raises(DistillError, match=message):
+        plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), epochs=1, **options)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_recorded_distill_command_plans_the_same_run_again(tmp_path):
+    """What the YAML header and the model card record: parsed by the command line, it gives every option the run
+    was planned with (the earlier command dropped --num-classes, --limit, --lr, ... and used the deprecated
+    --output)."""
+    from jointrd_timm.training.distill import plan_distill
+    given = dict(epochs=1, limit=96, lr=0.03, batch_size=16, seed=3, val_fraction=0.25, workers=0,
+                 teacher_epochs=2, input_size=8, transform='tensor', label_column='label', channels_last=True)
+    out = tmp_path / 'my out'  # a space: the command quotes it
+    plan = plan_distill('resnet20_cifar', 'sklearn:digits', str(out), recipe='default,kd_weight=0.5', **given)
+    words = shlex.split(plan.command)
+    assert words[:2] == ['jointrd', 'distill'] and '--output' not in words
+    args = build_parser().parse_args(words[1:])
+    assert (args.teacher, args.data, args.output_dir) == ('resnet20_cifar', 'sklearn:digits', str(out))
+    assert {k: getattr(args, k) for k in given} == given
+    again = plan_distill(args.teacher, args.data, args.output_dir, recipe=args.recipe,
+                         **{k: getattr(args, k) for k in given})
+    assert again.command == plan.command and again.recipe == plan.recipe and again.budget == plan.budget
+    assert (again.epochs, again.teacher_epochs, again.data) == (plan.epochs, plan.teacher_epochs, plan.data)
+    default = plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), epochs=1)
+    assert default.command == (f'jointrd distill resnet20_cifar --data sklearn:digits --epochs 1 --recipe '
+                               f'{default.recipe.id} --output-dir {tmp_path / "out"}')
+
+
+def test_a_config_given_to_train_in_python_is_checked_as_a_yaml_is(tmp_path):
+    """train(config) without load_config: a misspelt runner key or a missing models section is refused before
+    anything is built (it was read as no weight average, or failed with a KeyError)."""
+    from jointrd_timm.training.runner import train
+    config = load_config(tiny_yaml(tmp_path, epochs=1))
+    config['runner']['ema_decy'] = 0.999
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['ema_decy'\] in config: runner"):
+        train(config, output_dir=str(tmp_path / 'a'), device='cpu')
+    del config['runner']['ema_decy']
+    models = config.pop('models')
+    with pytest.raises(ConfigError, match=r'config has no `models` section'):
+        train(config, output_dir=str(tmp_path / 'b'), device='cpu')
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+    config['models'] = models
+    assert train(config, output_dir=str(tmp_path / 'c'), device='cpu')['test_acc'] >= 0
