@@ -189,19 +189,20 @@ def _published_as(args, model) -> dict:
 
 
 def _save(args) -> int:
-    from .integrations.hub import load_model, save_trained_model
+    from .integrations.hub import load_model, save_trained_model, saved_beside
     model = load_model(args.source, require_weights=not args.random_weights)  # random weights: on purpose only
-    folder = save_trained_model(model, args.output_dir, **_published_as(args, model))
+    # the card and metrics saved with the source travel with it; --entry's card replaces its card
+    folder = save_trained_model(model, args.output_dir, **dict(saved_beside(args.source), **_published_as(args, model)))
     print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
     return 0
 
 
 def _push(args) -> int:
-    from .integrations.hub import load_model, push_model
+    from .integrations.hub import load_model, push_model, saved_beside
     model = load_model(args.source, require_weights=not args.random_weights)
-    published = _published_as(args, model)
+    published = dict(saved_beside(args.source), **_published_as(args, model))
     info = push_model(model, args.repo_id, published.get('model_card'), private=args.private,
-                      revision=args.revision, tag=published.get('tag'))
+                      revision=args.revision, tag=published.get('tag'), metrics=published.get('metrics'))
     print(f'pushed to {args.repo_id}: {info}')
     return 0
 

@@ -133,9 +133,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def input_channels(model: nn.Module) -> Optional[int]:
-    """The input channels of ``model``'s first convolution (None for a model without one)."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else None
+    """The image channels ``model`` takes: its first convolution's input channels, over block_size² when a
+    space-to-depth stem rearranges the image before it (TResNet: the first conv sees 16x the channels); None for a
+    model without a convolution."""
+    from timm.layers import SpaceToDepth
+    block = 1
+    for module in model.modules():
+        if isinstance(module, SpaceToDepth):
+            block = module.bs
+        elif isinstance(module, nn.Conv2d):
+            return module.in_channels // (block * block)
+    return None
 
 
 @torch.no_grad()

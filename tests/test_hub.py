@@ -272,4 +272,5 @@ def test_save_never_replaces_a_folder_holding_anything_but_a_saved_model(tmp_pat
     out = tmp_path / 'saved'
     assert main(['save', str(folder), str(out)]) == 0
     assert main(['save', str(folder), str(out / '.')]) == 0  # a saved model is replaced, '.' read as its name
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    # the card and metrics saved with the source come along
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'metrics.json', 'model.safetensors']

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import JointRDError
-from ..io import atomic_write, file_in_the_way
+from ..io import atomic_write, file_in_the_way, input_channels
 from .fold import fold_for_deployment
 from ..extras import require
 
@@ -38,7 +38,7 @@ def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Ten
     rearranges its input before any conv (TResNet's space-to-depth: the first conv sees 16x the channels)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     size = input_size or cfg.get('input_size', (3, 224, 224))[-1]
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    first_conv = input_channels(model) or 3
     candidates = dict.fromkeys([first_conv, cfg.get('input_size', (3,))[0]])
     for chans in candidates:
         x = torch.randn(batch, chans, size, size)
@@ -81,6 +81,7 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     with torch.no_grad():
         try:
             reference = model(x)
+            single = isinstance(reference, torch.Tensor)  # a classifier; else a feature extractor's list of maps
         except (RuntimeError, AssertionError, ValueError) as e:  # e.g. a ViT built for another image size
             if 'out of memory' in str(e):
                 raise
@@ -101,7 +102,7 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         path = out_dir / f'{name}.onnx'
 
         # one output: 'logits'; a feature extractor's (features_only): 'features0', 'features1', ...
-        names = ['logits'] if len(reference) == 1 else [f'features{i}' for i in range(len(reference))]
+        names = ['logits'] if single else [f'features{i}' for i in range(len(reference))]
 
         def write_onnx(tmp):
             try:
@@ -121,7 +122,7 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     if 'torchscript' in formats:
         path = out_dir / f'{name}.torchscript.pt'
         with torch.no_grad():
-            traced = torch.jit.trace(folded, x, strict=len(reference) == 1)  # a list of feature maps: not strict
+            traced = torch.jit.trace(folded, x, strict=single)  # a list of feature maps (even of one): not strict
         atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
         loaded = torch.jit.load(str(path))
         with torch.no_grad():

@@ -308,5 +308,9 @@ with torch.inference_mode():
 def measure_peak_rss(model_name: str, batch: int, size: int, threads: int = 2, fold: bool = True) -> int:
     """Peak RSS increase (bytes) of one inference of ``model_name`` in a fresh process (see module docstring)."""
     out = subprocess.run([sys.executable, '-c', _MEASURE, model_name, str(batch), str(size), str(threads),
-                          'fold' if fold else 'eager'], capture_output=True, text=True, check=True)
+                          'fold' if fold else 'eager'], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise MemoryAnalysisError(f'measuring the peak RSS of {model_name} in a fresh process failed (it reads '
+                                  f'/proc/self/status and writes /proc/self/clear_refs: Linux only): '
+                                  f'{out.stderr.strip()[-500:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])['peak_delta_bytes']

@@ -50,6 +50,10 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     if isinstance(recorded, dict) and 'dirac_init' in recorded:
         model = copy.deepcopy(model) if model is trained else model
         model._model_args = {k: v for k, v in recorded.items() if k != 'dirac_init'}
+    if not hasattr(model, 'num_classes'):
+        raise InputError(f'{type(model).__name__} has no classifier (num_classes; a features_only feature '
+                         "extractor?): timm's Hub format saves a classifier model. Save the model it was built from "
+                         '(its state_dict holds the same backbone weights).')
     model_args['num_classes'] = getattr(model, 'num_classes', None)
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if hasattr(model, 'pretrained_cfg') else 3
     channels = input_channels(model)
@@ -63,6 +67,9 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     if tag is not None or data_cfg:
         config = json.loads((tmp / 'config.json').read_text())
         cfg = config.setdefault('pretrained_cfg', {})
+        if data_cfg:  # the run's reading of its images replaces the architecture's, test-time size included
+            for key in ('test_input_size', 'test_crop_pct'):
+                cfg.pop(key, None)
         cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in (data_cfg or {}).items()})
         if tag is not None:
             cfg['tag'] = tag
@@ -92,8 +99,12 @@ def _check_replaceable(folder: Path) -> None:
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Swap a fully written folder into place (rename is atomic; the old one is removed after)."""
+    """Swap a fully written folder into place: the old one renamed aside, the new one renamed in (each rename is
+    atomic), the old one removed after. A save stopped between the two renames left the old folder aside and none
+    in place: it is put back first, never deleted as a leftover."""
     old = folder.with_name(f'.{folder.name}.old')
+    if old.exists() and not folder.exists():
+        old.rename(folder)
     if old.exists():
         shutil.rmtree(old)
     if folder.exists():
@@ -166,6 +177,23 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
         raise
 
 
+def saved_beside(spec: str) -> Dict:
+    """The model card and metrics saved with a model given as a folder (a Hub-format folder, a runner output folder,
+    ``local-dir:``), as :func:`save_trained_model` keywords: saving or pushing it again keeps them. Empty for a name or
+    a Hub id."""
+    local = spec.split(':', 1)[1] if spec.lower().startswith('local-dir:') else spec
+    path = Path(local).expanduser()
+    if not path.is_dir():
+        return {}
+    folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
+    found = {}
+    if (folder / 'README.md').is_file():
+        found['model_card'] = (folder / 'README.md').read_text()
+    if (folder / 'metrics.json').is_file():
+        found['metrics'] = json.loads((folder / 'metrics.json').read_text())
+    return found
+
+
 def model_card(entry: Dict) -> str:
     """README.md for the Hub, from a registry entry (method, data, recipe, measured results). Without
     ``hf_hub_id`` the card says how to load the model from ``local_dir``."""
@@ -221,10 +249,10 @@ def _timm_validate_lines(source: str, dataset: str, evaluation: Dict) -> list:
 
 def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, private: bool = False,
                revision: Optional[str] = None, token: Optional[str] = None, commit_message: str = 'Add model',
-               tag: Optional[str] = None):
-    """Upload ``model`` in timm's Hub format (safetensors only, never pickle) with ``card`` as README.md (``tag``: as
-    in :func:`save_trained_model`). The token comes from the usual Hugging Face places (HF_TOKEN, ``hf auth login``)
-    unless given."""
+               tag: Optional[str] = None, metrics: Optional[Dict] = None):
+    """Upload ``model`` in timm's Hub format (safetensors only, never pickle) with ``card`` as README.md (``tag``,
+    ``metrics``: as in :func:`save_trained_model`). The token comes from the usual Hugging Face places (HF_TOKEN,
+    ``hf auth login``) unless given."""
     import tempfile
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -235,7 +263,8 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
         raise InputError(f'Repo id {repo_id!r}: {e} Give ORG/NAME (or NAME, in your own namespace).') from None
     api = HfApi(token=token, library_name='jointrd-timm')
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_trained_model(model, Path(tmp) / 'model', model_card=card, tag=tag)  # before any network call
+        # written before any network call
+        folder = save_trained_model(model, Path(tmp) / 'model', metrics, card, tag)
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if revision:

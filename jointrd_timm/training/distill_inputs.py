@@ -15,8 +15,8 @@ from ..settings import SCHEDULES, Schedule
 if TYPE_CHECKING:
     from .teachers import Teacher
 
-__all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'command_line', 'check_positive', 'check_output', 'check_twin',
-           'check_pair', 'check_classes', 'dataset_kwargs', 'load_datasets', 'setting_schedule']
+__all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'command_line', 'check_positive', 'check_output',
+           'check_twin', 'check_pair', 'check_classes', 'dataset_kwargs', 'load_datasets', 'setting_schedule']
 
 
 class DistillError(JointRDError, ValueError):
