@@ -121,6 +121,30 @@ print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()))
     assert out.split() == ['True', 'True']
 
 
+def test_a_registry_tag_is_read_as_its_weights_were_trained_and_a_broken_entry_is_named(tmp_path):
+    """An entry of an ImageNet architecture's twin trained on 32 px images: its tag takes the data config saved with
+    its weights (size, mean / std, crop), not the teacher's 224 px ImageNet defaults; a malformed entry is named."""
+    torch.manual_seed(0)
+    model = timm.create_model('plain_resnet18', num_classes=10).eval()
+    registry = tmp_path / 'registry'
+    data_cfg = dict(input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616), crop_pct=1.0)
+    save_trained_model(model, registry / 'weights' / 'plain_resnet18.cifar_test', data_cfg=data_cfg)
+    entry = dict(ENTRY, architecture='plain_resnet18', tag='cifar_test', name='plain_resnet18.cifar_test',
+                 weights='weights/plain_resnet18.cifar_test')
+    (registry / 'entry.json').write_text(json.dumps(entry))
+    out = _run("""
+import timm, jointrd_timm
+m = timm.create_model('plain_resnet18.cifar_test', pretrained=True)
+cfg = timm.data.resolve_data_config({}, model=m, use_test_size=True)
+print(cfg['input_size'], cfg['mean'], cfg['crop_pct'], m.num_classes)
+""", JOINTRD_REGISTRY=str(registry))
+    assert out.strip() == '(3, 32, 32) (0.4914, 0.4822, 0.4465) 1.0 10'
+    (registry / 'broken.json').write_text('{"name": ')
+    result = subprocess.run([sys.executable, '-c', 'import jointrd_timm'], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONWARNINGS='ignore', JOINTRD_REGISTRY=str(registry)))
+    assert result.returncode != 0 and f'Registry entry {registry / "broken.json"} is not valid JSON' in result.stderr
+
+
 def test_model_card_names_method_data_results():
     card = model_card(ENTRY)
     assert 'library_name: timm' in card and 'JointRD (Li et al., NeurIPS 2020)' in card

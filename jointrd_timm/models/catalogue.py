@@ -35,7 +35,10 @@ def registry_dir() -> Path:
 def _load(folder: str) -> tuple:
     found = []
     for path in sorted(Path(folder).glob('*.json')):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f'Registry entry {path} is not valid JSON ({e}); fix or remove it.') from None
         missing = [k for k in REQUIRED if k not in data]
         if missing:
             raise ValueError(f'Registry entry {path} lacks {missing}.')
@@ -62,15 +65,38 @@ def weights_folder(e: Dict) -> Path:
     return (registry_dir() / e['weights']).resolve()  # relative to the registry folder
 
 
+# how a model's inputs are read: taken from the weights' own config.json over the architecture's defaults
+DATA_KEYS = ('input_size', 'test_input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'test_crop_pct',
+             'crop_mode', 'mean', 'std')
+
+
+def _saved_data_cfg(folder: Path) -> Dict:
+    """The data config saved with the weights in ``folder`` (config.json's ``pretrained_cfg``): a twin trained on
+    32 px CIFAR-10 images is read that way, not as its architecture's 224 px ImageNet default."""
+    path = folder / 'config.json'
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text()).get('pretrained_cfg') or {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); fix or remove it.') from None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in DATA_KEYS}
+
+
 def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
-    """``{'<architecture>.<tag>': cfg}`` for the catalogue entries of ``architecture``."""
+    """``{'<architecture>.<tag>': cfg}`` for the catalogue entries of ``architecture``: its base cfg, with the
+    entry's classes, license and Hub id, and the data config saved with its weights."""
     cfgs = {}
     for e in entries():
         if e['architecture'] != architecture:
             continue
         cfg = dict(base_cfg, num_classes=e['num_classes'], license=e['license'], hf_hub_id=e['hf_hub_id'])
-        local = weights_folder(e) / 'model.safetensors'
-        if local.is_file():
-            cfg['file'] = str(local)
+        folder = weights_folder(e)
+        if (folder / 'model.safetensors').is_file():
+            cfg['file'] = str(folder / 'model.safetensors')
+        saved = _saved_data_cfg(folder)
+        if saved:  # the saved reading replaces the architecture's, its test-time size included
+            cfg = {k: v for k, v in cfg.items() if k not in ('test_input_size', 'test_crop_pct')}
+        cfg.update(saved)
         cfgs[e['name']] = cfg
     return cfgs
