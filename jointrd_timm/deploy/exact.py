@@ -79,7 +79,8 @@ class ExactPlainBlock(nn.Sequential):
             'height and width; give an input size that keeps this block\'s input even.')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.even_input and not torch.jit.is_tracing():  # a traced export records no check: sizes are fixed
+        # a trace records no check (ONNX fixes the size; a TorchScript trace does not: docs/exact_conversion.md)
+        if self.even_input and not torch.jit.is_tracing():
             torch._assert(x.shape[-2] % 2 == 0, self.odd_input_message)
             torch._assert(x.shape[-1] % 2 == 0, self.odd_input_message)
         for module in self:
