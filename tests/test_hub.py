@@ -145,6 +145,16 @@ print(cfg['input_size'], cfg['mean'], cfg['crop_pct'], m.num_classes)
     assert result.returncode != 0 and f'Registry entry {registry / "broken.json"} is not valid JSON' in result.stderr
 
 
+def test_a_card_names_the_data_its_entry_was_measured_on_and_never_defaults_to_cifar10():
+    card = model_card(dict(ENTRY, eval=dict(dataset='imagenet-1k', split='validation')))
+    assert 'datasets: [imagenet-1k]' in card and '--dataset imagenet-1k' in card and 'cifar10' not in card
+    assert '--split validation' in card  # timm's validate.py, on the same split
+    bare = model_card(ENTRY)  # no data named at all: no front-matter datasets, a placeholder in the command
+    assert 'datasets:' not in bare and 'cifar10' not in bare and '--dataset PATH_TO_TEST_DATA' in bare
+    assert 'validate.py' not in bare
+    assert 'datasets: [uoft-cs/cifar10]' in model_card(dict(ENTRY, hf_dataset='uoft-cs/cifar10'))
+
+
 def test_model_card_names_method_data_results():
     card = model_card(ENTRY)
     assert 'library_name: timm' in card and 'JointRD (Li et al., NeurIPS 2020)' in card

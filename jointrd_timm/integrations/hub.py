@@ -198,10 +198,12 @@ def model_card(entry: Dict) -> str:
     """README.md for the Hub, from a registry entry (method, data, recipe, measured results). Without
     ``hf_hub_id`` the card says how to load the model from ``local_dir``."""
     metrics = entry['metrics']
+    # the data it was measured on: hf_dataset, else the entry's eval dataset (no CIFAR-10 default for other data)
+    dataset = entry.get('hf_dataset') or (entry.get('eval') or {}).get('dataset')
     lines = [
         '---', 'library_name: timm', f'license: {entry["license"]}',
         'tags: [image-classification, timm, jointrd-timm, residual-distillation]',
-        f'datasets: [{entry.get("hf_dataset", "uoft-cs/cifar10")}]', '---', '',
+        *([f'datasets: [{dataset}]'] if dataset else []), '---', '',
         f'# {entry["name"]}', '',
         f'{entry.get("description", "")}', '',
         f'- **Architecture**: `{entry["architecture"]}` (timm, registered by `import jointrd_timm`)',
@@ -215,12 +217,11 @@ def model_card(entry: Dict) -> str:
     lines += [f'| {k} | {v} |' for k, v in metrics.items() if not isinstance(v, (dict, list))]
     # a published twin loads from the Hub; one not (yet) pushed, e.g. from `jointrd distill`, from its folder
     source = f'hf-hub:{entry["hf_hub_id"]}' if entry.get('hf_hub_id') else f'local-dir:{entry["local_dir"]}'
-    dataset = entry.get('hf_dataset', 'uoft-cs/cifar10')
     lines += ['', '## Use', '', '```python', 'import timm, jointrd_timm',
               f"model = timm.create_model('{source}', pretrained=True)", '```', '',
-              f'Evaluate: `jointrd eval {source} --dataset {dataset}'
+              f'Evaluate: `jointrd eval {source} --dataset {dataset or "PATH_TO_TEST_DATA"}'
               + (f' {entry["eval_args"]}' if entry.get('eval_args') else '') + '`.', '']
-    lines += _timm_validate_lines(source, dataset, entry.get('eval') or {})
+    lines += _timm_validate_lines(source, dataset, entry.get('eval') or {}) if dataset else []
     return '\n'.join(lines)
 
 
