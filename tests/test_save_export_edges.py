@@ -103,3 +103,18 @@ def test_save_of_a_folder_keeps_the_card_and_metrics_saved_with_it(tmp_path, cap
     assert json.loads((tmp_path / 'copy' / 'metrics.json').read_text()) == dict(test_acc=91.5)
     assert (tmp_path / 'copy' / 'model.safetensors').read_bytes() == (source / 'model.safetensors').read_bytes()
     assert hub.saved_beside('resnet18') == {}  # a name: nothing saved beside it
+
+
+def test_the_exact_conversion_report_feeds_a_grey_model_grey_images():
+    from jointrd_timm.deploy.exact import exact_conversion_report, exact_plain
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', in_chans=1, num_classes=4).eval()
+    report = exact_conversion_report(model, exact_plain(model), input_size=32)
+    assert report['max_abs_error'] < 1e-3
+
+
+def test_latency_comparison_needs_a_timed_repeat():
+    from jointrd_timm.deploy.latency import compare_latency
+    with pytest.raises(ValueError, match=r'repeats >= 1 and warmup >= 0 \(got 0, 5\)'):
+        compare_latency({'a': lambda: None}, repeats=0)
+    assert compare_latency({'a': lambda: None}, repeats=3, warmup=0)['a']['samples'] == 3

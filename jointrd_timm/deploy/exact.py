@@ -38,6 +38,7 @@ from timm.layers import DropBlock2d, DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ..errors import JointRDError
+from ..io import input_channels
 from ..twins import get_rule, shortcut_additions
 from ..twins.summary import count_flops
 from ..twins.verify import NOT_SHORTCUT_CLASSES
@@ -366,6 +367,7 @@ def exact_conversion_report(model: nn.Module, plain: nn.Module, input_size: Opti
     difference of their outputs on one random input (``model`` BN-folded, as deployed; the relative error divides
     it by the largest output). ``input_size``: the side of the square input (default: the model's config)."""
     chans, height, width = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))
+    chans = input_channels(model) or chans  # a model built with in_chans other than its config's
     if input_size:
         height = width = input_size
     x = torch.randn(2, chans, height, width, generator=torch.Generator().manual_seed(seed))

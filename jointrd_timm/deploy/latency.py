@@ -21,6 +21,9 @@ def compare_latency(runners: Dict[str, Callable[[], object]], repeats: int = 30,
     step: autograd stays on), run interleaved. ``clock``: wall time by default; ``time.process_time`` counts the
     CPU time of this process instead (all its threads), which other jobs on a shared machine barely change.
     Returns name -> dict(median_ms, iqr_ms, samples, times_ms), ``times_ms`` the samples in round order."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f'compare_latency needs repeats >= 1 and warmup >= 0 (got {repeats}, {warmup}): the medians '
+                         'are of the timed repeats.')
     names = list(runners)
     with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
