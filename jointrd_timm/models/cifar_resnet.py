@@ -61,6 +61,8 @@ class CifarResNet(nn.Module):
             drop_path_rate: float = 0.,
             zero_init_last: bool = True,
             norm_layer: str = 'batchnorm2d',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         norm = get_norm_layer(norm_layer)
@@ -95,6 +97,8 @@ class CifarResNet(nn.Module):
             for m in self.modules():
                 if hasattr(m, 'zero_init_last'):
                     m.zero_init_last()
+        if device is not None or dtype is not None:  # timm's create_model(..., device=, dtype=)
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):

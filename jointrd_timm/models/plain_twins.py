@@ -152,6 +152,9 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
         if not isinstance(value, (bool, np.bool_)):  # a 'yes' or a 0.5 is not read as true
             raise ValueError(f'{variant}: {name} must be true or false, got {value!r}.')
     keep_projection_shortcuts, dirac, shortcut_fade = bool(keep_projection_shortcuts), bool(dirac), bool(shortcut_fade)
+    if dirac_init is not None and not (isinstance(dirac_init, (tuple, list)) and len(dirac_init) == 2
+                                       and all(isinstance(v, (int, float)) for v in dirac_init)):
+        raise ValueError(f'{variant}: dirac_init must be two numbers, (alpha, beta), got {dirac_init!r}.')
     if dirac_init is not None and not dirac:
         raise ValueError(f'{variant}: dirac_init={dirac_init!r} sets the Dirac parametrisation\'s start; give dirac=True.')
 

@@ -135,6 +135,9 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
         The same object, now plain, with ``model.plain_report`` (:class:`PlainReport`).
     """
     model_name = type(model).__name__
+    if isinstance(getattr(model, 'plain_report', None), PlainReport):  # a family whose blocks keep their class
+        raise ValueError(f'{model_name} is already plain (it has a plain_report: a twin, or a model make_plain or '
+                         'make_fading already ran on); make_plain runs once per model.')
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     refused = []
     # blocks whose parent hands them a projection it keeps: their addition of it stays, counted as called with it

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .rules import get_rule
+from .rules import get_rule, record_model_args
 
 __all__ = ['DiracWeight', 'apply_dirac', 'check_dirac_init', 'fold_dirac', 'has_dirac', 'no_weight_decay_names',
            'DIRAC_INIT']
@@ -45,8 +45,9 @@ class DiracWeight(nn.Module):
         super().__init__()
         out_channels = weight.shape[0]
         self.register_buffer('delta', dirac_delta(weight.detach(), groups), persistent=False)
-        self.alpha = nn.Parameter(torch.full((out_channels, 1, 1, 1), alpha_init, dtype=weight.dtype))
-        self.beta = nn.Parameter(torch.full((out_channels, 1, 1, 1), beta_init, dtype=weight.dtype))
+        like = dict(dtype=weight.dtype, device=weight.device)  # beside the weight: a CUDA or meta model too
+        self.alpha = nn.Parameter(torch.full((out_channels, 1, 1, 1), alpha_init, **like))
+        self.beta = nn.Parameter(torch.full((out_channels, 1, 1, 1), beta_init, **like))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.delta + self.beta * weight
@@ -109,6 +110,7 @@ def fold_dirac(model: nn.Module) -> nn.Module:
             del module._modules['parametrizations']
             module.__class__ = original_class
             module.register_parameter('weight', nn.Parameter(effective))
+    record_model_args(model, dirac=False, dirac_init=None)
     return model
 
 

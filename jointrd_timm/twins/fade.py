@@ -23,6 +23,7 @@ deploy :func:`deployable` (fade finished, Dirac folded). This module is model su
 """
 import copy
 import inspect
+import numbers
 import operator
 from functools import lru_cache, wraps
 from typing import Optional, Sequence, Type, Union
@@ -35,7 +36,7 @@ from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_t
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import TwinGraphBlock, is_projection, graph_block, plain_class
 from .leak import restore_relus
-from .rules import dropped_scales, get_rule, handed_projections, rules
+from .rules import dropped_scales, get_rule, handed_projections, record_model_args, rules
 from .verify import _ShallowTracer, find_shortcut_additions, find_unhandled_residual_blocks, trace_block
 
 __all__ = ['FadingGraphBlock', 'make_fading', 'finish_fade', 'is_fading', 'set_shortcut_scale', 'shortcut_scale',
@@ -297,9 +298,14 @@ def set_shortcut_scale(model: nn.Module, value: Union[float, Sequence[float]]) -
     """Set ``s`` in the fading blocks of ``model``: one ``value`` for every block, or one per block in forward
     order (a staggered fade, ``methods.schedules.block_scales``)."""
     blocks = _fading_blocks(model)
-    values = [float(value)] * len(blocks) if isinstance(value, (int, float)) else list(value)
+    one = isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+    values = [float(value)] * len(blocks) if one else [float(v) for v in value]
     if len(values) != len(blocks):
         raise ValueError(f'{len(values)} shortcut scales given for {len(blocks)} fading blocks.')
+    bad = [v for v in values if not 0.0 <= v <= 1.0]  # NaN too
+    if bad:
+        raise ValueError(f'A shortcut scale s weighs the shortcut from 1 (residual) to 0 (removed): got {bad[0]!r}; '
+                         'give values in [0, 1].')
     for block, scale in zip(blocks, values):
         getattr(block, SCALE).fill_(scale)
 
@@ -403,7 +409,7 @@ def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:
     """
     if not is_fading(model):
         return restore_relus(model, force)
-    s = max(float(getattr(b, SCALE)) for b in _fading_blocks(model))
+    s = next((v for v in shortcut_scales(model) if v != 0.0), 0.0)  # any block, a NaN too
     if s != 0.0 and not force:
         raise ValueError(f'The shortcuts have not faded out (scale s = {s:.4g}, not 0): removing them would change '
                          'the outputs. Train until the fade ends (JointRDConfig.shortcut_fade <= 1) or pass force=True.')
@@ -428,9 +434,7 @@ def finish_fade(model: nn.Module, force: bool = False) -> nn.Module:
         setattr(model.get_submodule(parent_name), child_name, plain)
     _finish_unfaded_blocks(model, report)
     model.plain_report = report
-    args = getattr(model, 'pretrained_model_args', None)
-    if isinstance(args, dict) and args.get('shortcut_fade'):
-        model.pretrained_model_args = dict(args, shortcut_fade=False)
+    record_model_args(model, shortcut_fade=False)
     return model
 
 

@@ -16,7 +16,8 @@ from typing import Callable, Dict, Optional, Tuple, Type
 from torch import nn
 
 __all__ = ['ShortcutRule', 'register_rule', 'get_rule', 'rules', 'swap_rule', 'switch_rule', 'is_projection',
-           'hand_projection', 'handed_projection_child', 'handed_projections', 'drop_scales', 'dropped_scales']
+           'hand_projection', 'handed_projection_child', 'handed_projections', 'drop_scales', 'dropped_scales',
+           'record_model_args']
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,16 @@ def switch_rule(
         return False
 
     return register_rule(ShortcutRule(block_class, apply, f'`{attr}` set to {off_value!r} (timm\'s own switch)'))
+
+
+def record_model_args(model: nn.Module, **changes) -> None:
+    """Keep what ``model`` says it was built with true after it changed in place: timm's ``_model_args`` (what its
+    ``save_for_hf`` / ``push_to_hub`` write into config.json, so a reload builds the same model) and
+    ``pretrained_model_args``. Each key given and recorded takes its new value; None removes it."""
+    for attr in ('pretrained_model_args', '_model_args'):
+        args = getattr(model, attr, None)
+        if not isinstance(args, dict):
+            continue
+        new = {k: changes.get(k, v) for k, v in args.items()}
+        if new != args:
+            setattr(model, attr, {k: v for k, v in new.items() if v is not None})

@@ -1,0 +1,96 @@
+"""The twin API beyond the common path: shortcut scales that are not weights, numeric scalars of other types, Dirac
+twins built on another device, dirac_init's form, CIFAR models under timm's device / dtype arguments, make_plain on a
+twin whose blocks keep their class, and a deployed twin saved by timm's own save_for_hf."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+import jointrd_timm  # noqa: F401  (plain_* names)
+from jointrd_timm import make_plain
+from jointrd_timm.twins.fade import (SCALE, deployable, finish_fade, make_fading, set_shortcut_scale,
+                                     shortcut_scales)
+
+
+def _fading():
+    torch.manual_seed(0)
+    return make_fading(timm.create_model('resnet18', num_classes=5)).eval()
+
+
+@pytest.mark.parametrize('value', [float('nan'), 1.5, -0.1, float('inf')])
+def test_a_shortcut_scale_outside_zero_to_one_is_refused(value):
+    model = _fading()
+    with pytest.raises(ValueError, match=r'shortcut scale s weighs the shortcut from 1 .* give values in \[0, 1\]'):
+        set_shortcut_scale(model, value)
+    values = [0.5] * len(shortcut_scales(model))
+    values[-1] = value
+    with pytest.raises(ValueError, match=r'give values in \[0, 1\]'):
+        set_shortcut_scale(model, values)
+    assert shortcut_scales(model) == [1.0] * len(values)  # nothing was set
+
+
+def test_a_shortcut_scale_may_be_any_real_scalar():
+    model = _fading()
+    for value in (np.float32(0.25), torch.tensor(0.5), np.float64(0.75), 1):
+        set_shortcut_scale(model, value)
+        assert shortcut_scales(model) == [float(value)] * len(shortcut_scales(model))
+    set_shortcut_scale(model, np.zeros(len(shortcut_scales(model))))
+    assert set(shortcut_scales(model)) == {0.0}
+
+
+def test_finish_fade_refuses_while_any_block_still_has_a_shortcut():
+    model = _fading()
+    set_shortcut_scale(model, 0.0)
+    blocks = [m for m in model.modules() if hasattr(m, SCALE)]
+    getattr(blocks[-1], SCALE).fill_(-0.5)  # below 0: the largest scale is 0, the shortcut still there
+    with pytest.raises(ValueError, match=r'scale s = -0.5, not 0'):
+        finish_fade(model)
+    getattr(blocks[-1], SCALE).fill_(float('nan'))
+    with pytest.raises(ValueError, match=r'scale s = nan, not 0'):
+        finish_fade(model)
+
+
+def test_a_dirac_twin_builds_on_the_meta_device_and_in_float64():
+    meta = timm.create_model('plain_resnet18', dirac=True, device='meta')
+    params = dict(meta.named_parameters())
+    alphas = [p for n, p in params.items() if n.endswith('alpha')]
+    assert alphas and all(p.device.type == 'meta' for p in params.values())
+    double = timm.create_model('plain_resnet18', dirac=True, dtype=torch.float64, num_classes=3).eval()
+    assert all(p.dtype == torch.float64 for p in double.parameters())
+    assert double(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize('dirac_init', [(1.0,), 0.5, (1.0, 'a'), (1.0, 0.1, 0.2)])
+def test_dirac_init_must_be_two_numbers(dirac_init):
+    with pytest.raises(ValueError, match=r'dirac_init must be two numbers, \(alpha, beta\)'):
+        timm.create_model('plain_resnet18', dirac=True, dirac_init=dirac_init)
+
+
+@pytest.mark.parametrize('name', ['resnet20_cifar', 'plain_resnet20_cifar'])
+def test_cifar_models_take_timms_device_and_dtype(name):
+    model = timm.create_model(name, dtype=torch.float64, num_classes=4).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 4)
+    meta = timm.create_model(name, device='meta')
+    assert {p.device.type for p in meta.parameters()} == {'meta'}
+
+
+@pytest.mark.parametrize('name', ['plain_regnetx_002', 'plain_resnet18'])
+def test_make_plain_refuses_a_twin_whatever_its_blocks_class(name):
+    twin = timm.create_model(name)
+    with pytest.raises(ValueError, match='is already plain'):
+        make_plain(twin)
+
+
+def test_a_deployed_twin_saved_by_timms_own_save_for_hf_loads_back(tmp_path):
+    from timm.models import save_for_hf
+    torch.manual_seed(0)
+    fading = timm.create_model('plain_resnet18', shortcut_fade=True, dirac=True, num_classes=3).eval()
+    set_shortcut_scale(fading, 0.0)
+    deployed = deployable(fading)
+    save_for_hf(deployed, str(tmp_path / 'saved'), safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path / "saved"}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), deployed(x))
+    assert not any(n.endswith(('alpha', 'beta')) for n, _ in loaded.named_parameters())
