@@ -91,6 +91,9 @@ def alternatives_lines() -> list:
     return lines
 
 
+FROZEN_TEACHER_EVAL = '2026-12-06'  # from this date the runner puts a frozen KD / FitNets teacher in eval mode
+
+
 def zoo_lines() -> list:
     record = _load('cifar10_zoo')
     if record is None:
@@ -99,6 +102,11 @@ def zoo_lines() -> list:
     lines = ['', '## Distillation methods on one pair ([cifar10_zoo.md](cifar10_zoo.md))', '',
              f'Budget: {record["meta"]["budget"]}; one seed.', '', '| method | test acc % |', '|---|---|']
     lines += [f'| {label} | {r["test_acc"]:.2f} |' for label, r in rows.items()]
+    if record['meta'].get('date', '') < FROZEN_TEACHER_EVAL:
+        lines += ['', f'Recorded before {FROZEN_TEACHER_EVAL}, when the runner left the frozen teacher of the KD and '
+                  'FitNets rows in train mode (soft targets and hints from batch statistics, its BatchNorm statistics '
+                  'drifting): read those two rows as stale until they run again (`python benchmarks/accuracy.py '
+                  'subset --question zoo`).']
     return lines
 
 

@@ -412,3 +412,33 @@ def test_a_multi_stage_run_resumed_in_its_second_stage_equals_the_uninterrupted_
     assert resumed['test_acc'] == full['test_acc']
     lrs = [json.loads(line)['lr'] for line in (tmp_path / 'cut' / 'metrics.jsonl').read_text().splitlines()]
     assert len(lrs) == 4 and lrs[2] == pytest.approx(lrs[0] / 10)  # stage 2 at its own lr, after the resume too
+
+
+@pytest.mark.parametrize('method', ['kd', 'fitnets'])
+def test_a_frozen_teachers_outputs_come_from_its_running_statistics(tmp_path, monkeypatch, method):
+    """KD and FitNets: the frozen teacher runs in eval mode (torchdistill puts only the student in train mode), so
+    its BatchNorm statistics never move and its soft targets do not depend on the batch."""
+    import timm
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.training import runner
+    from jointrd_timm.training.configs import make_config
+    from jointrd_timm.training.data import load_image_dataset
+    torch.manual_seed(0)
+    teacher = timm.create_model('resnet20_cifar', num_classes=10, in_chans=1)
+    folder = save_trained_model(teacher, tmp_path / 'teacher')
+    kwargs = dict(model_name='resnet20_cifar', num_classes=10, in_chans=1)
+    data = dict(source='sklearn:digits', transform='tensor', input_size=8, channels=1)
+    config = make_config(load_image_dataset(split='train', limit=64, **data),
+                         load_image_dataset(split='test', limit=32, **data),
+                         dict(key='timm_model', kwargs=dict(kwargs, model_name='plain_resnet20_cifar')), method,
+                         dict(key='timm_model', kwargs=dict(kwargs, checkpoint=str(folder / 'model.safetensors'))),
+                         epochs=2, batch_size=16, lr=0.05)
+    built = {}
+    build = runner._build_model
+    monkeypatch.setattr(runner, '_build_model', lambda cfg, name='model': built.setdefault(name, build(cfg, name)))
+    train(config, output_dir=str(tmp_path / 'run'), device='cpu')
+    frozen = built['teacher_model']
+    assert not frozen.training
+    before = load_file(str(folder / 'model.safetensors'))
+    after = frozen.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # running statistics included

@@ -295,6 +295,10 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     set_scheduler_run_length(box.lr_scheduler, len(box.train_data_loader), num_epochs,
                              getattr(box, 'grad_accum_step', 1))
     box.pre_epoch_process(epoch=epoch)
+    if getattr(box, 'teacher_updatable', None) is False:
+        # a frozen teacher (KD, FitNets) answers from its running statistics: torchdistill's pre-epoch process puts
+        # the student in train mode and leaves the teacher as built, in train mode (batch statistics, drifting)
+        box.teacher_model.eval()
     if hasattr(box.train_data_loader, 'set_epoch'):  # the shuffle order depends on (seed, epoch) only
         box.train_data_loader.set_epoch(epoch)
     loss_sum, correct, seen = 0.0, 0, 0
