@@ -22,7 +22,8 @@ def test_logit_discriminator_shapes_and_structure():
     assert cls.shape == (5, 10) and adv.shape == (5, 2)
     assert len(d.blocks) == 3 and d.head.out_features == 12
     block = d.blocks[0].body
-    assert [type(m).__name__ for m in block] == ['BatchNorm1d', 'ReLU', 'Linear', 'Dropout'] and block[3].p == 0.3
+    kinds = (torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear, torch.nn.Dropout)
+    assert len(block) == 4 and all(isinstance(m, kind) for m, kind in zip(block, kinds)) and block[3].p == 0.3
     d.eval()
     x = torch.randn(3, 10)
     # identity skip: with the residual body zeroed, the blocks pass the normalised input through unchanged
@@ -178,3 +179,23 @@ def test_replica_divergence_sees_processes_that_drift_apart(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     same, drifted = [float(x) for x in result.stdout.split('RESULT')[1].split()[:2]]
     assert same == 0.0 and drifted == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize('method', ['cakd', 'aps'])
+def test_a_batch_of_one_trains_and_leaves_the_discriminators_statistics_alone(method):
+    """A loader's last, partial batch can hold one sample: the discriminator's BatchNorm1d then normalises with its
+    running statistics (a single sample has no batch statistics) and both sides still take their step."""
+    torch.manual_seed(0)
+    teacher, student = timm.create_model('resnet20_cifar', num_classes=10), timm.create_model('plain_resnet20_cifar', num_classes=10)
+    model = ConditionalAdversarialKD(student, teacher, 10) if method == 'cakd' else \
+        AdversarialPortableStudent(student, teacher, label_head=True)
+    model.train()
+    model(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))  # running statistics of a full batch first
+    stats = {k: v.clone() for k, v in model.adversarial.state_dict().items() if 'running' in k}
+    d = _snapshot(model.adversarial)
+    out = model(torch.randn(1, 3, 32, 32), torch.tensor([3]))
+    assert torch.isfinite(out['loss'])
+    out['loss'].backward()
+    assert all(torch.equal(model.adversarial.state_dict()[k], v) for k, v in stats.items())
+    moved = [k for k in _changed(d, model.adversarial) if 'running' not in k and 'num_batches' not in k]
+    assert moved, 'the discriminator did not take its step on the batch of one'

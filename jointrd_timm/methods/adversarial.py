@@ -43,10 +43,20 @@ __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 
 REAL, FAKE = 0, 1  # indices of the 2-way real/fake output
 
 
+class _BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that takes a batch of one sample in train mode (a loader's last, partial batch): normalised with
+    its running statistics, which it leaves as they are (batch statistics of one sample are undefined)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class _ResidualMLPBlock(nn.Module):
     def __init__(self, dim: int, dropout: float):
         super().__init__()
-        self.body = nn.Sequential(nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.body = nn.Sequential(_BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -58,7 +68,7 @@ class LogitDiscriminator(nn.Module):
     def __init__(self, num_classes: int, depth: int = 3, dropout: float = 0.3):
         super().__init__()
         self.num_classes = num_classes
-        self.input_norm = nn.BatchNorm1d(num_classes)
+        self.input_norm = _BatchNorm1d(num_classes)
         self.blocks = nn.Sequential(*[_ResidualMLPBlock(num_classes, dropout) for _ in range(depth)])
         self.head = nn.Linear(num_classes, num_classes + 2)
 
@@ -104,8 +114,8 @@ class FeatureDiscriminator(nn.Module):
 
     def __init__(self, in_features: int, hidden: int = 256, num_classes: int = 0):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2),
-                                  nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2))
+        self.body = nn.Sequential(nn.Linear(in_features, hidden), _BatchNorm1d(hidden), nn.LeakyReLU(0.2),
+                                  nn.Linear(hidden, hidden), _BatchNorm1d(hidden), nn.LeakyReLU(0.2))
         self.real_fake = nn.Linear(hidden, 1)
         self.label_head = nn.Linear(hidden, num_classes) if num_classes > 0 else None
 
