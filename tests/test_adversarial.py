@@ -199,3 +199,17 @@ def test_a_batch_of_one_trains_and_leaves_the_discriminators_statistics_alone(me
     assert all(torch.equal(model.adversarial.state_dict()[k], v) for k, v in stats.items())
     moved = [k for k in _changed(d, model.adversarial) if 'running' not in k and 'num_batches' not in k]
     assert moved, 'the discriminator did not take its step on the batch of one'
+
+
+def test_aps_sizes_its_adapter_and_discriminator_from_the_pooled_features_width():
+    """MobileNetV3's head has its own conv: forward_head(pre_logits=True) is 1280 wide where num_features is 960."""
+    torch.manual_seed(0)
+    teacher = timm.create_model('mobilenetv3_large_100', num_classes=10)
+    student = timm.create_model('plain_mobilenetv3_small_100', num_classes=10)
+    assert teacher.num_features != teacher.head_hidden_size
+    model = AdversarialPortableStudent(student, teacher).train()
+    assert model.adapter.in_features == student.head_hidden_size
+    assert model.adapter.out_features == teacher.head_hidden_size
+    out = model(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
+    out['loss'].backward()
+    assert torch.isfinite(out['loss'])

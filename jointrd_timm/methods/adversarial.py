@@ -249,7 +249,8 @@ class AdversarialPortableStudent(_TeacherStudent):
         check_number(hidden, 'AdversarialPortableStudent: hidden', 1, integer=True)
         check_flag(label_head, 'AdversarialPortableStudent: label_head')
         super().__init__(student, teacher, num_epochs, steps_per_epoch)
-        s_dim, t_dim = student.num_features, teacher.num_features
+        # the width forward_head(pre_logits=True) returns: past a head's own layers (MobileNetV3's 1280, not 960)
+        s_dim, t_dim = (getattr(m, 'head_hidden_size', None) or m.num_features for m in (student, teacher))
         self.adapter = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
         self.adversarial_weight, self.kd_weight, self.kd_temperature = adversarial_weight, kd_weight, kd_temperature
         num_classes = getattr(teacher, 'num_classes', 0) if label_head else 0
