@@ -147,6 +147,26 @@ def test_checkpoint_roundtrip_restores_optimizer_scheduler_rng(tmp_path):
         assert torch.equal(p['momentum_buffer'], q['momentum_buffer'])
 
 
+def test_checkpoint_keeps_each_gpus_rng_state_once_cuda_is_in_use(tmp_path, monkeypatch):
+    """Dropout and drop-path on a GPU draw from its own generator: saved per device, restored when the same number
+    of devices is there (this machine has none: torch.cuda's calls are stood in for)."""
+    states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: states)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', restored.extend)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    model = torch.nn.Linear(2, 2)
+    path = save_checkpoint(tmp_path / 'c.safetensors', model, epoch=1)
+    load_checkpoint(path, torch.nn.Linear(2, 2))
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, states))
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # another machine: the CPU state only
+    load_checkpoint(path, torch.nn.Linear(2, 2))
+    assert restored == []
+
+
 def test_atomic_write_leaves_nothing_half_written(tmp_path):
     target = tmp_path / 'w.safetensors'
     target.write_bytes(b'old')

@@ -3,10 +3,11 @@ refuses pickles).
 
 A training checkpoint is ONE .safetensors file: the model's tensors under ``model.``, every optimizer's tensors
 under ``optimizer.<name>.``, the state of side modules (e.g. a weight average) under ``module.<name>.``, the torch
-RNG state under ``rng.torch``, and the rest (epoch, optimizer structure, scheduler state, Python/NumPy RNG, user
-extras) as JSON in the safetensors metadata. It is written to a temporary file beside the target and moved into
-place with ``os.replace``, so a crash never leaves a half-written file (the temporary file a kill leaves behind is
-removed by the next run into the folder, see ``run_folder``).
+RNG state under ``rng.torch`` (each GPU's under ``rng.cuda.<i>`` once CUDA is in use), and the rest (epoch,
+optimizer structure, scheduler state, Python/NumPy RNG, user extras) as JSON in the safetensors metadata. It is
+written to a temporary file beside the target and moved into place with ``os.replace``, so a crash never leaves a
+half-written file (the temporary file a kill leaves behind is removed by the next run into the folder, see
+``run_folder``).
 
 Pickles are refused everywhere except :func:`convert_checkpoint`, which reads one with ``torch.load(...,
 weights_only=True)`` (tensors and plain containers only, no code) to turn a torchdistill checkpoint into safetensors.
@@ -80,6 +81,8 @@ def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dic
         if scheduler is not None:
             sched_meta[name] = _json_safe(scheduler.state_dict())
     tensors['rng.torch'] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout, drop-path on the GPU draw from these
+        tensors.update({f'rng.cuda.{i}': state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     np_state = np.random.get_state()
     metadata = dict(format=FORMAT, epoch=str(epoch), optimizers=json.dumps(optim_meta),
                     schedulers=json.dumps(sched_meta), extra=json.dumps(extra or {}),
@@ -115,6 +118,9 @@ def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
             scheduler.__dict__.update(sched_meta[name])
     if restore_rng:
         torch.set_rng_state(tensors['rng.torch'])
+        cuda = [tensors[f'rng.cuda.{i}'] for i in range(sum(k.startswith('rng.cuda.') for k in tensors))]
+        if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
         py_state = json.loads(metadata['rng_python'])
         random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
         np_state = json.loads(metadata['rng_numpy'])
