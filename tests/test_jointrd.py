@@ -345,3 +345,16 @@ def test_jointrd_takes_its_config_as_a_dict_and_refuses_other_types():
         JointRD(twin, teacher, dict(nosuch=1))
     with pytest.raises(TypeError, match='JointRD config must be a JointRDConfig or a dict of its fields, got int'):
         JointRD(twin, teacher, 5)
+
+
+def test_a_teacher_given_no_weights_is_warned_about(tmp_path):
+    import warnings
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.integrations.torchdistill import jointrd_model
+    kwargs = dict(model_name='resnet20_cifar', num_classes=10)
+    with pytest.warns(UserWarning, match=r'The teacher resnet20_cifar is given no weights .* randomly initialised'):
+        jointrd_model(kwargs)
+    folder = save_trained_model(timm.create_model('resnet20_cifar', num_classes=10), tmp_path / 't')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        jointrd_model(dict(kwargs, checkpoint=str(folder)))

@@ -90,6 +90,12 @@ def jointrd_model(teacher: Dict, student: Optional[Dict] = None, jointrd: Option
 
 def _teacher_and_student(teacher: Dict, student: Optional[Dict], **student_kwargs):
     """The teacher and the student of a YAML's kwargs (``student_kwargs`` added to the student's)."""
+    name = str(teacher.get('model_name', ''))
+    if not (teacher.get('checkpoint') or teacher.get('pretrained') or name.lower().startswith(('hf-hub', 'hf_hub',
+                                                                                               'local-dir'))):
+        warnings.warn(f'The teacher {name} is given no weights (no checkpoint, pretrained or hub id): the student '
+                      'learns from a randomly initialised network. Give its weights (teacher kwargs: '
+                      'checkpoint=PATH, or pretrained=true with a name.tag).', stacklevel=2)
     teacher_model = timm_model(**teacher)
     if student is None:
         student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
