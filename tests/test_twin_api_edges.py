@@ -94,3 +94,12 @@ def test_a_deployed_twin_saved_by_timms_own_save_for_hf_loads_back(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), deployed(x))
     assert not any(n.endswith(('alpha', 'beta')) for n, _ in loaded.named_parameters())
+
+
+def test_the_fade_api_is_reachable_from_the_package():
+    names = ('make_fading', 'set_shortcut_scale', 'shortcut_scales', 'finish_fade', 'is_fading', 'NotResidualError',
+             'UnsupportedBlockError')
+    assert all(name in jointrd_timm.__all__ and hasattr(jointrd_timm, name) for name in names)
+    model = jointrd_timm.make_fading(timm.create_model('resnet18', num_classes=3))
+    jointrd_timm.set_shortcut_scale(model, 0.0)
+    assert jointrd_timm.is_fading(model) and not jointrd_timm.is_fading(jointrd_timm.finish_fade(model))
