@@ -103,3 +103,13 @@ def test_the_fade_api_is_reachable_from_the_package():
     model = jointrd_timm.make_fading(timm.create_model('resnet18', num_classes=3))
     jointrd_timm.set_shortcut_scale(model, 0.0)
     assert jointrd_timm.is_fading(model) and not jointrd_timm.is_fading(jointrd_timm.finish_fade(model))
+
+
+def test_a_feature_twin_carries_its_own_config_and_the_tag_asked_for():
+    features = timm.create_model('plain_resnet18', features_only=True)
+    assert features.pretrained_cfg['architecture'] == 'plain_resnet18' and 'num_classes' not in features.pretrained_cfg
+    tagged = timm.create_model('plain_resnet18.tv_in1k', features_only=True)
+    expected = timm.models.get_pretrained_cfg('resnet18.tv_in1k').to_dict()
+    assert tagged.pretrained_cfg['tag'] == 'tv_in1k' and tagged.pretrained_cfg['architecture'] == 'plain_resnet18'
+    assert tagged.pretrained_cfg['input_size'] == expected['input_size']
+    assert tagged.pretrained_cfg.get('test_input_size') == expected.get('test_input_size')

@@ -183,6 +183,9 @@ def create_twin(teacher: str, variant: str, pretrained: bool = False, **kwargs):
                                pretrained_cfg_overlay=overlay, **twin_args, **model_kwargs)
             _copy_weights_into_feature_net(full, features)
             features.pretrained_cfg = _feature_cfg(full.pretrained_cfg)
+        else:  # the twin's own cfg (its name, the tag asked for), not the teacher's default that build_twin left
+            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+            features.pretrained_cfg = _feature_cfg(cfg.to_dict())
         return features
     try:
         model = build_model_with_cfg(build_twin, variant, pretrained, pretrained_filter_fn=pretrained_teacher_filter,
