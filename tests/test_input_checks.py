@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 import timm
+import torch
 
 from conftest import tiny_yaml
 from jointrd_timm.cli import build_parser, main
@@ -81,6 +82,7 @@ def test_eval_on_a_folder_without_the_split_names_the_splits_it_has(tmp_path, ca
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "has no split 'test'" in err and "'train'" in err and '--split' in err
+    assert 'put them in train/ and test/ subfolders' in err
     assert main(argv + ['--split', 'train']) == 0
     assert 'on 4 images' in capsys.readouterr().out
 
@@ -152,3 +154,20 @@ def test_a_config_given_to_train_in_python_is_checked_as_a_yaml_is(tmp_path):
     assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
     config['models'] = models
     assert train(config, output_dir=str(tmp_path / 'c'), device='cpu')['test_acc'] >= 0
+
+
+def test_distill_augments_the_train_set_and_not_the_test_set_whatever_their_splits_are_called():
+    from jointrd_timm.training.distill_inputs import dataset_kwargs
+    sets = dataset_kwargs('/data', 3, 32, 'cifar', None, None, 'training', 'train', 0.0, None)
+    assert sets['train']['train'] is True and sets['test']['train'] is False
+    usual = dataset_kwargs('/data', 3, 32, 'cifar', None, None, 'train', 'test', 0.0, None)
+    assert 'train' not in usual['train'] and 'train' not in usual['test']  # the names say it: the YAML unchanged
+    from jointrd_timm.training.data import load_image_dataset
+    digits = dict(source='sklearn:digits', transform='cifar', input_size=16, channels=1)
+    augmented = load_image_dataset(split='test', train=True, **digits)
+    plain = load_image_dataset(split='test', **digits)
+    torch.manual_seed(0)
+    drawn = torch.stack([augmented[0][0] for _ in range(8)])
+    assert drawn.std(0).max() > 0  # random crops / flips on a set read as a train set
+    fixed = torch.stack([plain[0][0] for _ in range(8)])
+    assert fixed.std(0).max() == 0  # the same image every time on a test set

@@ -224,8 +224,10 @@ def _load(source: str, split: str, config_name: Optional[str]):
     except ValueError as e:
         if 'Unknown split' not in str(e):
             raise
+        folder = ' An image folder of class subfolders alone has only a train split: put them in train/ and test/ ' \
+            'subfolders to give it a test split.' if 'data_dir' in kwargs else ''
         raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (--split, --train-split, '
-                         '--test-split), or hold part of its train split out (distill: --val-fraction).') from e
+                         f'--test-split).{folder}') from e
 
 
 def find_columns(data, image_column: Optional[str], label_column: Optional[str], where: str) -> Tuple[str, str]:

@@ -181,6 +181,11 @@ def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, 
     common = dict(source=str(local.resolve()) if local.exists() else source, transform=transform,
                   input_size=input_size, channels=channels, image_column=image_column, label_column=label_column)
     sets = dict(train=dict(common, split=train_split), test=dict(common, split=test_split))
+    # augmented or not by role, whatever the splits are called (load_image_dataset goes by the name 'train')
+    if train_split != 'train':
+        sets['train']['train'] = True
+    if test_split == 'train':
+        sets['test']['train'] = False
     if val_fraction:
         sets['train'].update(validation_fraction=val_fraction, part='train')
         sets['val'] = dict(common, split=train_split, train=False, validation_fraction=val_fraction, part='val')
