@@ -171,3 +171,25 @@ def test_distill_augments_the_train_set_and_not_the_test_set_whatever_their_spli
     assert drawn.std(0).max() > 0  # random crops / flips on a set read as a train set
     fixed = torch.stack([plain[0][0] for _ in range(8)])
     assert fixed.std(0).max() == 0  # the same image every time on a test set
+
+
+def test_distill_refuses_test_labels_that_mean_other_classes_than_the_train_labels():
+    import datasets
+    from PIL import Image
+    from jointrd_timm.training.data import HFImageDataset
+    from jointrd_timm.training.distill import DistillError
+    from jointrd_timm.training.distill_inputs import check_splits_agree
+
+    def split(names, labels):
+        features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+        data = datasets.Dataset.from_dict(dict(image=[Image.new('RGB', (4, 4))] * len(labels), label=labels),
+                                          features=features)
+        return HFImageDataset(data, lambda image: image, 'image', 'label', 'RGB')
+    train = split(['cat', 'dog', 'fox'], [0, 1, 2])
+    check_splits_agree(dict(train=train, test=split(['cat', 'dog', 'fox'], [2, 0])))  # the same classes: fine
+    with pytest.raises(DistillError, match=r"The test split names its classes \['cat', 'fox'\]\.\.\., the train "
+                                           r"split \['cat', 'dog', 'fox'\]"):
+        check_splits_agree(dict(train=train, test=split(['cat', 'fox'], [0, 1])))  # dog missing: fox is 1 here
+    plain = datasets.Dataset.from_dict(dict(image=[Image.new('RGB', (4, 4))] * 2, label=[0, 3]))
+    with pytest.raises(DistillError, match=r"The val split has labels up to 3, beyond the train split's 3 classes"):
+        check_splits_agree(dict(train=train, val=HFImageDataset(plain, None, 'image', 'label', 'RGB')))

@@ -40,7 +40,8 @@ from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warnin
 from .configs import build_config, to_yaml
 from .data import DatasetColumnError, dataset_data_cfg, find_columns
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
-                             check_twin, command_line, dataset_kwargs, load_datasets, setting_schedule, specs)
+                             check_splits_agree, check_twin, command_line, dataset_kwargs, load_datasets,
+                             setting_schedule, specs)
 from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
 # names that moved to configs.py, distill_inputs.py and teachers.py, still importable from here
 from .configs import DATASET_LOADER  # noqa: F401,E402
@@ -157,6 +158,7 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     sets = dataset_kwargs(data.source, channels, input_size, transform, data.image_column, data.label_column,
                           data.train_split, data.test_split, data.val_fraction, data.limit)
     datasets = load_datasets(sets)
+    check_splits_agree(datasets)
     data_classes = datasets['train'].num_classes
     reinit = check_classes(resolved, data_classes, num_classes, data.source)
     schedule = setting_schedule(data.source, input_size)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from .teachers import Teacher
 
 __all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'command_line', 'check_positive', 'check_output',
-           'check_twin', 'check_pair', 'check_classes', 'dataset_kwargs', 'load_datasets', 'setting_schedule']
+           'check_twin', 'check_pair', 'check_classes', 'check_splits_agree', 'dataset_kwargs', 'load_datasets',
+           'setting_schedule']
 
 
 class DistillError(JointRDError, ValueError):
@@ -205,6 +206,27 @@ def load_datasets(kwargs: Dict[str, Dict]) -> Dict:
     for name, dataset in loaded.items():  # the columns found, named in the YAML and the card
         kwargs[name].update(image_column=dataset.image_column, label_column=dataset.label_column)
     return loaded
+
+
+def check_splits_agree(loaded: Dict) -> None:
+    """The test (and held-out) labels index the train split's classes: the same class names where both name them
+    (a ClassLabel encoded per split numbers the classes of each split on its own), and no label beyond the train
+    split's classes. Otherwise accuracy compares predictions with labels of other classes, without an error."""
+    train = loaded['train']
+
+    def names(dataset):
+        return getattr(dataset.data.features[dataset.label_column], 'names', None)
+    for part in [p for p in ('test', 'val') if p in loaded]:
+        other = loaded[part]
+        if names(train) and names(other) and names(train) != names(other):
+            raise DistillError(f'The {part} split names its classes {names(other)[:6]}..., the train split '
+                               f'{names(train)[:6]}...: one label means another class in each. Encode the label '
+                               'column once over all splits (datasets.DatasetDict.class_encode_column gives each '
+                               'split its own numbering; cast every split to one ClassLabel instead).')
+        if other.num_classes > train.num_classes:
+            raise DistillError(f'The {part} split has labels up to {other.num_classes - 1}, beyond the train split\'s '
+                               f'{train.num_classes} classes; its images of those classes cannot be predicted. Give '
+                               'splits with the same classes.')
 
 
 def setting_schedule(source: str, input_size: int) -> Schedule:
