@@ -131,6 +131,11 @@ def _check_folder(folder: Path) -> None:
 _SOURCE_PREFIXES = ('hf-hub', 'local-dir')  # timm's sources; it also reads hf_hub: and any case
 
 
+def _model_folder(path: Path) -> Path:
+    """The Hub-format folder of a folder given as a model: a runner output folder's ``model/``, else itself."""
+    return path / 'model' if (path / 'model' / 'config.json').is_file() else path
+
+
 def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
     ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
@@ -153,7 +158,7 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
         raise InputError(f'No folder {str(path)!r}: give a runner output folder, a Hub-format folder, a model name '
                          '(name.tag) or hf-hub:org/name.')
     if path.is_dir():
-        folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
+        folder = _model_folder(path)
         _check_folder(folder)
         spec, source = f'local-dir:{folder}', True
     pretrained = source or '.' in spec
@@ -185,7 +190,7 @@ def saved_beside(spec: str) -> Dict:
     path = Path(local).expanduser()
     if not path.is_dir():
         return {}
-    folder = path / 'model' if (path / 'model' / 'config.json').is_file() else path
+    folder = _model_folder(path)
     found = {}
     if (folder / 'README.md').is_file():
         found['model_card'] = (folder / 'README.md').read_text()
