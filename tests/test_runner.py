@@ -442,3 +442,35 @@ def test_a_frozen_teachers_outputs_come_from_its_running_statistics(tmp_path, mo
     before = load_file(str(folder / 'model.safetensors'))
     after = frozen.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # running statistics included
+
+
+def test_a_resumed_run_continues_the_loss_scale_of_its_grad_scaler(tmp_path, monkeypatch):
+    """fp16 on a GPU scales the loss by a GradScaler whose scale it learns; a resume must continue that scale, not
+    restart it at 65536 (CPU accelerate has no scaler: one for CPU is given here, growing every step)."""
+    import jointrd_timm.training.runner as runner_module
+    made = runner_module._make_accelerator
+
+    def with_scaler(runner, device_type):
+        accelerator = made(runner, device_type)
+        accelerator.scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 4, growth_interval=1)
+        return accelerator
+
+    monkeypatch.setattr(runner_module, '_make_accelerator', with_scaler)
+    yaml = tiny_yaml(tmp_path, epochs=2, limit=32)
+    full = tmp_path / 'full'
+    train(load_config(yaml), output_dir=str(full), device='cpu')
+    cut = tmp_path / 'cut'
+    train(load_config(yaml, ['train.num_epochs=1']), output_dir=str(cut), device='cpu')
+    (cut / 'final.json').unlink()  # as if stopped after its first epoch's checkpoint
+    train(load_config(yaml), output_dir=str(cut), device='cpu', resume=True)
+    scales = [json.loads(load_file_metadata(folder / 'last.safetensors')['extra'])['grad_scaler']['scale']
+              for folder in (full, cut)]
+    # 32 images at batch 16: 2 steps an epoch, the scale doubling at each: 2^4 * 2^4 after both epochs
+    assert scales == [2.0 ** 8, 2.0 ** 8]
+    assert max_diff(weights(full), weights(cut)) < 1e-5
+
+
+def load_file_metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        return f.metadata()

@@ -4,7 +4,7 @@ refuses pickles).
 A training checkpoint is ONE .safetensors file: the model's tensors under ``model.``, every optimizer's tensors
 under ``optimizer.<name>.``, the state of side modules (e.g. a weight average) under ``module.<name>.``, the torch
 RNG state under ``rng.torch`` (each GPU's under ``rng.cuda.<i>`` once CUDA is in use), and the rest (epoch,
-optimizer structure, scheduler state, Python/NumPy RNG, user extras) as JSON in the safetensors metadata. It is
+optimizer structure, scheduler state, Python/NumPy RNG, user extras such as the runner's fp16 loss scale) as JSON in the safetensors metadata. It is
 written to a temporary file beside the target and moved into place with ``os.replace``, so a crash never leaves a
 half-written file (the temporary file a kill leaves behind is removed by the next run into the folder, see
 ``run_folder``).

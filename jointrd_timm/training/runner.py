@@ -264,6 +264,9 @@ def _resume(run: _Run) -> None:
         run.box.stage_grad_count = state['extra']['grad_count']
     if 'grads' in state['modules']:
         PendingGrads(run.module).load_state_dict(state['modules']['grads'])
+    scaler = getattr(run.accelerator, 'scaler', None)
+    if scaler is not None and 'grad_scaler' in state['extra']:  # else (bf16, CPU, older checkpoint) it starts anew
+        scaler.load_state_dict(state['extra']['grad_scaler'])
     done = state['epoch'] + 1
     if done > run.box.num_epochs:
         raise ConfigError(f'{run.folder.checkpoint} holds {done} epochs, more than train.num_epochs='
@@ -401,8 +404,10 @@ def _save_epoch(run: _Run, epoch: int, record: Dict) -> None:
         modules = dict(ema=run.ema) if ema else {}
         if pending:
             modules['grads'] = PendingGrads(run.module)
+        scaler = getattr(run.accelerator, 'scaler', None)  # fp16 on a GPU: the loss scale it has learnt
+        scaled = dict(grad_scaler=scaler.state_dict()) if scaler is not None else {}
         save_checkpoint(folder.checkpoint, run.module, epoch, run.optimizers, run.schedulers,
-                        extra=dict(history=run.history, grad_count=count, **ema), modules=modules or None)
+                        extra=dict(history=run.history, grad_count=count, **ema, **scaled), modules=modules or None)
     except OSError as e:
         kept = checkpoint_epochs(folder.checkpoint)
         raise RunFolderError(f'Could not write the checkpoint of epoch {epoch + 1} to {folder.checkpoint} '
