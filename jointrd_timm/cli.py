@@ -232,8 +232,12 @@ def _eval(args) -> int:
     for option in ('image_column', 'label_column') + (('input_size',) if 'data_cfg' not in kwargs else ()):
         if getattr(args, option):
             kwargs[option] = getattr(args, option)
+    where = args.split
+    if args.test_fraction:  # the test set jointrd distill --test-fraction carved from this split
+        kwargs.update(test_fraction=args.test_fraction, part='test')
+        where = f'the {args.test_fraction:g} of {args.split} carved out as the test set'
     result = evaluate_model(model, args.dataset, args.split, **kwargs)
-    line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {args.split})'
+    line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {where})'
     try:
         from .models.catalogue import entry
         recorded = entry(args.model)['metrics']['top1_test']
@@ -380,6 +384,9 @@ def _distill_parser(sub) -> None:
     p.add_argument('--test-split', default='test')
     p.add_argument('--val-fraction', type=float, default=0.0,
                    help='hold out this fraction of the train split for the per-epoch record (default: the test split)')
+    p.add_argument('--test-fraction', type=float, default=0.0,
+                   help='carve the test set from the train split (data without a test split, e.g. a folder of class '
+                        'subfolders alone; default 0: read --test-split)')
     p.add_argument('--limit', type=int, default=None, help='train images (a quick run; default all)')
     p.add_argument('--transform', choices=('cifar', 'imagenet', 'tensor'), default=None,
                    help="default: tensor for sklearn:digits, cifar up to 64 px, imagenet above")
@@ -461,6 +468,9 @@ def _eval_parser(sub) -> None:
     p.add_argument('model', help='registry tag, hf-hub:..., local-dir:..., or a folder')
     p.add_argument('--dataset', required=True, help='Hub id, local Hub-layout folder, image folder, sklearn:digits')
     p.add_argument('--split', default='test')
+    p.add_argument('--test-fraction', type=float, default=0.0,
+                   help="evaluate on the test set jointrd distill's --test-fraction carved from --split (the same "
+                        'images; default 0: the whole split)')
     p.add_argument('--transform', '--recipe', dest='transform', default=None, choices=('cifar', 'imagenet', 'tensor'),
                    help="evaluation transform (--recipe: its former name); default: the model's own data config "
                         "(config.json's input size, crop, interpolation, mean / std), as timm's validate.py reads it")

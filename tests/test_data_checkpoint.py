@@ -43,8 +43,10 @@ def test_hub_layout_parquet_folder_and_heldout_split(tmp_path):
     assert not as_bytes(train) & as_bytes(val)  # disjoint
     again = load_image_dataset(str(tmp_path), 'train', validation_fraction=0.25, part='val', **kwargs)
     assert as_bytes(again) == as_bytes(val)  # deterministic
-    with pytest.raises(ValueError, match='needs 0 < validation_fraction < 1'):
+    with pytest.raises(ValueError, match='needs validation_fraction above 0'):
         load_image_dataset(str(tmp_path), 'train', part='val', **kwargs)
+    with pytest.raises(ValueError, match=r'validation_fraction must be a number in \[0, 1\)'):
+        load_image_dataset(str(tmp_path), 'train', part='val', validation_fraction=1, **kwargs)
     found = load_image_dataset(str(tmp_path), 'test', recipe='cifar', input_size=8)  # its one image / label column
     assert (found.image_column, found.label_column) == ('picture', 'cls') and found[0][0].shape == test[0][0].shape
     with pytest.raises(KeyError, match=r"no column 'img'"):
@@ -211,8 +213,8 @@ def test_weight_loading_lives_in_io_and_the_checkpoint_path_is_a_deprecated_alia
 @pytest.mark.parametrize('kwargs, message', [
     (dict(source='sklearn:digits', split='val'), "splits train and test, not 'val'"),
     (dict(source='sklearn:digits', split='train', transform='jitter'), "Unknown transform 'jitter'"),
-    (dict(source='sklearn:digits', split='train', part='half'), "part must be 'all', 'train' or 'val'"),
-    (dict(source='sklearn:digits', split='train', part='val'), 'needs 0 < validation_fraction < 1'),
+    (dict(source='sklearn:digits', split='train', part='half'), "part must be 'all', 'train', 'val' or 'test'"),
+    (dict(source='sklearn:digits', split='train', part='val'), 'needs validation_fraction above 0'),
     (dict(source='sklearn:digits', split='train', channels=2), 'channels must be 1 or 3, got 2'),
 ])
 def test_rejected_dataset_arguments_are_input_errors(kwargs, message):
@@ -221,3 +223,34 @@ def test_rejected_dataset_arguments_are_input_errors(kwargs, message):
     with pytest.raises(InputError, match=message) as caught:
         load_image_dataset(**kwargs)
     assert isinstance(caught.value, ValueError)
+
+
+def _class_folders(root, classes=3, per_class=10):
+    """A folder of class subfolders alone (no train/ or test/): datasets reads it as one train split."""
+    rng = np.random.RandomState(1)
+    for c in range(classes):
+        (root / f'c{c}').mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.randint(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f'c{c}' / f'{i}.png')
+    return root
+
+
+def test_a_test_set_is_carved_from_data_without_one_apart_from_train_and_val(tmp_path):
+    root = _class_folders(tmp_path / 'photos')
+    kwargs = dict(transform='tensor', input_size=8, test_fraction=0.2)
+    parts = {part: load_image_dataset(str(root), 'train', part=part, validation_fraction=0.25, **kwargs)
+             for part in ('train', 'val', 'test')}
+    assert {k: len(v) for k, v in parts.items()} == dict(train=18, val=6, test=6)  # 30 images: 6 test, then 24 / 4
+    pixels = {k: {v.data[i]['image'].tobytes() for i in range(len(v))} for k, v in parts.items()}
+    assert len(pixels['train'] | pixels['val'] | pixels['test']) == 30  # disjoint and covering the split
+    assert all(v.num_classes == 3 for v in parts.values())  # the classes of the whole split
+    again = load_image_dataset(str(root), 'train', part='test', **kwargs)
+    assert {again.data[i]['image'].tobytes() for i in range(len(again))} == pixels['test']  # seeded
+    # without a validation carve, train is all but the test set
+    assert len(load_image_dataset(str(root), 'train', part='train', **kwargs)) == 24
+    with pytest.raises(ValueError, match='needs test_fraction above 0'):
+        load_image_dataset(str(root), 'train', part='test', transform='tensor', input_size=8)
+    with pytest.raises(ValueError, match=r'test_fraction must be a number in \[0, 1\)'):
+        load_image_dataset(str(root), 'train', part='test', transform='tensor', input_size=8, test_fraction=1.0)
+    with pytest.raises(ValueError, match=r"has no split 'test'.*--test-fraction"):
+        load_image_dataset(str(root), 'test', transform='tensor', input_size=8)

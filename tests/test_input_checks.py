@@ -82,9 +82,13 @@ def test_eval_on_a_folder_without_the_split_names_the_splits_it_has(tmp_path, ca
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "has no split 'test'" in err and "'train'" in err and '--split' in err
-    assert 'put them in train/ and test/ subfolders' in err
+    assert 'put the class folders in train/ and test/ subfolders' in err and "--test-fraction" in err
     assert main(argv + ['--split', 'train']) == 0
     assert 'on 4 images' in capsys.readouterr().out
+    assert main(argv + ['--split', 'train', '--test-fraction', '0.5']) == 0
+    assert 'on 2 images' in capsys.readouterr().out
+    assert main(argv + ['--split', 'train', '--test-fraction', '1.5']) == 1
+    assert 'test_fraction must be a number in [0, 1)' in capsys.readouterr().err
 
 
 def test_eval_refuses_a_transform_that_digits_are_not_read_with(capsys):
@@ -193,3 +197,48 @@ def test_distill_refuses_test_labels_that_mean_other_classes_than_the_train_labe
     plain = datasets.Dataset.from_dict(dict(image=[Image.new('RGB', (4, 4))] * 2, label=[0, 3]))
     with pytest.raises(DistillError, match=r"The val split has labels up to 3, beyond the train split's 3 classes"):
         check_splits_agree(dict(train=train, val=HFImageDataset(plain, None, 'image', 'label', 'RGB')))
+
+
+def test_distill_carves_its_test_set_from_a_folder_of_class_subfolders_alone(tmp_path):
+    from test_data_checkpoint import _class_folders
+    from jointrd_timm.training.distill import DistillError, plan_distill
+    root = _class_folders(tmp_path / 'photos', classes=3, per_class=10)
+    with pytest.raises(DistillError, match=r"has no split 'test'.*--test-fraction"):
+        plan_distill('resnet20_cifar', str(root), str(tmp_path / 'a'), epochs=1, input_size=8)
+    plan = plan_distill('resnet20_cifar', str(root), str(tmp_path / 'b'), epochs=1, input_size=8, test_fraction=0.2,
+                        val_fraction=0.25)
+    sizes = {k: len(v) for k, v in plan.datasets.items()}
+    assert sizes == dict(train=18, val=6, test=6)
+    test = plan.data['test']  # read from the train split, without augmentation
+    assert (test['split'], test['part'], test['train'], test['test_fraction']) == ('train', 'test', False, 0.2)
+    assert '--test-fraction 0.2' in plan.command  # the recorded command plans the same run again
+    for options, message in ((dict(test_fraction=1.0), '--test-fraction must be at least 0 and below 1'),
+                             (dict(test_fraction=0.2, test_split='val'), '--test-split .val. would not be read'),
+                             (dict(test_fraction=0.5, val_fraction=0.9), 'leave less than 5 %')):
+        with pytest.raises(DistillError, match=message):
+            plan_distill('resnet20_cifar', str(root), str(tmp_path / 'c'), epochs=1, input_size=8, **options)
+    assert not (tmp_path / 'c').exists()
+
+
+def test_a_twin_distilled_on_a_carved_test_set_is_evaluated_on_the_same_images_by_its_cards_command(tmp_path, capsys):
+    import json
+    import re
+    from test_data_checkpoint import _class_folders
+    from jointrd_timm.training.distill import run_distill
+    root = _class_folders(tmp_path / 'photos', classes=3, per_class=10)
+    out = tmp_path / 'run'
+    run_distill('resnet20_cifar', str(root), str(out), epochs=1, input_size=8, test_fraction=0.2, latency_repeats=2,
+                device='cpu')
+    comparison = json.loads((out / 'comparison.json').read_text())
+    printed = capsys.readouterr().out
+    assert 'Test set: 0.2 of split `train` carved out (--test-fraction) (6 images)' in printed
+    card = (out / 'model' / 'README.md').read_text()
+    command = re.search(r'jointrd eval (\S+) --dataset (\S+) ([^`\n]*)', card)
+    assert command and '--split train --test-fraction 0.2' in command.group(3)
+    args = ['eval', str(out / 'model'), '--dataset', str(root)] + shlex.split(command.group(3))
+    assert main(args) == 0
+    line = capsys.readouterr().out
+    assert 'on 6 images' in line and 'the 0.2 of train carved out as the test set' in line
+    top1 = float(re.search(r'top-1 ([\d.]+) %', line).group(1))
+    assert top1 == pytest.approx(comparison['test_acc']['twin'], abs=0.01)
+    assert 'test set: 0.2 of split `train` carved out' in card and 'validate.py --model' not in card

@@ -224,8 +224,10 @@ def _load(source: str, split: str, config_name: Optional[str]):
     except ValueError as e:
         if 'Unknown split' not in str(e):
             raise
-        folder = ' An image folder of class subfolders alone has only a train split: put them in train/ and test/ ' \
-            'subfolders to give it a test split.' if 'data_dir' in kwargs else ''
+        folder = ' An image folder of class subfolders alone has only a train split: carve a test set from it ' \
+            "(jointrd distill's --test-fraction, e.g. 0.1; load_image_dataset's test_fraction), or put the class " \
+            'folders in train/ and test/ subfolders.' \
+            if 'data_dir' in kwargs else ''
         raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (--split, --train-split, '
                          f'--test-split).{folder}') from e
 
@@ -278,6 +280,7 @@ def load_image_dataset(
         std: Optional[Sequence[float]] = None,
         validation_fraction: float = 0.0,
         part: str = 'all',
+        test_fraction: float = 0.0,
         limit: Optional[int] = None,
         seed: int = 0,
         config_name: Optional[str] = None,
@@ -297,16 +300,25 @@ def load_image_dataset(
         mean, std: normalisation (default: CIFAR statistics for ``cifar``, ImageNet's otherwise, 0.5 for 1 channel).
         validation_fraction, part: carve a held-out validation set from the split: ``part='train'`` gives the rest,
             ``part='val'`` the held-out fraction (seeded, the same for both calls), ``'all'`` the whole split.
+        test_fraction: carve a test set from the split first (for data that has no test split, e.g. a folder of
+            class subfolders alone): ``part='test'`` gives it; ``'train'`` and ``'val'`` are then carved from what
+            is left, so the three never share an image (seeded; the same ``seed`` and fractions in every call).
         limit: keep only the first ``limit`` examples (after a seeded shuffle), for quick runs.
         data_cfg: evaluation only: read the images as this timm data config says (:func:`eval_transform`; a model's
             ``pretrained_cfg``) instead of ``transform``, ``input_size``, ``mean`` and ``std``.
     """
     if recipe is not None:
         transform = recipe
-    if part not in ('all', 'train', 'val'):
-        raise InputError(f"part must be 'all', 'train' or 'val', got {part!r}.")
-    if part != 'all' and not 0 < validation_fraction < 1:
-        raise InputError(f'part={part!r} needs 0 < validation_fraction < 1 (got {validation_fraction}).')
+    if part not in ('all', 'train', 'val', 'test'):
+        raise InputError(f"part must be 'all', 'train', 'val' or 'test', got {part!r}.")
+    for name, value in (('validation_fraction', validation_fraction), ('test_fraction', test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InputError(f'{name} must be a number in [0, 1) (0: no carve), got {value!r}.')
+    needs = dict(val=('validation_fraction',), test=('test_fraction',),
+                 train=('validation_fraction', 'test_fraction')).get(part, ())
+    if needs and not any(dict(validation_fraction=validation_fraction, test_fraction=test_fraction)[n] for n in needs):
+        raise InputError(f'part={part!r} needs {" or ".join(needs)} above 0 (got validation_fraction='
+                         f'{validation_fraction}, test_fraction={test_fraction}).')
     if channels not in (1, 3):
         raise InputError(f'channels must be 1 or 3, got {channels}.')
     train = split == 'train' if train is None else train
@@ -317,7 +329,10 @@ def load_image_dataset(
     where = f'Dataset {source!r} (split {split!r})'
     image_column, label_column = find_columns(data, image_column, label_column, where)
     classes = label_classes(data, label_column, where)  # of the whole split
-    if part != 'all':
+    if part != 'all' and test_fraction:
+        halves = data.train_test_split(test_size=test_fraction, seed=seed)
+        data = halves['test' if part == 'test' else 'train']
+    if part in ('train', 'val') and validation_fraction:
         halves = data.train_test_split(test_size=validation_fraction, seed=seed)
         data = halves['train' if part == 'train' else 'test']
     if limit is not None and limit < len(data):

@@ -156,7 +156,7 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     # a teacher with weights fixes the input channels; one trained here takes the data's
     channels = resolved.in_chans if resolved.num_classes is not None else (1 if digits else 3)
     sets = dataset_kwargs(data.source, channels, input_size, transform, data.image_column, data.label_column,
-                          data.train_split, data.test_split, data.val_fraction, data.limit)
+                          data.train_split, data.test_split, data.val_fraction, data.limit, data.test_fraction)
     datasets = load_datasets(sets)
     check_splits_agree(datasets)
     data_classes = datasets['train'].num_classes
@@ -269,7 +269,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     labels = dict(teacher=f'teacher `{plan.teacher.spec}` (residual)', twin=f'twin `plain_{arch}` (shortcut-free)')
     lines = [f'# jointrd distill: {plan.teacher.spec} -> plain_{arch} on {plan.data["train"]["source"]}', '',
              f'Teacher: {_teacher_origin(plan)}. Twin: recipe `{plan.recipe.id}` ({plan.recipe.description}), '
-             f'{plan.epochs} epochs. Test split `{plan.data["test"]["split"]}` ({len(test_set)} images), deployed '
+             f'{plan.epochs} epochs. {_test_set_words(plan.data["test"])} ({len(test_set)} images), deployed '
              'twin (fade finished, folded).', '',
              '| model | test acc % | params | latency b1 ms | latency b16 ms | activation memory b1 MB |',
              '|---|---|---|---|---|---|']
@@ -294,15 +294,17 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
         description=f'Shortcut-free twin of `{plan.teacher.spec}`, written by `jointrd distill`. Teacher: '
                     f'{_teacher_origin(plan)}.', results_title='Results (measured by `jointrd distill`)',
         method=f'JointRD (Li et al., NeurIPS 2020), recipe `{plan.recipe.id}`: {plan.recipe.description}',
-        dataset=f'{plan.data["train"]["source"]} (train split `{plan.data["train"]["split"]}`, test split '
-                f'`{plan.data["test"]["split"]}`)', hf_dataset=plan.data['train']['source'],
+        dataset=f'{plan.data["train"]["source"]} (train split `{plan.data["train"]["split"]}`, '
+                f'{_test_set_words(plan.data["test"], lower=True)})', hf_dataset=plan.data['train']['source'],
         training=dict(budget=f'{plan.epochs} epochs, batch {plan.budget["batch_size"]}, lr {plan.budget["lr"]}',
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
                      latency_speedup_b1=round(speedup[1], 2)),
         eval_args=_eval_args(plan.data['test'], _columns_found(plan.datasets['test'].data)),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
-                  label_column=plan.data['test']['label_column'], validate_args=plan.common['in_chans'] == 3),
+                  label_column=plan.data['test']['label_column'],
+                  # timm's validate.py reads whole splits: it cannot read a carved test set (nor grey images)
+                  validate_args=plan.common['in_chans'] == 3 and not plan.data['test'].get('test_fraction')),
         local_dir=str((out / 'model').resolve())))
     # config.json says how the test images were read: timm's validate.py and `jointrd eval` read them so (validate.py
     # cannot read them in grey: no validate.py line on a 1-channel card)
@@ -328,13 +330,20 @@ def _columns_found(data) -> Tuple[Optional[str], Optional[str]]:
         return None, None
 
 
+def _test_set_words(test: Dict, lower: bool = False) -> str:
+    """What the test set is: a split, or the fraction --test-fraction carved from one."""
+    words = (f'Test set: {test["test_fraction"]:g} of split `{test["split"]}` carved out (--test-fraction)'
+             if test.get('test_fraction') else f'Test split `{test["split"]}`')
+    return 't' + words[1:] if lower else words
+
+
 def _eval_args(test: Dict, found: Tuple[Optional[str], Optional[str]]) -> str:
     """The ``jointrd eval`` options for the model card's command: the split, the columns where eval would not find
     them by itself (``found``: :func:`_columns_found` of the test split), and the reading (transform, input size)
     where it is not CIFAR's at 32 px or the digits' (eval reads a distill twin as its saved config.json says either
     way; the options name the reading on the card)."""
     digits = test['source'] == 'sklearn:digits'
-    defaults = dict(split='test', image_column=found[0], label_column=found[1],
+    defaults = dict(split='test', test_fraction=None, image_column=found[0], label_column=found[1],
                     transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
     return ' '.join(f'--{key.replace("_", "-")} {test.get(key)}' for key, default in defaults.items()
                     if test.get(key) is not None and test.get(key) != default)

@@ -29,7 +29,9 @@ class DataSpec:
     """The data of a distill run: ``source`` (a Hub id, a local folder, ``sklearn:digits``), its columns (None: found in
     the data, ``data.find_columns``) and splits, ``val_fraction`` of the train split held out for the per-epoch record,
     ``limit`` train images (quick runs), and how images are read (``transform``, ``input_size``; None: from the data
-    and the teacher)."""
+    and the teacher). ``test_fraction`` > 0 carves the test set from the train split instead of reading
+    ``test_split`` (data without a test split, e.g. a folder of class subfolders alone); the held-out fraction is
+    then carved from what is left."""
     source: str
     image_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -37,6 +39,7 @@ class DataSpec:
     test_split: str = 'test'
     val_fraction: float = 0.0
     limit: Optional[int] = None
+    test_fraction: float = 0.0
     transform: Optional[str] = None
     input_size: Optional[int] = None
 
@@ -69,6 +72,15 @@ class TrainSpec:
         if not 0 <= data.val_fraction < 1:
             raise DistillError(f'--val-fraction must be at least 0 and below 1 (the fraction of the train split held '
                                f'out for the per-epoch record; 0: none), got {data.val_fraction!r}.')
+        if not 0 <= data.test_fraction < 1:
+            raise DistillError(f'--test-fraction must be at least 0 and below 1 (the fraction of the train split '
+                               f'carved out as the test set; 0: read --test-split), got {data.test_fraction!r}.')
+        if data.test_fraction and data.test_split != 'test':
+            raise DistillError(f'--test-fraction carves the test set from --train-split; --test-split '
+                               f'{data.test_split!r} would not be read: give one of the two.')
+        if data.test_fraction + data.val_fraction * (1 - data.test_fraction) >= 0.95:
+            raise DistillError(f'--test-fraction {data.test_fraction} and --val-fraction {data.val_fraction} leave '
+                               'less than 5 % of the train split to train on: lower them.')
         if self.workers is not None and self.workers < 0:
             raise DistillError(f'--workers must be 0 or more (0: load in the main process), got {self.workers!r}.')
         if not 0 <= self.seed < 2 ** 32:
@@ -176,8 +188,9 @@ def check_classes(teacher: 'Teacher', data_classes: int, num_classes: Optional[i
 # -- data -------------------------------------------------------------------------------------------------------------
 def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, image_column: str,
                    label_column: str, train_split: str, test_split: str, val_fraction: float,
-                   limit: Optional[int]) -> Dict[str, Dict]:
-    """``load_image_dataset`` kwargs of the train / val / test sets (the YAML's datasets section)."""
+                   limit: Optional[int], test_fraction: float = 0.0) -> Dict[str, Dict]:
+    """``load_image_dataset`` kwargs of the train / val / test sets (the YAML's datasets section); with
+    ``test_fraction`` the test set is carved from the train split (``test_split`` is not read)."""
     local = Path(source).expanduser()
     common = dict(source=str(local.resolve()) if local.exists() else source, transform=transform,
                   input_size=input_size, channels=channels, image_column=image_column, label_column=label_column)
@@ -187,9 +200,13 @@ def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, 
         sets['train']['train'] = True
     if test_split == 'train':
         sets['test']['train'] = False
+    if test_fraction:
+        sets['test'] = dict(common, split=train_split, train=False, test_fraction=test_fraction, part='test')
+        sets['train'].update(test_fraction=test_fraction, part='train')
     if val_fraction:
         sets['train'].update(validation_fraction=val_fraction, part='train')
-        sets['val'] = dict(common, split=train_split, train=False, validation_fraction=val_fraction, part='val')
+        sets['val'] = dict(common, split=train_split, train=False, validation_fraction=val_fraction, part='val',
+                           **({'test_fraction': test_fraction} if test_fraction else {}))
     if limit:
         sets['train']['limit'] = limit
     return sets
