@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import jointrd_timm  # noqa: F401
 from conftest import tiny_yaml
@@ -213,3 +214,60 @@ def test_aps_sizes_its_adapter_and_discriminator_from_the_pooled_features_width(
     out = model(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
     out['loss'].backward()
     assert torch.isfinite(out['loss'])
+
+
+@pytest.mark.parametrize('method', ['cakd', 'jointrd-adv'])
+def test_with_gradient_accumulation_the_discriminator_steps_with_the_student(method, tmp_path, monkeypatch):
+    """48 images at batch 16, an optimizer step every 2 backward passes (counted across epochs): the discriminator
+    steps once per student step, on both micro-batches' gradients, and a run cut mid-accumulation (epoch 1 ends
+    with one micro-batch pending) resumes to the uninterrupted run's discriminator exactly."""
+    from jointrd_timm import faults
+    from jointrd_timm.methods.side_optimizer import SideOptimizer
+    from jointrd_timm.training.run_folder import RunFolderError
+    counts = []
+    original = SideOptimizer.__init__
+
+    def counting(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        counter = [0]
+        counts.append(counter)
+        self.optimizer.register_step_post_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
+
+    monkeypatch.setattr(SideOptimizer, '__init__', counting)
+    yaml = tiny_yaml(tmp_path, method=method, epochs=2, limit=48)
+    overrides = ['train.optimizer.grad_accum_step=2']
+    torch.manual_seed(0)
+    train(load_config(yaml, overrides), output_dir=str(tmp_path / 'full'), device='cpu')
+    assert counts[-1][0] == 3  # 6 micro-batches, 3 student steps (without accumulation: 6 discriminator steps)
+    faults._arrivals.clear()
+    monkeypatch.setenv(faults.ENV, 'checkpoint_write:2:enospc')  # epoch 1 saved, epoch 2's write fails
+    torch.manual_seed(0)
+    with pytest.raises(RunFolderError, match='The previous checkpoint'):
+        train(load_config(yaml, overrides), output_dir=str(tmp_path / 'cut'), device='cpu')
+    monkeypatch.delenv(faults.ENV)
+    saved = load_file(str(tmp_path / 'cut' / 'last.safetensors'))
+    assert any(k.startswith('module.grads.adversarial.discriminator.') for k in saved)  # D's half-accumulated step
+    train(load_config(yaml, overrides), output_dir=str(tmp_path / 'cut'), device='cpu', resume=True)
+    a, b = (load_file(str(tmp_path / run / 'last.safetensors')) for run in ('full', 'cut'))
+    keys = [k for k in a if k.startswith('model.adversarial.discriminator.') and a[k].is_floating_point()]
+    assert keys and max(float((a[k] - b[k]).abs().max()) for k in keys) == 0.0
+
+
+def test_a_side_optimizer_accumulating_two_micro_batches_steps_once_on_their_mean_gradient():
+    from jointrd_timm.methods.side_optimizer import SideOptimizer
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    b.load_state_dict(a.state_dict())
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
+    whole = SideOptimizer(a, lr=0.1, momentum=0.0, weight_decay=0.0, cosine_epochs=None, milestones=[], gamma=0.1)
+    whole.step(lambda: (a(torch.cat([x1, x2])) ** 2).mean())  # the batch of 16 in one piece
+    parts = SideOptimizer(b, lr=0.1, momentum=0.0, weight_decay=0.0, cosine_epochs=None, milestones=[], gamma=0.1)
+    parts.accumulate = 2
+    before = b.weight.detach().clone()
+    parts.step(lambda: (b(x1) ** 2).mean())
+    assert torch.equal(b.weight, before) and parts.pending == 1  # no step after the first micro-batch
+    parts.step(lambda: (b(x2) ** 2).mean())
+    assert parts.pending == 0 and not b.weight.requires_grad and b.weight.grad is None
+    assert torch.allclose(b.weight, a.weight, atol=1e-6) and torch.allclose(b.bias, a.bias, atol=1e-6)
+    with pytest.raises(ValueError, match='gradient accumulation steps'):
+        parts.accumulate = 0

@@ -32,7 +32,7 @@ from torchdistill.models.registry import register_model
 from torchdistill.optim.registry import register_scheduler
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
-from ..methods.base import check_teacher_student, start_epoch
+from ..methods.base import check_teacher_student, set_grad_accumulation, start_epoch
 from ..methods.fading import FadingStudent, ShortcutFade
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
@@ -211,12 +211,14 @@ class JointRDLoss(MethodLoss):
 @register_pre_epoch_proc_func
 def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
     """torchdistill's default pre-epoch process, then the epoch and run length handed to the method module
-    (``methods.base.start_epoch``: eta, the shortcut fade, the discriminator's schedule) and to a per-step lr
-    scheduler that needs it (``HoldCosineLR``)."""
+    (``methods.base.start_epoch``: eta, the shortcut fade, the discriminator's schedule), the gradient accumulation
+    its own optimizers follow (``set_grad_accumulation``), and the run length to a per-step lr scheduler that needs
+    it (``HoldCosineLR``)."""
     default_pre_epoch_process_without_teacher(self, epoch=epoch, **kwargs)
     set_scheduler_run_length(self.lr_scheduler, len(self.train_data_loader), self.num_epochs,
                              getattr(self, 'grad_accum_step', 1))
     start_epoch(unwrap(self.model), epoch or 0, len(self.train_data_loader), self.num_epochs)
+    set_grad_accumulation(unwrap(self.model), getattr(self, 'grad_accum_step', 1))
 
 
 # the per-step 'hold-cosine' decay of a Schedule (Recipe.lr_hold), by its class name

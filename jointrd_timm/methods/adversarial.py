@@ -127,7 +127,9 @@ class FeatureDiscriminator(nn.Module):
 @dataclass
 class DiscriminatorConfig:
     """The discriminator's optimiser (SGD) and schedule. Xu et al.: lr 1e-3 on the student's schedule;
-    momentum/wd unstated (DECISION 0.9 / 0). ``milestones`` (epochs) with ``gamma``, or ``cosine_epochs``."""
+    momentum/wd unstated (DECISION 0.9 / 0). ``milestones`` (epochs) with ``gamma``, or ``cosine_epochs``; with
+    neither (the default) the lr stays constant: the discriminator knows nothing of the student's schedule, so a run
+    that follows the paper names the student's milestones here too (the committed ``xu2017-*`` YAMLs do)."""
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -203,6 +205,9 @@ class _TeacherStudent(TrainingMethod):
 
     def extra_optimizers(self) -> Dict:
         return {'discriminator': self.adversarial.optimizer}
+
+    def side_optimizers(self) -> list:
+        return [self.adversarial.updates]
 
     def extra_schedulers(self) -> Dict:
         return {'discriminator': self.adversarial.scheduler}

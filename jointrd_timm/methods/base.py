@@ -15,6 +15,8 @@ adversarial methods) is a :class:`TrainingMethod`. A runner (ours, torchdistill'
 * ``extra_optimizers()`` / ``extra_schedulers()``: optimisers the module steps itself (a discriminator's), by name,
   so a runner checkpoints and restores them with its own.
 * ``epoch_metrics()``: floats worth logging once per epoch (eta, the shortcut scale).
+* ``set_grad_accumulation(steps)``: the run's gradient accumulation, which the optimisers the module steps itself
+  follow (one step per ``steps`` training steps).
 
 Plain modules (a timm model trained with cross-entropy) are trained too: the functions at the bottom give their
 defaults (:func:`deploy_module` of a plain module is the module itself, no extra optimisers, no metrics).
@@ -37,7 +39,7 @@ from ..errors import JointRDError
 from ..io import input_channels
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
+           'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
            'call_on_buffer_copies', 'check_number', 'check_flag']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
@@ -166,6 +168,19 @@ class TrainingMethod(nn.Module):
     def apply_progress(self) -> None:
         """Set whatever the progress decides in the forward (no-op here)."""
 
+    # -- gradient accumulation --------------------------------------------------------------------------------------
+    def side_optimizers(self) -> list:
+        """The :class:`~jointrd_timm.methods.side_optimizer.SideOptimizer` s this module steps inside its forward
+        (a discriminator's, a joint teacher's)."""
+        return []
+
+    def set_grad_accumulation(self, steps: int) -> None:
+        """The run steps its optimizer every ``steps`` training steps (gradient accumulation): the optimizers this
+        module steps itself accumulate as many, so a discriminator or joint teacher takes as many steps, on as many
+        images each, as with the accumulated batch in one piece."""
+        for side in self.side_optimizers():
+            side.accumulate = steps
+
     # -- what the runner reads --------------------------------------------------------------------------------------
     def deploy_module(self) -> nn.Module:
         """The module to evaluate, save and export at the end: the twin (``self.student``)."""
@@ -247,6 +262,13 @@ def extra_schedulers(module: nn.Module) -> Dict[str, object]:
 def epoch_metrics(module: nn.Module) -> Dict[str, float]:
     method = _method(module)
     return method.epoch_metrics() if method is not None else {}
+
+
+def set_grad_accumulation(module: nn.Module, steps: int) -> None:
+    """Tell ``module`` the run accumulates ``steps`` micro-batches per optimizer step (a no-op for plain modules)."""
+    method = _method(module)
+    if method is not None:
+        method.set_grad_accumulation(int(steps or 1))
 
 
 def start_epoch(module: nn.Module, epoch: int, steps_per_epoch: int, num_epochs: int) -> None:

@@ -65,21 +65,47 @@ class SideOptimizer:
         while self.scheduler.last_epoch < epoch:
             self.scheduler.step()
 
+    @property
+    def accumulate(self) -> int:
+        """Micro-batches per SGD step (the run's gradient accumulation, ``TrainingMethod.set_grad_accumulation``)."""
+        return int(self.optimizer.param_groups[0].get('accumulate', 1))
+
+    @accumulate.setter
+    def accumulate(self, steps: int) -> None:
+        check_number(steps, 'gradient accumulation steps', 1, integer=True)
+        self.optimizer.param_groups[0]['accumulate'] = int(steps)
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches whose gradients wait for the next SGD step. Kept in the optimizer's param group, as
+        ``accumulate`` is, so a checkpoint of the optimizer holds them (the gradients are the module's, saved by
+        the runner with the run's other pending gradients)."""
+        return int(self.optimizer.param_groups[0].get('pending', 0))
+
     def step(self, loss_fn: Callable):
-        """One SGD step of the module on ``loss_fn()``, computed with the module's parameters trainable.
+        """One SGD step of the module on ``loss_fn()``, computed with the module's parameters trainable; with
+        gradient accumulation (:attr:`accumulate` > 1) the loss's gradient, divided by ``accumulate``, is added to
+        the pending ones and the step is taken at every ``accumulate``-th call, as the student's optimizer steps.
         ``loss_fn`` returns the loss, or a tuple whose first element is the loss; the same comes back detached."""
+        accumulate, pending = self.accumulate, self.pending
         self.module.requires_grad_(True)
         try:
-            self.optimizer.zero_grad(set_to_none=True)
+            if pending == 0:
+                self.optimizer.zero_grad(set_to_none=True)
             out = loss_fn()
-            (out[0] if isinstance(out, tuple) else out).backward()
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                for p in self.module.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= dist.get_world_size()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)  # the gradients are not needed past the step: free them
+            loss = out[0] if isinstance(out, tuple) else out
+            (loss / accumulate if accumulate > 1 else loss).backward()
+            pending += 1
+            if pending >= accumulate:
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    for p in self.module.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= dist.get_world_size()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)  # the gradients are not needed past the step: free them
+                pending = 0
+            self.optimizer.param_groups[0]['pending'] = pending
         finally:
             self.module.requires_grad_(False)
         return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()

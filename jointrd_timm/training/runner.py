@@ -298,6 +298,8 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
     set_scheduler_run_length(box.lr_scheduler, len(box.train_data_loader), num_epochs,
                              getattr(box, 'grad_accum_step', 1))
     box.pre_epoch_process(epoch=epoch)
+    # a discriminator or joint teacher steps when the student's optimizer does (gradient accumulation)
+    method_api.set_grad_accumulation(module, getattr(box, 'grad_accum_step', 1))
     if getattr(box, 'teacher_updatable', None) is False:
         # a frozen teacher (KD, FitNets) answers from its running statistics: torchdistill's pre-epoch process puts
         # the student in train mode and leaves the teacher as built, in train mode (batch statistics, drifting)

@@ -354,6 +354,10 @@ class JointRD(TrainingMethod):
             extra['teacher'] = self._teacher_update.optimizer
         return extra
 
+    def side_optimizers(self) -> list:
+        sides = [self.adversarial.updates] if self.adversarial is not None else []
+        return sides + ([self._teacher_update] if self._teacher_update is not None else [])
+
     def extra_schedulers(self) -> Dict:
         extra = {'discriminator': self.adversarial.scheduler} if self.adversarial is not None else {}
         if self._teacher_update is not None:
