@@ -474,3 +474,40 @@ def load_file_metadata(path):
     from safetensors import safe_open
     with safe_open(str(path), 'pt') as f:
         return f.metadata()
+
+
+@pytest.mark.parametrize('method', ['jointrd', 'cakd'])
+def test_a_multi_stage_run_keeps_the_methods_frozen_modules_out_of_every_stages_optimizer(tmp_path, monkeypatch,
+                                                                                            method):
+    """torchdistill unfreezes every parameter when it moves to the next stage, then builds that stage's optimizer
+    from the trainable ones: the frozen teacher (JointRD's, CAKD's) and CAKD's discriminator must stay out of it
+    (the teacher never changes; the discriminator moves only by its own optimizer)."""
+    from jointrd_timm.training import runner
+    yaml_path = tiny_yaml(tmp_path, epochs=2, limit=32, method=method)
+    built = {}
+    build = runner._build_model
+    monkeypatch.setattr(runner, '_build_model', lambda cfg, name='model': built.setdefault(name, build(cfg, name)))
+    seen = []
+    import torchdistill.core.training as td_training
+    original = td_training.MultiStagesTrainingBox.advance_to_next_stage
+
+    def advance(box):
+        original(box)
+        optimizer = getattr(box.optimizer, 'optimizer', box.optimizer)
+        seen.append({id(p) for group in optimizer.param_groups for p in group['params']})
+
+    monkeypatch.setattr(td_training.MultiStagesTrainingBox, 'advance_to_next_stage', advance)
+    torch.manual_seed(0)
+    teacher_before = {k: v.clone() for k, v in build(load_config(yaml_path)['models']['model']).teacher.state_dict()
+                      .items()}
+    torch.manual_seed(0)
+    train(_two_stages(yaml_path), output_dir=str(tmp_path / 'run'), device='cpu')
+    model = built['model']
+    assert len(seen) == 1  # one stage advance, its optimizer recorded
+    frozen = [model.teacher] + ([model.adversarial.discriminator] if method == 'cakd' else [])
+    for module in frozen:
+        assert not any(p.requires_grad for p in module.parameters())
+        assert not {id(p) for p in module.parameters()} & seen[0]
+    assert {id(p) for p in model.student.parameters() if p.requires_grad} <= seen[0]
+    after = model.teacher.state_dict()
+    assert all(torch.equal(teacher_before[k], after[k]) for k in after if after[k].is_floating_point())

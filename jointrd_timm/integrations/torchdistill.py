@@ -32,7 +32,7 @@ from torchdistill.models.registry import register_model
 from torchdistill.optim.registry import register_scheduler
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
-from ..methods.base import check_teacher_student, set_grad_accumulation, start_epoch
+from ..methods.base import check_teacher_student, keep_frozen, set_grad_accumulation, start_epoch
 from ..methods.fading import FadingStudent, ShortcutFade
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
@@ -219,6 +219,7 @@ def jointrd_pre_epoch_process(self, epoch=None, **kwargs):
                              getattr(self, 'grad_accum_step', 1))
     start_epoch(unwrap(self.model), epoch or 0, len(self.train_data_loader), self.num_epochs)
     set_grad_accumulation(unwrap(self.model), getattr(self, 'grad_accum_step', 1))
+    keep_frozen(self)  # epoch 0's call comes before any stage advance
 
 
 # the per-step 'hold-cosine' decay of a Schedule (Recipe.lr_hold), by its class name

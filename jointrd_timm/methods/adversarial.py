@@ -209,6 +209,9 @@ class _TeacherStudent(TrainingMethod):
     def side_optimizers(self) -> list:
         return [self.adversarial.updates]
 
+    def frozen_modules(self) -> list:
+        return [self.teacher, *super().frozen_modules()]
+
     def extra_schedulers(self) -> Dict:
         return {'discriminator': self.adversarial.scheduler}
 

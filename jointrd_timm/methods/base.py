@@ -39,7 +39,7 @@ from ..errors import JointRDError
 from ..io import input_channels
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
+           'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'keep_frozen', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
            'call_on_buffer_copies', 'check_number', 'check_flag']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
@@ -168,6 +168,18 @@ class TrainingMethod(nn.Module):
     def apply_progress(self) -> None:
         """Set whatever the progress decides in the forward (no-op here)."""
 
+    # -- what stays frozen -------------------------------------------------------------------------------------------
+    def frozen_modules(self) -> list:
+        """The modules whose parameters the run's optimizer must never hold (``requires_grad=False``): a frozen
+        teacher, and whatever a side optimizer trains inside the forward (a discriminator, a joint teacher)."""
+        return [side.module for side in self.side_optimizers()]
+
+    def refreeze(self) -> None:
+        """Freeze :meth:`frozen_modules` again (torchdistill unfreezes every parameter when a multi-stage run moves
+        to its next stage, before it builds that stage's optimizer: :func:`keep_frozen`)."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
     # -- gradient accumulation --------------------------------------------------------------------------------------
     def side_optimizers(self) -> list:
         """The :class:`~jointrd_timm.methods.side_optimizer.SideOptimizer` s this module steps inside its forward
@@ -269,6 +281,28 @@ def set_grad_accumulation(module: nn.Module, steps: int) -> None:
     method = _method(module)
     if method is not None:
         method.set_grad_accumulation(int(steps or 1))
+
+
+def keep_frozen(box) -> None:
+    """Make a torchdistill box re-freeze its method module's :meth:`~TrainingMethod.frozen_modules` after each of
+    its ``clean_modules`` calls (a multi-stage box unfreezes every parameter of its models there, then builds the next
+    stage's optimizer from the trainable ones: without this, that optimizer would train a frozen teacher and step a
+    discriminator's own gradients). Idempotent; a no-op for boxes without a method module."""
+    if getattr(box, '_jointrd_keeps_frozen', False) or not hasattr(box, 'clean_modules'):
+        return
+    clean = box.clean_modules
+    models = [getattr(box, name, None) for name in ('org_model', 'org_student_model', 'model', 'student_model')]
+
+    def clean_and_refreeze(*args, **kwargs):
+        out = clean(*args, **kwargs)
+        for model in models:
+            method = _method(getattr(model, 'module', model))  # a DDP wrapper's module
+            if method is not None:
+                method.refreeze()
+        return out
+
+    box.clean_modules = clean_and_refreeze
+    box._jointrd_keeps_frozen = True
 
 
 def start_epoch(module: nn.Module, epoch: int, steps_per_epoch: int, num_epochs: int) -> None:

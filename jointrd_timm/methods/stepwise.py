@@ -127,6 +127,9 @@ class StepwiseRemoval(TrainingMethod):
         self.teacher.eval()
         return self
 
+    def frozen_modules(self) -> list:
+        return [self.teacher]
+
     # -- the schedule -----------------------------------------------------------------------------------------------
     @property
     def epochs_needed(self) -> float:

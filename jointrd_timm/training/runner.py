@@ -222,6 +222,7 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
             run.box = get_distillation_box(teacher, student, *box_args, accelerator=accelerator_for_boxes(accelerator))
             run.trained = run.box.student_model
         run.module = unwrap(run.trained)
+        method_api.keep_frozen(run.box)  # before a resume's stage advance rebuilds an optimizer
         if runner['ema_decay']:  # before compile: the average is a plain copy of the module to deploy
             run.ema = TwinEma(method_api.deploy_module(run.module), runner['ema_decay'], runner['ema_warmup'])
         if runner['compile']:

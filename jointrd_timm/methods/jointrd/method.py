@@ -358,6 +358,10 @@ class JointRD(TrainingMethod):
         sides = [self.adversarial.updates] if self.adversarial is not None else []
         return sides + ([self._teacher_update] if self._teacher_update is not None else [])
 
+    def frozen_modules(self) -> list:
+        frozen = super().frozen_modules()
+        return [self.teacher, *frozen] if self.config.teacher_mode == 'frozen' else frozen
+
     def extra_schedulers(self) -> Dict:
         extra = {'discriminator': self.adversarial.scheduler} if self.adversarial is not None else {}
         if self._teacher_update is not None:
