@@ -511,3 +511,24 @@ def test_a_multi_stage_run_keeps_the_methods_frozen_modules_out_of_every_stages_
     assert {id(p) for p in model.student.parameters() if p.requires_grad} <= seen[0]
     after = model.teacher.state_dict()
     assert all(torch.equal(teacher_before[k], after[k]) for k in after if after[k].is_floating_point())
+
+
+def test_a_last_batch_of_one_image_is_dropped_or_refused_with_the_setting_that_drops_it(tmp_path):
+    """33 images at batch 16 leave one image for the last batch; a stride-32 net on 8 px digits ends in 1x1 maps,
+    where BatchNorm cannot train on one value per channel. Written configs drop that batch; a YAML that keeps it
+    gets a ConfigError naming drop_last, not torch's bare ValueError."""
+    from jointrd_timm.training.configs import make_config
+    from jointrd_timm.training.data import load_image_dataset
+    data = dict(source='sklearn:digits', transform='tensor', input_size=8, channels=1)
+    model = dict(key='timm_model', kwargs=dict(model_name='resnet18', num_classes=10, in_chans=1))
+    config = make_config(load_image_dataset(split='train', limit=33, **data), load_image_dataset(split='test', limit=16,
+                         **data), model, 'ce', epochs=1, batch_size=16, lr=0.05)
+    assert config['train']['train_data_loader']['kwargs']['drop_last'] is True
+    final = train(config, output_dir=str(tmp_path / 'dropped'), device='cpu')
+    assert final['epochs'] == 1
+    config['train']['train_data_loader']['kwargs']['drop_last'] = False
+    with pytest.raises(ConfigError, match=r'A training batch of 1 image\(s\).*drop_last: true'):
+        train(config, output_dir=str(tmp_path / 'kept'), device='cpu')
+    even = make_config(load_image_dataset(split='train', limit=34, **data), load_image_dataset(split='test', limit=16,
+                       **data), model, 'ce', epochs=1, batch_size=16, lr=0.05)
+    assert even['train']['train_data_loader']['kwargs']['drop_last'] is False  # 2 images left: every image trains

@@ -79,3 +79,23 @@ def test_hinton_kd_is_torchdistills_kd_term():
     p_t, log_p_s = torch.softmax(z_t / 2, 1), torch.log_softmax(z_s / 2, 1)
     by_hand = (p_t * (p_t.log() - log_p_s)).sum(1).mean() * 4
     assert torch.allclose(hinton_kd(z_s, z_t, 2.0), by_hand, rtol=1e-5)
+
+
+def test_a_side_optimizer_accumulating_two_micro_batches_steps_once_on_their_mean_gradient():
+    from jointrd_timm.methods.side_optimizer import SideOptimizer
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    b.load_state_dict(a.state_dict())
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4)
+    whole = SideOptimizer(a, lr=0.1, momentum=0.0, weight_decay=0.0, cosine_epochs=None, milestones=[], gamma=0.1)
+    whole.step(lambda: (a(torch.cat([x1, x2])) ** 2).mean())  # the batch of 16 in one piece
+    parts = SideOptimizer(b, lr=0.1, momentum=0.0, weight_decay=0.0, cosine_epochs=None, milestones=[], gamma=0.1)
+    parts.accumulate = 2
+    before = b.weight.detach().clone()
+    parts.step(lambda: (b(x1) ** 2).mean())
+    assert torch.equal(b.weight, before) and parts.pending == 1  # no step after the first micro-batch
+    parts.step(lambda: (b(x2) ** 2).mean())
+    assert parts.pending == 0 and not b.weight.requires_grad and b.weight.grad is None
+    assert torch.allclose(b.weight, a.weight, atol=1e-6) and torch.allclose(b.bias, a.bias, atol=1e-6)
+    with pytest.raises(ValueError, match='gradient accumulation steps'):
+        parts.accumulate = 0

@@ -33,14 +33,25 @@ _BOX_METHODS = ('ce', 'jointrd', 'method', 'kd', 'fitnets')
 _MODULE_LOSS = {'jointrd': ('jointrd', 'MethodLoss'), 'method': ('method', 'MethodLoss')}
 
 
-def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: Optional[bool]) -> Dict:
+def _loader(dataset_id: str, batch_size: int, shuffle: bool, num_workers: int, supp: Optional[bool],
+            drop_last: bool = False) -> Dict:
     import torch.utils.data as tud
     loader = dict(dataset_id=dataset_id, requires_supp=supp,
                   sampler=dict(class_or_func=tud.RandomSampler if shuffle else tud.SequentialSampler, kwargs=None),
-                  kwargs=dict(batch_size=batch_size, num_workers=num_workers, drop_last=False))
+                  kwargs=dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last))
     if supp is None:  # torchdistill's default (False) left unstated
         del loader['requires_supp']
     return loader
+
+
+def _lone_last_batch(dataset, batch_size: int) -> bool:
+    """Whether the last training batch would hold a single image: BatchNorm in training cannot normalise one value
+    per channel (a 1x1 map at the end of a stride-32 net on small images, a BatchNorm1d head), so that batch is
+    dropped (``drop_last``); any other size is kept (every image trains each epoch)."""
+    try:
+        return len(dataset) % batch_size == 1 and len(dataset) > 1
+    except TypeError:  # no length known (a dataset spec, not a dataset): keep every batch
+        return False
 
 
 def _forward(forward_proc: str, requires_grad: Optional[bool], terse: bool, hook: Optional[Dict] = None) -> Dict:
@@ -129,7 +140,8 @@ def build_config(datasets: Mapping[str, Any], model: Dict, schedule: Schedule, m
         sections.setdefault('pre_epoch_process', 'jointrd_pre_epoch_process')
     eval_supp = None if terse else False
     train = dict(log_freq=log_freq, num_epochs=schedule.epochs,
-                 train_data_loader=_loader(ids['train'], schedule.batch_size, True, num_workers, supp=True),
+                 train_data_loader=_loader(ids['train'], schedule.batch_size, True, num_workers, supp=True,
+                                           drop_last=_lone_last_batch(datasets['train'], schedule.batch_size)),
                  val_data_loader=_loader(ids.get('val', ids['test']), EVAL_BATCH_SIZE, False, num_workers, eval_supp),
                  optimizer=schedule.optimizer(), scheduler=schedule.scheduler(), **sections,
                  criterion=_criterion(method, kd_temperature, kd_alpha, hint_layer, hint_weight))

@@ -313,7 +313,15 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
                disable=not accelerator.is_local_main_process, leave=False, dynamic_ncols=True)
     for index, batch in enumerate(bar):
         images, targets, supp = batch if len(batch) == 3 else (*batch, {})
-        loss = box.forward_process(images, targets, supp)
+        try:
+            loss = box.forward_process(images, targets, supp)
+        except ValueError as e:
+            if 'Expected more than 1 value per channel' not in str(e):
+                raise
+            raise ConfigError(f'A training batch of {len(targets)} image(s) reached a BatchNorm layer with one value '
+                              f'per channel ({e}): the last batch of an epoch holds what is left of the training set. '
+                              'Set train.train_data_loader.kwargs.drop_last: true (or pick a batch size that leaves '
+                              'more than one image).') from e
         box.post_forward_process(loss=loss)
         if run.ema is not None and run.stepped:  # after each optimizer step
             run.ema.step()
