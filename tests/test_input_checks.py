@@ -242,3 +242,14 @@ def test_a_twin_distilled_on_a_carved_test_set_is_evaluated_on_the_same_images_b
     top1 = float(re.search(r'top-1 ([\d.]+) %', line).group(1))
     assert top1 == pytest.approx(comparison['test_acc']['twin'], abs=0.01)
     assert 'test set: 0.2 of split `train` carved out' in card and 'validate.py --model' not in card
+
+
+def test_eval_refuses_data_whose_labels_index_more_classes_than_the_model_predicts(tmp_path, capsys):
+    from jointrd_timm.integrations.hub import save_trained_model
+    model = timm.create_model('resnet20_cifar', num_classes=5, in_chans=1)
+    save_trained_model(model, tmp_path / 'five')
+    assert main(['eval', str(tmp_path / 'five'), '--dataset', 'sklearn:digits']) == 1
+    err = capsys.readouterr().err
+    assert "predicts 5 classes, but the labels of 'sklearn:digits' (split 'test', column 'label') index 10" in err
+    save_trained_model(timm.create_model('resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'ten')
+    assert main(['eval', str(tmp_path / 'ten'), '--dataset', 'sklearn:digits']) == 0

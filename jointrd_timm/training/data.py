@@ -353,4 +353,12 @@ def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 2
     """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default)."""
     from ..io import top1_accuracy
     data = load_image_dataset(dataset, split, train=False, **data_kwargs)
+    if len(data) == 0:
+        raise InputError(f'Dataset {dataset!r} (split {split!r}) holds no images to evaluate on.')
+    outputs = getattr(model, 'num_classes', None)
+    if isinstance(outputs, int) and outputs > 0 and data.num_classes > outputs:
+        raise InputError(f'The model predicts {outputs} classes, but the labels of {dataset!r} (split {split!r}, '
+                         f'column {data.label_column!r}) index {data.num_classes}: it was trained for other classes. '
+                         'Evaluate it on the data it was trained for, or fine-tune it on this data first (jointrd '
+                         'distill --num-classes).')
     return dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)
