@@ -253,3 +253,32 @@ def test_eval_refuses_data_whose_labels_index_more_classes_than_the_model_predic
     assert "predicts 5 classes, but the labels of 'sklearn:digits' (split 'test', column 'label') index 10" in err
     save_trained_model(timm.create_model('resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'ten')
     assert main(['eval', str(tmp_path / 'ten'), '--dataset', 'sklearn:digits']) == 0
+
+
+def test_distill_reads_images_as_the_teachers_weights_expect(tmp_path):
+    """A teacher whose weights were trained on images normalised by 0.5 / 0.5 and evaluated with a bicubic 0.9 crop
+    (its config.json's pretrained_cfg): above 64 px every set is normalised so, and the test and held-out sets are
+    read with its evaluation crop; --transform chooses another reading; a teacher trained here keeps the defaults."""
+    from test_data_cfg import image_folder
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.training.data import eval_transform
+    from jointrd_timm.training.distill import plan_distill
+    reading = dict(input_size=(3, 72, 72), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9,
+                   interpolation='bicubic')
+    teacher = save_trained_model(timm.create_model('resnet20_cifar', num_classes=3), tmp_path / 'teacher',
+                                 data_cfg=reading)
+    folder = image_folder(tmp_path, classes=3)
+    plan = plan_distill(str(teacher), str(folder), str(tmp_path / 'a'), epochs=1, val_fraction=0.3)
+    assert plan.data['train']['transform'] == 'imagenet' and plan.data['train']['mean'] == [0.5, 0.5, 0.5]
+    for role in ('test', 'val'):
+        cfg = plan.data[role]['data_cfg']
+        assert (cfg['crop_pct'], cfg['interpolation'], cfg['input_size']) == (0.9, 'bicubic', [3, 72, 72])
+    test = plan.datasets['test']
+    image = test.data[0]['image'].convert('RGB')
+    assert torch.equal(test[0][0], eval_transform(dict(reading, input_size=(3, 72, 72)))(image))
+    x, _ = plan.datasets['train'][0]
+    assert x.shape == (3, 72, 72) and x.min() >= -1.0 - 1e-6  # (v - 0.5) / 0.5: ImageNet's statistics go below -2
+    chosen = plan_distill(str(teacher), str(folder), str(tmp_path / 'b'), epochs=1, transform='imagenet')
+    assert 'mean' not in chosen.data['train'] and 'data_cfg' not in chosen.data['test']
+    scratch = plan_distill('resnet20_cifar', str(folder), str(tmp_path / 'c'), epochs=1, input_size=72)
+    assert 'mean' not in scratch.data['train'] and 'data_cfg' not in scratch.data['test']

@@ -156,7 +156,10 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     # a teacher with weights fixes the input channels; one trained here takes the data's
     channels = resolved.in_chans if resolved.num_classes is not None else (1 if digits else 3)
     sets = dataset_kwargs(data.source, channels, input_size, transform, data.image_column, data.label_column,
-                          data.train_split, data.test_split, data.val_fraction, data.limit, data.test_fraction)
+                          data.train_split, data.test_split, data.val_fraction, data.limit, data.test_fraction,
+                          # the teacher's weights expect their own mean / std (unless --transform chose a reading)
+                          reading=resolved.data_cfg if data.transform is None and len(
+                              (resolved.data_cfg or {}).get('mean', ())) == channels else None)
     datasets = load_datasets(sets)
     check_splits_agree(datasets)
     data_classes = datasets['train'].num_classes

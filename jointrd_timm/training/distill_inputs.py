@@ -188,12 +188,17 @@ def check_classes(teacher: 'Teacher', data_classes: int, num_classes: Optional[i
 # -- data -------------------------------------------------------------------------------------------------------------
 def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, image_column: str,
                    label_column: str, train_split: str, test_split: str, val_fraction: float,
-                   limit: Optional[int], test_fraction: float = 0.0) -> Dict[str, Dict]:
+                   limit: Optional[int], test_fraction: float = 0.0,
+                   reading: Optional[Dict] = None) -> Dict[str, Dict]:
     """``load_image_dataset`` kwargs of the train / val / test sets (the YAML's datasets section); with
-    ``test_fraction`` the test set is carved from the train split (``test_split`` is not read)."""
+    ``test_fraction`` the test set is carved from the train split (``test_split`` is not read). ``reading``: how the
+    teacher's weights expect images (``Teacher.data_cfg``): its mean and std for every set, and with the ``imagenet``
+    transform its evaluation crop and interpolation for the test and held-out sets."""
     local = Path(source).expanduser()
     common = dict(source=str(local.resolve()) if local.exists() else source, transform=transform,
                   input_size=input_size, channels=channels, image_column=image_column, label_column=label_column)
+    if reading:
+        common.update(mean=list(reading['mean']), std=list(reading['std']))
     sets = dict(train=dict(common, split=train_split), test=dict(common, split=test_split))
     # augmented or not by role, whatever the splits are called (load_image_dataset goes by the name 'train')
     if train_split != 'train':
@@ -207,6 +212,11 @@ def dataset_kwargs(source: str, channels: int, input_size: int, transform: str, 
         sets['train'].update(validation_fraction=val_fraction, part='train')
         sets['val'] = dict(common, split=train_split, train=False, validation_fraction=val_fraction, part='val',
                            **({'test_fraction': test_fraction} if test_fraction else {}))
+    if reading and transform == 'imagenet':  # evaluated as timm evaluates the teacher's weights, at input_size
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in reading.items()}
+        for role in ('test', 'val'):
+            if role in sets:
+                sets[role]['data_cfg'] = dict(cfg, input_size=[channels, input_size, input_size])
     if limit:
         sets['train']['limit'] = limit
     return sets

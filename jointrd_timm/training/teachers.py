@@ -31,6 +31,21 @@ class Teacher:
     input_size: int
     license: str = 'other'
     run_checkpoint: Optional[Path] = None  # a JointRD run's checkpoint, holding the teacher as `teacher.*`
+    # how its weights expect images (mean, std, interpolation, crop_pct, crop_mode of its pretrained_cfg); None: no
+    # weights, or no such config
+    data_cfg: Optional[Dict] = None
+
+
+def _reading(cfg) -> Optional[Dict]:
+    """The preprocessing a pretrained_cfg (dict or timm's PretrainedCfg) states, input size aside; None without mean
+    and std."""
+    from .data import DATA_CFG_KEYS
+    get = cfg.get if isinstance(cfg, dict) else (lambda key: getattr(cfg, key, None))
+    reading = {k: get(k) for k in DATA_CFG_KEYS if k != 'input_size' and get(k) is not None}
+    if 'mean' not in reading or 'std' not in reading:
+        return None
+    reading['mean'], reading['std'] = tuple(reading['mean']), tuple(reading['std'])
+    return reading
 
 
 def _from_config_json(spec: str, model: Dict, config: Dict, arch: Optional[str] = None) -> Teacher:
@@ -43,7 +58,8 @@ def _from_config_json(spec: str, model: Dict, config: Dict, arch: Optional[str] 
         raise DistillError(f'{spec} holds a shortcut-free twin ({arch}), not a residual teacher; give the residual '
                            f'model it was trained from (e.g. {arch[len("plain_"):]} with its weights).')
     return Teacher(spec, arch, model, config.get('num_classes', pretrained_cfg.get('num_classes')),
-                   model_args.get('in_chans', input_size[0]), input_size[-1], pretrained_cfg.get('license') or 'other')
+                   model_args.get('in_chans', input_size[0]), input_size[-1], pretrained_cfg.get('license') or 'other',
+                   data_cfg=_reading(pretrained_cfg))
 
 
 def _teacher_from_folder(spec: str, path: Path) -> Teacher:
@@ -99,7 +115,7 @@ def resolve_teacher(spec: str) -> Teacher:
     if not tag:
         return Teacher(spec, arch, dict(model_name=arch), None, cfg.input_size[0], cfg.input_size[-1], license_)
     return Teacher(spec, arch, dict(model_name=spec, pretrained=True), cfg.num_classes, cfg.input_size[0],
-                   cfg.input_size[-1], license_)
+                   cfg.input_size[-1], license_, data_cfg=_reading(cfg))
 
 
 def missing_weights_error(spec: str, error: Exception) -> DistillError:
