@@ -693,3 +693,17 @@ def test_a_saved_twin_keeps_its_block_hooks_mode_and_hooked_features(fade):
         assert not any(m.training for m in loaded.modules())
         loaded(x)
         assert block.jointrd_test_calls == 1
+
+
+@pytest.mark.parametrize('arch', ['resnet20_cifar', 'regnetx_002'])
+def test_a_fading_twin_counts_its_scaled_shortcuts_until_the_fade_is_finished(arch):
+    import timm
+    from jointrd_timm import count_shortcut_additions
+    from jointrd_timm.twins.fade import deployable, set_shortcut_scale
+    residual = count_shortcut_additions(timm.create_model(arch))
+    twin = timm.create_model(f'plain_{arch}', shortcut_fade=True)
+    assert residual > 0 and count_shortcut_additions(twin) == residual  # s = 1: the teacher's additions
+    set_shortcut_scale(twin, 0.0)
+    assert count_shortcut_additions(twin) == residual  # still computed (times 0) until finish_fade
+    assert count_shortcut_additions(deployable(twin)) == 0
+    assert count_shortcut_additions(timm.create_model(f'plain_{arch}')) == 0

@@ -194,11 +194,16 @@ def handed_additions(module: nn.Module) -> Optional[int]:
 
 def count_shortcut_additions(model: nn.Module) -> int:
     """Shortcut additions left in the residual (or plain) blocks of ``model`` that a rule knows; a block whose
-    parent hands it a projection as its shortcut is counted as it is called, with that shortcut."""
+    parent hands it a projection as its shortcut is counted as it is called, with that shortcut. A fading twin's
+    blocks count their scaled shortcuts (``branch + s * shortcut``, at any ``s``: the addition is computed until
+    ``finish_fade`` removes it)."""
+    from .fade import FadingGraphBlock, _is_fade  # fade builds on this module
     handed = handed_projections(model)
     total = 0
     for name, module in model.named_modules():
-        if get_rule(module) is not None:
+        if isinstance(module, FadingGraphBlock):
+            total += sum(1 for node in module.graph.nodes if _is_fade(node))
+        elif get_rule(module) is not None:
             total += (handed_additions(module) if name in handed else shortcut_additions(module)) or 0
     return total
 
