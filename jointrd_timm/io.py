@@ -17,7 +17,7 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap', 'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK']
+           'unwrap', 'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
@@ -156,3 +156,17 @@ def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
         correct += int((model(images).argmax(1) == targets).sum())
         total += len(targets)
     return 100.0 * correct / total
+
+
+# the test-time entries of a pretrained_cfg (a larger evaluation size or crop): they belong to the architecture's
+# default reading, not to a reading a run saved
+TEST_TIME_KEYS = ('test_input_size', 'test_crop_pct')
+
+
+def with_reading(cfg: Dict, reading: Optional[Dict]) -> Dict:
+    """``cfg`` (a pretrained_cfg as a dict) with a saved ``reading`` of the images (input size, crop, interpolation,
+    mean / std: how a run read its test set) in place of the architecture's, its test-time size and crop dropped;
+    ``cfg`` unchanged without a reading."""
+    if not reading:
+        return dict(cfg)
+    return dict({k: v for k, v in cfg.items() if k not in TEST_TIME_KEYS}, **reading)

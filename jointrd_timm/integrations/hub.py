@@ -12,7 +12,7 @@ from typing import Dict, Optional
 from torch import nn
 
 from ..errors import InputError, JointRDError
-from ..io import CheckpointError, input_channels
+from ..io import CheckpointError, input_channels, with_reading
 from ..twins.fade import deployable
 
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']
@@ -46,10 +46,6 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     # the start of a parametrisation that is folded builds nothing now (and plain_<arch> refuses it without dirac);
     # timm's save_for_hf reads the factory's record of the arguments too
     model_args.pop('dirac_init', None)
-    recorded = getattr(model, '_model_args', None)
-    if isinstance(recorded, dict) and 'dirac_init' in recorded:
-        model = copy.deepcopy(model) if model is trained else model
-        model._model_args = {k: v for k, v in recorded.items() if k != 'dirac_init'}
     if not hasattr(model, 'num_classes'):
         raise InputError(f'{type(model).__name__} has no classifier (num_classes; a features_only feature '
                          "extractor?): timm's Hub format saves a classifier model. Save the model it was built from "
@@ -66,11 +62,8 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
                 safe_serialization=True)
     if tag is not None or data_cfg:
         config = json.loads((tmp / 'config.json').read_text())
-        cfg = config.setdefault('pretrained_cfg', {})
-        if data_cfg:  # the run's reading of its images replaces the architecture's, test-time size included
-            for key in ('test_input_size', 'test_crop_pct'):
-                cfg.pop(key, None)
-        cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in (data_cfg or {}).items()})
+        # the run's reading of its images replaces the architecture's, test-time size included
+        cfg = config['pretrained_cfg'] = with_reading(config.get('pretrained_cfg', {}), data_cfg)
         if tag is not None:
             cfg['tag'] = tag
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
@@ -136,6 +129,12 @@ def _model_folder(path: Path) -> Path:
     return path / 'model' if (path / 'model' / 'config.json').is_file() else path
 
 
+def _local_path(spec: str) -> Path:
+    """The path a model spec names: ``local-dir:<path>``'s path, else the spec itself as a path (which may not
+    exist: a model name, a Hub id)."""
+    return Path(spec.split(':', 1)[1] if spec.lower().startswith('local-dir:') else spec).expanduser()
+
+
 def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
     ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
@@ -147,8 +146,7 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     prefix = spec.split(':', 1)[0].lower() if ':' in spec else None
     prefix = 'hf-hub' if prefix == 'hf_hub' else prefix
     source = prefix in _SOURCE_PREFIXES
-    local = spec.split(':', 1)[1] if prefix == 'local-dir' else spec
-    path = Path(local).expanduser()
+    path = _local_path(spec)
     if path.is_file():
         raise InputError(f'{spec!r} is a file: give the folder that holds a model (config.json and '
                          'model.safetensors, as `jointrd save` writes it), or a runner output folder.')
@@ -186,8 +184,7 @@ def saved_beside(spec: str) -> Dict:
     """The model card and metrics saved with a model given as a folder (a Hub-format folder, a runner output folder,
     ``local-dir:``), as :func:`save_trained_model` keywords: saving or pushing it again keeps them. Empty for a name or
     a Hub id."""
-    local = spec.split(':', 1)[1] if spec.lower().startswith('local-dir:') else spec
-    path = Path(local).expanduser()
+    path = _local_path(spec)
     if not path.is_dir():
         return {}
     folder = _model_folder(path)

@@ -86,6 +86,7 @@ def _saved_data_cfg(folder: Path) -> Dict:
 def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
     """``{'<architecture>.<tag>': cfg}`` for the catalogue entries of ``architecture``: its base cfg, with the
     entry's classes, license and Hub id, and the data config saved with its weights."""
+    from ..io import with_reading
     cfgs = {}
     for e in entries():
         if e['architecture'] != architecture:
@@ -94,9 +95,5 @@ def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
         folder = weights_folder(e)
         if (folder / 'model.safetensors').is_file():
             cfg['file'] = str(folder / 'model.safetensors')
-        saved = _saved_data_cfg(folder)
-        if saved:  # the saved reading replaces the architecture's, its test-time size included
-            cfg = {k: v for k, v in cfg.items() if k not in ('test_input_size', 'test_crop_pct')}
-        cfg.update(saved)
-        cfgs[e['name']] = cfg
+        cfgs[e['name']] = with_reading(cfg, _saved_data_cfg(folder))  # the saved reading, not the architecture's
     return cfgs
