@@ -254,3 +254,24 @@ def test_a_test_set_is_carved_from_data_without_one_apart_from_train_and_val(tmp
         load_image_dataset(str(root), 'train', part='test', transform='tensor', input_size=8, test_fraction=1.0)
     with pytest.raises(ValueError, match=r"has no split 'test'.*--test-fraction"):
         load_image_dataset(str(root), 'test', transform='tensor', input_size=8)
+
+
+def test_wide_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL mode I;16) read through an image folder: PIL's convert would clip every value above 255
+    (an almost white image); it is scaled to 8 bits instead, in grey and in RGB."""
+    from jointrd_timm.training.data import to_mode
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000
+    for c in ('a', 'b'):
+        (tmp_path / c).mkdir()
+        Image.fromarray(ramp).save(tmp_path / c / '0.png')
+    expected = np.rint(ramp / 257.0)
+    for channels in (1, 3):
+        ds = load_image_dataset(str(tmp_path), 'train', transform='tensor', input_size=8, channels=channels,
+                                mean=(0.0,) * channels, std=(1.0,) * channels)
+        x, _ = ds[0]
+        assert ds.data[0]['image'].mode in ('I;16', 'I')
+        assert np.allclose(x[0].numpy() * 255, expected, atol=0.51) and x.shape == (channels, 8, 8)
+    as_float = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32), 'F')
+    assert np.asarray(to_mode(as_float, 'L')).tolist() == [[128, 128], [128, 128]]
+    small = Image.fromarray(np.full((2, 2), 200, dtype=np.int32), 'I')
+    assert np.asarray(to_mode(small, 'L')).tolist() == [[200, 200], [200, 200]]  # 8-bit values kept

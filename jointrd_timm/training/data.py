@@ -145,6 +145,24 @@ def dataset_data_cfg(dataset, channels: int = 3) -> Optional[Dict]:
     return None
 
 
+def to_mode(image, mode: str):
+    """``image`` (PIL) as ``mode`` ('RGB' or 'L'). PIL's ``convert`` clips wide grey images to 8 bits (a 16-bit PNG
+    turns almost white), so those are scaled first: 16-bit modes by 257 (65535 -> 255), 32-bit integers as 16-bit
+    when they fit, else by their maximum; float images in [0, 1] times 255, others clipped to [0, 255]."""
+    if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+        from PIL import Image
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if image.mode == 'F':
+            scale = 255.0 if top <= 1.0 else 1.0
+        elif image.mode.startswith('I;16') or top > 255:
+            scale = 255.0 / (65535.0 if top <= 65535 else top)
+        else:
+            scale = 1.0
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), 'L')
+    return image.convert(mode)
+
+
 class HFImageDataset(Dataset):
     """(image tensor, label) pairs from a ``datasets.Dataset``; decoding and transforms happen per item."""
 
@@ -160,7 +178,7 @@ class HFImageDataset(Dataset):
 
     def __getitem__(self, index):
         row = self.data[int(index)]
-        return self.transform(row[self.image_column].convert(self.mode)), int(row[self.label_column])
+        return self.transform(to_mode(row[self.image_column], self.mode)), int(row[self.label_column])
 
     @property
     def num_classes(self) -> int:
