@@ -232,11 +232,13 @@ def _eval(args) -> int:
     for option in ('image_column', 'label_column') + (('input_size',) if 'data_cfg' not in kwargs else ()):
         if getattr(args, option):
             kwargs[option] = getattr(args, option)
-    where = args.split
-    if args.test_fraction:  # the test set jointrd distill --test-fraction carved from this split
+    # the test split; with --test-fraction, the test set jointrd distill carved from the train split
+    split = args.split or ('train' if args.test_fraction else 'test')
+    where = split
+    if args.test_fraction:
         kwargs.update(test_fraction=args.test_fraction, part='test')
-        where = f'the {args.test_fraction:g} of {args.split} carved out as the test set'
-    result = evaluate_model(model, args.dataset, args.split, **kwargs)
+        where = f'the {args.test_fraction:g} of {split} carved out as the test set'
+    result = evaluate_model(model, args.dataset, split, **kwargs)
     line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {where})'
     try:
         from .models.catalogue import entry
@@ -467,7 +469,7 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser('eval', help='top-1 accuracy of a (published) model on a dataset')
     p.add_argument('model', help='registry tag, hf-hub:..., local-dir:..., or a folder')
     p.add_argument('--dataset', required=True, help='Hub id, local Hub-layout folder, image folder, sklearn:digits')
-    p.add_argument('--split', default='test')
+    p.add_argument('--split', default=None, help='default: test (train with --test-fraction)')
     p.add_argument('--test-fraction', type=float, default=0.0,
                    help="evaluate on the test set jointrd distill's --test-fraction carved from --split (the same "
                         'images; default 0: the whole split)')

@@ -251,3 +251,25 @@ def test_with_gradient_accumulation_the_discriminator_steps_with_the_student(met
     a, b = (load_file(str(tmp_path / run / 'last.safetensors')) for run in ('full', 'cut'))
     keys = [k for k in a if k.startswith('model.adversarial.discriminator.') and a[k].is_floating_point()]
     assert keys and max(float((a[k] - b[k]).abs().max()) for k in keys) == 0.0
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_mid_accumulation_keep_the_discriminators_pending_gradients(tmp_path):
+    """2 processes, an optimizer step every 2 micro-batches, 5 micro-batches an epoch: epoch 1 ends with one
+    micro-batch's discriminator gradients pending, which the main process checkpoints for both. They are averaged
+    over the processes at every micro-batch, so that checkpoint is the run's, and a run stopped after epoch 1 and
+    resumed ends with the uninterrupted run's discriminator."""
+    config = tiny_yaml(tmp_path, method='cakd', epochs=2, limit=80, batch_size=16, norm_layer='groupnorm1')
+    common = ['-m', 'jointrd_timm.cli', 'train', '--config', str(config), '--device', 'cpu']
+    accumulate = ['train.optimizer.grad_accum_step=2']
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    for out, extra in ((full, []), (cut, ['train.num_epochs=1'])):
+        result = _torchrun(common + ['--output-dir', str(out)] + accumulate + extra, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert any(k.startswith('module.grads.adversarial.discriminator.')
+               for k in load_file(str(cut / 'last.safetensors')))
+    result = _torchrun(common + ['--output-dir', str(cut), '--resume'] + accumulate, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (load_file(str(out / 'last.safetensors')) for out in (full, cut))
+    keys = [k for k in a if k.startswith('model.adversarial.discriminator.') and a[k].is_floating_point()]
+    assert keys and max(float((a[k] - b[k]).abs().max()) for k in keys) < 1e-6

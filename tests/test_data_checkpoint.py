@@ -254,6 +254,10 @@ def test_a_test_set_is_carved_from_data_without_one_apart_from_train_and_val(tmp
         load_image_dataset(str(root), 'train', part='test', transform='tensor', input_size=8, test_fraction=1.0)
     with pytest.raises(ValueError, match=r"has no split 'test'.*--test-fraction"):
         load_image_dataset(str(root), 'test', transform='tensor', input_size=8)
+    with pytest.raises(ValueError, match="test_fraction carves the split in parts"):
+        load_image_dataset(str(root), 'train', transform='tensor', input_size=8, test_fraction=0.2)
+    with pytest.raises(ValueError, match=r"cannot carve 0.99 of its 30 images"):  # nothing left to train on
+        load_image_dataset(str(root), 'train', part='train', transform='tensor', input_size=8, test_fraction=0.99)
 
 
 def test_wide_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
@@ -272,6 +276,7 @@ def test_wide_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
         assert ds.data[0]['image'].mode in ('I;16', 'I')
         assert np.allclose(x[0].numpy() * 255, expected, atol=0.51) and x.shape == (channels, 8, 8)
     as_float = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32), 'F')
-    assert np.asarray(to_mode(as_float, 'L')).tolist() == [[128, 128], [128, 128]]
-    small = Image.fromarray(np.full((2, 2), 200, dtype=np.int32), 'I')
-    assert np.asarray(to_mode(small, 'L')).tolist() == [[200, 200], [200, 200]]  # 8-bit values kept
+    assert np.asarray(to_mode(as_float, 'L')).tolist() == [[128, 128], [128, 128]]  # floats in [0, 1]
+    # 32-bit integers (how PIL opens some 16-bit PNGs) are 16-bit values, whatever one image's largest value
+    dark = Image.fromarray(np.array([[0, 257 * 200]], dtype=np.int32), 'I')
+    assert np.asarray(to_mode(dark, 'L')).tolist() == [[0, 200]]

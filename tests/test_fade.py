@@ -707,3 +707,9 @@ def test_a_fading_twin_counts_its_scaled_shortcuts_until_the_fade_is_finished(ar
     assert count_shortcut_additions(twin) == residual  # still computed (times 0) until finish_fade
     assert count_shortcut_additions(deployable(twin)) == 0
     assert count_shortcut_additions(timm.create_model(f'plain_{arch}')) == 0
+    # keeping the projection shortcuts: the fading blocks count them too, the deployed twin keeps only them
+    from jointrd_timm.twins.fade import make_fading
+    kept = make_fading(timm.create_model(arch), keep_projection_shortcuts=True)
+    set_shortcut_scale(kept, 0.0)
+    left = count_shortcut_additions(deployable(kept))
+    assert 0 < left < residual and count_shortcut_additions(kept) == residual

@@ -87,6 +87,8 @@ def test_eval_on_a_folder_without_the_split_names_the_splits_it_has(tmp_path, ca
     assert 'on 4 images' in capsys.readouterr().out
     assert main(argv + ['--split', 'train', '--test-fraction', '0.5']) == 0
     assert 'on 2 images' in capsys.readouterr().out
+    assert main(argv + ['--test-fraction', '0.5']) == 0  # carved from the train split by default
+    assert 'on 2 images' in capsys.readouterr().out
     assert main(argv + ['--split', 'train', '--test-fraction', '1.5']) == 1
     assert 'test_fraction must be a number in [0, 1)' in capsys.readouterr().err
 

@@ -99,3 +99,23 @@ def test_a_side_optimizer_accumulating_two_micro_batches_steps_once_on_their_mea
     assert torch.allclose(b.weight, a.weight, atol=1e-6) and torch.allclose(b.bias, a.bias, atol=1e-6)
     with pytest.raises(ValueError, match='gradient accumulation steps'):
         parts.accumulate = 0
+
+
+def test_a_new_stage_freezes_the_methods_modules_and_drops_what_its_optimizers_accumulated():
+    import timm
+    import jointrd_timm  # noqa: F401
+    from jointrd_timm.methods.adversarial import ConditionalAdversarialKD
+    torch.manual_seed(0)
+    method = ConditionalAdversarialKD(timm.create_model('plain_resnet20_cifar', num_classes=10),
+                                      timm.create_model('resnet20_cifar', num_classes=10), num_classes=10)
+    method.set_grad_accumulation(2)
+    method.train()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    method(x, y)
+    updates = method.adversarial.updates
+    assert updates.pending == 1 and any(p.grad is not None for p in method.adversarial.discriminator.parameters())
+    method.requires_grad_(True)  # what torchdistill's clean_modules does to every parameter
+    method.start_stage()
+    assert updates.pending == 0 and all(p.grad is None for p in method.adversarial.discriminator.parameters())
+    assert not any(p.requires_grad for m in (method.teacher, method.adversarial.discriminator) for p in m.parameters())
+    assert all(p.requires_grad for p in method.student.parameters())

@@ -174,11 +174,15 @@ class TrainingMethod(nn.Module):
         teacher, and whatever a side optimizer trains inside the forward (a discriminator, a joint teacher)."""
         return [side.module for side in self.side_optimizers()]
 
-    def refreeze(self) -> None:
-        """Freeze :meth:`frozen_modules` again (torchdistill unfreezes every parameter when a multi-stage run moves
-        to its next stage, before it builds that stage's optimizer: :func:`keep_frozen`)."""
+    def start_stage(self) -> None:
+        """A multi-stage run moves to its next stage (:func:`keep_frozen`): torchdistill has unfrozen every
+        parameter, and restarts its count of accumulated gradients before it builds that stage's optimizer. Freeze
+        :meth:`frozen_modules` again, and drop what the module's own optimizers had accumulated, so they keep step
+        with the new stage's optimizer."""
         for module in self.frozen_modules():
             module.requires_grad_(False)
+        for side in self.side_optimizers():
+            side.reset()
 
     # -- gradient accumulation --------------------------------------------------------------------------------------
     def side_optimizers(self) -> list:
@@ -284,8 +288,8 @@ def set_grad_accumulation(module: nn.Module, steps: int) -> None:
 
 
 def keep_frozen(box) -> None:
-    """Make a torchdistill box re-freeze its method module's :meth:`~TrainingMethod.frozen_modules` after each of
-    its ``clean_modules`` calls (a multi-stage box unfreezes every parameter of its models there, then builds the next
+    """Make a torchdistill box call its method module's :meth:`~TrainingMethod.start_stage` after each of its
+    ``clean_modules`` calls (a multi-stage box unfreezes every parameter of its models there, then builds the next
     stage's optimizer from the trainable ones: without this, that optimizer would train a frozen teacher and step a
     discriminator's own gradients). Idempotent; a no-op for boxes without a method module."""
     if getattr(box, '_jointrd_keeps_frozen', False) or not hasattr(box, 'clean_modules'):
@@ -298,7 +302,7 @@ def keep_frozen(box) -> None:
         for model in models:
             method = _method(getattr(model, 'module', model))  # a DDP wrapper's module
             if method is not None:
-                method.refreeze()
+                method.start_stage()
         return out
 
     box.clean_modules = clean_and_refreeze

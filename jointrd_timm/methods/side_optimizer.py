@@ -82,6 +82,11 @@ class SideOptimizer:
         the runner with the run's other pending gradients)."""
         return int(self.optimizer.param_groups[0].get('pending', 0))
 
+    def reset(self) -> None:
+        """Drop the gradients pending in an accumulation (a new training stage restarts the student's count)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.param_groups[0]['pending'] = 0
+
     def step(self, loss_fn: Callable):
         """One SGD step of the module on ``loss_fn()``, computed with the module's parameters trainable; with
         gradient accumulation (:attr:`accumulate` > 1) the loss's gradient, divided by ``accumulate``, is added to
@@ -96,12 +101,15 @@ class SideOptimizer:
             loss = out[0] if isinstance(out, tuple) else out
             (loss / accumulate if accumulate > 1 else loss).backward()
             pending += 1
+            # averaged over the processes at every micro-batch (the sum so far is the same on every process, so
+            # averaging it again adds only this micro-batch's average): every process then holds the same pending
+            # gradients, and the main process's checkpoint of them is the run's
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= dist.get_world_size()
             if pending >= accumulate:
-                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                    for p in self.module.parameters():
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad /= dist.get_world_size()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)  # the gradients are not needed past the step: free them
                 pending = 0

@@ -147,19 +147,14 @@ def dataset_data_cfg(dataset, channels: int = 3) -> Optional[Dict]:
 
 def to_mode(image, mode: str):
     """``image`` (PIL) as ``mode`` ('RGB' or 'L'). PIL's ``convert`` clips wide grey images to 8 bits (a 16-bit PNG
-    turns almost white), so those are scaled first: 16-bit modes by 257 (65535 -> 255), 32-bit integers as 16-bit
-    when they fit, else by their maximum; float images in [0, 1] times 255, others clipped to [0, 255]."""
+    turns almost white), so those are scaled first, by their mode alone (every image of a dataset alike): 16-bit and
+    32-bit integer images (``I;16*``, ``I``: how PIL opens a 16-bit PNG) as 16-bit values, divided by 257 (65535 ->
+    255); float images (``F``) as values in [0, 1], times 255; what falls outside is clipped."""
     if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
         from PIL import Image
-        values = np.asarray(image, dtype=np.float64)
-        top = float(values.max()) if values.size else 0.0
-        if image.mode == 'F':
-            scale = 255.0 if top <= 1.0 else 1.0
-        elif image.mode.startswith('I;16') or top > 255:
-            scale = 255.0 / (65535.0 if top <= 65535 else top)
-        else:
-            scale = 1.0
-        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), 'L')
+        scale = 255.0 if image.mode == 'F' else 1 / 257.0
+        values = np.asarray(image, dtype=np.float64) * scale
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), 'L')
     return image.convert(mode)
 
 
@@ -332,6 +327,8 @@ def load_image_dataset(
     for name, value in (('validation_fraction', validation_fraction), ('test_fraction', test_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise InputError(f'{name} must be a number in [0, 1) (0: no carve), got {value!r}.')
+    if part == 'all' and test_fraction:
+        raise InputError("test_fraction carves the split in parts: give part='train', 'val' or 'test' with it.")
     needs = dict(val=('validation_fraction',), test=('test_fraction',),
                  train=('validation_fraction', 'test_fraction')).get(part, ())
     if needs and not any(dict(validation_fraction=validation_fraction, test_fraction=test_fraction)[n] for n in needs):
@@ -347,12 +344,16 @@ def load_image_dataset(
     where = f'Dataset {source!r} (split {split!r})'
     image_column, label_column = find_columns(data, image_column, label_column, where)
     classes = label_classes(data, label_column, where)  # of the whole split
-    if part != 'all' and test_fraction:
-        halves = data.train_test_split(test_size=test_fraction, seed=seed)
-        data = halves['test' if part == 'test' else 'train']
-    if part in ('train', 'val') and validation_fraction:
-        halves = data.train_test_split(test_size=validation_fraction, seed=seed)
-        data = halves['train' if part == 'train' else 'test']
+    # the test set first, then the held-out part of what is left; each carve keeps its 'test' half for that part
+    for fraction, carved in ((test_fraction, 'test'), (validation_fraction if part != 'test' else 0.0, 'val')):
+        if part == 'all' or not fraction:
+            continue
+        try:
+            halves = data.train_test_split(test_size=fraction, seed=seed)
+        except ValueError as e:  # too few images to carve the fraction and keep the rest
+            raise InputError(f'{where}: cannot carve {fraction} of its {len(data)} images ({e}); give a fraction '
+                             'that leaves images on both sides.') from e
+        data = halves['test' if part == carved else 'train']
     if limit is not None and limit < len(data):
         data = data.shuffle(seed=seed).select(range(limit))
     if data_cfg is not None:

@@ -67,8 +67,9 @@ def write_config(path: Path, config: Dict, datasets: Dict[str, Dict], header: st
     if resume and path.is_file():
         before = '\n'.join(line for line in path.read_text().splitlines() if not line.startswith('#'))
         if before.strip() != body.strip():
-            raise DistillError(f'--resume: {path} was written for a run with other settings; resume with the same '
-                               'arguments, or pass --overwrite to start again.')
+            raise DistillError(f'--resume: {path} was written for a run with other settings (other arguments, or '
+                               'an earlier version of jointrd-timm that wrote its YAML otherwise); resume with the '
+                               'same arguments and version, or pass --overwrite to start again.')
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + body)
     return path

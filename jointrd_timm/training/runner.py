@@ -321,7 +321,8 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
             raise ConfigError(f'A training batch of {len(targets)} image(s) reached a BatchNorm layer with one value '
                               f'per channel ({e}): the last batch of an epoch holds what is left of the training set. '
                               'Set train.train_data_loader.kwargs.drop_last: true (or pick a batch size that leaves '
-                              'more than one image).') from e
+                              'more than one image; a batch size of 1 itself cannot train BatchNorm: use more, or a '
+                              'model without BatchNorm).') from e
         box.post_forward_process(loss=loss)
         if run.ema is not None and run.stepped:  # after each optimizer step
             run.ema.step()

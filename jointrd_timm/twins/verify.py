@@ -201,8 +201,8 @@ def count_shortcut_additions(model: nn.Module) -> int:
     handed = handed_projections(model)
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, FadingGraphBlock):
-            total += sum(1 for node in module.graph.nodes if _is_fade(node))
+        if isinstance(module, FadingGraphBlock):  # its scaled shortcuts, and any it keeps whole (a projection)
+            total += sum(1 for node in module.graph.nodes if _is_fade(node)) + (shortcut_additions(module) or 0)
         elif get_rule(module) is not None:
             total += (handed_additions(module) if name in handed else shortcut_additions(module)) or 0
     return total
