@@ -280,3 +280,35 @@ def test_wide_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     # 32-bit integers (how PIL opens some 16-bit PNGs) are 16-bit values, whatever one image's largest value
     dark = Image.fromarray(np.array([[0, 257 * 200]], dtype=np.int32), 'I')
     assert np.asarray(to_mode(dark, 'L')).tolist() == [[0, 200]]
+
+
+def test_class_folders_with_subfolders_keep_their_classes(tmp_path):
+    """cat/indoor, cat/outdoor, dog/indoor, dog/park: datasets' imagefolder would name the classes indoor / outdoor
+    / park (cat/indoor and dog/indoor one class); the class folders are the classes, their images at any depth, with
+    the same label index in the train and test split folders (test lacks a class here)."""
+    def draw(folder, shade, n=2):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new('RGB', (8, 8), (shade, i, 0)).save(folder / f'{shade}-{i}.png')
+
+    flat = tmp_path / 'one'
+    for name, shade in (('cat/indoor', 10), ('cat/outdoor', 20), ('dog/indoor', 30), ('dog/park', 40)):
+        draw(flat / name, shade)
+    draw(flat / 'dog', 50, n=1)  # an image beside the subfolders belongs to the class too
+    ds = load_image_dataset(str(flat), 'train', transform='tensor', input_size=8)
+    assert ds.data.features['label'].names == ['cat', 'dog'] and len(ds) == 9
+    shades = {ds.data[i]['image'].getpixel((0, 0))[0]: ds.data[i]['label'] for i in range(len(ds))}
+    assert shades == {10: 0, 20: 0, 30: 1, 40: 1, 50: 1}
+    split = tmp_path / 'two'
+    for name, shade in (('train/bird/a', 1), ('train/cat/a', 2), ('train/dog/b', 3), ('test/cat/x', 4),
+                        ('test/dog/y', 5)):
+        draw(split / name, shade)
+    train = load_image_dataset(str(split), 'train', transform='tensor', input_size=8)
+    test = load_image_dataset(str(split), 'test', transform='tensor', input_size=8)
+    assert train.data.features['label'].names == test.data.features['label'].names == ['bird', 'cat', 'dog']
+    assert sorted(test.data['label']) == [1, 1, 2, 2] and train.num_classes == test.num_classes == 3
+    plain = tmp_path / 'flat'  # no subfolders: datasets' own imagefolder, as before
+    for name, shade in (('a', 1), ('b', 2)):
+        draw(plain / name, shade)
+    assert load_image_dataset(str(plain), 'train', transform='tensor', input_size=8).data.features['label'].names \
+        == ['a', 'b']

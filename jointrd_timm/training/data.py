@@ -6,7 +6,7 @@ Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.
 """
 import math
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -216,6 +216,47 @@ def _digits(split: str):
         {'img': [images[i] for i in chosen], 'label': [int(digits.target[i]) for i in chosen]}, features=features)
 
 
+# the folder names datasets' imagefolder reads as splits (its data-files patterns), a few common spellings with them
+SPLIT_FOLDERS = ('train', 'training', 'test', 'testing', 'eval', 'validation', 'valid', 'val', 'dev')
+
+
+def _image_files(folder: Path) -> List[Path]:
+    from PIL import Image
+    suffixes = {s.lower() for s in Image.registered_extensions()}
+    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in suffixes
+                  and not any(part.startswith('.') for part in p.relative_to(folder).parts))
+
+
+def _nested_image_folder(root: Path, split: str):
+    """An image folder whose class folders hold their images in subfolders (``cat/indoor/1.png``), read with the
+    class folders as the classes and their images found at any depth, as torchvision's ImageFolder reads it:
+    datasets' imagefolder names each image by its innermost folder, so ``cat/indoor`` and ``dog/indoor`` would both
+    be class ``indoor``. The class names are those of every split folder together (the same label index in each).
+    None for a flat folder (datasets reads it) or a split it does not have."""
+    import datasets
+    children = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')]
+    splits = [d for d in children if d.name.lower() in SPLIT_FOLDERS]
+    if splits:
+        base = next((d for d in splits if d.name == split), None)
+        class_roots = splits
+    else:
+        base = root if split == 'train' else None
+        class_roots = [root]
+    if base is None:
+        return None
+    classes = sorted({d.name for r in class_roots for d in r.iterdir() if d.is_dir() and not d.name.startswith('.')})
+    if not any(sub.is_dir() and _image_files(sub) for r in class_roots for c in classes if (r / c).is_dir()
+               for sub in (r / c).iterdir()):
+        return None  # flat: datasets' imagefolder reads it as it is
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        found = _image_files(base / name) if (base / name).is_dir() else []
+        images += [str(p) for p in found]
+        labels += [index] * len(found)
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
+
+
 def _load(source: str, split: str, config_name: Optional[str]):
     import datasets
     if source == 'sklearn:digits':
@@ -225,6 +266,9 @@ def _load(source: str, split: str, config_name: Optional[str]):
     path = Path(source).expanduser()
     if path.is_dir():
         has_data_files = any(path.glob('**/*.parquet')) or any(path.glob('**/*.arrow')) or (path / 'README.md').is_file()
+        nested = None if has_data_files else _nested_image_folder(path, split)
+        if nested is not None:
+            return nested
         # class subfolders of images, else a Hub-layout folder
         args = ('imagefolder',) if not has_data_files else (str(path), config_name)
         kwargs = dict(data_dir=str(path)) if not has_data_files else {}
