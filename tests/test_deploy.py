@@ -407,3 +407,16 @@ def test_timm_layers_torch_fx_cannot_trace_are_kept_whole_unless_they_hold_a_sho
     page = bench.markdown(dict(meta=dict(machine='m', threads=1, torch='t', timm='t', repeats=2),
                                results=[dict(teacher='x', input_size=64, batches={1: row})]))
     assert page.count('>= ') == 2
+
+
+def test_export_traces_the_configured_height_and_width_or_the_ones_given(tmp_path):
+    import onnx
+    torch.manual_seed(0)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=10)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 48))  # a wide input, as configured
+    for given, shape in ((None, [3, 32, 48]), ((24, 40), [3, 24, 40]), (16, [3, 16, 16])):
+        out = tmp_path / str(given)
+        report = export_model(model, out, formats=('onnx',), input_size=given, atol=1e-4)
+        assert report['input_shape'] == shape and report['files']['onnx']['max_abs_error'] < 1e-4
+        dims = onnx.load(str(out / 'model.onnx')).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_value for d in dims][1:] == shape

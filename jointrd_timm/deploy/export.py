@@ -33,22 +33,28 @@ class UnsupportedExportError(JointRDError, RuntimeError):
     """The exporter has no translation for an operator of the model (e.g. halo attention's Unfold in ONNX)."""
 
 
-def _input(model: nn.Module, batch: int, input_size: Optional[int]) -> torch.Tensor:
+def _input(model: nn.Module, batch: int, input_size) -> torch.Tensor:
     """A random batch the model takes: the first conv's input channels, or the configured ones when the stem
-    rearranges its input before any conv (TResNet's space-to-depth: the first conv sees 16x the channels)."""
+    rearranges its input before any conv (TResNet's space-to-depth: the first conv sees 16x the channels); its
+    height and width ``input_size`` (one side, or (height, width)), by default the model's configured ones."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    size = input_size or cfg.get('input_size', (3, 224, 224))[-1]
+    if input_size is None:
+        height, width = (int(v) for v in tuple(cfg.get('input_size', (3, 224, 224)))[-2:])
+    elif isinstance(input_size, (tuple, list)):
+        height, width = (int(v) for v in input_size)
+    else:
+        height = width = int(input_size)
     first_conv = input_channels(model) or 3
     candidates = dict.fromkeys([first_conv, cfg.get('input_size', (3,))[0]])
     for chans in candidates:
-        x = torch.randn(batch, chans, size, size)
+        x = torch.randn(batch, chans, height, width)
         try:
             with torch.no_grad():
                 model(x[:1])
         except (RuntimeError, AssertionError, ValueError):
             continue
         return x
-    return torch.randn(batch, first_conv, size, size)  # let export_model report the model's own error
+    return torch.randn(batch, first_conv, height, width)  # let export_model report the model's own error
 
 
 def _tensors(output, model_name: str = 'the model') -> list:
@@ -67,8 +73,9 @@ def _max_error(got: list, expected: list) -> float:
 
 
 def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx', 'torchscript'),
-                 input_size: Optional[int] = None, atol: float = 1e-3, opset: int = 17) -> Dict:
-    """Export ``model`` (eval) to ``out_dir``; returns a report with files and max abs errors. Raises ExportError
+                 input_size=None, atol: float = 1e-3, opset: int = 17) -> Dict:
+    """Export ``model`` (eval) to ``out_dir``; returns a report with files and max abs errors. ``input_size``: the
+    traced input's side, or (height, width); default the model's configured input size. Raises ExportError
     when an export (or the folded model) deviates more than ``atol`` from the eager model and is farther from the
     model's float64 result than twice the eager float32 model is."""
     out_dir = Path(out_dir)
@@ -94,7 +101,7 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         folded_out = _tensors(folded(x))
         fold_error = _max_error(folded_out, reference)
     outputs = {}
-    report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={})
+    report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={}, input_shape=list(x.shape[1:]))
     if 'onnx' in formats:
         onnx = require('onnx', 'ONNX export')
         ort = require('onnxruntime', 'checking the ONNX export')
