@@ -162,6 +162,7 @@ def test_two_processes_keep_the_discriminator_in_step(method, tmp_path):
     assert momentum and any(float(m.abs().sum()) > 0 for m in momentum), 'D must have taken optimizer steps'
 
 
+@pytest.mark.slow  # the check's own test; the default run exercises it in every 2-process test
 def test_replica_divergence_sees_processes_that_drift_apart(tmp_path):
     """The check itself: two processes whose weights differ (seeded by rank) report the difference."""
     script = tmp_path / 'drift.py'

@@ -86,7 +86,9 @@ def test_kill_during_epoch_two_then_resume_equals_uninterrupted(tmp_path):
     assert resumed[-1]['train_loss'] == pytest.approx(full_lines[-1]['train_loss'], rel=1e-5)
 
 
-@pytest.mark.parametrize('extra', ['', ', block_loss_weight: 1.0'], ids=['jointrd', 'block-targets'])
+# the block-targets run is slow-marked (run with -m slow): the same DDP path with one more loss term
+@pytest.mark.parametrize('extra', ['', pytest.param(', block_loss_weight: 1.0', marks=pytest.mark.slow)],
+                         ids=['jointrd', 'block-targets'])
 def test_two_process_cpu_ddp_equals_one_process(tmp_path, extra):
     """Each process holds half of every batch; DDP averages their gradients, which equals the one-process gradient
     only when the loss is a mean over samples (the block targets' relative error: its denominator is the whole
