@@ -284,3 +284,27 @@ def test_distill_reads_images_as_the_teachers_weights_expect(tmp_path):
     assert 'mean' not in chosen.data['train'] and 'data_cfg' not in chosen.data['test']
     scratch = plan_distill('resnet20_cifar', str(folder), str(tmp_path / 'c'), epochs=1, input_size=72)
     assert 'mean' not in scratch.data['train'] and 'data_cfg' not in scratch.data['test']
+
+
+def test_distill_notes_integer_labels_that_leave_classes_without_images(tmp_path):
+    import datasets
+    from PIL import Image
+    from jointrd_timm.training.distill import plan_distill
+    image = Image.new('RGB', (8, 8))
+
+    def parquet(folder, labels):
+        data = datasets.Dataset.from_dict({'img': [image] * len(labels), 'label': labels}, features=datasets.Features(
+            {'img': datasets.Image(), 'label': datasets.Value('int64')}))
+        (folder / 'data').mkdir(parents=True)
+        for split in ('train', 'test'):
+            data.to_parquet(str(folder / 'data' / f'{split}-00000-of-00001.parquet'))
+        return str(folder)
+
+    skipped = plan_distill('resnet20_cifar', parquet(tmp_path / 'from1', [1, 2, 3, 1, 2, 3]), str(tmp_path / 'a'),
+                           epochs=1, input_size=8)
+    assert skipped.common['num_classes'] == 4
+    assert 'models get 4 outputs, but 1 of those classes have no training image (0)' in skipped.label_note
+    dense = plan_distill('resnet20_cifar', parquet(tmp_path / 'from0', [0, 1, 2, 0, 1, 2]), str(tmp_path / 'b'),
+                         epochs=1, input_size=8)
+    assert dense.label_note is None
+    assert plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'c'), epochs=1).label_note is None

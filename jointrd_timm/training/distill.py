@@ -116,6 +116,23 @@ class DistillPlan:
         return short_run_warning(self.recipe, self.epochs, steps_per_epoch)
 
     @property
+    def label_note(self) -> Optional[str]:
+        """Integer labels (no ClassLabel) that skip values, e.g. 1..10: the models get an output per index up to the
+        largest, and the classes without a training image are never trained; None when every class has images."""
+        train = self.datasets['train']
+        data = getattr(train, 'data', None)
+        if data is None or hasattr(data.features[train.label_column], 'names'):
+            return None
+        missing = sorted(set(range(train.num_classes)) - {int(v) for v in data[train.label_column]})
+        if not missing:
+            return None
+        shown = ', '.join(map(str, missing[:8])) + (', ...' if len(missing) > 8 else '')
+        return (f'the labels are integers up to {train.num_classes - 1}, so the models get {train.num_classes} '
+                f'outputs, but {len(missing)} of those classes have no training image ({shown}): labels that skip '
+                'values (e.g. numbered from 1) leave outputs that are never trained. Renumber them from 0 (or '
+                'encode the column as a ClassLabel) if they are not meant as class indices.')
+
+    @property
     def teacher_trained_here(self) -> bool:
         return self.teacher.num_classes is None or self.reinit_head
 
@@ -223,6 +240,8 @@ def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = Fal
         configs = build_configs(plan, teacher_model)
         what = dict(teacher='the teacher, cross-entropy',
                     distill=f'the twin with JointRD, recipe `{plan.recipe.id}` ({plan.recipe.record})')
+        if plan.label_note:
+            print(f'NOTE: {plan.label_note}')
         for name, config in configs.items():
             path = write_config(out / f'{name}.yaml', config, plan.data, _header(plan.command, what[name]), resume)
             if name == 'teacher':
