@@ -162,25 +162,28 @@ def test_two_processes_keep_the_discriminator_in_step(method, tmp_path):
     assert momentum and any(float(m.abs().sum()) > 0 for m in momentum), 'D must have taken optimizer steps'
 
 
-@pytest.mark.slow  # the check's own test; the default run exercises it in every 2-process test
 def test_replica_divergence_sees_processes_that_drift_apart(tmp_path):
-    """The check itself: two processes whose weights differ (seeded by rank) report the difference."""
+    """The check itself: two processes whose weights differ (seeded by rank) report the difference. And the block
+    targets' global_mean averages over the processes (the 2-process block-targets run is slow-marked)."""
     script = tmp_path / 'drift.py'
     script.write_text(
         'import torch, torch.distributed as dist\n'
         'from jointrd_timm.training.runner import replica_divergence\n'
+        'from jointrd_timm.methods.jointrd.blockwise import global_mean\n'
         'dist.init_process_group("gloo")\n'
         'torch.manual_seed(0)\n'
         'm = torch.nn.Linear(4, 3)\n'
         'same = replica_divergence(m)\n'
         'with torch.no_grad():\n'
         '    m.bias[1] += 0.25 * dist.get_rank()\n'
-        'print(f"RESULT {same} {replica_divergence(m)}")\n'
+        'mean = global_mean(torch.tensor([1.0, 2.0]) * (1 + 2 * dist.get_rank()))\n'
+        'print(f"RESULT {same} {replica_divergence(m)} {mean[0].item()} {mean[1].item()}")\n'
         'dist.destroy_process_group()\n')
     result = _torchrun([str(script)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    same, drifted = [float(x) for x in result.stdout.split('RESULT')[1].split()[:2]]
+    same, drifted, first, second = [float(x) for x in result.stdout.split('RESULT')[1].split()[:4]]
     assert same == 0.0 and drifted == pytest.approx(0.25)
+    assert (first, second) == (2.0, 4.0)  # (1 and 3) and (2 and 6) averaged over the two processes
 
 
 @pytest.mark.parametrize('method', ['cakd', 'aps'])

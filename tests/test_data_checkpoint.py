@@ -312,3 +312,30 @@ def test_class_folders_with_subfolders_keep_their_classes(tmp_path):
         draw(plain / name, shade)
     assert load_image_dataset(str(plain), 'train', transform='tensor', input_size=8).data.features['label'].names \
         == ['a', 'b']
+
+
+def test_split_folders_are_named_as_datasets_names_them_and_flat_ones_stay_with_datasets(tmp_path):
+    import os
+
+    def draw(folder, shade, n=2):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new('RGB', (8, 8), (shade, i, 0)).save(folder / f'{shade}-{i}.png')
+
+    flat = tmp_path / 'flat'  # seg_train / seg_test are split folders to datasets: classes cat and dog, not the splits
+    for name, shade in (('seg_train/cat', 1), ('seg_train/dog', 2), ('seg_test/cat', 3), ('seg_test/dog', 4)):
+        draw(flat / name, shade)
+    train = load_image_dataset(str(flat), 'train', transform='tensor', input_size=8)
+    assert train.data.features['label'].names == ['cat', 'dog'] and len(train) == 4
+    nested = tmp_path / 'nested'  # val/ is the validation split; a symlinked subfolder is followed
+    for name, shade in (('training/cat/a', 1), ('training/dog/b', 2), ('val/cat/c', 3), ('val/dog/d', 4)):
+        draw(nested / name, shade)
+    draw(tmp_path / 'elsewhere', 5)
+    os.symlink(tmp_path / 'elsewhere', nested / 'training' / 'cat' / 'linked')
+    (nested / 'training' / 'cat' / 'a' / 'notes.txt').write_text('not an image')
+    train = load_image_dataset(str(nested), 'train', transform='tensor', input_size=8)
+    assert train.data.features['label'].names == ['cat', 'dog']
+    assert sorted(train.data[i]['image'].getpixel((0, 0))[0] for i in range(len(train))) == [1, 1, 2, 2, 5, 5]
+    for name in ('validation', 'val'):
+        val = load_image_dataset(str(nested), name, transform='tensor', input_size=8)
+        assert sorted(val.data['label']) == [0, 0, 1, 1]

@@ -303,8 +303,11 @@ def test_distill_notes_integer_labels_that_leave_classes_without_images(tmp_path
     skipped = plan_distill('resnet20_cifar', parquet(tmp_path / 'from1', [1, 2, 3, 1, 2, 3]), str(tmp_path / 'a'),
                            epochs=1, input_size=8)
     assert skipped.common['num_classes'] == 4
-    assert 'models get 4 outputs, but 1 of those classes have no training image (0)' in skipped.label_note
+    assert 'models get 4 outputs, but 1 of those classes have no image in the train split (0)' in skipped.label_note
     dense = plan_distill('resnet20_cifar', parquet(tmp_path / 'from0', [0, 1, 2, 0, 1, 2]), str(tmp_path / 'b'),
                          epochs=1, input_size=8)
     assert dense.label_note is None
+    limited = plan_distill('resnet20_cifar', str(tmp_path / 'from0'), str(tmp_path / 'd'), epochs=1, input_size=8,
+                           limit=2)  # two images cannot hold every class: still no note, the split has them all
+    assert limited.label_note is None
     assert plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'c'), epochs=1).label_note is None

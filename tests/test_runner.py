@@ -86,7 +86,8 @@ def test_kill_during_epoch_two_then_resume_equals_uninterrupted(tmp_path):
     assert resumed[-1]['train_loss'] == pytest.approx(full_lines[-1]['train_loss'], rel=1e-5)
 
 
-# the block-targets run is slow-marked (run with -m slow): the same DDP path with one more loss term
+# the block-targets run is slow-marked (run with -m slow): the same DDP path with one more loss term (its
+# cross-process mean, blockwise.global_mean, is checked by default in test_adversarial's 2-process script)
 @pytest.mark.parametrize('extra', ['', pytest.param(', block_loss_weight: 1.0', marks=pytest.mark.slow)],
                          ids=['jointrd', 'block-targets'])
 def test_two_process_cpu_ddp_equals_one_process(tmp_path, extra):

@@ -40,8 +40,8 @@ def _input(model: nn.Module, batch: int, input_size) -> torch.Tensor:
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if input_size is None:
         height, width = (int(v) for v in tuple(cfg.get('input_size', (3, 224, 224)))[-2:])
-    elif isinstance(input_size, (tuple, list)):
-        height, width = (int(v) for v in input_size)
+    elif isinstance(input_size, (tuple, list)):  # (height, width), or a pretrained_cfg's (channels, h, w)
+        height, width = (int(v) for v in tuple(input_size)[-2:])
     else:
         height = width = int(input_size)
     first_conv = input_channels(model) or 3

@@ -5,6 +5,7 @@ transforms of the JointRD spec (torchvision / timm; ``transform``).
 Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.load_image_dataset, init: {kwargs: ...}}``.
 """
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -167,6 +168,8 @@ class HFImageDataset(Dataset):
         self.transform = transform
         self.image_column, self.label_column, self.mode = image_column, label_column, mode
         self._num_classes = num_classes
+        # integer labels (no ClassLabel) of the whole split: the indices below the largest that no image has
+        self.unused_classes: List[int] = []
 
     def __len__(self) -> int:
         return len(self.data)
@@ -216,43 +219,76 @@ def _digits(split: str):
         {'img': [images[i] for i in chosen], 'label': [int(digits.target[i]) for i in chosen]}, features=features)
 
 
-# the folder names datasets' imagefolder reads as splits (its data-files patterns), a few common spellings with them
-SPLIT_FOLDERS = ('train', 'training', 'test', 'testing', 'eval', 'validation', 'valid', 'val', 'dev')
+def _image_suffixes() -> set:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+    return {e.lower() for e in ImageFolder.EXTENSIONS}  # the files datasets' imagefolder reads as images
 
 
-def _image_files(folder: Path) -> List[Path]:
-    from PIL import Image
-    suffixes = {s.lower() for s in Image.registered_extensions()}
-    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in suffixes
-                  and not any(part.startswith('.') for part in p.relative_to(folder).parts))
+def _image_files(folder: Path, suffixes: set) -> List[str]:
+    """The images under ``folder`` at any depth, symlinked folders followed, hidden files and folders skipped."""
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        found += [os.path.join(top, f) for f in sorted(files)
+                  if not f.startswith('.') and os.path.splitext(f)[1].lower() in suffixes]
+    return found
+
+
+def _holds_nested_images(folder: Path, suffixes: set) -> bool:
+    """Whether a subfolder of ``folder`` (at any depth) holds an image; stops at the first one."""
+    for entry in os.scandir(folder):
+        if entry.name.startswith('.') or not entry.is_dir():
+            continue
+        for top, dirs, files in os.walk(entry.path, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith('.')]
+            if any(not f.startswith('.') and os.path.splitext(f)[1].lower() in suffixes for f in files):
+                return True
+    return False
+
+
+def _split_of(name: str) -> Optional[str]:
+    """The split datasets' imagefolder reads a folder named ``name`` as ('train' for ``train``, ``training``,
+    ``seg_train``, ``train2017``; 'validation' for ``val``, ``dev``...; 'test' for ``test``, ``eval``...), by its
+    keywords and separators (datasets.data_files); None for none or more than one."""
+    import re
+    from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
+    sep = re.escape(NON_WORDS_CHARS).replace(r'0\-9', '0-9')
+    found = {str(split) for split, words in SPLIT_KEYWORDS.items() for word in words
+             if re.search(rf'(^|[{sep}]){re.escape(word)}($|[{sep}])', name.lower())}
+    return found.pop() if len(found) == 1 else None
 
 
 def _nested_image_folder(root: Path, split: str):
     """An image folder whose class folders hold their images in subfolders (``cat/indoor/1.png``), read with the
-    class folders as the classes and their images found at any depth, as torchvision's ImageFolder reads it:
-    datasets' imagefolder names each image by its innermost folder, so ``cat/indoor`` and ``dog/indoor`` would both
-    be class ``indoor``. The class names are those of every split folder together (the same label index in each).
-    None for a flat folder (datasets reads it) or a split it does not have."""
+    class folders as the classes and their images at any depth, as torchvision's ImageFolder reads it: datasets'
+    imagefolder names each image by its innermost folder, so ``cat/indoor`` and ``dog/indoor`` would both be class
+    ``indoor``. The class names are those of every split folder together (one label index in each). None (datasets
+    reads the folder, as for any flat one) for a flat folder, a folder with a metadata file, a layout whose split
+    folders are not all clear (some children named as splits, some not), or a split it does not have."""
     import datasets
-    children = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')]
-    splits = [d for d in children if d.name.lower() in SPLIT_FOLDERS]
-    if splits:
-        base = next((d for d in splits if d.name == split), None)
-        class_roots = splits
-    else:
-        base = root if split == 'train' else None
-        class_roots = [root]
-    if base is None:
+    if any((root / name).is_file() for name in ('metadata.csv', 'metadata.jsonl')) or \
+            any(root.glob('*/metadata.csv')) or any(root.glob('*/metadata.jsonl')):
         return None
+    children = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    splits = {d: _split_of(d.name) for d in children}
+    if children and all(splits.values()):  # split folders of class folders
+        class_roots = children
+        bases = [d for d in children if split in (splits[d], d.name)]
+    elif not any(splits.values()):  # class folders alone: the train split
+        class_roots, bases = [root], [root] if split == 'train' else []
+    else:
+        return None
+    suffixes = _image_suffixes()
     classes = sorted({d.name for r in class_roots for d in r.iterdir() if d.is_dir() and not d.name.startswith('.')})
-    if not any(sub.is_dir() and _image_files(sub) for r in class_roots for c in classes if (r / c).is_dir()
-               for sub in (r / c).iterdir()):
-        return None  # flat: datasets' imagefolder reads it as it is
+    if not bases or not any(_holds_nested_images(r / c, suffixes) for r in class_roots for c in classes
+                            if (r / c).is_dir()):
+        return None
     images, labels = [], []
     for index, name in enumerate(classes):
-        found = _image_files(base / name) if (base / name).is_dir() else []
-        images += [str(p) for p in found]
-        labels += [index] * len(found)
+        for base in bases:
+            found = _image_files(base / name, suffixes) if (base / name).is_dir() else []
+            images += found
+            labels += [index] * len(found)
     features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=classes)})
     return datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
 
@@ -388,6 +424,8 @@ def load_image_dataset(
     where = f'Dataset {source!r} (split {split!r})'
     image_column, label_column = find_columns(data, image_column, label_column, where)
     classes = label_classes(data, label_column, where)  # of the whole split
+    unused = [] if hasattr(data.features[label_column], 'names') else \
+        sorted(set(range(classes)) - {int(v) for v in data[label_column]})
     # the test set first, then the held-out part of what is left; each carve keeps its 'test' half for that part
     for fraction, carved in ((test_fraction, 'test'), (validation_fraction if part != 'test' else 0.0, 'val')):
         if part == 'all' or not fraction:
@@ -409,7 +447,9 @@ def load_image_dataset(
             else:
                 mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
         transforms = make_transform(transform, train, input_size, mean, std)
-    return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
+    loaded = HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
+    loaded.unused_classes = unused
+    return loaded
 
 
 def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:

@@ -120,17 +120,14 @@ class DistillPlan:
         """Integer labels (no ClassLabel) that skip values, e.g. 1..10: the models get an output per index up to the
         largest, and the classes without a training image are never trained; None when every class has images."""
         train = self.datasets['train']
-        data = getattr(train, 'data', None)
-        if data is None or hasattr(data.features[train.label_column], 'names'):
-            return None
-        missing = sorted(set(range(train.num_classes)) - {int(v) for v in data[train.label_column]})
+        missing = getattr(train, 'unused_classes', None)  # of the whole train split, before a limit or carve
         if not missing:
             return None
         shown = ', '.join(map(str, missing[:8])) + (', ...' if len(missing) > 8 else '')
         return (f'the labels are integers up to {train.num_classes - 1}, so the models get {train.num_classes} '
-                f'outputs, but {len(missing)} of those classes have no training image ({shown}): labels that skip '
-                'values (e.g. numbered from 1) leave outputs that are never trained. Renumber them from 0 (or '
-                'encode the column as a ClassLabel) if they are not meant as class indices.')
+                f'outputs, but {len(missing)} of those classes have no image in the train split ({shown}): labels '
+                'that skip values (e.g. numbered from 1) leave outputs that are never trained. Renumber them from 0 '
+                '(or encode the column as a ClassLabel) if they are not meant as class indices.')
 
     @property
     def teacher_trained_here(self) -> bool:
@@ -240,8 +237,9 @@ def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = Fal
         configs = build_configs(plan, teacher_model)
         what = dict(teacher='the teacher, cross-entropy',
                     distill=f'the twin with JointRD, recipe `{plan.recipe.id}` ({plan.recipe.record})')
-        if plan.label_note:
-            print(f'NOTE: {plan.label_note}')
+        note = plan.label_note
+        if note:
+            print(f'NOTE: {note}')
         for name, config in configs.items():
             path = write_config(out / f'{name}.yaml', config, plan.data, _header(plan.command, what[name]), resume)
             if name == 'teacher':
