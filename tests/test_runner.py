@@ -108,6 +108,7 @@ def test_two_process_cpu_ddp_equals_one_process(tmp_path, extra):
     assert max_diff(weights(one), weights(two)) < 1e-5
 
 
+@pytest.mark.slow  # the default run checks identical replicas in its other 2-process runs (GroupNorm)
 def test_two_process_batchnorm_keeps_identical_replicas(tmp_path):
     """With BatchNorm each process normalises with its own half-batch statistics (SyncBN is CUDA-only), so the
     weights are not those of 1 process; what holds is that both replicas end identical (DDP all-reduces the
