@@ -220,8 +220,14 @@ def _digits(split: str):
 
 
 def _image_suffixes() -> set:
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-    return {e.lower() for e in ImageFolder.EXTENSIONS}  # the files datasets' imagefolder reads as images
+    """The files datasets' imagefolder reads as images (PIL's openable formats where datasets moved the list)."""
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+        return {e.lower() for e in ImageFolder.EXTENSIONS}
+    except (ImportError, AttributeError):
+        from PIL import Image
+        Image.init()
+        return {e.lower() for e, f in Image.registered_extensions().items() if f in Image.OPEN}
 
 
 def _image_files(folder: Path, suffixes: set) -> List[str]:
@@ -251,7 +257,12 @@ def _split_of(name: str) -> Optional[str]:
     ``seg_train``, ``train2017``; 'validation' for ``val``, ``dev``...; 'test' for ``test``, ``eval``...), by its
     keywords and separators (datasets.data_files); None for none or more than one."""
     import re
-    from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
+    try:
+        from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
+    except ImportError:  # datasets 5.2's, where it no longer exports them
+        NON_WORDS_CHARS = '-._ 0-9'
+        SPLIT_KEYWORDS = dict(train=['train', 'training'], validation=['validation', 'valid', 'dev', 'val'],
+                              test=['test', 'testing', 'eval', 'evaluation'])
     sep = re.escape(NON_WORDS_CHARS).replace(r'0\-9', '0-9')
     found = {str(split) for split, words in SPLIT_KEYWORDS.items() for word in words
              if re.search(rf'(^|[{sep}]){re.escape(word)}($|[{sep}])', name.lower())}
