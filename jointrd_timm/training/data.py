@@ -259,7 +259,7 @@ def _split_of(name: str) -> Optional[str]:
     import re
     try:
         from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
-    except ImportError:  # datasets 5.2's, where it no longer exports them
+    except ImportError:  # a datasets that no longer exports them: 5.2's keywords
         NON_WORDS_CHARS = '-._ 0-9'
         SPLIT_KEYWORDS = dict(train=['train', 'training'], validation=['validation', 'valid', 'dev', 'val'],
                               test=['test', 'testing', 'eval', 'evaluation'])
