@@ -39,8 +39,8 @@ from ..errors import JointRDError
 from ..io import input_channels
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
-           'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'keep_frozen', 'config_from_dict', 'check_teacher_student', 'hinton_kd',
-           'call_on_buffer_copies', 'check_number', 'check_flag']
+           'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'keep_frozen', 'config_from_dict',
+           'check_teacher_student', 'hinton_kd', 'call_on_buffer_copies', 'check_number', 'check_flag']
 
 PROGRESS_BUFFERS = ('epoch', 'step_in_epoch', 'steps_per_epoch', 'num_epochs')
 

@@ -163,13 +163,13 @@ class HFImageDataset(Dataset):
     """(image tensor, label) pairs from a ``datasets.Dataset``; decoding and transforms happen per item."""
 
     def __init__(self, hf_dataset, transform, image_column: str, label_column: str, mode: str,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, unused_classes: Sequence[int] = ()):
         self.data = hf_dataset
         self.transform = transform
         self.image_column, self.label_column, self.mode = image_column, label_column, mode
         self._num_classes = num_classes
         # integer labels (no ClassLabel) of the whole split: the indices below the largest that no image has
-        self.unused_classes: List[int] = []
+        self.unused_classes: List[int] = list(unused_classes)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -190,9 +190,15 @@ class HFImageDataset(Dataset):
 def label_classes(data, column: str, where: str) -> int:
     """How many classes the label ``column`` of ``data`` (a ``datasets.Dataset``) indexes: a ClassLabel's count,
     else the largest label + 1; labels that are not integers >= 0 are refused, naming what to do."""
+    return _label_classes(data, column, where)[0]
+
+
+def _label_classes(data, column: str, where: str) -> Tuple[int, List[int]]:
+    """:func:`label_classes`, and for integer labels (no ClassLabel) the indices below the largest that no label
+    has, from the same one read of the column."""
     feature = data.features[column]
     if hasattr(feature, 'num_classes'):
-        return feature.num_classes
+        return feature.num_classes, []
     labels = data[column]
     bad = next((v for v in labels if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0)),
                None) if labels else None
@@ -200,7 +206,8 @@ def label_classes(data, column: str, where: str) -> int:
         raise DatasetColumnError(
             f'{where}: the label column {column!r} holds {bad!r}, not a class index (an integer >= 0). Encode it first '
             f'(datasets: dataset.class_encode_column({column!r})) or name another label column.')
-    return int(max(labels)) + 1 if labels else 0
+    classes = int(max(labels)) + 1 if labels else 0
+    return classes, sorted(set(range(classes)) - {int(v) for v in labels})
 
 
 def _digits(split: str):
@@ -230,26 +237,19 @@ def _image_suffixes() -> set:
         return {e.lower() for e, f in Image.registered_extensions().items() if f in Image.OPEN}
 
 
-def _image_files(folder: Path, suffixes: set) -> List[str]:
-    """The images under ``folder`` at any depth, symlinked folders followed, hidden files and folders skipped."""
-    found = []
+def _images_under(folder, suffixes: set):
+    """The images under ``folder`` at any depth, in sorted order and lazily; symlinked folders followed, hidden files
+    and folders skipped."""
     for top, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        found += [os.path.join(top, f) for f in sorted(files)
-                  if not f.startswith('.') and os.path.splitext(f)[1].lower() in suffixes]
-    return found
+        yield from (os.path.join(top, f) for f in sorted(files)
+                    if not f.startswith('.') and os.path.splitext(f)[1].lower() in suffixes)
 
 
 def _holds_nested_images(folder: Path, suffixes: set) -> bool:
     """Whether a subfolder of ``folder`` (at any depth) holds an image; stops at the first one."""
-    for entry in os.scandir(folder):
-        if entry.name.startswith('.') or not entry.is_dir():
-            continue
-        for top, dirs, files in os.walk(entry.path, followlinks=True):
-            dirs[:] = [d for d in dirs if not d.startswith('.')]
-            if any(not f.startswith('.') and os.path.splitext(f)[1].lower() in suffixes for f in files):
-                return True
-    return False
+    return any(next(_images_under(entry.path, suffixes), None) is not None for entry in os.scandir(folder)
+               if not entry.name.startswith('.') and entry.is_dir())
 
 
 def _split_of(name: str) -> Optional[str]:
@@ -297,7 +297,7 @@ def _nested_image_folder(root: Path, split: str):
     images, labels = [], []
     for index, name in enumerate(classes):
         for base in bases:
-            found = _image_files(base / name, suffixes) if (base / name).is_dir() else []
+            found = list(_images_under(base / name, suffixes)) if (base / name).is_dir() else []
             images += found
             labels += [index] * len(found)
     features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=classes)})
@@ -434,9 +434,7 @@ def load_image_dataset(
     data = _load(source, split, config_name)
     where = f'Dataset {source!r} (split {split!r})'
     image_column, label_column = find_columns(data, image_column, label_column, where)
-    classes = label_classes(data, label_column, where)  # of the whole split
-    unused = [] if hasattr(data.features[label_column], 'names') else \
-        sorted(set(range(classes)) - {int(v) for v in data[label_column]})
+    classes, unused = _label_classes(data, label_column, where)  # of the whole split
     # the test set first, then the held-out part of what is left; each carve keeps its 'test' half for that part
     for fraction, carved in ((test_fraction, 'test'), (validation_fraction if part != 'test' else 0.0, 'val')):
         if part == 'all' or not fraction:
@@ -458,9 +456,8 @@ def load_image_dataset(
             else:
                 mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
         transforms = make_transform(transform, train, input_size, mean, std)
-    loaded = HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes)
-    loaded.unused_classes = unused
-    return loaded
+    return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes,
+                          unused)
 
 
 def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:
