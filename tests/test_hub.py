@@ -121,6 +121,33 @@ print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()))
     assert out.split() == ['True', 'True']
 
 
+def test_an_entry_of_a_timm_architecture_becomes_its_last_tag_and_its_twins(tmp_path):
+    """A teacher published beside its twin is an entry of timm's own resnet18: ``resnet18.<tag>`` lists and loads
+    its weights, read as they were trained (32 px), beside timm's own tags (``pretrained=True`` without a tag keeps
+    timm's default), and ``plain_resnet18.<tag>`` starts the twin from it."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=10).eval()
+    registry = tmp_path / 'registry'
+    save_trained_model(model, registry / 'weights' / 'resnet18.ce_test', data_cfg=dict(
+        input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616), crop_pct=1.0))
+    entry = dict(ENTRY, architecture='resnet18', tag='ce_test', name='resnet18.ce_test', teacher=None,
+                 weights='weights/resnet18.ce_test')
+    (registry / 'entry.json').write_text(json.dumps(entry))
+    torch.save(model.state_dict(), tmp_path / 'expected.pt')
+    out = _run(f"""
+import torch, timm, jointrd_timm
+print('resnet18.ce_test' in timm.list_pretrained('resnet18.*'), timm.models.get_pretrained_cfg('resnet18').tag)
+m = timm.create_model('resnet18.ce_test', pretrained=True)
+expected = torch.load('{tmp_path / 'expected.pt'}')
+print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()), m.num_classes)
+print(timm.data.resolve_data_config({{}}, model=m)['input_size'])
+twin = timm.create_model('plain_resnet18.ce_test', pretrained=True)
+print(torch.equal(twin.conv1.weight, expected['conv1.weight']), torch.equal(twin.fc.bias, expected['fc.bias']))
+""", JOINTRD_REGISTRY=str(registry))
+    default_tag = timm.models.get_pretrained_cfg('resnet18').tag  # this process: the shipped registry, no resnet18
+    assert out.split('\n')[:4] == [f'True {default_tag}', 'True 10', '(3, 32, 32)', 'True True']
+
+
 def test_a_registry_tag_is_read_as_its_weights_were_trained_and_a_broken_entry_is_named(tmp_path):
     """An entry of an ImageNet architecture's twin trained on 32 px images: its tag takes the data config saved with
     its weights (size, mean / std, crop), not the teacher's 224 px ImageNet defaults; a malformed entry is named."""

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List
 
-__all__ = ['registry_dir', 'entries', 'entry', 'tag_cfgs']
+__all__ = ['registry_dir', 'entries', 'entry', 'tag_cfgs', 'weightless_cfg', 'register_timm_tags']
 
 REQUIRED = ('name', 'architecture', 'tag', 'teacher', 'method', 'dataset', 'training', 'metrics', 'hf_hub_id',
             'license', 'weights', 'num_classes')
@@ -83,6 +83,20 @@ def _saved_data_cfg(folder: Path) -> Dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in DATA_KEYS}
 
 
+# what says where a cfg's weights come from (and whose they are): a tag of another source drops these
+WEIGHT_SOURCES = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'file', 'state_dict', 'tag', 'architecture',
+                  'source', 'origin_url', 'paper_ids', 'paper_name', 'notes')
+
+
+def weightless_cfg(architecture: str) -> Dict:
+    """The default pretrained cfg timm registered for ``architecture`` (its input size, mean / std, classifier...),
+    without its weight source."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(architecture)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    return {key: value for key, value in cfg.items() if key not in WEIGHT_SOURCES}
+
+
 def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
     """``{'<architecture>.<tag>': cfg}`` for the catalogue entries of ``architecture``: its base cfg, with the
     entry's classes, license and Hub id, and the data config saved with its weights."""
@@ -97,3 +111,18 @@ def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
             cfg['file'] = str(folder / 'model.safetensors')
         cfgs[e['name']] = with_reading(cfg, _saved_data_cfg(folder))  # the saved reading, not the architecture's
     return cfgs
+
+
+def register_timm_tags() -> List[str]:
+    """Make the entries of architectures that timm itself registers (``resnet18.<tag>``, a teacher published beside
+    its twin) timm tags too, after timm's own tags: ``pretrained=True`` without a tag keeps timm's default weights.
+    The architectures this package registers take their entries through :func:`tag_cfgs` instead. Returns the names
+    added."""
+    import timm
+    from ..twins._timm_compat import append_pretrained_tags
+    added = []
+    for architecture in sorted({e['architecture'] for e in entries()}):
+        if not timm.is_model(architecture):
+            continue  # not registered (yet): its entries load once something registers it
+        added += append_pretrained_tags(architecture, tag_cfgs(architecture, weightless_cfg(architecture)))
+    return added

@@ -33,11 +33,11 @@ import numpy as np
 import timm
 import torch
 from timm.models import (
-    PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg,
+    PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs,
     register_model, resolve_pretrained_cfg)
 
 from ..twins import make_plain
-from .catalogue import tag_cfgs
+from .catalogue import tag_cfgs, weightless_cfg
 from ..twins.dirac import DIRAC_INIT, apply_dirac
 from ..twins.fade import make_fading
 from ..twins.transfer import pretrained_teacher_filter
@@ -62,10 +62,6 @@ _EXCLUDED: Dict[str, str] = json.loads((Path(__file__).parent / 'underivable.jso
 def underivable_reason(arch: str) -> Optional[str]:
     """Why ``arch`` has no registered ``plain_<arch>`` (underivable.json), or None when it has one."""
     return _EXCLUDED.get(arch)
-
-_WEIGHT_SOURCES = ('url', 'hf_hub_id', 'hf_hub_filename', 'hf_hub_revision', 'file', 'state_dict',
-                   'tag', 'architecture', 'source', 'origin_url', 'paper_ids', 'paper_name', 'notes')
-
 
 def twin_name(teacher: str) -> str:
     return PREFIX + teacher
@@ -245,12 +241,6 @@ def _entrypoint(teacher: str):
     return entrypoint
 
 
-def _teacher_cfg(teacher: str) -> dict:
-    cfg = get_pretrained_cfg(teacher)
-    cfg = cfg.to_dict() if cfg is not None else {}
-    return {key: value for key, value in cfg.items() if key not in _WEIGHT_SOURCES}
-
-
 _TEACHERS = sorted(name for module in TWIN_MODULES for name in timm.list_models(module=module)
                    if name not in _EXCLUDED and not name.startswith(PREFIX))
 # twin tag -> the teacher tag whose weights it loads ('plain_resnet50.a1_in1k' -> 'resnet50.a1_in1k')
@@ -271,7 +261,7 @@ def _teacher_tag_cfgs(teacher: str) -> Dict[str, PretrainedCfg]:
 
 
 def _cfgs(teacher: str) -> Dict[str, dict]:
-    base = _teacher_cfg(teacher)
+    base = weightless_cfg(teacher)
     # published twins first, then the teacher's tags: timm makes the first tag with weights the default of
     # pretrained=True (a published twin, else the teacher's own default weights) and list_pretrained keeps this order
     return {**tag_cfgs(twin_name(teacher), base), **_teacher_tag_cfgs(teacher), twin_name(teacher): base}
