@@ -136,3 +136,34 @@ def test_eval_reads_as_the_saved_model_config_says_by_default(tmp_path, monkeypa
     assert seen['data_cfg']['input_size'] == (3, 48, 48) and seen['data_cfg']['crop_pct'] == 0.88
     main(['eval', str(saved), '--dataset', str(folder), '--transform', 'cifar'])
     assert seen['transform'] == 'cifar' and 'data_cfg' not in seen
+
+
+@pytest.mark.parametrize('crop_mode,input_size', [('squash', (3, 20, 20)), ('border', (3, 20, 20)),
+                                                  ('center', (3, 18, 22))])
+def test_a_test_set_read_as_a_teachers_config_says_is_saved_so_whatever_its_crop(tmp_path, crop_mode, input_size):
+    """A teacher whose weights expect a 'squash' or 'border' crop (or a non-square input): the test set read so
+    records that config whole, and the model saved from the run is read back by it, tensor for tensor."""
+    folder = image_folder(tmp_path)
+    cfg = dict(input_size=input_size, crop_pct=0.9, crop_mode=crop_mode, interpolation='bicubic',
+               mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3))
+    test = load_image_dataset(str(folder), 'test', image_column='image', data_cfg=cfg)
+    assert dataset_data_cfg(Subset(test, [0, 1])) == cfg
+    model = timm.create_model('resnet18', num_classes=3)
+    saved = save_trained_model(model, tmp_path / 'hub', data_cfg=dataset_data_cfg(test))
+    reread = timm.create_model(f'local-dir:{saved}', pretrained=True)
+    again = eval_transform(timm.data.resolve_data_config({}, model=reread))
+    for index in range(len(test)):
+        assert torch.equal(again(test.data[index]['image'].convert('RGB')), test[index][0])
+
+
+def test_a_centre_crop_read_from_its_steps_says_so_over_an_architectures_squash(tmp_path):
+    """A pipeline read back from its steps is a centre crop: saved over an architecture whose config says 'squash'
+    (timm's vit_small_patch16_384-style configs), the saved config says 'center', so it is read back as it was."""
+    transform = make_transform('imagenet', False, 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert transform_data_cfg(transform)['crop_mode'] == 'center'
+    model = timm.create_model('resnet18', num_classes=3, pretrained_cfg_overlay=dict(crop_mode='squash'))
+    saved = save_trained_model(model, tmp_path / 'hub', data_cfg=transform_data_cfg(transform))
+    again = eval_transform(timm.data.resolve_data_config({}, model=timm.create_model(f'local-dir:{saved}',
+                                                                                     pretrained=True)))
+    for image in images():
+        assert torch.equal(again(image), transform(image))

@@ -169,7 +169,7 @@ def test_distill_twin_config_makes_validate_read_the_test_images_as_distill_did(
                                 image_column='image', transform='imagenet', input_size=32)
     test_set = plan.datasets['test']
     data_cfg = dataset_data_cfg(test_set, 3)
-    assert data_cfg == dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=0.88,
+    assert data_cfg == dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=0.88, crop_mode='center',
                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     folder = save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), tmp_path / 'twin',
                                 data_cfg=data_cfg)

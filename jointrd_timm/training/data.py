@@ -60,8 +60,13 @@ def eval_transform(data_cfg: Mapping):
     """The evaluation transform timm makes from a data config (``input_size``, ``crop_pct``, ``interpolation``,
     ``mean``, ``std``, ``crop_mode``: a model's ``pretrained_cfg`` or :func:`timm.data.resolve_data_config`'s)."""
     from timm.data import create_transform
-    return create_transform(**{k: data_cfg[k] for k in DATA_CFG_KEYS if data_cfg.get(k) is not None},
-                            is_training=False)
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()
+           if k in DATA_CFG_KEYS and v is not None}
+    transform = create_transform(**cfg, is_training=False)
+    # what it was made from: transform_data_cfg gives it back whole (a 'squash' or 'border' crop included, which the
+    # pipeline's steps alone would not say)
+    transform.data_cfg = dict(cfg, input_size=cfg.get('input_size', (3, 224, 224)))
+    return transform
 
 
 def _size(size) -> Optional[int]:
@@ -87,15 +92,19 @@ def _crop_pct(crop: int, resize: int) -> float:
 
 
 def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
-    """The timm data config of an evaluation pipeline: ``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
-    ``std``, such that :func:`eval_transform` (timm's ``create_transform``) gives the same tensors. ``transform``:
-    a torchvision ``Compose`` (or one transform) of a square resize of the shorter side, a square centre crop, the
+    """The timm data config of an evaluation pipeline: ``input_size``, ``crop_pct``, ``crop_mode``,
+    ``interpolation``, ``mean``, ``std``, such that :func:`eval_transform` (timm's ``create_transform``) gives the
+    same tensors: the config a pipeline of :func:`eval_transform` was made from, else read from ``transform``, a
+    torchvision ``Compose`` (or one transform) of a square resize of the shorter side, a square centre crop, the
     conversion to a tensor and ``Normalize``, as :func:`make_transform` and timm make them for evaluation.
 
     None where the pipeline does anything these keys cannot say (augmentation, padding, a resize to a fixed
     non-square shape or of images already made tensors, no resize or no crop, no normalisation, or one of pixel
     values not scaled to [0, 1]): a saved model then keeps its architecture's config."""
     from torchvision.transforms import v2
+    made_from = getattr(transform, 'data_cfg', None)  # made by eval_transform
+    if isinstance(made_from, Mapping):
+        return dict(made_from, input_size=(channels, *made_from['input_size'][-2:]))
     steps = list(getattr(transform, 'transforms', [transform]))
     resize = crop = normalize = None
     tensor = False  # images already tensors: a resize there is not PIL's, which timm's transform uses
@@ -130,7 +139,7 @@ def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
             return tuple(float(str(np.float32(v))) for v in values.flatten().tolist())
         return tuple(float(v) for v in values)
     return dict(input_size=(channels, side, side), interpolation=interpolation, crop_pct=_crop_pct(side, resized),
-                mean=numbers(normalize.mean), std=numbers(normalize.std))
+                crop_mode='center', mean=numbers(normalize.mean), std=numbers(normalize.std))
 
 
 def dataset_data_cfg(dataset, channels: int = 3) -> Optional[Dict]:
