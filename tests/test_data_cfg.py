@@ -167,3 +167,19 @@ def test_a_centre_crop_read_from_its_steps_says_so_over_an_architectures_squash(
                                                                                      pretrained=True)))
     for image in images():
         assert torch.equal(again(image), transform(image))
+
+
+def test_a_partial_data_cfg_is_recorded_with_the_defaults_timm_applied(tmp_path):
+    """A config that leaves the crop, interpolation or statistics out (a YAML's data_cfg, an integer size) is
+    recorded as timm applied it, so a saved model is read back the same over any architecture's defaults."""
+    transform = eval_transform(dict(input_size=30, mean=(0.5, 0.5, 0.5)))
+    cfg = transform_data_cfg(transform)
+    assert cfg == dict(input_size=(3, 30, 30), interpolation='bilinear', crop_pct=timm.data.DEFAULT_CROP_PCT,
+                       crop_mode='center', mean=(0.5, 0.5, 0.5), std=timm.data.IMAGENET_DEFAULT_STD)
+    model = timm.create_model('resnet18', num_classes=3, pretrained_cfg_overlay=dict(
+        crop_pct=0.95, interpolation='bicubic', crop_mode='squash'))
+    saved = save_trained_model(model, tmp_path / 'hub', data_cfg=cfg)
+    again = eval_transform(timm.data.resolve_data_config({}, model=timm.create_model(f'local-dir:{saved}',
+                                                                                     pretrained=True)))
+    for image in images():
+        assert torch.equal(again(image), transform(image))

@@ -294,6 +294,10 @@ def test_the_cards_eval_command_reads_the_test_split_as_the_run_did():
     assert _eval_args(dict(source='/data/pets', split='validation', image_column='image', label_column='fine',
                            transform='imagenet', input_size=64), ('img', 'label')) == \
         '--split validation --image-column image --label-column fine --transform imagenet --input-size 64'
+    # a reading the twin's config.json says is left to it: eval reads it so, where --transform would override it
+    assert _eval_args(dict(source='/data/pets', split='validation', image_column='image', label_column='fine',
+                           transform='imagenet', input_size=64), ('img', 'label'), reading_saved=True) == \
+        '--split validation --image-column image --label-column fine'
     assert _eval_args(dict(source='sklearn:digits', split='test', image_column='img', label_column='label',
                            transform='tensor', input_size=8), ('img', 'label')) == ''  # eval's own defaults
     assert _eval_args(dict(source='uoft-cs/cifar10', split='test', image_column='img', label_column='label',

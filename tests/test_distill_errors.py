@@ -92,6 +92,31 @@ def test_teacher_missing_offline_then_provided_the_same_command_runs_in_the_same
     assert (out / 'model' / 'model.safetensors').is_file() and (out / 'distill.yaml').is_file()
 
 
+def test_an_hf_hub_teacher_at_a_revision_resolves_as_timm_reads_it(tmp_path, offline_hub):
+    """``hf-hub:org/name@rev`` (and timm's ``hf_hub:`` spelling) reads that revision's config.json and weights, as
+    timm and `jointrd eval` do; a revision the cache lacks is named with the command that fetches it."""
+    import torch
+    from jointrd_timm.training.teachers import load_teacher, resolve_teacher
+    model = timm.create_model('resnet20_cifar', num_classes=7, in_chans=1)
+    folder = save_trained_model(model, tmp_path / 'teacher')
+    repo = offline_hub / 'models--jointrd-test--teacher'
+    snapshot = repo / 'snapshots' / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'v1').write_text(COMMIT)  # only the revision v1: no main
+    for name in ('config.json', 'model.safetensors'):
+        shutil.copy(folder / name, snapshot)
+    for spec in ('hf-hub:jointrd-test/teacher@v1', 'HF_HUB:jointrd-test/teacher@v1'):
+        teacher = resolve_teacher(spec)
+        assert (teacher.arch, teacher.num_classes, teacher.in_chans) == ('resnet20_cifar', 7, 1)
+        loaded = load_teacher(teacher)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(DistillError) as refused:
+        resolve_teacher('hf-hub:jointrd-test/teacher@v2')
+    assert 'of the Hub repository jointrd-test/teacher at revision v2' in str(refused.value)
+    assert '`hf download jointrd-test/teacher config.json model.safetensors --revision v2`' in str(refused.value)
+
+
 def test_a_run_failing_before_its_first_saved_epoch_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     folder = save_trained_model(timm.create_model('resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'teacher')
     real_train = runner.train

@@ -124,7 +124,8 @@ print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()))
 def test_an_entry_of_a_timm_architecture_becomes_its_last_tag_and_its_twins(tmp_path):
     """A teacher published beside its twin is an entry of timm's own resnet18: ``resnet18.<tag>`` lists and loads
     its weights, read as they were trained (32 px), beside timm's own tags (``pretrained=True`` without a tag keeps
-    timm's default), and ``plain_resnet18.<tag>`` starts the twin from it."""
+    timm's default), and ``plain_resnet18.<tag>`` starts the twin from it; an entry of an architecture registered
+    after import loads once it is asked for."""
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=10).eval()
     registry = tmp_path / 'registry'
@@ -133,9 +134,22 @@ def test_an_entry_of_a_timm_architecture_becomes_its_last_tag_and_its_twins(tmp_
     entry = dict(ENTRY, architecture='resnet18', tag='ce_test', name='resnet18.ce_test', teacher=None,
                  weights='weights/resnet18.ce_test')
     (registry / 'entry.json').write_text(json.dumps(entry))
+    # an architecture registered after import (a user's own entrypoint): load_model adds its entry when asked for it
+    (registry / 'late.json').write_text(json.dumps(dict(entry, architecture='late_net', name='late_net.ce_test')))
     torch.save(model.state_dict(), tmp_path / 'expected.pt')
     out = _run(f"""
 import torch, timm, jointrd_timm
+from timm.models import register_model
+from timm.models.resnet import resnet18
+from jointrd_timm.integrations.hub import load_model
+
+@register_model
+def late_net(pretrained=False, **kwargs):
+    return resnet18(pretrained=pretrained, **kwargs)
+
+late = load_model('late_net.ce_test')
+expected = torch.load('{tmp_path / 'expected.pt'}')
+print(all(torch.equal(v, expected[k]) for k, v in late.state_dict().items()))
 print('resnet18.ce_test' in timm.list_pretrained('resnet18.*'), timm.models.get_pretrained_cfg('resnet18').tag)
 m = timm.create_model('resnet18.ce_test', pretrained=True)
 expected = torch.load('{tmp_path / 'expected.pt'}')
@@ -145,7 +159,7 @@ twin = timm.create_model('plain_resnet18.ce_test', pretrained=True)
 print(torch.equal(twin.conv1.weight, expected['conv1.weight']), torch.equal(twin.fc.bias, expected['fc.bias']))
 """, JOINTRD_REGISTRY=str(registry))
     default_tag = timm.models.get_pretrained_cfg('resnet18').tag  # this process: the shipped registry, no resnet18
-    assert out.split('\n')[:4] == [f'True {default_tag}', 'True 10', '(3, 32, 32)', 'True True']
+    assert out.split('\n')[:5] == ['True', f'True {default_tag}', 'True 10', '(3, 32, 32)', 'True True']
 
 
 def test_a_registry_tag_is_read_as_its_weights_were_trained_and_a_broken_entry_is_named(tmp_path):
@@ -250,6 +264,16 @@ def test_push_uploads_safetensors_and_card_only(tmp_path, monkeypatch):
     assert calls['branch'] == 'v1' and calls['upload']['revision'] == 'v1'
     assert calls['upload']['files'] == ['README.md', 'config.json', 'model.safetensors']
     assert 'JointRD' in calls['upload']['card']
+    # a card written for a local folder (jointrd distill's) is uploaded as the Hub copy's: loaded from the repo, no
+    # local path as the front matter's dataset (its commands keep the data it was measured on)
+    local = model_card(dict(ENTRY, hf_hub_id=None, local_dir='/home/me/runs/my twin/model', hf_dataset='/data/pets'))
+    assert "local-dir:/home/me/runs/my twin/model'" in local and 'datasets: [/data/pets]' in local
+    push_model(model, 'plain_resnet20_cifar.jointrd_test', local)  # NAME alone: create_repo gives the full id
+    card = calls['upload']['card']
+    assert 'local-dir' not in card and 'twin/model' not in card and 'datasets:' not in card
+    assert '--dataset /data/pets' in card
+    assert card.count('hf-hub:me/plain_resnet20_cifar.jointrd_test') == 3  # Use, Evaluate, validate.py
+    assert card.startswith('---\nlibrary_name: timm\n') and '\n---\n' in card
 
 
 def test_push_refuses_a_bad_repo_id_before_the_network_and_says_why_the_hub_failed(monkeypatch):

@@ -260,7 +260,8 @@ def test_eval_refuses_data_whose_labels_index_more_classes_than_the_model_predic
 def test_distill_reads_images_as_the_teachers_weights_expect(tmp_path):
     """A teacher whose weights were trained on images normalised by 0.5 / 0.5 and evaluated with a bicubic 0.9 crop
     (its config.json's pretrained_cfg): above 64 px every set is normalised so, and the test and held-out sets are
-    read with its evaluation crop; --transform chooses another reading; a teacher trained here keeps the defaults."""
+    read with its evaluation crop; --transform chooses the augmentation and crop, never the weights' mean / std; a
+    teacher trained here keeps the defaults."""
     from test_data_cfg import image_folder
     from jointrd_timm.integrations.hub import save_trained_model
     from jointrd_timm.training.data import eval_transform
@@ -280,8 +281,11 @@ def test_distill_reads_images_as_the_teachers_weights_expect(tmp_path):
     assert torch.equal(test[0][0], eval_transform(dict(reading, input_size=(3, 72, 72)))(image))
     x, _ = plan.datasets['train'][0]
     assert x.shape == (3, 72, 72) and x.min() >= -1.0 - 1e-6  # (v - 0.5) / 0.5: ImageNet's statistics go below -2
-    chosen = plan_distill(str(teacher), str(folder), str(tmp_path / 'b'), epochs=1, transform='imagenet')
-    assert 'mean' not in chosen.data['train'] and 'data_cfg' not in chosen.data['test']
+    named = plan_distill(str(teacher), str(folder), str(tmp_path / 'b'), epochs=1, transform='imagenet')
+    assert named.data == plan_distill(str(teacher), str(folder), str(tmp_path / 'b2'), epochs=1).data  # the default
+    chosen = plan_distill(str(teacher), str(folder), str(tmp_path / 'b3'), epochs=1, transform='cifar')
+    assert chosen.data['train']['mean'] == chosen.data['test']['mean'] == [0.5, 0.5, 0.5]  # its crop, their mean
+    assert 'data_cfg' not in chosen.data['test'] and chosen.datasets['test'][0][0].min() >= -1.0 - 1e-6
     scratch = plan_distill('resnet20_cifar', str(folder), str(tmp_path / 'c'), epochs=1, input_size=72)
     assert 'mean' not in scratch.data['train'] and 'data_cfg' not in scratch.data['test']
 

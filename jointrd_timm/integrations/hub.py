@@ -5,6 +5,7 @@ that ``timm.create_model('local-dir:<folder>', pretrained=True)`` or ``'hf-hub:o
 """
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, Optional
@@ -164,6 +165,9 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     if problem:
         raise InputError(problem + (' Nor is it a folder here.' if problem.startswith('Unknown model') else ''))
     if pretrained and not source and not timm.list_pretrained(spec):
+        from ..models.catalogue import register_timm_tags
+        register_timm_tags()  # an architecture registered after import: its registry entries, if any
+    if pretrained and not source and not timm.list_pretrained(spec):
         base, tag = spec.split('.', 1)
         tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{base}.*')]
         raise InputError(f'{base} has no pretrained tag {tag!r}; its tags: {", ".join(tags) or "none"} (or give a '
@@ -270,6 +274,8 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
         folder = save_trained_model(model, Path(tmp) / 'model', metrics, card, tag)
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if card:  # the repo's full id is known now (NAME alone: in the token's namespace)
+                (folder / 'README.md').write_text(card_for_hub(card, repo_id))
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
@@ -279,6 +285,25 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
             raise PushError(f'Could not push to {repo_id}: {type(e).__name__}: {detail}. '
                             'Check the network (and that HF_HUB_OFFLINE is not set), your token (HF_TOKEN or `hf '
                             'auth login`) and your write access to the repo.') from e
+
+
+def card_for_hub(card: str, repo_id: str) -> str:
+    """A model card written for a local folder (``jointrd distill``'s: its commands load ``local-dir:PATH``) as
+    the Hub copy's: loaded from ``hf-hub:repo_id``; a local folder named as the front matter's dataset is left out
+    there (the Hub reads ``datasets:`` as Hub dataset ids), the commands keep it as the data the model was measured
+    on."""
+    used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card)  # the path exactly, spaces too
+    for source in ([used.group(1)] if used else []) + re.findall(r"local-dir:[^\s'`]+", card):
+        card = card.replace(source, f'hf-hub:{repo_id}')
+    if not card.startswith('---\n'):
+        return card
+    head, sep, body = card[4:].partition('\n---\n')
+    kept = [line for line in head.split('\n') if not (line.startswith('datasets: [') and _is_local_path(line[11:-1]))]
+    return '---\n' + '\n'.join(kept) + sep + body
+
+
+def _is_local_path(name: str) -> bool:
+    return name.startswith(('/', '.', '~', '\\')) or bool(re.match(r'^[A-Za-z]:[\\/]', name))
 
 
 class PushError(JointRDError, RuntimeError):

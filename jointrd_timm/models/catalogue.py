@@ -116,13 +116,13 @@ def tag_cfgs(architecture: str, base_cfg: Dict) -> Dict[str, Dict]:
 def register_timm_tags() -> List[str]:
     """Make the entries of architectures that timm itself registers (``resnet18.<tag>``, a teacher published beside
     its twin) timm tags too, after timm's own tags: ``pretrained=True`` without a tag keeps timm's default weights.
-    The architectures this package registers take their entries through :func:`tag_cfgs` instead. Returns the names
-    added."""
+    The architectures this package registers take their entries through :func:`tag_cfgs` instead. Called at import;
+    calling it again (after registering another architecture) adds what is new. Returns the names added."""
     import timm
     from ..twins._timm_compat import append_pretrained_tags
     added = []
     for architecture in sorted({e['architecture'] for e in entries()}):
         if not timm.is_model(architecture):
-            continue  # not registered (yet): its entries load once something registers it
+            continue  # not registered (yet): a later call adds its entries (load_model calls it on a missing tag)
         added += append_pretrained_tags(architecture, tag_cfgs(architecture, weightless_cfg(architecture)))
     return added

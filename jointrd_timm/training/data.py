@@ -16,7 +16,8 @@ from torchvision import transforms as T
 from ..errors import InputError, JointRDError
 
 __all__ = ['load_image_dataset', 'find_columns', 'evaluate_model', 'HFImageDataset', 'make_transform',
-           'DatasetColumnError', 'TRANSFORMS', 'transform_data_cfg', 'dataset_data_cfg', 'eval_transform']
+           'DatasetColumnError', 'TRANSFORMS', 'transform_data_cfg', 'dataset_data_cfg', 'eval_transform',
+           'labelled_as_datasets_labels_it']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -59,13 +60,17 @@ DATA_CFG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop
 def eval_transform(data_cfg: Mapping):
     """The evaluation transform timm makes from a data config (``input_size``, ``crop_pct``, ``interpolation``,
     ``mean``, ``std``, ``crop_mode``: a model's ``pretrained_cfg`` or :func:`timm.data.resolve_data_config`'s)."""
-    from timm.data import create_transform
+    from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()
            if k in DATA_CFG_KEYS and v is not None}
     transform = create_transform(**cfg, is_training=False)
-    # what it was made from: transform_data_cfg gives it back whole (a 'squash' or 'border' crop included, which the
-    # pipeline's steps alone would not say)
-    transform.data_cfg = dict(cfg, input_size=cfg.get('input_size', (3, 224, 224)))
+    # what it was made from, with timm's defaults for what the config left out: transform_data_cfg gives it back
+    # whole (a 'squash' or 'border' crop included, which the pipeline's steps alone would not say)
+    size = cfg.get('input_size', 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    transform.data_cfg = dict(dict(interpolation='bilinear', crop_pct=DEFAULT_CROP_PCT, crop_mode='center',
+                                   mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+                              **dict(cfg, input_size=(3, *size)))
     return transform
 
 
@@ -310,7 +315,17 @@ def _nested_image_folder(root: Path, split: str):
             images += found
             labels += [index] * len(found)
     features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=classes)})
-    return datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
+    return datasets.Dataset.from_dict({'image': images, 'label': labels},
+                                      info=datasets.DatasetInfo(description=NESTED_FOLDER, features=features))
+
+
+NESTED_FOLDER = 'class folders with subfolders, read as torchvision ImageFolder reads them'
+
+
+def labelled_as_datasets_labels_it(hf_dataset) -> bool:
+    """Whether ``datasets.load_dataset`` of the same folder (what timm's ``hfds/`` reader, and so validate.py, calls)
+    gives the labels this module gave: not for class folders with subfolders (:func:`_nested_image_folder`)."""
+    return getattr(getattr(hf_dataset, 'info', None), 'description', None) != NESTED_FOLDER
 
 
 def _load(source: str, split: str, config_name: Optional[str]):

@@ -38,7 +38,7 @@ from typing import Dict, Optional, Tuple
 
 from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warning
 from .configs import build_config, to_yaml
-from .data import DatasetColumnError, dataset_data_cfg, find_columns
+from .data import DatasetColumnError, dataset_data_cfg, find_columns, labelled_as_datasets_labels_it
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
                              check_splits_agree, check_twin, command_line, dataset_kwargs, load_datasets,
                              setting_schedule, specs)
@@ -172,9 +172,9 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     channels = resolved.in_chans if resolved.num_classes is not None else (1 if digits else 3)
     sets = dataset_kwargs(data.source, channels, input_size, transform, data.image_column, data.label_column,
                           data.train_split, data.test_split, data.val_fraction, data.limit, data.test_fraction,
-                          # the teacher's weights expect their own mean / std (unless --transform chose a reading)
-                          reading=resolved.data_cfg if data.transform is None and len(
-                              (resolved.data_cfg or {}).get('mean', ())) == channels else None)
+                          # the teacher's weights expect their own mean / std, whatever the augmentation and crop
+                          reading=resolved.data_cfg if len((resolved.data_cfg or {}).get('mean', ())) == channels
+                          else None)
     datasets = load_datasets(sets)
     check_splits_agree(datasets)
     data_classes = datasets['train'].num_classes
@@ -310,6 +310,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                    teacher_epochs=plan.teacher_epochs if plan.teacher_trained_here else 0, test_acc=accuracy,
                    twin_run={k: v for k, v in final.items() if k != 'config'}, train_seconds=train_seconds,
                    **{k: v for k, v in measured.items() if k != 'threads'})
+    reading = dataset_data_cfg(plan.datasets['test'], plan.common['in_chans'])  # None: config.json cannot say it
     card = model_card(dict(
         name=f'plain_{arch}', architecture=f'plain_{arch}', teacher=plan.teacher.spec, license=plan.teacher.license,
         description=f'Shortcut-free twin of `{plan.teacher.spec}`, written by `jointrd distill`. Teacher: '
@@ -321,16 +322,18 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
                      latency_speedup_b1=round(speedup[1], 2)),
-        eval_args=_eval_args(plan.data['test'], _columns_found(plan.datasets['test'].data)),
+        eval_args=_eval_args(plan.data['test'], _columns_found(plan.datasets['test'].data), reading is not None),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
                   label_column=plan.data['test']['label_column'],
-                  # timm's validate.py reads whole splits: it cannot read a carved test set (nor grey images)
-                  validate_args=plan.common['in_chans'] == 3 and not plan.data['test'].get('test_fraction')),
+                  # timm's validate.py reads whole splits: it cannot read a carved test set (nor grey images, nor
+                  # class folders with subfolders, which datasets labels by their innermost folder)
+                  validate_args=plan.common['in_chans'] == 3 and not plan.data['test'].get('test_fraction')
+                  and labelled_as_datasets_labels_it(plan.datasets['test'].data)),
         local_dir=str((out / 'model').resolve())))
     # config.json says how the test images were read: timm's validate.py and `jointrd eval` read them so (validate.py
     # cannot read them in grey: no validate.py line on a 1-channel card)
     save_trained_model(models['twin'], out / 'model', metrics=summary['test_acc'], model_card=card, tag='distill',
-                       data_cfg=dataset_data_cfg(plan.datasets['test'], plan.common['in_chans']))
+                       data_cfg=reading)
     (out / 'comparison.json').write_text(json.dumps(summary, indent=1))
     (out / 'comparison.md').write_text(table + '\n')
     plot_comparison([('teacher', accuracy['teacher']), ('twin', accuracy['twin'])], speedup,
@@ -358,14 +361,15 @@ def _test_set_words(test: Dict, lower: bool = False) -> str:
     return 't' + words[1:] if lower else words
 
 
-def _eval_args(test: Dict, found: Tuple[Optional[str], Optional[str]]) -> str:
+def _eval_args(test: Dict, found: Tuple[Optional[str], Optional[str]], reading_saved: bool = False) -> str:
     """The ``jointrd eval`` options for the model card's command: the split, the columns where eval would not find
     them by itself (``found``: :func:`_columns_found` of the test split), and the reading (transform, input size)
-    where it is not CIFAR's at 32 px or the digits' (eval reads a distill twin as its saved config.json says either
-    way; the options name the reading on the card)."""
+    where it is not CIFAR's at 32 px or the digits', unless the twin's config.json says it (``reading_saved``):
+    eval then reads the images as config.json says, and a ``--transform`` would override that with its own."""
     digits = test['source'] == 'sklearn:digits'
-    defaults = dict(split='test', test_fraction=None, image_column=found[0], label_column=found[1],
-                    transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
+    defaults = dict(split='test', test_fraction=None, image_column=found[0], label_column=found[1])
+    if not reading_saved or digits:
+        defaults.update(transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
     return ' '.join(f'--{key.replace("_", "-")} {test.get(key)}' for key, default in defaults.items()
                     if test.get(key) is not None and test.get(key) != default)
 

@@ -5,7 +5,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -89,10 +89,12 @@ def resolve_teacher(spec: str) -> Teacher:
         return _teacher_from_folder(spec, path)
     if spec.startswith('local-dir:') or spec.startswith(('.', '/', '~')):
         raise DistillError(f'Teacher folder {path} does not exist.')
-    if spec.startswith('hf-hub:'):
+    if spec[:7].lower() in ('hf-hub:', 'hf_hub:'):  # as timm and `jointrd eval` take it, a revision too
         from huggingface_hub import hf_hub_download
+        spec = 'hf-hub:' + spec[7:]
+        repo, revision = hub_repo(spec)
         try:
-            config = json.loads(Path(hf_hub_download(spec[len('hf-hub:'):], 'config.json')).read_text())
+            config = json.loads(Path(hf_hub_download(repo, 'config.json', revision=revision)).read_text())
         except HUB_DOWNLOAD_ERRORS as e:
             raise missing_weights_error(spec, e) from e
         except Exception as e:  # a malformed repo id, a config.json that is not JSON
@@ -118,28 +120,36 @@ def resolve_teacher(spec: str) -> Teacher:
                    cfg.input_size[-1], license_, data_cfg=_reading(cfg))
 
 
+def hub_repo(spec: str) -> Tuple[str, Optional[str]]:
+    """``hf-hub:org/name[@revision]`` -> ``('org/name', revision or None)``, as timm splits it."""
+    repo, _, revision = spec[len('hf-hub:'):].partition('@')
+    return repo, revision or None
+
+
 def missing_weights_error(spec: str, error: Exception) -> DistillError:
     """What a user reads when the teacher's files cannot be fetched from the Hub: which repository and files were
     looked for, where, and the three ways to provide them."""
     import timm
     from huggingface_hub import constants
+    revision = None
     if spec.startswith('hf-hub:'):
-        repo, files = spec[len('hf-hub:'):], 'config.json model.safetensors'
+        (repo, revision), files = hub_repo(spec), 'config.json model.safetensors'
     else:  # a timm tag: timm reads model.safetensors (else pytorch_model.bin) of the tag's hf_hub_id
         cfg = timm.get_pretrained_cfg(spec)
         repo, files = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
+    at = f' --revision {revision}' if revision else ''
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         why = (f'they are not in the Hugging Face cache {constants.HF_HUB_CACHE}, and '
                + ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub could not be reached'))
     else:
         why = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
     return DistillError(
-        f'The weights of teacher {spec} are not available: looked for {files} of the Hub repository {repo}, and '
-        f'{why}. Nothing was written. Provide them, then run the same command again: (1) on a connected machine, '
-        f'`hf download {repo} {files}` (huggingface_hub\'s CLI) fills its cache (HF_HOME, default '
-        '~/.cache/huggingface): copy that cache here, point HF_HOME (or HF_HUB_CACHE) at it and set '
-        f'HF_HUB_OFFLINE=1; or (2) `hf download {repo} --local-dir DIR` and give that Hub-format folder (config.json '
-        '+ model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner '
+        f'The weights of teacher {spec} are not available: looked for {files} of the Hub repository {repo}'
+        + (f' at revision {revision}' if revision else '') + f', and {why}. Nothing was written. Provide them, then '
+        f'run the same command again: (1) on a connected machine, `hf download {repo} {files}{at}` (huggingface_hub\'s '
+        'CLI) fills its cache (HF_HOME, default ~/.cache/huggingface): copy that cache here, point HF_HOME (or '
+        f'HF_HUB_CACHE) at it and set HF_HUB_OFFLINE=1; or (2) `hf download {repo}{at} --local-dir DIR` and give '
+        'that Hub-format folder (config.json + model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner '
         'output folder with model/, or a Hub-format folder written by `jointrd save`) as TEACHER.')
 
 
