@@ -96,11 +96,19 @@ def _demo(args) -> int:
     return 0
 
 
+def _export_name(spec: str) -> str:
+    """The exported files' stem for a model spec: a folder's own name (also for '.' or './'), else the name's last
+    part ('hf-hub:org/name' -> 'name')."""
+    path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
+    name = path.resolve().name if path.is_dir() else Path(spec.rstrip('/')).name.replace(':', '_')
+    return name or 'model'
+
+
 def _export(args) -> int:
     from .deploy.export import export_model
     from .integrations.hub import load_model
     model = load_model(args.model, require_weights=not args.random_weights)
-    name = args.name or Path(args.model.rstrip('/')).name.replace(':', '_')
+    name = args.name or _export_name(args.model)
     report = export_model(model, args.output_dir, name, input_size=args.input_size, atol=args.atol)
     print(json.dumps({'fold': report['fold'], **{k: v for k, v in report['files'].items()}}, indent=1))
     return 0
@@ -113,7 +121,7 @@ def _exact(args) -> int:
     model = load_model(args.model, require_weights=not args.random_weights)
     plain = exact_plain(model)
     report = exact_conversion_report(model, plain, input_size=args.input_size)
-    name = args.name or Path(args.model.rstrip('/')).name.replace(':', '_') + '_exact'
+    name = args.name or _export_name(args.model) + '_exact'
     exported = export_model(plain, args.output_dir, name, formats=tuple(args.formats), input_size=args.input_size,
                             atol=args.atol)
     print(json.dumps(dict(report, files=exported['files']), indent=1))

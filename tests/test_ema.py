@@ -133,10 +133,16 @@ def test_an_interrupted_run_resumes_its_average_exactly(tmp_path, monkeypatch):
     assert resumed['test_acc_deployed'] == pytest.approx(full['test_acc_deployed'])
 
 
-def test_resuming_with_an_average_a_run_saved_without_one_says_so(tmp_path):
+def test_resuming_with_an_average_a_run_saved_without_one_says_so(tmp_path, monkeypatch):
+    from jointrd_timm import faults
+    from jointrd_timm.training.run_folder import RunFolderError
     yaml = tiny_yaml(tmp_path, epochs=2, limit=32)
-    train(load_config(yaml, FADE + ['train.num_epochs=1']), output_dir=str(tmp_path / 'run'), device='cpu')
-    (tmp_path / 'run' / 'final.json').unlink()  # as if cut after its checkpoint
+    faults._arrivals.clear()
+    monkeypatch.setenv(faults.ENV, 'checkpoint_write:2:enospc')  # cut after its first epoch's checkpoint
+    with pytest.raises(RunFolderError):
+        train(load_config(yaml, FADE), output_dir=str(tmp_path / 'run'), device='cpu')
+    monkeypatch.delenv(faults.ENV)
+    faults._arrivals.clear()
     with pytest.raises(Exception, match="holds no state for 'ema'"):
         train(load_config(yaml, FADE + ['runner.ema_decay=0.9']), output_dir=str(tmp_path / 'run'), device='cpu',
               resume=True)

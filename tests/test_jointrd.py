@@ -358,3 +358,17 @@ def test_a_teacher_given_no_weights_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         jointrd_model(dict(kwargs, checkpoint=str(folder)))
+
+
+def test_a_frozen_teacher_with_a_re_initialised_head_is_refused(tmp_path):
+    """reset_head on a teacher that stays frozen (JointRD's default, CAKD, APS, step-wise): its random classifier
+    would give every target; a joint teacher, which trains, may start so."""
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.integrations.torchdistill import aps_model, cakd_model, jointrd_model
+    folder = save_trained_model(timm.create_model('resnet20_cifar', num_classes=100), tmp_path / 'teacher')
+    teacher = dict(model_name='resnet20_cifar', num_classes=10, checkpoint=str(folder), reset_head=True)
+    for build in (lambda: jointrd_model(teacher), lambda: cakd_model(teacher), lambda: aps_model(teacher)):
+        with pytest.raises(ValueError, match='reset_head re-initialises the classifier of a teacher that stays frozen'):
+            build()
+    joint = jointrd_model(teacher, jointrd=dict(teacher_mode='joint'))
+    assert joint.teacher.get_classifier().out_features == 10

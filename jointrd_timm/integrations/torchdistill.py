@@ -82,15 +82,24 @@ def jointrd_model(teacher: Dict, student: Optional[Dict] = None, jointrd: Option
         jointrd: fields of :class:`JointRDConfig`.
         init_student_from_teacher: start the twin from the teacher's weights (load_teacher_weights).
     """
-    teacher_model, student_model = _teacher_and_student(teacher, student)
+    jointrd = jointrd or {}
+    teacher_model, student_model = _teacher_and_student(teacher, student,
+                                                        teacher_trains=jointrd.get('teacher_mode') == 'joint')
     if init_student_from_teacher:
         load_teacher_weights(student_model, teacher_model)
-    return JointRD(student_model, teacher_model, JointRDConfig.from_dict(jointrd or {}))
+    return JointRD(student_model, teacher_model, JointRDConfig.from_dict(jointrd))
 
 
-def _teacher_and_student(teacher: Dict, student: Optional[Dict], **student_kwargs):
-    """The teacher and the student of a YAML's kwargs (``student_kwargs`` added to the student's)."""
+def _teacher_and_student(teacher: Dict, student: Optional[Dict], teacher_trains: bool = False, **student_kwargs):
+    """The teacher and the student of a YAML's kwargs (``student_kwargs`` added to the student's). A teacher that
+    stays frozen (``teacher_trains`` False) may not have its classifier re-initialised (``reset_head``): every
+    target it gives would come from random weights."""
     name = str(teacher.get('model_name', ''))
+    if teacher.get('reset_head') and not teacher_trains:
+        raise ValueError(f'teacher {name}: reset_head re-initialises the classifier of a teacher that stays frozen, '
+                         'so every target it gives the student would come from a random head. Fine-tune the teacher '
+                         'on these classes first (jointrd distill --num-classes does), then give that checkpoint '
+                         'without reset_head.')
     if not (teacher.get('checkpoint') or teacher.get('pretrained') or name.lower().startswith(('hf-hub', 'hf_hub',
                                                                                                'local-dir'))):
         warnings.warn(f'The teacher {name} is given no weights (no checkpoint, pretrained or hub id): the student '

@@ -28,7 +28,7 @@ declared through ``extra_optimizers()`` so that checkpoints hold it.
 """
 import math
 import numbers
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -137,6 +137,16 @@ class TrainingMethod(nn.Module):
     @property
     def knows_run_length(self) -> bool:
         return int(self.num_epochs) > 0
+
+    #: whether the method takes a fading twin's shortcut scale to 0 (a fading twin under a method that does not
+    #: would train as its residual net and could not deploy)
+    fades_shortcuts = False
+
+    def run_length_schedules(self) -> List[str]:
+        """What this method lays out over fractions of the run's length (the shortcut fade, eta's horizon): a run
+        resumed with another ``num_epochs`` would move them (a finished fade would bring the shortcuts back), so the
+        runner refuses that. None here; subclasses name theirs."""
+        return []
 
     @property
     def progress(self) -> float:
@@ -257,6 +267,28 @@ def _reapply_progress(module: TrainingMethod, incompatible_keys) -> None:
 
 def _method(module: nn.Module) -> Optional[TrainingMethod]:
     return module if isinstance(module, TrainingMethod) else None
+
+
+def run_length_schedules(module: nn.Module) -> List[str]:
+    """:meth:`TrainingMethod.run_length_schedules` of ``module`` (none for a plain module)."""
+    method = _method(module)
+    return method.run_length_schedules() if method is not None else []
+
+
+def check_fade_driven(module: nn.Module, where: str) -> None:
+    """Refuse a fading twin (``shortcut_fade``) as what ``module`` trains and deploys when nothing fades it: its
+    shortcut scale would stay 1 all run, and deploying it would fail at the end."""
+    from ..twins.fade import is_fading
+    method = _method(module)
+    if method is not None and method.fades_shortcuts:
+        return
+    if is_fading(deploy_module(module)):
+        raise ValueError(
+            f'{where}: the model is a fading twin (shortcut_fade: true), and '
+            + (f'{type(method).__name__}' if method is not None else 'a plain training run')
+            + ' never fades its shortcuts: it would train as the residual network and fail to deploy. Train it '
+            'with a method that fades them (fading_model, jointrd_model with jointrd.shortcut_fade, stepwise), or '
+            'build the twin without shortcut_fade.')
 
 
 def deploy_module(module: nn.Module) -> nn.Module:

@@ -5,7 +5,7 @@ twin's shortcuts (:mod:`jointrd_timm.twins.fade`, the model surgery) follows the
 YAML, a :class:`~jointrd_timm.methods.JointRDConfig` or a recipe become one with :meth:`ShortcutFade.from_fields`)."""
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -145,6 +145,11 @@ class FadingStudent(TrainingMethod):
         fade.prepare(student)
         if num_epochs or steps_per_epoch:
             self.set_run_length(num_epochs, steps_per_epoch)
+
+    fades_shortcuts = True
+
+    def run_length_schedules(self) -> List[str]:
+        return ['the shortcut fade']
 
     @property
     def fraction(self) -> float:

@@ -98,6 +98,8 @@ class StepwiseRemoval(TrainingMethod):
     Train mode, ``forward(x, y)``: a dict with ``loss``, its parts ``mse`` and ``ce``, ``logits`` and
     ``teacher_logits`` (without ``y``: only the logits); one step counted. Eval mode: the twin's logits.
     """
+    fades_shortcuts = True
+
 
     def __init__(self, student: nn.Module, teacher: nn.Module, interval: float = 3, order: str = 'input_first',
                  first_removal: Optional[float] = None, mse_weight: float = 0.35, ce_weight: float = 0.65,

@@ -91,6 +91,16 @@ def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dic
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), point='checkpoint_write')
 
 
+def restore_progress(scheduler, saved: Dict) -> None:
+    """Where ``scheduler`` was in its schedule (``last_epoch``, its lrs, step counts), from its saved state; the
+    schedule itself (its constructor's arguments: ``T_max``, milestones, lambdas) stays the one the config built, so
+    a run extended with a longer schedule follows it, and LambdaLR keeps its functions (saved as None)."""
+    import inspect
+    arguments = set(inspect.signature(type(scheduler).__init__).parameters) - {'self', 'optimizer', 'last_epoch'}
+    progress = {k: v for k, v in saved.items() if k not in arguments}
+    scheduler.load_state_dict(dict(scheduler.state_dict(), **progress))
+
+
 def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
                     schedulers: Optional[Dict] = None, restore_rng: bool = True) -> Dict:
     """Restore a :func:`save_checkpoint` file into live objects. Returns ``dict(epoch=..., extra=..., modules=...)``,
@@ -115,7 +125,7 @@ def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
     sched_meta = json.loads(metadata['schedulers'])
     for name, scheduler in (schedulers or {}).items():
         if scheduler is not None and name in sched_meta:
-            scheduler.__dict__.update(sched_meta[name])
+            restore_progress(scheduler, sched_meta[name])
     if restore_rng:
         torch.set_rng_state(tensors['rng.torch'])
         cuda = [tensors[f'rng.cuda.{i}'] for i in range(sum(k.startswith('rng.cuda.') for k in tensors))]

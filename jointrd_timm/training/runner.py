@@ -207,8 +207,9 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
         if runner['sync_batchnorm'] and accelerator.device.type != 'cuda':
             raise ConfigError('runner.sync_batchnorm needs CUDA devices (torch.nn.SyncBatchNorm does not run on CPU); '
                               'on CPU use a BatchNorm-free model (e.g. norm_layer: groupnorm1) or sync_batchnorm: false.')
-        if runner['sync_batchnorm']:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        if runner['sync_batchnorm']:  # timm's: BatchNormAct2d keeps its activation (torch's drops it)
+            from timm.layers import convert_sync_batchnorm
+            student = convert_sync_batchnorm(student)
         if runner['channels_last']:
             for model in (teacher, student):
                 if model is not None:
@@ -222,6 +223,10 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
             run.box = get_distillation_box(teacher, student, *box_args, accelerator=accelerator_for_boxes(accelerator))
             run.trained = run.box.student_model
         run.module = unwrap(run.trained)
+        try:
+            method_api.check_fade_driven(run.module, f'models.{name}')
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         method_api.keep_frozen(run.box)  # before a resume's stage advance rebuilds an optimizer
         if runner['ema_decay']:  # before compile: the average is a plain copy of the module to deploy
             run.ema = TwinEma(method_api.deploy_module(run.module), runner['ema_decay'], runner['ema_warmup'])
@@ -240,23 +245,44 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
 
 def _finished(run: _Run, config: Dict) -> bool:
     """--resume of a finished run returns its final.json (``run.done``); of a run given more epochs since, it
-    continues (the shorter run's result is retired first: ``RunFolder.extend``)."""
+    continues (:func:`_resume` retires the shorter run's result first)."""
     folder, epochs = run.folder, num_epochs(config)
     if folder.is_finished(epochs):
         run.accelerator.print(f'{run.out} holds a finished run of {folder.saved_epochs()} epoch(s); nothing to '
                               'resume.')
         run.done = folder.final()
         return True
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        folder.extend(epochs)
-    run.accelerator.wait_for_everyone()
     return False
+
+
+def _check_run_length(run: _Run) -> None:
+    """A method that lays schedules out over fractions of its run (the shortcut fade, eta's horizon) resumes only
+    as a run of the length its checkpoint was trained as: at another length they would move (an extended run's
+    finished fade would bring the shortcuts back), so that is refused before anything in the folder changes."""
+    from safetensors import safe_open
+    schedules = method_api.run_length_schedules(run.module)
+    if not schedules:
+        return
+    with safe_open(str(run.folder.checkpoint), 'pt') as f:  # the method's run-length buffer, as it was saved
+        saved = int(f.get_tensor('model.num_epochs')) if 'model.num_epochs' in f.keys() else 0
+    if saved and saved != run.box.num_epochs:
+        raise ConfigError(
+            f'{run.folder.checkpoint} was trained as a run of {saved} epoch(s), and {" and ".join(schedules)} '
+            f'{"are" if len(schedules) > 1 else "is"} laid out over them: resuming it as a run of '
+            f'{run.box.num_epochs} would move {"them" if len(schedules) > 1 else "it"} (a finished fade would bring '
+            f'the shortcuts back). Resume with train.num_epochs={saved}; to train the twin longer, start a new run '
+            "from this run's model/ (its deployed twin).")
 
 
 def _resume(run: _Run) -> None:
     """Restore the checkpoint; metrics.jsonl is rewritten from the history the checkpoint holds, so a kill between
-    the checkpoint and its metrics line, or in the middle of a line, leaves neither a gap nor a duplicate."""
+    the checkpoint and its metrics line, or in the middle of a line, leaves neither a gap nor a duplicate. A
+    finished run given more epochs is extended: its result is retired first (``RunFolder.extend``)."""
+    _check_run_length(run)
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        run.folder.extend(run.box.num_epochs)
+    run.accelerator.wait_for_everyone()
     _advance_stages(run, checkpoint_epochs(run.folder.checkpoint) or 0)
     state = load_checkpoint(run.folder.checkpoint, run.module, run.optimizers, run.schedulers)
     if run.ema is not None:
@@ -371,7 +397,7 @@ def _advance_stages(run: _Run, done: int) -> None:
     box = run.box
     if not hasattr(box, 'advance_to_next_stage'):
         return
-    while box.stage_end_epoch <= done < box.num_epochs:
+    while box.stage_end_epoch <= done and box.stage_end_epoch < box.num_epochs:  # the last stage ends the run
         box.current_epoch = box.stage_end_epoch
         box.advance_to_next_stage()
     box.current_epoch = done
@@ -441,6 +467,9 @@ def _deploy(run: _Run, deployed: nn.Module, loader, as_trained: Optional[float])
     form (Dirac folded into plain convs, faded shortcuts removed), or ``as_trained`` when nothing folds."""
     found = {}
     if is_fading(deployed) and run.runner['recalibrate_bn']:
+        train_loader = run.box.train_data_loader
+        if hasattr(train_loader, 'set_epoch'):  # the batches of the run's end, also when a resume came straight here
+            train_loader.set_epoch(run.box.num_epochs)
         used = recalibrate_batchnorm(deployed, run.box.train_data_loader, run.runner['recalibrate_bn'], run.accelerator,
                                      run.runner['seed'])
         if used:

@@ -145,6 +145,14 @@ class JointRD(TrainingMethod):
             self.fade.apply(self, self.student)
 
     @property
+    def fades_shortcuts(self) -> bool:
+        return self.fade is not None
+
+    def run_length_schedules(self) -> List[str]:
+        return ((['the shortcut fade'] if self.fade is not None else [])
+                + (['eta (eta_horizon_fraction)'] if self.config.eta_horizon_fraction is not None else []))
+
+    @property
     def shortcut_scale(self) -> Optional[float]:
         """The fading twin's shortcut scale s at this point of training (None without a fade)."""
         return None if self.fade is None else self.fade.scale(self)
