@@ -17,6 +17,9 @@ adversarial methods) is a :class:`TrainingMethod`. A runner (ours, torchdistill'
 * ``epoch_metrics()``: floats worth logging once per epoch (eta, the shortcut scale).
 * ``set_grad_accumulation(steps)``: the run's gradient accumulation, which the optimisers the module steps itself
   follow (one step per ``steps`` training steps).
+* ``fades_shortcuts``: whether the module takes a fading twin's shortcuts to 0 (a fading twin under anything else
+  is refused: :func:`check_fade_driven`); ``run_length_schedules()``: what it lays out over fractions of the run
+  (the fade, eta's horizon), so that a run resumed at another length is refused instead of moving them.
 
 Plain modules (a timm model trained with cross-entropy) are trained too: the functions at the bottom give their
 defaults (:func:`deploy_module` of a plain module is the module itself, no extra optimisers, no metrics).
