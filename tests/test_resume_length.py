@@ -102,3 +102,24 @@ def test_export_names_a_folder_by_its_own_name(tmp_path, monkeypatch):
         ['my-twin'] * 4
     assert _export_name('hf-hub:org/plain_x.tag') == 'plain_x.tag' and _export_name('plain_resnet20_cifar') == \
         'plain_resnet20_cifar'
+
+
+def test_a_run_killed_during_its_final_save_deploys_the_same_twin_after_resume(tmp_path, monkeypatch):
+    """The BN recalibration of a fading twin draws the batches of the run's end (here 1 of 4: which one depends on
+    the shuffle), also in a process resumed straight into the final save: the deployed weights are the same."""
+    from safetensors.torch import load_file
+    from jointrd_timm import faults
+    overrides = ['models.model.kwargs.student.shortcut_fade=true', 'models.model.kwargs.jointrd.shortcut_fade=0.5',
+                 'models.model.kwargs.init_student_from_teacher=true', 'runner.recalibrate_bn=1']
+    path = tiny_yaml(tmp_path, epochs=2, limit=64)
+    full = train(load_config(path, overrides), output_dir=str(tmp_path / 'full'), device='cpu')
+    faults._arrivals.clear()
+    monkeypatch.setenv(faults.ENV, 'final_save:1:enospc')  # model/ written, final.json not yet
+    with pytest.raises(OSError):
+        train(load_config(path, overrides), output_dir=str(tmp_path / 'cut'), device='cpu')
+    monkeypatch.delenv(faults.ENV)
+    faults._arrivals.clear()
+    resumed = train(load_config(path, overrides), output_dir=str(tmp_path / 'cut'), device='cpu', resume=True)
+    a, b = (load_file(str(tmp_path / run / 'model' / 'model.safetensors')) for run in ('full', 'cut'))
+    assert resumed['bn_recalibrated_batches'] == full['bn_recalibrated_batches'] == 1
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed['test_acc_deployed'] == full['test_acc_deployed']
