@@ -124,8 +124,8 @@ print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()))
 def test_an_entry_of_a_timm_architecture_becomes_its_last_tag_and_its_twins(tmp_path):
     """A teacher published beside its twin is an entry of timm's own resnet18: ``resnet18.<tag>`` lists and loads
     its weights, read as they were trained (32 px), beside timm's own tags (``pretrained=True`` without a tag keeps
-    timm's default), and ``plain_resnet18.<tag>`` starts the twin from it; an entry of an architecture registered
-    after import loads once it is asked for."""
+    timm's default), and ``plain_resnet18.<tag>`` is the twin published beside it; an entry of an architecture
+    registered after import loads once it is asked for."""
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=10).eval()
     registry = tmp_path / 'registry'
@@ -134,9 +134,16 @@ def test_an_entry_of_a_timm_architecture_becomes_its_last_tag_and_its_twins(tmp_
     entry = dict(ENTRY, architecture='resnet18', tag='ce_test', name='resnet18.ce_test', teacher=None,
                  weights='weights/resnet18.ce_test')
     (registry / 'entry.json').write_text(json.dumps(entry))
+    # its twin published under the same tag: the twin's own weights, not a twin started from the teacher's
+    torch.manual_seed(1)
+    twin_model = timm.create_model('plain_resnet18', num_classes=10).eval()
+    save_trained_model(twin_model, registry / 'weights' / 'plain_resnet18.ce_test')
+    (registry / 'twin.json').write_text(json.dumps(dict(
+        entry, architecture='plain_resnet18', name='plain_resnet18.ce_test', weights='weights/plain_resnet18.ce_test')))
     # an architecture registered after import (a user's own entrypoint): load_model adds its entry when asked for it
     (registry / 'late.json').write_text(json.dumps(dict(entry, architecture='late_net', name='late_net.ce_test')))
     torch.save(model.state_dict(), tmp_path / 'expected.pt')
+    torch.save(twin_model.state_dict(), tmp_path / 'twin.pt')
     out = _run(f"""
 import torch, timm, jointrd_timm
 from timm.models import register_model
@@ -149,6 +156,7 @@ def late_net(pretrained=False, **kwargs):
 
 late = load_model('late_net.ce_test')
 expected = torch.load('{tmp_path / 'expected.pt'}')
+expected_twin = torch.load('{tmp_path / 'twin.pt'}')
 print(all(torch.equal(v, expected[k]) for k, v in late.state_dict().items()))
 print('resnet18.ce_test' in timm.list_pretrained('resnet18.*'), timm.models.get_pretrained_cfg('resnet18').tag)
 m = timm.create_model('resnet18.ce_test', pretrained=True)
@@ -156,7 +164,8 @@ expected = torch.load('{tmp_path / 'expected.pt'}')
 print(all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()), m.num_classes)
 print(timm.data.resolve_data_config({{}}, model=m)['input_size'])
 twin = timm.create_model('plain_resnet18.ce_test', pretrained=True)
-print(torch.equal(twin.conv1.weight, expected['conv1.weight']), torch.equal(twin.fc.bias, expected['fc.bias']))
+print(torch.equal(twin.conv1.weight, expected_twin['conv1.weight']),
+      torch.equal(twin.fc.bias, expected_twin['fc.bias']))
 """, JOINTRD_REGISTRY=str(registry))
     default_tag = timm.models.get_pretrained_cfg('resnet18').tag  # this process: the shipped registry, no resnet18
     assert out.split('\n')[:5] == ['True', f'True {default_tag}', 'True 10', '(3, 32, 32)', 'True True']
@@ -266,13 +275,18 @@ def test_push_uploads_safetensors_and_card_only(tmp_path, monkeypatch):
     assert 'JointRD' in calls['upload']['card']
     # a card written for a local folder (jointrd distill's) is uploaded as the Hub copy's: loaded from the repo, no
     # local path as the front matter's dataset (its commands keep the data it was measured on)
-    local = model_card(dict(ENTRY, hf_hub_id=None, local_dir='/home/me/runs/my twin/model', hf_dataset='/data/pets'))
+    local = model_card(dict(ENTRY, hf_hub_id=None, local_dir='/home/me/runs/my twin/model', hf_dataset='/data/pets',
+                            teacher='local-dir:/data/teachers/r20',
+                            training=dict(command='jointrd distill local-dir:/data/teachers/r20 --data /data/pets')))
     assert "local-dir:/home/me/runs/my twin/model'" in local and 'datasets: [/data/pets]' in local
     push_model(model, 'plain_resnet20_cifar.jointrd_test', local)  # NAME alone: create_repo gives the full id
     card = calls['upload']['card']
-    assert 'local-dir' not in card and 'twin/model' not in card and 'datasets:' not in card
+    assert 'local-dir:/home' not in card and 'twin/model' not in card and 'datasets:' not in card
     assert '--dataset /data/pets' in card
     assert card.count('hf-hub:me/plain_resnet20_cifar.jointrd_test') == 3  # Use, Evaluate, validate.py
+    assert card.count('local-dir:/data/teachers/r20') == 2  # the teacher keeps its own source
+    push_model(model, 'plain_resnet20_cifar.jointrd_test', local, revision='v2')  # a branch: the card loads it
+    assert calls['upload']['card'].count('hf-hub:me/plain_resnet20_cifar.jointrd_test@v2') == 3
     assert card.startswith('---\nlibrary_name: timm\n') and '\n---\n' in card
 
 

@@ -123,3 +123,41 @@ def test_a_run_killed_during_its_final_save_deploys_the_same_twin_after_resume(t
     a, b = (load_file(str(tmp_path / run / 'model' / 'model.safetensors')) for run in ('full', 'cut'))
     assert resumed['bn_recalibrated_batches'] == full['bn_recalibrated_batches'] == 1
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed['test_acc_deployed'] == full['test_acc_deployed']
+
+
+def test_a_one_cycle_or_sequential_schedule_resumes_its_place_in_the_configs_schedule():
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def lrs(opt, scheduler, steps):
+        out = []
+        for _ in range(steps):
+            opt.step()
+            scheduler.step()
+            out.append(opt.param_groups[0]['lr'])
+        return out
+
+    # OneCycleLR (closed form): after the resume, exactly the 20-step schedule's lrs
+    short = torch.optim.lr_scheduler.OneCycleLR(opt := optimizer(), 0.1, total_steps=10)
+    lrs(opt, short, 5)
+    longer = torch.optim.lr_scheduler.OneCycleLR(opt2 := optimizer(), 0.1, total_steps=20)
+    opt2.load_state_dict(opt.state_dict())
+    restore_progress(longer, json.loads(json.dumps(short.state_dict())))
+    reference = torch.optim.lr_scheduler.OneCycleLR(opt3 := optimizer(), 0.1, total_steps=20)
+    lrs(opt3, reference, 5)
+    assert lrs(opt2, longer, 14) == pytest.approx(lrs(opt3, reference, 14))
+
+    # SequentialLR: its schedulers' place comes back, their schedules (the cosine's T_max) are the config's: the lr
+    # decays to 0 at the new end, never back up
+    def sequential(o, n):
+        return torch.optim.lr_scheduler.SequentialLR(o, [
+            torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=2),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=n - 2)], milestones=[2])
+    short = sequential(opt := optimizer(), 10)
+    lrs(opt, short, 5)
+    longer = sequential(opt2 := optimizer(), 20)
+    opt2.load_state_dict(opt.state_dict())
+    restore_progress(longer, json.loads(json.dumps(short.state_dict())))
+    assert longer._schedulers[1].T_max == 18 and longer.last_epoch == 5 and longer._schedulers[1].last_epoch == 3
+    after = lrs(opt2, longer, 15)
+    assert all(a > b for a, b in zip(after[:-1], after[1:])) and after[-1] == pytest.approx(0, abs=1e-9)

@@ -275,7 +275,7 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if card:  # the repo's full id is known now (NAME alone: in the token's namespace)
-                (folder / 'README.md').write_text(card_for_hub(card, repo_id))
+                (folder / 'README.md').write_text(card_for_hub(card, repo_id, revision))
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
@@ -287,14 +287,14 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
                             'auth login`) and your write access to the repo.') from e
 
 
-def card_for_hub(card: str, repo_id: str) -> str:
+def card_for_hub(card: str, repo_id: str, revision: Optional[str] = None) -> str:
     """A model card written for a local folder (``jointrd distill``'s: its commands load ``local-dir:PATH``) as
-    the Hub copy's: loaded from ``hf-hub:repo_id``; a local folder named as the front matter's dataset is left out
-    there (the Hub reads ``datasets:`` as Hub dataset ids), the commands keep it as the data the model was measured
-    on."""
+    the Hub copy's: loaded from ``hf-hub:repo_id`` (``@revision`` when pushed to one); a local folder named as the
+    front matter's dataset is left out there (the Hub reads ``datasets:`` as Hub dataset ids), the commands keep it
+    as the data the model was measured on."""
     used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card)  # the path exactly, spaces too
-    for source in ([used.group(1)] if used else []) + re.findall(r"local-dir:[^\s'`]+", card):
-        card = card.replace(source, f'hf-hub:{repo_id}')
+    if used:  # the model's own source only (a teacher given as a folder keeps its own)
+        card = card.replace(used.group(1), f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''))
     if not card.startswith('---\n'):
         return card
     head, sep, body = card[4:].partition('\n---\n')

@@ -247,14 +247,17 @@ _TEACHERS = sorted(name for module in TWIN_MODULES for name in timm.list_models(
 _TEACHER_TAGS: Dict[str, str] = {}
 
 
-def _teacher_tag_cfgs(teacher: str) -> Dict[str, PretrainedCfg]:
+def _teacher_tag_cfgs(teacher: str, published=()) -> Dict[str, PretrainedCfg]:
     """``plain_<teacher>.<tag>`` for each pretrained tag of the teacher: the teacher's cfg with its weight
-    source; :func:`pretrained_teacher_filter` maps the teacher's weights onto the twin when they load."""
+    source; :func:`pretrained_teacher_filter` maps the teacher's weights onto the twin when they load. A twin
+    published under the same name (``published``: a registry entry, e.g. beside its teacher's) keeps the name."""
     cfgs = {}
     for name, cfg in get_arch_pretrained_cfgs(teacher).items():
         if not cfg.has_weights or not cfg.tag:
             continue
         twin_tag = f'{twin_name(teacher)}.{cfg.tag}'
+        if twin_tag in published:
+            continue
         cfgs[twin_tag] = cfg  # a copy; register_model sets its architecture and tag to the twin's
         _TEACHER_TAGS[twin_tag] = name
     return cfgs
@@ -264,7 +267,8 @@ def _cfgs(teacher: str) -> Dict[str, dict]:
     base = weightless_cfg(teacher)
     # published twins first, then the teacher's tags: timm makes the first tag with weights the default of
     # pretrained=True (a published twin, else the teacher's own default weights) and list_pretrained keeps this order
-    return {**tag_cfgs(twin_name(teacher), base), **_teacher_tag_cfgs(teacher), twin_name(teacher): base}
+    published = tag_cfgs(twin_name(teacher), base)
+    return {**published, **_teacher_tag_cfgs(teacher, published), twin_name(teacher): base}
 
 
 default_cfgs = generate_default_cfgs({name: cfg for teacher in _TEACHERS for name, cfg in _cfgs(teacher).items()})

@@ -91,14 +91,22 @@ def save_checkpoint(path, model: nn.Module, epoch: int, optimizers: Optional[Dic
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), point='checkpoint_write')
 
 
+# where a scheduler is in its schedule (torch's LRScheduler and ReduceLROnPlateau), as opposed to the schedule itself
+PROGRESS_KEYS = ('last_epoch', '_step_count', '_last_lr', '_get_lr_called_within_step', '_is_initial', 'best',
+                 'num_bad_epochs', 'cooldown_counter')
+
+
 def restore_progress(scheduler, saved: Dict) -> None:
-    """Where ``scheduler`` was in its schedule (``last_epoch``, its lrs, step counts), from its saved state; the
-    schedule itself (its constructor's arguments: ``T_max``, milestones, lambdas) stays the one the config built, so
-    a run extended with a longer schedule follows it, and LambdaLR keeps its functions (saved as None)."""
-    import inspect
-    arguments = set(inspect.signature(type(scheduler).__init__).parameters) - {'self', 'optimizer', 'last_epoch'}
-    progress = {k: v for k, v in saved.items() if k not in arguments}
-    scheduler.load_state_dict(dict(scheduler.state_dict(), **progress))
+    """Where ``scheduler`` was in its schedule (``last_epoch``, its lrs, step counts, a plateau's counters), from
+    its saved state; the schedule itself (``T_max``, milestones, a one-cycle's phases, lambdas) stays the one the
+    config built, so a run extended with a longer schedule follows it. The schedulers of a SequentialLR or
+    ChainedScheduler are restored the same way."""
+    for key in PROGRESS_KEYS:
+        if key in saved and hasattr(scheduler, key):
+            setattr(scheduler, key, saved[key])
+    for child, child_saved in zip(getattr(scheduler, '_schedulers', None) or [], saved.get('_schedulers') or []):
+        if isinstance(child_saved, dict):
+            restore_progress(child, child_saved)
 
 
 def load_checkpoint(path, model: nn.Module, optimizers: Optional[Dict] = None,
