@@ -104,6 +104,7 @@ def test_export_names_a_folder_by_its_own_name(tmp_path, monkeypatch):
         'plain_resnet20_cifar'
 
 
+@pytest.mark.slow  # three tiny JointRD runs (about 20 s); the default suite stays under 10 minutes on 2 cores
 def test_a_run_killed_during_its_final_save_deploys_the_same_twin_after_resume(tmp_path, monkeypatch):
     """The BN recalibration of a fading twin draws the batches of the run's end (here 1 of 4: which one depends on
     the shuffle), also in a process resumed straight into the final save: the deployed weights are the same."""
