@@ -167,11 +167,11 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     if pretrained and not source and not timm.list_pretrained(spec):
         from ..models.catalogue import register_timm_tags
         register_timm_tags()  # an architecture registered after import: its registry entries, if any
-    if pretrained and not source and not timm.list_pretrained(spec):
-        base, tag = spec.split('.', 1)
-        tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{base}.*')]
-        raise InputError(f'{base} has no pretrained tag {tag!r}; its tags: {", ".join(tags) or "none"} (or give a '
-                         'folder, hf-hub:org/name, local-dir:path).')
+        if not timm.list_pretrained(spec):
+            base, tag = spec.split('.', 1)
+            tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{base}.*')]
+            raise InputError(f'{base} has no pretrained tag {tag!r}; its tags: {", ".join(tags) or "none"} (or give '
+                             'a folder, hf-hub:org/name, local-dir:path).')
     if require_weights and not pretrained:
         raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '

@@ -100,7 +100,6 @@ class StepwiseRemoval(TrainingMethod):
     """
     fades_shortcuts = True
 
-
     def __init__(self, student: nn.Module, teacher: nn.Module, interval: float = 3, order: str = 'input_first',
                  first_removal: Optional[float] = None, mse_weight: float = 0.35, ce_weight: float = 0.65,
                  num_epochs: int = 0, steps_per_epoch: int = 0):

@@ -63,6 +63,7 @@ def underivable_reason(arch: str) -> Optional[str]:
     """Why ``arch`` has no registered ``plain_<arch>`` (underivable.json), or None when it has one."""
     return _EXCLUDED.get(arch)
 
+
 def twin_name(teacher: str) -> str:
     return PREFIX + teacher
 

@@ -470,7 +470,7 @@ def _deploy(run: _Run, deployed: nn.Module, loader, as_trained: Optional[float])
         train_loader = run.box.train_data_loader
         if hasattr(train_loader, 'set_epoch'):  # the batches of the run's end, also when a resume came straight here
             train_loader.set_epoch(run.box.num_epochs)
-        used = recalibrate_batchnorm(deployed, run.box.train_data_loader, run.runner['recalibrate_bn'], run.accelerator,
+        used = recalibrate_batchnorm(deployed, train_loader, run.runner['recalibrate_bn'], run.accelerator,
                                      run.runner['seed'])
         if used:
             found['bn_recalibrated_batches'] = used

@@ -149,8 +149,9 @@ def missing_weights_error(spec: str, error: Exception) -> DistillError:
         f'run the same command again: (1) on a connected machine, `hf download {repo} {files}{at}` (huggingface_hub\'s '
         'CLI) fills its cache (HF_HOME, default ~/.cache/huggingface): copy that cache here, point HF_HOME (or '
         f'HF_HUB_CACHE) at it and set HF_HUB_OFFLINE=1; or (2) `hf download {repo}{at} --local-dir DIR` and give '
-        'that Hub-format folder (config.json + model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner '
-        'output folder with model/, or a Hub-format folder written by `jointrd save`) as TEACHER.')
+        'that Hub-format folder (config.json + model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or '
+        '(3) give a run of ours (a runner output folder with model/, or a Hub-format folder written by `jointrd '
+        'save`) as TEACHER.')
 
 
 def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:

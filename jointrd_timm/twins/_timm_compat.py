@@ -13,8 +13,7 @@ import in this module only.
 """
 from typing import Dict, List
 
-from timm.models import _registry  # private in timm: the tables register_model writes
-from timm.models import PretrainedCfg
+from timm.models import PretrainedCfg, _registry  # _registry is private in timm: the tables register_model writes
 from timm.models._efficientnet_blocks import (  # private in timm: no public path to these classes exists
     CondConvResidual, ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual, UniversalInvertedResidual)
 
