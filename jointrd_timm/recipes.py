@@ -42,7 +42,8 @@ __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFA
 _RECIPE_FIELDS = ('init_from_teacher', 'shortcut_fade', 'shortcut_fade_window', 'shortcut_fade_power',
                   'shortcut_fade_mode', 'shortcut_fade_order', 'shortcut_fade_leak', 'dirac', 'dirac_init',
                   'keep_projection_shortcuts', 'lr_scale', 'lr_hold', 'batch_scale', 'ema_decay')
-_LABELS = ('name', 'description', 'record')  # a replace that changes only these changes no ingredient
+# Recipe fields that say what a recipe is, not how it trains: a replace that changes only these changes no ingredient
+_LABELS = ('name', 'description', 'record', 'changed')
 # the fade's window, power, mode, order and leak as ShortcutFade (hence JointRDConfig and fading_model) defaults them: a
 # recipe states them only when they differ
 _FADE_DEFAULTS = dict(shortcut_fade_window=ShortcutFade.window, shortcut_fade_power=ShortcutFade.power,
@@ -404,9 +405,6 @@ def get_recipe(name: str) -> Recipe:
                              f'name a recipe first instead ({sorted(RECIPES)}).')
         fields[key.strip()] = _field_value(value.strip())
     return RECIPES[base].replace(**fields) if fields else RECIPES[base]
-
-
-_LABELS = ('name', 'description', 'record', 'changed')  # Recipe fields that say what a recipe is, not how it trains
 
 
 def recipe_for(arch: str) -> Recipe:
