@@ -420,3 +420,32 @@ def test_export_traces_the_configured_height_and_width_or_the_ones_given(tmp_pat
         assert report['input_shape'] == shape and report['files']['onnx']['max_abs_error'] < 1e-4
         dims = onnx.load(str(out / 'model.onnx')).graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_value for d in dims][1:] == shape
+
+
+@pytest.mark.parametrize('name', ['plain_tf_efficientnet_b0', 'tf_mobilenetv3_small_100'])
+def test_fold_reaches_the_norms_after_timms_untraceable_same_padding_convs(name):
+    """The tf_* ports pad inside Conv2dSame from the input's size, which fx cannot trace: the model is traced with
+    those convs kept whole and the BatchNorm after each folded into it."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    folded, report = fold_for_deployment(model)
+    assert report['traced'] and report['batchnorms_before'] > 0 and report['batchnorms_after'] == 0
+    x = torch.randn(2, 3, 65, 47)  # odd sides: the same-padding differs per side
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_measured_peak_rss_reads_the_input_it_is_given():
+    from jointrd_timm.deploy.memory import measure_peak_rss
+    torch.set_num_threads(1)
+    tall = measure_peak_rss('resnet18', 8, (1, 1024, 64), threads=1)
+    small = measure_peak_rss('resnet18', 8, (1, 32, 32), threads=1)
+    assert tall - small > 8 * 64 * 512 * 32 * 4  # at least the stem's output grew (8 x 64 x 512 x 32 floats)
+    with pytest.raises(ValueError, match=r'\(channels, height, width\)'):
+        measure_peak_rss('resnet18', 1, (32, 32))

@@ -1,6 +1,8 @@
 """The twin API beyond the common path: shortcut scales that are not weights, numeric scalars of other types, Dirac
 twins built on another device, dirac_init's form, CIFAR models under timm's device / dtype arguments, make_plain on a
 twin whose blocks keep their class, and a deployed twin saved by timm's own save_for_hf."""
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -113,3 +115,80 @@ def test_a_feature_twin_carries_its_own_config_and_the_tag_asked_for():
     assert tagged.pretrained_cfg['tag'] == 'tv_in1k' and tagged.pretrained_cfg['architecture'] == 'plain_resnet18'
     assert tagged.pretrained_cfg['input_size'] == expected['input_size']
     assert tagged.pretrained_cfg.get('test_input_size') == expected.get('test_input_size')
+
+
+def _trained_looking(model):
+    with torch.no_grad():  # BN statistics away from their init, so equal outputs mean the weights travelled
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize('derive', ['make_plain', 'make_fading'])
+def test_a_twin_made_in_place_saves_as_its_twin_and_loads_back(tmp_path, derive):
+    from jointrd_timm.integrations.hub import load_model, save_trained_model
+    torch.manual_seed(0)
+    teacher = timm.create_model('resnet18d', num_classes=5)
+    twin = _trained_looking(getattr(jointrd_timm, derive)(teacher, keep_projection_shortcuts=True)).eval()
+    assert twin.pretrained_cfg['architecture'] == 'plain_resnet18d'
+    if derive == 'make_fading':
+        assert twin.pretrained_model_args['shortcut_fade'] is True
+        set_shortcut_scale(twin, 0.0)
+    save_trained_model(twin, tmp_path / 'saved')
+    config = json.loads((tmp_path / 'saved' / 'config.json').read_text())
+    assert config['architecture'] == 'plain_resnet18d'
+    assert config['model_args']['keep_projection_shortcuts'] is True
+    for loaded in (load_model(str(tmp_path / 'saved')),
+                   timm.create_model(f'local-dir:{tmp_path / "saved"}', pretrained=True)):
+        x = torch.randn(2, 3, 48, 40)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x), deployable(twin)(x))
+        assert any('downsample' in n for n, _ in loaded.named_parameters())  # the projections it kept
+
+
+def test_a_twin_made_in_place_of_an_architecture_without_a_registered_twin_is_refused_at_save(tmp_path):
+    from jointrd_timm.errors import InputError
+    from jointrd_timm.integrations.hub import save_trained_model
+    model = timm.create_model('resnet18', num_classes=3)
+    model.pretrained_cfg = dict(model.pretrained_cfg, architecture='my_resnet')  # e.g. a user's own entrypoint
+    twin = make_plain(model)
+    assert twin.pretrained_cfg['architecture'] == 'my_resnet'
+    with pytest.raises(InputError, match=r'twin of my_resnet .* timm knows no plain_my_resnet .* state_dict'):
+        save_trained_model(twin, tmp_path / 'saved')
+    assert not (tmp_path / 'saved').exists()
+
+
+def test_a_dirac_twin_loads_a_teacher_tag_strictly_and_starts_as_the_teacher():
+    teacher = timm.create_model('resnet20_cifar.ce_full_cifar10', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for init in ((1.0, 0.1), (0.0, 1.0)):  # same classes as the teacher's file: timm loads strictly
+        fading = timm.create_model('plain_resnet20_cifar.ce_full_cifar10', pretrained=True, shortcut_fade=True,
+                                   dirac=True, dirac_init=init).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fading(x), teacher(x), rtol=1e-4, atol=1e-4)
+        plain = timm.create_model('plain_resnet20_cifar.ce_full_cifar10', pretrained=True, dirac=True,
+                                  dirac_init=init)
+        convs = dict(deployable(plain).named_modules())
+        for name, m in teacher.named_modules():
+            if isinstance(m, torch.nn.Conv2d) and name in convs:  # the twin's effective convs are the teacher's
+                torch.testing.assert_close(convs[name].weight, m.weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('feature_cls', ['hook', 'getter'])
+def test_feature_twins_of_every_wrapper_load_the_teachers_weights(tmp_path, feature_cls):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    teacher = _trained_looking(timm.create_model('test_resnet'))
+    file = tmp_path / 'teacher.safetensors'
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(file))
+    kwargs = dict(pretrained=True, features_only=True, pretrained_cfg_overlay=dict(file=str(file)))
+    listed = timm.create_model('plain_test_resnet.r160_in1k', **kwargs).eval()
+    wrapped = timm.create_model('plain_test_resnet.r160_in1k', feature_cls=feature_cls, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = listed(x), wrapped(x)
+    got = list(got.values()) if isinstance(got, dict) else got
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

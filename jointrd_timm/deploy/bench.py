@@ -86,7 +86,7 @@ def measure_models(models: Dict[str, torch.nn.Module], input_chw: Tuple[int, int
                 if any(m.layers_kept_whole for m in memory.values()):  # timm layers kept whole: a lower bound
                     row['memory_analysed_lower_bound'] = True
         if measure:
-            measured = {kind: measure_peak_rss(name, batch, input_chw[-1], torch.get_num_threads())
+            measured = {kind: measure_peak_rss(name, batch, tuple(input_chw), torch.get_num_threads())
                         for kind, name in measure.items()}
             row['memory_measured_bytes'] = measured
             if pair and set(pair) <= set(measured):

@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.optimization import fuse
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..twins.dirac import fold_dirac
 
@@ -61,8 +62,39 @@ def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
     report = dict(batchnorms_before=before, traced=True)
     try:
         folded = fuse(model)
-    except Exception as e:  # noqa: BLE001 - a model fx cannot trace stays eager, unfused
-        report.update(traced=False, reason=f'{type(e).__name__}: {e}'[:200])
-        folded = model
+    except Exception as e:  # noqa: BLE001 - traced again with timm's untraceable layers kept whole
+        try:
+            folded = _fuse_keeping_timm_layers(model)
+            report['layers_kept_whole'] = True
+        except Exception:  # noqa: BLE001 - a model fx cannot trace stays eager, unfused
+            report.update(traced=False, reason=f'{type(e).__name__}: {e}'[:200])
+            folded = model
     report['batchnorms_after'] = count_batchnorms(folded)
     return folded, report
+
+
+def _fuse_keeping_timm_layers(model: nn.Module) -> fx.GraphModule:
+    """torch's conv + BN fusion on ``model`` traced with timm's untraceable layers kept whole (Conv2dSame's
+    input-dependent padding: the ``tf_*`` ports), then the BatchNorm2d after a kept conv (a subclass of Conv2d, which
+    torch's pattern does not match) folded into that conv's weights."""
+    from .memory import _KeepTimmLayers
+    graph_module = fx.GraphModule(model, _KeepTimmLayers().trace(model))
+    folded = fuse(graph_module, no_trace=True)
+    modules = dict(folded.named_modules())
+    for node in list(folded.graph.nodes):
+        bn = modules.get(node.target) if node.op == 'call_module' else None
+        conv_node = node.args[0] if node.args else None
+        if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or not isinstance(conv_node, fx.Node) \
+                or conv_node.op != 'call_module' or len(conv_node.users) != 1:
+            continue
+        conv = modules.get(conv_node.target)
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
+        node.replace_all_uses_with(conv_node)
+        folded.graph.erase_node(node)
+    folded.graph.lint()
+    folded.delete_all_unused_submodules()
+    folded.recompile()
+    return folded

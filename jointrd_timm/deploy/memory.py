@@ -26,7 +26,7 @@ import subprocess
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -288,11 +288,11 @@ _MEASURE = r'''
 import json, sys, torch, timm, jointrd_timm
 from jointrd_timm.deploy.fold import fold_for_deployment
 torch.set_num_threads(int(sys.argv[4]))
-name, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model = timm.create_model(name).eval()
+name, batch, (chans, height, width) = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+model = timm.create_model(name, in_chans=chans).eval()
 if sys.argv[5] == 'fold':
     model = fold_for_deployment(model)[0]
-x = torch.randn(batch, 3, size, size)
+x = torch.randn(batch, chans, height, width)
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key):
@@ -305,9 +305,16 @@ with torch.inference_mode():
 '''
 
 
-def measure_peak_rss(model_name: str, batch: int, size: int, threads: int = 2, fold: bool = True) -> int:
-    """Peak RSS increase (bytes) of one inference of ``model_name`` in a fresh process (see module docstring)."""
-    out = subprocess.run([sys.executable, '-c', _MEASURE, model_name, str(batch), str(size), str(threads),
+def measure_peak_rss(model_name: str, batch: int, size: Union[int, Sequence[int]], threads: int = 2,
+                     fold: bool = True) -> int:
+    """Peak RSS increase (bytes) of one inference of ``model_name`` in a fresh process (see module docstring), on
+    ``batch`` inputs of ``size``: a side (square, 3 channels) or (channels, height, width), the model built with
+    that many input channels."""
+    chw = (3, size, size) if isinstance(size, int) else tuple(size)
+    if len(chw) != 3 or not all(isinstance(v, int) and v > 0 for v in chw):
+        raise ValueError(f'measure_peak_rss: size is a side or (channels, height, width) of positive integers, got '
+                         f'{size!r}.')
+    out = subprocess.run([sys.executable, '-c', _MEASURE, model_name, str(batch), json.dumps(chw), str(threads),
                           'fold' if fold else 'eager'], capture_output=True, text=True)
     if out.returncode != 0:
         raise MemoryAnalysisError(f'measuring the peak RSS of {model_name} in a fresh process failed (it reads '

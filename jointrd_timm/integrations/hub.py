@@ -32,6 +32,7 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     from timm.models import save_for_hf
     folder = Path(folder).expanduser().resolve()  # '.', 'run/..': the folder's real name
     _check_replaceable(folder)
+    _check_labelled(model)
     trained, model = model, deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
     if any(not t.is_contiguous() for t in _tensors(model)):
         # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values); the caller's
@@ -74,6 +75,20 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         (tmp / 'README.md').write_text(model_card)
     _replace_folder(tmp, folder)
     return folder
+
+
+def _check_labelled(model: nn.Module) -> None:
+    """Refuse a twin made in place (make_plain / make_fading on an instance) whose config would name the residual
+    architecture: a reload would build the residual net and miss the twin's keys."""
+    from ..twins import PlainReport
+    from ..twins.derive import TWIN_PREFIX
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    if isinstance(getattr(model, 'plain_report', None), PlainReport) and isinstance(arch, str) \
+            and not arch.startswith(TWIN_PREFIX):
+        raise InputError(f'this model is the shortcut-free twin of {arch} (made in place by make_plain or '
+                         f'make_fading), and timm knows no {TWIN_PREFIX}{arch} to rebuild it from config.json: a '
+                         f'reload would build the residual {arch}. Save its state_dict with safetensors instead, or '
+                         f'build the twin as timm.create_model("{TWIN_PREFIX}{arch}") where it derives.')
 
 
 # what save_trained_model writes: a folder holding only these is a saved model, which a new save replaces

@@ -123,14 +123,26 @@ def teacher_of(twin: str) -> str:
     return twin[len(PREFIX):]
 
 
+# where timm's feature wrappers hold the model they wrap: FeatureHookNet as `body`, FeatureGetterNet as `model`
+_WRAPPED_AT = ('body.', 'model.')
+
+
 def _copy_weights_into_feature_net(full, features) -> None:
-    """timm's feature wrappers rename modules (``stages.0`` -> ``stages_0``); match by the dotted path."""
+    """timm's feature wrappers rename modules (``stages.0`` -> ``stages_0``) or hold the model under a name of
+    their own (``body.``, ``model.``); match by the dotted path."""
     source = {key.replace('_', '.'): value for key, value in full.state_dict().items()}
-    target = features.state_dict()
-    missing = [key for key in target if key.replace('_', '.') not in source]
+
+    def source_key(key: str):
+        for candidate in (key, *(key[len(p):] for p in _WRAPPED_AT if key.startswith(p))):
+            if candidate.replace('_', '.') in source:
+                return candidate.replace('_', '.')
+        return None
+
+    mapped = {key: source_key(key) for key in features.state_dict()}
+    missing = [key for key, src in mapped.items() if src is None]
     if missing:
         raise RuntimeError(f'Cannot map pretrained twin weights onto the feature extractor: {missing[:5]}')
-    features.load_state_dict({key: source[key.replace('_', '.')] for key in target})
+    features.load_state_dict({key: source[src] for key, src in mapped.items()})
 
 
 def _feature_cfg(pretrained_cfg: dict) -> dict:

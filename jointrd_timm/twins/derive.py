@@ -19,7 +19,9 @@ from . import families  # noqa: F401  (registers the rules)
 from .rules import get_rule, handed_projections
 from .verify import find_unhandled_residual_blocks, handed_additions, shortcut_additions
 
-__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable']
+__all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable',
+           'label_as_twin']
+TWIN_PREFIX = 'plain_'  # a twin's timm name: plain_<teacher architecture> (jointrd_timm.models.plain_twins)
 
 
 class NotResidualError(JointRDError, ValueError):
@@ -195,4 +197,24 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             f'{", ".join(classes)} (first at `{unhandled[0][0]}`).' + why)
     report.unhandled = [n for n, _ in unhandled]
     model.plain_report = report
+    if not unhandled:
+        label_as_twin(model, keep_projection_shortcuts=keep_projection_shortcuts)
     return model
+
+
+def label_as_twin(model: nn.Module, **twin_args) -> None:
+    """Make a model that a rule turned into its twin in place say so: timm's ``pretrained_cfg`` (what
+    ``save_for_hf`` writes into config.json, and what a reload builds) names ``plain_<arch>`` instead of the teacher
+    architecture, and ``pretrained_model_args`` holds ``twin_args`` (``keep_projection_shortcuts``, a fading twin's
+    ``shortcut_fade``). Nothing changes when the architecture has no registered twin (``save_trained_model`` then
+    refuses the model) or already names one."""
+    import timm
+    cfg = getattr(model, 'pretrained_cfg', None)
+    arch = cfg.get('architecture') if isinstance(cfg, dict) else None
+    if not isinstance(arch, str) or arch.startswith(TWIN_PREFIX) or not timm.is_model(TWIN_PREFIX + arch):
+        return
+    relabelled = dict(cfg, architecture=TWIN_PREFIX + arch)
+    if getattr(model, 'default_cfg', None) is cfg:  # timm's alias of the same dict
+        model.default_cfg = relabelled
+    model.pretrained_cfg = relabelled
+    model.pretrained_model_args = {**(getattr(model, 'pretrained_model_args', None) or {}), **twin_args}

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .derive import NotResidualError, PlainReport, UnsupportedBlockError, make_trainable, token_mixers
+from .derive import NotResidualError, PlainReport, UnsupportedBlockError, label_as_twin, make_trainable, token_mixers
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import TwinGraphBlock, is_projection, graph_block, plain_class
 from .leak import restore_relus
@@ -278,6 +278,7 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
             f'{type(model).__name__}: shortcuts can fade only in blocks that a shortcut rule knows; '
             + (f'these add a shortcut and no rule knows them: {unhandled[:5]}.' if unhandled else 'none found.'))
     model.plain_report = report  # load_teacher_weights reads it: nothing removed yet, every teacher key is used
+    label_as_twin(model, keep_projection_shortcuts=keep_projection_shortcuts, shortcut_fade=True)
     return model
 
 

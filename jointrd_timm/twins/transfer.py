@@ -11,6 +11,7 @@ __all__ = ['load_teacher_weights', 'teacher_state_for_twin', 'pretrained_teacher
 
 _logger = logging.getLogger(__name__)
 _DIRAC_ORIGINAL = '.parametrizations.weight.original'
+_DIRAC_SCALES = ('.weight.0.alpha', '.weight.0.beta')  # a Dirac parametrisation's identity and weight scales
 
 
 def _dirac_parametrisations(twin: nn.Module) -> Dict[str, DiracWeight]:
@@ -36,8 +37,8 @@ def teacher_state_for_twin(twin: nn.Module, teacher_state_dict: Mapping[str, tor
     removed_prefixes = tuple(f'{name}.' for name in report.removed_modules)
     dirac = _dirac_parametrisations(twin)
     twin_state = twin.state_dict()
-    source_of = {key: key.replace(_DIRAC_ORIGINAL, '.weight') for key in twin_state
-                 if not key.endswith(('.weight.0.alpha', '.weight.0.beta'))}
+    scales = [key for key in twin_state if key.endswith(_DIRAC_SCALES)]
+    source_of = {key: key.replace(_DIRAC_ORIGINAL, '.weight') for key in twin_state if key not in scales}
     missing = [key for key, source in source_of.items() if source not in teacher_state_dict]
     used = set(source_of.values())
     leftover = [key for key in teacher_state_dict if key not in used]
@@ -64,6 +65,8 @@ def teacher_state_for_twin(twin: nn.Module, teacher_state_dict: Mapping[str, tor
             param = dirac[key]
             value = (value.to(param.delta.dtype) - param.alpha.detach() * param.delta) / param.beta.detach()
         new_state[key] = value
+    # the Dirac scales the stored weights were solved with: a state dict with every twin key loads strictly
+    new_state.update((key, twin_state[key]) for key in scales)
     return new_state, leftover
 
 
