@@ -59,3 +59,37 @@ def test_demo_refuses_an_unknown_recipe_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown recipe 'fast'; recipes: .*'default'.*'dirac'.*'reference'"):
         run_demo(dataset='sklearn:digits', output_dir=str(tmp_path / 'demo'), epochs=1, recipe='fast')
     assert not (tmp_path / 'demo' / 'teacher').exists()
+
+
+def test_demo_refuses_a_folder_holding_files_it_did_not_write_and_keeps_them(tmp_path):
+    from jointrd_timm.errors import InputError
+    (tmp_path / 'mine' / 'model').mkdir(parents=True)
+    (tmp_path / 'mine' / 'model' / 'weights.txt').write_text('keep me')
+    with pytest.raises(InputError, match=r'holds files that no demo wrote \(model\).*another --output-dir'):
+        run_demo(dataset='sklearn:digits', output_dir=str(tmp_path / 'mine'), epochs=1, limit=16)
+    assert (tmp_path / 'mine' / 'model' / 'weights.txt').read_text() == 'keep me'
+    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == ['model']
+
+
+def test_a_demo_that_fails_before_training_leaves_no_folder(tmp_path, monkeypatch):
+    import jointrd_timm.training.distill as distill
+
+    def fail(*args, **kwargs):
+        raise RuntimeError('stopped before the first epoch')
+    monkeypatch.setattr(distill, 'train_distill', fail)
+    with pytest.raises(RuntimeError, match='stopped before'):
+        run_demo(dataset='sklearn:digits', output_dir=str(tmp_path / 'demo'), epochs=1, limit=16)
+    assert not (tmp_path / 'demo').exists()
+
+
+def test_a_folder_an_earlier_demo_wrote_is_accepted(tmp_path):
+    from jointrd_timm.errors import InputError
+    from jointrd_timm.training.demo import DEMO_MARK, check_demo_folder
+    (tmp_path / 'teacher').mkdir()
+    with pytest.raises(InputError):
+        check_demo_folder(tmp_path)
+    (tmp_path / DEMO_MARK).write_text('')
+    check_demo_folder(tmp_path)
+    (tmp_path / DEMO_MARK).unlink()  # a demo from before the mark: its summary names the twin alone
+    (tmp_path / 'summary.json').write_text(json.dumps(dict(results={'twin alone': {}})))
+    check_demo_folder(tmp_path)

@@ -30,6 +30,31 @@ __all__ = ['run_demo']
 DEMO_ARCH = 'resnet32_cifar'
 
 
+# the file that marks a folder as a demo's: a rerun replaces the runs in such a folder, and in no other
+DEMO_MARK = '.jointrd-demo'
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse an output folder that holds files no demo wrote: the demo replaces its runs by name (teacher/,
+    model/, ...), and a user's folder must not lose its own. A new or empty folder, or one a demo wrote (its mark,
+    or the summary.json of a demo from before the mark), is fine."""
+    from ..errors import InputError
+    if out.is_file():
+        raise InputError(f'{out} is a file: give a folder for the demo\'s runs (--output-dir).')
+    if not out.is_dir() or (out / DEMO_MARK).is_file() or not any(out.iterdir()):
+        return
+    try:
+        earlier = 'twin alone' in json.loads((out / 'summary.json').read_text()).get('results', {})
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        names = sorted(p.name for p in out.iterdir())
+        raise InputError(f'{out} holds files that no demo wrote ({", ".join(names[:5])}'
+                         f'{", ..." if len(names) > 5 else ""}): the demo replaces the runs in its folder, so it '
+                         'runs only in a new or empty folder, or one an earlier demo wrote. Give another '
+                         '--output-dir.')
+
+
 def _train_spec(digits: bool, epochs: Optional[int]):
     """The demo's schedule (``SCHEDULES['demo']``) as distill options; other data than the digits: 5 epochs, and
     loaders without workers (the demo's data order on every machine)."""
@@ -56,15 +81,26 @@ def run_demo(dataset: str = 'sklearn:digits', output_dir: str = 'runs/demo', epo
     check_device(device)  # before the previous demo's runs are replaced
     check_positive(epochs=epochs, limit=limit, latency_repeats=latency_repeats)
     out = Path(output_dir)
+    check_demo_folder(out)
     digits = dataset == 'sklearn:digits'
     data = DataSpec(dataset, limit=limit, transform='tensor' if digits else 'cifar', input_size=8 if digits else 32)
     plan = plan_distill(arch, data, output_dir=str(out), train=_train_spec(digits, epochs), recipe=recipe,
                         overwrite=True)
+    existed = out.is_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text('a folder of `jointrd demo`: a rerun replaces its runs\n')
     epochs, twin_recipe = plan.epochs, plan.recipe
     start = time.time()
     print(f'[1-2/3] teacher {arch} (cross-entropy) and twin plain_{arch} with JointRD, {epochs} epochs each: '
           f'jointrd distill')
-    final = train_distill(plan, overwrite=True, device=device)
+    try:
+        final = train_distill(plan, overwrite=True, device=device)
+    except BaseException:
+        if [p.name for p in out.iterdir()] == [DEMO_MARK]:  # distill left nothing: neither does the demo
+            (out / DEMO_MARK).unlink()
+            if not existed:
+                out.rmdir()
+        raise
     print(f'[3/3] twin plain_{arch} alone: cross-entropy, {epochs} epochs, same recipe')
     teacher_ckpt = str((out / 'teacher' / 'model').resolve())
     alone = build_config(plan.datasets, twin_recipe.twin_alone_model(arch, teacher_ckpt, **plan.common),
