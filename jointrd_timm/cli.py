@@ -356,8 +356,9 @@ def _convert_parser(sub) -> None:
 def _demo_parser(sub) -> None:
     p = sub.add_parser('demo', help='teacher, twin alone, twin with JointRD on an embedded dataset; table + plot')
     p.add_argument('--dataset', default='sklearn:digits', help='any dataset the runner takes (default: sklearn:digits)')
-    p.add_argument('--output-dir', default='runs/demo', help='default: runs/demo; a rerun replaces its three runs (a new or empty folder, or one an earlier demo '
-                        'wrote; any other is refused)')
+    p.add_argument('--output-dir', default='runs/demo',
+                   help='default: runs/demo; a rerun replaces its three runs (a new or empty folder, or one an '
+                        'earlier demo wrote; any other is refused)')
     p.add_argument('--recipe', default='default',
                    help='twin recipe (jointrd_timm.recipes.RECIPES): default (start from the teacher, fade its '
                         'shortcuts out), dirac (Dirac-parametrised convs from scratch), reference (JointRD reference, '
