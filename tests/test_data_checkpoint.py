@@ -343,3 +343,35 @@ def test_split_folders_are_named_as_datasets_names_them_and_flat_ones_stay_with_
     for name in ('validation', 'val'):
         val = load_image_dataset(str(nested), name, transform='tensor', input_size=8)
         assert sorted(val.data['label']) == [0, 0, 1, 1]
+
+
+def test_folders_saved_by_save_to_disk_load_by_split(tmp_path):
+    import datasets
+
+    from jointrd_timm.errors import InputError
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(num_classes=3)})
+    splits = {split: datasets.Dataset.from_dict({'image': _images(n), 'label': [i % 3 for i in range(n)]},
+                                                features=features, split=split)
+              for split, n in (('train', 9), ('test', 6))}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / 'dict'))
+    splits['test'].save_to_disk(str(tmp_path / 'one'))
+    for source, split, n in ((tmp_path / 'dict', 'train', 9), (tmp_path / 'dict', 'test', 6),
+                             (tmp_path / 'one', 'test', 6)):
+        ds = load_image_dataset(str(source), split, transform='tensor', input_size=8)
+        assert len(ds) == n and ds.num_classes == 3
+        assert [ds[i][1] for i in range(n)] == [i % 3 for i in range(n)]
+    with pytest.raises(InputError, match=r"one dataset saved by save_to_disk, its 'test' split, so it has no split "
+                                         r"'train'.*--test-fraction"):
+        load_image_dataset(str(tmp_path / 'one'), 'train')
+    with pytest.raises(InputError, match=r"has no split 'validation'; its splits: \['test', 'train'\]"):
+        load_image_dataset(str(tmp_path / 'dict'), 'validation')
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_reachable_hub_dataset_is_one_input_error(tmp_path, monkeypatch):
+    from jointrd_timm.errors import InputError
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((InputError, FileNotFoundError), match=r'data/nonexist'):
+        load_image_dataset('data/nonexist', 'test')

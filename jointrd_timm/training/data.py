@@ -335,6 +335,8 @@ def _load(source: str, split: str, config_name: Optional[str]):
             raise InputError(f'sklearn:digits has splits train and test, not {split!r}.')
         return _digits(split)
     path = Path(source).expanduser()
+    if (path / 'state.json').is_file() or (path / 'dataset_dict.json').is_file():
+        return _saved_to_disk(path, source, split)
     if path.is_dir():
         has_data_files = any(path.glob('**/*.parquet')) or any(path.glob('**/*.arrow')) or (path / 'README.md').is_file()
         nested = None if has_data_files else _nested_image_folder(path, split)
@@ -349,15 +351,42 @@ def _load(source: str, split: str, config_name: Optional[str]):
         args, kwargs = (source, config_name), {}  # a Hub id
     try:
         return datasets.load_dataset(*args, split=split, **kwargs)
-    except ValueError as e:
+    except FileNotFoundError:
+        raise  # datasets names the folder or Hub id it did not find
+    except (OSError, ValueError) as e:  # offline without a cache, a mistyped folder read as a Hub id, bad files
         if 'Unknown split' not in str(e):
-            raise
+            what = ('the folder holds files the datasets library cannot read as a dataset' if path.is_dir() else
+                    f'it is no folder here (a relative path is read from {Path.cwd()}), so it was read as a Hub id: '
+                    'give a folder that exists, or a Hub dataset reachable now or in the Hub cache')
+            raise InputError(f'Cannot load the dataset {source}: {type(e).__name__}: {str(e)[:300]} ({what}).') from e
         folder = ' An image folder of class subfolders alone has only a train split: carve a test set from it ' \
             "(jointrd distill's --test-fraction, e.g. 0.1; load_image_dataset's test_fraction), or put the class " \
             'folders in train/ and test/ subfolders.' \
             if 'data_dir' in kwargs else ''
         raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (--split, --train-split, '
                          f'--test-split).{folder}') from e
+
+
+def _saved_to_disk(path: Path, source: str, split: str):
+    """A folder written by ``datasets``' ``save_to_disk`` (``load_dataset`` refuses it): a DatasetDict's ``split``,
+    or a single Dataset, which holds the one split it was saved from (``train`` when it does not say)."""
+    import datasets
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:
+        raise InputError(f'{source} was written by save_to_disk but does not load: {type(e).__name__}: '
+                         f'{str(e)[:300]}') from e
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise InputError(f'{source} (saved by save_to_disk) has no split {split!r}; its splits: '
+                             f'{sorted(saved)} (--split, --train-split, --test-split).')
+        return saved[split]
+    held = str(saved.split) if saved.split is not None else 'train'
+    if split != held:
+        raise InputError(f'{source} is one dataset saved by save_to_disk, its {held!r} split, so it has no split '
+                         f'{split!r}: name {held!r}, or carve a test set from it (jointrd distill\'s --test-fraction, '
+                         "load_image_dataset's test_fraction).")
+    return saved
 
 
 def find_columns(data, image_column: Optional[str], label_column: Optional[str], where: str) -> Tuple[str, str]:
