@@ -318,3 +318,24 @@ def test_the_card_names_the_columns_eval_would_not_find():
         {'img': datasets.Image(), 'mask': datasets.Image(), 'label': datasets.ClassLabel(num_classes=2)}))
     assert _columns_found(two) == (None, None)  # eval's search refuses two image columns: the card names them
     assert _columns_found(two.remove_columns('mask')) == ('img', 'label')
+
+
+def test_num_classes_given_for_a_teacher_with_as_many_classes_resets_its_head(tmp_path):
+    """A 10-class teacher moved to another 10-class label set: --num-classes 10 asks for a new classifier, which
+    timm's loader would keep (same shape), so the teacher's fine-tune run resets it."""
+    from jointrd_timm.integrations.torchdistill import timm_model
+    folder = _hub_teacher(tmp_path, 10)
+    assert not plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), **TOY).reinit_head
+    plan = plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'), num_classes=10, **TOY)
+    assert plan.reinit_head and plan.teacher_trained_here
+    assert 'fine-tuned here' in distill._teacher_origin(plan)
+    kwargs = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
+    assert kwargs == dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True, num_classes=10, in_chans=1,
+                          reset_head=True)
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True, num_classes=10, in_chans=1)
+    reset = timm_model(**kwargs)
+    assert not torch.equal(reset.fc.weight, loaded.fc.weight)  # a new head
+    body = {k: v for k, v in loaded.state_dict().items() if not k.startswith('fc.')}
+    assert all(torch.equal(reset.state_dict()[k], v) for k, v in body.items())  # the rest is the teacher's
+    with pytest.raises(ValueError, match='reset_head needs weights whose head to reset'):
+        timm_model('resnet20_cifar', reset_head=True)

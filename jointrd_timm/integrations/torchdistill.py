@@ -50,12 +50,16 @@ def timm_model(model_name: str, checkpoint: Optional[str] = None, reset_head: bo
     """``timm.create_model(model_name, **kwargs)``, then the weights of ``checkpoint`` (a .safetensors file or a
     runner output folder) loaded strictly. ``model_name`` may be ``hf-hub:``/``local-dir:`` or a plain_* twin.
     ``reset_head``: load everything but the classifier, which keeps its fresh initialisation for ``num_classes``
-    classes (a model trained on another label set, to be fine-tuned on this one)."""
+    classes (a model trained on another label set, to be fine-tuned on this one); with ``pretrained=True`` the
+    classifier timm loaded is initialised afresh (``reset_classifier``), also when it has as many classes."""
     model = timm.create_model(model_name, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, skip=_classifier_name(model) if reset_head else None)
+    elif reset_head and kwargs.get('pretrained'):
+        model.reset_classifier(model.num_classes)
     elif reset_head:
-        raise ValueError(f'timm_model {model_name}: reset_head needs a checkpoint whose head to reset.')
+        raise ValueError(f'timm_model {model_name}: reset_head needs weights whose head to reset (a checkpoint, or '
+                         'pretrained=True).')
     return model
 
 

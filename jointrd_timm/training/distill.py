@@ -212,7 +212,9 @@ def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
     configs = {}
     pair = copy.deepcopy(plan.pair)
     if plan.teacher_trained_here:
-        configs['teacher'] = config(dict(key='timm_model', kwargs=dict(teacher_model, **common)), 'ce',
+        # a teacher with as many classes as the data keeps its classifier through timm's loader: reset it here
+        reset = dict(reset_head=True) if plan.reinit_head and plan.teacher.num_classes == common['num_classes'] else {}
+        configs['teacher'] = config(dict(key='timm_model', kwargs=dict(teacher_model, **common, **reset)), 'ce',
                                     plan.teacher_epochs, 'teacher')
         pair['kwargs']['teacher'] = dict(model_name=plan.teacher.arch, **common,
                                          checkpoint=str((out / 'teacher' / 'model').resolve()))

@@ -174,14 +174,16 @@ def check_classes(teacher: 'Teacher', data_classes: int, num_classes: Optional[i
         raise DistillError(f'--num-classes {num_classes}: the data {source} has {data_classes} labels; the '
                            "teacher's classifier is re-initialised for the data's labels, so give "
                            f'--num-classes {data_classes}.')
-    if teacher.num_classes is None or teacher.num_classes == data_classes:
+    if teacher.num_classes is None:  # trained here from scratch: its classifier is new anyway
         return False
-    if num_classes is None:
-        raise DistillError(f'Teacher {teacher.spec} predicts {teacher.num_classes} classes, but the data {source} has '
-                           f'{data_classes} labels. Pass --num-classes {data_classes} to re-initialise its classifier '
-                           'for them: the teacher is then fine-tuned on the data with cross-entropy for '
-                           '--teacher-epochs before the twin is distilled.')
-    return True
+    if num_classes is not None:  # asked for, also where the teacher has as many classes (another label set)
+        return True
+    if teacher.num_classes == data_classes:
+        return False
+    raise DistillError(f'Teacher {teacher.spec} predicts {teacher.num_classes} classes, but the data {source} has '
+                       f'{data_classes} labels. Pass --num-classes {data_classes} to re-initialise its classifier '
+                       'for them: the teacher is then fine-tuned on the data with cross-entropy for '
+                       '--teacher-epochs before the twin is distilled.')
 
 
 
