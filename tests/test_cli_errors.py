@@ -205,3 +205,21 @@ def test_eval_reads_the_label_column_and_input_size_it_is_given(tmp_path, monkey
     assert seen['data_cfg']['input_size'] == (3, 40, 40) and seen['data_cfg']['crop_pct'] == 1.0
     assert 'transform' not in seen and 'input_size' not in seen
     assert 'top-1 50.00 % on 2 images' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.optimizer.key=Nope', 'the train section does not build (ValueError: No optimizer `Nope` registered)'),
+    ('train.scheduler.key=Nope', 'the train section does not build (ValueError: No scheduler `Nope` registered)'),
+    ('train.pre_epoch_process=nope', 'No pre-epoch process function `nope` registered'),
+    ('train.scheduler.kwargs.gamma=abc', "train.scheduler.kwargs.gamma must be a number (got 'abc')"),
+    ('train.scheduler.kwargs.milestones=[a]', "train.scheduler.kwargs.milestones must be a list of whole numbers"),
+    ('datasets.*.init.kwargs.input_size=abc', 'a tag of the YAML failed while it loaded'),
+])
+def test_train_names_a_bad_registry_key_or_value_in_one_line_and_leaves_no_folder(tmp_path, capsys, override,
+                                                                                    message):
+    from conftest import tiny_yaml
+    config = str(tiny_yaml(tmp_path / 'yaml', epochs=1, limit=32))
+    out = tmp_path / 'run'
+    err = _error(capsys, ['train', '--config', config, '--output-dir', str(out), '--device', 'cpu', override])
+    assert message in err and 'Traceback' not in err, err
+    assert not out.exists()

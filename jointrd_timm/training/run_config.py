@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
-from ..errors import InputError
+from ..errors import InputError, JointRDError
 from ..settings import check_ema_decay
 
 __all__ = ['load_config', 'validate', 'apply_overrides', 'num_epochs', 'ConfigError', 'RUNNER_DEFAULTS',
@@ -203,8 +203,20 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     except TypeError as e:  # a tag called with an argument its function does not take (a misspelt kwargs key)
         raise ConfigError(f'{path}: a tag of the YAML failed while it loaded ({e}); check the keys of its `kwargs` '
                           f'(e.g. under datasets.ID.init.kwargs) against the function it calls.') from e
+    except ValueError as e:  # a value the function a tag calls refuses (e.g. an input_size written as text)
+        if isinstance(e, JointRDError):
+            raise
+        raise ConfigError(f'{path}: a tag of the YAML failed while it loaded ({e}); check the values of its '
+                          '`kwargs` (e.g. under datasets.ID.init.kwargs) against the function it calls.') from e
     import_dependencies(config.get('dependencies', None))
     return validate(apply_overrides(config, overrides), where=str(path))
+
+
+# the number-valued arguments of torch's LR schedulers (and this package's HoldCosineLR)
+_SCHEDULER_NUMBERS = frozenset({'T_max', 'T_0', 'T_mult', 'eta_min', 'step_size', 'gamma', 'total_iters', 'factor',
+                                'start_factor', 'end_factor', 'max_lr', 'total_steps', 'epochs', 'steps_per_epoch',
+                                'pct_start', 'div_factor', 'final_div_factor', 'patience', 'threshold', 'cooldown',
+                                'min_lr', 'power', 'base_lr', 'step_size_up', 'step_size_down', 'last_epoch'})
 
 
 def _is_int(value) -> bool:
@@ -260,6 +272,14 @@ def validate(config: Dict, where: str = 'config') -> Dict:
         if optimizer.get('max_grad_norm') is not None:
             _require(_is_number(optimizer['max_grad_norm']) and optimizer['max_grad_norm'] > 0,
                      f'{name}.optimizer.max_grad_norm', 'a number > 0', optimizer['max_grad_norm'], where)
+        scheduler = section.get('scheduler') or {}
+        for option, value in ((scheduler.get('kwargs') or {}) if isinstance(scheduler, dict) else {}).items():
+            # torch's schedulers take numbers here and fail on text only at their first step, mid-run
+            if option in _SCHEDULER_NUMBERS and value is not None:
+                _require(_is_number(value), f'{name}.scheduler.kwargs.{option}', 'a number', value, where)
+            elif option == 'milestones':
+                _require(isinstance(value, (list, tuple)) and all(_is_int(v) for v in value),
+                         f'{name}.scheduler.kwargs.milestones', 'a list of whole numbers', value, where)
     if (config.get('runner') or {}).get('mixed_precision') is False:  # YAML 1.1 reads an unquoted `no` as false
         config['runner']['mixed_precision'] = 'no'
     runner = dict(RUNNER_DEFAULTS, **(config.get('runner') or {}))

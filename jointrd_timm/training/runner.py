@@ -216,12 +216,21 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
                     to_channels_last(model)
         # accelerate owns the processes (sharded loaders, DDP): the boxes must not add samplers or wrappers themselves
         box_args = (config['datasets'], config['train'], accelerator.device, None, False, 1)
-        if teacher is None:
-            run.box = get_training_box(student, *box_args, accelerator=accelerator_for_boxes(accelerator))
-            run.trained = run.box.model
-        else:
-            run.box = get_distillation_box(teacher, student, *box_args, accelerator=accelerator_for_boxes(accelerator))
-            run.trained = run.box.student_model
+        try:
+            if teacher is None:
+                run.box = get_training_box(student, *box_args, accelerator=accelerator_for_boxes(accelerator))
+                run.trained = run.box.model
+            else:
+                run.box = get_distillation_box(teacher, student, *box_args,
+                                               accelerator=accelerator_for_boxes(accelerator))
+                run.trained = run.box.student_model
+        except (ValueError, TypeError, KeyError) as e:  # torchdistill builds the train section's registry keys here
+            if isinstance(e, JointRDError):
+                raise
+            raise ConfigError(f'the train section does not build ({type(e).__name__}: {e}): check the key or value '
+                              'it names (optimizer, scheduler, criterion and pre/post-process keys are names '
+                              "registered with torchdistill or jointrd_timm, e.g. optimizer.key: SGD; a number "
+                              'written as text breaks the object it configures).') from e
         run.module = unwrap(run.trained)
         try:
             method_api.check_fade_driven(run.module, f'models.{name}')
