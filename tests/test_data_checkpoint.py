@@ -375,3 +375,16 @@ def test_a_name_that_is_neither_a_folder_nor_a_reachable_hub_dataset_is_one_inpu
     monkeypatch.chdir(tmp_path)
     with pytest.raises((InputError, FileNotFoundError), match=r'data/nonexist'):
         load_image_dataset('data/nonexist', 'test')
+
+
+def test_a_missing_split_of_an_image_folder_with_split_folders_gets_no_train_only_hint(tmp_path):
+    from jointrd_timm.errors import InputError
+    for split in ('train', 'test'):
+        for c in range(2):
+            (tmp_path / split / f'c{c}').mkdir(parents=True)
+            for i, img in enumerate(_images(2)):
+                img.save(tmp_path / split / f'c{c}' / f'{i}.png')
+    with pytest.raises(InputError, match=r"has no split 'validation'") as refused:
+        load_image_dataset(str(tmp_path), 'validation')
+    assert 'class subfolders alone has only a train split' not in str(refused.value)
+    assert 'jointrd eval --split' in str(refused.value)

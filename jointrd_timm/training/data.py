@@ -362,9 +362,9 @@ def _load(source: str, split: str, config_name: Optional[str]):
         folder = ' An image folder of class subfolders alone has only a train split: carve a test set from it ' \
             "(jointrd distill's --test-fraction, e.g. 0.1; load_image_dataset's test_fraction), or put the class " \
             'folders in train/ and test/ subfolders.' \
-            if 'data_dir' in kwargs else ''
-        raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (--split, --train-split, '
-                         f'--test-split).{folder}') from e
+            if 'data_dir' in kwargs and "['train']" in str(e) else ''
+        raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (jointrd eval --split; '
+                         f"jointrd distill --train-split / --test-split; a YAML's split).{folder}") from e
 
 
 def _saved_to_disk(path: Path, source: str, split: str):
@@ -379,7 +379,8 @@ def _saved_to_disk(path: Path, source: str, split: str):
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise InputError(f'{source} (saved by save_to_disk) has no split {split!r}; its splits: '
-                             f'{sorted(saved)} (--split, --train-split, --test-split).')
+                             f"{sorted(saved)} (jointrd eval --split; jointrd distill --train-split / "
+                             "--test-split; a YAML's split).")
         return saved[split]
     held = str(saved.split) if saved.split is not None else 'train'
     if split != held:

@@ -2,6 +2,7 @@
 or trained: each refusal is a :class:`DistillError` naming the option and what to do."""
 import math
 import shlex
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
@@ -157,7 +158,9 @@ def check_pair(pair: Dict, input_chw, num_classes: int) -> None:
     from ..integrations.torchdistill import jointrd_model
     kwargs = pair['kwargs']  # no weights named yet: the architectures only
     try:
-        method = jointrd_model(**kwargs)
+        with warnings.catch_warnings():  # the trial pair has random weights on purpose: no warning about them
+            warnings.filterwarnings('ignore', message=r'The teacher .* is given no weights')
+            method = jointrd_model(**kwargs)
         method.set_run_length(1, 1)
         method.train()
         method(torch.randn(2, *input_chw), torch.arange(2) % num_classes)['loss'].backward()
