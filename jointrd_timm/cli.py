@@ -197,10 +197,15 @@ def _published_as(args, model) -> dict:
 
 
 def _save(args) -> int:
-    from .integrations.hub import load_model, save_trained_model, saved_beside
+    from .integrations.hub import card_with_source, load_model, save_trained_model, saved_beside
     model = load_model(args.source, require_weights=not args.random_weights)  # random weights: on purpose only
-    # the card and metrics saved with the source travel with it; --entry's card replaces its card
-    folder = save_trained_model(model, args.output_dir, **dict(saved_beside(args.source), **_published_as(args, model)))
+    # the card and metrics saved with the source travel with it, its commands loading the new folder; --entry's card
+    # replaces its card
+    beside = saved_beside(args.source)
+    if 'model_card' in beside:
+        where = Path(args.output_dir).expanduser().resolve()
+        beside['model_card'] = card_with_source(beside['model_card'], f'local-dir:{where}')
+    folder = save_trained_model(model, args.output_dir, **dict(beside, **_published_as(args, model)))
     print(f'wrote {folder} ({", ".join(sorted(p.name for p in Path(folder).iterdir()))})')
     return 0
 

@@ -373,3 +373,18 @@ def test_save_never_replaces_a_folder_holding_anything_but_a_saved_model(tmp_pat
     assert main(['save', str(folder), str(out / '.')]) == 0  # a saved model is replaced, '.' read as its name
     # the card and metrics saved with the source come along
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'metrics.json', 'model.safetensors']
+
+
+def test_cli_save_moves_the_cards_commands_to_the_new_folder_and_keeps_a_teachers(tmp_path):
+    from jointrd_timm.cli import main
+    model, folder = _twin(tmp_path)
+    source = f'local-dir:{folder.resolve()}'
+    teacher = f'local-dir:{tmp_path.resolve()}/my teacher'
+    card = (f"model = timm.create_model('{source}', pretrained=True)\n"
+            f'Evaluate: `jointrd eval {source} --dataset data`.\nTeacher: `{teacher}`.\n')
+    (folder / 'README.md').write_text(card)
+    out = tmp_path / 'saved copy'
+    assert main(['save', str(folder), str(out)]) == 0
+    moved = (out / 'README.md').read_text()
+    new = f'local-dir:{out.resolve()}'
+    assert moved == card.replace(source, new) and moved.count(new) == 2 and teacher in moved

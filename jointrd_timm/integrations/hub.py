@@ -302,14 +302,20 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
                             'auth login`) and your write access to the repo.') from e
 
 
+def card_with_source(card: str, source: str) -> str:
+    """``card`` with the model's own source (the ``local-dir:PATH`` its ``create_model`` line loads) replaced by
+    ``source`` wherever its commands name it: the card of a folder saved or pushed elsewhere. A teacher given as a
+    folder keeps its own."""
+    used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card)  # the path exactly, spaces too
+    return card.replace(used.group(1), source) if used else card
+
+
 def card_for_hub(card: str, repo_id: str, revision: Optional[str] = None) -> str:
     """A model card written for a local folder (``jointrd distill``'s: its commands load ``local-dir:PATH``) as
     the Hub copy's: loaded from ``hf-hub:repo_id`` (``@revision`` when pushed to one); a local folder named as the
     front matter's dataset is left out there (the Hub reads ``datasets:`` as Hub dataset ids), the commands keep it
     as the data the model was measured on."""
-    used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card)  # the path exactly, spaces too
-    if used:  # the model's own source only (a teacher given as a folder keeps its own)
-        card = card.replace(used.group(1), f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''))
+    card = card_with_source(card, f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''))
     if not card.startswith('---\n'):
         return card
     head, sep, body = card[4:].partition('\n---\n')
