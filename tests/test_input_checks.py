@@ -315,3 +315,16 @@ def test_distill_notes_integer_labels_that_leave_classes_without_images(tmp_path
                            limit=2)  # two images cannot hold every class: still no note, the split has them all
     assert limited.label_note is None
     assert plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'c'), epochs=1).label_note is None
+
+
+def test_the_recorded_distill_command_names_local_folders_absolutely(tmp_path, monkeypatch):
+    import timm
+
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.training.distill import plan_distill
+    save_trained_model(timm.create_model('resnet20_cifar', num_classes=10, in_chans=1), tmp_path / 'teacher')
+    monkeypatch.chdir(tmp_path)
+    plan = plan_distill('teacher', 'sklearn:digits', 'runs/out', epochs=1, limit=32)
+    words = shlex.split(plan.command)
+    assert words[2] == str(tmp_path / 'teacher') and words[words.index('--data') + 1] == 'sklearn:digits'
+    assert words[-2:] == ['--output-dir', str(tmp_path / 'runs' / 'out')]

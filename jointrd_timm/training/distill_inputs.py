@@ -104,9 +104,14 @@ def specs(data, train: Optional[TrainSpec] = None, **options) -> tuple:
 def command_line(teacher: str, data: DataSpec, train: TrainSpec, recipe: str, epochs: int,
                  num_classes: Optional[int], out: Path) -> str:
     """The ``jointrd distill`` command that plans the same run again (what the YAMLs' headers and the model card
-    record): the teacher, data, twin epochs, recipe and output folder, and every other option given a value other
-    than its default."""
-    words = ['jointrd', 'distill', teacher, '--data', data.source, '--epochs', str(epochs), '--recipe', recipe]
+    record), from any directory (local folders as absolute paths): the teacher, data, twin epochs, recipe and output
+    folder, and every other option given a value other than its default."""
+    def where(name: str) -> str:  # a local folder as an absolute path: the command runs from any directory
+        local = Path(name).expanduser()
+        return str(local.resolve()) if local.exists() else name
+
+    words = ['jointrd', 'distill', where(teacher), '--data', where(data.source), '--epochs', str(epochs),
+             '--recipe', recipe]
     for given, default in ((data, DataSpec(data.source)), (train, TrainSpec())):
         for name in (f.name for f in fields(given) if f.name not in ('source', 'epochs')):
             value = getattr(given, name)
@@ -115,7 +120,7 @@ def command_line(teacher: str, data: DataSpec, train: TrainSpec, recipe: str, ep
                 words += [flag] if value is True else [flag, str(value)]
     if num_classes is not None:
         words += ['--num-classes', str(num_classes)]
-    return shlex.join(words + ['--output-dir', str(out)])
+    return shlex.join(words + ['--output-dir', str(Path(out).expanduser().resolve())])
 
 
 def check_positive(**options) -> None:
