@@ -328,3 +328,15 @@ def test_the_recorded_distill_command_names_local_folders_absolutely(tmp_path, m
     words = shlex.split(plan.command)
     assert words[2] == str(tmp_path / 'teacher') and words[words.index('--data') + 1] == 'sklearn:digits'
     assert words[-2:] == ['--output-dir', str(tmp_path / 'runs' / 'out')]
+
+
+def test_a_distill_folder_killed_before_its_first_saved_epoch_is_named_as_such(tmp_path):
+    from jointrd_timm.training.distill_inputs import DistillError, check_output
+    out = tmp_path / 'out'
+    (out / 'teacher').mkdir(parents=True)
+    (out / 'teacher.yaml').write_text('train: {}')
+    with pytest.raises(DistillError, match=r'holds a distill run stopped before it saved an epoch .*--overwrite'):
+        check_output(out, resume=False, overwrite=False)
+    (out / 'teacher' / 'last.safetensors').write_bytes(b'')  # an epoch saved: that run continues with --resume
+    with pytest.raises(DistillError, match=r'holds another run .*--resume to continue it'):
+        check_output(out, resume=False, overwrite=False)

@@ -145,6 +145,13 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise DistillError(f'--resume: {out} holds no distill run (no distill.yaml or teacher.yaml); run without '
                            '--resume to start.')
     if entries and not (resume or overwrite):
+        saved = any((out / run / name).is_file() for run in ('teacher', 'twin')
+                    for name in ('last.safetensors', 'final.json'))
+        if not saved and {'distill.yaml', 'teacher.yaml'} & set(entries):
+            # a process killed outright (SIGKILL, power loss) before its first saved epoch could not clean up
+            raise DistillError(f'Output folder {out} holds a distill run stopped before it saved an epoch '
+                               f'({", ".join(entries[:5])}): pass --overwrite to start again (nothing trained is '
+                               'lost), or choose another --output-dir.')
         raise DistillError(f'Output folder {out} holds another run ({", ".join(entries[:5])}); pass --resume to '
                            'continue it, --overwrite to replace it, or choose another --output-dir.')
 
