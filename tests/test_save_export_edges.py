@@ -118,3 +118,12 @@ def test_latency_comparison_needs_a_timed_repeat():
     with pytest.raises(ValueError, match=r'repeats >= 1 and warmup >= 0 \(got 0, 5\)'):
         compare_latency({'a': lambda: None}, repeats=0)
     assert compare_latency({'a': lambda: None}, repeats=3, warmup=0)['a']['samples'] == 3
+
+
+@pytest.mark.parametrize('name', ['a/b', '..', '', 'x\\y'])
+def test_an_export_name_with_a_folder_in_it_is_refused_before_anything_is_written(tmp_path, name):
+    from jointrd_timm.deploy.export import ExportError, export_model
+    model = timm.create_model('plain_resnet20_cifar', num_classes=3)
+    with pytest.raises(ExportError, match='give a file name without a folder'):
+        export_model(model, tmp_path / 'out', name=name, input_size=32)
+    assert not (tmp_path / 'out').exists()

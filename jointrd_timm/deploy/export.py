@@ -79,6 +79,9 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     when an export (or the folded model) deviates more than ``atol`` from the eager model and is farther from the
     model's float64 result than twice the eager float32 model is."""
     out_dir = Path(out_dir)
+    if not isinstance(name, str) or not name or name in ('.', '..') or any(c in name for c in '/\\'):
+        raise ExportError(f'The export name {name!r} names the files (NAME.onnx, ...) inside the output folder: give a '
+                          'file name without a folder (no / or \\), and choose the folder with --output-dir.')
     blocker = file_in_the_way(out_dir)
     if blocker is not None:
         raise ExportError(f'Output folder {out_dir} cannot be created: {blocker} is a file, not a folder; choose '
