@@ -192,3 +192,11 @@ def test_feature_twins_of_every_wrapper_load_the_teachers_weights(tmp_path, feat
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_make_fading_refuses_as_make_plain_does_with_the_reason():
+    from jointrd_timm.twins import NotResidualError, UnsupportedBlockError
+    with pytest.raises(NotResidualError, match='VGG has no shortcut addition anywhere'):
+        make_fading(timm.create_model('vgg11', num_classes=3))
+    with pytest.raises(UnsupportedBlockError, match=r'refused by design: the model mixes tokens with Attention'):
+        make_fading(timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, depth=2))

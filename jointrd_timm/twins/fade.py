@@ -273,10 +273,20 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
         raise NotResidualError(
             f'{type(model).__name__} has no shortcut addition to fade (its blocks run with their skip off), so its '
             'twin is the model itself: build plain_<arch> without shortcut_fade.')
-    if not report.blocks_by_rule or unhandled:
+    if not report.blocks_by_rule and not unhandled:
+        raise NotResidualError(f'{type(model).__name__} has no shortcut addition anywhere, so it has no shortcuts to '
+                               'fade (it is plain already). Pass a residual model (e.g. resnet50, regnety_016, '
+                               'efficientnet_b0).')
+    if unhandled:
+        mixers = token_mixers(model)
+        why = (f' Transformer (and MLP-Mixer) blocks are refused by design: the model mixes tokens with '
+               f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it '
+               'does not train.' if mixers else
+               ' If it is your own block class, register a rule for it: jointrd_timm.register_graph_rule(TheClass) '
+               '(docs/design.md, "Your own blocks").')
         raise UnsupportedBlockError(
-            f'{type(model).__name__}: shortcuts can fade only in blocks that a shortcut rule knows; '
-            + (f'these add a shortcut and no rule knows them: {unhandled[:5]}.' if unhandled else 'none found.'))
+            f'{type(model).__name__}: shortcuts can fade only in blocks that a shortcut rule knows; these add a '
+            f'shortcut and no rule knows them: {unhandled[:5]}.' + why)
     model.plain_report = report  # load_teacher_weights reads it: nothing removed yet, every teacher key is used
     label_as_twin(model, keep_projection_shortcuts=keep_projection_shortcuts, shortcut_fade=True)
     return model
