@@ -6,7 +6,7 @@ to do about it; the ``jointrd`` command prints it as one line and exits with sta
 (``ValueError``, ``RuntimeError``, ...), so ``except ValueError`` written against earlier versions still catches it.
 """
 
-__all__ = ['JointRDError', 'InputError']
+__all__ = ['JointRDError', 'InputError', 'DivergedError']
 
 
 class JointRDError(Exception):
@@ -15,3 +15,7 @@ class JointRDError(Exception):
 
 class InputError(JointRDError, ValueError):
     """A name or value given by the user that jointrd_timm does not accept (the message names what it accepts)."""
+
+
+class DivergedError(JointRDError, FloatingPointError):
+    """A training loss that is no longer finite: the run stops (its saved epochs are kept) and says what to change."""

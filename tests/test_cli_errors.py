@@ -223,3 +223,16 @@ def test_train_names_a_bad_registry_key_or_value_in_one_line_and_leaves_no_folde
     err = _error(capsys, ['train', '--config', config, '--output-dir', str(out), '--device', 'cpu', override])
     assert message in err and 'Traceback' not in err, err
     assert not out.exists()
+
+
+def test_a_diverging_run_stops_in_one_line_naming_the_learning_rate(tmp_path, capsys):
+    from conftest import tiny_yaml
+    from jointrd_timm.errors import DivergedError
+    assert issubclass(DivergedError, FloatingPointError)  # what earlier callers caught
+    config = str(tiny_yaml(tmp_path / 'yaml', epochs=1, limit=64, method='ce'))
+    assert main(['train', '--config', config, '--output-dir', str(tmp_path / 'run'), '--device', 'cpu',
+                 'train.optimizer.kwargs.lr=1.0e+30', 'train.optimizer.kwargs.momentum=0.0']) == 1
+    err = capsys.readouterr().err  # the progress bar, then the error as its last line
+    last = err.replace('\r', '\n').strip().splitlines()[-1]
+    assert last.startswith('jointrd train: error: Loss became') and 'lower the learning rate' in last, err
+    assert 'Traceback' not in err

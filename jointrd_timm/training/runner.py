@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import JointRDError
+from ..errors import DivergedError, JointRDError
 from ..faults import fault_point
 from ..io import input_channels, load_weights
 from ..methods import base as method_api
@@ -364,8 +364,8 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
             run.stepped = False
         fault_point('step')
         if not torch.isfinite(loss):
-            raise FloatingPointError(f'Loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate '
-                                     'or check the data.')
+            raise DivergedError(f'Loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate '
+                                '(jointrd distill --lr, a YAML\'s train.optimizer.kwargs.lr) or check the data.')
         loss_sum += float(loss.detach()) * len(targets)
         seen += len(targets)
         if tap.logits is not None:
