@@ -28,7 +28,7 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     out = tmp_path / 'run'
     torch.manual_seed(0)
     plan = plan_distill('resnet20_cifar', 'sklearn:digits', str(out), val_fraction=0.1, **TOY)
-    assert plan.teacher_trained_here and plan.recipe.id == 'kd-low-lr-blocks'  # the architecture's recipe
+    assert plan.teacher_trained_here and plan.recipe.id == 'kd-low-lr-blocks-fade60'  # the architecture's recipe
     final = train_distill(plan, device='cpu')
     summary = report_distill(plan, final, train_seconds=0.0, latency_repeats=3)
     printed = capsys.readouterr().out
@@ -56,7 +56,7 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     cfg = json.loads((out / 'model' / 'config.json').read_text())['pretrained_cfg']
     assert (cfg['tag'], cfg['input_size'], cfg['mean'], cfg['std']) == ('distill', [1, 8, 8], [0.5], [0.5])
     assert twin.pretrained_cfg['input_size'] == (1, 8, 8)
-    assert 'recipe `kd-low-lr-blocks`' in card and 'trained here from scratch' in card
+    assert 'recipe `kd-low-lr-blocks-fade60`' in card and 'trained here from scratch' in card
 
     # the YAML is the run: the runner's loader gives back the same sections, and training from it anew gives the
     # same twin bit for bit
@@ -267,8 +267,8 @@ def test_plan_takes_data_and_training_specs_or_their_fields_by_keyword(tmp_path)
     for section in ('models', 'train', 'test', 'runner'):
         assert build_configs(specs, specs.teacher.model)['distill'][section] == configs['distill'][section]
     train = configs['distill']['train']
-    # the twin at its architecture's recipe's peak (resnet20_cifar: kd-low-lr-blocks, a fifth of --lr)
-    assert keywords.recipe.id == 'kd-low-lr-blocks'
+    # the twin at its architecture's recipe's peak (resnet20_cifar: kd-low-lr-blocks-fade60, a fifth of --lr)
+    assert keywords.recipe.id == 'kd-low-lr-blocks-fade60'
     assert (train['num_epochs'], train['optimizer']['kwargs']['lr'], train['train_data_loader']['kwargs']['batch_size'],
             train['val_data_loader']['dataset_id']) == (2, pytest.approx(0.004), 16, 'val')
     # the digits' setting (the demo schedule, cosine) at the run's own length

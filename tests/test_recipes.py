@@ -90,7 +90,12 @@ def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve(
         assert get_recipe(f'default,block_loss_weight={weight},kd_weight=1.0,lr_scale=0.2') is blocks
         assert (blocks.lr_scale, blocks.jointrd_config().kd_weight, blocks.jointrd_config().block_loss_weight) == \
             (0.2, 1.0, weight)
-    assert recipe_for('resnet20_cifar') is RECIPES['kd-low-lr-blocks']
+    # depth 20: kd-low-lr-blocks with the fade over 60 % of the run
+    fade60 = recipe_for('resnet20_cifar')
+    assert fade60 is RECIPES['kd-low-lr-blocks-fade60'] and fade60 is get_recipe(
+        'default,block_loss_weight=5.0,kd_weight=1.0,lr_scale=0.2,shortcut_fade=0.6')
+    blocks = RECIPES['kd-low-lr-blocks']
+    assert (fade60.shortcut_fade, blocks.shortcut_fade) == (0.6, 0.8) and fade60.jointrd == blocks.jointrd
     # depth 56: kd-low-lr-blocks20 with the joint teacher of depth 110's recipe, its own SGD on the run's schedule
     joint = recipe_for('resnet56_cifar')
     assert joint is RECIPES['kd-low-lr-blocks20-joint'] and joint is get_recipe(
