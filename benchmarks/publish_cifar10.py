@@ -16,6 +16,7 @@ id uoft-cs/cifar10 where the Hub is reachable)
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import jointrd_timm  # noqa: F401
 from jointrd_timm.integrations.hub import load_model, model_card, save_trained_model
@@ -57,16 +58,26 @@ def publish(entry: dict, folder: Path) -> None:
 MAX_FRACTION = 0.5
 
 
-def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTION) -> dict:
+def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTION, arch: Optional[str] = None) -> dict:
     """The finished twin run of at most ``max_fraction`` of the teacher's epochs with the highest last-epoch accuracy
-    on the held-out validation split (ties: the shorter run, then JointRD); the test accuracy, which the card
-    reports, plays no part in the choice."""
+    on the held-out validation split (ties: the shorter run, then a run of ``arch``'s recommended recipe, the one
+    ``jointrd distill`` trains, then JointRD); the test accuracy, which the card reports, plays no part in the
+    choice."""
+    from jointrd_timm.recipes import get_recipe, recipe_for
     done = [r for r in runs if r['row'].split(',')[0] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None
             and r['epochs'] <= max_fraction * teacher_epochs]
     if not done:
         raise SystemExit(f'no finished twin run of at most {max_fraction:g} x {teacher_epochs} epochs in the record: '
                          'run benchmarks/accuracy.py full first')
-    return max(done, key=lambda r: (r['val_acc'], -r['epochs'], r['row'].startswith('twin + JointRD')))
+    recommended = recipe_for(arch) if arch else None
+
+    def recommended_recipe(run: dict) -> bool:
+        try:
+            return recommended is not None and get_recipe(run.get('recipe', '')) is recommended
+        except ValueError:
+            return False
+    return max(done, key=lambda r: (r['val_acc'], -r['epochs'], recommended_recipe(r),
+                                    r['row'].startswith('twin + JointRD')))
 
 
 RECORD = 'full_cifar10'  # accuracy.py full's default record name (--name) and work folder
@@ -103,7 +114,7 @@ def publish_full(arch: str, name: str = RECORD) -> None:
     teacher = next(r for r in runs if r['row'] == 'teacher')
     if 'test_acc' not in teacher:
         raise SystemExit(f'the teacher of {source} has not finished')
-    twin = best_twin(runs, meta['teacher_epochs'])
+    twin = best_twin(runs, meta['teacher_epochs'], arch=arch)
     control = next((r for r in runs if r['row'] == 'control' and r['epochs'] == twin['epochs'] and 'test_acc' in r),
                    None)
     work = ROOT / 'benchmarks/runs' / name / arch

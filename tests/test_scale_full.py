@@ -135,6 +135,13 @@ def test_the_published_twin_is_the_best_on_validation_within_half_the_teachers_e
     assert best_twin(runs, teacher_epochs=8, max_fraction=1.0)['epochs'] == 8
     with pytest.raises(SystemExit, match='at most 0.25 x 8 epochs'):
         best_twin(runs, teacher_epochs=8, max_fraction=0.25)
+    # a tie on validation goes to the run of the architecture's recommended recipe (what jointrd distill trains)
+    from jointrd_timm.recipes import recipe_for
+    tied = [dict(row='twin + JointRD, a', epochs=8, test_acc=86.0, val_acc=87.9, recipe='default,kd_weight=1.0'),
+            dict(row='twin + JointRD, b', epochs=8, test_acc=85.0, val_acc=87.9, recipe=recipe_for('resnet20_cifar').id),
+            dict(row='twin + JointRD, c', epochs=8, test_acc=87.0, val_acc=87.8, recipe=recipe_for('resnet20_cifar').id)]
+    assert best_twin(tied, teacher_epochs=32, arch='resnet20_cifar')['row'] == 'twin + JointRD, b'
+    assert best_twin(tied, teacher_epochs=32)['row'] == 'twin + JointRD, a'  # no architecture: the first of the tie
 
 
 def test_the_full_scale_reads_images_at_its_input_size(tmp_path):
