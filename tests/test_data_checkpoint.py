@@ -368,10 +368,14 @@ def test_folders_saved_by_save_to_disk_load_by_split(tmp_path):
 
 
 def test_a_name_that_is_neither_a_folder_nor_a_reachable_hub_dataset_is_one_input_error(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
     from jointrd_timm.errors import InputError
-    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    # offline, as this machine is: read when the libraries are imported, so set where they keep it
+    monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', tmp_path / 'hf')
     monkeypatch.chdir(tmp_path)
     with pytest.raises((InputError, FileNotFoundError), match=r'data/nonexist'):
         load_image_dataset('data/nonexist', 'test')
