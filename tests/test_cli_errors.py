@@ -236,3 +236,13 @@ def test_a_diverging_run_stops_in_one_line_naming_the_learning_rate(tmp_path, ca
     last = err.replace('\r', '\n').strip().splitlines()[-1]
     assert last.startswith('jointrd train: error: Loss became') and 'lower the learning rate' in last, err
     assert 'Traceback' not in err
+
+
+def test_per_group_scheduler_rates_may_be_lists():
+    from jointrd_timm.training.run_config import ConfigError, validate
+    config = dict(train=dict(num_epochs=1, scheduler=dict(key='OneCycleLR', kwargs=dict(max_lr=[0.1, 0.01],
+                                                                                         total_steps=10))))
+    assert validate(config) is config
+    config['train']['scheduler']['kwargs']['total_steps'] = [10]  # one number only
+    with pytest.raises(ConfigError, match=r'total_steps must be a number \(got \[10\]\)'):
+        validate(config)

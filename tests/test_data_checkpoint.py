@@ -361,8 +361,12 @@ def test_folders_saved_by_save_to_disk_load_by_split(tmp_path):
         assert len(ds) == n and ds.num_classes == 3
         assert [ds[i][1] for i in range(n)] == [i % 3 for i in range(n)]
     with pytest.raises(InputError, match=r"one dataset saved by save_to_disk, its 'test' split, so it has no split "
-                                         r"'train'.*--test-fraction"):
+                                         r"'train'.*--train-split test --test-fraction"):
         load_image_dataset(str(tmp_path / 'one'), 'train')
+    sliced = datasets.Dataset.from_dict({'image': _images(4), 'label': [0, 1, 2, 0]}, features=features,
+                                        split='train[:4]')
+    sliced.save_to_disk(str(tmp_path / 'sliced'))  # a slice of train is read as train
+    assert len(load_image_dataset(str(tmp_path / 'sliced'), 'train', transform='tensor', input_size=8)) == 4
     with pytest.raises(InputError, match=r"has no split 'validation'; its splits: \['test', 'train'\]"):
         load_image_dataset(str(tmp_path / 'dict'), 'validation')
 

@@ -449,3 +449,21 @@ def test_measured_peak_rss_reads_the_input_it_is_given():
     assert tall - small > 8 * 64 * 512 * 32 * 4  # at least the stem's output grew (8 x 64 x 512 x 32 floats)
     with pytest.raises(ValueError, match=r'\(channels, height, width\)'):
         measure_peak_rss('resnet18', 1, (32, 32))
+
+
+def test_fold_keeps_the_norm_after_a_weight_standardised_same_padding_conv():
+    """StdConv2dSame standardises its weight on every forward: a BN folded into it would be undone."""
+    from timm.layers import Conv2dSame, StdConv2dSame
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          Conv2dSame(8, 8, 3, stride=2), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+    model.eval()
+    folded, report = fold_for_deployment(model)
+    assert report['traced'] and report['batchnorms_after'] == 1  # the standardised conv's norm stays
+    x = torch.randn(2, 3, 17, 15)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)

@@ -328,6 +328,8 @@ def test_the_recorded_distill_command_names_local_folders_absolutely(tmp_path, m
     words = shlex.split(plan.command)
     assert words[2] == str(tmp_path / 'teacher') and words[words.index('--data') + 1] == 'sklearn:digits'
     assert words[-2:] == ['--output-dir', str(tmp_path / 'runs' / 'out')]
+    prefixed = plan_distill('local-dir:teacher', 'sklearn:digits', 'runs/out', epochs=1, limit=32)
+    assert shlex.split(prefixed.command)[2] == f'local-dir:{tmp_path / "teacher"}'
 
 
 def test_a_distill_folder_killed_before_its_first_saved_epoch_is_named_as_such(tmp_path):

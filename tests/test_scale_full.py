@@ -137,9 +137,14 @@ def test_the_published_twin_is_the_best_on_validation_within_half_the_teachers_e
         best_twin(runs, teacher_epochs=8, max_fraction=0.25)
     # a tie on validation goes to the run of the architecture's recommended recipe (what jointrd distill trains)
     from jointrd_timm.recipes import recipe_for
+    ours = recipe_for('resnet20_cifar').id
     tied = [dict(row='twin + JointRD, a', epochs=8, test_acc=86.0, val_acc=87.9, recipe='default,kd_weight=1.0'),
-            dict(row='twin + JointRD, b', epochs=8, test_acc=85.0, val_acc=87.9, recipe=recipe_for('resnet20_cifar').id),
-            dict(row='twin + JointRD, c', epochs=8, test_acc=87.0, val_acc=87.8, recipe=recipe_for('resnet20_cifar').id)]
+            dict(row='twin + JointRD, n', epochs=8, test_acc=86.5, val_acc=87.9, recipe=None),
+            dict(row='twin + JointRD, b', epochs=8, test_acc=85.0, val_acc=87.9, recipe=ours),
+            dict(row='twin + JointRD, c', epochs=8, test_acc=87.0, val_acc=87.8, recipe=ours)]
+    assert best_twin(tied, teacher_epochs=32, arch='resnet20_cifar')['row'] == 'twin + JointRD, b'
+    # the same ingredients named another way count as the recipe
+    tied[2]['recipe'] = 'kd-low-lr-blocks,shortcut_fade=0.6'
     assert best_twin(tied, teacher_epochs=32, arch='resnet20_cifar')['row'] == 'twin + JointRD, b'
     assert best_twin(tied, teacher_epochs=32)['row'] == 'twin + JointRD, a'  # no architecture: the first of the tie
 

@@ -139,8 +139,13 @@ def test_a_twin_made_in_place_saves_as_its_twin_and_loads_back(tmp_path, derive)
     config = json.loads((tmp_path / 'saved' / 'config.json').read_text())
     assert config['architecture'] == 'plain_resnet18d'
     assert config['model_args']['keep_projection_shortcuts'] is True
+    from timm.models import save_for_hf
+    save_for_hf(deployable(twin), str(tmp_path / 'timm'), safe_serialization=True)  # timm's own writer
+    assert json.loads((tmp_path / 'timm' / 'config.json').read_text())['model_args'][
+        'keep_projection_shortcuts'] is True
     for loaded in (load_model(str(tmp_path / 'saved')),
-                   timm.create_model(f'local-dir:{tmp_path / "saved"}', pretrained=True)):
+                   timm.create_model(f'local-dir:{tmp_path / "saved"}', pretrained=True),
+                   timm.create_model(f'local-dir:{tmp_path / "timm"}', pretrained=True)):
         x = torch.randn(2, 3, 48, 40)
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(x), deployable(twin)(x))

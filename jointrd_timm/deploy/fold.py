@@ -76,7 +76,9 @@ def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
 def _fuse_keeping_timm_layers(model: nn.Module) -> fx.GraphModule:
     """torch's conv + BN fusion on ``model`` traced with timm's untraceable layers kept whole (Conv2dSame's
     input-dependent padding: the ``tf_*`` ports), then the BatchNorm2d after a kept conv (a subclass of Conv2d, which
-    torch's pattern does not match) folded into that conv's weights."""
+    torch's pattern does not match) folded into that conv's weights; a weight-standardised conv keeps its BN."""
+    from timm.layers import Conv2dSame
+
     from .memory import _KeepTimmLayers
     graph_module = fx.GraphModule(model, _KeepTimmLayers().trace(model))
     folded = fuse(graph_module, no_trace=True)
@@ -88,7 +90,9 @@ def _fuse_keeping_timm_layers(model: nn.Module) -> fx.GraphModule:
                 or conv_node.op != 'call_module' or len(conv_node.users) != 1:
             continue
         conv = modules.get(conv_node.target)
-        if not isinstance(conv, nn.Conv2d):
+        # the convs whose forward uses their weight as stored (a weight-standardised StdConv2dSame would undo the
+        # folded scale)
+        if type(conv) not in (nn.Conv2d, Conv2dSame):
             continue
         conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
                                                       bn.eps, bn.weight, bn.bias)

@@ -307,7 +307,10 @@ def card_with_source(card: str, source: str) -> str:
     ``source`` wherever its commands name it: the card of a folder saved or pushed elsewhere. A teacher given as a
     folder keeps its own."""
     used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card)  # the path exactly, spaces too
-    return card.replace(used.group(1), source) if used else card
+    if not used:
+        return card
+    # the whole path only: a teacher's folder whose path starts with the model's (/x/model-v0 beside /x/model) stays
+    return re.sub(re.escape(used.group(1)) + r"(?=['`\"\s]|$)", lambda _: source, card, flags=re.MULTILINE)
 
 
 def card_for_hub(card: str, repo_id: str, revision: Optional[str] = None) -> str:

@@ -354,6 +354,8 @@ def _load(source: str, split: str, config_name: Optional[str]):
     except FileNotFoundError:
         raise  # datasets names the folder or Hub id it did not find
     except (OSError, ValueError) as e:  # offline without a cache, a mistyped folder read as a Hub id, bad files
+        if isinstance(e, OSError) and path.is_dir():
+            raise  # the disk or the cache (permissions, no space), not the folder's contents
         if 'Unknown split' not in str(e):
             what = ('the folder holds files the datasets library cannot read as a dataset' if path.is_dir() else
                     f'it is no folder here (a relative path is read from {Path.cwd()}), so it was read as a Hub id: '
@@ -382,11 +384,12 @@ def _saved_to_disk(path: Path, source: str, split: str):
                              f"{sorted(saved)} (jointrd eval --split; jointrd distill --train-split / "
                              "--test-split; a YAML's split).")
         return saved[split]
-    held = str(saved.split) if saved.split is not None else 'train'
+    held = str(saved.split).split('[')[0] if saved.split is not None else 'train'  # 'train[:50%]': of train
     if split != held:
         raise InputError(f'{source} is one dataset saved by save_to_disk, its {held!r} split, so it has no split '
-                         f'{split!r}: name {held!r}, or carve a test set from it (jointrd distill\'s --test-fraction, '
-                         "load_image_dataset's test_fraction).")
+                         f'{split!r}: name {held!r} (jointrd eval --split {held}), or carve a test set from it '
+                         f'(jointrd distill --train-split {held} --test-fraction 0.1; load_image_dataset\'s '
+                         'test_fraction).')
     return saved
 
 

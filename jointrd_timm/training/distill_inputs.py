@@ -107,8 +107,9 @@ def command_line(teacher: str, data: DataSpec, train: TrainSpec, recipe: str, ep
     record), from any directory (local folders as absolute paths): the teacher, data, twin epochs, recipe and output
     folder, and every other option given a value other than its default."""
     def where(name: str) -> str:  # a local folder as an absolute path: the command runs from any directory
-        local = Path(name).expanduser()
-        return str(local.resolve()) if local.exists() else name
+        prefix = 'local-dir:' if name.startswith('local-dir:') else ''
+        local = Path(name[len(prefix):]).expanduser()
+        return prefix + str(local.resolve()) if local.exists() else name
 
     words = ['jointrd', 'distill', where(teacher), '--data', where(data.source), '--epochs', str(epochs),
              '--recipe', recipe]

@@ -218,6 +218,8 @@ _SCHEDULER_NUMBERS = frozenset({'T_max', 'T_0', 'T_mult', 'eta_min', 'step_size'
                                 'pct_start', 'div_factor', 'final_div_factor', 'patience', 'threshold', 'cooldown',
                                 'min_lr', 'power', 'base_lr', 'step_size_up', 'step_size_down', 'last_epoch'})
 
+_PER_GROUP = frozenset({'max_lr', 'base_lr', 'min_lr'})  # a number, or one per parameter group
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -276,7 +278,10 @@ def validate(config: Dict, where: str = 'config') -> Dict:
         for option, value in ((scheduler.get('kwargs') or {}) if isinstance(scheduler, dict) else {}).items():
             # torch's schedulers take numbers here and fail on text only at their first step, mid-run
             if option in _SCHEDULER_NUMBERS and value is not None:
-                _require(_is_number(value), f'{name}.scheduler.kwargs.{option}', 'a number', value, where)
+                per_group = option in _PER_GROUP and isinstance(value, (list, tuple)) and all(map(_is_number, value))
+                _require(_is_number(value) or per_group, f'{name}.scheduler.kwargs.{option}',
+                         'a number' + (' or a list of numbers (one per parameter group)' if option in _PER_GROUP
+                                       else ''), value, where)
             elif option == 'milestones':
                 _require(isinstance(value, (list, tuple)) and all(_is_int(v) for v in value),
                          f'{name}.scheduler.kwargs.milestones', 'a list of whole numbers', value, where)

@@ -44,6 +44,7 @@ twin, is then what is deployed and saved; ``final.json`` keeps the trained twin'
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -224,13 +225,12 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
                 run.box = get_distillation_box(teacher, student, *box_args,
                                                accelerator=accelerator_for_boxes(accelerator))
                 run.trained = run.box.student_model
-        except (ValueError, TypeError, KeyError) as e:  # torchdistill builds the train section's registry keys here
-            if isinstance(e, JointRDError):
-                raise
-            raise ConfigError(f'the train section does not build ({type(e).__name__}: {e}): check the key or value '
-                              'it names (optimizer, scheduler, criterion and pre/post-process keys are names '
-                              "registered with torchdistill or jointrd_timm, e.g. optimizer.key: SGD; a number "
-                              'written as text breaks the object it configures).') from e
+        except ValueError as e:  # torchdistill looks the train section's registry keys up here
+            if isinstance(e, JointRDError) or not re.match(r'No .* registered', str(e)):
+                raise  # anything else keeps its traceback
+            raise ConfigError(f'the train section does not build ({type(e).__name__}: {e}): check the key it names '
+                              '(optimizer, scheduler, criterion and pre/post-process keys are names registered with '
+                              'torchdistill or jointrd_timm, e.g. optimizer.key: SGD).') from e
         run.module = unwrap(run.trained)
         try:
             method_api.check_fade_driven(run.module, f'models.{name}')

@@ -205,9 +205,9 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
 def label_as_twin(model: nn.Module, **twin_args) -> None:
     """Make a model that a rule turned into its twin in place say so: timm's ``pretrained_cfg`` (what
     ``save_for_hf`` writes into config.json, and what a reload builds) names ``plain_<arch>`` instead of the teacher
-    architecture, and ``pretrained_model_args`` holds ``twin_args`` (``keep_projection_shortcuts``, a fading twin's
-    ``shortcut_fade``). Nothing changes when the architecture has no registered twin (``save_trained_model`` then
-    refuses the model) or already names one."""
+    architecture, and ``pretrained_model_args`` and timm's ``_model_args`` hold ``twin_args``
+    (``keep_projection_shortcuts``, a fading twin's ``shortcut_fade``). Nothing changes when the architecture has no
+    registered twin (``save_trained_model`` then refuses the model) or already names one."""
     import timm
     cfg = getattr(model, 'pretrained_cfg', None)
     arch = cfg.get('architecture') if isinstance(cfg, dict) else None
@@ -217,4 +217,5 @@ def label_as_twin(model: nn.Module, **twin_args) -> None:
     if getattr(model, 'default_cfg', None) is cfg:  # timm's alias of the same dict
         model.default_cfg = relabelled
     model.pretrained_cfg = relabelled
-    model.pretrained_model_args = {**(getattr(model, 'pretrained_model_args', None) or {}), **twin_args}
+    for attr in ('pretrained_model_args', '_model_args'):  # ours (save_trained_model), timm's (save_for_hf)
+        setattr(model, attr, {**(getattr(model, attr, None) or {}), **twin_args})
