@@ -441,6 +441,7 @@ def test_fold_reaches_the_norms_after_timms_untraceable_same_padding_convs(name)
         torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.slow  # two fresh processes (about 10 s): the default run stays under 10 minutes on 2 cores
 def test_measured_peak_rss_reads_the_input_it_is_given():
     from jointrd_timm.deploy.memory import measure_peak_rss
     torch.set_num_threads(1)
