@@ -343,3 +343,15 @@ def test_num_classes_given_for_a_teacher_with_as_many_classes_resets_its_head(tm
     assert all(torch.equal(reset.state_dict()[k], v) for k, v in body.items())  # the rest is the teacher's
     with pytest.raises(ValueError, match='reset_head needs weights whose head to reset'):
         timm_model('resnet20_cifar', reset_head=True)
+
+
+def test_a_distill_output_given_as_the_teacher_names_the_folders_that_hold_one(tmp_path):
+    from jointrd_timm.training.teachers import resolve_teacher
+    out = tmp_path / 'out'
+    save_trained_model(timm.create_model('plain_resnet20_cifar', num_classes=10), out / 'model')
+    save_trained_model(timm.create_model('resnet20_cifar', num_classes=10), out / 'teacher' / 'model')
+    (out / 'distill.yaml').write_text('models: {}')
+    with pytest.raises(DistillError, match=r'is the output of jointrd distill: its model/ is the twin\. .*give '
+                                           rf'{out / "twin"} .* or {out / "teacher" / "model"}'):
+        resolve_teacher(str(out))
+    assert resolve_teacher(str(out / 'teacher' / 'model')).arch == 'resnet20_cifar'

@@ -72,6 +72,12 @@ def _teacher_from_folder(spec: str, path: Path) -> Teacher:
         raise DistillError(f'Teacher folder {path} holds neither config.json + model.safetensors (timm\'s Hub format, '
                            'as `jointrd save` writes) nor a runner output (model/ or last.safetensors).')
     config = json.loads((folder / 'config.json').read_text())
+    if config['architecture'].startswith('plain_') and (path / 'distill.yaml').is_file():
+        trained = path / 'teacher' / 'model'
+        raise DistillError(f'{path} is the output of jointrd distill: its model/ is the twin. To distill from the same '
+                           f'teacher again, give {path / "twin"} (the JointRD run: its checkpoint holds the teacher)'
+                           + (f' or {trained} (the teacher trained there)' if (trained / 'config.json').is_file()
+                              else '') + '.')
     if config['architecture'].startswith('plain_') and (path / 'last.safetensors').is_file():
         # a JointRD run: model/ is its twin, the teacher is the `teacher.` part of its checkpoint
         teacher = _from_config_json(spec, {}, config, teacher_of(config['architecture']))
