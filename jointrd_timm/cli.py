@@ -85,7 +85,8 @@ def _train(args) -> int:
 def _convert(args) -> int:
     from .training.checkpoint import convert_checkpoint
     path = convert_checkpoint(args.source, args.output, entry=args.entry)
-    print(f'wrote {path} (the {args.entry!r} weights of {args.source}, read with torch.load(weights_only=True))')
+    print(f'wrote {path} (the weights of {args.source}: its {args.entry!r} entry, or the file itself when it is a '
+          'bare state dict; read with torch.load(weights_only=True))')
     return 0
 
 
