@@ -23,6 +23,7 @@ def test_input_channels_sees_through_a_space_to_depth_stem():
     assert next(m for m in tresnet.modules() if isinstance(m, torch.nn.Conv2d)).in_channels == 32
 
 
+@pytest.mark.slow  # tresnet_m (30 M parameters), about 9 s; its twin derives in test_coverage and test_graph_rules
 def test_a_tresnet_twin_saves_and_loads_back(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model('plain_tresnet_m', num_classes=3).eval()
