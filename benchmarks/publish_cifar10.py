@@ -63,9 +63,7 @@ def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTIO
     on the held-out validation split (ties: the shorter run, then a run of ``arch``'s recommended recipe, the one
     ``jointrd distill`` trains, then JointRD); the test accuracy, which the card reports, plays no part in the
     choice."""
-    import dataclasses
-
-    from jointrd_timm.recipes import Recipe, get_recipe, recipe_for
+    from jointrd_timm.recipes import get_recipe, recipe_for
     done = [r for r in runs if r['row'].split(',')[0] in TWIN_ROWS and 'test_acc' in r and r.get('val_acc') is not None
             and r['epochs'] <= max_fraction * teacher_epochs]
     if not done:
@@ -78,9 +76,7 @@ def best_twin(runs: list, teacher_epochs: int, max_fraction: float = MAX_FRACTIO
             recipe = get_recipe(run.get('recipe') or '')
         except (ValueError, TypeError):
             return False
-        return recommended is not None and all(
-            getattr(recipe, f.name) == getattr(recommended, f.name) for f in dataclasses.fields(Recipe)
-            if f.name not in ('name', 'description', 'record', 'changed'))
+        return recommended is not None and recipe.same_ingredients(recommended)
     return max(done, key=lambda r: (r['val_acc'], -r['epochs'], recommended_recipe(r),
                                     r['row'].startswith('twin + JointRD')))
 

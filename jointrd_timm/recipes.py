@@ -141,6 +141,11 @@ class Recipe:
         """A stable identifier: the name, plus ``field=value`` for each field a :meth:`replace` changed."""
         return self.name + ''.join(f',{k}={v}' for k, v in self.changed)
 
+    def same_ingredients(self, other: 'Recipe') -> bool:
+        """Whether ``other`` trains as this recipe does, whatever each is named (the fields but its labels)."""
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
+                   if f.name not in _LABELS)
+
     def replace(self, **fields) -> 'Recipe':
         """This recipe with recipe fields or JointRDConfig fields changed (``id`` records them). A new ``name``
         starts a named recipe: its ``id`` is that name, the changes so far forgotten."""

@@ -37,6 +37,7 @@ from timm.models import (
     register_model, resolve_pretrained_cfg)
 
 from ..twins import make_plain
+from ..twins.derive import TWIN_PREFIX
 from .catalogue import tag_cfgs, weightless_cfg
 from ..twins.dirac import DIRAC_INIT, apply_dirac
 from ..twins.fade import make_fading
@@ -45,7 +46,7 @@ from ..twins.transfer import pretrained_teacher_filter
 __all__ = ['TWIN_MODULES', 'create_twin', 'teacher_of', 'twin_name', 'twin_refusal', 'underivable_reason',
            'name_problem', 'residual_arch']
 
-PREFIX = 'plain_'
+PREFIX = TWIN_PREFIX  # plain_<teacher architecture>
 # timm modules whose architectures are built from blocks that a rule in jointrd_timm.twins.families knows
 TWIN_MODULES = (
     'resnet', 'cifar_resnet', 'resnetv2', 'regnet', 'efficientnet', 'mobilenetv3', 'hardcorenas', 'convnext',

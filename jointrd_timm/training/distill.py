@@ -41,7 +41,7 @@ from .configs import build_config, to_yaml
 from .data import DatasetColumnError, dataset_data_cfg, find_columns, labelled_as_datasets_labels_it
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
                              check_splits_agree, check_twin, command_line, dataset_kwargs, load_datasets,
-                             setting_schedule, specs)
+                             saved_an_epoch, setting_schedule, specs)
 from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
 # names that moved to configs.py, distill_inputs.py and teachers.py, still importable from here
 from .configs import DATASET_LOADER  # noqa: F401,E402
@@ -254,7 +254,7 @@ def train_distill(plan: DistillPlan, resume: bool = False, overwrite: bool = Fal
                     print(f'WARNING: {plan.short_run_warning}')
             final = _train_from(path, resume, device)
     except BaseException:
-        if not resume and not _saved_an_epoch(out):
+        if not resume and not saved_an_epoch(out):
             # nothing trained yet: leave the folder as this call found it, so that the same command runs again
             # once the cause is fixed (instead of being refused as "another run")
             _remove_artefacts(out)
@@ -269,12 +269,6 @@ def _remove_artefacts(out: Path) -> None:
     for name in ARTEFACTS:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-
-
-def _saved_an_epoch(out: Path) -> bool:
-    """Whether a run of this distill (teacher or twin) has a checkpoint or has finished: then --resume continues."""
-    return any((out / run / name).is_file() for run in ('teacher', 'twin') for name in ('last.safetensors',
-                                                                                         'final.json'))
 
 
 def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency_repeats: int = 30) -> Dict:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ['DistillError', 'DataSpec', 'TrainSpec', 'specs', 'command_line', 'check_positive', 'check_output',
            'check_twin', 'check_pair', 'check_classes', 'check_splits_agree', 'dataset_kwargs', 'load_datasets',
-           'setting_schedule']
+           'setting_schedule', 'saved_an_epoch']
 
 
 class DistillError(JointRDError, ValueError):
@@ -132,6 +132,12 @@ def check_positive(**options) -> None:
             raise DistillError(f'{flag} must be positive, got {value!r}; leave it out for its default.')
 
 
+def saved_an_epoch(out: Path) -> bool:
+    """Whether a run of this distill (teacher or twin) has a checkpoint or has finished: then --resume continues."""
+    return any((out / run / name).is_file() for run in ('teacher', 'twin') for name in ('last.safetensors',
+                                                                                         'final.json'))
+
+
 def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds another run, unless resuming it or told to overwrite it."""
     if resume and overwrite:
@@ -146,9 +152,7 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise DistillError(f'--resume: {out} holds no distill run (no distill.yaml or teacher.yaml); run without '
                            '--resume to start.')
     if entries and not (resume or overwrite):
-        saved = any((out / run / name).is_file() for run in ('teacher', 'twin')
-                    for name in ('last.safetensors', 'final.json'))
-        if not saved and {'distill.yaml', 'teacher.yaml'} & set(entries):
+        if not saved_an_epoch(out) and {'distill.yaml', 'teacher.yaml'} & set(entries):
             # a process killed outright (SIGKILL, power loss) before its first saved epoch could not clean up
             raise DistillError(f'Output folder {out} holds a distill run stopped before it saved an epoch '
                                f'({", ".join(entries[:5])}): pass --overwrite to start again (nothing trained is '

@@ -200,14 +200,14 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
                 config = yaml_util.load_yaml_file(str(changed))
         else:
             config = yaml_util.load_yaml_file(str(path))
-    except TypeError as e:  # a tag called with an argument its function does not take (a misspelt kwargs key)
-        raise ConfigError(f'{path}: a tag of the YAML failed while it loaded ({e}); check the keys of its `kwargs` '
-                          f'(e.g. under datasets.ID.init.kwargs) against the function it calls.') from e
-    except ValueError as e:  # a value the function a tag calls refuses (e.g. an input_size written as text)
+    except (TypeError, ValueError) as e:
         if isinstance(e, JointRDError):
             raise
-        raise ConfigError(f'{path}: a tag of the YAML failed while it loaded ({e}); check the values of its '
-                          '`kwargs` (e.g. under datasets.ID.init.kwargs) against the function it calls.') from e
+        # TypeError: an argument its function does not take (a misspelt kwargs key); ValueError: a value it refuses
+        # (e.g. an input_size written as text)
+        what = 'keys' if isinstance(e, TypeError) else 'values'
+        raise ConfigError(f'{path}: a tag of the YAML failed while it loaded ({e}); check the {what} of its `kwargs` '
+                          f'(e.g. under datasets.ID.init.kwargs) against the function it calls.') from e
     import_dependencies(config.get('dependencies', None))
     return validate(apply_overrides(config, overrides), where=str(path))
 

@@ -20,7 +20,7 @@ from .rules import get_rule, handed_projections
 from .verify import find_unhandled_residual_blocks, handed_additions, shortcut_additions
 
 __all__ = ['make_plain', 'PlainReport', 'NotResidualError', 'UnsupportedBlockError', 'token_mixers', 'make_trainable',
-           'label_as_twin']
+           'label_as_twin', 'refused_by_design']
 TWIN_PREFIX = 'plain_'  # a twin's timm name: plain_<teacher architecture> (jointrd_timm.models.plain_twins)
 
 
@@ -183,9 +183,7 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
             f'`jointrd derive --list` shows every supported architecture.')
     if unhandled and (strict or not report.blocks_by_rule):
         mixers = token_mixers(model)
-        why = (f' Transformer (and MLP-Mixer) blocks are refused by design: {model_name} mixes tokens with '
-               f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it '
-               'does not train.' if mixers else
+        why = (refused_by_design(model_name, mixers) if mixers else
                ' If it is your own block class and its forward adds the shortcut in plain code, register it: '
                'jointrd_timm.register_graph_rule(TheClass), then check it with jointrd_timm.check_graph_rule(model, '
                'example_input) (docs/design.md, "Your own blocks")' + (
@@ -200,6 +198,13 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
     if not unhandled:
         label_as_twin(model, keep_projection_shortcuts=keep_projection_shortcuts)
     return model
+
+
+def refused_by_design(subject: str, mixers) -> str:
+    """The sentence that says why a network whose blocks mix tokens (``mixers``, :func:`token_mixers`) has no twin."""
+    return (f' Transformer (and MLP-Mixer) blocks are refused by design: {subject} mixes tokens with '
+            f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it does '
+            'not train.')
 
 
 def label_as_twin(model: nn.Module, **twin_args) -> None:

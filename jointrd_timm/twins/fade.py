@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .derive import NotResidualError, PlainReport, UnsupportedBlockError, label_as_twin, make_trainable, token_mixers
+from .derive import (NotResidualError, PlainReport, UnsupportedBlockError, label_as_twin, make_trainable,
+                     refused_by_design, token_mixers)
 from .dirac import fold_dirac, has_dirac
 from .graph_rule import TwinGraphBlock, is_projection, graph_block, plain_class
 from .leak import restore_relus
@@ -279,9 +280,7 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
                                'efficientnet_b0).')
     if unhandled:
         mixers = token_mixers(model)
-        why = (f' Transformer (and MLP-Mixer) blocks are refused by design: the model mixes tokens with '
-               f'{", ".join(mixers)}; the shortcuts of such a network carry the token stream, and without them it '
-               'does not train.' if mixers else
+        why = (refused_by_design('the model', mixers) if mixers else
                ' If it is your own block class, register a rule for it: jointrd_timm.register_graph_rule(TheClass) '
                '(docs/design.md, "Your own blocks").')
         raise UnsupportedBlockError(
