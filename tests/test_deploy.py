@@ -468,3 +468,39 @@ def test_fold_keeps_the_norm_after_a_weight_standardised_same_padding_conv():
     x = torch.randn(2, 3, 17, 15)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _with_random_statistics(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_fold_converts_the_blocks_timm_fuses():
+    """LeViT's norms follow linear layers that only timm's ``fuse()`` folds (all 52 were left computed before fold
+    used timm's reparameterize_model)."""
+    torch.manual_seed(0)
+    model = _with_random_statistics(timm.create_model('levit_128s', num_classes=5, img_size=64))
+    folded, report = fold_for_deployment(model)
+    assert 'reparameterize_error' not in report and report['batchnorms_before'] > 40
+    assert report['batchnorms_after'] == 0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_fold_of_a_model_already_reparameterized_by_timm():
+    """timm's FastViT RepMixer cannot be re-parameterised twice: a model the user already converted folds as it is,
+    with timm's error in the report, instead of failing."""
+    from timm.models import reparameterize_model
+    torch.manual_seed(0)
+    model = reparameterize_model(_with_random_statistics(timm.create_model('fastvit_t8', num_classes=5)))
+    folded, report = fold_for_deployment(model)
+    assert 'AttributeError' in report['reparameterize_error'] and report['traced']
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

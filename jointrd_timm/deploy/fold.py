@@ -1,12 +1,13 @@
 """Folding a trained twin into its deployable form: Dirac parametrisation folded, BatchNorm folded into convs.
 
 BN folding is torch.fx's own conv+BN fusion (torch.fx.experimental.optimization.fuse) on the traced model, after
-timm's fused BatchNormAct2d layers are split into BatchNorm2d + activation so the pattern can match. RepVGG /
-MobileOne blocks are re-parameterised first with timm's own ``reparameterize()``. What could not be folded is
-reported, never hidden.
+timm's fused BatchNormAct2d layers are split into BatchNorm2d + activation so the pattern can match. Blocks that
+timm knows how to re-parameterise (RepVGG / MobileOne / FastViT ``reparameterize()``, RepGhost / GhostNetV3
+``switch_to_deploy()``, the ``fuse()`` of RepViT, LeViT, EfficientViT-MSRA, TinyViT, SHViT) are converted first by
+timm's own ``reparameterize_model``. What could not be folded is reported, never hidden.
 """
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch.fx as fx
 from torch import nn
@@ -51,15 +52,16 @@ def count_batchnorms(model: nn.Module) -> int:
 
 def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
     """A folded copy of ``model`` (eval mode) and a report: batchnorms before (as given) and after (left computed),
-    whether fx tracing worked."""
+    whether fx tracing worked (else ``reason``), and ``reparameterize_error`` where timm's re-parameterisation
+    failed."""
     model = copy.deepcopy(model).eval()
     before = count_batchnorms(model)  # as given: a RepVGG / MobileOne block's branch norms count, then fold
     fold_dirac(model)
-    for module in model.modules():
-        if hasattr(module, 'reparameterize') and callable(module.reparameterize):
-            module.reparameterize()
-    _split_norm_act(model)
     report = dict(batchnorms_before=before, traced=True)
+    model, failed = _reparameterized(model)
+    if failed:
+        report['reparameterize_error'] = failed
+    _split_norm_act(model)
     try:
         folded = fuse(model)
     except Exception as e:  # noqa: BLE001 - traced again with timm's untraceable layers kept whole
@@ -71,6 +73,17 @@ def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
             folded = model
     report['batchnorms_after'] = count_batchnorms(folded)
     return folded, report
+
+
+def _reparameterized(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
+    """``model`` re-parameterised by timm's ``reparameterize_model`` (a converted copy), and None; or, where timm's
+    conversion fails, ``model`` unchanged and the reason. It fails on a model already re-parameterised whose blocks
+    cannot be converted twice (timm's FastViT RepMixer), which then folds as it is."""
+    from timm.models import reparameterize_model
+    try:
+        return reparameterize_model(model).eval(), None  # a fused module may come back in training mode
+    except Exception as e:  # noqa: BLE001 - reported by fold_for_deployment; the model folds unconverted
+        return model, f'{type(e).__name__}: {e}'[:200]
 
 
 def _fuse_keeping_timm_layers(model: nn.Module) -> fx.GraphModule:
