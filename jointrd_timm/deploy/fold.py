@@ -4,7 +4,8 @@ BN folding is torch.fx's own conv+BN fusion (torch.fx.experimental.optimization.
 timm's fused BatchNormAct2d layers are split into BatchNorm2d + activation so the pattern can match. Blocks that
 timm knows how to re-parameterise (RepVGG / MobileOne / FastViT ``reparameterize()``, RepGhost / GhostNetV3
 ``switch_to_deploy()``, the ``fuse()`` of RepViT, LeViT, EfficientViT-MSRA, TinyViT, SHViT) are converted first by
-timm's own ``reparameterize_model``. What could not be folded is reported, never hidden.
+timm's own ``reparameterize_model``. Then a BatchNorm after a sum or concatenation of convs, and convs added on one
+input, are folded too (:mod:`.branches`). What could not be folded is reported, never hidden.
 """
 import copy
 from typing import Dict, Optional, Tuple
@@ -15,6 +16,7 @@ from torch.fx.experimental.optimization import fuse
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..twins.dirac import fold_dirac
+from .branches import fold_parallel_branches
 
 __all__ = ['fold_for_deployment', 'count_batchnorms']
 
@@ -24,8 +26,10 @@ def _split_norm_act(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is BatchNormAct2d:
+                tensor = next((t for t in child.state_dict().values() if t.is_floating_point()), None)
+                placed = {} if tensor is None else dict(device=tensor.device, dtype=tensor.dtype)  # as the model is
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
+                                    child.track_running_stats, **placed)
                 bn.load_state_dict(child.state_dict(), strict=False)
                 bn.train(child.training)
                 setattr(module, child_name, nn.Sequential(bn, child.drop, child.act))
@@ -52,8 +56,8 @@ def count_batchnorms(model: nn.Module) -> int:
 
 def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
     """A folded copy of ``model`` (eval mode) and a report: batchnorms before (as given) and after (left computed),
-    whether fx tracing worked (else ``reason``), and ``reparameterize_error`` where timm's re-parameterisation
-    failed."""
+    whether fx tracing worked (else ``reason``), ``parallel_branches`` (norms folded and conv pairs merged across
+    branches) where there were any, and ``reparameterize_error`` where timm's re-parameterisation failed."""
     model = copy.deepcopy(model).eval()
     before = count_batchnorms(model)  # as given: a RepVGG / MobileOne block's branch norms count, then fold
     fold_dirac(model)
@@ -71,6 +75,10 @@ def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
         except Exception:  # noqa: BLE001 - a model fx cannot trace stays eager, unfused
             report.update(traced=False, reason=f'{type(e).__name__}: {e}'[:200])
             folded = model
+    if isinstance(folded, fx.GraphModule):
+        branches = fold_parallel_branches(folded)
+        if any(branches.values()):
+            report['parallel_branches'] = branches
     report['batchnorms_after'] = count_batchnorms(folded)
     return folded, report
 
