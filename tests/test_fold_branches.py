@@ -1,6 +1,7 @@
 """Folding across parallel branches (jointrd_timm.deploy.branches): the folded model computes what the model
 computes, in float64 to rounding, and the norms / convs the patterns allow are gone; values read elsewhere stay."""
 import pytest
+import timm
 import torch
 from torch import nn
 from timm.layers import BatchNormAct2d, LayerScale2d
@@ -105,3 +106,73 @@ def test_a_value_read_elsewhere_is_not_rescaled():
     with torch.no_grad():
         for got, expected in zip(folded(x), model(x)):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+class WeightReadElsewhere(nn.Module):
+    """The graph also reads conv ``a``'s weight directly: a folded scale would change that read too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x) + self.b(x)) + nn.functional.conv2d(x, self.a.weight, None, 1, 1)
+
+
+class ChangedBetween(nn.Module):
+    """The shared input is changed in place between the two convs: one merged call would read only one version."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        x.add_(1)
+        return a + self.b(x)
+
+
+class SharedConv(nn.Module):
+    """One conv module called twice, once before a norm: the norm belongs to that call only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.a(2 * x)
+
+
+class StatisticsFlagOff(nn.Module):
+    """timm's BatchNormAct2d with ``track_running_stats`` turned off after training: eval mode still normalises with
+    the running statistics it holds, and so must its split."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), BatchNormAct2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize('make', [WeightReadElsewhere, ChangedBetween, SharedConv, StatisticsFlagOff])
+def test_what_the_patterns_must_not_touch(make):
+    model = _randomised(make())
+    if isinstance(model, StatisticsFlagOff):
+        model.bn.track_running_stats = False
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x.clone())
+        folded, report = fold_for_deployment(model)
+        torch.testing.assert_close(folded(x.clone()), expected, rtol=1e-10, atol=1e-10)
+    assert 'parallel_branches' not in report
+
+
+def test_timms_fused_layers_keep_the_models_dtype():
+    """timm's LeViT fuse() builds float32 layers whatever the model's dtype: a float64 model stays float64."""
+    model = timm.create_model('levit_128s', num_classes=5, img_size=64).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    folded, report = fold_for_deployment(model)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-7, atol=1e-7)
+    assert report['batchnorms_after'] == 0

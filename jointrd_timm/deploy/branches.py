@@ -11,8 +11,10 @@ expected (RepViT's ``bn(conv(x) + conv1(x))``), or in mixed-kernel convs (MixNet
   centred zero padding, become one conv with the larger kernel (the smaller one zero-padded to it): RepVGG's
   structural re-parameterisation, for any block.
 
-Only intermediate values nothing else reads are rewritten, and a conv module called more than once is left alone, so
-the model computes what it computed (up to float rounding).
+Only intermediate values nothing else reads are rewritten; a conv module called more than once, with hooks, or whose
+parameters the graph reads elsewhere is left alone, and two convs are not merged where their input may be changed in
+place between them; so the model computes what it computed (up to float rounding). The graph carries no shapes: the
+patterns assume batched NCHW tensors (channel dimension 1), what a timm image model computes.
 """
 import operator
 from collections import Counter
@@ -27,17 +29,32 @@ __all__ = ['fold_parallel_branches']
 
 _ADD = (operator.add, operator.iadd, torch.add, 'add', 'add_')
 _SUB = (operator.sub, operator.isub, torch.sub, 'sub', 'sub_')
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow)
 
 # (conv node, sign of its output in the sum, first output channel it feeds in the normalised tensor)
 Branch = Tuple[fx.Node, int, int]
 
 
 def _convs(graph_module: fx.GraphModule) -> Dict[str, nn.Module]:
-    """The convs whose weight is used as stored (a weight-standardised conv would undo a folded scale), called once."""
+    """The convs whose weight is used as stored (a weight-standardised conv would undo a folded scale), called once,
+    without hooks (weight norm computes the weight in one), whose parameters nothing else in the graph reads."""
     from timm.layers import Conv2dSame
     calls = Counter(n.target for n in graph_module.graph.nodes if n.op == 'call_module')
+    read = {n.target.rpartition('.')[0] for n in graph_module.graph.nodes if n.op == 'get_attr'}
     return {name: m for name, m in graph_module.named_modules()
-            if type(m) in (nn.Conv2d, Conv2dSame) and calls[name] == 1}
+            if type(m) in (nn.Conv2d, Conv2dSame) and calls[name] == 1 and name not in read
+            and not (m._forward_pre_hooks or m._forward_hooks)}
+
+
+def _in_place(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may overwrite its inputs: a module built with inplace=True, ``inplace=True`` given, an in-place
+    operator (``+=``) or method / function (``add_``, ``torch.relu_``)."""
+    if node.op == 'call_module':
+        return bool(getattr(modules.get(node.target), 'inplace', False))
+    if node.kwargs.get('inplace') is True or node.target in _IN_PLACE_OPERATORS:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, '__name__', '')
+    return name.endswith('_') and not name.endswith('__')
 
 
 def _binary(node: fx.Node) -> Optional[int]:
@@ -145,7 +162,8 @@ def _fold_norms(graph_module: fx.GraphModule) -> int:
             continue
         source, scale, shift = affine
         found = _branches(source, convs)
-        if found is None or found[1] != scale.numel():
+        if found is None or found[1] != scale.numel() \
+                or any(convs[n.target].weight.dtype != scale.dtype for n, _, _ in found[0]):
             continue
         unshifted = torch.ones_like(shift)
         for conv_node, sign, offset in found[0]:
@@ -193,6 +211,7 @@ def _padded(weight: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def _merge_convs(graph_module: fx.GraphModule) -> int:
     convs = _convs(graph_module)
+    modules = dict(graph_module.named_modules())
     merged = 0
     for node in list(graph_module.graph.nodes):
         sign = _binary(node)
@@ -200,8 +219,9 @@ def _merge_convs(graph_module: fx.GraphModule) -> int:
             continue
         left, right = node.args
         if not all(a.op == 'call_module' and a.target in convs and len(a.users) == 1 and a.args
-                   and len(a.args) == 1 and not a.kwargs for a in (left, right)) or left.args[0] is not right.args[0]:
-            continue
+                   and len(a.args) == 1 and not a.kwargs for a in (left, right)) or left.args[0] is not right.args[0] \
+                or any(_in_place(user, modules) for user in left.args[0].users):
+            continue  # one call of the merged conv would read the input as one of them read it
         a, b = convs[left.target], convs[right.target]
         if not _mergeable(a, b):
             continue

@@ -28,9 +28,11 @@ def _split_norm_act(model: nn.Module) -> None:
             if type(child) is BatchNormAct2d:
                 tensor = next((t for t in child.state_dict().values() if t.is_floating_point()), None)
                 placed = {} if tensor is None else dict(device=tensor.device, dtype=tensor.dtype)  # as the model is
+                # with the statistics it has (a flag turned off after training still leaves eval mode using them)
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, **placed)
-                bn.load_state_dict(child.state_dict(), strict=False)
+                                    child.running_mean is not None, **placed)
+                bn.load_state_dict(child.state_dict())
+                bn.track_running_stats = child.track_running_stats
                 bn.train(child.training)
                 setattr(module, child_name, nn.Sequential(bn, child.drop, child.act))
 
@@ -67,7 +69,7 @@ def fold_for_deployment(model: nn.Module) -> Tuple[nn.Module, Dict]:
         report['reparameterize_error'] = failed
     _split_norm_act(model)
     try:
-        folded = fuse(model)
+        folded = fuse(_unshared(fx.symbolic_trace(model)), no_trace=True)
     except Exception as e:  # noqa: BLE001 - traced again with timm's untraceable layers kept whole
         try:
             folded = _fuse_keeping_timm_layers(model)
@@ -89,9 +91,34 @@ def _reparameterized(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
     cannot be converted twice (timm's FastViT RepMixer), which then folds as it is."""
     from timm.models import reparameterize_model
     try:
-        return reparameterize_model(model).eval(), None  # a fused module may come back in training mode
+        converted = reparameterize_model(model).eval()  # a fused module may come back in training mode
     except Exception as e:  # noqa: BLE001 - reported by fold_for_deployment; the model folds unconverted
         return model, f'{type(e).__name__}: {e}'[:200]
+    # timm's fuse() builds its layers with torch's default dtype and device: back to the model's where it had one
+    placed = {(t.dtype, t.device) for t in model.state_dict().values() if t.is_floating_point()}
+    if len(placed) == 1:
+        (dtype, device), = placed
+        converted.to(device=device, dtype=dtype)
+    return converted, None
+
+
+def _unshared(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """``graph_module`` with a copy of a conv module for each of its calls after the first: torch's fusion folds a norm
+    into the conv module that feeds it, which would change every other call of a shared conv."""
+    seen = set()
+    for node in graph_module.graph.nodes:
+        if node.op != 'call_module' \
+                or not isinstance(graph_module.get_submodule(node.target), nn.modules.conv._ConvNd):
+            continue
+        if node.target in seen:
+            base, k = node.target.replace('.', '_') + '_call', 1
+            while hasattr(graph_module, f'{base}{k}'):
+                k += 1
+            graph_module.add_submodule(f'{base}{k}', copy.deepcopy(graph_module.get_submodule(node.target)))
+            node.target = f'{base}{k}'
+        seen.add(node.target)
+    graph_module.recompile()
+    return graph_module
 
 
 def _fuse_keeping_timm_layers(model: nn.Module) -> fx.GraphModule:
@@ -101,7 +128,7 @@ def _fuse_keeping_timm_layers(model: nn.Module) -> fx.GraphModule:
     from timm.layers import Conv2dSame
 
     from .memory import _KeepTimmLayers
-    graph_module = fx.GraphModule(model, _KeepTimmLayers().trace(model))
+    graph_module = _unshared(fx.GraphModule(model, _KeepTimmLayers().trace(model)))
     folded = fuse(graph_module, no_trace=True)
     modules = dict(folded.named_modules())
     for node in list(folded.graph.nodes):
