@@ -21,6 +21,7 @@ per-architecture recipes are named for what they change from the default (``join
 import ast
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Tuple
@@ -165,6 +166,8 @@ class Recipe:
     # -- what the recipe produces ---------------------------------------------------------------------------------
     def conversion_lr(self, lr: float) -> float:
         """The twin's peak learning rate on a schedule whose peak is ``lr``: ``lr * lr_scale``."""
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float('inf'):
+            raise ValueError(f'conversion_lr: the schedule\'s peak learning rate must be a positive number, got {lr!r}.')
         return round(lr * self.lr_scale, 12)  # 0.1 * 0.2 is 0.02 in a config, not 0.020000000000000004
 
     def twin_schedule(self, schedule: 'Schedule') -> 'Schedule':
@@ -423,8 +426,11 @@ def get_recipe(name: str) -> Recipe:
 
 def recipe_for(arch: str) -> Recipe:
     """The recommended recipe for the teacher architecture ``arch`` (the default unless one was measured better);
-    a pretrained tag (``resnet56_cifar.tag``) and a twin's name (``plain_resnet56_cifar``) name their architecture."""
+    a pretrained tag (``resnet56_cifar.tag``), a Hub id (``timm/resnet56_cifar.tag``) and a twin's name
+    (``plain_resnet56_cifar``) name their architecture."""
     from .models.plain_twins import PREFIX
-    arch = arch.split('.', 1)[0]
+    if not isinstance(arch, str):
+        raise TypeError(f'recipe_for takes an architecture name (e.g. "resnet56_cifar"), got {type(arch).__name__}.')
+    arch = arch.strip().lower().rsplit('/', 1)[-1].split('.', 1)[0]  # timm's names: lower case; 'timm/<arch>.<tag>'
     arch = arch[len(PREFIX):] if arch.startswith(PREFIX) else arch
     return RECIPES[ARCH_RECIPES.get(arch, DEFAULT_RECIPE.name)]

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import JointRDError
 from ..io import atomic_write, file_in_the_way, input_channels
+from ..twins.fade import is_fading, shortcut_scale
 from .fold import fold_for_deployment
 from ..extras import require
 
@@ -86,6 +87,15 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     if blocker is not None:
         raise ExportError(f'Output folder {out_dir} cannot be created: {blocker} is a file, not a folder; choose '
                           'another --output-dir.')
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    unknown = sorted(set(formats) - {'onnx', 'torchscript'})
+    if unknown or not formats:
+        raise ExportError(f'Export formats {unknown or list(formats)}: export writes "onnx" and "torchscript"; give '
+                          'one or both.')
+    if is_fading(model):
+        raise ExportError(f'{type(model).__name__} is a fading twin (shortcut scale s = {shortcut_scale(model):g}): '
+                          'what deploys is jointrd_timm.deployable(model), its fade finished once s = 0 (a model '
+                          'trained to the end of its fade); export that.')
     model = model.eval()
     x = _input(model, 2, input_size)
     with torch.no_grad():

@@ -82,9 +82,17 @@ def check_teacher_student(teacher: nn.Module, student: nn.Module, where: str) ->
     Raises:
         ValueError: naming both models, what differs and how to make them agree.
     """
+    if teacher is student:
+        raise ValueError(f'{where}: the teacher and the student are the same model object. Give the trained residual '
+                         "model as the teacher and its twin as the student (timm.create_model('plain_<arch>', ...), "
+                         'or make_plain(copy.deepcopy(teacher))).')
     (t_classes, t_chans), (s_classes, s_chans) = _classes_and_channels(teacher), _classes_and_channels(student)
     t_name = getattr(teacher, 'default_cfg', {}).get('architecture', type(teacher).__name__)
     s_name = getattr(student, 'default_cfg', {}).get('architecture', type(student).__name__)
+    for role, name, classes in (('teacher', t_name, t_classes), ('student', s_name, s_classes)):
+        if classes == 0:
+            raise ValueError(f'{where}: the {role} {name} has no classifier (num_classes=0); the methods train on '
+                             'class logits. Create both models with the num_classes of the data.')
     if t_classes is not None and s_classes is not None and t_classes != s_classes:
         raise ValueError(
             f'{where}: the teacher {t_name} predicts {t_classes} classes but the student {s_name} predicts '
@@ -120,15 +128,24 @@ class TrainingMethod(nn.Module):
     # -- progress ---------------------------------------------------------------------------------------------------
     def set_run_length(self, num_epochs: int, steps_per_epoch: int) -> None:
         """The run's length: ``num_epochs`` epochs of ``steps_per_epoch`` training steps (forwards in train mode)."""
-        for name, value in (('num_epochs', num_epochs), ('steps_per_epoch', steps_per_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'{type(self).__name__}: {name} must be a positive integer, got {value!r}.')
+        num_epochs = self._count('num_epochs', num_epochs, 1)
+        steps_per_epoch = self._count('steps_per_epoch', steps_per_epoch, 1)
         self.num_epochs.fill_(num_epochs)
         self.steps_per_epoch.fill_(steps_per_epoch)
         self.apply_progress()
 
+    def _count(self, name: str, value, least: int) -> int:
+        """``value`` as an int (a numpy integer too), refused unless an integer >= ``least``."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            kind = 'a positive integer' if least == 1 else 'an integer >= 0'
+            raise ValueError(f'{type(self).__name__}: {name} must be {kind}, got {value!r}.')
+        return int(value)
+
     def set_epoch(self, epoch: int, steps_per_epoch: int = 0, num_epochs: int = 0) -> None:
         """Start of epoch ``epoch`` (0-based); the runner also passes the run length (0: keep the one given)."""
+        epoch = self._count('epoch', epoch, 0)
+        steps_per_epoch = self._count('steps_per_epoch', steps_per_epoch, 0)
+        num_epochs = self._count('num_epochs', num_epochs, 0)
         self.epoch.fill_(epoch)
         self.step_in_epoch.zero_()
         if steps_per_epoch:

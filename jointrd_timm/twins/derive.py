@@ -136,6 +136,9 @@ def make_plain(model: nn.Module, *, keep_projection_shortcuts: bool = False, str
     Returns:
         The same object, now plain, with ``model.plain_report`` (:class:`PlainReport`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'make_plain takes a model instance, got {type(model).__name__}; for an architecture name use '
+                        "timm.create_model('plain_<arch>').")
     model_name = type(model).__name__
     if isinstance(getattr(model, 'plain_report', None), PlainReport):  # a family whose blocks keep their class
         raise ValueError(f'{model_name} is already plain (it has a plain_report: a twin, or a model make_plain or '

@@ -239,6 +239,9 @@ def make_fading(model: nn.Module, *, keep_projection_shortcuts: bool = False) ->
         UnsupportedBlockError: a block adds a shortcut no rule knows, a token-mixer block, or an untraceable one.
         NotResidualError: no block adds a shortcut (nothing to fade).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'make_fading takes a model instance, got {type(model).__name__}; for an architecture name '
+                        "use timm.create_model('plain_<arch>', shortcut_fade=True).")
     report = PlainReport(keep_projection_shortcuts=keep_projection_shortcuts)
     # blocks whose parent hands them a kept projection as their shortcut argument -> that parent
     handed = handed_projections(model) if keep_projection_shortcuts else {}
@@ -308,6 +311,9 @@ def set_shortcut_scale(model: nn.Module, value: Union[float, Sequence[float]]) -
     """Set ``s`` in the fading blocks of ``model``: one ``value`` for every block, or one per block in forward
     order (a staggered fade, ``methods.schedules.block_scales``)."""
     blocks = _fading_blocks(model)
+    if not blocks:
+        raise ValueError(f'{type(model).__name__} has no fading shortcuts to scale: build it with '
+                         "timm.create_model('plain_<arch>', shortcut_fade=True) or jointrd_timm.make_fading(model).")
     one = isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0)
     values = [float(value)] * len(blocks) if one else [float(v) for v in value]
     if len(values) != len(blocks):

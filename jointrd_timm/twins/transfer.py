@@ -85,6 +85,10 @@ def load_teacher_weights(twin: nn.Module, teacher_state_dict: Union[Mapping[str,
     """
     if isinstance(teacher_state_dict, nn.Module):
         teacher_state_dict = teacher_state_dict.state_dict()
+    if not isinstance(twin, nn.Module) or not isinstance(teacher_state_dict, Mapping):
+        raise TypeError(f'load_teacher_weights(twin, teacher): the twin must be a model and the teacher a model or its '
+                        f'state dict, got {type(twin).__name__} and {type(teacher_state_dict).__name__}. For a timm '
+                        "name, create it first: timm.create_model('<arch>.<tag>', pretrained=True).")
     new_state, leftover = teacher_state_for_twin(twin, teacher_state_dict)
     twin.load_state_dict(new_state, strict=False)
     _log_dropped(leftover)

@@ -15,7 +15,9 @@ from ..feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_
 from ..schedules import eta_schedule
 from ..side_optimizer import SideOptimizer
 from ..stages import StageLayoutError, StageSplit, final_preactivation
+from ...twins.derive import PlainReport
 from ...twins.fade import is_fading
+from ...twins.verify import count_shortcut_additions
 from .config import LOSS_NORMALIZERS, JointRDConfig, TeacherOptimizerConfig
 from .lean import _LeanPaths, _PathGate, fp16_autocast, scale_grad
 from .blockwise import BlockTargets
@@ -23,6 +25,23 @@ from .loss import hybrid_term, jointrd_loss, stage_weights
 from .tails import _InputCapture, fold_frozen_stages
 
 __all__ = ['JointRD']
+
+
+def _check_roles(student: nn.Module, teacher: nn.Module, fading: bool) -> None:
+    """JointRD trains a twin (plain, or fading) under its residual teacher: a teacher that is itself a plain twin,
+    or a student that still adds shortcuts and never fades them, would train and deploy something else. Both are
+    what swapped arguments look like: ``JointRD(student, teacher, ...)``."""
+    swapped = 'Arguments in order: JointRD(student, teacher, ...): the twin first, its residual teacher second.'
+    if isinstance(getattr(teacher, 'plain_report', None), PlainReport) and not is_fading(teacher):
+        raise ValueError(f'JointRD: the teacher {type(teacher).__name__} is a shortcut-free twin; the teacher is the '
+                         f'trained residual model. {swapped}')
+    if not fading and not isinstance(getattr(student, 'plain_report', None), PlainReport):
+        additions = count_shortcut_additions(student)
+        if additions:
+            raise ValueError(
+                f'JointRD: the student {type(student).__name__} still adds {additions} shortcut(s) and does not fade '
+                "them, so it would deploy residual. Give its twin (timm.create_model('plain_<arch>', ...), "
+                f"shortcut_fade=True for the recipe's fade, or make_plain / make_fading). {swapped}")
 
 
 class JointRD(TrainingMethod):
@@ -56,6 +75,7 @@ class JointRD(TrainingMethod):
         self.teacher_stages = StageSplit(teacher, probe)
         self._check_layouts()
         fading = is_fading(student)
+        _check_roles(student, teacher, fading)
         if fading != (self.config.shortcut_fade is not None):
             raise ValueError(
                 'The student has fading shortcuts but JointRDConfig.shortcut_fade is not set (give the fraction of the '
