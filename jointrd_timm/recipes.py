@@ -132,6 +132,12 @@ class Recipe:
                 raise ValueError(f"Recipe {self.name!r}: {name} must be a finite positive number (the twin's "
                                  f"{meaning} as a multiple of the schedule's), got {value!r}.")
         check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
+        if self.shortcut_fade is None:  # fade_fields drops them: set, they would silently change nothing
+            changed = [k for k in _FADE_DEFAULTS if k != 'shortcut_fade' and getattr(self, k) != _FADE_DEFAULTS[k]]
+            if changed:
+                raise ValueError(f'Recipe {self.name!r}: {", ".join(changed)} shape the shortcut fade, but the recipe '
+                                 'has none (shortcut_fade=None); give shortcut_fade (the fraction of the run) or drop '
+                                 'them.')
         object.__setattr__(self, 'ema_decay', check_ema_decay(self.ema_decay, f'Recipe {self.name!r}: ema_decay'))
         # validates the JointRD fields now, not at training time (a 'teacher_first' teacher's own SGD comes with the
         # schedule: run_fields fills it when the recipe does not state it)

@@ -91,3 +91,9 @@ def test_api_entry_points_name_a_wrong_argument_type():
     with pytest.raises(TypeError, match='teacher a model or its state dict'):
         jointrd_timm.load_teacher_weights(timm.create_model('plain_resnet20_cifar'), 'resnet20_cifar')
 
+
+
+def test_a_recipe_without_a_fade_refuses_fade_settings_it_would_drop():
+    with pytest.raises(ValueError, match=r'shortcut_fade_leak shape the shortcut fade.*shortcut_fade=None'):
+        DEFAULT_RECIPE.replace(shortcut_fade=None, shortcut_fade_leak=0.3)
+    assert DEFAULT_RECIPE.replace(shortcut_fade=None).fade_fields() == {}
