@@ -97,3 +97,11 @@ def test_a_recipe_without_a_fade_refuses_fade_settings_it_would_drop():
     with pytest.raises(ValueError, match=r'shortcut_fade_leak shape the shortcut fade.*shortcut_fade=None'):
         DEFAULT_RECIPE.replace(shortcut_fade=None, shortcut_fade_leak=0.3)
     assert DEFAULT_RECIPE.replace(shortcut_fade=None).fade_fields() == {}
+
+
+def test_jointrd_names_a_feature_extractor_for_what_it_is():
+    from jointrd_timm.methods.stages import StageLayoutError
+    teacher = timm.create_model('resnet20_cifar', features_only=True)
+    twin = timm.create_model('plain_resnet20_cifar', features_only=True)
+    with pytest.raises(StageLayoutError, match=r'feature extractor \(features_only=True\).*without features_only'):
+        JointRD(twin, teacher, JointRDConfig(), num_epochs=1, steps_per_epoch=2)
