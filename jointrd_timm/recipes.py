@@ -21,12 +21,11 @@ per-architecture recipes are named for what they change from the default (``join
 import ast
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Tuple
 
-from .methods.base import check_flag
+from .methods.base import check_flag, check_number
 from .methods.fading import ShortcutFade
 from .methods.jointrd import JointRDConfig
 from .methods.lr_schedules import check_hold
@@ -133,7 +132,7 @@ class Recipe:
                                  f"{meaning} as a multiple of the schedule's), got {value!r}.")
         check_hold(self.lr_hold, f'Recipe {self.name!r}: lr_hold')  # 0: the schedule's own decay
         if self.shortcut_fade is None:  # fade_fields drops them: set, they would silently change nothing
-            changed = [k for k in _FADE_DEFAULTS if k != 'shortcut_fade' and getattr(self, k) != _FADE_DEFAULTS[k]]
+            changed = [k for k, default in _FADE_DEFAULTS.items() if getattr(self, k) != default]
             if changed:
                 raise ValueError(f'Recipe {self.name!r}: {", ".join(changed)} shape the shortcut fade, but the recipe '
                                  'has none (shortcut_fade=None); give shortcut_fade (the fraction of the run) or drop '
@@ -172,8 +171,7 @@ class Recipe:
     # -- what the recipe produces ---------------------------------------------------------------------------------
     def conversion_lr(self, lr: float) -> float:
         """The twin's peak learning rate on a schedule whose peak is ``lr``: ``lr * lr_scale``."""
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float('inf'):
-            raise ValueError(f'conversion_lr: the schedule\'s peak learning rate must be a positive number, got {lr!r}.')
+        check_number(lr, "conversion_lr: the schedule's peak learning rate", 0.0, above=True)
         return round(lr * self.lr_scale, 12)  # 0.1 * 0.2 is 0.02 in a config, not 0.020000000000000004
 
     def twin_schedule(self, schedule: 'Schedule') -> 'Schedule':

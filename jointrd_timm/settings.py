@@ -4,12 +4,11 @@ the benchmarks, the demo), and the method zoo's settings. Recipes (:mod:`jointrd
 trains; these say at what hyperparameters. Everything here is also importable from ``jointrd_timm.recipes``.
 """
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Sequence
 
+from .methods.base import check_number
 from .methods.lr_schedules import check_hold
 
 __all__ = ['Schedule', 'SCHEDULES', 'REFERENCE_JOINTRD', 'SGD_MOMENTUM', 'teacher_sgd', 'ZOO_SETTINGS',
@@ -71,16 +70,10 @@ class Schedule:
     jointrd: Mapping = field(default_factory=lambda: REFERENCE_JOINTRD)
 
     def __post_init__(self):
-        for name, least in (('epochs', 1), ('batch_size', 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-                raise ValueError(f'Schedule.{name} must be a positive integer, got {value!r}.')
-        for name, positive in (('lr', True), ('weight_decay', False)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                raise ValueError(f'Schedule.{name} must be a {"positive" if positive else "non-negative"} number, '
-                                 f'got {value!r}.')
+        for name in ('epochs', 'batch_size'):
+            check_number(getattr(self, name), f'Schedule.{name}', 1, integer=True)
+        check_number(self.lr, 'Schedule.lr', 0.0, above=True)
+        check_number(self.weight_decay, 'Schedule.weight_decay', 0.0)
         if self.decay not in DECAYS:
             raise ValueError(f"Schedule.decay must be one of {', '.join(map(repr, DECAYS))}, got {self.decay!r}.")
         check_hold(self.hold, 'Schedule.hold')

@@ -71,7 +71,7 @@ def test_recipe_for_reads_names_as_timm_writes_them():
         assert recipe_for(name) is measured
     with pytest.raises(TypeError, match='architecture name'):
         recipe_for(None)
-    with pytest.raises(ValueError, match='positive number'):
+    with pytest.raises(ValueError, match='peak learning rate must be a finite number > 0, got -0.1'):
         DEFAULT_RECIPE.conversion_lr(-0.1)
 
 

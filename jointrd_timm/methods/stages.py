@@ -66,7 +66,6 @@ class StageSplit(nn.Module):
     def __init__(self, model: nn.Module, probe: Optional[torch.Tensor] = None):
         super().__init__()
         self.model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-        lacks = [name for name in _INTERFACE if not hasattr(model, name)]
         from timm.models import (EfficientNetFeatures, FeatureDictNet, FeatureGraphNet, FeatureHookNet,
                                  MobileNetV3Features)  # timm's public feature extractors (FeatureListNet: a Dict one)
         if isinstance(model, (FeatureDictNet, FeatureGraphNet, FeatureHookNet, EfficientNetFeatures,
@@ -75,6 +74,7 @@ class StageSplit(nn.Module):
                 f'{self.model_name} is a timm feature extractor (features_only=True): it has no classifier, and '
                 'JointRD trains on class logits through the teacher\'s later stages and head. Create teacher and twin '
                 'without features_only (timm.create_model(name, num_classes=...)).')
+        lacks = [name for name in _INTERFACE if not hasattr(model, name)]
         if lacks:
             raise StageLayoutError(
                 f'{self.model_name} lacks {", ".join(lacks)}: JointRD cuts teacher and twin into stages with timm\'s '
