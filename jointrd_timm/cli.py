@@ -161,6 +161,12 @@ def _memory(args) -> int:
 
 def _bench(args) -> int:
     from .deploy.bench import markdown, run_bench
+    from .io import atomic_write, file_in_the_way
+    if args.output:  # before the benchmark, not after its minutes
+        blocker = file_in_the_way(Path(args.output).parent)
+        if blocker is not None:
+            raise InputError(f'--output {args.output}: {blocker} is a file, not a folder, so {args.output}.json and '
+                             '.md cannot be written there; choose another --output.')
     with _runs_at(', '.join(args.models) or 'the benchmark set', args.input_size):
         report = run_bench([_architecture(m) for m in args.models] or None, tuple(args.batches), args.repeats,
                            args.threads, onnx=not args.no_onnx, measure_memory=not args.no_measure,
@@ -170,8 +176,8 @@ def _bench(args) -> int:
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix('.json').write_text(json.dumps(report, indent=1))
-        out.with_suffix('.md').write_text(text + '\n')
+        atomic_write(out.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+        atomic_write(out.with_suffix('.md'), lambda tmp: Path(tmp).write_text(text + '\n'))
     return 0
 
 

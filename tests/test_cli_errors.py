@@ -246,3 +246,14 @@ def test_per_group_scheduler_rates_may_be_lists():
     config['train']['scheduler']['kwargs']['total_steps'] = [10]  # one number only
     with pytest.raises(ConfigError, match=r'total_steps must be a number \(got \[10\]\)'):
         validate(config)
+
+
+def test_bench_output_under_a_file_is_refused_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    """Before: the whole benchmark ran, then pathlib's FileExistsError came out as a traceback."""
+    from jointrd_timm.deploy import bench
+    ran = []
+    monkeypatch.setattr(bench, 'run_bench', lambda *a, **k: ran.append(1) or {})
+    (tmp_path / 'a-file').write_text('kept')
+    err = _error(capsys, ['bench', 'resnet20_cifar', '--output', str(tmp_path / 'a-file' / 'x')])
+    assert f'--output {tmp_path}/a-file/x: {tmp_path}/a-file is a file, not a folder' in err
+    assert not ran and (tmp_path / 'a-file').read_text() == 'kept'

@@ -90,10 +90,17 @@ def test_export_deviation_beyond_float32_rounding_is_refused(tmp_path, monkeypat
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten()).eval()
     _onnx_returns(monkeypatch, lambda x: model(torch.from_numpy(x)).detach().numpy() + 0.01)
-    with pytest.raises(ExportError, match=r"more than 0.001, and from its float64 result.*'onnx'"):
+    (tmp_path / 'model.onnx').write_bytes(b'an earlier export')
+    with pytest.raises(ExportError, match=r"more than 0.001, and from its float64 result.*'onnx'.*No file was") as e:
         export_model(model, tmp_path, formats=('onnx',), input_size=8, atol=1e-3)
-    recorded = json.loads((tmp_path / 'model.export.json').read_text())
+    recorded = e.value.report
     assert recorded['files']['onnx']['float64_error'] > 0.009 and recorded['eager_float64_error'] < 1e-5
+    # the failed export left nothing behind, and the earlier file of that name is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']
+    assert (tmp_path / 'model.onnx').read_bytes() == b'an earlier export'
+    with pytest.raises(ExportError):
+        export_model(model, tmp_path / 'new', formats=('onnx',), input_size=8, atol=1e-3)
+    assert not (tmp_path / 'new').exists()
 
 
 class SpaceToDepthNet(nn.Module):
@@ -504,3 +511,25 @@ def test_fold_of_a_model_already_reparameterized_by_timm():
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_an_operator_onnx_cannot_translate_and_an_input_too_large_are_refused_leaving_nothing(tmp_path, monkeypatch):
+    """Before: a TypeError from torch.onnx (a ViT's attention: 'is_causal must be bool, not Tensor') came out as a
+    traceback and left the empty output folder; --input-size 100000 was the allocator's RuntimeError."""
+    from jointrd_timm.deploy.export import UnsupportedExportError
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten()).eval()
+
+    def untranslatable(*args, **kwargs):
+        raise TypeError("scaled_dot_product_attention(): argument 'is_causal' must be bool, not Tensor")
+    monkeypatch.setattr(torch.onnx, 'export', untranslatable)
+    with pytest.raises(UnsupportedExportError, match=r"torch.onnx cannot export Sequential: scaled_dot_product_att.*"
+                                                     r"TorchScript only"):
+        export_model(model, tmp_path / 'out', formats=('onnx', 'torchscript'), input_size=4)
+    assert not (tmp_path / 'out').exists()
+    report = export_model(model, tmp_path / 'out', formats=('torchscript',), input_size=4)
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['model.export.json', 'model.torchscript.pt']
+    assert report['files']['torchscript']['path'] == str(tmp_path / 'out' / 'model.torchscript.pt')
+    with pytest.raises(ExportError, match=r'An example input of 2x3x1000000x1000000 does not fit in memory.*'
+                                          r'--input-size'):
+        export_model(model, tmp_path / 'huge', input_size=10 ** 6)
+    assert not (tmp_path / 'huge').exists()

@@ -2,6 +2,7 @@
 (exponent notation, YAML's `no`), optimizer numbers, dataset overrides, pretrained tags, a missing split, distill's
 numbers, export's --atol, eval's --transform on digits; and the distill command a run records plans it again."""
 import shlex
+import shutil
 
 import pytest
 import timm
@@ -342,3 +343,51 @@ def test_a_distill_folder_killed_before_its_first_saved_epoch_is_named_as_such(t
     (out / 'teacher' / 'last.safetensors').write_bytes(b'')  # an epoch saved: that run continues with --resume
     with pytest.raises(DistillError, match=r'holds another run .*--resume to continue it'):
         check_output(out, resume=False, overwrite=False)
+
+
+def _class_folders(root, images_per_class):
+    from PIL import Image
+    for name, count in images_per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new('RGB', (8, 8), (i * 40, 20, 30)).save(root / name / f'{i}.png')
+
+
+def test_data_sources_datasets_would_misread_are_refused_naming_the_problem(tmp_path, monkeypatch):
+    """Before: '' read the current folder as the data; a class folder without images was dropped (one class fewer,
+    later indices moved); one class folder lost its label column ('no column "label"'); a file was 'a folder that
+    does not exist'; sklearn:<other> was looked up as a relative folder."""
+    from jointrd_timm.training.data import load_image_dataset
+    monkeypatch.chdir(tmp_path)
+    _class_folders(tmp_path / 'here', dict(a=2, b=2))
+    for blank in ('', '  '):
+        with pytest.raises(InputError, match=r"The dataset source .* is empty: give a folder, a Hub dataset id"):
+            load_image_dataset(blank)
+    _class_folders(tmp_path / 'gap', dict(a=2, b=0, c=2))
+    (tmp_path / 'gap' / 'b' / 'notes.txt').write_text('not an image')
+    with pytest.raises(InputError, match=r"class folder\(s\) \['b'\] hold no image"):
+        load_image_dataset(str(tmp_path / 'gap'))
+    _class_folders(tmp_path / 'split', {'train/a': 2, 'train/b': 2, 'test/a': 1, 'test/b': 1, 'train/c': 0})
+    with pytest.raises(InputError, match=r"class folder\(s\) \['c'\] hold no image"):
+        load_image_dataset(str(tmp_path / 'split'), 'test')
+    _class_folders(tmp_path / 'one', dict(a=3))
+    with pytest.raises(InputError, match=r"holds one class folder \('a'\): a classifier needs two classes"):
+        load_image_dataset(str(tmp_path / 'one'))
+    (tmp_path / 'file.txt').write_text('x')
+    with pytest.raises(InputError, match=r'file\.txt is a file, not a folder'):
+        load_image_dataset(str(tmp_path / 'file.txt'))
+    with pytest.raises(InputError, match=r'sklearn:iris: the one scikit-learn dataset read here is sklearn:digits'):
+        load_image_dataset('sklearn:iris')
+    # what reads as before: class folders, and a train/ test/ layout whose every class folder has images
+    assert load_image_dataset(str(tmp_path / 'here')).num_classes == 2
+    shutil.rmtree(tmp_path / 'split' / 'train' / 'c')
+    assert len(load_image_dataset(str(tmp_path / 'split'), 'test')) == 2
+
+
+@pytest.mark.parametrize('override', ['train.train_data_loader.kwargs=5', 'train.optimizer.kwargs=[1]',
+                                      'test.test_data_loader=abc', 'train.scheduler.kwargs=0.1'])
+def test_a_section_that_is_not_a_mapping_is_refused_naming_its_key(tmp_path, override):
+    """Before: `'batch_size' in 5` was a TypeError traceback from the validation itself."""
+    key = override.split('=')[0]
+    with pytest.raises(ConfigError, match=rf'{key} must be a mapping \(indented key: value lines\), got '):
+        load_config(tiny_yaml(tmp_path), [override])

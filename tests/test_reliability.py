@@ -185,6 +185,12 @@ def test_rerun_into_a_finished_folder_is_refused_then_overwrite_replaces_it(tmp_
     final = train(load_config(path), resume=True, device='cpu')
     assert final == json.loads((out / 'final.json').read_text())
     assert 'holds a finished run of 1 epoch(s); nothing to resume' in capsys.readouterr().out
+    # a --resume that cannot continue the finished run (another model) is refused before its result is retired
+    finished = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file() and p.name != LOCK_NAME}
+    with pytest.raises(CheckpointError, match='mis-shaped|missing|unexpected'):
+        train(load_config(path, ['train.num_epochs=2', 'models.model.kwargs.model_name=plain_resnet32_cifar']),
+              resume=True, device='cpu')
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()} == finished
     # --resume with more epochs than the finished run had: extended, its final.json replaced by the longer run's
     longer = train(load_config(path, ['train.num_epochs=2']), resume=True, device='cpu')
     assert f'Extending the finished run in {out} from 1 to 2 epochs' in capsys.readouterr().out

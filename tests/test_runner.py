@@ -536,3 +536,33 @@ def test_a_last_batch_of_one_image_is_dropped_or_refused_with_the_setting_that_d
     even = make_config(load_image_dataset(split='train', limit=34, **data), load_image_dataset(split='test', limit=16,
                        **data), model, 'ce', epochs=1, batch_size=16, lr=0.05)
     assert even['train']['train_data_loader']['kwargs']['drop_last'] is False  # 2 images left: every image trains
+
+
+@pytest.mark.parametrize('method, overrides, expected', [
+    ('ce', ['models.model.kwargs.num_classes=6'],
+     r"models\.model predicts 6 classes, but the labels of dataset 'digits/train' index 10: set "
+     r"models\.model\.kwargs\.num_classes to 10"),
+    ('ce', ['models.model.kwargs.num_classes=0'],
+     r"models\.model has no classifier \(num_classes 0\), and the labels of dataset 'digits/train' index 10"),
+    ('jointrd', ['models.model.kwargs.teacher.num_classes=6', 'models.model.kwargs.student.num_classes=6'],
+     r"models\.model's student predicts 6 classes, but the labels of dataset 'digits/train' index 10"),
+])
+def test_a_model_with_fewer_classes_than_the_labels_is_refused_before_training(tmp_path, method, overrides, expected):
+    """Before: label 6 reached the loss mid-epoch (IndexError: Target 6 is out of bounds), and a headless model
+    (num_classes 0) trained and reported 100 % accuracy."""
+    config = load_config(tiny_yaml(tmp_path, method=method, epochs=1, limit=16), overrides)
+    with pytest.raises(ConfigError, match=expected):
+        train(config, output_dir=str(tmp_path / 'out'), device='cpu')
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
+def test_a_model_that_does_not_take_the_datas_images_is_an_error_of_the_input(tmp_path):
+    """Before: timm's ViT assertion ('Input height (8) doesn't match model (16)') came out as a traceback from the
+    middle of the first epoch."""
+    overrides = ['models.model.kwargs.model_name=vit_tiny_patch16_224', 'models.model.kwargs.img_size=16',
+                 'models.model.kwargs.patch_size=8']
+    config = load_config(tiny_yaml(tmp_path, method='ce', epochs=1, limit=16), overrides)
+    config['models']['model']['kwargs'].pop('norm_layer')  # the tiny YAML's CNN norm: no ViT kwarg
+    with pytest.raises(ConfigError, match=r"The model does not run on the first training batch, of shape "
+                                          r"\(16, 1, 8, 8\) \(AssertionError: Input height \(8\) doesn't match model"):
+        train(config, output_dir=str(tmp_path / 'out'), device='cpu')

@@ -10,6 +10,9 @@ records both distances (``float64_error`` per file, ``eager_float64_error``).
 """
 import copy
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -27,7 +30,9 @@ __all__ = ['export_model', 'ExportError', 'UnsupportedExportError']
 
 
 class ExportError(JointRDError, RuntimeError):
-    """An exported file does not reproduce the eager model within tolerance."""
+    """An exported file does not reproduce the eager model within tolerance (its ``report`` attribute then holds the
+    measured errors), or export was asked for what it cannot do."""
+    report: Optional[Dict] = None
 
 
 class UnsupportedExportError(JointRDError, RuntimeError):
@@ -48,7 +53,12 @@ def _input(model: nn.Module, batch: int, input_size) -> torch.Tensor:
     first_conv = input_channels(model) or 3
     candidates = dict.fromkeys([first_conv, cfg.get('input_size', (3,))[0]])
     for chans in candidates:
-        x = torch.randn(batch, chans, height, width)
+        try:
+            x = torch.randn(batch, chans, height, width)
+        except RuntimeError as e:  # the allocator's refusal, e.g. --input-size 100000
+            raise ExportError(f'An example input of {batch}x{chans}x{height}x{width} does not fit in memory '
+                              f'({str(e).splitlines()[0][:120]}): give the input size the model takes (--input-size, '
+                              'input_size=).') from e
         try:
             with torch.no_grad():
                 model(x[:1])
@@ -108,11 +118,34 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
             raise ExportError(f'{type(model).__name__} does not run on an example input of shape {tuple(x.shape)}: '
                               f'{type(e).__name__}: {str(e)[:200]} If it takes another input size, give that '
                               '(--input-size, input_size=).') from e
-        out_dir.mkdir(parents=True, exist_ok=True)  # only once the model runs: a refusal leaves nothing behind
         folded, fold_report = fold_for_deployment(model)
         reference = _tensors(reference, type(model).__name__)
         folded_out = _tensors(folded(x))
         fold_error = _max_error(folded_out, reference)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the model runs: a refusal leaves nothing behind
+    # every file is written and checked in a hidden staging folder, and moved into out_dir only once all passed: a
+    # failed export leaves no file that looks like one (and keeps an earlier export of the same name)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{name}.export-', dir=out_dir))
+    try:
+        report = _export_checked(model, folded, x, reference, folded_out, fold_report, fold_error, single, formats,
+                                 staging, name, atol, opset)
+        for entry in report['files'].values():
+            final = out_dir / Path(entry['path']).name
+            os.replace(entry['path'], final)
+            entry['path'] = str(final)
+        atomic_write(out_dir / f'{name}.export.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+    return report
+
+
+def _export_checked(model, folded, x, reference, folded_out, fold_report, fold_error, single, formats, out_dir, name,
+                    atol, opset) -> Dict:
+    """The exports of :func:`export_model` written into ``out_dir`` (its staging folder) and checked; the report, or
+    an ExportError when one deviates."""
     outputs = {}
     report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={}, input_shape=list(x.shape[1:]))
     if 'onnx' in formats:
@@ -129,7 +162,9 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
                 torch.onnx.export(folded, (x,), str(tmp), input_names=['input'], output_names=names,
                                   dynamic_axes={n: {0: 'batch'} for n in ['input', *names]}, opset_version=opset,
                                   dynamo=False)
-            except torch.onnx.errors.OnnxExporterError as e:
+            except (torch.onnx.errors.OnnxExporterError, TypeError, RuntimeError) as e:  # no translation (a TypeError
+                if 'out of memory' in str(e):  # for a ViT's attention: 'is_causal must be bool, not Tensor')
+                    raise
                 raise UnsupportedExportError(
                     f'torch.onnx cannot export {type(model).__name__}: {str(e).splitlines()[0][:200]} Export it as '
                     "TorchScript only (formats=('torchscript',)).") from e
@@ -160,9 +195,10 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         for k in bad:
             entries[k]['float64_error'] = _max_error(outputs[k], exact)
         bad = {k: v for k, v in bad.items() if entries[k]['float64_error'] > 2 * eager}
-    atomic_write(out_dir / f'{name}.export.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     if bad:
-        raise ExportError(f'Exports deviate from the eager model by more than {atol}, and from its float64 result '
-                          f'by more than twice the eager float32 model does ({report["eager_float64_error"]:.3g}): '
-                          f'{bad}.')
+        error = ExportError(f'Exports deviate from the eager model by more than {atol}, and from its float64 result '
+                            f'by more than twice the eager float32 model does ({report["eager_float64_error"]:.3g}): '
+                            f'{bad}. No file was written.')
+        error.report = report  # what export.json would have held, its files' paths in the removed staging folder
+        raise error
     return report

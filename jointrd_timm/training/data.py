@@ -160,6 +160,18 @@ def dataset_data_cfg(dataset, channels: int = 3) -> Optional[Dict]:
     return None
 
 
+def dataset_classes(dataset) -> Optional[int]:
+    """The classes the labels of ``dataset`` index (:attr:`HFImageDataset.num_classes`, found on it or on the datasets
+    it wraps, as :func:`dataset_data_cfg` finds a transform); None where no dataset says."""
+    for _ in range(8):
+        if isinstance(dataset, HFImageDataset):
+            return dataset.num_classes
+        dataset = getattr(dataset, 'dataset', None)
+        if dataset is None:
+            break
+    return None
+
+
 def to_mode(image, mode: str):
     """``image`` (PIL) as ``mode`` ('RGB' or 'L'). PIL's ``convert`` clips wide grey images to 8 bits (a 16-bit PNG
     turns almost white), so those are scaled first, by their mode alone (every image of a dataset alike): 16-bit and
@@ -328,13 +340,43 @@ def labelled_as_datasets_labels_it(hf_dataset) -> bool:
     return getattr(getattr(hf_dataset, 'info', None), 'description', None) != NESTED_FOLDER
 
 
+def _check_class_folders(root: Path, data) -> None:
+    """After datasets' imagefolder read ``root``: refuse what it does silently, a class folder without an image (it
+    drops the class, so a model trained there has one class fewer and every later index moves) and a single class
+    folder (it drops the label column). Folders with a metadata file are datasets' own layout and not checked."""
+    import datasets
+    if any(root.glob('metadata.*')) or any(root.glob('*/metadata.*')):
+        return
+    children = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    class_roots = children if children and all(_split_of(d.name) for d in children) else [root]
+    folders = sorted({d.name for r in class_roots for d in r.iterdir() if d.is_dir() and not d.name.startswith('.')})
+    label = data.features.get('label')
+    if isinstance(label, datasets.ClassLabel):
+        empty = [name for name in folders if name not in label.names]
+        if empty:
+            raise InputError(f'{root}: class folder(s) {empty[:8]} hold no image (files with an image suffix such as '
+                             '.png or .jpg), so they would silently be no class at all: add their images or remove '
+                             'the folders.')
+    elif len(folders) == 1:
+        raise InputError(f'{root} holds one class folder ({folders[0]!r}): a classifier needs two classes or more, '
+                         'one folder of images per class.')
+
+
 def _load(source: str, split: str, config_name: Optional[str]):
     import datasets
+    if not isinstance(source, str) or not source.strip():
+        raise InputError(f'The dataset source {source!r} is empty: give a folder, a Hub dataset id or sklearn:digits '
+                         '(an empty path would read the current folder).')
     if source == 'sklearn:digits':
         if split not in ('train', 'test'):
             raise InputError(f'sklearn:digits has splits train and test, not {split!r}.')
         return _digits(split)
+    if source.startswith('sklearn:'):
+        raise InputError(f'{source}: the one scikit-learn dataset read here is sklearn:digits.')
     path = Path(source).expanduser()
+    if path.is_file():
+        raise InputError(f'The dataset source {source} is a file, not a folder: give the folder that holds the data '
+                         '(class folders of images, a Hub-layout folder or a save_to_disk folder) or a Hub id.')
     if (path / 'state.json').is_file() or (path / 'dataset_dict.json').is_file():
         return _saved_to_disk(path, source, split)
     if path.is_dir():
@@ -350,7 +392,7 @@ def _load(source: str, split: str, config_name: Optional[str]):
     else:
         args, kwargs = (source, config_name), {}  # a Hub id
     try:
-        return datasets.load_dataset(*args, split=split, **kwargs)
+        data = datasets.load_dataset(*args, split=split, **kwargs)
     except FileNotFoundError:
         raise  # datasets names the folder or Hub id it did not find
     except (OSError, ValueError) as e:  # offline without a cache, a mistyped folder read as a Hub id, bad files
@@ -367,6 +409,9 @@ def _load(source: str, split: str, config_name: Optional[str]):
             if 'data_dir' in kwargs and "['train']" in str(e) else ''
         raise InputError(f'{source} has no split {split!r} ({e}); name one of its splits (jointrd eval --split; '
                          f"jointrd distill --train-split / --test-split; a YAML's split).{folder}") from e
+    if 'data_dir' in kwargs:
+        _check_class_folders(path, data)
+    return data
 
 
 def _saved_to_disk(path: Path, source: str, split: str):

@@ -255,16 +255,17 @@ def validate(config: Dict, where: str = 'config') -> Dict:
         if name == 'train':
             loaders.append(('test.test_data_loader', (config.get('test') or {}).get('test_data_loader')))
         for key, loader in loaders:
-            kwargs = (loader or {}).get('kwargs') or {} if isinstance(loader, dict) else {}
+            kwargs = _mapping(_mapping(loader, key, where).get('kwargs'), f'{key}.kwargs', where)
             if 'batch_size' in kwargs:
                 _require(_is_int(kwargs['batch_size']) and kwargs['batch_size'] >= 1, f'{key}.kwargs.batch_size',
                          'a whole number >= 1', kwargs['batch_size'], where)
             if 'num_workers' in kwargs:
                 _require(_is_int(kwargs['num_workers']) and kwargs['num_workers'] >= 0, f'{key}.kwargs.num_workers',
                          'a whole number >= 0', kwargs['num_workers'], where)
-        optimizer = section.get('optimizer') or {}
+        optimizer = _mapping(section.get('optimizer'), f'{name}.optimizer', where)
+        optimizer_kwargs = _mapping(optimizer.get('kwargs'), f'{name}.optimizer.kwargs', where)
         for option in ('lr', 'weight_decay', 'momentum'):
-            value = (optimizer.get('kwargs') or {}).get(option)
+            value = optimizer_kwargs.get(option)
             if value is not None:
                 _require(_is_number(value) and value >= 0, f'{name}.optimizer.kwargs.{option}', 'a number >= 0',
                          value, where)
@@ -274,8 +275,8 @@ def validate(config: Dict, where: str = 'config') -> Dict:
         if optimizer.get('max_grad_norm') is not None:
             _require(_is_number(optimizer['max_grad_norm']) and optimizer['max_grad_norm'] > 0,
                      f'{name}.optimizer.max_grad_norm', 'a number > 0', optimizer['max_grad_norm'], where)
-        scheduler = section.get('scheduler') or {}
-        for option, value in ((scheduler.get('kwargs') or {}) if isinstance(scheduler, dict) else {}).items():
+        scheduler = _mapping(section.get('scheduler'), f'{name}.scheduler', where)
+        for option, value in _mapping(scheduler.get('kwargs'), f'{name}.scheduler.kwargs', where).items():
             # torch's schedulers take numbers here and fail on text only at their first step, mid-run
             if option in _SCHEDULER_NUMBERS and value is not None:
                 per_group = option in _PER_GROUP and isinstance(value, (list, tuple)) and all(map(_is_number, value))

@@ -61,7 +61,7 @@ from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, module_state, save_checkpoint
-from .data import dataset_data_cfg
+from .data import dataset_classes, dataset_data_cfg
 from .ema import TwinEma
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
@@ -205,6 +205,7 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
         student = _build_model(models[name], name)
         if teacher is not None:
             check_pair(teacher, student, 'models.teacher_model / models.student_model')
+        _check_classes(config['datasets'], dict(teacher_model=teacher, **{name: student}))
         if runner['sync_batchnorm'] and accelerator.device.type != 'cuda':
             raise ConfigError('runner.sync_batchnorm needs CUDA devices (torch.nn.SyncBatchNorm does not run on CPU); '
                               'on CPU use a BatchNorm-free model (e.g. norm_layer: groupnorm1) or sync_batchnorm: false.')
@@ -252,6 +253,32 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
     return run
 
 
+def _check_classes(datasets: Dict, models: Dict[str, Optional[nn.Module]]) -> None:
+    """Refuse, before anything trains, a model whose classifier has fewer outputs than the classes the labels of a
+    dataset index (a label beyond them fails mid-epoch, deep in the loss), or none at all (num_classes 0: a
+    headless model whose 'accuracy' would mean nothing). Datasets and models that do not say are not checked."""
+    for name, model in models.items():
+        if model is None:
+            continue
+        deployed = method_api.deploy_module(model)  # a method's twin (and its teacher, which check_pair matched)
+        where = f'models.{name}' if deployed is model else f"models.{name}'s student"
+        field = f'models.{name}.kwargs.num_classes' if deployed is model else f'num_classes in models.{name}.kwargs'
+        outputs = getattr(deployed, 'num_classes', None)
+        if not isinstance(outputs, int) or isinstance(outputs, bool):
+            continue
+        for key, dataset in datasets.items():
+            classes = dataset_classes(dataset)
+            if classes is None:
+                continue
+            if outputs == 0:
+                raise ConfigError(f'{where} has no classifier (num_classes 0), and the labels of dataset {key!r} index '
+                                  f'{classes} classes: set {field} to {classes}.')
+            if classes > outputs:
+                raise ConfigError(f'{where} predicts {outputs} classes, but the labels of dataset {key!r} index '
+                                  f'{classes}: set {field} to {classes} (a model trained for other classes: fine-tune '
+                                  'its classifier first, jointrd distill --num-classes).')
+
+
 def _finished(run: _Run, config: Dict) -> bool:
     """--resume of a finished run returns its final.json (``run.done``); of a run given more epochs since, it
     continues (:func:`_resume` retires the shorter run's result first)."""
@@ -286,12 +313,9 @@ def _check_run_length(run: _Run) -> None:
 def _resume(run: _Run) -> None:
     """Restore the checkpoint; metrics.jsonl is rewritten from the history the checkpoint holds, so a kill between
     the checkpoint and its metrics line, or in the middle of a line, leaves neither a gap nor a duplicate. A
-    finished run given more epochs is extended: its result is retired first (``RunFolder.extend``)."""
+    finished run given more epochs is extended: its result is retired (``RunFolder.extend``) once the checkpoint has
+    loaded into this run, so a resume that cannot continue it (another model, another length) leaves it intact."""
     _check_run_length(run)
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        run.folder.extend(run.box.num_epochs)
-    run.accelerator.wait_for_everyone()
     _advance_stages(run, checkpoint_epochs(run.folder.checkpoint) or 0)
     state = load_checkpoint(run.folder.checkpoint, run.module, run.optimizers, run.schedulers)
     if run.ema is not None:
@@ -307,6 +331,9 @@ def _resume(run: _Run) -> None:
     if done > run.box.num_epochs:
         raise ConfigError(f'{run.folder.checkpoint} holds {done} epochs, more than train.num_epochs='
                           f'{run.box.num_epochs}; resume with train.num_epochs={done} or more.')
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        run.folder.extend(run.box.num_epochs)
     run.start_epoch = done
     history = state['extra'].get('history')
     # a checkpoint written before checkpoints carried the history: keep the file's records of the epochs it holds
@@ -350,8 +377,17 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
         images, targets, supp = batch if len(batch) == 3 else (*batch, {})
         try:
             loss = box.forward_process(images, targets, supp)
-        except ValueError as e:
-            if 'Expected more than 1 value per channel' not in str(e):
+        except (AssertionError, RuntimeError, ValueError) as e:
+            if index == 0 and epoch == run.start_epoch and not isinstance(e, (JointRDError, ValueError)) and \
+                    (isinstance(e, AssertionError) or re.search(r'shape|size|channels|mat1', str(e))) and \
+                    'out of memory' not in str(e):
+                # the run's first batch: the model does not take the data as configured (e.g. timm's ViT: 'Input
+                # height (32) doesn't match model (224)'); later, the same error is a bug and keeps its traceback
+                raise ConfigError(f'The model does not run on the first training batch, of shape '
+                                  f'{tuple(images.shape)} ({type(e).__name__}: {str(e)[:300]}): make the data and the '
+                                  "model agree (the dataset's input_size, or the model's img_size / in_chans / "
+                                  'num_classes kwargs).') from e
+            if not isinstance(e, ValueError) or 'Expected more than 1 value per channel' not in str(e):
                 raise
             raise ConfigError(f'A training batch of {len(targets)} image(s) reached a BatchNorm layer with one value '
                               f'per channel ({e}): the last batch of an epoch holds what is left of the training set. '
