@@ -524,8 +524,17 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (JointRDError, FileNotFoundError) as e:
-        print(f'jointrd {args.command}: error: {e}', file=sys.stderr)
+        print(f'jointrd {args.command}: error: {error_line(e)}', file=sys.stderr)
         return 1
+
+
+def error_line(error: BaseException) -> str:
+    """The message of ``error`` as one line: an error raised in a DataLoader worker comes back wrapped in the worker's
+    traceback ('Caught InputError in DataLoader worker process 0. Original Traceback ...'), whose last line holds it."""
+    text = str(error)
+    if text.startswith('Caught ') and 'Original Traceback' in text:
+        text = text.rstrip().splitlines()[-1].split(': ', 1)[-1]
+    return text
 
 
 if __name__ == '__main__':

@@ -391,3 +391,25 @@ def test_a_section_that_is_not_a_mapping_is_refused_naming_its_key(tmp_path, ove
     key = override.split('=')[0]
     with pytest.raises(ConfigError, match=rf'{key} must be a mapping \(indented key: value lines\), got '):
         load_config(tiny_yaml(tmp_path), [override])
+
+
+def test_an_unreadable_image_is_an_error_naming_its_file_also_from_a_loader_worker(tmp_path):
+    """Before: PIL.UnidentifiedImageError came out of the DataLoader worker as a traceback, naming no option."""
+    import datasets
+    from jointrd_timm.cli import error_line
+    from jointrd_timm.training.data import load_image_dataset
+    _class_folders(tmp_path / 'data', dict(a=2, b=2))
+    (tmp_path / 'data' / 'b' / 'broken.png').write_bytes(b'notapng')
+    data = load_image_dataset(str(tmp_path / 'data'), input_size=8)
+    paths = [row['path'] for row in data.data.cast_column('image', datasets.Image(decode=False))['image']]
+    broken = next(i for i, path in enumerate(paths) if path.endswith('broken.png'))
+    assert all(data[i][0].shape == (3, 8, 8) for i in range(len(data)) if i != broken)  # the others still read
+    message = rf"Image {tmp_path}/data/b/broken\.png \(example {broken}\) cannot be read \(UnidentifiedImageError: "
+    with pytest.raises(InputError, match=message + r".*replace or remove the file"):
+        data[broken]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, [broken]), num_workers=1)
+    with pytest.raises(InputError) as e:
+        next(iter(loader))
+    assert 'DataLoader worker' in str(e.value)
+    line = error_line(e.value)
+    assert len(line.splitlines()) == 1 and line.startswith(f'Image {tmp_path}/data/b/broken.png (example {broken})')

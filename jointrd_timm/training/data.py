@@ -201,8 +201,22 @@ class HFImageDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, index):
-        row = self.data[int(index)]
-        return self.transform(to_mode(row[self.image_column], self.mode)), int(row[self.label_column])
+        try:  # PIL decodes as the row is read, and lazily again as the image is converted
+            row = self.data[int(index)]
+            image = to_mode(row[self.image_column], self.mode)
+        except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError; truncated files, too
+            raise InputError(f'Image {self._where(index)} cannot be read ({type(e).__name__}: {str(e)[:200]}): '
+                             'replace or remove the file.') from e
+        return self.transform(image), int(row[self.label_column])
+
+    def _where(self, index) -> str:
+        """The file of example ``index`` where the dataset keeps one (an image folder), else its index."""
+        import datasets
+        try:
+            raw = self.data.cast_column(self.image_column, datasets.Image(decode=False))[int(index)][self.image_column]
+            return f"{raw.get('path') or f'#{index}'} (example {index})"
+        except Exception:  # noqa: BLE001 (only for the message)
+            return f'#{index}'
 
     @property
     def num_classes(self) -> int:
