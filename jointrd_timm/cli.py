@@ -16,6 +16,10 @@ def _architecture(name: str) -> str:
     import jointrd_timm  # noqa: F401
     from .models.plain_twins import name_problem, residual_arch
     why = name_problem(name, need_twin=True)
+    if why and Path(name).expanduser().exists():  # a saved model or a run folder: these commands build by name
+        raise InputError(f'{name} is a folder or file; this command takes a timm architecture name (e.g. resnet50 '
+                         'or plain_resnet50) and builds it. For a saved model: jointrd export '
+                         f'{name} (folded model, exports), jointrd eval {name} --dataset ... (accuracy).')
     if why:
         raise InputError(why)
     return residual_arch(name)

@@ -257,3 +257,12 @@ def test_bench_output_under_a_file_is_refused_before_the_benchmark(tmp_path, cap
     err = _error(capsys, ['bench', 'resnet20_cifar', '--output', str(tmp_path / 'a-file' / 'x')])
     assert f'--output {tmp_path}/a-file/x: {tmp_path}/a-file is a file, not a folder' in err
     assert not ran and (tmp_path / 'a-file').read_text() == 'kept'
+
+
+@pytest.mark.parametrize('command', ['derive', 'memory', 'bench'])
+def test_a_saved_model_folder_given_for_an_architecture_says_which_commands_take_it(tmp_path, capsys, command):
+    """Before: 'Unknown model ... not a timm model', as if the folder were a mistyped name."""
+    (tmp_path / 'model').mkdir()
+    err = _error(capsys, [command, str(tmp_path / 'model')])
+    assert f'{tmp_path}/model is a folder or file; this command takes a timm architecture name' in err
+    assert f'jointrd export {tmp_path}/model' in err

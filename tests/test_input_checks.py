@@ -1,6 +1,7 @@
 """Bad input refused before anything runs, with what was wrong and what to do: a loader's dataset id, override values
 (exponent notation, YAML's `no`), optimizer numbers, dataset overrides, pretrained tags, a missing split, distill's
 numbers, export's --atol, eval's --transform on digits; and the distill command a run records plans it again."""
+import re
 import shlex
 import shutil
 
@@ -413,3 +414,16 @@ def test_an_unreadable_image_is_an_error_naming_its_file_also_from_a_loader_work
     assert 'DataLoader worker' in str(e.value)
     line = error_line(e.value)
     assert len(line.splitlines()) == 1 and line.startswith(f'Image {tmp_path}/data/b/broken.png (example {broken})')
+
+
+@pytest.mark.parametrize('override', ['=1', 'train..num_epochs=2', 'train.=2'])
+def test_an_override_with_an_empty_key_part_is_not_of_the_form_key_path_value(tmp_path, override):
+    """Before: '=1' was "Unknown key(s) ['']", which names no mistake the user can see."""
+    with pytest.raises(ConfigError, match=rf"Override '{re.escape(override)}' is not of the form key\.path=value "
+                                          r"\(its key path .* has an empty part\)"):
+        load_config(tiny_yaml(tmp_path), [override])
+
+
+def test_a_folder_given_as_the_config_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=rf'{tmp_path} is a folder, not a config file: give the YAML file itself'):
+        load_config(tmp_path)

@@ -57,6 +57,9 @@ def _parse_overrides(overrides: List[str]):
         if '=' not in item:
             raise ConfigError(f'Override {item!r} is not of the form key.path=value.')
         path, raw = item.split('=', 1)
+        if not path.strip() or any(not key for key in path.split('.')):
+            raise ConfigError(f'Override {item!r} is not of the form key.path=value (its key path {path!r} has an '
+                              'empty part).')
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
@@ -183,6 +186,9 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     from torchdistill.common import yaml_util
     from torchdistill.common.main_util import import_dependencies
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f'{path} is a folder, not a config file: give the YAML file itself (e.g. '
+                          f'{path}/distill.yaml for a run of jointrd distill).')
     if not path.is_file():
         raise ConfigError(f'No config file at {path}.')
     overrides = list(overrides or [])
