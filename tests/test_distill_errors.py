@@ -173,3 +173,23 @@ def test_a_run_stopped_while_its_teacher_trains_resumes_from_the_teachers_checkp
     assert 'Resumed from' in capsys.readouterr().out
     assert (out / 'model' / 'config.json').is_file()
     assert len((out / 'teacher' / 'metrics.jsonl').read_text().splitlines()) == 2  # each teacher epoch once
+
+
+@pytest.mark.parametrize('command', [['eval', 'hf-hub:jointrd-test/absent', '--dataset', 'sklearn:digits'],
+                                     ['save', 'regnetx_002.pycls_in1k', 'OUT'],
+                                     ['export', 'hf-hub:jointrd-test/absent', '--output-dir', 'OUT']])
+def test_offline_model_of_eval_save_export_is_named_with_the_ways_to_provide_it(tmp_path, offline_hub, capsys,
+                                                                                command):
+    """Before: huggingface_hub's generic 'cannot find the requested files in the local cache' (distill alone said
+    which repository and files, and how to provide them)."""
+    from jointrd_timm.cli import main
+    command = [str(tmp_path / 'out') if part == 'OUT' else part for part in command]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    spec = command[1]
+    repo = 'jointrd-test/absent' if spec.startswith('hf-hub:') else 'timm/regnetx_002.pycls_in1k'
+    assert f'error: The weights of model {spec} are not available: looked for ' in err
+    assert f'of the Hub repository {repo}, and they are not in the Hugging Face cache {offline_hub}' in err
+    assert f'`hf download {repo} --local-dir DIR` and give that Hub-format folder' in err
+    assert f'in place of {spec} (the same command with DIR)' in err and 'TEACHER' not in err
+    assert not (tmp_path / 'out').exists()

@@ -191,8 +191,13 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
         raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '
                          'name.tag, hf-hub:org/name), or --random-weights to use random weights on purpose.')
+    from ..training.teachers import HUB_DOWNLOAD_ERRORS, missing_weights_error
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except HUB_DOWNLOAD_ERRORS as e:  # an hf-hub: id or a tag whose files are neither cached nor reachable
+        if not pretrained or spec.startswith('local-dir:'):
+            raise
+        raise missing_weights_error(spec, e, role='model') from e
     except RuntimeError as e:
         if 'state_dict' in str(e) or 'size mismatch' in str(e):
             raise CheckpointError(f'The weights of {spec} do not fit the architecture its config names: {str(e)[:300]}') from e

@@ -132,9 +132,10 @@ def hub_repo(spec: str) -> Tuple[str, Optional[str]]:
     return repo, revision or None
 
 
-def missing_weights_error(spec: str, error: Exception) -> DistillError:
-    """What a user reads when the teacher's files cannot be fetched from the Hub: which repository and files were
-    looked for, where, and the three ways to provide them."""
+def missing_weights_error(spec: str, error: Exception, role: str = 'teacher') -> DistillError:
+    """What a user reads when the files of a model (``role``: the teacher of ``jointrd distill``; 'model' for the
+    commands that load any model, eval / save / export) cannot be fetched from the Hub: which repository and files
+    were looked for, where, and the ways to provide them."""
     import timm
     from huggingface_hub import constants
     revision = None
@@ -149,15 +150,16 @@ def missing_weights_error(spec: str, error: Exception) -> DistillError:
                + ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub could not be reached'))
     else:
         why = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+    folder = ('as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner output folder with '
+              'model/, or a Hub-format folder written by `jointrd save`) as TEACHER.' if role == 'teacher' else
+              f'in place of {spec} (the same command with DIR).')
     return DistillError(
-        f'The weights of teacher {spec} are not available: looked for {files} of the Hub repository {repo}'
+        f'The weights of {role} {spec} are not available: looked for {files} of the Hub repository {repo}'
         + (f' at revision {revision}' if revision else '') + f', and {why}. Nothing was written. Provide them, then '
         f'run the same command again: (1) on a connected machine, `hf download {repo} {files}{at}` (huggingface_hub\'s '
         'CLI) fills its cache (HF_HOME, default ~/.cache/huggingface): copy that cache here, point HF_HOME (or '
         f'HF_HUB_CACHE) at it and set HF_HUB_OFFLINE=1; or (2) `hf download {repo}{at} --local-dir DIR` and give '
-        'that Hub-format folder (config.json + model.safetensors) as TEACHER: `jointrd distill DIR --data ...`; or '
-        '(3) give a run of ours (a runner output folder with model/, or a Hub-format folder written by `jointrd '
-        'save`) as TEACHER.')
+        f'that Hub-format folder (config.json + model.safetensors) {folder}')
 
 
 def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:
