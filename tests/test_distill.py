@@ -1,6 +1,7 @@
 """`jointrd distill`: a residual model to its deployed twin in one command. End to end at toy size (resnet20_cifar,
 128 digits, one epoch), the written YAML reproducing the run, resume, and every refusal before training."""
 import json
+import shutil
 
 import pytest
 import timm
@@ -159,9 +160,18 @@ def test_output_folder_holding_another_run_is_refused(tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'notes.txt').write_text('mine')
-    with pytest.raises(DistillError, match=r'holds another run \(notes\.txt\); pass --resume to continue it, '
-                                           r'--overwrite to replace it'):
+    # files that are no run: not 'another run' that --resume would continue (it would refuse: no distill run)
+    with pytest.raises(DistillError, match=r'is not empty \(notes\.txt\) and holds no distill run: choose an empty '
+                                           r'or new --output-dir, or pass --overwrite'):
         run_distill('resnet20_cifar', 'sklearn:digits', str(out), **TOY)
+    (out / 'distill.yaml').write_text('an earlier run')
+    (out / 'twin').mkdir()
+    (out / 'twin' / 'final.json').write_text('{}')
+    with pytest.raises(DistillError, match=r'holds another run \(distill\.yaml, notes\.txt, twin\); pass --resume to '
+                                           r'continue it, --overwrite to replace it'):
+        run_distill('resnet20_cifar', 'sklearn:digits', str(out), **TOY)
+    (out / 'distill.yaml').unlink()
+    shutil.rmtree(out / 'twin')
     with pytest.raises(DistillError, match=r'--resume: .* holds no distill run'):
         run_distill('resnet20_cifar', 'sklearn:digits', str(out), resume=True, **TOY)
     with pytest.raises(DistillError, match=r'give one'):

@@ -157,6 +157,10 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
             raise DistillError(f'Output folder {out} holds a distill run stopped before it saved an epoch '
                                f'({", ".join(entries[:5])}): pass --overwrite to start again (nothing trained is '
                                'lost), or choose another --output-dir.')
+        if not {'distill.yaml', 'teacher.yaml', 'teacher', 'twin', 'model', 'final.json'} & set(entries):
+            raise DistillError(f'Output folder {out} is not empty ({", ".join(entries[:5])}) and holds no distill run: '
+                               'choose an empty or new --output-dir, or pass --overwrite to write the run there '
+                               'beside those files.')
         raise DistillError(f'Output folder {out} holds another run ({", ".join(entries[:5])}); pass --resume to '
                            'continue it, --overwrite to replace it, or choose another --output-dir.')
 
