@@ -8,8 +8,10 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                   OfflineModeIsEnabled)
 from torch import nn
 
 from ..errors import InputError, JointRDError
@@ -151,6 +153,47 @@ def _local_path(spec: str) -> Path:
     return Path(spec.split(':', 1)[1] if spec.lower().startswith('local-dir:') else spec).expanduser()
 
 
+# what fetching from the Hub raises, through timm unchanged: offline (or unreachable) and not in the cache is a
+# LocalEntryNotFoundError, an EntryNotFoundError; unknown, gated and private repositories are HfHubHTTPErrors
+HUB_DOWNLOAD_ERRORS = (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled)
+
+
+def hub_repo(spec: str) -> Tuple[str, Optional[str]]:
+    """``hf-hub:org/name[@revision]`` -> ``('org/name', revision or None)``, as timm splits it."""
+    repo, _, revision = spec[len('hf-hub:'):].partition('@')
+    return repo, revision or None
+
+
+def missing_weights_message(spec: str, error: Exception, role: str = 'model') -> str:
+    """What a user reads when the files of a model (``role``: the teacher of ``jointrd distill``; 'model' for the
+    commands that load any model, eval / save / export) cannot be fetched from the Hub: which repository and files
+    were looked for, where, and the ways to provide them."""
+    import timm
+    from huggingface_hub import constants
+    revision = None
+    if spec.startswith('hf-hub:'):
+        (repo, revision), files = hub_repo(spec), 'config.json model.safetensors'
+    else:  # a timm tag: timm reads model.safetensors (else pytorch_model.bin) of the tag's hf_hub_id
+        cfg = timm.get_pretrained_cfg(spec)
+        repo, files = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
+    at = f' --revision {revision}' if revision else ''
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        why = (f'they are not in the Hugging Face cache {constants.HF_HUB_CACHE}, and '
+               + ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub could not be reached'))
+    else:
+        why = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+    folder = ('as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner output folder with '
+              'model/, or a Hub-format folder written by `jointrd save`) as TEACHER.' if role == 'teacher' else
+              f'in place of {spec} (the same command with DIR).')
+    return (
+        f'The weights of {role} {spec} are not available: looked for {files} of the Hub repository {repo}'
+        + (f' at revision {revision}' if revision else '') + f', and {why}. Nothing was written. Provide them, then '
+        f'run the same command again: (1) on a connected machine, `hf download {repo} {files}{at}` (huggingface_hub\'s '
+        'CLI) fills its cache (HF_HOME, default ~/.cache/huggingface): copy that cache here, point HF_HOME (or '
+        f'HF_HUB_CACHE) at it and set HF_HUB_OFFLINE=1; or (2) `hf download {repo}{at} --local-dir DIR` and give '
+        f'that Hub-format folder (config.json + model.safetensors) {folder}')
+
+
 def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     """A model from wherever a user has one: a timm / plain_* name (``name.tag`` loads that tag's weights),
     ``hf-hub:org/name``, ``local-dir:path``, a Hub-format folder, or a runner output folder (its ``model/``).
@@ -191,13 +234,12 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
         raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '
                          'name.tag, hf-hub:org/name), or --random-weights to use random weights on purpose.')
-    from ..training.teachers import HUB_DOWNLOAD_ERRORS, missing_weights_error
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except HUB_DOWNLOAD_ERRORS as e:  # an hf-hub: id or a tag whose files are neither cached nor reachable
         if not pretrained or spec.startswith('local-dir:'):
             raise
-        raise missing_weights_error(spec, e, role='model') from e
+        raise InputError(missing_weights_message(spec, e)) from e
     except RuntimeError as e:
         if 'state_dict' in str(e) or 'size mismatch' in str(e):
             raise CheckpointError(f'The weights of {spec} do not fit the architecture its config names: {str(e)[:300]}') from e

@@ -5,20 +5,15 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from ..integrations.hub import HUB_DOWNLOAD_ERRORS, hub_repo, missing_weights_message
 from .distill_inputs import DistillError
 
 __all__ = ['Teacher', 'resolve_teacher', 'load_teacher', 'missing_weights_error', 'extract_run_teacher',
            'build_model', 'tag_hint', 'HUB_DOWNLOAD_ERRORS']
-
-# what fetching from the Hub raises, through timm unchanged: offline (or unreachable) and not in the cache is a
-# LocalEntryNotFoundError, an EntryNotFoundError; unknown, gated and private repositories are HfHubHTTPErrors
-HUB_DOWNLOAD_ERRORS = (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled)
-
 
 @dataclass
 class Teacher:
@@ -126,40 +121,10 @@ def resolve_teacher(spec: str) -> Teacher:
                    cfg.input_size[-1], license_, data_cfg=_reading(cfg))
 
 
-def hub_repo(spec: str) -> Tuple[str, Optional[str]]:
-    """``hf-hub:org/name[@revision]`` -> ``('org/name', revision or None)``, as timm splits it."""
-    repo, _, revision = spec[len('hf-hub:'):].partition('@')
-    return repo, revision or None
-
-
-def missing_weights_error(spec: str, error: Exception, role: str = 'teacher') -> DistillError:
-    """What a user reads when the files of a model (``role``: the teacher of ``jointrd distill``; 'model' for the
-    commands that load any model, eval / save / export) cannot be fetched from the Hub: which repository and files
-    were looked for, where, and the ways to provide them."""
-    import timm
-    from huggingface_hub import constants
-    revision = None
-    if spec.startswith('hf-hub:'):
-        (repo, revision), files = hub_repo(spec), 'config.json model.safetensors'
-    else:  # a timm tag: timm reads model.safetensors (else pytorch_model.bin) of the tag's hf_hub_id
-        cfg = timm.get_pretrained_cfg(spec)
-        repo, files = cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'
-    at = f' --revision {revision}' if revision else ''
-    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        why = (f'they are not in the Hugging Face cache {constants.HF_HUB_CACHE}, and '
-               + ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'the Hub could not be reached'))
-    else:
-        why = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
-    folder = ('as TEACHER: `jointrd distill DIR --data ...`; or (3) give a run of ours (a runner output folder with '
-              'model/, or a Hub-format folder written by `jointrd save`) as TEACHER.' if role == 'teacher' else
-              f'in place of {spec} (the same command with DIR).')
-    return DistillError(
-        f'The weights of {role} {spec} are not available: looked for {files} of the Hub repository {repo}'
-        + (f' at revision {revision}' if revision else '') + f', and {why}. Nothing was written. Provide them, then '
-        f'run the same command again: (1) on a connected machine, `hf download {repo} {files}{at}` (huggingface_hub\'s '
-        'CLI) fills its cache (HF_HOME, default ~/.cache/huggingface): copy that cache here, point HF_HOME (or '
-        f'HF_HUB_CACHE) at it and set HF_HUB_OFFLINE=1; or (2) `hf download {repo}{at} --local-dir DIR` and give '
-        f'that Hub-format folder (config.json + model.safetensors) {folder}')
+def missing_weights_error(spec: str, error: Exception) -> DistillError:
+    """What a user reads when the teacher's files cannot be fetched from the Hub
+    (:func:`~jointrd_timm.integrations.hub.missing_weights_message`)."""
+    return DistillError(missing_weights_message(spec, error, role='teacher'))
 
 
 def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:
