@@ -150,26 +150,26 @@ def transform_data_cfg(transform, channels: int = 3) -> Optional[Dict]:
 def dataset_data_cfg(dataset, channels: int = 3) -> Optional[Dict]:
     """:func:`transform_data_cfg` of the transform ``dataset`` applies (found on it or on the datasets it wraps:
     a ``Subset``'s ``dataset``); None where there is none or it cannot be said as a data config."""
-    for _ in range(8):
-        transform = getattr(dataset, 'transform', None)
+    for layer in _wrapped(dataset):
+        transform = getattr(layer, 'transform', None)
         if transform is not None:
             return transform_data_cfg(transform, channels)
-        dataset = getattr(dataset, 'dataset', None)
-        if dataset is None:
-            break
     return None
+
+
+def _wrapped(dataset):
+    """``dataset`` and the datasets it wraps (a ``Subset``'s ``dataset``, and so on), outermost first, at most 8."""
+    for _ in range(8):
+        if dataset is None:
+            return
+        yield dataset
+        dataset = getattr(dataset, 'dataset', None)
 
 
 def dataset_classes(dataset) -> Optional[int]:
     """The classes the labels of ``dataset`` index (:attr:`HFImageDataset.num_classes`, found on it or on the datasets
     it wraps, as :func:`dataset_data_cfg` finds a transform); None where no dataset says."""
-    for _ in range(8):
-        if isinstance(dataset, HFImageDataset):
-            return dataset.num_classes
-        dataset = getattr(dataset, 'dataset', None)
-        if dataset is None:
-            break
-    return None
+    return next((layer.num_classes for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
 
 
 def to_mode(image, mode: str):

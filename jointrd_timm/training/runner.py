@@ -377,17 +377,17 @@ def train_one_epoch(run: _Run, config: Dict, epoch: int) -> None:
         images, targets, supp = batch if len(batch) == 3 else (*batch, {})
         try:
             loss = box.forward_process(images, targets, supp)
-        except (AssertionError, RuntimeError, ValueError) as e:
-            if index == 0 and epoch == run.start_epoch and not isinstance(e, (JointRDError, ValueError)) and \
-                    (isinstance(e, AssertionError) or re.search(r'shape|size|channels|mat1', str(e))) and \
-                    'out of memory' not in str(e):
-                # the run's first batch: the model does not take the data as configured (e.g. timm's ViT: 'Input
-                # height (32) doesn't match model (224)'); later, the same error is a bug and keeps its traceback
-                raise ConfigError(f'The model does not run on the first training batch, of shape '
-                                  f'{tuple(images.shape)} ({type(e).__name__}: {str(e)[:300]}): make the data and the '
-                                  "model agree (the dataset's input_size, or the model's img_size / in_chans / "
-                                  'num_classes kwargs).') from e
-            if not isinstance(e, ValueError) or 'Expected more than 1 value per channel' not in str(e):
+        except (AssertionError, RuntimeError) as e:
+            if index > 0 or epoch != run.start_epoch or isinstance(e, JointRDError) or 'out of memory' in str(e) or \
+                    not (isinstance(e, AssertionError) or re.search(r'shape|size|channels|mat1', str(e))):
+                raise
+            # the run's first batch: the model does not take the data as configured (e.g. timm's ViT: 'Input
+            # height (32) doesn't match model (224)'); later, the same error is a bug and keeps its traceback
+            raise ConfigError(f'The model does not run on the first training batch, of shape {tuple(images.shape)} '
+                              f'({type(e).__name__}: {str(e)[:300]}): make the data and the model agree (the '
+                              "dataset's input_size, or the model's img_size / in_chans / num_classes kwargs).") from e
+        except ValueError as e:
+            if 'Expected more than 1 value per channel' not in str(e):
                 raise
             raise ConfigError(f'A training batch of {len(targets)} image(s) reached a BatchNorm layer with one value '
                               f'per channel ({e}): the last batch of an epoch holds what is left of the training set. '
