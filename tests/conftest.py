@@ -1,11 +1,18 @@
 """Shared helpers: tiny data and configs built on the fly (no download, no shared/ datasets)."""
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Under pytest-xdist (the README's `-n 2`) each worker is one core's worth of work: one torch thread per worker, and
+# the same for the subprocesses the tests start (CLI, torchrun), so that workers do not oversubscribe the cores.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'
+else:
+    torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,10 +8,10 @@ import jointrd_timm  # noqa: F401
 from jointrd_timm.coverage import STEPS, check_recipe_path, recipe_outcome
 
 # the smallest variant of each family (benchmarks/results/twin_coverage.json, params), at a small input
-FAST = ['test_resnet', 'regnetx_002', 'mobilenetv2_035', 'mobilenetv3_small_050', 'test_convnext', 'test_byobnet',
-        'cs3darknet_focus_s', 'dla46_c', 'resnest14d', 'skresnet18', 'test_nfnet', 'ghostnet_050', 'legacy_seresnet18',
-        'dpn48b']
-SLOW = ['hrnet_w18_small', 'res2next50', 'resnetv2_18', 'eca_botnext26ts_256', 'test_mambaout', 'starnet_s050',
+FAST = ['test_resnet', 'regnetx_002', 'mobilenetv3_small_050', 'test_convnext', 'test_byobnet', 'test_nfnet',
+        'ghostnet_050']
+SLOW = ['mobilenetv2_035', 'cs3darknet_focus_s', 'dla46_c', 'resnest14d', 'skresnet18', 'legacy_seresnet18', 'dpn48b',
+        'hrnet_w18_small', 'res2next50', 'resnetv2_18', 'eca_botnext26ts_256', 'test_mambaout', 'starnet_s050',
         'repghostnet_050', 'cspnext_tiny', 'fasternet_t0', 'lcnetv2_small', 'inception_next_atto', 'rexnet_100',
         'hardcorenas_b', 'repvit_m1', 'hgnetv2_b0', 'poolformerv2_s12', 'lowformer_e1', 'convmixer_768_32',
         'legacy_xception', 'eca_vovnet39b', 'xception41', 'tresnet_m']

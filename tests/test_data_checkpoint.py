@@ -396,3 +396,16 @@ def test_a_missing_split_of_an_image_folder_with_split_folders_gets_no_train_onl
         load_image_dataset(str(tmp_path), 'validation')
     assert 'class subfolders alone has only a train split' not in str(refused.value)
     assert 'jointrd eval --split' in str(refused.value)
+
+
+def test_the_digits_are_built_once_and_a_limited_or_carved_load_leaves_the_next_load_whole():
+    """sklearn:digits is built once per process: what one load takes from it (a limit, a carved test set) must not
+    change what the next load gets."""
+    kwargs = dict(transform='tensor', input_size=8, channels=1)
+    first = load_image_dataset('sklearn:digits', 'train', limit=16, **kwargs)
+    carved = load_image_dataset('sklearn:digits', 'train', test_fraction=0.25, part='test', **kwargs)
+    whole = load_image_dataset('sklearn:digits', 'train', **kwargs)
+    again = load_image_dataset('sklearn:digits', 'train', limit=16, **kwargs)
+    assert (len(first), len(carved), len(whole)) == (16, 360, 1437)
+    assert whole.data is not first.data and whole.num_classes == 10
+    assert all(torch.equal(first[i][0], again[i][0]) and first[i][1] == again[i][1] for i in range(16))

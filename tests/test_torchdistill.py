@@ -75,10 +75,14 @@ def _tiny_version(yaml_path: Path, tmp_path: Path, tmp_path_factory) -> Path:
 # CIFAR-10 ones with another dataset and head: slow-marked to keep the default run short (run with -m slow), except
 # two CIFAR-100 ones that keep its dataset and 100-class heads in the default run
 CIFAR100_DEFAULT = {'jointrd-resnet56.yaml', 'xu2017-cakd-wrn40_10-to-wrn10_4.yaml'}
+# the wider ImageNet-style twins at CIFAR (4-9 s each): their method runs on resnet18's YAMLs (basic blocks) and
+# their bottleneck teacher in ce-resnet50.yaml, both in the default run
+CIFAR10_SLOW = {'jointrd-resnet34.yaml', 'jointrd-resnet50.yaml', 'plain-resnet34.yaml', 'plain-resnet50.yaml'}
 
 
 def _slow(path: Path) -> bool:
-    return path.parent.name == 'imagenet' or (path.parent.name == 'cifar100' and path.name not in CIFAR100_DEFAULT)
+    return path.parent.name == 'imagenet' or (path.parent.name == 'cifar100' and path.name not in CIFAR100_DEFAULT) \
+        or (path.parent.name == 'cifar10' and path.name in CIFAR10_SLOW)
 
 
 @pytest.mark.parametrize('yaml_path', [pytest.param(p, marks=pytest.mark.slow) if _slow(p) else p for p in YAMLS],

@@ -4,6 +4,7 @@ transforms of the JointRD spec (torchvision / timm; ``transform``).
 
 Used from torchdistill YAMLs as ``!import_call {key: jointrd_timm.training.data.load_image_dataset, init: {kwargs: ...}}``.
 """
+import functools
 import math
 import os
 from pathlib import Path
@@ -250,8 +251,11 @@ def _label_classes(data, column: str, where: str) -> Tuple[int, List[int]]:
     return classes, sorted(set(range(classes)) - {int(v) for v in labels})
 
 
+@functools.lru_cache(maxsize=None)
 def _digits(split: str):
-    """scikit-learn's 8x8 digits (1797 images, shipped inside the package): a fixed 80/20 train/test split."""
+    """scikit-learn's 8x8 digits (1797 images, shipped inside the package): a fixed 80/20 train/test split. Built
+    once per process and split (encoding the images is most of a small run's data time); every later step (limit,
+    carving, columns) makes a new ``datasets.Dataset`` from it and leaves it as it is."""
     import datasets
     from PIL import Image
     from ..extras import require
