@@ -263,6 +263,8 @@ def _eval(args) -> int:
         kwargs.update(test_fraction=args.test_fraction, part='test')
         where = f'the {args.test_fraction:g} of {split} carved out as the test set'
     result = evaluate_model(model, args.dataset, split, **kwargs)
+    if result.get('note'):
+        print(f'note: {result["note"]}', file=sys.stderr)
     line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {where})'
     try:
         from .models.catalogue import entry

@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                    OfflineModeIsEnabled)
@@ -18,7 +18,7 @@ from ..errors import InputError, JointRDError
 from ..io import CheckpointError, input_channels, with_reading
 from ..twins.fade import deployable
 
-__all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model']
+__all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model', 'model_label_names']
 
 
 def _tensors(model: nn.Module) -> tuple:
@@ -26,11 +26,15 @@ def _tensors(model: nn.Module) -> tuple:
 
 
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None,
-                       tag: Optional[str] = None, data_cfg: Optional[Dict] = None) -> Path:
+                       tag: Optional[str] = None, data_cfg: Optional[Dict] = None,
+                       label_names: Optional[Sequence[str]] = None) -> Path:
     """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder. ``tag``: the pretrained
     tag the weights are published under (``arch.tag``), written into config.json's ``pretrained_cfg`` in place of the
     one the model was built with; ``data_cfg``: how its inputs were read (``mean``, ``std``, ``input_size``,
-    ``crop_pct``, ``interpolation``), written there too, in place of its architecture's defaults."""
+    ``crop_pct``, ``interpolation``), written there too, in place of its architecture's defaults; ``label_names``:
+    the classes its outputs stand for, in order (the training data's class names), written as timm's
+    ``label_names`` in place of the ones the model was built with (an empty list: its data names none, so any
+    names it came with are dropped; None: left as they are)."""
     from timm.models import save_for_hf
     folder = Path(folder).expanduser().resolve()  # '.', 'run/..': the folder's real name
     _check_replaceable(folder)
@@ -64,12 +68,14 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         shutil.rmtree(tmp)
     save_for_hf(model, str(tmp), model_args={k: v for k, v in model_args.items() if v is not None},
                 safe_serialization=True)
-    if tag is not None or data_cfg:
+    if tag is not None or data_cfg or label_names is not None:
         config = json.loads((tmp / 'config.json').read_text())
         # the run's reading of its images replaces the architecture's, test-time size included
         cfg = config['pretrained_cfg'] = with_reading(config.get('pretrained_cfg', {}), data_cfg)
         if tag is not None:
             cfg['tag'] = tag
+        if label_names is not None:
+            _write_label_names(config, list(label_names), model_args['num_classes'])
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     if metrics:
         (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=1))
@@ -77,6 +83,31 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         (tmp / 'README.md').write_text(model_card)
     _replace_folder(tmp, folder)
     return folder
+
+
+def _write_label_names(config: Dict, names: List[str], num_classes: int) -> None:
+    """``names`` as timm's ``label_names`` of ``config`` (config.json's root, which timm reads into pretrained_cfg),
+    in place of any the model came with (a teacher's, for other classes); a list where they name every output, else
+    ``{index: name}`` (timm's form for outputs without a name)."""
+    for key in ('label_names', 'label_descriptions'):
+        config.pop(key, None)
+        config['pretrained_cfg'].pop(key, None)
+    if names:
+        if len(names) > num_classes:
+            raise InputError(f'{len(names)} class names for a model with {num_classes} outputs: the names must be '
+                             'those of its outputs, in order.')
+        config['label_names'] = names if len(names) == num_classes else {str(i): n for i, n in enumerate(names)}
+
+
+def model_label_names(model: nn.Module) -> Optional[Dict[int, str]]:
+    """The classes ``model``'s outputs stand for, as config.json's timm ``label_names`` said them (a list, or
+    ``{index: name}``), by output index; None where its config names none."""
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    if isinstance(names, dict):
+        return {int(i): str(n) for i, n in names.items()}
+    if isinstance(names, (list, tuple)) and names:
+        return {i: str(n) for i, n in enumerate(names)}
+    return None
 
 
 def _check_labelled(model: nn.Module) -> None:

@@ -17,8 +17,8 @@ from torchvision import transforms as T
 from ..errors import InputError, JointRDError
 
 __all__ = ['load_image_dataset', 'find_columns', 'evaluate_model', 'HFImageDataset', 'make_transform',
-           'DatasetColumnError', 'TRANSFORMS', 'transform_data_cfg', 'dataset_data_cfg', 'eval_transform',
-           'labelled_as_datasets_labels_it']
+           'DatasetColumnError', 'TRANSFORMS', 'transform_data_cfg', 'dataset_data_cfg', 'dataset_label_names',
+           'eval_transform', 'labelled_as_datasets_labels_it']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -173,6 +173,12 @@ def dataset_classes(dataset) -> Optional[int]:
     return next((layer.num_classes for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
 
 
+def dataset_label_names(dataset) -> Optional[List[str]]:
+    """The class names the labels of ``dataset`` stand for (:attr:`HFImageDataset.label_names`, found as
+    :func:`dataset_classes` finds the count); None where no dataset names them."""
+    return next((layer.label_names for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
+
+
 def to_mode(image, mode: str):
     """``image`` (PIL) as ``mode`` ('RGB' or 'L'). PIL's ``convert`` clips wide grey images to 8 bits (a 16-bit PNG
     turns almost white), so those are scaled first, by their mode alone (every image of a dataset alike): 16-bit and
@@ -197,6 +203,8 @@ class HFImageDataset(Dataset):
         self._num_classes = num_classes
         # integer labels (no ClassLabel) of the whole split: the indices below the largest that no image has
         self.unused_classes: List[int] = list(unused_classes)
+        # label -> the index a model gives that class (evaluate_model, where its classes are named otherwise)
+        self.label_map: Optional[List[int]] = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -208,7 +216,8 @@ class HFImageDataset(Dataset):
         except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError; truncated files, too
             raise InputError(f'Image {self._where(index)} cannot be read ({type(e).__name__}: {str(e)[:200]}): '
                              'replace or remove the file.') from e
-        return self.transform(image), int(row[self.label_column])
+        label = int(row[self.label_column])
+        return self.transform(image), (label if self.label_map is None else self.label_map[label])
 
     def _where(self, index) -> str:
         """The file of example ``index`` where the dataset keeps one (an image folder), else its index."""
@@ -218,6 +227,13 @@ class HFImageDataset(Dataset):
             return f"{raw.get('path') or f'#{index}'} (example {index})"
         except Exception:  # noqa: BLE001 (only for the message)
             return f'#{index}'
+
+    @property
+    def label_names(self) -> Optional[List[str]]:
+        """The class names of a ClassLabel label column (an image folder's class folders, a Hub dataset's names), in
+        label order; None for plain integer labels."""
+        names = getattr(self.data.features[self.label_column], 'names', None)
+        return list(names) if names else None
 
     @property
     def num_classes(self) -> int:
@@ -581,15 +597,54 @@ def load_image_dataset(
 
 
 def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:
-    """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default)."""
+    """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default).
+
+    Where the model's config.json names its classes (timm's ``label_names``, which jointrd_timm saves from the
+    training data) and the data names its labels, a label counts as the model's output of the same name: data that
+    names a class the model does not know is refused, and data holding some of its classes, or in another order, is
+    matched by name. Where either side names none, label i is taken as output i; the result's ``note`` says so when
+    the counts differ."""
     from ..io import top1_accuracy
     data = load_image_dataset(dataset, split, train=False, **data_kwargs)
     if len(data) == 0:
         raise InputError(f'Dataset {dataset!r} (split {split!r}) holds no images to evaluate on.')
+    where = f'{dataset!r} (split {split!r}, column {data.label_column!r})'
+    note = _match_classes(model, data, where)
     outputs = getattr(model, 'num_classes', None)
-    if isinstance(outputs, int) and outputs > 0 and data.num_classes > outputs:
-        raise InputError(f'The model predicts {outputs} classes, but the labels of {dataset!r} (split {split!r}, '
-                         f'column {data.label_column!r}) index {data.num_classes}: it was trained for other classes. '
-                         'Evaluate it on the data it was trained for, or fine-tune it on this data first (jointrd '
-                         'distill --num-classes).')
-    return dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)
+    if data.label_map is None and isinstance(outputs, int) and outputs > 0 and data.num_classes > outputs:
+        raise InputError(f'The model predicts {outputs} classes, but the labels of {where} index {data.num_classes}: '
+                         'it was trained for other classes. Evaluate it on the data it was trained for, or fine-tune '
+                         'it on this data first (jointrd distill --num-classes).')
+    result = dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)
+    if note:
+        result['note'] = note
+    return result
+
+
+def _match_classes(model, data: HFImageDataset, where: str) -> Optional[str]:
+    """Match the labels of ``data`` to ``model``'s outputs by class name where both name them (sets
+    ``data.label_map`` where the order differs; refuses names the model does not know); a note where the match
+    cannot be checked and the class counts differ, else None."""
+    from ..integrations.hub import model_label_names
+    known, names = model_label_names(model), data.label_names
+    outputs = getattr(model, 'num_classes', None)
+    if known and names:
+        if all(known.get(i) == n for i, n in enumerate(names)):
+            return None
+        index = {n: i for i, n in sorted(known.items(), reverse=True)}  # a repeated name: its first output
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            listed = ', '.join(known[i] for i in sorted(known)[:10]) + (', ...' if len(known) > 10 else '')
+            raise InputError(f'The labels of {where} name classes the model was not trained for: '
+                             f'{", ".join(map(repr, unknown[:5]))}{", ..." if len(unknown) > 5 else ""} (its config.json '
+                             f'names {len(known)}: {listed}). Evaluate it on data of its classes, or fine-tune it on '
+                             'this data first (jointrd distill --num-classes).')
+        data.label_map = [index[n] for n in names]
+        return (f'the {len(names)} classes of {where} are matched to the model\'s outputs by name (its config.json '
+                f'names {len(known)} classes, in another order or more of them).')
+    if isinstance(outputs, int) and 0 < data.num_classes < outputs:
+        unnamed = 'neither names its classes' if not known and not names else \
+            'the model names no classes' if not known else 'the data names no classes'
+        return (f'the model predicts {outputs} classes and the labels of {where} index {data.num_classes}; {unnamed}, '
+                'so label i is taken as output i without a check that they are the same class.')
+    return None

@@ -329,7 +329,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     # config.json says how the test images were read: timm's validate.py and `jointrd eval` read them so (validate.py
     # cannot read them in grey: no validate.py line on a 1-channel card)
     save_trained_model(models['twin'], out / 'model', metrics=summary['test_acc'], model_card=card, tag='distill',
-                       data_cfg=reading)
+                       data_cfg=reading, label_names=plan.datasets['train'].label_names or [])
     (out / 'comparison.json').write_text(json.dumps(summary, indent=1))
     (out / 'comparison.md').write_text(table + '\n')
     plot_comparison([('teacher', accuracy['teacher']), ('twin', accuracy['twin'])], speedup,

@@ -61,7 +61,7 @@ from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, module_state, save_checkpoint
-from .data import dataset_classes, dataset_data_cfg
+from .data import dataset_classes, dataset_data_cfg, dataset_label_names
 from .ema import TwinEma
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
@@ -251,6 +251,14 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
         run.folder.release()
         raise
     return run
+
+
+def _trained_label_names(config: Dict) -> Optional[List[str]]:
+    """The class names of the training data, for the saved config.json (``[]`` for integer labels, which name
+    none: names the model came with, its teacher's, are not its classes now); None where the dataset does not say."""
+    dataset = config['datasets'].get((config['train'].get('train_data_loader') or {}).get('dataset_id'))
+    names = dataset_label_names(dataset)
+    return [] if names is None and dataset_classes(dataset) is not None else names
 
 
 def _check_classes(datasets: Dict, models: Dict[str, Optional[nn.Module]]) -> None:
@@ -565,7 +573,8 @@ def finish(run: _Run, config: Dict) -> Dict:
         if has_dirac(deployed) or is_fading(deployed):
             final['test_acc_folded'] = final['test_acc_deployed']
     if accelerator.is_main_process:
-        save_trained_model(deployed, run.out / 'model', metrics=final, data_cfg=data_cfg)
+        save_trained_model(deployed, run.out / 'model', metrics=final, data_cfg=data_cfg,
+                           label_names=_trained_label_names(config))
         fault_point('final_save')
         atomic_write(run.out / 'final.json', lambda tmp: Path(tmp).write_text(json.dumps(final, indent=1)))
         accelerator.print(json.dumps(final))
