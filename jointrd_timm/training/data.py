@@ -337,20 +337,15 @@ def _nested_image_folder(root: Path, split: str):
     reads the folder, as for any flat one) for a flat folder, a folder with a metadata file, a layout whose split
     folders are not all clear (some children named as splits, some not), or a split it does not have."""
     import datasets
-    if any((root / name).is_file() for name in ('metadata.csv', 'metadata.jsonl')) or \
-            any(root.glob('*/metadata.csv')) or any(root.glob('*/metadata.jsonl')):
+    class_roots = None if _has_metadata(root) else _class_roots(root)
+    if class_roots is None:
         return None
-    children = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
-    splits = {d: _split_of(d.name) for d in children}
-    if children and all(splits.values()):  # split folders of class folders
-        class_roots = children
-        bases = [d for d in children if split in (splits[d], d.name)]
-    elif not any(splits.values()):  # class folders alone: the train split
-        class_roots, bases = [root], [root] if split == 'train' else []
-    else:
-        return None
+    if class_roots == [root]:  # class folders alone: the train split
+        bases = [root] if split == 'train' else []
+    else:  # split folders of class folders
+        bases = [d for d in class_roots if split in (_split_of(d.name), d.name)]
     suffixes = _image_suffixes()
-    classes = sorted({d.name for r in class_roots for d in r.iterdir() if d.is_dir() and not d.name.startswith('.')})
+    classes = _class_names(class_roots)
     if not bases or not any(_holds_nested_images(r / c, suffixes) for r in class_roots for c in classes
                             if (r / c).is_dir()):
         return None
@@ -374,16 +369,39 @@ def labelled_as_datasets_labels_it(hf_dataset) -> bool:
     return getattr(getattr(hf_dataset, 'info', None), 'description', None) != NESTED_FOLDER
 
 
+def _has_metadata(root: Path) -> bool:
+    """A metadata file (csv, jsonl, parquet) in ``root`` or a split folder: datasets' own imagefolder layout, whose
+    labels it names itself."""
+    return any(root.glob('metadata.*')) or any(root.glob('*/metadata.*'))
+
+
+def _subfolders(folder: Path) -> List[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+
+
+def _class_roots(root: Path) -> Optional[List[Path]]:
+    """The folders holding an image folder's class folders: its split folders where every child is named as a
+    split (train/, test/, ...), ``root`` itself where none is; None for a mix of the two."""
+    children = _subfolders(root)
+    named = [bool(_split_of(d.name)) for d in children]
+    if children and all(named):
+        return children
+    return None if any(named) else [root]
+
+
+def _class_names(class_roots: Sequence[Path]) -> List[str]:
+    """The class folders' names over every class root together (one label index each), sorted."""
+    return sorted({d.name for r in class_roots for d in _subfolders(r)})
+
+
 def _check_class_folders(root: Path, data) -> None:
     """After datasets' imagefolder read ``root``: refuse what it does silently, a class folder without an image (it
     drops the class, so a model trained there has one class fewer and every later index moves) and a single class
     folder (it drops the label column). Folders with a metadata file are datasets' own layout and not checked."""
     import datasets
-    if any(root.glob('metadata.*')) or any(root.glob('*/metadata.*')):
+    if _has_metadata(root):
         return
-    children = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
-    class_roots = children if children and all(_split_of(d.name) for d in children) else [root]
-    folders = sorted({d.name for r in class_roots for d in r.iterdir() if d.is_dir() and not d.name.startswith('.')})
+    folders = _class_names(_class_roots(root) or [root])
     label = data.features.get('label')
     if isinstance(label, datasets.ClassLabel):
         empty = [name for name in folders if name not in label.names]
