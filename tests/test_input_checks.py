@@ -48,6 +48,23 @@ def test_override_values_in_exponent_notation_are_numbers_and_yamls_no_is_no(tmp
             load_config(path, [f'train.optimizer.kwargs.{option}={value}'])
 
 
+def test_a_refusal_an_override_brings_names_that_override_and_not_the_others(tmp_path):
+    path = tiny_yaml(tmp_path, method='ce')
+    good = ['runner.seed=1', 'train.optimizer.kwargs.lr=0.1']
+    with pytest.raises(ConfigError) as bad_key:
+        load_config(path, good[:1] + ['train.num_epoch=3'] + good[1:])
+    assert f"Unknown key(s) ['num_epoch'] in {path} with the override train.num_epoch=3: train;" in str(bad_key.value)
+    assert 'runner.seed' not in str(bad_key.value)
+    with pytest.raises(ConfigError) as bad_value:
+        load_config(path, good + ['train.num_epochs=-1'])
+    assert str(bad_value.value).startswith(f'{path} with the override train.num_epochs=-1: train.num_epochs must be')
+    # a YAML that fails by itself is named alone, whatever the overrides
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text(path.read_text().replace('num_epochs: 2', 'num_epochs: 0'))
+    with pytest.raises(ConfigError, match=rf'^{re.escape(str(broken))}: train.num_epochs must be'):
+        load_config(broken, good)
+
+
 def test_a_dataset_override_of_a_key_the_dataset_does_not_have_is_refused(tmp_path):
     path = tiny_yaml(tmp_path)
     # `source` belongs under init.kwargs: torchdistill would have passed it on unread

@@ -1,6 +1,7 @@
 """A run's YAML: loaded (keys checked with a safe loader before torchdistill's tags run), overridden from the
 command line, and its numbers checked before anything is built. The ``runner`` section and its defaults are
 described in the runner's module docstring and docs/cli.md."""
+import copy
 import re
 import tempfile
 from pathlib import Path
@@ -180,6 +181,22 @@ def check_structure(config: Dict, where: str) -> Dict:
     return config
 
 
+def _where_it_fails(peeked: Dict, overrides: List[str], path: Path) -> str:
+    """How the checks' messages name the config: the file, and where the file passes them but the overridden
+    config does not, the override(s) that fail alone (all of them where none does alone)."""
+    def fails(applied: List[str]) -> bool:
+        try:
+            validate(check_structure(apply_overrides(copy.deepcopy(peeked), applied), str(path)), where=str(path))
+        except ConfigError:
+            return True
+        return False
+    if not overrides or fails([]) or not fails(overrides):
+        return str(path)
+    culprits = [o for o in overrides if fails([o])] or overrides
+    return f'{path} with the override {culprits[0]}' if len(culprits) == 1 else \
+        f'{path} with the overrides {" ".join(culprits)}'
+
+
 def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     """Load a torchdistill YAML: its keys checked with a safe loader first, then loaded by torchdistill (whose tags
     import and run code: run only YAMLs you trust), its dependencies imported, overrides applied, numbers checked."""
@@ -195,9 +212,9 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Dict:
     data_overrides = [o for o in overrides if o.split('.', 1)[0] == 'datasets']
     overrides = [o for o in overrides if o not in data_overrides]
     peeked = _peek(path)
-    # keys and numbers, overrides included, before any tag runs
-    validate(check_structure(apply_overrides(peeked, overrides), f'{path} with overrides {overrides}'
-                             if overrides else str(path)), where=str(path))
+    # keys and numbers, overrides included, before any tag runs; a failure an override brings names that override
+    where = _where_it_fails(peeked, overrides, path)
+    validate(check_structure(apply_overrides(peeked, overrides), where), where=where)
     try:
         if data_overrides:
             with tempfile.TemporaryDirectory() as tmp:  # torchdistill loads files: the overridden YAML, briefly
