@@ -192,6 +192,19 @@ def test_gradient_accumulation_and_bf16_from_the_yaml(tmp_path):
     assert len(lines) == 1
 
 
+def test_fp16_on_the_cpu_is_warned_about_and_bf16_is_not(caplog):
+    from jointrd_timm.training.runner import _make_accelerator
+    for precision in ('fp16', 'bf16', 'no'):
+        caplog.clear()
+        with caplog.at_level('WARNING', logger='jointrd_timm.training.runner'):
+            accelerator = _make_accelerator(dict(mixed_precision=precision, find_unused_parameters=False), 'cpu')
+        assert accelerator.device.type == 'cpu' and accelerator.mixed_precision == precision
+        warned = [r.getMessage() for r in caplog.records if 'on the CPU' in r.getMessage()]
+        assert warned == ([f"runner.mixed_precision 'fp16' on the CPU: torch autocasts to float16 there, which most "
+                           "CPUs compute no faster than float32 (often slower) and in float16's narrow range. Use "
+                           "'bf16' on a CPU with bfloat16 instructions, or 'no'."] if precision == 'fp16' else [])
+
+
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     """4 steps of batch 16 accumulated 2 by 2 == 2 steps of batch 32 (BN-free model, no shuffling difference)."""
     small = load_config(tiny_yaml(tmp_path / 'a', method='ce', epochs=1, limit=64, batch_size=16,

@@ -137,10 +137,15 @@ def _make_accelerator(runner: Dict, device_type: Optional[str]):
     # accelerate keeps one AcceleratorState per process; successive runs in one process (the demo, benchmarks)
     # may differ in mixed precision, so start each from a fresh state (the process group is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=device_type == 'cpu', mixed_precision=runner['mixed_precision'],
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=runner['find_unused_parameters'])])
+    if runner['mixed_precision'] == 'fp16' and accelerator.device.type == 'cpu':
+        _logger.warning("runner.mixed_precision 'fp16' on the CPU: torch autocasts to float16 there, which most CPUs "
+                        "compute no faster than float32 (often slower) and in float16's narrow range. Use 'bf16' on a "
+                        "CPU with bfloat16 instructions, or 'no'.")
+    return accelerator
 
 
 class _Run:
