@@ -44,6 +44,16 @@ def test_train_one_epoch_writes_metrics_checkpoint_and_hub_folder(tmp_path):
         input_size=[1, 8, 8], crop_pct=1.0, mean=[0.5], std=[0.5])
     assert not any(k.startswith('teacher.') for k in weights(out))
     assert (out / 'last.safetensors').is_file()
+    # its model card: what trained it on what, the accuracy measured, how to load it; jointrd save carries it along
+    card = (out / 'model' / 'README.md').read_text()
+    assert '# plain_resnet20_cifar' in card and '- **Teacher**: `resnet20_cifar`' in card
+    assert '- **Method**: `JointRD` (jointrd_timm.methods)' in card and '- **Training**: 1 epoch, batch 16' in card
+    assert "- **Data**: `sklearn:digits` (train: split `train`, limit 64) and `sklearn:digits` (test: split `test`, " \
+           "limit 32)" in card
+    assert f"| top1_test | {round(final['test_acc_deployed'], 2)} |" in card
+    assert f"timm.create_model('local-dir:{(out / 'model').resolve()}', pretrained=True)" in card
+    assert main(['save', str(out), str(tmp_path / 'saved')]) == 0
+    assert f"local-dir:{(tmp_path / 'saved').resolve()}'" in (tmp_path / 'saved' / 'README.md').read_text()
 
 
 def test_overrides_and_ce_method(tmp_path):
@@ -51,6 +61,8 @@ def test_overrides_and_ce_method(tmp_path):
     assert config['train']['num_epochs'] == 1 and config['runner']['seed'] == 3
     final = train(config, device='cpu')
     assert final['epochs'] == 1
+    card = (tmp_path / 'out' / 'model' / 'README.md').read_text()  # a model trained alone: no teacher named
+    assert "- **Method**: the torchdistill YAML's criterion\n" in card and 'Teacher' not in card
 
 
 def _run(args, **kwargs):

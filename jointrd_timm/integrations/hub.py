@@ -299,18 +299,20 @@ def model_card(entry: Dict) -> str:
     metrics = entry['metrics']
     # the data it was measured on: hf_dataset, else the entry's eval dataset (no CIFAR-10 default for other data)
     dataset = entry.get('hf_dataset') or (entry.get('eval') or {}).get('dataset')
+    training = entry['training']
     lines = [
-        '---', 'library_name: timm', f'license: {entry["license"]}',
+        '---', 'library_name: timm', *([f'license: {entry["license"]}'] if entry.get('license') else []),
         'tags: [image-classification, timm, jointrd-timm, residual-distillation]',
         *([f'datasets: [{dataset}]'] if dataset else []), '---', '',
         f'# {entry["name"]}', '',
         f'{entry.get("description", "")}', '',
         f'- **Architecture**: `{entry["architecture"]}` (timm, registered by `import jointrd_timm`)',
         f'- **Method**: {entry["method"]}',
-        f'- **Teacher**: `{entry["teacher"]}`',
+        *([f'- **Teacher**: `{entry["teacher"]}`'] if entry.get('teacher') else []),
         f'- **Data**: {entry["dataset"]}',
-        f'- **Training**: {entry["training"].get("budget", "")}; command `{entry["training"].get("command", "")}`'
-        + (f'; config `{entry["training"]["yaml"]}`' if entry['training'].get('yaml') else ''),
+        f'- **Training**: {training.get("budget", "")}'
+        + (f'; command `{training["command"]}`' if training.get('command') else '')
+        + (f'; config `{training["yaml"]}`' if training.get('yaml') else ''),
         '', f'## {entry.get("results_title", "Results (measured, recorded in the jointrd-timm repository)")}', '',
         '| metric | value |', '|---|---|']
     lines += [f'| {k} | {v} |' for k, v in metrics.items() if not isinstance(v, (dict, list))]

@@ -18,7 +18,7 @@ from ..errors import InputError, JointRDError
 
 __all__ = ['load_image_dataset', 'find_columns', 'evaluate_model', 'HFImageDataset', 'make_transform',
            'DatasetColumnError', 'TRANSFORMS', 'transform_data_cfg', 'dataset_data_cfg', 'dataset_label_names',
-           'eval_transform', 'labelled_as_datasets_labels_it']
+           'dataset_origin', 'eval_transform', 'labelled_as_datasets_labels_it']
 
 TRANSFORMS = ('cifar', 'imagenet', 'tensor')
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -173,6 +173,12 @@ def dataset_classes(dataset) -> Optional[int]:
     return next((layer.num_classes for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
 
 
+def dataset_origin(dataset) -> Dict:
+    """Where :func:`load_image_dataset` read ``dataset`` (``source``, ``split`` and the carving options given), found
+    as :func:`dataset_classes` finds the count; empty for a dataset it did not load."""
+    return next((dict(layer.origin) for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), {})
+
+
 def dataset_label_names(dataset) -> Optional[List[str]]:
     """The class names the labels of ``dataset`` stand for (:attr:`HFImageDataset.label_names`, found as
     :func:`dataset_classes` finds the count); None where no dataset names them."""
@@ -205,6 +211,8 @@ class HFImageDataset(Dataset):
         self.unused_classes: List[int] = list(unused_classes)
         # label -> the index a model gives that class (evaluate_model, where its classes are named otherwise)
         self.label_map: Optional[List[int]] = None
+        # where load_image_dataset read it: source, split (and test_fraction, part, limit where given)
+        self.origin: Dict = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -610,8 +618,12 @@ def load_image_dataset(
             else:
                 mean, std = (CIFAR_MEAN, CIFAR_STD) if transform == 'cifar' else (IMAGENET_MEAN, IMAGENET_STD)
         transforms = make_transform(transform, train, input_size, mean, std)
-    return HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes,
-                          unused)
+    loaded = HFImageDataset(data, transforms, image_column, label_column, 'RGB' if channels == 3 else 'L', classes,
+                            unused)
+    carving = dict(test_fraction=test_fraction, validation_fraction=validation_fraction, limit=limit)
+    loaded.origin = dict(source=source, split=split, **{k: v for k, v in carving.items() if v},
+                         **({'part': part} if part != 'all' else {}))
+    return loaded
 
 
 def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:

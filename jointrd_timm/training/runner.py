@@ -61,13 +61,13 @@ from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
 from ..twins.fade import deployable, is_fading
 from .checkpoint import atomic_write, load_checkpoint, module_state, save_checkpoint
-from .data import dataset_classes, dataset_data_cfg, dataset_label_names
+from .data import dataset_classes, dataset_data_cfg, dataset_label_names, dataset_origin
 from .ema import TwinEma
 from .evaluation import _OutputTap, evaluate, recalibrate_batchnorm, replica_divergence
 from .performance import compile_modules, to_channels_last
 from .run_config import (MIXED_PRECISION, RUNNER_DEFAULTS, TOP_LEVEL_KEYS, TRAIN_KEYS, ConfigError,  # noqa: F401
                          apply_overrides, check_structure, load_config, num_epochs, validate)
-from .run_folder import RunFolder, RunFolderError, checkpoint_epochs, read_metrics
+from .run_folder import RunFolder, RunFolderError, checkpoint_epochs, deployed_accuracy, read_metrics
 
 # re-exported, as imported from here before run_config, evaluation and performance were split out
 __all__ = ['train', 'setup', 'check_device',
@@ -256,6 +256,46 @@ def setup(config: Dict, output_dir: Optional[str], resume: bool, device: Optiona
         run.folder.release()
         raise
     return run
+
+
+def _run_card(config: Dict, run: '_Run', deployed: nn.Module, final: Dict) -> str:
+    """The model card (README.md) of a run's saved model: its architecture, the method and teacher that trained it,
+    the data it read (as load_image_dataset read it), the budget and the measured accuracies, and how to load and
+    evaluate it; ``jointrd save`` and ``jointrd push`` carry it along."""
+    from ..integrations.hub import model_card
+    arch = (getattr(deployed, 'pretrained_cfg', None) or {}).get('architecture') or type(deployed).__name__
+    teacher = getattr(run.module, 'teacher', None) or getattr(run.box, 'teacher_model', None)
+    teacher_name = ((getattr(teacher, 'pretrained_cfg', None) or {}).get('architecture') or type(teacher).__name__) \
+        if isinstance(teacher, nn.Module) else None
+    method = (f'`{type(run.module).__name__}` (jointrd_timm.methods)' if method_api.deploy_module(run.module) is not
+              run.module else 'the torchdistill YAML\'s criterion' + (' with a teacher' if teacher_name else ''))
+    train_config = config['train']
+    loaders = {part: train_config.get(key) or config['test'].get(key) or {} for part, key in
+               (('train', 'train_data_loader'), ('test', 'test_data_loader'))}
+    origins = {part: dataset_origin(config['datasets'].get(loader.get('dataset_id'))) for part, loader in
+               loaders.items()}
+    described = {part: (f"`{o['source']}` ({part}: split `{o['split']}`" + ''.join(
+        f', {k} {v}' for k, v in o.items() if k not in ('source', 'split')) + ')') if o else None
+        for part, o in origins.items()}
+    test = origins['test']
+    optimizer = (train_config.get('optimizer') or {}).get('kwargs') or {}
+    epochs, batch = final['epochs'], (loaders['train'].get('kwargs') or {}).get('batch_size', '?')
+    budget = f'{epochs} epoch{"s" * (epochs != 1)}, batch {batch}' + (
+        f', lr {optimizer["lr"]}' if 'lr' in optimizer else '')
+    accuracy = deployed_accuracy(final)
+    metrics = {k: round(v, 2) for k, v in (('top1_test', accuracy), ('val_acc', final.get('val_acc')))
+               if isinstance(v, (int, float))}
+    return model_card(dict(
+        name=arch, architecture=arch, teacher=teacher_name, method=method, metrics=metrics,
+        description=f'`{arch}` trained by `jointrd train` (the jointrd_timm runner, a torchdistill YAML).',
+        dataset=' and '.join(d for d in described.values() if d) or 'not recorded (datasets not read by '
+                                                                     'jointrd_timm.training.data)',
+        hf_dataset=test.get('source') if test and not test.get('test_fraction') else None,
+        training=dict(budget=budget), results_title='Results (measured by `jointrd train`)',
+        eval=dict(dataset=test['source'], split=test['split'], validate_args=False) if test else None,
+        eval_args=f'--split {test["split"]}' + (f' --test-fraction {test["test_fraction"]}' if test.get(
+            'test_fraction') else '') if test else None,
+        local_dir=str((run.out / 'model').resolve())))
 
 
 def _trained_label_names(config: Dict) -> Optional[List[str]]:
@@ -579,7 +619,7 @@ def finish(run: _Run, config: Dict) -> Dict:
             final['test_acc_folded'] = final['test_acc_deployed']
     if accelerator.is_main_process:
         save_trained_model(deployed, run.out / 'model', metrics=final, data_cfg=data_cfg,
-                           label_names=_trained_label_names(config))
+                           label_names=_trained_label_names(config), model_card=_run_card(config, run, deployed, final))
         fault_point('final_save')
         atomic_write(run.out / 'final.json', lambda tmp: Path(tmp).write_text(json.dumps(final, indent=1)))
         accelerator.print(json.dumps(final))
