@@ -440,6 +440,10 @@ def test_a_multi_stage_run_resumed_in_its_second_stage_equals_the_uninterrupted_
     assert resumed['test_acc'] == full['test_acc']
     lrs = [json.loads(line)['lr'] for line in (tmp_path / 'cut' / 'metrics.jsonl').read_text().splitlines()]
     assert len(lrs) == 4 and lrs[2] == pytest.approx(lrs[0] / 10)  # stage 2 at its own lr, after the resume too
+    # the stages' loaders say what the model was trained on: its class names and its card's data
+    saved = tmp_path / 'full' / 'model'
+    assert json.loads((saved / 'config.json').read_text())['label_names'] == [str(i) for i in range(10)]
+    assert '- **Data**: `sklearn:digits` (train: split `train`, limit 32)' in (saved / 'README.md').read_text()
 
 
 @pytest.mark.parametrize('method', ['kd', 'fitnets'])

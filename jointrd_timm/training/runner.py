@@ -270,8 +270,7 @@ def _run_card(config: Dict, run: '_Run', deployed: nn.Module, final: Dict) -> st
     method = (f'`{type(run.module).__name__}` (jointrd_timm.methods)' if method_api.deploy_module(run.module) is not
               run.module else 'the torchdistill YAML\'s criterion' + (' with a teacher' if teacher_name else ''))
     train_config = config['train']
-    loaders = {part: train_config.get(key) or config['test'].get(key) or {} for part, key in
-               (('train', 'train_data_loader'), ('test', 'test_data_loader'))}
+    loaders = dict(train=_train_loader_config(config), test=config['test'].get('test_data_loader') or {})
     origins = {part: dataset_origin(config['datasets'].get(loader.get('dataset_id'))) for part, loader in
                loaders.items()}
     described = {part: (f"`{o['source']}` ({part}: split `{o['split']}`" + ''.join(
@@ -298,10 +297,18 @@ def _run_card(config: Dict, run: '_Run', deployed: nn.Module, final: Dict) -> st
         local_dir=str((run.out / 'model').resolve())))
 
 
+def _train_loader_config(config: Dict) -> Dict:
+    """The ``train_data_loader`` section of a run: the train section's, or in a multi-stage run its first stage's."""
+    train_config = config['train']
+    stages = [train_config[k] or {} for k in sorted(train_config) if k.startswith('stage')]
+    return train_config.get('train_data_loader') or next(
+        (stage['train_data_loader'] for stage in stages if stage.get('train_data_loader')), {})
+
+
 def _trained_label_names(config: Dict) -> Optional[List[str]]:
     """The class names of the training data, for the saved config.json (``[]`` for integer labels, which name
     none: names the model came with, its teacher's, are not its classes now); None where the dataset does not say."""
-    dataset = config['datasets'].get((config['train'].get('train_data_loader') or {}).get('dataset_id'))
+    dataset = config['datasets'].get(_train_loader_config(config).get('dataset_id'))
     names = dataset_label_names(dataset)
     return [] if names is None and dataset_classes(dataset) is not None else names
 
