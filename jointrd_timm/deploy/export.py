@@ -9,6 +9,7 @@ export then passes when it is no farther from the float64 result than twice the 
 records both distances (``float64_error`` per file, ``eager_float64_error``).
 """
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -121,15 +122,15 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
         folded, fold_report = fold_for_deployment(model)
         reference = _tensors(reference, type(model).__name__)
         folded_out = _tensors(folded(x))
-        fold_error = _max_error(folded_out, reference)
+    traced = _Traced(model, folded, x, reference, single, folded_out,
+                     dict(fold_report, max_abs_error=_max_error(folded_out, reference)))
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the model runs: a refusal leaves nothing behind
     # every file is written and checked in a hidden staging folder, and moved into out_dir only once all passed: a
     # failed export leaves no file that looks like one (and keeps an earlier export of the same name)
     staging = Path(tempfile.mkdtemp(prefix=f'.{name}.export-', dir=out_dir))
     try:
-        report = _export_checked(model, folded, x, reference, folded_out, fold_report, fold_error, single, formats,
-                                 staging, name, atol, opset)
+        report = _export_checked(traced, formats, staging, name, atol, opset)
         for entry in report['files'].values():
             final = out_dir / Path(entry['path']).name
             os.replace(entry['path'], final)
@@ -142,49 +143,70 @@ def export_model(model: nn.Module, out_dir, name: str = 'model', formats=('onnx'
     return report
 
 
-def _export_checked(model, folded, x, reference, folded_out, fold_report, fold_error, single, formats, out_dir, name,
-                    atol, opset) -> Dict:
+@dataclasses.dataclass
+class _Traced:
+    """What every export is checked against: the eager ``model``, its ``folded`` form and the example input ``x``,
+    with the eager outputs (``reference``: one tensor for a classifier, ``single``; a feature extractor's maps
+    otherwise), the folded model's outputs and the fold's report."""
+    model: nn.Module
+    folded: nn.Module
+    x: torch.Tensor
+    reference: list
+    single: bool
+    folded_out: list
+    fold: Dict
+
+
+def _write_onnx(traced: _Traced, path: Path, opset: int) -> list:
+    """``traced.folded`` as ONNX at ``path`` (checked by onnx), and its outputs on ``traced.x`` in onnxruntime."""
+    onnx = require('onnx', 'ONNX export')
+    ort = require('onnxruntime', 'checking the ONNX export')
+    require('onnxscript', 'ONNX export (torch.onnx)')
+    # one output: 'logits'; a feature extractor's (features_only): 'features0', 'features1', ...
+    names = ['logits'] if traced.single else [f'features{i}' for i in range(len(traced.reference))]
+
+    def write(tmp):
+        try:
+            torch.onnx.export(traced.folded, (traced.x,), str(tmp), input_names=['input'], output_names=names,
+                              dynamic_axes={n: {0: 'batch'} for n in ['input', *names]}, opset_version=opset,
+                              dynamo=False)
+        except (torch.onnx.errors.OnnxExporterError, TypeError, RuntimeError) as e:  # no translation (a TypeError
+            if 'out of memory' in str(e):  # for a ViT's attention: 'is_causal must be bool, not Tensor')
+                raise
+            raise UnsupportedExportError(
+                f'torch.onnx cannot export {type(traced.model).__name__}: {str(e).splitlines()[0][:200]} Export it '
+                "as TorchScript only (formats=('torchscript',)).") from e
+        onnx.checker.check_model(str(tmp))
+    atomic_write(path, write)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {'input': traced.x.numpy()})]
+
+
+def _write_torchscript(traced: _Traced, path: Path) -> list:
+    """``traced.folded`` traced to TorchScript at ``path``, and the loaded file's outputs on ``traced.x``."""
+    with torch.no_grad():
+        # a list of feature maps (even of one): not strict
+        script = torch.jit.trace(traced.folded, traced.x, strict=traced.single)
+    atomic_write(path, lambda tmp: torch.jit.save(script, str(tmp)))
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        return _tensors(loaded(traced.x))
+
+
+def _export_checked(traced: _Traced, formats, out_dir: Path, name: str, atol: float, opset: int) -> Dict:
     """The exports of :func:`export_model` written into ``out_dir`` (its staging folder) and checked; the report, or
     an ExportError when one deviates."""
+    model, x, reference = traced.model, traced.x, traced.reference
     outputs = {}
-    report = dict(fold=dict(fold_report, max_abs_error=fold_error), files={}, input_shape=list(x.shape[1:]))
-    if 'onnx' in formats:
-        onnx = require('onnx', 'ONNX export')
-        ort = require('onnxruntime', 'checking the ONNX export')
-        require('onnxscript', 'ONNX export (torch.onnx)')
-        path = out_dir / f'{name}.onnx'
-
-        # one output: 'logits'; a feature extractor's (features_only): 'features0', 'features1', ...
-        names = ['logits'] if single else [f'features{i}' for i in range(len(reference))]
-
-        def write_onnx(tmp):
-            try:
-                torch.onnx.export(folded, (x,), str(tmp), input_names=['input'], output_names=names,
-                                  dynamic_axes={n: {0: 'batch'} for n in ['input', *names]}, opset_version=opset,
-                                  dynamo=False)
-            except (torch.onnx.errors.OnnxExporterError, TypeError, RuntimeError) as e:  # no translation (a TypeError
-                if 'out of memory' in str(e):  # for a ViT's attention: 'is_causal must be bool, not Tensor')
-                    raise
-                raise UnsupportedExportError(
-                    f'torch.onnx cannot export {type(model).__name__}: {str(e).splitlines()[0][:200]} Export it as '
-                    "TorchScript only (formats=('torchscript',)).") from e
-            onnx.checker.check_model(str(tmp))
-        atomic_write(path, write_onnx)
-        session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        got = [torch.from_numpy(np.asarray(o)) for o in session.run(None, {'input': x.numpy()})]
-        outputs['onnx'] = got
-        report['files']['onnx'] = dict(path=str(path), max_abs_error=_max_error(got, reference))
-    if 'torchscript' in formats:
-        path = out_dir / f'{name}.torchscript.pt'
-        with torch.no_grad():
-            traced = torch.jit.trace(folded, x, strict=single)  # a list of feature maps (even of one): not strict
-        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
-        loaded = torch.jit.load(str(path))
-        with torch.no_grad():
-            got = _tensors(loaded(x))
-        outputs['torchscript'] = got
-        report['files']['torchscript'] = dict(path=str(path), max_abs_error=_max_error(got, reference))
-    outputs['fold'] = folded_out
+    report = dict(fold=traced.fold, files={}, input_shape=list(x.shape[1:]))
+    for kind, file_name, write in (('onnx', f'{name}.onnx', lambda path: _write_onnx(traced, path, opset)),
+                                   ('torchscript', f'{name}.torchscript.pt',
+                                    lambda path: _write_torchscript(traced, path))):
+        if kind in formats:
+            path = out_dir / file_name
+            got = outputs[kind] = write(path)
+            report['files'][kind] = dict(path=str(path), max_abs_error=_max_error(got, reference))
+    outputs['fold'] = traced.folded_out
     entries = dict(report['files'], fold=report['fold'])
     bad = {k: v['max_abs_error'] for k, v in entries.items() if v['max_abs_error'] > atol}
     if bad:  # how far float32 itself is from the exact result decides whether the deviation is the export's
