@@ -474,6 +474,9 @@ def test_a_frozen_teachers_outputs_come_from_its_running_statistics(tmp_path, mo
     before = load_file(str(folder / 'model.safetensors'))
     after = frozen.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # running statistics included
+    card = (tmp_path / 'run' / 'model' / 'README.md').read_text()  # a distillation box's teacher is named too
+    assert "- **Method**: the torchdistill YAML's criterion with a teacher\n" in card
+    assert '- **Teacher**: `resnet20_cifar`' in card
 
 
 def test_a_resumed_run_continues_the_loss_scale_of_its_grad_scaler(tmp_path, monkeypatch):

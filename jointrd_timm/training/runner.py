@@ -263,8 +263,10 @@ def _run_card(config: Dict, run: '_Run', deployed: nn.Module, final: Dict) -> st
     the data it read (as load_image_dataset read it), the budget and the measured accuracies, and how to load and
     evaluate it; ``jointrd save`` and ``jointrd push`` carry it along."""
     from ..integrations.hub import model_card
+    from ..io import unwrap
     arch = (getattr(deployed, 'pretrained_cfg', None) or {}).get('architecture') or type(deployed).__name__
     teacher = getattr(run.module, 'teacher', None) or getattr(run.box, 'teacher_model', None)
+    teacher = unwrap(teacher) if isinstance(teacher, nn.Module) else None  # a distillation box's, DDP-wrapped
     teacher_name = ((getattr(teacher, 'pretrained_cfg', None) or {}).get('architecture') or type(teacher).__name__) \
         if isinstance(teacher, nn.Module) else None
     method = (f'`{type(run.module).__name__}` (jointrd_timm.methods)' if method_api.deploy_module(run.module) is not
