@@ -167,22 +167,30 @@ def _wrapped(dataset):
         dataset = getattr(dataset, 'dataset', None)
 
 
+def _image_dataset(dataset) -> Optional['HFImageDataset']:
+    """The :class:`HFImageDataset` that ``dataset`` is or wraps (a ``Subset``'s ``dataset``, ...); None where none."""
+    return next((layer for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
+
+
 def dataset_classes(dataset) -> Optional[int]:
     """The classes the labels of ``dataset`` index (:attr:`HFImageDataset.num_classes`, found on it or on the datasets
     it wraps, as :func:`dataset_data_cfg` finds a transform); None where no dataset says."""
-    return next((layer.num_classes for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
+    found = _image_dataset(dataset)
+    return found.num_classes if found is not None else None
 
 
 def dataset_origin(dataset) -> Dict:
     """Where :func:`load_image_dataset` read ``dataset`` (``source``, ``split`` and the carving options given), found
     as :func:`dataset_classes` finds the count; empty for a dataset it did not load."""
-    return next((dict(layer.origin) for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), {})
+    found = _image_dataset(dataset)
+    return dict(found.origin) if found is not None else {}
 
 
 def dataset_label_names(dataset) -> Optional[List[str]]:
     """The class names the labels of ``dataset`` stand for (:attr:`HFImageDataset.label_names`, found as
     :func:`dataset_classes` finds the count); None where no dataset names them."""
-    return next((layer.label_names for layer in _wrapped(dataset) if isinstance(layer, HFImageDataset)), None)
+    found = _image_dataset(dataset)
+    return found.label_names if found is not None else None
 
 
 def to_mode(image, mode: str):
