@@ -36,6 +36,7 @@ from .settings import (DISCRIMINATOR_SGD, REFERENCE_JOINTRD, SCHEDULES, SGD_MOME
 
 __all__ = ['Recipe', 'Schedule', 'RECIPES', 'RECIPE_ALIASES', 'SCHEDULES', 'DEFAULT_RECIPE', 'get_recipe',
            'recipe_for', 'ARCH_RECIPES', 'REFERENCE_JOINTRD', 'teacher_sgd', 'short_run_warning', 'MIN_FADE_STEPS',
+           'outcome_warning',
            'split_changes', 'DIRAC_INIT', 'ZOO_SETTINGS', 'DISCRIMINATOR_SGD']
 
 
@@ -377,6 +378,33 @@ def short_run_warning(recipe: Recipe, epochs: int, steps_per_epoch: int) -> Opti
     return (f'the twin trains for {steps} optimizer steps ({epochs} epochs of {steps_per_epoch}): its shortcuts '
             f'fade out in {int(recipe.shortcut_fade * steps)} of them, too few for the plain net to keep the '
             f"teacher's accuracy. Train for at least {needed} epochs (--epochs {needed}).")
+
+
+# when a distillation's outcome is of no use: a teacher with less than NEAR_CHANCE of the accuracy above chance that a
+# model can have (100 % - chance), a twin with less than LITTLE_KEPT of its teacher's accuracy above chance
+NEAR_CHANCE = 0.1
+LITTLE_KEPT = 0.25
+
+
+def outcome_warning(teacher_acc: float, twin_acc: float, num_classes: int, epochs: int,
+                    teacher_epochs: int = 0) -> Optional[str]:
+    """A warning when a distillation ended where its twin is of no use (None when not): the teacher is near chance
+    (:data:`NEAR_CHANCE`; ``teacher_epochs`` > 0: it was trained here, for that many epochs), or the twin kept
+    less than :data:`LITTLE_KEPT` of its teacher's accuracy above chance after ``epochs``. Accuracies in %."""
+    if num_classes < 2:
+        return None
+    chance = 100.0 / num_classes
+    if teacher_acc - chance < NEAR_CHANCE * (100.0 - chance):
+        fix = (f'train it longer (--teacher-epochs, {teacher_epochs} now)' if teacher_epochs
+               else 'give a teacher trained on this data')
+        return (f'the teacher is at {teacher_acc:.2f} % on the test set, near chance ({chance:.2f} % for '
+                f'{num_classes} classes): it has little to pass on to the twin ({twin_acc:.2f} %). '
+                f'{fix[0].upper()}{fix[1:]}.')
+    if twin_acc - chance < LITTLE_KEPT * (teacher_acc - chance):
+        return (f"the twin kept little of its teacher's accuracy: {twin_acc:.2f} % against {teacher_acc:.2f} % "
+                f'(chance: {chance:.2f} % for {num_classes} classes). The conversion needs more optimizer steps: '
+                f'train the twin longer (--epochs, {epochs} now), or on more data.')
+    return None
 
 
 _YAML_WORDS = {'true': True, 'false': False, 'null': None}

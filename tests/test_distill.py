@@ -37,6 +37,11 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     # 128 images in batches of 64, 1 epoch: far too short a fade, said before training and in the table
     warning = 'the twin trains for 2 optimizer steps (1 epochs of 2): its shortcuts fade out in 1 of them'
     assert f'WARNING: {warning}' in printed and '(--epochs 125)' in printed
+    # 2 steps leave the teacher near chance (10 % for 10 classes): said after the table, in it, in the card and json
+    near_chance = (f'the teacher is at {summary["test_acc"]["teacher"]:.2f} % on the test set, near chance (10.00 % '
+                   'for 10 classes)')
+    assert summary['test_acc']['teacher'] < 19 and f'WARNING: {near_chance}' in printed.split('| twin')[-1]
+    assert [w[:len(near_chance)] for w in summary['warnings']] == [warning[:len(near_chance)], near_chance]
     for name in ('model/config.json', 'model/model.safetensors', 'model/README.md', 'distill.yaml', 'teacher.yaml',
                  'comparison.md', 'comparison.json', 'comparison.png'):
         assert (out / name).stat().st_size > 0, name
@@ -49,7 +54,8 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     assert summary['test_acc']['twin'] == pytest.approx(final['test_acc_folded'])
     table = (out / 'comparison.md').read_text()
     assert 'trained here from scratch' in table and '| twin `plain_resnet20_cifar` (shortcut-free) |' in table
-    assert f'**Warning:** {warning}' in table
+    assert f'**Warning:** {warning}' in table and f'**Warning:** {near_chance}' in table
+    assert '(--teacher-epochs, 1 now)' in table
     assert json.loads((out / 'comparison.json').read_text())['teacher_epochs'] == 1
     card = (out / 'model' / 'README.md').read_text()
     assert f"timm.create_model('local-dir:{(out / 'model').resolve()}', pretrained=True)" in card
@@ -58,6 +64,7 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     assert (cfg['tag'], cfg['input_size'], cfg['mean'], cfg['std']) == ('distill', [1, 8, 8], [0.5], [0.5])
     assert twin.pretrained_cfg['input_size'] == (1, 8, 8)
     assert 'recipe `kd-low-lr-blocks-fade60`' in card and 'trained here from scratch' in card
+    assert f'**Warning:** {near_chance}' in card
 
     # the YAML is the run: the runner's loader gives back the same sections, and training from it anew gives the
     # same twin bit for bit

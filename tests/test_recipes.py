@@ -71,6 +71,25 @@ def test_short_run_warning_names_the_steps_and_the_epochs_that_would_do():
     assert short_run_warning(get_recipe('reference'), epochs=1, steps_per_epoch=1) is None  # nothing fades
 
 
+def test_outcome_warning_flags_a_teacher_near_chance_and_a_twin_that_kept_little_of_it():
+    from jointrd_timm.recipes import outcome_warning
+    # 10 classes, chance 10 %: a teacher trained here at 15 % is near chance (under 10 % + 0.1 x 90 %)
+    warning = outcome_warning(15.0, 14.0, num_classes=10, epochs=4, teacher_epochs=2)
+    assert warning.startswith('the teacher is at 15.00 % on the test set, near chance (10.00 % for 10 classes)')
+    assert 'Train it longer (--teacher-epochs, 2 now)' in warning
+    # a loaded teacher: the fix is another teacher, not more epochs
+    assert 'Give a teacher trained on this data' in outcome_warning(15.0, 14.0, num_classes=10, epochs=4)
+    # a trained teacher (90 %) and a twin under 10 % + 0.25 x 80 % = 30 %: it kept little; at 30 % and above, no
+    warning = outcome_warning(90.0, 29.5, num_classes=10, epochs=4)
+    assert warning.startswith("the twin kept little of its teacher's accuracy: 29.50 % against 90.00 %")
+    assert '(--epochs, 4 now)' in warning
+    assert outcome_warning(90.0, 30.5, num_classes=10, epochs=4) is None
+    assert outcome_warning(90.0, 89.0, num_classes=10, epochs=4) is None
+    # the thresholds follow the class count: 19.5 % of 100 classes is well above chance (1 %) for a 60 % teacher
+    assert outcome_warning(60.0, 19.5, num_classes=100, epochs=4) is None
+    assert outcome_warning(60.0, 10.0, num_classes=100, epochs=4) is not None
+
+
 def test_per_architecture_recipes_have_names_and_their_former_ids_still_resolve():
     from jointrd_timm.recipes import ARCH_RECIPES, RECIPE_ALIASES, RECIPES
     assert {'joint-teacher', 'joint-teacher-first', 'unnormalised-loss'} <= set(RECIPES)

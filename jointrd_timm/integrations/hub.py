@@ -316,6 +316,7 @@ def model_card(entry: Dict) -> str:
         '', f'## {entry.get("results_title", "Results (measured, recorded in the jointrd-timm repository)")}', '',
         '| metric | value |', '|---|---|']
     lines += [f'| {k} | {v} |' for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    lines += [line for warning in entry.get('warnings') or () for line in ('', f'**Warning:** {warning}')]
     # a published twin loads from the Hub; one not (yet) pushed, e.g. from `jointrd distill`, from its folder
     source = f'hf-hub:{entry["hf_hub_id"]}' if entry.get('hf_hub_id') else f'local-dir:{entry["local_dir"]}'
     lines += ['', '## Use', '', '```python', 'import timm, jointrd_timm',

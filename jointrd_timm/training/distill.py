@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from ..recipes import Recipe, Schedule, get_recipe, recipe_for, short_run_warning
+from ..recipes import Recipe, Schedule, get_recipe, outcome_warning, recipe_for, short_run_warning
 from .configs import build_config, to_yaml
 from .data import DatasetColumnError, dataset_data_cfg, find_columns, labelled_as_datasets_labels_it
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
@@ -298,12 +298,15 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     lines += ['', f'Twin vs teacher latency (eager PyTorch, {measured["threads"]} threads, medians of '
                   f'{latency_repeats} interleaved runs): {speedup[1]:.2f}x at batch 1, {speedup[16]:.2f}x at '
                   f'batch 16. Training took {train_seconds:.0f} s.']
-    if plan.short_run_warning:
-        lines += ['', f'**Warning:** {plan.short_run_warning}']
+    teacher_epochs = plan.teacher_epochs if plan.teacher_trained_here else 0
+    warnings = [w for w in (plan.short_run_warning,
+                            outcome_warning(accuracy['teacher'], accuracy['twin'], plan.common['num_classes'],
+                                            plan.epochs, teacher_epochs)) if w]
+    lines += [line for w in warnings for line in ('', f'**Warning:** {w}')]
     table = '\n'.join(lines)
     summary = dict(teacher=plan.teacher.spec, teacher_origin=_teacher_origin(plan), twin=f'plain_{arch}',
                    data=plan.data, recipe=plan.recipe.id, epochs=plan.epochs,
-                   teacher_epochs=plan.teacher_epochs if plan.teacher_trained_here else 0, test_acc=accuracy,
+                   teacher_epochs=teacher_epochs, test_acc=accuracy, warnings=warnings,
                    twin_run={k: v for k, v in final.items() if k != 'config'}, train_seconds=train_seconds,
                    **{k: v for k, v in measured.items() if k != 'threads'})
     reading = dataset_data_cfg(plan.datasets['test'], plan.common['in_chans'])  # None: config.json cannot say it
@@ -318,6 +321,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
                      latency_speedup_b1=round(speedup[1], 2)),
+        warnings=warnings,
         eval_args=_eval_args(plan.data['test'], _columns_found(plan.datasets['test'].data), reading is not None),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
                   label_column=plan.data['test']['label_column'],
@@ -336,6 +340,8 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
                     out / 'comparison.png', f'{plan.teacher.spec} -> plain_{arch}',
                     memory=measured['activation_memory_mb'])
     print(table)
+    for warning in warnings:  # after the table too, where a user reading the end of the output sees it
+        print(f'\nWARNING: {warning}')
     print(f'\nwrote {out / "model"} (the deployed twin, with README.md), {out / "distill.yaml"}, '
           f'{out / "comparison.md"}, {out / "comparison.png"}')
     return summary
