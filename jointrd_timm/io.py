@@ -17,7 +17,8 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap', 'input_channels', 'top1_accuracy', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
+           'unwrap', 'input_channels', 'top1_accuracy', 'near_chance', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES',
+           'TMP_MARK', 'with_reading']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
@@ -156,6 +157,20 @@ def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
         correct += int((model(images).argmax(1) == targets).sum())
         total += len(targets)
     return 100.0 * correct / total
+
+
+# a model at less than this share of the accuracy above chance that a model can have (100 % - chance) has learned
+# (almost) nothing: too few steps, a diverged run, labels that do not match the images
+NEAR_CHANCE = 0.1
+
+
+def near_chance(accuracy: float, num_classes: Optional[int], share: float = NEAR_CHANCE) -> bool:
+    """Whether a top-1 ``accuracy`` (%) over ``num_classes`` classes lies less than ``share`` of the way from chance
+    (100 / ``num_classes``) to 100 %. False when the class count is unknown or below 2."""
+    if not num_classes or num_classes < 2:
+        return False
+    chance = 100.0 / num_classes
+    return accuracy - chance < share * (100.0 - chance)
 
 
 # the test-time entries of a pretrained_cfg (a larger evaluation size or crop): they belong to the architecture's

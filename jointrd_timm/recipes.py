@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, Mapping, Optional, Tuple
 
+from .io import near_chance
 from .methods.base import check_flag, check_number
 from .methods.fading import ShortcutFade
 from .methods.jointrd import JointRDConfig
@@ -380,21 +381,19 @@ def short_run_warning(recipe: Recipe, epochs: int, steps_per_epoch: int) -> Opti
             f"teacher's accuracy. Train for at least {needed} epochs (--epochs {needed}).")
 
 
-# when a distillation's outcome is of no use: a teacher with less than NEAR_CHANCE of the accuracy above chance that a
-# model can have (100 % - chance), a twin with less than LITTLE_KEPT of its teacher's accuracy above chance
-NEAR_CHANCE = 0.1
+# a distillation's twin with less than this share of its teacher's accuracy above chance is of no use
 LITTLE_KEPT = 0.25
 
 
 def outcome_warning(teacher_acc: float, twin_acc: float, num_classes: int, epochs: int,
                     teacher_epochs: int = 0) -> Optional[str]:
     """A warning when a distillation ended where its twin is of no use (None when not): the teacher is near chance
-    (:data:`NEAR_CHANCE`; ``teacher_epochs`` > 0: it was trained here, for that many epochs), or the twin kept
+    (:func:`jointrd_timm.io.near_chance`; ``teacher_epochs`` > 0: it was trained here, for that many epochs), or the twin kept
     less than :data:`LITTLE_KEPT` of its teacher's accuracy above chance after ``epochs``. Accuracies in %."""
     if num_classes < 2:
         return None
     chance = 100.0 / num_classes
-    if teacher_acc - chance < NEAR_CHANCE * (100.0 - chance):
+    if near_chance(teacher_acc, num_classes):
         fix = (f'train it longer (--teacher-epochs, {teacher_epochs} now)' if teacher_epochs
                else 'give a teacher trained on this data')
         return (f'the teacher is at {teacher_acc:.2f} % on the test set, near chance ({chance:.2f} % for '

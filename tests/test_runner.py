@@ -65,6 +65,30 @@ def test_overrides_and_ce_method(tmp_path):
     assert "- **Method**: the torchdistill YAML's criterion\n" in card and 'Teacher' not in card
 
 
+def test_a_model_that_learned_nothing_is_warned_about_in_the_log_final_json_and_its_card(tmp_path, caplog):
+    from jointrd_timm.io import near_chance
+    # learning rate 0: the model stays at its random initialisation, near chance on the 10 digits
+    config = load_config(tiny_yaml(tmp_path, method='ce', epochs=1), ['train.optimizer.kwargs.lr=0.0'])
+    with caplog.at_level('WARNING', logger='jointrd_timm.training.runner'):
+        final = train(config, device='cpu')
+    accuracy = final['test_acc_deployed']
+    assert near_chance(accuracy, 10)
+    warning = (f'the deployed model is at {accuracy:.2f} % on the test split, near chance (10.00 % for 10 classes): '
+               'it has learned (almost) nothing.')
+    assert len(final['warnings']) == 1 and final['warnings'][0].startswith(warning)
+    assert warning in caplog.text
+    assert json.loads((tmp_path / 'out' / 'final.json').read_text())['warnings'] == final['warnings']
+    assert f'**Warning:** {warning}' in (tmp_path / 'out' / 'model' / 'README.md').read_text()
+
+
+def test_near_chance_scales_with_the_class_count():
+    from jointrd_timm.io import near_chance
+    assert near_chance(18.9, 10) and not near_chance(19.1, 10)  # 10 % + 0.1 x 90 %
+    assert near_chance(54.0, 2) and not near_chance(56.0, 2)  # 50 % + 0.1 x 50 %
+    assert near_chance(10.0, 1000) and not near_chance(10.2, 1000)  # 0.1 % + 0.1 x 99.9 % = 10.09 %
+    assert not near_chance(0.0, None) and not near_chance(0.0, 1)  # no class count, or one class: nothing to say
+
+
 def _run(args, **kwargs):
     return subprocess.Popen([sys.executable, '-m', 'jointrd_timm.cli', 'train', *args], env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DivergedError, JointRDError
 from ..faults import fault_point
-from ..io import input_channels, load_weights
+from ..io import input_channels, load_weights, near_chance
 from ..methods import base as method_api
 from ..methods.lr_schedules import set_scheduler_run_length
 from ..twins.dirac import has_dirac
@@ -293,10 +293,21 @@ def _run_card(config: Dict, run: '_Run', deployed: nn.Module, final: Dict) -> st
                                                                      'jointrd_timm.training.data)',
         hf_dataset=test.get('source') if test and not test.get('test_fraction') else None,
         training=dict(budget=budget), results_title='Results (measured by `jointrd train`)',
+        warnings=final.get('warnings'),
         eval=dict(dataset=test['source'], split=test['split'], validate_args=False) if test else None,
         eval_args=f'--split {test["split"]}' + (f' --test-fraction {test["test_fraction"]}' if test.get(
             'test_fraction') else '') if test else None,
         local_dir=str((run.out / 'model').resolve())))
+
+
+def _chance_warning(accuracy: float, num_classes: Optional[int]) -> Optional[str]:
+    """What to say when the deployed model ended near chance on the test split (:func:`~jointrd_timm.io.near_chance`),
+    else None."""
+    if not isinstance(num_classes, int) or not near_chance(accuracy, num_classes):
+        return None
+    return (f'the deployed model is at {accuracy:.2f} % on the test split, near chance ({100 / num_classes:.2f} % for '
+            f'{num_classes} classes): it has learned (almost) nothing. Train it longer, check that the loss fell '
+            '(metrics.jsonl: a run that diverged ends at chance too) and that the labels belong to the images.')
 
 
 def _train_loader_config(config: Dict) -> Dict:
@@ -626,6 +637,11 @@ def finish(run: _Run, config: Dict) -> Dict:
         final['test_acc'] = final['test_acc_as_trained']
         if has_dirac(deployed) or is_fading(deployed):
             final['test_acc_folded'] = final['test_acc_deployed']
+        warning = _chance_warning(deployed_accuracy(final), getattr(deployed, 'num_classes', None)
+                                  or dataset_classes(test_set))
+        if warning:
+            final['warnings'] = [warning]
+            _logger.warning(warning)
     if accelerator.is_main_process:
         save_trained_model(deployed, run.out / 'model', metrics=final, data_cfg=data_cfg,
                            label_names=_trained_label_names(config), model_card=_run_card(config, run, deployed, final))
