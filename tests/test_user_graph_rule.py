@@ -16,10 +16,13 @@ from jointrd_timm.twins import UnfaithfulTraceError, UnsupportedBlockError
 def _rules_as_they_were():
     """Each test registers the classes it needs; the global rule registry is restored after it."""
     rules = importlib.import_module('jointrd_timm.twins.rules')  # the module (jointrd_timm.twins.rules is a function)
-    saved = dict(rules._RULES)
+    verify = importlib.import_module('jointrd_timm.twins.verify')
+    saved, names = dict(rules._RULES), dict(verify._CLASS_SHORTCUT_NAMES)
     yield
     rules._RULES.clear()
     rules._RULES.update(saved)
+    verify._CLASS_SHORTCUT_NAMES.clear()
+    verify._CLASS_SHORTCUT_NAMES.update(names)
 
 
 def _net(block_class, width=8):
@@ -122,6 +125,47 @@ def test_check_graph_rule_passes_a_block_that_changes_its_input_in_place():
     assert check_graph_rule(_net(_InPlace), torch.randn(2, 3, 8, 8)) == {f'{__name__}._InPlace': 2}
 
 
+class _EqualDepth(nn.Module):
+    """proj(x) + body(x): two submodule calls, as deep as each other; only the name says which is the shortcut."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.proj(x) + self.body(x)
+
+
+class _Conditional(_Block):
+    """A shortcut only where the width stays (MobileNetV2's inverted residuals): the other blocks add nothing."""
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return out if self.proj is not None else x + out
+
+
+def test_a_class_whose_blocks_have_a_shortcut_only_sometimes_is_checked_and_derived():
+    register_graph_rule(_Conditional)
+    teacher = _net(_Conditional).eval()  # one block that adds its input, one that changes width and adds nothing
+    assert check_graph_rule(teacher, torch.randn(2, 3, 8, 8)) == {f'{__name__}._Conditional': 2}
+    twin = make_plain(copy.deepcopy(teacher))
+    assert twin.plain_report.shortcuts_removed == 1 and count_shortcut_additions(twin) == 0
+
+
+def test_a_shortcut_named_at_registration_is_cut_where_both_operands_are_equally_deep():
+    register_graph_rule(_EqualDepth, shortcut_names=('proj',))
+    teacher = _net(_EqualDepth).eval()
+    assert check_graph_rule(teacher, torch.randn(2, 3, 8, 8)) == {f'{__name__}._EqualDepth': 2}
+    twin = make_plain(copy.deepcopy(teacher)).eval()
+    assert count_shortcut_additions(teacher) == 2 and count_shortcut_additions(twin) == 0
+    assert not any('.proj.' in n for n, _ in twin.named_parameters())
+    x = torch.randn(2, 8, 8, 8)  # the second block alone: its twin is its body
+    assert torch.allclose(twin[2](x), teacher[2].body(x))
+    with pytest.raises(ValueError, match='attribute names of submodules'):
+        register_graph_rule(_Block, shortcut_names=('not a name',))
+
+
 class _NoShortcut(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
@@ -134,7 +178,8 @@ class _NoShortcut(nn.Module):
 @pytest.mark.parametrize('block_class, message', [
     (_DataDependent, r'`1` \(.*_DataDependent\): .*cannot be traced'),
     (_TracesDifferently, r'`1` \(.*_TracesDifferently\): .*computes something else'),
-    (_NoShortcut, r'`1` \(.*_NoShortcut\): the graph rule finds no shortcut addition'),
+    (_NoShortcut, r'_NoShortcut: the graph rule finds no shortcut addition in the forward of any of its 2 block'),
+    (_EqualDepth, r"`1` \(.*_EqualDepth\): .*cannot tell which is the shortcut.*shortcut_names=\('proj',\)"),
 ])
 def test_check_graph_rule_names_the_block_whose_class_cannot_take_the_rule(block_class, message):
     register_graph_rule(block_class)

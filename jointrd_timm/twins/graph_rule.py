@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import JointRDError
 from .rules import ShortcutRule, get_rule, register_rule
-from .verify import find_shortcut_additions, trace_block
+from .verify import _ADD_FUNCTIONS, _ADD_METHODS, find_shortcut_additions, name_shortcuts, trace_block
 
 __all__ = ['graph_rule', 'register_graph_rule', 'check_graph_rule', 'UnfaithfulTraceError', 'graph_block',
            'TwinGraphBlock', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace', 'is_projection']
@@ -152,8 +152,12 @@ def faithful_trace(block: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(block, traced[0])
 
 
-def graph_rule(block_class: Type[nn.Module], why: str = '') -> ShortcutRule:
-    """Register the graph rule for ``block_class`` (see the module docstring)."""
+def graph_rule(block_class: Type[nn.Module], why: str = '', shortcut_names: Tuple[str, ...] = ()) -> ShortcutRule:
+    """Register the graph rule for ``block_class`` (see the module docstring). ``shortcut_names``: the submodule
+    names that mark the shortcut where both operands of an addition are one submodule call
+    (:func:`~jointrd_timm.twins.verify.name_shortcuts`)."""
+    if shortcut_names:
+        name_shortcuts(block_class, shortcut_names)
     rule = register_rule(ShortcutRule(
         block_class, plain_graph_module,
         'forward traced with torch.fx; each shortcut addition replaced by its branch, the projection removed '
@@ -166,7 +170,7 @@ class UnfaithfulTraceError(JointRDError, ValueError):
     """A block's forward traced by torch.fx does not compute what the block computes (:func:`check_graph_rule`)."""
 
 
-def register_graph_rule(block_class: Type[nn.Module]) -> Type[nn.Module]:
+def register_graph_rule(block_class: Type[nn.Module], shortcut_names: Tuple[str, ...] = ()) -> Type[nn.Module]:
     """Let :func:`~jointrd_timm.make_plain` derive twins of a model built from your own residual block class: the
     graph rule (the module docstring) is registered for ``block_class`` and the class is returned, so this works as
     a class decorator too::
@@ -178,19 +182,26 @@ def register_graph_rule(block_class: Type[nn.Module]) -> Type[nn.Module]:
 
     The rule needs a forward that torch.fx traces faithfully: no branching on the input's values, shape or Python
     type (tracing would follow one branch only). :func:`check_graph_rule` tests that on real inputs; run it once
-    per class. A class that already has a rule (timm's, or one registered before) is refused."""
+    per class. A class that already has a rule (timm's, or one registered before) is refused.
+
+    The shortcut of an addition is the operand with less computation on its path from the block's input. Where
+    both are one submodule call (``self.proj(x) + self.body(x)``), name the shortcut's submodule:
+    ``register_graph_rule(MyBlock, shortcut_names=('proj',))`` (``shortcut``, ``downsample`` and ``skip`` are
+    known already)."""
     if not (isinstance(block_class, type) and issubclass(block_class, nn.Module)):
         raise TypeError(f'register_graph_rule takes an nn.Module subclass (the block class), got {block_class!r}.')
-    graph_rule(block_class, 'registered by the user (register_graph_rule)')
+    graph_rule(block_class, 'registered by the user (register_graph_rule)', shortcut_names)
     return block_class
 
 
 def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
     """Run ``model(*args, **kwargs)`` (eval mode, no gradients) and check, for every block whose class has a graph
     rule, that its traced forward computes exactly what the block computed on the input it received there, and that
-    the rule finds a shortcut to cut in it. Raises :class:`UnfaithfulTraceError` naming the first block that
-    differs; returns the number of blocks checked per class (``'module.Class': n``). ``model`` is the residual
-    model, before :func:`~jointrd_timm.make_plain`."""
+    the rule finds the shortcut to cut in it: a block whose forward adds two computed tensors without one being
+    found as the shortcut is refused, one without any addition (a block of the class built without a shortcut)
+    passes, and a class must show a shortcut in at least one of its blocks. Raises :class:`UnfaithfulTraceError`
+    naming the first block that fails; returns the number of blocks checked per class (``'module.Class': n``).
+    ``model`` is the residual model, before :func:`~jointrd_timm.make_plain`."""
     blocks = [(name, m) for name, m in model.named_modules()
               if getattr(get_rule(m), 'apply', None) is plain_graph_module and not isinstance(m, fx.GraphModule)]
     if not blocks:
@@ -218,8 +229,17 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
         model.train(was_training)
 
 
+def _additions(graph: fx.Graph) -> int:
+    """The additions of two computed tensors in a traced forward (shortcut or not)."""
+    return sum(1 for node in graph.nodes
+               if ((node.op == 'call_function' and node.target in _ADD_FUNCTIONS)
+                   or (node.op == 'call_method' and node.target in _ADD_METHODS))
+               and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2)
+
+
 def _compare(captured: Dict) -> Dict[str, int]:
     counts: Dict[str, int] = {}
+    with_shortcut = set()  # the classes with a shortcut found in at least one block
     for name, (block, a, kw) in captured.items():
         qualname = f'{type(block).__module__}.{type(block).__qualname__}'
         try:
@@ -239,10 +259,20 @@ def _compare(captured: Dict) -> Dict[str, int]:
                 'on the input it received (does the forward branch on the input\'s values, shape or type?). The '
                 'graph rule cannot derive its twin: write a rule for the class (docs/design.md).')
         graph, concrete = trace_block(block)
-        if not find_shortcut_additions(graph, concrete, root=block):
-            raise UnfaithfulTraceError(f'`{name}` ({qualname}): the graph rule finds no shortcut addition in its '
-                                       'forward, so its twin would keep whatever residual path it has.')
+        if find_shortcut_additions(graph, concrete, root=block):
+            with_shortcut.add(qualname)
+        elif _additions(graph):
+            raise UnfaithfulTraceError(
+                f'`{name}` ({qualname}): its forward adds two computed tensors, and the graph rule cannot tell which '
+                'is the shortcut (both are equally deep), so its twin would keep that residual path. Name the '
+                "shortcut's submodule: register_graph_rule(TheClass, shortcut_names=('proj',)).")
+        # else a block of the class without a shortcut (one that changes stride or width, say): nothing to cut
         counts[qualname] = counts.get(qualname, 0) + 1
+    for qualname in counts.keys() - with_shortcut:
+        raise UnfaithfulTraceError(
+            f'{qualname}: the graph rule finds no shortcut addition in the forward of any of its {counts[qualname]} '
+            'block(s) here, so a twin would keep whatever residual path they have (an addition the trace cannot '
+            'see, inside a function torch.fx does not enter?).')
     return counts
 
 

@@ -24,11 +24,15 @@ from torch import nn
 from .rules import get_rule, handed_projections
 
 __all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_block', 'find_shortcut_additions',
-           'count_shortcut_additions', 'find_unhandled_residual_blocks', 'NOT_SHORTCUT_CLASSES']
+           'count_shortcut_additions', 'find_unhandled_residual_blocks', 'NOT_SHORTCUT_CLASSES',
+           'name_shortcuts', 'shortcut_names']
 
 SHORT_PATH = 3
 # submodule names that mark an operand as the shortcut when both operands are equally deep (the last name part)
 SHORTCUT_NAMES = frozenset({'shortcut', 'downsample', 'skip'})
+# more such names for the blocks of one class (name_shortcuts), e.g. torchvision's RegNet block, whose projection
+# shortcut is ``self.proj``: keyed by the block class
+_CLASS_SHORTCUT_NAMES: Dict[type, frozenset] = {}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {'add', 'add_'}
 
@@ -106,8 +110,25 @@ def _cost(node: fx.Node, root: Optional[nn.Module]) -> int:
     return 1 + 2 * sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
-def _named_shortcut(node: fx.Node) -> bool:
-    return node.op == 'call_module' and node.target.rsplit('.', 1)[-1] in SHORTCUT_NAMES
+def name_shortcuts(block_class: type, names) -> None:
+    """Submodule ``names`` that mark the shortcut operand of an addition in ``block_class``'s forward where both
+    operands are one submodule call (``self.proj(x) + self.f(x)``), beside :data:`SHORTCUT_NAMES`."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise ValueError(f'Shortcut names are the attribute names of submodules (e.g. "proj"), got {names!r}.')
+    _CLASS_SHORTCUT_NAMES[block_class] = frozenset(names)
+
+
+def shortcut_names(block: Optional[nn.Module]) -> frozenset:
+    """The names that mark a shortcut submodule in ``block`` (a twin's rewritten block counts as its class)."""
+    if block is None:
+        return SHORTCUT_NAMES
+    cls = getattr(type(block), 'jointrd_block_class', None) or type(block)
+    return SHORTCUT_NAMES | _CLASS_SHORTCUT_NAMES.get(cls, frozenset())
+
+
+def _named_shortcut(node: fx.Node, names: frozenset = SHORTCUT_NAMES) -> bool:
+    return node.op == 'call_module' and node.target.rsplit('.', 1)[-1] in names
 
 
 def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
@@ -118,7 +139,10 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
     more; the output of a counted addition is an input too for a later addition whose operands both read it (the
     next residual sub-block in the same forward), not for one that merely adds it to a parallel branch. Of
     the two, the shortcut is the one with less computation on its path (convs weigh more than norms and identities),
-    so a branch hidden in one opaque submodule call is not mistaken for the shortcut."""
+    so a branch hidden in one opaque submodule call is not mistaken for the shortcut. Of two equally deep operands,
+    the shortcut is the one called through a submodule named as one (:func:`shortcut_names` of ``root``); without
+    such a name the addition is not counted."""
+    names = shortcut_names(root)
     depth: Dict[fx.Node, int] = {}
     cost: Dict[fx.Node, int] = {}
     # depth and cost from each counted sum a node reads (sum -> (depth, cost)): a later addition of the sum and a
@@ -160,8 +184,8 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
                 continue
             if measure[a][0] != measure[b][0]:
                 shortcut, branch = sorted((a, b), key=lambda n: (measure[n][1], measure[n][0]))
-            elif _named_shortcut(a) != _named_shortcut(b):
-                shortcut, branch = (a, b) if _named_shortcut(a) else (b, a)
+            elif _named_shortcut(a, names) != _named_shortcut(b, names):
+                shortcut, branch = (a, b) if _named_shortcut(a, names) else (b, a)
             else:
                 continue
             found.append((node, shortcut, branch))
