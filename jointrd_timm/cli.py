@@ -89,8 +89,9 @@ def _train(args) -> int:
 def _convert(args) -> int:
     from .training.checkpoint import convert_checkpoint
     path = convert_checkpoint(args.source, args.output, entry=args.entry)
-    print(f'wrote {path} (the weights of {args.source}: its {args.entry!r} entry, or the file itself when it is a '
-          'bare state dict; read with torch.load(weights_only=True))')
+    entry = repr(args.entry) if args.entry else 'model or state_dict'
+    print(f'wrote {path} (the weights of {args.source}: its {entry} entry, or the file itself when it is a bare '
+          'state dict; read with torch.load(weights_only=True))')
     return 0
 
 
@@ -360,14 +361,19 @@ def _train_parser(sub) -> None:
 
 
 def _convert_parser(sub) -> None:
-    p = sub.add_parser('convert-checkpoint', help="a pickled checkpoint's weights (e.g. torchdistill's) to safetensors",
+    p = sub.add_parser('convert-checkpoint', help="a pickled checkpoint's weights (torchdistill's, timm train.py's) to "
+                                                  'safetensors',
                        description='Reads a pickled checkpoint with torch.load(weights_only=True): tensors and plain '
                                    'containers only, no code is run; convert only files you trust all the same. The '
-                                   'state dict under ENTRY (torchdistill: model) is written as .safetensors, which '
-                                   'every other command takes.')
-    p.add_argument('source', help='a .pt/.pth checkpoint, e.g. one written by torchdistill\'s example script')
+                                   'state dict under ENTRY (torchdistill: model, timm train.py: state_dict) is written '
+                                   'as .safetensors, which every other command takes (jointrd distill ARCH '
+                                   '--teacher-weights FILE).')
+    p.add_argument('source', help='a .pt/.pth/.pth.tar checkpoint, e.g. one written by torchdistill\'s example script '
+                                  "or timm's train.py")
     p.add_argument('output', help='the .safetensors file to write')
-    p.add_argument('--entry', default='model', help="the checkpoint's entry holding the state dict (default: model)")
+    p.add_argument('--entry', default=None,
+                   help="the checkpoint's entry holding the state dict (default: model (torchdistill) or state_dict "
+                        "(timm's train.py), whichever holds one; e.g. state_dict_ema for timm's weight average)")
     p.set_defaults(func=_convert)
 
 
@@ -398,6 +404,9 @@ def _distill_parser(sub) -> None:
                                    'folder or a runner output folder; a bare architecture (resnet20_cifar) has no '
                                    'weights: the teacher is then trained here first, from scratch')
     p.add_argument('--data', required=True, help='Hub id, local Hub-layout folder, image folder, or sklearn:digits')
+    p.add_argument('--teacher-weights', default=None,
+                   help='a .safetensors state dict of the bare architecture TEACHER names (a model trained elsewhere, '
+                        "e.g. timm's train.py: `jointrd convert-checkpoint` writes one from its .pth.tar)")
     p.add_argument('--epochs', type=int, default=None, help='twin epochs (default: the schedule of the data\'s setting)')
     p.add_argument('--teacher-epochs', type=int, default=None,
                    help='epochs of a teacher trained or fine-tuned here (default: --epochs)')

@@ -388,8 +388,9 @@ LITTLE_KEPT = 0.25
 def outcome_warning(teacher_acc: float, twin_acc: float, num_classes: int, epochs: int,
                     teacher_epochs: int = 0) -> Optional[str]:
     """A warning when a distillation ended where its twin is of no use (None when not): the teacher is near chance
-    (:func:`jointrd_timm.io.near_chance`; ``teacher_epochs`` > 0: it was trained here, for that many epochs), or the twin kept
-    less than :data:`LITTLE_KEPT` of its teacher's accuracy above chance after ``epochs``. Accuracies in %."""
+    (:func:`jointrd_timm.io.near_chance`; ``teacher_epochs`` > 0: it was trained here, for that many epochs), or the
+    twin kept less than :data:`LITTLE_KEPT` of its teacher's accuracy above chance after ``epochs``. Accuracies
+    in %."""
     if num_classes < 2:
         return None
     chance = 100.0 / num_classes

@@ -372,3 +372,86 @@ def test_a_distill_output_given_as_the_teacher_names_the_folders_that_hold_one(t
                                            rf'{out / "twin"} .* or {out / "teacher" / "model"}'):
         resolve_teacher(str(out))
     assert resolve_teacher(str(out / 'teacher' / 'model')).arch == 'resnet20_cifar'
+
+
+def _timm_train_checkpoint(tmp_path, num_classes=10, arch='resnet20_cifar'):
+    """What timm's train.py saves (a pickle: state_dict, its weight average, the arguments), and the model."""
+    import argparse
+    torch.manual_seed(3)
+    model = timm.create_model(arch, num_classes=num_classes, in_chans=1)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save(dict(epoch=3, arch=arch, state_dict=model.state_dict(), state_dict_ema=ema, optimizer={},
+                    args=argparse.Namespace(model=arch), metric=0.5), path)
+    return path, model, ema
+
+
+def test_a_timm_train_checkpoint_converted_to_safetensors_is_the_teacher(tmp_path, capsys):
+    path, model, ema = _timm_train_checkpoint(tmp_path)
+    # the pickle itself is refused, with the command that converts it
+    with pytest.raises(DistillError, match=r'is a pickle, which is not loaded.*jointrd convert-checkpoint '
+                                           r'.*model_best\.pth\.tar model_best\.safetensors'):
+        plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), teacher_weights=str(path), **TOY)
+    weights = tmp_path / 'model_best.safetensors'
+    assert main(['convert-checkpoint', str(path), str(weights)]) == 0  # finds train.py's state_dict by itself
+    assert main(['convert-checkpoint', str(path), str(tmp_path / 'ema.safetensors'), '--entry', 'state_dict_ema']) == 0
+    assert torch.equal(load_file(str(tmp_path / 'ema.safetensors'))['fc.bias'], ema['fc.bias'])
+
+    plan = plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), teacher_weights=str(weights), **TOY)
+    assert (plan.teacher.num_classes, plan.teacher.in_chans) == (10, 1)  # read from the file
+    assert not plan.teacher_trained_here
+    teacher = distill.load_teacher(plan.teacher)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in teacher.state_dict().items())
+    assert f'--teacher-weights {weights.resolve()}' in plan.command
+    kwargs = build_configs(plan, plan.teacher.model)['distill']['models']['model']['kwargs']['teacher']
+    assert kwargs['checkpoint'] == str(weights.resolve())
+    summary = report_distill(plan, train_distill(plan, device='cpu'), train_seconds=0.0, latency_repeats=1)
+    model.eval()
+    assert summary['test_acc']['teacher'] == pytest.approx(
+        top1_accuracy(model, build_configs(plan, plan.teacher.model)['distill']['datasets']['test']))
+    assert summary['teacher_origin'] == f'resnet20_cifar loaded from {weights.resolve()}'
+    assert f'--teacher-weights {weights.resolve()}' in (tmp_path / 'out' / 'model' / 'README.md').read_text()
+
+    # weights for other classes: re-initialised and fine-tuned, the file's classifier left out
+    other, _, _ = _timm_train_checkpoint(tmp_path / 'five', num_classes=5)
+    assert main(['convert-checkpoint', str(other), str(tmp_path / 'five.safetensors')]) == 0
+    plan = plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out5'),
+                        teacher_weights=str(tmp_path / 'five.safetensors'), num_classes=10, **TOY)
+    assert plan.teacher.num_classes == 5 and plan.teacher_trained_here
+    teacher_kwargs = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
+    assert teacher_kwargs['reset_head'] and teacher_kwargs['num_classes'] == 10
+    assert distill.build_model(teacher_kwargs).fc.out_features == 10
+
+
+@pytest.mark.parametrize('teacher, weights, message', [
+    ('resnet20_cifar.nope', 'good', r"resnet20_cifar has no pretrained tag 'nope'"),
+    ('resnet20_cifar', 'missing', r'--teacher-weights .*missing\.safetensors: no such file'),
+    ('resnet20_cifar', 'resnet32', r'--teacher-weights .*resnet32\.safetensors does not load into resnet20_cifar: .*'
+                                   r'unexpected'),
+    ('resnet20_cifar', 'nohead', r'--teacher-weights .*nohead\.safetensors has no fc\.weight: not the weights of '
+                                 r'resnet20_cifar'),
+    ('resnet20_cifar', 'text', r'--teacher-weights .*text\.safetensors cannot be read as safetensors'),
+])
+def test_bad_teacher_weights_are_refused_before_anything_is_written(tmp_path, teacher, weights, message):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    files = dict(good=timm.create_model('resnet20_cifar', num_classes=10, in_chans=1).state_dict(),
+                 resnet32=timm.create_model('resnet32_cifar', num_classes=10, in_chans=1).state_dict())
+    files['nohead'] = {k: v for k, v in files['good'].items() if not k.startswith('fc.')}
+    path = tmp_path / f'{weights}.safetensors'
+    if weights == 'text':
+        path.write_text('not safetensors')
+    elif weights in files:
+        save_file({k: v.contiguous() for k, v in files[weights].items()}, str(path))
+    with pytest.raises(DistillError, match=message):
+        run_distill(teacher, 'sklearn:digits', str(tmp_path / 'out'), teacher_weights=str(path), **TOY)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_teacher_weights_go_with_a_bare_architecture_only(tmp_path):
+    folder = _hub_teacher(tmp_path, 10)
+    with pytest.raises(DistillError, match=r'--teacher-weights .*: TEACHER .* has weights of its own\. Give the bare '
+                                           r'architecture \(resnet20_cifar\)'):
+        plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'),
+                     teacher_weights=str(folder / 'model.safetensors'), **TOY)

@@ -160,11 +160,21 @@ def module_state(path, state: Dict, name: str) -> Dict[str, torch.Tensor]:
     return state['modules'][name]
 
 
-def convert_checkpoint(src, dst, entry: str = 'model') -> Path:
-    """Write the weights of a pickled checkpoint (torchdistill's ``save_ckpt`` file: a dict whose ``model`` entry is
-    the state dict, or a bare state dict) to ``dst`` as safetensors. Read with ``torch.load(weights_only=True)``:
-    tensors, plain containers and argparse.Namespace (torchdistill stores its arguments) only; anything else is
-    refused by torch without being run. A DDP ``module.`` prefix is removed."""
+# where checkpoints keep their state dict: torchdistill's save_ckpt under 'model', timm's train.py under 'state_dict'
+STATE_DICT_ENTRIES = ('model', 'state_dict')
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
+
+
+def convert_checkpoint(src, dst, entry: Optional[str] = None) -> Path:
+    """Write the weights of a pickled checkpoint to ``dst`` as safetensors: its ``entry`` (default: the first of
+    :data:`STATE_DICT_ENTRIES` that holds a state dict: torchdistill's ``save_ckpt`` file keeps it under ``model``,
+    timm's train.py under ``state_dict``, and its weight average under ``state_dict_ema``), or the file itself when
+    it is a bare state dict. Read with ``torch.load(weights_only=True)``: tensors, plain containers and
+    argparse.Namespace (both store their arguments) only; anything else is refused by torch without being run. A
+    DDP ``module.`` prefix is removed."""
     import argparse
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -177,10 +187,13 @@ def convert_checkpoint(src, dst, entry: str = 'model') -> Path:
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError by case
         raise CheckpointError(f'{src} cannot be read as a weights-only pickle (torch.load weights_only=True): '
                               f'{str(e).splitlines()[0][:300]}') from e
-    state = obj.get(entry) if isinstance(obj, dict) and isinstance(obj.get(entry), dict) else obj
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+    entries = (entry,) if entry else STATE_DICT_ENTRIES
+    found = [obj[e] for e in entries if isinstance(obj, dict) and _is_state_dict(obj.get(e))]
+    state = found[0] if found else obj
+    if not _is_state_dict(state):
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f'{src} holds no state dict of tensors under {entry!r} (found {keys}).')
+        raise CheckpointError(f'{src} holds no state dict of tensors under {" or ".join(map(repr, entries))}, nor is '
+                              f'it one (found {keys}): name the entry that holds it with --entry.')
     if all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
     tensors = _tensors(state, '')

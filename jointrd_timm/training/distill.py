@@ -42,7 +42,8 @@ from .data import DatasetColumnError, dataset_data_cfg, find_columns, labelled_a
 from .distill_inputs import (DataSpec, DistillError, TrainSpec, check_classes, check_output, check_pair, check_positive,
                              check_splits_agree, check_twin, command_line, dataset_kwargs, load_datasets,
                              saved_an_epoch, setting_schedule, specs)
-from .teachers import Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint
+from .teachers import (Teacher, build_model, extract_run_teacher, load_teacher, resolve_teacher, tag_hint,
+                       with_weights_file)
 # names that moved to configs.py, distill_inputs.py and teachers.py, still importable from here
 from .configs import DATASET_LOADER  # noqa: F401,E402
 from .distill_inputs import check_positive  # noqa: F401,E402
@@ -147,13 +148,14 @@ class DistillPlan:
 
 def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Optional[TrainSpec] = None,
                  recipe: Optional[str] = None, num_classes: Optional[int] = None, resume: bool = False,
-                 overwrite: bool = False, **options) -> DistillPlan:
+                 overwrite: bool = False, teacher_weights: Optional[str] = None, **options) -> DistillPlan:
     """Every check of ``jointrd distill``, before anything is written or trained; raises :class:`DistillError`.
 
     ``data``: a source or a :class:`DataSpec`; ``train``: a :class:`TrainSpec`; ``options``: their fields by name
     (``epochs=3, limit=128``, the command line's form). ``recipe``: a name of ``RECIPES`` (default: the one
     recommended for the teacher's architecture); ``num_classes``: the data's label count, to re-initialise the
-    classifier of a teacher trained for other classes."""
+    classifier of a teacher trained for other classes; ``teacher_weights``: a .safetensors state dict of the
+    architecture ``teacher`` names (:func:`~jointrd_timm.training.teachers.with_weights_file`)."""
     data, train = specs(data, train, **options)
     train.check(data)
     try:
@@ -163,6 +165,8 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     out = Path(output_dir)
     check_output(out, resume, overwrite)
     resolved = resolve_teacher(teacher)
+    if teacher_weights is not None:
+        resolved = with_weights_file(resolved, teacher_weights)
     check_twin(resolved.arch)
     twin_recipe = chosen or recipe_for(resolved.arch)
     digits = data.source == 'sklearn:digits'
@@ -189,7 +193,7 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     pair = twin_recipe.jointrd_model(resolved.arch, None, twin_schedule, **common)
     check_pair(pair, (channels, input_size, input_size), data_classes)
     load_teacher(resolved)  # its weights are there and load: a run never starts only to fail fetching them
-    command = command_line(teacher, data, train, twin_recipe.id, epochs, num_classes, out)
+    command = command_line(teacher, data, train, twin_recipe.id, epochs, num_classes, out, teacher_weights)
     return DistillPlan(out, resolved, twin_recipe, schedule, sets, datasets, common, pair, reinit, epochs,
                        train.teacher_epochs if train.teacher_epochs is not None else epochs, budget, command,
                        runner=dict(mixed_precision=train.mixed_precision, channels_last=train.channels_last,
@@ -213,7 +217,9 @@ def build_configs(plan: DistillPlan, teacher_model: Dict) -> Dict[str, Dict]:
     pair = copy.deepcopy(plan.pair)
     if plan.teacher_trained_here:
         # a teacher with as many classes as the data keeps its classifier through timm's loader: reset it here
-        reset = dict(reset_head=True) if plan.reinit_head and plan.teacher.num_classes == common['num_classes'] else {}
+        # (a weights file's classifier is never loaded into one for other classes: reset it there too)
+        reset = dict(reset_head=True) if plan.reinit_head and (plan.teacher.num_classes == common['num_classes']
+                                                               or 'checkpoint' in teacher_model) else {}
         configs['teacher'] = config(dict(key='timm_model', kwargs=dict(teacher_model, **common, **reset)), 'ce',
                                     plan.teacher_epochs, 'teacher')
         pair['kwargs']['teacher'] = dict(model_name=plan.teacher.arch, **common,
@@ -394,9 +400,15 @@ def _teacher_origin(plan: DistillPlan) -> str:
     if plan.teacher.num_classes is None:
         return f'trained here from scratch ({plan.teacher_epochs} epochs; no weights were given)'
     if plan.reinit_head:
-        return (f'{plan.teacher.spec} with its classifier re-initialised for {plan.common["num_classes"]} classes, '
-                f'fine-tuned here ({plan.teacher_epochs} epochs)')
+        return (f'{plan.teacher.spec}{_weights_words(plan.teacher)} with its classifier re-initialised for '
+                f'{plan.common["num_classes"]} classes, fine-tuned here ({plan.teacher_epochs} epochs)')
+    if plan.teacher.weights_file is not None:
+        return f'{plan.teacher.arch} loaded from {plan.teacher.weights_file}'
     return f'loaded from {plan.teacher.spec}'
+
+
+def _weights_words(teacher: Teacher) -> str:
+    return f' (the weights of {teacher.weights_file})' if teacher.weights_file is not None else ''
 
 
 def _header(command: str, what: str) -> str:

@@ -102,7 +102,7 @@ def specs(data, train: Optional[TrainSpec] = None, **options) -> tuple:
 
 
 def command_line(teacher: str, data: DataSpec, train: TrainSpec, recipe: str, epochs: int,
-                 num_classes: Optional[int], out: Path) -> str:
+                 num_classes: Optional[int], out: Path, teacher_weights: Optional[str] = None) -> str:
     """The ``jointrd distill`` command that plans the same run again (what the YAMLs' headers and the model card
     record), from any directory (local folders as absolute paths): the teacher, data, twin epochs, recipe and output
     folder, and every other option given a value other than its default."""
@@ -121,6 +121,8 @@ def command_line(teacher: str, data: DataSpec, train: TrainSpec, recipe: str, ep
                 words += [flag] if value is True else [flag, str(value)]
     if num_classes is not None:
         words += ['--num-classes', str(num_classes)]
+    if teacher_weights is not None:
+        words += ['--teacher-weights', where(teacher_weights)]
     return shlex.join(words + ['--output-dir', str(Path(out).expanduser().resolve())])
 
 

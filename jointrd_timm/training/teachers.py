@@ -10,10 +10,11 @@ from typing import Dict, Optional
 import torch
 
 from ..integrations.hub import HUB_DOWNLOAD_ERRORS, hub_repo, missing_weights_message
+from ..io import CheckpointError
 from .distill_inputs import DistillError
 
-__all__ = ['Teacher', 'resolve_teacher', 'load_teacher', 'missing_weights_error', 'extract_run_teacher',
-           'build_model', 'tag_hint', 'HUB_DOWNLOAD_ERRORS']
+__all__ = ['Teacher', 'resolve_teacher', 'with_weights_file', 'load_teacher', 'missing_weights_error',
+           'extract_run_teacher', 'build_model', 'tag_hint', 'HUB_DOWNLOAD_ERRORS']
 
 @dataclass
 class Teacher:
@@ -29,6 +30,7 @@ class Teacher:
     # how its weights expect images (mean, std, interpolation, crop_pct, crop_mode of its pretrained_cfg); None: no
     # weights, or no such config
     data_cfg: Optional[Dict] = None
+    weights_file: Optional[Path] = None  # a .safetensors state dict given with --teacher-weights
 
 
 def _reading(cfg) -> Optional[Dict]:
@@ -121,6 +123,46 @@ def resolve_teacher(spec: str) -> Teacher:
                    cfg.input_size[-1], license_, data_cfg=_reading(cfg))
 
 
+def with_weights_file(teacher: Teacher, weights) -> Teacher:
+    """A bare timm architecture (``teacher`` as :func:`resolve_teacher` gives it, without weights) with the weights
+    of a .safetensors state dict ``weights`` (``--teacher-weights``): a model trained elsewhere, e.g. by timm's
+    train.py, whose checkpoint ``jointrd convert-checkpoint`` turned into safetensors. Its classes and input channels
+    are read from the file (the classifier's rows, the first conv's input channels); its images are read as the
+    architecture's default config says (mean, std, crop: what timm's train.py uses unless told otherwise)."""
+    import timm
+    from ..io import PICKLE_SUFFIXES, CheckpointError, input_channels, read_state_dict
+    from ..integrations.torchdistill import _classifier_name
+    path = Path(weights).expanduser()
+    if teacher.num_classes is not None:
+        raise DistillError(f'--teacher-weights {weights}: TEACHER {teacher.spec} has weights of its own. Give the '
+                           f'bare architecture ({teacher.arch}) with --teacher-weights, or TEACHER alone.')
+    if not path.is_file():
+        raise DistillError(f'--teacher-weights {path}: no such file.')
+    if path.suffix in PICKLE_SUFFIXES or path.suffix == '.tar':
+        raise DistillError(f'--teacher-weights {path} is a pickle, which is not loaded (unpickling can run code). '
+                           f'Write its weights as safetensors first: jointrd convert-checkpoint {path} '
+                           f'{path.name.split(".")[0]}.safetensors (it finds the state dict of a timm train.py or '
+                           'torchdistill checkpoint; --entry names another, e.g. state_dict_ema).')
+    try:
+        state = read_state_dict(path)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise DistillError(f'--teacher-weights {path} cannot be read as safetensors: {e}') from e
+    model = timm.create_model(teacher.arch)
+    head, conv = _classifier_name(model), next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    per_channel = model.get_submodule(conv).in_channels // (input_channels(model) or 1)  # a space-to-depth stem
+    missing = [k for k in (f'{head}.weight', f'{conv}.weight') if k not in state]
+    if missing:
+        raise DistillError(f'--teacher-weights {path} has no {" and no ".join(missing)}: not the weights of '
+                           f'{teacher.arch} (its keys start {", ".join(sorted(state)[:4])}, ...). Give the '
+                           'architecture the file was trained as.')
+    num_classes, in_chans = state[f'{head}.weight'].shape[0], state[f'{conv}.weight'].shape[1] // per_channel
+    cfg = timm.get_pretrained_cfg(teacher.arch)
+    return Teacher(teacher.arch, teacher.arch, dict(model_name=teacher.arch, num_classes=num_classes, in_chans=in_chans,
+                                                    checkpoint=str(path.resolve())),
+                   num_classes, in_chans, teacher.input_size, 'other', data_cfg=_reading(cfg) if cfg else None,
+                   weights_file=path.resolve())
+
+
 def missing_weights_error(spec: str, error: Exception) -> DistillError:
     """What a user reads when the teacher's files cannot be fetched from the Hub
     (:func:`~jointrd_timm.integrations.hub.missing_weights_message`)."""
@@ -142,6 +184,11 @@ def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:
         return build_model(teacher.model)
     except HUB_DOWNLOAD_ERRORS as e:
         raise missing_weights_error(teacher.spec, e) from e
+    except CheckpointError as e:
+        if teacher.weights_file is None:
+            raise
+        # a --teacher-weights file whose tensors do not fit the architecture
+        raise DistillError(f'--teacher-weights {teacher.weights_file} does not load into {teacher.arch}: {e}') from e
 
 
 def build_model(model_kwargs: Dict) -> torch.nn.Module:
