@@ -120,3 +120,24 @@ def test_torchvision_teacher_weights_load_into_its_twin_and_jointrd_says_what_it
     assert not any('downsample' in k for k in twin.state_dict())
     with pytest.raises(StageLayoutError, match="forward_features, forward_head.*timm's model interface"):
         JointRD(make_fading(copy.deepcopy(teacher)), teacher)
+
+
+def test_a_torchvision_resnet_state_dict_is_a_teacher_of_timms_same_architecture(tmp_path):
+    """torchvision's ResNets and timm's share their parameter names: its weights, converted to safetensors, are
+    `jointrd distill resnet18 --teacher-weights`'s teacher, computing what the torchvision model computes."""
+    from jointrd_timm.cli import main
+    from jointrd_timm.training.distill import load_teacher, plan_distill
+    torch.manual_seed(0)
+    tv = _moved_off_init(models.resnet18(num_classes=10))
+    tv.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)  # grey digits
+    tv.eval()
+    torch.save(tv.state_dict(), tmp_path / 'resnet18.pth')  # a bare state dict, as torchvision users save one
+    weights = tmp_path / 'resnet18.safetensors'
+    assert main(['convert-checkpoint', str(tmp_path / 'resnet18.pth'), str(weights)]) == 0
+    plan = plan_distill('resnet18', 'sklearn:digits', str(tmp_path / 'out'), teacher_weights=str(weights), epochs=1,
+                        limit=64, input_size=32)
+    assert (plan.teacher.num_classes, plan.teacher.in_chans) == (10, 1)
+    teacher = load_teacher(plan.teacher).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), tv(x), atol=1e-5)
