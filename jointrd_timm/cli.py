@@ -88,10 +88,11 @@ def _train(args) -> int:
 
 def _convert(args) -> int:
     from .training.checkpoint import convert_checkpoint
+    from .io import open_safetensors
     path = convert_checkpoint(args.source, args.output, entry=args.entry)
-    entry = repr(args.entry) if args.entry else 'model or state_dict'
-    print(f'wrote {path} (the weights of {args.source}: its {entry} entry, or the file itself when it is a bare '
-          'state dict; read with torch.load(weights_only=True))')
+    entry = open_safetensors(path)[1].get('entry')
+    what = f'its {entry!r} entry' if entry else 'the file itself, a bare state dict'
+    print(f'wrote {path} (the weights of {args.source}: {what}; read with torch.load(weights_only=True))')
     return 0
 
 

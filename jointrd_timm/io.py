@@ -159,18 +159,19 @@ def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
     return 100.0 * correct / total
 
 
-# a model at less than this share of the accuracy above chance that a model can have (100 % - chance) has learned
-# (almost) nothing: too few steps, a diverged run, labels that do not match the images
+# a model at less than this share of the accuracy above chance that a model can have (100 % - chance), and below
+# twice chance, has learned (almost) nothing: too few steps, a diverged run, labels that do not match the images
 NEAR_CHANCE = 0.1
 
 
 def near_chance(accuracy: float, num_classes: Optional[int], share: float = NEAR_CHANCE) -> bool:
     """Whether a top-1 ``accuracy`` (%) over ``num_classes`` classes lies less than ``share`` of the way from chance
-    (100 / ``num_classes``) to 100 %. False when the class count is unknown or below 2."""
+    (100 / ``num_classes``) to 100 % and below twice chance (with many classes a tenth of the way is many times
+    chance: a model that learned something). False when the class count is unknown or below 2."""
     if not num_classes or num_classes < 2:
         return False
     chance = 100.0 / num_classes
-    return accuracy - chance < share * (100.0 - chance)
+    return accuracy - chance < share * (100.0 - chance) and accuracy < 2 * chance
 
 
 # the test-time entries of a pretrained_cfg (a larger evaluation size or crop): they belong to the architecture's

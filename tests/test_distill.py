@@ -394,7 +394,9 @@ def test_a_timm_train_checkpoint_converted_to_safetensors_is_the_teacher(tmp_pat
                                            r'.*model_best\.pth\.tar model_best\.safetensors'):
         plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), teacher_weights=str(path), **TOY)
     weights = tmp_path / 'model_best.safetensors'
+    capsys.readouterr()
     assert main(['convert-checkpoint', str(path), str(weights)]) == 0  # finds train.py's state_dict by itself
+    assert "its 'state_dict' entry" in capsys.readouterr().out
     assert main(['convert-checkpoint', str(path), str(tmp_path / 'ema.safetensors'), '--entry', 'state_dict_ema']) == 0
     assert torch.equal(load_file(str(tmp_path / 'ema.safetensors'))['fc.bias'], ema['fc.bias'])
 
@@ -429,9 +431,12 @@ def test_a_timm_train_checkpoint_converted_to_safetensors_is_the_teacher(tmp_pat
     ('resnet20_cifar', 'missing', r'--teacher-weights .*missing\.safetensors: no such file'),
     ('resnet20_cifar', 'resnet32', r'--teacher-weights .*resnet32\.safetensors does not load into resnet20_cifar: .*'
                                    r'unexpected'),
-    ('resnet20_cifar', 'nohead', r'--teacher-weights .*nohead\.safetensors has no fc\.weight: not the weights of '
-                                 r'resnet20_cifar'),
+    ('resnet20_cifar', 'nostem', r'--teacher-weights .*nostem\.safetensors has no conv1\.weight: not the weights '
+                                 r'of resnet20_cifar'),
+    ('resnet20_cifar', 'nohead', r'Teacher resnet20_cifar has no classifier, but the data sklearn:digits has 10 '
+                                 r'labels\. Pass --num-classes 10'),
     ('resnet20_cifar', 'text', r'--teacher-weights .*text\.safetensors cannot be read as safetensors'),
+    ('deit_tiny_distilled_patch16_224', 'good', r'is a transformer'),  # refused as TEACHER alone is, first
 ])
 def test_bad_teacher_weights_are_refused_before_anything_is_written(tmp_path, teacher, weights, message):
     from safetensors.torch import save_file
@@ -439,6 +444,7 @@ def test_bad_teacher_weights_are_refused_before_anything_is_written(tmp_path, te
     files = dict(good=timm.create_model('resnet20_cifar', num_classes=10, in_chans=1).state_dict(),
                  resnet32=timm.create_model('resnet32_cifar', num_classes=10, in_chans=1).state_dict())
     files['nohead'] = {k: v for k, v in files['good'].items() if not k.startswith('fc.')}
+    files['nostem'] = {k: v for k, v in files['good'].items() if not k.startswith('conv1.')}
     path = tmp_path / f'{weights}.safetensors'
     if weights == 'text':
         path.write_text('not safetensors')
@@ -455,3 +461,16 @@ def test_teacher_weights_go_with_a_bare_architecture_only(tmp_path):
                                            r'architecture \(resnet20_cifar\)'):
         plan_distill(str(folder), 'sklearn:digits', str(tmp_path / 'out'),
                      teacher_weights=str(folder / 'model.safetensors'), **TOY)
+
+
+def test_a_headless_weights_file_is_given_a_classifier_for_the_data(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    backbone = timm.create_model('resnet20_cifar', num_classes=0, in_chans=1)
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / 'backbone.safetensors'))
+    plan = plan_distill('resnet20_cifar', 'sklearn:digits', str(tmp_path / 'out'), num_classes=10,
+                        teacher_weights=str(tmp_path / 'backbone.safetensors'), **TOY)
+    assert plan.teacher.num_classes == 0 and plan.reinit_head and plan.teacher_trained_here
+    kwargs = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
+    teacher = distill.build_model(kwargs)  # the backbone's weights, a new 10-class classifier
+    assert teacher.fc.out_features == 10 and torch.equal(teacher.conv1.weight, backbone.conv1.weight)

@@ -81,11 +81,22 @@ def test_a_model_that_learned_nothing_is_warned_about_in_the_log_final_json_and_
     assert f'**Warning:** {warning}' in (tmp_path / 'out' / 'model' / 'README.md').read_text()
 
 
+def test_a_weight_average_near_chance_is_told_apart_from_a_model_that_learned_nothing():
+    from jointrd_timm.training.runner import _chance_warning
+    lagging = _chance_warning(12.0, 10, without_ema=80.0)
+    assert lagging.startswith('the deployed weight average is at 12.00 %') and 'trained model is at 80.00 %' in lagging
+    assert 'runner.ema_decay' in lagging
+    assert _chance_warning(12.0, 10, without_ema=11.0).startswith('the deployed model is at 12.00 %')
+    assert _chance_warning(50.0, 10) is None and _chance_warning(5.0, None) is None
+
+
 def test_near_chance_scales_with_the_class_count():
     from jointrd_timm.io import near_chance
     assert near_chance(18.9, 10) and not near_chance(19.1, 10)  # 10 % + 0.1 x 90 %
     assert near_chance(54.0, 2) and not near_chance(56.0, 2)  # 50 % + 0.1 x 50 %
-    assert near_chance(10.0, 1000) and not near_chance(10.2, 1000)  # 0.1 % + 0.1 x 99.9 % = 10.09 %
+    # 1000 classes: below twice chance (0.2 %) as well; 10 % is a hundred times chance, a model that learned
+    assert near_chance(0.15, 1000) and not near_chance(0.25, 1000) and not near_chance(10.0, 1000)
+    assert near_chance(5.9, 20) and not near_chance(10.1, 20)  # 20 classes: 5 % + 0.1 x 95 % = 14.5 %, but 2 x 5 %
     assert not near_chance(0.0, None) and not near_chance(0.0, 1)  # no class count, or one class: nothing to say
 
 

@@ -162,8 +162,14 @@ def test_a_shortcut_named_at_registration_is_cut_where_both_operands_are_equally
     assert not any('.proj.' in n for n, _ in twin.named_parameters())
     x = torch.randn(2, 8, 8, 8)  # the second block alone: its twin is its body
     assert torch.allclose(twin[2](x), teacher[2].body(x))
+    # a refused registration changes nothing: neither the names of a registered class nor the registry
+    with pytest.raises(ValueError, match='already registered'):
+        register_graph_rule(_EqualDepth, shortcut_names=('body',))
+    assert count_shortcut_additions(make_plain(copy.deepcopy(teacher))) == 0
+    assert not any('.proj.' in n for n, _ in make_plain(copy.deepcopy(teacher)).named_parameters())
     with pytest.raises(ValueError, match='attribute names of submodules'):
         register_graph_rule(_Block, shortcut_names=('not a name',))
+    assert register_graph_rule(_Block) is _Block  # _Block was not registered by the refused call
 
 
 class _NoShortcut(nn.Module):
@@ -179,7 +185,8 @@ class _NoShortcut(nn.Module):
     (_DataDependent, r'`1` \(.*_DataDependent\): .*cannot be traced'),
     (_TracesDifferently, r'`1` \(.*_TracesDifferently\): .*computes something else'),
     (_NoShortcut, r'_NoShortcut: the graph rule finds no shortcut addition in the forward of any of its 2 block'),
-    (_EqualDepth, r"`1` \(.*_EqualDepth\): .*cannot tell which is the shortcut.*shortcut_names=\('proj',\)"),
+    (_EqualDepth, r"`1` \(.*_EqualDepth\): .*finds no shortcut among them.*shortcut_names=\('proj',\)\)\. If "
+                  r'neither is .*the graph rule does not fit the class'),
 ])
 def test_check_graph_rule_names_the_block_whose_class_cannot_take_the_rule(block_class, message):
     register_graph_rule(block_class)

@@ -188,8 +188,8 @@ def convert_checkpoint(src, dst, entry: Optional[str] = None) -> Path:
         raise CheckpointError(f'{src} cannot be read as a weights-only pickle (torch.load weights_only=True): '
                               f'{str(e).splitlines()[0][:300]}') from e
     entries = (entry,) if entry else STATE_DICT_ENTRIES
-    found = [obj[e] for e in entries if isinstance(obj, dict) and _is_state_dict(obj.get(e))]
-    state = found[0] if found else obj
+    found = [e for e in entries if isinstance(obj, dict) and _is_state_dict(obj.get(e))]
+    state = obj[found[0]] if found else obj
     if not _is_state_dict(state):
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f'{src} holds no state dict of tensors under {" or ".join(map(repr, entries))}, nor is '
@@ -197,4 +197,6 @@ def convert_checkpoint(src, dst, entry: Optional[str] = None) -> Path:
     if all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
     tensors = _tensors(state, '')
-    return atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=dict(source=src.name)))
+    # where the weights came from: the file, and its entry ('' for a bare state dict)
+    metadata = dict(source=src.name, entry=found[0] if found else '')
+    return atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

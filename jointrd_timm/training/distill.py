@@ -165,9 +165,9 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     out = Path(output_dir)
     check_output(out, resume, overwrite)
     resolved = resolve_teacher(teacher)
+    check_twin(resolved.arch)
     if teacher_weights is not None:
         resolved = with_weights_file(resolved, teacher_weights)
-    check_twin(resolved.arch)
     twin_recipe = chosen or recipe_for(resolved.arch)
     digits = data.source == 'sklearn:digits'
     input_size = data.input_size or (8 if digits else resolved.input_size)

@@ -206,7 +206,8 @@ def check_classes(teacher: 'Teacher', data_classes: int, num_classes: Optional[i
         return True
     if teacher.num_classes == data_classes:
         return False
-    raise DistillError(f'Teacher {teacher.spec} predicts {teacher.num_classes} classes, but the data {source} has '
+    predicts = f'predicts {teacher.num_classes} classes' if teacher.num_classes else 'has no classifier'
+    raise DistillError(f'Teacher {teacher.spec} {predicts}, but the data {source} has '
                        f'{data_classes} labels. Pass --num-classes {data_classes} to re-initialise its classifier '
                        'for them: the teacher is then fine-tuned on the data with cross-entropy for '
                        '--teacher-epochs before the twin is distilled.')

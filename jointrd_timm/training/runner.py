@@ -300,14 +300,20 @@ def _run_card(config: Dict, run: '_Run', deployed: nn.Module, final: Dict) -> st
         local_dir=str((run.out / 'model').resolve())))
 
 
-def _chance_warning(accuracy: float, num_classes: Optional[int]) -> Optional[str]:
+def _chance_warning(accuracy: float, num_classes: Optional[int],
+                    without_ema: Optional[float] = None) -> Optional[str]:
     """What to say when the deployed model ended near chance on the test split (:func:`~jointrd_timm.io.near_chance`),
-    else None."""
+    else None. ``without_ema``: with a weight average deployed, the trained model's own deployed accuracy."""
     if not isinstance(num_classes, int) or not near_chance(accuracy, num_classes):
         return None
-    return (f'the deployed model is at {accuracy:.2f} % on the test split, near chance ({100 / num_classes:.2f} % for '
-            f'{num_classes} classes): it has learned (almost) nothing. Train it longer, check that the loss fell '
-            '(metrics.jsonl: a run that diverged ends at chance too) and that the labels belong to the images.')
+    chance = f'near chance ({100 / num_classes:.2f} % for {num_classes} classes)'
+    if without_ema is not None and not near_chance(without_ema, num_classes):
+        return (f'the deployed weight average is at {accuracy:.2f} % on the test split, {chance}, where the trained '
+                f'model is at {without_ema:.2f} %: the average still holds early weights. Lower runner.ema_decay '
+                '(or keep runner.ema_warmup on) for a run this short.')
+    return (f'the deployed model is at {accuracy:.2f} % on the test split, {chance}: it has learned (almost) '
+            'nothing. Train it longer, check that the loss fell (metrics.jsonl: a run that diverged ends at chance '
+            'too) and that the labels belong to the images.')
 
 
 def _train_loader_config(config: Dict) -> Dict:
@@ -637,11 +643,12 @@ def finish(run: _Run, config: Dict) -> Dict:
         final['test_acc'] = final['test_acc_as_trained']
         if has_dirac(deployed) or is_fading(deployed):
             final['test_acc_folded'] = final['test_acc_deployed']
-        warning = _chance_warning(deployed_accuracy(final), getattr(deployed, 'num_classes', None)
-                                  or dataset_classes(test_set))
+        warning = _chance_warning(deployed_accuracy(final), dataset_classes(test_set)
+                                  or getattr(deployed, 'num_classes', None), final.get('test_acc_deployed_without_ema'))
         if warning:
             final['warnings'] = [warning]
-            _logger.warning(warning)
+            if accelerator.is_main_process:
+                _logger.warning(warning)
     if accelerator.is_main_process:
         save_trained_model(deployed, run.out / 'model', metrics=final, data_cfg=data_cfg,
                            label_names=_trained_label_names(config), model_card=_run_card(config, run, deployed, final))

@@ -127,8 +127,9 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
     """A bare timm architecture (``teacher`` as :func:`resolve_teacher` gives it, without weights) with the weights
     of a .safetensors state dict ``weights`` (``--teacher-weights``): a model trained elsewhere, e.g. by timm's
     train.py, whose checkpoint ``jointrd convert-checkpoint`` turned into safetensors. Its classes and input channels
-    are read from the file (the classifier's rows, the first conv's input channels); its images are read as the
-    architecture's default config says (mean, std, crop: what timm's train.py uses unless told otherwise)."""
+    are read from the file (the classifier's rows, 0 for a file without classifier tensors; the first conv's input
+    channels); its images are read with the mean and std of the architecture's default config where it has as many
+    channels (what timm's train.py uses unless told otherwise)."""
     import timm
     from ..io import PICKLE_SUFFIXES, CheckpointError, input_channels, read_state_dict
     from ..integrations.torchdistill import _classifier_name
@@ -148,14 +149,23 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
     except (CheckpointError, OSError, ValueError) as e:
         raise DistillError(f'--teacher-weights {path} cannot be read as safetensors: {e}') from e
     model = timm.create_model(teacher.arch)
-    head, conv = _classifier_name(model), next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    conv = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
+    try:
+        head = _classifier_name(model)
+    except StopIteration:  # a classifier that is not one module (e.g. a tuple of heads)
+        head = None
+    if conv is None or head is None:
+        raise DistillError(f'--teacher-weights: the classes and input channels of {teacher.arch} cannot be read from '
+                           'a file (no single classifier module or no convolution); give its weights as a Hub-format '
+                           'folder (config.json + model.safetensors) as TEACHER instead.')
+    if f'{conv}.weight' not in state:
+        raise DistillError(f'--teacher-weights {path} has no {conv}.weight: not the weights of {teacher.arch} (its '
+                           f'keys start {", ".join(sorted(state)[:4])}, ...). Give the architecture the file was '
+                           'trained as.')
     per_channel = model.get_submodule(conv).in_channels // (input_channels(model) or 1)  # a space-to-depth stem
-    missing = [k for k in (f'{head}.weight', f'{conv}.weight') if k not in state]
-    if missing:
-        raise DistillError(f'--teacher-weights {path} has no {" and no ".join(missing)}: not the weights of '
-                           f'{teacher.arch} (its keys start {", ".join(sorted(state)[:4])}, ...). Give the '
-                           'architecture the file was trained as.')
-    num_classes, in_chans = state[f'{head}.weight'].shape[0], state[f'{conv}.weight'].shape[1] // per_channel
+    in_chans = state[f'{conv}.weight'].shape[1] // per_channel
+    # no classifier tensors: a model saved without its classifier (num_classes=0), which --num-classes gives one
+    num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else 0
     cfg = timm.get_pretrained_cfg(teacher.arch)
     return Teacher(teacher.arch, teacher.arch, dict(model_name=teacher.arch, num_classes=num_classes, in_chans=in_chans,
                                                     checkpoint=str(path.resolve())),

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..errors import JointRDError
 from .rules import ShortcutRule, get_rule, register_rule
-from .verify import _ADD_FUNCTIONS, _ADD_METHODS, find_shortcut_additions, name_shortcuts, trace_block
+from .verify import (_ADD_FUNCTIONS, _ADD_METHODS, checked_shortcut_names, find_shortcut_additions, name_shortcuts,
+                     trace_block)
 
 __all__ = ['graph_rule', 'register_graph_rule', 'check_graph_rule', 'UnfaithfulTraceError', 'graph_block',
            'TwinGraphBlock', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace', 'is_projection']
@@ -156,12 +157,13 @@ def graph_rule(block_class: Type[nn.Module], why: str = '', shortcut_names: Tupl
     """Register the graph rule for ``block_class`` (see the module docstring). ``shortcut_names``: the submodule
     names that mark the shortcut where both operands of an addition are one submodule call
     (:func:`~jointrd_timm.twins.verify.name_shortcuts`)."""
-    if shortcut_names:
-        name_shortcuts(block_class, shortcut_names)
+    names = checked_shortcut_names(shortcut_names)  # before anything is registered: a bad name changes nothing
     rule = register_rule(ShortcutRule(
         block_class, plain_graph_module,
         'forward traced with torch.fx; each shortcut addition replaced by its branch, the projection removed '
         '(kept if a projection and keep_projection_shortcuts)' + (f'; {why}' if why else ''), replaces=True))
+    if names:  # once the class is registered (a refused registration leaves the class's names as they were)
+        name_shortcuts(block_class, names)
     plain_class(block_class).jointrd_plain_rule = rule
     return rule
 
@@ -263,9 +265,12 @@ def _compare(captured: Dict) -> Dict[str, int]:
             with_shortcut.add(qualname)
         elif _additions(graph):
             raise UnfaithfulTraceError(
-                f'`{name}` ({qualname}): its forward adds two computed tensors, and the graph rule cannot tell which '
-                'is the shortcut (both are equally deep), so its twin would keep that residual path. Name the '
-                "shortcut's submodule: register_graph_rule(TheClass, shortcut_names=('proj',)).")
+                f'`{name}` ({qualname}): its forward adds two computed tensors, and the graph rule finds no shortcut '
+                'among them (where both operands are equally deep it cannot tell which one is). If one operand is '
+                "the shortcut, a submodule called on the block's input, name that submodule: "
+                "register_graph_rule(TheClass, shortcut_names=('proj',)). If neither is (parallel branches that are "
+                "the block's own design), the graph rule does not fit the class: write a rule for it "
+                '(docs/design.md).')
         # else a block of the class without a shortcut (one that changes stride or width, say): nothing to cut
         counts[qualname] = counts.get(qualname, 0) + 1
     for qualname in counts.keys() - with_shortcut:

@@ -25,7 +25,7 @@ from .rules import get_rule, handed_projections
 
 __all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_block', 'find_shortcut_additions',
            'count_shortcut_additions', 'find_unhandled_residual_blocks', 'NOT_SHORTCUT_CLASSES',
-           'name_shortcuts', 'shortcut_names']
+           'name_shortcuts', 'shortcut_names', 'checked_shortcut_names']
 
 SHORT_PATH = 3
 # submodule names that mark an operand as the shortcut when both operands are equally deep (the last name part)
@@ -110,13 +110,18 @@ def _cost(node: fx.Node, root: Optional[nn.Module]) -> int:
     return 1 + 2 * sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
-def name_shortcuts(block_class: type, names) -> None:
-    """Submodule ``names`` that mark the shortcut operand of an addition in ``block_class``'s forward where both
-    operands are one submodule call (``self.proj(x) + self.f(x)``), beside :data:`SHORTCUT_NAMES`."""
+def checked_shortcut_names(names) -> frozenset:
+    """``names`` (one name or several) as a set, each an attribute name of a submodule; ValueError otherwise."""
     names = (names,) if isinstance(names, str) else tuple(names)
     if not all(isinstance(n, str) and n.isidentifier() for n in names):
         raise ValueError(f'Shortcut names are the attribute names of submodules (e.g. "proj"), got {names!r}.')
-    _CLASS_SHORTCUT_NAMES[block_class] = frozenset(names)
+    return frozenset(names)
+
+
+def name_shortcuts(block_class: type, names) -> None:
+    """Submodule ``names`` that mark the shortcut operand of an addition in ``block_class``'s forward where both
+    operands are one submodule call (``self.proj(x) + self.f(x)``), beside :data:`SHORTCUT_NAMES`."""
+    _CLASS_SHORTCUT_NAMES[block_class] = checked_shortcut_names(names)
 
 
 def shortcut_names(block: Optional[nn.Module]) -> frozenset:

@@ -32,8 +32,8 @@ def _register() -> None:
     for module_name, classes in TORCHVISION_RULE_CLASSES.items():
         try:
             module = import_module(module_name)
-        except ImportError:  # torchvision is optional: without it there is nothing to register
-            return
+        except ImportError:  # torchvision is optional (or a version without that module): nothing to register
+            continue
         for name, names in classes:
             block_class = getattr(module, name, None)
             if block_class is not None:  # a torchvision without that block: nothing to register for it
