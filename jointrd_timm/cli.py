@@ -88,9 +88,10 @@ def _train(args) -> int:
 
 def _convert(args) -> int:
     from .training.checkpoint import convert_checkpoint
-    from .io import open_safetensors
+    from safetensors import safe_open
     path = convert_checkpoint(args.source, args.output, entry=args.entry)
-    entry = open_safetensors(path)[1].get('entry')
+    with safe_open(str(path), 'pt') as f:  # its metadata only: which entry was written
+        entry = (f.metadata() or {}).get('entry')
     what = f'its {entry!r} entry' if entry else 'the file itself, a bare state dict'
     print(f'wrote {path} (the weights of {args.source}: {what}; read with torch.load(weights_only=True))')
     return 0

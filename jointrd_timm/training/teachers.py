@@ -131,7 +131,7 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
     channels); its images are read with the mean and std of the architecture's default config where it has as many
     channels (what timm's train.py uses unless told otherwise)."""
     import timm
-    from ..io import PICKLE_SUFFIXES, CheckpointError, input_channels, read_state_dict
+    from ..io import PICKLE_SUFFIXES, input_channels, read_state_dict
     from ..integrations.torchdistill import _classifier_name
     path = Path(weights).expanduser()
     if teacher.num_classes is not None:

@@ -24,8 +24,7 @@ from torch import nn
 
 from ..errors import JointRDError
 from .rules import ShortcutRule, get_rule, register_rule
-from .verify import (_ADD_FUNCTIONS, _ADD_METHODS, checked_shortcut_names, find_shortcut_additions, name_shortcuts,
-                     trace_block)
+from .verify import checked_shortcut_names, find_shortcut_additions, is_addition, name_shortcuts, trace_block
 
 __all__ = ['graph_rule', 'register_graph_rule', 'check_graph_rule', 'UnfaithfulTraceError', 'graph_block',
            'TwinGraphBlock', 'PlainGraphBlock', 'plain_class', 'plain_graph_module', 'faithful_trace', 'is_projection']
@@ -234,9 +233,7 @@ def check_graph_rule(model: nn.Module, *args, **kwargs) -> Dict[str, int]:
 def _additions(graph: fx.Graph) -> int:
     """The additions of two computed tensors in a traced forward (shortcut or not)."""
     return sum(1 for node in graph.nodes
-               if ((node.op == 'call_function' and node.target in _ADD_FUNCTIONS)
-                   or (node.op == 'call_method' and node.target in _ADD_METHODS))
-               and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2)
+               if is_addition(node) and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2)
 
 
 def _compare(captured: Dict) -> Dict[str, int]:

@@ -25,7 +25,7 @@ from .rules import get_rule, handed_projections
 
 __all__ = ['dead_parameters', 'shortcut_additions', 'handed_additions', 'trace_block', 'find_shortcut_additions',
            'count_shortcut_additions', 'find_unhandled_residual_blocks', 'NOT_SHORTCUT_CLASSES',
-           'name_shortcuts', 'shortcut_names', 'checked_shortcut_names']
+           'name_shortcuts', 'shortcut_names', 'checked_shortcut_names', 'is_addition']
 
 SHORT_PATH = 3
 # submodule names that mark an operand as the shortcut when both operands are equally deep (the last name part)
@@ -132,6 +132,12 @@ def shortcut_names(block: Optional[nn.Module]) -> frozenset:
     return SHORTCUT_NAMES | _CLASS_SHORTCUT_NAMES.get(cls, frozenset())
 
 
+def is_addition(node: fx.Node) -> bool:
+    """Whether ``node`` adds (``+``, ``+=``, ``torch.add``, ``.add`` / ``.add_``), whatever its operands are."""
+    return (node.op == 'call_function' and node.target in _ADD_FUNCTIONS) or \
+        (node.op == 'call_method' and node.target in _ADD_METHODS)
+
+
 def _named_shortcut(node: fx.Node, names: frozenset = SHORTCUT_NAMES) -> bool:
     return node.op == 'call_module' and node.target.rsplit('.', 1)[-1] in names
 
@@ -165,8 +171,7 @@ def find_shortcut_additions(graph: fx.Graph, concrete: Dict[str, None],
         inputs = [a for a in node.all_input_nodes if a in depth]
         if not inputs:
             continue
-        is_add = (node.op == 'call_function' and node.target in _ADD_FUNCTIONS) or \
-                 (node.op == 'call_method' and node.target in _ADD_METHODS)
+        is_add = is_addition(node)
         # additions and indexing do not transform a tensor, so they do not deepen a path
         free = is_add or node.op == 'get_attr' or (node.op == 'call_function' and node.target is operator.getitem)
         step, step_cost = (0, 0) if free else (1, _cost(node, root))
