@@ -16,7 +16,7 @@ import jointrd_timm  # noqa: E402
 from jointrd_timm.deploy.fold import fold_for_deployment  # noqa: E402
 from jointrd_timm.deploy.memory import analyze_activation_memory  # noqa: E402
 from jointrd_timm.methods import JointRD  # noqa: E402
-from jointrd_timm.methods.stages import StageLayoutError  # noqa: E402
+from jointrd_timm.methods.stages import StageLayoutError, StageSplit  # noqa: E402
 from jointrd_timm.twins.fade import deployable, make_fading, set_shortcut_scale  # noqa: E402
 
 
@@ -111,15 +111,108 @@ def test_torchvision_twin_drops_exactly_the_shortcuts_torchvision_adds(name):
     assert all(p.grad is not None for p in twin.parameters())
 
 
-def test_torchvision_teacher_weights_load_into_its_twin_and_jointrd_says_what_it_needs():
+def test_torchvision_teacher_weights_load_into_its_twin():
     torch.manual_seed(0)
     teacher = _moved_off_init(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=5))
     twin = jointrd_timm.make_plain(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=5))
     jointrd_timm.load_teacher_weights(twin, teacher.state_dict())  # strict but for the removed projections
     assert torch.equal(twin.conv1.weight, teacher.conv1.weight)
     assert not any('downsample' in k for k in twin.state_dict())
-    with pytest.raises(StageLayoutError, match="forward_features, forward_head.*timm's model interface"):
-        JointRD(make_fading(copy.deepcopy(teacher)), teacher)
+
+
+@pytest.mark.parametrize('name', list(_small_models()))
+def test_jointrd_cuts_a_torchvision_model_where_its_feature_maps_shrink(name):
+    """Without timm's feature_info the stages are read from one forward: the teacher's tail from every stage output
+    (its later stages, then its head, with the pooling its forward does in code) computes model(x)."""
+    torch.manual_seed(0)
+    teacher = _moved_off_init(_small_models()[name]())
+    x = torch.randn(2, 3, 64, 64)
+    split = StageSplit(teacher, x)
+    assert split.num_stages >= 2
+    assert split.stage_reductions == sorted(set(split.stage_reductions))  # one stage per feature-map size
+    with torch.no_grad():
+        expected, outputs = teacher(x), split.features(x)
+        assert [h.shape[1:] for h in outputs] == [
+            (c, 64 // r, 64 // r) for c, r in zip(split.stage_channels, split.stage_reductions)]
+        for k in range(1, split.num_stages + 1):
+            torch.testing.assert_close(split(outputs[k - 1], k)[0], expected, atol=1e-5, rtol=1e-4)
+    if name == 'resnet-basic':
+        assert split.boundaries == ['layer1.1', 'layer2.0', 'layer3.0', 'layer4.0']
+
+
+@pytest.mark.parametrize('name', ['resnet-basic', 'mobilenet_v2'])
+def test_jointrd_trains_a_fading_torchvision_twin_and_deploys_it(name):
+    """The recipe on a torchvision model: JointRD with the fading twin (at s = 1 it is the teacher), a few steps
+    train every stage of the twin and leave the frozen teacher as it was; the faded twin deploys shortcut-free."""
+    from jointrd_timm.recipes import DEFAULT_RECIPE
+    from jointrd_timm.twins.verify import count_shortcut_additions
+    torch.manual_seed(0)
+    teacher = _moved_off_init(_small_models()[name]())
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    pair = JointRD(make_fading(copy.deepcopy(teacher)), teacher, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
+                   steps_per_epoch=3)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(pair.eval()(x), teacher(x))
+    first, last = [next(p for p in stage.parameters()) for stage in (pair.student_stages.stages[0],
+                                                                    pair.student_stages.stages[-1])]
+    before = [first.detach().clone(), last.detach().clone()]
+    optimizer = torch.optim.SGD([p for p in pair.parameters() if p.requires_grad], lr=0.01)
+    pair.train()
+    for _ in range(3):
+        out = pair(x)
+        loss = pair.loss(out, torch.randint(0, 5, (4,)))['loss']
+        assert len(out['hybrid_logits']) == pair.num_stages - 1
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before[0], first) and not torch.equal(before[1], last)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+    deployed = deployable(pair.student).eval()
+    assert count_shortcut_additions(deployed) == 0
+    set_shortcut_scale(pair.student, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), pair.student.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+class _Chain(nn.Module):
+    """Two torchvision stages and a classifier; ``order`` is the order its forward runs them, ``pool`` the global
+    pooling it does in code."""
+
+    def __init__(self, order=('stem', 'stage1', 'stage2', 'fc'), pool=torch.nn.functional.adaptive_avg_pool2d):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(resnet.BasicBlock(8, 8))
+        self.stage2 = nn.Sequential(resnet.BasicBlock(8, 16, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2),
+                                                                                nn.BatchNorm2d(16))))
+        self.fc = nn.Linear(16, 5)
+        self.order, self.pool = order, pool
+
+    def forward(self, x):
+        for name in self.order:
+            x = self.fc(self.pool(x, 1).flatten(1)) if name == 'fc' else getattr(self, name)(x)
+        return x
+
+
+def test_a_model_without_timms_interface_is_split_only_when_its_forward_is_a_chain():
+    x = torch.randn(2, 3, 16, 16)
+    split = StageSplit(_Chain().eval(), x)
+    assert (split.boundaries, split.stage_channels, split.stage_reductions) == (['stage1.0', 'stage2.0'], [8, 16],
+                                                                                [1, 2])
+    advice = r"_Chain lacks feature_info, forward_features, forward_head of timm's model interface.*dict\(module="
+    with pytest.raises(StageLayoutError, match=r"does not run its children once each, in order \(it ran \['stem', "
+                                               r"'stage1.0', 'stage1.0', 'stage2.0', 'fc'\]\).*" + advice):
+        StageSplit(_Chain(order=('stem', 'stage1', 'stage1', 'stage2', 'fc')), x)
+    with pytest.raises(StageLayoutError, match=r'does not reproduce model\(x\).*' + advice):
+        StageSplit(_Chain(pool=torch.nn.functional.adaptive_max_pool2d), x)  # a head it cannot see: refused
+
+
+def test_jointrd_names_torchvision_models_that_predict_other_classes():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match='the teacher ResNet predicts 5 classes but the student ResNet predicts 7'):
+        JointRD(make_fading(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=7)),
+                resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=5))
 
 
 def test_a_torchvision_resnet_state_dict_is_a_teacher_of_timms_same_architecture(tmp_path):

@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import JointRDError
-from ..io import input_channels
+from ..io import class_count, input_channels
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
            'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'keep_frozen', 'config_from_dict',
@@ -70,8 +70,7 @@ def call_on_buffer_copies(module: nn.Module, args: tuple, kwargs: Optional[Dict]
 
 def _classes_and_channels(model: nn.Module):
     model = getattr(model, 'student', model)  # a method module: its twin
-    classes = getattr(model, 'num_classes', None)
-    return classes, input_channels(model)
+    return class_count(model), input_channels(model)
 
 
 def check_teacher_student(teacher: nn.Module, student: nn.Module, where: str) -> None:

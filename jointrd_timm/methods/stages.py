@@ -1,4 +1,4 @@
-"""Cutting any timm model into stages at its ``feature_info`` taps, for JointRD's teacher tails.
+"""Cutting a timm model (or any chain-like model) into stages at its ``feature_info`` taps, for JointRD's teacher tails.
 
 A timm model's ``forward_features`` applies its children in order (ResNet: conv1, bn1, act1, maxpool,
 layer1..4; EfficientNet: conv_stem, bn1, blocks.0..6, conv_head, bn2; ConvNeXt: stem, stages.0..3, norm_pre).
@@ -6,8 +6,11 @@ The split walks the children in that order, descending into the containers that 
 each tap; a segment without any residual (or plain) block is merged into the next one, so a ResNet gives
 stem+layer1, layer2, layer3, layer4. Modules after the last tap that ``forward_features`` applies form the "neck"
 (EfficientNet's ``conv_head``); the others are ``forward_head``'s (MobileNetV3's ``conv_head``, after pooling).
+A model without timm's interface (a torchvision model, a user's own) is read from one probe forward instead
+(:class:`_ChainLayout`): its taps are where the feature maps shrink, its head what follows them.
 The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
 """
+from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -56,6 +59,100 @@ def _has_block(modules: Sequence[nn.Module]) -> bool:
     return any(get_rule(m) is not None for top in modules for m in top.modules())
 
 
+# modules that end a model's feature maps and start its head: global pooling, flattening, dropout, the classifier
+_HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Linear)
+
+
+def _block_chain(module: nn.Module, prefix: str = '') -> List[Tuple[str, nn.Module]]:
+    """``module``'s children in order, descending into the sequential containers that hold residual blocks without
+    being one (a ResNet's ``layer1``, MobileNetV2's ``features``, RegNet's ``trunk_output`` and its stages)."""
+    out = []
+    for name, child in module.named_children():
+        path = prefix + name
+        if isinstance(child, nn.Sequential) and get_rule(child) is None and _has_block([child]):
+            out.extend(_block_chain(child, path + '.'))
+        else:
+            out.append((path, child))
+    return out
+
+
+class _ChainHead:
+    """The head of a model whose forward runs its children in order: the modules after its feature maps, and the
+    flattening its forward does in code before a module that takes vectors: a flatten of 1x1 maps, else a global
+    average (MobileNetV2's and MNASNet's forwards average in code). A plain object, not a module: the modules are
+    the model's own, registered by the :class:`StageSplit` that holds this."""
+
+    def __init__(self, modules: Sequence[nn.Module], input_ranks: Sequence[int]):
+        self.modules, self.input_ranks = list(modules), list(input_ranks)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for module, rank in zip(self.modules, self.input_ranks):
+            if x.dim() > rank == 2:
+                x = x.flatten(1) if x.shape[2:].numel() == 1 else x.mean(tuple(range(2, x.dim())))
+            x = module(x)
+        return x.flatten(1) if x.dim() > 2 else x
+
+
+class _ChainLayout:
+    """Stages of a model without timm's model interface (a torchvision model, a user's own), read from one probe
+    forward: its children in order (see :func:`_block_chain`) must each run once, in that order; the head starts
+    at the first that pools globally, flattens or takes vectors; a stage ends where the next child's feature map is
+    smaller (the taps timm's ``feature_info`` lists, at every reduction). :class:`StageSplit` then checks the split
+    numerically against ``model(x)``, as for a timm model."""
+
+    def __init__(self, model: nn.Module, probe: Optional[torch.Tensor], lacks: Sequence[str]):
+        from ..io import input_channels
+        self.name = type(model).__name__
+        self.advice = (
+            f' {self.name} lacks {", ".join(lacks)} of timm\'s model interface, so JointRD cut it into stages where '
+            'the feature maps of its forward shrink. Give your model forward_features(x) (the body), '
+            'forward_head(x, pre_logits=False) (pooling and classifier) and feature_info, a list with one '
+            "dict(module='stage name', num_chs=channels, reduction=stride) per stage output, in order.")
+        if probe is None:
+            device = next(model.parameters()).device
+            probe = torch.randn(2, input_channels(model) or 3, 64, 64, device=device)
+        self.probe = probe
+        chain = _block_chain(model)
+        calls = []
+
+        def record(index, module, args, output):
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in (args[0] if args else None,
+                                                                                       output)]
+            calls.append((index, *shapes))
+
+        hooks = [m.register_forward_hook(partial(record, i)) for i, (_, m) in enumerate(chain)]
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()
+                model(probe)
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        order = [i for i, _, _ in calls]
+        if order != sorted(set(order)):
+            ran = [chain[i][0] for i in order]
+            raise StageLayoutError(f'{self.name}: its forward does not run its children once each, in order (it ran '
+                                   f'{ran}), so it is not a chain of stages.' + self.advice)
+        if any(None in shapes for _, *shapes in calls):
+            raise StageLayoutError(f'{self.name}: a child of its forward takes or returns something other than one '
+                                   'tensor, so it is not a chain of stages.' + self.advice)
+        first = next((k for k, (i, shape_in, shape_out) in enumerate(calls)
+                      if isinstance(chain[i][1], _HEAD_TYPES) or len(shape_in) != 4 or len(shape_out) != 4),
+                     len(calls))
+        if first == 0 or first == len(calls):
+            raise StageLayoutError(f'{self.name}: found no feature maps followed by a classifier among its children '
+                                   f'{[n for n, _ in chain]}.' + self.advice)
+        self.body = [chain[i] for i, _, _ in calls[:first]]
+        self.head_modules = [chain[i][1] for i, _, _ in calls[first:]]
+        self.head = _ChainHead(self.head_modules, [len(shape_in) for _, shape_in, _ in calls[first:]])
+        sizes = [shape_out[2:] for _, _, shape_out in calls[:first]]
+        self.tap_info = {name: (shape[1], probe.shape[-1] // max(1, shape[-1]))
+                         for (name, _), (_, _, shape) in zip(self.body, calls)}
+        self.taps = [name for k, (name, _) in enumerate(self.body) if k + 1 == first or sizes[k + 1] != sizes[k]]
+
+
 class StageSplit(nn.Module):
     """Stages of ``model`` as module lists, plus its head. ``stages[k]`` maps stage k-1's output to stage k's.
 
@@ -75,14 +172,16 @@ class StageSplit(nn.Module):
                 'JointRD trains on class logits through the teacher\'s later stages and head. Create teacher and twin '
                 'without features_only (timm.create_model(name, num_classes=...)).')
         lacks = [name for name in _INTERFACE if not hasattr(model, name)]
-        if lacks:
-            raise StageLayoutError(
-                f'{self.model_name} lacks {", ".join(lacks)}: JointRD cuts teacher and twin into stages with timm\'s '
-                'model interface. A timm model has it; give your own model forward_features(x) (the body), '
-                'forward_head(x, pre_logits=False) (pooling and classifier) and feature_info, a list with one '
-                "dict(module='stage name', num_chs=channels, reduction=stride) per stage output, in order.")
-        taps = _tap_names(model)
-        chain = _flatten(model, '', taps)
+        if lacks:  # a torchvision model, or a user's own: cut where its forward's feature maps shrink
+            layout = _ChainLayout(model, probe, lacks)
+            chain, taps, tap_info = layout.body, layout.taps, layout.tap_info
+            self._forward_head, neck, head = layout.head, [], layout.head_modules
+            probe, self._advice = layout.probe, layout.advice
+        else:
+            self._advice = ''
+            taps = _tap_names(model)
+            chain = _flatten(model, '', taps)
+            tap_info = {name: (chs, red) for name, chs, red in _tap_channels(model)}
         names = [n for n, _ in chain]
         missing = [t for t in taps if t not in names]
         if missing:
@@ -100,17 +199,18 @@ class StageSplit(nn.Module):
             boundaries[-1] = names[last_tap]
         self.stages = nn.ModuleList(segments)
         self.boundaries = boundaries
-        tap_info = {name: (chs, red) for name, chs, red in _tap_channels(model)}
         self.stage_channels = [tap_info[b][0] for b in boundaries]
         self.stage_reductions = [tap_info[b][1] for b in boundaries]
-        after = [m for _, m in chain[last_tap + 1:]]
-        in_features = _run_by_forward_features(model, after, probe)
-        self.neck = nn.Sequential(*[m for m in after if in_features(m)])
-        self._forward_head = model.forward_head
-        self.head_modules = nn.ModuleList([m for m in after if not in_features(m)])
+        if not lacks:
+            after = [m for _, m in chain[last_tap + 1:]]
+            in_features = _run_by_forward_features(model, after, probe)
+            neck = [m for m in after if in_features(m)]
+            self._forward_head, head = model.forward_head, [m for m in after if not in_features(m)]
+        self.neck = nn.Sequential(*neck)
+        self.head_modules = nn.ModuleList(head)
         if len(self.stages) < 2:
             raise StageLayoutError(f'{self.model_name} has {len(self.stages)} stage(s) with residual blocks; '
-                                   'JointRD needs at least 2.')
+                                   'JointRD needs at least 2.' + self._advice)
         if probe is not None:
             self.check(model, probe)
 
@@ -150,7 +250,7 @@ class StageSplit(nn.Module):
         if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-4, rtol=1e-3):
             raise StageLayoutError(
                 f'{self.model_name}: running its stages in order does not reproduce model(x), so its forward is '
-                'not a chain of its children and JointRD cannot route student features through it.')
+                'not a chain of its children and JointRD cannot route student features through it.' + self._advice)
 
 
 def _run_by_forward_features(model: nn.Module, modules: Sequence[nn.Module],

@@ -15,6 +15,7 @@ from ..feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_
 from ..schedules import eta_schedule
 from ..side_optimizer import SideOptimizer
 from ..stages import StageLayoutError, StageSplit, final_preactivation
+from ...io import class_count
 from ...twins.derive import PlainReport
 from ...twins.fade import is_fading
 from ...twins.verify import count_shortcut_additions
@@ -99,7 +100,7 @@ class JointRD(TrainingMethod):
             else None
         self.adversarial = None
         if self.config.adversarial_weight > 0:
-            num_classes = student.get_classifier().out_features
+            num_classes = class_count(student)
             self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes),
                                                DiscriminatorConfig.from_dict(self.config.discriminator))
         if num_epochs or steps_per_epoch:
