@@ -17,8 +17,8 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap', 'class_count', 'input_channels', 'top1_accuracy', 'near_chance', 'CheckpointError', 'FORMAT',
-           'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
+           'unwrap', 'classifier_module', 'class_count', 'input_channels', 'top1_accuracy', 'near_chance',
+           'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
@@ -133,14 +133,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def classifier_module(model: nn.Module) -> Optional[nn.Module]:
+    """The module that computes ``model``'s logits: a timm model's ``get_classifier()``; for a model without it
+    (torchvision's) its last ``nn.Linear``, the classifier torchvision registers last; None when it has neither."""
+    if hasattr(model, 'get_classifier'):
+        return model.get_classifier()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def class_count(model: nn.Module) -> Optional[int]:
-    """The classes ``model`` predicts: a timm model's ``num_classes``; for a model without it (torchvision's) the
-    width of its last ``nn.Linear``, the classifier torchvision registers last; None when it has neither."""
+    """The classes ``model`` predicts: a timm model's ``num_classes``, else the width of its
+    :func:`classifier_module` (a ``nn.Linear``); None when it has neither."""
     classes = getattr(model, 'num_classes', None)
     if classes is not None:
         return classes
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+    head = classifier_module(model)
+    return head.out_features if isinstance(head, nn.Linear) else None
 
 
 def input_channels(model: nn.Module) -> Optional[int]:

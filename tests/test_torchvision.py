@@ -208,6 +208,29 @@ def test_a_model_without_timms_interface_is_split_only_when_its_forward_is_a_cha
         StageSplit(_Chain(pool=torch.nn.functional.adaptive_max_pool2d), x)  # a head it cannot see: refused
 
 
+def test_the_adversarial_methods_train_torchvision_twins_on_the_features_their_classifier_gets():
+    """APS reads the pooled features a torchvision model hands its classifier: the same as timm's pre-logits of the
+    same ResNet with the same weights; one step trains the twin and the discriminator."""
+    import timm
+    from jointrd_timm.methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
+    torch.manual_seed(0)
+    tv = _moved_off_init(models.resnet18(num_classes=5))
+    same = timm.create_model('resnet18', num_classes=5).eval()
+    same.load_state_dict(tv.state_dict())
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
+    with torch.no_grad():
+        pooled = AdversarialPortableStudent._pooled
+        for got, expected in zip(pooled(tv, x), pooled(same, x)):
+            torch.testing.assert_close(got, expected)
+    twins = [jointrd_timm.make_plain(copy.deepcopy(tv)) for _ in range(2)]  # before a method freezes the teacher
+    for method in (AdversarialPortableStudent(twins[0], tv), ConditionalAdversarialKD(twins[1], tv, num_classes=5)):
+        method.train()
+        out = method(x, y)
+        assert torch.isfinite(out['loss']) and torch.isfinite(out['discriminator_loss'])
+        out['loss'].backward()
+        assert all(p.grad is not None for p in method.student.parameters())
+
+
 def test_jointrd_names_torchvision_models_that_predict_other_classes():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match='the teacher ResNet predicts 5 classes but the student ResNet predicts 7'):

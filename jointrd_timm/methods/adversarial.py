@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import classifier_module
 from .base import TrainingMethod, check_flag, check_number, check_teacher_student, config_from_dict, hinton_kd
 from .side_optimizer import SideOptimizer, check_side_sgd
 
@@ -41,6 +42,21 @@ __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 
            'AdversarialPortableStudent', 'REAL', 'FAKE']
 
 REAL, FAKE = 0, 1  # indices of the 2-way real/fake output
+_POOLED_INTERFACE = ('forward_features', 'forward_head', 'get_classifier')
+
+
+def _pre_logits_width(model: nn.Module) -> int:
+    """The width of the features a model's classifier gets: timm's ``head_hidden_size`` (past a head's own layers:
+    MobileNetV3's 1280, not 960) or ``num_features``; else its classifier's input width (a ``nn.Linear``)."""
+    width = getattr(model, 'head_hidden_size', None) or getattr(model, 'num_features', None)
+    if width:
+        return width
+    head = classifier_module(model)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f'AdversarialPortableStudent: {type(model).__name__} has neither timm\'s model interface '
+                         '(forward_features, forward_head, get_classifier) nor an nn.Linear classifier, so the '
+                         'features its classifier gets cannot be read. Give it timm\'s interface.')
+    return head.in_features
 
 
 class _BatchNorm1d(nn.BatchNorm1d):
@@ -257,8 +273,7 @@ class AdversarialPortableStudent(_TeacherStudent):
         check_number(hidden, 'AdversarialPortableStudent: hidden', 1, integer=True)
         check_flag(label_head, 'AdversarialPortableStudent: label_head')
         super().__init__(student, teacher, num_epochs, steps_per_epoch)
-        # the width forward_head(pre_logits=True) returns: past a head's own layers (MobileNetV3's 1280, not 960)
-        s_dim, t_dim = (getattr(m, 'head_hidden_size', None) or m.num_features for m in (student, teacher))
+        s_dim, t_dim = (_pre_logits_width(m) for m in (student, teacher))
         self.adapter = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
         self.adversarial_weight, self.kd_weight, self.kd_temperature = adversarial_weight, kd_weight, kd_temperature
         num_classes = getattr(teacher, 'num_classes', 0) if label_head else 0
@@ -267,8 +282,22 @@ class AdversarialPortableStudent(_TeacherStudent):
 
     @staticmethod
     def _pooled(model: nn.Module, x: torch.Tensor):
-        features = model.forward_head(model.forward_features(x), pre_logits=True)
-        return features, model.get_classifier()(features)
+        """(pooled penultimate features, logits): timm's ``forward_head(..., pre_logits=True)``; for a model without
+        timm's interface (torchvision's), what its forward hands its classifier, flattened."""
+        if all(hasattr(model, name) for name in _POOLED_INTERFACE):
+            features = model.forward_head(model.forward_features(x), pre_logits=True)
+            return features, model.get_classifier()(features)
+        captured = []
+        hook = classifier_module(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            logits = model(x)
+        finally:
+            hook.remove()
+        if not captured:
+            raise ValueError(f'AdversarialPortableStudent: the forward of {type(model).__name__} does not call its '
+                             'classifier (its last nn.Linear); give the model timm\'s interface (forward_features, '
+                             'forward_head, get_classifier).')
+        return captured[-1].flatten(1), logits
 
     def step(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         with torch.no_grad():
