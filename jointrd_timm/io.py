@@ -17,7 +17,7 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap', 'classifier_module', 'class_count', 'input_channels', 'top1_accuracy', 'near_chance',
+           'unwrap', 'classifier_module', 'input_channels', 'top1_accuracy', 'near_chance',
            'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
@@ -140,16 +140,6 @@ def classifier_module(model: nn.Module) -> Optional[nn.Module]:
         return model.get_classifier()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
-
-
-def class_count(model: nn.Module) -> Optional[int]:
-    """The classes ``model`` predicts: a timm model's ``num_classes``, else the width of its
-    :func:`classifier_module` (a ``nn.Linear``); None when it has neither."""
-    classes = getattr(model, 'num_classes', None)
-    if classes is not None:
-        return classes
-    head = classifier_module(model)
-    return head.out_features if isinstance(head, nn.Linear) else None
 
 
 def input_channels(model: nn.Module) -> Optional[int]:

@@ -178,34 +178,50 @@ def test_jointrd_trains_a_fading_torchvision_twin_and_deploys_it(name):
 
 class _Chain(nn.Module):
     """Two torchvision stages and a classifier; ``order`` is the order its forward runs them, ``pool`` the global
-    pooling it does in code."""
+    pooling it does in code, ``drop`` a dropout it does in code after the first stage. The classifier is registered
+    first, the stages are a ModuleList: neither stops the forward from being a chain."""
 
-    def __init__(self, order=('stem', 'stage1', 'stage2', 'fc'), pool=torch.nn.functional.adaptive_avg_pool2d):
+    def __init__(self, order=('stem', 0, 1, 'fc'), pool=torch.nn.functional.adaptive_avg_pool2d, drop=0.0):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage1 = nn.Sequential(resnet.BasicBlock(8, 8))
-        self.stage2 = nn.Sequential(resnet.BasicBlock(8, 16, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2),
-                                                                                nn.BatchNorm2d(16))))
         self.fc = nn.Linear(16, 5)
-        self.order, self.pool = order, pool
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stages = nn.ModuleList([
+            nn.Sequential(resnet.BasicBlock(8, 8)),
+            nn.Sequential(resnet.BasicBlock(8, 16, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2), nn.BatchNorm2d(16))))])
+        self.order, self.pool, self.drop = order, pool, drop
 
     def forward(self, x):
-        for name in self.order:
-            x = self.fc(self.pool(x, 1).flatten(1)) if name == 'fc' else getattr(self, name)(x)
+        for step in self.order:
+            if step == 'fc':
+                x = self.fc(self.pool(x, 1).flatten(1))
+            elif step == 'stem':
+                x = self.stem(x)
+            else:
+                x = nn.functional.dropout(self.stages[step](x), self.drop, self.training) if step == 0 \
+                    else self.stages[step](x)
         return x
 
 
 def test_a_model_without_timms_interface_is_split_only_when_its_forward_is_a_chain():
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     split = StageSplit(_Chain().eval(), x)
-    assert (split.boundaries, split.stage_channels, split.stage_reductions) == (['stage1.0', 'stage2.0'], [8, 16],
-                                                                                [1, 2])
+    assert (split.boundaries, split.stage_channels, split.stage_reductions, split.num_logits) == (
+        ['stages.0.0', 'stages.1.0'], [8, 16], [1, 2], 5)
     advice = r"_Chain lacks feature_info, forward_features, forward_head of timm's model interface.*dict\(module="
-    with pytest.raises(StageLayoutError, match=r"does not run its children once each, in order \(it ran \['stem', "
-                                               r"'stage1.0', 'stage1.0', 'stage2.0', 'fc'\]\).*" + advice):
-        StageSplit(_Chain(order=('stem', 'stage1', 'stage1', 'stage2', 'fc')), x)
-    with pytest.raises(StageLayoutError, match=r'does not reproduce model\(x\).*' + advice):
+    with pytest.raises(StageLayoutError, match=r"runs a child more than once \(it ran \['stem', 'stages.0.0', "
+                                               r"'stages.0.0', 'stages.1.0', 'fc'\]\).*" + advice):
+        StageSplit(_Chain(order=('stem', 0, 0, 1, 'fc')), x)
+    with pytest.raises(StageLayoutError, match=r'does not reproduce model\(x\), .*' + advice):
         StageSplit(_Chain(pool=torch.nn.functional.adaptive_max_pool2d), x)  # a head it cannot see: refused
+    with pytest.raises(StageLayoutError, match=r'does not reproduce model\(x\) in train mode \(a dropout.*' + advice):
+        StageSplit(_Chain(drop=0.5), x)  # the same in eval mode, not in training
+    # at 2x2 the last map is 1x1 and a max equals a mean: the larger input it is checked at tells them apart
+    with pytest.raises(StageLayoutError, match=r'does not reproduce model\(x\), .*' + advice):
+        StageSplit(_Chain(pool=torch.nn.functional.adaptive_max_pool2d), torch.randn(2, 3, 2, 2))
+    with pytest.raises(StageLayoutError, match=r'is a wrapper \(DataParallel\) around the model: give JointRD the '
+                                               r'model itself'):
+        StageSplit(nn.DataParallel(_Chain()), x)
 
 
 def test_the_adversarial_methods_train_torchvision_twins_on_the_features_their_classifier_gets():
@@ -231,7 +247,29 @@ def test_the_adversarial_methods_train_torchvision_twins_on_the_features_their_c
         assert all(p.grad is not None for p in method.student.parameters())
 
 
+class _LinearExcite(nn.Module):
+    """Squeeze-excite with Linear layers, registered after the classifier: the last Linear is not the classifier."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, classes)
+        self.excite = nn.Linear(8, 32)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h * self.excite(h)[:, :8].sigmoid())
+
+
 def test_jointrd_names_torchvision_models_that_predict_other_classes():
+    from jointrd_timm.methods.base import check_teacher_student, class_count
+    assert class_count(_LinearExcite(10)) == 10  # the logits' width, not the last Linear's
+    from jointrd_timm.methods.adversarial import AdversarialPortableStudent
+    with pytest.raises(ValueError, match='_LinearExcite does not return what its last nn.Linear computes'):
+        AdversarialPortableStudent._pooled(_LinearExcite(10), torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match='the teacher _LinearExcite predicts 10 classes but the student _LinearExcite '
+                                         'predicts 100'):
+        check_teacher_student(_LinearExcite(10), _LinearExcite(100), 'JointRD')
     torch.manual_seed(0)
     with pytest.raises(ValueError, match='the teacher ResNet predicts 5 classes but the student ResNet predicts 7'):
         JointRD(make_fading(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=7)),

@@ -288,16 +288,17 @@ class AdversarialPortableStudent(_TeacherStudent):
             features = model.forward_head(model.forward_features(x), pre_logits=True)
             return features, model.get_classifier()(features)
         captured = []
-        hook = classifier_module(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        hook = classifier_module(model).register_forward_hook(lambda module, args, out: captured.append((args[0], out)))
         try:
             logits = model(x)
         finally:
             hook.remove()
-        if not captured:
-            raise ValueError(f'AdversarialPortableStudent: the forward of {type(model).__name__} does not call its '
-                             'classifier (its last nn.Linear); give the model timm\'s interface (forward_features, '
-                             'forward_head, get_classifier).')
-        return captured[-1].flatten(1), logits
+        if not captured or captured[-1][1] is not logits:
+            raise ValueError(f'AdversarialPortableStudent: {type(model).__name__} does not return what its last '
+                             'nn.Linear computes, so that Linear is not its classifier and the features the classifier gets '
+                             'cannot be read; give the model timm\'s interface (forward_features, forward_head, '
+                             'get_classifier).')
+        return captured[-1][0].flatten(1), logits
 
     def step(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         with torch.no_grad():

@@ -39,7 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import JointRDError
-from ..io import class_count, input_channels
+from ..io import input_channels
 
 __all__ = ['TrainingMethod', 'RunLengthError', 'deploy_module', 'extra_optimizers', 'extra_schedulers',
            'epoch_metrics', 'start_epoch', 'set_grad_accumulation', 'keep_frozen', 'config_from_dict',
@@ -66,6 +66,28 @@ def call_on_buffer_copies(module: nn.Module, args: tuple, kwargs: Optional[Dict]
     state = {n: p.detach() if detach_parameters else p for n, p in module.named_parameters()}
     state.update((n, b.clone()) for n, b in module.named_buffers())
     return functional_call(module, state, args, kwargs or {})
+
+
+def class_count(model: nn.Module) -> Optional[int]:
+    """The classes ``model`` predicts: a timm model's ``num_classes``; for a model without it (torchvision's, a
+    user's own) the width of the logits it returns for a small random batch, in eval mode; None when it returns no
+    (batch, classes) tensor for it (the method that uses the model says what fails)."""
+    classes = getattr(model, 'num_classes', None)
+    if classes is not None:
+        return classes
+    chans, params = input_channels(model), list(model.parameters())
+    if chans is None or not params:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.randn(2, chans, 64, 64, device=params[0].device))
+    except (RuntimeError, ValueError, TypeError):  # a model for another input size: no count, no guess
+        return None
+    finally:
+        model.train(was_training)
+    return logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
 
 
 def _classes_and_channels(model: nn.Module):

@@ -59,17 +59,20 @@ def _has_block(modules: Sequence[nn.Module]) -> bool:
     return any(get_rule(m) is not None for top in modules for m in top.modules())
 
 
-# modules that end a model's feature maps and start its head: global pooling, flattening, dropout, the classifier
-_HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Linear)
+# modules that end a model's feature maps and start its head: global pooling, flattening, the classifier (a dropout
+# is no sign: torchvision's classifiers start with one on vectors, and a model may drop feature maps between stages)
+_HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
 def _block_chain(module: nn.Module, prefix: str = '') -> List[Tuple[str, nn.Module]]:
-    """``module``'s children in order, descending into the sequential containers that hold residual blocks without
-    being one (a ResNet's ``layer1``, MobileNetV2's ``features``, RegNet's ``trunk_output`` and its stages)."""
+    """``module``'s children in order, descending into the containers that hold residual blocks without being one (a
+    ResNet's ``layer1``, MobileNetV2's ``features``, RegNet's ``trunk_output`` and its stages, a ``ModuleList`` of
+    stages that the forward loops over)."""
     out = []
     for name, child in module.named_children():
         path = prefix + name
-        if isinstance(child, nn.Sequential) and get_rule(child) is None and _has_block([child]):
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and get_rule(child) is None and _has_block([child]):
             out.extend(_block_chain(child, path + '.'))
         else:
             out.append((path, child))
@@ -95,10 +98,11 @@ class _ChainHead:
 
 class _ChainLayout:
     """Stages of a model without timm's model interface (a torchvision model, a user's own), read from one probe
-    forward: its children in order (see :func:`_block_chain`) must each run once, in that order; the head starts
-    at the first that pools globally, flattens or takes vectors; a stage ends where the next child's feature map is
-    smaller (the taps timm's ``feature_info`` lists, at every reduction). :class:`StageSplit` then checks the split
-    numerically against ``model(x)``, as for a timm model."""
+    forward: its children (see :func:`_block_chain`) must each run at most once, and form the chain in the order
+    they ran (children that do not run are left out); the head starts at the first that pools globally, flattens or
+    takes vectors; a stage ends where the next child's feature map is smaller (the taps timm's ``feature_info``
+    lists, at every reduction). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
+    timm model, and in train mode and at a larger input too (:meth:`StageSplit.check`)."""
 
     def __init__(self, model: nn.Module, probe: Optional[torch.Tensor], lacks: Sequence[str]):
         from ..io import input_channels
@@ -108,6 +112,9 @@ class _ChainLayout:
             'the feature maps of its forward shrink. Give your model forward_features(x) (the body), '
             'forward_head(x, pre_logits=False) (pooling and classifier) and feature_info, a list with one '
             "dict(module='stage name', num_chs=channels, reduction=stride) per stage output, in order.")
+        if isinstance(model, _WRAPPERS) or hasattr(model, '_orig_mod'):
+            raise StageLayoutError(f'{self.name} is a wrapper ({type(model).__name__}) around the model: give JointRD '
+                                   'the model itself (and wrap the JointRD module, if at all).')
         if probe is None:
             device = next(model.parameters()).device
             probe = torch.randn(2, input_channels(model) or 3, 64, 64, device=device)
@@ -125,16 +132,16 @@ class _ChainLayout:
         try:
             with torch.no_grad():
                 model.eval()
-                model(probe)
+                run_on_probe(self.name, lambda: model(probe), probe, self.advice)
         finally:
             model.train(was_training)
             for hook in hooks:
                 hook.remove()
         order = [i for i, _, _ in calls]
-        if order != sorted(set(order)):
-            ran = [chain[i][0] for i in order]
-            raise StageLayoutError(f'{self.name}: its forward does not run its children once each, in order (it ran '
-                                   f'{ran}), so it is not a chain of stages.' + self.advice)
+        if len(order) != len(set(order)):
+            raise StageLayoutError(
+                f'{self.name}: its forward runs a child more than once (it ran {[chain[i][0] for i in order]}), so '
+                'JointRD cannot run its children as a chain of stages.' + self.advice)
         if any(None in shapes for _, *shapes in calls):
             raise StageLayoutError(f'{self.name}: a child of its forward takes or returns something other than one '
                                    'tensor, so it is not a chain of stages.' + self.advice)
@@ -151,6 +158,21 @@ class _ChainLayout:
         self.tap_info = {name: (shape[1], probe.shape[-1] // max(1, shape[-1]))
                          for (name, _), (_, _, shape) in zip(self.body, calls)}
         self.taps = [name for k, (name, _) in enumerate(self.body) if k + 1 == first or sizes[k + 1] != sizes[k]]
+
+
+def run_on_probe(name: str, forward: Callable[[], torch.Tensor], probe: torch.Tensor, advice: str,
+                 split: bool = False) -> torch.Tensor:
+    """``forward()``, its failure on the probe input turned into a StageLayoutError that names the input: the
+    model's own forward, or (``split``) its stages and head run in order."""
+    try:
+        return forward()
+    except (RuntimeError, ValueError, TypeError) as e:
+        what = ('running its stages and then its head in order fails' + (
+            ' (before a module that takes vectors the head averages a feature map larger than 1x1: a head that '
+            'flattens a whole map is not read)' if advice else '') if split else 'its forward fails')
+        fix = '' if split else ' give JointRD a probe of the size the model takes (probe=a batch of your data).'
+        raise StageLayoutError(f'{name}: {what} on the probe input of shape {tuple(probe.shape)} '
+                               f'({type(e).__name__}: {e});{fix}' + advice) from e
 
 
 class StageSplit(nn.Module):
@@ -211,6 +233,7 @@ class StageSplit(nn.Module):
         if len(self.stages) < 2:
             raise StageLayoutError(f'{self.model_name} has {len(self.stages)} stage(s) with residual blocks; '
                                    'JointRD needs at least 2.' + self._advice)
+        self.num_logits = None  # set by check
         if probe is not None:
             self.check(model, probe)
 
@@ -239,18 +262,43 @@ class StageSplit(nn.Module):
         return self._forward_head(neck), neck
 
     @torch.no_grad()
-    def check(self, model: nn.Module, probe: torch.Tensor) -> None:
+    def check(self, model: nn.Module, probe: torch.Tensor, grown: bool = False) -> None:
+        """The stages and head, run in order, compute ``model(probe)`` (eval mode). For a split read from the forward
+        (no timm interface) also in train mode with the same random draws (a dropout the forward does in code
+        would be lost), and at twice the probe's size when the last feature map is 1x1 (its head's pooling in code
+        cannot be told there). Sets ``num_logits``, the width of the logits."""
         was_training = model.training
         model.eval()
         try:
             expected = model(probe)
-            got = self(self.features(probe)[0], 1)[0]
+            got = run_on_probe(self.model_name, lambda: self(probe)[0], probe, self._advice, split=True)
         finally:
             model.train(was_training)
+        self._compare(expected, got, '')
+        self.num_logits = expected.shape[-1]
+        if not self._advice:
+            return
+        from .base import call_on_buffer_copies
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=[probe.device] if probe.is_cuda else []):
+                torch.manual_seed(0)
+                expected = call_on_buffer_copies(model, (probe,))
+                torch.manual_seed(0)
+                got = call_on_buffer_copies(self, (probe,))[0]
+        finally:
+            model.train(was_training)
+        self._compare(expected, got, ' in train mode (a dropout or another random step its forward does in code, '
+                                     'which the stages do not hold?)')
+        if not grown and self.features(probe)[-1].shape[2:].numel() == 1:
+            shape = (*probe.shape[:2], *(2 * size for size in probe.shape[2:]))
+            self.check(model, torch.randn(shape, device=probe.device, dtype=probe.dtype), grown=True)
+
+    def _compare(self, expected: torch.Tensor, got: torch.Tensor, where: str) -> None:
         if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-4, rtol=1e-3):
             raise StageLayoutError(
-                f'{self.model_name}: running its stages in order does not reproduce model(x), so its forward is '
-                'not a chain of its children and JointRD cannot route student features through it.' + self._advice)
+                f'{self.model_name}: running its stages in order does not reproduce model(x){where}, so its forward '
+                'is not a chain of its children and JointRD cannot route student features through it.' + self._advice)
 
 
 def _run_by_forward_features(model: nn.Module, modules: Sequence[nn.Module],

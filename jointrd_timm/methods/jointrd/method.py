@@ -15,7 +15,6 @@ from ..feature_losses import MSEFeatureLoss, MarginFeatureLoss, bn_margin, make_
 from ..schedules import eta_schedule
 from ..side_optimizer import SideOptimizer
 from ..stages import StageLayoutError, StageSplit, final_preactivation
-from ...io import class_count
 from ...twins.derive import PlainReport
 from ...twins.fade import is_fading
 from ...twins.verify import count_shortcut_additions
@@ -100,7 +99,7 @@ class JointRD(TrainingMethod):
             else None
         self.adversarial = None
         if self.config.adversarial_weight > 0:
-            num_classes = class_count(student)
+            num_classes = self.student_stages.num_logits
             self.adversarial = AdversarialTerm(LogitDiscriminator(num_classes),
                                                DiscriminatorConfig.from_dict(self.config.discriminator))
         if num_epochs or steps_per_epoch:
