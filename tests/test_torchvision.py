@@ -3,6 +3,7 @@
 shortcuts cut is counted from torchvision's own attributes, and the folded twin's whole graph is checked by the
 second detector (the activation-memory analysis)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -295,3 +296,64 @@ def test_a_torchvision_resnet_state_dict_is_a_teacher_of_timms_same_architecture
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher(x), tv(x), atol=1e-5)
+
+
+def _torchvision_yaml(tmp_path, method='jointrd'):
+    """The digits YAML of the runner tests with a torchvision ResNet-18 teacher and its twin (3 channels, 32 px)."""
+    from conftest import tiny_yaml
+    path = tiny_yaml(tmp_path, method=method, epochs=1, limit=32)
+    text = path.read_text().replace('input_size: 8, channels: 1', 'input_size: 32, channels: 3')
+    for name in ('resnet20_cifar', 'plain_resnet20_cifar'):
+        text = text.replace(f"'{name}', num_classes: 10, in_chans: 1, norm_layer: 'batchnorm2d'",
+                            f"'{name.replace('resnet20_cifar', 'torchvision:resnet18')}', num_classes: 10")
+    assert text.count('torchvision:resnet18') == 2
+    path.write_text(text)
+    return path
+
+
+def test_a_yaml_distills_a_torchvision_teacher_and_saves_a_twin_that_loads_and_evaluates(tmp_path):
+    """torchdistill's YAML names torchvision models as torchvision:<name> / plain_torchvision:<name>; the runner
+    trains JointRD on them and saves the deployed twin in a folder that load_model (so `jointrd eval`) reads back:
+    shortcut-free, with the accuracy the run measured on the same images."""
+    from jointrd_timm.integrations.hub import load_model
+    from jointrd_timm.io import top1_accuracy
+    from jointrd_timm.training.data import load_image_dataset
+    from jointrd_timm.training.runner import load_config, train
+    from jointrd_timm.twins.verify import count_shortcut_additions
+    with pytest.warns(UserWarning, match=r'teacher torchvision:resnet18 is given no weights.*weights=a torchvision '):
+        final = train(load_config(str(_torchvision_yaml(tmp_path)), []), output_dir=str(tmp_path / 'out'),
+                      device='cpu')
+    config = json.loads((tmp_path / 'out' / 'model' / 'config.json').read_text())
+    assert (config['architecture'], config['num_classes'], config['pretrained_cfg']['input_size']) == (
+        'plain_torchvision:resnet18', 10, [3, 32, 32])
+    card = (tmp_path / 'out' / 'model' / 'README.md').read_text()
+    assert f"model = load_model('local-dir:{tmp_path / 'out' / 'model'}')" in card and 'validate.py' not in card
+    model = load_model(str(tmp_path / 'out'))
+    assert type(model) is resnet.ResNet and count_shortcut_additions(model) == 0
+    assert not any('downsample' in k for k in model.state_dict())
+    test = load_image_dataset('sklearn:digits', split='test', recipe='tensor', input_size=32, channels=3, limit=32)
+    with torch.no_grad():
+        assert top1_accuracy(model, test) == pytest.approx(final['test_acc_deployed'])
+    retrained = load_model(str(tmp_path / 'out'), num_classes=4)  # another label set: a fresh classifier only
+    assert retrained.fc.out_features == 4 and torch.equal(retrained.conv1.weight, model.conv1.weight)
+
+
+def test_torchvision_model_names_are_checked_before_anything_is_built():
+    from jointrd_timm.integrations.torchdistill import timm_model
+    from jointrd_timm.models.torchvision_models import create_torchvision_model
+    with pytest.raises(ValueError, match=r"Unknown torchvision model 'resnet81' \(in 'plain_torchvision:resnet81'\): "
+                                         r"did you mean one of \['resnet18'"):
+        timm_model('plain_torchvision:resnet81', num_classes=10)
+    with pytest.raises(ValueError, match='shortcut_fade is an argument of the twin; name it '
+                                         'plain_torchvision:resnet18'):
+        create_torchvision_model('torchvision:resnet18', shortcut_fade=True)
+    with pytest.raises(ValueError, match=r"pretrained is a timm argument; torchvision models take weights \(a "):
+        create_torchvision_model('torchvision:resnet18', pretrained=True)
+    fading = create_torchvision_model('plain_torchvision:resnet18', shortcut_fade=True, num_classes=3)
+    teacher = create_torchvision_model('torchvision:resnet18', num_classes=3)
+    assert (fading.num_classes, fading.pretrained_cfg['architecture'], teacher.pretrained_cfg['architecture']) == (
+        3, 'plain_torchvision:resnet18', 'torchvision:resnet18')
+    jointrd_timm.load_teacher_weights(fading, teacher)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fading.eval()(x), teacher.eval()(x))  # at s = 1 the fading twin is its teacher

@@ -16,6 +16,8 @@ from torch import nn
 
 from ..errors import InputError, JointRDError
 from ..io import CheckpointError, input_channels, with_reading
+from ..models.torchvision_models import (is_torchvision_folder, load_torchvision_folder, save_torchvision_model,
+                                         torchvision_name)
 from ..twins.fade import deployable
 
 __all__ = ['save_trained_model', 'load_model', 'model_card', 'push_model', 'model_label_names']
@@ -40,6 +42,12 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     _check_replaceable(folder)
     _check_labelled(model)
     trained, model = model, deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
+    tmp = folder.with_name(f'.{folder.name}.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if torchvision_name((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or '') is not None:
+        _save_torchvision(model, tmp, tag, data_cfg, label_names)
+        return _finish_save(tmp, folder, metrics, model_card)
     if any(not t.is_contiguous() for t in _tensors(model)):
         # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values); the caller's
         # model keeps its layout
@@ -63,9 +71,6 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     channels = input_channels(model)
     if channels is not None and channels != in_chans:
         model_args['in_chans'] = channels
-    tmp = folder.with_name(f'.{folder.name}.tmp')
-    if tmp.exists():
-        shutil.rmtree(tmp)
     save_for_hf(model, str(tmp), model_args={k: v for k, v in model_args.items() if v is not None},
                 safe_serialization=True)
     if tag is not None or data_cfg or label_names is not None:
@@ -77,12 +82,30 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         if label_names is not None:
             _write_label_names(config, list(label_names), model_args['num_classes'])
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+    return _finish_save(tmp, folder, metrics, model_card)
+
+
+def _finish_save(tmp: Path, folder: Path, metrics: Optional[Dict], model_card: Optional[str]) -> Path:
+    """The metrics and the card beside the weights in ``tmp``, then ``tmp`` moved into place as ``folder``."""
     if metrics:
         (tmp / 'metrics.json').write_text(json.dumps(metrics, indent=1))
     if model_card:
         (tmp / 'README.md').write_text(model_card)
     _replace_folder(tmp, folder)
     return folder
+
+
+def _save_torchvision(model: nn.Module, tmp: Path, tag: Optional[str], data_cfg: Optional[Dict],
+                      label_names: Optional[Sequence[str]]) -> None:
+    """A torchvision model (or twin) of :mod:`jointrd_timm.models.torchvision_models` in its own format: the
+    same files, a config.json that names it for :func:`load_model`, the reading and labels as for a timm model."""
+    cfg = with_reading(model.pretrained_cfg, data_cfg)
+    if tag is not None:
+        cfg['tag'] = tag
+    config = dict(pretrained_cfg=cfg)
+    if label_names is not None:
+        _write_label_names(config, list(label_names), model.num_classes)
+    save_torchvision_model(model, tmp, config)
 
 
 def _write_label_names(config: Dict, names: List[str], num_classes: int) -> None:
@@ -248,6 +271,8 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
     if path.is_dir():
         folder = _model_folder(path)
         _check_folder(folder)
+        if is_torchvision_folder(folder):
+            return load_torchvision_folder(folder, kwargs.get('num_classes'))
         spec, source = f'local-dir:{folder}', True
     pretrained = source or '.' in spec
     problem = None if source else name_problem(spec)
@@ -297,16 +322,20 @@ def model_card(entry: Dict) -> str:
     """README.md for the Hub, from a registry entry (method, data, recipe, measured results). Without
     ``hf_hub_id`` the card says how to load the model from ``local_dir``."""
     metrics = entry['metrics']
+    torchvision = torchvision_name(entry['architecture']) is not None  # loaded by load_model, not timm
     # the data it was measured on: hf_dataset, else the entry's eval dataset (no CIFAR-10 default for other data)
     dataset = entry.get('hf_dataset') or (entry.get('eval') or {}).get('dataset')
     training = entry['training']
     lines = [
-        '---', 'library_name: timm', *([f'license: {entry["license"]}'] if entry.get('license') else []),
+        '---', f'library_name: {"pytorch" if torchvision else "timm"}',
+        *([f'license: {entry["license"]}'] if entry.get('license') else []),
         'tags: [image-classification, timm, jointrd-timm, residual-distillation]',
         *([f'datasets: [{dataset}]'] if dataset else []), '---', '',
         f'# {entry["name"]}', '',
         f'{entry.get("description", "")}', '',
-        f'- **Architecture**: `{entry["architecture"]}` (timm, registered by `import jointrd_timm`)',
+        f'- **Architecture**: `{entry["architecture"]}` ' + (
+            '(torchvision, built by jointrd_timm.models.torchvision_models)' if torchvision else
+            '(timm, registered by `import jointrd_timm`)'),
         f'- **Method**: {entry["method"]}',
         *([f'- **Teacher**: `{entry["teacher"]}`'] if entry.get('teacher') else []),
         f'- **Data**: {entry["dataset"]}',
@@ -319,11 +348,12 @@ def model_card(entry: Dict) -> str:
     lines += [line for warning in entry.get('warnings') or () for line in ('', f'**Warning:** {warning}')]
     # a published twin loads from the Hub; one not (yet) pushed, e.g. from `jointrd distill`, from its folder
     source = f'hf-hub:{entry["hf_hub_id"]}' if entry.get('hf_hub_id') else f'local-dir:{entry["local_dir"]}'
-    lines += ['', '## Use', '', '```python', 'import timm, jointrd_timm',
-              f"model = timm.create_model('{source}', pretrained=True)", '```', '',
+    load = ['from jointrd_timm.integrations.hub import load_model', f"model = load_model('{source}')"] if torchvision \
+        else ['import timm, jointrd_timm', f"model = timm.create_model('{source}', pretrained=True)"]
+    lines += ['', '## Use', '', '```python', *load, '```', '',
               f'Evaluate: `jointrd eval {source} --dataset {dataset or "PATH_TO_TEST_DATA"}'
               + (f' {entry["eval_args"]}' if entry.get('eval_args') else '') + '`.', '']
-    lines += _timm_validate_lines(source, dataset, entry.get('eval') or {}) if dataset else []
+    lines += _timm_validate_lines(source, dataset, entry.get('eval') or {}) if dataset and not torchvision else []
     return '\n'.join(lines)
 
 

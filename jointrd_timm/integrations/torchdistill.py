@@ -38,8 +38,9 @@ from ..methods.jointrd import JointRD, JointRDConfig
 from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
 from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
+from ..models.torchvision_models import create_torchvision_model, torchvision_name
 from ..twins.transfer import load_teacher_weights
-from ..io import load_weights, unwrap
+from ..io import classifier_module, load_weights, unwrap
 
 __all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwise_model', 'cakd_model', 'aps_model',
            'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
@@ -48,11 +49,19 @@ __all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwis
 @register_model
 def timm_model(model_name: str, checkpoint: Optional[str] = None, reset_head: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(model_name, **kwargs)``, then the weights of ``checkpoint`` (a .safetensors file or a
-    runner output folder) loaded strictly. ``model_name`` may be ``hf-hub:``/``local-dir:`` or a plain_* twin.
+    runner output folder) loaded strictly. ``model_name`` may be ``hf-hub:``/``local-dir:`` or a plain_* twin, or
+    name a torchvision model or its twin (``torchvision:resnet18``, ``plain_torchvision:resnet18``:
+    :mod:`jointrd_timm.models.torchvision_models`).
     ``reset_head``: load everything but the classifier, which keeps its fresh initialisation for ``num_classes``
     classes (a model trained on another label set, to be fine-tuned on this one); with ``pretrained=True`` the
     classifier timm loaded is initialised afresh (``reset_classifier``), also when it has as many classes."""
-    model = timm.create_model(model_name, **kwargs)
+    if torchvision_name(model_name) is not None:  # torchvision:<name>, plain_torchvision:<name>
+        model = create_torchvision_model(model_name, **kwargs)
+        if reset_head and not checkpoint:
+            raise ValueError(f'timm_model {model_name}: reset_head needs a checkpoint whose head to reset (a '
+                             "torchvision model's own weights come with their num_classes).")
+    else:
+        model = timm.create_model(model_name, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, skip=_classifier_name(model) if reset_head else None)
     elif reset_head and kwargs.get('pretrained'):
@@ -64,7 +73,7 @@ def timm_model(model_name: str, checkpoint: Optional[str] = None, reset_head: bo
 
 
 def _classifier_name(model: nn.Module) -> str:
-    head = model.get_classifier()
+    head = classifier_module(model)
     return next(name for name, module in model.named_modules() if module is head)
 
 
@@ -104,11 +113,13 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict], teacher_trains:
                          'so every target it gives the student would come from a random head. Fine-tune the teacher '
                          'on these classes first (jointrd distill --num-classes does), then give that checkpoint '
                          'without reset_head.')
-    if not (teacher.get('checkpoint') or teacher.get('pretrained') or name.lower().startswith(('hf-hub', 'hf_hub',
-                                                                                               'local-dir'))):
+    if not (teacher.get('checkpoint') or teacher.get('pretrained') or teacher.get('weights')
+            or name.lower().startswith(('hf-hub', 'hf_hub', 'local-dir'))):
+        how = ('weights=a torchvision weights name' if torchvision_name(name) is not None else
+               'pretrained=true with a name.tag')
         warnings.warn(f'The teacher {name} is given no weights (no checkpoint, pretrained or hub id): the student '
-                      'learns from a randomly initialised network. Give its weights (teacher kwargs: '
-                      'checkpoint=PATH, or pretrained=true with a name.tag).', stacklevel=2)
+                      f'learns from a randomly initialised network. Give its weights (teacher kwargs: '
+                      f'checkpoint=PATH, or {how}).', stacklevel=2)
     teacher_model = timm_model(**teacher)
     if student is None:
         student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
@@ -140,8 +151,8 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
                         shortcut_fade_order, shortcut_fade_leak)
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
-        teacher = timm.create_model(teacher_of(student['model_name']),
-                                    **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
+        teacher = timm_model(teacher_of(student['model_name']),
+                             **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
         load_weights(teacher, teacher_checkpoint)
         load_teacher_weights(model, teacher)
     return FadingStudent(model, fade)
