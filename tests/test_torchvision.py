@@ -357,3 +357,67 @@ def test_torchvision_model_names_are_checked_before_anything_is_built():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fading.eval()(x), teacher.eval()(x))  # at s = 1 the fading twin is its teacher
+
+
+def test_a_saved_torchvision_twin_is_built_back_with_its_builder_arguments(tmp_path):
+    """What a torchvision twin was built with (a builder argument, kept projection shortcuts) is saved and rebuilds
+    it; the fade is finished on the way; a card saved elsewhere names its own folder; non-data arguments, which
+    config.json could not hold, are refused before anything trains."""
+    from jointrd_timm.integrations.hub import card_with_source, load_model, model_card, save_trained_model
+    from jointrd_timm.integrations.torchdistill import timm_model
+    from jointrd_timm.twins.verify import count_shortcut_additions
+    torch.manual_seed(0)
+    twin = timm_model('plain_torchvision:resnet18', num_classes=3, shortcut_fade=True, keep_projection_shortcuts=True,
+                      zero_init_residual=True)
+    set_shortcut_scale(twin, 0.0)
+    folder = save_trained_model(twin, tmp_path / 'model')
+    assert json.loads((folder / 'config.json').read_text())['model_args'] == dict(keep_projection_shortcuts=True,
+                                                                                 zero_init_residual=True)
+    loaded = load_model(str(folder))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), twin.eval()(x))
+    assert count_shortcut_additions(loaded) == 3  # the three projections it kept
+    card = model_card(dict(name='t', architecture='plain_torchvision:resnet18', method='m', metrics={}, dataset='d',
+                           training={}, local_dir=str(folder)))
+    assert "load_model('local-dir:/elsewhere')" in card_with_source(card, 'local-dir:/elsewhere')
+    with pytest.raises(ValueError, match=r"builder arguments \['norm_layer'\] include one that is not plain data"):
+        timm_model('plain_torchvision:resnet18', norm_layer=nn.BatchNorm2d)
+    assert not list(tmp_path.glob('.*.tmp'))
+
+
+def test_jointrd_distill_names_a_torchvision_teacher_folder_for_what_it_is(tmp_path, capsys):
+    from jointrd_timm.cli import main
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.integrations.torchdistill import timm_model
+    save_trained_model(timm_model('torchvision:resnet18', num_classes=3), tmp_path / 'teacher')
+    assert main(['distill', str(tmp_path / 'teacher'), '--data', 'sklearn:digits', '--output-dir',
+                 str(tmp_path / 'out')]) != 0
+    assert 'holds a torchvision model (torchvision:resnet18): jointrd distill converts timm architectures' in \
+        capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_torchvision_twin_pushed_to_the_hub_loads_from_its_offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from jointrd_timm.integrations.hub import card_for_hub, load_model, model_card, save_trained_model
+    from jointrd_timm.integrations.torchdistill import timm_model
+    torch.manual_seed(0)
+    twin = timm_model('plain_torchvision:resnet18', num_classes=3)
+    folder = save_trained_model(twin, tmp_path / 'model')
+    snapshot = tmp_path / 'cache' / 'models--org--twin' / 'snapshots' / ('a' * 40)
+    snapshot.mkdir(parents=True)
+    for name in ('config.json', 'model.safetensors'):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('a' * 40)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    loaded = load_model('hf-hub:org/twin')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), twin.eval()(x))
+    card = card_for_hub(model_card(dict(name='t', architecture='plain_torchvision:resnet18', method='m', metrics={},
+                                        dataset='d', training={}, local_dir=str(folder))), 'org/twin')
+    assert "model = load_model('hf-hub:org/twin')" in card and 'library_name: pytorch' in card

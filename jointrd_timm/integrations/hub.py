@@ -37,17 +37,10 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
     the classes its outputs stand for, in order (the training data's class names), written as timm's
     ``label_names`` in place of the ones the model was built with (an empty list: its data names none, so any
     names it came with are dropped; None: left as they are)."""
-    from timm.models import save_for_hf
     folder = Path(folder).expanduser().resolve()  # '.', 'run/..': the folder's real name
     _check_replaceable(folder)
     _check_labelled(model)
     trained, model = model, deployable(model)  # a copy with the shortcut fade finished and Dirac folded: plain convs
-    tmp = folder.with_name(f'.{folder.name}.tmp')
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if torchvision_name((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or '') is not None:
-        _save_torchvision(model, tmp, tag, data_cfg, label_names)
-        return _finish_save(tmp, folder, metrics, model_card)
     if any(not t.is_contiguous() for t in _tensors(model)):
         # e.g. trained in channels_last: safetensors stores contiguous tensors only (same values); the caller's
         # model keeps its layout
@@ -55,6 +48,24 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
             model = copy.deepcopy(trained)
         for t in _tensors(model):
             t.data = t.data.contiguous()
+    tmp = folder.with_name(f'.{folder.name}.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        if torchvision_name((getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or '') is not None:
+            _save_torchvision(model, tmp, tag, data_cfg, label_names)
+        else:
+            _save_timm(model, tmp, tag, data_cfg, label_names)
+        return _finish_save(tmp, folder, metrics, model_card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left beside the folder
+        raise
+
+
+def _save_timm(model: nn.Module, tmp: Path, tag: Optional[str], data_cfg: Optional[Dict],
+               label_names: Optional[Sequence[str]]) -> None:
+    """A timm model (deployable) into ``tmp`` in timm's Hub format, the reading and labels written into config.json."""
+    from timm.models import save_for_hf
     model_args = dict(getattr(model, 'pretrained_model_args', None) or {})
     for folded in ('dirac', 'shortcut_fade'):
         if folded in model_args:
@@ -82,7 +93,6 @@ def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None,
         if label_names is not None:
             _write_label_names(config, list(label_names), model_args['num_classes'])
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-    return _finish_save(tmp, folder, metrics, model_card)
 
 
 def _finish_save(tmp: Path, folder: Path, metrics: Optional[Dict], model_card: Optional[str]) -> Path:
@@ -141,6 +151,11 @@ def _check_labelled(model: nn.Module) -> None:
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
     if isinstance(getattr(model, 'plain_report', None), PlainReport) and isinstance(arch, str) \
             and not arch.startswith(TWIN_PREFIX):
+        if torchvision_name(arch) is not None:
+            raise InputError(f'this model is the shortcut-free twin of {arch} (made in place by make_plain or '
+                             f'make_fading), and its config would name the residual {arch}. Build the twin as '
+                             f'create_torchvision_model("{TWIN_PREFIX}{arch}") (jointrd_timm.models.'
+                             'torchvision_models; in a YAML, that model_name) and load its weights into it.')
         raise InputError(f'this model is the shortcut-free twin of {arch} (made in place by make_plain or '
                          f'make_fading), and timm knows no {TWIN_PREFIX}{arch} to rebuild it from config.json: a '
                          f'reload would build the residual {arch}. Save its state_dict with safetensors instead, or '
@@ -286,6 +301,10 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
             tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f'{base}.*')]
             raise InputError(f'{base} has no pretrained tag {tag!r}; its tags: {", ".join(tags) or "none"} (or give '
                              'a folder, hf-hub:org/name, local-dir:path).')
+    if prefix == 'hf-hub':
+        torchvision_folder = _hub_torchvision_folder(spec)
+        if torchvision_folder is not None:
+            return load_torchvision_folder(torchvision_folder, kwargs.get('num_classes'))
     if require_weights and not pretrained:
         raise InputError(f'{spec!r} names an architecture without weights: its result would be that of a randomly '
                          'initialised model. Give trained weights (a runner output folder, a Hub-format folder, '
@@ -300,6 +319,25 @@ def load_model(spec: str, require_weights: bool = False, **kwargs) -> nn.Module:
         if 'state_dict' in str(e) or 'size mismatch' in str(e):
             raise CheckpointError(f'The weights of {spec} do not fit the architecture its config names: {str(e)[:300]}') from e
         raise
+
+
+def _hub_torchvision_folder(spec: str) -> Optional[Path]:
+    """The local snapshot of an ``hf-hub:`` repo holding a torchvision model saved by jointrd_timm (its config.json
+    says ``library: torchvision``), its weights fetched through huggingface_hub's cache; None for any other repo
+    (timm then loads it, or says why not)."""
+    from huggingface_hub import hf_hub_download
+    repo, revision = hub_repo(spec)
+    try:
+        config = Path(hf_hub_download(repo, 'config.json', revision=revision))
+    except HUB_DOWNLOAD_ERRORS:
+        return None  # timm's own load says what is missing
+    if not is_torchvision_folder(config.parent):
+        return None
+    try:
+        hf_hub_download(repo, 'model.safetensors', revision=revision)
+    except HUB_DOWNLOAD_ERRORS as e:
+        raise InputError(missing_weights_message(spec, e)) from e
+    return config.parent
 
 
 def saved_beside(spec: str) -> Dict:
@@ -414,10 +452,13 @@ def push_model(model: nn.Module, repo_id: str, card: Optional[str] = None, priva
 
 
 def card_with_source(card: str, source: str) -> str:
-    """``card`` with the model's own source (the ``local-dir:PATH`` its ``create_model`` line loads) replaced by
+    """``card`` with the model's own source (the ``local-dir:PATH`` its ``create_model`` or ``load_model`` line loads)
+    replaced by
     ``source`` wherever its commands name it: the card of a folder saved or pushed elsewhere. A teacher given as a
     folder keeps its own."""
-    used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card)  # the path exactly, spaces too
+    # the path exactly, spaces too: a timm model's create_model line, a torchvision model's load_model line
+    used = re.search(r"create_model\('(local-dir:.+?)', pretrained=True\)", card) or \
+        re.search(r"load_model\('(local-dir:.+?)'\)", card)
     if not used:
         return card
     # the whole path only: a teacher's folder whose path starts with the model's (/x/model-v0 beside /x/model) stays

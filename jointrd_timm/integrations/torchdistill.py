@@ -32,7 +32,7 @@ from torchdistill.models.registry import register_model
 from torchdistill.optim.registry import register_scheduler
 
 from ..methods.adversarial import AdversarialPortableStudent, ConditionalAdversarialKD
-from ..methods.base import check_teacher_student, keep_frozen, set_grad_accumulation, start_epoch
+from ..methods.base import check_teacher_student, class_count, keep_frozen, set_grad_accumulation, start_epoch
 from ..methods.fading import FadingStudent, ShortcutFade
 from ..methods.jointrd import JointRD, JointRDConfig
 from ..methods.lr_schedules import HoldCosineLR, set_scheduler_run_length
@@ -122,11 +122,21 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict], teacher_trains:
                       f'checkpoint=PATH, or {how}).', stacklevel=2)
     teacher_model = timm_model(**teacher)
     if student is None:
-        student = {k: v for k, v in teacher.items() if k in ('num_classes', 'in_chans')}
+        student = _architecture_kwargs(teacher)
         student['model_name'] = 'plain_' + teacher['model_name']
     student_model = timm_model(**dict(student, **student_kwargs))
     check_pair(teacher_model, student_model, 'teacher / student kwargs')
     return teacher_model, student_model
+
+
+def _architecture_kwargs(model: Dict) -> Dict:
+    """The kwargs of ``model`` (a timm_model kwargs dict) that shape its architecture, for its twin or teacher:
+    ``num_classes`` and ``in_chans``; for a torchvision name every builder argument (``width_mult``, ...) but its
+    weights and the twin's own arguments."""
+    if torchvision_name(str(model.get('model_name', ''))) is None:
+        return {k: v for k, v in model.items() if k in ('num_classes', 'in_chans')}
+    return {k: v for k, v in model.items() if k not in (
+        'model_name', 'checkpoint', 'reset_head', 'weights', 'shortcut_fade', 'keep_projection_shortcuts')}
 
 
 @register_model
@@ -151,8 +161,7 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
                         shortcut_fade_order, shortcut_fade_leak)
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
-        teacher = timm_model(teacher_of(student['model_name']),
-                             **{k: v for k, v in student.items() if k in ('num_classes', 'in_chans')})
+        teacher = timm_model(teacher_of(student['model_name']), **_architecture_kwargs(student))
         load_weights(teacher, teacher_checkpoint)
         load_teacher_weights(model, teacher)
     return FadingStudent(model, fade)
@@ -182,7 +191,7 @@ def cakd_model(teacher: Dict, student: Optional[Dict] = None, **kwargs) -> Condi
     default: the teacher's twin); ``kwargs``: :class:`ConditionalAdversarialKD` fields (discriminator_depth,
     dropout, non_saturating, discriminator: {lr, momentum, weight_decay, milestones, gamma, cosine_epochs})."""
     teacher_model, student_model = _teacher_and_student(teacher, student)
-    return ConditionalAdversarialKD(student_model, teacher_model, student_model.get_classifier().out_features, **kwargs)
+    return ConditionalAdversarialKD(student_model, teacher_model, class_count(student_model), **kwargs)
 
 
 @register_model

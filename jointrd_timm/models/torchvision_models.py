@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,17 +67,22 @@ def create_torchvision_model(model_name: str, shortcut_fade: bool = False, keep_
                                ('in_chans', 'the images in 3 channels (torchvision models take 3)')):
         if timm_only in kwargs:
             raise ValueError(f'{model_name}: {timm_only} is a timm argument; torchvision models take {instead}.')
+    model_args = {k: v for k, v in kwargs.items() if k not in ('weights', 'num_classes')}
+    if keep_projection_shortcuts:
+        model_args['keep_projection_shortcuts'] = True
+    try:
+        json.dumps(model_args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{model_name}: builder arguments {sorted(model_args)} include one that is not plain data '
+                         f'({e}): the saved config.json could not record it, so the trained model could not be built '
+                         'back. Give numbers, strings and lists only.') from None
     model = torchvision.models.get_model(name, **kwargs)
     if twin:
         (make_fading if shortcut_fade else make_plain)(model, keep_projection_shortcuts=keep_projection_shortcuts)
-    with torch.no_grad():
-        was_training = model.training
-        logits = model.eval()(torch.zeros(2, 3, 64, 64, device=next(model.parameters()).device))
-        model.train(was_training)
-    model.num_classes = logits.shape[1]
+    model.num_classes = kwargs.get('num_classes', 1000)  # torchvision's builders default to ImageNet's 1000
     model.pretrained_cfg = dict(architecture=(TWIN_PREFIX if twin else '') + TORCHVISION_PREFIX + name,
                                 num_classes=model.num_classes, **_IMAGENET_READING)
-    model.pretrained_model_args = {k: v for k, v in kwargs.items() if k not in ('weights', 'num_classes')}
+    model.pretrained_model_args = model_args
     return model
 
 
@@ -114,18 +118,16 @@ def is_torchvision_folder(folder: Path) -> bool:
 
 def load_torchvision_folder(folder: Path, num_classes: Optional[int] = None) -> nn.Module:
     """The model :func:`save_torchvision_model` wrote into ``folder``, its weights loaded strictly. ``num_classes``
-    other than the saved one keeps every weight but the classifier's, which is initialised afresh (as timm's
-    ``create_model(..., num_classes=)`` does)."""
-    from ..io import classifier_module
+    other than the saved one keeps every weight but the classifier's (those of another shape), which is
+    initialised afresh (as timm's ``create_model(..., num_classes=)`` does)."""
     config = json.loads((Path(folder) / 'config.json').read_text())
     saved = config['num_classes']
     model = create_torchvision_model(config['architecture'], num_classes=num_classes or saved,
                                      **config.get('model_args', {}))
     state = load_file(str(Path(folder) / 'model.safetensors'))
-    if num_classes and num_classes != saved:
-        head = next(name for name, module in model.named_modules() if module is classifier_module(model))
-        state = {k: v for k, v in state.items() if not k.startswith(head + '.')}
-        model.load_state_dict(state, strict=False)
+    if num_classes and num_classes != saved:  # the classifier's weights (and any other of another shape) stay fresh
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
     else:
         model.load_state_dict(state)
     model.pretrained_cfg = dict(config['pretrained_cfg'], architecture=config['architecture'])

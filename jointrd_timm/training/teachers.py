@@ -69,6 +69,14 @@ def _teacher_from_folder(spec: str, path: Path) -> Teacher:
         raise DistillError(f'Teacher folder {path} holds neither config.json + model.safetensors (timm\'s Hub format, '
                            'as `jointrd save` writes) nor a runner output (model/ or last.safetensors).')
     config = json.loads((folder / 'config.json').read_text())
+    if config.get('library') == 'torchvision':
+        arch = config['architecture']
+        residual = teacher_of(arch) if arch.startswith('plain_') else arch
+        raise DistillError(
+            f'Teacher folder {path} holds a torchvision model ({arch}): jointrd distill converts timm architectures. '
+            "Train a torchvision teacher's twin from a YAML with jointrd train (jointrd_model, teacher model_name "
+            f"{residual} with its checkpoint; docs/design.md), or, for a ResNet, give timm's same architecture with "
+            '--teacher-weights.')
     if config['architecture'].startswith('plain_') and (path / 'distill.yaml').is_file():
         trained = path / 'teacher' / 'model'
         raise DistillError(f'{path} is the output of jointrd distill: its model/ is the twin. To distill from the same '
