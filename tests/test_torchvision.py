@@ -148,7 +148,7 @@ def test_jointrd_trains_a_fading_torchvision_twin_and_deploys_it(name):
     from jointrd_timm.recipes import DEFAULT_RECIPE
     from jointrd_timm.twins.verify import count_shortcut_additions
     torch.manual_seed(0)
-    teacher = _moved_off_init(_small_models()[name]())
+    teacher = _moved_off_init(_small_models()[name]()).train()  # as a YAML builds it: the split must not move its BN
     teacher_state = copy.deepcopy(teacher.state_dict())
     pair = JointRD(make_fading(copy.deepcopy(teacher)), teacher, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
                    steps_per_epoch=3)
@@ -383,7 +383,19 @@ def test_a_saved_torchvision_twin_is_built_back_with_its_builder_arguments(tmp_p
     assert "load_model('local-dir:/elsewhere')" in card_with_source(card, 'local-dir:/elsewhere')
     with pytest.raises(ValueError, match=r"builder arguments \['norm_layer'\] include one that is not plain data"):
         timm_model('plain_torchvision:resnet18', norm_layer=nn.BatchNorm2d)
-    assert not list(tmp_path.glob('.*.tmp'))
+
+
+@pytest.mark.parametrize('arch', ['plain_torchvision:resnet18', 'plain_resnet20_cifar'])
+def test_a_save_that_fails_leaves_nothing_beside_the_folder(tmp_path, arch):
+    from jointrd_timm.errors import InputError
+    from jointrd_timm.integrations.hub import save_trained_model
+    from jointrd_timm.integrations.torchdistill import timm_model
+    save_trained_model(timm_model(arch, num_classes=3), tmp_path / 'model')
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'model').iterdir()}
+    with pytest.raises(InputError, match='4 class names for a model with 3 outputs'):
+        save_trained_model(timm_model(arch, num_classes=3), tmp_path / 'model', label_names=list('abcd'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']  # no .model.tmp
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'model').iterdir()} == before
 
 
 def test_jointrd_distill_names_a_torchvision_teacher_folder_for_what_it_is(tmp_path, capsys):

@@ -30,13 +30,14 @@ def _tensors(model: nn.Module) -> tuple:
 def save_trained_model(model: nn.Module, folder, metrics: Optional[Dict] = None, model_card: Optional[str] = None,
                        tag: Optional[str] = None, data_cfg: Optional[Dict] = None,
                        label_names: Optional[Sequence[str]] = None) -> Path:
-    """Write ``model`` to ``folder`` in timm's Hub format (never pickle). Returns the folder. ``tag``: the pretrained
-    tag the weights are published under (``arch.tag``), written into config.json's ``pretrained_cfg`` in place of the
-    one the model was built with; ``data_cfg``: how its inputs were read (``mean``, ``std``, ``input_size``,
-    ``crop_pct``, ``interpolation``), written there too, in place of its architecture's defaults; ``label_names``:
-    the classes its outputs stand for, in order (the training data's class names), written as timm's
-    ``label_names`` in place of the ones the model was built with (an empty list: its data names none, so any
-    names it came with are dropped; None: left as they are)."""
+    """Write ``model`` to ``folder`` in timm's Hub format (never pickle); a torchvision model built by name
+    (:mod:`jointrd_timm.models.torchvision_models`) in the same files, its config.json naming it. Returns the
+    folder. ``tag``: the pretrained tag the weights are published under (``arch.tag``), written into config.json's
+    ``pretrained_cfg`` in place of the one the model was built with; ``data_cfg``: how its inputs were read
+    (``mean``, ``std``, ``input_size``, ``crop_pct``, ``interpolation``), written there too, in place of its
+    architecture's defaults; ``label_names``: the classes its outputs stand for, in order (the training data's class
+    names), written as timm's ``label_names`` in place of the ones the model was built with (an empty list: its
+    data names none, so any names it came with are dropped; None: left as they are)."""
     folder = Path(folder).expanduser().resolve()  # '.', 'run/..': the folder's real name
     _check_replaceable(folder)
     _check_labelled(model)
@@ -76,7 +77,9 @@ def _save_timm(model: nn.Module, tmp: Path, tag: Optional[str], data_cfg: Option
     if not hasattr(model, 'num_classes'):
         raise InputError(f'{type(model).__name__} has no classifier (num_classes; a features_only feature '
                          "extractor?): timm's Hub format saves a classifier model. Save the model it was built from "
-                         '(its state_dict holds the same backbone weights).')
+                         '(its state_dict holds the same backbone weights). A torchvision model saves when built by '
+                         "name: create_torchvision_model('plain_torchvision:<name>') (jointrd_timm.models."
+                         'torchvision_models), then its weights loaded.')
     model_args['num_classes'] = getattr(model, 'num_classes', None)
     in_chans = model.pretrained_cfg.get('input_size', (3,))[0] if hasattr(model, 'pretrained_cfg') else 3
     channels = input_channels(model)
@@ -367,7 +370,8 @@ def model_card(entry: Dict) -> str:
     lines = [
         '---', f'library_name: {"pytorch" if torchvision else "timm"}',
         *([f'license: {entry["license"]}'] if entry.get('license') else []),
-        'tags: [image-classification, timm, jointrd-timm, residual-distillation]',
+        f'tags: [image-classification, {"torchvision" if torchvision else "timm"}, jointrd-timm, '
+        'residual-distillation]',
         *([f'datasets: [{dataset}]'] if dataset else []), '---', '',
         f'# {entry["name"]}', '',
         f'{entry.get("description", "")}', '',

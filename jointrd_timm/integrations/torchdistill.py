@@ -91,7 +91,7 @@ def jointrd_model(teacher: Dict, student: Optional[Dict] = None, jointrd: Option
     Args:
         teacher: kwargs of :func:`timm_model` for the residual teacher (give ``checkpoint`` for a trained one).
         student: kwargs of :func:`timm_model` for the twin; default ``plain_<teacher model_name>`` with the
-            teacher's ``num_classes``/``in_chans``.
+            teacher's ``num_classes``/``in_chans`` (a torchvision teacher's builder arguments but its weights).
         jointrd: fields of :class:`JointRDConfig`.
         init_student_from_teacher: start the twin from the teacher's weights (load_teacher_weights).
     """

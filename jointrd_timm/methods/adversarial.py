@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import classifier_module
-from .base import TrainingMethod, check_flag, check_number, check_teacher_student, config_from_dict, hinton_kd
+from .base import (TrainingMethod, check_flag, check_number, check_teacher_student, class_count, config_from_dict,
+                   hinton_kd)
 from .side_optimizer import SideOptimizer, check_side_sgd
 
 __all__ = ['LogitDiscriminator', 'FeatureDiscriminator', 'DiscriminatorConfig', 'AdversarialTerm',
@@ -276,7 +277,7 @@ class AdversarialPortableStudent(_TeacherStudent):
         s_dim, t_dim = (_pre_logits_width(m) for m in (student, teacher))
         self.adapter = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
         self.adversarial_weight, self.kd_weight, self.kd_temperature = adversarial_weight, kd_weight, kd_temperature
-        num_classes = getattr(teacher, 'num_classes', 0) if label_head else 0
+        num_classes = (class_count(teacher) or 0) if label_head else 0
         self.adversarial = AdversarialTerm(FeatureDiscriminator(t_dim, hidden, num_classes),
                                            DiscriminatorConfig.from_dict(discriminator))
 
@@ -295,8 +296,8 @@ class AdversarialPortableStudent(_TeacherStudent):
             hook.remove()
         if not captured or captured[-1][1] is not logits:
             raise ValueError(f'AdversarialPortableStudent: {type(model).__name__} does not return what its last '
-                             'nn.Linear computes, so that Linear is not its classifier and the features the classifier gets '
-                             'cannot be read; give the model timm\'s interface (forward_features, forward_head, '
+                             'nn.Linear computes, so that Linear is not its classifier and the features the classifier '
+                             'gets cannot be read; give the model timm\'s interface (forward_features, forward_head, '
                              'get_classifier).')
         return captured[-1][0].flatten(1), logits
 

@@ -68,6 +68,12 @@ def call_on_buffer_copies(module: nn.Module, args: tuple, kwargs: Optional[Dict]
     return functional_call(module, state, args, kwargs or {})
 
 
+def model_name(model: nn.Module) -> str:
+    """The architecture a model's ``pretrained_cfg`` names (a timm model's; a torchvision model built by name:
+    ``torchvision:resnet18``), else its class name."""
+    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+
+
 def class_count(model: nn.Module) -> Optional[int]:
     """The classes ``model`` predicts: a timm model's ``num_classes``; for a model without it (torchvision's, a
     user's own) the width of the logits it returns for a small random batch, in eval mode; None when it returns no
@@ -83,6 +89,8 @@ def class_count(model: nn.Module) -> Optional[int]:
     try:
         with torch.no_grad():
             logits = model(torch.randn(2, chans, 64, 64, device=params[0].device))
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, ValueError, TypeError):  # a model for another input size: no count, no guess
         return None
     finally:
@@ -108,8 +116,7 @@ def check_teacher_student(teacher: nn.Module, student: nn.Module, where: str) ->
                          "model as the teacher and its twin as the student (timm.create_model('plain_<arch>', ...), "
                          'or make_plain(copy.deepcopy(teacher))).')
     (t_classes, t_chans), (s_classes, s_chans) = _classes_and_channels(teacher), _classes_and_channels(student)
-    t_name = getattr(teacher, 'default_cfg', {}).get('architecture', type(teacher).__name__)
-    s_name = getattr(student, 'default_cfg', {}).get('architecture', type(student).__name__)
+    t_name, s_name = (model_name(m) for m in (teacher, student))
     for role, name, classes in (('teacher', t_name, t_classes), ('student', s_name, s_classes)):
         if classes == 0:
             raise ValueError(f'{where}: the {role} {name} has no classifier (num_classes=0); the methods train on '

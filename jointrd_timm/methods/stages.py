@@ -270,8 +270,10 @@ class StageSplit(nn.Module):
         was_training = model.training
         model.eval()
         try:
-            expected = model(probe)
-            got = run_on_probe(self.model_name, lambda: self(probe)[0], probe, self._advice, split=True)
+            expected = self._model_on_grown_probe(model, probe) if grown else model(probe)
+            outputs = run_on_probe(self.model_name, lambda: self.features(probe), probe, self._advice, split=True)
+            got = run_on_probe(self.model_name, lambda: self(outputs[-1], self.num_stages)[0], probe, self._advice,
+                               split=True)
         finally:
             model.train(was_training)
         self._compare(expected, got, '')
@@ -290,9 +292,19 @@ class StageSplit(nn.Module):
             model.train(was_training)
         self._compare(expected, got, ' in train mode (a dropout or another random step its forward does in code, '
                                      'which the stages do not hold?)')
-        if not grown and self.features(probe)[-1].shape[2:].numel() == 1:
+        if not grown and outputs[-1].shape[2:].numel() == 1:
             shape = (*probe.shape[:2], *(2 * size for size in probe.shape[2:]))
             self.check(model, torch.randn(shape, device=probe.device, dtype=probe.dtype), grown=True)
+
+    def _model_on_grown_probe(self, model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+        try:
+            return model(probe)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise StageLayoutError(
+                f'{self.model_name}: its last feature map is 1x1 at the probe\'s size, where the pooling its head does '
+                f'in code cannot be told from a flatten or another pooling, and its forward fails at twice that size, '
+                f'{tuple(probe.shape)} ({type(e).__name__}: {e}). Give JointRD a probe at which the last map is '
+                'larger than 1x1.' + self._advice) from e
 
     def _compare(self, expected: torch.Tensor, got: torch.Tensor, where: str) -> None:
         if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-4, rtol=1e-3):

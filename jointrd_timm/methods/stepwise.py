@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RunLengthError, TrainingMethod, check_number, check_teacher_student
+from .base import RunLengthError, TrainingMethod, check_number, check_teacher_student, model_name
 from ..twins.fade import fading_block_count, is_fading, set_shortcut_scale
 
 __all__ = ['StepwiseRemoval', 'removal_points', 'removal_scales', 'stepwise_loss', 'REMOVAL_ORDERS']
@@ -153,7 +153,7 @@ class StepwiseRemoval(TrainingMethod):
             ValueError: naming the blocks, the interval and the epochs needed, when the run is too short.
         """
         epochs, steps = int(self.num_epochs), int(self.steps_per_epoch)
-        name = getattr(self.student, 'default_cfg', {}).get('architecture', type(self.student).__name__)
+        name = model_name(self.student)
         if steps > 0 and self.interval * steps < 1 - _ROUNDING:
             raise ValueError(f'StepwiseRemoval: interval {self.interval:g} epochs is shorter than one training step '
                              f'(1/{steps} epoch), so several shortcuts would go at once; give interval >= '

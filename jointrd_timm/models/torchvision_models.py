@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..twins import make_plain
@@ -118,18 +118,20 @@ def is_torchvision_folder(folder: Path) -> bool:
 
 def load_torchvision_folder(folder: Path, num_classes: Optional[int] = None) -> nn.Module:
     """The model :func:`save_torchvision_model` wrote into ``folder``, its weights loaded strictly. ``num_classes``
-    other than the saved one keeps every weight but the classifier's (those of another shape), which is
-    initialised afresh (as timm's ``create_model(..., num_classes=)`` does)."""
+    other than the saved one keeps every weight but the classifier's (its last ``nn.Linear``), which is initialised
+    afresh (as timm's ``create_model(..., num_classes=)`` does).
+
+    Raises:
+        CheckpointError: weights that do not fit the model config.json names."""
+    from ..io import classifier_module, load_weights
     config = json.loads((Path(folder) / 'config.json').read_text())
     saved = config['num_classes']
     model = create_torchvision_model(config['architecture'], num_classes=num_classes or saved,
                                      **config.get('model_args', {}))
-    state = load_file(str(Path(folder) / 'model.safetensors'))
-    if num_classes and num_classes != saved:  # the classifier's weights (and any other of another shape) stay fresh
-        own = model.state_dict()
-        model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
-    else:
-        model.load_state_dict(state)
+    head = classifier_module(model) if num_classes and num_classes != saved else None
+    # strict, with the checkpoint errors of every load; another class count: the classifier stays fresh
+    load_weights(model, Path(folder) / 'model.safetensors',
+                 skip=next((n for n, m in model.named_modules() if m is head), None) if head is not None else None)
     model.pretrained_cfg = dict(config['pretrained_cfg'], architecture=config['architecture'])
     if 'label_names' in config:
         model.pretrained_cfg['label_names'] = config['label_names']
