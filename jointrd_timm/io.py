@@ -17,7 +17,7 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap', 'classifier_module', 'input_channels', 'top1_accuracy', 'near_chance',
+           'unwrap', 'classifier_module', 'classifier_name', 'input_channels', 'top1_accuracy', 'near_chance',
            'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
@@ -140,6 +140,13 @@ def classifier_module(model: nn.Module) -> Optional[nn.Module]:
         return model.get_classifier()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
+
+
+def classifier_name(model: nn.Module) -> Optional[str]:
+    """The module name of :func:`classifier_module` (``'fc'``, ``'classifier.1'``), or None without one."""
+    head = classifier_module(model)
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None \
+        else None
 
 
 def input_channels(model: nn.Module) -> Optional[int]:

@@ -40,7 +40,7 @@ from ..methods.stepwise import StepwiseRemoval
 from ..models.plain_twins import teacher_of
 from ..models.torchvision_models import create_torchvision_model, torchvision_name
 from ..twins.transfer import load_teacher_weights
-from ..io import classifier_module, load_weights, unwrap
+from ..io import classifier_name, load_weights, unwrap
 
 __all__ = ['timm_model', 'check_pair', 'jointrd_model', 'fading_model', 'stepwise_model', 'cakd_model', 'aps_model',
            'MethodLoss', 'JointRDLoss', 'jointrd_pre_epoch_process', 'accelerator_for_boxes']
@@ -63,18 +63,13 @@ def timm_model(model_name: str, checkpoint: Optional[str] = None, reset_head: bo
     else:
         model = timm.create_model(model_name, **kwargs)
     if checkpoint:
-        load_weights(model, checkpoint, skip=_classifier_name(model) if reset_head else None)
+        load_weights(model, checkpoint, skip=classifier_name(model) if reset_head else None)
     elif reset_head and kwargs.get('pretrained'):
         model.reset_classifier(model.num_classes)
     elif reset_head:
         raise ValueError(f'timm_model {model_name}: reset_head needs weights whose head to reset (a checkpoint, or '
                          'pretrained=True).')
     return model
-
-
-def _classifier_name(model: nn.Module) -> str:
-    head = classifier_module(model)
-    return next(name for name, module in model.named_modules() if module is head)
 
 
 def check_pair(teacher: nn.Module, student: nn.Module, where: str) -> None:

@@ -1,4 +1,4 @@
-"""Cutting a timm model (or any chain-like model) into stages at its ``feature_info`` taps, for JointRD's teacher tails.
+"""Cutting a timm model (or any chain-like model) into stages at its ``feature_info`` taps, for JointRD's tails.
 
 A timm model's ``forward_features`` applies its children in order (ResNet: conv1, bn1, act1, maxpool,
 layer1..4; EfficientNet: conv_stem, bn1, blocks.0..6, conv_head, bn2; ConvNeXt: stem, stages.0..3, norm_pre).
@@ -7,7 +7,7 @@ each tap; a segment without any residual (or plain) block is merged into the nex
 stem+layer1, layer2, layer3, layer4. Modules after the last tap that ``forward_features`` applies form the "neck"
 (EfficientNet's ``conv_head``); the others are ``forward_head``'s (MobileNetV3's ``conv_head``, after pooling).
 A model without timm's interface (a torchvision model, a user's own) is read from one probe forward instead
-(:class:`_ChainLayout`): its taps are where the feature maps shrink, its head what follows them.
+(:class:`_ChainLayout`): its taps are where the feature maps change size, its head what follows them.
 The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
 """
 from functools import partial
@@ -100,7 +100,7 @@ class _ChainLayout:
     """Stages of a model without timm's model interface (a torchvision model, a user's own), read from one probe
     forward: its children (see :func:`_block_chain`) must each run at most once, and form the chain in the order
     they ran (children that do not run are left out); the head starts at the first that pools globally, flattens or
-    takes vectors; a stage ends where the next child's feature map is smaller (the taps timm's ``feature_info``
+    takes vectors; a stage ends where the next child's feature map changes size (the taps timm's ``feature_info``
     lists, at every reduction). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
     timm model, and in train mode and at a larger input too (:meth:`StageSplit.check`)."""
 

@@ -123,15 +123,14 @@ def load_torchvision_folder(folder: Path, num_classes: Optional[int] = None) -> 
 
     Raises:
         CheckpointError: weights that do not fit the model config.json names."""
-    from ..io import classifier_module, load_weights
+    from ..io import classifier_name, load_weights
     config = json.loads((Path(folder) / 'config.json').read_text())
     saved = config['num_classes']
     model = create_torchvision_model(config['architecture'], num_classes=num_classes or saved,
                                      **config.get('model_args', {}))
-    head = classifier_module(model) if num_classes and num_classes != saved else None
     # strict, with the checkpoint errors of every load; another class count: the classifier stays fresh
     load_weights(model, Path(folder) / 'model.safetensors',
-                 skip=next((n for n, m in model.named_modules() if m is head), None) if head is not None else None)
+                 skip=classifier_name(model) if num_classes and num_classes != saved else None)
     model.pretrained_cfg = dict(config['pretrained_cfg'], architecture=config['architecture'])
     if 'label_names' in config:
         model.pretrained_cfg['label_names'] = config['label_names']

@@ -140,7 +140,7 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
     channels (what timm's train.py uses unless told otherwise)."""
     import timm
     from ..io import PICKLE_SUFFIXES, input_channels, read_state_dict
-    from ..integrations.torchdistill import _classifier_name
+    from ..io import classifier_name
     path = Path(weights).expanduser()
     if teacher.num_classes is not None:
         raise DistillError(f'--teacher-weights {weights}: TEACHER {teacher.spec} has weights of its own. Give the '
@@ -158,10 +158,7 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
         raise DistillError(f'--teacher-weights {path} cannot be read as safetensors: {e}') from e
     model = timm.create_model(teacher.arch)
     conv = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
-    try:
-        head = _classifier_name(model)
-    except StopIteration:  # a classifier that is not one module (e.g. a tuple of heads)
-        head = None
+    head = classifier_name(model)  # None: a classifier that is not one module (e.g. a tuple of heads)
     if conv is None or head is None:
         raise DistillError(f'--teacher-weights: the classes and input channels of {teacher.arch} cannot be read from '
                            'a file (no single classifier module or no convolution); give its weights as a Hub-format '
