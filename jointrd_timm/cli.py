@@ -15,6 +15,11 @@ def _architecture(name: str) -> str:
     refused as an :class:`InputError` when timm does not know it or it has no twin (the reason said)."""
     import jointrd_timm  # noqa: F401
     from .models.plain_twins import name_problem, residual_arch
+    from .models.torchvision_models import torchvision_name
+    if torchvision_name(name) is not None:
+        raise InputError(f'{name}: this command builds timm architectures by name. A torchvision model derives in '
+                         'Python (jointrd_timm.make_plain(torchvision.models.get_model(...))); jointrd distill takes '
+                         'it as TEACHER, and jointrd export / eval take the folder a run saved it in.')
     why = name_problem(name, need_twin=True)
     if why and Path(name).expanduser().exists():  # a saved model or a run folder: these commands build by name
         raise InputError(f'{name} is a folder or file; this command takes a timm architecture name (e.g. resnet50 '
@@ -403,7 +408,8 @@ def _distill_parser(sub) -> None:
                                    'evaluate both on the same test split, write the deployed twin (timm Hub format, '
                                    'model card), the YAML of the run and a side-by-side table and plot. See docs/cli.md.')
     p.add_argument('teacher', help='timm name with a pretrained tag (resnet50.a1_in1k), hf-hub:org/name, a Hub-format '
-                                   'folder or a runner output folder; a bare architecture (resnet20_cifar) has no '
+                                   'folder or a runner output folder, a torchvision model (torchvision:resnet50, '
+                                   'torchvision:resnet50.IMAGENET1K_V2); a bare architecture (resnet20_cifar) has no '
                                    'weights: the teacher is then trained here first, from scratch')
     p.add_argument('--data', required=True, help='Hub id, local Hub-layout folder, image folder, or sklearn:digits')
     p.add_argument('--teacher-weights', default=None,

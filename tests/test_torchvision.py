@@ -4,6 +4,7 @@ shortcuts cut is counted from torchvision's own attributes, and the folded twin'
 second detector (the activation-memory analysis)."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from jointrd_timm.deploy.fold import fold_for_deployment  # noqa: E402
 from jointrd_timm.deploy.memory import analyze_activation_memory  # noqa: E402
 from jointrd_timm.methods import JointRD  # noqa: E402
 from jointrd_timm.methods.stages import StageLayoutError, StageSplit  # noqa: E402
+from jointrd_timm.training.distill_inputs import DistillError  # noqa: E402
 from jointrd_timm.twins.fade import deployable, make_fading, set_shortcut_scale  # noqa: E402
 
 
@@ -398,16 +400,137 @@ def test_a_save_that_fails_leaves_nothing_beside_the_folder(tmp_path, arch):
     assert {p.name: p.read_bytes() for p in (tmp_path / 'model').iterdir()} == before
 
 
-def test_jointrd_distill_names_a_torchvision_teacher_folder_for_what_it_is(tmp_path, capsys):
-    from jointrd_timm.cli import main
+DISTILL_TOY = dict(epochs=1, limit=32, input_size=32)
+
+
+@pytest.mark.slow  # two trainings and the comparison: about a minute
+def test_jointrd_distill_takes_a_torchvision_teacher_by_name_and_from_the_folders_it_writes(tmp_path, capsys):
+    """`jointrd distill torchvision:mobilenet_v3_small` trains the teacher here (RGB, whatever the data), then its
+    twin plain_torchvision:mobilenet_v3_small, saved shortcut-free with the accuracy the comparison states; the
+    teacher folder it wrote, and the twin's JointRD run (whose checkpoint holds the teacher), are TEACHERs of a next
+    distill."""
+    from jointrd_timm.integrations.hub import load_model
+    from jointrd_timm.io import top1_accuracy
+    from jointrd_timm.training.distill import load_teacher, plan_distill, resolve_teacher, run_distill
+    from jointrd_timm.twins.verify import count_shortcut_additions
+    torch.manual_seed(0)
+    summary = run_distill('torchvision:mobilenet_v3_small', 'sklearn:digits', str(tmp_path / 'out'),
+                          latency_repeats=1, **DISTILL_TOY)
+    hint = 'give them, e.g. torchvision:mobilenet_v3_small.IMAGENET1K_V1'  # torchvision's weights, as timm's tags
+    assert hint in capsys.readouterr().out
+    config = json.loads((tmp_path / 'out' / 'model' / 'config.json').read_text())
+    assert (summary['twin'], config['architecture'], config['library'], config['pretrained_cfg']['input_size']) == (
+        'plain_torchvision:mobilenet_v3_small', 'plain_torchvision:mobilenet_v3_small', 'torchvision', [3, 32, 32])
+    twin = load_model(str(tmp_path / 'out' / 'model'))
+    assert type(twin) is mobilenetv3.MobileNetV3 and count_shortcut_additions(twin) == 0
+    from jointrd_timm.training.runner import load_config
+    test = load_config(str(tmp_path / 'out' / 'distill.yaml'), [])['datasets']['test']
+    with torch.no_grad():
+        assert top1_accuracy(twin, test) == pytest.approx(summary['test_acc']['twin'])
+    trained = load_model(str(tmp_path / 'out' / 'teacher' / 'model'))
+    x = torch.randn(2, 3, 32, 32)
+    for folder in (tmp_path / 'out' / 'teacher' / 'model', tmp_path / 'out' / 'twin'):
+        teacher = resolve_teacher(str(folder))
+        assert (teacher.arch, teacher.num_classes, teacher.in_chans) == ('torchvision:mobilenet_v3_small', 10, 3)
+        with torch.no_grad():
+            assert torch.equal(load_teacher(teacher)(x), trained(x))
+    plan = plan_distill(str(tmp_path / 'out' / 'twin'), 'sklearn:digits', str(tmp_path / 'again'), **DISTILL_TOY)
+    assert not plan.teacher_trained_here and plan.pair['kwargs']['student']['model_name'] == \
+        'plain_torchvision:mobilenet_v3_small'
+
+
+def test_a_torchvision_teacher_keeps_its_builder_arguments_through_distill(tmp_path):
+    """A torchvision teacher saved with builder arguments (a half-width MobileNetV2) gives them to its twin and to
+    the teacher config of the run, so its weights load."""
     from jointrd_timm.integrations.hub import save_trained_model
     from jointrd_timm.integrations.torchdistill import timm_model
-    save_trained_model(timm_model('torchvision:resnet18', num_classes=3), tmp_path / 'teacher')
-    assert main(['distill', str(tmp_path / 'teacher'), '--data', 'sklearn:digits', '--output-dir',
-                 str(tmp_path / 'out')]) != 0
-    assert 'holds a torchvision model (torchvision:resnet18): jointrd distill converts timm architectures' in \
-        capsys.readouterr().err
-    assert not (tmp_path / 'out').exists()
+    from jointrd_timm.training.distill import build_configs, plan_distill
+    torch.manual_seed(0)
+    save_trained_model(timm_model('torchvision:mobilenet_v2', num_classes=10, width_mult=0.5), tmp_path / 'teacher')
+    plan = plan_distill(str(tmp_path / 'teacher'), 'sklearn:digits', str(tmp_path / 'out'), **DISTILL_TOY)
+    assert {k: plan.pair['kwargs']['student'][k] for k in ('width_mult', 'num_classes')} == dict(width_mult=0.5,
+                                                                                               num_classes=10)
+    teacher = build_configs(plan, plan.teacher.model)['distill']['models']['model']['kwargs']['teacher']
+    built = timm_model(**teacher)
+    assert built.features[0][0].out_channels == 16  # 32 at full width
+    assert torch.equal(built.features[0][0].weight, timm_model(**plan.teacher.model).features[0][0].weight)
+
+
+def _cached_torchvision_weights(tmp_path, monkeypatch):
+    """A resnet18 state dict where torch's hub cache keeps torchvision's IMAGENET1K_V1 file (as a download leaves
+    it), TORCH_HOME pointing there; the model whose weights they are."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    source = _moved_off_init(models.resnet18()).eval()
+    path = tmp_path / 'torch' / 'hub' / 'checkpoints' / 'resnet18-f37072fd.pth'
+    path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), path)
+    return source
+
+
+def test_torchvision_weights_by_name_load_from_torchs_cache_with_a_fresh_classifier_for_other_classes(tmp_path,
+                                                                                                     monkeypatch):
+    from jointrd_timm.integrations.torchdistill import timm_model
+    from jointrd_timm.training.distill import build_configs, load_teacher, plan_distill
+    source = _cached_torchvision_weights(tmp_path, monkeypatch)
+    model = timm_model('torchvision:resnet18', weights='IMAGENET1K_V1', num_classes=10)
+    state, reference = model.state_dict(), source.state_dict()
+    assert model.fc.out_features == 10 and not torch.equal(model.fc.weight[:10], reference['fc.weight'][:10])
+    assert all(torch.equal(v, reference[k]) for k, v in state.items() if not k.startswith('fc.'))
+    assert (model.pretrained_cfg['crop_pct'], model.pretrained_cfg['interpolation']) == (224 / 256, 'bilinear')
+    same = timm_model('torchvision:resnet18', weights='DEFAULT', reset_head=True)  # as many classes, fresh head
+    assert same.fc.out_features == 1000 and not torch.equal(same.fc.weight, reference['fc.weight'])
+    with pytest.raises(DistillError, match=r'Teacher torchvision:resnet18.DEFAULT predicts 1000 classes, but the '
+                                           r'data sklearn:digits has 10 labels. Pass --num-classes 10'):
+        plan_distill('torchvision:resnet18.DEFAULT', 'sklearn:digits', str(tmp_path / 'out'), **DISTILL_TOY)
+    plan = plan_distill('torchvision:resnet18.DEFAULT', 'sklearn:digits', str(tmp_path / 'out'), num_classes=10,
+                        **DISTILL_TOY)
+    assert plan.teacher_trained_here and plan.teacher.data_cfg['crop_pct'] == 224 / 256
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_teacher(plan.teacher)(x), source(x))
+    teacher = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
+    assert (teacher['weights'], teacher['num_classes']) == ('IMAGENET1K_V1', 10)
+
+
+def test_torchvision_teachers_that_cannot_be_had_are_refused_with_the_way_to_provide_them(tmp_path, monkeypatch):
+    from jointrd_timm.training.distill import plan_distill
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty'))
+    cached = tmp_path / 'empty' / 'hub' / 'checkpoints' / 'resnet18-f37072fd.pth'
+    for teacher, message in (
+            ('torchvision:resnet18.IMAGENET1K_V1', f'ResNet18_Weights.IMAGENET1K_V1 of resnet18 are not available: '
+                                                   f'{cached} is not in torch\'s hub cache'),
+            ('torchvision:resnet18.IMAGENET1K_V9', 'torchvision model resnet18 has no weights \'IMAGENET1K_V9\'; its '
+                                                   'weights: IMAGENET1K_V1, DEFAULT.'),
+            ('torchvision:resnet81', r"Unknown teacher 'torchvision:resnet81': Unknown torchvision model 'resnet81'"),
+            ('plain_torchvision:resnet18', r'is a shortcut-free twin already; give its residual teacher '
+                                           r'\(torchvision:resnet18\)'),
+            ('torchvision:swin_t', 'is a transformer .* ShiftedWindowAttention'),
+            ('torchvision:densenet121', 'DenseNet has no shortcut addition anywhere')):
+        with pytest.raises(DistillError, match=re.escape(message) if 'not available' in message else message):
+            plan_distill(teacher, 'sklearn:digits', str(tmp_path / 'out'), num_classes=10, **DISTILL_TOY)
+        assert not (tmp_path / 'out').exists()
+
+
+def test_teacher_weights_of_a_torchvision_architecture(tmp_path):
+    """--teacher-weights with a torchvision name: a bare state dict of that model (safetensors), its classes read
+    from the classifier; a stem for other than 3 channels is refused (torchvision models read RGB)."""
+    from safetensors.torch import save_file
+    from jointrd_timm.training.distill import load_teacher, plan_distill
+    torch.manual_seed(0)
+    tv = _moved_off_init(models.resnet18(num_classes=7)).eval()
+    save_file(tv.state_dict(), str(tmp_path / 'tv.safetensors'))
+    plan = plan_distill('torchvision:resnet18', 'sklearn:digits', str(tmp_path / 'out'), num_classes=10,
+                        teacher_weights=str(tmp_path / 'tv.safetensors'), **DISTILL_TOY)
+    assert (plan.teacher.num_classes, plan.teacher.in_chans, plan.input_chw) == (7, 3, (3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_teacher(plan.teacher)(x), tv(x))
+    tv.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    save_file(tv.state_dict(), str(tmp_path / 'grey.safetensors'))
+    with pytest.raises(DistillError, match="its first convolution takes 1 channels, but torchvision:resnet18 is "
+                                           "built for 3 .* Give timm's same architecture"):
+        plan_distill('torchvision:resnet18', 'sklearn:digits', str(tmp_path / 'out'), num_classes=10,
+                     teacher_weights=str(tmp_path / 'grey.safetensors'), **DISTILL_TOY)
 
 
 def test_a_torchvision_twin_pushed_to_the_hub_loads_from_its_offline_cache(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from torch import nn
 
 import jointrd_timm  # noqa: F401  (plain_* names)
 from jointrd_timm import make_plain
@@ -205,3 +206,25 @@ def test_make_fading_refuses_as_make_plain_does_with_the_reason():
         make_fading(timm.create_model('vgg11', num_classes=3))
     with pytest.raises(UnsupportedBlockError, match=r'refused by design: the model mixes tokens with Attention'):
         make_fading(timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, depth=2))
+
+
+class _UserTransformerBlock(nn.Module):
+    """A user's transformer block on torch's own nn.MultiheadAttention, its shortcut in plain code."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+
+    def forward(self, x):
+        return x + self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_torchs_own_attention_is_named_as_the_token_mixer():
+    """torch's nn.MultiheadAttention (torchvision's ViT, a user's transformer) is a token mixer like timm's
+    Attention: refused by design, with its name, not as an unknown block."""
+    from jointrd_timm.twins import UnsupportedBlockError
+    from jointrd_timm.twins.derive import token_mixers
+    model = nn.Sequential(_UserTransformerBlock(), _UserTransformerBlock())
+    assert token_mixers(model) == ['MultiheadAttention'] and token_mixers(nn.Conv2d(3, 3, 1)) == []
+    with pytest.raises(UnsupportedBlockError, match='mixes tokens with MultiheadAttention'):
+        make_plain(model)

@@ -55,18 +55,17 @@ def timm_model(model_name: str, checkpoint: Optional[str] = None, reset_head: bo
     ``reset_head``: load everything but the classifier, which keeps its fresh initialisation for ``num_classes``
     classes (a model trained on another label set, to be fine-tuned on this one); with ``pretrained=True`` the
     classifier timm loaded is initialised afresh (``reset_classifier``), also when it has as many classes."""
-    if torchvision_name(model_name) is not None:  # torchvision:<name>, plain_torchvision:<name>
-        model = create_torchvision_model(model_name, **kwargs)
-        if reset_head and not checkpoint:
-            raise ValueError(f'timm_model {model_name}: reset_head needs a checkpoint whose head to reset (a '
-                             "torchvision model's own weights come with their num_classes).")
+    torchvision = torchvision_name(model_name) is not None  # torchvision:<name>, plain_torchvision:<name>
+    if torchvision:
+        # reset_head without a checkpoint: the classifier of its torchvision weights is made fresh there
+        model = create_torchvision_model(model_name, reset_head=bool(reset_head and not checkpoint), **kwargs)
     else:
         model = timm.create_model(model_name, **kwargs)
     if checkpoint:
         load_weights(model, checkpoint, skip=classifier_name(model) if reset_head else None)
-    elif reset_head and kwargs.get('pretrained'):
+    elif reset_head and kwargs.get('pretrained') and not torchvision:
         model.reset_classifier(model.num_classes)
-    elif reset_head:
+    elif reset_head and not torchvision:
         raise ValueError(f'timm_model {model_name}: reset_head needs weights whose head to reset (a checkpoint, or '
                          'pretrained=True).')
     return model

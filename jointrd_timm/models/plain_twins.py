@@ -91,17 +91,27 @@ def name_problem(name: str, need_twin: bool = False) -> Optional[str]:
 
 
 def twin_refusal(arch: str) -> Optional[str]:
-    """None when the timm architecture ``arch`` has a registered twin; else why not, in a sentence for the user
-    (a transformer, no shortcut, a block no rule knows, a family not derived). Builds ``arch`` (random weights) only
-    when no recorded reason says it already."""
+    """None when the timm architecture ``arch`` has a registered twin, or the torchvision model it names
+    (``torchvision:<name>``) a derivable one; else why not, in a sentence for the user (a transformer, no shortcut, a
+    block no rule knows, a family not derived). Builds ``arch`` (random weights) only when no recorded reason says it
+    already."""
     from ..twins.derive import NotResidualError, UnsupportedBlockError, token_mixers
-    if timm.is_model(twin_name(arch)):
-        return None
+    from .torchvision_models import create_torchvision_model, torchvision_name
     listed = ' `jointrd derive --list` lists the architectures that have one.'
-    reason = underivable_reason(arch)
-    if reason:
-        return f'{arch} has no shortcut-free twin: {reason}.' + listed
-    model = timm.create_model(arch)
+    torchvision = torchvision_name(arch) is not None
+    if torchvision:
+        listed = ''
+        try:
+            model = create_torchvision_model(arch)
+        except ValueError as e:
+            return str(e)
+    else:
+        if timm.is_model(twin_name(arch)):
+            return None
+        reason = underivable_reason(arch)
+        if reason:
+            return f'{arch} has no shortcut-free twin: {reason}.' + listed
+        model = timm.create_model(arch)
     mixers = token_mixers(model)
     if mixers:
         return (f'{arch} is a transformer (or hybrid): it mixes tokens with {", ".join(mixers)}. Such networks are '
@@ -113,6 +123,8 @@ def twin_refusal(arch: str) -> Optional[str]:
         return f'{arch} has no shortcut-free twin: {e}' + ('' if 'derive --list' in str(e) else listed)
     if not twin.plain_report.shortcuts_removed:
         return f'{arch} adds no shortcut (its blocks run with their skip off): it is plain already.' + listed
+    if torchvision:
+        return None
     module = type(model).__module__
     return (f'{arch} has no registered twin {twin_name(arch)}: its timm module {module} is not one that jointrd_timm '
             'derives yet.' + listed)

@@ -172,8 +172,9 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     digits = data.source == 'sklearn:digits'
     input_size = data.input_size or (8 if digits else resolved.input_size)
     transform = data.transform or ('tensor' if digits else 'cifar' if input_size <= 64 else 'imagenet')
-    # a teacher with weights fixes the input channels; one trained here takes the data's
-    channels = resolved.in_chans if resolved.num_classes is not None else (1 if digits else 3)
+    # a teacher with weights fixes the input channels, as a torchvision model does (RGB); one trained here takes the
+    # data's
+    channels = resolved.in_chans if resolved.num_classes is not None or resolved.torchvision else (1 if digits else 3)
     sets = dataset_kwargs(data.source, channels, input_size, transform, data.image_column, data.label_column,
                           data.train_split, data.test_split, data.val_fraction, data.limit, data.test_fraction,
                           # the teacher's weights expect their own mean / std, whatever the augmentation and crop
@@ -185,7 +186,7 @@ def plan_distill(teacher: str, data, output_dir: str = 'runs/distill', train: Op
     reinit = check_classes(resolved, data_classes, num_classes, data.source)
     schedule = setting_schedule(data.source, input_size)
     epochs = train.epochs if train.epochs is not None else schedule.epochs
-    common = dict(num_classes=data_classes, in_chans=channels)
+    common = dict(num_classes=data_classes, in_chans=channels, **resolved.model_args)
     budget = dict(batch_size=train.batch_size or schedule.batch_size, lr=train.lr or schedule.lr,
                   weight_decay=schedule.weight_decay, seed=train.seed,
                   num_workers=train.workers if train.workers is not None else (0 if digits else 2))

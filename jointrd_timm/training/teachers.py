@@ -1,9 +1,13 @@
 """The TEACHER of ``jointrd distill``: what a timm name, pretrained tag, ``hf-hub:`` id or folder resolves to
 (:func:`resolve_teacher`, no weights loaded), and its weights (:func:`load_teacher`). Weights the Hub cannot provide
-are named with the ways to provide them (:func:`missing_weights_error`)."""
+are named with the ways to provide them (:func:`missing_weights_error`).
+
+A torchvision model is a TEACHER too: ``torchvision:<name>`` (trained here, or with ``--teacher-weights``),
+``torchvision:<name>.<weights>`` (torchvision's weights, e.g. ``IMAGENET1K_V1``, from torch's hub cache), or a folder
+that ``jointrd train`` / ``distill`` wrote for one; its twin is ``plain_torchvision:<name>``."""
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -31,6 +35,14 @@ class Teacher:
     # weights, or no such config
     data_cfg: Optional[Dict] = None
     weights_file: Optional[Path] = None  # a .safetensors state dict given with --teacher-weights
+    # the builder arguments that shape a torchvision teacher (and its twin) beyond num_classes: its saved model_args
+    model_args: Dict = field(default_factory=dict)
+
+    @property
+    def torchvision(self) -> bool:
+        """A torchvision model (``torchvision:<name>``), which reads 3-channel images whatever the data."""
+        from ..models.torchvision_models import torchvision_name
+        return torchvision_name(self.arch) is not None
 
 
 def _reading(cfg) -> Optional[Dict]:
@@ -69,14 +81,6 @@ def _teacher_from_folder(spec: str, path: Path) -> Teacher:
         raise DistillError(f'Teacher folder {path} holds neither config.json + model.safetensors (timm\'s Hub format, '
                            'as `jointrd save` writes) nor a runner output (model/ or last.safetensors).')
     config = json.loads((folder / 'config.json').read_text())
-    if config.get('library') == 'torchvision':
-        arch = config['architecture']
-        residual = teacher_of(arch) if arch.startswith('plain_') else arch
-        raise DistillError(
-            f'Teacher folder {path} holds a torchvision model ({arch}): jointrd distill converts timm architectures. '
-            "Train a torchvision teacher's twin from a YAML with jointrd train (jointrd_model, teacher model_name "
-            f"{residual} with its checkpoint; docs/design.md), or, for a ResNet, give timm's same architecture with "
-            '--teacher-weights.')
     if config['architecture'].startswith('plain_') and (path / 'distill.yaml').is_file():
         trained = path / 'teacher' / 'model'
         raise DistillError(f'{path} is the output of jointrd distill: its model/ is the twin. To distill from the same '
@@ -87,8 +91,54 @@ def _teacher_from_folder(spec: str, path: Path) -> Teacher:
         # a JointRD run: model/ is its twin, the teacher is the `teacher.` part of its checkpoint
         teacher = _from_config_json(spec, {}, config, teacher_of(config['architecture']))
         teacher.run_checkpoint = path / 'last.safetensors'
+        if teacher.torchvision:  # its builder arguments are the twin's, less the twin's own
+            teacher.model_args = {k: v for k, v in config.get('model_args', {}).items()
+                                  if k != 'keep_projection_shortcuts'}
+            teacher.model = dict(model_name=teacher.arch, **teacher.model_args)
+        return teacher
+    if config.get('library') == 'torchvision':
+        teacher = _from_config_json(spec, torchvision_folder_kwargs(folder), config)
+        teacher.model_args = dict(config.get('model_args', {}))
         return teacher
     return _from_config_json(spec, dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True), config)
+
+
+def torchvision_folder_kwargs(folder: Path) -> Dict:
+    """``timm_model`` kwargs of the torchvision model saved in ``folder`` (its config.json's architecture, classes
+    and builder arguments, and its weights as the checkpoint)."""
+    config = json.loads((Path(folder) / 'config.json').read_text())
+    return dict(model_name=config['architecture'], num_classes=config['num_classes'], **config.get('model_args', {}),
+                checkpoint=str((Path(folder) / 'model.safetensors').resolve()))
+
+
+def _torchvision_teacher(spec: str) -> Teacher:
+    """``torchvision:<name>`` (no weights: trained here, or given with --teacher-weights) or
+    ``torchvision:<name>.<weights>`` (torchvision's weights, read from torch's hub cache when loaded)."""
+    from ..models.torchvision_models import (TORCHVISION_PREFIX, check_torchvision_name, missing_weights_text,
+                                             torchvision_weights, weights_file, weights_reading)
+    base, _, tag = spec.partition('.')
+    if base.startswith('plain_'):
+        raise DistillError(f'{spec} is a shortcut-free twin already; give its residual teacher '
+                           f'({spec[len("plain_"):]}).')
+    try:
+        name = check_torchvision_name(base)
+    except ValueError as e:
+        raise DistillError(f'Unknown teacher {spec!r}: {e}') from None
+    arch = TORCHVISION_PREFIX + name
+    if not tag:
+        return Teacher(spec, arch, dict(model_name=arch), None, 3, 224)
+    try:
+        weights = torchvision_weights(name, tag)
+    except ValueError as e:
+        raise DistillError(f'Teacher {spec}: {e}') from None
+    if not weights_file(weights).is_file():  # fetched now, so that weights that cannot be had stop it before the data
+        try:
+            weights.get_state_dict(progress=True, check_hash=True)
+        except OSError as e:  # urllib's URLError is one
+            raise DistillError(missing_weights_text(name, weights, e)) from e
+    reading = weights_reading(weights)
+    return Teacher(spec, arch, dict(model_name=arch, weights=weights.name), len(weights.meta['categories']), 3,
+                   reading['input_size'][-1], data_cfg=_reading(reading))
 
 
 def resolve_teacher(spec: str) -> Teacher:
@@ -100,6 +150,9 @@ def resolve_teacher(spec: str) -> Teacher:
         return _teacher_from_folder(spec, path)
     if spec.startswith('local-dir:') or spec.startswith(('.', '/', '~')):
         raise DistillError(f'Teacher folder {path} does not exist.')
+    from ..models.torchvision_models import torchvision_name
+    if torchvision_name(spec.partition('.')[0]) is not None:
+        return _torchvision_teacher(spec)
     if spec[:7].lower() in ('hf-hub:', 'hf_hub:'):  # as timm and `jointrd eval` take it, a revision too
         from huggingface_hub import hf_hub_download
         spec = 'hf-hub:' + spec[7:]
@@ -156,7 +209,7 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
         state = read_state_dict(path)
     except (CheckpointError, OSError, ValueError) as e:
         raise DistillError(f'--teacher-weights {path} cannot be read as safetensors: {e}') from e
-    model = timm.create_model(teacher.arch)
+    model = build_model(dict(model_name=teacher.arch)) if teacher.torchvision else timm.create_model(teacher.arch)
     conv = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
     head = classifier_name(model)  # None: a classifier that is not one module (e.g. a tuple of heads)
     if conv is None or head is None:
@@ -169,13 +222,19 @@ def with_weights_file(teacher: Teacher, weights) -> Teacher:
                            'trained as.')
     per_channel = model.get_submodule(conv).in_channels // (input_channels(model) or 1)  # a space-to-depth stem
     in_chans = state[f'{conv}.weight'].shape[1] // per_channel
+    if teacher.torchvision and in_chans != 3:
+        raise DistillError(f'--teacher-weights {path}: its first convolution takes {in_chans} channels, but '
+                           f'{teacher.arch} is built for 3 (torchvision models read RGB). Give timm\'s same '
+                           'architecture if it has one (timm\'s ResNets share torchvision\'s parameter names; timm '
+                           'takes in_chans), or weights of a 3-channel model.')
     # no classifier tensors: a model saved without its classifier (num_classes=0), which --num-classes gives one
     num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else 0
-    cfg = timm.get_pretrained_cfg(teacher.arch)
-    return Teacher(teacher.arch, teacher.arch, dict(model_name=teacher.arch, num_classes=num_classes, in_chans=in_chans,
-                                                    checkpoint=str(path.resolve())),
-                   num_classes, in_chans, teacher.input_size, 'other', data_cfg=_reading(cfg) if cfg else None,
-                   weights_file=path.resolve())
+    cfg = model.pretrained_cfg if teacher.torchvision else timm.get_pretrained_cfg(teacher.arch)
+    kwargs = dict(model_name=teacher.arch, num_classes=num_classes, checkpoint=str(path.resolve()))
+    if not teacher.torchvision:
+        kwargs['in_chans'] = in_chans
+    return Teacher(teacher.arch, teacher.arch, kwargs, num_classes, in_chans, teacher.input_size, 'other',
+                   data_cfg=_reading(cfg) if cfg else None, weights_file=path.resolve())
 
 
 def missing_weights_error(spec: str, error: Exception) -> DistillError:
@@ -189,16 +248,20 @@ def load_teacher(teacher: Teacher) -> Optional[torch.nn.Module]:
     without weights (trained here). Weights the Hub cannot provide raise :func:`missing_weights_error`."""
     if teacher.num_classes is None:
         return None
+    from ..models.torchvision_models import MissingTorchvisionWeights
     if teacher.run_checkpoint is not None:
-        import timm
         from ..io import load_weights
-        model = timm.create_model(teacher.arch, num_classes=teacher.num_classes, in_chans=teacher.in_chans)
+        kwargs = dict(teacher.model) if teacher.torchvision else dict(model_name=teacher.arch,
+                                                                      in_chans=teacher.in_chans)
+        model = build_model(dict(kwargs, num_classes=teacher.num_classes))
         load_weights(model, teacher.run_checkpoint, part='teacher')
         return model
     try:
         return build_model(teacher.model)
     except HUB_DOWNLOAD_ERRORS as e:
         raise missing_weights_error(teacher.spec, e) from e
+    except MissingTorchvisionWeights as e:
+        raise DistillError(str(e)) from e
     except CheckpointError as e:
         if teacher.weights_file is None:
             raise
@@ -215,6 +278,12 @@ def build_model(model_kwargs: Dict) -> torch.nn.Module:
 def tag_hint(teacher: Teacher) -> str:
     """For a teacher without weights: its pretrained tags, as a hint (empty when it has weights or no tags)."""
     import timm
+    if teacher.torchvision:
+        import torchvision
+        name = teacher.arch.partition(':')[2]
+        tags = [f'{teacher.arch}.{w}' for w in torchvision.models.get_model_weights(name).__members__] \
+            if teacher.num_classes is None else []
+        return f' To start from torchvision\'s weights give them, e.g. {", ".join(tags[:3])}.' if tags else ''
     tags = timm.list_pretrained(teacher.arch + '.*') if teacher.num_classes is None else []
     return f' To start from pretrained weights give a tag, e.g. {", ".join(tags[:3])}.' if tags else ''
 
@@ -223,4 +292,6 @@ def extract_run_teacher(teacher: Teacher, folder: Path) -> Dict:
     """The teacher part of a JointRD run's checkpoint, written in Hub format; its timm_model kwargs."""
     from ..integrations.hub import save_trained_model
     save_trained_model(load_teacher(teacher), folder)
+    if teacher.torchvision:
+        return torchvision_folder_kwargs(folder)
     return dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True)

@@ -66,6 +66,9 @@ def token_mixers(module: nn.Module) -> List[str]:
     found = set()
     for sub in module.modules():
         cls = type(sub)
+        if isinstance(sub, nn.MultiheadAttention):  # torch's own (torchvision's ViT, user transformers)
+            found.add(cls.__name__)
+            continue
         if cls.__name__ in _CNN_ATTENTION or cls.__module__.startswith('torch.'):
             continue
         if _TOKEN_MIXER.search(cls.__name__) or cls.__module__.startswith(_TOKEN_MIXER_MODULES):
