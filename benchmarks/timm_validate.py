@@ -47,14 +47,26 @@ def main():
     p.add_argument('--timm-scripts', required=True, help='a pytorch-image-models checkout (holding validate.py)')
     p.add_argument('--data', default=str(ROOT.parent / 'shared/datasets/cifar10'))
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--only', nargs='+', default=None, metavar='NAME',
+                   help='validate only these registry entries (e.g. one just republished); the rows of the others are '
+                        'kept from the existing record where their card still states the same top-1')
     args = p.parse_args()
     script = Path(args.timm_scripts) / 'validate.py'
     if not script.is_file():
         raise SystemExit(f'--timm-scripts {args.timm_scripts}: no validate.py there; give a pytorch-image-models '
                          'checkout.')
+    record = ROOT / 'benchmarks' / 'results' / 'timm_validate.json'
+    kept = {r['name']: r for r in json.loads(record.read_text())['rows']} if args.only and record.is_file() else {}
     rows = []
     for path in sorted((ROOT / 'registry').glob('*.json')):
         entry = json.loads(path.read_text())
+        previous = kept.get(entry['name'])
+        if args.only and entry['name'] not in args.only:
+            if previous is None or previous['card_top1'] != entry['metrics']['top1_test']:
+                raise SystemExit(f'--only: {entry["name"]} has no row for its current card in {record.name}; '
+                                 'validate it too.')
+            rows.append(previous)
+            continue
         result = validate(script, entry['name'], args.data, entry, args.threads)
         card = entry['metrics']['top1_test']
         row = dict(name=entry['name'], card_top1=card, **result)
