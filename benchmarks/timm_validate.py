@@ -55,11 +55,15 @@ def main():
     if not script.is_file():
         raise SystemExit(f'--timm-scripts {args.timm_scripts}: no validate.py there; give a pytorch-image-models '
                          'checkout.')
+    entries = [json.loads(path.read_text()) for path in sorted((ROOT / 'registry').glob('*.json'))]
+    unknown = sorted(set(args.only or ()) - {entry['name'] for entry in entries})
+    if unknown:
+        raise SystemExit(f'--only {" ".join(unknown)}: not in registry/; its entries: '
+                         f'{", ".join(entry["name"] for entry in entries)}.')
     record = ROOT / 'benchmarks' / 'results' / 'timm_validate.json'
     kept = {r['name']: r for r in json.loads(record.read_text())['rows']} if args.only and record.is_file() else {}
     rows = []
-    for path in sorted((ROOT / 'registry').glob('*.json')):
-        entry = json.loads(path.read_text())
+    for entry in entries:
         previous = kept.get(entry['name'])
         if args.only and entry['name'] not in args.only:
             if previous is None or previous['card_top1'] != entry['metrics']['top1_test']:

@@ -351,6 +351,11 @@ def test_torchvision_model_names_are_checked_before_anything_is_built():
         create_torchvision_model('torchvision:resnet18', shortcut_fade=True)
     with pytest.raises(ValueError, match=r"pretrained is a timm argument; torchvision models take weights \(a "):
         create_torchvision_model('torchvision:resnet18', pretrained=True)
+    with pytest.raises(ValueError, match=r"in_chans is a timm argument; torchvision models take the images in 3 "):
+        create_torchvision_model('torchvision:resnet18', in_chans=1)
+    assert create_torchvision_model('torchvision:resnet18', in_chans=3, num_classes=3).conv1.in_channels == 3
+    with pytest.raises(ValueError, match='reset_head needs weights whose head to reset'):
+        timm_model('torchvision:resnet18', num_classes=3, reset_head=True)
     fading = create_torchvision_model('plain_torchvision:resnet18', shortcut_fade=True, num_classes=3)
     teacher = create_torchvision_model('torchvision:resnet18', num_classes=3)
     assert (fading.num_classes, fading.pretrained_cfg['architecture'], teacher.pretrained_cfg['architecture']) == (
@@ -490,6 +495,12 @@ def test_torchvision_weights_by_name_load_from_torchs_cache_with_a_fresh_classif
         assert torch.equal(load_teacher(plan.teacher)(x), source(x))
     teacher = build_configs(plan, plan.teacher.model)['teacher']['models']['model']['kwargs']
     assert (teacher['weights'], teacher['num_classes']) == ('IMAGENET1K_V1', 10)
+    squeezenet = tmp_path / 'torch' / 'hub' / 'checkpoints' / 'squeezenet1_1-b8a52dc0.pth'
+    torch.save(models.squeezenet1_1().state_dict(), squeezenet)  # its classifier is a convolution
+    assert timm_model('torchvision:squeezenet1_1', weights='DEFAULT').num_classes == 1000  # the weights' classes
+    with pytest.raises(ValueError, match='its classifier is not one nn.Linear, so weights for other classes cannot '
+                                         'be loaded with a fresh one; give num_classes as the weights have them'):
+        timm_model('torchvision:squeezenet1_1', weights='DEFAULT', num_classes=10)
 
 
 def test_torchvision_teachers_that_cannot_be_had_are_refused_with_the_way_to_provide_them(tmp_path, monkeypatch):

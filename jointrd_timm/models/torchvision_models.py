@@ -170,11 +170,12 @@ def create_torchvision_model(model_name: str, shortcut_fade: bool = False, keep_
                          f'({e}): the saved config.json could not record it, so the trained model could not be built '
                          'back. Give numbers, strings and lists only.') from None
     weights = kwargs.get('weights')
-    num_classes = kwargs.get('num_classes', 1000)  # torchvision's builders default to ImageNet's 1000
     build = dict(kwargs)
     if weights is not None:
         weights = build['weights'] = torchvision_weights(name, weights)
         build['num_classes'] = len(weights.meta['categories'])
+    # default: the weights' classes; without weights torchvision's builders default to ImageNet's 1000
+    num_classes = kwargs.get('num_classes', build.get('num_classes', 1000))
     try:
         model = torchvision.models.get_model(name, **build)
     except OSError as e:  # not cached, and the download failed (urllib's URLError is an OSError)

@@ -280,9 +280,9 @@ def tag_hint(teacher: Teacher) -> str:
     import timm
     if teacher.torchvision:
         import torchvision
-        name = teacher.arch.partition(':')[2]
-        tags = [f'{teacher.arch}.{w}' for w in torchvision.models.get_model_weights(name).__members__] \
-            if teacher.num_classes is None else []
+        from ..models.torchvision_models import torchvision_name
+        names = torchvision.models.get_model_weights(torchvision_name(teacher.arch)).__members__
+        tags = [f'{teacher.arch}.{w}' for w in names] if teacher.num_classes is None else []
         return f' To start from torchvision\'s weights give them, e.g. {", ".join(tags[:3])}.' if tags else ''
     tags = timm.list_pretrained(teacher.arch + '.*') if teacher.num_classes is None else []
     return f' To start from pretrained weights give a tag, e.g. {", ".join(tags[:3])}.' if tags else ''
