@@ -137,6 +137,17 @@ def coverage_lines() -> list:
             found[model['status']] = found.get(model['status'], 0) + 1
         lines += ['', '| twins up to 30 M parameters, whole folded graph ([shortcut_audit.md](shortcut_audit.md)) '
                   '| twins |', '|---|---|'] + [f'| {k} | {n} |' for k, n in sorted(found.items())]
+    torchvision = _load('torchvision_coverage')
+    if torchvision is not None:  # benchmarks/torchvision_coverage.py
+        from jointrd_timm.coverage import recipe_outcome
+        rows = {}
+        for model in torchvision['models'].values():
+            key = model['status'] + (f', recipe path {recipe_outcome(model["recipe"])}' if 'recipe' in model else
+                                     ', above 30 M parameters (recipe path not run)' if model['status'] == 'derivable'
+                                     else '')
+            rows[key] = rows.get(key, 0) + 1
+        lines += ['', '| torchvision classification models ([torchvision_coverage.md](torchvision_coverage.md)) '
+                  '| models |', '|---|---|'] + [f'| {k} | {n} |' for k, n in sorted(rows.items())]
     return lines
 
 
@@ -209,6 +220,7 @@ SUITE = {
     'twin_coverage.py': ['results/twin_coverage.*'],
     'recipe_coverage.py': ['columns of results/twin_coverage.*'],
     'shortcut_audit.py': ['results/shortcut_audit.*'],
+    'torchvision_coverage.py': ['results/torchvision_coverage.*'],
     'summary.py': ['results/README.md', 'README.md'],
     'queue_runs.py': ['the tar files of --pack DIR', 'benchmarks/work/queue_logs/'],
     'scale_subset.py': [], 'scale_full.py': [], 'accuracy_pages.py': [], 'cifar_budget.py': [], 'step_cost_pages.py': [],

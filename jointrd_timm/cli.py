@@ -11,15 +11,20 @@ from .errors import InputError, JointRDError
 
 
 def _architecture(name: str) -> str:
-    """The residual timm architecture that ``name`` (``arch``, ``plain_<arch>``, either with a pretrained tag) names,
-    refused as an :class:`InputError` when timm does not know it or it has no twin (the reason said)."""
+    """The residual architecture that ``name`` names: a timm one (``arch``, ``plain_<arch>``, either with a pretrained
+    tag) or a torchvision one (``[plain_]torchvision:<name>``, with or without a weights name: these commands build it
+    with random weights), refused as an :class:`InputError` when neither library knows it or it has no twin (the
+    reason said)."""
     import jointrd_timm  # noqa: F401
-    from .models.plain_twins import name_problem, residual_arch
-    from .models.torchvision_models import torchvision_name
-    if torchvision_name(name) is not None:
-        raise InputError(f'{name}: this command builds timm architectures by name. A torchvision model derives in '
-                         'Python (jointrd_timm.make_plain(torchvision.models.get_model(...))); jointrd distill takes '
-                         'it as TEACHER, and jointrd export / eval take the folder a run saved it in.')
+    from .models.plain_twins import name_problem, residual_arch, twin_refusal
+    from .models.torchvision_models import TORCHVISION_PREFIX, torchvision_name
+    torchvision = torchvision_name(name.partition('.')[0])
+    if torchvision is not None:
+        arch = TORCHVISION_PREFIX + torchvision
+        why = twin_refusal(arch)  # an unknown name too, with the close ones
+        if why:
+            raise InputError(why)
+        return arch
     why = name_problem(name, need_twin=True)
     if why and Path(name).expanduser().exists():  # a saved model or a run folder: these commands build by name
         raise InputError(f'{name} is a folder or file; this command takes a timm architecture name (e.g. resnet50 '
@@ -53,6 +58,7 @@ def _tolerance(text: str) -> float:
 
 
 def _derive(args) -> int:
+    from .models.torchvision_models import create_named_model
     from .twins.summary import describe_twin, list_twins
     if args.list:
         print('\n'.join(list_twins()))
@@ -62,7 +68,7 @@ def _derive(args) -> int:
         return 2
     with _runs_at(args.model, args.input_size):
         text = describe_twin(_architecture(args.model), keep_projection_shortcuts=args.keep_projection_shortcuts,
-                             input_size=args.input_size)
+                             input_size=args.input_size, build=create_named_model)
     print(text)
     return 0
 
@@ -142,18 +148,17 @@ def _exact(args) -> int:
 
 
 def _memory(args) -> int:
-    import timm
     import torch
-    import jointrd_timm  # noqa: F401
+    from .deploy.bench import model_input_size
     from .deploy.fold import fold_for_deployment
     from .deploy.memory import analyze_activation_memory
+    from .models.torchvision_models import create_named_model
     teacher = _architecture(args.model)
-    cfg = timm.get_pretrained_cfg(teacher)
-    size = args.input_size or (cfg.input_size[-1] if cfg is not None and cfg.input_size else 224)
+    built = {name: create_named_model(name) for name in (teacher, f'plain_{teacher}')}
+    size = args.input_size or model_input_size(built[teacher])
     x = torch.randn(args.batch, 3, size, size)
     rows = {}
-    for name in (teacher, f'plain_{teacher}'):
-        model = timm.create_model(name)
+    for name, model in built.items():
         with _runs_at(teacher, size), torch.no_grad():
             model.eval()(x)  # a model that does not take x fails here, before torch.fx's shape pass prints its trace
         rows[name] = analyze_activation_memory(fold_for_deployment(model)[0] if args.fold else model, x)

@@ -20,7 +20,6 @@ import copy
 import tempfile
 from typing import Dict, Optional, Tuple
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +27,7 @@ from torch import nn
 from .deploy.export import UnsupportedExportError
 from .methods import JointRD
 from .methods.stages import StageLayoutError
+from .models.torchvision_models import create_named_model
 from .twins import count_shortcut_additions
 from .twins.derive import NotResidualError, UnsupportedBlockError
 from .recipes import DEFAULT_RECIPE
@@ -88,7 +88,7 @@ def _fade_step(arch: str, teacher: nn.Module, x: torch.Tensor) -> Tuple[Dict, nn
     from .models.plain_twins import underivable_reason
     if underivable_reason(arch):  # not registered as plain_<arch>: deriving its fading twin raises the refusal
         make_fading(copy.deepcopy(teacher))
-    fading = timm.create_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
+    fading = create_named_model(f'plain_{arch}', num_classes=10, shortcut_fade=True)
     dropped = load_teacher_weights(fading, teacher)
     teacher.eval(), fading.eval()
     with torch.no_grad():
@@ -128,7 +128,7 @@ def _deploy_step(arch: str, fading: nn.Module, x: torch.Tensor) -> Tuple[Dict, n
     set_shortcut_scale(fading, 0.0)
     deployed = deployable(fading)
     left = count_shortcut_additions(deployed) + len(find_unhandled_residual_blocks(deployed))
-    plain = timm.create_model(f'plain_{arch}', num_classes=10).eval()
+    plain = create_named_model(f'plain_{arch}', num_classes=10).eval()
     plain.load_state_dict(deployed.state_dict())  # strict: exactly the twin's tensors
     with torch.no_grad():
         at_zero = fading(x)
@@ -177,14 +177,14 @@ def _off_init(model: nn.Module) -> nn.Module:
 
 def check_recipe_path(arch: str, size: int = 64, batch: int = 2, export: bool = True,
                       seed: int = 0) -> Dict[str, Dict]:
-    """Run the recipe path for ``arch`` (a residual timm architecture); one result dict per step of
-    :data:`STEPS`, each with ``status`` ``pass`` / ``fail`` / ``refused`` / ``crash`` / ``skipped`` and its
-    measurements. A step whose model an earlier step could not build is ``skipped``."""
+    """Run the recipe path for ``arch`` (a residual timm architecture, or a torchvision one: ``torchvision:<name>``);
+    one result dict per step of :data:`STEPS`, each with ``status`` ``pass`` / ``fail`` / ``refused`` / ``crash`` /
+    ``skipped`` and its measurements. A step whose model an earlier step could not build is ``skipped``."""
     torch.manual_seed(seed)
     results: Dict[str, Dict] = {}
     fading: Optional[nn.Module] = None
     deployed: Optional[nn.Module] = None
-    teacher = _off_init(timm.create_model(arch, num_classes=10))
+    teacher = _off_init(create_named_model(arch, num_classes=10))
     chans, h, w = input_size_for(teacher, size)
     x = torch.randn(batch, chans, h, w)
     steps = [('fade', lambda: _fade_step(arch, teacher, x)),

@@ -5,6 +5,7 @@ Pickles are refused everywhere (they can run code); ``training.checkpoint.conver
 into safetensors.
 """
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -75,6 +76,18 @@ def open_safetensors(path: Path):
         raise CheckpointError(f'{path} is not a readable .safetensors file (truncated or corrupt?): {e}') from e
 
 
+def with_module_versions(state, model: nn.Module, versions_of=None):
+    """``state`` with module versions (a state dict's ``_metadata``) for ``model.load_state_dict``: its own, else
+    those of ``versions_of`` (a state dict), else ``model``'s own. A state dict read from safetensors carries none, and
+    a module that reads its version when loading (torchvision's MNASNet) refuses it without; the tensors were written
+    from a model of the code that loads them."""
+    if getattr(state, '_metadata', None) is not None:
+        return state
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(versions_of, '_metadata', None) or model.state_dict()._metadata
+    return versioned
+
+
 def strict_load(model: nn.Module, state: Dict[str, torch.Tensor], source) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -86,7 +99,7 @@ def strict_load(model: nn.Module, state: Dict[str, torch.Tensor], source) -> Non
             f'{source} does not match {type(model).__name__}: {len(missing)} missing (e.g. {missing[:3]}), '
             f'{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} mis-shaped '
             f'(e.g. {mismatched[:2]}). Check the architecture and num_classes it was trained with.')
-    model.load_state_dict(state)
+    model.load_state_dict(with_module_versions(state, model))
 
 
 def read_state_dict(path) -> Dict[str, torch.Tensor]:

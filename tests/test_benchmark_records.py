@@ -55,6 +55,25 @@ def test_step_cost_page_regenerates_from_its_record(name, tmp_path, monkeypatch)
     assert json.loads((tmp_path / f'{name}.json').read_text()) == json.loads((RESULTS / f'{name}.json').read_text())
 
 
+def test_torchvision_coverage_page_regenerates_from_its_record_and_counts_its_rows():
+    """benchmarks/results/torchvision_coverage.md is what its script writes from the record now; its summary line
+    counts the per-model rows of the record (a model whose recipe path did not pass would be named)."""
+    import torchvision_coverage
+    from jointrd_timm.coverage import STEPS, recipe_outcome
+    record = json.loads((RESULTS / 'torchvision_coverage.json').read_text())
+    lines = torchvision_coverage.markdown(record['models'], record['meta'])
+    page = (RESULTS / 'torchvision_coverage.md').read_text().splitlines()
+    assert page[:len(lines)] == lines, 'stale: python benchmarks/torchvision_coverage.py --report-only'
+    checked = {n: m for n, m in record['models'].items() if 'recipe' in m}
+    rows = table(page, '| model |')
+    assert sorted(r[0].strip('`') for r in rows) == sorted(checked)
+    for row in rows:
+        steps = checked[row[0].strip('`')]['recipe']
+        assert row[3:3 + len(STEPS)] == [steps[s]['status'] for s in STEPS]
+    passed = sum(recipe_outcome(m['recipe']) == 'pass' for m in checked.values())
+    assert f'every step passed: {passed},' in '\n'.join(page)
+
+
 def test_results_summary_and_suite_readme_are_generated():
     """benchmarks/results/README.md holds only numbers read from the records, benchmarks/README.md lists the
     scripts of the folder: both are what summary.py writes now."""

@@ -23,8 +23,11 @@ def _error(capsys, argv) -> str:
     (['derive', 'lcnet_035'], r'lcnet_035 has no shortcut-free twin: no shortcut addition found'),
     (['derive', 'plain_resnt18'], r"a twin is named plain_<timm model>, and 'resnt18' is not a timm model"),
     (['bench', 'resnt18', '--no-onnx'], r"jointrd bench: error: Unknown model 'resnt18'"),
-    (['derive', 'torchvision:resnet18'], r'torchvision:resnet18: this command builds timm architectures by name. A '
-                                         r'torchvision model derives in Python .* jointrd distill takes it as TEACHER'),
+    (['derive', 'torchvision:resnt18'], r"Unknown torchvision model 'resnt18' \(in 'torchvision:resnt18'\): did you "
+                                        r"mean one of \['resnet18'"),
+    (['memory', 'plain_torchvision:densenet121'], r'torchvision:densenet121 has no shortcut-free twin: DenseNet has no '
+                                                  r'shortcut addition'),
+    (['bench', 'torchvision:vit_b_16', '--no-onnx'], r'torchvision:vit_b_16 is a transformer'),
 ])
 def test_model_names_without_a_twin_are_refused_with_the_reason(capsys, argv, message):
     import re

@@ -567,3 +567,87 @@ def test_a_torchvision_twin_pushed_to_the_hub_loads_from_its_offline_cache(tmp_p
     card = card_for_hub(model_card(dict(name='t', architecture='plain_torchvision:resnet18', method='m', metrics={},
                                         dataset='d', training={}, local_dir=str(folder))), 'org/twin')
     assert "model = load_model('hf-hub:org/twin')" in card and 'library_name: pytorch' in card
+
+
+def test_derive_memory_and_bench_take_torchvision_names(capsys, tmp_path):
+    """``jointrd derive / memory / bench`` build a torchvision model and its twin by name (a weights name is read as
+    the architecture: these commands measure random weights, nothing is fetched), and say what they say of a timm
+    one: the shortcuts counted and removed, the activation memory the shortcuts hold, the latency pair."""
+    import json
+    from jointrd_timm.cli import main
+    from jointrd_timm.deploy.memory import analyze_activation_memory, measure_peak_rss
+    from jointrd_timm.models.torchvision_models import create_named_model
+    assert main(['derive', 'torchvision:resnet18.IMAGENET1K_V1', '--input-size', '64']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('twin of torchvision:resnet18: plain_torchvision:resnet18')
+    assert 'shortcut additions: 8 -> 0 (8 removed, 0 projections kept)' in out and 'FLOPs at 64x64' in out
+    assert 'layer2.0.downsample' in out
+    assert main(['memory', 'plain_torchvision:resnet50', '--input-size', '64', '--batch', '2']) == 0
+    out = capsys.readouterr().out
+    x = torch.randn(2, 3, 64, 64)
+    peaks = [analyze_activation_memory(fold_for_deployment(create_named_model(n))[0], x).peak_bytes
+             for n in ('torchvision:resnet50', 'plain_torchvision:resnet50')]
+    assert peaks[0] > peaks[1]  # a bottleneck's shortcut keeps its wide input alive beside the branch
+    assert f'torchvision:resnet50: peak {peaks[0] / 2**20:.2f} MB' in out and ', 16 shortcut additions' in out
+    assert f'plain_torchvision:resnet50: peak {peaks[1] / 2**20:.2f} MB' in out and ', 0 shortcut additions' in out
+    assert f'ratio residual / twin: {peaks[0] / peaks[1]:.2f}x' in out
+    report = tmp_path / 'bench'
+    assert main(['bench', 'torchvision:mobilenet_v3_small', '--batches', '1', '--repeats', '2', '--no-onnx',
+                 '--no-measure', '--output', str(report)]) == 0
+    row = json.loads(report.with_suffix('.json').read_text())['results'][0]
+    assert row['teacher'] == 'torchvision:mobilenet_v3_small' and row['input_size'] == 224
+    assert row['params']['residual'] == row['params']['twin'] > 0  # its shortcuts have no projection to remove
+    assert {'residual/eager', 'twin/eager', 'speedup/eager'} <= set(row['batches']['1'])
+    assert measure_peak_rss('plain_torchvision:resnet18', 1, 32, threads=1) > 0  # built by name in a fresh process
+
+
+@pytest.mark.parametrize('derive', [jointrd_timm.make_plain, make_fading])
+def test_a_torchvision_twin_drops_no_sample_at_random_and_starts_tiny_layer_scales_at_one(derive):
+    """torchvision's ConvNeXt and EfficientNet drop a block's branch for random samples in training (stochastic depth,
+    on by default): beside the shortcut a sample skips the block, in a twin it would lose its whole signal. The twin
+    keeps none (two train-mode forwards agree), as timm's twins keep no DropPath. A ConvNeXt layer scale still at
+    its residual-friendly init (1e-6) starts at 1; a trained one is kept."""
+    builders = {
+        'convnext': lambda scale: convnext.ConvNeXt(
+            [convnext.CNBlockConfig(16, 32, 2), convnext.CNBlockConfig(32, None, 2)], stochastic_depth_prob=0.5,
+            num_classes=5, layer_scale=scale),
+        'efficientnet': lambda scale: efficientnet.EfficientNet(
+            [efficientnet.FusedMBConvConfig(1, 3, 1, 16, 16, 2), efficientnet.MBConvConfig(4, 3, 2, 16, 24, 2)],
+            stochastic_depth_prob=0.5, dropout=0.0, num_classes=5, last_channel=32)}
+    x = torch.randn(4, 3, 32, 32)
+    for family, build in builders.items():
+        torch.manual_seed(0)
+        residual = build(1e-6) if family == 'convnext' else build(None)
+        assert any(type(m).__name__ == 'StochasticDepth' for m in residual.modules())
+        twin = derive(copy.deepcopy(residual))
+        if derive is make_fading:
+            set_shortcut_scale(twin, 0.0)
+        assert not any(type(m).__name__ == 'StochasticDepth' for m in twin.modules()), family
+        twin.train()
+        torch.manual_seed(1)
+        first = twin(x)
+        torch.manual_seed(2)
+        assert torch.equal(first, twin(x)), family
+        if family == 'convnext':
+            scales = [m.layer_scale for m in twin.modules() if hasattr(m, 'layer_scale')]
+            assert len(scales) == 4 and all(bool((s == 1).all()) for s in scales)
+            trained = derive(build(0.5))
+            assert all(bool((m.layer_scale == 0.5).all()) for m in trained.modules() if hasattr(m, 'layer_scale'))
+
+
+def test_a_model_that_reads_its_version_when_loading_takes_teacher_weights_and_saved_weights(tmp_path):
+    """torchvision's MNASNet refuses a state dict without module versions, and safetensors keeps none: the teacher's
+    weights (as a model, and read back from a file) load into its twin, and the saved twin loads back, exactly."""
+    from safetensors.torch import load_file, save_file
+    from jointrd_timm.models.torchvision_models import (create_torchvision_model, load_torchvision_folder,
+                                                        save_torchvision_model)
+    torch.manual_seed(0)
+    teacher = _moved_off_init(create_torchvision_model('torchvision:mnasnet0_5', num_classes=5))
+    save_file(teacher.state_dict(), str(tmp_path / 'teacher.safetensors'))
+    x = torch.randn(2, 3, 64, 64)
+    for source in (teacher, load_file(str(tmp_path / 'teacher.safetensors'))):
+        twin = create_torchvision_model('plain_torchvision:mnasnet0_5', num_classes=5)
+        jointrd_timm.load_teacher_weights(twin, source)
+        assert torch.equal(twin.layers[0].weight, teacher.layers[0].weight)
+    save_torchvision_model(twin, tmp_path / 'twin', {})
+    assert torch.equal(load_torchvision_folder(tmp_path / 'twin')(x), twin.eval()(x))

@@ -16,16 +16,24 @@ from .latency import compare_latency
 from .memory import MemoryAnalysisError, analyze_activation_memory, measure_peak_rss
 from ..extras import require
 
-__all__ = ['measure_models', 'bench_models', 'bench_pair', 'run_bench', 'DEFAULT_PAIRS']
+__all__ = ['measure_models', 'bench_models', 'bench_pair', 'run_bench', 'model_input_size', 'DEFAULT_PAIRS']
 
 DEFAULT_PAIRS = ['resnet18', 'resnet34', 'resnet50', 'resnet56_cifar', 'regnetx_002', 'mobilenetv2_050',
                  'efficientnet_b0', 'convnext_atto']
 
 
 def _input_size(name: str) -> int:
-    """The side of the square input ``name`` is measured at: its pretrained config's (224 without one)."""
+    """The side of the square input the timm architecture ``name`` is measured at: its pretrained config's (224
+    without one)."""
     cfg = timm.get_pretrained_cfg(name)
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+def model_input_size(model: torch.nn.Module) -> int:
+    """The side of the square input a built ``model`` (timm's, or a torchvision one built by name) is measured at:
+    its ``pretrained_cfg``'s input size (224 without one)."""
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
+    return int(size[-1]) if size else 224
 
 
 def _onnx_runner(model, x):
@@ -104,12 +112,14 @@ def bench_models(built: Dict[str, torch.nn.Module], size: int, batches: Sequence
 
 def bench_pair(teacher: str, batches: Sequence[int] = (1, 16), repeats: int = 20, onnx: bool = True,
                measure_memory: bool = True, input_size: Optional[int] = None) -> Dict:
-    """The residual ``teacher`` vs ``plain_<teacher>`` (both folded), at ``input_size`` (default: the teacher's
-    pretrained config's)."""
+    """The residual ``teacher`` (a timm or ``torchvision:`` name) vs ``plain_<teacher>`` (both folded), at
+    ``input_size`` (default: the teacher's pretrained config's)."""
+    from ..models.torchvision_models import create_named_model
     names = {'residual': teacher, 'twin': f'plain_{teacher}'}
-    built = {k: fold_for_deployment(timm.create_model(v))[0] for k, v in names.items()}
-    result = bench_models(built, input_size or _input_size(teacher), batches, repeats, onnx,
-                          names if measure_memory else None)
+    models = {k: create_named_model(v) for k, v in names.items()}
+    size = input_size or model_input_size(models['residual'])
+    built = {k: fold_for_deployment(m)[0] for k, m in models.items()}
+    result = bench_models(built, size, batches, repeats, onnx, names if measure_memory else None)
     return dict(teacher=teacher, **result)
 
 

@@ -285,11 +285,12 @@ def analyze_activation_memory(model: nn.Module, x: torch.Tensor) -> MemoryReport
 
 
 _MEASURE = r'''
-import json, sys, torch, timm, jointrd_timm
+import json, sys, torch
 from jointrd_timm.deploy.fold import fold_for_deployment
+from jointrd_timm.models.torchvision_models import create_named_model
 torch.set_num_threads(int(sys.argv[4]))
 name, batch, (chans, height, width) = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-model = timm.create_model(name, in_chans=chans).eval()
+model = create_named_model(name, in_chans=chans).eval()
 if sys.argv[5] == 'fold':
     model = fold_for_deployment(model)[0]
 x = torch.randn(batch, chans, height, width)
@@ -307,9 +308,9 @@ with torch.inference_mode():
 
 def measure_peak_rss(model_name: str, batch: int, size: Union[int, Sequence[int]], threads: int = 2,
                      fold: bool = True) -> int:
-    """Peak RSS increase (bytes) of one inference of ``model_name`` in a fresh process (see module docstring), on
-    ``batch`` inputs of ``size``: a side (square, 3 channels) or (channels, height, width), the model built with
-    that many input channels."""
+    """Peak RSS increase (bytes) of one inference of ``model_name`` (a timm or ``torchvision:`` name) in a fresh
+    process (see module docstring), on ``batch`` inputs of ``size``: a side (square, 3 channels) or (channels, height,
+    width), the model built with that many input channels."""
     chw = (3, size, size) if isinstance(size, int) else tuple(size)
     if len(chw) != 3 or not all(isinstance(v, int) and v > 0 for v in chw):
         raise ValueError(f'measure_peak_rss: size is a side or (channels, height, width) of positive integers, got '

@@ -116,14 +116,14 @@ def _teacher_and_student(teacher: Dict, student: Optional[Dict], teacher_trains:
                       f'checkpoint=PATH, or {how}).', stacklevel=2)
     teacher_model = timm_model(**teacher)
     if student is None:
-        student = _architecture_kwargs(teacher)
+        student = architecture_kwargs(teacher)
         student['model_name'] = 'plain_' + teacher['model_name']
     student_model = timm_model(**dict(student, **student_kwargs))
     check_pair(teacher_model, student_model, 'teacher / student kwargs')
     return teacher_model, student_model
 
 
-def _architecture_kwargs(model: Dict) -> Dict:
+def architecture_kwargs(model: Dict) -> Dict:
     """The kwargs of ``model`` (a timm_model kwargs dict) that shape its architecture, for its twin or teacher:
     ``num_classes`` and ``in_chans``; for a torchvision name every builder argument (``width_mult``, ...) but its
     weights and the twin's own arguments."""
@@ -155,7 +155,7 @@ def fading_model(student: Dict, shortcut_fade: float, teacher_checkpoint: Option
                         shortcut_fade_order, shortcut_fade_leak)
     model = timm_model(**dict(student, shortcut_fade=True))
     if teacher_checkpoint:
-        teacher = timm_model(teacher_of(student['model_name']), **_architecture_kwargs(student))
+        teacher = timm_model(teacher_of(student['model_name']), **architecture_kwargs(student))
         load_weights(teacher, teacher_checkpoint)
         load_teacher_weights(model, teacher)
     return FadingStudent(model, fade)

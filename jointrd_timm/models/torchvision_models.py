@@ -27,7 +27,7 @@ from ..twins.fade import make_fading
 
 __all__ = ['TORCHVISION_PREFIX', 'torchvision_name', 'check_torchvision_name', 'torchvision_weights',
            'weights_reading', 'weights_file', 'missing_weights_text', 'MissingTorchvisionWeights',
-           'create_torchvision_model', 'save_torchvision_model',
+           'create_torchvision_model', 'create_named_model', 'save_torchvision_model',
            'load_torchvision_folder', 'is_torchvision_folder']
 
 TORCHVISION_PREFIX = 'torchvision:'
@@ -195,6 +195,17 @@ def create_torchvision_model(model_name: str, shortcut_fade: bool = False, keep_
                                 num_classes=model.num_classes, **reading)
     model.pretrained_model_args = model_args
     return model
+
+
+def create_named_model(model_name: str, **kwargs) -> nn.Module:
+    """The model ``model_name`` names, built with ``kwargs``: a torchvision name (``[plain_]torchvision:<name>``,
+    :func:`create_torchvision_model`) or any name ``timm.create_model`` takes. The builder of the commands that take
+    either by name (``jointrd derive``, ``memory``, ``bench``)."""
+    if torchvision_name(model_name) is not None:
+        return create_torchvision_model(model_name, **kwargs)
+    import timm
+    import jointrd_timm  # noqa: F401  (the plain_* and CIFAR names)
+    return timm.create_model(model_name, **kwargs)
 
 
 # how torchvision's classification weights read images (its ImageClassification transform)

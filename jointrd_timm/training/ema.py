@@ -20,6 +20,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from ..io import with_module_versions
 from ..settings import check_ema_decay
 from ..twins.fade import set_shortcut_scale, shortcut_scales
 from ..twins.leak import activation_leaks, set_activation_leak
@@ -67,7 +68,7 @@ class TwinEma:
     def load_state_dict(self, state: Dict[str, torch.Tensor], steps: int) -> None:
         """Restore a checkpointed average and the steps it has averaged (a fading twin's, from a step when its
         shortcuts were gone when ``steps`` > 0)."""
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(with_module_versions(state, self.module))
         self.steps = int(steps)
         if self.steps and shortcut_scales(self.module):
             set_shortcut_scale(self.module, 0.0)

@@ -92,21 +92,21 @@ def _teacher_from_folder(spec: str, path: Path) -> Teacher:
         teacher = _from_config_json(spec, {}, config, teacher_of(config['architecture']))
         teacher.run_checkpoint = path / 'last.safetensors'
         if teacher.torchvision:  # its builder arguments are the twin's, less the twin's own
-            teacher.model_args = {k: v for k, v in config.get('model_args', {}).items()
-                                  if k != 'keep_projection_shortcuts'}
+            from ..integrations.torchdistill import architecture_kwargs
+            teacher.model_args = architecture_kwargs(dict(config.get('model_args', {}), model_name=teacher.arch))
             teacher.model = dict(model_name=teacher.arch, **teacher.model_args)
         return teacher
     if config.get('library') == 'torchvision':
-        teacher = _from_config_json(spec, torchvision_folder_kwargs(folder), config)
+        teacher = _from_config_json(spec, torchvision_folder_kwargs(folder, config), config)
         teacher.model_args = dict(config.get('model_args', {}))
         return teacher
     return _from_config_json(spec, dict(model_name=f'local-dir:{folder.resolve()}', pretrained=True), config)
 
 
-def torchvision_folder_kwargs(folder: Path) -> Dict:
+def torchvision_folder_kwargs(folder: Path, config: Optional[Dict] = None) -> Dict:
     """``timm_model`` kwargs of the torchvision model saved in ``folder`` (its config.json's architecture, classes
-    and builder arguments, and its weights as the checkpoint)."""
-    config = json.loads((Path(folder) / 'config.json').read_text())
+    and builder arguments, and its weights as the checkpoint); ``config``: that config.json, read already."""
+    config = config if config is not None else json.loads((Path(folder) / 'config.json').read_text())
     return dict(model_name=config['architecture'], num_classes=config['num_classes'], **config.get('model_args', {}),
                 checkpoint=str((Path(folder) / 'model.safetensors').resolve()))
 

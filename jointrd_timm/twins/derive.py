@@ -77,15 +77,19 @@ def token_mixers(module: nn.Module) -> List[str]:
 
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)
+_STOCHASTIC_DEPTH = ('DropPath', 'StochasticDepth')  # class names: timm's, torchvision's (torchvision.ops)
 
 
 def make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
     """Undo the initialisations that only make sense beside a shortcut, and stochastic depth.
 
+    Stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``, a user's class of either name) drops a
+    block's branch for some samples in training: beside a shortcut the sample skips the block, in a twin it loses its
+    whole signal. It is replaced by ``nn.Identity`` (what it is in eval mode).
     Only values still at their residual-friendly init are touched (a zero BN gamma, a zero conv, a layer scale
     below 1e-3 everywhere), so the weights of a trained model are never changed."""
     for child_name, child in list(block.named_children()):
-        if isinstance(child, DropPath):
+        if isinstance(child, DropPath) or type(child).__name__ in _STOCHASTIC_DEPTH:
             setattr(block, child_name, nn.Identity())
     for sub_name, module in block.named_modules():
         path = f'{name}.{sub_name}' if sub_name else name
@@ -110,7 +114,7 @@ def make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
                         and _tiny(param):
                     nn.init.ones_(param)
                     report.reinitialised.append(f'{path}.{param_name} (layer scale -> 1)')
-    for param_name in ('gamma', 'skipinit_gain'):
+    for param_name in ('gamma', 'skipinit_gain', 'layer_scale'):  # layer_scale: torchvision's ConvNeXt
         param = getattr(block, param_name, None)
         if isinstance(param, nn.Parameter) and _tiny(param):
             nn.init.ones_(param)

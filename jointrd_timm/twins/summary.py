@@ -1,5 +1,5 @@
 """``jointrd derive``: what the twin of a model is: shortcuts removed, parameters and FLOPs, rules used."""
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import timm
 import torch
@@ -24,14 +24,22 @@ def count_flops(model: torch.nn.Module, input_size) -> int:
     return counter.get_total_flops()
 
 
-def describe_twin(name: str, keep_projection_shortcuts: bool = False, input_size: Optional[int] = None) -> str:
+def describe_twin(name: str, keep_projection_shortcuts: bool = False, input_size: Optional[int] = None,
+                  build: Optional[Callable[[str], torch.nn.Module]] = None) -> str:
+    """The twin of the residual architecture ``name`` (a ``plain_`` prefix is read as its residual model), in lines
+    for the user: shortcut additions, parameters and FLOPs (at ``input_size``, else the model's configured size) of
+    both, what was removed and re-initialised, the rules used. ``build``: the residual model from its name (default:
+    timm's ``create_model``, the name checked against timm's list first; ``jointrd derive`` passes one that builds
+    torchvision names too)."""
     if name.startswith('plain_'):
         name = name[len('plain_'):]
-    if name not in timm.list_models():
-        close = timm.list_models(f'*{name}*')[:5]
-        raise ValueError(f'Unknown timm model {name!r}.' + (f' Did you mean one of {close}?' if close else ''))
-    teacher = timm.create_model(name)
-    twin = make_plain(timm.create_model(name), keep_projection_shortcuts=keep_projection_shortcuts)
+    if build is None:
+        if name not in timm.list_models():
+            close = timm.list_models(f'*{name}*')[:5]
+            raise ValueError(f'Unknown timm model {name!r}.' + (f' Did you mean one of {close}?' if close else ''))
+        build = timm.create_model
+    teacher = build(name)
+    twin = make_plain(build(name), keep_projection_shortcuts=keep_projection_shortcuts)
     report = twin.plain_report
     chans, h, w = teacher.pretrained_cfg.get('input_size', (3, 224, 224))
     if input_size:

@@ -5,6 +5,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..io import with_module_versions
 from .dirac import DiracWeight
 
 __all__ = ['load_teacher_weights', 'teacher_state_for_twin', 'pretrained_teacher_filter']
@@ -90,7 +91,8 @@ def load_teacher_weights(twin: nn.Module, teacher_state_dict: Union[Mapping[str,
                         f'state dict, got {type(twin).__name__} and {type(teacher_state_dict).__name__}. For a timm '
                         "name, create it first: timm.create_model('<arch>.<tag>', pretrained=True).")
     new_state, leftover = teacher_state_for_twin(twin, teacher_state_dict)
-    twin.load_state_dict(new_state, strict=False)
+    # the teacher's module versions (a module such as torchvision's MNASNet reads its own when loading)
+    twin.load_state_dict(with_module_versions(new_state, twin, versions_of=teacher_state_dict), strict=False)
     _log_dropped(leftover)
     return leftover
 
