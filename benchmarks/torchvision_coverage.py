@@ -39,7 +39,10 @@ def classify(name: str) -> dict:
     builder = torchvision.models.get_model_builder(name)
     params = torchvision.models.get_model_weights(name).DEFAULT.meta['num_params']
     row = dict(family=builder.__module__.rpartition('.')[2], params=params)
-    why = twin_refusal(f'torchvision:{name}')
+    try:
+        why = twin_refusal(f'torchvision:{name}')
+    except Exception as e:  # noqa: BLE001 - recorded: a check that crashes is a finding, not the end of the sweep
+        return dict(row, status='no rule', reason=f'the twin check crashed: {type(e).__name__}: {e}'[:300])
     if why is None:
         return dict(row, status='derivable')
     status = ('transformer (refused)' if 'is a transformer' in why else
@@ -131,6 +134,10 @@ def main():
     record = load_record(NAME) or {}
     models = record.get('models', {})
     meta = record.get('meta', {})
+    if args.report_only:
+        args.size = meta.get('size', args.size)
+    elif meta.get('size', args.size) != args.size and not (args.redo and not args.names):
+        parser.error(f'the record was checked at {meta["size"]} px: --size {args.size} needs --redo over all models')
     meta.update(torchvision=torchvision.__version__, jointrd_timm=jointrd_timm.__version__, size=args.size)
     known = torchvision.models.list_models(module=torchvision.models)
     unknown = [n for n in args.names or [] if n not in known]
@@ -143,6 +150,7 @@ def main():
         row = classify(name)
         if row['status'] == 'derivable' and row['params'] <= MAX_PARAMS:
             row['recipe'] = check_recipe_path(f'torchvision:{name}', size=args.size)
+            row['size'] = args.size
         models[name] = row
         meta['seconds'] = round(meta.get('seconds', 0) + time.time() - t)
         steps = ' '.join(f'{s}={r["status"]}' for s, r in row.get('recipe', {}).items())

@@ -17,18 +17,24 @@ def _architecture(name: str) -> str:
     reason said)."""
     import jointrd_timm  # noqa: F401
     from .models.plain_twins import name_problem, residual_arch, twin_refusal
-    from .models.torchvision_models import TORCHVISION_PREFIX, torchvision_name
-    torchvision = torchvision_name(name.partition('.')[0])
+    from .models.torchvision_models import TORCHVISION_PREFIX, torchvision_name, torchvision_weights
+    base, _, weights = name.partition('.')
+    torchvision = torchvision_name(base)
     if torchvision is not None:
         arch = TORCHVISION_PREFIX + torchvision
         why = twin_refusal(arch)  # an unknown name too, with the close ones
+        if not why and weights:
+            try:
+                torchvision_weights(torchvision, weights)  # the name only: these commands use random weights
+            except ValueError as e:
+                why = str(e)
         if why:
-            raise InputError(why)
+            raise InputError(f'{name}: {why}' if name not in why else why)
         return arch
     why = name_problem(name, need_twin=True)
     if why and Path(name).expanduser().exists():  # a saved model or a run folder: these commands build by name
         raise InputError(f'{name} is a folder or file; this command takes a timm architecture name (e.g. resnet50 '
-                         'or plain_resnet50) and builds it. For a saved model: jointrd export '
+                         'or plain_resnet50) or a torchvision one (torchvision:resnet50) and builds it. For a saved model: jointrd export '
                          f'{name} (folded model, exports), jointrd eval {name} --dataset ... (accuracy).')
     if why:
         raise InputError(why)
@@ -351,7 +357,8 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
 
 def _derive_parser(sub) -> None:
     p = sub.add_parser('derive', help="summary of a model's shortcut-free twin")
-    p.add_argument('model', nargs='?', help='a timm architecture, e.g. resnet50')
+    p.add_argument('model', nargs='?', help='a timm architecture, e.g. resnet50, or a torchvision one, e.g. '
+                   'torchvision:resnet50')
     p.add_argument('--list', action='store_true', help='list every architecture with a twin')
     p.add_argument('--keep-projection-shortcuts', action='store_true', help="the paper's plain-CNN variant")
     p.add_argument('--input-size', type=_positive_int, default=None,
@@ -478,14 +485,15 @@ def _export_parsers(sub) -> None:
 
 def _measure_parsers(sub) -> None:
     p = sub.add_parser('memory', help='activation memory of a model and its twin (analysed)')
-    p.add_argument('model')
+    p.add_argument('model', help='a timm architecture (resnet50) or a torchvision one (torchvision:resnet50)')
     p.add_argument('--batch', type=_positive_int, default=1)
     p.add_argument('--input-size', type=_positive_int, default=None)
     p.add_argument('--no-fold', dest='fold', action='store_false', help='analyse the eager model, BN unfolded')
     p.set_defaults(func=_memory)
 
     p = sub.add_parser('bench', help='latency and memory of residual models vs twins, side by side')
-    p.add_argument('models', nargs='*', help='residual architectures (default: the deployment benchmark set)')
+    p.add_argument('models', nargs='*', help='residual architectures, timm or torchvision:<name> (default: the '
+                   'deployment benchmark set)')
     p.add_argument('--batches', type=_positive_int, nargs='+', default=[1, 16])
     p.add_argument('--repeats', type=_positive_int, default=20)
     p.add_argument('--threads', type=_positive_int, default=2)

@@ -19,7 +19,7 @@ from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
            'unwrap', 'classifier_module', 'classifier_name', 'input_channels', 'top1_accuracy', 'near_chance',
-           'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading']
+           'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading', 'with_module_versions']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')

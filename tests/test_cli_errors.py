@@ -28,6 +28,9 @@ def _error(capsys, argv) -> str:
     (['memory', 'plain_torchvision:densenet121'], r'torchvision:densenet121 has no shortcut-free twin: DenseNet has no '
                                                   r'shortcut addition'),
     (['bench', 'torchvision:vit_b_16', '--no-onnx'], r'torchvision:vit_b_16 is a transformer'),
+    (['derive', 'torchvision:resnet18.IMAGENET1K_V9'], r'torchvision:resnet18.IMAGENET1K_V9: torchvision model '
+                                                       r'resnet18 has no weights .IMAGENET1K_V9.; its weights: '
+                                                       r'IMAGENET1K_V1'),
 ])
 def test_model_names_without_a_twin_are_refused_with_the_reason(capsys, argv, message):
     import re

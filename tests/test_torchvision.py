@@ -599,6 +599,9 @@ def test_derive_memory_and_bench_take_torchvision_names(capsys, tmp_path):
     assert row['params']['residual'] == row['params']['twin'] > 0  # its shortcuts have no projection to remove
     assert {'residual/eager', 'twin/eager', 'speedup/eager'} <= set(row['batches']['1'])
     assert measure_peak_rss('plain_torchvision:resnet18', 1, 32, threads=1) > 0  # built by name in a fresh process
+    # without weights, measured at the size its default weights read images at (metadata only: nothing fetched)
+    from jointrd_timm.deploy.bench import model_input_size
+    assert model_input_size(create_named_model('torchvision:efficientnet_b3')) == 300
 
 
 @pytest.mark.parametrize('derive', [jointrd_timm.make_plain, make_fading])

@@ -139,6 +139,9 @@ def run_bench(pairs: Optional[List[str]] = None, batches: Sequence[int] = (1, 16
         meta['onnxruntime'] = onnxruntime.__version__
     except ImportError:
         pass
+    if any(m.startswith('torchvision:') for m in pairs or ()):
+        import torchvision
+        meta['torchvision'] = torchvision.__version__
     return dict(meta=meta, results=results)
 
 

@@ -9,7 +9,8 @@ differs from the weights' classes, ...), and the ``plain_`` name derives its twi
 JointRD cuts such a model into stages from its forward (:mod:`jointrd_timm.methods.stages`).
 
 The model carries what timm's models carry and the runner reads: ``num_classes`` and a ``pretrained_cfg`` (its name
-as ``architecture``, torchvision's ImageNet reading of images: 224 px, crop 0.875, bilinear, ImageNet mean / std)
+as ``architecture``, how its weights read images, or without weights how its default weights do: size, crop,
+interpolation, mean / std)
 and ``pretrained_model_args`` (the builder's kwargs). :func:`save_torchvision_model` writes a trained one as
 safetensors with a ``config.json`` of those; :func:`load_torchvision_folder` builds it back (``jointrd eval``,
 ``export`` and ``timm``-free loading go through :func:`jointrd_timm.integrations.hub.load_model`).
@@ -190,7 +191,9 @@ def create_torchvision_model(model_name: str, shortcut_fade: bool = False, keep_
     if twin:
         (make_fading if shortcut_fade else make_plain)(model, keep_projection_shortcuts=keep_projection_shortcuts)
     model.num_classes = num_classes
-    reading = weights_reading(weights) if weights is not None else _IMAGENET_READING
+    # without weights: as the architecture's default weights read images (their size, e.g. 300 px for
+    # efficientnet_b3), as a bare timm model carries its default tag's pretrained_cfg; metadata only, nothing fetched
+    reading = weights_reading(weights if weights is not None else torchvision.models.get_model_weights(name).DEFAULT)
     model.pretrained_cfg = dict(architecture=(TWIN_PREFIX if twin else '') + TORCHVISION_PREFIX + name,
                                 num_classes=model.num_classes, **reading)
     model.pretrained_model_args = model_args
@@ -207,10 +210,6 @@ def create_named_model(model_name: str, **kwargs) -> nn.Module:
     import jointrd_timm  # noqa: F401  (the plain_* and CIFAR names)
     return timm.create_model(model_name, **kwargs)
 
-
-# how torchvision's classification weights read images (its ImageClassification transform)
-_IMAGENET_READING = dict(input_size=(3, 224, 224), crop_pct=0.875, interpolation='bilinear', crop_mode='center',
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def save_torchvision_model(model: nn.Module, folder: Path, config_extra: Dict) -> None:
