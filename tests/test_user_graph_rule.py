@@ -339,3 +339,49 @@ def test_parallel_branches_stay_and_chained_sub_blocks_lose_both_shortcuts():
     with torch.no_grad():
         torch.testing.assert_close(plain_parallel(x), parallel.b1(x) + parallel.b2(x))  # b1 kept (it was cut)
         torch.testing.assert_close(plain_chained(x), chained.g(chained.f(x)))
+
+
+class DropPath(nn.Module):
+    """A user's own stochastic depth (timm's name, not timm's class): drops the branch of random samples in
+    training."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1, 1, 1) > self.p).to(x.dtype)
+        return x * keep / (1 - self.p)
+
+
+class _DeepRegularised(nn.Module):
+    """x + branch(x), the stochastic depth at the end of the branch's nn.Sequential, not a child of the block."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), DropPath(0.5))
+        self.proj = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        return (x if self.proj is None else self.proj(x)) + self.branch(x)
+
+
+@pytest.mark.parametrize('derive', [make_plain, make_fading])
+def test_a_twin_keeps_no_stochastic_depth_nested_in_a_users_block(derive):
+    """In a twin a dropped branch is the sample's whole signal: stochastic depth is removed wherever it sits in the
+    block, so the twin trains on every sample (two train-mode forwards agree)."""
+    register_graph_rule(_DeepRegularised)
+    teacher = _net(_DeepRegularised)
+    twin = derive(copy.deepcopy(teacher))
+    if derive is make_fading:
+        set_shortcut_scale(twin, 0.0)
+    assert not any(isinstance(m, DropPath) for m in twin.modules())
+    assert sum(isinstance(m, DropPath) for m in teacher.modules()) == 2
+    x = torch.randn(4, 3, 8, 8)
+    twin.train()
+    torch.manual_seed(1)
+    first = twin(x)
+    torch.manual_seed(2)
+    assert torch.equal(first, twin(x))

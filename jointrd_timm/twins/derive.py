@@ -85,12 +85,14 @@ def make_trainable(name: str, block: nn.Module, report: PlainReport) -> None:
 
     Stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``, a user's class of either name) drops a
     block's branch for some samples in training: beside a shortcut the sample skips the block, in a twin it loses its
-    whole signal. It is replaced by ``nn.Identity`` (what it is in eval mode).
+    whole signal. It is replaced by ``nn.Identity`` (what it is in eval mode), at any depth inside the block (a
+    user's block may keep it at the end of a branch ``nn.Sequential``).
     Only values still at their residual-friendly init are touched (a zero BN gamma, a zero conv, a layer scale
     below 1e-3 everywhere), so the weights of a trained model are never changed."""
-    for child_name, child in list(block.named_children()):
-        if isinstance(child, DropPath) or type(child).__name__ in _STOCHASTIC_DEPTH:
-            setattr(block, child_name, nn.Identity())
+    for sub_name, module in list(block.named_modules()):
+        if sub_name and (isinstance(module, DropPath) or type(module).__name__ in _STOCHASTIC_DEPTH):
+            parent, _, leaf = sub_name.rpartition('.')
+            setattr(block.get_submodule(parent) if parent else block, leaf, nn.Identity())
     for sub_name, module in block.named_modules():
         path = f'{name}.{sub_name}' if sub_name else name
         is_norm = isinstance(module, _NORMS) or 'norm' in type(module).__name__.lower()  # EvoNorm, FRN, ...
