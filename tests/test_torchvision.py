@@ -654,3 +654,15 @@ def test_a_model_that_reads_its_version_when_loading_takes_teacher_weights_and_s
         assert torch.equal(twin.layers[0].weight, teacher.layers[0].weight)
     save_torchvision_model(twin, tmp_path / 'twin', {})
     assert torch.equal(load_torchvision_folder(tmp_path / 'twin')(x), twin.eval()(x))
+
+
+def test_a_bare_torchvision_teacher_reads_images_at_its_default_weights_size():
+    """As a bare timm architecture is read at its default tag's size: a bare torchvision teacher (trained here) and
+    a bare model carry their default weights' size and reading, without fetching anything (metadata only)."""
+    from jointrd_timm.models.torchvision_models import create_torchvision_model
+    from jointrd_timm.training.teachers import resolve_teacher
+    sizes = {name: resolve_teacher(f'torchvision:{name}').input_size
+             for name in ('efficientnet_b3', 'resnet18', 'efficientnet_v2_s')}
+    assert sizes == {'efficientnet_b3': 300, 'resnet18': 224, 'efficientnet_v2_s': 384}
+    cfg = create_torchvision_model('torchvision:efficientnet_b3', num_classes=3).pretrained_cfg
+    assert (cfg['input_size'], cfg['crop_pct'], cfg['interpolation']) == ((3, 300, 300), 300 / 320, 'bicubic')

@@ -125,8 +125,10 @@ def _torchvision_teacher(spec: str) -> Teacher:
     except ValueError as e:
         raise DistillError(f'Unknown teacher {spec!r}: {e}') from None
     arch = TORCHVISION_PREFIX + name
-    if not tag:
-        return Teacher(spec, arch, dict(model_name=arch), None, 3, 224)
+    if not tag:  # at the size its default weights read images at, as a bare timm architecture at its default tag's
+        import torchvision
+        size = weights_reading(torchvision.models.get_model_weights(name).DEFAULT)['input_size'][-1]
+        return Teacher(spec, arch, dict(model_name=arch), None, 3, size)
     try:
         weights = torchvision_weights(name, tag)
     except ValueError as e:
