@@ -9,6 +9,7 @@ import torch
 from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 import jointrd_timm  # noqa: F401  (CIFAR teachers, plain_* twins)
 from jointrd_timm.cli import main
@@ -17,6 +18,7 @@ from jointrd_timm.deploy.memory import analyze_activation_memory
 from jointrd_timm.twins import count_shortcut_additions, find_unhandled_residual_blocks, shortcut_additions
 
 SMALL = dict(channels=(8, 16, 32, 64))
+BLOCKS = (BasicBlock, Bottleneck, tv_resnet.BasicBlock, tv_resnet.Bottleneck)  # timm's and torchvision's
 
 
 def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -39,7 +41,7 @@ def _expected_parameters(model: nn.Module) -> int:
     when grouped); the last conv gains C_in inputs; every conv gets a bias, BN and the shortcut module go."""
     total = sum(p.numel() for p in model.parameters())
     for block in model.modules():
-        if type(block) not in (BasicBlock, Bottleneck):
+        if type(block) not in BLOCKS:
             continue
         total -= sum(p.numel() for p in block.parameters())
         convs = [m for name, m in block.named_children() if name.startswith('conv')]
@@ -62,6 +64,10 @@ CASES = {
     'resnext': ('resnet26', dict(SMALL, cardinality=4, base_width=32), (64, 64)),  # grouped conv2
     'dilated': ('resnet26', dict(SMALL, output_stride=16), (64, 64)),  # dilated stage, 1x1 stride-1 projection
     'drop-path-eval': ('resnet20_cifar', dict(channels=(8, 16, 32), drop_path_rate=0.2), (32, 32)),
+    # torchvision's blocks: one ReLU module after every conv and the addition, stride in conv2 of its bottleneck
+    'torchvision-resnet': (lambda: tv_resnet.ResNet(tv_resnet.BasicBlock, [2, 1, 1, 1], num_classes=5), {}, (64, 64)),
+    'torchvision-resnext-odd': (lambda: tv_resnet.ResNet(tv_resnet.Bottleneck, [1, 1, 1, 1], groups=4,
+                                                         width_per_group=8, num_classes=5), {}, (65, 71)),
 }
 
 
@@ -69,7 +75,7 @@ CASES = {
 def test_conversion_reproduces_the_model_without_shortcuts(case):
     name, kwargs, (height, width) = CASES[case]
     torch.manual_seed(0)
-    model = _randomize_norms(timm.create_model(name, **kwargs))
+    model = _randomize_norms(name(**kwargs) if callable(name) else timm.create_model(name, **kwargs))
     state = copy.deepcopy(model.state_dict())
     x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
     plain = exact_plain(model)
@@ -87,7 +93,7 @@ def test_conversion_reproduces_the_model_without_shortcuts(case):
     assert all(type(m) is not ExactPlainBlock for m in model.modules())
     # no shortcut addition left, and every block is a plain conv-ReLU chain
     blocks = [m for m in plain.modules() if isinstance(m, ExactPlainBlock)]
-    assert len(blocks) == sum(type(m) in (BasicBlock, Bottleneck) for m in model.modules())
+    assert len(blocks) == sum(type(m) in BLOCKS for m in model.modules())
     assert all(type(layer) in (nn.Conv2d, nn.ReLU) for block in blocks for layer in block)
     assert all(shortcut_additions(block) == 0 for block in blocks)
     assert analyze_activation_memory(model, x).shortcut_additions == len(blocks)
@@ -160,7 +166,8 @@ REFUSALS = {
     'same-padded average pool': (_with('resnet26d', dict(SMALL, output_stride=16)), r'^layer4\.0 .*AvgPool2dSame'),
     'group norm': (_with('resnet20_cifar', dict(norm_layer='groupnorm1')),
                    r'^layer1\.0 .*GroupNorm1.*cannot be folded'),
-    'already plain': (_with('plain_resnet20_cifar'), r'no timm BasicBlock / Bottleneck'),
+    'already plain': (_with('plain_resnet20_cifar'), r"has none of timm's and torchvision's post-activation "
+                                                   r'resnet.BasicBlock'),
 }
 
 

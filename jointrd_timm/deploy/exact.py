@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import DropBlock2d, DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
+from torchvision.models import resnet as tv_resnet
 
 from ..errors import JointRDError
 from ..io import input_channels
@@ -47,11 +48,16 @@ from .fold import fold_for_deployment
 __all__ = ['exact_plain', 'exact_conversion_report', 'ExactPlainBlock', 'ExactConversionError']
 
 # the branch of each supported block: (conv, norm, activation) in forward order; the last activation follows the
-# shortcut addition
+# shortcut addition. torchvision's ResNet blocks (ResNet, ResNeXt, Wide ResNet) have timm's layout with one ReLU
+# module applied after every conv and after the addition.
 BRANCHES = {
     BasicBlock: (('conv1', 'bn1', 'act1'), ('conv2', 'bn2', 'act2')),
     Bottleneck: (('conv1', 'bn1', 'act1'), ('conv2', 'bn2', 'act2'), ('conv3', 'bn3', 'act3')),
+    tv_resnet.BasicBlock: (('conv1', 'bn1', 'relu'), ('conv2', 'bn2', 'relu')),
+    tv_resnet.Bottleneck: (('conv1', 'bn1', 'relu'), ('conv2', 'bn2', 'relu'), ('conv3', 'bn3', 'relu')),
 }
+_SUPPORTED = ("timm's and torchvision's post-activation resnet.BasicBlock and resnet.Bottleneck (ResNet, ResNeXt, "
+              'Wide ResNet)')
 # the other children a supported block may have, and the shortcut
 _OPTIONAL_CHILDREN = ('drop_block', 'aa', 'se', 'drop_path', 'downsample')
 # modules that keep a non-negative input non-negative
@@ -201,15 +207,17 @@ def _convert_block(path: str, block: nn.Module) -> ExactPlainBlock:
     known = {name for stage in stages for name in stage} | set(_OPTIONAL_CHILDREN)
     unknown = [name for name, _ in block.named_children() if name not in known]
     if unknown:
-        raise _refuse(path, block, f'unknown module(s) {unknown}; the conversion knows timm\'s own block layout only.')
-    if block.se is not None:
-        raise _refuse(path, block, f'its attention module `se` ({type(block.se).__name__}) scales the branch '
+        raise _refuse(path, block, f'unknown module(s) {unknown}; the conversion knows the blocks\' own layout '
+                                   'only.')
+    se, aa = getattr(block, 'se', None), getattr(block, 'aa', None)  # timm's; torchvision's blocks have neither
+    if se is not None:
+        raise _refuse(path, block, f'its attention module `se` ({type(se).__name__}) scales the branch '
                                    'before the addition; carried channels pass convolutions and ReLUs only.')
-    if not isinstance(block.aa, nn.Identity):
+    if aa is not None and not isinstance(aa, nn.Identity):
         raise _refuse(path, block, f'its anti-aliasing module `aa` ({type(block.aa).__name__}) would filter the '
                                    'carried channels too; blocks with aa_layer are not converted.')
     for name, kind in (('drop_path', DropPath), ('drop_block', DropBlock2d)):
-        module = getattr(block, name)
+        module = getattr(block, name, None)
         if module is None or type(module) is nn.Identity:
             continue
         if not isinstance(module, kind):
@@ -271,7 +279,7 @@ def _convert_block(path: str, block: nn.Module) -> ExactPlainBlock:
             new.weight.copy_(weight)
             new.bias.copy_(bias)
         layers[conv_name] = new
-        layers[act_name] = nn.ReLU(inplace=True)
+        layers[act_name if act_name not in layers else f'{act_name}{i + 1}'] = nn.ReLU(inplace=True)  # one per conv
     return ExactPlainBlock(layers, even_input=shortcut.even_input, name=path)
 
 
@@ -331,23 +339,23 @@ def _check_no_other_shortcuts(model: nn.Module) -> None:
             continue
         count = shortcut_additions(module)
         if count or (count is None and get_rule(module) is not None):
-            raise _refuse(path, module, 'a residual block the exact conversion does not handle: it converts '
-                                        'timm\'s post-activation resnet.BasicBlock and resnet.Bottleneck only '
+            raise _refuse(path, module, f'a residual block the exact conversion does not handle: it converts '
+                                        f'{_SUPPORTED} only '
                                         '(pre-activation blocks and linear bottlenecks cannot be: their carried '
                                         'input can be negative, and a ReLU would cut it). Its shortcut-free twin '
                                         '(make_plain) trained with JointRD removes it instead.')
 
 
 def exact_plain(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) whose timm BasicBlock / Bottleneck blocks are replaced by
+    """A copy of ``model`` (eval mode) whose timm or torchvision BasicBlock / Bottleneck blocks are replaced by
     :class:`ExactPlainBlock` (the RM operation, see the module docstring): no shortcut addition left, the same
     output as the eval-mode ``model`` up to float rounding. The stem and head are kept as they are. ``model`` is not
     modified. Raises :class:`ExactConversionError` naming the block when a block cannot be converted exactly."""
     _check_no_other_shortcuts(model)
     blocks = [(path, module) for path, module in model.named_modules() if type(module) in BRANCHES]
     if not blocks:
-        raise ExactConversionError(f'{type(model).__name__} has no timm BasicBlock / Bottleneck: there is no shortcut '
-                                   'to remove.')
+        raise ExactConversionError(f'{type(model).__name__} has none of {_SUPPORTED}: there is no shortcut the '
+                                   'conversion removes.')
     converted = {path: _convert_block(path, block) for path, block in blocks}
     _check_inputs_non_negative(model)
     plain = copy.deepcopy(model)
