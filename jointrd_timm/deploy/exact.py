@@ -214,7 +214,7 @@ def _convert_block(path: str, block: nn.Module) -> ExactPlainBlock:
         raise _refuse(path, block, f'its attention module `se` ({type(se).__name__}) scales the branch '
                                    'before the addition; carried channels pass convolutions and ReLUs only.')
     if aa is not None and not isinstance(aa, nn.Identity):
-        raise _refuse(path, block, f'its anti-aliasing module `aa` ({type(block.aa).__name__}) would filter the '
+        raise _refuse(path, block, f'its anti-aliasing module `aa` ({type(aa).__name__}) would filter the '
                                    'carried channels too; blocks with aa_layer are not converted.')
     for name, kind in (('drop_path', DropPath), ('drop_block', DropBlock2d)):
         module = getattr(block, name, None)
