@@ -82,7 +82,7 @@ EXACT_MODELS = ['resnet18', 'resnet50', 'resnet56_cifar']
 def exact_rows(names, repeats: int, threads: int) -> list:
     """Each residual model (random weights, BN statistics made non-trivial) against its exact conversion, both
     folded, side by side: latency, analysed activation memory, parameters and FLOPs."""
-    from jointrd_timm.deploy.bench import _input_size
+    from jointrd_timm.deploy.bench import model_input_size
     from jointrd_timm.deploy.exact import exact_plain
     rows = []
     for name in names:
@@ -91,7 +91,7 @@ def exact_rows(names, repeats: int, threads: int) -> list:
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 1.5)
-        size = _input_size(name)
+        size = model_input_size(model)
         built = {'residual': fold_for_deployment(model)[0], 'exact': exact_plain(model)}
         row = bench_models(built, size, (1, 16), repeats, True, None)
         row['flops'] = {k: count_flops(m, (3, size, size)) for k, m in built.items()}

@@ -22,13 +22,6 @@ DEFAULT_PAIRS = ['resnet18', 'resnet34', 'resnet50', 'resnet56_cifar', 'regnetx_
                  'efficientnet_b0', 'convnext_atto']
 
 
-def _input_size(name: str) -> int:
-    """The side of the square input the timm architecture ``name`` is measured at: its pretrained config's (224
-    without one)."""
-    cfg = timm.get_pretrained_cfg(name)
-    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
-
-
 def model_input_size(model: torch.nn.Module) -> int:
     """The side of the square input a built ``model`` (timm's, or a torchvision one built by name) is measured at:
     its ``pretrained_cfg``'s input size (224 without one)."""
@@ -139,7 +132,8 @@ def run_bench(pairs: Optional[List[str]] = None, batches: Sequence[int] = (1, 16
         meta['onnxruntime'] = onnxruntime.__version__
     except ImportError:
         pass
-    if any(m.startswith('torchvision:') for m in pairs or ()):
+    from ..models.torchvision_models import torchvision_name
+    if any(torchvision_name(m) is not None for m in pairs or ()):
         import torchvision
         meta['torchvision'] = torchvision.__version__
     return dict(meta=meta, results=results)

@@ -27,7 +27,7 @@ from ..twins.derive import TWIN_PREFIX
 from ..twins.fade import make_fading
 
 __all__ = ['TORCHVISION_PREFIX', 'torchvision_name', 'check_torchvision_name', 'torchvision_weights',
-           'weights_reading', 'weights_file', 'missing_weights_text', 'MissingTorchvisionWeights',
+           'weights_reading', 'default_reading', 'weights_file', 'missing_weights_text', 'MissingTorchvisionWeights',
            'create_torchvision_model', 'create_named_model', 'save_torchvision_model',
            'load_torchvision_folder', 'is_torchvision_folder']
 
@@ -117,6 +117,14 @@ def weights_reading(weights) -> Dict:
                 mean=tuple(args['mean']), std=tuple(args['std']))
 
 
+def default_reading(name: str) -> Dict:
+    """How the default weights of torchvision model ``name`` read images (:func:`weights_reading`): the reading of
+    the model built without weights, as a bare timm model carries its default tag's. Metadata only, nothing
+    fetched."""
+    import torchvision
+    return weights_reading(torchvision.models.get_model_weights(name).DEFAULT)
+
+
 def _fresh_classifier(model: nn.Module, num_classes: int, model_name: str) -> None:
     """Replace the classifier (the model's last ``nn.Linear``, as :func:`jointrd_timm.io.classifier_name` finds it)
     by a freshly initialised one with ``num_classes`` outputs."""
@@ -191,9 +199,7 @@ def create_torchvision_model(model_name: str, shortcut_fade: bool = False, keep_
     if twin:
         (make_fading if shortcut_fade else make_plain)(model, keep_projection_shortcuts=keep_projection_shortcuts)
     model.num_classes = num_classes
-    # without weights: as the architecture's default weights read images (their size, e.g. 300 px for
-    # efficientnet_b3), as a bare timm model carries its default tag's pretrained_cfg; metadata only, nothing fetched
-    reading = weights_reading(weights if weights is not None else torchvision.models.get_model_weights(name).DEFAULT)
+    reading = weights_reading(weights) if weights is not None else default_reading(name)
     model.pretrained_cfg = dict(architecture=(TWIN_PREFIX if twin else '') + TORCHVISION_PREFIX + name,
                                 num_classes=model.num_classes, **reading)
     model.pretrained_model_args = model_args

@@ -114,8 +114,8 @@ def torchvision_folder_kwargs(folder: Path, config: Optional[Dict] = None) -> Di
 def _torchvision_teacher(spec: str) -> Teacher:
     """``torchvision:<name>`` (no weights: trained here, or given with --teacher-weights) or
     ``torchvision:<name>.<weights>`` (torchvision's weights, read from torch's hub cache when loaded)."""
-    from ..models.torchvision_models import (TORCHVISION_PREFIX, check_torchvision_name, missing_weights_text,
-                                             torchvision_weights, weights_file, weights_reading)
+    from ..models.torchvision_models import (TORCHVISION_PREFIX, check_torchvision_name, default_reading,
+                                             missing_weights_text, torchvision_weights, weights_file, weights_reading)
     base, _, tag = spec.partition('.')
     if base.startswith('plain_'):
         raise DistillError(f'{spec} is a shortcut-free twin already; give its residual teacher '
@@ -126,9 +126,7 @@ def _torchvision_teacher(spec: str) -> Teacher:
         raise DistillError(f'Unknown teacher {spec!r}: {e}') from None
     arch = TORCHVISION_PREFIX + name
     if not tag:  # at the size its default weights read images at, as a bare timm architecture at its default tag's
-        import torchvision
-        size = weights_reading(torchvision.models.get_model_weights(name).DEFAULT)['input_size'][-1]
-        return Teacher(spec, arch, dict(model_name=arch), None, 3, size)
+        return Teacher(spec, arch, dict(model_name=arch), None, 3, default_reading(name)['input_size'][-1])
     try:
         weights = torchvision_weights(name, tag)
     except ValueError as e:
