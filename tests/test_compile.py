@@ -54,6 +54,28 @@ def test_compiled_jointrd_with_fade_and_lean_memory_matches_eager(backend):
     eager.load_state_dict(compiled.state_dict())
 
 
+def test_compiled_jointrd_on_a_torchvision_twin_matches_eager():
+    """torchvision models have no forward_features: JointRD cuts them at their children and compile_modules compiles
+    those children; the compiled fading twin trains as the eager one does."""
+    from jointrd_timm.models.torchvision_models import create_named_model
+    torch.manual_seed(0)
+    teacher = create_named_model('torchvision:resnet18', num_classes=10)
+    twin = create_named_model('plain_torchvision:resnet18', num_classes=10, shortcut_fade=True)
+    jointrd_timm.load_teacher_weights(twin, teacher)
+    eager = JointRD(twin, teacher, JointRDConfig(shortcut_fade=0.5), num_epochs=1, steps_per_epoch=4).train()
+    compiled = copy.deepcopy(eager)
+    names = compile_modules(compiled, 'aot_eager')
+    assert {'student.layer1', 'student.fc', 'teacher.layer4'} <= set(names)
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    (eager_losses, eager_grads), (losses, grads) = _steps(eager, batches), _steps(compiled, batches)
+    assert jointrd_timm.twins.fade.shortcut_scale(compiled.student) < 1.0
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    assert set(grads) == set(eager_grads) and len(grads) > 0
+    for name, g in grads.items():
+        assert torch.allclose(g, eager_grads[name], rtol=1e-4, atol=1e-6 * eager_grads[name].abs().max().item()), name
+
+
 def test_compiled_adversarial_method_matches_eager():
     torch.manual_seed(0)
     teacher = timm.create_model('resnet20_cifar', num_classes=10)

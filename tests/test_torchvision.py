@@ -340,6 +340,26 @@ def test_a_yaml_distills_a_torchvision_teacher_and_saves_a_twin_that_loads_and_e
     assert retrained.fc.out_features == 4 and torch.equal(retrained.conv1.weight, model.conv1.weight)
 
 
+@pytest.mark.slow  # ~20 s: two processes; the default run checks 2-process DDP on timm twins (test_runner)
+def test_two_processes_train_a_torchvision_twin_with_identical_replicas_and_save_it(tmp_path):
+    """DDP over two CPU processes (gloo) on the torchvision YAML: both replicas end with the same weights and the
+    saved twin is torchvision's own class, shortcut-free."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from jointrd_timm.integrations.hub import load_model
+    from jointrd_timm.twins.verify import count_shortcut_additions
+    env = dict(os.environ, PYTHONWARNINGS='ignore', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'jointrd_timm.cli', 'train',
+           '--config', str(_torchvision_yaml(tmp_path)), '--device', 'cpu', '--output-dir', str(tmp_path / 'two')]
+    result = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / 'two' / 'final.json').read_text())['replica_max_abs_diff'] == 0.0
+    model = load_model(str(tmp_path / 'two'))
+    assert type(model) is resnet.ResNet and count_shortcut_additions(model) == 0
+
+
 def test_torchvision_model_names_are_checked_before_anything_is_built():
     from jointrd_timm.integrations.torchdistill import timm_model
     from jointrd_timm.models.torchvision_models import create_torchvision_model
