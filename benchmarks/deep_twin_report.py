@@ -16,6 +16,67 @@ from report import RESULTS, pyplot, save_figure, write_report
 
 NAME = 'deep_twin_diagnostics'
 
+# Issue 34's accuracy goals: a twin converted in at most `epochs` lands at most `tolerance` below its teacher on the
+# test set, on two seeds. Each goal lists the recipes measured against it, each by its name and its runs' folders in
+# the record (seed 0, seed 1); the numbers are read from the records when the page is written.
+GOALS = (
+    dict(arch='resnet20_cifar', record='full_cifar10_resnet20_cifar', epochs=8, tolerance=0.5, recipes=(
+        ('kd-low-lr-blocks-fade60', ('twin-jointrd-e8-kd-lr02-block5-fade60',
+                                     'twin-jointrd-e8-kd-lr02-block5-fade60-s1')),
+        ('kd-low-lr-blocks', ('twin-jointrd-e8-kd-lr02-block5', 'twin-jointrd-e8-kd-lr02-block5-s1')),
+        ('kd-low-lr', ('twin-jointrd-e8-kd-lr02', 'twin-jointrd-e8-kd-lr02-s1')))),
+    dict(arch='resnet56_cifar', record='full_cifar10_t32_resnet56_cifar', epochs=16, tolerance=1.0, recipes=(
+        ('kd-low-lr-blocks20-joint', ('twin-jointrd-e16', 'twin-jointrd-e16-s1')),
+        ('kd-low-lr-blocks20-joint, fade over 60 %', ('twin-jointrd-e16-fade60', 'twin-jointrd-e16-fade60-s1')))),
+    dict(arch='resnet56_cifar', record='full_cifar10_resnet56_cifar', epochs=4, tolerance=1.0, recipes=(
+        ('kd-low-lr-blocks20-joint', ('twin-jointrd-e4-kd-lr02-block20-jtf', 'twin-jointrd-e4-kd-lr02-block20-jtf-s1')),
+        ('kd-low-lr-blocks20', ('twin-jointrd-e4-kd-lr02-block20', 'twin-jointrd-e4-kd-lr02-block20-s1')),
+        ('default', ('twin-jointrd-e4', 'twin-jointrd-e4-s1')))),
+)
+
+
+def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None) -> list:
+    """One row per (goal, recipe): the teacher's test accuracy, the target, each seed's deployed test accuracy
+    (None where the record has no finished run in that folder) and whether both seeds reach the target. ``arch_recipes``:
+    the architecture -> recipe name map that says which recipe ``recipe_for`` picks (default: recipes.ARCH_RECIPES)."""
+    if arch_recipes is None:
+        from jointrd_timm.recipes import ARCH_RECIPES as arch_recipes
+    rows = []
+    for goal in goals:
+        record = json.loads((results / f'{goal["record"]}.json').read_text())
+        runs = {r['folder']: r for r in record['runs']}
+        teacher = runs['teacher']
+        target = round(teacher['test_acc'] - goal['tolerance'], 2)
+        for name, folders in goal['recipes']:
+            accs = [runs[f]['test_acc'] if f in runs and runs[f].get('epochs_done') == runs[f]['epochs'] else None
+                    for f in folders]
+            rows.append(dict(arch=goal['arch'], record=goal['record'], teacher_epochs=teacher['epochs'],
+                             teacher_acc=teacher['test_acc'], epochs=goal['epochs'], tolerance=goal['tolerance'],
+                             target=target, recipe=name, is_recipe=arch_recipes.get(goal['arch']) == name,
+                             folders=list(folders), test_acc=accs,
+                             met=all(a is not None and a >= target for a in accs)))
+    return rows
+
+
+def goal_lines(rows: list) -> list:
+    if not rows:
+        return []
+    out = ['## Where the goals stand', '',
+           'The goals: a twin converted in at most the epochs given lands at most the tolerance below its teacher, on '
+           'the full CIFAR-10 test set (last epoch, nothing selected on test), on two seeds. Each cell is a run\'s '
+           'deployed test accuracy and its distance to the teacher, read from the record linked; "not finished" is a '
+           'run the record does not hold yet. **bold**: the recipe `recipe_for` picks for the architecture now.', '',
+           '| architecture (teacher epochs) | teacher test % | target % (conversion epochs) | recipe | seed 0 | '
+           'seed 1 | both seeds reach the target |',
+           '|---|---|---|---|---|---|---|']
+    for r in rows:
+        cells = [f'{a:.2f} ({a - r["teacher_acc"]:+.2f})' if a is not None else 'not finished' for a in r['test_acc']]
+        recipe = f'**{r["recipe"]}**' if r['is_recipe'] else r['recipe']
+        out.append(f'| [{r["arch"]} ({r["teacher_epochs"]})]({r["record"]}.md) | {r["teacher_acc"]:.2f} | '
+                   f'{r["target"]:.2f} (<= {r["epochs"]}) | {recipe} | ' + ' | '.join(cells) +
+                   f' | {"yes" if r["met"] else "no"} |')
+    return out + ['']
+
 
 def screen_name(screen: dict) -> str:
     a = screen['args']
@@ -136,8 +197,9 @@ def full_run_lines(runs: dict) -> list:
 def lines_for(record: dict) -> list:
     screens = record['screens']
     meta = record['meta']
-    out = [f'# Deep twins: where the signal goes while the shortcuts fade ({meta["arch"]})', '',
-           meta['setup'], '',
+    out = [f'# Deep twins: where the signal goes while the shortcuts fade ({meta["arch"]})', '']
+    out += goal_lines(record.get('goals', []))
+    out += ['## The screens', '', meta['setup'], '',
            '| screen | deployed test acc % | train acc % first window | lowest (at s) | last window | '
            'shortcut / branch over s (median of blocks): first -> lowest (at s) -> last (at s) | '
            'median eval RMS of block outputs: start -> faded | grad norm first / last block (faded) |',
@@ -220,6 +282,7 @@ def main():
         screen = json.loads(Path(item).read_text())
         record['screens'] = [s for s in record['screens'] if screen_name(s) != screen_name(screen)] + [screen]
     record['full_runs'] = full_runs(record['screens'][0]['args']['arch'])
+    record['goals'] = goal_rows()
     if args.findings:
         record['findings'] = Path(args.findings).read_text().rstrip('\n').split('\n')
     first = record['screens'][0]['args']

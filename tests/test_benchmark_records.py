@@ -255,3 +255,66 @@ def test_a_deep_twin_screen_reruns_on_the_recipe_its_record_names():
     recipe = deep_twin_screen.screen_recipe(args)
     assert recipe.jointrd_config().block_loss_weight == 10.0 and recipe.shortcut_fade_mode == 'share'
     assert recipe.id.startswith('kd-low-lr-blocks,')
+
+
+def _replayed(recipe_string: str):
+    """The recipe a record's 'recipe' column names ('name,field=value,...')."""
+    import ast
+    from jointrd_timm.recipes import RECIPES
+    name, *changes = recipe_string.split(',')
+    fields = {}
+    for change in changes:  # a value may hold commas (dirac_init=(0.0, 1.0)): glue it back to its field
+        if '=' in change.split('(')[0]:
+            key, value = change.split('=', 1)
+            fields[key] = value
+        else:
+            fields[key] += ',' + change
+    def value(text):
+        try:
+            return ast.literal_eval(text)
+        except ValueError:  # a bare word: teacher_mode=joint
+            return text
+    return RECIPES[name].replace(**{k: value(v) for k, v in fields.items()})
+
+
+def test_the_deep_twin_goals_name_the_runs_of_the_recipes_they_list():
+    """Each recipe the goal table names by a registered name is what its runs trained (their record's recipe column,
+    replayed), and each cell is the record's test accuracy of a finished run."""
+    import deep_twin_report
+    from jointrd_timm.recipes import RECIPES
+    rows = deep_twin_report.goal_rows()
+    checked = 0
+    for row in rows:
+        runs = {r['folder']: r for r in json.loads((RESULTS / f'{row["record"]}.json').read_text())['runs']}
+        for folder, acc in zip(row['folders'], row['test_acc']):
+            if folder not in runs:
+                assert acc is None
+                continue
+            assert acc == runs[folder]['test_acc'] and runs[folder]['epochs'] <= row['epochs']
+            if row['recipe'] in RECIPES:
+                assert _replayed(runs[folder]['recipe']).same_ingredients(RECIPES[row['recipe']]), (folder, row)
+                checked += 1
+    assert checked >= 10
+    page = (RESULTS / 'deep_twin_diagnostics.md').read_text().splitlines()
+    assert len(table(page, '| architecture (teacher epochs) |')) == len(rows)
+
+
+def test_a_deep_twin_goal_is_met_only_when_both_seeds_reach_the_target(tmp_path):
+    import deep_twin_report
+    record = dict(runs=[dict(folder='teacher', epochs=8, epochs_done=8, test_acc=80.0),
+                        dict(folder='a', epochs=4, epochs_done=4, test_acc=79.0),
+                        dict(folder='a-s1', epochs=4, epochs_done=4, test_acc=79.5),
+                        dict(folder='b', epochs=4, epochs_done=4, test_acc=79.4),
+                        dict(folder='b-s1', epochs=4, epochs_done=4, test_acc=78.99),
+                        dict(folder='c', epochs=4, epochs_done=3, test_acc=79.9)])
+    (tmp_path / 'rec.json').write_text(json.dumps(record))
+    goals = (dict(arch='x', record='rec', epochs=4, tolerance=1.0,
+                  recipes=(('ra', ('a', 'a-s1')), ('rb', ('b', 'b-s1')), ('rc', ('c', 'c-s1')))),)
+    rows = deep_twin_report.goal_rows(goals, tmp_path, arch_recipes={'x': 'rb'})
+    assert [r['target'] for r in rows] == [79.0] * 3
+    assert [r['met'] for r in rows] == [True, False, False]  # at the target counts; 78.99 does not
+    assert [r['is_recipe'] for r in rows] == [False, True, False]
+    assert rows[2]['test_acc'] == [None, None]  # an unfinished run and a missing one
+    lines = deep_twin_report.goal_lines(rows)
+    assert '| **rb** | 79.40 (-0.60) | 78.99 (-1.01) | no |' in lines[-3]
+    assert lines[-2].endswith('| rc | not finished | not finished | no |')
