@@ -407,7 +407,7 @@ def _demo_parser(sub) -> None:
                         'shortcuts out), dirac (Dirac-parametrised convs from scratch), reference (JointRD reference, '
                         'plain convs)')
     p.add_argument('--epochs', type=_positive_int, default=None,
-                   help='epochs per run (default: fits 5 minutes on 2 cores)')
+                   help="epochs per run (default: the 'demo' schedule's, settings.SCHEDULES)")
     p.add_argument('--limit', type=_positive_int, default=None,
                    help='train images per run (a quick smoke run; default all)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default=None)

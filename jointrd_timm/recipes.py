@@ -335,7 +335,8 @@ RECIPE_ALIASES = MappingProxyType({DEFAULT_RECIPE.replace(**changes).id: name
 # above the default and above KD at the full peak on both seeds measured. Neither ingredient alone does it: the low lr
 # without KD deployed below the default (one seed), so the default keeps lr_scale 1. Teacher-forced block targets at
 # weight 5 on top ('kd-low-lr-blocks') then deployed the depth-56 twin above 'kd-low-lr' on both seeds, with higher
-# held-out accuracy on both, at about 1.6 times the step time (weight 1 changed nothing measurable, one seed).
+# held-out accuracy on both, at a higher step time (deep_twin_diagnostics.md; weight 1 changed nothing
+# measurable, one seed).
 # DECISION: depth 56 then moved to 'kd-low-lr-blocks20' (benchmarks/results/full_cifar10_resnet56_cifar.md, 4
 # epochs): the block targets at weight 20 deployed above weight 5 on both seeds, matched by seed (held-out accuracy,
 # as trained: one seed above, one below). The block loss is a mean over the blocks: weight 20 over depth 56's 27
@@ -343,7 +344,7 @@ RECIPE_ALIASES = MappingProxyType({DEFAULT_RECIPE.replace(**changes).id: name
 # both seeds, so depth 20 keeps weight 5.
 # DECISION: depth 56 then moved to 'kd-low-lr-blocks20-joint' (benchmarks/results/full_cifar10_resnet56_cifar.md,
 # 4 epochs): the joint teacher on top of 'kd-low-lr-blocks20' deployed above it on both seeds, matched by seed, with a
-# higher held-out accuracy on both, at about 1.25 times the step time. Each gain is within the seed-to-seed spread at
+# higher held-out accuracy on both, at a higher step time (deep_twin_diagnostics.md). Each gain is within the seed-to-seed spread at
 # this depth; both point the same way. At depth 20 the same joint teacher changed nothing measurable (one seed above,
 # one below), so depth 20 keeps 'kd-low-lr-blocks'.
 # DECISION: depth 20 converts with 'kd-low-lr-blocks' too (benchmarks/results/full_cifar10_resnet20_cifar.md, 8

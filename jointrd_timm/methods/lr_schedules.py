@@ -5,8 +5,8 @@ step through the scheduler section's ``scheduling_step: 1``).
 Why a conversion may want it: a twin's shortcuts fade over most of its run (``shortcut_fade``), and under an epoch-wise
 cosine the last and hardest part of the fade, the removal of what is left of the shortcuts, runs at a small fraction
 of the peak, with few steps left to adapt after it. Holding the peak through the fade and annealing after it gives the
-shortcut-free twin its own decay. Not measured at full CIFAR-10 yet: the deep-twin page (docs/results.md) lists
-it among the levers still to measure.
+shortcut-free twin its own decay. Measured at full CIFAR-10 at depth 56 (the ``-hold08`` run of
+benchmarks/results/deep_twin_diagnostics.md); no recipe uses it.
 """
 import math
 from typing import List, Optional

@@ -16,8 +16,8 @@ Notes per family, where the cut is more than "drop ``+ shortcut``":
   BAT-ResNeXt's non-local attention (its ``x + attn(x)``).
 
 Refused instead (token mixers, see ``derive.token_mixers``): FocalNet, whose focal modulation replaces self-attention
-by a product of two projections; its twin derives but is dead at init (measured: the activations fall about 1e4x
-per block, every gradient is zero), so it is classed with the transformers.
+by a product of two projections; its twin derives but is dead at init (its activations vanish block after block and no
+gradient reaches the weights), so it is classed with the transformers.
 """
 from importlib import import_module
 
