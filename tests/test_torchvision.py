@@ -227,6 +227,47 @@ def test_a_model_without_timms_interface_is_split_only_when_its_forward_is_a_cha
         StageSplit(nn.DataParallel(_Chain()), x)
 
 
+class _OneSize(nn.Module):
+    """torchvision blocks whose feature maps all keep the stem's size: ``groups`` containers of ``blocks`` blocks
+    each in a ModuleList (one container: a flat Sequential of blocks)."""
+
+    def __init__(self, groups=2, blocks=2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        body = [nn.Sequential(*[resnet.BasicBlock(8, 8) for _ in range(blocks)]) for _ in range(groups)]
+        self.body = nn.ModuleList(body) if groups > 1 else body[0]
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for group in (self.body if isinstance(self.body, nn.ModuleList) else [self.body]):
+            x = group(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_model_whose_maps_keep_one_size_is_cut_where_its_containers_of_blocks_end():
+    """No reduction to cut at: the stages end where the outermost containers holding blocks end (else after every
+    block); teacher and twin are cut alike and JointRD reaches every twin weight. One block is still refused."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    assert StageSplit(_OneSize().eval(), x).boundaries == ['body.0.1', 'body.1.1']
+    assert StageSplit(_OneSize(groups=3, blocks=1).eval(), x).boundaries == ['body.0.0', 'body.1.0', 'body.2.0']
+    teacher = _OneSize(groups=1, blocks=3).eval()
+    split = StageSplit(teacher, x)
+    assert (split.boundaries, split.stage_channels, split.stage_reductions) == (
+        ['body.0', 'body.1', 'body.2'], [8, 8, 8], [2, 2, 2])
+    from jointrd_timm.recipes import DEFAULT_RECIPE
+    pair = JointRD(make_fading(copy.deepcopy(teacher)), teacher, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
+                   steps_per_epoch=2, probe=x)
+    assert pair.student_stages.boundaries == split.boundaries
+    pair.train()
+    pair(torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,)))['loss'].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.student.parameters() if p.requires_grad)
+    with pytest.raises(StageLayoutError, match=r'_OneSize has 1 stage\(s\) with residual blocks; JointRD needs at '
+                                               r'least 2\..*where they keep one size: where its containers of blocks'):
+        StageSplit(_OneSize(groups=1, blocks=1).eval(), x)
+
+
 def test_the_adversarial_methods_train_torchvision_twins_on_the_features_their_classifier_gets():
     """APS reads the pooled features a torchvision model hands its classifier: the same as timm's pre-logits of the
     same ResNet with the same weights; one step trains the twin and the discriminator."""

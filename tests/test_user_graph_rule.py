@@ -267,21 +267,20 @@ class _UserNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def test_jointrd_trains_the_twin_of_a_users_own_model():
+@pytest.mark.parametrize('interface', [True, False], ids=['feature_info', 'bare'])
+def test_jointrd_trains_the_twin_of_a_users_own_model(interface):
+    """With timm's interface the stages are feature_info's; without it, this net's feature maps keep one size (no
+    reduction to cut at), so the split cuts where its containers of blocks end: the same two stages."""
     from jointrd_timm.methods import JointRD
-    from jointrd_timm.methods.stages import StageLayoutError
     from jointrd_timm.recipes import DEFAULT_RECIPE
     register_graph_rule(_Block)
     torch.manual_seed(0)
-    bare = _UserNet(interface=False)
-    with pytest.raises(StageLayoutError,
-                       match=r"_UserNet has 1 stage\(s\).*_UserNet lacks feature_info of timm's.*dict\(module="):
-        JointRD(make_fading(copy.deepcopy(bare)), bare, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
-                steps_per_epoch=2)
-    teacher = _UserNet()
+    teacher = _UserNet(interface)
     pair = JointRD(make_fading(copy.deepcopy(teacher)), teacher, DEFAULT_RECIPE.jointrd_config(), num_epochs=1,
                    steps_per_epoch=2)
-    assert pair.num_stages == 2
+    assert pair.num_stages == 2 and pair.teacher_stages.stage_channels == [8, 16]
+    assert pair.student_stages.boundaries == pair.teacher_stages.boundaries == (
+        ['stage1', 'stage2'] if interface else ['stage1.1', 'stage2.1'])
     optimizer = torch.optim.SGD([p for p in pair.parameters() if p.requires_grad], lr=0.01)
     before = copy.deepcopy(pair.student.state_dict())
     pair.train()

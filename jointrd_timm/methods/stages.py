@@ -7,7 +7,8 @@ each tap; a segment without any residual (or plain) block is merged into the nex
 stem+layer1, layer2, layer3, layer4. Modules after the last tap that ``forward_features`` applies form the "neck"
 (EfficientNet's ``conv_head``); the others are ``forward_head``'s (MobileNetV3's ``conv_head``, after pooling).
 A model without timm's interface (a torchvision model, a user's own) is read from one probe forward instead
-(:class:`_ChainLayout`): its taps are where the feature maps change size, its head what follows them.
+(:class:`_ChainLayout`): its taps are where the feature maps change size (where they never do, where its
+containers of blocks end), its head what follows them.
 The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
 """
 from functools import partial
@@ -101,7 +102,8 @@ class _ChainLayout:
     forward: its children (see :func:`_block_chain`) must each run at most once, and form the chain in the order
     they ran (children that do not run are left out); the head starts at the first that pools globally, flattens or
     takes vectors; a stage ends where the next child's feature map changes size (the taps timm's ``feature_info``
-    lists, at every reduction). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
+    lists, at every reduction), or, where that gives fewer than two stages with blocks (maps of one size all
+    through), where its containers of blocks end (:func:`_container_taps`). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
     timm model, and in train mode and at a larger input too (:meth:`StageSplit.check`)."""
 
     def __init__(self, model: nn.Module, probe: Optional[torch.Tensor], lacks: Sequence[str]):
@@ -109,7 +111,8 @@ class _ChainLayout:
         self.name = type(model).__name__
         self.advice = (
             f' {self.name} lacks {", ".join(lacks)} of timm\'s model interface, so JointRD cut it into stages where '
-            'the feature maps of its forward shrink. Give your model forward_features(x) (the body), '
+            'the feature maps of its forward shrink (where they keep one size: where its containers of blocks end). '
+            'Give your model forward_features(x) (the body), '
             'forward_head(x, pre_logits=False) (pooling and classifier) and feature_info, a list with one '
             "dict(module='stage name', num_chs=channels, reduction=stride) per stage output, in order.")
         if isinstance(model, _WRAPPERS) or hasattr(model, '_orig_mod'):
@@ -158,6 +161,38 @@ class _ChainLayout:
         self.tap_info = {name: (shape[1], probe.shape[-1] // max(1, shape[-1]))
                          for (name, _), (_, _, shape) in zip(self.body, calls)}
         self.taps = [name for k, (name, _) in enumerate(self.body) if k + 1 == first or sizes[k + 1] != sizes[k]]
+        if _block_segments(self.body, self.taps) < 2:  # its maps keep their size: cut where its containers end
+            self.taps = _container_taps(self.body)
+
+
+def _block_segments(chain: Sequence[Tuple[str, nn.Module]], taps: Sequence[str]) -> int:
+    """How many stages with a block cutting ``chain`` after each of ``taps`` gives (as :class:`StageSplit` cuts)."""
+    count, current = 0, []
+    for name, module in chain:
+        current.append(module)
+        if name in taps and _has_block(current):
+            count, current = count + 1, []
+    return count
+
+
+def _container_taps(chain: Sequence[Tuple[str, nn.Module]]) -> List[str]:
+    """Taps for a chain whose feature maps keep one size: the last child of each container that holds blocks, at the
+    outermost level of the module tree where there are two such containers (a user's ``stage1``, ``stage2``; the
+    stages of a ``ModuleList``), else after every block. The last child always ends a stage."""
+    names = [name for name, _ in chain]
+    depth = max(len(name.split('.')) for name in names)
+    for level in range(1, depth + 1):
+        groups: List[Tuple[str, List[int]]] = []
+        for index, name in enumerate(names):
+            key = '.'.join(name.split('.')[:level])
+            if groups and groups[-1][0] == key:
+                groups[-1][1].append(index)
+            else:
+                groups.append((key, [index]))
+        ends = [members[-1] for _, members in groups if _has_block([chain[i][1] for i in members])]
+        if len(ends) >= 2 or level == depth:
+            return sorted({names[i] for i in ends} | {names[-1]}, key=names.index)
+    return [names[-1]]
 
 
 def run_on_probe(name: str, forward: Callable[[], torch.Tensor], probe: torch.Tensor, advice: str,
