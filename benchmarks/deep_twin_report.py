@@ -48,8 +48,11 @@ def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None) -> list:
         teacher = runs['teacher']
         target = round(teacher['test_acc'] - goal['tolerance'], 2)
         for name, folders in goal['recipes']:
-            accs = [runs[f]['test_acc'] if f in runs and runs[f].get('epochs_done') == runs[f]['epochs'] else None
-                    for f in folders]
+            longer = [f for f in folders if f in runs and runs[f]['epochs'] > goal['epochs']]
+            if longer:
+                raise ValueError(f'{goal["record"]}: {longer} trained longer than the goal\'s {goal["epochs"]} epochs')
+            # a run is read once its record holds its test accuracy (written from its final.json)
+            accs = [runs[f]['test_acc'] if 'test_acc' in runs.get(f, {}) else None for f in folders]
             rows.append(dict(arch=goal['arch'], record=goal['record'], teacher_epochs=teacher['epochs'],
                              teacher_acc=teacher['test_acc'], epochs=goal['epochs'], tolerance=goal['tolerance'],
                              target=target, recipe=name, is_recipe=arch_recipes.get(goal['arch']) == name,

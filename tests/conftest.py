@@ -16,6 +16,21 @@ else:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torchrun(args, timeout: int = 300):
+    """``python -m torch.distributed.run --nproc_per_node 2 ARGS`` from the repository root, on a free port (two
+    2-process tests on the default port collide under pytest-xdist; torchrun's --master_port 0 hangs the static
+    rendezvous), with one torch thread per process."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONWARNINGS='ignore', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port), *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def tiny_yaml(tmp_path: Path, method: str = 'jointrd', epochs: int = 2, limit: int = 64, batch_size: int = 16,
               norm_layer: str = 'batchnorm2d', extra_jointrd: str = '', teacher_checkpoint: str = '') -> Path:
     """A torchdistill YAML on sklearn's digits (8x8, 1 channel) with resnet20_cifar / its twin."""

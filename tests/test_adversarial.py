@@ -129,17 +129,8 @@ def test_runner_trains_and_resume_restores_both_optimizers(method, tmp_path):
 
 
 def _torchrun(args, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from conftest import ROOT
-    import socket
-    with socket.socket() as s:  # a free port (torchrun's --master_port 0 hangs the static rendezvous)
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONWARNINGS='ignore', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port), *args]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    from conftest import torchrun
+    return torchrun(args)
 
 
 # the discriminator sync is the same code for both methods: APS's two-process run is slow-marked (run with -m slow)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_yaml
+from conftest import ROOT, tiny_yaml, torchrun
 from jointrd_timm.cli import main
 from jointrd_timm.training.runner import ConfigError, load_config, train
 
@@ -147,9 +147,8 @@ def test_two_process_cpu_ddp_equals_one_process(tmp_path, extra):
     config = tiny_yaml(tmp_path, epochs=2, limit=128, batch_size=16, norm_layer='groupnorm1', extra_jointrd=extra)
     one, two = tmp_path / 'one', tmp_path / 'two'
     train(load_config(config), output_dir=str(one), device='cpu')  # the one-process run, in this process
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'jointrd_timm.cli', 'train',
-           '--config', str(config), '--device', 'cpu', '--output-dir', str(two)]
-    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = torchrun(['-m', 'jointrd_timm.cli', 'train', '--config', str(config), '--device', 'cpu', '--output-dir',
+                       str(two)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert max_diff(weights(one), weights(two)) < 1e-5
 
@@ -160,9 +159,8 @@ def test_two_process_batchnorm_keeps_identical_replicas(tmp_path):
     weights are not those of 1 process; what holds is that both replicas end identical (DDP all-reduces the
     gradients and broadcasts the buffers from process 0)."""
     config = tiny_yaml(tmp_path, method='ce', epochs=1, limit=64, batch_size=16, norm_layer='batchnorm2d')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'jointrd_timm.cli', 'train',
-           '--config', str(config), '--device', 'cpu', '--output-dir', str(tmp_path / 'two')]
-    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = torchrun(['-m', 'jointrd_timm.cli', 'train', '--config', str(config), '--device', 'cpu', '--output-dir',
+                       str(tmp_path / 'two')])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / 'two' / 'final.json').read_text())['replica_max_abs_diff'] == 0.0
 

@@ -263,6 +263,8 @@ def test_a_model_whose_maps_keep_one_size_is_cut_where_its_containers_of_blocks_
     pair.train()
     pair(torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,)))['loss'].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.student.parameters() if p.requires_grad)
+    many = StageSplit(_OneSize(groups=1, blocks=10).eval(), x)  # at most four stages: the blocks grouped in order
+    assert many.boundaries == ['body.1', 'body.4', 'body.6', 'body.9']
     with pytest.raises(StageLayoutError, match=r'_OneSize has 1 stage\(s\) with residual blocks; JointRD needs at '
                                                r'least 2\..*where they keep one size: where its containers of blocks'):
         StageSplit(_OneSize(groups=1, blocks=1).eval(), x)
@@ -385,16 +387,11 @@ def test_a_yaml_distills_a_torchvision_teacher_and_saves_a_twin_that_loads_and_e
 def test_two_processes_train_a_torchvision_twin_with_identical_replicas_and_save_it(tmp_path):
     """DDP over two CPU processes (gloo) on the torchvision YAML: both replicas end with the same weights and the
     saved twin is torchvision's own class, shortcut-free."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import torchrun
     from jointrd_timm.integrations.hub import load_model
     from jointrd_timm.twins.verify import count_shortcut_additions
-    env = dict(os.environ, PYTHONWARNINGS='ignore', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'jointrd_timm.cli', 'train',
-           '--config', str(_torchvision_yaml(tmp_path)), '--device', 'cpu', '--output-dir', str(tmp_path / 'two')]
-    result = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    result = torchrun(['-m', 'jointrd_timm.cli', 'train', '--config', str(_torchvision_yaml(tmp_path)), '--device',
+                       'cpu', '--output-dir', str(tmp_path / 'two')], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / 'two' / 'final.json').read_text())['replica_max_abs_diff'] == 0.0
     model = load_model(str(tmp_path / 'two'))

@@ -7,8 +7,8 @@ each tap; a segment without any residual (or plain) block is merged into the nex
 stem+layer1, layer2, layer3, layer4. Modules after the last tap that ``forward_features`` applies form the "neck"
 (EfficientNet's ``conv_head``); the others are ``forward_head``'s (MobileNetV3's ``conv_head``, after pooling).
 A model without timm's interface (a torchvision model, a user's own) is read from one probe forward instead
-(:class:`_ChainLayout`): its taps are where the feature maps change size (where they never do, where its
-containers of blocks end), its head what follows them.
+(:class:`_ChainLayout`): its taps are where the feature maps change size (where that gives fewer than two stages,
+where its containers of blocks end), its head what follows them.
 The split is checked once numerically against ``model(x)``: a model whose forward is not such a chain is refused.
 """
 from functools import partial
@@ -103,7 +103,7 @@ class _ChainLayout:
     they ran (children that do not run are left out); the head starts at the first that pools globally, flattens or
     takes vectors; a stage ends where the next child's feature map changes size (the taps timm's ``feature_info``
     lists, at every reduction), or, where that gives fewer than two stages with blocks (maps of one size all
-    through), where its containers of blocks end (:func:`_container_taps`). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
+    through, or shrinking only before the first block), where its containers of blocks end (:func:`_container_taps`). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
     timm model, and in train mode and at a larger input too (:meth:`StageSplit.check`)."""
 
     def __init__(self, model: nn.Module, probe: Optional[torch.Tensor], lacks: Sequence[str]):
@@ -175,12 +175,21 @@ def _block_segments(chain: Sequence[Tuple[str, nn.Module]], taps: Sequence[str])
     return count
 
 
+# DECISION: a split read from containers of blocks (maps of one size) has at most this many stages, the stage count
+# of the ResNets JointRD was designed on: each stage adds a teacher tail to every step, and the recipes' weights
+# were measured on three and four stages. More containers (or blocks) are grouped into this many runs, in order.
+MAX_CONTAINER_STAGES = 4
+
+
 def _container_taps(chain: Sequence[Tuple[str, nn.Module]]) -> List[str]:
-    """Taps for a chain whose feature maps keep one size: the last child of each container that holds blocks, at the
-    outermost level of the module tree where there are two such containers (a user's ``stage1``, ``stage2``; the
-    stages of a ``ModuleList``), else after every block. The last child always ends a stage."""
+    """Taps for a chain whose size changes give fewer than two stages with blocks (maps of one size all through, or
+    shrinking only before the first block): the last child of each container that holds blocks, at the outermost
+    level of the module tree where there are two such containers (a user's ``stage1``, ``stage2``; the stages of a
+    ``ModuleList``), else after every block; more than :data:`MAX_CONTAINER_STAGES` are grouped evenly into that
+    many. The last child always ends a stage."""
     names = [name for name, _ in chain]
     depth = max(len(name.split('.')) for name in names)
+    ends: List[int] = []
     for level in range(1, depth + 1):
         groups: List[Tuple[str, List[int]]] = []
         for index, name in enumerate(names):
@@ -190,9 +199,11 @@ def _container_taps(chain: Sequence[Tuple[str, nn.Module]]) -> List[str]:
             else:
                 groups.append((key, [index]))
         ends = [members[-1] for _, members in groups if _has_block([chain[i][1] for i in members])]
-        if len(ends) >= 2 or level == depth:
-            return sorted({names[i] for i in ends} | {names[-1]}, key=names.index)
-    return [names[-1]]
+        if len(ends) >= 2:
+            break
+    if len(ends) > MAX_CONTAINER_STAGES:
+        ends = [ends[(k + 1) * len(ends) // MAX_CONTAINER_STAGES - 1] for k in range(MAX_CONTAINER_STAGES)]
+    return sorted({names[i] for i in ends} | {names[-1]}, key=names.index)
 
 
 def run_on_probe(name: str, forward: Callable[[], torch.Tensor], probe: torch.Tensor, advice: str,
