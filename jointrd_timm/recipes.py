@@ -355,7 +355,8 @@ RECIPE_ALIASES = MappingProxyType({DEFAULT_RECIPE.replace(**changes).id: name
 # epochs): with the fade over 60 % instead of 80 % the twin trains about twice as long without shortcuts at the low
 # learning rate, and it deployed above 'kd-low-lr-blocks' on both seeds, matched by seed, with the highest held-out
 # accuracy of the depth-20 conversions on both. Depth 56 keeps its 80 % fade: a shorter fade cost it accuracy at 4
-# epochs (where the tail came early, at a high lr), and its 16-epoch conversion has not been measured with one.
+# epochs (where the tail came early, at a high lr), and its 16-epoch conversion with the 60 % fade deployed below the
+# 80 % fade on the same seed (benchmarks/results/full_cifar10_t32_resnet56_cifar.md; deep_twin_diagnostics.md).
 # DECISION: RegNets keep the default recipe: neither 'kd-low-lr' nor 'kd-low-lr-blocks' deployed RegNetX-200MF's twin
 # above it at full CIFAR-10 (one seed each, benchmarks/results/deep_twin_diagnostics.md): the block targets keep the
 # twin closer to its teacher while the shortcuts fade and give it back when the last ones go.
