@@ -37,8 +37,9 @@ GOALS = (
 
 def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None) -> list:
     """One row per (goal, recipe): the teacher's test accuracy, the target, each seed's deployed test accuracy
-    (None where the record has no finished run in that folder) and whether both seeds reach the target. ``arch_recipes``:
-    the architecture -> recipe name map that says which recipe ``recipe_for`` picks (default: recipes.ARCH_RECIPES)."""
+    (None where the record has no finished run in that folder) and whether both seeds reach the target.
+    ``arch_recipes``: the architecture -> recipe name map that says which recipe ``recipe_for`` picks (default:
+    recipes.ARCH_RECIPES). A listed run longer than its goal's epochs is a ValueError."""
     if arch_recipes is None:
         from jointrd_timm.recipes import ARCH_RECIPES as arch_recipes
     rows = []

@@ -103,7 +103,8 @@ class _ChainLayout:
     they ran (children that do not run are left out); the head starts at the first that pools globally, flattens or
     takes vectors; a stage ends where the next child's feature map changes size (the taps timm's ``feature_info``
     lists, at every reduction), or, where that gives fewer than two stages with blocks (maps of one size all
-    through, or shrinking only before the first block), where its containers of blocks end (:func:`_container_taps`). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
+    through, or shrinking only before the first block), where its containers of blocks end
+    (:func:`_container_taps`). :class:`StageSplit` then checks the split numerically against ``model(x)``, as for a
     timm model, and in train mode and at a larger input too (:meth:`StageSplit.check`)."""
 
     def __init__(self, model: nn.Module, probe: Optional[torch.Tensor], lacks: Sequence[str]):
