@@ -345,8 +345,8 @@ RECIPE_ALIASES = MappingProxyType({DEFAULT_RECIPE.replace(**changes).id: name
 # DECISION: depth 56 then moved to 'kd-low-lr-blocks20-joint' (benchmarks/results/full_cifar10_resnet56_cifar.md,
 # 4 epochs): the joint teacher on top of 'kd-low-lr-blocks20' deployed above it on both seeds, matched by seed, with a
 # higher held-out accuracy on both, at a higher step time (deep_twin_diagnostics.md). Each gain is within the
-# seed-to-seed spread at this depth; both point the same way. At depth 20 the same joint teacher changed nothing measurable (one seed above,
-# one below), so depth 20 keeps 'kd-low-lr-blocks'.
+# seed-to-seed spread at this depth; both point the same way. At depth 20 the same joint teacher changed nothing
+# measurable (one seed above, one below), so depth 20 keeps 'kd-low-lr-blocks'.
 # DECISION: depth 20 converts with 'kd-low-lr-blocks' too (benchmarks/results/full_cifar10_resnet20_cifar.md, 8
 # epochs): it deployed above 'kd-low-lr' on both seeds, matched by seed, and above the default recipe's run, with the
 # best held-out accuracy of the depth-20 conversions; 'kd-low-lr' alone had been above the default by less than the
