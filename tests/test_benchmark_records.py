@@ -329,3 +329,22 @@ def test_a_deep_twin_goal_is_met_only_when_both_seeds_reach_the_target(tmp_path)
     assert deep_twin_report.goal_rows(half, tmp_path, arch_recipes={})[0]['met']
     with pytest.raises(ValueError, match=r"rec: \['a', 'a-s1'\] trained longer than the goal's 2 epochs"):
         deep_twin_report.goal_rows((dict(half[0], epochs=2),), tmp_path, arch_recipes={})
+
+
+def test_torchvision_coverage_refuses_a_partial_rerun_at_another_size(monkeypatch, capsys):
+    """The record holds one input size for all its models: checking some of them again at another size is refused
+    before anything is checked or written (the whole sweep with --redo may change it)."""
+    import torchvision_coverage
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('the refused run went on to check or write')
+    monkeypatch.setattr(torchvision_coverage, 'classify', must_not_run)
+    monkeypatch.setattr(torchvision_coverage, 'write', must_not_run)
+    recorded = json.loads((RESULTS / 'torchvision_coverage.json').read_text())['meta']['size']
+    for argv in (['--size', str(recorded + 32)], ['--size', str(recorded + 32), '--redo', '--names', 'resnet18']):
+        monkeypatch.setattr(sys, 'argv', ['torchvision_coverage.py', *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            torchvision_coverage.main()
+        assert exit_info.value.code == 2
+        assert (f'the record was checked at {recorded} px: --size {recorded + 32} needs --redo over all models'
+                in capsys.readouterr().err)
