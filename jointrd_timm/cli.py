@@ -34,8 +34,9 @@ def _architecture(name: str) -> str:
     why = name_problem(name, need_twin=True)
     if why and Path(name).expanduser().exists():  # a saved model or a run folder: these commands build by name
         raise InputError(f'{name} is a folder or file; this command takes a timm architecture name (e.g. resnet50 '
-                         'or plain_resnet50) or a torchvision one (torchvision:resnet50) and builds it. For a saved model: jointrd export '
-                         f'{name} (folded model, exports), jointrd eval {name} --dataset ... (accuracy).')
+                         'or plain_resnet50) or a torchvision one (torchvision:resnet50) and builds it. For a saved '
+                         f'model: jointrd export {name} (folded model, exports), jointrd eval {name} --dataset ... '
+                         '(accuracy).')
     if why:
         raise InputError(why)
     return residual_arch(name)

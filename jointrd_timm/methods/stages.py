@@ -162,18 +162,21 @@ class _ChainLayout:
         self.tap_info = {name: (shape[1], probe.shape[-1] // max(1, shape[-1]))
                          for (name, _), (_, _, shape) in zip(self.body, calls)}
         self.taps = [name for k, (name, _) in enumerate(self.body) if k + 1 == first or sizes[k + 1] != sizes[k]]
-        if _block_segments(self.body, self.taps) < 2:  # its maps keep their size: cut where its containers end
+        if len(_cut(self.body, self.taps)[0]) < 2:  # its maps keep their size: cut where its containers end
             self.taps = _container_taps(self.body)
 
 
-def _block_segments(chain: Sequence[Tuple[str, nn.Module]], taps: Sequence[str]) -> int:
-    """How many stages with a block cutting ``chain`` after each of ``taps`` gives (as :class:`StageSplit` cuts)."""
-    count, current = 0, []
+def _cut(chain: Sequence[Tuple[str, nn.Module]],
+         taps: Sequence[str]) -> Tuple[List[Tuple[str, List[nn.Module]]], List[nn.Module]]:
+    """``chain`` cut after each of ``taps`` where the modules since the last cut hold a block (a segment without one
+    joins the next): (tap, modules) of each stage, and the modules after the last cut."""
+    stages, current = [], []
     for name, module in chain:
         current.append(module)
         if name in taps and _has_block(current):
-            count, current = count + 1, []
-    return count
+            stages.append((name, current))
+            current = []
+    return stages, current
 
 
 # DECISION: a split read from containers of blocks (maps of one size) has at most this many stages, the stage count
@@ -256,15 +259,11 @@ class StageSplit(nn.Module):
         if missing:
             raise StageLayoutError(f'{self.model_name}: feature taps {missing} are not in its module chain.')
         last_tap = max(names.index(t) for t in taps)
-        segments, current, boundaries = [], [], []
-        for index, (name, module) in enumerate(chain[:last_tap + 1]):
-            current.append(module)
-            if name in taps and _has_block(current):
-                segments.append(nn.Sequential(*current))
-                boundaries.append(name)
-                current = []
-        if current and segments:  # the last tap ends in modules without a block (e.g. a final 1x1 conv): merge them
-            segments[-1] = nn.Sequential(*segments[-1], *current)
+        cuts, rest = _cut(chain[:last_tap + 1], taps)
+        segments = [nn.Sequential(*modules) for _, modules in cuts]
+        boundaries = [name for name, _ in cuts]
+        if rest and segments:  # the last tap ends in modules without a block (e.g. a final 1x1 conv): merge them
+            segments[-1] = nn.Sequential(*segments[-1], *rest)
             boundaries[-1] = names[last_tap]
         self.stages = nn.ModuleList(segments)
         self.boundaries = boundaries

@@ -217,7 +217,6 @@ def create_named_model(model_name: str, **kwargs) -> nn.Module:
     return timm.create_model(model_name, **kwargs)
 
 
-
 def save_torchvision_model(model: nn.Module, folder: Path, config_extra: Dict) -> None:
     """Write a (deployable) torchvision model built by :func:`create_torchvision_model` into ``folder`` (a new,
     empty folder that the caller moves into place): ``model.safetensors`` and ``config.json`` with its
