@@ -257,31 +257,11 @@ def test_a_deep_twin_screen_reruns_on_the_recipe_its_record_names():
     assert recipe.id.startswith('kd-low-lr-blocks,')
 
 
-def _replayed(recipe_string: str):
-    """The recipe a record's 'recipe' column names ('name,field=value,...')."""
-    import ast
-    from jointrd_timm.recipes import RECIPES
-    name, *changes = recipe_string.split(',')
-    fields = {}
-    for change in changes:  # a value may hold commas (dirac_init=(0.0, 1.0)): glue it back to its field
-        if '=' in change.split('(')[0]:
-            key, value = change.split('=', 1)
-            fields[key] = value
-        else:
-            fields[key] += ',' + change
-    def value(text):
-        try:
-            return ast.literal_eval(text)
-        except ValueError:  # a bare word: teacher_mode=joint
-            return text
-    return RECIPES[name].replace(**{k: value(v) for k, v in fields.items()})
-
-
 def test_the_deep_twin_goals_name_the_runs_of_the_recipes_they_list():
     """Each recipe the goal table names by a registered name is what its runs trained (their record's recipe column,
-    replayed), and each cell is the record's test accuracy of a finished run."""
+    replayed by get_recipe), and each cell is the record's test accuracy of a finished run."""
     import deep_twin_report
-    from jointrd_timm.recipes import RECIPES
+    from jointrd_timm.recipes import RECIPES, get_recipe
     rows = deep_twin_report.goal_rows()
     checked = 0
     for row in rows:
@@ -292,7 +272,7 @@ def test_the_deep_twin_goals_name_the_runs_of_the_recipes_they_list():
                 continue
             assert acc == runs[folder]['test_acc'] and runs[folder]['epochs'] <= row['epochs']
             if row['recipe'] in RECIPES:
-                assert _replayed(runs[folder]['recipe']).same_ingredients(RECIPES[row['recipe']]), (folder, row)
+                assert get_recipe(runs[folder]['recipe']).same_ingredients(RECIPES[row['recipe']]), (folder, row)
                 checked += 1
     assert checked >= 10
     page = (RESULTS / 'deep_twin_diagnostics.md').read_text().splitlines()
