@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import jointrd_timm  # noqa: F401
-from conftest import tiny_yaml
+from conftest import tiny_yaml, torchrun
 from jointrd_timm.methods.adversarial import (FAKE, REAL, AdversarialPortableStudent, ConditionalAdversarialKD,
                                               LogitDiscriminator, conditional_discriminator_loss,
                                               conditional_student_loss)
@@ -128,11 +128,6 @@ def test_runner_trains_and_resume_restores_both_optimizers(method, tmp_path):
     assert model.adversarial.optimizer.param_groups[0]['lr'] == pytest.approx(base_lr)
 
 
-def _torchrun(args, tmp_path):
-    from conftest import torchrun
-    return torchrun(args)
-
-
 # the discriminator sync is the same code for both methods: APS's two-process run is slow-marked (run with -m slow)
 @pytest.mark.parametrize('method', ['cakd', pytest.param('aps', marks=pytest.mark.slow)])
 def test_two_processes_keep_the_discriminator_in_step(method, tmp_path):
@@ -141,8 +136,8 @@ def test_two_processes_keep_the_discriminator_in_step(method, tmp_path):
     import json
     config = tiny_yaml(tmp_path, method=method, epochs=2, limit=96, batch_size=16, norm_layer='groupnorm1')
     out = tmp_path / 'two'
-    result = _torchrun(['-m', 'jointrd_timm.cli', 'train', '--config', str(config), '--device', 'cpu',
-                        '--output-dir', str(out)], tmp_path)
+    result = torchrun(['-m', 'jointrd_timm.cli', 'train', '--config', str(config), '--device', 'cpu',
+                       '--output-dir', str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((out / 'final.json').read_text())
     assert final['replica_max_abs_diff'] == 0.0
@@ -170,7 +165,7 @@ def test_replica_divergence_sees_processes_that_drift_apart(tmp_path):
         'mean = global_mean(torch.tensor([1.0, 2.0]) * (1 + 2 * dist.get_rank()))\n'
         'print(f"RESULT {same} {replica_divergence(m)} {mean[0].item()} {mean[1].item()}")\n'
         'dist.destroy_process_group()\n')
-    result = _torchrun([str(script)], tmp_path)
+    result = torchrun([str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
     same, drifted, first, second = [float(x) for x in result.stdout.split('RESULT')[1].split()[:4]]
     assert same == 0.0 and drifted == pytest.approx(0.25)
@@ -259,11 +254,11 @@ def test_two_processes_resumed_mid_accumulation_keep_the_discriminators_pending_
     accumulate = ['train.optimizer.grad_accum_step=2']
     full, cut = tmp_path / 'full', tmp_path / 'cut'
     for out, extra in ((full, []), (cut, ['train.num_epochs=1'])):
-        result = _torchrun(common + ['--output-dir', str(out)] + accumulate + extra, tmp_path)
+        result = torchrun(common + ['--output-dir', str(out)] + accumulate + extra)
         assert result.returncode == 0, result.stderr[-3000:]
     assert any(k.startswith('module.grads.adversarial.discriminator.')
                for k in load_file(str(cut / 'last.safetensors')))
-    result = _torchrun(common + ['--output-dir', str(cut), '--resume'] + accumulate, tmp_path)
+    result = torchrun(common + ['--output-dir', str(cut), '--resume'] + accumulate)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (load_file(str(out / 'last.safetensors')) for out in (full, cut))
     keys = [k for k in a if k.startswith('model.adversarial.discriminator.') and a[k].is_floating_point()]
