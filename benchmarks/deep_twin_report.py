@@ -16,28 +16,43 @@ from report import RESULTS, pyplot, save_figure, write_report
 
 NAME = 'deep_twin_diagnostics'
 
+RUNS = RESULTS.parent / 'runs'
+
 # Issue 34's accuracy goals: a twin converted in at most `epochs` lands at most `tolerance` below its teacher on the
 # test set, on two seeds. Each goal lists the recipes measured against it, each by its name and its runs' folders in
-# the record (seed 0, seed 1); the numbers are read from the records when the page is written.
+# the record (seed 0, seed 1); the numbers are read from the records when the page is written, and each run's last
+# epoch (train and held-out accuracy) from its folder under `runs` (benchmarks/runs/<runs>/<arch>/<folder>).
 GOALS = (
-    dict(arch='resnet20_cifar', record='full_cifar10_resnet20_cifar', epochs=8, tolerance=0.5, recipes=(
-        ('kd-low-lr-blocks-fade60', ('twin-jointrd-e8-kd-lr02-block5-fade60',
-                                     'twin-jointrd-e8-kd-lr02-block5-fade60-s1')),
-        ('kd-low-lr-blocks', ('twin-jointrd-e8-kd-lr02-block5', 'twin-jointrd-e8-kd-lr02-block5-s1')),
-        ('kd-low-lr', ('twin-jointrd-e8-kd-lr02', 'twin-jointrd-e8-kd-lr02-s1')))),
-    dict(arch='resnet56_cifar', record='full_cifar10_t32_resnet56_cifar', epochs=16, tolerance=1.0, recipes=(
-        ('kd-low-lr-blocks20-joint', ('twin-jointrd-e16', 'twin-jointrd-e16-s1')),
-        ('kd-low-lr-blocks20-joint, fade over 60 %', ('twin-jointrd-e16-fade60', 'twin-jointrd-e16-fade60-s1')))),
-    dict(arch='resnet56_cifar', record='full_cifar10_resnet56_cifar', epochs=4, tolerance=1.0, recipes=(
-        ('kd-low-lr-blocks20-joint', ('twin-jointrd-e4-kd-lr02-block20-jtf', 'twin-jointrd-e4-kd-lr02-block20-jtf-s1')),
-        ('kd-low-lr-blocks20', ('twin-jointrd-e4-kd-lr02-block20', 'twin-jointrd-e4-kd-lr02-block20-s1')),
-        ('default', ('twin-jointrd-e4', 'twin-jointrd-e4-s1')))),
+    dict(arch='resnet20_cifar', record='full_cifar10_resnet20_cifar', runs='full_cifar10', epochs=8, tolerance=0.5,
+         recipes=(
+            ('kd-low-lr-blocks-fade60', ('twin-jointrd-e8-kd-lr02-block5-fade60',
+                                         'twin-jointrd-e8-kd-lr02-block5-fade60-s1')),
+            ('kd-low-lr-blocks', ('twin-jointrd-e8-kd-lr02-block5', 'twin-jointrd-e8-kd-lr02-block5-s1')),
+            ('kd-low-lr', ('twin-jointrd-e8-kd-lr02', 'twin-jointrd-e8-kd-lr02-s1')))),
+    dict(arch='resnet56_cifar', record='full_cifar10_t32_resnet56_cifar', runs='full_cifar10_t32', epochs=16,
+         tolerance=1.0, recipes=(
+            ('kd-low-lr-blocks20-joint', ('twin-jointrd-e16', 'twin-jointrd-e16-s1')),
+            ('kd-low-lr-blocks20-joint, fade over 60 %', ('twin-jointrd-e16-fade60', 'twin-jointrd-e16-fade60-s1')))),
+    dict(arch='resnet56_cifar', record='full_cifar10_resnet56_cifar', runs='full_cifar10', epochs=4, tolerance=1.0,
+         recipes=(
+            ('kd-low-lr-blocks20-joint', ('twin-jointrd-e4-kd-lr02-block20-jtf',
+                                          'twin-jointrd-e4-kd-lr02-block20-jtf-s1')),
+            ('kd-low-lr-blocks20', ('twin-jointrd-e4-kd-lr02-block20', 'twin-jointrd-e4-kd-lr02-block20-s1')),
+            ('default', ('twin-jointrd-e4', 'twin-jointrd-e4-s1')))),
 )
 
 
-def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None) -> list:
+def last_epoch(folder: Path) -> tuple:
+    """(train accuracy, held-out accuracy) of the last epoch a run folder's metrics hold; (None, None) without any."""
+    curve = RunFolder(folder).metrics()
+    return (curve[-1]['train_acc'], curve[-1].get('val_acc')) if curve else (None, None)
+
+
+def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None, runs_root: Path = RUNS) -> list:
     """One row per (goal, recipe): the teacher's test accuracy, the target, each seed's deployed test accuracy
-    (None where the record has no finished run in that folder) and whether both seeds reach the target.
+    (None where the record has no finished run in that folder) and whether both seeds reach the target; and how
+    well each fits its training set: the last epoch's train and held-out accuracy of the teacher (``teacher_fit``)
+    and of each finished run (``fit``, None where unfinished), read from the run folders under ``runs_root``.
     ``arch_recipes``: the architecture -> recipe name map that says which recipe ``recipe_for`` picks (default:
     recipes.ARCH_RECIPES). A listed run longer than its goal's epochs is a ValueError."""
     if arch_recipes is None:
@@ -48,6 +63,7 @@ def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None) -> list:
         runs = {r['folder']: r for r in record['runs']}
         teacher = runs['teacher']
         target = round(teacher['test_acc'] - goal['tolerance'], 2)
+        folder = runs_root / goal['runs'] / goal['arch']
         for name, folders in goal['recipes']:
             longer = [f for f in folders if f in runs and runs[f]['epochs'] > goal['epochs']]
             if longer:
@@ -58,7 +74,9 @@ def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None) -> list:
                              teacher_acc=teacher['test_acc'], epochs=goal['epochs'], tolerance=goal['tolerance'],
                              target=target, recipe=name, is_recipe=arch_recipes.get(goal['arch']) == name,
                              folders=list(folders), test_acc=accs,
-                             met=all(a is not None and a >= target for a in accs)))
+                             met=all(a is not None and a >= target for a in accs),
+                             teacher_fit=last_epoch(folder / 'teacher'),
+                             fit=[last_epoch(folder / f) if a is not None else None for f, a in zip(folders, accs)]))
     return rows
 
 
@@ -79,6 +97,21 @@ def goal_lines(rows: list) -> list:
         out.append(f'| [{r["arch"]} ({r["teacher_epochs"]})]({r["record"]}.md) | {r["teacher_acc"]:.2f} | '
                    f'{r["target"]:.2f} (<= {r["epochs"]}) | {recipe} | ' + ' | '.join(cells) +
                    f' | {"yes" if r["met"] else "no"} |')
+    return out + [''] + fit_lines(rows)
+
+
+def fit_lines(rows: list) -> list:
+    out = ['How well each fits its training set: the train accuracy of the last epoch (train mode, augmented, the '
+           'epoch\'s mean; the last epoch is the end of each run\'s cosine, lr near 0) and the held-out accuracy after '
+           'it (2,000 training images kept out of training, as trained), of the teacher and of each seed\'s twin, '
+           'read from the runs\' folders.', '',
+           '| architecture (teacher epochs) | recipe | teacher train / held-out % | seed 0 train / held-out % | '
+           'seed 1 train / held-out % |',
+           '|---|---|---|---|---|']
+    for r in rows:
+        cells = ['not finished' if f is None else 'no metrics' if None in f else f'{f[0]:.2f} / {f[1]:.2f}'
+                 for f in [r['teacher_fit']] + r['fit']]
+        out.append(f'| {r["arch"]} ({r["teacher_epochs"]}) | {r["recipe"]} | ' + ' | '.join(cells) + ' |')
     return out + ['']
 
 

@@ -271,6 +271,8 @@ def test_the_deep_twin_goals_name_the_runs_of_the_recipes_they_list():
                 assert acc is None
                 continue
             assert acc == runs[folder]['test_acc'] and runs[folder]['epochs'] <= row['epochs']
+            fit = row['fit'][row['folders'].index(folder)]  # the last epoch's train and held-out accuracy
+            assert fit[1] == runs[folder]['val_acc'] and 0 < fit[0] <= 100, (folder, fit)
             if row['recipe'] in RECIPES:
                 assert get_recipe(runs[folder]['recipe']).same_ingredients(RECIPES[row['recipe']]), (folder, row)
                 checked += 1
@@ -290,14 +292,24 @@ def test_a_deep_twin_goal_is_met_only_when_both_seeds_reach_the_target(tmp_path)
                         dict(folder='b-s1', epochs=4, epochs_done=4, test_acc=78.99),
                         dict(folder='c', epochs=4, epochs_done=3)])
     (tmp_path / 'rec.json').write_text(json.dumps(record))
-    goals = (dict(arch='x', record='rec', epochs=4, tolerance=1.0,
+    for folder, curve in [('teacher', [(70.0, 71.0), (90.5, 81.5)]), ('a', [(88.25, 79.5)]), ('c', [(60.0, 61.0)])]:
+        (tmp_path / 'runs' / 'r' / 'x' / folder).mkdir(parents=True)
+        (tmp_path / 'runs' / 'r' / 'x' / folder / 'metrics.jsonl').write_text(''.join(
+            json.dumps(dict(epoch=k + 1, train_acc=t, val_acc=v)) + '\n' for k, (t, v) in enumerate(curve)))
+    goals = (dict(arch='x', record='rec', runs='r', epochs=4, tolerance=1.0,
                   recipes=(('ra', ('a', 'a-s1')), ('rb', ('b', 'b-s1')), ('rc', ('c', 'c-s1')))),)
-    rows = deep_twin_report.goal_rows(goals, tmp_path, arch_recipes={'x': 'rb'})
+    rows = deep_twin_report.goal_rows(goals, tmp_path, arch_recipes={'x': 'rb'}, runs_root=tmp_path / 'runs')
     assert [r['target'] for r in rows] == [79.0] * 3
     assert [r['met'] for r in rows] == [True, False, False]  # at the target counts; 78.99 does not
     assert [r['is_recipe'] for r in rows] == [False, True, False]
     assert rows[2]['test_acc'] == [None, None]  # an unfinished run and a missing one
+    # the last epoch of each folder; a finished run without its folder here has none, an unfinished one is not read
+    assert [r['teacher_fit'] for r in rows] == [(90.5, 81.5)] * 3
+    assert [r['fit'] for r in rows] == [[(88.25, 79.5), (None, None)], [(None, None)] * 2, [None, None]]
     lines = deep_twin_report.goal_lines(rows)
+    fit = lines.index('| x (8) | ra | 90.50 / 81.50 | 88.25 / 79.50 | no metrics |')
+    assert lines[fit + 2] == '| x (8) | rc | 90.50 / 81.50 | not finished | not finished |'
+    lines = lines[:fit - 4]
     assert '| **rb** | 79.40 (-0.60) | 78.99 (-1.01) | no |' in lines[-3]
     assert lines[-2].endswith('| rc | not finished | not finished | no |')
     # the target as the page prints it: 87.17 - 0.5 is 86.67000000000002 in floats, and a run at 86.67 reaches it
@@ -306,9 +318,9 @@ def test_a_deep_twin_goal_is_met_only_when_both_seeds_reach_the_target(tmp_path)
                           dict(folder='a-s1', epochs=4, epochs_done=4, test_acc=86.9)]
     (tmp_path / 'rec.json').write_text(json.dumps(record))
     half = (dict(goals[0], tolerance=0.5),)
-    assert deep_twin_report.goal_rows(half, tmp_path, arch_recipes={})[0]['met']
+    assert deep_twin_report.goal_rows(half, tmp_path, arch_recipes={}, runs_root=tmp_path / 'runs')[0]['met']
     with pytest.raises(ValueError, match=r"rec: \['a', 'a-s1'\] trained longer than the goal's 2 epochs"):
-        deep_twin_report.goal_rows((dict(half[0], epochs=2),), tmp_path, arch_recipes={})
+        deep_twin_report.goal_rows((dict(half[0], epochs=2),), tmp_path, arch_recipes={}, runs_root=tmp_path / 'runs')
 
 
 def test_torchvision_coverage_refuses_a_partial_rerun_at_another_size(monkeypatch, capsys):
