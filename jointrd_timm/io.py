@@ -7,7 +7,7 @@ into safetensors.
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -18,8 +18,9 @@ from .errors import JointRDError
 from .faults import fault_point
 
 __all__ = ['atomic_write', 'file_in_the_way', 'read_state_dict', 'load_weights', 'open_safetensors', 'strict_load',
-           'unwrap', 'classifier_module', 'classifier_name', 'input_channels', 'top1_accuracy', 'near_chance',
-           'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading', 'with_module_versions']
+           'unwrap', 'classifier_module', 'classifier_name', 'input_channels', 'top1_accuracy', 'top1_predictions',
+           'top1_agreement', 'near_chance', 'CheckpointError', 'FORMAT', 'PICKLE_SUFFIXES', 'TMP_MARK', 'with_reading',
+           'with_module_versions']
 
 FORMAT = 'jointrd-checkpoint/1'  # the metadata format of a training checkpoint (training.checkpoint)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.ckpt')
@@ -177,15 +178,26 @@ def input_channels(model: nn.Module) -> Optional[int]:
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
-    """Top-1 accuracy (%) of ``model`` (put in eval mode) over a dataset of (image, label) pairs."""
+def top1_predictions(model: nn.Module, data, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 classes of ``model`` (put in eval mode) over a dataset of (image, label) pairs, and the labels."""
     from torch.utils.data import DataLoader
     model.eval()
-    correct = total = 0
+    predicted, labels = [], []
     for images, targets in DataLoader(data, batch_size=batch_size):
-        correct += int((model(images).argmax(1) == targets).sum())
-        total += len(targets)
-    return 100.0 * correct / total
+        predicted.append(model(images).argmax(1))
+        labels.append(torch.as_tensor(targets))
+    return torch.cat(predicted), torch.cat(labels)
+
+
+def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
+    """Top-1 accuracy (%) of ``model`` (put in eval mode) over a dataset of (image, label) pairs."""
+    predicted, labels = top1_predictions(model, data, batch_size)
+    return 100.0 * int((predicted == labels).sum()) / len(labels)
+
+
+def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share (%) of images on which two models' top-1 classes (:func:`top1_predictions`) are the same."""
+    return 100.0 * int((a == b).sum()) / len(a)
 
 
 # a model at less than this share of the accuracy above chance that a model can have (100 % - chance), and below

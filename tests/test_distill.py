@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import jointrd_timm  # noqa: F401
 from jointrd_timm.cli import main
-from jointrd_timm.integrations.hub import save_trained_model
+from jointrd_timm.integrations.hub import load_model, save_trained_model
 from jointrd_timm.io import top1_accuracy
 from jointrd_timm.methods.stages import StageLayoutError
 from jointrd_timm.training import distill
@@ -52,7 +52,12 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     test_set = final['config']['datasets']['test']
     assert top1_accuracy(twin, test_set) == pytest.approx(summary['test_acc']['twin'])
     assert summary['test_acc']['twin'] == pytest.approx(final['test_acc_folded'])
+    # how often the twin gives the teacher's class, image by image, as the table, json and card report it
+    teacher = load_model(str(out / 'teacher' / 'model')).eval()
+    same = [int(teacher(x[None]).argmax()) == int(twin(x[None]).argmax()) for x, _ in test_set]
+    assert summary['teacher_agreement'] == pytest.approx(100 * sum(same) / len(same))
     table = (out / 'comparison.md').read_text()
+    assert f'| {summary["test_acc"]["twin"]:.2f} | {summary["teacher_agreement"]:.2f} |' in table
     assert 'trained here from scratch' in table and '| twin `plain_resnet20_cifar` (shortcut-free) |' in table
     assert f'**Warning:** {warning}' in table and f'**Warning:** {near_chance}' in table
     assert '(--teacher-epochs, 1 now)' in table
@@ -65,6 +70,7 @@ def test_distill_trains_teacher_and_twin_writes_deployed_twin_yaml_and_table(tmp
     assert twin.pretrained_cfg['input_size'] == (1, 8, 8)
     assert 'recipe `kd-low-lr-blocks-fade60`' in card and 'trained here from scratch' in card
     assert f'**Warning:** {near_chance}' in card
+    assert f'| teacher_agreement_test | {round(summary["teacher_agreement"], 2)} |' in card
 
     # the YAML is the run: the runner's loader gives back the same sections, and training from it anew gives the
     # same twin bit for bit

@@ -12,7 +12,8 @@
    checkpoints), so ``jointrd train --config <output>/distill.yaml`` repeats it. The twin is trained with the
    recipe :func:`~jointrd_timm.recipes.recipe_for` recommends for the architecture, unless ``recipe`` names one.
 3. Teacher and twin are evaluated on the same test split; the deployed twin is written in timm's Hub format with
-   its model card (``<output>/model``), beside ``comparison.{md,json,png}`` (accuracy, latency, activation memory).
+   its model card (``<output>/model``), beside ``comparison.{md,json,png}`` (accuracy, agreement with the
+   teacher, latency, activation memory).
 
 TEACHER: a timm name with a pretrained tag (``resnet50.a1_in1k``; timm's own pretrained loading, so a Hub cache
 works offline), ``hf-hub:org/name``, a Hub-format folder (config.json + model.safetensors, as ``jointrd save``
@@ -281,24 +282,29 @@ def _remove_artefacts(out: Path) -> None:
 def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency_repeats: int = 30) -> Dict:
     """Evaluate teacher and deployed twin on the same test split; write model/ (with its card) and comparison.*."""
     from ..integrations.hub import load_model, model_card, save_trained_model
-    from ..io import top1_accuracy
+    from ..io import top1_agreement, top1_predictions
     from .compare import measure_models, plot_comparison
     out, arch = plan.out, plan.teacher.arch
     config = final['config']
     test_set = config['datasets']['test']
     models = dict(teacher=build_model(config['models']['model']['kwargs']['teacher']),
                   twin=load_model(str(out / 'twin' / 'model')))
-    accuracy = {name: top1_accuracy(model, test_set) for name, model in models.items()}
+    predicted = {name: top1_predictions(model, test_set) for name, model in models.items()}
+    accuracy = {name: top1_agreement(*predicted[name]) for name in models}  # the same class as the label
+    # how often the deployed twin gives the teacher's class: what a user replacing the teacher sees change
+    agreement = top1_agreement(predicted['twin'][0], predicted['teacher'][0])
     measured = measure_models(models, plan.input_chw, latency_repeats=latency_repeats)
     labels = dict(teacher=f'teacher `{plan.teacher.spec}` (residual)', twin=f'twin `plain_{arch}` (shortcut-free)')
     lines = [f'# jointrd distill: {plan.teacher.spec} -> plain_{arch} on {plan.data["train"]["source"]}', '',
              f'Teacher: {_teacher_origin(plan)}. Twin: recipe `{plan.recipe.id}` ({plan.recipe.description}), '
              f'{plan.epochs} epochs. {_test_set_words(plan.data["test"])} ({len(test_set)} images), deployed '
              'twin (fade finished, folded).', '',
-             '| model | test acc % | params | latency b1 ms | latency b16 ms | activation memory b1 MB |',
-             '|---|---|---|---|---|---|']
+             '| model | test acc % | same class as the teacher % | params | latency b1 ms | latency b16 ms | '
+             'activation memory b1 MB |',
+             '|---|---|---|---|---|---|---|']
     for name, label in labels.items():
-        lines.append(f'| {label} | {accuracy[name]:.2f} | {measured["params"][name] / 1e6:.3f} M | '
+        same = f'{agreement:.2f}' if name == 'twin' else ''
+        lines.append(f'| {label} | {accuracy[name]:.2f} | {same} | {measured["params"][name] / 1e6:.3f} M | '
                      f'{measured["latency_ms"][1][name]:.2f} | {measured["latency_ms"][16][name]:.2f} | '
                      f'{measured["activation_memory_mb"][name]:.3f} |')
     speedup = measured['speedup']
@@ -313,7 +319,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
     table = '\n'.join(lines)
     summary = dict(teacher=plan.teacher.spec, teacher_origin=_teacher_origin(plan), twin=f'plain_{arch}',
                    data=plan.data, recipe=plan.recipe.id, epochs=plan.epochs,
-                   teacher_epochs=teacher_epochs, test_acc=accuracy, warnings=warnings,
+                   teacher_epochs=teacher_epochs, test_acc=accuracy, teacher_agreement=agreement, warnings=warnings,
                    twin_run={k: v for k, v in final.items() if k != 'config'}, train_seconds=train_seconds,
                    **{k: v for k, v in measured.items() if k != 'threads'})
     reading = dataset_data_cfg(plan.datasets['test'], plan.common['in_chans'])  # None: config.json cannot say it
@@ -327,7 +333,7 @@ def report_distill(plan: DistillPlan, final: Dict, train_seconds: float, latency
         training=dict(budget=f'{plan.epochs} epochs, batch {plan.budget["batch_size"]}, lr {plan.budget["lr"]}',
                       command=plan.command, yaml='distill.yaml'),
         metrics=dict(top1_test=round(accuracy['twin'], 2), teacher_top1_test=round(accuracy['teacher'], 2),
-                     latency_speedup_b1=round(speedup[1], 2)),
+                     teacher_agreement_test=round(agreement, 2), latency_speedup_b1=round(speedup[1], 2)),
         warnings=warnings,
         eval_args=_eval_args(plan.data['test'], _columns_found(plan.datasets['test'].data), reading is not None),
         eval=dict(split=plan.data['test']['split'], image_column=plan.data['test']['image_column'],
