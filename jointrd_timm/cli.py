@@ -251,12 +251,10 @@ def _push(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+def _reading(args, model) -> dict:
+    """How ``jointrd eval`` reads the images for ``model``: its own data config unless the options say otherwise."""
     import timm.data
-    from .integrations.hub import load_model
-    from .training.data import evaluate_model
     from .io import input_channels
-    model = load_model(args.model, require_weights=not args.random_weights)
     channels = input_channels(model)
     channels = channels if channels in (1, 3) else 3
     data_cfg = timm.data.resolve_data_config({}, model=model)  # its pretrained_cfg: size, crop, mean / std
@@ -276,13 +274,21 @@ def _eval(args) -> int:
     for option in ('image_column', 'label_column') + (('input_size',) if 'data_cfg' not in kwargs else ()):
         if getattr(args, option):
             kwargs[option] = getattr(args, option)
-    # the test split; with --test-fraction, the test set jointrd distill carved from the train split
-    split = args.split or ('train' if args.test_fraction else 'test')
-    where = split
     if args.test_fraction:
         kwargs.update(test_fraction=args.test_fraction, part='test')
-        where = f'the {args.test_fraction:g} of {split} carved out as the test set'
-    result = evaluate_model(model, args.dataset, split, **kwargs)
+    return kwargs
+
+
+def _eval(args) -> int:
+    from .integrations.hub import load_model
+    from .io import top1_agreement
+    from .training.data import evaluate_model
+    model = load_model(args.model, require_weights=not args.random_weights)
+    other = load_model(args.against, require_weights=not args.random_weights) if args.against else None
+    # the test split; with --test-fraction, the test set jointrd distill carved from the train split
+    split = args.split or ('train' if args.test_fraction else 'test')
+    where = f'the {args.test_fraction:g} of {split} carved out as the test set' if args.test_fraction else split
+    result = evaluate_model(model, args.dataset, split, predictions=other is not None, **_reading(args, model))
     if result.get('note'):
         print(f'note: {result["note"]}', file=sys.stderr)
     line = f'{args.model}: top-1 {result["top1"]:.2f} % on {result["samples"]} images ({args.dataset}, {where})'
@@ -293,6 +299,14 @@ def _eval(args) -> int:
     except KeyError:
         pass
     print(line)
+    if other is not None:  # the same images, each read as that model reads them
+        compared = evaluate_model(other, args.dataset, split, predictions=True, **_reading(args, other))
+        if compared['samples'] != result['samples']:  # one split read twice: a dataset that changed in between
+            raise InputError(f'{args.against} was evaluated on {compared["samples"]} images, {args.model} on '
+                             f'{result["samples"]}: the dataset changed while it was read; run the command again.')
+        same = top1_agreement(result['predicted'], compared['predicted'])
+        print(f'{args.against}: top-1 {compared["top1"]:.2f} % on the same images; the two give the same class on '
+              f'{same:.2f} % of them')
     return 0
 
 
@@ -540,6 +554,9 @@ def _eval_parser(sub) -> None:
                    help="side the images are read at (default: the model's config; 8 for sklearn:digits; 32 with "
                         "--transform)")
     p.add_argument('--random-weights', action='store_true', help='allow a bare architecture name (random weights)')
+    p.add_argument('--against', default=None, metavar='MODEL',
+                   help='a second model (e.g. the twin\'s teacher; named as MODEL is) evaluated on the same images: '
+                        'its top-1 and how often the two give the same class')
     p.set_defaults(func=_eval)
 
 

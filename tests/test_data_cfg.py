@@ -138,6 +138,31 @@ def test_eval_reads_as_the_saved_model_config_says_by_default(tmp_path, monkeypa
     assert seen['transform'] == 'cifar' and 'data_cfg' not in seen
 
 
+def test_eval_against_a_second_model_reads_the_same_images_as_each_model_reads_them(tmp_path, capsys):
+    """--against: the second model's top-1 on the same images, each read as its own config says (here 24 px with
+    ImageNet's crop for one, 16 px for the other), and the share of images on which the two give the same class."""
+    folder = image_folder(tmp_path)
+    reads = [load_image_dataset(str(folder), 'test', transform='imagenet', input_size=size, image_column='image')
+             for size in (24, 16)]
+    models, saved = [], []
+    for k, test in enumerate(reads):
+        torch.manual_seed(k)
+        models.append(timm.create_model('plain_resnet20_cifar', num_classes=3).eval())
+        saved.append(save_trained_model(models[-1], tmp_path / f'model{k}', data_cfg=dataset_data_cfg(test)))
+    from jointrd_timm.io import top1_accuracy
+    classes = [[int(m(x[None]).argmax()) for x, _ in test] for m, test in zip(models, reads)]
+    same = 100 * sum(a == b for a, b in zip(*classes)) / len(classes[0])
+    assert main(['eval', str(saved[0]), '--dataset', str(folder), '--image-column', 'image',
+                 '--against', str(saved[1])]) == 0
+    out = capsys.readouterr().out
+    assert f'top-1 {top1_accuracy(models[0], reads[0], 8):.2f} % on 6 images' in out
+    assert (f'{saved[1]}: top-1 {top1_accuracy(models[1], reads[1], 8):.2f} % on the same images; the two give the '
+            f'same class on {same:.2f} % of them') in out
+    assert main(['eval', str(saved[0]), '--dataset', str(folder), '--image-column', 'image',
+                 '--against', str(tmp_path / 'absent')]) == 1
+    assert 'No folder' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('crop_mode,input_size', [('squash', (3, 20, 20)), ('border', (3, 20, 20)),
                                                   ('center', (3, 18, 22))])
 def test_a_test_set_read_as_a_teachers_config_says_is_saved_so_whatever_its_crop(tmp_path, crop_mode, input_size):

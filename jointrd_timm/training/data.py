@@ -634,15 +634,17 @@ def load_image_dataset(
     return loaded
 
 
-def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, **data_kwargs) -> dict:
-    """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default).
+def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, predictions: bool = False,
+                   **data_kwargs) -> dict:
+    """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default);
+    with ``predictions``, also its top-1 class of each image, in the dataset's order (``predicted``).
 
     Where the model's config.json names its classes (timm's ``label_names``, which jointrd_timm saves from the
     training data) and the data names its labels, a label counts as the model's output of the same name: data that
     names a class the model does not know is refused, and data holding some of its classes, or in another order, is
     matched by name. Where either side names none, label i is taken as output i; the result's ``note`` says so when
     the counts differ."""
-    from ..io import top1_accuracy
+    from ..io import top1_agreement, top1_predictions
     data = load_image_dataset(dataset, split, train=False, **data_kwargs)
     if len(data) == 0:
         raise InputError(f'Dataset {dataset!r} (split {split!r}) holds no images to evaluate on.')
@@ -653,7 +655,10 @@ def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 2
         raise InputError(f'The model predicts {outputs} classes, but the labels of {where} index {data.num_classes}: '
                          'it was trained for other classes. Evaluate it on the data it was trained for, or fine-tune '
                          'it on this data first (jointrd distill --num-classes).')
-    result = dict(top1=top1_accuracy(model, data, batch_size), samples=len(data), dataset=dataset, split=split)
+    predicted, labels = top1_predictions(model, data, batch_size)
+    result = dict(top1=top1_agreement(predicted, labels), samples=len(data), dataset=dataset, split=split)
+    if predictions:
+        result['predicted'] = predicted
     if note:
         result['note'] = note
     return result
