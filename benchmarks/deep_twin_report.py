@@ -42,9 +42,14 @@ GOALS = (
 )
 
 
-def last_epoch(folder: Path) -> tuple:
-    """(train accuracy, held-out accuracy) of the last epoch a run folder's metrics hold; (None, None) without any."""
+def last_epoch(folder: Path, epochs: int) -> tuple:
+    """(train accuracy, held-out accuracy) of the last epoch a run folder's metrics hold; (None, None) without any.
+    A folder whose last epoch is not ``epochs`` (the record's epochs done) holds another run than the record's: a
+    ValueError."""
     curve = RunFolder(folder).metrics()
+    if curve and curve[-1]['epoch'] != epochs:
+        raise ValueError(f'{folder}: its metrics end at epoch {curve[-1]["epoch"]}, its record at {epochs}; rerun '
+                         'the script that writes the record first')
     return (curve[-1]['train_acc'], curve[-1].get('val_acc')) if curve else (None, None)
 
 
@@ -75,8 +80,9 @@ def goal_rows(goals=GOALS, results: Path = RESULTS, arch_recipes=None, runs_root
                              target=target, recipe=name, is_recipe=arch_recipes.get(goal['arch']) == name,
                              folders=list(folders), test_acc=accs,
                              met=all(a is not None and a >= target for a in accs),
-                             teacher_fit=last_epoch(folder / 'teacher'),
-                             fit=[last_epoch(folder / f) if a is not None else None for f, a in zip(folders, accs)]))
+                             teacher_fit=last_epoch(folder / 'teacher', teacher['epochs_done']),
+                             fit=[last_epoch(folder / f, runs[f]['epochs_done']) if a is not None else None
+                                  for f, a in zip(folders, accs)]))
     return rows
 
 
@@ -101,6 +107,10 @@ def goal_lines(rows: list) -> list:
 
 
 def fit_lines(rows: list) -> list:
+    """The table of how well each goal run and its teacher fit the training set (rows of :func:`goal_rows`; rows
+    of a record written before the table have no fit: no table)."""
+    if not all('fit' in r for r in rows):
+        return []
     out = ['How well each fits its training set: the train accuracy of the last epoch (train mode, augmented, the '
            'epoch\'s mean; the last epoch is the end of each run\'s cosine, lr near 0) and the held-out accuracy after '
            'it (2,000 training images kept out of training, as trained), of the teacher and of each seed\'s twin, '

@@ -281,8 +281,7 @@ def _reading(args, model) -> dict:
 
 def _eval(args) -> int:
     from .integrations.hub import load_model
-    from .io import top1_agreement
-    from .training.data import evaluate_model
+    from .training.data import class_agreement, evaluate_model
     model = load_model(args.model, require_weights=not args.random_weights)
     other = load_model(args.against, require_weights=not args.random_weights) if args.against else None
     # the test split; with --test-fraction, the test set jointrd distill carved from the train split
@@ -300,11 +299,18 @@ def _eval(args) -> int:
         pass
     print(line)
     if other is not None:  # the same images, each read as that model reads them
-        compared = evaluate_model(other, args.dataset, split, predictions=True, **_reading(args, other))
+        try:
+            compared = evaluate_model(other, args.dataset, split, predictions=True, **_reading(args, other))
+        except InputError as e:
+            raise InputError(f'--against {args.against}: {e}') from e
+        if compared.get('note'):
+            print(f'note ({args.against}): {compared["note"]}', file=sys.stderr)
         if compared['samples'] != result['samples']:  # one split read twice: a dataset that changed in between
             raise InputError(f'{args.against} was evaluated on {compared["samples"]} images, {args.model} on '
                              f'{result["samples"]}: the dataset changed while it was read; run the command again.')
-        same = top1_agreement(result['predicted'], compared['predicted'])
+        same, note = class_agreement(model, result['predicted'], other, compared['predicted'])
+        if note:
+            print(f'note: {note}', file=sys.stderr)
         print(f'{args.against}: top-1 {compared["top1"]:.2f} % on the same images; the two give the same class on '
               f'{same:.2f} % of them')
     return 0

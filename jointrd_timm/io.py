@@ -186,6 +186,8 @@ def top1_predictions(model: nn.Module, data, batch_size: int = 256) -> Tuple[tor
     for images, targets in DataLoader(data, batch_size=batch_size):
         predicted.append(model(images).argmax(1))
         labels.append(torch.as_tensor(targets))
+    if not predicted:
+        raise ValueError('top1_predictions: the dataset holds no images')
     return torch.cat(predicted), torch.cat(labels)
 
 
@@ -197,6 +199,9 @@ def top1_accuracy(model: nn.Module, data, batch_size: int = 256) -> float:
 
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """The share (%) of images on which two models' top-1 classes (:func:`top1_predictions`) are the same."""
+    if a.shape != b.shape or not len(a):
+        raise ValueError(f'top1_agreement compares two models\' classes on the same images: got {tuple(a.shape)} and '
+                         f'{tuple(b.shape)}')
     return 100.0 * int((a == b).sum()) / len(a)
 
 

@@ -294,8 +294,10 @@ def test_a_deep_twin_goal_is_met_only_when_both_seeds_reach_the_target(tmp_path)
     (tmp_path / 'rec.json').write_text(json.dumps(record))
     for folder, curve in [('teacher', [(70.0, 71.0), (90.5, 81.5)]), ('a', [(88.25, 79.5)]), ('c', [(60.0, 61.0)])]:
         (tmp_path / 'runs' / 'r' / 'x' / folder).mkdir(parents=True)
+        done = next(r['epochs_done'] for r in record['runs'] if r['folder'] == folder)  # its last epoch
         (tmp_path / 'runs' / 'r' / 'x' / folder / 'metrics.jsonl').write_text(''.join(
-            json.dumps(dict(epoch=k + 1, train_acc=t, val_acc=v)) + '\n' for k, (t, v) in enumerate(curve)))
+            json.dumps(dict(epoch=done - len(curve) + k + 1, train_acc=t, val_acc=v)) + '\n'
+            for k, (t, v) in enumerate(curve)))
     goals = (dict(arch='x', record='rec', runs='r', epochs=4, tolerance=1.0,
                   recipes=(('ra', ('a', 'a-s1')), ('rb', ('b', 'b-s1')), ('rc', ('c', 'c-s1')))),)
     rows = deep_twin_report.goal_rows(goals, tmp_path, arch_recipes={'x': 'rb'}, runs_root=tmp_path / 'runs')
@@ -318,9 +320,12 @@ def test_a_deep_twin_goal_is_met_only_when_both_seeds_reach_the_target(tmp_path)
                           dict(folder='a-s1', epochs=4, epochs_done=4, test_acc=86.9)]
     (tmp_path / 'rec.json').write_text(json.dumps(record))
     half = (dict(goals[0], tolerance=0.5),)
-    assert deep_twin_report.goal_rows(half, tmp_path, arch_recipes={}, runs_root=tmp_path / 'runs')[0]['met']
+    # the teacher's folder still ends at epoch 8 where the record now says 32: another run than the record's
+    with pytest.raises(ValueError, match=r'teacher: its metrics end at epoch 8, its record at 32'):
+        deep_twin_report.goal_rows(half, tmp_path, arch_recipes={}, runs_root=tmp_path / 'runs')
+    assert deep_twin_report.goal_rows(half, tmp_path, arch_recipes={}, runs_root=tmp_path / 'none')[0]['met']
     with pytest.raises(ValueError, match=r"rec: \['a', 'a-s1'\] trained longer than the goal's 2 epochs"):
-        deep_twin_report.goal_rows((dict(half[0], epochs=2),), tmp_path, arch_recipes={}, runs_root=tmp_path / 'runs')
+        deep_twin_report.goal_rows((dict(half[0], epochs=2),), tmp_path, arch_recipes={}, runs_root=tmp_path / 'none')
 
 
 def test_torchvision_coverage_refuses_a_partial_rerun_at_another_size(monkeypatch, capsys):

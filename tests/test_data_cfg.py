@@ -138,29 +138,79 @@ def test_eval_reads_as_the_saved_model_config_says_by_default(tmp_path, monkeypa
     assert seen['transform'] == 'cifar' and 'data_cfg' not in seen
 
 
+def _varied_model(seed: int, images):
+    """plain_resnet20_cifar whose random classifier is centred on the mean feature of ``images`` (a dataset of
+    (image, label)), so that its class varies from image to image instead of being one class for all."""
+    torch.manual_seed(seed)
+    model = timm.create_model('plain_resnet20_cifar', num_classes=3).eval()
+    with torch.no_grad():
+        features = torch.stack([model.forward_head(model.forward_features(x[None]), pre_logits=True)[0]
+                                for x, _ in images])
+        model.fc.bias.copy_(-model.fc.weight @ features.mean(0))
+    return model
+
+
 def test_eval_against_a_second_model_reads_the_same_images_as_each_model_reads_them(tmp_path, capsys):
     """--against: the second model's top-1 on the same images, each read as its own config says (here 24 px with
     ImageNet's crop for one, 16 px for the other), and the share of images on which the two give the same class."""
-    folder = image_folder(tmp_path)
+    folder = image_folder(tmp_path, classes=3)
     reads = [load_image_dataset(str(folder), 'test', transform='imagenet', input_size=size, image_column='image')
              for size in (24, 16)]
-    models, saved = [], []
-    for k, test in enumerate(reads):
-        torch.manual_seed(k)
-        models.append(timm.create_model('plain_resnet20_cifar', num_classes=3).eval())
-        saved.append(save_trained_model(models[-1], tmp_path / f'model{k}', data_cfg=dataset_data_cfg(test)))
-    from jointrd_timm.io import top1_accuracy
+    models = [_varied_model(seed, test) for seed, test in zip((0, 5), reads)]
+    saved = [save_trained_model(m, tmp_path / f'model{k}', data_cfg=dataset_data_cfg(test))
+             for k, (m, test) in enumerate(zip(models, reads))]
     classes = [[int(m(x[None]).argmax()) for x, _ in test] for m, test in zip(models, reads)]
+    misread = [int(models[1](x[None]).argmax()) for x, _ in reads[0]]  # the second model at the first one's size
     same = 100 * sum(a == b for a, b in zip(*classes)) / len(classes[0])
+    # the models' classes vary, and reading the second one at the first one's size would give another agreement
+    assert len(set(classes[0])) > 1 and len(set(classes[1])) > 1
+    assert same != 100 * sum(a == b for a, b in zip(classes[0], misread)) / len(misread)
+    from jointrd_timm.io import top1_accuracy
     assert main(['eval', str(saved[0]), '--dataset', str(folder), '--image-column', 'image',
                  '--against', str(saved[1])]) == 0
     out = capsys.readouterr().out
     assert f'top-1 {top1_accuracy(models[0], reads[0], 8):.2f} % on 6 images' in out
     assert (f'{saved[1]}: top-1 {top1_accuracy(models[1], reads[1], 8):.2f} % on the same images; the two give the '
             f'same class on {same:.2f} % of them') in out
+    # a second model that cannot be loaded is refused before anything is evaluated
     assert main(['eval', str(saved[0]), '--dataset', str(folder), '--image-column', 'image',
                  '--against', str(tmp_path / 'absent')]) == 1
-    assert 'No folder' in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.out == '' and 'No folder' in captured.err
+
+
+def test_eval_against_compares_classes_by_name_where_both_models_name_them(tmp_path, capsys):
+    """The same model saved twice, the second listing its classes in another order (its classifier rows permuted to
+    match): it gives the same class on every image, though not the same output index."""
+    folder = image_folder(tmp_path, classes=3)
+    test = load_image_dataset(str(folder), 'test', transform='imagenet', input_size=24, image_column='image')
+    model = _varied_model(0, test)
+    names = ['class0', 'class1', 'class2']
+    order = [2, 0, 1]  # output k of the permuted model is class order[k]
+    permuted = _varied_model(0, test)
+    with torch.no_grad():
+        permuted.fc.weight.copy_(model.fc.weight[order])
+        permuted.fc.bias.copy_(model.fc.bias[order])
+    first = save_trained_model(model, tmp_path / 'first', data_cfg=dataset_data_cfg(test), label_names=names)
+    second = save_trained_model(permuted, tmp_path / 'second', data_cfg=dataset_data_cfg(test),
+                                label_names=[names[k] for k in order])
+    indices = [(int(model(x[None]).argmax()), int(permuted(x[None]).argmax())) for x, _ in test]
+    assert len({a for a, _ in indices}) > 1  # its class varies from image to image
+    assert all(order[b] == a for a, b in indices) and any(a != b for a, b in indices)  # the same classes, moved
+    assert main(['eval', str(first), '--dataset', str(folder), '--image-column', 'image', '--against', str(second)]) == 0
+    captured = capsys.readouterr()
+    assert 'the two give the same class on 100.00 % of them' in captured.out
+    assert 'list their classes differently: compared by class name' in captured.err
+    # without names on one side, output i is output i, and the note says it was not checked
+    bare = save_trained_model(permuted, tmp_path / 'bare', data_cfg=dataset_data_cfg(test))
+    assert main(['eval', str(first), '--dataset', str(folder), '--image-column', 'image', '--against', str(bare)]) == 0
+    captured = capsys.readouterr()
+    same = 100 * sum(a == b for a, b in indices) / len(indices)
+    assert f'the two give the same class on {same:.2f} % of them' in captured.out
+    assert 'only one of them names its classes, so output i of one is taken as output i of the other' in captured.err
+    from jointrd_timm.io import top1_agreement
+    with pytest.raises(ValueError, match=r'on the same images: got \(2,\) and \(1,\)'):
+        top1_agreement(torch.tensor([1, 2]), torch.tensor([1]))  # would broadcast to a share above 100 %
 
 
 @pytest.mark.parametrize('crop_mode,input_size', [('squash', (3, 20, 20)), ('border', (3, 20, 20)),

@@ -637,7 +637,8 @@ def load_image_dataset(
 def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 256, predictions: bool = False,
                    **data_kwargs) -> dict:
     """Top-1 accuracy (%) of ``model`` on a dataset :func:`load_image_dataset` takes (CIFAR transform by default);
-    with ``predictions``, also its top-1 class of each image, in the dataset's order (``predicted``).
+    with ``predictions``, also its top-1 output index for each image, in the dataset's order (``predicted``; see
+    :func:`class_agreement` to compare two models' by class).
 
     Where the model's config.json names its classes (timm's ``label_names``, which jointrd_timm saves from the
     training data) and the data names its labels, a label counts as the model's output of the same name: data that
@@ -662,6 +663,33 @@ def evaluate_model(model, dataset: str, split: str = 'test', batch_size: int = 2
     if note:
         result['note'] = note
     return result
+
+
+def class_agreement(model_a, predicted_a, model_b, predicted_b) -> Tuple[float, Optional[str]]:
+    """The share (%) of images on which two models give the same class (their ``predicted`` output indices from
+    :func:`evaluate_model` on the same images), and a note on how classes were matched, or None. Where both configs
+    name their classes (timm's ``label_names``) outputs are compared by name, so two models that list their classes
+    in different orders are compared class for class; where either names none, output i of one is taken as output i
+    of the other, with a note when that cannot be checked."""
+    import torch
+    from ..integrations.hub import model_label_names
+    from ..io import top1_agreement
+    names_a, names_b = model_label_names(model_a), model_label_names(model_b)
+    if names_a and names_b:
+        # each output index of b as the index of a that names the same class (-1: a class a does not know)
+        index = {n: i for i, n in sorted(names_a.items(), reverse=True)}
+        as_a = torch.tensor([index.get(names_b.get(int(i)), -1) for i in predicted_b], dtype=torch.long)
+        same = top1_agreement(torch.as_tensor(predicted_a), as_a)
+        listed = [names_a[i] for i in sorted(names_a)] == [names_b[i] for i in sorted(names_b)]
+        return same, None if listed else 'the two models list their classes differently: compared by class name.'
+    counts = [getattr(m, 'num_classes', None) for m in (model_a, model_b)]
+    note = None
+    if names_a or names_b or counts[0] != counts[1]:
+        named = 'neither names its classes' if not names_a and not names_b else \
+            'only one of them names its classes'
+        note = (f'{named} and they predict {counts[0]} and {counts[1]} classes' if counts[0] != counts[1] else named)
+        note += ', so output i of one is taken as output i of the other without a check that they are the same class.'
+    return top1_agreement(predicted_a, predicted_b), note
 
 
 def _match_classes(model, data: HFImageDataset, where: str) -> Optional[str]:
