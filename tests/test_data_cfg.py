@@ -197,7 +197,8 @@ def test_eval_against_compares_classes_by_name_where_both_models_name_them(tmp_p
     indices = [(int(model(x[None]).argmax()), int(permuted(x[None]).argmax())) for x, _ in test]
     assert len({a for a, _ in indices}) > 1  # its class varies from image to image
     assert all(order[b] == a for a, b in indices) and any(a != b for a, b in indices)  # the same classes, moved
-    assert main(['eval', str(first), '--dataset', str(folder), '--image-column', 'image', '--against', str(second)]) == 0
+    assert main(['eval', str(first), '--dataset', str(folder), '--image-column', 'image',
+                 '--against', str(second)]) == 0
     captured = capsys.readouterr()
     assert 'the two give the same class on 100.00 % of them' in captured.out
     assert 'list their classes differently: compared by class name' in captured.err
